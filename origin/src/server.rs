@@ -1,0 +1,183 @@
+//! Start-up and shutdown: connect what the configuration names, build the state, serve
+//! both listeners, and stop cleanly on SIGTERM / Ctrl-C.
+//!
+//! Shutdown order (GKE sends SIGTERM, then SIGKILL after the pod's grace period): stop
+//! accepting, let in-flight requests finish, and exit within `SHUTDOWN_GRACE` even if
+//! some connection will not close.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{internal_router, public_router, AppState};
+use crate::auth::id_token::{IdTokenConfig, IdTokenVerifier};
+use crate::auth::session::{SessionService, SessionSettings};
+use crate::config::Config;
+use crate::noetl::NoetlClient;
+use crate::proxy::{AllowList, Proxy};
+use crate::store::memory::MemoryKv;
+use crate::store::nats::NatsKv;
+use crate::store::{BucketTtls, KvStore};
+
+/// How many times the first NATS connection is tried before start-up fails.
+const NATS_CONNECT_ATTEMPTS: u32 = 10;
+
+/// Connects NATS (if configured) and builds the application state.
+pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
+    let config = Arc::new(config);
+    let ttls = BucketTtls {
+        sessions: config.session_cache_ttl,
+        requests: config.request_ttl,
+        interest: config.request_ttl,
+        revoked: config.session_max_life,
+    };
+    let (kv, nats): (Arc<dyn KvStore>, _) = match &config.nats_url {
+        Some(url) => {
+            let client = connect_nats(url).await?;
+            let kv = NatsKv::open(client.clone(), ttls, config.nats_kv_prefix.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!("NATS K/V buckets: {e}"))?;
+            tracing::info!("shared state: NATS JetStream K/V");
+            (Arc::new(kv), Some(client))
+        }
+        None => {
+            tracing::warn!("NATS_URL is unset: embedded in-memory store, run ONE replica only");
+            (Arc::new(MemoryKv::new(ttls)), None)
+        }
+    };
+    let noetl = NoetlClient::new(
+        config.noetl_base_url.clone(),
+        config.noetl_connect_timeout,
+        config.noetl_timeout,
+        config.noetl_retries,
+        config.noetl_health_path.clone(),
+    )?;
+    let jwks_http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let verifier = IdTokenVerifier::new(
+        IdTokenConfig {
+            jwks_url: config.jwks_url(),
+            issuer: config.issuer(),
+            audience: config.auth_audience.clone(),
+            leeway: config.auth_leeway,
+            min_refresh_interval: Duration::from_secs(10),
+            cache_ttl: Duration::from_secs(3600),
+        },
+        jwks_http,
+    );
+    let auth0_domain = config.auth0_domain.clone().unwrap_or_else(|| {
+        url::Url::parse(&config.issuer())
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default()
+    });
+    let sessions = SessionService::new(
+        kv.clone(),
+        noetl.clone(),
+        verifier,
+        SessionSettings {
+            cache_ttl: config.session_cache_ttl,
+            max_life: config.session_max_life,
+            access_ttl: config.access_cache_ttl,
+            auth0_domain,
+        },
+    );
+    let allow = AllowList::parse(&config.proxy_allow).map_err(|e| anyhow::anyhow!("PROXY_ALLOW: {e}"))?;
+    let proxy = Proxy::new(
+        config.noetl_base_url.clone(),
+        allow,
+        config.proxy_max_body,
+        config.noetl_connect_timeout,
+        config.proxy_timeout,
+        config.proxy_idle_timeout,
+    )?;
+    Ok(AppState {
+        config,
+        kv,
+        noetl,
+        sessions: Arc::new(sessions),
+        proxy: Arc::new(proxy),
+        nats,
+    })
+}
+
+async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1..=NATS_CONNECT_ATTEMPTS {
+        let connect = async_nats::ConnectOptions::new()
+            .name("noetl-gateway-origin")
+            .connection_timeout(Duration::from_secs(3))
+            .connect(url);
+        match connect.await {
+            Ok(client) => return Ok(client),
+            Err(e) if attempt < NATS_CONNECT_ATTEMPTS => {
+                tracing::warn!(attempt, error = %e, "NATS not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+            Err(e) => anyhow::bail!("cannot connect to NATS after {attempt} attempts: {e}"),
+        }
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// Serves both listeners until `shutdown` is cancelled, then drains for at most the
+/// configured grace period.
+pub async fn serve(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = state.config.clone();
+    let public = bind(config.public_addr, "public").await?;
+    let internal = bind(config.internal_addr, "internal").await?;
+    tracing::info!(
+        public = %public.local_addr()?, internal = %internal.local_addr()?,
+        noetl = %config.noetl_base_url, "origin listening"
+    );
+    let public_app = public_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let internal_app = internal_router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (s1, s2) = (shutdown.clone(), shutdown.clone());
+    let public_srv = axum::serve(public, public_app).with_graceful_shutdown(async move { s1.cancelled().await });
+    let internal_srv =
+        axum::serve(internal, internal_app).with_graceful_shutdown(async move { s2.cancelled().await });
+    let servers = async { tokio::try_join!(public_srv.into_future(), internal_srv.into_future()) };
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        r = servers => { r?; }
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
+        }
+    }
+    tracing::info!("origin stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, which: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({which} listener): {e}"))
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested");
+    token.cancel();
+}

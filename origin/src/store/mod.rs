@@ -1,0 +1,182 @@
+//! Shared state behind one small trait: a key/value store with TTLs.
+//!
+//! The origin is stateless (ARCHITECTURE.md): everything that must survive a replica or
+//! cross between replicas lives in a [`KvStore`]. Two implementations pass one
+//! conformance suite (`tests/tests/kv_conformance.rs`):
+//! - [`memory::MemoryKv`] — the embedded default when `NATS_URL` is unset (one replica);
+//! - [`nats::NatsKv`] — NATS JetStream K/V, one bucket per [`Bucket`], created at start
+//!   with its configured TTL.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use std::time::Duration;
+
+pub mod memory;
+pub mod nats;
+
+/// Why a store operation failed. Callers map these to 503 (`store_unavailable`).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing service could not be reached or answered with an error.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A key contains characters the store cannot hold (NATS keys: `[-/_=.a-zA-Z0-9]`).
+    #[error("invalid store key {0:?}")]
+    InvalidKey(String),
+    /// A bucket exists with settings that differ from the configuration.
+    #[error("bucket misconfigured: {0}")]
+    Config(String),
+}
+
+/// The buckets the gateway owns (PROTOCOL.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Bucket {
+    /// `hex(sha256(session token))` → [`gateway_shared::session::SessionRecord`].
+    Sessions,
+    /// request_id → request-store entry (issue: realtime path).
+    Requests,
+    /// execution_id → interested client ids.
+    Interest,
+    /// session hash → revocation marker, kept for the session's remaining life.
+    Revoked,
+}
+
+impl Bucket {
+    /// Every bucket, in creation order.
+    pub const ALL: [Bucket; 4] = [
+        Bucket::Sessions,
+        Bucket::Requests,
+        Bucket::Interest,
+        Bucket::Revoked,
+    ];
+
+    /// The bucket's name in NATS.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bucket::Sessions => "sessions",
+            Bucket::Requests => "requests",
+            Bucket::Interest => "interest",
+            Bucket::Revoked => "revoked",
+        }
+    }
+}
+
+/// The TTL each bucket is created with (entries older than this disappear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketTtls {
+    /// Default 300 s.
+    pub sessions: Duration,
+    /// Default 3600 s: at least the longest playbook.
+    pub requests: Duration,
+    /// Default 3600 s.
+    pub interest: Duration,
+    /// Default 24 h: at least the longest session life.
+    pub revoked: Duration,
+}
+
+impl BucketTtls {
+    /// The TTL of one bucket.
+    pub fn of(&self, bucket: Bucket) -> Duration {
+        match bucket {
+            Bucket::Sessions => self.sessions,
+            Bucket::Requests => self.requests,
+            Bucket::Interest => self.interest,
+            Bucket::Revoked => self.revoked,
+        }
+    }
+}
+
+impl Default for BucketTtls {
+    fn default() -> Self {
+        Self {
+            sessions: Duration::from_secs(300),
+            requests: Duration::from_secs(3600),
+            interest: Duration::from_secs(3600),
+            revoked: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A change seen by [`KvStore::watch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvEvent {
+    /// The key now holds this value.
+    Put {
+        /// The key that changed.
+        key: String,
+        /// Its new value.
+        value: Bytes,
+    },
+    /// The key was deleted or purged (expiry is not reported).
+    Delete {
+        /// The key that was removed.
+        key: String,
+    },
+}
+
+/// A key/value store with per-bucket TTLs, shared by every origin replica.
+#[async_trait]
+pub trait KvStore: Send + Sync + 'static {
+    /// The value under `key`, or `None` if absent or expired.
+    async fn get(&self, bucket: Bucket, key: &str) -> Result<Option<Bytes>, StoreError>;
+
+    /// Stores `value` under `key` for the bucket's TTL, replacing any previous value.
+    async fn put(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<(), StoreError>;
+
+    /// Stores `value` under `key` for `ttl` (capped at the bucket's TTL), replacing any
+    /// previous value.
+    async fn put_with_ttl(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Stores `value` only if `key` holds nothing; `Ok(false)` if it already did. The
+    /// building block for "exactly once" (e.g. a duplicate callback).
+    async fn create(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<bool, StoreError>;
+
+    /// Removes `key`; removing an absent key is not an error.
+    async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError>;
+
+    /// Changes to `key` from now on (no initial value). Lets a replica wait for a value
+    /// another replica writes, e.g. a sync callback answering a waiting request.
+    async fn watch(
+        &self,
+        bucket: Bucket,
+        key: &str,
+    ) -> Result<BoxStream<'static, KvEvent>, StoreError>;
+
+    /// True if the store can serve requests now (for `/ready`).
+    async fn is_healthy(&self) -> bool;
+}
+
+/// True if `key` is a valid key for every implementation: 1..=256 characters of
+/// `[-/_=.a-zA-Z0-9]`, not starting or ending with `.`.
+pub fn is_valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 256
+        && !key.starts_with('.')
+        && !key.ends_with('.')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked_for_the_strictest_backend() {
+        assert!(is_valid_key("ab12-_/=.x"));
+        assert!(!is_valid_key(""));
+        assert!(!is_valid_key(".a"));
+        assert!(!is_valid_key("a b"));
+        assert!(!is_valid_key("a*"));
+        assert!(!is_valid_key("a>"));
+        assert!(!is_valid_key(&"a".repeat(257)));
+    }
+}

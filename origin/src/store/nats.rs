@@ -1,0 +1,488 @@
+//! The shared [`KvStore`]: NATS JetStream K/V, one bucket per [`Bucket`].
+//!
+//! Every origin replica points at the same buckets, which is what lets the origin stay
+//! stateless (ARCHITECTURE.md). This file owns creating those buckets at start with their
+//! configured TTLs (PROTOCOL.md §7) and mapping the trait onto async-nats 0.51.
+//!
+//! Decisions:
+//! - **Buckets** are `<prefix><name>` (default `sessions`, `requests`, `interest`,
+//!   `revoked`), history 1, `max_age` = the bucket's TTL, and `limit_markers` on, which turns
+//!   on the stream's per-message TTL (`allow_msg_ttl`; nats-server ≥ 2.11). An existing
+//!   bucket is used as it is: a different `max_age` is reported (`tracing::warn!` and
+//!   [`NatsKv::config_mismatches`]), never changed behind the operator's back. The one thing
+//!   changed on an existing bucket is switching per-message TTL on when it is off, since
+//!   `put_with_ttl` cannot work without it and switching it on loses nothing.
+//! - **`put_with_ttl`** publishes to the key's subject (`$KV.<bucket>.<key>`) with the
+//!   `Nats-TTL` header — the crate only offers a TTL on `create`. The server counts TTLs in
+//!   whole seconds, so a TTL is rounded up to the next second (at least 1 s). A TTL at or
+//!   above the bucket's is a plain put: the bucket's `max_age` caps it anyway.
+//! - **`create`** is a publish expecting "no message on this subject yet"; on "wrong last
+//!   sequence" the last entry decides: a value means `Ok(false)`, a delete/purge/expiry
+//!   marker is replaced by a publish expecting exactly that marker's sequence. Of racing
+//!   creators exactly one publish matches, so exactly one gets `Ok(true)`.
+//! - **`watch`** is an ordered push consumer on the key's subject delivering only new
+//!   messages. Deletes and purges become [`KvEvent::Delete`]; the server's expiry markers
+//!   (`Nats-Marker-Reason: MaxAge`) are dropped, because expiry is not reported.
+
+use super::{is_valid_key, Bucket, BucketTtls, KvEvent, KvStore, StoreError};
+use async_nats::connection::State;
+use async_nats::header::{NATS_MARKER_REASON, NATS_MESSAGE_TTL};
+use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{Client, HeaderMap, HeaderValue};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
+use std::fmt::Display;
+use std::time::Duration;
+
+/// How long the server keeps the marker it leaves when a key's last value expires. Only
+/// the minimum the server accepts: nothing here reads the markers.
+const EXPIRY_MARKER_TTL: Duration = Duration::from_secs(1);
+
+/// How long any one store call may take before it fails as unavailable: a store that does
+/// not answer in time is, for a request waiting on it, a store that is down. (Overrides the
+/// client's request timeout, 10 s by default, for this store's calls only.)
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many times `create` re-reads a key that keeps changing under it before giving up.
+const CREATE_ATTEMPTS: usize = 16;
+
+/// Consecutive errors after which a watch gives up: the ordered consumer already
+/// recreates itself after transient failures, so this many in a row means it cannot.
+const WATCH_MAX_CONSECUTIVE_ERRORS: u32 = 16;
+
+/// The K/V operation header the crate writes on deletes and purges.
+const KV_OPERATION: &str = "KV-Operation";
+
+/// The K/V store shared by every origin replica; cheap to clone.
+#[derive(Clone)]
+pub struct NatsKv {
+    client: Client,
+    js: jetstream::Context,
+    ttls: BucketTtls,
+    /// One store per bucket, in [`Bucket::ALL`] order.
+    stores: Vec<kv::Store>,
+    mismatches: Vec<String>,
+}
+
+impl std::fmt::Debug for NatsKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsKv")
+            .field(
+                "buckets",
+                &self.stores.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .field("ttls", &self.ttls)
+            .field("mismatches", &self.mismatches)
+            .finish()
+    }
+}
+
+fn slot(bucket: Bucket) -> usize {
+    match bucket {
+        Bucket::Sessions => 0,
+        Bucket::Requests => 1,
+        Bucket::Interest => 2,
+        Bucket::Revoked => 3,
+    }
+}
+
+fn check_key(key: &str) -> Result<(), StoreError> {
+    if is_valid_key(key) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidKey(key.to_owned()))
+    }
+}
+
+fn unavailable(what: impl Display, err: impl Display) -> StoreError {
+    StoreError::Unavailable(format!("NATS K/V {what}: {err}"))
+}
+
+/// The whole seconds to send in `Nats-TTL` for a key that should live `requested` in a
+/// bucket whose TTL is `bucket_ttl`; `None` when a plain put (the bucket's TTL) is right.
+fn per_key_ttl_secs(bucket_ttl: Duration, requested: Duration) -> Option<u64> {
+    if !bucket_ttl.is_zero() && requested >= bucket_ttl {
+        return None;
+    }
+    let secs = requested.as_secs() + u64::from(requested.subsec_nanos() > 0);
+    Some(secs.max(1))
+}
+
+/// The event a message on a watched key stands for; `None` for what is not reported
+/// (expiry markers, and anything this version does not recognise).
+fn event_from_message(key: &str, headers: Option<&HeaderMap>, payload: &Bytes) -> Option<KvEvent> {
+    let put = || KvEvent::Put {
+        key: key.to_owned(),
+        value: payload.clone(),
+    };
+    let delete = || KvEvent::Delete {
+        key: key.to_owned(),
+    };
+    let Some(headers) = headers else {
+        return Some(put());
+    };
+    if let Some(op) = headers.get(KV_OPERATION) {
+        return match op.as_str() {
+            "PUT" => Some(put()),
+            "DEL" | "PURGE" => Some(delete()),
+            _ => None,
+        };
+    }
+    if let Some(reason) = headers.get(NATS_MARKER_REASON) {
+        return match reason.as_str() {
+            "Remove" | "Purge" => Some(delete()),
+            // "MaxAge": the value expired, which watchers are not told about.
+            _ => None,
+        };
+    }
+    Some(put())
+}
+
+impl NatsKv {
+    /// Opens (creating when absent) the gateway's buckets on the server `client` is
+    /// connected to. `prefix` is prepended to every bucket name so that tests, or two
+    /// gateways, can share one server; it must keep names within `[a-zA-Z0-9_-]`.
+    pub async fn open(
+        client: Client,
+        ttls: BucketTtls,
+        prefix: Option<&str>,
+    ) -> Result<Self, StoreError> {
+        let prefix = prefix.unwrap_or("");
+        if !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(StoreError::Config(format!(
+                "bucket prefix {prefix:?} may only hold [a-zA-Z0-9_-]"
+            )));
+        }
+        let js = jetstream::ContextBuilder::new()
+            .timeout(OPERATION_TIMEOUT)
+            .build(client.clone());
+        let mut stores = Vec::with_capacity(Bucket::ALL.len());
+        let mut mismatches = Vec::new();
+        for bucket in Bucket::ALL {
+            let name = format!("{prefix}{}", bucket.name());
+            let (store, notes) = open_bucket(&js, &name, ttls.of(bucket)).await?;
+            stores.push(store);
+            mismatches.extend(notes);
+        }
+        Ok(Self {
+            client,
+            js,
+            ttls,
+            stores,
+            mismatches,
+        })
+    }
+
+    /// How the existing buckets differ from the configuration (empty when they match), for
+    /// start-up logs and diagnostics; each was also logged with `tracing::warn!`.
+    pub fn config_mismatches(&self) -> &[String] {
+        &self.mismatches
+    }
+
+    fn store(&self, bucket: Bucket) -> &kv::Store {
+        &self.stores[slot(bucket)]
+    }
+}
+
+/// Opens one bucket, creating it if it does not exist; returns the mismatches found.
+async fn open_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    ttl: Duration,
+) -> Result<(kv::Store, Vec<String>), StoreError> {
+    let info = match stream_info(js, name).await? {
+        Some(info) => info,
+        None => {
+            let config = kv::Config {
+                bucket: name.to_owned(),
+                description: format!("NoETL edge gateway: {name}"),
+                history: 1,
+                max_age: ttl,
+                limit_markers: Some(EXPIRY_MARKER_TTL),
+                ..Default::default()
+            };
+            match js.create_key_value(config).await {
+                Ok(store) => {
+                    tracing::info!(bucket = name, ttl = ?ttl, "created NATS K/V bucket");
+                    return Ok((store, Vec::new()));
+                }
+                // Another replica may have created it meanwhile (with other settings):
+                // use theirs, as if it had been there all along.
+                Err(create_err) => match stream_info(js, name).await? {
+                    Some(info) => info,
+                    None => return Err(unavailable(format!("bucket {name} create"), create_err)),
+                },
+            }
+        }
+    };
+
+    let mut mismatches = Vec::new();
+    if info.config.max_age != ttl {
+        tracing::warn!(
+            bucket = name,
+            configured_ttl = ?ttl,
+            existing_max_age = ?info.config.max_age,
+            "existing NATS K/V bucket has a different TTL than configured; keeping the bucket's"
+        );
+        mismatches.push(format!(
+            "bucket {name}: existing max_age {:?} differs from the configured TTL {ttl:?} (kept)",
+            info.config.max_age
+        ));
+    }
+    if !info.config.allow_message_ttl {
+        let mut config = info.config.clone();
+        config.allow_message_ttl = true;
+        match js.update_stream(&config).await {
+            Ok(_) => tracing::warn!(
+                bucket = name,
+                "existing NATS K/V bucket had per-message TTL off; switched it on for put_with_ttl"
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    bucket = name,
+                    error = %e,
+                    "existing NATS K/V bucket has per-message TTL off and it could not be switched on; put_with_ttl will fail"
+                );
+                mismatches.push(format!(
+                    "bucket {name}: per-message TTL is off and could not be switched on: {e}"
+                ));
+            }
+        }
+    }
+    let store = js
+        .get_key_value(name)
+        .await
+        .map_err(|e| unavailable(format!("bucket {name} open"), e))?;
+    Ok((store, mismatches))
+}
+
+/// The settings of the stream behind bucket `name`, or `None` if it does not exist.
+async fn stream_info(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<jetstream::stream::Info>, StoreError> {
+    match js.get_stream(format!("KV_{name}")).await {
+        Ok(stream) => Ok(Some(stream.cached_info().clone())),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(js_err)
+                if js_err.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(unavailable(format!("bucket {name} lookup"), e)),
+        },
+    }
+}
+
+#[async_trait]
+impl KvStore for NatsKv {
+    async fn get(&self, bucket: Bucket, key: &str) -> Result<Option<Bytes>, StoreError> {
+        check_key(key)?;
+        let store = self.store(bucket);
+        store
+            .get(key)
+            .await
+            .map_err(|e| unavailable(format!("get {}/{key}", store.name), e))
+    }
+
+    async fn put(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<(), StoreError> {
+        check_key(key)?;
+        let store = self.store(bucket);
+        store
+            .put(key, value)
+            .await
+            .map(drop)
+            .map_err(|e| unavailable(format!("put {}/{key}", store.name), e))
+    }
+
+    async fn put_with_ttl(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_key(key)?;
+        let Some(secs) = per_key_ttl_secs(self.ttls.of(bucket), ttl) else {
+            return self.put(bucket, key, value).await;
+        };
+        let store = self.store(bucket);
+        let what = || format!("put {}/{key} with TTL {secs}s", store.name);
+        let subject = format!(
+            "{}{key}",
+            store.put_prefix.as_deref().unwrap_or(&store.prefix)
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_TTL, HeaderValue::from(secs));
+        self.js
+            .publish_with_headers(subject, headers, value)
+            .await
+            .map_err(|e| unavailable(what(), e))?
+            .await
+            .map(drop)
+            .map_err(|e| unavailable(what(), e))
+    }
+
+    async fn create(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let store = self.store(bucket);
+        let what = || format!("create {}/{key}", store.name);
+        // 0: "nothing was ever on this subject" (or it all expired away).
+        let mut expected = 0;
+        for _ in 0..CREATE_ATTEMPTS {
+            match store.update(key, value.clone(), expected).await {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(unavailable(what(), e)),
+            }
+            match store.entry(key).await.map_err(|e| unavailable(what(), e))? {
+                Some(entry) if entry.operation == Operation::Put => return Ok(false),
+                // A delete, purge or expiry marker: the key is free, claim it over exactly
+                // this marker so a racing creator cannot also succeed.
+                Some(entry) => expected = entry.revision,
+                None => expected = 0,
+            }
+        }
+        Err(unavailable(
+            what(),
+            format!("the key changed under {CREATE_ATTEMPTS} attempts in a row"),
+        ))
+    }
+
+    async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        let store = self.store(bucket);
+        store
+            .delete(key)
+            .await
+            .map_err(|e| unavailable(format!("delete {}/{key}", store.name), e))
+    }
+
+    async fn watch(
+        &self,
+        bucket: Bucket,
+        key: &str,
+    ) -> Result<BoxStream<'static, KvEvent>, StoreError> {
+        check_key(key)?;
+        let store = self.store(bucket);
+        let what = || format!("watch {}/{key}", store.name);
+        let consumer = store
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                description: Some("noetl gateway key watch".to_owned()),
+                filter_subject: format!("{}{key}", store.prefix),
+                replay_policy: ReplayPolicy::Instant,
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(what(), e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable(what(), e))?;
+        let state = (messages, key.to_owned(), store.name.clone(), 0u32);
+        Ok(stream::unfold(
+            state,
+            |(mut messages, key, bucket, mut errors)| async move {
+                loop {
+                    match messages.next().await? {
+                        Ok(msg) => {
+                            errors = 0;
+                            let m = &msg.message;
+                            if let Some(event) =
+                                event_from_message(&key, m.headers.as_ref(), &m.payload)
+                            {
+                                return Some((event, (messages, key, bucket, errors)));
+                            }
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            tracing::warn!(bucket = %bucket, key = %key, error = %e, errors, "NATS K/V watch error");
+                            if errors >= WATCH_MAX_CONSECUTIVE_ERRORS {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            },
+        )
+        .boxed())
+    }
+
+    async fn is_healthy(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_per_key_ttl_is_rounded_up_to_whole_seconds() {
+        assert_eq!(per_key_ttl_secs(60 * SEC, SEC), Some(1));
+        assert_eq!(
+            per_key_ttl_secs(60 * SEC, Duration::from_millis(1500)),
+            Some(2)
+        );
+        assert_eq!(
+            per_key_ttl_secs(60 * SEC, Duration::from_millis(1)),
+            Some(1)
+        );
+        assert_eq!(per_key_ttl_secs(60 * SEC, Duration::ZERO), Some(1));
+    }
+
+    #[test]
+    fn a_ttl_at_or_above_the_bucket_ttl_is_a_plain_put() {
+        assert_eq!(per_key_ttl_secs(60 * SEC, 60 * SEC), None);
+        assert_eq!(per_key_ttl_secs(60 * SEC, 3600 * SEC), None);
+        assert_eq!(per_key_ttl_secs(Duration::ZERO, 3600 * SEC), Some(3600));
+    }
+
+    #[test]
+    fn messages_map_to_events_and_expiry_markers_are_dropped() {
+        let v = Bytes::from_static(b"v");
+        let put = Some(KvEvent::Put {
+            key: "k".into(),
+            value: v.clone(),
+        });
+        let del = Some(KvEvent::Delete { key: "k".into() });
+        let with = |name: &str, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, value);
+            h
+        };
+        assert_eq!(event_from_message("k", None, &v), put);
+        assert_eq!(
+            event_from_message("k", Some(&with("Nats-TTL", "5")), &v),
+            put
+        );
+        assert_eq!(
+            event_from_message("k", Some(&with(KV_OPERATION, "DEL")), &v),
+            del
+        );
+        assert_eq!(
+            event_from_message("k", Some(&with(KV_OPERATION, "PURGE")), &v),
+            del
+        );
+        assert_eq!(
+            event_from_message("k", Some(&with("Nats-Marker-Reason", "Remove")), &v),
+            del
+        );
+        assert_eq!(
+            event_from_message("k", Some(&with("Nats-Marker-Reason", "MaxAge")), &v),
+            None
+        );
+    }
+}

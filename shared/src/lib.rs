@@ -1,0 +1,14 @@
+//! Wire types and pure policy shared by the edge worker and the origin.
+//!
+//! Nothing in this crate does I/O or depends on an async runtime, so it compiles for
+//! `wasm32-unknown-unknown` (the Workers runtime) as well as the host, and every
+//! decision in it is unit-tested natively with plain values.
+//!
+//! - [`error`] — the one JSON error body every gateway error uses.
+//! - [`session`] — session tokens: extraction from a request, hashing into cache keys,
+//!   the cached session record and the user it names.
+//! - [`ct`] — constant-time comparison for secrets.
+
+pub mod ct;
+pub mod error;
+pub mod session;

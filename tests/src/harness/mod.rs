@@ -1,0 +1,230 @@
+//! The end-to-end harness: starts real processes on free loopback ports and tears them down.
+//!
+//! Each test builds its own little world — [`nats::NatsServer`] (JetStream on, own store
+//! directory), [`standin::StandIn`] (the NoETL stand-in binary), [`origin::Origin`] (the
+//! origin binary) — so tests run in parallel without sharing a port or a bucket. Every
+//! process is killed when its guard drops; if the test is panicking, the last lines of each
+//! process's log are printed so the failure explains itself.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod nats;
+pub mod origin;
+pub mod standin;
+
+/// A free TCP port on 127.0.0.1 (asked of the kernel, then released for the child to bind).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the kernel always has a free ephemeral port on loopback")
+}
+
+/// The repository root (the workspace).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits inside the workspace")
+        .to_path_buf()
+}
+
+/// Where `scripts/setup.sh` installs tools (`$GATEWAY_TOOLS`, default `~/.cache/noetl-gateway`).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("GATEWAY_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/noetl-gateway")
+        })
+}
+
+/// The path of a workspace binary (`origin`, `noetl-standin`) built in the same profile
+/// as the running test: `$GATEWAY_BIN_DIR/<name>`, or the test executable's
+/// `target/<profile>/` directory. `make test` builds all binaries before running tests.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("GATEWAY_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("a running program knows its own path");
+    // Tests run from target/<profile>/deps/, binaries (benchmarks) from target/<profile>/.
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join(name))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is missing next to {}: build the workspace binaries first (`cargo build --workspace --bins`, which `make test` does)",
+                exe.display()
+            )
+        })
+}
+
+/// A child process that is killed (SIGTERM, then SIGKILL after 3 s) when dropped.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> std::io::Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// The log file the process writes to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends a signal (e.g. `"TERM"`, `"KILL"`, `"STOP"`, `"CONT"`).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Stops the process: SIGTERM, then SIGKILL if it has not exited within `grace`.
+    /// Returns the exit status if it exited.
+    pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        self.signal_pid(child.id(), "TERM");
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    fn signal_pid(&self, pid: u32, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status();
+    }
+
+    fn print_log_tail(&self) {
+        let Ok(f) = std::fs::File::open(&self.log) else {
+            return;
+        };
+        let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+        let start = lines.len().saturating_sub(60);
+        eprintln!("----- last lines of {} ({}) -----", self.name, self.log.display());
+        for l in &lines[start..] {
+            eprintln!("{l}");
+        }
+        eprintln!("----- end of {} -----", self.name);
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_log_tail();
+        }
+        self.stop(Duration::from_secs(3));
+    }
+}
+
+/// Polls `url` until it answers 2xx or `timeout` passes.
+pub async fn wait_until_ok(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match client.get(url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if Instant::now() >= deadline => {
+                anyhow::bail!("{url} still answers {} after {timeout:?}", r.status())
+            }
+            Err(e) if Instant::now() >= deadline => {
+                anyhow::bail!("{url} not reachable after {timeout:?}: {e}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A scratch directory for one test's logs and data, removed when dropped unless
+/// `GATEWAY_KEEP_TEST_DIRS` is set.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix);
+    if std::env::var_os("GATEWAY_KEEP_TEST_DIRS").is_some() {
+        b.disable_cleanup(true);
+    }
+    b.tempdir().expect("the temp directory is writable")
+}
+
+/// Sends `request` (a complete HTTP/1.1 request, sent byte for byte, so paths are not
+/// normalised the way URL libraries do) to `base_url`'s host and port, and returns the
+/// status and body. Used for traversal tests, where `%2e%2e` must reach the server as is.
+pub async fn raw_http(base_url: &str, request: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = base_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&authority).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}

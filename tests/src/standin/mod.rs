@@ -1,0 +1,129 @@
+//! The NoETL server stand-in: the one test double the project accepts.
+//!
+//! It stands in for the real NoETL server in end-to-end tests and is the demo upstream of
+//! `make dev`. It follows PROTOCOL.md §6 to the field, including the real server's quirks
+//! (string execution id from `/api/execute`, numbers above 2^53 everywhere else, a failed
+//! run without `playbook.failed`, a `playbook.completed` for a run that failed).
+//!
+//! Layout, one concern per module:
+//! - [`config`] — the one `Config` struct (clap, every flag also from the environment).
+//! - [`ids`] — execution/event ids (snowflake-like numbers above 2^53) and user ids.
+//! - [`idp`] — the dev identity provider: an RSA key made at start, RS256 ID tokens, JWKS.
+//! - [`sessions`] — the session table and the access policy (pure decisions, unit-tested).
+//! - [`auth`] — login / validate / check-access as data, shared by the REST routes and the
+//!   auth playbooks so both modes answer the same thing.
+//! - [`events`] — the event row, its two wire shapes, and the publisher that flushes
+//!   buffered events to NATS in bursts (like the real server tailing its event table).
+//! - [`store`] — executions: status, progress, event history; the single place where a
+//!   run's state changes, so a cancel and a finishing run can never both win.
+//! - [`playbooks`] — the demo catalog and the runner that plays a run step by step.
+//! - [`callbacks`] — result/progress callbacks to the gateway, with retries and a log.
+//! - [`http`] — the JSON error type and hostile-input-proof extractors.
+//! - [`api`], [`debug`], [`dev`], [`control`] — HTTP handlers: NoETL's `/api`, the proxy-test
+//!   debug routes, the IdP's `/dev` routes, and the `/_standin` test-control routes (plus
+//!   the fault middleware).
+//! - [`app`] — the router: every route and layer visible in one place.
+//!
+//! A request flows: router → `control::observe_api` (call count, injected faults) →
+//! handler → `store`/`sessions`. `POST /api/execute` spawns a `playbooks` run, which writes
+//! events into `store` (which queues them for `events`) and finally calls `callbacks`.
+//!
+//! Event shapes (`--python-events` picks the second):
+//! - Rust server (default): subject `noetl.events.<event_type>`, published through
+//!   JetStream (stream `noetl_events`) with `Nats-Msg-Id: <event_id>`; payload the whole
+//!   event row ([`events::EventRow`], 40 keys). When JetStream is unavailable the stand-in
+//!   falls back to core NATS publishes on the same subjects.
+//! - Python server: subject `noetl.events.default.default.<execution_id>.0`, core NATS
+//!   publish, payload `{event_id, event_type, execution_id, node_name, status, timestamp,
+//!   payload}` with Python names: `playbook_started`, `step_started`, `step_completed`,
+//!   `step_failed`, `playbook_completed`, `playbook_cancelled` (see
+//!   [`events::python_event_type`]).
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod callbacks;
+pub mod config;
+pub mod control;
+pub mod debug;
+pub mod dev;
+pub mod events;
+pub mod http;
+pub mod idp;
+pub mod ids;
+pub mod playbooks;
+pub mod sessions;
+pub mod state;
+pub mod store;
+
+pub use config::Config;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Runs the stand-in until SIGINT/SIGTERM: makes the signing key, binds, connects NATS (if
+/// configured), serves, and flushes the last buffered events on the way out.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Key first, bind second: a health probe must never connect to a port that is not
+    // being served yet while a 2048-bit key is being made.
+    let started = Instant::now();
+    let key = tokio::task::spawn_blocking(idp::generate_key).await??;
+    let keygen_ms = started.elapsed().as_millis();
+
+    let listener = tokio::net::TcpListener::bind(config.addr).await?;
+    let local = listener.local_addr()?;
+    let public_url = config.public_url_for(local);
+    let idp = idp::DevIdp::new(key, &public_url, &config.audience)?;
+
+    let publisher = events::Publisher::start(&config).await;
+    let state = Arc::new(state::AppState::new(
+        config.clone(),
+        public_url.clone(),
+        idp,
+        publisher.sink(),
+    )?);
+
+    tracing::info!(keygen_ms, ?config, "noetl-standin configured");
+    println!("noetl-standin listening on {public_url} (RSA-2048 dev key made in {keygen_ms} ms)");
+    println!(
+        "dev IdP issuer {} · JWKS {} · audience {}",
+        state.idp.issuer(),
+        state.idp.jwks_url(),
+        config.audience
+    );
+
+    axum::serve(listener, app::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    publisher.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM (the harness stops children with SIGTERM).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,570 @@
+//! The demo catalog and the runner that plays a run in the background.
+//!
+//! A playbook is data: a path, a plan of steps (name, duration, whether its call fails,
+//! whether a progress report follows it) and how it ends. The runner plays any plan the
+//! same way — per step `command.issued`, `command.claimed`, `command.started`, the wait,
+//! `call.done` + `command.completed` + `step.enter`, or `call.error` + `command.failed` and
+//! the run ends FAILED with no `playbook.failed` (as the real server does) — then computes
+//! the outcome and calls the gateway back.
+//!
+//! | path | steps | ends | result data |
+//! |---|---|---|---|
+//! | `demo/echo` | `echo` | COMPLETED | the workload minus gateway fields |
+//! | `demo/steps` | `step_1..3` | COMPLETED | `{steps:3, workload}` |
+//! | `demo/fail` | `fail_step` (fails) | FAILED, no terminal event | error `STEP_FAILED` |
+//! | `demo/slow` | `sleep` (`workload.seconds`, default 5, max 600) | COMPLETED | `{slept_seconds}` |
+//! | `demo/progress` | `stage_1..4`, progress 0.25…1.0 after each | COMPLETED | `{stages:4}` |
+//! | `demo/lying` | `lie` | FAILED but emits `playbook.completed` | error `STEP_FAILED` |
+//! | `admin/purge` | `purge` | COMPLETED | `{purged:0}` |
+//! | `api_integration/auth0/*` | one step | COMPLETED; answer via the sync callback | auth data |
+
+use super::auth;
+use super::callbacks::CallbackKind;
+use super::events::{EventKind, NewEvent};
+use super::ids::ExecutionId;
+use super::state::Shared;
+use super::store::ExecStatus;
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+
+/// Workload keys the gateway injects; they never reach a playbook's result data.
+pub const GATEWAY_KEYS: [&str; 3] = ["gateway_url", "callback_token", "request_id"];
+/// `demo/slow` sleeps this long unless `workload.seconds` says otherwise.
+const SLOW_DEFAULT_SECS: f64 = 5.0;
+/// …and never longer than this.
+const SLOW_MAX_SECS: f64 = 600.0;
+/// What `demo/fail`'s step reports, verbatim from a real failed HTTP step.
+const FAIL_MESSAGE: &str = "HTTP 500 from https://example.invalid";
+
+/// Every playbook the stand-in knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Playbook {
+    /// Echoes the workload.
+    Echo,
+    /// Three steps.
+    Steps,
+    /// A failing HTTP step.
+    Fail,
+    /// Sleeps, cancellable.
+    Slow,
+    /// Reports progress after each of four stages.
+    Progress,
+    /// Says completed, is failed.
+    Lying,
+    /// Admin-only (the gateway enforces it through check-access).
+    Purge,
+    /// `AUTH_MODE=playbook` login.
+    AuthLogin,
+    /// `AUTH_MODE=playbook` session validation.
+    AuthValidate,
+    /// `AUTH_MODE=playbook` access check.
+    AuthCheckAccess,
+}
+
+const CATALOG: [Playbook; 10] = [
+    Playbook::Echo,
+    Playbook::Steps,
+    Playbook::Fail,
+    Playbook::Slow,
+    Playbook::Progress,
+    Playbook::Lying,
+    Playbook::Purge,
+    Playbook::AuthLogin,
+    Playbook::AuthValidate,
+    Playbook::AuthCheckAccess,
+];
+
+/// Catalog ids are big numbers too, like every id of the real server.
+const CATALOG_ID_BASE: u64 = 480_000_000_000_000_000;
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPlan {
+    /// The step's name (`node_name` of its events).
+    pub name: String,
+    /// How long its call takes.
+    pub duration: Duration,
+    /// Whether its call errors.
+    pub fails: bool,
+    /// Progress to report after it (`demo/progress`).
+    pub progress: Option<f64>,
+}
+
+impl StepPlan {
+    fn ok(name: impl Into<String>, duration: Duration) -> Self {
+        Self {
+            name: name.into(),
+            duration,
+            fails: false,
+            progress: None,
+        }
+    }
+}
+
+impl Playbook {
+    /// Every playbook, in catalog order.
+    pub fn all() -> &'static [Playbook] {
+        &CATALOG
+    }
+
+    /// The catalog path.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Echo => "demo/echo",
+            Self::Steps => "demo/steps",
+            Self::Fail => "demo/fail",
+            Self::Slow => "demo/slow",
+            Self::Progress => "demo/progress",
+            Self::Lying => "demo/lying",
+            Self::Purge => "admin/purge",
+            Self::AuthLogin => "api_integration/auth0/auth0_login",
+            Self::AuthValidate => "api_integration/auth0/auth0_validate_session",
+            Self::AuthCheckAccess => "api_integration/auth0/check_playbook_access",
+        }
+    }
+
+    /// One line for the catalog listing.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::Echo => "echoes its workload",
+            Self::Steps => "three steps, 200 ms apart",
+            Self::Fail => "an HTTP step fails; the run ends FAILED without playbook.failed",
+            Self::Slow => "sleeps workload.seconds (default 5); cancellable",
+            Self::Progress => "four stages with a progress callback after each",
+            Self::Lying => "emits playbook.completed but ends FAILED",
+            Self::Purge => "admin only; purges nothing",
+            Self::AuthLogin => "verifies an ID token and opens a session",
+            Self::AuthValidate => "validates a session token",
+            Self::AuthCheckAccess => "checks a session's access to a playbook",
+        }
+    }
+
+    /// The playbook at `path`.
+    pub fn find(path: &str) -> Option<Self> {
+        CATALOG.into_iter().find(|p| p.path() == path)
+    }
+
+    /// Its catalog id.
+    pub fn catalog_id(self) -> u64 {
+        let index = CATALOG.iter().position(|p| *p == self).unwrap_or(0);
+        CATALOG_ID_BASE + index as u64
+    }
+
+    /// The steps a run plays for `workload`.
+    pub fn plan(self, workload: &Workload, step: Duration) -> Vec<StepPlan> {
+        match self {
+            Self::Echo => vec![StepPlan::ok("echo", step)],
+            Self::Steps => (1..=3)
+                .map(|i| StepPlan::ok(format!("step_{i}"), step))
+                .collect(),
+            Self::Fail => vec![StepPlan {
+                fails: true,
+                ..StepPlan::ok("fail_step", step)
+            }],
+            Self::Slow => vec![StepPlan::ok("sleep", slow_duration(&workload.raw))],
+            Self::Progress => (1..=4)
+                .map(|i| StepPlan {
+                    progress: Some(f64::from(i) / 4.0),
+                    ..StepPlan::ok(format!("stage_{i}"), step)
+                })
+                .collect(),
+            Self::Lying => vec![StepPlan::ok("lie", step)],
+            Self::Purge => vec![StepPlan::ok("purge", step)],
+            Self::AuthLogin => vec![StepPlan::ok("auth0_login", step)],
+            Self::AuthValidate => vec![StepPlan::ok("validate_session", step)],
+            Self::AuthCheckAccess => vec![StepPlan::ok("check_access", step)],
+        }
+    }
+
+    fn is_auth(self) -> bool {
+        matches!(
+            self,
+            Self::AuthLogin | Self::AuthValidate | Self::AuthCheckAccess
+        )
+    }
+}
+
+/// `workload.seconds` as a duration, default 5 s, clamped to [0, 600] s.
+fn slow_duration(workload: &Value) -> Duration {
+    let secs = workload
+        .get("seconds")
+        .and_then(Value::as_f64)
+        .filter(|s| s.is_finite())
+        .unwrap_or(SLOW_DEFAULT_SECS)
+        .clamp(0.0, SLOW_MAX_SECS);
+    Duration::from_secs_f64(secs)
+}
+
+/// A workload with the gateway's fields picked out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    /// As given (stored verbatim in the execution record).
+    pub raw: Value,
+    /// `request_id` (a string; a number is taken as its decimal text).
+    pub request_id: Option<String>,
+    /// `gateway_url`, if it is an http(s) URL.
+    pub gateway_url: Option<String>,
+    /// `callback_token`, sent back as a bearer token.
+    pub callback_token: Option<String>,
+}
+
+impl Workload {
+    /// Picks the gateway's fields out of `raw` (any JSON: non-objects simply have none).
+    pub fn parse(raw: Value) -> Self {
+        let text = |key: &str| match raw.get(key) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        let gateway_url =
+            text("gateway_url").filter(|u| u.starts_with("http://") || u.starts_with("https://"));
+        Self {
+            request_id: text("request_id"),
+            callback_token: text("callback_token"),
+            gateway_url,
+            raw,
+        }
+    }
+
+    /// The caller's own fields: the workload without [`GATEWAY_KEYS`].
+    pub fn user_fields(&self) -> Value {
+        match &self.raw {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .filter(|(k, _)| !GATEWAY_KEYS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Map<_, _>>(),
+            ),
+            other => other.clone(),
+        }
+    }
+
+    fn str_field(&self, keys: &[&str]) -> Option<&str> {
+        keys.iter()
+            .find_map(|k| self.raw.get(*k).and_then(Value::as_str))
+    }
+
+    /// Where to deliver, when the gateway asked for a callback.
+    fn reply_to(&self) -> Option<(&str, &str)> {
+        Some((self.gateway_url.as_deref()?, self.request_id.as_deref()?))
+    }
+}
+
+/// How a run ended, as the gateway is told.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    /// A result for `/api/internal/callback/async`.
+    Result {
+        ok: bool,
+        data: Option<Value>,
+        error: Option<Value>,
+    },
+    /// An auth answer for `/api/internal/callback` (`status: success|error`).
+    Auth { ok: bool, data: Value },
+}
+
+/// The run stopped because it is no longer RUNNING (cancelled).
+struct Stopped;
+
+/// Starts a run in the background; the task is registered so a cancel can abort it.
+pub fn spawn(st: Shared, id: ExecutionId, playbook: Playbook, workload: Workload) {
+    let store_ref = st.clone();
+    let task = tokio::spawn(async move {
+        if run(&st, id, playbook, &workload).await.is_err() {
+            tracing::info!(execution_id = %id, "run stopped (cancelled)");
+        }
+    });
+    store_ref.store.set_abort(id, task.abort_handle());
+}
+
+async fn run(st: &Shared, id: ExecutionId, pb: Playbook, wl: &Workload) -> Result<(), Stopped> {
+    emit(st, id, NewEvent::new(EventKind::PlaybookStarted, pb.path()))?;
+    let plan = pb.plan(wl, st.config.step_delay());
+    let mut last_step = String::new();
+    for step in &plan {
+        last_step.clone_from(&step.name);
+        if !play_step(st, id, step).await? {
+            if st.store.finish(id, ExecStatus::Failed, None) {
+                deliver(st, id, wl, &last_step, step_failure(&step.name)).await;
+            }
+            return Ok(());
+        }
+        if let Some(p) = step.progress {
+            report_progress(st, id, wl, &step.name, p, plan.len()).await;
+        }
+    }
+    let outcome = outcome(st, pb, wl);
+    // demo/lying emits playbook.completed yet ends FAILED: the trap the bridge must catch.
+    let status = if pb == Playbook::Lying {
+        ExecStatus::Failed
+    } else {
+        ExecStatus::Completed
+    };
+    let completed = NewEvent::new(EventKind::PlaybookCompleted, pb.path());
+    if st.store.finish(id, status, Some(completed)) {
+        deliver(st, id, wl, &last_step, outcome).await;
+    }
+    Ok(())
+}
+
+fn emit(st: &Shared, id: ExecutionId, ev: NewEvent) -> Result<(), Stopped> {
+    st.store.emit(id, ev).map(|_| ()).ok_or(Stopped)
+}
+
+/// Plays one step; `Ok(false)` when its call failed.
+async fn play_step(st: &Shared, id: ExecutionId, step: &StepPlan) -> Result<bool, Stopped> {
+    let cmd = st.ids.execution().0;
+    let ev = |kind| NewEvent::new(kind, step.name.clone()).with_command(cmd);
+    emit(st, id, ev(EventKind::CommandIssued))?;
+    emit(st, id, ev(EventKind::CommandClaimed))?;
+    emit(st, id, ev(EventKind::CommandStarted))?;
+    tokio::time::sleep(step.duration).await;
+    if step.fails {
+        let error = json!({ "message": FAIL_MESSAGE, "status_code": 500 });
+        emit(st, id, ev(EventKind::CallError).with_error(error.clone()))?;
+        emit(
+            st,
+            id,
+            ev(EventKind::CommandFailed)
+                .with_error(error)
+                .with_duration(step.duration),
+        )?;
+        return Ok(false);
+    }
+    // Step results stay generic: auth steps must never put session tokens on the bus.
+    let result = json!({ "status": "ok" });
+    emit(st, id, ev(EventKind::CallDone).with_result(result.clone()))?;
+    emit(
+        st,
+        id,
+        ev(EventKind::CommandCompleted)
+            .with_result(result)
+            .with_duration(step.duration),
+    )?;
+    emit(
+        st,
+        id,
+        NewEvent::new(EventKind::StepEnter, step.name.clone()),
+    )?;
+    Ok(true)
+}
+
+/// The gateway's view of a failed step.
+fn step_failure(step: &str) -> Outcome {
+    Outcome::Result {
+        ok: false,
+        data: None,
+        error: Some(json!({
+            "code": "STEP_FAILED",
+            "message": format!("{step}: {FAIL_MESSAGE}"),
+            "data": { "step": step },
+        })),
+    }
+}
+
+/// What a run that played all its steps reports.
+fn outcome(st: &Shared, pb: Playbook, wl: &Workload) -> Outcome {
+    if pb.is_auth() {
+        return auth_outcome(st, pb, wl);
+    }
+    let data = match pb {
+        Playbook::Echo => wl.user_fields(),
+        Playbook::Steps => json!({ "steps": 3, "workload": wl.user_fields() }),
+        Playbook::Slow => json!({ "slept_seconds": slow_duration(&wl.raw).as_secs_f64() }),
+        Playbook::Progress => json!({ "stages": 4 }),
+        Playbook::Purge => json!({ "purged": 0 }),
+        Playbook::Lying => {
+            return Outcome::Result {
+                ok: false,
+                data: None,
+                error: Some(json!({
+                    "code": "STEP_FAILED",
+                    "message": "lie: the run failed although playbook.completed was emitted",
+                    "data": { "step": "lie" },
+                })),
+            }
+        }
+        _ => Value::Null,
+    };
+    Outcome::Result {
+        ok: true,
+        data: Some(data),
+        error: None,
+    }
+}
+
+/// The auth playbooks run the same logic as the REST routes.
+fn auth_outcome(st: &Shared, pb: Playbook, wl: &Workload) -> Outcome {
+    let missing = |field: &str| Outcome::Auth {
+        ok: false,
+        data: json!({ "error": "invalid_request", "message": format!("workload.{field} is required") }),
+    };
+    match pb {
+        Playbook::AuthLogin => match wl.str_field(&["auth0_token", "id_token"]) {
+            Some(token) => match auth::login(&st.idp, &st.sessions, token) {
+                Ok(data) => Outcome::Auth { ok: true, data },
+                Err(data) => Outcome::Auth { ok: false, data },
+            },
+            None => missing("auth0_token"),
+        },
+        Playbook::AuthValidate => match wl.str_field(&["session_token"]) {
+            Some(token) => Outcome::Auth {
+                ok: true,
+                data: auth::validate(&st.sessions, token),
+            },
+            None => missing("session_token"),
+        },
+        _ => {
+            let (Some(token), Some(path)) = (
+                wl.str_field(&["session_token"]),
+                wl.str_field(&["playbook_path"]),
+            ) else {
+                return missing("session_token and workload.playbook_path");
+            };
+            let action = wl
+                .str_field(&["action", "permission_type"])
+                .unwrap_or("execute");
+            Outcome::Auth {
+                ok: true,
+                data: auth::check_access(&st.sessions, token, path, action),
+            }
+        }
+    }
+}
+
+/// Sends the outcome to the gateway, if the workload asked for it.
+async fn deliver(st: &Shared, id: ExecutionId, wl: &Workload, step: &str, outcome: Outcome) {
+    let Some((gateway_url, request_id)) = wl.reply_to() else {
+        tracing::debug!(execution_id = %id, "no gateway_url/request_id: no callback");
+        return;
+    };
+    let (kind, body) = match outcome {
+        Outcome::Result { ok, data, error } => {
+            let mut body = json!({
+                "request_id": request_id,
+                "execution_id": id.to_string(),
+                "step": step,
+                "status": if ok { "COMPLETED" } else { "FAILED" },
+            });
+            if let Some(d) = data {
+                body["data"] = d;
+            }
+            if let Some(e) = error {
+                body["error"] = e;
+            }
+            (CallbackKind::Result, body)
+        }
+        Outcome::Auth { ok, data } => (
+            CallbackKind::Auth,
+            json!({
+                "request_id": request_id,
+                "execution_id": id.to_string(),
+                "status": if ok { "success" } else { "error" },
+                "data": data,
+            }),
+        ),
+    };
+    st.callbacks
+        .send(kind, gateway_url, wl.callback_token.as_deref(), &body)
+        .await;
+}
+
+async fn report_progress(
+    st: &Shared,
+    id: ExecutionId,
+    wl: &Workload,
+    step: &str,
+    progress: f64,
+    steps: usize,
+) {
+    let Some((gateway_url, request_id)) = wl.reply_to() else {
+        return;
+    };
+    let body = json!({
+        "request_id": request_id,
+        "execution_id": id.to_string(),
+        "step": step,
+        "message": format!("{step} done ({:.0}% of {steps} stages)", progress * 100.0),
+        "progress": progress,
+    });
+    st.callbacks
+        .send(
+            CallbackKind::Progress,
+            gateway_url,
+            wl.callback_token.as_deref(),
+            &body,
+        )
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_catalog_path_round_trips() {
+        for pb in Playbook::all() {
+            assert_eq!(Playbook::find(pb.path()), Some(*pb));
+        }
+        assert_eq!(Playbook::find("demo/nope"), None);
+        assert_ne!(Playbook::Echo.catalog_id(), Playbook::Steps.catalog_id());
+    }
+
+    #[test]
+    fn gateway_fields_are_picked_out_and_stripped() {
+        let wl = Workload::parse(json!({
+            "request_id": "r1", "gateway_url": "http://gw:1", "callback_token": "t",
+            "greeting": "hi",
+        }));
+        assert_eq!(wl.request_id.as_deref(), Some("r1"));
+        assert_eq!(wl.gateway_url.as_deref(), Some("http://gw:1"));
+        assert_eq!(wl.callback_token.as_deref(), Some("t"));
+        assert_eq!(wl.user_fields(), json!({ "greeting": "hi" }));
+    }
+
+    #[test]
+    fn non_http_gateway_urls_and_odd_workloads_get_no_callback() {
+        let wl = Workload::parse(json!({ "request_id": "r", "gateway_url": "file:///etc/passwd" }));
+        assert_eq!(wl.reply_to(), None);
+        let wl = Workload::parse(json!("just a string"));
+        assert_eq!(wl.reply_to(), None);
+        assert_eq!(wl.user_fields(), json!("just a string"));
+    }
+
+    #[test]
+    fn slow_seconds_default_and_clamp() {
+        assert_eq!(slow_duration(&json!({})), Duration::from_secs(5));
+        assert_eq!(
+            slow_duration(&json!({ "seconds": 0.5 })),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            slow_duration(&json!({ "seconds": 1e9 })),
+            Duration::from_secs(600)
+        );
+        assert_eq!(slow_duration(&json!({ "seconds": -3 })), Duration::ZERO);
+        assert_eq!(
+            slow_duration(&json!({ "seconds": "x" })),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn plans_match_the_documented_steps() {
+        let wl = Workload::parse(json!({}));
+        let names = |pb: Playbook| -> Vec<String> {
+            pb.plan(&wl, Duration::ZERO)
+                .into_iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        assert_eq!(names(Playbook::Steps), ["step_1", "step_2", "step_3"]);
+        assert_eq!(names(Playbook::Fail), ["fail_step"]);
+        let progress: Vec<Option<f64>> = Playbook::Progress
+            .plan(&wl, Duration::ZERO)
+            .into_iter()
+            .map(|s| s.progress)
+            .collect();
+        assert_eq!(progress, [Some(0.25), Some(0.5), Some(0.75), Some(1.0)]);
+    }
+}

@@ -1,0 +1,415 @@
+//! Executions: status, progress and event history — the stand-in's database.
+//!
+//! Every state change of a run goes through this one lock: admitting it, writing an event
+//! (which also queues it for NATS, so the published order is the table's order), finishing
+//! and cancelling. A run that is no longer RUNNING cannot write events, so a cancel and a
+//! finishing run can never both win, and a cancelled run goes quiet even before its task
+//! is aborted.
+
+use super::events::{EventKind, EventRow, EventSink, NewEvent, RowPlace};
+use super::ids::{EventId, ExecutionId, IdGen};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::task::AbortHandle;
+
+/// Finished runs kept before the oldest is forgotten (a dev server must not grow forever).
+const MAX_RUNS: usize = 10_000;
+
+/// An execution's status as `GET /api/executions/{id}/status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ExecStatus {
+    /// Still playing.
+    Running,
+    /// Finished well.
+    Completed,
+    /// A step failed (or the run lied about completing).
+    Failed,
+    /// Stopped by `POST /api/executions/{id}/cancel`.
+    Cancelled,
+}
+
+impl ExecStatus {
+    /// The wire name (`RUNNING`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "RUNNING",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// Step counters, derived from the command events like the real server derives them from
+/// its event table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Steps the playbook has.
+    pub total_steps: u32,
+    /// Steps whose command completed.
+    pub completed_steps: u32,
+    /// Steps whose command is executing.
+    pub running_steps: u32,
+    /// Steps whose command failed.
+    pub failed_steps: u32,
+}
+
+/// What `POST /api/execute` asks the store to record.
+#[derive(Debug, Clone)]
+pub struct NewExecution {
+    /// The playbook path.
+    pub path: String,
+    /// Its catalog id.
+    pub catalog_id: u64,
+    /// The workload as given (the real server stores it verbatim).
+    pub workload: Value,
+    /// `resource_kind` as given.
+    pub resource_kind: Option<String>,
+    /// `workload.request_id`, the idempotency key.
+    pub request_id: Option<String>,
+    /// Number of steps the run will play.
+    pub total_steps: u32,
+}
+
+/// The store's answer to an execute request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A new run; play it.
+    Started(ExecutionId),
+    /// The request_id was seen before; this is the earlier run.
+    Duplicate(ExecutionId),
+}
+
+/// Why a cancel did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelRefusal {
+    /// No such execution.
+    NotFound,
+    /// Already finished with this status.
+    Finished(ExecStatus),
+}
+
+struct Execution {
+    id: ExecutionId,
+    spec: NewExecution,
+    status: ExecStatus,
+    started_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+    current_step: Option<String>,
+    progress: Progress,
+    events: Vec<EventRow>,
+    abort: Option<AbortHandle>,
+}
+
+impl Execution {
+    fn record(&self, with_events: bool) -> Value {
+        let mut v = json!({
+            "execution_id": self.id,
+            "path": self.spec.path,
+            "catalog_id": self.spec.catalog_id,
+            "resource_kind": self.spec.resource_kind.as_deref().unwrap_or("playbook"),
+            "status": self.status,
+            "started_at": rfc3339(self.started_at),
+            "completed_at": self.completed_at.map(rfc3339),
+            "workload": self.spec.workload,
+        });
+        if with_events {
+            v["events"] = self.events.iter().map(EventRow::summary).collect();
+        }
+        v
+    }
+
+    fn status_reply(&self) -> Value {
+        json!({
+            "execution_id": self.id,
+            "path": self.spec.path,
+            "status": self.status,
+            "current_step": self.current_step,
+            "progress": self.progress,
+        })
+    }
+
+    /// Updates the counters from one event.
+    fn apply(&mut self, kind: EventKind, node_name: &str) {
+        let p = &mut self.progress;
+        match kind {
+            EventKind::CommandStarted => {
+                p.running_steps += 1;
+                self.current_step = Some(node_name.to_owned());
+            }
+            EventKind::CommandCompleted => {
+                p.running_steps = p.running_steps.saturating_sub(1);
+                p.completed_steps += 1;
+            }
+            EventKind::CommandFailed => {
+                p.running_steps = p.running_steps.saturating_sub(1);
+                p.failed_steps += 1;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    runs: BTreeMap<ExecutionId, Execution>,
+    by_request: HashMap<String, ExecutionId>,
+}
+
+impl Table {
+    /// Forgets the oldest finished run once the table is full.
+    fn evict(&mut self) {
+        if self.runs.len() <= MAX_RUNS {
+            return;
+        }
+        let oldest = self
+            .runs
+            .values()
+            .find(|e| e.status != ExecStatus::Running)
+            .map(|e| (e.id, e.spec.request_id.clone()));
+        if let Some((id, request_id)) = oldest {
+            self.runs.remove(&id);
+            if let Some(r) = request_id {
+                self.by_request.remove(&r);
+            }
+        }
+    }
+}
+
+/// The execution table.
+pub struct ExecutionStore {
+    ids: Arc<IdGen>,
+    sink: EventSink,
+    table: Mutex<Table>,
+}
+
+impl ExecutionStore {
+    /// An empty table writing ids from `ids` and queueing events into `sink`.
+    pub fn new(ids: Arc<IdGen>, sink: EventSink) -> Self {
+        Self {
+            ids,
+            sink,
+            table: Mutex::default(),
+        }
+    }
+
+    /// Records a new run, or finds the earlier run with the same request_id.
+    pub fn admit(&self, spec: NewExecution) -> Admission {
+        let mut t = self.lock();
+        if let Some(id) = spec.request_id.as_ref().and_then(|r| t.by_request.get(r)) {
+            return Admission::Duplicate(*id);
+        }
+        let id = self.ids.execution();
+        if let Some(r) = &spec.request_id {
+            t.by_request.insert(r.clone(), id);
+        }
+        let progress = Progress {
+            total_steps: spec.total_steps,
+            ..Progress::default()
+        };
+        t.runs.insert(
+            id,
+            Execution {
+                id,
+                spec,
+                status: ExecStatus::Running,
+                started_at: Utc::now(),
+                completed_at: None,
+                current_step: None,
+                progress,
+                events: Vec::new(),
+                abort: None,
+            },
+        );
+        t.evict();
+        Admission::Started(id)
+    }
+
+    /// Remembers the run's task so a cancel can stop it mid-sleep.
+    pub fn set_abort(&self, id: ExecutionId, handle: AbortHandle) {
+        if let Some(e) = self.lock().runs.get_mut(&id) {
+            e.abort = Some(handle);
+        }
+    }
+
+    /// Writes an event while the run is RUNNING; `None` tells the runner to stop.
+    pub fn emit(&self, id: ExecutionId, ev: NewEvent) -> Option<EventId> {
+        let mut t = self.lock();
+        let e = t.runs.get_mut(&id)?;
+        if e.status != ExecStatus::Running {
+            return None;
+        }
+        Some(self.write(e, ev))
+    }
+
+    /// Ends a RUNNING run with `status`, writing `last` (if any) as its final event.
+    /// False if the run had already ended (e.g. cancelled meanwhile).
+    pub fn finish(&self, id: ExecutionId, status: ExecStatus, last: Option<NewEvent>) -> bool {
+        let mut t = self.lock();
+        let Some(e) = t.runs.get_mut(&id) else {
+            return false;
+        };
+        if e.status != ExecStatus::Running {
+            return false;
+        }
+        if let Some(ev) = last {
+            self.write(e, ev);
+        }
+        e.status = status;
+        e.completed_at = Some(Utc::now());
+        e.abort = None;
+        true
+    }
+
+    /// Cancels a RUNNING run: status CANCELLED, a `playbook_cancelled` event, its task
+    /// aborted.
+    pub fn cancel(&self, id: ExecutionId) -> Result<(), CancelRefusal> {
+        let mut t = self.lock();
+        let e = t.runs.get_mut(&id).ok_or(CancelRefusal::NotFound)?;
+        if e.status != ExecStatus::Running {
+            return Err(CancelRefusal::Finished(e.status));
+        }
+        let path = e.spec.path.clone();
+        self.write(e, NewEvent::new(EventKind::PlaybookCancelled, path));
+        e.status = ExecStatus::Cancelled;
+        e.completed_at = Some(Utc::now());
+        e.progress.running_steps = 0;
+        if let Some(h) = e.abort.take() {
+            h.abort();
+        }
+        Ok(())
+    }
+
+    /// The status of a run, if known.
+    pub fn status_of(&self, id: ExecutionId) -> Option<ExecStatus> {
+        self.lock().runs.get(&id).map(|e| e.status)
+    }
+
+    /// `GET /api/executions/{id}`: the record with its events.
+    pub fn record(&self, id: ExecutionId) -> Option<Value> {
+        self.lock().runs.get(&id).map(|e| e.record(true))
+    }
+
+    /// `GET /api/executions/{id}/status`.
+    pub fn status_reply(&self, id: ExecutionId) -> Option<Value> {
+        self.lock().runs.get(&id).map(Execution::status_reply)
+    }
+
+    /// `GET /api/executions`: every record without events, newest first.
+    pub fn list(&self) -> Vec<Value> {
+        self.lock()
+            .runs
+            .values()
+            .rev()
+            .map(|e| e.record(false))
+            .collect()
+    }
+
+    fn write(&self, e: &mut Execution, ev: NewEvent) -> EventId {
+        let place = RowPlace {
+            event_id: self.ids.event(),
+            parent_event_id: e.events.last().map(|r| r.event_id),
+            execution_id: e.id,
+            catalog_id: e.spec.catalog_id,
+            playbook_path: &e.spec.path,
+            at: Utc::now(),
+        };
+        let row = EventRow::build(&place, ev);
+        e.apply(row.kind, &row.node_name);
+        self.sink.enqueue(&row);
+        let id = row.event_id;
+        e.events.push(row);
+        id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Poison only means a panic elsewhere; every update above leaves the table whole.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> ExecutionStore {
+        ExecutionStore::new(Arc::new(IdGen::new()), EventSink::disabled())
+    }
+
+    fn spec(request_id: Option<&str>) -> NewExecution {
+        NewExecution {
+            path: "demo/steps".into(),
+            catalog_id: 1,
+            workload: json!({}),
+            resource_kind: None,
+            request_id: request_id.map(str::to_owned),
+            total_steps: 3,
+        }
+    }
+
+    fn started(a: Admission) -> ExecutionId {
+        match a {
+            Admission::Started(id) => id,
+            Admission::Duplicate(id) => panic!("unexpected duplicate {id}"),
+        }
+    }
+
+    #[test]
+    fn a_repeated_request_id_is_the_same_execution() {
+        let s = store();
+        let id = started(s.admit(spec(Some("r1"))));
+        assert_eq!(s.admit(spec(Some("r1"))), Admission::Duplicate(id));
+        assert_ne!(started(s.admit(spec(None))), id);
+    }
+
+    #[test]
+    fn a_cancelled_run_cannot_write_or_finish() {
+        let s = store();
+        let id = started(s.admit(spec(None)));
+        assert!(s
+            .emit(id, NewEvent::new(EventKind::CommandStarted, "step_1"))
+            .is_some());
+        assert_eq!(s.cancel(id), Ok(()));
+        assert!(s
+            .emit(id, NewEvent::new(EventKind::CallDone, "step_1"))
+            .is_none());
+        assert!(!s.finish(id, ExecStatus::Completed, None));
+        assert_eq!(s.status_of(id), Some(ExecStatus::Cancelled));
+        assert_eq!(
+            s.cancel(id),
+            Err(CancelRefusal::Finished(ExecStatus::Cancelled))
+        );
+        let rec = s.record(id).expect("known");
+        let types: Vec<&str> = rec["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter_map(|e| e["event_type"].as_str())
+            .collect();
+        assert_eq!(types, ["command.started", "playbook_cancelled"]);
+    }
+
+    #[test]
+    fn progress_follows_command_events() {
+        let s = store();
+        let id = started(s.admit(spec(None)));
+        s.emit(id, NewEvent::new(EventKind::CommandStarted, "step_1"));
+        s.emit(id, NewEvent::new(EventKind::CommandCompleted, "step_1"));
+        s.emit(id, NewEvent::new(EventKind::CommandStarted, "step_2"));
+        let st = s.status_reply(id).expect("known");
+        assert_eq!(st["status"], "RUNNING");
+        assert_eq!(st["current_step"], "step_2");
+        assert_eq!(
+            st["progress"],
+            json!({"total_steps":3,"completed_steps":1,"running_steps":1,"failed_steps":0})
+        );
+    }
+}

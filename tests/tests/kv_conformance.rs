@@ -1,0 +1,603 @@
+//! The K/V conformance suite: one set of checks, run against every [`KvStore`].
+//!
+//! The origin may run on the embedded [`MemoryKv`] or on NATS JetStream ([`NatsKv`]), and
+//! nothing above the trait may tell them apart. Each check below is written once against
+//! `&dyn KvStore` and instantiated by [`conformance!`] for both stores — `memory_kv::…` and
+//! `nats_kv::…` — so a behaviour the NATS store gains but the memory store lacks (or the
+//! reverse) fails here first. The NATS runs use a real nats-server each (own port and store
+//! directory), so all tests run in parallel. Buckets get short TTLs (sessions 2 s) to keep
+//! expiry checks quick. A few NATS-only checks (existing buckets, prefixes, losing the
+//! server) follow in `nats_only`.
+
+use anyhow::{ensure, Context as _};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use gateway_tests::harness::nats::NatsServer;
+use origin::store::memory::MemoryKv;
+use origin::store::nats::NatsKv;
+use origin::store::{Bucket, BucketTtls, KvEvent, KvStore, StoreError};
+use std::time::{Duration, Instant};
+
+/// Short bucket TTLs: `sessions` expires fast for the expiry checks; the others outlive
+/// any test so they never expire under a check that is not about expiry.
+fn suite_ttls() -> BucketTtls {
+    BucketTtls {
+        sessions: Duration::from_secs(2),
+        requests: Duration::from_secs(30),
+        interest: Duration::from_secs(30),
+        revoked: Duration::from_secs(30),
+    }
+}
+
+/// How long to wait for a watch event that must come.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How early an expiry may be seen: timers on the server may fire a hair before the
+/// deadline measured here (which starts before the write is sent).
+const EARLY_TOLERANCE: Duration = Duration::from_millis(50);
+
+/// A store under test, with what the checks need to know about it.
+struct Subject {
+    kv: Box<dyn KvStore>,
+    /// How late an expiry may be seen: the memory store is exact, NATS expires on a
+    /// server-side timer and counts per-key TTLs in whole seconds.
+    expiry_slack: Duration,
+    /// Dropped after `kv` (field order), so the client goes before its server.
+    _server: Option<NatsServer>,
+}
+
+async fn memory_store() -> anyhow::Result<Subject> {
+    Ok(Subject {
+        kv: Box::new(MemoryKv::new(suite_ttls())),
+        expiry_slack: Duration::from_millis(500),
+        _server: None,
+    })
+}
+
+async fn nats_store() -> anyhow::Result<Subject> {
+    let server = NatsServer::start().await?;
+    let client = async_nats::connect(&server.url).await?;
+    let kv = NatsKv::open(client, suite_ttls(), None).await?;
+    ensure!(
+        kv.config_mismatches().is_empty(),
+        "fresh buckets cannot mismatch: {:?}",
+        kv.config_mismatches()
+    );
+    Ok(Subject {
+        kv: Box::new(kv),
+        expiry_slack: Duration::from_millis(2500),
+        _server: Some(server),
+    })
+}
+
+/// Instantiates every check once per store, as `#[tokio::test]`s named after the check.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod memory_kv {
+            $(
+                #[tokio::test]
+                async fn $check() -> anyhow::Result<()> {
+                    let subject = super::memory_store().await?;
+                    super::$check(&subject).await
+                }
+            )*
+        }
+        mod nats_kv {
+            $(
+                #[tokio::test]
+                async fn $check() -> anyhow::Result<()> {
+                    let subject = super::nats_store().await?;
+                    super::$check(&subject).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    a_put_value_is_read_back_and_an_overwrite_replaces_it,
+    an_absent_key_reads_as_none,
+    a_deleted_key_reads_as_none_and_deleting_an_absent_key_succeeds,
+    create_stores_only_when_the_key_is_absent_and_again_after_a_delete,
+    an_entry_disappears_once_its_bucket_ttl_has_passed_and_watchers_are_not_told,
+    put_with_ttl_expires_before_the_bucket_ttl_and_a_plain_put_restores_it,
+    put_with_ttl_is_capped_at_the_bucket_ttl,
+    buckets_are_isolated_from_each_other,
+    a_watch_sees_only_future_puts_and_deletes_of_its_own_key,
+    invalid_keys_are_refused_by_every_operation,
+    values_with_arbitrary_bytes_round_trip,
+    concurrent_creates_of_the_same_key_have_exactly_one_winner,
+    the_store_reports_itself_healthy,
+);
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn put_event(key: &str, value: Bytes) -> KvEvent {
+    KvEvent::Put {
+        key: key.to_owned(),
+        value,
+    }
+}
+
+fn delete_event(key: &str) -> KvEvent {
+    KvEvent::Delete {
+        key: key.to_owned(),
+    }
+}
+
+async fn next_event(watch: &mut BoxStream<'static, KvEvent>) -> anyhow::Result<KvEvent> {
+    tokio::time::timeout(EVENT_TIMEOUT, watch.next())
+        .await
+        .context("no watch event in time")?
+        .context("the watch stream ended")
+}
+
+/// Polls until `key` reads as absent; returns how long after `start` that was first seen.
+async fn wait_until_absent(
+    kv: &dyn KvStore,
+    bucket: Bucket,
+    key: &str,
+    start: Instant,
+    deadline: Duration,
+) -> anyhow::Result<Duration> {
+    loop {
+        if kv.get(bucket, key).await?.is_none() {
+            return Ok(start.elapsed());
+        }
+        ensure!(
+            start.elapsed() < deadline,
+            "{}/{key} still present {:?} after it was written",
+            bucket.name(),
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn a_put_value_is_read_back_and_an_overwrite_replaces_it(s: &Subject) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    kv.put(Bucket::Requests, "req-1", b("first")).await?;
+    assert_eq!(kv.get(Bucket::Requests, "req-1").await?, Some(b("first")));
+    kv.put(Bucket::Requests, "req-1", b("second")).await?;
+    assert_eq!(kv.get(Bucket::Requests, "req-1").await?, Some(b("second")));
+    Ok(())
+}
+
+async fn an_absent_key_reads_as_none(s: &Subject) -> anyhow::Result<()> {
+    for bucket in Bucket::ALL {
+        assert_eq!(s.kv.get(bucket, "never-written").await?, None);
+    }
+    Ok(())
+}
+
+async fn a_deleted_key_reads_as_none_and_deleting_an_absent_key_succeeds(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    kv.put(Bucket::Requests, "doomed", b("v")).await?;
+    kv.delete(Bucket::Requests, "doomed").await?;
+    assert_eq!(kv.get(Bucket::Requests, "doomed").await?, None);
+    kv.delete(Bucket::Requests, "doomed").await?;
+    kv.delete(Bucket::Requests, "never-written").await?;
+    assert_eq!(kv.get(Bucket::Requests, "never-written").await?, None);
+    // A deleted key can be written again.
+    kv.put(Bucket::Requests, "doomed", b("back")).await?;
+    assert_eq!(kv.get(Bucket::Requests, "doomed").await?, Some(b("back")));
+    Ok(())
+}
+
+async fn create_stores_only_when_the_key_is_absent_and_again_after_a_delete(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    assert!(kv.create(Bucket::Interest, "exec-1", b("a")).await?);
+    assert!(!kv.create(Bucket::Interest, "exec-1", b("b")).await?);
+    assert_eq!(kv.get(Bucket::Interest, "exec-1").await?, Some(b("a")));
+
+    kv.delete(Bucket::Interest, "exec-1").await?;
+    assert!(kv.create(Bucket::Interest, "exec-1", b("c")).await?);
+    assert!(!kv.create(Bucket::Interest, "exec-1", b("d")).await?);
+    assert_eq!(kv.get(Bucket::Interest, "exec-1").await?, Some(b("c")));
+
+    kv.put(Bucket::Interest, "exec-2", b("put")).await?;
+    assert!(!kv.create(Bucket::Interest, "exec-2", b("create")).await?);
+    assert_eq!(kv.get(Bucket::Interest, "exec-2").await?, Some(b("put")));
+    Ok(())
+}
+
+async fn an_entry_disappears_once_its_bucket_ttl_has_passed_and_watchers_are_not_told(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let ttl = suite_ttls().sessions;
+    let mut watch = kv.watch(Bucket::Sessions, "sess-1").await?;
+    let start = Instant::now();
+    kv.put(Bucket::Sessions, "sess-1", b("v")).await?;
+    assert_eq!(next_event(&mut watch).await?, put_event("sess-1", b("v")));
+    assert_eq!(kv.get(Bucket::Sessions, "sess-1").await?, Some(b("v")));
+
+    let gone =
+        wait_until_absent(kv, Bucket::Sessions, "sess-1", start, ttl + s.expiry_slack).await?;
+    ensure!(
+        gone + EARLY_TOLERANCE >= ttl,
+        "gone after {gone:?}, before the {ttl:?} TTL"
+    );
+
+    // An expired key is free for `create`, and the expiry itself was not an event: the
+    // next event is this create.
+    assert!(kv.create(Bucket::Sessions, "sess-1", b("again")).await?);
+    assert_eq!(
+        next_event(&mut watch).await?,
+        put_event("sess-1", b("again"))
+    );
+    Ok(())
+}
+
+async fn put_with_ttl_expires_before_the_bucket_ttl_and_a_plain_put_restores_it(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let ttl = Duration::from_secs(1);
+    assert!(ttl * 10 < suite_ttls().requests);
+    kv.put(Bucket::Requests, "short", b("old")).await?;
+    let start = Instant::now();
+    kv.put_with_ttl(Bucket::Requests, "short", b("new"), ttl)
+        .await?;
+    kv.put_with_ttl(Bucket::Requests, "renewed", b("v1"), ttl)
+        .await?;
+    kv.put(Bucket::Requests, "renewed", b("v2")).await?;
+    assert_eq!(kv.get(Bucket::Requests, "short").await?, Some(b("new")));
+
+    let gone =
+        wait_until_absent(kv, Bucket::Requests, "short", start, ttl + s.expiry_slack).await?;
+    ensure!(
+        gone + EARLY_TOLERANCE >= ttl,
+        "gone after {gone:?}, before its {ttl:?} TTL"
+    );
+    assert_eq!(kv.get(Bucket::Requests, "renewed").await?, Some(b("v2")));
+    Ok(())
+}
+
+async fn put_with_ttl_is_capped_at_the_bucket_ttl(s: &Subject) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let ttl = suite_ttls().sessions;
+    let start = Instant::now();
+    kv.put_with_ttl(Bucket::Sessions, "long", b("v"), Duration::from_secs(3600))
+        .await?;
+    assert_eq!(kv.get(Bucket::Sessions, "long").await?, Some(b("v")));
+    let gone = wait_until_absent(kv, Bucket::Sessions, "long", start, ttl + s.expiry_slack).await?;
+    ensure!(
+        gone + EARLY_TOLERANCE >= ttl,
+        "gone after {gone:?}, before the {ttl:?} bucket TTL"
+    );
+    Ok(())
+}
+
+async fn buckets_are_isolated_from_each_other(s: &Subject) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    for bucket in Bucket::ALL {
+        kv.put(bucket, "shared-key", b(bucket.name())).await?;
+    }
+    for bucket in Bucket::ALL {
+        assert_eq!(kv.get(bucket, "shared-key").await?, Some(b(bucket.name())));
+    }
+    kv.delete(Bucket::Interest, "shared-key").await?;
+    for bucket in Bucket::ALL {
+        let expected = (bucket != Bucket::Interest).then(|| b(bucket.name()));
+        assert_eq!(kv.get(bucket, "shared-key").await?, expected, "{bucket:?}");
+    }
+    assert!(kv.create(Bucket::Revoked, "only-here", b("r")).await?);
+    for bucket in [Bucket::Sessions, Bucket::Requests, Bucket::Interest] {
+        assert_eq!(kv.get(bucket, "only-here").await?, None, "{bucket:?}");
+        assert!(kv.create(bucket, "only-here", b("x")).await?, "{bucket:?}");
+    }
+    Ok(())
+}
+
+async fn a_watch_sees_only_future_puts_and_deletes_of_its_own_key(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    kv.put(Bucket::Requests, "w", b("before")).await?;
+    let mut watch = kv.watch(Bucket::Requests, "w").await?;
+
+    // Neighbours: other keys (including ones that share a prefix), the same key elsewhere.
+    kv.put(Bucket::Requests, "w-other", b("x")).await?;
+    kv.put(Bucket::Requests, "w.sub", b("x")).await?;
+    kv.put(Bucket::Requests, "other", b("x")).await?;
+    kv.put(Bucket::Interest, "w", b("x")).await?;
+    kv.put(Bucket::Requests, "w", b("v1")).await?;
+    kv.delete(Bucket::Requests, "w-other").await?;
+    kv.put(Bucket::Requests, "w", b("v2")).await?;
+    kv.delete(Bucket::Requests, "w").await?;
+    kv.delete(Bucket::Interest, "w").await?;
+    assert!(kv.create(Bucket::Requests, "w", b("v3")).await?);
+    kv.put_with_ttl(Bucket::Requests, "w", b("v4"), Duration::from_secs(20))
+        .await?;
+
+    // No initial value ("before"), nothing from the neighbours, every change in order.
+    assert_eq!(next_event(&mut watch).await?, put_event("w", b("v1")));
+    assert_eq!(next_event(&mut watch).await?, put_event("w", b("v2")));
+    assert_eq!(next_event(&mut watch).await?, delete_event("w"));
+    assert_eq!(next_event(&mut watch).await?, put_event("w", b("v3")));
+    assert_eq!(next_event(&mut watch).await?, put_event("w", b("v4")));
+
+    // Nothing else is pending: after more neighbour traffic the next event is ours.
+    kv.put(Bucket::Requests, "other", b("y")).await?;
+    kv.put(Bucket::Requests, "w", b("last")).await?;
+    assert_eq!(next_event(&mut watch).await?, put_event("w", b("last")));
+
+    // Two watchers of one key both see its changes.
+    let mut second = kv.watch(Bucket::Requests, "w").await?;
+    kv.delete(Bucket::Requests, "w").await?;
+    assert_eq!(next_event(&mut watch).await?, delete_event("w"));
+    assert_eq!(next_event(&mut second).await?, delete_event("w"));
+    Ok(())
+}
+
+async fn invalid_keys_are_refused_by_every_operation(s: &Subject) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let too_long = "k".repeat(257);
+    let bad = [
+        "",
+        "has space",
+        "star*",
+        "gt>",
+        ".leading-dot",
+        "trailing-dot.",
+        "ünïcode",
+        "tab\there",
+        "new\nline",
+        "back\\slash",
+        too_long.as_str(),
+    ];
+    let refused = |r: Result<(), StoreError>, op: &str, key: &str| match r {
+        Err(StoreError::InvalidKey(k)) if k == key => Ok(()),
+        other => Err(anyhow::anyhow!("{op}({key:?}) gave {other:?}")),
+    };
+    for key in bad {
+        let bucket = Bucket::Requests;
+        refused(kv.get(bucket, key).await.map(drop), "get", key)?;
+        refused(kv.put(bucket, key, b("v")).await, "put", key)?;
+        refused(
+            kv.put_with_ttl(bucket, key, b("v"), Duration::from_secs(5))
+                .await,
+            "put_with_ttl",
+            key,
+        )?;
+        refused(
+            kv.create(bucket, key, b("v")).await.map(drop),
+            "create",
+            key,
+        )?;
+        refused(kv.delete(bucket, key).await, "delete", key)?;
+        refused(kv.watch(bucket, key).await.map(drop), "watch", key)?;
+    }
+    // The widest valid key is fine everywhere.
+    let widest = format!("A-z_0/9=.{}", "k".repeat(247));
+    assert_eq!(widest.len(), 256);
+    kv.put(Bucket::Requests, &widest, b("ok")).await?;
+    assert_eq!(kv.get(Bucket::Requests, &widest).await?, Some(b("ok")));
+    Ok(())
+}
+
+async fn values_with_arbitrary_bytes_round_trip(s: &Subject) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let mut noise = Vec::with_capacity(64 * 1024);
+    let mut x: u32 = 0x9e37_79b9;
+    while noise.len() < 64 * 1024 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    let values: Vec<Bytes> = vec![
+        Bytes::new(),
+        Bytes::from((0..=255u8).collect::<Vec<u8>>()),
+        Bytes::from_static(b"\r\nNATS/1.0\r\nKV-Operation: DEL\r\n\r\n"),
+        Bytes::from_static(b"\0\0\0"),
+        Bytes::from(noise),
+    ];
+    let mut watch = kv.watch(Bucket::Requests, "bytes-watched").await?;
+    for (i, value) in values.into_iter().enumerate() {
+        let key = format!("bytes-{i}");
+        kv.put(Bucket::Requests, &key, value.clone()).await?;
+        assert_eq!(
+            kv.get(Bucket::Requests, &key).await?,
+            Some(value.clone()),
+            "put {i}"
+        );
+
+        let key = format!("bytes-created-{i}");
+        assert!(kv.create(Bucket::Requests, &key, value.clone()).await?);
+        assert_eq!(
+            kv.get(Bucket::Requests, &key).await?,
+            Some(value.clone()),
+            "create {i}"
+        );
+
+        let key = format!("bytes-ttl-{i}");
+        kv.put_with_ttl(
+            Bucket::Requests,
+            &key,
+            value.clone(),
+            Duration::from_secs(20),
+        )
+        .await?;
+        assert_eq!(
+            kv.get(Bucket::Requests, &key).await?,
+            Some(value.clone()),
+            "ttl {i}"
+        );
+
+        kv.put(Bucket::Requests, "bytes-watched", value.clone())
+            .await?;
+        assert_eq!(
+            next_event(&mut watch).await?,
+            put_event("bytes-watched", value),
+            "watch {i}"
+        );
+    }
+    Ok(())
+}
+
+async fn concurrent_creates_of_the_same_key_have_exactly_one_winner(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    // Round 0 races on a key never written; round 1 on one that was deleted.
+    for round in 0..2 {
+        let results = futures::future::join_all((0..16).map(|i| {
+            kv.create(
+                Bucket::Interest,
+                "once",
+                Bytes::from(format!("creator-{i}")),
+            )
+        }))
+        .await;
+        let mut winners = Vec::new();
+        for (i, r) in results.into_iter().enumerate() {
+            if r.with_context(|| format!("round {round}, creator {i}"))? {
+                winners.push(i);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        assert_eq!(
+            kv.get(Bucket::Interest, "once").await?,
+            Some(Bytes::from(format!("creator-{}", winners[0]))),
+            "round {round}"
+        );
+        kv.delete(Bucket::Interest, "once").await?;
+    }
+    Ok(())
+}
+
+async fn the_store_reports_itself_healthy(s: &Subject) -> anyhow::Result<()> {
+    assert!(s.kv.is_healthy().await);
+    Ok(())
+}
+
+/// What only the NATS store has: buckets that may already exist, names, a server to lose.
+mod nats_only {
+    use super::*;
+    use async_nats::jetstream;
+
+    #[tokio::test]
+    async fn an_existing_bucket_with_another_ttl_is_reported_and_used_as_it_is(
+    ) -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let client = async_nats::connect(&server.url).await?;
+        let js = jetstream::new(client.clone());
+        // Made by someone else: 30 s instead of 2 s, no per-message TTL.
+        let theirs = js
+            .create_key_value(jetstream::kv::Config {
+                bucket: "sessions".into(),
+                max_age: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await?;
+        theirs.put("pre-existing", b("kept")).await?;
+
+        let kv = NatsKv::open(client, suite_ttls(), None).await?;
+        let mismatches = kv.config_mismatches();
+        assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+        assert!(
+            mismatches[0].contains("sessions")
+                && mismatches[0].contains("30s")
+                && mismatches[0].contains("2s"),
+            "{mismatches:?}"
+        );
+        // Used as it is: the data survives and max_age is not changed...
+        assert_eq!(
+            kv.get(Bucket::Sessions, "pre-existing").await?,
+            Some(b("kept"))
+        );
+        let info = js.get_stream("KV_sessions").await?.cached_info().clone();
+        assert_eq!(info.config.max_age, Duration::from_secs(30));
+        // ...but per-message TTL was switched on, so put_with_ttl works and expires.
+        assert!(info.config.allow_message_ttl);
+        let start = Instant::now();
+        kv.put_with_ttl(Bucket::Sessions, "short", b("v"), Duration::from_secs(1))
+            .await?;
+        assert_eq!(kv.get(Bucket::Sessions, "short").await?, Some(b("v")));
+        wait_until_absent(
+            &kv,
+            Bucket::Sessions,
+            "short",
+            start,
+            Duration::from_secs(4),
+        )
+        .await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn buckets_have_their_plain_names_and_a_prefix_keeps_two_gateways_apart(
+    ) -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let a = NatsKv::open(async_nats::connect(&server.url).await?, suite_ttls(), None).await?;
+        let other = NatsKv::open(
+            async_nats::connect(&server.url).await?,
+            suite_ttls(),
+            Some("gw2_"),
+        )
+        .await?;
+        // A second replica of the first gateway opens the same buckets without complaint.
+        let replica =
+            NatsKv::open(async_nats::connect(&server.url).await?, suite_ttls(), None).await?;
+        assert!(replica.config_mismatches().is_empty());
+
+        let js = jetstream::new(async_nats::connect(&server.url).await?);
+        for bucket in Bucket::ALL {
+            for name in [bucket.name().to_owned(), format!("gw2_{}", bucket.name())] {
+                let stream = js.get_stream(format!("KV_{name}")).await?;
+                assert_eq!(stream.cached_info().config.max_age, suite_ttls().of(bucket));
+            }
+        }
+
+        // A replica waits for a value another replica writes.
+        let mut watch = replica.watch(Bucket::Requests, "r1").await?;
+        a.put(Bucket::Requests, "r1", b("from-a")).await?;
+        other.put(Bucket::Requests, "r1", b("from-other")).await?;
+        assert_eq!(next_event(&mut watch).await?, put_event("r1", b("from-a")));
+        assert_eq!(
+            replica.get(Bucket::Requests, "r1").await?,
+            Some(b("from-a"))
+        );
+        assert_eq!(
+            other.get(Bucket::Requests, "r1").await?,
+            Some(b("from-other"))
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_bad_prefix_is_a_config_error() -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let client = async_nats::connect(&server.url).await?;
+        let r = NatsKv::open(client, suite_ttls(), Some("a.b")).await;
+        assert!(matches!(r, Err(StoreError::Config(_))), "{r:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn losing_the_server_makes_the_store_unhealthy_and_operations_fail_as_unavailable(
+    ) -> anyhow::Result<()> {
+        let mut server = NatsServer::start().await?;
+        let kv = NatsKv::open(async_nats::connect(&server.url).await?, suite_ttls(), None).await?;
+        kv.put(Bucket::Requests, "k", b("v")).await?;
+        server.guard().stop(Duration::from_secs(3));
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while kv.is_healthy().await {
+            ensure!(Instant::now() < deadline, "still healthy without a server");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let r = kv.get(Bucket::Requests, "k").await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        Ok(())
+    }
+}
