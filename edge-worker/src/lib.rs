@@ -39,7 +39,9 @@ mod entry {
         if let Some(body) = req.inner().body() {
             init.with_body(Some(body.into()));
         }
-        Fetch::Request(Request::new_with_init(&target, &init)?).send().await
+        Fetch::Request(Request::new_with_init(&target, &init)?)
+            .send()
+            .await
     }
 }
 
@@ -49,7 +51,10 @@ mod tests {
 
     #[test]
     fn origin_target_joins_origin_path_and_query() {
-        assert_eq!(origin_target("http://o:1/", "/a/b", Some("x=1")), "http://o:1/a/b?x=1");
+        assert_eq!(
+            origin_target("http://o:1/", "/a/b", Some("x=1")),
+            "http://o:1/a/b?x=1"
+        );
         assert_eq!(origin_target("http://o:1", "/a", Some("")), "http://o:1/a");
         assert_eq!(origin_target("http://o:1", "/a", None), "http://o:1/a");
     }

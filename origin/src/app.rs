@@ -99,11 +99,13 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= MAX_REQUEST_ID
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map(str::to_owned);
     let id = supplied.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let value = HeaderValue::from_str(&id).expect("request ids are checked or minted as visible ASCII");
+    let value =
+        HeaderValue::from_str(&id).expect("request ids are checked or minted as visible ASCII");
     req.headers_mut().insert("x-request-id", value.clone());
     let mut resp = next.run(req).await;
     resp.headers_mut().insert("x-request-id", value);

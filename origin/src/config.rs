@@ -62,7 +62,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Every setting of the origin. Each flag can also be given by the environment variable
 /// named in its help; the README's configuration table lists them.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "origin", version, about = "The NoETL edge gateway's origin service")]
+#[command(
+    name = "origin",
+    version,
+    about = "The NoETL edge gateway's origin service"
+)]
 pub struct Config {
     /// Public listener (auth, GraphQL, SSE, /noetl proxy). Use 0.0.0.0:8090 in a pod.
     #[arg(long, env = "PUBLIC_ADDR", default_value = "127.0.0.1:8090")]
@@ -200,7 +204,9 @@ impl Config {
             }
         }
         if self.auth_jwks_url.is_none() && self.auth0_domain.is_none() {
-            return err("set AUTH0_DOMAIN or AUTH_JWKS_URL: ID tokens cannot be verified without a JWKS");
+            return err(
+                "set AUTH0_DOMAIN or AUTH_JWKS_URL: ID tokens cannot be verified without a JWKS",
+            );
         }
         if self.auth_issuer.is_none() && self.auth0_domain.is_none() {
             return err("set AUTH_ISSUER (or AUTH0_DOMAIN, which implies https://{domain}/)");
@@ -212,7 +218,9 @@ impl Config {
             return err("AUTH_MODE=playbook needs the callback path, which this build does not have yet; use AUTH_MODE=rest");
         }
         if self.public_addr == self.internal_addr {
-            return err("PUBLIC_ADDR and INTERNAL_ADDR must differ: callbacks must never be public");
+            return err(
+                "PUBLIC_ADDR and INTERNAL_ADDR must differ: callbacks must never be public",
+            );
         }
         if self.session_cache_ttl < Duration::from_secs(1) {
             return err("SESSION_CACHE_TTL must be at least 1s");
@@ -241,7 +249,10 @@ impl Config {
     /// The issuer ID tokens must name.
     pub fn issuer(&self) -> String {
         self.auth_issuer.clone().unwrap_or_else(|| {
-            format!("https://{}/", self.auth0_domain.as_deref().unwrap_or_default())
+            format!(
+                "https://{}/",
+                self.auth0_domain.as_deref().unwrap_or_default()
+            )
         })
     }
 
@@ -298,7 +309,10 @@ mod tests {
         ]);
         let shown = Config::try_parse_from(args).unwrap().redacted();
         assert!(!shown.contains("super-secret-token-value"), "{shown}");
-        assert!(!shown.contains("alice") && !shown.contains(":pw"), "{shown}");
+        assert!(
+            !shown.contains("alice") && !shown.contains(":pw"),
+            "{shown}"
+        );
         assert!(shown.contains("nats://<redacted>@nats:4222"), "{shown}");
     }
 
@@ -313,10 +327,19 @@ mod tests {
         ])
         .unwrap();
         assert!(c.validate().is_err());
-        let c = Config::try_parse_from(["origin", "--auth-audience", "a", "--auth0-domain", "t.eu.auth0.com"])
-            .unwrap();
+        let c = Config::try_parse_from([
+            "origin",
+            "--auth-audience",
+            "a",
+            "--auth0-domain",
+            "t.eu.auth0.com",
+        ])
+        .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.jwks_url().as_str(), "https://t.eu.auth0.com/.well-known/jwks.json");
+        assert_eq!(
+            c.jwks_url().as_str(),
+            "https://t.eu.auth0.com/.well-known/jwks.json"
+        );
         assert_eq!(c.issuer(), "https://t.eu.auth0.com/");
     }
 
@@ -326,7 +349,12 @@ mod tests {
         args.extend(["--internal-token", "short"]);
         assert!(Config::try_parse_from(args).is_err());
         let mut args = base();
-        args.extend(["--public-addr", "127.0.0.1:9000", "--internal-addr", "127.0.0.1:9000"]);
+        args.extend([
+            "--public-addr",
+            "127.0.0.1:9000",
+            "--internal-addr",
+            "127.0.0.1:9000",
+        ]);
         assert!(Config::try_parse_from(args).unwrap().validate().is_err());
     }
 }

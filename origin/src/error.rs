@@ -185,7 +185,10 @@ mod tests {
 
     #[test]
     fn noetl_failures_map_to_gateway_statuses() {
-        assert_eq!(AppError::Noetl(NoetlError::Timeout).status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            AppError::Noetl(NoetlError::Timeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
         assert_eq!(
             AppError::Noetl(NoetlError::Unreachable("refused".into())).status(),
             StatusCode::BAD_GATEWAY
@@ -194,7 +197,10 @@ mod tests {
             status: 503,
             message: "busy".into(),
         };
-        assert_eq!(AppError::Noetl(overloaded).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            AppError::Noetl(overloaded).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         let broken = NoetlError::Status {
             status: 500,
             message: "boom".into(),

@@ -82,7 +82,9 @@ mod tests {
         let body = Body::from(vec![b'x'; 2049]);
         let err = read_body_limited(body, 2048).await.unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
-        let ok = read_body_limited(Body::from(vec![b'x'; 2048]), 2048).await.unwrap();
+        let ok = read_body_limited(Body::from(vec![b'x'; 2048]), 2048)
+            .await
+            .unwrap();
         assert_eq!(ok.len(), 2048);
     }
 
@@ -90,7 +92,10 @@ mod tests {
     fn content_type_must_be_json() {
         let mut h = HeaderMap::new();
         assert!(!is_json_content_type(&h));
-        h.insert(header::CONTENT_TYPE, "application/json; charset=utf-8".parse().unwrap());
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/json; charset=utf-8".parse().unwrap(),
+        );
         assert!(is_json_content_type(&h));
         h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
         assert!(!is_json_content_type(&h));

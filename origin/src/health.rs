@@ -43,7 +43,11 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         Err(e) => e.to_string(),
     };
     let ok = (nats == "ok" || nats == "embedded") && noetl == "ok";
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     if !ok {
         tracing::warn!(%nats, %noetl, "not ready");
     }

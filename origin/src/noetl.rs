@@ -55,7 +55,11 @@ impl NoetlError {
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            NoetlError::Unreachable(_) | NoetlError::Status { status: 502..=504, .. }
+            NoetlError::Unreachable(_)
+                | NoetlError::Status {
+                    status: 502..=504,
+                    ..
+                }
         )
     }
 
@@ -212,7 +216,13 @@ impl NoetlClient {
             data: Value,
         }
         let (_, reply): (_, Reply) = self
-            .call(reqwest::Method::POST, "/api/auth/login", Some(req), false, true)
+            .call(
+                reqwest::Method::POST,
+                "/api/auth/login",
+                Some(req),
+                false,
+                true,
+            )
             .await?;
         if reply.status != "success" {
             let message = reply.data["message"]
@@ -226,7 +236,9 @@ impl NoetlClient {
         let session_token = data["session_token"]
             .as_str()
             .filter(|t| gateway_shared::session::is_well_formed_token(t))
-            .ok_or_else(|| NoetlError::BadResponse("login reply without a usable session_token".into()))?
+            .ok_or_else(|| {
+                NoetlError::BadResponse("login reply without a usable session_token".into())
+            })?
             .to_owned();
         let session = parse_session(&data["user"], &data["expires_at"])?;
         Ok(LoginOutcome::Authenticated {
@@ -239,7 +251,13 @@ impl NoetlClient {
     pub async fn validate_session(&self, token: &str) -> Result<Option<NoetlSession>, NoetlError> {
         let body = serde_json::json!({ "session_token": token });
         let (_, reply): (_, Value) = self
-            .call(reqwest::Method::POST, "/api/auth/session/validate", Some(&body), true, false)
+            .call(
+                reqwest::Method::POST,
+                "/api/auth/session/validate",
+                Some(&body),
+                true,
+                false,
+            )
             .await?;
         if reply["valid"].as_bool() != Some(true) {
             return Ok(None);
@@ -258,12 +276,18 @@ impl NoetlClient {
             "session_token": token, "playbook_path": playbook_path, "action": action,
         });
         let (_, reply): (_, Value) = self
-            .call(reqwest::Method::POST, "/api/auth/check-playbook-access", Some(&body), true, false)
+            .call(
+                reqwest::Method::POST,
+                "/api/auth/check-playbook-access",
+                Some(&body),
+                true,
+                false,
+            )
             .await?;
         let data = &reply["data"];
-        let allowed = data["allowed"]
-            .as_bool()
-            .ok_or_else(|| NoetlError::BadResponse("check-access reply without data.allowed".into()))?;
+        let allowed = data["allowed"].as_bool().ok_or_else(|| {
+            NoetlError::BadResponse("check-access reply without data.allowed".into())
+        })?;
         Ok(AccessReply {
             allowed,
             message: data["message"].as_str().unwrap_or_default().to_owned(),
@@ -275,10 +299,19 @@ impl NoetlClient {
     pub async fn logout(&self, token: &str) -> Result<(), NoetlError> {
         let body = serde_json::json!({ "session_token": token });
         match self
-            .call::<Value, _>(reqwest::Method::POST, "/api/auth/logout", Some(&body), true, false)
+            .call::<Value, _>(
+                reqwest::Method::POST,
+                "/api/auth/logout",
+                Some(&body),
+                true,
+                false,
+            )
             .await
         {
-            Ok(_) | Err(NoetlError::Status { status: 404 | 405, .. }) => Ok(()),
+            Ok(_)
+            | Err(NoetlError::Status {
+                status: 404 | 405, ..
+            }) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -296,7 +329,13 @@ impl NoetlClient {
             body["resource_kind"] = Value::String(kind.to_owned());
         }
         let (_, reply) = self
-            .call(reqwest::Method::POST, "/api/execute", Some(&body), false, false)
+            .call(
+                reqwest::Method::POST,
+                "/api/execute",
+                Some(&body),
+                false,
+                false,
+            )
             .await?;
         Ok(reply)
     }
@@ -374,7 +413,9 @@ impl NoetlClient {
         }
         serde_json::from_slice(&bytes)
             .map(|v| (status.as_u16(), v))
-            .map_err(|e| NoetlError::BadResponse(format!("HTTP {status} body is not the expected JSON: {e}")))
+            .map_err(|e| {
+                NoetlError::BadResponse(format!("HTTP {status} body is not the expected JSON: {e}"))
+            })
     }
 }
 
@@ -470,7 +511,10 @@ mod tests {
 
     #[test]
     fn noetl_error_texts_are_extracted_and_bounded() {
-        assert_eq!(error_message(br#"{"error":"Playbook not found: x","status":404}"#), "Playbook not found: x");
+        assert_eq!(
+            error_message(br#"{"error":"Playbook not found: x","status":404}"#),
+            "Playbook not found: x"
+        );
         assert_eq!(error_message(br#"{"detail":"nope"}"#), "nope");
         assert_eq!(error_message(&[b'a'; 1000]).len(), 200);
     }

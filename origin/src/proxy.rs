@@ -84,7 +84,8 @@ impl AllowList {
     /// The verdict for `method` on the upstream path `path` (which starts with `/api/`).
     pub fn verdict(&self, method: &Method, path: &str) -> Verdict {
         let covers = |prefix: &str| {
-            path == prefix || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+            path == prefix
+                || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
         };
         let methods: Vec<Method> = self
             .0
@@ -124,9 +125,9 @@ pub fn normalize_path(raw_rest: &str) -> Result<String, &'static str> {
         if *seg == "." || *seg == ".." {
             return Err("dot segments are not allowed");
         }
-        let ok = seg.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:%".contains(&b)
-        });
+        let ok = seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:%".contains(&b));
         if !ok {
             return Err("path contains characters that are not allowed");
         }
@@ -251,7 +252,8 @@ async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, 
     let proxy = &state.proxy;
     let (parts, body) = req.into_parts();
     let raw_rest = parts.uri.path().strip_prefix("/noetl/").unwrap_or_default();
-    let path = normalize_path(raw_rest).map_err(|m| AppError::bad_request("invalid_proxy_path", m))?;
+    let path =
+        normalize_path(raw_rest).map_err(|m| AppError::bad_request("invalid_proxy_path", m))?;
     let (_, record) = require_request_session(&state, &parts).await?;
     match proxy.allow.verdict(&parts.method, &path) {
         Verdict::Allowed => {}
@@ -269,7 +271,9 @@ async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > proxy.max_body) {
-        return Err(AppError::PayloadTooLarge { limit: proxy.max_body });
+        return Err(AppError::PayloadTooLarge {
+            limit: proxy.max_body,
+        });
     }
 
     let mut url = proxy.base.clone();
@@ -295,7 +299,11 @@ async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, 
     headers.insert(HeaderName::from_static("x-request-id"), request_id);
 
     let limit = proxy.max_body;
-    let upstream_body = LimitedStream::new(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limit);
+    let upstream_body = LimitedStream::new(
+        body.into_data_stream()
+            .map(|r| r.map_err(std::io::Error::other)),
+        limit,
+    );
     let send = proxy
         .http
         .request(parts.method.clone(), url)
@@ -305,25 +313,30 @@ async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, 
     let resp = match tokio::time::timeout(proxy.timeout, send).await {
         Err(_) => return Err(AppError::Noetl(crate::noetl::NoetlError::Timeout)),
         Ok(Err(e)) if is_body_limit(&e) => return Err(AppError::PayloadTooLarge { limit }),
-        Ok(Err(e)) if e.is_timeout() => return Err(AppError::Noetl(crate::noetl::NoetlError::Timeout)),
+        Ok(Err(e)) if e.is_timeout() => {
+            return Err(AppError::Noetl(crate::noetl::NoetlError::Timeout))
+        }
         Ok(Err(e)) => {
-            return Err(AppError::Noetl(crate::noetl::NoetlError::Unreachable(format!(
-                "proxy: {}",
-                root_cause(&e)
-            ))))
+            return Err(AppError::Noetl(crate::noetl::NoetlError::Unreachable(
+                format!("proxy: {}", root_cause(&e)),
+            )))
         }
         Ok(Ok(r)) => r,
     };
     if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(AppError::Noetl(crate::noetl::NoetlError::BadResponse(format!(
-            "upstream body larger than {limit} bytes"
-        ))));
+        return Err(AppError::Noetl(crate::noetl::NoetlError::BadResponse(
+            format!("upstream body larger than {limit} bytes"),
+        )));
     }
     let status = resp.status();
     let headers = client_response_headers(resp.headers());
     let idle = proxy.idle_timeout;
     let stream = LimitedStream::new(
-        IdleTimeout::new(resp.bytes_stream().map(|r| r.map_err(std::io::Error::other)), idle),
+        IdleTimeout::new(
+            resp.bytes_stream()
+                .map(|r| r.map_err(std::io::Error::other)),
+            idle,
+        ),
         limit,
     );
     let mut out = Response::new(Body::from_stream(stream));
@@ -362,7 +375,11 @@ struct LimitedStream<S> {
 
 impl<S> LimitedStream<S> {
     fn new(inner: S, limit: u64) -> Self {
-        Self { inner, seen: 0, limit }
+        Self {
+            inner,
+            seen: 0,
+            limit,
+        }
     }
 }
 
@@ -416,7 +433,9 @@ where
                 Poll::Ready(item)
             }
             Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::other("upstream body stalled")))),
+                Poll::Ready(()) => {
+                    Poll::Ready(Some(Err(std::io::Error::other("upstream body stalled"))))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -431,8 +450,21 @@ mod tests {
     #[test]
     fn traversal_and_smuggling_paths_are_refused() {
         for bad in [
-            "..%2fadmin", "%2e%2e/admin", "%2E%2E/x", "a/../b", "./a", "a//b", "/@evil.example/x",
-            "@evil.example", "a%2fb", "a%5cb", "a\\b", "a%00", "a%252e%252e/x", "", "a/%2e/b",
+            "..%2fadmin",
+            "%2e%2e/admin",
+            "%2E%2E/x",
+            "a/../b",
+            "./a",
+            "a//b",
+            "/@evil.example/x",
+            "@evil.example",
+            "a%2fb",
+            "a%5cb",
+            "a\\b",
+            "a%00",
+            "a%252e%252e/x",
+            "",
+            "a/%2e/b",
         ] {
             assert!(normalize_path(bad).is_err(), "{bad:?} should be refused");
         }
@@ -440,22 +472,41 @@ mod tests {
 
     #[test]
     fn plain_paths_map_under_api() {
-        assert_eq!(normalize_path("executions/123").unwrap(), "/api/executions/123");
-        assert_eq!(normalize_path("catalog/list/").unwrap(), "/api/catalog/list");
+        assert_eq!(
+            normalize_path("executions/123").unwrap(),
+            "/api/executions/123"
+        );
+        assert_eq!(
+            normalize_path("catalog/list/").unwrap(),
+            "/api/catalog/list"
+        );
         assert_eq!(normalize_path("a%20b").unwrap(), "/api/a%20b");
     }
 
     #[test]
     fn allow_list_matches_method_and_whole_segments() {
-        let allow = AllowList::parse(&["GET /api/executions".into(), "post /api/execute".into()]).unwrap();
-        assert_eq!(allow.verdict(&Method::GET, "/api/executions"), Verdict::Allowed);
-        assert_eq!(allow.verdict(&Method::GET, "/api/executions/1/status"), Verdict::Allowed);
-        assert_eq!(allow.verdict(&Method::GET, "/api/executionsX"), Verdict::Forbidden);
+        let allow =
+            AllowList::parse(&["GET /api/executions".into(), "post /api/execute".into()]).unwrap();
+        assert_eq!(
+            allow.verdict(&Method::GET, "/api/executions"),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            allow.verdict(&Method::GET, "/api/executions/1/status"),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            allow.verdict(&Method::GET, "/api/executionsX"),
+            Verdict::Forbidden
+        );
         assert_eq!(
             allow.verdict(&Method::DELETE, "/api/executions/1"),
             Verdict::MethodNotAllowed(vec![Method::GET])
         );
-        assert_eq!(allow.verdict(&Method::POST, "/api/execute"), Verdict::Allowed);
+        assert_eq!(
+            allow.verdict(&Method::POST, "/api/execute"),
+            Verdict::Allowed
+        );
         assert!(AllowList::parse(&["GET /etc/passwd".into()]).is_err());
         assert!(AllowList::parse(&["GET /api/../x".into()]).is_err());
         assert!(AllowList::parse(&["/api/x".into()]).is_err());
@@ -465,9 +516,16 @@ mod tests {
     fn credentials_identity_and_hop_headers_are_stripped() {
         let mut h = HeaderMap::new();
         for (k, v) in [
-            ("authorization", "Bearer t"), ("cookie", "session_token=t"), ("x-user-id", "admin"),
-            ("x-noetl-user-roles", "admin"), ("x-gateway-assertion", "forged"), ("connection", "x-secret"),
-            ("x-secret", "1"), ("te", "trailers"), ("accept", "application/json"), ("x-forwarded-for", "1.2.3.4"),
+            ("authorization", "Bearer t"),
+            ("cookie", "session_token=t"),
+            ("x-user-id", "admin"),
+            ("x-noetl-user-roles", "admin"),
+            ("x-gateway-assertion", "forged"),
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("accept", "application/json"),
+            ("x-forwarded-for", "1.2.3.4"),
         ] {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
@@ -478,7 +536,10 @@ mod tests {
 
     #[test]
     fn session_token_never_travels_upstream_in_the_query() {
-        assert_eq!(upstream_query(Some("session_token=s&a=1")).as_deref(), Some("a=1"));
+        assert_eq!(
+            upstream_query(Some("session_token=s&a=1")).as_deref(),
+            Some("a=1")
+        );
         assert_eq!(upstream_query(Some("session_token=s")), None);
         assert_eq!(upstream_query(None), None);
     }

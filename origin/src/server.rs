@@ -88,7 +88,8 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
             auth0_domain,
         },
     );
-    let allow = AllowList::parse(&config.proxy_allow).map_err(|e| anyhow::anyhow!("PROXY_ALLOW: {e}"))?;
+    let allow =
+        AllowList::parse(&config.proxy_allow).map_err(|e| anyhow::anyhow!("PROXY_ALLOW: {e}"))?;
     let proxy = Proxy::new(
         config.noetl_base_url.clone(),
         allow,
@@ -137,12 +138,14 @@ pub async fn serve(state: AppState, shutdown: CancellationToken) -> anyhow::Resu
         public = %public.local_addr()?, internal = %internal.local_addr()?,
         noetl = %config.noetl_base_url, "origin listening"
     );
-    let public_app = public_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let public_app =
+        public_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let internal_app = internal_router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (s1, s2) = (shutdown.clone(), shutdown.clone());
-    let public_srv = axum::serve(public, public_app).with_graceful_shutdown(async move { s1.cancelled().await });
-    let internal_srv =
-        axum::serve(internal, internal_app).with_graceful_shutdown(async move { s2.cancelled().await });
+    let public_srv =
+        axum::serve(public, public_app).with_graceful_shutdown(async move { s1.cancelled().await });
+    let internal_srv = axum::serve(internal, internal_app)
+        .with_graceful_shutdown(async move { s2.cancelled().await });
     let servers = async { tokio::try_join!(public_srv.into_future(), internal_srv.into_future()) };
     let grace = config.shutdown_grace;
     tokio::select! {

@@ -50,9 +50,7 @@ impl fmt::Display for SessionHash {
 ///
 /// Checked before any hashing or upstream call so junk never reaches NoETL.
 pub fn is_well_formed_token(token: &str) -> bool {
-    !token.is_empty()
-        && token.len() <= MAX_TOKEN_LEN
-        && token.bytes().all(|b| b.is_ascii_graphic())
+    !token.is_empty() && token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The token in an `Authorization` header value, if it is `Bearer <token>`.
@@ -187,7 +185,11 @@ mod tests {
             Some("session_token=from-query"),
         );
         assert_eq!(t.as_deref(), Some("from-header"));
-        let t = extract_token(None, Some("a=b; session_token=from-cookie"), Some("session_token=q"));
+        let t = extract_token(
+            None,
+            Some("a=b; session_token=from-cookie"),
+            Some("session_token=q"),
+        );
         assert_eq!(t.as_deref(), Some("from-cookie"));
         let t = extract_token(Some("Basic xyz"), None, Some("x=1&session_token=q%2Bv"));
         assert_eq!(t.as_deref(), Some("q+v"));
@@ -201,7 +203,7 @@ mod tests {
         assert_eq!(bearer_token(&format!("Bearer {}", "x".repeat(513))), None);
         assert_eq!(query_token("session_token=%FF%FE"), None);
         assert_eq!(cookie_token("session_token=caf\u{e9}"), None);
-        assert_eq!(bearer_token("bearer ok").as_deref(), Some("ok"));
+        assert_eq!(bearer_token("bearer ok"), Some("ok"));
     }
 
     #[test]

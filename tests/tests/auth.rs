@@ -22,7 +22,12 @@ fn http() -> reqwest::Client {
 }
 
 async fn post(url: &str, body: Value) -> (StatusCode, Value) {
-    let resp = http().post(url).json(&body).send().await.expect("origin answers");
+    let resp = http()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .expect("origin answers");
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -30,14 +35,23 @@ async fn post(url: &str, body: Value) -> (StatusCode, Value) {
 
 async fn login(origin: &Origin, standin: &StandIn, email: &str) -> Value {
     let id_token = standin.dev_token(email).await;
-    let (status, body) = post(&format!("{}/api/auth/login", origin.url), json!({"auth0_token": id_token})).await;
+    let (status, body) = post(
+        &format!("{}/api/auth/login", origin.url),
+        json!({"auth0_token": id_token}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "login failed: {body}");
     body
 }
 
 fn assert_error_body(body: &Value, code: &str) {
     assert_eq!(body["error"]["code"], code, "unexpected body {body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
 }
 
 /// Login → validate → check-access → logout → validate fails.
@@ -53,23 +67,36 @@ async fn full_session_lifecycle(nats: Option<&NatsServer>) {
     assert_eq!(body["status"], "authenticated");
     assert_eq!(body["user"]["email"], "ada@example.com");
     assert_eq!(body["user"]["roles"], json!(["user"]));
-    assert!(body["user"]["user_id"].is_string(), "user ids are strings: {body}");
+    assert!(
+        body["user"]["user_id"].is_string(),
+        "user ids are strings: {body}"
+    );
     assert!(body["expires_at"].as_str().is_some());
     let token = body["session_token"].as_str().unwrap().to_owned();
 
-    let (s, v) = post(&format!("{}/api/auth/validate", origin.url), json!({"session_token": token})).await;
+    let (s, v) = post(
+        &format!("{}/api/auth/validate", origin.url),
+        json!({"session_token": token}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["valid"], true);
     assert_eq!(v["user"]["email"], "ada@example.com");
 
-    let access = |path: &str| {
-        json!({"session_token": token, "playbook_path": path, "permission_type": "execute"})
-    };
-    let (s, v) = post(&format!("{}/api/auth/check-access", origin.url), access("demo/echo")).await;
+    let access = |path: &str| json!({"session_token": token, "playbook_path": path, "permission_type": "execute"});
+    let (s, v) = post(
+        &format!("{}/api/auth/check-access", origin.url),
+        access("demo/echo"),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["allowed"], true);
     assert_eq!(v["playbook_path"], "demo/echo");
-    let (s, v) = post(&format!("{}/api/auth/check-access", origin.url), access("admin/purge")).await;
+    let (s, v) = post(
+        &format!("{}/api/auth/check-access", origin.url),
+        access("admin/purge"),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["allowed"], false);
 
@@ -81,15 +108,26 @@ async fn full_session_lifecycle(nats: Option<&NatsServer>) {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
 
-    let (s, v) = post(&format!("{}/api/auth/validate", origin.url), json!({"session_token": token})).await;
+    let (s, v) = post(
+        &format!("{}/api/auth/validate", origin.url),
+        json!({"session_token": token}),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     assert_eq!(v["valid"], false);
     assert_eq!(v["user"], Value::Null);
     assert_error_body(&v, "invalid_session");
-    let (s, v) = post(&format!("{}/api/auth/check-access", origin.url), access("demo/echo")).await;
+    let (s, v) = post(
+        &format!("{}/api/auth/check-access", origin.url),
+        access("demo/echo"),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
 
-    assert!(!origin.log_text().contains(&token), "the raw session token reached the log");
+    assert!(
+        !origin.log_text().contains(&token),
+        "the raw session token reached the log"
+    );
 }
 
 #[tokio::test]
@@ -107,7 +145,9 @@ async fn session_lifecycle_works_with_the_embedded_store() {
 async fn a_cached_session_is_served_without_calling_noetl() {
     let nats = NatsServer::start().await.unwrap();
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
-    let origin = Origin::start(&standin, OriginOptions::with_nats(&nats.url)).await.unwrap();
+    let origin = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
+        .await
+        .unwrap();
     let token = login(&origin, &standin, "cache@example.com").await["session_token"]
         .as_str()
         .unwrap()
@@ -122,10 +162,19 @@ async fn a_cached_session_is_served_without_calling_noetl() {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    assert_eq!(standin.call_count(VALIDATE).await, 0, "validation reached NoETL: {:?}", standin.calls().await);
+    assert_eq!(
+        standin.call_count(VALIDATE).await,
+        0,
+        "validation reached NoETL: {:?}",
+        standin.calls().await
+    );
 
     // A token the cache has never seen goes to NoETL once, then is cached too.
-    let (s, _) = post(&format!("{}/api/auth/validate", origin.url), json!({"session_token": "never-issued-token"})).await;
+    let (s, _) = post(
+        &format!("{}/api/auth/validate", origin.url),
+        json!({"session_token": "never-issued-token"}),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(standin.call_count(VALIDATE).await, 1);
 }
@@ -138,7 +187,9 @@ async fn an_expired_session_is_refused_even_while_cached() {
     })
     .await
     .unwrap();
-    let origin = Origin::start(&standin, OriginOptions::default()).await.unwrap();
+    let origin = Origin::start(&standin, OriginOptions::default())
+        .await
+        .unwrap();
     let token = login(&origin, &standin, "brief@example.com").await["session_token"]
         .as_str()
         .unwrap()
@@ -155,16 +206,40 @@ async fn an_expired_session_is_refused_even_while_cached() {
 async fn a_logout_on_one_replica_is_honoured_by_another() {
     let nats = NatsServer::start().await.unwrap();
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
-    let a = Origin::start(&standin, OriginOptions::with_nats(&nats.url)).await.unwrap();
-    let b = Origin::start(&standin, OriginOptions::with_nats(&nats.url)).await.unwrap();
-    let token = login(&a, &standin, "two@example.com").await["session_token"].as_str().unwrap().to_owned();
+    let a = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
+        .await
+        .unwrap();
+    let b = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
+        .await
+        .unwrap();
+    let token = login(&a, &standin, "two@example.com").await["session_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     standin.reset_calls().await;
-    let (s, _) = post(&format!("{}/api/auth/validate", b.url), json!({"session_token": token})).await;
+    let (s, _) = post(
+        &format!("{}/api/auth/validate", b.url),
+        json!({"session_token": token}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(standin.call_count(VALIDATE).await, 0, "replica B should hit the shared cache");
-    let resp = http().post(format!("{}/api/auth/logout", a.url)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(
+        standin.call_count(VALIDATE).await,
+        0,
+        "replica B should hit the shared cache"
+    );
+    let resp = http()
+        .post(format!("{}/api/auth/logout", a.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    let (s, _) = post(&format!("{}/api/auth/validate", b.url), json!({"session_token": token})).await;
+    let (s, _) = post(
+        &format!("{}/api/auth/validate", b.url),
+        json!({"session_token": token}),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
 
@@ -188,20 +263,61 @@ async fn hostile_id_tokens_are_refused_with_401_and_never_reach_noetl() {
     use jwt_compact::{AlgorithmExt, Claims, Header};
 
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
-    let origin = Origin::start(&standin, OriginOptions::default()).await.unwrap();
+    let origin = Origin::start(&standin, OriginOptions::default())
+        .await
+        .unwrap();
     let good = standin.dev_token("mallory@example.com").await;
     let claims = decode_part(&good, 1);
 
     let mut hostile: Vec<(&str, String)> = vec![
-        ("alg none", forge(json!({"alg": "none", "kid": "standin-dev-1"}), claims.clone(), b"")),
-        ("wrong iss", standin.dev_token_with(&[("email", "m@example.com"), ("iss", "https://evil.example/")]).await),
-        ("wrong aud", standin.dev_token_with(&[("email", "m@example.com"), ("aud", "someone-else")]).await),
-        ("expired", standin.dev_token_with(&[("email", "m@example.com"), ("ttl", "-600")]).await),
-        ("not yet valid", standin.dev_token_with(&[("email", "m@example.com"), ("nbf_in", "3600")]).await),
-        ("unknown kid", standin.dev_token_with(&[("email", "m@example.com"), ("kid", "rotated-away")]).await),
+        (
+            "alg none",
+            forge(
+                json!({"alg": "none", "kid": "standin-dev-1"}),
+                claims.clone(),
+                b"",
+            ),
+        ),
+        (
+            "wrong iss",
+            standin
+                .dev_token_with(&[("email", "m@example.com"), ("iss", "https://evil.example/")])
+                .await,
+        ),
+        (
+            "wrong aud",
+            standin
+                .dev_token_with(&[("email", "m@example.com"), ("aud", "someone-else")])
+                .await,
+        ),
+        (
+            "expired",
+            standin
+                .dev_token_with(&[("email", "m@example.com"), ("ttl", "-600")])
+                .await,
+        ),
+        (
+            "not yet valid",
+            standin
+                .dev_token_with(&[("email", "m@example.com"), ("nbf_in", "3600")])
+                .await,
+        ),
+        (
+            "unknown kid",
+            standin
+                .dev_token_with(&[("email", "m@example.com"), ("kid", "rotated-away")])
+                .await,
+        ),
     ];
     // HS256 keyed with the RSA public key: the classic algorithm-confusion forgery.
-    let pem = http().get(format!("{}/dev/public-key.pem", standin.url)).send().await.unwrap().text().await.unwrap();
+    let pem = http()
+        .get(format!("{}/dev/public-key.pem", standin.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let hs = Hs256
         .token(
             &Header::empty().with_key_id("standin-dev-1"),
@@ -214,32 +330,60 @@ async fn hostile_id_tokens_are_refused_with_401_and_never_reach_noetl() {
     let mut tampered_claims = claims.clone();
     tampered_claims["email"] = json!("admin@example.com");
     let parts: Vec<&str> = good.split('.').collect();
-    let tampered = format!("{}.{}.{}", parts[0], B64.encode(tampered_claims.to_string()), parts[2]);
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        B64.encode(tampered_claims.to_string()),
+        parts[2]
+    );
     hostile.push(("tampered payload", tampered));
     hostile.push(("garbage", "not-a-jwt".into()));
 
     standin.reset_calls().await;
     for (what, token) in &hostile {
-        let (s, body) = post(&format!("{}/api/auth/login", origin.url), json!({"auth0_token": token})).await;
+        let (s, body) = post(
+            &format!("{}/api/auth/login", origin.url),
+            json!({"auth0_token": token}),
+        )
+        .await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {body}");
         assert!(body["error"]["code"].as_str().is_some(), "{what}: {body}");
     }
-    assert_eq!(standin.call_count(NOETL_LOGIN).await, 0, "a hostile token reached NoETL");
+    assert_eq!(
+        standin.call_count(NOETL_LOGIN).await,
+        0,
+        "a hostile token reached NoETL"
+    );
 
     // The untampered token still works: the refusals changed nothing.
-    let (s, _) = post(&format!("{}/api/auth/login", origin.url), json!({"id_token": good})).await;
+    let (s, _) = post(
+        &format!("{}/api/auth/login", origin.url),
+        json!({"id_token": good}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn malformed_wrong_type_and_oversize_bodies_get_clean_json_errors() {
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
-    let origin = Origin::start(&standin, OriginOptions::default().env("AUTH_BODY_LIMIT", "4096")).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default().env("AUTH_BODY_LIMIT", "4096"),
+    )
+    .await
+    .unwrap();
     let url = format!("{}/api/auth/login", origin.url);
     let send = |body: Vec<u8>, ctype: &'static str| {
         let url = url.clone();
         async move {
-            let r = http().post(url).header("content-type", ctype).body(body).send().await.unwrap();
+            let r = http()
+                .post(url)
+                .header("content-type", ctype)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             let s = r.status();
             (s, r.json::<Value>().await.unwrap_or(Value::Null))
         }
@@ -250,7 +394,11 @@ async fn malformed_wrong_type_and_oversize_bodies_get_clean_json_errors() {
     let (s, b) = send(b"{\"auth0_token\": 42}".to_vec(), "application/json").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_error_body(&b, "invalid_json");
-    let (s, b) = send(b"auth0_token=x".to_vec(), "application/x-www-form-urlencoded").await;
+    let (s, b) = send(
+        b"auth0_token=x".to_vec(),
+        "application/x-www-form-urlencoded",
+    )
+    .await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_error_body(&b, "unsupported_media_type");
     let big = format!("{{\"auth0_token\": \"{}\"}}", "a".repeat(5000));
@@ -261,10 +409,18 @@ async fn malformed_wrong_type_and_oversize_bodies_get_clean_json_errors() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_error_body(&b, "missing_token");
 
-    let r = http().get(format!("{}/api/auth/login", origin.url)).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/api/auth/login", origin.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_error_body(&r.json().await.unwrap(), "method_not_allowed");
-    let r = http().get(format!("{}/nope", origin.url)).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/nope", origin.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_error_body(&r.json().await.unwrap(), "not_found");
     let (s, b) = post(
@@ -279,32 +435,68 @@ async fn malformed_wrong_type_and_oversize_bodies_get_clean_json_errors() {
 #[tokio::test]
 async fn noetl_down_or_slow_gives_502_or_504_without_hanging() {
     let mut standin = StandIn::start(StandInOptions::default()).await.unwrap();
-    let origin = Origin::start(&standin, OriginOptions::default().env("NOETL_TIMEOUT", "1s")).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default().env("NOETL_TIMEOUT", "1s"),
+    )
+    .await
+    .unwrap();
     let id_token = standin.dev_token("slow@example.com").await;
-    let token = login(&origin, &standin, "slow@example.com").await["session_token"].as_str().unwrap().to_owned();
+    let token = login(&origin, &standin, "slow@example.com").await["session_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     standin.set_faults(Some(3000), None).await;
     let started = Instant::now();
-    let (s, b) = post(&format!("{}/api/auth/validate", origin.url), json!({"session_token": "uncached-token"})).await;
+    let (s, b) = post(
+        &format!("{}/api/auth/validate", origin.url),
+        json!({"session_token": "uncached-token"}),
+    )
+    .await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{b}");
     assert_error_body(&b, "noetl_timeout");
-    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
 
     standin.set_faults(None, Some(503)).await;
-    let (s, b) = post(&format!("{}/api/auth/validate", origin.url), json!({"session_token": "uncached-token"})).await;
+    let (s, b) = post(
+        &format!("{}/api/auth/validate", origin.url),
+        json!({"session_token": "uncached-token"}),
+    )
+    .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
     standin.set_faults(None, None).await;
 
     standin.guard().stop(Duration::from_secs(2));
     let started = Instant::now();
-    let (s, b) = post(&format!("{}/api/auth/login", origin.url), json!({"auth0_token": id_token})).await;
+    let (s, b) = post(
+        &format!("{}/api/auth/login", origin.url),
+        json!({"auth0_token": id_token}),
+    )
+    .await;
     // JWKS is cached from the first login, so the failure is NoETL's.
     assert_eq!(s, StatusCode::BAD_GATEWAY, "{b}");
     assert_error_body(&b, "noetl_unavailable");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     // A cached session still validates while NoETL is down.
-    let (s, _) = post(&format!("{}/api/auth/validate", origin.url), json!({"session_token": token})).await;
+    let (s, _) = post(
+        &format!("{}/api/auth/validate", origin.url),
+        json!({"session_token": token}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
-    let r = http().get(format!("{}/ready", origin.url)).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/ready", origin.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
 }

@@ -11,7 +11,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
 }
 
 async fn session(origin: &Origin, standin: &StandIn, email: &str) -> String {
@@ -23,7 +26,10 @@ async fn session(origin: &Origin, standin: &StandIn, email: &str) -> String {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    resp.json::<Value>().await.unwrap()["session_token"].as_str().unwrap().to_owned()
+    resp.json::<Value>().await.unwrap()["session_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 async fn world(env: &[(&str, &str)]) -> (StandIn, Origin, String) {
@@ -41,7 +47,10 @@ async fn world(env: &[(&str, &str)]) -> (StandIn, Origin, String) {
 async fn proxied_requests_carry_the_gateways_identity_and_never_the_clients() {
     let (_standin, origin, token) = world(&[]).await;
     let resp = http()
-        .get(format!("{}/noetl/debug/echo/x?a=1&session_token={token}", origin.url))
+        .get(format!(
+            "{}/noetl/debug/echo/x?a=1&session_token={token}",
+            origin.url
+        ))
         .bearer_auth(&token)
         .header("x-user-id", "0")
         .header("x-noetl-user-roles", "admin")
@@ -59,16 +68,28 @@ async fn proxied_requests_carry_the_gateways_identity_and_never_the_clients() {
     let echo: Value = resp.json().await.unwrap();
     let h = &echo["headers"];
     assert_eq!(echo["path"], "/api/debug/echo/x");
-    assert_eq!(echo["query"], "a=1", "the session token must not travel upstream: {echo}");
+    assert_eq!(
+        echo["query"], "a=1",
+        "the session token must not travel upstream: {echo}"
+    );
     assert_eq!(h["x-noetl-user-email"], "proxy@example.com");
     assert_eq!(h["x-noetl-user-roles"], "user");
     assert!(h["x-noetl-user-id"].as_str().is_some_and(|id| id != "0"));
     assert_eq!(h["x-request-id"], "trace-me-123");
     assert_eq!(h["accept"], "application/json");
-    for absent in ["authorization", "cookie", "x-user-id", "x-gateway-assertion", "x-forwarded-for"] {
+    for absent in [
+        "authorization",
+        "cookie",
+        "x-user-id",
+        "x-gateway-assertion",
+        "x-forwarded-for",
+    ] {
         assert!(h.get(absent).is_none(), "{absent} reached NoETL: {h}");
     }
-    assert!(!origin.log_text().contains(&token), "the session token reached the log");
+    assert!(
+        !origin.log_text().contains(&token),
+        "the session token reached the log"
+    );
 }
 
 #[tokio::test]
@@ -91,17 +112,32 @@ async fn traversal_and_authority_tricks_are_refused_before_noetl() {
         let (status, body) = raw_http(&origin.url, &req).await.unwrap();
         assert!((400..500).contains(&status), "{path} → {status} {body}");
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        assert!(v["error"]["code"].is_string(), "{path}: not a JSON error: {body}");
+        assert!(
+            v["error"]["code"].is_string(),
+            "{path}: not a JSON error: {body}"
+        );
     }
-    assert!(standin.calls().await.keys().all(|k| !k.contains("debug") && !k.contains("auth/login")));
+    assert!(standin
+        .calls()
+        .await
+        .keys()
+        .all(|k| !k.contains("debug") && !k.contains("auth/login")));
 }
 
 #[tokio::test]
 async fn the_allow_list_decides_methods_and_paths() {
     let (_standin, origin, token) = world(&[]).await;
-    let r = http().delete(format!("{}/noetl/executions/1", origin.url)).bearer_auth(&token).send().await.unwrap();
+    let r = http()
+        .delete(format!("{}/noetl/executions/1", origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "method_not_allowed");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "method_not_allowed"
+    );
     let r = http()
         .post(format!("{}/noetl/auth/session/validate", origin.url))
         .bearer_auth(&token)
@@ -110,12 +146,29 @@ async fn the_allow_list_decides_methods_and_paths() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "proxy_route_forbidden");
-    let r = http().get(format!("{}/noetl/catalog/playbooks", origin.url)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "proxy_route_forbidden"
+    );
+    let r = http()
+        .get(format!("{}/noetl/catalog/playbooks", origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let r = http().get(format!("{}/noetl/catalog/playbooks", origin.url)).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/noetl/catalog/playbooks", origin.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = http().get(format!("{}/noetl/catalog/playbooks", origin.url)).bearer_auth("forged-token").send().await.unwrap();
+    let r = http()
+        .get(format!("{}/noetl/catalog/playbooks", origin.url))
+        .bearer_auth("forged-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
 
@@ -125,7 +178,10 @@ async fn bodies_stream_both_ways() {
     // Response: the first chunk arrives long before the last is produced.
     let started = Instant::now();
     let resp = http()
-        .get(format!("{}/noetl/debug/stream?chunks=5&interval_ms=300", origin.url))
+        .get(format!(
+            "{}/noetl/debug/stream?chunks=5&interval_ms=300",
+            origin.url
+        ))
         .bearer_auth(&token)
         .send()
         .await
@@ -141,11 +197,18 @@ async fn bodies_stream_both_ways() {
     }
     let last_at = started.elapsed();
     assert!(total > 0);
-    assert!(last_at >= Duration::from_millis(1200), "stream ended too soon: {last_at:?}");
-    assert!(first_at + Duration::from_millis(800) < last_at, "buffered: first {first_at:?}, last {last_at:?}");
+    assert!(
+        last_at >= Duration::from_millis(1200),
+        "stream ended too soon: {last_at:?}"
+    );
+    assert!(
+        first_at + Duration::from_millis(800) < last_at,
+        "buffered: first {first_at:?}, last {last_at:?}"
+    );
 
     // Request: a 3 MiB body sent in chunks without Content-Length arrives intact.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..48u8).map(|i| Ok(vec![i; 64 * 1024])).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..48u8).map(|i| Ok(vec![i; 64 * 1024])).collect();
     let mut hasher = Sha256::new();
     for c in chunks.iter().flatten() {
         hasher.update(c);
@@ -176,7 +239,8 @@ async fn oversize_proxied_bodies_are_413() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(standin.call_count("POST /api/debug/echo").await, 0);
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![b'y'; 512])).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..4).map(|_| Ok(vec![b'y'; 512])).collect();
     let r = http()
         .post(format!("{}/noetl/debug/echo", origin.url))
         .bearer_auth(&token)
@@ -185,20 +249,40 @@ async fn oversize_proxied_bodies_are_413() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "payload_too_large");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "payload_too_large"
+    );
 }
 
 #[tokio::test]
 async fn a_slow_upstream_is_504_and_a_dead_one_502() {
     let (mut standin, origin, token) = world(&[("PROXY_TIMEOUT", "1s")]).await;
     let started = Instant::now();
-    let r = http().get(format!("{}/noetl/debug/slow?ms=4000", origin.url)).bearer_auth(&token).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/noetl/debug/slow?ms=4000", origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     standin.guard().stop(Duration::from_secs(2));
     let started = Instant::now();
-    let r = http().get(format!("{}/noetl/executions", origin.url)).bearer_auth(&token).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/noetl/executions", origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "noetl_unavailable");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "noetl_unavailable"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use super::session::PERMISSIONS;
 use crate::app::AppState;
 use crate::error::{json_response, AppError};
-use crate::extract::{is_json_content_type, parse_json, read_body_limited, request_token, JsonBody};
+use crate::extract::{
+    is_json_content_type, parse_json, read_body_limited, request_token, JsonBody,
+};
 
 /// Longest playbook path accepted in an access check.
 const MAX_PLAYBOOK_PATH: usize = 512;
@@ -71,7 +73,10 @@ struct TokenBody {
 
 /// The session token from a JSON body (optional: it may come in a header instead) or the
 /// request's header, cookie or query.
-async fn body_or_request_token<T>(state: &AppState, req: Request) -> Result<(T, Option<String>), AppError>
+async fn body_or_request_token<T>(
+    state: &AppState,
+    req: Request,
+) -> Result<(T, Option<String>), AppError>
 where
     T: for<'de> Deserialize<'de> + Default + HasToken,
 {
@@ -102,14 +107,22 @@ async fn validate(State(state): State<AppState>, req: Request) -> Result<Respons
     let (_, token) = body_or_request_token::<TokenBody>(&state, req).await?;
     let record = match token.filter(|t| is_well_formed_token(t)) {
         Some(t) => state.sessions.validate(&t).await?,
-        None => return Ok(invalid_session("missing_token", "no session token in the request")),
+        None => {
+            return Ok(invalid_session(
+                "missing_token",
+                "no session token in the request",
+            ))
+        }
     };
     Ok(match record {
         Some(r) => json_response(
             StatusCode::OK,
             &json!({"valid": true, "user": r.user, "expires_at": r.expires_at, "message": "Session is valid"}),
         ),
-        None => invalid_session("invalid_session", "session is invalid, expired or logged out"),
+        None => invalid_session(
+            "invalid_session",
+            "session is invalid, expired or logged out",
+        ),
     })
 }
 
@@ -143,7 +156,12 @@ async fn check_access(State(state): State<AppState>, req: Request) -> Result<Res
     let path = body
         .playbook_path
         .filter(|p| is_valid_playbook_path(p))
-        .ok_or_else(|| AppError::bad_request("invalid_field", "playbook_path is required: 1-512 printable characters"))?;
+        .ok_or_else(|| {
+            AppError::bad_request(
+                "invalid_field",
+                "playbook_path is required: 1-512 printable characters",
+            )
+        })?;
     let permission = body.permission_type.unwrap_or_else(|| "execute".into());
     if !PERMISSIONS.contains(&permission.as_str()) {
         return Err(AppError::bad_request(
@@ -152,7 +170,10 @@ async fn check_access(State(state): State<AppState>, req: Request) -> Result<Res
         ));
     }
     let (token, record) = require_session(&state, token).await?;
-    let reply = state.sessions.check_access(&token, &record, &path, &permission).await?;
+    let reply = state
+        .sessions
+        .check_access(&token, &record, &path, &permission)
+        .await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -164,9 +185,9 @@ async fn check_access(State(state): State<AppState>, req: Request) -> Result<Res
 
 async fn logout(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
     let (_, token) = body_or_request_token::<TokenBody>(&state, req).await?;
-    let token = token
-        .filter(|t| is_well_formed_token(t))
-        .ok_or_else(|| AppError::unauthorized("missing_token", "no session token in the request"))?;
+    let token = token.filter(|t| is_well_formed_token(t)).ok_or_else(|| {
+        AppError::unauthorized("missing_token", "no session token in the request")
+    })?;
     state.sessions.logout(&token).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

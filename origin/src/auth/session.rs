@@ -82,7 +82,11 @@ impl SessionService {
 
     /// Verifies an ID token, asks NoETL for a session, caches it.
     pub async fn login(&self, id_token: &str, client_ip: &str) -> Result<LoginSuccess, AppError> {
-        let claims = self.verifier.verify(id_token).await.map_err(id_token_error)?;
+        let claims = self
+            .verifier
+            .verify(id_token)
+            .await
+            .map_err(id_token_error)?;
         tracing::debug!(sub = %claims.sub, "ID token verified");
         let outcome = self
             .noetl
@@ -131,7 +135,9 @@ impl SessionService {
             match serde_json::from_slice::<SessionRecord>(&bytes) {
                 Ok(record) if record.is_honoured(now) => return Ok(Some(record)),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(session = hash.short(), error = %e, "unreadable cached session dropped"),
+                Err(e) => {
+                    tracing::warn!(session = hash.short(), error = %e, "unreadable cached session dropped")
+                }
             }
         }
         let Some(session) = self.noetl.validate_session(token).await? else {
@@ -163,7 +169,10 @@ impl SessionService {
         if let Some(hit) = self.access_lookup(&key) {
             return Ok(hit);
         }
-        let reply = self.noetl.check_access(token, playbook_path, permission).await?;
+        let reply = self
+            .noetl
+            .check_access(token, playbook_path, permission)
+            .await?;
         self.access_insert(key, reply.clone());
         Ok(reply)
     }
@@ -184,7 +193,12 @@ impl SessionService {
             .unwrap_or(self.settings.max_life)
             .clamp(Duration::from_secs(1), self.settings.max_life);
         self.kv
-            .put_with_ttl(Bucket::Revoked, hash.as_str(), Bytes::from_static(b"1"), keep)
+            .put_with_ttl(
+                Bucket::Revoked,
+                hash.as_str(),
+                Bytes::from_static(b"1"),
+                keep,
+            )
             .await?;
         self.forget(&hash).await;
         if let Err(e) = self.noetl.logout(token).await {
@@ -194,7 +208,11 @@ impl SessionService {
         Ok(())
     }
 
-    async fn store_get(&self, bucket: Bucket, hash: &SessionHash) -> Result<Option<Bytes>, StoreError> {
+    async fn store_get(
+        &self,
+        bucket: Bucket,
+        hash: &SessionHash,
+    ) -> Result<Option<Bytes>, StoreError> {
         match tokio::time::timeout(STORE_TIMEOUT, self.kv.get(bucket, hash.as_str())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -202,19 +220,25 @@ impl SessionService {
                 Err(e)
             }
             Err(_) => {
-                tracing::warn!(bucket = bucket.name(), "session store read timed out; asking NoETL");
+                tracing::warn!(
+                    bucket = bucket.name(),
+                    "session store read timed out; asking NoETL"
+                );
                 Err(StoreError::Unavailable("timeout".into()))
             }
         }
     }
 
     async fn remember(&self, hash: &SessionHash, record: &SessionRecord) {
-        let ttl = Duration::from_secs(record.remaining_secs(now_unix())).min(self.settings.cache_ttl);
+        let ttl =
+            Duration::from_secs(record.remaining_secs(now_unix())).min(self.settings.cache_ttl);
         let value = match serde_json::to_vec(record) {
             Ok(v) => Bytes::from(v),
             Err(e) => return tracing::error!(error = %e, "session record did not serialise"),
         };
-        let put = self.kv.put_with_ttl(Bucket::Sessions, hash.as_str(), value, ttl);
+        let put = self
+            .kv
+            .put_with_ttl(Bucket::Sessions, hash.as_str(), value, ttl);
         match tokio::time::timeout(STORE_TIMEOUT, put).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "session not cached"),

@@ -125,7 +125,8 @@ pub trait KvStore: Send + Sync + 'static {
     async fn put(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<(), StoreError>;
 
     /// Stores `value` under `key` for `ttl` (capped at the bucket's TTL), replacing any
-    /// previous value.
+    /// previous value. A store may round `ttl` up to its granularity (NATS: whole seconds,
+    /// at least 1 s).
     async fn put_with_ttl(
         &self,
         bucket: Bucket,
@@ -142,7 +143,10 @@ pub trait KvStore: Send + Sync + 'static {
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError>;
 
     /// Changes to `key` from now on (no initial value). Lets a replica wait for a value
-    /// another replica writes, e.g. a sync callback answering a waiting request.
+    /// another replica writes, e.g. a sync callback answering a waiting request: call
+    /// `watch` first and `get` second, so a value written in between is seen by one of them.
+    /// A watcher that falls far behind may miss intermediate values, never the latest one;
+    /// the stream ends only when the store can no longer deliver.
     async fn watch(
         &self,
         bucket: Bucket,

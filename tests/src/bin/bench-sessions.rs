@@ -53,7 +53,11 @@ async fn timed(req: reqwest::RequestBuilder, expect: u16) -> anyhow::Result<Dura
 }
 
 /// Creates a session directly at the stand-in (so no origin has cached it).
-async fn fresh_session(http: &reqwest::Client, standin: &StandIn, i: usize) -> anyhow::Result<String> {
+async fn fresh_session(
+    http: &reqwest::Client,
+    standin: &StandIn,
+    i: usize,
+) -> anyhow::Result<String> {
     let id_token = standin.dev_token(&format!("bench{i}@example.com")).await;
     let v: Value = http
         .post(format!("{}/api/auth/login", standin.url))
@@ -77,11 +81,18 @@ async fn main() -> anyhow::Result<()> {
     let quiet = |o: OriginOptions| o.env("RUST_LOG", "warn");
     let mem = Origin::start(&standin, quiet(OriginOptions::default())).await?;
     let kv = Origin::start(&standin, quiet(OriginOptions::with_nats(&nats.url))).await?;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(4).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(4)
+        .build()?;
 
     let hit_token = fresh_session(&http, &standin, 0).await?;
     for o in [&mem, &kv] {
-        timed(http.post(format!("{}/api/auth/validate", o.url)).bearer_auth(&hit_token), 200).await?;
+        timed(
+            http.post(format!("{}/api/auth/validate", o.url))
+                .bearer_auth(&hit_token),
+            200,
+        )
+        .await?;
     }
     // Enough uncached sessions for every miss sample of both origins.
     let misses_needed = rounds * per_round;
@@ -99,7 +110,10 @@ async fn main() -> anyhow::Result<()> {
         "NoETL validate direct (no cache)",
     ]
     .into_iter()
-    .map(|name| Variant { name, samples: Vec::with_capacity(rounds * per_round) })
+    .map(|name| Variant {
+        name,
+        samples: Vec::with_capacity(rounds * per_round),
+    })
     .collect();
 
     let mut next_miss = miss_tokens.into_iter();
@@ -109,12 +123,17 @@ async fn main() -> anyhow::Result<()> {
             for _ in 0..per_round {
                 let req = match i {
                     0 => http.get(format!("{}/health", mem.url)),
-                    1 => http.post(format!("{}/api/auth/validate", mem.url)).bearer_auth(&hit_token),
-                    2 => http.post(format!("{}/api/auth/validate", kv.url)).bearer_auth(&hit_token),
+                    1 => http
+                        .post(format!("{}/api/auth/validate", mem.url))
+                        .bearer_auth(&hit_token),
+                    2 => http
+                        .post(format!("{}/api/auth/validate", kv.url))
+                        .bearer_auth(&hit_token),
                     3 | 4 => {
                         let origin = if i == 3 { &mem } else { &kv };
                         let token = next_miss.next().expect("enough miss tokens were created");
-                        http.post(format!("{}/api/auth/validate", origin.url)).bearer_auth(token)
+                        http.post(format!("{}/api/auth/validate", origin.url))
+                            .bearer_auth(token)
                     }
                     _ => http
                         .post(format!("{}/api/auth/session/validate", standin.url))
@@ -132,7 +151,10 @@ async fn main() -> anyhow::Result<()> {
         percentile(&s, 0.5)
     };
     println!("session validation at the origin, {rounds} rounds × {per_round} requests per variant, sequential keep-alive, loopback");
-    println!("{:<36} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10}", "variant", "n", "p50 µs", "p90 µs", "p99 µs", "max µs", "p50/floor");
+    println!(
+        "{:<36} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "variant", "n", "p50 µs", "p90 µs", "p99 µs", "max µs", "p50/floor"
+    );
     for v in &mut variants {
         v.samples.sort();
         let s = &v.samples;
@@ -153,7 +175,11 @@ async fn main() -> anyhow::Result<()> {
         "goal: cache-hit p99 < 1000 µs — memory {:.0} µs, NATS K/V {:.0} µs: {}",
         us(hit_p99[0]),
         us(hit_p99[1]),
-        if hit_p99.iter().all(|d| *d < Duration::from_millis(1)) { "met" } else { "NOT met" }
+        if hit_p99.iter().all(|d| *d < Duration::from_millis(1)) {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     println!("wall time {:.1} s", wall.as_secs_f64());
     Ok(())

@@ -156,7 +156,11 @@ impl ChildGuard {
         };
         let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
         let start = lines.len().saturating_sub(60);
-        eprintln!("----- last lines of {} ({}) -----", self.name, self.log.display());
+        eprintln!(
+            "----- last lines of {} ({}) -----",
+            self.name,
+            self.log.display()
+        );
         for l in &lines[start..] {
             eprintln!("{l}");
         }
@@ -225,6 +229,9 @@ pub async fn raw_http(base_url: &str, request: &str) -> anyhow::Result<(u16, Str
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no HTTP status in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }

@@ -40,7 +40,10 @@ impl NatsServer {
         let url = format!("nats://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             anyhow::ensure!(

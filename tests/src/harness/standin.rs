@@ -1,7 +1,8 @@
 //! The NoETL stand-in binary (`noetl-standin`), started on a free port for one test.
 //!
-//! The child gets a clean environment (only `PATH`, `HOME` and the log filter), so a
-//! developer's `NATS_URL` or `STANDIN_*` never leaks into a test. The helpers wrap the
+//! The child gets a clean environment (only `PATH`, `HOME` and `RUST_LOG`, taken from the
+//! test's `STANDIN_LOG`, default `info`), so a developer's `NATS_URL` or `STANDIN_*` never
+//! leaks into a test. The helpers wrap the
 //! stand-in's dev IdP and `/_standin/*` control routes; they panic with a clear message on
 //! failure, because in a test a broken stand-in is a broken test.
 

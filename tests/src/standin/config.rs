@@ -57,6 +57,8 @@ impl Config {
     pub fn public_url_for(&self, bound: SocketAddr) -> String {
         match &self.public_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
+            // Bound to every interface: loopback is the address that surely reaches us.
+            None if bound.ip().is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
             None => format!("http://{bound}"),
         }
     }

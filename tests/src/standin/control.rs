@@ -77,6 +77,7 @@ pub async fn observe_api(State(st): State<Shared>, req: Request, next: Next) -> 
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
+    tracing::debug!(method = %req.method(), route = %template, "api call");
     st.control.count(format!("{} {template}", req.method()));
     let faults = st.control.faults();
     if let Some(ms) = faults.delay_ms {

@@ -330,7 +330,8 @@ mod tests {
 
     #[test]
     fn every_deliberate_defect_is_refused() {
-        let cases: [(TokenRequest, fn(&TokenError) -> bool); 5] = [
+        type Expect = fn(&TokenError) -> bool;
+        let cases: [(TokenRequest, Expect); 5] = [
             (
                 TokenRequest {
                     ttl: Some(-10),

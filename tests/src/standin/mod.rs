@@ -22,6 +22,7 @@
 //! - [`api`], [`debug`], [`dev`], [`control`] — HTTP handlers: NoETL's `/api`, the proxy-test
 //!   debug routes, the IdP's `/dev` routes, and the `/_standin` test-control routes (plus
 //!   the fault middleware).
+//! - [`state`] — the shared state handed to every handler and run.
 //! - [`app`] — the router: every route and layer visible in one place.
 //!
 //! A request flows: router → `control::observe_api` (call count, injected faults) →
@@ -58,8 +59,9 @@ pub mod store;
 
 pub use config::Config;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Runs the stand-in until SIGINT/SIGTERM: makes the signing key, binds, connects NATS (if
 /// configured), serves, and flushes the last buffered events on the way out.
@@ -92,10 +94,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.audience
     );
 
-    axum::serve(listener, app::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    serve(listener, app::router(state)).await?;
     publisher.shutdown().await;
+    Ok(())
+}
+
+/// How long open requests (a `demo` stream, `/api/debug/slow`) may finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves until a shutdown signal, then lets open requests finish for [`SHUTDOWN_GRACE`]
+/// at most: a test's `ChildGuard` must not have to fall back to SIGKILL.
+async fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        // An Err means the sender is gone, which only happens after it sent `true`.
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(stopping(rx.clone()))
+        .into_future();
+    let deadline = async {
+        stopping(rx).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after the signal; exiting"),
+    }
     Ok(())
 }
 

@@ -268,13 +268,13 @@ struct Stopped;
 
 /// Starts a run in the background; the task is registered so a cancel can abort it.
 pub fn spawn(st: Shared, id: ExecutionId, playbook: Playbook, workload: Workload) {
-    let store_ref = st.clone();
+    let runner = st.clone();
     let task = tokio::spawn(async move {
-        if run(&st, id, playbook, &workload).await.is_err() {
+        if run(&runner, id, playbook, &workload).await.is_err() {
             tracing::info!(execution_id = %id, "run stopped (cancelled)");
         }
     });
-    store_ref.store.set_abort(id, task.abort_handle());
+    st.store.set_abort(id, task.abort_handle());
 }
 
 async fn run(st: &Shared, id: ExecutionId, pb: Playbook, wl: &Workload) -> Result<(), Stopped> {

@@ -229,10 +229,13 @@ impl ExecutionStore {
         Admission::Started(id)
     }
 
-    /// Remembers the run's task so a cancel can stop it mid-sleep.
+    /// Remembers the run's task so a cancel can stop it mid-sleep (ignored if the run has
+    /// already ended: a fast run may finish before its handle is registered).
     pub fn set_abort(&self, id: ExecutionId, handle: AbortHandle) {
         if let Some(e) = self.lock().runs.get_mut(&id) {
-            e.abort = Some(handle);
+            if e.status == ExecStatus::Running {
+                e.abort = Some(handle);
+            }
         }
     }
 

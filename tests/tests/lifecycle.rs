@@ -1,0 +1,124 @@
+//! The origin process as an operator meets it: configuration errors, readiness, JSON
+//! logs without secrets, and graceful shutdown on SIGTERM.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gateway_tests::harness::nats::NatsServer;
+use gateway_tests::harness::origin::{Origin, OriginOptions};
+use gateway_tests::harness::standin::{StandIn, StandInOptions};
+use gateway_tests::harness::workspace_bin;
+use serde_json::Value;
+
+const SECRET: &str = "internal-token-that-must-not-be-logged";
+
+#[test]
+fn an_invalid_configuration_exits_2_with_a_message_naming_the_setting() {
+    let out = Command::new(workspace_bin("origin"))
+        .env_clear()
+        .env("AUTH_AUDIENCE", "aud")
+        .output()
+        .expect("the origin binary runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("AUTH0_DOMAIN") && stderr.contains("AUTH_JWKS_URL"),
+        "{stderr}"
+    );
+
+    let out = Command::new(workspace_bin("origin"))
+        .env_clear()
+        .env("AUTH_AUDIENCE", "aud")
+        .env("AUTH0_DOMAIN", "https://tenant.auth0.com/")
+        .output()
+        .expect("the origin binary runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bare host name"));
+}
+
+#[tokio::test]
+async fn ready_reports_nats_and_noetl_and_logs_are_json_without_secrets() {
+    let nats = NatsServer::start().await.unwrap();
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::with_nats(&nats.url)
+            .env("LOG_FORMAT", "json")
+            .env("GATEWAY_INTERNAL_TOKEN", SECRET),
+    )
+    .await
+    .unwrap();
+    let r = reqwest::get(format!("{}/ready", origin.url)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["checks"]["nats"], "ok", "{body}");
+    assert_eq!(body["checks"]["noetl"], "ok", "{body}");
+    let r = reqwest::get(format!("{}/health", origin.internal_url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let log = origin.log_text();
+    assert!(!log.contains(SECRET), "a secret reached the log");
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in &lines {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+    }
+    assert!(
+        log.contains("<redacted>"),
+        "the start-up config line should show the redaction"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero_promptly() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let mut origin = Origin::start(&standin, OriginOptions::default())
+        .await
+        .unwrap();
+    let id_token = standin.dev_token("drain@example.com").await;
+    let login: Value = reqwest::Client::new()
+        .post(format!("{}/api/auth/login", origin.url))
+        .json(&serde_json::json!({"auth0_token": id_token}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["session_token"].as_str().unwrap().to_owned();
+    // A request in flight when SIGTERM arrives still completes.
+    let slow_url = format!("{}/noetl/debug/slow?ms=1000", origin.url);
+    let in_flight = tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .get(slow_url)
+            .bearer_auth(token)
+            .send()
+            .await?;
+        Ok::<_, reqwest::Error>((r.status().as_u16(), r.text().await?))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = origin
+        .guard()
+        .stop(Duration::from_secs(5))
+        .expect("the origin exits");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "exited before the in-flight request finished"
+    );
+    let (status, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request was answered, not cut off");
+    assert_eq!(status, 200, "{body}");
+}
