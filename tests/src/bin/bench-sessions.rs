@@ -10,7 +10,7 @@
 //!
 //! Variants are measured in interleaved rounds, so a burst of load from another process
 //! hits all of them alike. One keep-alive connection per variant, requests in sequence:
-//! latency, not throughput. Usage: `bench-sessions [--rounds N] [--per-round M]`.
+//! latency, not throughput. Usage: `bench-sessions [--rounds N (50)] [--per-round M (100)]`.
 
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,7 @@ async fn fresh_session(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let rounds = arg("--rounds", 20);
+    let rounds = arg("--rounds", 50);
     let per_round = arg("--per-round", 100);
     let nats = NatsServer::start().await?;
     let standin = StandIn::start(StandInOptions::default()).await?;
