@@ -31,7 +31,8 @@ cleanup() {
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup; exit 0' INT TERM
+trap cleanup EXIT
 
 wait_http() { # url name log
   for _ in $(seq 1 200); do
@@ -75,4 +76,5 @@ cat <<TXT
   Ctrl-C stops everything.
 TXT
 wait -n "${PIDS[@]}" || true
-echo "a process exited; see .dev/logs/" >&2
+echo "a process of the stack exited on its own; see .dev/logs/ (stopping the rest)" >&2
+exit 1
