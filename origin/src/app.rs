@@ -16,11 +16,15 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::session::SessionService;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::error::AppError;
+use crate::events::hub::Hub;
+use crate::graphql::GatewaySchema;
 use crate::health;
 use crate::noetl::NoetlClient;
 use crate::proxy::Proxy;
+use crate::requests::CallbackTokens;
 use crate::store::KvStore;
 
 /// Everything a handler may need; cheap to clone (all shared behind `Arc`s).
@@ -38,14 +42,26 @@ pub struct AppState {
     pub proxy: Arc<Proxy>,
     /// The NATS connection, when configured (for readiness).
     pub nats: Option<async_nats::Client>,
+    /// Client delivery (frames, replay).
+    pub bus: Arc<dyn Bus>,
+    /// This replica's open SSE streams.
+    pub hub: Arc<Hub>,
+    /// Per-request callback tokens.
+    pub callback_tokens: CallbackTokens,
+    /// The GraphQL schema.
+    pub graphql: GatewaySchema,
+    /// Cancelled on SIGTERM: SSE streams end so clients reconnect elsewhere.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
-/// The public listener's routes: auth, `/noetl/*`, health.
+/// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health.
 pub fn public_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .merge(crate::auth::routes::router())
+        .merge(crate::graphql::router())
+        .merge(crate::events::router())
         .merge(crate::proxy::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -54,12 +70,12 @@ pub fn public_router(state: AppState) -> Router {
         .layer(middleware::from_fn(request_id))
 }
 
-/// The internal listener's routes (in-cluster only): health for now; callbacks and
-/// metrics arrive with the realtime path.
+/// The internal listener's routes (in-cluster only): playbook callbacks, health.
 pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
+        .merge(crate::callbacks::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -173,6 +173,44 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_INTERNAL_TOKEN")]
     pub internal_token: Option<Secret>,
 
+    /// The internal listener's URL as NoETL's workers reach it; injected into workloads as
+    /// `gateway_url` for callbacks. Default: `http://{INTERNAL_ADDR}`.
+    #[arg(long, env = "GATEWAY_CALLBACK_URL")]
+    pub callback_url: Option<Url>,
+
+    /// Key for per-request callback tokens (HMAC-SHA256 over the request id). Must be the
+    /// same on every replica; unset → a random per-process key (one replica only).
+    #[arg(long, env = "GATEWAY_CALLBACK_SECRET")]
+    pub callback_secret: Option<Secret>,
+
+    /// Largest callback or progress body, in bytes.
+    #[arg(long, env = "CALLBACK_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub callback_body_limit: usize,
+
+    /// How long frames are kept for `Last-Event-ID` replay (stream GATEWAY_FRAMES max age).
+    #[arg(long, env = "FRAME_RETENTION", value_parser = parse_duration, default_value = "10m")]
+    pub frame_retention: Duration,
+
+    /// Frames kept per client for replay.
+    #[arg(long, env = "FRAME_RETENTION_PER_CLIENT", default_value_t = 1000)]
+    pub frame_retention_per_client: usize,
+
+    /// Interval of the `ping` frame on `/events`.
+    #[arg(long, env = "SSE_PING_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub sse_ping_interval: Duration,
+
+    /// Interval of the `:` comment keep-alive on `/events`.
+    #[arg(long, env = "SSE_KEEPALIVE_INTERVAL", value_parser = parse_duration, default_value = "15s")]
+    pub sse_keepalive_interval: Duration,
+
+    /// Frames queued per SSE connection before a slow reader is evicted.
+    #[arg(long, env = "SSE_QUEUE", default_value_t = 256)]
+    pub sse_queue: usize,
+
+    /// Whether GraphQL introspection (and so GraphiQL's schema browser) is on.
+    #[arg(long, env = "GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphql_introspection: bool,
+
     /// Log format; the filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -231,6 +269,12 @@ impl Config {
         if self.auth_body_limit < 1024 {
             return err("AUTH_BODY_LIMIT must be at least 1024 bytes");
         }
+        if self.sse_queue == 0 || self.sse_queue > 65_536 {
+            return err("SSE_QUEUE must be between 1 and 65536");
+        }
+        if self.frame_retention < Duration::from_secs(10) {
+            return err("FRAME_RETENTION must be at least 10s");
+        }
         if let Err(e) = crate::proxy::AllowList::parse(&self.proxy_allow) {
             return Err(ConfigError(format!("PROXY_ALLOW: {e}")));
         }
@@ -254,6 +298,14 @@ impl Config {
                 self.auth0_domain.as_deref().unwrap_or_default()
             )
         })
+    }
+
+    /// The URL NoETL's playbooks call back on (`gateway_url` in workloads).
+    pub fn callback_url(&self) -> String {
+        self.callback_url
+            .as_ref()
+            .map(|u| u.as_str().trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| format!("http://{}", self.internal_addr))
     }
 
     /// The configuration as printed at start: secrets and URL credentials redacted.

@@ -12,17 +12,26 @@
 //! - [`proxy`] — `/noetl/*` → NoETL `/api/*`: path policy, allow-list, streaming.
 //! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, error mapping.
 //! - [`store`] — the K/V trait with its in-memory and NATS JetStream implementations.
+//! - [`bus`] — client delivery: frames per client with replay, in-memory and NATS.
+//! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
 //! - [`extract`] — hostile-input extractors (size-limited JSON, session token).
 //! - [`health`] — liveness and readiness.
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
 pub mod app;
 pub mod auth;
+pub mod bridge;
+pub mod bus;
+pub mod callbacks;
+pub mod clients;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod extract;
+pub mod graphql;
 pub mod health;
 pub mod noetl;
 pub mod proxy;
+pub mod requests;
 pub mod server;
 pub mod store;

@@ -26,16 +26,16 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     tracing::info!(config = %config.redacted(), version = env!("CARGO_PKG_VERSION"), "starting origin");
-    let state = match origin::server::build_state(config).await {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(origin::server::cancel_on_signal(shutdown.clone()));
+    let state = match origin::server::build_state(config, shutdown).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "start-up failed");
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(origin::server::cancel_on_signal(shutdown.clone()));
-    match origin::server::serve(state, shutdown).await {
+    match origin::server::serve(state).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "origin failed");

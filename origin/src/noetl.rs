@@ -350,6 +350,19 @@ impl NoetlClient {
         Ok(reply)
     }
 
+    /// The playbook path of an execution (`GET /api/executions/{id}`), for access checks.
+    /// Only `path` is read: the record also holds the workload, secrets included.
+    pub async fn execution_path(&self, id: &str) -> Result<String, NoetlError> {
+        let path = format!("/api/executions/{}", encode_segment(id));
+        let (_, reply): (_, Value) = self
+            .call::<Value, ()>(reqwest::Method::GET, &path, None, true, false)
+            .await?;
+        reply["path"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| NoetlError::BadResponse("execution record without a path".into()))
+    }
+
     /// `POST /api/executions/{id}/cancel`.
     pub async fn cancel(&self, id: &str) -> Result<(), NoetlError> {
         let path = format!("/api/executions/{}/cancel", encode_segment(id));

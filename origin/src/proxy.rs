@@ -137,12 +137,17 @@ fn check_escapes(raw: &str) -> Result<(), &'static str> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
             let decoded = hex
                 .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or("malformed percent escape in the path")?;
-            if matches!(decoded, b'.' | b'/' | b'\\' | b'%' | b'@') || decoded < 0x20 || decoded == 0x7f {
+            if matches!(decoded, b'.' | b'/' | b'\\' | b'%' | b'@')
+                || decoded < 0x20
+                || decoded == 0x7f
+            {
                 return Err("encoded dots, slashes, percent signs and control characters are not allowed in proxied paths");
             }
             i += 3;
@@ -479,7 +484,13 @@ mod tests {
             "a%2fb",
             "a%5cb",
             "a\\b",
-            "a%00", "%2-", "a%", "a%4", "a%zz", "%0a", "a%7F",
+            "a%00",
+            "%2-",
+            "a%",
+            "a%4",
+            "a%zz",
+            "%0a",
+            "a%7F",
             "a%252e%252e/x",
             "",
             "a/%2e/b",

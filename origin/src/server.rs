@@ -16,9 +16,16 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{internal_router, public_router, AppState};
 use crate::auth::id_token::{IdTokenConfig, IdTokenVerifier};
 use crate::auth::session::{SessionService, SessionSettings};
+use crate::bridge::BridgeConfig;
+use crate::bus::memory::MemoryBus;
+use crate::bus::nats::NatsBus;
+use crate::bus::{Bus, Retention};
 use crate::config::Config;
+use crate::events::hub::Hub;
+use crate::graphql::{build_schema, schema::Services};
 use crate::noetl::NoetlClient;
 use crate::proxy::{AllowList, Proxy};
+use crate::requests::CallbackTokens;
 use crate::store::memory::MemoryKv;
 use crate::store::nats::NatsKv;
 use crate::store::{BucketTtls, KvStore};
@@ -26,14 +33,16 @@ use crate::store::{BucketTtls, KvStore};
 /// How many times the first NATS connection is tried before start-up fails.
 const NATS_CONNECT_ATTEMPTS: u32 = 10;
 
-/// Connects NATS (if configured) and builds the application state.
-pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
+/// Connects NATS (if configured), builds the application state and starts the NATS
+/// bridge. `shutdown` is cancelled on SIGTERM: SSE streams and the bridge stop with it.
+pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
     let config = Arc::new(config);
     let ttls = BucketTtls {
         sessions: config.session_cache_ttl,
         requests: config.request_ttl,
         interest: config.request_ttl,
         revoked: config.session_max_life,
+        clients: config.session_max_life,
     };
     let (kv, nats): (Arc<dyn KvStore>, _) = match &config.nats_url {
         Some(url) => {
@@ -98,13 +107,61 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         config.proxy_timeout,
         config.proxy_idle_timeout,
     )?;
+    let retention = Retention {
+        max_age: config.frame_retention,
+        max_frames_per_client: config.frame_retention_per_client,
+    };
+    let bus: Arc<dyn Bus> = match &nats {
+        Some(client) => Arc::new(
+            NatsBus::open(client.clone(), retention, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("NATS frame stream: {e}"))?,
+        ),
+        None => Arc::new(MemoryBus::new(retention)),
+    };
+    if let Some(client) = &nats {
+        crate::bridge::spawn(
+            client.clone(),
+            kv.clone(),
+            bus.clone(),
+            noetl.clone(),
+            BridgeConfig::default(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("NATS bridge: {e}"))?;
+    } else {
+        tracing::warn!(
+            "NATS_URL is unset: no execution events (playbook/state frames) without NATS"
+        );
+    }
+    if config.callback_secret.is_none() {
+        tracing::warn!("GATEWAY_CALLBACK_SECRET is unset: callback tokens are per-process, run ONE replica only");
+    }
+    let callback_tokens = CallbackTokens::new(config.callback_secret.as_ref().map(|s| s.expose()));
+    let sessions = Arc::new(sessions);
+    let graphql = build_schema(
+        Services {
+            config: config.clone(),
+            kv: kv.clone(),
+            noetl: noetl.clone(),
+            sessions: sessions.clone(),
+            tokens: callback_tokens.clone(),
+        },
+        config.graphql_introspection,
+    );
     Ok(AppState {
         config,
         kv,
         noetl,
-        sessions: Arc::new(sessions),
+        sessions,
         proxy: Arc::new(proxy),
         nats,
+        bus,
+        hub: Arc::new(Hub::default()),
+        callback_tokens,
+        graphql,
+        shutdown,
     })
 }
 
@@ -128,10 +185,11 @@ async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
     unreachable!("the loop returns on its last attempt")
 }
 
-/// Serves both listeners until `shutdown` is cancelled, then drains for at most the
-/// configured grace period.
-pub async fn serve(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves both listeners until the state's shutdown token is cancelled, then drains for
+/// at most the configured grace period.
+pub async fn serve(state: AppState) -> anyhow::Result<()> {
     let config = state.config.clone();
+    let shutdown = state.shutdown.clone();
     let public = bind(config.public_addr, "public").await?;
     let internal = bind(config.internal_addr, "internal").await?;
     tracing::info!(

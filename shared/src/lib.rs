@@ -7,8 +7,10 @@
 //! - [`error`] — the one JSON error body every gateway error uses.
 //! - [`session`] — session tokens: extraction from a request, hashing into cache keys,
 //!   the cached session record and the user it names.
+//! - [`frames`] — SSE frames (JSON-RPC), callback and progress bodies.
 //! - [`ct`] — constant-time comparison for secrets.
 
 pub mod ct;
 pub mod error;
+pub mod frames;
 pub mod session;

@@ -27,6 +27,7 @@ fn suite_ttls() -> BucketTtls {
         requests: Duration::from_secs(30),
         interest: Duration::from_secs(30),
         revoked: Duration::from_secs(30),
+        clients: Duration::from_secs(30),
     }
 }
 

@@ -38,7 +38,7 @@ pub struct MemoryKv {
 }
 
 struct Inner {
-    buckets: [BucketState; 4],
+    buckets: [BucketState; Bucket::ALL.len()],
 }
 
 struct BucketState {
@@ -148,13 +148,7 @@ impl MemoryKv {
 
 impl Inner {
     fn bucket(&self, bucket: Bucket) -> &BucketState {
-        let slot = match bucket {
-            Bucket::Sessions => 0,
-            Bucket::Requests => 1,
-            Bucket::Interest => 2,
-            Bucket::Revoked => 3,
-        };
-        &self.buckets[slot]
+        &self.buckets[bucket.index()]
     }
 }
 

@@ -40,16 +40,30 @@ pub enum Bucket {
     Interest,
     /// session hash → revocation marker, kept for the session's remaining life.
     Revoked,
+    /// client_id → the client's owner, pending requests and presence (realtime path).
+    Clients,
 }
 
 impl Bucket {
     /// Every bucket, in creation order.
-    pub const ALL: [Bucket; 4] = [
+    pub const ALL: [Bucket; 5] = [
         Bucket::Sessions,
         Bucket::Requests,
         Bucket::Interest,
         Bucket::Revoked,
+        Bucket::Clients,
     ];
+
+    /// The bucket's position in [`Bucket::ALL`] (for per-bucket arrays).
+    pub fn index(self) -> usize {
+        match self {
+            Bucket::Sessions => 0,
+            Bucket::Requests => 1,
+            Bucket::Interest => 2,
+            Bucket::Revoked => 3,
+            Bucket::Clients => 4,
+        }
+    }
 
     /// The bucket's name in NATS.
     pub fn name(self) -> &'static str {
@@ -58,6 +72,7 @@ impl Bucket {
             Bucket::Requests => "requests",
             Bucket::Interest => "interest",
             Bucket::Revoked => "revoked",
+            Bucket::Clients => "clients",
         }
     }
 }
@@ -73,6 +88,8 @@ pub struct BucketTtls {
     pub interest: Duration,
     /// Default 24 h: at least the longest session life.
     pub revoked: Duration,
+    /// Default 24 h: a client id lives as long as the longest session.
+    pub clients: Duration,
 }
 
 impl BucketTtls {
@@ -83,6 +100,7 @@ impl BucketTtls {
             Bucket::Requests => self.requests,
             Bucket::Interest => self.interest,
             Bucket::Revoked => self.revoked,
+            Bucket::Clients => self.clients,
         }
     }
 }
@@ -94,6 +112,7 @@ impl Default for BucketTtls {
             requests: Duration::from_secs(3600),
             interest: Duration::from_secs(3600),
             revoked: Duration::from_secs(24 * 3600),
+            clients: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -82,12 +82,7 @@ impl std::fmt::Debug for NatsKv {
 }
 
 fn slot(bucket: Bucket) -> usize {
-    match bucket {
-        Bucket::Sessions => 0,
-        Bucket::Requests => 1,
-        Bucket::Interest => 2,
-        Bucket::Revoked => 3,
-    }
+    bucket.index()
 }
 
 fn check_key(key: &str) -> Result<(), StoreError> {

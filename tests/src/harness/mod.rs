@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod nats;
 pub mod origin;
+pub mod sse;
 pub mod standin;
 
 /// A free TCP port on 127.0.0.1 (asked of the kernel, then released for the child to bind).

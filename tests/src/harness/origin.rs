@@ -5,6 +5,11 @@ use super::{free_port, scratch_dir, wait_until_ok, workspace_bin, ChildGuard};
 use std::process::Command;
 use std::time::Duration;
 
+/// The callback HMAC key every test origin shares (so replicas accept each other's tokens).
+pub const CALLBACK_SECRET: &str = "test-callback-secret-shared-by-replicas";
+/// The service token test origins accept on callbacks.
+pub const INTERNAL_TOKEN: &str = "test-internal-service-token";
+
 /// How to start an origin.
 #[derive(Debug, Clone, Default)]
 pub struct OriginOptions {
@@ -57,6 +62,8 @@ impl Origin {
             .env("NOETL_TIMEOUT", "3s")
             .env("SHUTDOWN_GRACE", "2s")
             .env("RUST_LOG", "info,origin=debug")
+            .env("GATEWAY_CALLBACK_SECRET", CALLBACK_SECRET)
+            .env("GATEWAY_INTERNAL_TOKEN", INTERNAL_TOKEN)
             .env(
                 "PROXY_ALLOW",
                 "GET /api/executions,GET /api/catalog,GET /api/debug,POST /api/debug",

@@ -1,0 +1,209 @@
+//! Interest records: which clients want an execution's `playbook/state` frames.
+//!
+//! One key per execution in [`Bucket::Interest`]: key `<execution_id>`, value
+//! `{"clients": ["<client_id>", …]}`. Written by executePlaybook (after NoETL's
+//! `/api/execute` answered, since only then is the id known) and by
+//! subscribeToExecution; read by the bridge with one `get` per event, by execution id —
+//! never by scanning the bucket. Records expire with the bucket's TTL (≥ the longest
+//! playbook), so nothing has to clean them up.
+//!
+//! The same bucket also holds `terminal.<execution_id>` markers (see
+//! [`super::policy::terminal_key`]); execution ids never contain a `.`, so the two kinds of
+//! key cannot collide.
+
+use bytes::Bytes;
+use gateway_shared::frames::is_valid_client_id;
+use serde::{Deserialize, Serialize};
+
+use super::policy::is_usable_execution_id;
+use crate::store::{Bucket, KvStore, StoreError};
+
+/// Most clients kept per execution; beyond it the oldest is dropped, so one popular
+/// execution cannot grow a record (and every event's read of it) without bound.
+pub const MAX_CLIENTS_PER_EXECUTION: usize = 256;
+
+/// How often [`add_interest`] retries when another writer created the record between its
+/// read and its create.
+const CREATE_RACE_ATTEMPTS: usize = 3;
+
+/// The stored value.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct InterestRecord {
+    #[serde(default)]
+    clients: Vec<String>,
+}
+
+impl InterestRecord {
+    /// Reads a stored value leniently: a record this code did not write (or a corrupted
+    /// one) yields the valid client ids it holds, never an error that would make the
+    /// bridge retry an event forever.
+    fn decode(execution_id: &str, raw: &[u8]) -> Self {
+        match serde_json::from_slice::<serde_json::Value>(raw) {
+            Ok(v) => Self {
+                clients: v
+                    .get("clients")
+                    .and_then(|c| c.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|c| c.as_str())
+                            .filter(|c| is_valid_client_id(c))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
+            Err(e) => {
+                tracing::warn!(%execution_id, error = %e, "unreadable interest record ignored");
+                Self::default()
+            }
+        }
+    }
+
+    fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("a list of strings always serialises"))
+    }
+}
+
+/// Records that `client_id` wants the frames of `execution_id` (idempotent).
+///
+/// Read-modify-write: the store has no compare-and-swap on updates, so two clients added
+/// to an *existing* record at the same instant (on two replicas) can lose one of them —
+/// the later `put` wins. The first write is safe: it goes through `create`, and a lost
+/// create race re-reads and retries. The common case is one client per execution,
+/// recorded once by executePlaybook, so the window is small; a subscriber that must not
+/// miss it can call this again (it is idempotent).
+///
+/// Errors: [`StoreError::InvalidKey`] if the execution id or client id could never be
+/// used (ids are checked before they become keys or subjects), or the store's own error.
+pub async fn add_interest(
+    kv: &dyn KvStore,
+    execution_id: &str,
+    client_id: &str,
+) -> Result<(), StoreError> {
+    if !is_usable_execution_id(execution_id) {
+        return Err(StoreError::InvalidKey(execution_id.to_owned()));
+    }
+    if !is_valid_client_id(client_id) {
+        return Err(StoreError::InvalidKey(client_id.to_owned()));
+    }
+    for _ in 0..CREATE_RACE_ATTEMPTS {
+        match kv.get(Bucket::Interest, execution_id).await? {
+            None => {
+                let record = InterestRecord {
+                    clients: vec![client_id.to_owned()],
+                };
+                if kv
+                    .create(Bucket::Interest, execution_id, record.encode())
+                    .await?
+                {
+                    return Ok(());
+                }
+                // Someone created it between our get and create: read it again.
+            }
+            Some(raw) => {
+                let mut record = InterestRecord::decode(execution_id, &raw);
+                if record.clients.iter().any(|c| c == client_id) {
+                    return Ok(());
+                }
+                record.clients.push(client_id.to_owned());
+                if record.clients.len() > MAX_CLIENTS_PER_EXECUTION {
+                    let excess = record.clients.len() - MAX_CLIENTS_PER_EXECUTION;
+                    tracing::warn!(%execution_id, dropped = excess, "interest record full: oldest clients dropped");
+                    record.clients.drain(..excess);
+                }
+                return kv
+                    .put(Bucket::Interest, execution_id, record.encode())
+                    .await;
+            }
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "interest record for {execution_id} kept changing during {CREATE_RACE_ATTEMPTS} attempts"
+    )))
+}
+
+/// The clients interested in `execution_id`, oldest first; empty if none (yet).
+///
+/// An id that could never have been recorded yields an empty list rather than an error.
+pub async fn interested_clients(
+    kv: &dyn KvStore,
+    execution_id: &str,
+) -> Result<Vec<String>, StoreError> {
+    if !is_usable_execution_id(execution_id) {
+        return Ok(Vec::new());
+    }
+    Ok(kv
+        .get(Bucket::Interest, execution_id)
+        .await?
+        .map(|raw| InterestRecord::decode(execution_id, &raw).clients)
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryKv;
+    use crate::store::BucketTtls;
+
+    const ID: &str = "612345678901234567";
+
+    #[tokio::test]
+    async fn interest_is_recorded_once_per_client_in_order() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        assert!(interested_clients(&kv, ID).await.unwrap().is_empty());
+        add_interest(&kv, ID, "c1").await.unwrap();
+        add_interest(&kv, ID, "c2").await.unwrap();
+        add_interest(&kv, ID, "c1").await.unwrap();
+        assert_eq!(interested_clients(&kv, ID).await.unwrap(), ["c1", "c2"]);
+        let raw = kv.get(Bucket::Interest, ID).await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(v, serde_json::json!({"clients": ["c1", "c2"]}));
+    }
+
+    #[tokio::test]
+    async fn unusable_ids_are_refused_before_they_become_keys() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        for (e, c) in [("a b", "c1"), ("", "c1"), (ID, "a.b"), (ID, "")] {
+            assert!(
+                matches!(
+                    add_interest(&kv, e, c).await,
+                    Err(StoreError::InvalidKey(_))
+                ),
+                "{e:?} {c:?}"
+            );
+        }
+        assert!(interested_clients(&kv, "a>b").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn foreign_or_corrupt_records_yield_their_valid_clients_only() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        kv.put(Bucket::Interest, ID, Bytes::from_static(b"not json"))
+            .await
+            .unwrap();
+        assert!(interested_clients(&kv, ID).await.unwrap().is_empty());
+        kv.put(
+            Bucket::Interest,
+            ID,
+            Bytes::from_static(br#"{"clients":["ok-1", 5, "bad.id", "ok-2"]}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(interested_clients(&kv, ID).await.unwrap(), ["ok-1", "ok-2"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_record_drops_its_oldest_clients() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        for i in 0..=MAX_CLIENTS_PER_EXECUTION {
+            add_interest(&kv, ID, &format!("c{i}")).await.unwrap();
+        }
+        let clients = interested_clients(&kv, ID).await.unwrap();
+        assert_eq!(clients.len(), MAX_CLIENTS_PER_EXECUTION);
+        assert_eq!(clients[0], "c1");
+        assert_eq!(
+            clients.last().map(String::as_str),
+            Some(format!("c{MAX_CLIENTS_PER_EXECUTION}").as_str())
+        );
+    }
+}

@@ -1,0 +1,1249 @@
+//! The bridge's decisions, as pure functions over plain values (no I/O, no clock reads).
+//!
+//! The shell in [`super`] reads a NATS message, asks this module what it means and what to
+//! do, performs the I/O, and asks again. Everything that can be wrong about a NoETL event
+//! is decided here and unit-tested with plain values:
+//!
+//! - [`parse_event`] — both subject shapes (`noetl.events.<event_type>` from the Rust server,
+//!   `noetl.events.{tenant}.{org}.{execution_id}.{shard}` from the older Python server). The
+//!   payload is authoritative in both; the subject only fills what the payload lacks.
+//!   Execution ids are kept as exact decimal text: serde_json holds integers as `u64`, so an
+//!   id above 2^53 never passes through `f64`; a number that is not an integer is refused.
+//! - [`normalize_event_type`] — one vocabulary for both servers (`_` → `.`, command/call and
+//!   Python step names mapped to `step.enter` / `step.exit` / `step.failed`).
+//! - [`ForwardList`] — the configured allow-list; everything else is acked and ignored
+//!   before any store or NoETL call, so chatty internal events cost one JSON parse.
+//! - [`resolve`] — the frames an event becomes. `step.failed` and `playbook.completed` are
+//!   not trusted on their own: a failed step ends a real run FAILED with no
+//!   `playbook.failed`, and a real server may emit `playbook.completed` for a run that
+//!   failed. So those two wait for the run's status from NoETL and the terminal frame says
+//!   what NoETL says, not what the event claims.
+//! - [`retry_verdict`] / [`retry_delay`] — how long each kind of "not yet" is retried.
+//! - [`OrderGuard`] — keeps an execution's frames in order within one replica when an
+//!   earlier event of it is waiting for a redelivery.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use gateway_shared::frames::PlaybookState;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The default forward allow-list (PROTOCOL §6), in normalised names.
+pub const DEFAULT_FORWARD: [&str; 8] = [
+    "playbook.started",
+    "step.enter",
+    "step.exit",
+    "step.failed",
+    "playbook.completed",
+    "playbook.failed",
+    "playbook.cancelled",
+    "calendar.event.touched",
+];
+
+/// Longest execution id accepted. Keeps `terminal.<id>` a valid store key (≤ 256).
+pub const MAX_EXECUTION_ID_LEN: usize = 200;
+
+/// Longest event type accepted (real ones are under 30 characters).
+const MAX_EVENT_TYPE_LEN: usize = 128;
+
+/// Why a message is not a usable execution event. Logged with the subject (never the
+/// payload) and acked: a redelivery could not make it any better.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// The payload is not a JSON object of the expected field types.
+    #[error("payload is not a JSON event object: {0}")]
+    NotJson(String),
+    /// Neither the payload nor a Rust-shape subject names the event type.
+    #[error("no event_type in the payload or the subject")]
+    NoEventType,
+    /// The event type is empty, too long, or not printable ASCII.
+    #[error("unusable event_type")]
+    BadEventType,
+    /// Neither the payload nor a Python-shape subject names the execution.
+    #[error("no execution_id")]
+    NoExecutionId,
+    /// The execution id is not an unsigned integer or a short key-safe string.
+    #[error("unusable execution_id")]
+    BadExecutionId,
+    /// The subject is not under the configured prefix.
+    #[error("subject is not under the bridge's subject prefix")]
+    ForeignSubject,
+}
+
+/// What a subject says, before the payload is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectShape<'a> {
+    /// `noetl.events.<event_type>` (the event type may itself contain dots).
+    Rust {
+        /// The subject's tail: the (raw) event type.
+        event_type: &'a str,
+    },
+    /// `noetl.events.{tenant}.{org}.{execution_id}.{shard}` (the older Python server).
+    Python {
+        /// Tenant token.
+        tenant: &'a str,
+        /// Organisation token.
+        org: &'a str,
+        /// The execution id token.
+        execution_id: &'a str,
+        /// Shard token.
+        shard: &'a str,
+    },
+}
+
+/// Classifies `subject` under `prefix` (e.g. `noetl.events.`).
+///
+/// Four tokens after the prefix whose third is all digits is the Python shape; anything
+/// else is a Rust-shape event type. The ambiguity (a Rust event type of four tokens with a
+/// numeric third token) does not occur in either server's vocabulary, and the payload's
+/// own `execution_id` / `event_type` win over the subject anyway.
+pub fn classify_subject<'a>(subject: &'a str, prefix: &str) -> Result<SubjectShape<'a>, Malformed> {
+    let tail = subject
+        .strip_prefix(prefix)
+        .filter(|t| !t.is_empty())
+        .ok_or(Malformed::ForeignSubject)?;
+    let tokens: Vec<&str> = tail.split('.').collect();
+    if let [tenant, org, execution_id, shard] = tokens[..] {
+        if !execution_id.is_empty() && execution_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(SubjectShape::Python {
+                tenant,
+                org,
+                execution_id,
+                shard,
+            });
+        }
+    }
+    Ok(SubjectShape::Rust { event_type: tail })
+}
+
+/// Maps both servers' event names onto one vocabulary: lower case, `_` → `.`, then
+/// `command.completed` → `step.exit`, `command.failed` / `call.error` → `step.failed`, and
+/// the Python `step_started` / `step_completed` → `step.enter` / `step.exit`.
+/// Idempotent: a normalised name maps to itself.
+pub fn normalize_event_type(raw: &str) -> String {
+    let dotted: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c == '_' {
+                '.'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect();
+    match dotted.as_str() {
+        "command.completed" | "step.completed" => "step.exit".to_owned(),
+        "command.failed" | "call.error" => "step.failed".to_owned(),
+        "step.started" => "step.enter".to_owned(),
+        _ => dotted,
+    }
+}
+
+/// The event types the bridge forwards (normalised names), from configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardList(HashSet<String>);
+
+impl ForwardList {
+    /// Builds the list; each configured name is normalised, so `playbook_started` and
+    /// `playbook.started` mean the same entry.
+    pub fn new<I, S>(names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self(
+            names
+                .into_iter()
+                .map(|n| normalize_event_type(n.as_ref()))
+                .filter(|n| !n.is_empty())
+                .collect(),
+        )
+    }
+
+    /// True if frames are produced for this normalised event type.
+    pub fn allows(&self, event_type: &str) -> bool {
+        self.0.contains(event_type)
+    }
+}
+
+impl Default for ForwardList {
+    fn default() -> Self {
+        Self::new(DEFAULT_FORWARD)
+    }
+}
+
+/// An allow-listed execution event, normalised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutionEvent {
+    /// Exact decimal text (or the server's own string id).
+    pub execution_id: String,
+    /// Normalised event type (`step.exit`, `playbook.completed`, …).
+    pub event_type: String,
+    /// The step (`node_name`) for step-level events; `None` for playbook-level ones, whose
+    /// `node_name` is the playbook path, not a step.
+    pub step_name: Option<String>,
+    /// The event row's own status (`COMPLETED`, `FAILED`, …), when it has one.
+    pub status: Option<String>,
+    /// When NoETL recorded the event, as RFC 3339 UTC; `None` if the event has no
+    /// readable time (the shell then uses the time it saw the message).
+    pub at: Option<String>,
+    /// NoETL's `event_id` as exact text, when present (the identity used to decide which
+    /// event owns an execution's terminal frame).
+    pub event_id: Option<String>,
+}
+
+/// What a message turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// An allow-listed event: look up interest and produce frames.
+    Forward(ExecutionEvent),
+    /// A well-formed event of a type that is not forwarded (acked, nothing else).
+    Ignored {
+        /// Its normalised type, for debug logs.
+        event_type: String,
+    },
+}
+
+/// The fields the bridge reads; the other ~35 columns of a Rust row are skipped unparsed
+/// into values (serde ignores unknown keys).
+#[derive(Deserialize)]
+struct RawEvent {
+    #[serde(default)]
+    event_type: Option<Value>,
+    #[serde(default)]
+    execution_id: Option<Value>,
+    #[serde(default)]
+    event_id: Option<Value>,
+    #[serde(default)]
+    node_name: Option<Value>,
+    #[serde(default)]
+    step_name: Option<Value>,
+    #[serde(default)]
+    status: Option<Value>,
+    #[serde(default)]
+    event_time: Option<Value>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+    #[serde(default)]
+    created_at: Option<Value>,
+}
+
+/// Parses one message from `subject` (under `prefix`, e.g. `noetl.events.`).
+///
+/// Forwarded events must name a usable execution; ignored ones only need a type, so a
+/// chatty internal event with an odd id is not reported as malformed.
+pub fn parse_event(
+    subject: &str,
+    payload: &[u8],
+    prefix: &str,
+    forward: &ForwardList,
+) -> Result<Parsed, Malformed> {
+    let shape = classify_subject(subject, prefix)?;
+    // serde would also read a struct from a JSON array; an event is an object.
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Malformed::NotJson("not a JSON object".into()));
+    }
+    let raw: RawEvent =
+        serde_json::from_slice(payload).map_err(|e| Malformed::NotJson(short_error(&e)))?;
+
+    let raw_type = match (text(&raw.event_type), &shape) {
+        (Some(t), _) => t,
+        (None, SubjectShape::Rust { event_type }) => (*event_type).to_owned(),
+        (None, SubjectShape::Python { .. }) => return Err(Malformed::NoEventType),
+    };
+    if raw_type.is_empty()
+        || raw_type.len() > MAX_EVENT_TYPE_LEN
+        || !raw_type.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Malformed::BadEventType);
+    }
+    let event_type = normalize_event_type(&raw_type);
+    if !forward.allows(&event_type) {
+        return Ok(Parsed::Ignored { event_type });
+    }
+
+    let execution_id = match (&raw.execution_id, &shape) {
+        (Some(v), _) if !v.is_null() => exact_id(v).ok_or(Malformed::BadExecutionId)?,
+        (_, SubjectShape::Python { execution_id, .. }) => (*execution_id).to_owned(),
+        _ => return Err(Malformed::NoExecutionId),
+    };
+    if !is_usable_execution_id(&execution_id) {
+        return Err(Malformed::BadExecutionId);
+    }
+
+    let step_name = if event_type.starts_with("playbook.") {
+        None
+    } else {
+        text(&raw.node_name).or_else(|| text(&raw.step_name))
+    };
+    let at = [&raw.event_time, &raw.timestamp, &raw.created_at]
+        .into_iter()
+        .find_map(|v| text(v).and_then(|t| normalize_time(&t)));
+    Ok(Parsed::Forward(ExecutionEvent {
+        execution_id,
+        event_type,
+        step_name,
+        status: text(&raw.status),
+        at,
+        event_id: raw.event_id.as_ref().and_then(exact_id),
+    }))
+}
+
+/// A short, payload-free description of a JSON error (serde's messages quote at most a
+/// field name or a type, never the input).
+fn short_error(e: &serde_json::Error) -> String {
+    let mut s = e.to_string();
+    s.truncate(160);
+    s
+}
+
+/// A non-empty string field, or a number's text (some rows carry numeric names).
+fn text(v: &Option<Value>) -> Option<String> {
+    match v.as_ref()? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// An id as exact text: an unsigned integer of any size `u64` holds, or a string. Never
+/// through `f64`: a float (or an integer too big for `u64`, which serde_json reads as a
+/// float) is refused rather than rounded.
+pub fn exact_id(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) => n.as_u64().map(|u| u.to_string()),
+        Value::String(s) => {
+            let s = s.trim();
+            (!s.is_empty()).then(|| s.to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// True if `id` can name an execution in store keys and subjects: 1..=200 characters of
+/// `[A-Za-z0-9_-]` (a real id is all digits).
+pub fn is_usable_execution_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_EXECUTION_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// RFC 3339 with any offset, or a naive ISO timestamp (Python rows) taken as UTC →
+/// RFC 3339 UTC with microseconds. `None` if unreadable.
+pub fn normalize_time(s: &str) -> Option<String> {
+    let parsed = DateTime::parse_from_rfc3339(s)
+        .map(|d| d.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
+                .ok()
+                .map(|n| n.and_utc())
+        })?;
+    Some(parsed.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+/// An execution's state as NoETL's `/api/executions/{id}/status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Still going (also any status this module does not know: not final is the safe read).
+    Running,
+    /// Ended well.
+    Completed,
+    /// Ended badly.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// Reads the `status` field of a status reply (case-insensitive; `CANCELED` and
+    /// `SUCCESS`/`ERROR` accepted as synonyms).
+    pub fn from_reply(reply: &Value) -> Self {
+        let s = reply
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        match s.to_ascii_uppercase().as_str() {
+            "COMPLETED" | "SUCCESS" | "SUCCEEDED" => Self::Completed,
+            "FAILED" | "ERROR" => Self::Failed,
+            "CANCELLED" | "CANCELED" => Self::Cancelled,
+            _ => Self::Running,
+        }
+    }
+
+    /// The terminal event type and status for a final state; `None` while running.
+    pub fn terminal(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::Running => None,
+            Self::Completed => Some(("playbook.completed", "COMPLETED")),
+            Self::Failed => Some(("playbook.failed", "FAILED")),
+            Self::Cancelled => Some(("playbook.cancelled", "CANCELLED")),
+        }
+    }
+}
+
+/// Whether an event's frames depend on the run's confirmed status.
+pub fn needs_status(event_type: &str) -> bool {
+    matches!(event_type, "step.failed" | "playbook.completed")
+}
+
+/// What the shell learned when it asked NoETL for the run's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusCheck {
+    /// The event does not need one ([`needs_status`] is false).
+    NotNeeded,
+    /// NoETL answered.
+    Known(RunStatus),
+    /// NoETL could not answer now (unreachable, timeout, 5xx): worth retrying.
+    Unavailable,
+    /// Retrying stopped (too old, or NoETL said the execution does not exist): use what
+    /// the event itself claims.
+    GaveUp,
+}
+
+/// The frames one event becomes, in publishing order: an optional progress frame, then an
+/// optional terminal frame (which the shell sends only if this event wins the
+/// execution's one terminal slot).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frames {
+    /// A non-terminal frame (the event itself).
+    pub progress: Option<PlaybookState>,
+    /// The execution's final frame (`terminal: true`).
+    pub terminal: Option<PlaybookState>,
+}
+
+/// The outcome of [`resolve`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Publish these (boxed: the variants differ a lot in size).
+    Frames(Box<Frames>),
+    /// The status is needed and not final or not known yet: retry the event later
+    /// (nothing has been published for it).
+    WaitForStatus,
+}
+
+/// The frames for `ev` given what is known about the run (`at` fills a missing time).
+///
+/// | event | status | frames |
+/// |---|---|---|
+/// | `step.failed` | RUNNING, or gave up | step.failed |
+/// | `step.failed` | FAILED / COMPLETED / CANCELLED | step.failed, then the matching terminal |
+/// | `playbook.completed` | FAILED / COMPLETED / CANCELLED | the matching terminal (the true status) |
+/// | `playbook.completed` | gave up | playbook.completed, as the event claims |
+/// | either | RUNNING (completed only) or unavailable | wait |
+/// | `playbook.failed` / `playbook.cancelled` | — | that terminal |
+/// | anything else | — | the event as a progress frame |
+pub fn resolve(ev: &ExecutionEvent, check: StatusCheck, at: &str) -> Resolution {
+    let frame = |event_type: &str, step_name: Option<String>, status: Option<String>, terminal| {
+        PlaybookState {
+            execution_id: ev.execution_id.clone(),
+            event_type: event_type.to_owned(),
+            step_name,
+            status,
+            at: ev.at.clone().unwrap_or_else(|| at.to_owned()),
+            terminal,
+        }
+    };
+    let progress = || {
+        Some(frame(
+            &ev.event_type,
+            ev.step_name.clone(),
+            ev.status.clone(),
+            false,
+        ))
+    };
+    let terminal_of = |s: RunStatus| {
+        s.terminal()
+            .map(|(t, status)| frame(t, None, Some(status.to_owned()), true))
+    };
+    let claimed_status = |default: &str| {
+        Some(
+            ev.status
+                .as_deref()
+                .map(str::to_ascii_uppercase)
+                .unwrap_or_else(|| default.to_owned()),
+        )
+    };
+    let frames = match (ev.event_type.as_str(), check) {
+        ("step.failed" | "playbook.completed", StatusCheck::Unavailable)
+        | ("playbook.completed", StatusCheck::Known(RunStatus::Running)) => {
+            return Resolution::WaitForStatus
+        }
+        ("step.failed", StatusCheck::Known(s)) => Frames {
+            progress: progress(),
+            terminal: terminal_of(s),
+        },
+        ("playbook.completed", StatusCheck::Known(s)) => Frames {
+            progress: None,
+            terminal: terminal_of(s),
+        },
+        ("playbook.completed", _) => Frames {
+            progress: None,
+            terminal: Some(frame(
+                "playbook.completed",
+                None,
+                claimed_status("COMPLETED"),
+                true,
+            )),
+        },
+        ("playbook.failed", _) => Frames {
+            progress: None,
+            terminal: Some(frame(
+                "playbook.failed",
+                None,
+                claimed_status("FAILED"),
+                true,
+            )),
+        },
+        ("playbook.cancelled", _) => Frames {
+            progress: None,
+            terminal: Some(frame(
+                "playbook.cancelled",
+                None,
+                claimed_status("CANCELLED"),
+                true,
+            )),
+        },
+        _ => Frames {
+            progress: progress(),
+            terminal: None,
+        },
+    };
+    Resolution::Frames(Box::new(frames))
+}
+
+/// Why an event could not be finished now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// No client has recorded interest yet (executePlaybook records it only after
+    /// NoETL's `/api/execute` answered, so the first events can arrive first).
+    NoInterest,
+    /// The run's status is needed and NoETL says it is not final yet.
+    StatusNotFinal,
+    /// The run's status is needed and NoETL could not answer.
+    NoetlUnavailable,
+    /// The K/V store could not be read or written.
+    StoreUnavailable,
+    /// A frame could not be published.
+    BusUnavailable,
+    /// An earlier event of the same execution is waiting for its redelivery.
+    WaitingBehind,
+}
+
+/// What to do with an event that wants a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryVerdict {
+    /// Retry after [`retry_delay`].
+    Retry,
+    /// Stop: drop the event (no interest came in time, or a non-durable retry budget ran
+    /// out).
+    Drop,
+    /// Stop waiting for the status and use what the event claims.
+    UseEventClaim,
+}
+
+/// The retry limits, from configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryLimits {
+    /// Events with no interest older than this are dropped.
+    pub max_interest_wait: Duration,
+    /// Status confirmation stops after this; the event's own claim is used.
+    pub max_confirm_wait: Duration,
+    /// True when retries are redeliveries of a durable stream: infrastructure failures
+    /// (store, bus) are then retried without limit, since the stream still holds the event.
+    /// Core mode holds retries in memory, so they stop at `max_confirm_wait`.
+    pub durable: bool,
+}
+
+/// Whether an event of `age` (since NATS stored it, or since this replica received it in
+/// core mode) is retried again for `reason`.
+pub fn retry_verdict(reason: RetryReason, age: Duration, limits: &RetryLimits) -> RetryVerdict {
+    match reason {
+        RetryReason::NoInterest if age >= limits.max_interest_wait => RetryVerdict::Drop,
+        RetryReason::StatusNotFinal | RetryReason::NoetlUnavailable
+            if age >= limits.max_confirm_wait =>
+        {
+            RetryVerdict::UseEventClaim
+        }
+        RetryReason::StoreUnavailable | RetryReason::BusUnavailable
+            if !limits.durable && age >= limits.max_confirm_wait =>
+        {
+            RetryVerdict::Drop
+        }
+        _ => RetryVerdict::Retry,
+    }
+}
+
+/// The delay before the next attempt. Waiting for interest, a status or an earlier event
+/// uses the base delay, the same for every event, so redeliveries come back in stream
+/// order; infrastructure failures back off four times longer to spare a struggling
+/// service.
+pub fn retry_delay(reason: RetryReason, base: Duration) -> Duration {
+    match reason {
+        RetryReason::NoInterest | RetryReason::StatusNotFinal | RetryReason::WaitingBehind => base,
+        RetryReason::NoetlUnavailable
+        | RetryReason::StoreUnavailable
+        | RetryReason::BusUnavailable => base * 4,
+    }
+}
+
+/// Keeps one execution's frames in order within a replica while some of its events wait
+/// for a redelivery.
+///
+/// Without it, a late interest record reorders frames: event 1 is retried (no interest
+/// yet), the interest appears, event 2 arrives fresh and is forwarded, then event 1 comes
+/// back. So while an earlier event (lower sequence) of the same execution is parked, a
+/// later one is parked behind it. Redeliveries come back in stream order (the server
+/// sorts them and serves them before new messages), so the queue drains in order.
+///
+/// A parked entry is forgotten once it is overdue (its redelivery went to another replica,
+/// or the shell dropped it), so a lost entry delays its successors by at most that long.
+/// Across replicas order is not guaranteed: two replicas may forward two events of one
+/// execution concurrently; frames carry `at` for clients that need to sort.
+#[derive(Debug, Default)]
+pub struct OrderGuard {
+    parked: HashMap<String, BTreeMap<u64, Instant>>,
+    last_sweep: Option<Instant>,
+}
+
+/// How often [`OrderGuard`] forgets overdue entries of executions no longer seen.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+impl OrderGuard {
+    /// An empty guard.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True if an earlier event (lower `seq`) of `execution_id` is still parked at `now`:
+    /// the caller must retry this one too (and [`park`](Self::park) it).
+    pub fn must_wait(&mut self, execution_id: &str, seq: u64, now: Instant) -> bool {
+        self.sweep(now);
+        let Some(seqs) = self.parked.get_mut(execution_id) else {
+            return false;
+        };
+        seqs.retain(|_, overdue_at| *overdue_at > now);
+        let earlier = seqs.range(..seq).next().is_some();
+        if seqs.is_empty() {
+            self.parked.remove(execution_id);
+        }
+        earlier
+    }
+
+    /// Records that `seq` will come back; it counts as parked until `overdue_at`.
+    pub fn park(&mut self, execution_id: &str, seq: u64, overdue_at: Instant) {
+        self.parked
+            .entry(execution_id.to_owned())
+            .or_default()
+            .insert(seq, overdue_at);
+    }
+
+    /// `seq` is finished (forwarded or dropped).
+    pub fn release(&mut self, execution_id: &str, seq: u64) {
+        if let Some(seqs) = self.parked.get_mut(execution_id) {
+            seqs.remove(&seq);
+            if seqs.is_empty() {
+                self.parked.remove(execution_id);
+            }
+        }
+    }
+
+    /// How many events are parked (for tests and logs).
+    pub fn len(&self) -> usize {
+        self.parked.values().map(BTreeMap::len).sum()
+    }
+
+    /// True if nothing is parked.
+    pub fn is_empty(&self) -> bool {
+        self.parked.is_empty()
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.parked.retain(|_, seqs| {
+            seqs.retain(|_, overdue_at| *overdue_at > now);
+            !seqs.is_empty()
+        });
+    }
+}
+
+/// The store key guarding an execution's one terminal frame (in the interest bucket).
+pub fn terminal_key(execution_id: &str) -> String {
+    format!("terminal.{execution_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const PREFIX: &str = "noetl.events.";
+    const BIG: &str = "612345678901234567";
+
+    fn parse(subject: &str, payload: Value) -> Result<Parsed, Malformed> {
+        let bytes = serde_json::to_vec(&payload).expect("json");
+        parse_event(subject, &bytes, PREFIX, &ForwardList::default())
+    }
+
+    fn forwarded(subject: &str, payload: Value) -> ExecutionEvent {
+        match parse(subject, payload) {
+            Ok(Parsed::Forward(ev)) => ev,
+            other => panic!("expected a forwarded event, got {other:?}"),
+        }
+    }
+
+    /// A Rust-shape row: the subject is the raw event type, the payload the whole row.
+    fn rust_row(event_type: &str, node: &str, status: &str) -> (String, Value) {
+        let payload = format!(
+            r#"{{"event_id": 612345678901234999, "event_type": "{event_type}",
+                "execution_id": {BIG}, "catalog_id": 480000000000000001,
+                "node_name": "{node}", "node_type": "http", "status": "{status}",
+                "result": {{"status": "ok"}}, "meta": {{}}, "error": null,
+                "event_time": "2026-11-22T10:00:00.123456Z", "worker_id": "w1"}}"#
+        );
+        (
+            format!("noetl.events.{event_type}"),
+            serde_json::from_str(&payload).expect("valid json"),
+        )
+    }
+
+    fn event(event_type: &str, status: Option<&str>) -> ExecutionEvent {
+        ExecutionEvent {
+            execution_id: BIG.into(),
+            event_type: event_type.into(),
+            step_name: event_type.starts_with("step.").then(|| "s1".to_owned()),
+            status: status.map(str::to_owned),
+            at: Some("2026-11-22T10:00:00.000000Z".into()),
+            event_id: Some("1".into()),
+        }
+    }
+
+    fn frames(r: Resolution) -> Frames {
+        match r {
+            Resolution::Frames(f) => *f,
+            Resolution::WaitForStatus => panic!("expected frames"),
+        }
+    }
+
+    #[test]
+    fn rust_shape_rows_parse_with_exact_big_ids() {
+        // Parse from raw text: a JSON number above 2^53 must keep every digit.
+        let raw = format!(
+            r#"{{"event_id":612345678901234999,"event_type":"command.completed","execution_id":{BIG},"node_name":"step_1","status":"COMPLETED","event_time":"2026-11-22T10:00:00.5+01:00"}}"#
+        );
+        let parsed = parse_event(
+            "noetl.events.command.completed",
+            raw.as_bytes(),
+            PREFIX,
+            &ForwardList::default(),
+        );
+        let Ok(Parsed::Forward(ev)) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(ev.execution_id, BIG);
+        assert_eq!(ev.event_id.as_deref(), Some("612345678901234999"));
+        assert_eq!(ev.event_type, "step.exit");
+        assert_eq!(ev.step_name.as_deref(), Some("step_1"));
+        assert_eq!(ev.status.as_deref(), Some("COMPLETED"));
+        assert_eq!(ev.at.as_deref(), Some("2026-11-22T09:00:00.500000Z"));
+    }
+
+    #[test]
+    fn ids_at_the_edges_of_u64_stay_exact_and_floats_are_refused() {
+        for id in [(1u64 << 53) + 1, u64::MAX] {
+            let raw = format!(
+                r#"{{"event_type":"playbook_started","execution_id":{id},"node_name":"demo/x"}}"#
+            );
+            let p = parse_event(
+                "noetl.events.playbook_started",
+                raw.as_bytes(),
+                PREFIX,
+                &ForwardList::default(),
+            );
+            assert!(
+                matches!(&p, Ok(Parsed::Forward(ev)) if ev.execution_id == id.to_string()),
+                "{p:?}"
+            );
+        }
+        for bad in ["6.1e17", "18446744073709551616", "-5", "1.5"] {
+            let raw = format!(r#"{{"event_type":"playbook_started","execution_id":{bad}}}"#);
+            let p = parse_event(
+                "noetl.events.playbook_started",
+                raw.as_bytes(),
+                PREFIX,
+                &ForwardList::default(),
+            );
+            assert_eq!(p, Err(Malformed::BadExecutionId), "{bad}");
+        }
+    }
+
+    #[test]
+    fn python_shape_reads_the_payload_and_falls_back_to_the_subject() {
+        let subject = format!("noetl.events.default.default.{BIG}.0");
+        let ev = forwarded(
+            &subject,
+            json!({"event_id": 5, "event_type": "step_completed", "execution_id": BIG,
+                   "node_name": "step_2", "status": "COMPLETED",
+                   "timestamp": "2026-11-22T10:00:01.25",
+                   "payload": {"node_type": "http", "result": {"x": 1}}}),
+        );
+        assert_eq!(ev.execution_id, BIG);
+        assert_eq!(ev.event_type, "step.exit");
+        assert_eq!(ev.step_name.as_deref(), Some("step_2"));
+        assert_eq!(ev.at.as_deref(), Some("2026-11-22T10:00:01.250000Z"));
+        // The execution id may be missing from a Python payload: the subject has it.
+        let ev = forwarded(
+            &subject,
+            json!({"event_type": "step_started", "node_name": "a"}),
+        );
+        assert_eq!(ev.execution_id, BIG);
+        assert_eq!(ev.event_type, "step.enter");
+        // …but the event type must be in the payload (the subject does not carry one).
+        assert_eq!(
+            parse(&subject, json!({"execution_id": BIG})),
+            Err(Malformed::NoEventType)
+        );
+    }
+
+    #[test]
+    fn subjects_are_classified_into_the_two_shapes() {
+        assert_eq!(
+            classify_subject("noetl.events.command.completed", PREFIX),
+            Ok(SubjectShape::Rust {
+                event_type: "command.completed"
+            })
+        );
+        assert_eq!(
+            classify_subject("noetl.events.calendar.event.touched", PREFIX),
+            Ok(SubjectShape::Rust {
+                event_type: "calendar.event.touched"
+            })
+        );
+        assert_eq!(
+            classify_subject("noetl.events.t1.o1.42.3", PREFIX),
+            Ok(SubjectShape::Python {
+                tenant: "t1",
+                org: "o1",
+                execution_id: "42",
+                shard: "3"
+            })
+        );
+        assert_eq!(
+            classify_subject("other.events.x", PREFIX),
+            Err(Malformed::ForeignSubject)
+        );
+        assert_eq!(
+            classify_subject("noetl.events.", PREFIX),
+            Err(Malformed::ForeignSubject)
+        );
+    }
+
+    #[test]
+    fn the_rust_subject_names_the_type_when_the_row_does_not() {
+        let ev = forwarded(
+            "noetl.events.playbook_cancelled",
+            json!({"execution_id": 7, "node_name": "demo/slow"}),
+        );
+        assert_eq!(ev.event_type, "playbook.cancelled");
+        assert_eq!(ev.step_name, None, "playbook events carry no step");
+    }
+
+    #[test]
+    fn event_names_normalise_per_the_protocol_table() {
+        let table = [
+            ("playbook_started", "playbook.started"),
+            ("playbook_cancelled", "playbook.cancelled"),
+            ("playbook.completed", "playbook.completed"),
+            ("playbook_completed", "playbook.completed"),
+            ("playbook_failed", "playbook.failed"),
+            ("command.completed", "step.exit"),
+            ("command.failed", "step.failed"),
+            ("call.error", "step.failed"),
+            ("step_started", "step.enter"),
+            ("step_completed", "step.exit"),
+            ("step_failed", "step.failed"),
+            ("step.enter", "step.enter"),
+            ("command.issued", "command.issued"),
+            ("call.done", "call.done"),
+            ("calendar.event.touched", "calendar.event.touched"),
+            ("PLAYBOOK_STARTED", "playbook.started"),
+        ];
+        for (raw, want) in table {
+            assert_eq!(normalize_event_type(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn only_allow_listed_types_are_forwarded() {
+        let fwd = ForwardList::default();
+        for t in DEFAULT_FORWARD {
+            assert!(fwd.allows(t), "{t}");
+        }
+        for t in [
+            "command.issued",
+            "command.claimed",
+            "command.started",
+            "call.done",
+            "step.skipped",
+        ] {
+            assert!(!fwd.allows(&normalize_event_type(t)), "{t}");
+        }
+        let (subject, row) = rust_row("command.issued", "step_1", "PENDING");
+        assert_eq!(
+            parse(&subject, row),
+            Ok(Parsed::Ignored {
+                event_type: "command.issued".into()
+            })
+        );
+        // Configured names are normalised too, and the list is configurable.
+        let custom = ForwardList::new(["playbook_started", " step.exit "]);
+        assert!(custom.allows("playbook.started") && custom.allows("step.exit"));
+        assert!(!custom.allows("step.enter"));
+    }
+
+    #[test]
+    fn ignored_types_need_no_usable_execution_id() {
+        assert_eq!(
+            parse("noetl.events.call.done", json!({"execution_id": 1.5})),
+            Ok(Parsed::Ignored {
+                event_type: "call.done".into()
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_are_reported_not_panicked_on() {
+        let cases: Vec<(&str, &[u8], Malformed)> = vec![
+            (
+                "noetl.events.x",
+                b"not json",
+                Malformed::NotJson(String::new()),
+            ),
+            (
+                "noetl.events.x",
+                b"[1,2]",
+                Malformed::NotJson(String::new()),
+            ),
+            ("noetl.events.x", b"", Malformed::NotJson(String::new())),
+            (
+                "noetl.events.step.enter",
+                br#"{"node_name":"a"}"#,
+                Malformed::NoExecutionId,
+            ),
+            (
+                "noetl.events.step.enter",
+                br#"{"execution_id":"a b"}"#,
+                Malformed::BadExecutionId,
+            ),
+            (
+                "noetl.events.step.enter",
+                br#"{"execution_id":{"n":1}}"#,
+                Malformed::BadExecutionId,
+            ),
+            (
+                "noetl.events.t.o.42.0",
+                br#"{"event_type":""}"#,
+                Malformed::NoEventType,
+            ),
+            (
+                "noetl.events.x",
+                br#"{"event_type":"a b"}"#,
+                Malformed::BadEventType,
+            ),
+        ];
+        for (subject, payload, want) in cases {
+            let got = parse_event(subject, payload, PREFIX, &ForwardList::default());
+            match (&got, &want) {
+                (Err(Malformed::NotJson(_)), Malformed::NotJson(_)) => {}
+                _ => assert_eq!(got, Err(want), "{subject} {payload:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_time_is_left_to_the_shell() {
+        let ev = forwarded(
+            "noetl.events.playbook_started",
+            json!({"execution_id": 1, "event_time": "yesterday"}),
+        );
+        assert_eq!(ev.at, None);
+        let f = frames(resolve(&ev, StatusCheck::NotNeeded, "2026-01-01T00:00:00Z"));
+        assert_eq!(
+            f.progress.map(|p| p.at).as_deref(),
+            Some("2026-01-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn plain_events_become_one_progress_frame() {
+        for t in [
+            "playbook.started",
+            "step.enter",
+            "step.exit",
+            "calendar.event.touched",
+        ] {
+            let f = frames(resolve(
+                &event(t, Some("RUNNING")),
+                StatusCheck::NotNeeded,
+                "now",
+            ));
+            let p = f.progress.expect("a progress frame");
+            assert_eq!(p.event_type, t);
+            assert!(!p.terminal);
+            assert_eq!(p.execution_id, BIG);
+            assert!(f.terminal.is_none(), "{t}");
+        }
+    }
+
+    #[test]
+    fn a_failed_step_of_a_failed_run_adds_the_missing_playbook_failed() {
+        let f = frames(resolve(
+            &event("step.failed", Some("FAILED")),
+            StatusCheck::Known(RunStatus::Failed),
+            "now",
+        ));
+        let p = f.progress.expect("the step.failed frame");
+        assert_eq!((p.event_type.as_str(), p.terminal), ("step.failed", false));
+        assert_eq!(p.step_name.as_deref(), Some("s1"));
+        let t = f.terminal.expect("a terminal frame");
+        assert_eq!(t.event_type, "playbook.failed");
+        assert_eq!(t.status.as_deref(), Some("FAILED"));
+        assert!(t.terminal);
+        assert_eq!(t.step_name, None);
+    }
+
+    #[test]
+    fn a_failed_step_of_a_running_run_is_only_a_step_frame() {
+        for check in [StatusCheck::Known(RunStatus::Running), StatusCheck::GaveUp] {
+            let f = frames(resolve(&event("step.failed", Some("FAILED")), check, "now"));
+            assert_eq!(
+                f.progress.map(|p| p.event_type).as_deref(),
+                Some("step.failed")
+            );
+            assert!(f.terminal.is_none(), "{check:?}");
+        }
+    }
+
+    #[test]
+    fn a_lying_playbook_completed_becomes_playbook_failed() {
+        let f = frames(resolve(
+            &event("playbook.completed", Some("COMPLETED")),
+            StatusCheck::Known(RunStatus::Failed),
+            "now",
+        ));
+        assert!(f.progress.is_none());
+        let t = f.terminal.expect("terminal");
+        assert_eq!(t.event_type, "playbook.failed");
+        assert_eq!(t.status.as_deref(), Some("FAILED"));
+        // An honest one stays completed.
+        let f = frames(resolve(
+            &event("playbook.completed", Some("COMPLETED")),
+            StatusCheck::Known(RunStatus::Completed),
+            "now",
+        ));
+        let t = f.terminal.expect("terminal");
+        assert_eq!(
+            (t.event_type.as_str(), t.status.as_deref()),
+            ("playbook.completed", Some("COMPLETED"))
+        );
+    }
+
+    #[test]
+    fn status_dependent_events_wait_while_the_status_is_unknown_or_not_final() {
+        for (t, check) in [
+            ("playbook.completed", StatusCheck::Known(RunStatus::Running)),
+            ("playbook.completed", StatusCheck::Unavailable),
+            ("step.failed", StatusCheck::Unavailable),
+        ] {
+            assert_eq!(
+                resolve(&event(t, None), check, "now"),
+                Resolution::WaitForStatus,
+                "{t}"
+            );
+        }
+        // After giving up, the event's own claim is used.
+        let f = frames(resolve(
+            &event("playbook.completed", None),
+            StatusCheck::GaveUp,
+            "now",
+        ));
+        let t = f.terminal.expect("terminal");
+        assert_eq!(
+            (t.event_type.as_str(), t.status.as_deref()),
+            ("playbook.completed", Some("COMPLETED"))
+        );
+    }
+
+    #[test]
+    fn failed_and_cancelled_events_are_terminal_as_they_stand() {
+        for (t, status) in [
+            ("playbook.failed", "FAILED"),
+            ("playbook.cancelled", "CANCELLED"),
+        ] {
+            let f = frames(resolve(&event(t, None), StatusCheck::NotNeeded, "now"));
+            assert!(f.progress.is_none());
+            let term = f.terminal.expect("terminal");
+            assert_eq!(term.event_type, t);
+            assert_eq!(term.status.as_deref(), Some(status));
+            assert!(term.terminal);
+        }
+        assert!(needs_status("step.failed") && needs_status("playbook.completed"));
+        assert!(!needs_status("playbook.failed") && !needs_status("step.exit"));
+    }
+
+    #[test]
+    fn run_statuses_are_read_leniently() {
+        let s = |v: Value| RunStatus::from_reply(&json!({ "status": v }));
+        assert_eq!(s(json!("COMPLETED")), RunStatus::Completed);
+        assert_eq!(s(json!("failed")), RunStatus::Failed);
+        assert_eq!(s(json!("CANCELED")), RunStatus::Cancelled);
+        assert_eq!(s(json!("RUNNING")), RunStatus::Running);
+        assert_eq!(s(json!("QUEUED")), RunStatus::Running);
+        assert_eq!(s(json!(3)), RunStatus::Running);
+        assert_eq!(RunStatus::from_reply(&json!({})), RunStatus::Running);
+    }
+
+    #[test]
+    fn retries_stop_at_the_configured_ages() {
+        let limits = RetryLimits {
+            max_interest_wait: Duration::from_secs(10),
+            max_confirm_wait: Duration::from_secs(30),
+            durable: true,
+        };
+        let s = Duration::from_secs;
+        let v = |r, age| retry_verdict(r, age, &limits);
+        assert_eq!(v(RetryReason::NoInterest, s(9)), RetryVerdict::Retry);
+        assert_eq!(v(RetryReason::NoInterest, s(10)), RetryVerdict::Drop);
+        assert_eq!(v(RetryReason::StatusNotFinal, s(29)), RetryVerdict::Retry);
+        assert_eq!(
+            v(RetryReason::StatusNotFinal, s(30)),
+            RetryVerdict::UseEventClaim
+        );
+        assert_eq!(
+            v(RetryReason::NoetlUnavailable, s(31)),
+            RetryVerdict::UseEventClaim
+        );
+        // Durable: the stream still holds the event, so infrastructure failures never drop it.
+        assert_eq!(v(RetryReason::BusUnavailable, s(3600)), RetryVerdict::Retry);
+        assert_eq!(
+            v(RetryReason::StoreUnavailable, s(3600)),
+            RetryVerdict::Retry
+        );
+        assert_eq!(v(RetryReason::WaitingBehind, s(3600)), RetryVerdict::Retry);
+        let core = RetryLimits {
+            durable: false,
+            ..limits
+        };
+        assert_eq!(
+            retry_verdict(RetryReason::BusUnavailable, s(30), &core),
+            RetryVerdict::Drop
+        );
+        let base = Duration::from_millis(500);
+        assert_eq!(retry_delay(RetryReason::NoInterest, base), base);
+        assert_eq!(retry_delay(RetryReason::WaitingBehind, base), base);
+        assert_eq!(retry_delay(RetryReason::BusUnavailable, base), base * 4);
+    }
+
+    #[test]
+    fn the_order_guard_parks_later_events_behind_earlier_ones() {
+        let t0 = Instant::now();
+        let due = t0 + Duration::from_secs(2);
+        let mut g = OrderGuard::new();
+        assert!(!g.must_wait("x", 10, t0));
+        g.park("x", 10, due);
+        assert!(g.must_wait("x", 11, t0), "11 waits behind 10");
+        assert!(!g.must_wait("x", 10, t0), "10 itself does not wait");
+        assert!(!g.must_wait("y", 11, t0), "other executions are unaffected");
+        g.park("x", 11, due);
+        g.release("x", 10);
+        assert!(!g.must_wait("x", 11, t0), "11 goes once 10 is done");
+        g.release("x", 11);
+        assert!(g.is_empty());
+        // An entry whose redelivery never came back here stops blocking once overdue.
+        g.park("x", 20, due);
+        assert!(g.must_wait("x", 21, t0 + Duration::from_secs(1)));
+        assert!(!g.must_wait("x", 21, due + Duration::from_millis(1)));
+        assert_eq!(g.len(), 0);
+    }
+
+    #[test]
+    fn the_order_guard_forgets_overdue_executions_it_no_longer_sees() {
+        let t0 = Instant::now();
+        let mut g = OrderGuard::new();
+        assert!(!g.must_wait("a", 1, t0));
+        for i in 0..100u64 {
+            g.park(&format!("e{i}"), i, t0 + Duration::from_secs(1));
+        }
+        assert_eq!(g.len(), 100);
+        assert!(!g.must_wait("a", 1, t0 + SWEEP_EVERY + Duration::from_secs(1)));
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn the_terminal_key_is_a_valid_store_key_for_every_usable_id() {
+        let longest = "9".repeat(MAX_EXECUTION_ID_LEN);
+        assert!(crate::store::is_valid_key(&terminal_key(&longest)));
+        assert!(crate::store::is_valid_key(&terminal_key(BIG)));
+    }
+
+    proptest! {
+        #[test]
+        fn normalising_is_idempotent_and_leaves_no_underscore(raw in "[A-Za-z_.]{0,40}") {
+            let once = normalize_event_type(&raw);
+            prop_assert_eq!(normalize_event_type(&once), once.clone());
+            prop_assert!(!once.contains('_'));
+        }
+
+        #[test]
+        fn any_u64_execution_id_round_trips_exactly(id in any::<u64>(), step in "[a-z_0-9]{1,20}") {
+            let raw = format!(r#"{{"event_type":"command.completed","execution_id":{id},"node_name":"{step}"}}"#);
+            let p = parse_event("noetl.events.command.completed", raw.as_bytes(), PREFIX, &ForwardList::default());
+            match p {
+                Ok(Parsed::Forward(ev)) => {
+                    prop_assert_eq!(ev.execution_id, id.to_string());
+                    prop_assert_eq!(ev.step_name, Some(step));
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        #[test]
+        fn python_subjects_carry_any_u64_id(id in any::<u64>(), tenant in "[a-z]{1,8}") {
+            let subject = format!("noetl.events.{tenant}.org.{id}.0");
+            let p = parse_event(&subject, br#"{"event_type":"playbook_completed"}"#, PREFIX, &ForwardList::default());
+            match p {
+                Ok(Parsed::Forward(ev)) => prop_assert_eq!(ev.execution_id, id.to_string()),
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_parser(payload in proptest::collection::vec(any::<u8>(), 0..256),
+                                                   tail in "[a-z0-9._]{0,30}") {
+            let _ = parse_event(&format!("noetl.events.{tail}"), &payload, PREFIX, &ForwardList::default());
+        }
+
+        #[test]
+        fn parsed_ids_are_always_usable_keys(id in "\\PC{0,40}") {
+            let raw = serde_json::to_vec(&json!({"event_type": "step.enter", "execution_id": id}))
+                .expect("json");
+            if let Ok(Parsed::Forward(ev)) = parse_event("noetl.events.step.enter", &raw, PREFIX, &ForwardList::default()) {
+                prop_assert!(crate::store::is_valid_key(&ev.execution_id));
+                prop_assert!(crate::store::is_valid_key(&terminal_key(&ev.execution_id)));
+            }
+        }
+    }
+}

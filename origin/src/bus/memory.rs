@@ -1,0 +1,566 @@
+//! The embedded [`Bus`]: process memory, used when `NATS_URL` is unset (one replica).
+//!
+//! It lets one origin replica deliver and replay frames without a NATS server, while
+//! behaving like [`super::nats::NatsBus`] in everything the SSE layer relies on — the shared
+//! conformance suite (`tests/tests/bus_conformance.rs`) holds both to the same contract.
+//!
+//! Decisions:
+//! - **One lock for publish and subscribe.** `publish` assigns the id, appends the frame to
+//!   the client's log and hands it to the client's live channel while holding the lock;
+//!   `subscribe` snapshots the replay and joins the live channel under the same lock. So
+//!   every frame is either in a subscription's replay or on its channel — never both,
+//!   never neither — with no de-duplication needed. Nothing is awaited under the lock.
+//! - **Ids come from one bus-wide counter** (1, 2, 3, …), like the sequence of the NATS
+//!   stream: per client they increase but are not contiguous, exactly as with NATS, so
+//!   nothing above the trait can come to rely on contiguity.
+//! - **Retention** is a ring per client (oldest first), trimmed by age and count whenever
+//!   the client is published to or subscribed to, and by a sweep of every client once per
+//!   half `max_age` (at most a minute), run by whichever call comes first once it is due —
+//!   no task, so memory stays bounded by the traffic that came before. A zero `max_age` or
+//!   `max_frames_per_client` means "no limit", as it does for the NATS stream.
+//! - **`reset` is exact while a client's log lives**: the log remembers the highest id
+//!   retention dropped, and `After(n)` resets iff that is above `n`. A log with no frames
+//!   and no subscriber is removed (memory stays bounded by live clients); its highest
+//!   dropped id is folded into one bus-wide watermark that every later `After(n)` below it
+//!   must treat as "may have lost frames" — conservative (a spurious reset is safe, a
+//!   silent gap is not), and the same shape as the NATS rule. An `n` above every id issued
+//!   (an id from another bus or an earlier process) resets too.
+//! - **Live delivery is a broadcast channel per client** of [`LIVE_BACKLOG`] frames,
+//!   created by the first subscription and dropped with the last. A subscriber that falls
+//!   that far behind does not slow the publisher or the other subscribers: its stream ends
+//!   with `Err(BusError::Unavailable("subscriber lagged"))` instead of silently skipping,
+//!   so the SSE layer evicts the connection and the client resumes with `Last-Event-ID`.
+//! - **Time** is [`tokio::time::Instant`], so tests that pause tokio's clock move expiry.
+
+use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, Stream, StreamExt};
+use gateway_shared::frames::is_valid_client_id;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::time::Instant;
+
+/// How many live frames a subscriber may fall behind before its stream ends with
+/// "subscriber lagged". The SSE layer queues per connection as well, so this only has to
+/// absorb scheduling hiccups; it is allocated per client with a subscriber (~100 bytes a
+/// slot), so it is kept modest.
+pub const LIVE_BACKLOG: usize = 256;
+
+/// The longest the bus goes between sweeps of every client while it is being used.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The shortest sweep interval, so a tiny `max_age` does not turn every call into a sweep.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The in-process bus; cheap to clone (all clones share one state).
+#[derive(Clone)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    retention: Retention,
+    state: Mutex<State>,
+}
+
+/// What the bus holds, and the pure rules over it (every method takes `now`).
+#[derive(Debug)]
+struct State {
+    /// The last id issued (0: none yet).
+    last_id: u64,
+    clients: HashMap<String, ClientLog>,
+    /// The highest id dropped from a client log that has since been removed: any client
+    /// may have lost a frame at or below it.
+    forgotten_dropped: u64,
+    sweep_every: Duration,
+    next_sweep: Instant,
+}
+
+/// One client's retained frames and live subscribers.
+#[derive(Debug)]
+struct ClientLog {
+    /// Oldest first; ids increase.
+    frames: VecDeque<Retained>,
+    /// The highest id retention dropped from this log (0: none).
+    highest_dropped: u64,
+    /// The last id issued when this log was created: frames of an earlier, removed log of
+    /// the same client all have ids at or below it.
+    opened_after: u64,
+    /// `None` until the first subscription, and again once the last one is gone.
+    live: Option<broadcast::Sender<BusFrame>>,
+}
+
+#[derive(Debug)]
+struct Retained {
+    frame: BusFrame,
+    at: Instant,
+}
+
+/// A snapshot of what the bus holds, for metrics and leak checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBusStats {
+    /// Clients the bus keeps state for (retained frames or a live subscriber).
+    pub clients: usize,
+    /// Frames retained for replay, over all clients.
+    pub frames: usize,
+    /// Open subscriptions, over all clients.
+    pub live_subscribers: usize,
+}
+
+fn is_expired(retention: &Retention, at: Instant, now: Instant) -> bool {
+    !retention.max_age.is_zero() && now.saturating_duration_since(at) >= retention.max_age
+}
+
+/// How often every client is swept: often enough that expired frames never outlive their
+/// age by much, rarely enough that a sweep costs little per call.
+fn sweep_interval(max_age: Duration) -> Duration {
+    if max_age.is_zero() {
+        MAX_SWEEP_INTERVAL
+    } else {
+        (max_age / 2).clamp(MIN_SWEEP_INTERVAL, MAX_SWEEP_INTERVAL)
+    }
+}
+
+/// True if frames of a client after `n` may have been dropped, or `n` was never issued.
+/// `log` is the client's current log; `forgotten_dropped` covers its removed predecessors.
+fn needs_reset(n: u64, last_id: u64, forgotten_dropped: u64, log: &ClientLog) -> bool {
+    n > last_id || n < log.highest_dropped || n < log.opened_after.min(forgotten_dropped)
+}
+
+impl ClientLog {
+    fn new(opened_after: u64) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            highest_dropped: 0,
+            opened_after,
+            live: None,
+        }
+    }
+
+    /// Drops frames past their age, then the oldest beyond the count limit.
+    fn trim(&mut self, retention: &Retention, now: Instant) {
+        let max = retention.max_frames_per_client;
+        while let Some(oldest) = self.frames.front() {
+            let over_count = max != 0 && self.frames.len() > max;
+            if !over_count && !is_expired(retention, oldest.at, now) {
+                break;
+            }
+            // Ids increase along the ring, so the last one dropped is the highest.
+            self.highest_dropped = oldest.frame.id;
+            self.frames.pop_front();
+        }
+    }
+
+    fn live_subscribers(&self) -> usize {
+        self.live
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+}
+
+impl State {
+    fn new(retention: &Retention, now: Instant) -> Self {
+        let sweep_every = sweep_interval(retention.max_age);
+        Self {
+            last_id: 0,
+            clients: HashMap::new(),
+            forgotten_dropped: 0,
+            sweep_every,
+            next_sweep: now + sweep_every,
+        }
+    }
+
+    /// The client's log, created (empty) if it has none.
+    fn log(&mut self, client_id: &str) -> &mut ClientLog {
+        let last_id = self.last_id;
+        if !self.clients.contains_key(client_id) {
+            self.clients
+                .insert(client_id.to_owned(), ClientLog::new(last_id));
+        }
+        self.clients
+            .get_mut(client_id)
+            .expect("the log was inserted just above if it was missing")
+    }
+
+    /// Retains a frame and hands it to the client's live subscribers; returns its id.
+    fn publish(
+        &mut self,
+        retention: &Retention,
+        client_id: &str,
+        event: &str,
+        data: Bytes,
+        now: Instant,
+    ) -> u64 {
+        self.sweep_if_due(retention, now);
+        self.last_id += 1;
+        let id = self.last_id;
+        let log = self.log(client_id);
+        let frame = BusFrame {
+            id,
+            event: event.to_owned(),
+            data,
+        };
+        if let Some(live) = &log.live {
+            // An error means every subscriber is gone: stop keeping a channel for nobody.
+            if live.send(frame.clone()).is_err() {
+                log.live = None;
+            }
+        }
+        log.frames.push_back(Retained { frame, at: now });
+        log.trim(retention, now);
+        id
+    }
+
+    /// Decides `reset`, snapshots the frames to replay and joins the live channel — in one
+    /// step, so no frame falls between the snapshot and the channel.
+    fn subscribe(
+        &mut self,
+        retention: &Retention,
+        client_id: &str,
+        start: StartAt,
+        now: Instant,
+    ) -> (bool, Vec<BusFrame>, broadcast::Receiver<BusFrame>) {
+        self.sweep_if_due(retention, now);
+        let (last_id, forgotten) = (self.last_id, self.forgotten_dropped);
+        let log = self.log(client_id);
+        log.trim(retention, now);
+        let reset = match start {
+            StartAt::Retained => false,
+            StartAt::After(n) => needs_reset(n, last_id, forgotten, log),
+        };
+        let after = match start {
+            StartAt::After(n) if !reset => n,
+            _ => 0,
+        };
+        let replay = log
+            .frames
+            .iter()
+            .filter(|r| r.frame.id > after)
+            .map(|r| r.frame.clone())
+            .collect();
+        let live = log
+            .live
+            .get_or_insert_with(|| broadcast::channel(LIVE_BACKLOG).0)
+            .subscribe();
+        (reset, replay, live)
+    }
+
+    fn sweep_if_due(&mut self, retention: &Retention, now: Instant) {
+        if now >= self.next_sweep {
+            self.sweep(retention, now);
+        }
+    }
+
+    /// Trims every client and forgets those with neither frames nor subscribers.
+    fn sweep(&mut self, retention: &Retention, now: Instant) {
+        self.next_sweep = now + self.sweep_every;
+        let mut forgotten = self.forgotten_dropped;
+        self.clients.retain(|_, log| {
+            log.trim(retention, now);
+            if log.live_subscribers() == 0 {
+                log.live = None;
+            }
+            let keep = !log.frames.is_empty() || log.live.is_some();
+            if !keep {
+                forgotten = forgotten.max(log.highest_dropped);
+            }
+            keep
+        });
+        self.forgotten_dropped = forgotten;
+    }
+
+    fn stats(&self) -> MemoryBusStats {
+        MemoryBusStats {
+            clients: self.clients.len(),
+            frames: self.clients.values().map(|l| l.frames.len()).sum(),
+            live_subscribers: self.clients.values().map(ClientLog::live_subscribers).sum(),
+        }
+    }
+}
+
+impl MemoryBus {
+    /// An empty bus keeping frames for `retention`. Needs no runtime: nothing is spawned.
+    pub fn new(retention: Retention) -> Self {
+        let state = State::new(&retention, Instant::now());
+        Self {
+            inner: Arc::new(Inner {
+                retention,
+                state: Mutex::new(state),
+            }),
+        }
+    }
+
+    /// What the bus holds right now, after dropping what retention no longer needs — so a
+    /// count that does not fall back after clients leave is a leak.
+    pub fn stats(&self) -> MemoryBusStats {
+        let mut state = self.inner.lock();
+        state.sweep(&self.inner.retention, Instant::now());
+        state.stats()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every operation under this lock leaves the state consistent between its steps
+        // (an id issued but not yet retained is just an unused id), so a poisoned lock is
+        // still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBus")
+            .field("retention", &self.inner.retention)
+            .field("stats", &self.inner.lock().stats())
+            .finish()
+    }
+}
+
+fn check_client_id(client_id: &str) -> Result<(), BusError> {
+    if is_valid_client_id(client_id) {
+        Ok(())
+    } else {
+        Err(BusError::InvalidClientId)
+    }
+}
+
+/// Event names travel as an SSE `event:` line (and, on NATS, a header), so they must be one
+/// visible-ASCII token. Kept identical to the NATS bus's check: the suite holds both to it.
+fn check_event(event: &str) -> Result<(), BusError> {
+    if !event.is_empty() && event.len() <= 256 && event.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(BusError::Unavailable(format!(
+            "event name {event:?} is not one visible-ASCII token"
+        )))
+    }
+}
+
+/// The live part of a subscription: frames from the channel until the subscriber lags
+/// (one `Err`, then the end) or the bus is dropped.
+fn live_frames(
+    rx: broadcast::Receiver<BusFrame>,
+) -> impl Stream<Item = Result<BusFrame, BusError>> + Send + 'static {
+    stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Ok(frame) => Some((Ok(frame), Some(rx))),
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    backlog = LIVE_BACKLOG,
+                    "memory bus subscriber fell behind; ending its stream"
+                );
+                let err = BusError::Unavailable("subscriber lagged".to_owned());
+                Some((Err(err), None))
+            }
+            Err(RecvError::Closed) => {
+                let err = BusError::Unavailable("the memory bus was dropped".to_owned());
+                Some((Err(err), None))
+            }
+        }
+    })
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError> {
+        check_client_id(client_id)?;
+        check_event(event)?;
+        let now = Instant::now();
+        let id = self
+            .inner
+            .lock()
+            .publish(&self.inner.retention, client_id, event, data, now);
+        Ok(id)
+    }
+
+    async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
+        check_client_id(client_id)?;
+        let now = Instant::now();
+        let (reset, replay, live) =
+            self.inner
+                .lock()
+                .subscribe(&self.inner.retention, client_id, start, now);
+        let frames = stream::iter(replay.into_iter().map(Ok))
+            .chain(live_frames(live))
+            .boxed();
+        Ok(Subscription { reset, frames })
+    }
+
+    async fn is_healthy(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn retention(max_age: Duration, max_frames: usize) -> Retention {
+        Retention {
+            max_age,
+            max_frames_per_client: max_frames,
+        }
+    }
+
+    fn ids(log: &ClientLog) -> Vec<u64> {
+        log.frames.iter().map(|r| r.frame.id).collect()
+    }
+
+    #[test]
+    fn ids_come_from_one_counter_so_they_increase_per_client_but_not_contiguously() {
+        let r = retention(60 * SEC, 10);
+        let t0 = Instant::now();
+        let mut s = State::new(&r, t0);
+        assert_eq!(s.publish(&r, "a", "e", Bytes::new(), t0), 1);
+        assert_eq!(s.publish(&r, "b", "e", Bytes::new(), t0), 2);
+        assert_eq!(s.publish(&r, "a", "e", Bytes::new(), t0), 3);
+        assert_eq!(ids(&s.clients["a"]), [1, 3]);
+        assert_eq!(ids(&s.clients["b"]), [2]);
+    }
+
+    #[test]
+    fn the_count_limit_drops_the_oldest_and_remembers_the_highest_dropped_id() {
+        let r = retention(60 * SEC, 3);
+        let t0 = Instant::now();
+        let mut s = State::new(&r, t0);
+        for _ in 0..5 {
+            s.publish(&r, "a", "e", Bytes::new(), t0);
+        }
+        assert_eq!(ids(&s.clients["a"]), [3, 4, 5]);
+        assert_eq!(s.clients["a"].highest_dropped, 2);
+    }
+
+    #[test]
+    fn frames_expire_at_max_age_and_zero_limits_mean_no_limit() {
+        let r = retention(2 * SEC, 0);
+        let t0 = Instant::now();
+        let mut log = ClientLog::new(0);
+        for id in 1..=2000 {
+            let frame = BusFrame {
+                id,
+                event: "e".into(),
+                data: Bytes::new(),
+            };
+            let at = if id <= 1000 { t0 } else { t0 + SEC };
+            log.frames.push_back(Retained { frame, at });
+        }
+        log.trim(&r, t0 + SEC);
+        assert_eq!(log.frames.len(), 2000, "no count limit, nothing old enough");
+        log.trim(&r, t0 + 2 * SEC - Duration::from_nanos(1));
+        assert_eq!(log.frames.len(), 2000);
+        log.trim(&r, t0 + 2 * SEC);
+        assert_eq!(log.frames.len(), 1000);
+        assert_eq!(log.highest_dropped, 1000);
+        log.trim(&retention(Duration::ZERO, 0), t0 + 3650 * 24 * 3600 * SEC);
+        assert_eq!(
+            log.frames.len(),
+            1000,
+            "a zero max_age keeps frames forever"
+        );
+    }
+
+    #[test]
+    fn reset_is_needed_exactly_when_a_later_frame_was_dropped_or_the_id_was_never_issued() {
+        let mut log = ClientLog::new(0);
+        log.highest_dropped = 7;
+        // Dropped frames above n: reset; at or below n: nothing after n was lost.
+        assert!(needs_reset(6, 20, 0, &log));
+        assert!(!needs_reset(7, 20, 0, &log));
+        assert!(!needs_reset(20, 20, 0, &log));
+        // An id the bus never issued.
+        assert!(needs_reset(21, 20, 0, &log));
+        // A removed earlier log may have lost frames up to the watermark, but only frames
+        // issued before this log was opened.
+        let mut reopened = ClientLog::new(10);
+        assert!(needs_reset(8, 20, 9, &reopened));
+        assert!(!needs_reset(9, 20, 9, &reopened));
+        assert!(needs_reset(9, 20, 15, &reopened));
+        assert!(!needs_reset(10, 20, 15, &reopened), "opened after 10");
+        reopened.highest_dropped = 12;
+        assert!(needs_reset(11, 20, 15, &reopened));
+    }
+
+    #[test]
+    fn a_forgotten_client_still_resets_a_resume_from_before_its_dropped_frames() {
+        let r = retention(2 * SEC, 10);
+        let t0 = Instant::now();
+        let mut s = State::new(&r, t0);
+        s.publish(&r, "a", "e", Bytes::new(), t0); // 1
+        s.publish(&r, "a", "e", Bytes::new(), t0); // 2
+        s.publish(&r, "b", "e", Bytes::new(), t0 + 3 * SEC); // 3, sweeps: "a" is forgotten
+        assert!(!s.clients.contains_key("a"));
+        assert_eq!(s.forgotten_dropped, 2);
+        let (reset, replay, _rx) = s.subscribe(&r, "a", StartAt::After(1), t0 + 3 * SEC);
+        assert!(reset, "frame 2 of a was dropped");
+        assert!(replay.is_empty());
+        let (reset, _, _rx) = s.subscribe(&r, "a", StartAt::After(2), t0 + 3 * SEC);
+        assert!(!reset);
+    }
+
+    #[test]
+    fn a_sweep_forgets_idle_clients_but_keeps_subscribed_ones() {
+        let r = retention(2 * SEC, 10);
+        let t0 = Instant::now();
+        let mut s = State::new(&r, t0);
+        s.publish(&r, "idle", "e", Bytes::new(), t0);
+        let (_, _, rx) = s.subscribe(&r, "watched", StartAt::Retained, t0);
+        s.publish(&r, "watched", "e", Bytes::new(), t0);
+        s.sweep(&r, t0 + 5 * SEC);
+        assert_eq!(s.clients.keys().collect::<Vec<_>>(), ["watched"]);
+        assert_eq!(s.stats().frames, 0);
+        drop(rx);
+        s.sweep(&r, t0 + 5 * SEC);
+        assert!(s.clients.is_empty());
+    }
+
+    #[test]
+    fn the_sweep_interval_is_half_the_max_age_within_bounds() {
+        assert_eq!(sweep_interval(10 * SEC), 5 * SEC);
+        assert_eq!(sweep_interval(3600 * SEC), MAX_SWEEP_INTERVAL);
+        assert_eq!(sweep_interval(Duration::from_millis(2)), MIN_SWEEP_INTERVAL);
+        assert_eq!(sweep_interval(Duration::ZERO), MAX_SWEEP_INTERVAL);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_subscription_leaves_nothing_behind() {
+        let bus = MemoryBus::new(retention(60 * SEC, 10));
+        let sub = bus.subscribe("c", StartAt::Retained).await.expect("valid");
+        assert_eq!(
+            bus.stats(),
+            MemoryBusStats {
+                clients: 1,
+                frames: 0,
+                live_subscribers: 1
+            }
+        );
+        drop(sub);
+        assert_eq!(
+            bus.stats(),
+            MemoryBusStats {
+                clients: 0,
+                frames: 0,
+                live_subscribers: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subscription_reports_the_bus_being_dropped() {
+        let bus = MemoryBus::new(Retention::default());
+        let mut sub = bus.subscribe("c", StartAt::Retained).await.expect("valid");
+        drop(bus);
+        assert!(matches!(
+            sub.frames.next().await,
+            Some(Err(BusError::Unavailable(_)))
+        ));
+        assert!(sub.frames.next().await.is_none());
+    }
+}

@@ -1,0 +1,102 @@
+//! Client delivery: the bus every frame for a client travels on.
+//!
+//! A browser's SSE stream lands on one replica; the callback or NATS event that produces a
+//! frame for it may be handled by another. So frames are never handed to a connection
+//! directly: they are published on the bus under the client id, and the replica holding
+//! that client's stream subscribes. The bus also keeps recent frames, so a client that
+//! reconnects with `Last-Event-ID` — to any replica — gets what it missed.
+//!
+//! Frame ids are assigned by the bus at publish time, increase monotonically per client
+//! (not necessarily contiguously), and are what the SSE `id:` line carries.
+//!
+//! Two implementations pass one conformance suite (`tests/tests/bus_conformance.rs`):
+//! - [`memory::MemoryBus`] — in-process, for the embedded default (one replica);
+//! - [`nats::NatsBus`] — NATS: the stream `GATEWAY_FRAMES` over `gateway.clients.>` keeps
+//!   frames for replay; live delivery uses core subjects so an idle connection costs the
+//!   server a subscription, not a JetStream consumer.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use std::time::Duration;
+
+pub mod memory;
+pub mod nats;
+
+/// Why a bus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// NATS (or the stream) could not be reached or refused the operation.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The client id cannot be used in a subject (see `gateway_shared::frames::is_valid_client_id`).
+    #[error("invalid client id")]
+    InvalidClientId,
+}
+
+/// One frame as stored and delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusFrame {
+    /// The frame id (SSE `id:`), monotonic per client.
+    pub id: u64,
+    /// The SSE event name, e.g. `playbook/result`.
+    pub event: String,
+    /// The frame's JSON data, encoded once and shared by every writer.
+    pub data: Bytes,
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Every frame still retained for the client, then live ones (a first connection:
+    /// frames published before it connected are delivered).
+    Retained,
+    /// Frames with an id greater than this (`Last-Event-ID`), then live ones.
+    After(u64),
+}
+
+/// A client's frames: replayed ones first, then live ones, in id order, none twice.
+pub struct Subscription {
+    /// True when the requested `After(id)` could not be honoured exactly: frames after it
+    /// may have expired, or the id is not one this bus issued. The SSE layer then sends
+    /// `stream/reset` first, so the client re-reads state instead of trusting a silent gap.
+    pub reset: bool,
+    /// The frames. The stream ends only when it cannot go on without a gap: the bus failed,
+    /// or this subscriber fell further behind than the bus can hold for it (the memory bus's
+    /// live buffer, NATS retention). One `Err` item says why, then the stream ends; the SSE
+    /// layer then closes the connection and the client resumes with `Last-Event-ID`.
+    pub frames: BoxStream<'static, Result<BusFrame, BusError>>,
+}
+
+/// How long and how much the bus keeps for replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Frames older than this are dropped (PROTOCOL §7: 10 min). Zero: no age limit, as
+    /// `max_age = 0` means for a NATS stream.
+    pub max_age: Duration,
+    /// At most this many frames per client are kept (oldest dropped first). Zero: no limit.
+    pub max_frames_per_client: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(600),
+            max_frames_per_client: 1000,
+        }
+    }
+}
+
+/// Publish frames to a client; subscribe to a client's frames with replay.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends a frame to the client's stream and returns its id once it is retained
+    /// (so a crash after `publish` returns cannot lose it).
+    async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError>;
+
+    /// The client's frames from `start`, then live ones.
+    async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError>;
+
+    /// True if the bus can deliver now (for `/ready`).
+    async fn is_healthy(&self) -> bool;
+}

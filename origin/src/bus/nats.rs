@@ -1,0 +1,867 @@
+//! The shared [`Bus`]: a JetStream stream keeps frames for replay, core NATS delivers
+//! them live.
+//!
+//! Every origin replica points at the same stream, so a client that reconnects to any
+//! replica gets what it missed (ARCHITECTURE.md: the origin is stateless). The design is
+//! chosen for 100k mostly idle SSE connections per NATS cluster: an idle connection costs
+//! the server one core subscription — never a JetStream consumer.
+//!
+//! Decisions:
+//! - **The stream** `GATEWAY_FRAMES` (name overridable) holds `gateway.clients.<client_id>`,
+//!   file storage, discard old, `max_age` = [`Retention::max_age`] and
+//!   `max_messages_per_subject` = [`Retention::max_frames_per_client`] (0: no limit). An
+//!   existing stream is used as it is: differences are reported (`tracing::warn!` and
+//!   [`NatsBus::config_mismatches`]), never changed behind the operator's back. Replicas
+//!   are the server's default (1); create the stream beforehand for R3.
+//! - **Frame id = stream sequence.** It is what the publish ack returns, strictly increases
+//!   per client (not contiguously: the sequence is shared by all clients), and lets any
+//!   replica find "frames after `Last-Event-ID`" in the stream.
+//! - **publish** = (1) JetStream publish to `gateway.clients.<id>` with header `Gw-Event`,
+//!   awaiting the ack (the frame is retained from then on); (2) a core publish of the same
+//!   payload to `gateway.live.<id>` with `Gw-Event` and `Gw-Id: <seq>`, which the stream
+//!   does not store. Live delivery is one plain subscription per connected client.
+//! - **subscribe** = (1) subscribe to `gateway.live.<id>` and flush, so the server has the
+//!   subscription before anything is read; (2) read the stream from the start point with
+//!   "first message on this subject from sequence s" (the stream leader's
+//!   `STREAM.MSG.GET`), until there is none; (3) take live messages, skipping any whose
+//!   `Gw-Id` is not above the last id yielded. A frame stored before the reads end is
+//!   replayed; one stored after them was published live after the subscription existed, so
+//!   it arrives live — no gap, and the `Gw-Id` check removes the overlap.
+//!   Reads instead of a consumer: a reconnect storm (a replica restarting) then costs cheap
+//!   leader reads rather than thousands of consumer creations through the cluster's meta
+//!   leader, and the common resume ("nothing missed") is three round trips (the flush,
+//!   one read, one `STREAM.INFO`). A replay costs about one read per frame (bounded by retention); a pull
+//!   consumer for large replays is the optimisation if that ever shows in a profile.
+//! - **Every live frame is looked up in the stream** before it is yielded: "first frame of
+//!   this client after the last id yielded". If that is the live frame, nothing was missed;
+//!   if it is older, the subscription reads the stream forward first. Core NATS is at most
+//!   once — a publisher can die between its two steps, a slow subscription drops messages,
+//!   a reconnect loses what was in flight — and without this a later live frame would move
+//!   the client's `Last-Event-ID` past the lost one: a silent gap. It also makes delivery
+//!   independent of the order live copies from several publishers arrive in.
+//! - **Nothing owed is skipped.** Whenever the next frame read is not `last + 1`, the
+//!   subscription checks that retention cannot have dropped a frame in between: only a
+//!   subject at `max_messages_per_subject` drops frames of a live client (oldest first),
+//!   so it is enough that the subject is not full, or that it still holds a frame at or
+//!   below `last`. Otherwise the stream ends with an error ("fell behind retention"): the
+//!   SSE layer evicts, the client resumes and is told `reset`. Catch-up reads check once
+//!   per `READ_AHEAD` (32) frames. Cost of a live frame: one message read plus one
+//!   `STREAM.INFO` (small; `max_messages_per_subject` state for one subject).
+//! - **Reconnects.** A watcher task polls the connection's connect counter every 250 ms;
+//!   after a reconnect every subscription reads the stream forward once, so a frame whose
+//!   live copy was lost in the outage is delivered even if no later frame follows. An
+//!   outage longer than half of `max_age` ends the subscriptions with an error instead:
+//!   frames owed to them may have expired, and a resume applies the full reset rule.
+//! - **Residual case** (documented, not detected): a publisher that dies between its two
+//!   steps while this replica's connection stays up, with no later frame for that client:
+//!   the frame stays retained and is delivered by the next frame's lookup or the client's
+//!   next resume — unless no frame follows for longer than `max_age`, in which case it
+//!   expires unseen. The same holds in a NATS cluster for a frame published while this
+//!   subscription's interest is still propagating between servers.
+//! - **`reset` for `After(n)`** (a spurious reset is safe, a silent gap is not), decided
+//!   from the first frame after `n` and then the stream's state, in that order (so a frame
+//!   dropped before the read shows in the state), is true when: `n` is above the stream's
+//!   last sequence (an id from another or a recreated stream); or `n + 1` is below the
+//!   stream's first sequence (everything between went, and some may have been this
+//!   client's — frames leave a limits stream oldest first); or the subject is full, its
+//!   first frame after `n` is not `n + 1`, and it holds no frame at or below `n`. The
+//!   second rule fires spuriously for a client idle longer than `max_age`: the stream
+//!   cannot tell whether any frame that aged out was its own. A reset stream starts with
+//!   the oldest retained frame. `Retained` owes every frame retained when it subscribes.
+//! - **A subscription ends** (one `Err`, then the end) when a read fails, the live
+//!   subscription closes, the subscriber fell behind retention, or a long outage — never
+//!   by skipping frames. An outage alone does not end it: it waits, and catches up after
+//!   the reconnect.
+
+use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
+use async_nats::connection::State;
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::stream::{
+    self as js, DiscardPolicy, RawMessageErrorKind, RetentionPolicy, StorageType,
+};
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{Client, HeaderMap, HeaderValue, Message, Subscriber};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+use gateway_shared::frames::is_valid_client_id;
+use std::collections::VecDeque;
+use std::fmt::Display;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The stream's name unless [`NatsBus::open`] is given another (PROTOCOL.md §7).
+pub const DEFAULT_STREAM_NAME: &str = "GATEWAY_FRAMES";
+
+/// The subjects the stream holds: one per client.
+pub const FRAMES_SUBJECTS: &str = "gateway.clients.>";
+
+/// Header carrying the SSE event name, on stored and live messages.
+pub const EVENT_HEADER: &str = "Gw-Event";
+
+/// Header carrying the frame id (stream sequence) on live messages.
+pub const ID_HEADER: &str = "Gw-Id";
+
+const FRAMES_PREFIX: &str = "gateway.clients.";
+const LIVE_PREFIX: &str = "gateway.live.";
+
+/// How long any one NATS call may take before it fails as unavailable, so a dead server
+/// gives an error rather than a hang. (Overrides the client's request timeout, 10 s by
+/// default, for this bus's calls only.)
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the bus looks at the connection's connect counter and state to notice a
+/// reconnect. Local reads: the cost is negligible, the delay bounds how late catch-up starts.
+const RECONNECT_POLL: Duration = Duration::from_millis(250);
+
+/// How many frames a catch-up reads before checking, once for all of them, that none was
+/// dropped in between — so a long replay costs about one read per frame, not two.
+const READ_AHEAD: usize = 32;
+
+/// The frames bus shared by every origin replica; cheap to clone.
+#[derive(Clone)]
+pub struct NatsBus {
+    client: Client,
+    js: jetstream::Context,
+    stream: js::Stream<()>,
+    name: String,
+    /// The stream's actual `max_age` (an existing stream's may differ from the retention).
+    max_age: Duration,
+    mismatches: Vec<String>,
+    /// The connection's reconnects, reported by a watcher task.
+    connects: watch::Receiver<Connects>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("stream", &self.name)
+            .field("mismatches", &self.mismatches)
+            .finish()
+    }
+}
+
+fn unavailable(what: impl Display, err: impl Display) -> BusError {
+    BusError::Unavailable(format!("NATS bus {what}: {err}"))
+}
+
+fn check_client_id(client_id: &str) -> Result<(), BusError> {
+    if is_valid_client_id(client_id) {
+        Ok(())
+    } else {
+        Err(BusError::InvalidClientId)
+    }
+}
+
+/// Event names travel as a NATS header and an SSE `event:` line, so they must be one
+/// visible-ASCII token (a CR/LF would forge protocol lines). Kept identical to the memory
+/// bus's check: the suite holds both to it.
+fn check_event(event: &str) -> Result<(), BusError> {
+    if !event.is_empty() && event.len() <= 256 && event.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(BusError::Unavailable(format!(
+            "event name {event:?} is not one visible-ASCII token"
+        )))
+    }
+}
+
+fn frames_subject(client_id: &str) -> String {
+    format!("{FRAMES_PREFIX}{client_id}")
+}
+
+fn live_subject(client_id: &str) -> String {
+    format!("{LIVE_PREFIX}{client_id}")
+}
+
+/// A NATS limit as the server stores it: zero or negative is "unlimited" (-1).
+fn limit(value: i64) -> i64 {
+    if value <= 0 {
+        -1
+    } else {
+        value
+    }
+}
+
+/// The stream this bus creates when there is none.
+fn stream_config(name: &str, retention: &Retention) -> js::Config {
+    js::Config {
+        name: name.to_owned(),
+        description: Some("NoETL edge gateway: recent frames per client, for SSE replay".into()),
+        subjects: vec![FRAMES_SUBJECTS.to_owned()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        discard: DiscardPolicy::Old,
+        max_age: retention.max_age,
+        max_messages_per_subject: limit(
+            i64::try_from(retention.max_frames_per_client).unwrap_or(i64::MAX),
+        ),
+        ..Default::default()
+    }
+}
+
+/// How an existing stream differs from what this bus would create, in words.
+fn config_mismatches(wanted: &js::Config, existing: &js::Config) -> Vec<String> {
+    let name = &existing.name;
+    let mut out = Vec::new();
+    if existing.max_age != wanted.max_age {
+        out.push(format!(
+            "stream {name}: existing max_age {:?} differs from the configured {:?} (kept)",
+            existing.max_age, wanted.max_age
+        ));
+    }
+    if limit(existing.max_messages_per_subject) != limit(wanted.max_messages_per_subject) {
+        out.push(format!(
+            "stream {name}: existing max_messages_per_subject {} differs from the configured {} (kept)",
+            limit(existing.max_messages_per_subject),
+            limit(wanted.max_messages_per_subject)
+        ));
+    }
+    let covers = existing
+        .subjects
+        .iter()
+        .any(|s| s == FRAMES_SUBJECTS || s == "gateway.>" || s == ">");
+    if !covers {
+        out.push(format!(
+            "stream {name}: subjects {:?} do not cover {FRAMES_SUBJECTS}: publishing will fail",
+            existing.subjects
+        ));
+    }
+    if existing.retention != RetentionPolicy::Limits {
+        out.push(format!(
+            "stream {name}: retention {:?} removes frames before they expire: replay may miss them",
+            existing.retention
+        ));
+    }
+    if existing.discard != DiscardPolicy::Old {
+        out.push(format!(
+            "stream {name}: discard {:?} refuses new frames when full instead of dropping the oldest",
+            existing.discard
+        ));
+    }
+    if existing.storage != wanted.storage {
+        out.push(format!(
+            "stream {name}: storage {:?}: frames do not survive a server restart",
+            existing.storage
+        ));
+    }
+    out
+}
+
+/// The stream's settings and state, or `None` if it does not exist.
+async fn stream_info(js: &jetstream::Context, name: &str) -> Result<Option<js::Info>, BusError> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream.cached_info().clone())),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(js_err)
+                if js_err.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(unavailable(format!("stream {name} lookup"), e)),
+        },
+    }
+}
+
+/// What the reconnect watcher reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Connects {
+    /// The connection's connect count (initial connect included).
+    count: u64,
+    /// How long the connection was seen down before the latest reconnect (zero when the
+    /// outage fell between two polls).
+    outage: Duration,
+}
+
+/// A receiver of the connection's reconnects, kept current by a task that ends once every
+/// receiver (the bus and its subscriptions) is gone.
+fn watch_connects(client: &Client) -> watch::Receiver<Connects> {
+    let client = client.clone();
+    let stats = client.statistics();
+    let initial = Connects {
+        count: stats.connects.load(Ordering::Relaxed),
+        outage: Duration::ZERO,
+    };
+    let (tx, rx) = watch::channel(initial);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RECONNECT_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down_since = None;
+        loop {
+            tokio::select! {
+                () = tx.closed() => break,
+                _ = tick.tick() => {
+                    let count = stats.connects.load(Ordering::Relaxed);
+                    if count != tx.borrow().count {
+                        let outage = down_since
+                            .take()
+                            .map_or(Duration::ZERO, |since: tokio::time::Instant| since.elapsed());
+                        tx.send_replace(Connects { count, outage });
+                    } else if client.connection_state() != State::Connected {
+                        down_since.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// What the reset rule needs to know about the stream and the client's subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamFacts {
+    first_seq: u64,
+    last_seq: u64,
+    /// The stream's per-subject limit as stored (-1: none).
+    max_per_subject: i64,
+    /// Frames the client's subject holds now.
+    subject_frames: u64,
+}
+
+/// `n` was never issued by this stream, or frames after it left the stream (and some may
+/// have been this client's): frames leave a limits stream oldest first.
+fn outside_the_stream(n: u64, facts: &StreamFacts) -> bool {
+    n > facts.last_seq || n.saturating_add(1) < facts.first_seq
+}
+
+/// The per-subject limit may have dropped a frame of the client above `n`, given that the
+/// first retained one above `n` is `first_after`. Only a full subject drops, and only its
+/// oldest frames: a retained frame at or below `n` (checked separately) rules it out.
+fn count_limit_may_have_dropped(n: u64, facts: &StreamFacts, first_after: u64) -> bool {
+    facts.max_per_subject > 0
+        && facts.subject_frames >= facts.max_per_subject.unsigned_abs()
+        && first_after > n.saturating_add(1)
+}
+
+/// The stream's facts for `subject`: one `STREAM.INFO` with a subject filter, which also
+/// counts the subject's frames.
+async fn facts<I>(stream: &js::Stream<I>, subject: &str) -> Result<StreamFacts, BusError> {
+    let what = || format!("stream info for {subject}");
+    let mut info = stream
+        .info_with_subjects(subject)
+        .await
+        .map_err(|e| unavailable(what(), e))?;
+    // The filter is one literal subject: the first page holds it or nothing (polling a
+    // second time would request another page).
+    let subject_frames = match info.next().await {
+        Some(Ok((s, count))) if s == subject => count as u64,
+        Some(Err(e)) => return Err(unavailable(what(), e)),
+        _ => 0,
+    };
+    Ok(StreamFacts {
+        first_seq: info.info.state.first_sequence,
+        last_seq: info.info.state.last_sequence,
+        max_per_subject: limit(info.info.config.max_messages_per_subject),
+        subject_frames,
+    })
+}
+
+/// The first frame of `subject` with id ≥ `from`, or `None` when there is none.
+/// Messages not written by this bus (no `Gw-Event`) are skipped.
+async fn frame_from<I>(
+    stream: &js::Stream<I>,
+    subject: &str,
+    mut from: u64,
+) -> Result<Option<BusFrame>, BusError> {
+    loop {
+        match stream
+            .get_first_raw_message_by_subject(subject, from.max(1))
+            .await
+        {
+            Ok(m) => match m.headers.get(EVENT_HEADER) {
+                Some(event) => {
+                    return Ok(Some(BusFrame {
+                        id: m.sequence,
+                        event: event.as_str().to_owned(),
+                        data: m.payload,
+                    }))
+                }
+                None => {
+                    tracing::warn!(
+                        subject,
+                        seq = m.sequence,
+                        "message without {EVENT_HEADER} on a frames subject; skipped"
+                    );
+                    from = m.sequence.saturating_add(1);
+                }
+            },
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(unavailable(format!("read {subject} from {from}"), e)),
+        }
+    }
+}
+
+/// True if a frame at or below `n` is still retained on `subject`: retention drops a
+/// client's frames oldest first, so then none above `n` has been dropped.
+async fn retains_one_at_or_below<I>(
+    stream: &js::Stream<I>,
+    subject: &str,
+    n: u64,
+) -> Result<bool, BusError> {
+    Ok(matches!(frame_from(stream, subject, 1).await?, Some(oldest) if oldest.id <= n))
+}
+
+/// True if no frame of `subject` in (`last`, `found`) can have been dropped while owed to
+/// a subscriber; called after `found` (the first retained frame above `last`) was read.
+/// Only the per-subject limit is considered: for age to drop a frame a live subscriber is
+/// owed, the subscriber would have to be `max_age` behind (see the module docs).
+async fn nothing_dropped_between<I>(
+    stream: &js::Stream<I>,
+    subject: &str,
+    last: u64,
+    found: u64,
+) -> Result<bool, BusError> {
+    if found <= last.saturating_add(1) {
+        return Ok(true);
+    }
+    let facts = facts(stream, subject).await?;
+    if !count_limit_may_have_dropped(last, &facts, found) {
+        return Ok(true);
+    }
+    retains_one_at_or_below(stream, subject, last).await
+}
+
+/// Where a subscription starts: `(reset, the id every later frame is above, the first
+/// frame to deliver if already read)`.
+async fn start_point<I>(
+    stream: &js::Stream<I>,
+    subject: &str,
+    start: StartAt,
+) -> Result<(bool, u64, Option<BusFrame>), BusError> {
+    if let StartAt::After(n) = start {
+        // Read first, then the facts: a frame dropped before the read shows in them.
+        let first = frame_from(stream, subject, n.saturating_add(1)).await?;
+        let facts = facts(stream, subject).await?;
+        let lost = outside_the_stream(n, &facts)
+            || match &first {
+                Some(f) if count_limit_may_have_dropped(n, &facts, f.id) => {
+                    !retains_one_at_or_below(stream, subject, n).await?
+                }
+                _ => false,
+            };
+        if !lost {
+            return Ok((false, n, first));
+        }
+        let oldest = frame_from(stream, subject, 1).await?;
+        let above = oldest
+            .as_ref()
+            .map_or(facts.last_seq, |o| o.id.saturating_sub(1));
+        return Ok((true, above, oldest));
+    }
+    // Everything retained now is owed; what was dropped before now is not.
+    let oldest = frame_from(stream, subject, 1).await?;
+    let above = oldest.as_ref().map_or(0, |o| o.id.saturating_sub(1));
+    Ok((false, above, oldest))
+}
+
+/// The frame id a live message carries, if it is one of ours.
+fn live_id(msg: &Message) -> Option<u64> {
+    msg.headers.as_ref()?.get(ID_HEADER)?.as_str().parse().ok()
+}
+
+impl NatsBus {
+    /// Opens (creating when absent) the frames stream on the server `client` is connected
+    /// to. `stream_name` overrides [`DEFAULT_STREAM_NAME`] (tests; the subjects stay
+    /// `gateway.clients.>`, so two streams cannot share one server). Spawns one small task
+    /// that watches the connection for reconnects; it ends with the bus.
+    pub async fn open(
+        client: Client,
+        retention: Retention,
+        stream_name: Option<&str>,
+    ) -> Result<Self, BusError> {
+        let name = stream_name.unwrap_or(DEFAULT_STREAM_NAME);
+        let js = jetstream::ContextBuilder::new()
+            .timeout(OPERATION_TIMEOUT)
+            .build(client.clone());
+        let wanted = stream_config(name, &retention);
+        let existing = match stream_info(&js, name).await? {
+            Some(info) => Some(info),
+            None => match js.create_stream(wanted.clone()).await {
+                Ok(_) => {
+                    tracing::info!(stream = name, retention = ?retention, "created NATS frames stream");
+                    None
+                }
+                // Another replica may have created it meanwhile (with other settings):
+                // use theirs, as if it had been there all along.
+                Err(create_err) => match stream_info(&js, name).await? {
+                    Some(info) => Some(info),
+                    None => return Err(unavailable(format!("stream {name} create"), create_err)),
+                },
+            },
+        };
+        let (mismatches, max_age) = match &existing {
+            Some(info) => (
+                config_mismatches(&wanted, &info.config),
+                info.config.max_age,
+            ),
+            None => (Vec::new(), wanted.max_age),
+        };
+        for mismatch in &mismatches {
+            tracing::warn!(
+                stream = name,
+                %mismatch,
+                "existing NATS frames stream differs from the configuration; using it as it is"
+            );
+        }
+        let stream = js
+            .get_stream_no_info(name)
+            .await
+            .map_err(|e| unavailable(format!("stream {name} open"), e))?;
+        let connects = watch_connects(&client);
+        Ok(Self {
+            client,
+            js,
+            stream,
+            name: name.to_owned(),
+            max_age,
+            mismatches,
+            connects,
+        })
+    }
+
+    /// How the existing stream differs from the configuration (empty when it matches), for
+    /// start-up logs and diagnostics; each was also logged with `tracing::warn!`.
+    pub fn config_mismatches(&self) -> &[String] {
+        &self.mismatches
+    }
+}
+
+/// One subscription's state: the live subscription, the stream to read, and how far the
+/// client has got.
+struct Feed {
+    live: Subscriber,
+    stream: js::Stream<()>,
+    subject: String,
+    /// Every frame above this is owed to the client: the highest id yielded, or the start
+    /// point before anything was.
+    last: u64,
+    /// Frames read and checked, waiting to be yielded (ascending, all above `last`).
+    ready: VecDeque<BusFrame>,
+    /// Read the stream forward before taking live messages.
+    catching_up: bool,
+    /// `None` once the reconnect watcher is gone (the runtime is shutting down).
+    connects: Option<watch::Receiver<Connects>>,
+    /// The stream's `max_age`: an outage longer than half of it ends the subscription.
+    max_age: Duration,
+    done: bool,
+}
+
+/// What woke a feed waiting for live frames.
+enum Wake {
+    Reconnected,
+    WatcherGone,
+    Live(Option<Message>),
+}
+
+fn fell_behind(last: u64) -> BusError {
+    BusError::Unavailable(format!(
+        "NATS bus subscriber fell behind retention: frames after {last} may have been dropped"
+    ))
+}
+
+impl Feed {
+    fn fail(&mut self, err: BusError) -> Option<Result<BusFrame, BusError>> {
+        tracing::warn!(subject = %self.subject, last = self.last, error = %err, "NATS bus subscription ends");
+        self.done = true;
+        Some(Err(err))
+    }
+
+    /// Reads up to [`READ_AHEAD`] frames after `last` into `ready`, checking once for the
+    /// whole batch that none was dropped; ends the catch-up when the stream has no more.
+    async fn read_ahead(&mut self) -> Result<(), BusError> {
+        let mut batch = Vec::new();
+        let mut from = self.last.saturating_add(1);
+        while batch.len() < READ_AHEAD {
+            match frame_from(&self.stream, &self.subject, from).await? {
+                Some(frame) => {
+                    from = frame.id.saturating_add(1);
+                    batch.push(frame);
+                }
+                None => {
+                    self.catching_up = false;
+                    break;
+                }
+            }
+        }
+        if let Some(first) = batch.first() {
+            if !nothing_dropped_between(&self.stream, &self.subject, self.last, first.id).await? {
+                return Err(fell_behind(self.last));
+            }
+        }
+        self.ready.extend(batch);
+        Ok(())
+    }
+
+    /// Live frame `id` (above `last`) arrived: queue the stream's first frame after `last`
+    /// — `id` itself unless a live copy before it was lost, then catch up to it.
+    async fn on_live(&mut self, id: u64) -> Result<(), BusError> {
+        match frame_from(&self.stream, &self.subject, self.last.saturating_add(1)).await? {
+            Some(found) if found.id <= id => {
+                if !nothing_dropped_between(&self.stream, &self.subject, self.last, found.id)
+                    .await?
+                {
+                    return Err(fell_behind(self.last));
+                }
+                if found.id < id {
+                    self.catching_up = true;
+                }
+                self.ready.push_back(found);
+                Ok(())
+            }
+            // `id` itself is no longer retained.
+            _ => Err(fell_behind(self.last)),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Result<BusFrame, BusError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if let Some(frame) = self.ready.pop_front() {
+                self.last = frame.id;
+                return Some(Ok(frame));
+            }
+            if self.catching_up {
+                if let Err(e) = self.read_ahead().await {
+                    return self.fail(e);
+                }
+                continue;
+            }
+            let wake = {
+                let live = &mut self.live;
+                let connects = &mut self.connects;
+                tokio::select! {
+                    biased;
+                    changed = async {
+                        match connects {
+                            Some(rx) => rx.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => if changed.is_ok() { Wake::Reconnected } else { Wake::WatcherGone },
+                    msg = live.next() => Wake::Live(msg),
+                }
+            };
+            match wake {
+                Wake::Reconnected => {
+                    let outage = self
+                        .connects
+                        .as_mut()
+                        .map_or(Duration::ZERO, |rx| rx.borrow_and_update().outage);
+                    if !self.max_age.is_zero() && outage + RECONNECT_POLL >= self.max_age / 2 {
+                        // Frames owed to this client may have expired during the outage;
+                        // a resume decides with the full reset rule.
+                        return self.fail(BusError::Unavailable(format!(
+                            "NATS connection was down for {outage:?}; frames may have expired meanwhile"
+                        )));
+                    }
+                    // Live messages in flight during the outage are lost: read what the
+                    // stream got meanwhile.
+                    self.catching_up = true;
+                }
+                Wake::WatcherGone => self.connects = None,
+                Wake::Live(None) => {
+                    return self.fail(BusError::Unavailable(
+                        "NATS bus live subscription closed".to_owned(),
+                    ))
+                }
+                Wake::Live(Some(msg)) => {
+                    let Some(id) = live_id(&msg) else {
+                        tracing::warn!(subject = %msg.subject, "live message without a valid {ID_HEADER}; skipped");
+                        continue;
+                    };
+                    if id > self.last {
+                        if let Err(e) = self.on_live(id).await {
+                            return self.fail(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError> {
+        check_client_id(client_id)?;
+        check_event(event)?;
+        let subject = frames_subject(client_id);
+        let what = || format!("publish to {subject}");
+        let mut headers = HeaderMap::new();
+        headers.insert(EVENT_HEADER, event);
+        let id = self
+            .js
+            .publish_with_headers(subject.clone(), headers.clone(), data.clone())
+            .await
+            .map_err(|e| unavailable(what(), e))?
+            .await
+            .map_err(|e| unavailable(what(), e))?
+            .sequence;
+        headers.insert(ID_HEADER, HeaderValue::from(id));
+        if let Err(e) = self
+            .client
+            .publish_with_headers(live_subject(client_id), headers, data)
+            .await
+        {
+            // Retained already: subscribers get it from the stream (the next frame's
+            // check, a reconnect catch-up, or the client's next resume).
+            tracing::warn!(client_id, id, error = %e, "NATS bus live publish failed; frame stays retained");
+        }
+        Ok(id)
+    }
+
+    async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
+        check_client_id(client_id)?;
+        let subject = frames_subject(client_id);
+        let what = || format!("subscribe {client_id}");
+        // Reconnects from here on trigger a catch-up; earlier ones are covered by the reads.
+        let mut connects = self.connects.clone();
+        connects.borrow_and_update();
+
+        let live = self
+            .client
+            .subscribe(live_subject(client_id))
+            .await
+            .map_err(|e| unavailable(what(), e))?;
+        // The server must hold the subscription before the stream is read (see the module
+        // docs); a flush is a round trip behind the SUB on the same connection.
+        tokio::time::timeout(OPERATION_TIMEOUT, self.client.flush())
+            .await
+            .map_err(|_| unavailable(what(), "flush timed out"))?
+            .map_err(|e| unavailable(what(), e))?;
+
+        let (reset, last, first) = start_point(&self.stream, &subject, start).await?;
+        let feed = Feed {
+            live,
+            stream: self.stream.clone(),
+            subject,
+            last,
+            // Nothing after the start point when it was read: later frames come live.
+            catching_up: first.is_some(),
+            ready: first.into_iter().collect(),
+            connects: Some(connects),
+            max_age: self.max_age,
+            done: false,
+        };
+        let frames = stream::unfold(feed, |mut feed| async move {
+            let item = feed.next().await?;
+            Some((item, feed))
+        })
+        .boxed();
+        Ok(Subscription { reset, frames })
+    }
+
+    async fn is_healthy(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(first_seq: u64, last_seq: u64, max: i64, frames: u64) -> StreamFacts {
+        StreamFacts {
+            first_seq,
+            last_seq,
+            max_per_subject: max,
+            subject_frames: frames,
+        }
+    }
+
+    #[test]
+    fn an_id_above_the_last_sequence_or_below_the_first_is_outside_the_stream() {
+        let f = facts(10, 20, 5, 1);
+        assert!(outside_the_stream(21, &f), "never issued here");
+        assert!(!outside_the_stream(20, &f));
+        assert!(!outside_the_stream(9, &f), "9 + 1 is the first retained");
+        assert!(outside_the_stream(8, &f), "9 left the stream");
+        // A fresh stream: nothing issued, nothing lost.
+        assert!(!outside_the_stream(0, &facts(0, 0, 5, 0)));
+        assert!(outside_the_stream(1, &facts(0, 0, 5, 0)));
+        // Everything expired: first = last + 1.
+        assert!(!outside_the_stream(20, &facts(21, 20, 5, 0)));
+        assert!(outside_the_stream(19, &facts(21, 20, 5, 0)));
+        assert!(!outside_the_stream(u64::MAX, &facts(0, u64::MAX, 5, 0)));
+    }
+
+    #[test]
+    fn the_count_limit_matters_only_when_full_and_with_a_hole_after_n() {
+        assert!(count_limit_may_have_dropped(3, &facts(1, 50, 5, 5), 7));
+        assert!(
+            !count_limit_may_have_dropped(3, &facts(1, 50, 5, 5), 4),
+            "no hole"
+        );
+        assert!(
+            !count_limit_may_have_dropped(3, &facts(1, 50, 5, 4), 7),
+            "not full"
+        );
+        assert!(
+            !count_limit_may_have_dropped(3, &facts(1, 50, -1, 900), 7),
+            "no limit"
+        );
+    }
+
+    #[test]
+    fn the_created_stream_follows_the_retention_and_zero_means_unlimited() {
+        let r = Retention {
+            max_age: Duration::from_secs(600),
+            max_frames_per_client: 1000,
+        };
+        let c = stream_config("S", &r);
+        assert_eq!(c.subjects, [FRAMES_SUBJECTS]);
+        assert_eq!(c.max_age, r.max_age);
+        assert_eq!(c.max_messages_per_subject, 1000);
+        assert_eq!(c.storage, StorageType::File);
+        assert_eq!(c.discard, DiscardPolicy::Old);
+        let unlimited = stream_config(
+            "S",
+            &Retention {
+                max_frames_per_client: 0,
+                ..r
+            },
+        );
+        assert_eq!(unlimited.max_messages_per_subject, -1);
+        assert!(config_mismatches(&c, &c).is_empty());
+        assert!(config_mismatches(
+            &unlimited,
+            &js::Config {
+                max_messages_per_subject: 0,
+                ..unlimited.clone()
+            }
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn every_difference_that_changes_delivery_is_reported() {
+        let wanted = stream_config("S", &Retention::default());
+        let existing = js::Config {
+            max_age: Duration::from_secs(60),
+            max_messages_per_subject: 10,
+            subjects: vec!["other.>".into()],
+            retention: RetentionPolicy::WorkQueue,
+            discard: DiscardPolicy::New,
+            storage: StorageType::Memory,
+            ..wanted.clone()
+        };
+        let m = config_mismatches(&wanted, &existing);
+        assert_eq!(m.len(), 6, "{m:?}");
+        assert!(m[0].contains("60s") && m[0].contains("600s"), "{m:?}");
+        let wide = js::Config {
+            subjects: vec![">".into()],
+            ..wanted.clone()
+        };
+        assert!(config_mismatches(&wanted, &wide).is_empty());
+    }
+
+    #[test]
+    fn event_names_must_be_one_visible_token() {
+        assert!(check_event("playbook/result").is_ok());
+        for bad in ["", "a b", "a\r\nGw-Id: 1", "é", &"e".repeat(257)] {
+            assert!(check_event(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Playbook callbacks on the internal listener (PROTOCOL.md §4): results and progress that
+//! NoETL's playbooks POST back, turned into frames for the waiting client.
+//!
+//! Nothing that arrives is lost: a result is published to the client's bus subject, which
+//! retains it, so a client that is offline gets it when it (re)connects — whichever
+//! replica handled the callback. A repeated callback for a delivered request is a no-op
+//! (an atomic marker in the request store), so NoETL may retry freely. If the frame cannot
+//! be published, the marker is removed and the callback answered 503, so NoETL's retry
+//! delivers it later.
+//!
+//! Auth: `Authorization: Bearer` with either the service token (`GATEWAY_INTERNAL_TOKEN`) or
+//! the request's own callback token (HMAC over the request id); both compared in constant
+//! time. No service token configured and no valid request token → 503 (never a permissive
+//! default).
+
+use axum::extract::{Request, State};
+use axum::http::{header, request::Parts, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use gateway_shared::ct::secrets_equal;
+use gateway_shared::frames::{
+    event, is_valid_request_id, notification, CallbackBody, PlaybookProgress, ProgressBody,
+};
+use gateway_shared::session::bearer_token;
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::clients;
+use crate::error::{json_response, AppError};
+use crate::extract::{is_json_content_type, parse_json, read_body_limited};
+use crate::requests::{self, RequestEntry};
+use crate::store::Bucket;
+
+/// The callback routes (internal listener only).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/internal/callback", post(sync_callback))
+        .route("/api/internal/callback/async", post(async_callback))
+        .route("/api/internal/progress", post(progress))
+}
+
+/// Reads a JSON body with the callback limit.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    req: Request,
+) -> Result<(Parts, T), AppError> {
+    let (parts, body) = req.into_parts();
+    if !is_json_content_type(&parts.headers) {
+        return Err(AppError::UnsupportedMediaType);
+    }
+    let bytes = read_body_limited(body, state.config.callback_body_limit).await?;
+    Ok((parts, parse_json(&bytes)?))
+}
+
+/// Checks the bearer token against the service token or the request's own token.
+fn authorize(state: &AppState, parts: &Parts, request_id: &str) -> Result<(), AppError> {
+    let presented = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token);
+    if let Some(token) = presented {
+        if state.callback_tokens.verify(request_id, token) {
+            return Ok(());
+        }
+    }
+    let Some(service) = &state.config.internal_token else {
+        return Err(AppError::Unavailable {
+            code: "callbacks_not_configured",
+            message: "GATEWAY_INTERNAL_TOKEN is not set and no valid request token was presented"
+                .into(),
+        });
+    };
+    match presented {
+        Some(token) if secrets_equal(token.as_bytes(), service.expose().as_bytes()) => Ok(()),
+        _ => Err(AppError::forbidden(
+            "invalid_callback_token",
+            "callback token refused",
+        )),
+    }
+}
+
+async fn entry_for(state: &AppState, request_id: &str) -> Result<RequestEntry, AppError> {
+    if !is_valid_request_id(request_id) {
+        return Err(AppError::bad_request(
+            "invalid_field",
+            "request_id is not a valid request id",
+        ));
+    }
+    requests::get(state.kv.as_ref(), request_id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no pending request {request_id}")))
+}
+
+/// `POST /api/internal/callback/async`: a playbook's result for an SSE client.
+async fn async_callback(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+    let (parts, body): (_, CallbackBody) = read_json(&state, req).await?;
+    authorize(&state, &parts, &body.request_id)?;
+    let entry = entry_for(&state, &body.request_id).await?;
+    let kv = state.kv.as_ref();
+    if !requests::mark_delivered(kv, &entry.request_id).await? {
+        tracing::info!(request = %entry.request_id, "duplicate callback ignored");
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"status": "duplicate"}),
+        ));
+    }
+    let mut result = body.to_result();
+    if result.execution_id.is_none() {
+        result.execution_id = entry.execution_id.clone();
+    }
+    let Some(client_id) = entry.client_id.clone() else {
+        tracing::info!(request = %entry.request_id, "result for a request without a client; nothing to deliver");
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"status": "delivered", "client": null}),
+        ));
+    };
+    let data = Bytes::from(notification(event::RESULT, &result));
+    if let Err(e) = state.bus.publish(&client_id, event::RESULT, data).await {
+        let _ = requests::unmark_delivered(kv, &entry.request_id).await;
+        return Err(AppError::Unavailable {
+            code: "bus_unavailable",
+            message: format!("result not stored, retry: {e}"),
+        });
+    }
+    if let Err(e) = clients::remove_pending(kv, &client_id, &entry.request_id).await {
+        tracing::warn!(error = %e, "pending list not updated");
+    }
+    let online = state.hub.is_connected(&client_id)
+        || clients::is_present(kv, &client_id).await.unwrap_or(false);
+    tracing::info!(request = %entry.request_id, client = %client_id, online, status = %result.status, "result published");
+    Ok(if online {
+        json_response(StatusCode::OK, &json!({"status": "delivered"}))
+    } else {
+        json_response(StatusCode::ACCEPTED, &json!({"status": "queued"}))
+    })
+}
+
+/// `POST /api/internal/callback`: the answer a gateway request is waiting for (auth
+/// playbooks). Stored under `result.<request_id>`; the waiting replica watches that key.
+async fn sync_callback(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+    let (parts, body): (_, serde_json::Value) = read_json(&state, req).await?;
+    let request_id = body["request_id"].as_str().unwrap_or_default().to_owned();
+    authorize(&state, &parts, &request_id)?;
+    let entry = entry_for(&state, &request_id).await?;
+    let created = state
+        .kv
+        .create(
+            Bucket::Requests,
+            &format!("result.{}", entry.request_id),
+            Bytes::from(body.to_string()),
+        )
+        .await?;
+    let status = if created { "delivered" } else { "duplicate" };
+    Ok(json_response(StatusCode::OK, &json!({"status": status})))
+}
+
+/// `POST /api/internal/progress`: a `playbook/progress` frame for the request's client.
+async fn progress(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+    let (parts, body): (_, ProgressBody) = read_json(&state, req).await?;
+    authorize(&state, &parts, &body.request_id)?;
+    let entry = entry_for(&state, &body.request_id).await?;
+    let Some(client_id) = entry.client_id else {
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"status": "delivered", "client": null}),
+        ));
+    };
+    let params = PlaybookProgress {
+        request_id: entry.request_id.clone(),
+        execution_id: body.execution_id.or(entry.execution_id),
+        step: body.step,
+        message: body.message,
+        progress: body
+            .progress
+            .filter(|p| p.is_finite())
+            .map(|p| p.clamp(0.0, 1.0)),
+    };
+    state
+        .bus
+        .publish(
+            &client_id,
+            event::PROGRESS,
+            Bytes::from(notification(event::PROGRESS, &params)),
+        )
+        .await
+        .map_err(|e| AppError::Unavailable {
+            code: "bus_unavailable",
+            message: format!("progress not stored, retry: {e}"),
+        })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": "delivered"}),
+    ))
+}

@@ -1,0 +1,359 @@
+//! `GET /events` — the SSE stream of a client (PROTOCOL.md §3) — and
+//! `POST /api/events/ticket` for clients that cannot send headers or cookies.
+//!
+//! A connection: authenticate (session token or a single-use ticket) → bind or resume the
+//! client id (only its owner may resume it) → subscribe to the client's frames on the
+//! [`Bus`](crate::bus::Bus), replaying after `Last-Event-ID` → write `retry:` and the init
+//! frame, then frames as they come, a `ping` frame and `:` keep-alive comments.
+//!
+//! Each connection has a bounded queue between the bus and the socket. A reader too slow to
+//! keep up overflows it; the stream then ends with `stream/evicted` and the client
+//! reconnects with `Last-Event-ID` — the frames it missed are still on the bus, so nothing
+//! is lost and one slow reader never holds memory for everyone else.
+//!
+//! Frame data is the bus's `Bytes`, written as is: a frame is JSON-encoded once, by its
+//! producer, whatever the number of connections; only the `id:`/`event:` prefix is per
+//! connection.
+
+pub mod hub;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, request::Parts, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use futures::StreamExt;
+use gateway_shared::frames::{event, init_message, is_valid_client_id, notification, sse_frame};
+use gateway_shared::session::{SessionHash, User};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::app::AppState;
+use crate::auth::routes::require_request_session;
+use crate::bus::{BusFrame, StartAt};
+use crate::clients;
+use crate::error::{json_response, AppError};
+use crate::store::Bucket;
+
+/// The `retry:` sent with the first frame: EventSource waits this long to reconnect.
+const RETRY_MS: u32 = 2000;
+/// Lifetime of an SSE ticket.
+const TICKET_TTL: Duration = Duration::from_secs(30);
+
+/// The SSE routes (public listener).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/events", get(events))
+        .route("/api/events/ticket", post(ticket))
+}
+
+/// The query parameters `/events` understands, decoded strictly.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct EventsQuery {
+    client_id: Option<String>,
+    last_event_id: Option<String>,
+    ticket: Option<String>,
+}
+
+/// Parses the raw query: percent-decoding must yield UTF-8, or the request is refused.
+fn parse_query(raw: Option<&str>) -> Result<EventsQuery, AppError> {
+    let mut q = EventsQuery::default();
+    for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
+            .decode_utf8()
+            .map_err(|_| AppError::bad_request("invalid_query", "query parameters must be UTF-8"))?
+            .into_owned();
+        match k {
+            "client_id" => q.client_id = Some(v),
+            "last_event_id" => q.last_event_id = Some(v),
+            "ticket" => q.ticket = Some(v),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn ticket_key(ticket: &str) -> String {
+    format!("ticket.{}", SessionHash::of(ticket).as_str())
+}
+
+/// `POST /api/events/ticket`: a 30-second, single-use ticket for `/events?ticket=`.
+async fn ticket(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+    let (parts, _) = req.into_parts();
+    let (_, record) = require_request_session(&state, &parts).await?;
+    let ticket = crate::requests::new_request_id() + &crate::requests::new_request_id();
+    let value = serde_json::to_vec(&record.user).expect("a user is plain data");
+    state
+        .kv
+        .put_with_ttl(
+            Bucket::Clients,
+            &ticket_key(&ticket),
+            Bytes::from(value),
+            TICKET_TTL,
+        )
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()}),
+    ))
+}
+
+/// Redeems a ticket once: the first redemption wins on every replica.
+async fn redeem_ticket(state: &AppState, ticket: &str) -> Result<User, AppError> {
+    let refused = || {
+        AppError::unauthorized(
+            "invalid_ticket",
+            "the ticket is unknown, expired or already used",
+        )
+    };
+    if ticket.is_empty() || ticket.len() > 128 {
+        return Err(refused());
+    }
+    let key = ticket_key(ticket);
+    let user_bytes = state
+        .kv
+        .get(Bucket::Clients, &key)
+        .await?
+        .ok_or_else(refused)?;
+    let first = state
+        .kv
+        .create(
+            Bucket::Clients,
+            &format!("used.{key}"),
+            Bytes::from_static(b"1"),
+        )
+        .await?;
+    if !first {
+        return Err(refused());
+    }
+    let _ = state.kv.delete(Bucket::Clients, &key).await;
+    serde_json::from_slice(&user_bytes).map_err(|_| refused())
+}
+
+async fn authenticate(state: &AppState, parts: &Parts, q: &EventsQuery) -> Result<User, AppError> {
+    match &q.ticket {
+        Some(t) => redeem_ticket(state, t).await,
+        None => Ok(require_request_session(state, parts).await?.1.user),
+    }
+}
+
+/// `Last-Event-ID` from the header or `?last_event_id=`; junk is ignored (a fresh start is
+/// safe: `Retained` replays what the bus still has).
+fn last_event_id(parts: &Parts, q: &EventsQuery) -> Option<u64> {
+    parts
+        .headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| q.last_event_id.clone())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn events(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+    let (parts, _) = req.into_parts();
+    let q = parse_query(parts.uri.query())?;
+    let user = authenticate(&state, &parts, &q).await?;
+    let kv = state.kv.as_ref();
+
+    let (client_id, record) = match &q.client_id {
+        Some(id) => {
+            if !is_valid_client_id(id) {
+                return Err(AppError::bad_request(
+                    "invalid_client_id",
+                    "client_id is not a valid client id",
+                ));
+            }
+            match clients::get(kv, id).await? {
+                Some(r) if r.user_id == user.user_id => (id.clone(), r),
+                Some(_) => {
+                    tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
+                    return Err(AppError::forbidden(
+                        "client_not_yours",
+                        "this client id belongs to another session",
+                    ));
+                }
+                None => {
+                    return Err(AppError::forbidden(
+                        "unknown_client",
+                        "this client id is unknown or expired",
+                    ))
+                }
+            }
+        }
+        None => {
+            let id = clients::create(kv, &user.user_id).await?;
+            (
+                id,
+                clients::ClientRecord {
+                    user_id: user.user_id.clone(),
+                    pending: Vec::new(),
+                },
+            )
+        }
+    };
+    let start = last_event_id(&parts, &q).map_or(StartAt::Retained, StartAt::After);
+    let sub = state
+        .bus
+        .subscribe(&client_id, start)
+        .await
+        .map_err(|e| AppError::Unavailable {
+            code: "bus_unavailable",
+            message: format!("cannot open the event stream: {e}"),
+        })?;
+    if let Err(e) = clients::mark_present(kv, &client_id).await {
+        tracing::warn!(error = %e, "presence not recorded");
+    }
+    tracing::info!(client = %client_id, user = %user.user_id, ?start, reset = sub.reset, "event stream opened");
+
+    let mut first = sse_frame(
+        None,
+        event::MESSAGE,
+        &init_message(&client_id, env!("CARGO_PKG_VERSION"), &record.pending),
+        Some(RETRY_MS),
+    );
+    if sub.reset {
+        first.extend(sse_frame(
+            None,
+            event::RESET,
+            &notification(
+                event::RESET,
+                &json!({"reason": "last_event_id is older than the retained frames"}),
+            ),
+            None,
+        ));
+    }
+    let body = stream_body(state, client_id, Bytes::from(first), sub.frames);
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
+}
+
+/// One queued item: a bus frame (prefix written per connection, data shared) or raw bytes.
+enum Out {
+    Frame(BusFrame),
+    Raw(Bytes),
+}
+
+impl Out {
+    fn into_chunks(self) -> Vec<Bytes> {
+        match self {
+            Out::Raw(b) => vec![b],
+            Out::Frame(f) => {
+                let prefix = format!("id: {}\nevent: {}\ndata: ", f.id, f.event);
+                vec![Bytes::from(prefix), f.data, Bytes::from_static(b"\n\n")]
+            }
+        }
+    }
+}
+
+/// The response body: a pump task moves frames from the bus into a bounded queue; the
+/// body drains the queue and, if the pump evicted the connection, ends with
+/// `stream/evicted`.
+fn stream_body(
+    state: AppState,
+    client_id: String,
+    first: Bytes,
+    mut frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
+) -> Body {
+    let (tx, rx) = mpsc::channel::<Out>(state.config.sse_queue);
+    let evicted = Arc::new(AtomicBool::new(false));
+    let reg = state.hub.register(&client_id);
+    let _ = tx.try_send(Out::Raw(first));
+
+    let pump_evicted = evicted.clone();
+    tokio::spawn(async move {
+        let mut ping = tokio::time::interval(state.config.sse_ping_interval);
+        let mut keepalive = tokio::time::interval(state.config.sse_keepalive_interval);
+        ping.tick().await;
+        keepalive.tick().await;
+        let ping_frame = Bytes::from(sse_frame(
+            None,
+            event::PING,
+            &notification(event::PING, &json!({})),
+            None,
+        ));
+        let reason = loop {
+            tokio::select! {
+                _ = reg.superseded.cancelled() => break "superseded",
+                _ = state.shutdown.cancelled() => break "shutdown",
+                _ = tx.closed() => break "client gone",
+                _ = ping.tick() => {
+                    if tx.try_send(Out::Raw(ping_frame.clone())).is_err() { pump_evicted.store(true, Ordering::Relaxed); break "slow reader" }
+                    let _ = clients::mark_present(state.kv.as_ref(), &client_id).await;
+                }
+                _ = keepalive.tick() => {
+                    if tx.try_send(Out::Raw(Bytes::from_static(b":\n\n"))).is_err() { pump_evicted.store(true, Ordering::Relaxed); break "slow reader" }
+                }
+                item = frames.next() => match item {
+                    Some(Ok(frame)) => {
+                        if tx.try_send(Out::Frame(frame)).is_err() {
+                            pump_evicted.store(true, Ordering::Relaxed);
+                            break "slow reader";
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(client = %client_id, error = %e, "bus subscription failed; evicting so the client resumes");
+                        pump_evicted.store(true, Ordering::Relaxed);
+                        break "bus error";
+                    }
+                    None => break "bus closed",
+                },
+            }
+        };
+        drop(tx);
+        if state.hub.unregister(&client_id, reg.generation) {
+            let _ = clients::mark_absent(state.kv.as_ref(), &client_id).await;
+        }
+        tracing::info!(client = %client_id, reason, "event stream closed");
+    });
+
+    let tail = futures::stream::once(async move {
+        if evicted.load(Ordering::Relaxed) {
+            let data = notification(
+                event::EVICTED,
+                &json!({"reason": "the connection fell behind; reconnect with Last-Event-ID"}),
+            );
+            vec![Bytes::from(sse_frame(None, event::EVICTED, &data, None))]
+        } else {
+            Vec::new()
+        }
+    });
+    let chunks = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(Out::into_chunks)
+        .chain(tail)
+        .flat_map(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
+    Body::from_stream(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing_is_strict_about_utf8_and_tolerant_of_the_rest() {
+        let q = parse_query(Some("client_id=abc&last_event_id=7&x=1&ticket=t%2Bx")).unwrap();
+        assert_eq!(q.client_id.as_deref(), Some("abc"));
+        assert_eq!(q.last_event_id.as_deref(), Some("7"));
+        assert_eq!(q.ticket.as_deref(), Some("t+x"));
+        assert!(parse_query(Some("client_id=%FF%FE")).is_err());
+        assert_eq!(parse_query(None).unwrap(), EventsQuery::default());
+        assert!(parse_query(Some("&&=&a")).is_ok());
+    }
+}

@@ -1,0 +1,396 @@
+//! The schema: queries, mutations and the services they use.
+
+use std::sync::Arc;
+
+use async_graphql::{
+    Context, EmptySubscription, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID,
+};
+use gateway_shared::frames::{is_valid_client_id, PendingRequest};
+use gateway_shared::session::SessionRecord;
+use serde_json::Value;
+
+use crate::auth::routes::is_valid_playbook_path;
+use crate::auth::session::{now_unix, SessionService};
+use crate::bridge::interest;
+use crate::clients;
+use crate::config::Config;
+use crate::error::AppError;
+use crate::noetl::NoetlClient;
+use crate::requests::{self, CallbackTokens, RequestEntry};
+use crate::store::KvStore;
+
+/// The gateway's GraphQL schema.
+pub type GatewaySchema = Schema<Query, Mutation, EmptySubscription>;
+
+/// Who is calling: set per request by the HTTP shell after session validation.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The raw session token (for NoETL's access checks; never logged).
+    pub token: String,
+    /// The validated session.
+    pub record: SessionRecord,
+    /// The request id, for log correlation.
+    pub request_id: String,
+}
+
+/// The services resolvers use (schema-wide data).
+#[derive(Clone)]
+pub struct Services {
+    /// Configuration (callback URL, limits).
+    pub config: Arc<Config>,
+    /// Shared state.
+    pub kv: Arc<dyn KvStore>,
+    /// NoETL.
+    pub noetl: NoetlClient,
+    /// Access checks.
+    pub sessions: Arc<SessionService>,
+    /// Per-request callback tokens.
+    pub tokens: CallbackTokens,
+}
+
+/// Builds the schema with the protocol's limits.
+pub fn build_schema(services: Services, introspection: bool) -> GatewaySchema {
+    let mut b = Schema::build(Query, Mutation, EmptySubscription)
+        .data(services)
+        .limit_depth(16)
+        .limit_complexity(1000)
+        .limit_recursive_depth(32);
+    if !introspection {
+        b = b.disable_introspection();
+    }
+    b.finish()
+}
+
+fn gql_error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
+    async_graphql::Error::new(message.into()).extend_with(|_, e| e.set("code", code))
+}
+
+fn from_app(e: AppError) -> async_graphql::Error {
+    let code = match e.status().as_u16() {
+        403 => "FORBIDDEN",
+        404 => "NOT_FOUND",
+        400 | 413 | 415 => "BAD_USER_INPUT",
+        401 => "UNAUTHENTICATED",
+        502..=504 => "UPSTREAM_UNAVAILABLE",
+        _ => "INTERNAL",
+    };
+    let message = e.body().error.message;
+    async_graphql::Error::new(message).extend_with(|_, ext| {
+        ext.set("code", code);
+        ext.set("reason", e.code());
+    })
+}
+
+fn ctx_parts<'a>(ctx: &'a Context<'_>) -> async_graphql::Result<(&'a Services, &'a Caller)> {
+    Ok((ctx.data::<Services>()?, ctx.data::<Caller>()?))
+}
+
+/// A user as GraphQL shows it.
+#[derive(SimpleObject)]
+pub struct User {
+    /// NoETL's user id (exact decimal text).
+    pub user_id: String,
+    /// E-mail address.
+    pub email: String,
+    /// Display name.
+    pub display_name: String,
+    /// Roles.
+    pub roles: Vec<String>,
+}
+
+/// An execution's status (NoETL `/api/executions/{id}/status`).
+#[derive(SimpleObject)]
+pub struct ExecutionStatus {
+    /// Execution id (string: NoETL ids exceed 2^53).
+    pub execution_id: String,
+    /// RUNNING, COMPLETED, FAILED or CANCELLED.
+    pub status: String,
+    /// The step running now, if any.
+    pub current_step: Option<String>,
+    /// NoETL's progress counters.
+    pub progress: Option<Json<Value>>,
+}
+
+/// What executePlaybook returns (compat field names).
+#[derive(SimpleObject)]
+pub struct ExecuteResult {
+    /// Same as `executionId` (older clients read `id`).
+    pub id: String,
+    /// NoETL's execution id.
+    pub execution_id: String,
+    /// The gateway's request id; the `playbook/result` frame carries it.
+    pub request_id: Option<String>,
+    /// The playbook path.
+    pub name: Option<String>,
+    /// `started` or `duplicate`.
+    pub status: Option<String>,
+}
+
+/// What kind of resource to execute.
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(rename_items = "lowercase")]
+pub enum ExecutableResourceKind {
+    /// A playbook.
+    Playbook,
+    /// An agent.
+    Agent,
+}
+
+/// Queries.
+pub struct Query;
+
+#[Object]
+impl Query {
+    /// `"ok"` while the origin serves GraphQL.
+    async fn health(&self) -> &'static str {
+        "ok"
+    }
+
+    /// The gateway's version.
+    async fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    /// The calling user.
+    async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<User> {
+        let (_, caller) = ctx_parts(ctx)?;
+        let u = &caller.record.user;
+        Ok(User {
+            user_id: u.user_id.clone(),
+            email: u.email.clone(),
+            display_name: u.display_name.clone(),
+            roles: u.roles.clone(),
+        })
+    }
+
+    /// An execution's status, if the caller may view its playbook.
+    async fn execution(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<Option<ExecutionStatus>> {
+        let (svc, caller) = ctx_parts(ctx)?;
+        require_execution_access(svc, caller, &id, "view").await?;
+        let v = svc
+            .noetl
+            .execution_status(&id)
+            .await
+            .map_err(|e| from_app(e.into()))?;
+        Ok(Some(ExecutionStatus {
+            execution_id: v["execution_id"].as_str().unwrap_or(&id).to_owned(),
+            status: v["status"].as_str().unwrap_or("UNKNOWN").to_owned(),
+            current_step: v["current_step"].as_str().map(str::to_owned),
+            progress: v.get("progress").cloned().map(Json),
+        }))
+    }
+}
+
+/// The path of an execution, then an access check on it.
+async fn require_execution_access(
+    svc: &Services,
+    caller: &Caller,
+    id: &str,
+    permission: &str,
+) -> async_graphql::Result<()> {
+    if id.is_empty() || id.len() > 40 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(gql_error(
+            "BAD_USER_INPUT",
+            "execution ids are decimal numbers",
+        ));
+    }
+    let path = svc
+        .noetl
+        .execution_path(id)
+        .await
+        .map_err(|e| from_app(e.into()))?;
+    let reply = svc
+        .sessions
+        .check_access(&caller.token, &caller.record, &path, permission)
+        .await
+        .map_err(from_app)?;
+    if !reply.allowed {
+        return Err(gql_error(
+            "FORBIDDEN",
+            format!("not allowed to {permission} {path}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The caller's client id, if given: it must exist and belong to the caller.
+async fn own_client(
+    svc: &Services,
+    caller: &Caller,
+    client_id: Option<String>,
+) -> async_graphql::Result<Option<String>> {
+    let Some(id) = client_id.filter(|c| !c.is_empty()) else {
+        return Ok(None);
+    };
+    if !is_valid_client_id(&id) {
+        return Err(gql_error(
+            "BAD_USER_INPUT",
+            "clientId is not a valid client id",
+        ));
+    }
+    match clients::get(svc.kv.as_ref(), &id)
+        .await
+        .map_err(|e| from_app(e.into()))?
+    {
+        Some(r) if r.user_id == caller.record.user.user_id => Ok(Some(id)),
+        _ => Err(gql_error(
+            "FORBIDDEN",
+            "this clientId does not belong to your session",
+        )),
+    }
+}
+
+/// Mutations.
+pub struct Mutation;
+
+#[Object]
+impl Mutation {
+    /// Runs a playbook for the caller. Access is checked first; the request is recorded
+    /// before NoETL is called, so its callback can be delivered by any replica.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute_playbook(
+        &self,
+        ctx: &Context<'_>,
+        name: Option<String>,
+        path: Option<String>,
+        variables: Option<Json<Value>>,
+        workload: Option<Json<Value>>,
+        resource_kind: Option<ExecutableResourceKind>,
+        client_id: Option<String>,
+    ) -> async_graphql::Result<ExecuteResult> {
+        let (svc, caller) = ctx_parts(ctx)?;
+        let path = path
+            .or(name)
+            .filter(|p| is_valid_playbook_path(p))
+            .ok_or_else(|| {
+                gql_error(
+                    "BAD_USER_INPUT",
+                    "name or path is required (1-512 printable characters)",
+                )
+            })?;
+        let mut workload = workload
+            .or(variables)
+            .map(|j| j.0)
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        let Value::Object(fields) = &mut workload else {
+            return Err(gql_error(
+                "BAD_USER_INPUT",
+                "workload must be a JSON object",
+            ));
+        };
+        let access = svc
+            .sessions
+            .check_access(&caller.token, &caller.record, &path, "execute")
+            .await
+            .map_err(from_app)?;
+        if !access.allowed {
+            return Err(gql_error(
+                "FORBIDDEN",
+                format!("not allowed to execute {path}"),
+            ));
+        }
+        let client_id = own_client(svc, caller, client_id).await?;
+
+        let request_id = requests::new_request_id();
+        let entry = RequestEntry {
+            request_id: request_id.clone(),
+            client_id: client_id.clone(),
+            user_id: caller.record.user.user_id.clone(),
+            execution_id: None,
+            playbook_path: path.clone(),
+            created_at: now_unix(),
+        };
+        requests::put(svc.kv.as_ref(), &entry).await.map_err(|e| {
+            gql_error(
+                "UNAVAILABLE",
+                format!("request store unavailable, nothing was started: {e}"),
+            )
+        })?;
+        fields.insert("request_id".into(), Value::String(request_id.clone()));
+        fields.insert(
+            "gateway_url".into(),
+            Value::String(svc.config.callback_url()),
+        );
+        fields.insert(
+            "callback_token".into(),
+            Value::String(svc.tokens.token_for(&request_id)),
+        );
+
+        let kind = resource_kind.map(|k| match k {
+            ExecutableResourceKind::Playbook => "playbook",
+            ExecutableResourceKind::Agent => "agent",
+        });
+        let reply = svc
+            .noetl
+            .execute(&path, &workload, kind)
+            .await
+            .map_err(|e| from_app(e.into()))?;
+        let execution_id = reply.execution_id.clone();
+        let kv = svc.kv.as_ref();
+        let recorded = RequestEntry {
+            execution_id: Some(execution_id.clone()),
+            ..entry
+        };
+        if let Err(e) = requests::put(kv, &recorded).await {
+            tracing::warn!(request = %request_id, error = %e, "execution id not recorded");
+        }
+        if let Some(client) = &client_id {
+            if let Err(e) = interest::add_interest(kv, &execution_id, client).await {
+                tracing::warn!(request = %request_id, error = %e, "interest not recorded; state frames may be missed");
+            }
+            let pending = PendingRequest {
+                request_id: request_id.clone(),
+                execution_id: execution_id.clone(),
+                playbook_path: path.clone(),
+            };
+            if let Err(e) = clients::add_pending(kv, client, pending).await {
+                tracing::warn!(error = %e, "pending list not updated");
+            }
+        }
+        tracing::info!(request = %request_id, execution = %execution_id, playbook = %path, user = %caller.record.user.user_id, "playbook executed");
+        Ok(ExecuteResult {
+            id: execution_id.clone(),
+            execution_id,
+            request_id: Some(request_id),
+            name: Some(path),
+            status: Some(if reply.status.is_empty() {
+                "started".into()
+            } else {
+                reply.status
+            }),
+        })
+    }
+
+    /// Cancels an execution the caller may execute.
+    async fn cancel_execution(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<bool> {
+        let (svc, caller) = ctx_parts(ctx)?;
+        require_execution_access(svc, caller, &id, "execute").await?;
+        svc.noetl
+            .cancel(&id)
+            .await
+            .map_err(|e| from_app(e.into()))?;
+        Ok(true)
+    }
+
+    /// Sends an execution's `playbook/state` frames to one of the caller's clients.
+    async fn subscribe_to_execution(
+        &self,
+        ctx: &Context<'_>,
+        execution_id: ID,
+        client_id: String,
+    ) -> async_graphql::Result<bool> {
+        let (svc, caller) = ctx_parts(ctx)?;
+        let client = own_client(svc, caller, Some(client_id))
+            .await?
+            .ok_or_else(|| gql_error("BAD_USER_INPUT", "clientId is required"))?;
+        require_execution_access(svc, caller, &execution_id, "view").await?;
+        interest::add_interest(svc.kv.as_ref(), &execution_id, &client)
+            .await
+            .map_err(|e| from_app(e.into()))?;
+        Ok(true)
+    }
+}

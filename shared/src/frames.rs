@@ -1,0 +1,338 @@
+//! SSE frames and callback bodies: the realtime wire protocol (PROTOCOL.md §3–§4).
+//!
+//! A frame on `/events` is `id: <n>`, `event: <name>` and one `data:` line holding a
+//! JSON-RPC 2.0 object (compat with existing SPA clients). The JSON is produced once per
+//! frame by the functions here and shared as bytes between every writer; only the short
+//! `id:`/`event:` prefix is written per connection ([`sse_frame`]).
+//!
+//! Ids: `execution_id` is always a JSON string (NoETL ids exceed 2^53); callback bodies
+//! accept a number or a string and keep its exact digits.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::session::string_or_number;
+
+/// SSE event names.
+pub mod event {
+    /// The init frame (once per connection, first).
+    pub const MESSAGE: &str = "message";
+    /// Heartbeat.
+    pub const PING: &str = "ping";
+    /// Execution lifecycle (from the NATS bridge).
+    pub const STATE: &str = "playbook/state";
+    /// A playbook's result (from an async callback).
+    pub const RESULT: &str = "playbook/result";
+    /// A playbook's progress report.
+    pub const PROGRESS: &str = "playbook/progress";
+    /// The requested `Last-Event-ID` is older than retention: re-read state.
+    pub const RESET: &str = "stream/reset";
+    /// This connection fell too far behind and is closed; reconnect with `Last-Event-ID`.
+    pub const EVICTED: &str = "stream/evicted";
+}
+
+/// The longest client id accepted anywhere (server-assigned ids are 36-character UUIDs).
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// True if `id` can be a client id: 1..=64 characters of `[A-Za-z0-9_-]`. Checked before
+/// an id is used in a NATS subject or a K/V key.
+pub fn is_valid_client_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CLIENT_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// True if `id` can be a request id: 1..=128 characters of `[A-Za-z0-9_-]`.
+pub fn is_valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A JSON-RPC 2.0 notification: `{"jsonrpc":"2.0","method":…,"params":…}`.
+pub fn notification<P: Serialize>(method: &str, params: &P) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct N<'a, P> {
+        jsonrpc: &'static str,
+        method: &'a str,
+        params: &'a P,
+    }
+    serde_json::to_vec(&N {
+        jsonrpc: "2.0",
+        method,
+        params,
+    })
+    .expect("frame params are plain data and always serialise")
+}
+
+/// One request the client is still waiting for, listed in the init frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRequest {
+    /// The gateway's request id.
+    pub request_id: String,
+    /// NoETL's execution id (string).
+    pub execution_id: String,
+    /// The playbook path.
+    pub playbook_path: String,
+}
+
+/// The init frame's data: a JSON-RPC response with id 1 (compat).
+pub fn init_message(client_id: &str, server_version: &str, pending: &[PendingRequest]) -> Vec<u8> {
+    let v = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {
+            "clientId": client_id,
+            "protocolVersion": "2024-11-05",
+            "serverInfo": {"name": "noetl-edge-gateway", "version": server_version},
+            "capabilities": {"playbooks": true, "callbacks": true, "playbookState": true, "replay": true},
+            "pendingRequests": pending,
+        }
+    });
+    serde_json::to_vec(&v).expect("a JSON value always serialises")
+}
+
+/// `playbook/state` params.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaybookState {
+    /// Execution id as a string.
+    pub execution_id: String,
+    /// Normalised event name, e.g. `step.exit`, `playbook.completed`.
+    pub event_type: String,
+    /// The step (NoETL `node_name`), when the event is about one.
+    pub step_name: Option<String>,
+    /// NoETL's status for the event, when it has one.
+    pub status: Option<String>,
+    /// When NoETL recorded the event (RFC 3339).
+    pub at: String,
+    /// True for the one final frame of an execution (completed / failed / cancelled).
+    pub terminal: bool,
+}
+
+/// The error of a failed result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultError {
+    /// A machine code (NoETL's, or `PLAYBOOK_FAILED`).
+    #[serde(default)]
+    pub code: Option<String>,
+    /// What went wrong.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Extra detail from the playbook.
+    #[serde(default)]
+    pub data: Option<Value>,
+}
+
+/// `playbook/result` params (camelCase: compat).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaybookResult {
+    /// The gateway's request id.
+    pub request_id: String,
+    /// The execution id, when known.
+    pub execution_id: Option<String>,
+    /// `COMPLETED`, `FAILED`, or what the playbook reported.
+    pub status: String,
+    /// The result data (absent on failure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// The error (only on failure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ResultError>,
+}
+
+/// `playbook/progress` params (camelCase: compat).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaybookProgress {
+    /// The gateway's request id.
+    pub request_id: String,
+    /// The execution id, when known.
+    pub execution_id: Option<String>,
+    /// The step reporting.
+    pub step: Option<String>,
+    /// A human-readable message.
+    pub message: Option<String>,
+    /// 0.0..=1.0, when the playbook reports one.
+    pub progress: Option<f64>,
+}
+
+/// The body NoETL's playbooks POST to `/api/internal/callback{,/async}` (PROTOCOL §4).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallbackBody {
+    /// The request this answers.
+    pub request_id: String,
+    /// The execution, as a number or a string.
+    #[serde(default, deserialize_with = "opt_string_or_number")]
+    pub execution_id: Option<String>,
+    /// The step that sent it.
+    #[serde(default)]
+    pub step: Option<String>,
+    /// `success`, `COMPLETED`, `FAILED`, `error`, …
+    pub status: String,
+    /// The result data.
+    #[serde(default)]
+    pub data: Option<Value>,
+    /// The error, on failure.
+    #[serde(default)]
+    pub error: Option<ResultError>,
+}
+
+impl CallbackBody {
+    /// Failure iff `status` is `FAILED`/`failed`/`error` in any case, or `error` is present.
+    pub fn is_failure(&self) -> bool {
+        self.error.is_some()
+            || self.status.eq_ignore_ascii_case("failed")
+            || self.status.eq_ignore_ascii_case("error")
+    }
+
+    /// The `playbook/result` params this callback becomes.
+    pub fn to_result(&self) -> PlaybookResult {
+        if self.is_failure() {
+            let error = self.error.clone().unwrap_or(ResultError {
+                code: Some("PLAYBOOK_FAILED".into()),
+                message: Some(format!("playbook reported status {}", self.status)),
+                data: self.data.clone(),
+            });
+            PlaybookResult {
+                request_id: self.request_id.clone(),
+                execution_id: self.execution_id.clone(),
+                status: "FAILED".into(),
+                data: None,
+                error: Some(error),
+            }
+        } else {
+            PlaybookResult {
+                request_id: self.request_id.clone(),
+                execution_id: self.execution_id.clone(),
+                status: if self.status.eq_ignore_ascii_case("success") {
+                    "COMPLETED".into()
+                } else {
+                    self.status.to_ascii_uppercase()
+                },
+                data: self.data.clone(),
+                error: None,
+            }
+        }
+    }
+}
+
+/// The body of `/api/internal/progress`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ProgressBody {
+    /// The request this reports on.
+    pub request_id: String,
+    /// The execution, as a number or a string.
+    #[serde(default, deserialize_with = "opt_string_or_number")]
+    pub execution_id: Option<String>,
+    /// The step reporting.
+    #[serde(default)]
+    pub step: Option<String>,
+    /// A human-readable message.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// 0.0..=1.0.
+    #[serde(default)]
+    pub progress: Option<f64>,
+}
+
+fn opt_string_or_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct W(#[serde(deserialize_with = "string_or_number")] String);
+    Option::<W>::deserialize(d).map(|o| o.map(|w| w.0))
+}
+
+/// One SSE frame on the wire: optional `retry:`, optional `id:`, `event:`, one `data:` line.
+///
+/// `data` must be compact JSON (no newline), which every producer here guarantees; a
+/// newline would split the frame, so it is refused by a debug assertion and escaped in
+/// release builds rather than trusted.
+pub fn sse_frame(id: Option<u64>, event: &str, data: &[u8], retry_ms: Option<u32>) -> Vec<u8> {
+    debug_assert!(!data.contains(&b'\n'), "SSE data must be one line");
+    let mut out = Vec::with_capacity(data.len() + event.len() + 48);
+    if let Some(r) = retry_ms {
+        out.extend_from_slice(format!("retry: {r}\n").as_bytes());
+    }
+    if let Some(id) = id {
+        out.extend_from_slice(format!("id: {id}\n").as_bytes());
+    }
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(event.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    for &b in data {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_sse_frame_has_id_event_and_one_data_line() {
+        let f = sse_frame(Some(7), event::STATE, br#"{"a":1}"#, Some(2000));
+        assert_eq!(
+            String::from_utf8(f).unwrap(),
+            "retry: 2000\nid: 7\nevent: playbook/state\ndata: {\"a\":1}\n\n"
+        );
+    }
+
+    #[test]
+    fn a_notification_is_json_rpc() {
+        let v: Value =
+            serde_json::from_slice(&notification("ping", &serde_json::json!({}))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"jsonrpc":"2.0","method":"ping","params":{}})
+        );
+    }
+
+    #[test]
+    fn callbacks_fail_on_status_or_error_and_keep_big_ids_exact() {
+        let cb: CallbackBody = serde_json::from_str(
+            r#"{"request_id":"r1","execution_id":612345678901234567,"status":"success","data":{"x":1}}"#,
+        )
+        .unwrap();
+        assert!(!cb.is_failure());
+        let r = cb.to_result();
+        assert_eq!(r.status, "COMPLETED");
+        assert_eq!(r.execution_id.as_deref(), Some("612345678901234567"));
+        for status in ["FAILED", "failed", "Error"] {
+            let cb: CallbackBody =
+                serde_json::from_value(serde_json::json!({"request_id":"r","status":status}))
+                    .unwrap();
+            assert!(cb.is_failure(), "{status}");
+            assert_eq!(cb.to_result().status, "FAILED");
+        }
+        let cb: CallbackBody = serde_json::from_value(
+            serde_json::json!({"request_id":"r","status":"COMPLETED","error":{"message":"x"}}),
+        )
+        .unwrap();
+        assert!(cb.is_failure());
+        let v = serde_json::to_value(cb.to_result()).unwrap();
+        assert_eq!(v["requestId"], "r");
+        assert!(v.get("data").is_none());
+    }
+
+    #[test]
+    fn client_ids_are_short_and_subject_safe() {
+        assert!(is_valid_client_id("0b9f6a1e-3c2d-4f5a-9b8c-7d6e5f4a3b2c"));
+        assert!(!is_valid_client_id(""));
+        assert!(!is_valid_client_id("a.b"));
+        assert!(!is_valid_client_id("a>"));
+        assert!(!is_valid_client_id(&"a".repeat(10_000)));
+    }
+}

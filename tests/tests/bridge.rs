@@ -1,0 +1,854 @@
+//! The NATS bridge end to end: a real nats-server, the `noetl-standin` binary publishing
+//! events exactly as NoETL does (bursts, both subject shapes, the real traps), a real
+//! `NoetlClient` pointed at the stand-in for status confirmation, and the in-memory K/V for
+//! interest. The one double is [`RecordingBus`], an implementation of our own `Bus` trait
+//! that records what the bridge publishes; the end-to-end suites use the real buses.
+//!
+//! Each test builds its own world (own nats-server, own stand-in) on free ports. Bridges
+//! get their own NATS connection each, like replicas. Frames are compared after the
+//! terminal frame arrived plus a settle period, so a late duplicate would be seen.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use gateway_tests::harness::nats::NatsServer;
+use gateway_tests::harness::standin::{StandIn, StandInOptions};
+use origin::bridge::{self, interest, Bridge, BridgeConfig, BridgeMode, CancellationToken};
+use origin::bus::{Bus, BusError, StartAt, Subscription};
+use origin::noetl::NoetlClient;
+use origin::store::memory::MemoryKv;
+use origin::store::{BucketTtls, KvStore};
+use serde_json::{json, Value};
+
+/// How long a test waits for frames before failing.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long after the terminal frame a test keeps listening for strays and duplicates.
+const SETTLE: Duration = Duration::from_millis(1200);
+
+// ---------------------------------------------------------------------------------------
+// The recording bus
+// ---------------------------------------------------------------------------------------
+
+/// One publish the bridge made.
+#[derive(Debug, Clone)]
+struct Recorded {
+    /// Which bridge ("replica") published it.
+    replica: &'static str,
+    client_id: String,
+    event: String,
+    data: Bytes,
+}
+
+impl Recorded {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.data).expect("the bridge publishes JSON")
+    }
+
+    fn params(&self) -> Value {
+        self.json()["params"].clone()
+    }
+}
+
+/// Shared by every bridge of a test, so "each frame once in total" can be checked.
+#[derive(Default)]
+struct Log {
+    frames: Mutex<Vec<Recorded>>,
+}
+
+impl Log {
+    fn all(&self) -> Vec<Recorded> {
+        self.frames.lock().expect("log lock").clone()
+    }
+
+    /// Frames for one execution, in publish order.
+    fn for_execution(&self, execution_id: &str) -> Vec<Recorded> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.params()["execution_id"] == execution_id)
+            .collect()
+    }
+
+    /// Waits for the execution's terminal frame, then `SETTLE`, and returns its frames.
+    async fn until_terminal(&self, execution_id: &str) -> Vec<Recorded> {
+        let deadline = Instant::now() + FRAME_TIMEOUT;
+        while !self
+            .for_execution(execution_id)
+            .iter()
+            .any(|r| r.params()["terminal"] == true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no terminal frame for {execution_id} within {FRAME_TIMEOUT:?}; got {:#?}",
+                summary(&self.for_execution(execution_id))
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(SETTLE).await;
+        self.for_execution(execution_id)
+    }
+}
+
+/// A `Bus` that records; `fail_next` makes the next N publishes fail as if NATS were down.
+struct RecordingBus {
+    replica: &'static str,
+    log: Arc<Log>,
+    fail_next: AtomicUsize,
+    ids: AtomicUsize,
+}
+
+impl RecordingBus {
+    fn new(replica: &'static str, log: Arc<Log>) -> Arc<Self> {
+        Arc::new(Self {
+            replica,
+            log,
+            fail_next: AtomicUsize::new(0),
+            ids: AtomicUsize::new(0),
+        })
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+// `Bus` is an `#[async_trait]` trait; these are the signatures that macro expands to
+// (this crate does not depend on async-trait).
+impl Bus for RecordingBus {
+    fn publish<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        client_id: &'life1 str,
+        event: &'life2 str,
+        data: Bytes,
+    ) -> BoxFuture<'async_trait, Result<u64, BusError>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let failing = self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(BusError::Unavailable("injected by the test".into()));
+            }
+            self.log.frames.lock().expect("log lock").push(Recorded {
+                replica: self.replica,
+                client_id: client_id.to_owned(),
+                event: event.to_owned(),
+                data,
+            });
+            Ok(self.ids.fetch_add(1, Ordering::SeqCst) as u64 + 1)
+        })
+    }
+
+    fn subscribe<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        _client_id: &'life1 str,
+        _start: StartAt,
+    ) -> BoxFuture<'async_trait, Result<Subscription, BusError>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            Ok(Subscription {
+                reset: false,
+                frames: futures::stream::empty().boxed(),
+            })
+        })
+    }
+
+    fn is_healthy<'life0, 'async_trait>(&'life0 self) -> BoxFuture<'async_trait, bool>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async { true })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The world
+// ---------------------------------------------------------------------------------------
+
+/// One test's processes and shared state.
+struct World {
+    nats: NatsServer,
+    standin: StandIn,
+    kv: Arc<MemoryKv>,
+    log: Arc<Log>,
+    noetl: NoetlClient,
+    http: reqwest::Client,
+}
+
+/// A running bridge with its own NATS connection ("a replica").
+struct Replica {
+    bridge: Bridge,
+    stop: CancellationToken,
+    conn: async_nats::Client,
+    bus: Arc<RecordingBus>,
+}
+
+impl Replica {
+    /// Stops the bridge and closes its connection, as a replica going down would.
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.bridge.task)
+            .await
+            .expect("the bridge stops within 10 s of shutdown")
+            .expect("the bridge task does not panic");
+        let _ = self.conn.drain().await;
+    }
+}
+
+impl World {
+    /// nats-server + a stand-in publishing there (`python_events` picks the shape).
+    async fn start(python_events: bool) -> Self {
+        Self::start_with(StandInOptions {
+            python_events,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Like [`World::start`] with any stand-in options (`nats_url` is filled in).
+    async fn start_with(opts: StandInOptions) -> Self {
+        let nats = NatsServer::start().await.expect("nats-server starts");
+        let standin = StandIn::start(StandInOptions {
+            nats_url: Some(nats.url.clone()),
+            ..opts
+        })
+        .await
+        .expect("the stand-in starts");
+        let world = Self::with(nats, standin);
+        world.wait_for_stream().await;
+        world
+    }
+
+    fn with(nats: NatsServer, standin: StandIn) -> Self {
+        let noetl = NoetlClient::new(
+            reqwest::Url::parse(&standin.url).expect("stand-in URL"),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+            1,
+            "/api/health".into(),
+        )
+        .expect("NoETL client builds");
+        Self {
+            nats,
+            standin,
+            kv: Arc::new(MemoryKv::new(BucketTtls::default())),
+            log: Arc::default(),
+            noetl,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
+    async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(&self.nats.url)
+            .await
+            .expect("NATS accepts a connection")
+    }
+
+    /// The stand-in creates `noetl_events` as it starts; wait until it is there, so the
+    /// bridge picks the durable mode.
+    async fn wait_for_stream(&self) {
+        let js = jetstream::new(self.connect().await);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while js.get_stream("noetl_events").await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the stand-in never created noetl_events"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn bridge(&self, replica: &'static str) -> Replica {
+        self.bridge_with(replica, BridgeConfig::default()).await
+    }
+
+    async fn bridge_with(&self, replica: &'static str, config: BridgeConfig) -> Replica {
+        let conn = self.connect().await;
+        let bus = RecordingBus::new(replica, self.log.clone());
+        let stop = CancellationToken::new();
+        let kv: Arc<dyn KvStore> = self.kv.clone();
+        let bus_dyn: Arc<dyn Bus> = bus.clone();
+        let bridge = bridge::spawn(
+            conn.clone(),
+            kv,
+            bus_dyn,
+            self.noetl.clone(),
+            config,
+            stop.clone(),
+        )
+        .await
+        .expect("the bridge starts");
+        Replica {
+            bridge,
+            stop,
+            conn,
+            bus,
+        }
+    }
+
+    /// `POST /api/execute`; the execution id exactly as NoETL wrote it (a string).
+    async fn execute(&self, path: &str) -> String {
+        let v: Value = self
+            .http
+            .post(format!("{}/api/execute", self.standin.url))
+            .json(&json!({ "path": path, "workload": {} }))
+            .send()
+            .await
+            .expect("the stand-in answers /api/execute")
+            .json()
+            .await
+            .expect("JSON");
+        v["execution_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("execution_id is a string: {v}"))
+            .to_owned()
+    }
+
+    async fn interest(&self, execution_id: &str, client_id: &str) {
+        interest::add_interest(&*self.kv, execution_id, client_id)
+            .await
+            .expect("interest recorded");
+    }
+
+    /// Polls NoETL's status until it is final.
+    async fn wait_final(&self, execution_id: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = self
+                .noetl
+                .execution_status(execution_id)
+                .await
+                .expect("status");
+            let s = v["status"].as_str().unwrap_or_default().to_owned();
+            if s != "RUNNING" {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{execution_id} never ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the stand-in has published everything it queued.
+    async fn wait_published(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.standin.stats().await;
+            let e = &s["events"];
+            let queued = e["queued"].as_u64().unwrap_or(0);
+            let settled = e["published"].as_u64().unwrap_or(0)
+                + e["dropped"].as_u64().unwrap_or(0)
+                + e["skipped"].as_u64().unwrap_or(0);
+            if queued > 0 && settled >= queued {
+                return;
+            }
+            assert!(Instant::now() < deadline, "events never published: {s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `(event_type, step_name, status, terminal)` per frame, for readable assertions.
+fn summary(frames: &[Recorded]) -> Vec<(String, Option<String>, Option<String>, bool)> {
+    frames
+        .iter()
+        .map(|r| {
+            let p = r.params();
+            (
+                p["event_type"].as_str().unwrap_or("?").to_owned(),
+                p["step_name"].as_str().map(str::to_owned),
+                p["status"].as_str().map(str::to_owned),
+                p["terminal"] == true,
+            )
+        })
+        .collect()
+}
+
+fn types(frames: &[Recorded]) -> Vec<String> {
+    summary(frames).into_iter().map(|s| s.0).collect()
+}
+
+/// The frames of demo/steps from the Rust server, in order: `step.exit` comes from
+/// `command.completed`, and the real server emits `step.enter` after it.
+const STEPS_RUST: [&str; 8] = [
+    "playbook.started",
+    "step.exit",
+    "step.enter",
+    "step.exit",
+    "step.enter",
+    "step.exit",
+    "step.enter",
+    "playbook.completed",
+];
+
+/// Asserts the shape every frame must have, and exactly one terminal frame, last.
+fn assert_well_formed(frames: &[Recorded], execution_id: &str, client_id: &str) {
+    assert!(!frames.is_empty());
+    for r in frames {
+        assert_eq!(r.event, "playbook/state");
+        assert_eq!(r.client_id, client_id);
+        let v = r.json();
+        assert_eq!(v["jsonrpc"], "2.0");
+        assert_eq!(v["method"], "playbook/state");
+        // A JSON string with every digit, never a number.
+        assert_eq!(
+            v["params"]["execution_id"],
+            Value::String(execution_id.into())
+        );
+        let text = std::str::from_utf8(&r.data).expect("UTF-8");
+        assert!(
+            text.contains(&format!("\"execution_id\":\"{execution_id}\"")),
+            "{text}"
+        );
+        assert!(
+            v["params"]["at"].as_str().is_some_and(|a| a.ends_with('Z')),
+            "{v}"
+        );
+    }
+    let terminals: Vec<usize> = frames
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.params()["terminal"] == true)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        terminals,
+        [frames.len() - 1],
+        "exactly one terminal frame, last: {:#?}",
+        summary(frames)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn steps_become_started_step_frames_and_one_completed_terminal_in_order() {
+    let w = World::start(false).await;
+    let replica = w.bridge("a").await;
+    assert_eq!(replica.bridge.mode, BridgeMode::Durable);
+
+    let id = w.execute("demo/steps").await;
+    assert!(
+        id.parse::<u64>().is_ok_and(|n| n > 1 << 53),
+        "ids exceed 2^53: {id}"
+    );
+    w.interest(&id, "client-1").await;
+
+    let frames = w.log.until_terminal(&id).await;
+    assert_eq!(types(&frames), STEPS_RUST, "{:#?}", summary(&frames));
+    assert_well_formed(&frames, &id, "client-1");
+    let s = summary(&frames);
+    let steps: Vec<_> = s
+        .iter()
+        .filter(|f| f.0 == "step.exit")
+        .map(|f| f.1.clone())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            Some("step_1".into()),
+            Some("step_2".into()),
+            Some("step_3".into())
+        ]
+    );
+    assert_eq!(s[0].1, None, "playbook frames name no step");
+    assert_eq!(s[7].2.as_deref(), Some("COMPLETED"));
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn every_interested_client_gets_the_same_bytes() {
+    let w = World::start(false).await;
+    let replica = w.bridge("a").await;
+    let id = w.execute("demo/echo").await;
+    w.interest(&id, "client-a").await;
+    w.interest(&id, "client-b").await;
+    let frames = w.log.until_terminal(&id).await;
+    let of = |c: &str| -> Vec<Bytes> {
+        frames
+            .iter()
+            .filter(|r| r.client_id == c)
+            .map(|r| r.data.clone())
+            .collect()
+    };
+    assert!(!of("client-a").is_empty());
+    assert_eq!(of("client-a"), of("client-b"));
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_step_ends_with_playbook_failed_though_noetl_never_sent_it() {
+    let w = World::start(false).await;
+    // Watch the raw events too, to show what NoETL did (not) publish.
+    let mut raw = w
+        .connect()
+        .await
+        .subscribe("noetl.events.>")
+        .await
+        .expect("subscribe");
+    let replica = w.bridge("a").await;
+
+    let id = w.execute("demo/fail").await;
+    w.interest(&id, "client-1").await;
+    let frames = w.log.until_terminal(&id).await;
+
+    let s = summary(&frames);
+    assert_eq!(
+        types(&frames),
+        ["playbook.started", "step.failed", "playbook.failed"],
+        "{s:#?}"
+    );
+    assert_eq!(s[1].1.as_deref(), Some("fail_step"));
+    assert_eq!(s[2].2.as_deref(), Some("FAILED"));
+    assert!(s[2].3, "playbook.failed is terminal");
+    assert_well_formed(&frames, &id, "client-1");
+    assert_eq!(w.wait_final(&id).await, "FAILED");
+
+    let mut published = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), raw.next()).await {
+        published.push(m.subject.to_string());
+    }
+    assert!(
+        published.iter().any(|s| s == "noetl.events.command.failed"),
+        "{published:?}"
+    );
+    assert!(
+        published.iter().any(|s| s == "noetl.events.call.error"),
+        "{published:?}"
+    );
+    assert!(
+        !published
+            .iter()
+            .any(|s| s.contains("playbook.failed") || s.contains("playbook_failed")),
+        "NoETL published no playbook.failed: {published:?}"
+    );
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_lying_playbook_completed_becomes_playbook_failed() {
+    let w = World::start(false).await;
+    let replica = w.bridge("a").await;
+    let id = w.execute("demo/lying").await;
+    w.interest(&id, "client-1").await;
+    let frames = w.log.until_terminal(&id).await;
+    let s = summary(&frames);
+    let last = s.last().expect("frames");
+    assert_eq!(
+        (last.0.as_str(), last.2.as_deref(), last.3),
+        ("playbook.failed", Some("FAILED"), true),
+        "{s:#?}"
+    );
+    assert!(
+        !types(&frames).contains(&"playbook.completed".to_owned()),
+        "{s:#?}"
+    );
+    assert_well_formed(&frames, &id, "client-1");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn two_bridges_on_one_nats_record_each_frame_once_in_total() {
+    let w = World::start(false).await;
+    let a = w.bridge("a").await;
+    let b = w.bridge("b").await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let id = w.execute("demo/steps").await;
+        w.interest(&id, &format!("client-{i}")).await;
+        ids.push(id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let frames = w.log.until_terminal(id).await;
+        // Across replicas the order is not guaranteed; the multiset and the count are.
+        let mut got = types(&frames);
+        got.sort();
+        let mut want: Vec<String> = STEPS_RUST.iter().map(|s| (*s).to_owned()).collect();
+        want.sort();
+        assert_eq!(got, want, "{id}: {:#?}", summary(&frames));
+        assert_eq!(
+            frames
+                .iter()
+                .filter(|r| r.params()["terminal"] == true)
+                .count(),
+            1
+        );
+        assert!(frames.iter().all(|r| r.client_id == format!("client-{i}")));
+    }
+    let by_replica = |name| w.log.all().iter().filter(|r| r.replica == name).count();
+    eprintln!(
+        "frames published by replica a: {}, b: {}",
+        by_replica("a"),
+        by_replica("b")
+    );
+    assert_eq!(by_replica("a") + by_replica("b"), 4 * STEPS_RUST.len());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn events_published_while_no_bridge_runs_are_delivered_when_one_starts() {
+    let w = World::start(false).await;
+    // A first start creates the durable consumer; then every "replica" goes down.
+    w.bridge("first").await.stop().await;
+
+    let id = w.execute("demo/steps").await;
+    w.interest(&id, "client-1").await;
+    assert_eq!(w.wait_final(&id).await, "COMPLETED");
+    w.wait_published().await;
+    assert!(w.log.all().is_empty(), "nothing runs yet");
+
+    let replica = w.bridge("second").await;
+    let frames = w.log.until_terminal(&id).await;
+    assert_eq!(types(&frames), STEPS_RUST, "{:#?}", summary(&frames));
+    assert_well_formed(&frames, &id, "client-1");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn interest_recorded_late_still_gets_every_frame_in_order() {
+    let w = World::start(false).await;
+    let replica = w.bridge("a").await;
+    let id = w.execute("demo/steps").await;
+    // The whole run is over and published before anyone is interested.
+    assert_eq!(w.wait_final(&id).await, "COMPLETED");
+    w.wait_published().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(w.log.all().is_empty());
+
+    w.interest(&id, "client-late").await;
+    let frames = w.log.until_terminal(&id).await;
+    assert_eq!(types(&frames), STEPS_RUST, "{:#?}", summary(&frames));
+    assert_well_formed(&frames, &id, "client-late");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn interest_recorded_mid_run_keeps_frames_in_order() {
+    // Slow steps: new events keep arriving while the first ones wait for a redelivery.
+    let w = World::start_with(StandInOptions {
+        step_delay_ms: Some(700),
+        ..Default::default()
+    })
+    .await;
+    let replica = w.bridge("a").await;
+    let id = w.execute("demo/steps").await;
+    // Wait until the first burst reached NATS (and so the bridge, which retries it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.standin.stats().await["events"]["published"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "no events published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.log.all().is_empty());
+    w.interest(&id, "client-mid").await;
+    let frames = w.log.until_terminal(&id).await;
+    assert_eq!(types(&frames), STEPS_RUST, "{:#?}", summary(&frames));
+    assert_well_formed(&frames, &id, "client-mid");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn events_nobody_is_interested_in_are_dropped_after_the_wait() {
+    let w = World::start(false).await;
+    let config = BridgeConfig {
+        max_interest_wait: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let replica = w.bridge_with("a", config).await;
+    let id = w.execute("demo/echo").await;
+    assert_eq!(w.wait_final(&id).await, "COMPLETED");
+    w.wait_published().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Interest after the wait: the events are gone, and nothing is stuck un-acked.
+    w.interest(&id, "client-too-late").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(w.log.for_execution(&id).is_empty());
+    let js = jetstream::new(w.connect().await);
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("noetl_events")
+        .await
+        .expect("stream")
+        .get_consumer("gateway-bridge")
+        .await
+        .expect("consumer");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!(info.num_ack_pending, 0, "{info:?}");
+    assert_eq!(info.num_pending, 0, "{info:?}");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn python_shaped_events_are_forwarded_too() {
+    let w = World::start(true).await;
+    let replica = w.bridge("a").await;
+    assert_eq!(replica.bridge.mode, BridgeMode::Durable);
+
+    let id = w.execute("demo/steps").await;
+    w.interest(&id, "client-1").await;
+    let frames = w.log.until_terminal(&id).await;
+    // The Python server: step_started → step.enter, step_completed → step.exit.
+    assert_eq!(
+        types(&frames),
+        [
+            "playbook.started",
+            "step.enter",
+            "step.exit",
+            "step.enter",
+            "step.exit",
+            "step.enter",
+            "step.exit",
+            "playbook.completed"
+        ],
+        "{:#?}",
+        summary(&frames)
+    );
+    assert_well_formed(&frames, &id, "client-1");
+
+    let id = w.execute("demo/fail").await;
+    w.interest(&id, "client-2").await;
+    let frames = w.log.until_terminal(&id).await;
+    assert_eq!(
+        types(&frames),
+        [
+            "playbook.started",
+            "step.enter",
+            "step.failed",
+            "playbook.failed"
+        ],
+        "{:#?}",
+        summary(&frames)
+    );
+    assert_well_formed(&frames, &id, "client-2");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_message_is_skipped_and_later_events_still_flow() {
+    let w = World::start(false).await;
+    let replica = w.bridge("a").await;
+    let js = jetstream::new(w.connect().await);
+    for payload in [
+        &b"\xff not json at all"[..],
+        b"[1,2,3]",
+        br#"{"event_type":"playbook_started","execution_id":6.1e17}"#,
+        br#"{"event_type":"step.enter"}"#,
+    ] {
+        js.publish("noetl.events.x", Bytes::copy_from_slice(payload))
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let id = w.execute("demo/steps").await;
+    w.interest(&id, "client-1").await;
+    let frames = w.log.until_terminal(&id).await;
+    assert_eq!(types(&frames), STEPS_RUST, "{:#?}", summary(&frames));
+
+    // Everything was acked, the garbage included: nothing pending, nothing looping.
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("noetl_events")
+        .await
+        .expect("stream")
+        .get_consumer("gateway-bridge")
+        .await
+        .expect("consumer");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "{info:?}");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_bus_failure_is_retried_and_no_frame_is_lost() {
+    let w = World::start(false).await;
+    let replica = w.bridge("a").await;
+    replica.bus.fail_next.store(3, Ordering::SeqCst);
+    let id = w.execute("demo/steps").await;
+    w.interest(&id, "client-1").await;
+    let frames = w.log.until_terminal(&id).await;
+    assert_eq!(
+        replica.bus.fail_next.load(Ordering::SeqCst),
+        0,
+        "the failures happened"
+    );
+    assert_eq!(types(&frames), STEPS_RUST, "{:#?}", summary(&frames));
+    assert_well_formed(&frames, &id, "client-1");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_stream_a_core_queue_subscription_forwards_each_event_once() {
+    // No stream: the stand-in only answers status calls (and does not know this id, so the
+    // bridge falls back to what the events claim).
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let standin = StandIn::start(StandInOptions::default())
+        .await
+        .expect("the stand-in starts");
+    let w = World::with(nats, standin);
+    let a = w.bridge("a").await;
+    let b = w.bridge("b").await;
+    assert_eq!(a.bridge.mode, BridgeMode::Core);
+    assert_eq!(b.bridge.mode, BridgeMode::Core);
+
+    let id = "700000000000000001";
+    w.interest(id, "client-1").await;
+    let publisher = w.connect().await;
+    for (event_type, node, status) in [
+        ("playbook_started", "demo/hand", "STARTED"),
+        ("command.issued", "s1", "PENDING"),
+        ("command.completed", "s1", "COMPLETED"),
+        ("playbook.completed", "demo/hand", "COMPLETED"),
+    ] {
+        let row = format!(
+            r#"{{"event_id":{},"event_type":"{event_type}","execution_id":{id},"node_name":"{node}","status":"{status}","event_time":"2026-11-22T10:00:00Z"}}"#,
+            rand_id()
+        );
+        publisher
+            .publish(format!("noetl.events.{event_type}"), row.into())
+            .await
+            .expect("publish");
+        // Core delivery has no ordering across replicas; space the events out.
+        publisher.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let frames = w.log.until_terminal(id).await;
+    assert_eq!(
+        types(&frames),
+        ["playbook.started", "step.exit", "playbook.completed"],
+        "{:#?}",
+        summary(&frames)
+    );
+    assert_eq!(summary(&frames)[2].2.as_deref(), Some("COMPLETED"));
+    assert_well_formed(&frames, id, "client-1");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A fresh big event id.
+fn rand_id() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(800_000_000_000_000_000);
+    NEXT.fetch_add(1, Ordering::SeqCst)
+}

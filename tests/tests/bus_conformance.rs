@@ -1,0 +1,978 @@
+//! The bus conformance suite: one set of checks, run against every [`Bus`].
+//!
+//! The SSE layer may run on the embedded [`MemoryBus`] or on NATS ([`NatsBus`]), and nothing
+//! above the trait may tell them apart. Each check below is written once against `&dyn Bus`
+//! and instantiated by [`conformance!`] for both buses — `memory_bus::…` and `nats_bus::…` —
+//! with the retention it needs: [`LONG`] when nothing should expire, [`BY_COUNT`] (5 frames
+//! per client) and [`BY_AGE`] (2 s) for the retention checks. The NATS runs use a real
+//! nats-server each (own port and store directory), so all tests run in parallel.
+//!
+//! Ids are the NATS stream sequence, shared by all clients, so checks interleave other
+//! clients' frames to keep ids non-contiguous and never assume `id + 1`. Where the buses may
+//! legitimately differ — a reset a bus cannot rule out, a subscriber too far behind ending
+//! with an error rather than being served from a buffer — a check accepts either outcome
+//! but never a gap. What only one bus has follows in `nats_only` (replicas, an existing
+//! stream, lost live copies, a reconnect, losing the server) and `memory_only` (the lag
+//! error).
+
+use anyhow::{bail, ensure, Context as _};
+use bytes::Bytes;
+use futures::StreamExt;
+use gateway_tests::harness::nats::NatsServer;
+use origin::bus::memory::MemoryBus;
+use origin::bus::nats::NatsBus;
+use origin::bus::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Nothing expires during a check.
+const LONG: Retention = Retention {
+    max_age: Duration::from_secs(60),
+    max_frames_per_client: 1000,
+};
+
+/// At most five frames per client; nothing expires by age during a check.
+const BY_COUNT: Retention = Retention {
+    max_age: Duration::from_secs(60),
+    max_frames_per_client: 5,
+};
+
+/// Frames expire after two seconds.
+const BY_AGE: Retention = Retention {
+    max_age: Duration::from_secs(2),
+    max_frames_per_client: 1000,
+};
+
+/// How long to wait for a frame that must come.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a NATS subscription must stay silent to count as "nothing more to deliver"
+/// (the memory bus delivers synchronously, so it gets a shorter window).
+const QUIET: Duration = Duration::from_millis(200);
+
+/// A bus under test, with a way to look behind it.
+struct Subject {
+    bus: Arc<dyn Bus>,
+    probe: Probe,
+    /// How long a subscription must stay silent to count as "nothing more to deliver".
+    quiet: Duration,
+    /// Dropped after the bus and probe (field order), so clients go before their server.
+    _server: Option<NatsServer>,
+}
+
+/// How a check sees whether a client still has a live subscriber.
+enum Probe {
+    Memory(MemoryBus),
+    /// A separate connection: a request to the client's live subject has responders
+    /// (it times out) exactly while some subscription listens there.
+    Nats(async_nats::Client),
+}
+
+impl Subject {
+    async fn assert_quiet(&self, sub: &mut Subscription) -> anyhow::Result<()> {
+        if let Ok(item) = tokio::time::timeout(self.quiet, sub.frames.next()).await {
+            bail!("expected nothing more, got {item:?}");
+        }
+        Ok(())
+    }
+
+    async fn has_live_subscriber(&self, client_id: &str) -> anyhow::Result<bool> {
+        match &self.probe {
+            Probe::Memory(bus) => Ok(bus.stats().live_subscribers > 0),
+            Probe::Nats(client) => {
+                let request = async_nats::Request::new().timeout(Some(Duration::from_millis(200)));
+                match client
+                    .send_request(format!("gateway.live.{client_id}"), request)
+                    .await
+                {
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(false),
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => Ok(true),
+                    other => bail!("unexpected answer on the live subject: {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+async fn memory_subject(retention: Retention) -> anyhow::Result<Subject> {
+    let bus = MemoryBus::new(retention);
+    Ok(Subject {
+        bus: Arc::new(bus.clone()),
+        probe: Probe::Memory(bus),
+        quiet: Duration::from_millis(50),
+        _server: None,
+    })
+}
+
+async fn nats_subject(retention: Retention) -> anyhow::Result<Subject> {
+    let server = NatsServer::start().await?;
+    let bus = NatsBus::open(async_nats::connect(&server.url).await?, retention, None).await?;
+    ensure!(
+        bus.config_mismatches().is_empty(),
+        "a fresh stream cannot mismatch: {:?}",
+        bus.config_mismatches()
+    );
+    Ok(Subject {
+        bus: Arc::new(bus),
+        probe: Probe::Nats(async_nats::connect(&server.url).await?),
+        quiet: QUIET,
+        _server: Some(server),
+    })
+}
+
+/// Instantiates every check once per bus, as `#[tokio::test]`s named after the check, each
+/// with the retention given next to it. Multi-threaded, so racing tasks really race.
+macro_rules! conformance {
+    ($($check:ident with $retention:ident),* $(,)?) => {
+        mod memory_bus {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() -> anyhow::Result<()> {
+                    let subject = super::memory_subject(super::$retention).await?;
+                    super::$check(&subject).await
+                }
+            )*
+        }
+        mod nats_bus {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() -> anyhow::Result<()> {
+                    let subject = super::nats_subject(super::$retention).await?;
+                    super::$check(&subject).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    retained_frames_are_replayed_in_id_order_then_live_frames_follow with LONG,
+    a_resume_replays_only_frames_after_its_id_without_a_reset with LONG,
+    a_resume_from_the_newest_id_is_not_a_reset_and_waits_for_live_frames with LONG,
+    an_id_the_bus_never_issued_resets_to_the_oldest_retained_frame with LONG,
+    frames_beyond_the_per_client_limit_are_dropped_oldest_first_and_a_resume_before_them_resets with BY_COUNT,
+    frames_older_than_max_age_are_not_replayed_and_a_resume_before_them_resets with BY_AGE,
+    clients_are_isolated_even_when_one_id_is_a_prefix_of_another with LONG,
+    every_subscription_to_a_client_gets_every_frame with LONG,
+    publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate with LONG,
+    a_subscriber_further_behind_than_retention_gets_everything_or_an_error_never_a_gap with BY_COUNT,
+    a_slow_subscriber_blocks_neither_publishers_nor_other_subscribers_and_never_skips with LONG,
+    a_dropped_subscription_stops_listening_and_the_others_carry_on with LONG,
+    invalid_client_ids_and_event_names_are_refused with LONG,
+    frame_data_with_arbitrary_bytes_round_trips with LONG,
+    the_bus_reports_itself_healthy with LONG,
+);
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn frame(id: u64, event: &str, data: &str) -> BusFrame {
+    BusFrame {
+        id,
+        event: event.to_owned(),
+        data: b(data),
+    }
+}
+
+async fn next_frame(sub: &mut Subscription) -> anyhow::Result<BusFrame> {
+    match tokio::time::timeout(FRAME_TIMEOUT, sub.frames.next()).await {
+        Err(_) => bail!("no frame within {FRAME_TIMEOUT:?}"),
+        Ok(None) => bail!("the subscription ended"),
+        Ok(Some(Err(e))) => bail!("the subscription failed: {e}"),
+        Ok(Some(Ok(frame))) => Ok(frame),
+    }
+}
+
+async fn next_ids(sub: &mut Subscription, n: usize) -> anyhow::Result<Vec<u64>> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        ids.push(
+            next_frame(sub)
+                .await
+                .with_context(|| format!("frame {i} of {n}, after {ids:?}"))?
+                .id,
+        );
+    }
+    Ok(ids)
+}
+
+/// [`Subject::assert_quiet`] for the NATS-only tests, which have no [`Subject`].
+async fn assert_quiet(sub: &mut Subscription) -> anyhow::Result<()> {
+    if let Ok(item) = tokio::time::timeout(QUIET, sub.frames.next()).await {
+        bail!("expected nothing more, got {item:?}");
+    }
+    Ok(())
+}
+
+/// Publishes one frame per client in `clients`, in turn, `rounds` times; returns the ids
+/// of `clients[0]`'s frames. The others' frames keep ids non-contiguous.
+async fn publish_interleaved(
+    bus: &dyn Bus,
+    clients: &[&str],
+    rounds: usize,
+) -> anyhow::Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for round in 0..rounds {
+        for (i, client) in clients.iter().enumerate() {
+            let id = bus
+                .publish(
+                    client,
+                    "playbook/state",
+                    Bytes::from(format!("{client}-{round}")),
+                )
+                .await?;
+            if i == 0 {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+async fn retained_frames_are_replayed_in_id_order_then_live_frames_follow(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let one = bus.publish("c1", "playbook/state", b("one")).await?;
+    bus.publish("someone-else", "playbook/state", b("x"))
+        .await?;
+    let two = bus.publish("c1", "playbook/result", b("two")).await?;
+    let three = bus.publish("c1", "playbook/progress", b("three")).await?;
+    ensure!(one < two && two < three, "ids {one} {two} {three}");
+
+    let mut sub = bus.subscribe("c1", StartAt::Retained).await?;
+    assert!(!sub.reset);
+    assert_eq!(
+        next_frame(&mut sub).await?,
+        frame(one, "playbook/state", "one")
+    );
+    assert_eq!(
+        next_frame(&mut sub).await?,
+        frame(two, "playbook/result", "two")
+    );
+    assert_eq!(
+        next_frame(&mut sub).await?,
+        frame(three, "playbook/progress", "three")
+    );
+    s.assert_quiet(&mut sub).await?;
+
+    let four = bus.publish("c1", "message", b("four")).await?;
+    assert!(four > three);
+    assert_eq!(next_frame(&mut sub).await?, frame(four, "message", "four"));
+    s.assert_quiet(&mut sub).await
+}
+
+async fn a_resume_replays_only_frames_after_its_id_without_a_reset(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let ids = publish_interleaved(bus, &["c", "other"], 5).await?;
+    let mut sub = bus.subscribe("c", StartAt::After(ids[1])).await?;
+    assert!(!sub.reset);
+    assert_eq!(next_ids(&mut sub, 3).await?, ids[2..]);
+    s.assert_quiet(&mut sub).await?;
+
+    // An id from another client's frame, between two of ours, is a fine resume point.
+    let others = publish_interleaved(bus, &["other"], 1).await?;
+    let six = bus.publish("c", "e", b("six")).await?;
+    let mut sub = bus.subscribe("c", StartAt::After(others[0])).await?;
+    assert!(!sub.reset);
+    assert_eq!(next_frame(&mut sub).await?, frame(six, "e", "six"));
+    s.assert_quiet(&mut sub).await
+}
+
+async fn a_resume_from_the_newest_id_is_not_a_reset_and_waits_for_live_frames(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let ids = publish_interleaved(bus, &["c", "other"], 3).await?;
+    let newest = *ids.last().expect("three rounds");
+    let mut sub = bus.subscribe("c", StartAt::After(newest)).await?;
+    assert!(!sub.reset);
+    s.assert_quiet(&mut sub).await?;
+    bus.publish("other", "e", b("not for c")).await?;
+    let next = bus.publish("c", "e", b("next")).await?;
+    assert_eq!(next_frame(&mut sub).await?, frame(next, "e", "next"));
+    s.assert_quiet(&mut sub).await
+}
+
+async fn an_id_the_bus_never_issued_resets_to_the_oldest_retained_frame(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    // Nothing issued yet: any id is foreign.
+    let mut sub = bus.subscribe("c", StartAt::After(7)).await?;
+    assert!(sub.reset, "nothing was ever issued");
+    s.assert_quiet(&mut sub).await?;
+    drop(sub);
+
+    let ids = publish_interleaved(bus, &["c", "other"], 2).await?;
+    let foreign = ids[1] + 1000;
+    let mut sub = bus.subscribe("c", StartAt::After(foreign)).await?;
+    assert!(sub.reset, "{foreign} was never issued");
+    assert_eq!(
+        next_ids(&mut sub, 2).await?,
+        ids,
+        "from the oldest retained"
+    );
+    s.assert_quiet(&mut sub).await?;
+    let live = bus.publish("c", "e", b("live")).await?;
+    assert_eq!(next_frame(&mut sub).await?, frame(live, "e", "live"));
+    Ok(())
+}
+
+async fn frames_beyond_the_per_client_limit_are_dropped_oldest_first_and_a_resume_before_them_resets(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    // p[0..8] for "c"; "other" gets as many, and keeps its own five.
+    let p = publish_interleaved(bus, &["c", "other"], 8).await?;
+    let kept = &p[3..];
+
+    let mut all = bus.subscribe("c", StartAt::Retained).await?;
+    assert!(!all.reset);
+    assert_eq!(next_ids(&mut all, 5).await?, kept);
+    s.assert_quiet(&mut all).await?;
+
+    // From before the dropped frames: a reset, then the five retained ones.
+    for n in [p[0], p[1]] {
+        let mut sub = bus.subscribe("c", StartAt::After(n)).await?;
+        assert!(sub.reset, "frames after {n} were dropped");
+        assert_eq!(next_ids(&mut sub, 5).await?, kept, "after {n}");
+        s.assert_quiet(&mut sub).await?;
+    }
+
+    // From the newest dropped frame nothing after it is lost; a bus may still reset
+    // (it cannot always tell), but the frames are the same either way.
+    let mut sub = bus.subscribe("c", StartAt::After(p[2])).await?;
+    assert_eq!(next_ids(&mut sub, 5).await?, kept);
+    s.assert_quiet(&mut sub).await?;
+
+    // From a retained frame: no reset, only the newer ones.
+    let mut sub = bus.subscribe("c", StartAt::After(p[4])).await?;
+    assert!(!sub.reset);
+    assert_eq!(next_ids(&mut sub, 3).await?, p[5..]);
+    s.assert_quiet(&mut sub).await?;
+
+    let mut other = bus.subscribe("other", StartAt::Retained).await?;
+    let other_ids = next_ids(&mut other, 5).await?;
+    assert!(other_ids.iter().all(|id| !p.contains(id)));
+    s.assert_quiet(&mut other).await
+}
+
+async fn frames_older_than_max_age_are_not_replayed_and_a_resume_before_them_resets(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let max_age = BY_AGE.max_age;
+    let start = Instant::now();
+    let old = publish_interleaved(bus, &["c"], 2).await?;
+
+    // Poll until a fresh subscription replays nothing: both frames have expired.
+    loop {
+        let mut sub = bus.subscribe("c", StartAt::Retained).await?;
+        match tokio::time::timeout(s.quiet, sub.frames.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(f))) => ensure!(old.contains(&f.id), "unexpected frame {f:?}"),
+            Ok(other) => bail!("replay failed: {other:?}"),
+        }
+        ensure!(
+            start.elapsed() < max_age + Duration::from_secs(3),
+            "frames still replayed {:?} after publishing",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = start.elapsed();
+    ensure!(
+        gone + Duration::from_millis(50) >= max_age,
+        "expired after {gone:?}, before max_age {max_age:?}"
+    );
+
+    let new = bus.publish("c", "e", b("new")).await?;
+    let mut sub = bus.subscribe("c", StartAt::Retained).await?;
+    assert_eq!(next_frame(&mut sub).await?, frame(new, "e", "new"));
+    s.assert_quiet(&mut sub).await?;
+
+    // Frames after old[0] expired: a reset, starting with the oldest retained frame.
+    let mut sub = bus.subscribe("c", StartAt::After(old[0])).await?;
+    assert!(sub.reset);
+    assert_eq!(next_frame(&mut sub).await?, frame(new, "e", "new"));
+    s.assert_quiet(&mut sub).await?;
+
+    // From the last expired frame nothing after it was lost.
+    let mut sub = bus.subscribe("c", StartAt::After(old[1])).await?;
+    assert!(!sub.reset);
+    assert_eq!(next_frame(&mut sub).await?, frame(new, "e", "new"));
+    s.assert_quiet(&mut sub).await
+}
+
+async fn clients_are_isolated_even_when_one_id_is_a_prefix_of_another(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let clients = ["abc", "abc-1", "ab", "abc_1", "ABC"];
+    let mut live = Vec::new();
+    for c in clients {
+        live.push(bus.subscribe(c, StartAt::Retained).await?);
+    }
+    let mut ids = Vec::new();
+    for c in clients {
+        ids.push(bus.publish(c, "e", b(c)).await?);
+    }
+    for ((c, id), sub) in clients.iter().zip(&ids).zip(&mut live) {
+        assert_eq!(next_frame(sub).await?, frame(*id, "e", c), "live for {c}");
+        s.assert_quiet(sub).await?;
+        let mut replay = bus.subscribe(c, StartAt::Retained).await?;
+        assert_eq!(
+            next_frame(&mut replay).await?,
+            frame(*id, "e", c),
+            "replay for {c}"
+        );
+        s.assert_quiet(&mut replay).await?;
+    }
+    Ok(())
+}
+
+async fn every_subscription_to_a_client_gets_every_frame(s: &Subject) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let before = bus.publish("c", "e", b("before")).await?;
+    let mut subs = [
+        bus.subscribe("c", StartAt::Retained).await?,
+        bus.subscribe("c", StartAt::Retained).await?,
+        bus.subscribe("c", StartAt::After(before)).await?,
+    ];
+    let ids = publish_interleaved(bus, &["c", "other"], 5).await?;
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let mut expected = ids.clone();
+        if i < 2 {
+            expected.insert(0, before);
+        }
+        assert_eq!(
+            next_ids(sub, expected.len()).await?,
+            expected,
+            "subscription {i}"
+        );
+        s.assert_quiet(sub).await?;
+    }
+    Ok(())
+}
+
+async fn publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    const PER_PUBLISHER: usize = 150;
+    let published: Arc<Mutex<Vec<(u64, Bytes)>>> = Arc::default();
+    // Two publishers, like two replicas handling callbacks for one client.
+    let publishers: Vec<_> = (0..2)
+        .map(|p| {
+            let bus = Arc::clone(&s.bus);
+            let published = Arc::clone(&published);
+            tokio::spawn(async move {
+                for i in 0..PER_PUBLISHER {
+                    let data = Bytes::from(format!("p{p}-{i}"));
+                    let id = bus.publish("race", "e", data.clone()).await?;
+                    published
+                        .lock()
+                        .expect("no panics while held")
+                        .push((id, data));
+                    tokio::task::yield_now().await;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+
+    // Subscribe at several moments while they run: before, early, midway, late; each
+    // subscription is read as it goes (a reader that waits would lag).
+    let done = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for target in [0, 30, 120, 240] {
+        let deadline = Instant::now() + FRAME_TIMEOUT;
+        let resume = loop {
+            let so_far = published.lock().expect("no panics while held").clone();
+            if so_far.len() >= target {
+                break so_far.get(so_far.len() / 2).map(|(id, _)| *id);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "publishers stalled at {}",
+                so_far.len()
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        let start = match resume {
+            None => StartAt::Retained,
+            Some(id) => StartAt::After(id),
+        };
+        let sub = s.bus.subscribe("race", start).await?;
+        ensure!(!sub.reset, "{start:?}");
+        readers.push((
+            start,
+            tokio::spawn(read_until_done(sub, Arc::clone(&done), s.quiet)),
+        ));
+    }
+    for p in publishers {
+        p.await??;
+    }
+    done.store(true, Ordering::SeqCst);
+    let mut all = published.lock().expect("no panics while held").clone();
+    all.sort_by_key(|(id, _)| *id);
+    assert_eq!(all.len(), 2 * PER_PUBLISHER);
+
+    for (start, reader) in readers {
+        let got = reader.await?.with_context(|| format!("{start:?}"))?;
+        let from = match start {
+            StartAt::Retained => 0,
+            StartAt::After(n) => n,
+        };
+        let expected: Vec<_> = all.iter().filter(|(id, _)| *id > from).cloned().collect();
+        let got: Vec<_> = got.into_iter().map(|f| (f.id, f.data)).collect();
+        assert_eq!(got.len(), expected.len(), "{start:?}");
+        assert!(got == expected, "{start:?}: frames differ");
+    }
+    Ok(())
+}
+
+/// Collects a subscription's frames until `done` is set and nothing came for `quiet`.
+async fn read_until_done(
+    mut sub: Subscription,
+    done: Arc<AtomicBool>,
+    quiet: Duration,
+) -> anyhow::Result<Vec<BusFrame>> {
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(quiet, sub.frames.next()).await {
+            Ok(Some(Ok(frame))) => got.push(frame),
+            Ok(Some(Err(e))) => bail!("failed after {} frames: {e}", got.len()),
+            Ok(None) => bail!("ended after {} frames", got.len()),
+            Err(_) if done.load(Ordering::SeqCst) => return Ok(got),
+            Err(_) => {}
+        }
+    }
+}
+
+async fn a_subscriber_further_behind_than_retention_gets_everything_or_an_error_never_a_gap(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let before = bus.publish("c", "e", b("before")).await?;
+    let mut behind = bus.subscribe("c", StartAt::Retained).await?;
+    let mut resumed = bus.subscribe("c", StartAt::After(before)).await?;
+    // Eight frames while neither reads: three more than the client's limit of five.
+    let mut ids = vec![before];
+    ids.extend(publish_interleaved(bus, &["c", "other"], 8).await?);
+    for (name, sub, owed) in [
+        ("retained", &mut behind, &ids[..]),
+        ("resumed", &mut resumed, &ids[1..]),
+    ] {
+        let mut delivered = 0;
+        while delivered < owed.len() {
+            match tokio::time::timeout(FRAME_TIMEOUT, sub.frames.next()).await {
+                Err(_) => bail!("{name}: stalled after {delivered} frames"),
+                Ok(Some(Ok(f))) => {
+                    assert_eq!(f.id, owed[delivered], "{name}: frame {delivered}");
+                    delivered += 1;
+                }
+                Ok(Some(Err(e))) => {
+                    assert!(matches!(e, BusError::Unavailable(_)), "{name}: {e:?}");
+                    let end = tokio::time::timeout(s.quiet, sub.frames.next()).await;
+                    assert!(matches!(end, Ok(None)), "{name}: after the error: {end:?}");
+                    break;
+                }
+                Ok(None) => bail!("{name}: ended without an error after {delivered}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn a_slow_subscriber_blocks_neither_publishers_nor_other_subscribers_and_never_skips(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    // More than the memory bus's live backlog, so it overflows there.
+    const FRAMES: usize = 600;
+    let bus = &*s.bus;
+    let mut slow = bus.subscribe("c", StartAt::Retained).await?;
+    let mut fast = bus.subscribe("c", StartAt::Retained).await?;
+    let mut ids = Vec::with_capacity(FRAMES);
+    for i in 0..FRAMES {
+        let id = tokio::time::timeout(
+            FRAME_TIMEOUT,
+            bus.publish("c", "e", Bytes::from(i.to_string())),
+        )
+        .await
+        .with_context(|| format!("publish {i} blocked"))??;
+        ids.push(id);
+        let got = next_frame(&mut fast)
+            .await
+            .with_context(|| format!("fast, frame {i}"))?;
+        assert_eq!(got.id, id, "fast, frame {i}");
+    }
+
+    // The slow one delivers a gap-free prefix, then everything or one error and the end.
+    let mut delivered = 0;
+    while delivered < FRAMES {
+        match tokio::time::timeout(FRAME_TIMEOUT, slow.frames.next()).await {
+            Err(_) => bail!("the slow subscriber stalled after {delivered} frames"),
+            Ok(Some(Ok(f))) => {
+                assert_eq!(f.id, ids[delivered], "slow, frame {delivered}");
+                delivered += 1;
+            }
+            Ok(Some(Err(e))) => {
+                assert!(matches!(e, BusError::Unavailable(_)), "{e:?}");
+                let end = tokio::time::timeout(s.quiet, slow.frames.next()).await;
+                assert!(matches!(end, Ok(None)), "after the error: {end:?}");
+                break;
+            }
+            Ok(None) => bail!("the slow subscriber ended without an error after {delivered}"),
+        }
+    }
+    Ok(())
+}
+
+async fn a_dropped_subscription_stops_listening_and_the_others_carry_on(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    assert!(!s.has_live_subscriber("c").await?);
+    let first = bus.subscribe("c", StartAt::Retained).await?;
+    let mut second = bus.subscribe("c", StartAt::Retained).await?;
+    assert!(s.has_live_subscriber("c").await?);
+
+    drop(first);
+    let id = bus.publish("c", "e", b("still here")).await?;
+    assert_eq!(next_frame(&mut second).await?, frame(id, "e", "still here"));
+    assert!(s.has_live_subscriber("c").await?);
+
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while s.has_live_subscriber("c").await? {
+        ensure!(
+            Instant::now() < deadline,
+            "still subscribed after both were dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+async fn invalid_client_ids_and_event_names_are_refused(s: &Subject) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let too_long = "c".repeat(65);
+    for id in [
+        "",
+        "a.b",
+        "a b",
+        "a*",
+        "a>",
+        "gateway.clients.x",
+        "ünï",
+        "a\n",
+        too_long.as_str(),
+    ] {
+        let p = bus.publish(id, "e", b("x")).await;
+        assert!(
+            matches!(p, Err(BusError::InvalidClientId)),
+            "publish({id:?}): {p:?}"
+        );
+        let r = bus.subscribe(id, StartAt::Retained).await.map(|s| s.reset);
+        assert!(
+            matches!(r, Err(BusError::InvalidClientId)),
+            "subscribe({id:?}): {r:?}"
+        );
+    }
+    for event in ["", "two words", "line\r\nGw-Id: 1", "tab\there"] {
+        let p = bus.publish("c", event, b("x")).await;
+        assert!(
+            matches!(p, Err(BusError::Unavailable(_))),
+            "publish with event {event:?}: {p:?}"
+        );
+    }
+    // The widest valid id works, and nothing refused was stored.
+    let widest = format!("A-z_0{}", "9".repeat(59));
+    assert_eq!(widest.len(), 64);
+    let id = bus.publish(&widest, "playbook/result", b("ok")).await?;
+    let mut sub = bus.subscribe(&widest, StartAt::Retained).await?;
+    assert_eq!(
+        next_frame(&mut sub).await?,
+        frame(id, "playbook/result", "ok")
+    );
+    let mut sub = bus.subscribe("c", StartAt::Retained).await?;
+    s.assert_quiet(&mut sub).await
+}
+
+async fn frame_data_with_arbitrary_bytes_round_trips(s: &Subject) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let mut noise = Vec::with_capacity(64 * 1024);
+    let mut x: u32 = 0x9e37_79b9;
+    while noise.len() < 64 * 1024 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    let values = [
+        Bytes::new(),
+        Bytes::from((0..=255u8).collect::<Vec<u8>>()),
+        Bytes::from_static(b"\r\nNATS/1.0\r\nGw-Id: 1\r\n\r\nPUB x 1\r\n"),
+        Bytes::from_static(b"\0\0\0"),
+        Bytes::from(noise),
+    ];
+    let mut live = bus.subscribe("c", StartAt::Retained).await?;
+    let mut ids = Vec::new();
+    for v in &values {
+        ids.push(bus.publish("c", "e", v.clone()).await?);
+    }
+    let mut replay = bus.subscribe("c", StartAt::Retained).await?;
+    for (i, (id, v)) in ids.iter().zip(&values).enumerate() {
+        for (how, sub) in [("live", &mut live), ("replay", &mut replay)] {
+            let got = next_frame(sub).await?;
+            assert_eq!((got.id, &got.data), (*id, v), "{how} {i}");
+        }
+    }
+    Ok(())
+}
+
+async fn the_bus_reports_itself_healthy(s: &Subject) -> anyhow::Result<()> {
+    assert!(s.bus.is_healthy().await);
+    Ok(())
+}
+
+/// What only the NATS bus has: replicas, a stream that may already exist, core NATS
+/// losing live copies, a server to lose.
+mod nats_only {
+    use super::*;
+    use async_nats::jetstream::{self, stream};
+
+    /// Stores a frame the way `publish` does, but never sends its live copy: what a
+    /// publisher that dies between its two steps (or a lost core message) leaves behind.
+    async fn publish_without_live_copy(
+        js: &jetstream::Context,
+        client_id: &str,
+        data: &str,
+    ) -> anyhow::Result<u64> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Gw-Event", "e");
+        Ok(js
+            .publish_with_headers(format!("gateway.clients.{client_id}"), headers, b(data))
+            .await?
+            .await?
+            .sequence)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_on_one_server_share_live_delivery_and_replay() -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let name = Some("GW_TEST_FRAMES");
+        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, name).await?;
+        let b_ = NatsBus::open(async_nats::connect(&server.url).await?, LONG, name).await?;
+        assert!(
+            b_.config_mismatches().is_empty(),
+            "{:?}",
+            b_.config_mismatches()
+        );
+
+        let js = jetstream::new(async_nats::connect(&server.url).await?);
+        let config = js
+            .get_stream("GW_TEST_FRAMES")
+            .await?
+            .cached_info()
+            .config
+            .clone();
+        assert_eq!(config.subjects, ["gateway.clients.>"]);
+        assert_eq!(config.max_age, LONG.max_age);
+        assert_eq!(config.max_messages_per_subject, 1000);
+        assert_eq!(config.storage, stream::StorageType::File);
+        assert_eq!(config.discard, stream::DiscardPolicy::Old);
+
+        // Live: published on one replica, delivered on the other.
+        let mut on_b = b_.subscribe("c", StartAt::Retained).await?;
+        let one = a.publish("c", "e", b("from a")).await?;
+        assert_eq!(next_frame(&mut on_b).await?, frame(one, "e", "from a"));
+        let two = b_.publish("c", "e", b("from b")).await?;
+        assert_eq!(next_frame(&mut on_b).await?, frame(two, "e", "from b"));
+
+        // Replay: a client reconnecting to the other replica.
+        let mut on_a = a.subscribe("c", StartAt::After(one)).await?;
+        assert!(!on_a.reset);
+        assert_eq!(next_frame(&mut on_a).await?, frame(two, "e", "from b"));
+        let mut all_on_a = a.subscribe("c", StartAt::Retained).await?;
+        assert_eq!(next_ids(&mut all_on_a, 2).await?, [one, two]);
+
+        let three = a.publish("c", "e", b("three")).await?;
+        for sub in [&mut on_a, &mut on_b, &mut all_on_a] {
+            assert_eq!(next_frame(sub).await?, frame(three, "e", "three"));
+            assert_quiet(sub).await?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_existing_stream_with_other_retention_is_reported_and_used_as_it_is(
+    ) -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let client = async_nats::connect(&server.url).await?;
+        let js = jetstream::new(client.clone());
+        // Made by someone else: 30 s and 3 frames per client instead of 2 s and 5.
+        js.create_stream(stream::Config {
+            name: "GATEWAY_FRAMES".into(),
+            subjects: vec!["gateway.clients.>".into()],
+            max_age: Duration::from_secs(30),
+            max_messages_per_subject: 3,
+            ..Default::default()
+        })
+        .await?;
+        let pre = publish_without_live_copy(&js, "c", "pre-existing").await?;
+
+        let wanted = Retention {
+            max_age: Duration::from_secs(2),
+            max_frames_per_client: 5,
+        };
+        let bus = NatsBus::open(client, wanted, None).await?;
+        let m = bus.config_mismatches();
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(
+            m[0].contains("max_age") && m[0].contains("30s") && m[0].contains("2s"),
+            "{m:?}"
+        );
+        assert!(
+            m[1].contains("max_messages_per_subject") && m[1].contains('3') && m[1].contains('5'),
+            "{m:?}"
+        );
+
+        // Used as it is: its frames are replayed and its limits apply...
+        let mut sub = bus.subscribe("c", StartAt::Retained).await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(pre, "e", "pre-existing"));
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let id = bus.publish("c", "e", Bytes::from(i.to_string())).await?;
+            assert_eq!(next_frame(&mut sub).await?.id, id);
+            ids.push(id);
+        }
+        let mut replay = bus.subscribe("c", StartAt::Retained).await?;
+        assert_eq!(next_ids(&mut replay, 3).await?, ids[1..]);
+        assert_quiet(&mut replay).await?;
+        let mut resumed = bus.subscribe("c", StartAt::After(pre)).await?;
+        assert!(
+            resumed.reset,
+            "the stream's limit of 3 dropped frames after {pre}"
+        );
+        assert_eq!(next_ids(&mut resumed, 3).await?, ids[1..]);
+        // ...and it is not changed.
+        let config = js
+            .get_stream("GATEWAY_FRAMES")
+            .await?
+            .cached_info()
+            .config
+            .clone();
+        assert_eq!(config.max_age, Duration::from_secs(30));
+        assert_eq!(config.max_messages_per_subject, 3);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_whose_live_copy_was_lost_is_delivered_before_the_next_frame(
+    ) -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let bus = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let js = jetstream::new(async_nats::connect(&server.url).await?);
+        let mut sub = bus.subscribe("c", StartAt::Retained).await?;
+        let first = bus.publish("c", "e", b("first")).await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(first, "e", "first"));
+        assert_quiet(&mut sub).await?; // done reading the stream: waiting for live frames
+
+        let lost = publish_without_live_copy(&js, "c", "lost").await?;
+        // Without a later frame or a reconnect nothing announces it (the documented
+        // residual case): it waits in the stream.
+        assert_quiet(&mut sub).await?;
+        let next = bus.publish("c", "e", b("next")).await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(lost, "e", "lost"));
+        assert_eq!(next_frame(&mut sub).await?, frame(next, "e", "next"));
+        assert_quiet(&mut sub).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_whose_live_copy_was_lost_in_a_reconnect_is_delivered_without_another_frame(
+    ) -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let client = async_nats::connect(&server.url).await?;
+        let bus = NatsBus::open(client.clone(), LONG, None).await?;
+        let js = jetstream::new(async_nats::connect(&server.url).await?);
+        let mut sub = bus.subscribe("c", StartAt::Retained).await?;
+        let first = bus.publish("c", "e", b("first")).await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(first, "e", "first"));
+        assert_quiet(&mut sub).await?; // done reading the stream: waiting for live frames
+
+        // Published while this replica's connection is "down": stored, live copy lost.
+        let lost = publish_without_live_copy(&js, "c", "lost").await?;
+        assert_quiet(&mut sub).await?;
+        client.force_reconnect().await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(lost, "e", "lost"));
+        assert_quiet(&mut sub).await?;
+        // Live delivery carries on over the new connection.
+        let after = bus.publish("c", "e", b("after")).await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(after, "e", "after"));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn losing_the_server_makes_the_bus_unhealthy_and_calls_fail_as_unavailable(
+    ) -> anyhow::Result<()> {
+        let mut server = NatsServer::start().await?;
+        let bus = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        bus.publish("c", "e", b("v")).await?;
+        server.guard().stop(Duration::from_secs(3));
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bus.is_healthy().await {
+            ensure!(Instant::now() < deadline, "still healthy without a server");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // Both fail within the bus's operation timeout rather than hanging.
+        let limit = Duration::from_secs(8);
+        let (p, r) = tokio::join!(
+            tokio::time::timeout(limit, bus.publish("c", "e", b("w"))),
+            tokio::time::timeout(limit, bus.subscribe("c", StartAt::After(1))),
+        );
+        assert!(
+            matches!(p, Ok(Err(BusError::Unavailable(_)))),
+            "publish: {p:?}"
+        );
+        let r = r.map(|r| r.map(|s| s.reset));
+        assert!(
+            matches!(r, Ok(Err(BusError::Unavailable(_)))),
+            "subscribe: {r:?}"
+        );
+        Ok(())
+    }
+}
+
+/// What only the memory bus has: a bounded live buffer per subscriber.
+mod memory_only {
+    use super::*;
+    use origin::bus::memory::LIVE_BACKLOG;
+
+    #[tokio::test]
+    async fn a_subscriber_that_overflows_its_live_buffer_ends_with_a_lag_error_instead_of_skipping(
+    ) -> anyhow::Result<()> {
+        let bus = MemoryBus::new(LONG);
+        let mut slow = bus.subscribe("c", StartAt::Retained).await?;
+        let mut ids = Vec::new();
+        for i in 0..=LIVE_BACKLOG {
+            ids.push(bus.publish("c", "e", Bytes::from(i.to_string())).await?);
+        }
+        match slow.frames.next().await {
+            Some(Err(BusError::Unavailable(m))) => assert_eq!(m, "subscriber lagged"),
+            other => bail!("expected the lag error first, got {other:?}"),
+        }
+        assert!(slow.frames.next().await.is_none());
+        // Nothing was lost: a resume from before the overflow replays it all.
+        let mut resumed = bus.subscribe("c", StartAt::After(0)).await?;
+        assert!(!resumed.reset);
+        assert_eq!(next_ids(&mut resumed, ids.len()).await?, ids);
+        Ok(())
+    }
+}
