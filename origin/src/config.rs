@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use url::Url;
 
+use crate::bridge::BridgeConfig;
+
 /// A secret value (token, key): its `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -42,7 +44,7 @@ impl fmt::Debug for Secret {
 pub enum AuthMode {
     /// NoETL's synchronous auth routes (`/api/auth/*`).
     Rest,
-    /// NoETL's auth playbooks answered through callbacks (arrives with the realtime path).
+    /// NoETL's auth playbooks, answered through `/api/internal/callback`.
     Playbook,
 }
 
@@ -107,6 +109,11 @@ pub struct Config {
     /// How sessions are validated against NoETL.
     #[arg(long, env = "AUTH_MODE", value_enum, default_value = "rest")]
     pub auth_mode: AuthMode,
+
+    /// `AUTH_MODE=playbook`: how long an auth playbook may take to call back before it is
+    /// cancelled and the caller gets 504.
+    #[arg(long, env = "AUTH_PLAYBOOK_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    pub auth_playbook_timeout: Duration,
 
     /// Auth0 tenant domain (e.g. `example.eu.auth0.com`): gives the JWKS URL and issuer.
     #[arg(long, env = "AUTH0_DOMAIN")]
@@ -207,6 +214,31 @@ pub struct Config {
     #[arg(long, env = "SSE_QUEUE", default_value_t = 256)]
     pub sse_queue: usize,
 
+    /// NoETL's JetStream stream of execution events (absent → core subscription fallback).
+    #[arg(long, env = "NOETL_EVENTS_STREAM", default_value = "noetl_events")]
+    pub noetl_events_stream: String,
+
+    /// Subjects NoETL publishes execution events on.
+    #[arg(long, env = "NOETL_EVENTS_SUBJECT", default_value = "noetl.events.>")]
+    pub noetl_events_subject: String,
+
+    /// The bridge's durable consumer (and core queue group): the same on every replica.
+    #[arg(long, env = "BRIDGE_CONSUMER", default_value = "gateway-bridge")]
+    pub bridge_consumer: String,
+
+    /// Normalised event types forwarded as `playbook/state` frames (comma-separated).
+    #[arg(
+        long,
+        env = "BRIDGE_FORWARD",
+        value_delimiter = ',',
+        default_value = "playbook.started,step.enter,step.exit,step.failed,playbook.completed,playbook.failed,playbook.cancelled,calendar.event.touched"
+    )]
+    pub bridge_forward: Vec<String>,
+
+    /// How long an event waits for executePlaybook to record who is interested.
+    #[arg(long, env = "BRIDGE_MAX_INTEREST_WAIT", value_parser = parse_duration, default_value = "10s")]
+    pub bridge_max_interest_wait: Duration,
+
     /// Whether GraphQL introspection (and so GraphiQL's schema browser) is on.
     #[arg(long, env = "GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub graphql_introspection: bool,
@@ -252,8 +284,10 @@ impl Config {
         if self.auth_audience.trim().is_empty() {
             return err("AUTH_AUDIENCE must not be empty");
         }
-        if self.auth_mode == AuthMode::Playbook {
-            return err("AUTH_MODE=playbook needs the callback path, which this build does not have yet; use AUTH_MODE=rest");
+        if self.auth_mode == AuthMode::Playbook
+            && self.auth_playbook_timeout < Duration::from_secs(1)
+        {
+            return err("AUTH_PLAYBOOK_TIMEOUT must be at least 1s");
         }
         if self.public_addr == self.internal_addr {
             return err(
@@ -274,6 +308,9 @@ impl Config {
         }
         if self.frame_retention < Duration::from_secs(10) {
             return err("FRAME_RETENTION must be at least 10s");
+        }
+        if let Err(e) = self.bridge().validate() {
+            return Err(ConfigError(format!("bridge: {e}")));
         }
         if let Err(e) = crate::proxy::AllowList::parse(&self.proxy_allow) {
             return Err(ConfigError(format!("PROXY_ALLOW: {e}")));
@@ -298,6 +335,27 @@ impl Config {
                 self.auth0_domain.as_deref().unwrap_or_default()
             )
         })
+    }
+
+    /// The NATS bridge's settings (the rest keep [`BridgeConfig`]'s defaults). The ack wait
+    /// is raised above one worst-case NoETL confirmation (timeout × attempts) if needed.
+    pub fn bridge(&self) -> BridgeConfig {
+        let defaults = BridgeConfig::default();
+        let worst_confirm = self.noetl_timeout * (self.noetl_retries + 1) + Duration::from_secs(5);
+        BridgeConfig {
+            stream: self.noetl_events_stream.clone(),
+            subject: self.noetl_events_subject.clone(),
+            consumer: self.bridge_consumer.clone(),
+            forward: self
+                .bridge_forward
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            max_interest_wait: self.bridge_max_interest_wait,
+            ack_wait: defaults.ack_wait.max(worst_confirm),
+            ..defaults
+        }
     }
 
     /// The URL NoETL's playbooks call back on (`gateway_url` in workloads).

@@ -224,27 +224,7 @@ impl NoetlClient {
                 true,
             )
             .await?;
-        if reply.status != "success" {
-            let message = reply.data["message"]
-                .as_str()
-                .or_else(|| reply.data["error"].as_str())
-                .unwrap_or("login refused")
-                .to_owned();
-            return Ok(LoginOutcome::Rejected { message });
-        }
-        let data = &reply.data;
-        let session_token = data["session_token"]
-            .as_str()
-            .filter(|t| gateway_shared::session::is_well_formed_token(t))
-            .ok_or_else(|| {
-                NoetlError::BadResponse("login reply without a usable session_token".into())
-            })?
-            .to_owned();
-        let session = parse_session(&data["user"], &data["expires_at"])?;
-        Ok(LoginOutcome::Authenticated {
-            session_token,
-            session,
-        })
+        login_outcome(reply.status == "success", &reply.data)
     }
 
     /// `POST /api/auth/session/validate`: the session if NoETL says it is valid.
@@ -259,10 +239,7 @@ impl NoetlClient {
                 false,
             )
             .await?;
-        if reply["valid"].as_bool() != Some(true) {
-            return Ok(None);
-        }
-        parse_session(&reply["user"], &reply["expires_at"]).map(Some)
+        validate_outcome(&reply)
     }
 
     /// `POST /api/auth/check-playbook-access`.
@@ -284,14 +261,7 @@ impl NoetlClient {
                 false,
             )
             .await?;
-        let data = &reply["data"];
-        let allowed = data["allowed"].as_bool().ok_or_else(|| {
-            NoetlError::BadResponse("check-access reply without data.allowed".into())
-        })?;
-        Ok(AccessReply {
-            allowed,
-            message: data["message"].as_str().unwrap_or_default().to_owned(),
-        })
+        access_outcome(&reply["data"])
     }
 
     /// `POST /api/auth/logout`, where NoETL supports it: a 404 or 405 means it does not,
@@ -458,6 +428,49 @@ fn error_message(bytes: &[u8]) -> String {
         .map(str::to_owned)
         .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned());
     text.chars().take(300).collect()
+}
+
+/// A login answer's `data` (REST reply or auth-playbook callback) as an outcome.
+pub fn login_outcome(success: bool, data: &Value) -> Result<LoginOutcome, NoetlError> {
+    if !success {
+        let message = data["message"]
+            .as_str()
+            .or_else(|| data["error"].as_str())
+            .unwrap_or("login refused")
+            .to_owned();
+        return Ok(LoginOutcome::Rejected { message });
+    }
+    let session_token = data["session_token"]
+        .as_str()
+        .filter(|t| gateway_shared::session::is_well_formed_token(t))
+        .ok_or_else(|| {
+            NoetlError::BadResponse("login reply without a usable session_token".into())
+        })?
+        .to_owned();
+    let session = parse_session(&data["user"], &data["expires_at"])?;
+    Ok(LoginOutcome::Authenticated {
+        session_token,
+        session,
+    })
+}
+
+/// A validation answer (`{valid, user?, expires_at?}`) as the session, if valid.
+pub fn validate_outcome(reply: &Value) -> Result<Option<NoetlSession>, NoetlError> {
+    if reply["valid"].as_bool() != Some(true) {
+        return Ok(None);
+    }
+    parse_session(&reply["user"], &reply["expires_at"]).map(Some)
+}
+
+/// An access answer's `data` (`{allowed, message}`).
+pub fn access_outcome(data: &Value) -> Result<AccessReply, NoetlError> {
+    let allowed = data["allowed"]
+        .as_bool()
+        .ok_or_else(|| NoetlError::BadResponse("check-access reply without data.allowed".into()))?;
+    Ok(AccessReply {
+        allowed,
+        message: data["message"].as_str().unwrap_or_default().to_owned(),
+    })
 }
 
 /// Builds a session from NoETL's `user` and `expires_at` fields.

@@ -14,13 +14,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{internal_router, public_router, AppState};
+use crate::auth::backend::{AuthBackend, AuthPlaybooks, PlaybookBackend};
 use crate::auth::id_token::{IdTokenConfig, IdTokenVerifier};
 use crate::auth::session::{SessionService, SessionSettings};
-use crate::bridge::BridgeConfig;
 use crate::bus::memory::MemoryBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::{Bus, Retention};
-use crate::config::Config;
+use crate::config::{AuthMode, Config};
 use crate::events::hub::Hub;
 use crate::graphql::{build_schema, schema::Services};
 use crate::noetl::NoetlClient;
@@ -86,9 +86,27 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             .and_then(|u| u.host_str().map(str::to_owned))
             .unwrap_or_default()
     });
+    if config.callback_secret.is_none() {
+        tracing::warn!("GATEWAY_CALLBACK_SECRET is unset: callback tokens are per-process, run ONE replica only");
+    }
+    let callback_tokens = CallbackTokens::new(config.callback_secret.as_ref().map(|s| s.expose()));
+    let backend: Arc<dyn AuthBackend> = match config.auth_mode {
+        AuthMode::Rest => Arc::new(noetl.clone()),
+        AuthMode::Playbook => {
+            tracing::info!(timeout = ?config.auth_playbook_timeout, "auth through NoETL playbooks and callbacks");
+            Arc::new(PlaybookBackend::new(
+                noetl.clone(),
+                kv.clone(),
+                callback_tokens.clone(),
+                config.callback_url(),
+                AuthPlaybooks::default(),
+                config.auth_playbook_timeout,
+            ))
+        }
+    };
     let sessions = SessionService::new(
         kv.clone(),
-        noetl.clone(),
+        backend,
         verifier,
         SessionSettings {
             cache_ttl: config.session_cache_ttl,
@@ -125,7 +143,7 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             kv.clone(),
             bus.clone(),
             noetl.clone(),
-            BridgeConfig::default(),
+            config.bridge(),
             shutdown.clone(),
         )
         .await
@@ -135,10 +153,6 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             "NATS_URL is unset: no execution events (playbook/state frames) without NATS"
         );
     }
-    if config.callback_secret.is_none() {
-        tracing::warn!("GATEWAY_CALLBACK_SECRET is unset: callback tokens are per-process, run ONE replica only");
-    }
-    let callback_tokens = CallbackTokens::new(config.callback_secret.as_ref().map(|s| s.expose()));
     let sessions = Arc::new(sessions);
     let graphql = build_schema(
         Services {

@@ -500,3 +500,113 @@ async fn noetl_down_or_slow_gives_502_or_504_without_hanging() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn auth_playbooks_work_when_their_callback_lands_on_another_replica() {
+    let nats = NatsServer::start().await.unwrap();
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let playbook = |o: OriginOptions| o.env("AUTH_MODE", "playbook");
+    let b = Origin::start(&standin, playbook(OriginOptions::with_nats(&nats.url)))
+        .await
+        .unwrap();
+    // A tells the playbooks to call back B's internal listener, as a load balancer might.
+    let a = Origin::start(
+        &standin,
+        playbook(OriginOptions::with_nats(&nats.url)).env("GATEWAY_CALLBACK_URL", &b.internal_url),
+    )
+    .await
+    .unwrap();
+    standin.reset_calls().await;
+    let body = login(&a, &standin, "playbook@example.com").await;
+    let token = body["session_token"].as_str().unwrap().to_owned();
+    assert_eq!(body["user"]["email"], "playbook@example.com");
+    let calls = standin.calls().await;
+    assert_eq!(
+        calls.get(NOETL_LOGIN).copied().unwrap_or(0),
+        0,
+        "playbook mode must not use the REST login: {calls:?}"
+    );
+    assert!(
+        calls.get("POST /api/execute").copied().unwrap_or(0) >= 1,
+        "{calls:?}"
+    );
+
+    // Validation of a session no gateway has cached yet (created at NoETL directly) goes
+    // through the validate playbook, answered on the other replica too.
+    let direct: Value = http()
+        .post(format!("{}/api/auth/login", standin.url))
+        .json(&json!({"auth0_token": standin.dev_token("direct@example.com").await, "auth0_domain": "dev", "client_ip": "127.0.0.1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let uncached = direct["data"]["session_token"].as_str().unwrap().to_owned();
+    let executes_before = standin.call_count("POST /api/execute").await;
+    let (s, v) = post(
+        &format!("{}/api/auth/validate", a.url),
+        json!({"session_token": uncached}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["user"]["email"], "direct@example.com");
+    assert_eq!(
+        standin.call_count("POST /api/execute").await,
+        executes_before + 1
+    );
+    let (s, v) = post(
+        &format!("{}/api/auth/check-access", a.url),
+        json!({"session_token": token, "playbook_path": "admin/purge", "permission_type": "execute"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["allowed"], false);
+    let (s, v) = post(
+        &format!("{}/api/auth/check-access", a.url),
+        json!({"session_token": token, "playbook_path": "demo/echo", "permission_type": "execute"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["allowed"], true);
+    let (s, v) = post(
+        &format!("{}/api/auth/validate", b.url),
+        json!({"session_token": "never-issued"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+}
+
+#[tokio::test]
+async fn an_auth_playbook_that_never_calls_back_times_out_with_504() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dead = format!("http://127.0.0.1:{}", gateway_tests::harness::free_port());
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default()
+            .env("AUTH_MODE", "playbook")
+            .env("AUTH_PLAYBOOK_TIMEOUT", "2s")
+            .env("GATEWAY_CALLBACK_URL", &dead),
+    )
+    .await
+    .unwrap();
+    let id_token = standin.dev_token("lost@example.com").await;
+    let started = Instant::now();
+    let (s, b) = post(
+        &format!("{}/api/auth/login", origin.url),
+        json!({"auth0_token": id_token}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{b}");
+    assert_error_body(&b, "noetl_timeout");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "took {took:?}"
+    );
+    assert!(
+        standin.call_count("POST /api/executions/{id}/cancel").await >= 1,
+        "the timed-out playbook is cancelled: {:?}",
+        standin.calls().await
+    );
+}

@@ -2,10 +2,12 @@
 //!
 //! - [`id_token`] — verifies Auth0 ID tokens (RS256 against a cached JWKS) before any
 //!   session is created.
+//! - [`backend`] — NoETL's REST auth routes or its auth playbooks, behind one trait.
 //! - [`session`] — the session service: NoETL is the source of truth, K/V `sessions` the
 //!   shared cache, K/V `revoked` the logout markers.
 //! - [`routes`] — the auth REST API of PROTOCOL.md §1.
 
+pub mod backend;
 pub mod id_token;
 pub mod routes;
 pub mod session;

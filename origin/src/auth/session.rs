@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gateway_shared::session::{SessionHash, SessionRecord};
 
+use super::backend::AuthBackend;
 use super::id_token::{IdTokenError, IdTokenVerifier};
 use crate::error::AppError;
-use crate::noetl::{AccessReply, LoginOutcome, LoginRequest, NoetlClient, NoetlSession};
+use crate::noetl::{AccessReply, LoginOutcome, LoginRequest, NoetlSession};
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// Longest a cache lookup may take before the request goes to NoETL instead.
@@ -57,23 +58,24 @@ type AccessKey = (String, String, String);
 /// Login, validation, access checks and logout, shared by every route that needs a user.
 pub struct SessionService {
     kv: Arc<dyn KvStore>,
-    noetl: NoetlClient,
+    backend: Arc<dyn AuthBackend>,
     verifier: IdTokenVerifier,
     settings: SessionSettings,
     access: Mutex<HashMap<AccessKey, (AccessReply, Instant)>>,
 }
 
 impl SessionService {
-    /// Builds the service over a store, a NoETL client and an ID-token verifier.
+    /// Builds the service over a store, an auth backend (REST or playbooks) and an
+    /// ID-token verifier.
     pub fn new(
         kv: Arc<dyn KvStore>,
-        noetl: NoetlClient,
+        backend: Arc<dyn AuthBackend>,
         verifier: IdTokenVerifier,
         settings: SessionSettings,
     ) -> Self {
         Self {
             kv,
-            noetl,
+            backend,
             verifier,
             settings,
             access: Mutex::new(HashMap::new()),
@@ -89,7 +91,7 @@ impl SessionService {
             .map_err(id_token_error)?;
         tracing::debug!(sub = %claims.sub, "ID token verified");
         let outcome = self
-            .noetl
+            .backend
             .login(&LoginRequest {
                 auth0_token: id_token,
                 auth0_domain: &self.settings.auth0_domain,
@@ -140,7 +142,7 @@ impl SessionService {
                 }
             }
         }
-        let Some(session) = self.noetl.validate_session(token).await? else {
+        let Some(session) = self.backend.validate_session(token).await? else {
             self.forget(&hash).await;
             return Ok(None);
         };
@@ -170,7 +172,7 @@ impl SessionService {
             return Ok(hit);
         }
         let reply = self
-            .noetl
+            .backend
             .check_access(token, playbook_path, permission)
             .await?;
         self.access_insert(key, reply.clone());
@@ -201,7 +203,7 @@ impl SessionService {
             )
             .await?;
         self.forget(&hash).await;
-        if let Err(e) = self.noetl.logout(token).await {
+        if let Err(e) = self.backend.logout(token).await {
             tracing::warn!(session = hash.short(), error = %e, "NoETL logout failed; the gateway's revocation still holds");
         }
         tracing::info!(session = hash.short(), "session logged out");
