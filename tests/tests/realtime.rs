@@ -627,3 +627,92 @@ async fn a_slow_reader_is_evicted_and_resumes_without_loss() {
         "every progress frame exactly once, in order"
     );
 }
+
+#[tokio::test]
+async fn events_published_while_every_origin_is_down_are_forwarded_after_restart() {
+    let nats = NatsServer::start().await.unwrap();
+    let standin = StandIn::start(StandInOptions {
+        nats_url: Some(nats.url.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut a = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
+        .await
+        .unwrap();
+    let token = login(&a, &standin, "durable@example.com").await;
+    let (mut sse, client_id) = open(&a, &token, "", None).await;
+    let v = execute(
+        &a,
+        &token,
+        "demo/slow",
+        json!({"seconds": 2}),
+        Some(&client_id),
+    )
+    .await;
+    let execution_id = v["data"]["executePlaybook"]["executionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let started = sse
+        .collect_until(WAIT, |fs| {
+            fs.iter()
+                .any(|f| f.data["params"]["event_type"] == "playbook.started")
+        })
+        .await;
+    assert!(
+        !started.is_empty(),
+        "playbook.started arrives while the origin is up"
+    );
+    let last = sse.last_id;
+    drop(sse);
+
+    // Every origin goes down; the run finishes and NoETL publishes its events meanwhile.
+    a.guard().signal("KILL");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status: Value = http()
+        .get(format!(
+            "{}/api/executions/{execution_id}/status",
+            standin.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["status"], "COMPLETED",
+        "the run finished while no origin was up"
+    );
+
+    let b = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
+        .await
+        .unwrap();
+    let mut sse = SseClient::connect(
+        &format!("{}/events?client_id={client_id}", b.url),
+        Some(&token),
+        last,
+    )
+    .await
+    .unwrap()
+    .unwrap_or_else(|(s, b)| panic!("{s} {b}"));
+    let frames = sse
+        .collect_until(WAIT, |fs| fs.iter().any(is_terminal))
+        .await;
+    let terminal = frames
+        .iter()
+        .find(|f| is_terminal(f))
+        .expect("the terminal frame published while down");
+    assert_eq!(terminal.data["params"]["event_type"], "playbook.completed");
+    assert_eq!(
+        terminal.data["params"]["execution_id"],
+        execution_id.as_str()
+    );
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.data["params"]["event_type"] != "playbook.started"),
+        "nothing twice"
+    );
+}
