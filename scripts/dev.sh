@@ -56,6 +56,7 @@ NOETL_BASE_URL=http://127.0.0.1:$STANDIN_PORT NATS_URL=nats://127.0.0.1:$NATS_PO
 AUTH_JWKS_URL=http://127.0.0.1:$STANDIN_PORT/dev/.well-known/jwks.json \
 AUTH_ISSUER=http://127.0.0.1:$STANDIN_PORT/dev/ AUTH_AUDIENCE=noetl-gateway-dev \
 GATEWAY_INTERNAL_TOKEN=${GATEWAY_INTERNAL_TOKEN:-dev-internal-token-change-me} \
+GATEWAY_CALLBACK_SECRET=${GATEWAY_CALLBACK_SECRET:-dev-callback-secret-change-me} \
 RUST_LOG=${RUST_LOG:-info} \
   "$BIN/origin" >"$DEV/logs/origin.log" 2>&1 &
 PIDS+=($!)
@@ -64,7 +65,7 @@ wait_http "http://127.0.0.1:$ORIGIN_PORT/ready" "origin" "$DEV/logs/origin.log"
 cat <<TXT
 
   NoETL edge gateway — local stack (logs in .dev/logs/)
-  origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /noetl/*, /health, /ready
+  origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /graphql, /events, /noetl/*, /ready
   origin (internal)  http://127.0.0.1:$ORIGIN_INTERNAL_PORT     callbacks (in-cluster only)
   NoETL stand-in     http://127.0.0.1:$STANDIN_PORT     dev ID tokens: /dev/token?email=ada@example.com
   NATS (JetStream)   nats://127.0.0.1:$NATS_PORT
