@@ -716,3 +716,55 @@ async fn events_published_while_every_origin_is_down_are_forwarded_after_restart
         "nothing twice"
     );
 }
+
+#[tokio::test]
+async fn a_ticket_opens_one_stream_once_and_query_tokens_never_reach_the_log() {
+    let w = world().await;
+    let token = login(&w.a, &w.standin, "ticket@example.com").await;
+    let r = http()
+        .post(format!("{}/api/events/ticket", w.a.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["expires_in"], 30);
+    let ticket = v["ticket"].as_str().unwrap().to_owned();
+
+    // Redeemed on the other replica: tickets live in the shared store.
+    let url = format!("{}/events?ticket={ticket}", w.b.url);
+    let mut sse = SseClient::connect(&url, None, None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("{s} {b}"));
+    let init = sse.next(WAIT).await.unwrap();
+    assert!(init.data["result"]["clientId"].is_string());
+    match SseClient::connect(&url, None, None).await.unwrap() {
+        Err((401, body)) => assert_eq!(body["error"]["code"], "invalid_ticket"),
+        other => panic!("a ticket worked twice: {:?}", other.map(|c| c.status)),
+    }
+    let r = http()
+        .post(format!("{}/api/events/ticket", w.a.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "tickets need a session");
+
+    // The compat query token works, and never appears in a log line.
+    let (_sse, _) = open(&w.a, &token, "", None).await;
+    let mut q = SseClient::connect(
+        &format!("{}/events?session_token={token}", w.a.url),
+        None,
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap_or_else(|(s, b)| panic!("{s} {b}"));
+    assert!(q.next(WAIT).await.is_some());
+    for origin in [&w.a, &w.b] {
+        let log = origin.log_text();
+        assert!(!log.contains(&token), "a session token reached the log");
+        assert!(!log.contains(&ticket), "a ticket reached the log");
+    }
+}
