@@ -161,6 +161,7 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             noetl: noetl.clone(),
             sessions: sessions.clone(),
             tokens: callback_tokens.clone(),
+            bus: bus.clone(),
         },
         config.graphql_introspection,
     );

@@ -1,17 +1,18 @@
-//! The schema: queries, mutations and the services they use.
+//! The schema: queries, mutations and the services they use. The subscription root lives
+//! in [`super::subscription`]; it shares this file's access check and error mapping.
 
 use std::sync::Arc;
 
-use async_graphql::{
-    Context, EmptySubscription, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID,
-};
+use async_graphql::{Context, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID};
 use gateway_shared::frames::{is_valid_client_id, PendingRequest};
 use gateway_shared::session::SessionRecord;
 use serde_json::Value;
 
+use super::subscription::{OperationLimit, Subscription};
 use crate::auth::routes::is_valid_playbook_path;
 use crate::auth::session::{now_unix, SessionService};
 use crate::bridge::interest;
+use crate::bus::Bus;
 use crate::clients;
 use crate::config::Config;
 use crate::error::AppError;
@@ -20,7 +21,7 @@ use crate::requests::{self, CallbackTokens, RequestEntry};
 use crate::store::KvStore;
 
 /// The gateway's GraphQL schema.
-pub type GatewaySchema = Schema<Query, Mutation, EmptySubscription>;
+pub type GatewaySchema = Schema<Query, Mutation, Subscription>;
 
 /// Who is calling: set per request by the HTTP shell after session validation.
 #[derive(Debug, Clone)]
@@ -46,12 +47,16 @@ pub struct Services {
     pub sessions: Arc<SessionService>,
     /// Per-request callback tokens.
     pub tokens: CallbackTokens,
+    /// Client delivery: `executionEvents` reads an execution's `playbook/state` frames here.
+    pub bus: Arc<dyn Bus>,
 }
 
-/// Builds the schema with the protocol's limits.
+/// Builds the schema with the protocol's limits. Depth and complexity limits hold for every
+/// operation, over HTTP and WebSocket alike; [`OperationLimit`] adds the per-socket cap.
 pub fn build_schema(services: Services, introspection: bool) -> GatewaySchema {
-    let mut b = Schema::build(Query, Mutation, EmptySubscription)
+    let mut b = Schema::build(Query, Mutation, Subscription)
         .data(services)
+        .extension(OperationLimit)
         .limit_depth(16)
         .limit_complexity(1000)
         .limit_recursive_depth(32);
@@ -61,11 +66,11 @@ pub fn build_schema(services: Services, introspection: bool) -> GatewaySchema {
     b.finish()
 }
 
-fn gql_error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
+pub(super) fn gql_error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
     async_graphql::Error::new(message.into()).extend_with(|_, e| e.set("code", code))
 }
 
-fn from_app(e: AppError) -> async_graphql::Error {
+pub(super) fn from_app(e: AppError) -> async_graphql::Error {
     let code = match e.status().as_u16() {
         403 => "FORBIDDEN",
         404 => "NOT_FOUND",
@@ -81,7 +86,9 @@ fn from_app(e: AppError) -> async_graphql::Error {
     })
 }
 
-fn ctx_parts<'a>(ctx: &'a Context<'_>) -> async_graphql::Result<(&'a Services, &'a Caller)> {
+pub(super) fn ctx_parts<'a>(
+    ctx: &'a Context<'_>,
+) -> async_graphql::Result<(&'a Services, &'a Caller)> {
     Ok((ctx.data::<Services>()?, ctx.data::<Caller>()?))
 }
 
@@ -186,7 +193,7 @@ impl Query {
 }
 
 /// The path of an execution, then an access check on it.
-async fn require_execution_access(
+pub(super) async fn require_execution_access(
     svc: &Services,
     caller: &Caller,
     id: &str,
