@@ -8,9 +8,15 @@
 //! - [`session`] — session tokens: extraction from a request, hashing into cache keys,
 //!   the cached session record and the user it names.
 //! - [`frames`] — SSE frames (JSON-RPC), callback and progress bodies.
+//! - [`cors`] — the CORS decision (exact allow-list, `Vary: Origin` always).
+//! - [`routes`] — the edge's route table (public / session / deny / service / edge).
+//! - [`assertion`] — the edge's signed Ed25519 assertion of the caller.
 //! - [`ct`] — constant-time comparison for secrets.
 
+pub mod assertion;
+pub mod cors;
 pub mod ct;
 pub mod error;
 pub mod frames;
+pub mod routes;
 pub mod session;

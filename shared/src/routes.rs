@@ -1,0 +1,137 @@
+//! The edge's route table: what the edge does with a request, decided by its path alone.
+//!
+//! Policy is data: the table is a value loaded from the `ROUTES` variable, not `if` chains
+//! in the worker. Each entry is `kind:path`; a path ending in `/` matches everything below
+//! it, any other path matches itself and what lies below it as whole segments
+//! (`/graphql` matches `/graphql` and `/graphql/ws`, not `/graphqlx`). The longest match
+//! wins; an unmatched path is a [`RouteKind::Session`] route (the origin answers 404 for
+//! what it does not serve, after the caller proved who they are).
+
+/// What the edge does with a matched request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// Forwarded without a session (login, health of the origin, GraphiQL page).
+    Public,
+    /// A valid session is required; the edge validates it (KV cache, then the origin) and
+    /// forwards with a signed assertion of the caller.
+    Session,
+    /// Answered 404 at the edge: internal routes (`/api/internal/*`, `/metrics`) must never
+    /// be reachable from the internet.
+    Deny,
+    /// Partner / machine routes: forwarded without session handling; the origin checks
+    /// the caller's own credential.
+    Service,
+    /// Answered by the edge itself (`/health`).
+    Edge,
+}
+
+impl RouteKind {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "public" => RouteKind::Public,
+            "session" => RouteKind::Session,
+            "deny" | "internal-deny" => RouteKind::Deny,
+            "service" => RouteKind::Service,
+            "edge" => RouteKind::Edge,
+            _ => return None,
+        })
+    }
+}
+
+/// The default table: PROTOCOL.md's public auth routes, internal routes denied.
+pub const DEFAULT_ROUTES: &str = "edge:/health,\
+public:/api/auth/login,public:/api/auth/validate,public:/api/auth/logout,public:/ready,\
+session:/api/auth/check-access,session:/graphql,session:/events,session:/api/events/ticket,\
+session:/noetl/,deny:/api/internal/,deny:/metrics";
+
+/// An ordered route table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTable {
+    entries: Vec<(RouteKind, String)>,
+}
+
+impl RouteTable {
+    /// Parses `kind:path,kind:path,…`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (kind, path) = entry
+                .split_once(':')
+                .ok_or_else(|| format!("{entry:?} is not kind:path"))?;
+            let kind = RouteKind::parse(kind.trim())
+                .ok_or_else(|| format!("{kind:?} is not public, session, deny, service or edge"))?;
+            let path = path.trim();
+            if !path.starts_with('/') || path.contains("..") || path.contains("//") {
+                return Err(format!(
+                    "{path:?} must be an absolute path without '..' or '//'"
+                ));
+            }
+            entries.push((kind, path.to_owned()));
+        }
+        Ok(Self { entries })
+    }
+
+    /// The kind of the longest entry matching `path`; [`RouteKind::Session`] if none.
+    pub fn classify(&self, path: &str) -> RouteKind {
+        self.entries
+            .iter()
+            .filter(|(_, p)| matches(p, path))
+            .max_by_key(|(_, p)| p.len())
+            .map(|(k, _)| *k)
+            .unwrap_or(RouteKind::Session)
+    }
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self::parse(DEFAULT_ROUTES).expect("the default route table parses")
+    }
+}
+
+fn matches(pattern: &str, path: &str) -> bool {
+    if pattern.ends_with('/') {
+        path.starts_with(pattern) || path == pattern.trim_end_matches('/')
+    } else {
+        path == pattern
+            || (path.starts_with(pattern) && path.as_bytes().get(pattern.len()) == Some(&b'/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_table_denies_internal_routes_and_answers_health_at_the_edge() {
+        let t = RouteTable::default();
+        assert_eq!(t.classify("/api/internal/callback/async"), RouteKind::Deny);
+        assert_eq!(t.classify("/api/internal/"), RouteKind::Deny);
+        assert_eq!(t.classify("/api/internal"), RouteKind::Deny);
+        assert_eq!(t.classify("/metrics"), RouteKind::Deny);
+        assert_eq!(t.classify("/health"), RouteKind::Edge);
+        assert_eq!(t.classify("/api/auth/login"), RouteKind::Public);
+        assert_eq!(t.classify("/graphql"), RouteKind::Session);
+        assert_eq!(t.classify("/graphql/ws"), RouteKind::Session);
+        assert_eq!(t.classify("/noetl/executions/1"), RouteKind::Session);
+        assert_eq!(t.classify("/somewhere/else"), RouteKind::Session);
+    }
+
+    #[test]
+    fn matching_is_by_whole_segments_and_the_longest_entry_wins() {
+        let t = RouteTable::parse("public:/a,deny:/a/b,service:/p/").unwrap();
+        assert_eq!(t.classify("/a"), RouteKind::Public);
+        assert_eq!(t.classify("/a/x"), RouteKind::Public);
+        assert_eq!(t.classify("/ab"), RouteKind::Session);
+        assert_eq!(t.classify("/a/b/c"), RouteKind::Deny);
+        assert_eq!(t.classify("/p/x"), RouteKind::Service);
+        assert_eq!(t.classify("/p"), RouteKind::Service);
+    }
+
+    #[test]
+    fn malformed_tables_are_refused() {
+        assert!(RouteTable::parse("public").is_err());
+        assert!(RouteTable::parse("open:/x").is_err());
+        assert!(RouteTable::parse("public:x").is_err());
+        assert!(RouteTable::parse("public:/a/../b").is_err());
+    }
+}
