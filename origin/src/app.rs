@@ -3,7 +3,8 @@
 //!
 //! Order of the public stack, outermost first: request id (accept a sane client id or
 //! mint one, echo it back) → trace span (method, path without query: the query may carry
-//! a session token) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
+//! a session token) → edge assertion (verify `x-gateway-assertion`, or refuse direct
+//! traffic when `REQUIRE_EDGE_ASSERTION`) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
 
 use std::sync::Arc;
 
@@ -52,6 +53,10 @@ pub struct AppState {
     pub graphql: GatewaySchema,
     /// Cancelled on SIGTERM: SSE streams end so clients reconnect elsewhere.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The edge's key and whether its assertion is required.
+    pub edge_trust: crate::edge::EdgeTrust,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health.
@@ -65,6 +70,10 @@ pub fn public_router(state: AppState) -> Router {
         .merge(crate::proxy::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::edge::verify_assertion,
+        ))
         .with_state(state)
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(middleware::from_fn(request_id))
@@ -75,6 +84,7 @@ pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
+        .route("/metrics", get(crate::metrics::metrics))
         .merge(crate::callbacks::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -97,6 +97,7 @@ async fn entry_for(state: &AppState, request_id: &str) -> Result<RequestEntry, A
 /// `POST /api/internal/callback/async`: a playbook's result for an SSE client.
 async fn async_callback(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
     let (parts, body): (_, CallbackBody) = read_json(&state, req).await?;
+    state.metrics.callbacks.inc();
     authorize(&state, &parts, &body.request_id)?;
     let entry = entry_for(&state, &body.request_id).await?;
     let kv = state.kv.as_ref();

@@ -243,6 +243,16 @@ pub struct Config {
     #[arg(long, env = "GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub graphql_introspection: bool,
 
+    /// The edge's Ed25519 public key (base64url, 32 bytes): `x-gateway-assertion` headers
+    /// signed with it are trusted as the caller's identity. Unset: assertions are ignored.
+    #[arg(long, env = "EDGE_ASSERTION_PUBLIC_KEY")]
+    pub edge_assertion_public_key: Option<String>,
+
+    /// Refuse public-listener traffic that did not come through the edge (no valid
+    /// assertion). Set in production once the edge is in front.
+    #[arg(long, env = "REQUIRE_EDGE_ASSERTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub require_edge_assertion: bool,
+
     /// Log format; the filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -308,6 +318,16 @@ impl Config {
         }
         if self.frame_retention < Duration::from_secs(10) {
             return err("FRAME_RETENTION must be at least 10s");
+        }
+        if let Some(k) = &self.edge_assertion_public_key {
+            if gateway_shared::assertion::verifying_key_from_b64(k).is_err() {
+                return err(
+                    "EDGE_ASSERTION_PUBLIC_KEY must be a base64url Ed25519 public key (32 bytes)",
+                );
+            }
+        }
+        if self.require_edge_assertion && self.edge_assertion_public_key.is_none() {
+            return err("REQUIRE_EDGE_ASSERTION=true needs EDGE_ASSERTION_PUBLIC_KEY");
         }
         if let Err(e) = self.bridge().validate() {
             return Err(ConfigError(format!("bridge: {e}")));

@@ -165,6 +165,10 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         },
         config.graphql_introspection,
     );
+    let edge_trust = crate::edge::EdgeTrust::new(
+        config.edge_assertion_public_key.as_deref(),
+        config.require_edge_assertion,
+    );
     Ok(AppState {
         config,
         kv,
@@ -177,6 +181,8 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         callback_tokens,
         graphql,
         shutdown,
+        edge_trust,
+        metrics: Arc::new(crate::metrics::Metrics::default()),
     })
 }
 

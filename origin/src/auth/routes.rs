@@ -8,13 +8,14 @@ use axum::http::{request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use gateway_shared::session::{is_well_formed_token, SessionRecord};
+use gateway_shared::session::{is_well_formed_token, SessionHash, SessionRecord, User};
 use serde::Deserialize;
 use serde_json::json;
 use std::net::SocketAddr;
 
 use super::session::PERMISSIONS;
 use crate::app::AppState;
+use crate::edge::EdgeIdentity;
 use crate::error::{json_response, AppError};
 use crate::extract::{
     is_json_content_type, parse_json, read_body_limited, request_token, JsonBody,
@@ -104,6 +105,7 @@ impl HasToken for TokenBody {
 }
 
 async fn validate(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+    state.metrics.validate_requests.inc();
     let (_, token) = body_or_request_token::<TokenBody>(&state, req).await?;
     let record = match token.filter(|t| is_well_formed_token(t)) {
         Some(t) => state.sessions.validate(&t).await?,
@@ -214,10 +216,47 @@ pub async fn require_session(
     }
 }
 
-/// [`require_session`] for a request's parts (header, cookie or query token).
+/// The caller of a request: the edge's verified assertion when there is one (no second
+/// validation), else the session token (header, cookie or query) validated here.
+///
+/// An assertion is bound to its session: when the request also carries a token, its hash
+/// must be the assertion's `sid`, so an assertion cannot lend its identity to another token.
 pub async fn require_request_session(
     state: &AppState,
     parts: &Parts,
 ) -> Result<(String, SessionRecord), AppError> {
-    require_session(state, request_token(parts)).await
+    let token = request_token(parts);
+    if let Some(EdgeIdentity(claims)) = parts.extensions.get::<EdgeIdentity>() {
+        if !claims.sub.is_empty() {
+            if let Some(t) = &token {
+                if SessionHash::of(t).as_str() != claims.sid {
+                    return Err(AppError::unauthorized(
+                        "assertion_session_mismatch",
+                        "the edge assertion names another session",
+                    ));
+                }
+            }
+            let record = SessionRecord {
+                user: User {
+                    user_id: claims.sub.clone(),
+                    email: claims.email.clone(),
+                    display_name: String::new(),
+                    roles: claims.roles.clone(),
+                },
+                expires_at: chrono::DateTime::from_timestamp(claims.session_exp, 0)
+                    .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_default(),
+                expires_at_unix: claims.session_exp,
+                is_active: true,
+            };
+            if !record.is_honoured(crate::auth::session::now_unix()) {
+                return Err(AppError::unauthorized(
+                    "invalid_session",
+                    "session is expired",
+                ));
+            }
+            return Ok((token.unwrap_or_default(), record));
+        }
+    }
+    require_session(state, token).await
 }

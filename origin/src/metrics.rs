@@ -1,0 +1,72 @@
+//! `/metrics` (internal listener): a few counters in the Prometheus text format.
+//!
+//! Deliberately small — plain atomics, no registry crate — and only what operators and the
+//! end-to-end tests need today: how often sessions are validated at the origin (the edge's
+//! KV cache should keep this near zero), SSE connections open on this replica, callbacks.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::app::AppState;
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The origin's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// `POST /api/auth/validate` requests received.
+    pub validate_requests: Counter,
+    /// Callbacks (result, sync and progress) received.
+    pub callbacks: Counter,
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let m = &state.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    };
+    counter(
+        "gateway_auth_validate_requests_total",
+        "POST /api/auth/validate requests received by this replica.",
+        m.validate_requests.get(),
+    );
+    counter(
+        "gateway_callbacks_total",
+        "Playbook callbacks received by this replica.",
+        m.callbacks.get(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gateway_sse_connections SSE streams open on this replica.\n# TYPE gateway_sse_connections gauge\ngateway_sse_connections {}",
+        state.hub.len()
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        out,
+    )
+        .into_response()
+}
