@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
+use gateway_tests::harness::flows::{http, login_reply};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
@@ -13,13 +14,6 @@ use serde_json::{json, Value};
 
 const VALIDATE: &str = "POST /api/auth/session/validate";
 const NOETL_LOGIN: &str = "POST /api/auth/login";
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()
-        .expect("a default reqwest client builds")
-}
 
 async fn post(url: &str, body: Value) -> (StatusCode, Value) {
     let resp = http()
@@ -34,14 +28,7 @@ async fn post(url: &str, body: Value) -> (StatusCode, Value) {
 }
 
 async fn login(origin: &Origin, standin: &StandIn, email: &str) -> Value {
-    let id_token = standin.dev_token(email).await;
-    let (status, body) = post(
-        &format!("{}/api/auth/login", origin.url),
-        json!({"auth0_token": id_token}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "login failed: {body}");
-    body
+    login_reply(&origin.url, standin, email).await
 }
 
 fn assert_error_body(body: &Value, code: &str) {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use gateway_tests::harness::flows::{self, http};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::sse::SseClient;
@@ -21,13 +22,6 @@ const EXECUTION_EVENTS: &str = "subscription($id: ID!) {
   executionEvents(executionId: $id) { executionId eventType stepName status at terminal } }";
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
 
 struct World {
     _nats: NatsServer,
@@ -54,20 +48,7 @@ async fn world() -> World {
 }
 
 async fn login(w: &World, email: &str) -> String {
-    let id_token = w.standin.dev_token(email).await;
-    let v: Value = http()
-        .post(format!("{}/api/auth/login", w.origin.url))
-        .json(&json!({"auth0_token": id_token}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["session_token"]
-        .as_str()
-        .expect("login succeeds")
-        .to_owned()
+    flows::login(&w.origin.url, &w.standin, email).await
 }
 
 /// Runs a playbook through `POST /graphql` and returns its execution id.
@@ -83,19 +64,7 @@ async fn execute_for(
     workload: Value,
     client_id: Option<&str>,
 ) -> String {
-    let v: Value = http()
-        .post(format!("{}/graphql", w.origin.url))
-        .bearer_auth(token)
-        .json(&json!({
-            "query": "mutation($path: String!, $workload: JSON, $clientId: String) { executePlaybook(path: $path, workload: $workload, clientId: $clientId) { executionId } }",
-            "variables": {"path": path, "workload": workload, "clientId": client_id},
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = flows::execute_playbook(&w.origin.url, token, path, workload, client_id).await;
     v["data"]["executePlaybook"]["executionId"]
         .as_str()
         .unwrap_or_else(|| panic!("executePlaybook failed: {v}"))

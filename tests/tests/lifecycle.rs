@@ -79,17 +79,8 @@ async fn sigterm_drains_and_exits_zero_promptly() {
     let mut origin = Origin::start(&standin, OriginOptions::default())
         .await
         .unwrap();
-    let id_token = standin.dev_token("drain@example.com").await;
-    let login: Value = reqwest::Client::new()
-        .post(format!("{}/api/auth/login", origin.url))
-        .json(&serde_json::json!({"auth0_token": id_token}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["session_token"].as_str().unwrap().to_owned();
+    let token =
+        gateway_tests::harness::flows::login(&origin.url, &standin, "drain@example.com").await;
     // A request in flight when SIGTERM arrives still completes.
     let slow_url = format!("{}/noetl/debug/slow?ms=1000", origin.url);
     let in_flight = tokio::spawn(async move {

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use gateway_tests::harness::flows::{http, login};
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::raw_http;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
@@ -10,26 +11,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
 async fn session(origin: &Origin, standin: &StandIn, email: &str) -> String {
-    let id_token = standin.dev_token(email).await;
-    let resp = http()
-        .post(format!("{}/api/auth/login", origin.url))
-        .json(&json!({"auth0_token": id_token}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    resp.json::<Value>().await.unwrap()["session_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    login(&origin.url, standin, email).await
 }
 
 async fn world(env: &[(&str, &str)]) -> (StandIn, Origin, String) {

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use gateway_tests::harness::flows::{execute_playbook, graphql, http, login};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
@@ -11,13 +12,6 @@ use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
 
 struct World {
     _nats: NatsServer,
@@ -48,55 +42,6 @@ async fn world() -> World {
     }
 }
 
-async fn login(origin: &Origin, standin: &StandIn, email: &str) -> String {
-    let id_token = standin.dev_token(email).await;
-    let v: Value = http()
-        .post(format!("{}/api/auth/login", origin.url))
-        .json(&json!({"auth0_token": id_token}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["session_token"]
-        .as_str()
-        .expect("login succeeds")
-        .to_owned()
-}
-
-async fn gql(origin: &Origin, token: &str, query: &str, variables: Value) -> Value {
-    http()
-        .post(format!("{}/graphql", origin.url))
-        .bearer_auth(token)
-        .json(&json!({"query": query, "variables": variables}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-const EXECUTE: &str = "mutation($path: String!, $workload: JSON, $clientId: String) {
-  executePlaybook(path: $path, workload: $workload, clientId: $clientId) { id executionId requestId name status } }";
-
-async fn execute(
-    origin: &Origin,
-    token: &str,
-    path: &str,
-    workload: Value,
-    client_id: Option<&str>,
-) -> Value {
-    gql(
-        origin,
-        token,
-        EXECUTE,
-        json!({"path": path, "workload": workload, "clientId": client_id}),
-    )
-    .await
-}
-
 async fn open(origin: &Origin, token: &str, query: &str, last: Option<u64>) -> (SseClient, String) {
     let mut sse = SseClient::connect(&format!("{}/events{query}", origin.url), Some(token), last)
         .await
@@ -124,10 +69,10 @@ fn has_result(frames: &[SseFrame]) -> bool {
 #[tokio::test]
 async fn the_spa_flow_streams_steps_then_the_result() {
     let w = world().await;
-    let token = login(&w.a, &w.standin, "spa@example.com").await;
+    let token = login(&w.a.url, &w.standin, "spa@example.com").await;
     let (mut sse, client_id) = open(&w.a, &token, "", None).await;
-    let v = execute(
-        &w.a,
+    let v = execute_playbook(
+        &w.a.url,
         &token,
         "demo/steps",
         json!({"hello": "world"}),
@@ -182,9 +127,9 @@ async fn the_spa_flow_streams_steps_then_the_result() {
 #[tokio::test]
 async fn a_failed_playbook_delivers_failed_state_and_its_error() {
     let w = world().await;
-    let token = login(&w.a, &w.standin, "fail@example.com").await;
+    let token = login(&w.a.url, &w.standin, "fail@example.com").await;
     let (mut sse, client_id) = open(&w.a, &token, "", None).await;
-    execute(&w.a, &token, "demo/fail", json!({}), Some(&client_id)).await;
+    execute_playbook(&w.a.url, &token, "demo/fail", json!({}), Some(&client_id)).await;
     let frames = sse
         .collect_until(WAIT, |fs| has_result(fs) && fs.iter().any(is_terminal))
         .await;
@@ -206,12 +151,12 @@ async fn a_failed_playbook_delivers_failed_state_and_its_error() {
 #[tokio::test]
 async fn two_replicas_deliver_every_frame_once_and_replay_after_a_replica_dies() {
     let mut w = world().await;
-    let token = login(&w.a, &w.standin, "replicas@example.com").await;
+    let token = login(&w.a.url, &w.standin, "replicas@example.com").await;
     let (mut sse, client_id) = open(&w.a, &token, "", None).await;
     // Executed on B; the result callback goes to B's internal listener (the stand-in calls
     // the gateway_url B injected); the client listens on A.
-    execute(
-        &w.b,
+    execute_playbook(
+        &w.b.url,
         &token,
         "demo/steps",
         json!({"n": 1}),
@@ -267,11 +212,11 @@ async fn two_replicas_deliver_every_frame_once_and_replay_after_a_replica_dies()
 #[tokio::test]
 async fn a_result_produced_while_the_client_is_away_is_delivered_on_reconnect() {
     let w = world().await;
-    let token = login(&w.a, &w.standin, "away@example.com").await;
+    let token = login(&w.a.url, &w.standin, "away@example.com").await;
     let (sse, client_id) = open(&w.a, &token, "", None).await;
     sse.close();
-    execute(
-        &w.a,
+    execute_playbook(
+        &w.a.url,
         &token,
         "demo/echo",
         json!({"away": true}),
@@ -293,11 +238,11 @@ async fn a_result_produced_while_the_client_is_away_is_delivered_on_reconnect() 
 #[tokio::test]
 async fn hostile_callbacks_are_refused_and_duplicates_deliver_once() {
     let w = world().await;
-    let token = login(&w.a, &w.standin, "cb@example.com").await;
+    let token = login(&w.a.url, &w.standin, "cb@example.com").await;
     let (mut sse, client_id) = open(&w.a, &token, "", None).await;
     // demo/slow gives time to call back by hand before the stand-in does.
-    let v = execute(
-        &w.a,
+    let v = execute_playbook(
+        &w.a.url,
         &token,
         "demo/slow",
         json!({"seconds": 30}),
@@ -319,7 +264,7 @@ async fn hostile_callbacks_are_refused_and_duplicates_deliver_once() {
         .as_str()
         .unwrap()
         .to_owned();
-    let other = execute(&w.a, &token, "demo/slow", json!({"seconds": 30}), None).await;
+    let other = execute_playbook(&w.a.url, &token, "demo/slow", json!({"seconds": 30}), None).await;
     let other_exec = other["data"]["executePlaybook"]["executionId"]
         .as_str()
         .unwrap()
@@ -386,8 +331,8 @@ async fn hostile_callbacks_are_refused_and_duplicates_deliver_once() {
 #[tokio::test]
 async fn another_users_client_id_is_refused_everywhere() {
     let w = world().await;
-    let alice = login(&w.a, &w.standin, "alice@example.com").await;
-    let mallory = login(&w.a, &w.standin, "mallory@example.com").await;
+    let alice = login(&w.a.url, &w.standin, "alice@example.com").await;
+    let mallory = login(&w.a.url, &w.standin, "mallory@example.com").await;
     let (_sse, alice_client) = open(&w.a, &alice, "", None).await;
     match SseClient::connect(
         &format!("{}/events?client_id={alice_client}", w.a.url),
@@ -403,17 +348,24 @@ async fn another_users_client_id_is_refused_everywhere() {
         }
         Ok(_) => panic!("mallory resumed alice's stream"),
     }
-    let v = execute(&w.a, &mallory, "demo/echo", json!({}), Some(&alice_client)).await;
+    let v = execute_playbook(
+        &w.a.url,
+        &mallory,
+        "demo/echo",
+        json!({}),
+        Some(&alice_client),
+    )
+    .await;
     assert_eq!(v["errors"][0]["extensions"]["code"], "FORBIDDEN", "{v}");
     assert!(v["data"].is_null() || v["data"]["executePlaybook"].is_null());
-    let v = execute(&w.a, &mallory, "admin/purge", json!({}), None).await;
+    let v = execute_playbook(&w.a.url, &mallory, "admin/purge", json!({}), None).await;
     assert_eq!(v["errors"][0]["extensions"]["code"], "FORBIDDEN", "{v}");
 }
 
 #[tokio::test]
 async fn hostile_inputs_on_events_and_graphql_get_clean_errors() {
     let w = world().await;
-    let token = login(&w.a, &w.standin, "hostile@example.com").await;
+    let token = login(&w.a.url, &w.standin, "hostile@example.com").await;
     let long = "a".repeat(10_000);
     match SseClient::connect(
         &format!("{}/events?client_id={long}", w.a.url),
@@ -445,8 +397,8 @@ async fn hostile_inputs_on_events_and_graphql_get_clean_errors() {
     for _ in 0..20 {
         deep = format!("ofType {{ {deep} }}");
     }
-    let v = gql(
-        &w.a,
+    let v = graphql(
+        &w.a.url,
         &token,
         &format!("{{ __schema {{ types {{ fields {{ type {{ {deep} }} }} }} }} }}"),
         json!({}),
@@ -466,8 +418,8 @@ async fn hostile_inputs_on_events_and_graphql_get_clean_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let v = gql(
-        &w.a,
+    let v = graphql(
+        &w.a.url,
         &token,
         "{ health version me { email roles } }",
         json!({}),
@@ -497,11 +449,11 @@ async fn a_slow_reader_is_evicted_and_resumes_without_loss() {
     )
     .await
     .unwrap();
-    let token = login(&origin, &standin, "slow-reader@example.com").await;
+    let token = login(&origin.url, &standin, "slow-reader@example.com").await;
     let (sse, client_id) = open(&origin, &token, "", None).await;
     sse.close();
-    let v = execute(
-        &origin,
+    let v = execute_playbook(
+        &origin.url,
         &token,
         "demo/slow",
         json!({"seconds": 60}),
@@ -640,10 +592,10 @@ async fn events_published_while_every_origin_is_down_are_forwarded_after_restart
     let mut a = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
         .await
         .unwrap();
-    let token = login(&a, &standin, "durable@example.com").await;
+    let token = login(&a.url, &standin, "durable@example.com").await;
     let (mut sse, client_id) = open(&a, &token, "", None).await;
-    let v = execute(
-        &a,
+    let v = execute_playbook(
+        &a.url,
         &token,
         "demo/slow",
         json!({"seconds": 2}),
@@ -720,7 +672,7 @@ async fn events_published_while_every_origin_is_down_are_forwarded_after_restart
 #[tokio::test]
 async fn a_ticket_opens_one_stream_once_and_query_tokens_never_reach_the_log() {
     let w = world().await;
-    let token = login(&w.a, &w.standin, "ticket@example.com").await;
+    let token = login(&w.a.url, &w.standin, "ticket@example.com").await;
     let r = http()
         .post(format!("{}/api/events/ticket", w.a.url))
         .bearer_auth(&token)
