@@ -36,7 +36,6 @@ use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
-use gateway_shared::frames::is_valid_client_id;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -320,26 +319,6 @@ impl std::fmt::Debug for MemoryBus {
     }
 }
 
-fn check_client_id(client_id: &str) -> Result<(), BusError> {
-    if is_valid_client_id(client_id) {
-        Ok(())
-    } else {
-        Err(BusError::InvalidClientId)
-    }
-}
-
-/// Event names travel as an SSE `event:` line (and, on NATS, a header), so they must be one
-/// visible-ASCII token. Kept identical to the NATS bus's check: the suite holds both to it.
-fn check_event(event: &str) -> Result<(), BusError> {
-    if !event.is_empty() && event.len() <= 256 && event.bytes().all(|b| b.is_ascii_graphic()) {
-        Ok(())
-    } else {
-        Err(BusError::Unavailable(format!(
-            "event name {event:?} is not one visible-ASCII token"
-        )))
-    }
-}
-
 /// The live part of a subscription: frames from the channel until the subscriber lags
 /// (one `Err`, then the end) or the bus is dropped.
 fn live_frames(
@@ -369,8 +348,8 @@ fn live_frames(
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError> {
-        check_client_id(client_id)?;
-        check_event(event)?;
+        super::check_client_id(client_id)?;
+        super::check_event(event)?;
         let now = Instant::now();
         let id = self
             .inner
@@ -380,7 +359,7 @@ impl Bus for MemoryBus {
     }
 
     async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
-        check_client_id(client_id)?;
+        super::check_client_id(client_id)?;
         let now = Instant::now();
         let (reset, replay, live) =
             self.inner

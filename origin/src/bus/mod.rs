@@ -32,6 +32,10 @@ pub enum BusError {
     /// The client id cannot be used in a subject (see `gateway_shared::frames::is_valid_client_id`).
     #[error("invalid client id")]
     InvalidClientId,
+    /// The event name is not one visible-ASCII token (it travels as an SSE `event:` line
+    /// and a NATS header, where a CR/LF would forge protocol lines).
+    #[error("invalid event name")]
+    InvalidEvent,
 }
 
 /// One frame as stored and delivered.
@@ -87,6 +91,24 @@ impl Default for Retention {
     }
 }
 
+/// Refuses client ids that cannot be a subject token; both buses call it.
+pub(crate) fn check_client_id(client_id: &str) -> Result<(), BusError> {
+    if gateway_shared::frames::is_valid_client_id(client_id) {
+        Ok(())
+    } else {
+        Err(BusError::InvalidClientId)
+    }
+}
+
+/// Refuses event names that are not one visible-ASCII token of at most 256 bytes.
+pub(crate) fn check_event(event: &str) -> Result<(), BusError> {
+    if !event.is_empty() && event.len() <= 256 && event.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(BusError::InvalidEvent)
+    }
+}
+
 /// Publish frames to a client; subscribe to a client's frames with replay.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -99,4 +121,20 @@ pub trait Bus: Send + Sync + 'static {
 
     /// True if the bus can deliver now (for `/ready`).
     async fn is_healthy(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_must_be_one_visible_token() {
+        assert!(check_event("playbook/result").is_ok());
+        for bad in ["", "a b", "a\r\nGw-Id: 1", "é", &"e".repeat(257)] {
+            assert!(
+                matches!(check_event(bad), Err(BusError::InvalidEvent)),
+                "{bad:?}"
+            );
+        }
+    }
 }
