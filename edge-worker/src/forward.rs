@@ -1,0 +1,277 @@
+//! The forward step: the request goes to the origin, and the origin's answer comes back,
+//! streaming both ways.
+//!
+//! - Bodies are never buffered: the outbound request gets the client's body stream, and
+//!   the client gets the origin's body stream (an SSE response reaches the client frame by
+//!   frame; `reply::finish` rebuilds the response around the same stream).
+//! - Hop-by-hop headers (and those the `Connection` header names) are dropped, except the
+//!   `Upgrade`/`Connection` pair of a WebSocket handshake, which Workers proxy natively.
+//! - Client-sent identity headers (`x-user-*`, `x-noetl-*`, `x-gateway-*`,
+//!   `x-forwarded-*`, `forwarded`, `x-real-ip`, `cf-*`) are dropped: only the edge says who
+//!   is calling, in its signed `x-gateway-assertion`, and who the client's address is, in
+//!   `x-forwarded-for`.
+//! - `x-request-id` is the edge's (accepted or minted); `traceparent` passes through.
+//! - `Authorization` and cookies pass through: the origin needs the token for NoETL's
+//!   own access checks, and binds the assertion to it (`sid`).
+//! - Redirects are the client's business (`redirect: manual`).
+
+/// How long the origin may take to send its response headers. Bodies (SSE streams) are
+/// not bounded here: once the headers arrived, the stream lives as long as both ends.
+pub const FORWARD_TIMEOUT_MS: u64 = 60_000;
+
+/// The origin URL for a request path and query: `origin` without its trailing `/`,
+/// then the path, then `?query` when there is one.
+pub fn origin_target(origin: &str, path: &str, query: Option<&str>) -> String {
+    let base = origin.trim_end_matches('/');
+    match query {
+        Some(q) if !q.is_empty() => format!("{base}{path}?{q}"),
+        _ => format!("{base}{path}"),
+    }
+}
+
+/// The methods the edge forwards, in their canonical spelling; `None` → 405.
+pub fn forwardable_method(method: &str) -> Option<&'static str> {
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        .into_iter()
+        .find(|m| *m == method)
+}
+
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// True for headers that describe one connection, not the message (RFC 9110 §7.6.1).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// True for headers by which a client could claim an identity or an address that only
+/// the edge may state.
+pub fn is_client_identity(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["x-user-", "x-noetl-", "x-gateway-", "x-forwarded-", "cf-"]
+        .iter()
+        .any(|p| n.starts_with(p))
+        || n == "forwarded"
+        || n == "x-real-ip"
+}
+
+/// The header names listed in a `Connection` value (also hop-by-hop), lower-cased.
+pub fn connection_tokens(connection: Option<&str>) -> Vec<String> {
+    connection
+        .unwrap_or_default()
+        .split(',')
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// True for a WebSocket handshake (`Upgrade: websocket`).
+pub fn is_websocket_upgrade(upgrade: Option<&str>) -> bool {
+    upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"))
+}
+
+/// Whether a client request header is copied to the origin request.
+pub fn keep_request_header(name: &str, connection: &[String], websocket: bool) -> bool {
+    let n = name.to_ascii_lowercase();
+    if websocket && (n == "upgrade" || n == "connection") {
+        return true;
+    }
+    !(is_hop_by_hop(&n)
+        || connection.contains(&n)
+        || is_client_identity(&n)
+        || n == "host"
+        || n == "x-request-id")
+}
+
+#[cfg(target_arch = "wasm32")]
+mod glue {
+    use super::*;
+    use crate::caller::Caller;
+    use crate::config::EdgeConfig;
+    use crate::error::EdgeError;
+    use futures_util::future::{select, Either};
+    use gateway_shared::assertion;
+    use std::time::Duration;
+    use worker::{
+        AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
+        Response,
+    };
+
+    /// What goes to the origin as the request body.
+    pub enum Body {
+        /// The client's body, streamed through (or none, for GET and friends).
+        Stream(Option<worker::wasm_bindgen::JsValue>),
+        /// A body the edge had to read first (a small logout body).
+        Bytes(Vec<u8>),
+    }
+
+    impl Body {
+        /// The client's body stream, untouched.
+        pub fn of(req: &Request) -> Self {
+            Body::Stream(req.inner().body().map(Into::into))
+        }
+
+        fn into_js(self) -> Option<worker::wasm_bindgen::JsValue> {
+            match self {
+                Body::Stream(s) => s,
+                Body::Bytes(b) if b.is_empty() => None,
+                Body::Bytes(b) => Some(worker::js_sys::Uint8Array::from(b.as_slice()).into()),
+            }
+        }
+    }
+
+    /// One forwarded request.
+    pub struct Forward<'a> {
+        /// The client's request (headers are read from it).
+        pub req: &'a Request,
+        /// Its URL (path and query go to the origin unchanged).
+        pub url: &'a worker::Url,
+        /// The canonical method.
+        pub method: &'static str,
+        /// The body to send.
+        pub body: Body,
+        /// Who the edge says is calling.
+        pub caller: &'a Caller,
+        /// The request id.
+        pub rid: &'a str,
+        /// The client's address, for `x-forwarded-for`.
+        pub client_ip: Option<String>,
+    }
+
+    /// Sends the request to the origin and returns its response (body still streaming).
+    pub async fn forward(cfg: &EdgeConfig, f: Forward<'_>) -> Result<Response, EdgeError> {
+        let incoming = f.req.headers();
+        let header = |n: &str| incoming.get(n).ok().flatten();
+        let websocket = is_websocket_upgrade(header("upgrade").as_deref());
+        let connection = connection_tokens(header("connection").as_deref());
+        let headers = Headers::new();
+        for (name, value) in incoming.entries() {
+            if keep_request_header(&name, &connection, websocket) {
+                headers.append(&name, &value)?;
+            }
+        }
+        headers.set("x-request-id", f.rid)?;
+        if let Some(ip) = &f.client_ip {
+            headers.set("x-forwarded-for", ip)?;
+        }
+        let signed = f
+            .caller
+            .assertion(f.rid, &cfg.signing_key, crate::time::now_unix())
+            .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
+        headers.set(assertion::HEADER, &signed)?;
+
+        let mut init = RequestInit::new();
+        init.with_method(Method::from(f.method.to_owned()))
+            .with_headers(headers)
+            .with_redirect(RequestRedirect::Manual)
+            .with_body(f.body.into_js());
+        let target = origin_target(&cfg.origin_url, f.url.path(), f.url.query());
+        send(Request::new_with_init(&target, &init)?, FORWARD_TIMEOUT_MS).await
+    }
+
+    /// Fetches `out`, giving up (and aborting it) if no response headers arrive within
+    /// `timeout_ms`. A refused connection is [`EdgeError::OriginUnreachable`].
+    pub async fn send(out: Request, timeout_ms: u64) -> Result<Response, EdgeError> {
+        let controller = AbortController::default();
+        let signal = controller.signal();
+        let fetch = Fetch::Request(out);
+        let response = std::pin::pin!(fetch.send_with_signal(&signal));
+        let deadline = std::pin::pin!(Delay::from(Duration::from_millis(timeout_ms)));
+        let outcome = select(response, deadline).await;
+        match outcome {
+            Either::Left((Ok(resp), _)) => Ok(resp),
+            Either::Left((Err(e), _)) => Err(EdgeError::OriginUnreachable(e.to_string())),
+            Either::Right(((), _)) => {
+                controller.abort();
+                Err(EdgeError::OriginTimeout)
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+pub use glue::{forward, send, Body, Forward};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_target_joins_origin_path_and_query() {
+        assert_eq!(
+            origin_target("http://o:1/", "/a/b", Some("x=1")),
+            "http://o:1/a/b?x=1"
+        );
+        assert_eq!(origin_target("http://o:1", "/a", Some("")), "http://o:1/a");
+        assert_eq!(origin_target("http://o:1", "/a", None), "http://o:1/a");
+    }
+
+    #[test]
+    fn only_ordinary_methods_are_forwarded() {
+        assert_eq!(forwardable_method("PATCH"), Some("PATCH"));
+        assert_eq!(forwardable_method("OPTIONS"), Some("OPTIONS"));
+        for m in ["TRACE", "CONNECT", "get", "PROPFIND", ""] {
+            assert_eq!(forwardable_method(m), None, "{m}");
+        }
+    }
+
+    #[test]
+    fn identity_and_hop_by_hop_headers_never_reach_the_origin() {
+        let none: Vec<String> = Vec::new();
+        for h in [
+            "x-user-id",
+            "X-User-Email",
+            "x-noetl-user-email",
+            "x-gateway-assertion",
+            "X-Forwarded-For",
+            "forwarded",
+            "x-real-ip",
+            "cf-connecting-ip",
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "te",
+            "upgrade",
+            "proxy-authorization",
+            "host",
+            "x-request-id",
+        ] {
+            assert!(!keep_request_header(h, &none, false), "{h} was kept");
+        }
+        for h in [
+            "authorization",
+            "cookie",
+            "content-type",
+            "content-length",
+            "accept",
+            "last-event-id",
+            "traceparent",
+            "tracestate",
+            "user-agent",
+        ] {
+            assert!(keep_request_header(h, &none, false), "{h} was dropped");
+        }
+    }
+
+    #[test]
+    fn headers_named_by_connection_are_dropped_and_websocket_upgrades_kept() {
+        let conn = connection_tokens(Some("keep-alive, X-Secret-Hop"));
+        assert_eq!(conn, ["keep-alive", "x-secret-hop"]);
+        assert!(!keep_request_header("x-secret-hop", &conn, false));
+        assert!(is_websocket_upgrade(Some("WebSocket")));
+        assert!(!is_websocket_upgrade(Some("h2c")));
+        assert!(keep_request_header("upgrade", &[], true));
+        assert!(keep_request_header("connection", &[], true));
+        assert!(!keep_request_header("x-user-id", &[], true));
+    }
+}

@@ -1,0 +1,129 @@
+//! The rate-limit step: the Workers rate-limiting binding, per client IP and per session.
+//!
+//! Two bindings (`[[ratelimits]]` in wrangler.toml): [`Limiter::Ip`] counts every
+//! forwarded request by client IP (`cf-connecting-ip`), [`Limiter::Session`] counts
+//! session-route requests by session hash, so one stolen token cannot be used from many
+//! addresses faster than one user could. Over either limit → 429 with `Retry-After`.
+//!
+//! The binding answers only `{success}`: it does not say when its window ends, so
+//! `Retry-After` is the configured period (`RATE_LIMIT_PERIOD`, matching `simple.period`).
+//! A missing binding or a failing `limit()` call lets the request through (logged): the
+//! limiter protects capacity, it is not an authorisation check, and a Cloudflare hiccup
+//! must not take the API down.
+//!
+//! Under `wrangler dev` the binding is simulated locally by Miniflare: a counter per
+//! (key, period) in a fixed window aligned to the wall clock (`floor(now / period)`), kept
+//! in the `--persist-to` directory; `cf-connecting-ip` is the socket's address
+//! (127.0.0.1) unless the client sent one. See docs/EDGE.md.
+
+use gateway_shared::session::SessionHash;
+
+/// Which limiter a key is counted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limiter {
+    /// Per client IP, every forwarded request.
+    Ip,
+    /// Per session, session routes only.
+    Session,
+}
+
+impl Limiter {
+    /// The binding's name in wrangler.toml.
+    pub fn binding(self) -> &'static str {
+        match self {
+            Limiter::Ip => "IP_RATE_LIMITER",
+            Limiter::Session => "SESSION_RATE_LIMITER",
+        }
+    }
+}
+
+/// The key used when no client address is known (`wrangler dev` without a proxy in front
+/// sets one; a bare test harness may not): every such request shares one bucket.
+pub const UNKNOWN_IP_KEY: &str = "ip:local";
+
+/// The IP limiter's key for a `cf-connecting-ip` value. Anything that does not look like
+/// an IPv4 or IPv6 literal counts as unknown. (On Cloudflare the header is set by the
+/// platform and cannot be forged; under `wrangler dev` a client may send its own.)
+pub fn ip_key(cf_connecting_ip: Option<&str>) -> String {
+    match cf_connecting_ip.map(str::trim) {
+        Some(ip)
+            if !ip.is_empty()
+                && ip.len() <= 45
+                && ip
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':') =>
+        {
+            format!("ip:{}", ip.to_ascii_lowercase())
+        }
+        _ => UNKNOWN_IP_KEY.to_owned(),
+    }
+}
+
+/// The session limiter's key: the session hash, never the token.
+pub fn session_key(session: &SessionHash) -> String {
+    format!("sid:{}", session.as_str())
+}
+
+#[cfg(target_arch = "wasm32")]
+mod glue {
+    use super::Limiter;
+    use crate::error::EdgeError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static WARNED_MISSING: AtomicBool = AtomicBool::new(false);
+
+    /// Counts one request for `key`; `Err(RateLimited)` once the limit is reached.
+    pub async fn check(
+        env: &worker::Env,
+        limiter: Limiter,
+        key: String,
+        retry_after_secs: u64,
+    ) -> Result<(), EdgeError> {
+        let binding = match env.rate_limiter(limiter.binding()) {
+            Ok(b) => b,
+            Err(e) => {
+                if !WARNED_MISSING.swap(true, Ordering::Relaxed) {
+                    worker::console_warn!(
+                        "rate limiting off: binding {} unavailable ({e})",
+                        limiter.binding()
+                    );
+                }
+                return Ok(());
+            }
+        };
+        match binding.limit(key).await {
+            Ok(outcome) if outcome.success => Ok(()),
+            Ok(_) => Err(EdgeError::RateLimited { retry_after_secs }),
+            Err(e) => {
+                worker::console_warn!("{} failed, request let through: {e}", limiter.binding());
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+pub use glue::check;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_keys_accept_ip_literals_only() {
+        assert_eq!(ip_key(Some("203.0.113.9")), "ip:203.0.113.9");
+        assert_eq!(ip_key(Some("2001:DB8::1")), "ip:2001:db8::1");
+        assert_eq!(ip_key(None), UNKNOWN_IP_KEY);
+        assert_eq!(ip_key(Some("")), UNKNOWN_IP_KEY);
+        assert_eq!(ip_key(Some("evil.example")), UNKNOWN_IP_KEY);
+        assert_eq!(ip_key(Some(&"1".repeat(46))), UNKNOWN_IP_KEY);
+    }
+
+    #[test]
+    fn session_keys_hold_the_hash_not_the_token() {
+        let k = session_key(&SessionHash::of("secret-token"));
+        assert!(k.starts_with("sid:") && !k.contains("secret-token"));
+        assert_eq!(k.len(), 4 + 64);
+        assert_ne!(Limiter::Ip.binding(), Limiter::Session.binding());
+    }
+}

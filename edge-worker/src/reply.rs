@@ -1,0 +1,112 @@
+//! Responses the edge makes, and the one exit every response leaves through.
+//!
+//! [`finish`] puts the CORS headers, `Vary: Origin` and `x-request-id` on every response,
+//! whether the edge made it or the origin did. A Response returned by `fetch` has
+//! immutable headers (setting one throws), so `finish` never edits them in place: it
+//! copies them into a fresh `Headers`, adds its own, and builds a new Response around the
+//! *same* body stream, status and WebSocket — nothing is read or buffered, so an SSE
+//! stream still reaches the client frame by frame.
+
+/// The body of `/health` at the edge: the edge is up, whatever the origin is doing.
+pub fn health_body() -> String {
+    serde_json::json!({
+        "status": "ok",
+        "component": "edge",
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+    .to_string()
+}
+
+/// Whether an origin response header is passed on to the client. Hop-by-hop headers
+/// belong to the origin connection; CORS, `Vary` and `x-request-id` are the edge's.
+pub fn keep_response_header(name: &str) -> bool {
+    !(crate::forward::is_hop_by_hop(name)
+        || crate::cors::is_cors_header(name)
+        || name.eq_ignore_ascii_case("vary")
+        || name.eq_ignore_ascii_case("x-request-id"))
+}
+
+#[cfg(target_arch = "wasm32")]
+mod glue {
+    use super::*;
+    use worker::{Headers, Response, ResponseBuilder};
+
+    /// A response with a JSON body.
+    pub fn json(status: u16, body: String) -> Response {
+        let headers = Headers::new();
+        let _ = headers.set("content-type", "application/json");
+        let _ = headers.set("cache-control", "no-store");
+        ResponseBuilder::new()
+            .with_status(status)
+            .with_headers(headers)
+            .fixed(body.into_bytes())
+    }
+
+    /// A response without a body (preflights).
+    pub fn empty(status: u16) -> Response {
+        ResponseBuilder::new().with_status(status).empty()
+    }
+
+    /// `/health`, answered at the edge.
+    pub fn health() -> Response {
+        json(200, health_body())
+    }
+
+    /// The response as it leaves the edge: the origin's end-to-end headers, then the
+    /// edge's CORS headers (`Vary` merged with the origin's), then `x-request-id`.
+    pub fn finish(resp: Response, cors: &[(&'static str, String)], rid: &str) -> Response {
+        let headers = Headers::new();
+        let upstream = resp.headers();
+        for (name, value) in upstream.entries() {
+            if keep_response_header(&name) {
+                let _ = headers.append(&name, &value);
+            }
+        }
+        let vary = upstream.get("vary").ok().flatten();
+        for (name, value) in cors.iter().filter(|(n, _)| *n != "vary") {
+            let _ = headers.set(name, value);
+        }
+        let _ = headers.set("vary", &crate::cors::merge_vary(vary.as_deref()));
+        let _ = headers.set("x-request-id", rid);
+        let (builder, body) = resp.into_parts();
+        builder.with_headers(headers).body(body)
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+pub use glue::{empty, finish, health, json};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_says_edge() {
+        let v: serde_json::Value = serde_json::from_str(&health_body()).unwrap();
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["component"], "edge");
+    }
+
+    #[test]
+    fn the_edge_owns_cors_vary_and_request_id_on_the_way_out() {
+        for h in [
+            "access-control-allow-origin",
+            "Access-Control-Allow-Credentials",
+            "vary",
+            "x-request-id",
+            "transfer-encoding",
+            "connection",
+        ] {
+            assert!(!keep_response_header(h), "{h}");
+        }
+        for h in [
+            "content-type",
+            "cache-control",
+            "set-cookie",
+            "retry-after",
+            "content-encoding",
+        ] {
+            assert!(keep_response_header(h), "{h}");
+        }
+    }
+}
