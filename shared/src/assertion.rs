@@ -97,6 +97,10 @@ pub fn signing_key_from_b64(seed_b64: &str) -> Result<SecretKey, AssertionError>
         .decode(seed_b64.trim().trim_end_matches('='))
         .map_err(|_| AssertionError::BadKey)?;
     let seed: [u8; 32] = seed.try_into().map_err(|_| AssertionError::BadKey)?;
+    // ed25519-compact panics on an all-zero seed; such a "secret" is no key anyway.
+    if seed.iter().all(|b| *b == 0) {
+        return Err(AssertionError::BadKey);
+    }
     Ok(ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new(seed)).sk)
 }
 
@@ -252,5 +256,10 @@ mod tests {
             Err(AssertionError::Malformed)
         );
         assert!(signing_key_from_b64("short").is_err());
+        let zero = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0u8; 32]);
+        assert_eq!(
+            signing_key_from_b64(&zero).err(),
+            Some(AssertionError::BadKey)
+        );
     }
 }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use gateway_shared::assertion::{self, AssertionClaims};
 use gateway_shared::session::SessionHash;
 use gateway_tests::harness::edge::{
-    bundle_dir, listener_owned_by, test_public_key, Edge, EdgeOptions, ALLOWED_ORIGIN,
+    bundle_dir, test_public_key, Edge, EdgeOptions, ALLOWED_ORIGIN,
 };
 use gateway_tests::harness::flows::{execute_playbook, graphql, http, login};
+use gateway_tests::harness::listener_owned_by;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::SseClient;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};

@@ -9,7 +9,9 @@
 //! wrangler starts workerd as a child process, so it is spawned in its own process group
 //! (`setsid`) and the whole group is terminated on drop: no workerd outlives its test.
 
-use super::{free_port, scratch_dir, tools_dir, wait_until_ok, workspace_root, ChildGuard};
+use super::{
+    free_port, listener_owned_by, scratch_dir, tools_dir, wait_until_ok, workspace_root, ChildGuard,
+};
 use gateway_shared::assertion;
 use std::path::PathBuf;
 use std::process::Command;
@@ -225,56 +227,9 @@ enum StartError {
     Failed(anyhow::Error),
 }
 
-/// True if a TCP listener on `port` (any local address) is held by a process of `pids`.
-///
-/// A server started on a port from [`free_port`] can lose it to another process, and a
-/// health check on that port then passes against the wrong server; this tells the two
-/// apart (Linux: `/proc/net/tcp*` inodes against `/proc/<pid>/fd`).
-pub fn listener_owned_by(port: u16, pids: &[u32]) -> bool {
-    let inodes = listening_inodes(port);
-    !inodes.is_empty()
-        && pids.iter().any(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .map(|fds| {
-                    fds.flatten().any(|fd| {
-                        std::fs::read_link(fd.path())
-                            .ok()
-                            .and_then(|l| {
-                                l.to_str()
-                                    .and_then(|l| l.strip_prefix("socket:["))
-                                    .and_then(|l| l.strip_suffix(']'))
-                                    .map(str::to_owned)
-                            })
-                            .is_some_and(|inode| inodes.contains(&inode))
-                    })
-                })
-                .unwrap_or(false)
-        })
-}
-
 /// [`listener_owned_by`] for every process in the group `pgid` (wrangler, workerd).
 fn listener_owned_by_group(port: u16, pgid: u32) -> bool {
     listener_owned_by(port, &group_members(pgid))
-}
-
-/// Inodes of LISTEN sockets on `port` (any local address).
-fn listening_inodes(port: u16) -> Vec<String> {
-    let port_hex = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|text| {
-            text.lines()
-                .skip(1)
-                .filter_map(|line| {
-                    let cols: Vec<&str> = line.split_whitespace().collect();
-                    let listening = cols.get(3) == Some(&"0A");
-                    let on_port = cols.get(1).is_some_and(|a| a.ends_with(&port_hex));
-                    (listening && on_port).then(|| cols.get(9).map(|i| (*i).to_owned()))?
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// Pids of the live processes in group `pgid`.

@@ -19,12 +19,69 @@ pub mod origin;
 pub mod sse;
 pub mod standin;
 
-/// A free TCP port on 127.0.0.1 (asked of the kernel, then released for the child to bind).
+/// A free TCP port on 127.0.0.1 (asked of the kernel, then released for the child to
+/// bind). Never the same port twice in one test process; another process may still take
+/// it before the child binds — [`listener_owned_by`] tells, and the starters retry.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the kernel always has a free ephemeral port on loopback")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("the kernel always has a free ephemeral port on loopback");
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&port) {
+            seen.push(port);
+            return port;
+        }
+    }
+}
+
+/// True if a TCP listener on `port` (any local address) is held by a process of `pids`.
+///
+/// A server started on a port from [`free_port`] can lose it to another process, and a
+/// health check on that port then passes against the wrong server; this tells the two
+/// apart (Linux: `/proc/net/tcp*` inodes against `/proc/<pid>/fd`).
+pub fn listener_owned_by(port: u16, pids: &[u32]) -> bool {
+    let inodes = listening_inodes(port);
+    !inodes.is_empty()
+        && pids.iter().any(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|fds| {
+                    fds.flatten().any(|fd| {
+                        std::fs::read_link(fd.path())
+                            .ok()
+                            .and_then(|l| {
+                                l.to_str()
+                                    .and_then(|l| l.strip_prefix("socket:["))
+                                    .and_then(|l| l.strip_suffix(']'))
+                                    .map(str::to_owned)
+                            })
+                            .is_some_and(|inode| inodes.contains(&inode))
+                    })
+                })
+                .unwrap_or(false)
+        })
+}
+
+/// Inodes of LISTEN sockets on `port` (any local address).
+fn listening_inodes(port: u16) -> Vec<String> {
+    let port_hex = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let cols: Vec<&str> = line.split_whitespace().collect();
+                    let listening = cols.get(3) == Some(&"0A");
+                    let on_port = cols.get(1).is_some_and(|a| a.ends_with(&port_hex));
+                    (listening && on_port).then(|| cols.get(9).map(|i| (*i).to_owned()))?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// The repository root (the workspace).

@@ -50,35 +50,52 @@ impl Origin {
     /// for `/health`.
     pub async fn start(standin: &StandIn, opts: OriginOptions) -> anyhow::Result<Self> {
         let dir = scratch_dir("gw-origin-");
-        let (public, internal) = (free_port(), free_port());
-        let mut cmd = Command::new(workspace_bin("origin"));
-        cmd.env_clear()
-            .env("PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-            .env("INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-            .env("NOETL_BASE_URL", &standin.url)
-            .env("AUTH_JWKS_URL", standin.jwks_url())
-            .env("AUTH_ISSUER", standin.issuer())
-            .env("AUTH_AUDIENCE", standin.audience())
-            .env("NOETL_TIMEOUT", "3s")
-            .env("SHUTDOWN_GRACE", "2s")
-            .env("RUST_LOG", "info,origin=debug")
-            .env("GATEWAY_CALLBACK_SECRET", CALLBACK_SECRET)
-            .env("GATEWAY_INTERNAL_TOKEN", INTERNAL_TOKEN)
-            .env(
-                "PROXY_ALLOW",
-                "GET /api/executions,GET /api/catalog,GET /api/debug,POST /api/debug",
-            );
-        if let Some(url) = &opts.nats_url {
-            cmd.env("NATS_URL", url);
-        }
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
-        let guard = ChildGuard::spawn("origin", cmd, dir.path().join("origin.log"))?;
-        let url = format!("http://127.0.0.1:{public}");
-        if let Err(e) = wait_until_ok(&format!("{url}/health"), Duration::from_secs(20)).await {
-            anyhow::bail!("origin did not start: {e}\n{}", guard.log_text());
-        }
+        let mut attempt = 0;
+        let (internal, guard, url) = loop {
+            attempt += 1;
+            let (public, internal) = (free_port(), free_port());
+            let mut cmd = Command::new(workspace_bin("origin"));
+            cmd.env_clear()
+                .env("PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+                .env("INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+                .env("NOETL_BASE_URL", &standin.url)
+                .env("AUTH_JWKS_URL", standin.jwks_url())
+                .env("AUTH_ISSUER", standin.issuer())
+                .env("AUTH_AUDIENCE", standin.audience())
+                .env("NOETL_TIMEOUT", "3s")
+                .env("SHUTDOWN_GRACE", "2s")
+                .env("RUST_LOG", "info,origin=debug")
+                .env("GATEWAY_CALLBACK_SECRET", CALLBACK_SECRET)
+                .env("GATEWAY_INTERNAL_TOKEN", INTERNAL_TOKEN)
+                .env(
+                    "PROXY_ALLOW",
+                    "GET /api/executions,GET /api/catalog,GET /api/debug,POST /api/debug",
+                );
+            if let Some(url) = &opts.nats_url {
+                cmd.env("NATS_URL", url);
+            }
+            for (k, v) in &opts.env {
+                cmd.env(k, v);
+            }
+            let mut guard = ChildGuard::spawn("origin", cmd, dir.path().join("origin.log"))?;
+            let url = format!("http://127.0.0.1:{public}");
+            let up = wait_until_ok(&format!("{url}/health"), Duration::from_secs(20)).await;
+            // Another test's process may have taken a port first; only listeners we own count.
+            let pid = [guard.pid()];
+            if up.is_ok()
+                && super::listener_owned_by(public, &pid)
+                && super::listener_owned_by(internal, &pid)
+            {
+                break (internal, guard, url);
+            }
+            guard.stop(Duration::from_secs(2));
+            if attempt >= 3 {
+                anyhow::bail!(
+                    "origin did not start on its own ports: {up:?}\n{}",
+                    guard.log_text()
+                );
+            }
+        };
         Ok(Self {
             url,
             internal_url: format!("http://127.0.0.1:{internal}"),
