@@ -7,5 +7,6 @@
 //!   HTTP API, the auth routes, a dev identity provider, and execution events on NATS.
 //!   `noetl-standin` (src/bin) runs it; `make dev` uses it as the demo upstream.
 
+pub mod bench;
 pub mod harness;
 pub mod standin;
