@@ -7,9 +7,10 @@
 //!
 //! 1. **Idle density** — `/events` streams that read their init frame and then idle, held by
 //!    child processes of this binary (`--hold`), since one process may hold only ~20k
-//!    sockets here. Origin RSS before/after → KiB per connection, at each `--idle-steps`
-//!    size, next to a trivial axum SSE server (`--peer-sse`, the floor) in the same run.
-//!    `--replicas R --per-replica M` adds the many-replica attempt (e.g. 6 × 17k).
+//!    sockets here. Server RSS before/after → KiB per connection, at each `--idle-steps`
+//!    size, for the origin on NATS and on its embedded memory bus, next to two floors in
+//!    the same run: a trivial axum SSE server (`--peer-sse`) and raw tokio sockets
+//!    (`--peer-raw`). `--replicas R --per-replica M` adds the many-replica attempt (1b).
 //! 2. **Fan-out** — with `--clients` streams open in this process, one frame published to
 //!    each through `NatsBus` (as a callback or the bridge would), timed until every client
 //!    has it. Peers: the same at `--peer-clients`, and the same publishes to ids nobody
@@ -74,8 +75,12 @@ use tokio::sync::{mpsc, Semaphore};
 const GOAL_KIB_PER_CONN: f64 = 4.0;
 /// Callback → frame goal: p99 under 5 ms.
 const GOAL_CALLBACK_P99_MS: f64 = 5.0;
-/// Source addresses for holders start here (127.0.0.2 …); this process uses 127.0.0.200 ….
+/// Source addresses for figure 1's holders start here (127.0.0.2 …); figure 1b's at
+/// 127.0.0.100 ….
 const HOLDER_FIRST_OCTET: u8 = 2;
+/// Source addresses of figure 1b's holders start here.
+const REPLICA_FIRST_OCTET: u8 = 100;
+/// Source addresses of the streams this process opens itself (figures 2–4): 127.0.0.200 ….
 const LOCAL_FIRST_OCTET: u8 = 200;
 /// Connections per source address (one address has ~28k ephemeral ports).
 const PER_ADDRESS: usize = 10_000;
@@ -96,7 +101,8 @@ const MAX_IN_FLIGHT: usize = 1024;
     about = "Realtime benchmark: SSE density, fan-out, callback and NATS event latency"
 )]
 struct Args {
-    /// Which figures to run (1 density, 2 fan-out, 3 callbacks, 4 NATS events).
+    /// Which figures to run (1 density, 2 fan-out, 3 callbacks, 4 NATS events; 0 alone:
+    /// none, e.g. for `--replicas` only).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     figures: Vec<u8>,
     /// Figure 1: connection counts to measure, cumulative on one process.
@@ -673,7 +679,7 @@ async fn figure_replicas(args: &Args, world: &World, deadline: Deadline) -> anyh
     let budget = Deadline::after(deadline.within(Duration::from_secs(args.replica_secs)));
     let started = Instant::now();
     let mut holders = Vec::new();
-    let mut octet = 100u8;
+    let mut octet = REPLICA_FIRST_OCTET;
     for o in &origins {
         let target = SseTarget {
             addr: origin_addr(o)?,
