@@ -144,6 +144,17 @@ impl ChildGuard {
             .append(true)
             .open(&log)?;
         let err = out.try_clone()?;
+        // If the test process dies without running this guard's Drop (a harness timeout
+        // kills it with SIGKILL), the kernel sends the child SIGTERM: no server outlives
+        // its test. Set between fork and exec; the flag survives exec.
+        // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
