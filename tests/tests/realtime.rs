@@ -235,6 +235,23 @@ async fn a_result_produced_while_the_client_is_away_is_delivered_on_reconnect() 
     assert_eq!(result.data["params"]["data"], json!({"away": true}));
 }
 
+/// The callback token the gateway injected into an execution's workload (NoETL keeps the
+/// workload verbatim, as the real server does).
+async fn callback_token_of(standin: &StandIn, execution_id: &str) -> String {
+    let record: Value = http()
+        .get(format!("{}/api/executions/{execution_id}", standin.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    record["workload"]["callback_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no callback_token in {record}"))
+        .to_owned()
+}
+
 #[tokio::test]
 async fn hostile_callbacks_are_refused_and_duplicates_deliver_once() {
     let w = world().await;
@@ -252,35 +269,13 @@ async fn hostile_callbacks_are_refused_and_duplicates_deliver_once() {
     let ex = &v["data"]["executePlaybook"];
     let request_id = ex["requestId"].as_str().unwrap().to_owned();
     let execution_id = ex["executionId"].as_str().unwrap().to_owned();
-    let record: Value = http()
-        .get(format!("{}/api/executions/{execution_id}", w.standin.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let callback_token = record["workload"]["callback_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let callback_token = callback_token_of(&w.standin, &execution_id).await;
     let other = execute_playbook(&w.a.url, &token, "demo/slow", json!({"seconds": 30}), None).await;
     let other_exec = other["data"]["executePlaybook"]["executionId"]
         .as_str()
         .unwrap()
         .to_owned();
-    let other_record: Value = http()
-        .get(format!("{}/api/executions/{other_exec}", w.standin.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let other_token = other_record["workload"]["callback_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let other_token = callback_token_of(&w.standin, &other_exec).await;
 
     let url = format!("{}/api/internal/callback/async", w.a.internal_url);
     let body = json!({"request_id": request_id, "execution_id": execution_id, "status": "success", "data": {"by": "hand"}});
