@@ -7,9 +7,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use gateway_tests::harness::flows::{self, http};
 use gateway_tests::harness::nats::NatsServer;
-use gateway_tests::harness::origin::{Origin, OriginOptions};
+use gateway_tests::harness::origin::Origin;
 use gateway_tests::harness::sse::SseClient;
-use gateway_tests::harness::standin::{StandIn, StandInOptions};
+use gateway_tests::harness::standin::StandIn;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -30,20 +30,11 @@ struct World {
 }
 
 async fn world() -> World {
-    let nats = NatsServer::start().await.unwrap();
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let origin = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
-        .await
-        .unwrap();
+    let (nats, standin, mut origins) = flows::nats_stack(1).await;
     World {
         _nats: nats,
         standin,
-        origin,
+        origin: origins.pop().expect("one origin"),
     }
 }
 

@@ -21,19 +21,9 @@ struct World {
 }
 
 async fn world() -> World {
-    let nats = NatsServer::start().await.unwrap();
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let a = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
-        .await
-        .unwrap();
-    let b = Origin::start(&standin, OriginOptions::with_nats(&nats.url))
-        .await
-        .unwrap();
+    let (nats, standin, mut origins) = gateway_tests::harness::flows::nats_stack(2).await;
+    let b = origins.pop().expect("two origins");
+    let a = origins.pop().expect("two origins");
     World {
         _nats: nats,
         standin,

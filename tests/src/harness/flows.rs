@@ -73,3 +73,30 @@ pub async fn execute_playbook(
     )
     .await
 }
+
+/// A realtime stack: a nats-server, the stand-in publishing on it, and `replicas` origins
+/// sharing it (the shape most realtime suites need).
+pub async fn nats_stack(
+    replicas: usize,
+) -> (super::nats::NatsServer, StandIn, Vec<super::origin::Origin>) {
+    use super::origin::{Origin, OriginOptions};
+    use super::standin::StandInOptions;
+    let nats = super::nats::NatsServer::start()
+        .await
+        .expect("nats-server starts");
+    let standin = StandIn::start(StandInOptions {
+        nats_url: Some(nats.url.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("the stand-in starts");
+    let mut origins = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        origins.push(
+            Origin::start(&standin, OriginOptions::with_nats(&nats.url))
+                .await
+                .expect("an origin starts"),
+        );
+    }
+    (nats, standin, origins)
+}
