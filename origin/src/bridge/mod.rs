@@ -663,7 +663,15 @@ impl Handler {
             .get(Bucket::Interest, &policy::terminal_key(id))
             .await
         {
-            Ok(Some(owner)) if owner != event_key.as_bytes() => {
+            // After the terminal frame only events that would make another terminal (or
+            // repeat step.failed: NoETL sends call.error and command.failed for one step)
+            // are skipped. A plain lifecycle event handled late by another replica — a
+            // step.exit racing the playbook.completed — is still forwarded: order across
+            // replicas is not guaranteed, and a lost frame is worse than a late one.
+            Ok(Some(owner))
+                if owner != event_key.as_bytes()
+                    && policy::is_terminal_or_failure(&ev.event_type) =>
+            {
                 tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: event after the terminal frame skipped");
                 return Outcome::Done;
             }

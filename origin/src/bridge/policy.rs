@@ -679,7 +679,16 @@ impl OrderGuard {
     }
 }
 
-/// The store key guarding an execution's one terminal frame (in the interest bucket).
+/// True for event types that end a run or report a failed step: after an execution's
+/// terminal frame these are dropped; everything else is still forwarded.
+pub fn is_terminal_or_failure(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        "step.failed" | "playbook.completed" | "playbook.failed" | "playbook.cancelled"
+    )
+}
+
+/// The K/V key (bucket `interest`) whose creation claims an execution's terminal frame.
 pub fn terminal_key(execution_id: &str) -> String {
     format!("terminal.{execution_id}")
 }
