@@ -64,9 +64,8 @@ struct Subject {
 /// How a check sees whether a client still has a live subscriber.
 enum Probe {
     Memory(MemoryBus),
-    /// A separate connection: a request to the client's live subject has responders
-    /// (it times out) exactly while some subscription listens there.
-    Nats(async_nats::Client),
+    /// The bus's own count of the subscriptions its router feeds.
+    Nats(NatsBus),
 }
 
 impl Subject {
@@ -77,20 +76,10 @@ impl Subject {
         Ok(())
     }
 
-    async fn has_live_subscriber(&self, client_id: &str) -> anyhow::Result<bool> {
+    async fn has_live_subscriber(&self, _client_id: &str) -> anyhow::Result<bool> {
         match &self.probe {
             Probe::Memory(bus) => Ok(bus.stats().live_subscribers > 0),
-            Probe::Nats(client) => {
-                let request = async_nats::Request::new().timeout(Some(Duration::from_millis(200)));
-                match client
-                    .send_request(format!("gateway.live.{client_id}"), request)
-                    .await
-                {
-                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(false),
-                    Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => Ok(true),
-                    other => bail!("unexpected answer on the live subject: {other:?}"),
-                }
-            }
+            Probe::Nats(bus) => Ok(bus.live_subscribers() > 0),
         }
     }
 }
@@ -114,8 +103,8 @@ async fn nats_subject(retention: Retention) -> anyhow::Result<Subject> {
         bus.config_mismatches()
     );
     Ok(Subject {
-        bus: Arc::new(bus),
-        probe: Probe::Nats(async_nats::connect(&server.url).await?),
+        bus: Arc::new(bus.clone()),
+        probe: Probe::Nats(bus),
         quiet: QUIET,
         _server: Some(server),
     })
@@ -747,9 +736,8 @@ mod nats_only {
     use super::*;
     use async_nats::jetstream::{self, stream};
 
-    /// Stores a frame the way `publish` does, but never sends its live copy: what a
-    /// publisher that dies between its two steps (or a lost core message) leaves behind.
-    async fn publish_without_live_copy(
+    /// Stores a frame the way `publish` does, on a connection of its own.
+    async fn publish_to_stream(
         js: &jetstream::Context,
         client_id: &str,
         data: &str,
@@ -825,7 +813,7 @@ mod nats_only {
             ..Default::default()
         })
         .await?;
-        let pre = publish_without_live_copy(&js, "c", "pre-existing").await?;
+        let pre = publish_to_stream(&js, "c", "pre-existing").await?;
 
         let wanted = Retention {
             max_age: Duration::from_secs(2),
@@ -874,29 +862,25 @@ mod nats_only {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_frame_whose_live_copy_was_lost_is_delivered_before_the_next_frame(
-    ) -> anyhow::Result<()> {
+    async fn a_frame_stored_by_another_writer_is_delivered_live() -> anyhow::Result<()> {
         let server = NatsServer::start().await?;
         let bus = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
         let js = jetstream::new(async_nats::connect(&server.url).await?);
         let mut sub = bus.subscribe("c", StartAt::Retained).await?;
         let first = bus.publish("c", "e", b("first")).await?;
         assert_eq!(next_frame(&mut sub).await?, frame(first, "e", "first"));
-        assert_quiet(&mut sub).await?; // done reading the stream: waiting for live frames
+        assert_quiet(&mut sub).await?; // done reading the stream: waiting for routed frames
 
-        let lost = publish_without_live_copy(&js, "c", "lost").await?;
-        // Without a later frame or a reconnect nothing announces it (the documented
-        // residual case): it waits in the stream.
-        assert_quiet(&mut sub).await?;
-        let next = bus.publish("c", "e", b("next")).await?;
-        assert_eq!(next_frame(&mut sub).await?, frame(lost, "e", "lost"));
-        assert_eq!(next_frame(&mut sub).await?, frame(next, "e", "next"));
+        // Stored by someone else's connection (another replica, an older version): the
+        // stream is the only source of truth, so it arrives without any later frame.
+        let other = publish_to_stream(&js, "c", "other").await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(other, "e", "other"));
         assert_quiet(&mut sub).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_frame_whose_live_copy_was_lost_in_a_reconnect_is_delivered_without_another_frame(
-    ) -> anyhow::Result<()> {
+    async fn frames_stored_while_the_connection_reconnects_are_delivered_once() -> anyhow::Result<()>
+    {
         let server = NatsServer::start().await?;
         let client = async_nats::connect(&server.url).await?;
         let bus = NatsBus::open(client.clone(), LONG, None).await?;
@@ -904,17 +888,49 @@ mod nats_only {
         let mut sub = bus.subscribe("c", StartAt::Retained).await?;
         let first = bus.publish("c", "e", b("first")).await?;
         assert_eq!(next_frame(&mut sub).await?, frame(first, "e", "first"));
-        assert_quiet(&mut sub).await?; // done reading the stream: waiting for live frames
+        assert_quiet(&mut sub).await?;
 
-        // Published while this replica's connection is "down": stored, live copy lost.
-        let lost = publish_without_live_copy(&js, "c", "lost").await?;
-        assert_quiet(&mut sub).await?;
+        // Stored by another connection while this replica's is being re-established.
         client.force_reconnect().await?;
-        assert_eq!(next_frame(&mut sub).await?, frame(lost, "e", "lost"));
+        let mut during = Vec::new();
+        for i in 0..20 {
+            during.push(publish_to_stream(&js, "c", &format!("during {i}")).await?);
+        }
+        assert_eq!(next_ids(&mut sub, during.len()).await?, during);
         assert_quiet(&mut sub).await?;
-        // Live delivery carries on over the new connection.
+        // Delivery carries on over the new connection.
         let after = bus.publish("c", "e", b("after")).await?;
         assert_eq!(next_frame(&mut sub).await?, frame(after, "e", "after"));
+        assert_quiet(&mut sub).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_that_overflows_its_backlog_ends_with_a_lag_error_instead_of_skipping(
+    ) -> anyhow::Result<()> {
+        use origin::bus::nats::LIVE_BACKLOG;
+        let server = NatsServer::start().await?;
+        let bus = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let mut slow = bus.subscribe("c", StartAt::Retained).await?;
+        let mut ids = Vec::new();
+        for i in 0..=LIVE_BACKLOG {
+            ids.push(bus.publish("c", "e", Bytes::from(i.to_string())).await?);
+        }
+        // Routed asynchronously: give the router time to pass the backlog.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match slow.frames.next().await {
+            Some(Err(BusError::Unavailable(m))) => assert_eq!(m, "subscriber lagged"),
+            other => bail!("expected the lag error first, got {other:?}"),
+        }
+        assert!(slow.frames.next().await.is_none());
+        assert_eq!(
+            bus.live_subscribers(),
+            0,
+            "an ended stream leaves nothing routed"
+        );
+        // Nothing was lost: a resume from before the overflow replays it all.
+        let mut resumed = bus.subscribe("c", StartAt::After(0)).await?;
+        assert!(!resumed.reset);
+        assert_eq!(next_ids(&mut resumed, ids.len()).await?, ids);
         Ok(())
     }
 

@@ -12,8 +12,8 @@
 //! Two implementations pass one conformance suite (`tests/tests/bus_conformance.rs`):
 //! - [`memory::MemoryBus`] — in-process, for the embedded default (one replica);
 //! - [`nats::NatsBus`] — NATS: the stream `GATEWAY_FRAMES` over `gateway.clients.>` keeps
-//!   frames for replay; live delivery uses core subjects so an idle connection costs the
-//!   server a subscription, not a JetStream consumer.
+//!   every frame; one ordered consumer per replica routes them to the replica's
+//!   subscriptions, so an idle connection costs the server nothing.
 
 use async_trait::async_trait;
 use bytes::Bytes;

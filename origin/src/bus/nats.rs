@@ -1,10 +1,10 @@
-//! The shared [`Bus`]: a JetStream stream keeps frames for replay, core NATS delivers
-//! them live.
+//! The shared [`Bus`]: a JetStream stream keeps every frame; one ordered consumer per
+//! replica routes them to the replica's subscriptions.
 //!
 //! Every origin replica points at the same stream, so a client that reconnects to any
 //! replica gets what it missed (ARCHITECTURE.md: the origin is stateless). The design is
 //! chosen for 100k mostly idle SSE connections per NATS cluster: an idle connection costs
-//! the server one core subscription — never a JetStream consumer.
+//! the server nothing (no subscription, no consumer) and its replica an entry in a map.
 //!
 //! Decisions:
 //! - **The stream** `GATEWAY_FRAMES` (name overridable) holds `gateway.clients.<client_id>`,
@@ -16,48 +16,54 @@
 //! - **Frame id = stream sequence.** It is what the publish ack returns, strictly increases
 //!   per client (not contiguously: the sequence is shared by all clients), and lets any
 //!   replica find "frames after `Last-Event-ID`" in the stream.
-//! - **publish** = (1) JetStream publish to `gateway.clients.<id>` with header `Gw-Event`,
-//!   awaiting the ack (the frame is retained from then on); (2) a core publish of the same
-//!   payload to `gateway.live.<id>` with `Gw-Event` and `Gw-Id: <seq>`, which the stream
-//!   does not store. Live delivery is one plain subscription per connected client.
-//! - **subscribe** = (1) subscribe to `gateway.live.<id>` and flush, so the server has the
-//!   subscription before anything is read; (2) read the stream from the start point with
-//!   "first message on this subject from sequence s" (the stream leader's
-//!   `STREAM.MSG.GET`), until there is none; (3) take live messages, skipping any whose
-//!   `Gw-Id` is not above the last id yielded. A frame stored before the reads end is
-//!   replayed; one stored after them was published live after the subscription existed, so
-//!   it arrives live — no gap, and the `Gw-Id` check removes the overlap.
-//!   Reads instead of a consumer: a reconnect storm (a replica restarting) then costs cheap
-//!   leader reads rather than thousands of consumer creations through the cluster's meta
-//!   leader, and the common resume ("nothing missed") is three round trips (the flush,
-//!   one read, one `STREAM.INFO`). A replay costs about one read per frame (bounded by retention); a pull
-//!   consumer for large replays is the optimisation if that ever shows in a profile.
-//! - **Every live frame is looked up in the stream** before it is yielded: "first frame of
-//!   this client after the last id yielded". If that is the live frame, nothing was missed;
-//!   if it is older, the subscription reads the stream forward first. Core NATS is at most
-//!   once — a publisher can die between its two steps, a slow subscription drops messages,
-//!   a reconnect loses what was in flight — and without this a later live frame would move
-//!   the client's `Last-Event-ID` past the lost one: a silent gap. It also makes delivery
-//!   independent of the order live copies from several publishers arrive in.
-//! - **Nothing owed is skipped.** Whenever the next frame read is not `last + 1`, the
-//!   subscription checks that retention cannot have dropped a frame in between: only a
-//!   subject at `max_messages_per_subject` drops frames of a live client (oldest first),
-//!   so it is enough that the subject is not full, or that it still holds a frame at or
-//!   below `last`. Otherwise the stream ends with an error ("fell behind retention"): the
-//!   SSE layer evicts, the client resumes and is told `reset`. Catch-up reads check once
-//!   per `READ_AHEAD` (32) frames. Cost of a live frame: one message read plus one
-//!   `STREAM.INFO` (small; `max_messages_per_subject` state for one subject).
-//! - **Reconnects.** A watcher task polls the connection's connect counter every 250 ms;
-//!   after a reconnect every subscription reads the stream forward once, so a frame whose
-//!   live copy was lost in the outage is delivered even if no later frame follows. An
-//!   outage longer than half of `max_age` ends the subscriptions with an error instead:
-//!   frames owed to them may have expired, and a resume applies the full reset rule.
-//! - **Residual case** (documented, not detected): a publisher that dies between its two
-//!   steps while this replica's connection stays up, with no later frame for that client:
-//!   the frame stays retained and is delivered by the next frame's lookup or the client's
-//!   next resume — unless no frame follows for longer than `max_age`, in which case it
-//!   expires unseen. The same holds in a NATS cluster for a frame published while this
-//!   subscription's interest is still propagating between servers.
+//! - **publish** = one JetStream publish to `gateway.clients.<id>` with header `Gw-Event`,
+//!   returning once acknowledged (the frame is retained from then on). Nothing else: the
+//!   stream is the only copy, so there is no second, lossy path to reconcile.
+//! - **Live delivery: one ordered push consumer per replica** over `gateway.clients.>`,
+//!   started at the stream's next sequence, feeding an in-process router (client id →
+//!   the subscriptions open here). An ordered consumer delivers every message of the
+//!   stream in order and recreates itself after the last sequence it delivered when it
+//!   notices a gap (missed heartbeat, reconnect, slow-consumer drop), so nothing stored is
+//!   skipped. Each frame costs one publish ack plus one delivery per replica, and no
+//!   JetStream API request — the earlier design (core `gateway.live.<id>` subscription per
+//!   client, every live frame checked with `STREAM.MSG.GET` + `STREAM.INFO`) cost four
+//!   round trips per frame and topped out at ~6k deliveries/s. Every replica receives
+//!   every frame: fine while frames/s × replicas stays far below what one NATS connection
+//!   carries (hundreds of thousands of small messages per second).
+//! - **subscribe** = (1) register with the router (the router must be running: a replica
+//!   whose consumer is down refuses subscriptions as unavailable); (2) read the stream from
+//!   the start point with "first message on this subject from sequence s" (the stream
+//!   leader's `STREAM.MSG.GET`) until there is none; (3) take routed frames, skipping any
+//!   not above the last id yielded. A frame the router handles after (1) is routed to the
+//!   subscription; one it handled before was stored before (1), so the reads in (2) find
+//!   it — no gap, and the id check removes the overlap.
+//!   Reads instead of a consumer per client: a reconnect storm (a replica restarting) then
+//!   costs cheap leader reads rather than thousands of consumer creations through the
+//!   cluster's meta leader, and the common resume ("nothing missed") is one read plus one
+//!   `STREAM.INFO`. A replay costs about one read per frame (bounded by retention).
+//! - **Nothing owed is skipped.** A frame can leave the stream before the router saw it
+//!   only by retention (a subject at `max_messages_per_subject`, or age). While the stream
+//!   holds exactly `gateway.clients.>` its sequence has no holes other than deleted
+//!   frames, so the router notices a hole in what it is delivered and has every
+//!   subscription re-read the stream with the drop check: whenever the next frame read is
+//!   not `last + 1`, the subscription checks that retention cannot have dropped a frame in
+//!   between (only a full subject drops a live client's frames, oldest first, so it is
+//!   enough that the subject is not full, or that it still holds a frame at or below
+//!   `last`); otherwise the stream ends with an error ("fell behind retention"), the SSE
+//!   layer evicts, the client resumes and is told `reset`. Catch-up reads check once per
+//!   `READ_AHEAD` (32) frames. On an existing stream with wider subjects the router
+//!   cannot see holes, so every routed frame is looked up in the stream first (the old,
+//!   slower path).
+//! - **Backlog.** A subscription holds at most [`LIVE_BACKLOG`] routed frames not yet
+//!   taken; beyond that its stream ends with "subscriber lagged" (the SSE layer evicts;
+//!   the client resumes with `Last-Event-ID` and loses nothing). While a subscription is
+//!   reading the stream, an overflow costs nothing: the reads cover what was routed.
+//! - **Reconnects.** The ordered consumer resumes after the last sequence it delivered, so
+//!   a short outage loses nothing. A watcher polls the connection's connect counter every
+//!   250 ms; an outage longer than half of `max_age` ends every subscription with an
+//!   error: frames owed to them may have expired meanwhile, and a resume applies the full
+//!   reset rule. If the consumer itself fails, every subscription ends the same way and
+//!   the router starts a new consumer (backing off up to 5 s).
 //! - **`reset` for `After(n)`** (a spurious reset is safe, a silent gap is not), decided
 //!   from the first frame after `n` and then the stream's state, in that order (so a frame
 //!   dropped before the read shows in the state), is true when: `n` is above the stream's
@@ -68,27 +74,30 @@
 //!   second rule fires spuriously for a client idle longer than `max_age`: the stream
 //!   cannot tell whether any frame that aged out was its own. A reset stream starts with
 //!   the oldest retained frame. `Retained` owes every frame retained when it subscribes.
-//! - **A subscription ends** (one `Err`, then the end) when a read fails, the live
-//!   subscription closes, the subscriber fell behind retention, or a long outage — never
-//!   by skipping frames. An outage alone does not end it: it waits, and catches up after
-//!   the reconnect.
+//! - **A subscription ends** (one `Err`, then the end) when a read fails, the router's
+//!   consumer fails or a long outage, the subscriber fell behind (backlog or retention) —
+//!   never by skipping frames.
 
 use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_nats::connection::State;
+use async_nats::jetstream::consumer::push::OrderedErrorKind;
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{
     self as js, DiscardPolicy, RawMessageErrorKind, RetentionPolicy, StorageType,
 };
 use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{Client, HeaderMap, HeaderValue, Message, Subscriber};
+use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The stream's name unless [`NatsBus::open`] is given another (PROTOCOL.md §7).
 pub const DEFAULT_STREAM_NAME: &str = "GATEWAY_FRAMES";
@@ -99,11 +108,7 @@ pub const FRAMES_SUBJECTS: &str = "gateway.clients.>";
 /// Header carrying the SSE event name, on stored and live messages.
 pub const EVENT_HEADER: &str = "Gw-Event";
 
-/// Header carrying the frame id (stream sequence) on live messages.
-pub const ID_HEADER: &str = "Gw-Id";
-
 const FRAMES_PREFIX: &str = "gateway.clients.";
-const LIVE_PREFIX: &str = "gateway.live.";
 
 /// How long any one NATS call may take before it fails as unavailable, so a dead server
 /// gives an error rather than a hang. (Overrides the client's request timeout, 10 s by
@@ -125,11 +130,17 @@ pub struct NatsBus {
     js: jetstream::Context,
     stream: js::Stream<()>,
     name: String,
-    /// The stream's actual `max_age` (an existing stream's may differ from the retention).
-    max_age: Duration,
     mismatches: Vec<String>,
-    /// The connection's reconnects, reported by a watcher task.
-    connects: watch::Receiver<Connects>,
+    shared: Arc<Shared>,
+}
+
+/// What every clone of one bus shares: the router, and the guard that stops its task
+/// when the last clone is dropped.
+struct Shared {
+    router: Arc<Router>,
+    /// The stream holds exactly `gateway.clients.>` (see [`RouterTask::exact_subjects`]).
+    exact_subjects: bool,
+    _stop: DropGuard,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -147,10 +158,6 @@ fn unavailable(what: impl Display, err: impl Display) -> BusError {
 
 fn frames_subject(client_id: &str) -> String {
     format!("{FRAMES_PREFIX}{client_id}")
-}
-
-fn live_subject(client_id: &str) -> String {
-    format!("{LIVE_PREFIX}{client_id}")
 }
 
 /// A NATS limit as the server stores it: zero or negative is "unlimited" (-1).
@@ -433,11 +440,6 @@ async fn start_point<I>(
     Ok((false, above, oldest))
 }
 
-/// The frame id a live message carries, if it is one of ours.
-fn live_id(msg: &Message) -> Option<u64> {
-    msg.headers.as_ref()?.get(ID_HEADER)?.as_str().parse().ok()
-}
-
 impl NatsBus {
     /// Opens (creating when absent) the frames stream on the server `client` is connected
     /// to. `stream_name` overrides [`DEFAULT_STREAM_NAME`] (tests; the subjects stay
@@ -486,16 +488,47 @@ impl NatsBus {
             .get_stream_no_info(name)
             .await
             .map_err(|e| unavailable(format!("stream {name} open"), e))?;
-        let connects = watch_connects(&client);
+        let exact_subjects = existing
+            .as_ref()
+            .is_none_or(|info| info.config.subjects == [FRAMES_SUBJECTS]);
+        let router = Arc::new(Router::default());
+        let stop = CancellationToken::new();
+        let mut up = router.up.subscribe();
+        tokio::spawn(
+            RouterTask {
+                js: js.clone(),
+                stream: stream.clone(),
+                name: name.to_owned(),
+                router: router.clone(),
+                connects: watch_connects(&client),
+                max_age,
+                exact_subjects,
+                stop: stop.clone(),
+            }
+            .run(),
+        );
+        // The first subscription must not wait for (or fail on) the consumer's creation.
+        tokio::time::timeout(OPERATION_TIMEOUT, up.wait_for(|up| *up))
+            .await
+            .map_err(|_| unavailable(format!("stream {name}"), "router consumer not created"))?
+            .map_err(|e| unavailable(format!("stream {name}"), e))?;
         Ok(Self {
             client,
             js,
             stream,
             name: name.to_owned(),
-            max_age,
             mismatches,
-            connects,
+            shared: Arc::new(Shared {
+                router,
+                exact_subjects,
+                _stop: stop.drop_guard(),
+            }),
         })
+    }
+
+    /// Subscriptions open on this bus (all clones), for metrics and leak checks.
+    pub fn live_subscribers(&self) -> usize {
+        self.shared.router.lock().subs.values().map(Vec::len).sum()
     }
 
     /// How the existing stream differs from the configuration (empty when it matches), for
@@ -505,10 +538,312 @@ impl NatsBus {
     }
 }
 
-/// One subscription's state: the live subscription, the stream to read, and how far the
-/// client has got.
+/// How many routed frames a subscription may hold before it counts as fallen behind (its
+/// stream then ends with an error, and the SSE layer evicts the connection). The SSE layer
+/// drains it promptly, so it only absorbs scheduling hiccups; it is allocated lazily.
+pub const LIVE_BACKLOG: usize = 256;
+
+/// Frames routed to one subscription of this process, waiting to be taken.
+#[derive(Default)]
+struct Inbox {
+    slot: Mutex<Slot>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct Slot {
+    frames: VecDeque<BusFrame>,
+    /// More than [`LIVE_BACKLOG`] frames were routed without being taken.
+    overflowed: bool,
+    /// The router saw frames leave the stream before it delivered them: read the stream
+    /// forward (checking for drops) before trusting the next routed frame.
+    recheck: bool,
+    /// The router cannot vouch for completeness any more: the subscription ends.
+    broken: Option<String>,
+}
+
+/// What a subscription found in its inbox.
+enum Taken {
+    Frame(BusFrame),
+    Overflowed,
+    Recheck,
+    Broken(String),
+    Empty,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, frame: BusFrame) {
+        {
+            let mut s = self.lock();
+            if s.overflowed || s.broken.is_some() {
+                return;
+            }
+            if s.frames.len() >= LIVE_BACKLOG {
+                s.overflowed = true;
+                s.frames = VecDeque::new();
+            } else {
+                s.frames.push_back(frame);
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    fn flag(&self, f: impl FnOnce(&mut Slot)) {
+        f(&mut self.lock());
+        self.notify.notify_one();
+    }
+
+    /// While catching up, whatever was routed is read from the stream anyway: an overflow
+    /// then costs nothing but the queued copies.
+    fn absorb_overflow(&self) {
+        let mut s = self.lock();
+        if s.overflowed {
+            s.overflowed = false;
+            s.frames = VecDeque::new();
+        }
+    }
+
+    fn take(&self) -> Taken {
+        let mut s = self.lock();
+        if let Some(why) = s.broken.take() {
+            return Taken::Broken(why);
+        }
+        if s.overflowed {
+            return Taken::Overflowed;
+        }
+        if s.recheck {
+            s.recheck = false;
+            // What is queued is read again from the stream, with the drop check.
+            s.frames = VecDeque::new();
+            return Taken::Recheck;
+        }
+        match s.frames.pop_front() {
+            Some(f) => {
+                if s.frames.is_empty() && s.frames.capacity() > 8 {
+                    s.frames = VecDeque::new();
+                }
+                Taken::Frame(f)
+            }
+            None => Taken::Empty,
+        }
+    }
+}
+
+/// The subscriptions of this process by client id, fed by one ordered consumer.
+#[derive(Default)]
+struct Router {
+    table: Mutex<Table>,
+    /// True while the consumer runs: a subscription may only register then.
+    up: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Table {
+    subs: HashMap<String, Vec<Arc<Inbox>>>,
+}
+
+impl Router {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn route(&self, client_id: &str, frame: BusFrame) {
+        let table = self.lock();
+        if let Some(inboxes) = table.subs.get(client_id) {
+            for inbox in inboxes {
+                inbox.push(frame.clone());
+            }
+        }
+    }
+
+    fn flag_all(&self, f: impl Fn(&mut Slot)) {
+        let table = self.lock();
+        for inbox in table.subs.values().flatten() {
+            inbox.flag(&f);
+        }
+    }
+
+    /// Ends every current subscription (the consumer stopped or lost continuity); later
+    /// ones register with the next consumer.
+    fn break_all(&self, why: &str) {
+        self.flag_all(|s| s.broken = Some(why.to_owned()));
+        self.lock().subs.clear();
+    }
+}
+
+/// A subscription's place in the [`Router`]; dropping it unregisters.
+struct Registration {
+    router: Arc<Router>,
+    client_id: String,
+    inbox: Arc<Inbox>,
+}
+
+impl Registration {
+    fn new(router: Arc<Router>, client_id: &str) -> Self {
+        let inbox = Arc::new(Inbox::default());
+        router
+            .lock()
+            .subs
+            .entry(client_id.to_owned())
+            .or_default()
+            .push(inbox.clone());
+        Self {
+            router,
+            client_id: client_id.to_owned(),
+            inbox,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut table = self.router.lock();
+        if let Some(list) = table.subs.get_mut(&self.client_id) {
+            list.retain(|i| !Arc::ptr_eq(i, &self.inbox));
+            if list.is_empty() {
+                table.subs.remove(&self.client_id);
+            }
+        }
+    }
+}
+
+/// What the router task needs.
+struct RouterTask {
+    js: jetstream::Context,
+    stream: js::Stream<()>,
+    name: String,
+    router: Arc<Router>,
+    connects: watch::Receiver<Connects>,
+    max_age: Duration,
+    /// The stream holds only `gateway.clients.>`: its sequence has no holes but deletions,
+    /// so a hole in what the consumer delivers means frames left before delivery.
+    exact_subjects: bool,
+    stop: CancellationToken,
+}
+
+/// How the consumer's run ended.
+enum RunEnd {
+    Stopped,
+    Failed(String),
+}
+
+impl RouterTask {
+    async fn run(mut self) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.run_once().await {
+                RunEnd::Stopped => break,
+                RunEnd::Failed(why) => {
+                    self.router.up.send_replace(false);
+                    tracing::warn!(stream = %self.name, error = %why, "NATS bus router consumer failed; open subscriptions end and it restarts");
+                    self.router.break_all(&why);
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        self.router.up.send_replace(false);
+        self.router.break_all("the NATS bus was dropped");
+    }
+
+    /// Creates the consumer at the stream's next sequence, then routes until it fails.
+    async fn run_once(&mut self) -> RunEnd {
+        let start = match self.js.get_stream(&self.name).await {
+            Ok(s) => s.cached_info().state.last_sequence.saturating_add(1),
+            Err(e) => return RunEnd::Failed(format!("stream {} info: {e}", self.name)),
+        };
+        let config = jetstream::consumer::push::OrderedConfig {
+            deliver_subject: self.js.client().new_inbox(),
+            filter_subject: FRAMES_SUBJECTS.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            description: Some("NoETL edge gateway: frames for this replica's SSE streams".into()),
+            ..Default::default()
+        };
+        let messages = match self.stream.create_consumer(config).await {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(e) => return RunEnd::Failed(format!("router consumer messages: {e}")),
+            },
+            Err(e) => return RunEnd::Failed(format!("router consumer create: {e}")),
+        };
+        futures::pin_mut!(messages);
+        // Subscriptions from here on see every frame stored from `start` on.
+        self.connects.borrow_and_update();
+        self.router.up.send_replace(true);
+        let mut position = start - 1;
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return RunEnd::Stopped,
+                changed = self.connects.changed() => {
+                    if changed.is_err() {
+                        return RunEnd::Stopped;
+                    }
+                    let outage = self.connects.borrow_and_update().outage;
+                    if !self.max_age.is_zero() && outage + RECONNECT_POLL >= self.max_age / 2 {
+                        // Frames owed to subscribers may have expired meanwhile; a resume
+                        // decides with the full reset rule.
+                        let why = format!("NATS connection was down for {outage:?}; frames may have expired meanwhile");
+                        tracing::warn!(stream = %self.name, %why, "ending every subscription");
+                        self.router.break_all(&why);
+                    }
+                }
+                msg = messages.next() => match msg {
+                    None => return RunEnd::Failed("router consumer ended".to_owned()),
+                    Some(Err(e)) => {
+                        if matches!(e.kind(), OrderedErrorKind::Recreate) {
+                            return RunEnd::Failed(format!("router consumer: {e}"));
+                        }
+                        // Heartbeats, flow control and the like: the consumer recovers by
+                        // recreating itself after the last sequence it delivered.
+                        tracing::debug!(error = %e, "NATS bus router consumer recovering");
+                    }
+                    Some(Ok(m)) => {
+                        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                            continue;
+                        };
+                        if seq <= position {
+                            continue; // a recreated consumer re-delivering
+                        }
+                        if self.exact_subjects && seq != position + 1 {
+                            // Frames left the stream before they were delivered (a full
+                            // subject, or expiry): every subscription re-reads with the
+                            // drop check before trusting later frames.
+                            self.router.flag_all(|s| s.recheck = true);
+                        }
+                        position = seq;
+                        let Some(client_id) = m.subject.as_str().strip_prefix(FRAMES_PREFIX) else {
+                            continue;
+                        };
+                        let Some(event) = m.headers.as_ref().and_then(|h| h.get(EVENT_HEADER)) else {
+                            tracing::warn!(subject = %m.subject, seq, "message without {EVENT_HEADER} on a frames subject; skipped");
+                            continue;
+                        };
+                        let frame = BusFrame {
+                            id: seq,
+                            event: event.as_str().to_owned(),
+                            data: m.payload.clone(),
+                        };
+                        self.router.route(client_id, frame);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One subscription's state: its place in the router, the stream to read, and how far
+/// the client has got.
 struct Feed {
-    live: Subscriber,
+    reg: Registration,
     stream: js::Stream<()>,
     subject: String,
     /// Every frame above this is owed to the client: the highest id yielded, or the start
@@ -516,20 +851,12 @@ struct Feed {
     last: u64,
     /// Frames read and checked, waiting to be yielded (ascending, all above `last`).
     ready: VecDeque<BusFrame>,
-    /// Read the stream forward before taking live messages.
+    /// Read the stream forward before taking routed frames.
     catching_up: bool,
-    /// `None` once the reconnect watcher is gone (the runtime is shutting down).
-    connects: Option<watch::Receiver<Connects>>,
-    /// The stream's `max_age`: an outage longer than half of it ends the subscription.
-    max_age: Duration,
+    /// Look every routed frame up in the stream before yielding it (an existing stream
+    /// with wider subjects, where the router cannot see holes).
+    verify_each: bool,
     done: bool,
-}
-
-/// What woke a feed waiting for live frames.
-enum Wake {
-    Reconnected,
-    WatcherGone,
-    Live(Option<Message>),
 }
 
 fn fell_behind(last: u64) -> BusError {
@@ -571,9 +898,9 @@ impl Feed {
         Ok(())
     }
 
-    /// Live frame `id` (above `last`) arrived: queue the stream's first frame after `last`
-    /// — `id` itself unless a live copy before it was lost, then catch up to it.
-    async fn on_live(&mut self, id: u64) -> Result<(), BusError> {
+    /// Routed frame `id` (above `last`) arrived in verify mode: queue the stream's first
+    /// frame after `last` — `id` itself unless one before it was missed, then catch up.
+    async fn verify(&mut self, id: u64) -> Result<(), BusError> {
         match frame_from(&self.stream, &self.subject, self.last.saturating_add(1)).await? {
             Some(found) if found.id <= id => {
                 if !nothing_dropped_between(&self.stream, &self.subject, self.last, found.id)
@@ -602,59 +929,27 @@ impl Feed {
                 return Some(Ok(frame));
             }
             if self.catching_up {
+                // Before the reads: what they return covers every frame routed until now.
+                self.reg.inbox.absorb_overflow();
                 if let Err(e) = self.read_ahead().await {
                     return self.fail(e);
                 }
                 continue;
             }
-            let wake = {
-                let live = &mut self.live;
-                let connects = &mut self.connects;
-                tokio::select! {
-                    biased;
-                    changed = async {
-                        match connects {
-                            Some(rx) => rx.changed().await,
-                            None => std::future::pending().await,
-                        }
-                    } => if changed.is_ok() { Wake::Reconnected } else { Wake::WatcherGone },
-                    msg = live.next() => Wake::Live(msg),
-                }
-            };
-            match wake {
-                Wake::Reconnected => {
-                    let outage = self
-                        .connects
-                        .as_mut()
-                        .map_or(Duration::ZERO, |rx| rx.borrow_and_update().outage);
-                    if !self.max_age.is_zero() && outage + RECONNECT_POLL >= self.max_age / 2 {
-                        // Frames owed to this client may have expired during the outage;
-                        // a resume decides with the full reset rule.
-                        return self.fail(BusError::Unavailable(format!(
-                            "NATS connection was down for {outage:?}; frames may have expired meanwhile"
-                        )));
-                    }
-                    // Live messages in flight during the outage are lost: read what the
-                    // stream got meanwhile.
-                    self.catching_up = true;
-                }
-                Wake::WatcherGone => self.connects = None,
-                Wake::Live(None) => {
-                    return self.fail(BusError::Unavailable(
-                        "NATS bus live subscription closed".to_owned(),
-                    ))
-                }
-                Wake::Live(Some(msg)) => {
-                    let Some(id) = live_id(&msg) else {
-                        tracing::warn!(subject = %msg.subject, "live message without a valid {ID_HEADER}; skipped");
-                        continue;
-                    };
-                    if id > self.last {
-                        if let Err(e) = self.on_live(id).await {
-                            return self.fail(e);
-                        }
+            match self.reg.inbox.take() {
+                Taken::Frame(f) if f.id <= self.last => {}
+                Taken::Frame(f) if self.verify_each => {
+                    if let Err(e) = self.verify(f.id).await {
+                        return self.fail(e);
                     }
                 }
+                Taken::Frame(f) => self.ready.push_back(f),
+                Taken::Recheck => self.catching_up = true,
+                Taken::Overflowed => {
+                    return self.fail(BusError::Unavailable("subscriber lagged".to_owned()))
+                }
+                Taken::Broken(why) => return self.fail(BusError::Unavailable(why)),
+                Taken::Empty => self.reg.inbox.notify.notified().await,
             }
         }
     }
@@ -671,56 +966,37 @@ impl Bus for NatsBus {
         headers.insert(EVENT_HEADER, event);
         let id = self
             .js
-            .publish_with_headers(subject.clone(), headers.clone(), data.clone())
+            .publish_with_headers(subject.clone(), headers, data)
             .await
             .map_err(|e| unavailable(what(), e))?
             .await
             .map_err(|e| unavailable(what(), e))?
             .sequence;
-        headers.insert(ID_HEADER, HeaderValue::from(id));
-        if let Err(e) = self
-            .client
-            .publish_with_headers(live_subject(client_id), headers, data)
-            .await
-        {
-            // Retained already: subscribers get it from the stream (the next frame's
-            // check, a reconnect catch-up, or the client's next resume).
-            tracing::warn!(client_id, id, error = %e, "NATS bus live publish failed; frame stays retained");
-        }
         Ok(id)
     }
 
     async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
         super::check_client_id(client_id)?;
         let subject = frames_subject(client_id);
-        let what = || format!("subscribe {client_id}");
-        // Reconnects from here on trigger a catch-up; earlier ones are covered by the reads.
-        let mut connects = self.connects.clone();
-        connects.borrow_and_update();
-
-        let live = self
-            .client
-            .subscribe(live_subject(client_id))
+        let router = self.shared.router.clone();
+        let mut up = router.up.subscribe();
+        tokio::time::timeout(OPERATION_TIMEOUT, up.wait_for(|up| *up))
             .await
-            .map_err(|e| unavailable(what(), e))?;
-        // The server must hold the subscription before the stream is read (see the module
-        // docs); a flush is a round trip behind the SUB on the same connection.
-        tokio::time::timeout(OPERATION_TIMEOUT, self.client.flush())
-            .await
-            .map_err(|_| unavailable(what(), "flush timed out"))?
-            .map_err(|e| unavailable(what(), e))?;
-
+            .map_err(|_| unavailable(format!("subscribe {client_id}"), "router not running"))?
+            .map_err(|e| unavailable(format!("subscribe {client_id}"), e))?;
+        // Registered before the stream is read: a frame the router handles from now on is
+        // routed here, one it handled before was stored before the reads (module docs).
+        let reg = Registration::new(router, client_id);
         let (reset, last, first) = start_point(&self.stream, &subject, start).await?;
         let feed = Feed {
-            live,
+            reg,
             stream: self.stream.clone(),
             subject,
             last,
-            // Nothing after the start point when it was read: later frames come live.
+            // Nothing after the start point when it was read: later frames come routed.
             catching_up: first.is_some(),
             ready: first.into_iter().collect(),
-            connects: Some(connects),
-            max_age: self.max_age,
+            verify_each: !self.shared.exact_subjects,
             done: false,
         };
         let frames = stream::unfold(feed, |mut feed| async move {
@@ -732,7 +1008,7 @@ impl Bus for NatsBus {
     }
 
     async fn is_healthy(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        self.client.connection_state() == State::Connected && *self.shared.router.up.borrow()
     }
 }
 

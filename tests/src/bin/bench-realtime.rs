@@ -833,8 +833,6 @@ fn stamp(f: &SseFrame) -> Option<(u32, u64)> {
 struct LiveClients {
     /// The client ids of the streams that opened.
     ids: Vec<String>,
-    /// Client id by opener index ([`Sample::client`]); `None` where opening failed.
-    by_index: Vec<Option<String>>,
     rx: mpsc::UnboundedReceiver<Sample>,
     ended: Arc<AtomicU64>,
     /// Samples of a phase other than the one being collected (late stragglers).
@@ -869,12 +867,9 @@ impl LiveClients {
             }));
         }
         let mut ids = Vec::with_capacity(n);
-        let mut by_index = Vec::with_capacity(n);
         let (mut failed, mut first_error) = (0u64, None);
         for o in openers {
-            let opened = o.await;
-            by_index.push(opened.as_ref().ok().and_then(|r| r.as_ref().ok()).cloned());
-            match opened {
+            match o.await {
                 Ok(Ok(id)) => ids.push(id),
                 Ok(Err(e)) => {
                     failed += 1;
@@ -890,7 +885,6 @@ impl LiveClients {
         Ok((
             Self {
                 ids,
-                by_index,
                 rx,
                 ended,
                 strays: 0,
@@ -1098,23 +1092,10 @@ async fn figure_fanout(
         ("publish only, no subscriber", false),
     ];
     let mut runs: Vec<Vec<FanoutRun>> = variants.iter().map(|_| Vec::new()).collect();
-    let js = jetstream::new(world.client.clone());
     let mut last_ids: HashMap<u32, u64> = HashMap::new();
-    let mut probes = Vec::new();
-    'rounds: for round in 0..args.rounds {
+    'rounds: for _ in 0..args.rounds {
         if deadline.passed() {
             break;
-        }
-        let sample: Vec<(String, u64)> = live
-            .by_index
-            .iter()
-            .enumerate()
-            .filter_map(|(i, id)| Some((id.clone()?, *last_ids.get(&(i as u32)).unwrap_or(&1))))
-            .take(PROBES)
-            .collect();
-        match probe_lookups(&js, &sample).await {
-            Ok(p) => probes.push((round, p)),
-            Err(e) => println!("  lookup probe before round {round} failed: {e:#}"),
         }
         for (v, &(_, delivered_to_clients)) in variants.iter().enumerate() {
             if deadline.passed() {
@@ -1238,66 +1219,7 @@ async fn figure_fanout(
         println!("    rounds (/s): {}", all_rates.join(", "));
     }
     println!("  (median round shown; p50/p99 = per-client time from the round's first publish to that client's frame; CPU in % of one core over the round)");
-    println!(
-        "  per-frame stream lookups the origin's NATS bus makes (STREAM.MSG.GET first-after-last + STREAM.INFO for the subject), timed from here on {PROBES} clients before each round:"
-    );
-    for (round, p) in &probes {
-        println!(
-            "    before round {}: stream {} frames over {} subjects — MSG.GET {:.0} µs, INFO {:.0} µs per lookup (mean, sequential)",
-            round + 1,
-            p.messages,
-            p.subjects,
-            p.msg_get_us,
-            p.info_us
-        );
-    }
     println!();
-}
-
-/// How many clients the lookup probe times before each fan-out round.
-const PROBES: usize = 100;
-
-/// What one lookup probe measured.
-struct Probe {
-    messages: u64,
-    subjects: u64,
-    msg_get_us: f64,
-    info_us: f64,
-}
-
-/// Times, one at a time, the two JetStream API requests `NatsBus` makes for every live
-/// frame: "first frame of this client's subject from `from`" and the stream's info
-/// filtered to that subject.
-async fn probe_lookups(
-    js: &jetstream::Context,
-    clients: &[(String, u64)],
-) -> anyhow::Result<Probe> {
-    let stream = js
-        .get_stream_no_info(origin::bus::nats::DEFAULT_STREAM_NAME)
-        .await?;
-    let (mut get_ns, mut info_ns) = (0u64, 0u64);
-    let (mut messages, mut subjects) = (0, 0);
-    for (id, from) in clients {
-        let subject = format!("gateway.clients.{id}");
-        let t = now_ns();
-        let _ = stream
-            .get_first_raw_message_by_subject(subject.as_str(), (*from).max(1))
-            .await;
-        get_ns += now_ns() - t;
-        let t = now_ns();
-        let mut info = stream.info_with_subjects(subject.as_str()).await?;
-        let _ = info.next().await;
-        info_ns += now_ns() - t;
-        messages = info.info.state.messages;
-        subjects = info.info.state.subjects_count;
-    }
-    let n = clients.len().max(1) as f64;
-    Ok(Probe {
-        messages,
-        subjects,
-        msg_get_us: get_ns as f64 / n / 1e3,
-        info_us: info_ns as f64 / n / 1e3,
-    })
 }
 
 // ---------------------------------------------------------------------------------------
