@@ -133,9 +133,10 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         Some(client) => Arc::new(
             NatsBus::open(client.clone(), retention, None)
                 .await
-                .map_err(|e| anyhow::anyhow!("NATS frame stream: {e}"))?,
+                .map_err(|e| anyhow::anyhow!("NATS frame stream: {e}"))?
+                .with_backlog(config.sse_queue),
         ),
-        None => Arc::new(MemoryBus::new(retention)),
+        None => Arc::new(MemoryBus::with_backlog(retention, config.sse_queue)),
     };
     if let Some(client) = &nats {
         crate::bridge::spawn(

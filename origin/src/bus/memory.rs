@@ -76,6 +76,8 @@ struct State {
     forgotten_dropped: u64,
     sweep_every: Duration,
     next_sweep: Instant,
+    /// Live frames a subscriber may fall behind by.
+    backlog: usize,
 }
 
 /// One client's retained frames and live subscribers.
@@ -169,6 +171,7 @@ impl State {
             forgotten_dropped: 0,
             sweep_every,
             next_sweep: now + sweep_every,
+            backlog: LIVE_BACKLOG,
         }
     }
 
@@ -223,7 +226,7 @@ impl State {
         now: Instant,
     ) -> (bool, Vec<BusFrame>, broadcast::Receiver<BusFrame>) {
         self.sweep_if_due(retention, now);
-        let (last_id, forgotten) = (self.last_id, self.forgotten_dropped);
+        let (last_id, forgotten, backlog) = (self.last_id, self.forgotten_dropped, self.backlog);
         let log = self.log(client_id);
         log.trim(retention, now);
         let reset = match start {
@@ -242,7 +245,7 @@ impl State {
             .collect();
         let live = log
             .live
-            .get_or_insert_with(|| broadcast::channel(LIVE_BACKLOG).0)
+            .get_or_insert_with(|| broadcast::channel(backlog).0)
             .subscribe();
         (reset, replay, live)
     }
@@ -283,7 +286,15 @@ impl State {
 impl MemoryBus {
     /// An empty bus keeping frames for `retention`. Needs no runtime: nothing is spawned.
     pub fn new(retention: Retention) -> Self {
-        let state = State::new(&retention, Instant::now());
+        Self::with_backlog(retention, LIVE_BACKLOG)
+    }
+
+    /// Like [`MemoryBus::new`], with a live buffer of `backlog` frames per subscribed
+    /// client instead of [`LIVE_BACKLOG`] (the origin passes `SSE_QUEUE`). The buffer is
+    /// allocated whole when a client's first subscription opens (~100 bytes a slot).
+    pub fn with_backlog(retention: Retention, backlog: usize) -> Self {
+        let mut state = State::new(&retention, Instant::now());
+        state.backlog = backlog.max(1);
         Self {
             inner: Arc::new(Inner {
                 retention,
@@ -331,7 +342,6 @@ fn live_frames(
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,
-                    backlog = LIVE_BACKLOG,
                     "memory bus subscriber fell behind; ending its stream"
                 );
                 let err = BusError::Unavailable("subscriber lagged".to_owned());

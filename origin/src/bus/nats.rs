@@ -526,6 +526,16 @@ impl NatsBus {
         })
     }
 
+    /// Sets how many routed frames a subscription may hold before it ends as lagged
+    /// (default [`LIVE_BACKLOG`]; the origin passes `SSE_QUEUE`). Applies to every clone.
+    pub fn with_backlog(self, backlog: usize) -> Self {
+        self.shared
+            .router
+            .backlog
+            .store(backlog.max(1), Ordering::Relaxed);
+        self
+    }
+
     /// Subscriptions open on this bus (all clones), for metrics and leak checks.
     pub fn live_subscribers(&self) -> usize {
         self.shared.router.lock().subs.values().map(Vec::len).sum()
@@ -538,9 +548,9 @@ impl NatsBus {
     }
 }
 
-/// How many routed frames a subscription may hold before it counts as fallen behind (its
-/// stream then ends with an error, and the SSE layer evicts the connection). The SSE layer
-/// drains it promptly, so it only absorbs scheduling hiccups; it is allocated lazily.
+/// How many routed frames a subscription may hold by default before it counts as fallen
+/// behind (its stream then ends with an error, and the SSE layer evicts the connection):
+/// the per-connection queue of PROTOCOL §3. Allocated as frames arrive, not up front.
 pub const LIVE_BACKLOG: usize = 256;
 
 /// Frames routed to one subscription of this process, waiting to be taken.
@@ -576,13 +586,13 @@ impl Inbox {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, frame: BusFrame) {
+    fn push(&self, frame: BusFrame, backlog: usize) {
         {
             let mut s = self.lock();
             if s.overflowed || s.broken.is_some() {
                 return;
             }
-            if s.frames.len() >= LIVE_BACKLOG {
+            if s.frames.len() >= backlog {
                 s.overflowed = true;
                 s.frames = VecDeque::new();
             } else {
@@ -634,11 +644,22 @@ impl Inbox {
 }
 
 /// The subscriptions of this process by client id, fed by one ordered consumer.
-#[derive(Default)]
 struct Router {
     table: Mutex<Table>,
     /// True while the consumer runs: a subscription may only register then.
     up: watch::Sender<bool>,
+    /// Routed frames a subscription may hold ([`LIVE_BACKLOG`] unless set).
+    backlog: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self {
+            table: Mutex::default(),
+            up: watch::Sender::new(false),
+            backlog: LIVE_BACKLOG.into(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -652,10 +673,11 @@ impl Router {
     }
 
     fn route(&self, client_id: &str, frame: BusFrame) {
+        let backlog = self.backlog.load(Ordering::Relaxed);
         let table = self.lock();
         if let Some(inboxes) = table.subs.get(client_id) {
             for inbox in inboxes {
-                inbox.push(frame.clone());
+                inbox.push(frame.clone(), backlog);
             }
         }
     }

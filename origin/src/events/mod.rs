@@ -18,8 +18,9 @@
 pub mod hub;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -33,7 +34,7 @@ use futures::StreamExt;
 use gateway_shared::frames::{event, init_message, is_valid_client_id, notification, sse_frame};
 use gateway_shared::session::{SessionHash, User};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::auth::routes::require_request_session;
@@ -230,8 +231,8 @@ async fn events(State(state): State<AppState>, req: Request) -> Result<Response,
             None,
         ));
     }
-    let body = stream_body(state, client_id, Bytes::from(first), sub.frames);
-    let mut resp = Response::new(body);
+    let body = SseBody::new(state, client_id, Bytes::from(first), sub.frames);
+    let mut resp = Response::new(Body::new(body));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -245,101 +246,169 @@ async fn events(State(state): State<AppState>, req: Request) -> Result<Response,
     Ok(resp)
 }
 
-/// One queued item: a bus frame (prefix written per connection, data shared) or raw bytes.
-enum Out {
-    Frame(BusFrame),
-    Raw(Bytes),
-}
-
-impl Out {
-    fn into_chunks(self) -> Vec<Bytes> {
-        match self {
-            Out::Raw(b) => vec![b],
-            Out::Frame(f) => {
-                let prefix = format!("id: {}\nevent: {}\ndata: ", f.id, f.event);
-                vec![Bytes::from(prefix), f.data, Bytes::from_static(b"\n\n")]
-            }
-        }
-    }
-}
-
-/// The response body: a pump task moves frames from the bus into a bounded queue; the
-/// body drains the queue and, if the pump evicted the connection, ends with
-/// `stream/evicted`.
-fn stream_body(
+/// The response body: frames from the bus written as they come, `ping` frames and `:`
+/// keep-alives when it is quiet, `stream/evicted` when the bus says this connection fell
+/// behind.
+///
+/// No task and no queue of its own: the body is polled by the connection when the socket
+/// can take more, and the bus subscription holds what is routed meanwhile (bounded by
+/// `SSE_QUEUE`; beyond that the subscription ends as lagged and the stream is evicted). An
+/// idle stream is this struct, the subscription and one timer.
+struct SseBody {
     state: AppState,
     client_id: String,
-    first: Bytes,
-    mut frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
-) -> Body {
-    let (tx, rx) = mpsc::channel::<Out>(state.config.sse_queue);
-    let evicted = Arc::new(AtomicBool::new(false));
-    let reg = state.hub.register(&client_id);
-    let _ = tx.try_send(Out::Raw(first));
+    generation: u64,
+    frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
+    /// Chunks of the frame being written (at most the `data:` and the blank line).
+    queued: [Option<Bytes>; 2],
+    /// Superseded by a newer connection of the client, or the server shutting down.
+    stop: Pin<Box<dyn Future<Output = &'static str> + Send>>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    next_ping: Instant,
+    next_keepalive: Instant,
+    done: bool,
+    reason: &'static str,
+}
 
-    let pump_evicted = evicted.clone();
-    tokio::spawn(async move {
-        let mut ping = tokio::time::interval(state.config.sse_ping_interval);
-        let mut keepalive = tokio::time::interval(state.config.sse_keepalive_interval);
-        ping.tick().await;
-        keepalive.tick().await;
-        let ping_frame = Bytes::from(sse_frame(
+/// The `ping` frame, the same bytes for every connection.
+fn ping_frame() -> Bytes {
+    static PING: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    PING.get_or_init(|| {
+        Bytes::from(sse_frame(
             None,
             event::PING,
             &notification(event::PING, &json!({})),
             None,
-        ));
-        let reason = loop {
-            tokio::select! {
-                _ = reg.superseded.cancelled() => break "superseded",
-                _ = state.shutdown.cancelled() => break "shutdown",
-                _ = tx.closed() => break "client gone",
-                _ = ping.tick() => {
-                    if tx.try_send(Out::Raw(ping_frame.clone())).is_err() { pump_evicted.store(true, Ordering::Relaxed); break "slow reader" }
-                    let _ = clients::mark_present(state.kv.as_ref(), &client_id).await;
-                }
-                _ = keepalive.tick() => {
-                    if tx.try_send(Out::Raw(Bytes::from_static(b":\n\n"))).is_err() { pump_evicted.store(true, Ordering::Relaxed); break "slow reader" }
-                }
-                item = frames.next() => match item {
-                    Some(Ok(frame)) => {
-                        if tx.try_send(Out::Frame(frame)).is_err() {
-                            pump_evicted.store(true, Ordering::Relaxed);
-                            break "slow reader";
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(client = %client_id, error = %e, "bus subscription failed; evicting so the client resumes");
-                        pump_evicted.store(true, Ordering::Relaxed);
-                        break "bus error";
-                    }
-                    None => break "bus closed",
-                },
-            }
-        };
-        drop(tx);
-        if state.hub.unregister(&client_id, reg.generation) {
-            let _ = clients::mark_absent(state.kv.as_ref(), &client_id).await;
-        }
-        tracing::info!(client = %client_id, reason, "event stream closed");
-    });
+        ))
+    })
+    .clone()
+}
 
-    let tail = futures::stream::once(async move {
-        if evicted.load(Ordering::Relaxed) {
-            let data = notification(
-                event::EVICTED,
-                &json!({"reason": "the connection fell behind; reconnect with Last-Event-ID"}),
-            );
-            vec![Bytes::from(sse_frame(None, event::EVICTED, &data, None))]
-        } else {
-            Vec::new()
+fn evicted_frame() -> Bytes {
+    let data = notification(
+        event::EVICTED,
+        &json!({"reason": "the connection fell behind; reconnect with Last-Event-ID"}),
+    );
+    Bytes::from(sse_frame(None, event::EVICTED, &data, None))
+}
+
+impl SseBody {
+    fn new(
+        state: AppState,
+        client_id: String,
+        first: Bytes,
+        frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
+    ) -> Self {
+        let reg = state.hub.register(&client_id);
+        let shutdown = state.shutdown.clone();
+        let stop = Box::pin(async move {
+            tokio::select! {
+                _ = reg.superseded.cancelled() => "superseded",
+                _ = shutdown.cancelled() => "shutdown",
+            }
+        });
+        let now = Instant::now();
+        let next_ping = now + state.config.sse_ping_interval;
+        let next_keepalive = now + state.config.sse_keepalive_interval;
+        Self {
+            generation: reg.generation,
+            timer: Box::pin(tokio::time::sleep_until(next_ping.min(next_keepalive))),
+            state,
+            client_id,
+            frames,
+            queued: [Some(first), None],
+            stop,
+            next_ping,
+            next_keepalive,
+            done: false,
+            reason: "client gone",
         }
-    });
-    let chunks = tokio_stream::wrappers::ReceiverStream::new(rx)
-        .map(Out::into_chunks)
-        .chain(tail)
-        .flat_map(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
-    Body::from_stream(chunks)
+    }
+
+    fn end(&mut self, reason: &'static str) {
+        self.done = true;
+        self.reason = reason;
+    }
+}
+
+impl http_body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        for slot in &mut this.queued {
+            if let Some(chunk) = slot.take() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+            }
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(reason) = this.stop.as_mut().poll(cx) {
+            this.end(reason);
+            return Poll::Ready(None);
+        }
+        match this.frames.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                let prefix = format!("id: {}\nevent: {}\ndata: ", f.id, f.event);
+                this.queued = [Some(f.data), Some(Bytes::from_static(b"\n\n"))];
+                return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(prefix)))));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(client = %this.client_id, error = %e, "bus subscription ended; evicting so the client resumes");
+                this.end("evicted");
+                return Poll::Ready(Some(Ok(http_body::Frame::data(evicted_frame()))));
+            }
+            Poll::Ready(None) => {
+                this.end("bus closed");
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        if this.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let chunk = if now >= this.next_ping {
+                this.next_ping = now + this.state.config.sse_ping_interval;
+                this.next_keepalive = now + this.state.config.sse_keepalive_interval;
+                let kv = this.state.kv.clone();
+                let client_id = this.client_id.clone();
+                tokio::spawn(async move {
+                    let _ = clients::mark_present(kv.as_ref(), &client_id).await;
+                });
+                ping_frame()
+            } else {
+                this.next_keepalive = now + this.state.config.sse_keepalive_interval;
+                Bytes::from_static(b":\n\n")
+            };
+            let next = this.next_ping.min(this.next_keepalive);
+            this.timer.as_mut().reset(next);
+            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.queued.iter().all(Option::is_none)
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        let client_id = std::mem::take(&mut self.client_id);
+        tracing::info!(client = %client_id, reason = self.reason, "event stream closed");
+        if self.state.hub.unregister(&client_id, self.generation) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let kv = self.state.kv.clone();
+                rt.spawn(async move {
+                    let _ = clients::mark_absent(kv.as_ref(), &client_id).await;
+                });
+            }
+        }
+    }
 }
 
 #[cfg(test)]
