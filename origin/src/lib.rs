@@ -31,6 +31,7 @@ pub mod events;
 pub mod extract;
 pub mod graphql;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod noetl;
 pub mod proxy;

@@ -5,7 +5,6 @@
 //! accepting, let in-flight requests finish, and exit within `SHUTDOWN_GRACE` even if
 //! some connection will not close.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +22,7 @@ use crate::bus::{Bus, Retention};
 use crate::config::{AuthMode, Config};
 use crate::events::hub::Hub;
 use crate::graphql::{build_schema, schema::Services};
+use crate::listener::{self, LeanPath};
 use crate::noetl::NoetlClient;
 use crate::proxy::{AllowList, Proxy};
 use crate::requests::CallbackTokens;
@@ -218,15 +218,19 @@ pub async fn serve(state: AppState) -> anyhow::Result<()> {
         public = %public.local_addr()?, internal = %internal.local_addr()?,
         noetl = %config.noetl_base_url, "origin listening"
     );
-    let public_app =
-        public_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let internal_app = internal_router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let (s1, s2) = (shutdown.clone(), shutdown.clone());
-    let public_srv =
-        axum::serve(public, public_app).with_graceful_shutdown(async move { s1.cancelled().await });
-    let internal_srv = axum::serve(internal, internal_app)
-        .with_graceful_shutdown(async move { s2.cancelled().await });
-    let servers = async { tokio::try_join!(public_srv.into_future(), internal_srv.into_future()) };
+    let public_app = public_router(state.clone());
+    let internal_app = internal_router(state);
+    let lean = if config.sse_lean_http {
+        LeanPath::Events
+    } else {
+        LeanPath::Off
+    };
+    let servers = async {
+        tokio::try_join!(
+            listener::serve(public, public_app, lean, shutdown.clone()),
+            listener::serve(internal, internal_app, LeanPath::Off, shutdown.clone()),
+        )
+    };
     let grace = config.shutdown_grace;
     tokio::select! {
         r = servers => { r?; }
