@@ -210,6 +210,11 @@ pub struct Config {
     #[arg(long, env = "SSE_KEEPALIVE_INTERVAL", value_parser = parse_duration, default_value = "15s")]
     pub sse_keepalive_interval: Duration,
 
+    /// Serve a connection whose first request is `GET /events` with the origin's lean
+    /// HTTP/1.1 writer (no per-connection buffers while idle) instead of hyper.
+    #[arg(long, env = "SSE_LEAN_HTTP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sse_lean_http: bool,
+
     /// Frames queued per SSE connection before a slow reader is evicted.
     #[arg(long, env = "SSE_QUEUE", default_value_t = 256)]
     pub sse_queue: usize,
