@@ -188,11 +188,13 @@ impl ChildGuard {
     }
 
     /// Sends a signal (e.g. `"TERM"`, `"KILL"`, `"STOP"`, `"CONT"`).
+    /// Does nothing once the process has been reaped: `kill` with pid 0 would signal the
+    /// test's own process group.
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status();
+        match self.pid() {
+            0 => {}
+            pid => self.signal_pid(pid, sig),
+        }
     }
 
     /// Stops the process: SIGTERM, then SIGKILL if it has not exited within `grace`.
@@ -215,6 +217,7 @@ impl ChildGuard {
     }
 
     fn signal_pid(&self, pid: u32, sig: &str) {
+        assert_ne!(pid, 0, "pid 0 would signal the test's own process group");
         let _ = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(pid.to_string())
