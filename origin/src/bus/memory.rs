@@ -25,27 +25,27 @@
 //!   must treat as "may have lost frames" — conservative (a spurious reset is safe, a
 //!   silent gap is not), and the same shape as the NATS rule. An `n` above every id issued
 //!   (an id from another bus or an earlier process) resets too.
-//! - **Live delivery is a broadcast channel per client** of [`LIVE_BACKLOG`] frames,
-//!   created by the first subscription and dropped with the last. A subscriber that falls
-//!   that far behind does not slow the publisher or the other subscribers: its stream ends
-//!   with `Err(BusError::Unavailable("subscriber lagged"))` instead of silently skipping,
-//!   so the SSE layer evicts the connection and the client resumes with `Last-Event-ID`.
+//! - **Live delivery is an inbox per subscription** (`super::inbox`), bounded by the
+//!   backlog ([`LIVE_BACKLOG`] unless set; the origin passes `SSE_QUEUE`) and allocated
+//!   only as frames arrive — an idle subscription costs a few dozen bytes, not a
+//!   preallocated ring. A subscriber that falls that far behind does not slow the
+//!   publisher or the other subscribers: its stream ends with
+//!   `Err(BusError::Unavailable("subscriber lagged"))` instead of silently skipping, so the
+//!   SSE layer evicts the connection and the client resumes with `Last-Event-ID`.
 //! - **Time** is [`tokio::time::Instant`], so tests that pause tokio's clock move expiry.
 
+use super::inbox::{Inbox, Taken};
 use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::Instant;
 
-/// How many live frames a subscriber may fall behind before its stream ends with
-/// "subscriber lagged". The SSE layer queues per connection as well, so this only has to
-/// absorb scheduling hiccups; it is allocated per client with a subscriber (~100 bytes a
-/// slot), so it is kept modest.
+/// How many live frames a subscriber may fall behind by default before its stream ends
+/// with "subscriber lagged": the per-connection queue of PROTOCOL §3.
 pub const LIVE_BACKLOG: usize = 256;
 
 /// The longest the bus goes between sweeps of every client while it is being used.
@@ -90,8 +90,8 @@ struct ClientLog {
     /// The last id issued when this log was created: frames of an earlier, removed log of
     /// the same client all have ids at or below it.
     opened_after: u64,
-    /// `None` until the first subscription, and again once the last one is gone.
-    live: Option<broadcast::Sender<BusFrame>>,
+    /// The inboxes of the client's open subscriptions.
+    live: Vec<Arc<Inbox>>,
 }
 
 #[derive(Debug)]
@@ -137,7 +137,7 @@ impl ClientLog {
             frames: VecDeque::new(),
             highest_dropped: 0,
             opened_after,
-            live: None,
+            live: Vec::new(),
         }
     }
 
@@ -156,9 +156,7 @@ impl ClientLog {
     }
 
     fn live_subscribers(&self) -> usize {
-        self.live
-            .as_ref()
-            .map_or(0, broadcast::Sender::receiver_count)
+        self.live.len()
     }
 }
 
@@ -199,17 +197,15 @@ impl State {
         self.sweep_if_due(retention, now);
         self.last_id += 1;
         let id = self.last_id;
+        let backlog = self.backlog;
         let log = self.log(client_id);
         let frame = BusFrame {
             id,
             event: event.to_owned(),
             data,
         };
-        if let Some(live) = &log.live {
-            // An error means every subscriber is gone: stop keeping a channel for nobody.
-            if live.send(frame.clone()).is_err() {
-                log.live = None;
-            }
+        for inbox in &log.live {
+            inbox.push(frame.clone(), backlog);
         }
         log.frames.push_back(Retained { frame, at: now });
         log.trim(retention, now);
@@ -224,9 +220,9 @@ impl State {
         client_id: &str,
         start: StartAt,
         now: Instant,
-    ) -> (bool, Vec<BusFrame>, broadcast::Receiver<BusFrame>) {
+    ) -> (bool, Vec<BusFrame>, Arc<Inbox>) {
         self.sweep_if_due(retention, now);
-        let (last_id, forgotten, backlog) = (self.last_id, self.forgotten_dropped, self.backlog);
+        let (last_id, forgotten) = (self.last_id, self.forgotten_dropped);
         let log = self.log(client_id);
         log.trim(retention, now);
         let reset = match start {
@@ -243,11 +239,9 @@ impl State {
             .filter(|r| r.frame.id > after)
             .map(|r| r.frame.clone())
             .collect();
-        let live = log
-            .live
-            .get_or_insert_with(|| broadcast::channel(backlog).0)
-            .subscribe();
-        (reset, replay, live)
+        let inbox = Arc::new(Inbox::default());
+        log.live.push(inbox.clone());
+        (reset, replay, inbox)
     }
 
     fn sweep_if_due(&mut self, retention: &Retention, now: Instant) {
@@ -262,10 +256,7 @@ impl State {
         let mut forgotten = self.forgotten_dropped;
         self.clients.retain(|_, log| {
             log.trim(retention, now);
-            if log.live_subscribers() == 0 {
-                log.live = None;
-            }
-            let keep = !log.frames.is_empty() || log.live.is_some();
+            let keep = !log.frames.is_empty() || !log.live.is_empty();
             if !keep {
                 forgotten = forgotten.max(log.highest_dropped);
             }
@@ -330,26 +321,51 @@ impl std::fmt::Debug for MemoryBus {
     }
 }
 
-/// The live part of a subscription: frames from the channel until the subscriber lags
-/// (one `Err`, then the end) or the bus is dropped.
-fn live_frames(
-    rx: broadcast::Receiver<BusFrame>,
-) -> impl Stream<Item = Result<BusFrame, BusError>> + Send + 'static {
-    stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
-        match rx.recv().await {
-            Ok(frame) => Some((Ok(frame), Some(rx))),
-            Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(
-                    missed,
-                    "memory bus subscriber fell behind; ending its stream"
-                );
-                let err = BusError::Unavailable("subscriber lagged".to_owned());
-                Some((Err(err), None))
+/// A subscription's inbox, removed from its client's log when the subscription is dropped.
+struct Registration {
+    bus: Weak<Inner>,
+    client_id: String,
+    inbox: Arc<Inbox>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(inner) = self.bus.upgrade() {
+            if let Some(log) = inner.lock().clients.get_mut(&self.client_id) {
+                log.live.retain(|i| !Arc::ptr_eq(i, &self.inbox));
             }
-            Err(RecvError::Closed) => {
-                let err = BusError::Unavailable("the memory bus was dropped".to_owned());
-                Some((Err(err), None))
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        for inbox in state.clients.values().flat_map(|l| &l.live) {
+            inbox.flag(|s| s.broken = Some("the memory bus was dropped".to_owned()));
+        }
+    }
+}
+
+/// The live part of a subscription: frames from its inbox until the subscriber lags or
+/// the bus is dropped (one `Err`, then the end).
+fn live_frames(
+    reg: Registration,
+) -> impl Stream<Item = Result<BusFrame, BusError>> + Send + 'static {
+    stream::unfold(Some(reg), |reg| async move {
+        let reg = reg?;
+        loop {
+            match reg.inbox.take() {
+                Taken::Frame(f) => return Some((Ok(f), Some(reg))),
+                Taken::Overflowed => {
+                    tracing::warn!(client = %reg.client_id, "memory bus subscriber fell behind; ending its stream");
+                    let err = BusError::Unavailable("subscriber lagged".to_owned());
+                    return Some((Err(err), None));
+                }
+                Taken::Broken(why) => return Some((Err(BusError::Unavailable(why)), None)),
+                // Only the NATS router asks for re-reads.
+                Taken::Recheck => {}
+                Taken::Empty => reg.inbox.notify.notified().await,
             }
         }
     })
@@ -371,12 +387,17 @@ impl Bus for MemoryBus {
     async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
         super::check_client_id(client_id)?;
         let now = Instant::now();
-        let (reset, replay, live) =
+        let (reset, replay, inbox) =
             self.inner
                 .lock()
                 .subscribe(&self.inner.retention, client_id, start, now);
+        let reg = Registration {
+            bus: Arc::downgrade(&self.inner),
+            client_id: client_id.to_owned(),
+            inbox,
+        };
         let frames = stream::iter(replay.into_iter().map(Ok))
-            .chain(live_frames(live))
+            .chain(live_frames(reg))
             .boxed();
         Ok(Subscription { reset, frames })
     }
@@ -500,12 +521,13 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
         s.publish(&r, "idle", "e", Bytes::new(), t0);
-        let (_, _, rx) = s.subscribe(&r, "watched", StartAt::Retained, t0);
+        let (_, _, _inbox) = s.subscribe(&r, "watched", StartAt::Retained, t0);
         s.publish(&r, "watched", "e", Bytes::new(), t0);
         s.sweep(&r, t0 + 5 * SEC);
         assert_eq!(s.clients.keys().collect::<Vec<_>>(), ["watched"]);
         assert_eq!(s.stats().frames, 0);
-        drop(rx);
+        // What dropping the subscription does (its registration leaves the log).
+        s.clients.get_mut("watched").unwrap().live.clear();
         s.sweep(&r, t0 + 5 * SEC);
         assert!(s.clients.is_empty());
     }

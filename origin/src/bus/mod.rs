@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use std::time::Duration;
 
+mod inbox;
 pub mod memory;
 pub mod nats;
 

@@ -78,6 +78,7 @@
 //!   consumer fails or a long outage, the subscriber fell behind (backlog or retention) —
 //!   never by skipping frames.
 
+use super::inbox::{Inbox, Slot, Taken};
 use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::push::OrderedErrorKind;
@@ -96,7 +97,7 @@ use std::fmt::Display;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The stream's name unless [`NatsBus::open`] is given another (PROTOCOL.md §7).
@@ -552,96 +553,6 @@ impl NatsBus {
 /// behind (its stream then ends with an error, and the SSE layer evicts the connection):
 /// the per-connection queue of PROTOCOL §3. Allocated as frames arrive, not up front.
 pub const LIVE_BACKLOG: usize = 256;
-
-/// Frames routed to one subscription of this process, waiting to be taken.
-#[derive(Default)]
-struct Inbox {
-    slot: Mutex<Slot>,
-    notify: Notify,
-}
-
-#[derive(Default)]
-struct Slot {
-    frames: VecDeque<BusFrame>,
-    /// More than [`LIVE_BACKLOG`] frames were routed without being taken.
-    overflowed: bool,
-    /// The router saw frames leave the stream before it delivered them: read the stream
-    /// forward (checking for drops) before trusting the next routed frame.
-    recheck: bool,
-    /// The router cannot vouch for completeness any more: the subscription ends.
-    broken: Option<String>,
-}
-
-/// What a subscription found in its inbox.
-enum Taken {
-    Frame(BusFrame),
-    Overflowed,
-    Recheck,
-    Broken(String),
-    Empty,
-}
-
-impl Inbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
-        self.slot.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(&self, frame: BusFrame, backlog: usize) {
-        {
-            let mut s = self.lock();
-            if s.overflowed || s.broken.is_some() {
-                return;
-            }
-            if s.frames.len() >= backlog {
-                s.overflowed = true;
-                s.frames = VecDeque::new();
-            } else {
-                s.frames.push_back(frame);
-            }
-        }
-        self.notify.notify_one();
-    }
-
-    fn flag(&self, f: impl FnOnce(&mut Slot)) {
-        f(&mut self.lock());
-        self.notify.notify_one();
-    }
-
-    /// While catching up, whatever was routed is read from the stream anyway: an overflow
-    /// then costs nothing but the queued copies.
-    fn absorb_overflow(&self) {
-        let mut s = self.lock();
-        if s.overflowed {
-            s.overflowed = false;
-            s.frames = VecDeque::new();
-        }
-    }
-
-    fn take(&self) -> Taken {
-        let mut s = self.lock();
-        if let Some(why) = s.broken.take() {
-            return Taken::Broken(why);
-        }
-        if s.overflowed {
-            return Taken::Overflowed;
-        }
-        if s.recheck {
-            s.recheck = false;
-            // What is queued is read again from the stream, with the drop check.
-            s.frames = VecDeque::new();
-            return Taken::Recheck;
-        }
-        match s.frames.pop_front() {
-            Some(f) => {
-                if s.frames.is_empty() && s.frames.capacity() > 8 {
-                    s.frames = VecDeque::new();
-                }
-                Taken::Frame(f)
-            }
-            None => Taken::Empty,
-        }
-    }
-}
 
 /// The subscriptions of this process by client id, fed by one ordered consumer.
 struct Router {
