@@ -244,6 +244,11 @@ pub struct Config {
     #[arg(long, env = "BRIDGE_MAX_INTEREST_WAIT", value_parser = parse_duration, default_value = "10s")]
     pub bridge_max_interest_wait: Duration,
 
+    /// Bridge worker tasks: events of one execution stay in order on one worker, different
+    /// executions are handled concurrently (1..=1024).
+    #[arg(long, env = "BRIDGE_CONCURRENCY", default_value_t = 32)]
+    pub bridge_concurrency: usize,
+
     /// Whether GraphQL introspection (and so GraphiQL's schema browser) is on.
     #[arg(long, env = "GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub graphql_introspection: bool,
@@ -378,6 +383,7 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .collect(),
             max_interest_wait: self.bridge_max_interest_wait,
+            concurrency: self.bridge_concurrency,
             ack_wait: defaults.ack_wait.max(worst_confirm),
             ..defaults
         }
@@ -476,6 +482,20 @@ mod tests {
             "https://t.eu.auth0.com/.well-known/jwks.json"
         );
         assert_eq!(c.issuer(), "https://t.eu.auth0.com/");
+    }
+
+    #[test]
+    fn the_bridge_concurrency_is_read_and_checked() {
+        let c = Config::try_parse_from(base()).unwrap();
+        assert_eq!(c.bridge().concurrency, 32);
+        let mut args = base();
+        args.extend(["--bridge-concurrency", "8"]);
+        let c = Config::try_parse_from(args).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.bridge().concurrency, 8);
+        let mut args = base();
+        args.extend(["--bridge-concurrency", "0"]);
+        assert!(Config::try_parse_from(args).unwrap().validate().is_err());
     }
 
     #[test]

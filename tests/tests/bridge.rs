@@ -8,9 +8,9 @@
 //! get their own NATS connection each, like replicas. Frames are compared after the
 //! terminal frame arrived plus a settle period, so a late duplicate would be seen.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -95,11 +95,17 @@ impl Log {
 }
 
 /// A `Bus` that records; `fail_next` makes the next N publishes fail as if NATS were down.
+/// `delay_us` + a random share of `jitter_us` is how long each publish takes (a slow or
+/// uneven NATS); `in_flight` / `max_in_flight` count publishes under way.
 struct RecordingBus {
     replica: &'static str,
     log: Arc<Log>,
     fail_next: AtomicUsize,
     ids: AtomicUsize,
+    delay_us: AtomicU64,
+    jitter_us: AtomicU64,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 impl RecordingBus {
@@ -109,7 +115,21 @@ impl RecordingBus {
             log,
             fail_next: AtomicUsize::new(0),
             ids: AtomicUsize::new(0),
+            delay_us: AtomicU64::new(0),
+            jitter_us: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         })
+    }
+
+    fn publish_time(&self) -> Duration {
+        let jitter = self.jitter_us.load(Ordering::SeqCst);
+        let extra = if jitter > 0 {
+            rand::random::<u64>() % jitter
+        } else {
+            0
+        };
+        Duration::from_micros(self.delay_us.load(Ordering::SeqCst) + extra)
     }
 }
 
@@ -138,12 +158,19 @@ impl Bus for RecordingBus {
             if failing {
                 return Err(BusError::Unavailable("injected by the test".into()));
             }
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            let takes = self.publish_time();
+            if !takes.is_zero() {
+                tokio::time::sleep(takes).await;
+            }
             self.log.frames.lock().expect("log lock").push(Recorded {
                 replica: self.replica,
                 client_id: client_id.to_owned(),
                 event: event.to_owned(),
                 data,
             });
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             Ok(self.ids.fetch_add(1, Ordering::SeqCst) as u64 + 1)
         })
     }
@@ -851,4 +878,233 @@ fn rand_id() -> u64 {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(800_000_000_000_000_000);
     NEXT.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A NoETL `command.completed` row (the bridge makes it a `step.exit` frame for `step`).
+fn step_row(execution_id: &str, step: &str) -> Bytes {
+    format!(
+        r#"{{"event_id":{},"event_type":"command.completed","execution_id":{execution_id},"node_name":"{step}","status":"COMPLETED","event_time":"2026-11-22T10:00:00Z"}}"#,
+        rand_id()
+    )
+    .into()
+}
+
+/// Publishes `rows` into `noetl_events` in this order (one connection, so the stream
+/// holds them in this order) and waits until every one is stored.
+async fn publish_rows(js: &jetstream::Context, rows: Vec<Bytes>) {
+    let mut acks = Vec::with_capacity(rows.len());
+    for row in rows {
+        acks.push(
+            js.publish("noetl.events.command.completed", row)
+                .await
+                .expect("publish"),
+        );
+    }
+    for ack in futures::future::join_all(acks.into_iter().map(IntoFuture::into_future)).await {
+        ack.expect("stored");
+    }
+}
+
+/// The step names of the frames `client_id` got, in publish order.
+fn steps_of(log: &Log, client_id: &str) -> Vec<String> {
+    log.all()
+        .iter()
+        .filter(|r| r.client_id == client_id)
+        .map(|r| r.params()["step_name"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+/// Waits until `client_ids` together got `want` frames (or fails after `within`).
+async fn wait_frames(log: &Log, want: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = log.all().len();
+        if got >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {want} frames within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts the durable consumer has nothing un-acked and nothing undelivered left.
+async fn assert_consumer_drained(w: &World) {
+    let js = jetstream::new(w.connect().await);
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("noetl_events")
+        .await
+        .expect("stream")
+        .get_consumer("gateway-bridge")
+        .await
+        .expect("consumer");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = consumer.info().await.expect("consumer info");
+        if (info.num_ack_pending, info.num_pending) == (0, 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left on the consumer: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn interleaved_executions_each_keep_their_order_under_concurrency() {
+    // Many executions, their step events interleaved in the stream, handled by 32 workers
+    // while every publish takes a random 0–3 ms: if two events of one execution were ever
+    // handled concurrently or out of delivery order, their frames would swap. Half the
+    // executions are only watched once their events are flowing, so those events are
+    // NAKed, parked behind each other and redelivered while the rest stream past.
+    const EXECUTIONS: usize = 16;
+    const STEPS: usize = 30;
+    let w = World::start(false).await;
+    let replica = w.bridge("a").await;
+    replica.bus.jitter_us.store(3_000, Ordering::SeqCst);
+    let id = |i: usize| format!("71000000000000{i:04}");
+    let client = |i: usize| format!("client-{i}");
+    for i in (0..EXECUTIONS).step_by(2) {
+        w.interest(&id(i), &client(i)).await;
+    }
+    let js = jetstream::new(w.connect().await);
+    let mut rows = Vec::new();
+    for j in 0..STEPS {
+        for i in 0..EXECUTIONS {
+            rows.push(step_row(&id(i), &format!("s{j:02}")));
+        }
+    }
+    let later = rows.split_off(rows.len() / 3);
+    publish_rows(&js, rows).await;
+    for i in (1..EXECUTIONS).step_by(2) {
+        w.interest(&id(i), &client(i)).await;
+    }
+    publish_rows(&js, later).await;
+
+    wait_frames(&w.log, EXECUTIONS * STEPS, FRAME_TIMEOUT).await;
+    tokio::time::sleep(SETTLE).await;
+    let want: Vec<String> = (0..STEPS).map(|j| format!("s{j:02}")).collect();
+    for i in 0..EXECUTIONS {
+        assert_eq!(
+            steps_of(&w.log, &client(i)),
+            want,
+            "execution {i} ({}) got its frames out of order or not exactly once",
+            if i % 2 == 0 {
+                "watched from the start"
+            } else {
+                "watched late"
+            }
+        );
+    }
+    assert_eq!(w.log.all().len(), EXECUTIONS * STEPS, "no duplicates");
+    assert!(
+        replica.bus.max_in_flight.load(Ordering::SeqCst) > 1,
+        "executions were handled concurrently"
+    );
+    assert_consumer_drained(&w).await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn different_executions_are_handled_concurrently_up_to_the_worker_count() {
+    // One event for each of 64 executions, every publish taking 100 ms: handled one at a
+    // time that is 6.4 s and one publish in flight; with 16 workers, many at once and
+    // never more than 16.
+    const EXECUTIONS: usize = 64;
+    const WORKERS: usize = 16;
+    let w = World::start(false).await;
+    let replica = w
+        .bridge_with(
+            "a",
+            BridgeConfig {
+                concurrency: WORKERS,
+                ..Default::default()
+            },
+        )
+        .await;
+    replica.bus.delay_us.store(100_000, Ordering::SeqCst);
+    let id = |i: usize| format!("72000000000000{i:04}");
+    for i in 0..EXECUTIONS {
+        w.interest(&id(i), &format!("client-{i}")).await;
+    }
+    let js = jetstream::new(w.connect().await);
+    let started = Instant::now();
+    publish_rows(
+        &js,
+        (0..EXECUTIONS).map(|i| step_row(&id(i), "s")).collect(),
+    )
+    .await;
+    wait_frames(&w.log, EXECUTIONS, FRAME_TIMEOUT).await;
+    let took = started.elapsed();
+    let max = replica.bus.max_in_flight.load(Ordering::SeqCst);
+    eprintln!("{EXECUTIONS} events in {took:?}, at most {max} publishes in flight");
+    assert!(max >= WORKERS / 2, "only {max} events handled at once");
+    assert!(
+        max <= WORKERS,
+        "{max} events at once with {WORKERS} workers"
+    );
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(w.log.all().len(), EXECUTIONS, "each once");
+    assert_consumer_drained(&w).await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_replica_stopped_under_load_gives_back_what_it_did_not_handle() {
+    // Replica a is slow (30 ms a publish, 4 workers, so events queue up) and is stopped in
+    // the middle of 300 events. It must stop promptly, acking only what it handled; what
+    // it still had queued is NAKed, so replica b gets it at once rather than after the
+    // ack wait. At most the message or two the NATS client had pulled ahead of the reader
+    // (batch 1 here) waits for the ack wait. Every event ends up forwarded.
+    const EVENTS: usize = 300;
+    let ack_wait = Duration::from_secs(8);
+    let config = BridgeConfig {
+        concurrency: 4,
+        batch: 1,
+        ack_wait,
+        ..Default::default()
+    };
+    let w = World::start(false).await;
+    let a = w.bridge_with("a", config.clone()).await;
+    a.bus.delay_us.store(30_000, Ordering::SeqCst);
+    let id = |i: usize| format!("73000000000000{i:04}");
+    for i in 0..EVENTS {
+        w.interest(&id(i), &format!("client-{i}")).await;
+    }
+    let js = jetstream::new(w.connect().await);
+    publish_rows(&js, (0..EVENTS).map(|i| step_row(&id(i), "s")).collect()).await;
+    wait_frames(&w.log, 20, FRAME_TIMEOUT).await;
+    let stopping = Instant::now();
+    a.stop().await;
+    let by_a = w.log.all().len();
+    eprintln!(
+        "replica a forwarded {by_a} events and stopped in {:?}",
+        stopping.elapsed()
+    );
+    assert!(by_a < EVENTS, "a was stopped under load, not after it");
+
+    let b = w.bridge_with("b", config).await;
+    let restarted = Instant::now();
+    // All but the pulled-ahead message(s) come back at once (the shutdown NAKs)...
+    wait_frames(&w.log, EVENTS - 2, Duration::from_secs(6)).await;
+    // ... and those after the ack wait.
+    wait_frames(&w.log, EVENTS, ack_wait + Duration::from_secs(10)).await;
+    eprintln!("b forwarded the rest in {:?}", restarted.elapsed());
+    tokio::time::sleep(SETTLE).await;
+    let frames = w.log.all();
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for r in &frames {
+        *seen.entry(r.client_id.clone()).or_default() += 1;
+    }
+    for i in 0..EVENTS {
+        assert!(
+            seen.contains_key(&format!("client-{i}")),
+            "event {i} was lost"
+        );
+    }
+    let duplicates = frames.len() - seen.len();
+    eprintln!("duplicates (at-least-once): {duplicates}");
+    assert_consumer_drained(&w).await;
+    b.stop().await;
 }

@@ -2,8 +2,9 @@
 //! asked for them (PROTOCOL.md §6).
 //!
 //! Flow of one event: NATS message → [`policy::parse_event`] (shape, ids, normalised name,
-//! allow-list; everything not forwarded is acked here) → interest lookup by execution id
-//! ([`interest`]) → the run's status from NoETL when the event's meaning depends on it →
+//! allow-list; by the reading task, which then queues it for its execution's worker;
+//! everything not forwarded is acked by a worker without further I/O) → interest lookup
+//! by execution id ([`interest`]) → the run's status from NoETL when the event's meaning depends on it →
 //! [`policy::resolve`] → one encoded frame per resolved state, published to each
 //! interested client on the [`Bus`] → ack. This file only does that I/O; every decision is
 //! in [`policy`].
@@ -35,8 +36,8 @@
 //!   NoETL's `/api/execute` answers, so an execution's first events can arrive before
 //!   anyone is interested. The event is NAKed with `retry_delay` (500 ms) and comes back
 //!   until it is older than `max_interest_wait` (10 s, measured from when NATS stored it),
-//!   then it is acked and dropped. Waiting in-process would stall every other execution
-//!   behind it; a NAK leaves the consumer free and survives a replica crash. The same path
+//!   then it is acked and dropped. Waiting in-process would stall every execution sharing
+//!   its worker; a NAK leaves the consumer free and survives a replica crash. The same path
 //!   retries a status NoETL cannot give yet (up to `max_confirm_wait`, then the event's own
 //!   claim is used) and bus or store failures (never dropped: the stream still holds the
 //!   event). Cost: events of executions nobody watches are retried for `max_interest_wait`,
@@ -44,10 +45,31 @@
 //!   (forwardable events per second without interest) × `max_interest_wait`.
 //!   Core mode has no redelivery: the retry is a timer in this process, bounded by
 //!   `core_max_held`, and lost if the replica stops.
-//! - **Order.** One replica handles its messages one at a time, in delivery order. When an
+//! - **Order per execution, concurrency across executions.** One reading task pulls
+//!   (in batches of `batch`) and hands each message to one of `concurrency` worker tasks
+//!   (default 32) chosen by a hash of its execution id ([`policy::worker_for`]), through a
+//!   bounded queue (16 per worker). All events of one execution therefore go to one worker
+//!   and are handled one at a time in delivery order, while different executions are
+//!   handled in parallel: a replica is no longer bounded by one event's round trips
+//!   (interest lookup, terminal marker, publish, ack ≈ 1 ms → ~1k events/s). Messages that
+//!   are only acked (malformed, or not forwarded) go to any worker with room. When an
 //!   event waits for a redelivery, later events of the same execution wait behind it
-//!   ([`policy::OrderGuard`]), so a late interest record does not reorder frames. Across
-//!   replicas two events of one execution can be forwarded concurrently; frames carry `at`.
+//!   ([`policy::OrderGuard`], one per worker — enough, since an execution never leaves its
+//!   worker, and redeliveries come back in stream order to the same worker), so a late
+//!   interest record does not reorder frames. When the queue of the worker a message
+//!   belongs to is full the reader waits for it (back-pressure: bounded memory, JetStream
+//!   keeps the rest). Hashing to a fixed pool rather than a free pool with per-execution
+//!   locks keeps one FIFO per execution without a lock table; the cost is head-of-line
+//!   blocking: executions that share a slow worker (a NoETL status call timing out) wait
+//!   for it, and once its queue is full everyone does. Across replicas two events of one
+//!   execution can be forwarded concurrently; frames carry `at`.
+//! - **Shutdown.** The reader stops first (drops its pull subscription, or unsubscribes
+//!   from the queue group), then each worker finishes the event in hand (acked or NAKed as
+//!   usual) and gives back what is still queued: NAKed, never acked, so another replica
+//!   gets it at once — delayed past any retry when an earlier event of its execution is
+//!   waiting for a redelivery, so it comes back behind that one. Messages the NATS client
+//!   had already pulled but the reader not yet taken return after `ack_wait`. Core mode
+//!   has nothing to give back to: queued events and pending retries are lost (logged).
 //! - **Encoded once.** A frame's JSON is built once per event and shared (`Bytes`) by every
 //!   interested client's publish. The message is acked only after every publish succeeded.
 //!
@@ -57,6 +79,7 @@
 pub mod interest;
 pub mod policy;
 
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -83,6 +106,12 @@ pub use tokio_util::sync::CancellationToken;
 const STREAM_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// Longest pause between attempts to re-open a failed consumer or subscription.
 const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(10);
+/// Most events queued for one worker. When the worker an event belongs to has this many
+/// waiting, the reader stops pulling until it takes one: memory stays bounded and
+/// JetStream keeps the rest (a slow execution's neighbours wait only once it is full).
+const WORKER_QUEUE: usize = 16;
+/// Upper bound of [`BridgeConfig::concurrency`].
+pub const MAX_CONCURRENCY: usize = 1024;
 
 /// The bridge's settings. `Default` is PROTOCOL §6 and a single-digit-second budget for
 /// late interest; the server fills it from its configuration.
@@ -114,9 +143,16 @@ pub struct BridgeConfig {
     /// JetStream max un-acked messages across all replicas (default 10 000; see the
     /// module docs for sizing). Only applied when the consumer is created.
     pub max_ack_pending: i64,
-    /// Messages pulled per request (default 32). Small keeps a slow replica from sitting
-    /// on messages another replica could handle.
+    /// Messages pulled per request (default 32). The client asks for the next batch when
+    /// half of one is left, so the reader keeps up to ~1.5 batches in hand besides the
+    /// workers' queues. Small keeps a slow replica from sitting on messages another
+    /// replica could handle.
     pub batch: usize,
+    /// Worker tasks handling events concurrently (default 32, at most
+    /// [`MAX_CONCURRENCY`]). Every event of one execution goes to the same worker (a hash
+    /// of its id) and is handled in delivery order; different executions are handled in
+    /// parallel. At most `concurrency × WORKER_QUEUE` (16) events wait in memory.
+    pub concurrency: usize,
     /// Core mode: most events held in memory for a retry (default 10 000); beyond it an
     /// event that needs a retry is dropped with a warning.
     pub core_max_held: usize,
@@ -138,6 +174,7 @@ impl Default for BridgeConfig {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 10_000,
             batch: 32,
+            concurrency: 32,
             core_max_held: 10_000,
         }
     }
@@ -180,6 +217,12 @@ impl BridgeConfig {
         if self.batch == 0 || self.max_ack_pending < self.batch as i64 {
             return bad("batch must be ≥ 1 and max_ack_pending ≥ batch".into());
         }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return bad(format!(
+                "concurrency must be within 1..={MAX_CONCURRENCY} (got {})",
+                self.concurrency
+            ));
+        }
         Ok(())
     }
 
@@ -217,8 +260,8 @@ pub enum BridgeMode {
 pub struct Bridge {
     /// How it reads.
     pub mode: BridgeMode,
-    /// Ends after the shutdown token is cancelled (the event in hand is finished first;
-    /// un-acked ones are redelivered by JetStream).
+    /// Ends after the shutdown token is cancelled: reading stops, every worker finishes
+    /// the event in hand, queued events are NAKed (redelivered at once, elsewhere).
     pub task: JoinHandle<()>,
 }
 
@@ -348,7 +391,8 @@ fn stream_is_absent(e: &jetstream::context::GetStreamError) -> bool {
     }
 }
 
-/// Reads the durable consumer until shutdown, re-opening it after failures.
+/// Reads the durable consumer until shutdown, re-opening it after failures, and hands
+/// each message to its worker.
 async fn run_durable(
     handler: Handler,
     stream: jetstream::stream::Stream,
@@ -356,10 +400,11 @@ async fn run_durable(
     config: BridgeConfig,
     shutdown: CancellationToken,
 ) {
-    let mut guard = OrderGuard::new();
+    let mut pool = Pool::start(Arc::new(handler), config.concurrency, None);
     let mut backoff = Backoff::default();
     let mut consumer = Some(first);
-    loop {
+    // The message in hand when shutdown came while its worker's queue was full.
+    let leftover = 'reopen: loop {
         let c = match consumer.take() {
             Some(c) => c,
             None => match stream
@@ -370,7 +415,7 @@ async fn run_durable(
                 Err(e) => {
                     tracing::warn!(consumer = %config.consumer, error = %e, "bridge: cannot open the durable consumer; retrying");
                     if !backoff.sleep(&shutdown).await {
-                        break;
+                        break None;
                     }
                     continue;
                 }
@@ -386,7 +431,7 @@ async fn run_durable(
             Err(e) => {
                 tracing::warn!(consumer = %config.consumer, error = %e, "bridge: cannot pull from the durable consumer; retrying");
                 if !backoff.sleep(&shutdown).await {
-                    break;
+                    break None;
                 }
                 continue;
             }
@@ -394,16 +439,18 @@ async fn run_durable(
         loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    tracing::info!("bridge stopped");
-                    return;
-                }
+                _ = shutdown.cancelled() => break 'reopen None,
                 next = messages.next() => next,
             };
             match next {
                 Some(Ok(msg)) => {
                     backoff.reset();
-                    handler.process_durable(msg, &mut guard).await;
+                    let Some(job) = Job::durable(msg, &pool.handler) else {
+                        continue;
+                    };
+                    if let Err(job) = pool.dispatch(job, &shutdown).await {
+                        break 'reopen Some(job);
+                    }
                 }
                 Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
                     tracing::warn!(error = %e, "bridge: missed a heartbeat from NATS; still pulling");
@@ -419,21 +466,15 @@ async fn run_durable(
             }
         }
         if !backoff.sleep(&shutdown).await {
-            break;
+            break None;
         }
-    }
-    tracing::info!("bridge stopped");
+    };
+    // The pull subscription is dropped by now: what the workers give back goes elsewhere.
+    pool.stop(leftover).await;
 }
 
-/// A core message held for a retry.
-struct Held {
-    msg: async_nats::Message,
-    seq: u64,
-    received: Instant,
-    key: String,
-}
-
-/// Reads the core queue subscription until shutdown; retries are timers in this process.
+/// Reads the core queue subscription until shutdown and hands each message to its
+/// worker; retries are timers in this process (see [`CoreRetry`]).
 async fn run_core(
     handler: Handler,
     nats: async_nats::Client,
@@ -441,36 +482,29 @@ async fn run_core(
     config: BridgeConfig,
     shutdown: CancellationToken,
 ) {
-    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Held>();
+    let retries = CoreRetries {
+        held: Arc::new(AtomicUsize::new(0)),
+        max_held: config.core_max_held,
+    };
+    let mut pool = Pool::start(Arc::new(handler), config.concurrency, Some(retries));
     let instance = uuid::Uuid::new_v4().simple().to_string();
-    let mut guard = OrderGuard::new();
     let mut backoff = Backoff::default();
     let mut next_seq: u64 = 0;
-    let mut held: usize = 0;
     let mut stream_check = tokio::time::interval_at(
         tokio::time::Instant::now() + STREAM_CHECK_EVERY,
         STREAM_CHECK_EVERY,
     );
     let mut stream_reported = false;
-    loop {
-        let item = tokio::select! {
+    let leftover = loop {
+        let msg = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
-            Some(h) = retry_rx.recv() => {
-                held = held.saturating_sub(1);
-                h
-            }
+            _ = shutdown.cancelled() => break None,
             msg = sub.next() => match msg {
-                Some(msg) => {
-                    next_seq += 1;
-                    let key = msg_id(msg.headers.as_ref())
-                        .unwrap_or_else(|| format!("core-{instance}-{next_seq}"));
-                    Held { msg, seq: next_seq, received: Instant::now(), key }
-                }
+                Some(msg) => msg,
                 None => {
                     tracing::warn!(subject = %config.subject, "bridge: core subscription ended; re-subscribing");
                     if !backoff.sleep(&shutdown).await {
-                        break;
+                        break None;
                     }
                     match nats.queue_subscribe(config.subject.clone(), config.consumer.clone()).await {
                         Ok(s) => {
@@ -494,30 +528,294 @@ async fn run_core(
                 continue;
             }
         };
-        let delivery = Delivery {
-            subject: item.msg.subject.as_str(),
-            payload: &item.msg.payload,
-            seq: item.seq,
-            age: item.received.elapsed(),
-            fallback_key: &item.key,
-        };
-        let Outcome::Retry(reason) = handler.handle(&delivery, &mut guard).await else {
-            continue;
-        };
-        if held >= config.core_max_held {
-            tracing::warn!(subject = %item.msg.subject, held, "bridge: core retry queue full; event dropped");
-            continue;
+        next_seq += 1;
+        let key =
+            msg_id(msg.headers.as_ref()).unwrap_or_else(|| format!("core-{instance}-{next_seq}"));
+        let job = Job::core(msg, next_seq, key, &pool.handler);
+        if let Err(job) = pool.dispatch(job, &shutdown).await {
+            break Some(job);
         }
-        held += 1;
-        let tx = retry_tx.clone();
-        let delay = policy::retry_delay(reason, handler.retry_delay);
+    };
+    // Unsubscribe first, so the queue group sends new events to the other replicas.
+    drop(sub);
+    pool.stop(leftover).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Workers
+
+/// One message on its way through a worker, whichever mode delivered it; parsed once, by
+/// the reader, which needs the execution id to pick the worker.
+struct Job {
+    msg: Incoming,
+    parsed: Result<Parsed, policy::Malformed>,
+    /// Increasing per execution in delivery order (stream sequence, or a local counter).
+    seq: u64,
+    /// The event's identity when the payload has no `event_id`.
+    key: String,
+    /// What its age is measured from.
+    since: Since,
+}
+
+enum Incoming {
+    /// Boxed: with its JetStream context it is twice a core message.
+    Durable(Box<jetstream::Message>),
+    Core(async_nats::Message),
+}
+
+enum Since {
+    /// When NATS stored it (durable).
+    Stored(SystemTime),
+    /// When this replica first received it (core).
+    Received(Instant),
+}
+
+impl Job {
+    /// A JetStream message as a job; `None` (logged) if it has no ack metadata.
+    fn durable(msg: jetstream::Message, handler: &Handler) -> Option<Self> {
+        let (seq, published) = match msg.info() {
+            Ok(info) => (info.stream_sequence, SystemTime::from(info.published)),
+            Err(e) => {
+                // No ack subject to answer on: nothing to do but report it.
+                tracing::warn!(subject = %msg.subject, error = %e, "bridge: JetStream message without ack metadata skipped");
+                return None;
+            }
+        };
+        let key = msg_id(msg.headers.as_ref()).unwrap_or_else(|| format!("seq-{seq}"));
+        let parsed = handler.parse(msg.subject.as_str(), &msg.payload);
+        Some(Self {
+            msg: Incoming::Durable(Box::new(msg)),
+            parsed,
+            seq,
+            key,
+            since: Since::Stored(published),
+        })
+    }
+
+    /// A core message as a job.
+    fn core(msg: async_nats::Message, seq: u64, key: String, handler: &Handler) -> Self {
+        let parsed = handler.parse(msg.subject.as_str(), &msg.payload);
+        Self {
+            msg: Incoming::Core(msg),
+            parsed,
+            seq,
+            key,
+            since: Since::Received(Instant::now()),
+        }
+    }
+
+    fn subject(&self) -> &str {
+        match &self.msg {
+            Incoming::Durable(m) => m.subject.as_str(),
+            Incoming::Core(m) => m.subject.as_str(),
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match &self.msg {
+            Incoming::Durable(m) => &m.payload,
+            Incoming::Core(m) => &m.payload,
+        }
+    }
+
+    fn delivery(&self) -> Delivery<'_> {
+        Delivery {
+            subject: self.subject(),
+            payload_len: self.payload().len(),
+            parsed: &self.parsed,
+            seq: self.seq,
+            age: match self.since {
+                Since::Stored(at) => SystemTime::now().duration_since(at).unwrap_or_default(),
+                Since::Received(at) => at.elapsed(),
+            },
+            fallback_key: &self.key,
+        }
+    }
+
+    /// The worker every event of this execution goes to; `None` for a message that is
+    /// only acked (malformed or not forwarded), which any worker can take.
+    fn route(&self, workers: usize) -> Option<usize> {
+        match &self.parsed {
+            Ok(Parsed::Forward(ev)) => Some(policy::worker_for(&ev.execution_id, workers)),
+            _ => None,
+        }
+    }
+}
+
+/// Core mode's retries: timers in this process, bounded across all workers.
+#[derive(Clone)]
+struct CoreRetries {
+    /// Events currently waiting on a timer.
+    held: Arc<AtomicUsize>,
+    /// Beyond this many, an event that needs a retry is dropped.
+    max_held: usize,
+}
+
+/// What a core worker needs to retry: the shared bound and its own queue to come back to.
+struct CoreRetry {
+    retries: CoreRetries,
+    requeue: mpsc::Sender<Job>,
+}
+
+impl CoreRetry {
+    /// Puts `job` back on this worker's queue after `delay`, unless too many are held.
+    fn hold(&self, job: Job, delay: Duration) {
+        let held = &self.retries.held;
+        if held.fetch_add(1, AtomicOrdering::SeqCst) >= self.retries.max_held {
+            held.fetch_sub(1, AtomicOrdering::SeqCst);
+            tracing::warn!(subject = %job.subject(), held = self.retries.max_held, "bridge: core retry queue full; event dropped");
+            return;
+        }
+        let (queue, held) = (self.requeue.clone(), held.clone());
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            // The receiver is gone only after shutdown: the event is dropped with it.
-            let _ = tx.send(item);
+            // Fails only once the worker stopped (shutdown): the event is dropped with it.
+            let _ = queue.send(job).await;
+            held.fetch_sub(1, AtomicOrdering::SeqCst);
         });
     }
-    tracing::info!(dropped_retries = held, "bridge stopped");
+}
+
+/// One worker: its queue and its task (which returns how many queued events it gave back
+/// at shutdown).
+struct Worker {
+    queue: mpsc::Sender<Job>,
+    task: JoinHandle<usize>,
+}
+
+/// The fixed set of workers the reader hands messages to.
+struct Pool {
+    handler: Arc<Handler>,
+    workers: Vec<Worker>,
+    /// Where the next message without an execution goes first.
+    next_any: usize,
+    /// Cancelled by [`Pool::stop`], after the reader stopped reading.
+    stop: CancellationToken,
+    core: Option<CoreRetries>,
+}
+
+impl Pool {
+    fn start(handler: Arc<Handler>, concurrency: usize, core: Option<CoreRetries>) -> Self {
+        let mut pool = Self {
+            handler,
+            workers: Vec::with_capacity(concurrency),
+            next_any: 0,
+            stop: CancellationToken::new(),
+            core,
+        };
+        for _ in 0..concurrency {
+            let w = pool.spawn_worker();
+            pool.workers.push(w);
+        }
+        pool
+    }
+
+    fn spawn_worker(&self) -> Worker {
+        let (queue, rx) = mpsc::channel(WORKER_QUEUE);
+        let retry = self.core.clone().map(|retries| CoreRetry {
+            retries,
+            requeue: queue.clone(),
+        });
+        let task = tokio::spawn(run_worker(
+            self.handler.clone(),
+            rx,
+            retry,
+            self.stop.clone(),
+        ));
+        Worker { queue, task }
+    }
+
+    /// Queues `job` on its worker, waiting while that queue is full (back-pressure on the
+    /// reader). Gives the job back if shutdown comes first.
+    async fn dispatch(&mut self, job: Job, shutdown: &CancellationToken) -> Result<(), Job> {
+        let n = self.workers.len();
+        let i = match job.route(n) {
+            Some(i) => i,
+            None => {
+                // Only acked: the first worker with room, or wait for the next in turn.
+                let start = self.next_any;
+                self.next_any = (start + 1) % n;
+                match (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&k| self.workers[k].queue.capacity() > 0)
+                {
+                    Some(k) => k,
+                    None => start,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Err(job),
+                permit = self.workers[i].queue.reserve() => if let Ok(permit) = permit {
+                    permit.send(job);
+                    return Ok(());
+                },
+            }
+            // Its receiver is gone: the worker panicked. Its executions need a worker.
+            tracing::error!(
+                worker = i,
+                "bridge: a worker stopped unexpectedly; starting a new one"
+            );
+            self.workers[i] = self.spawn_worker();
+        }
+    }
+
+    /// Stops every worker (each finishes the event in hand and gives back what is still
+    /// queued), gives back `leftover`, and waits for them. Call after reading stopped.
+    async fn stop(self, leftover: Option<Job>) {
+        self.stop.cancel();
+        let mut given_back = 0;
+        for (i, w) in self.workers.into_iter().enumerate() {
+            drop(w.queue);
+            match w.task.await {
+                Ok(n) => given_back += n,
+                Err(e) => tracing::error!(worker = i, error = %e, "bridge: a worker failed"),
+            }
+        }
+        if let Some(job) = leftover {
+            self.handler.give_back(job, None).await;
+            given_back += 1;
+        }
+        let waiting_retries = self.core.map_or(0, |c| c.held.load(AtomicOrdering::SeqCst));
+        // Given back = NAKed for redelivery (durable) or dropped (core).
+        tracing::info!(
+            queued_unhandled = given_back,
+            dropped_retries = waiting_retries,
+            "bridge stopped"
+        );
+    }
+}
+
+/// One worker: handles its queue in order until the pool stops, then gives back what is
+/// still queued. Its [`OrderGuard`] sees every event of its executions (they all hash
+/// here), so it is as good as a guard shared by the whole replica.
+async fn run_worker(
+    handler: Arc<Handler>,
+    mut rx: mpsc::Receiver<Job>,
+    retry: Option<CoreRetry>,
+    stop: CancellationToken,
+) -> usize {
+    let mut guard = OrderGuard::new();
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        handler.process(job, &mut guard, retry.as_ref()).await;
+    }
+    rx.close();
+    let mut given_back = 0;
+    while let Ok(job) = rx.try_recv() {
+        handler.give_back(job, Some(&mut guard)).await;
+        given_back += 1;
+    }
+    given_back
 }
 
 /// The `Nats-Msg-Id` header (the Rust server sets it to the event id).
@@ -553,7 +851,9 @@ impl Backoff {
 /// One message as the handler sees it, whichever mode delivered it.
 struct Delivery<'a> {
     subject: &'a str,
-    payload: &'a [u8],
+    payload_len: usize,
+    /// What the reader made of the payload.
+    parsed: &'a Result<Parsed, policy::Malformed>,
     /// Increasing per execution in delivery order (stream sequence, or a local counter).
     seq: u64,
     /// Since NATS stored it (durable) or this replica received it (core).
@@ -571,7 +871,7 @@ enum Outcome {
     Retry(RetryReason),
 }
 
-/// Everything one event needs; owned by the reading task.
+/// Everything one event needs; shared by the reader (parsing) and the workers.
 struct Handler {
     kv: Arc<dyn KvStore>,
     bus: Arc<dyn Bus>,
@@ -583,54 +883,71 @@ struct Handler {
 }
 
 impl Handler {
-    /// Handles one JetStream message and acks or NAKs it.
-    async fn process_durable(&self, msg: jetstream::Message, guard: &mut OrderGuard) {
-        let (seq, published) = match msg.info() {
-            Ok(info) => (info.stream_sequence, SystemTime::from(info.published)),
-            Err(e) => {
-                // No ack subject to answer on: nothing to do but report it.
-                tracing::warn!(subject = %msg.subject, error = %e, "bridge: JetStream message without ack metadata skipped");
-                return;
+    fn parse(&self, subject: &str, payload: &[u8]) -> Result<Parsed, policy::Malformed> {
+        policy::parse_event(subject, payload, &self.prefix, &self.forward)
+    }
+
+    /// Handles one job, then acks or NAKs it (durable) or holds it for a retry (core).
+    async fn process(&self, job: Job, guard: &mut OrderGuard, retry: Option<&CoreRetry>) {
+        let outcome = self.handle(&job.delivery(), guard).await;
+        if let Incoming::Durable(msg) = &job.msg {
+            let acked = match outcome {
+                Outcome::Done => msg.ack().await,
+                Outcome::Retry(reason) => {
+                    let delay = policy::retry_delay(reason, self.retry_delay);
+                    msg.ack_with(AckKind::Nak(Some(delay))).await
+                }
+            };
+            if let Err(e) = acked {
+                tracing::warn!(subject = %msg.subject, error = %e, "bridge: ack failed; the event comes back after ack_wait");
             }
-        };
-        let age = SystemTime::now()
-            .duration_since(published)
-            .unwrap_or_default();
-        let key = msg_id(msg.headers.as_ref()).unwrap_or_else(|| format!("seq-{seq}"));
-        let delivery = Delivery {
-            subject: msg.subject.as_str(),
-            payload: &msg.payload,
-            seq,
-            age,
-            fallback_key: &key,
-        };
-        let outcome = self.handle(&delivery, guard).await;
-        let acked = match outcome {
-            Outcome::Done => msg.ack().await,
-            Outcome::Retry(reason) => {
-                let delay = policy::retry_delay(reason, self.retry_delay);
-                msg.ack_with(AckKind::Nak(Some(delay))).await
-            }
-        };
-        if let Err(e) = acked {
-            tracing::warn!(subject = %msg.subject, error = %e, "bridge: ack failed; the event comes back after ack_wait");
+            return;
+        }
+        if let (Outcome::Retry(reason), Some(retry)) = (outcome, retry) {
+            retry.hold(job, policy::retry_delay(reason, self.retry_delay));
         }
     }
 
-    /// Parse, keep order, deliver; parks or releases the event in `guard`.
+    /// Shutdown: an event this replica will not handle. JetStream: NAKed so another
+    /// replica gets it now — or, when an earlier event of its execution is waiting for a
+    /// redelivery (per `guard`; with no guard, always), after a delay longer than any
+    /// retry's, so it comes back behind that one. Never acked. Core: dropped.
+    async fn give_back(&self, job: Job, guard: Option<&mut OrderGuard>) {
+        let Incoming::Durable(msg) = &job.msg else {
+            return;
+        };
+        let behind =
+            policy::retry_delay(RetryReason::BusUnavailable, self.retry_delay) + self.retry_delay;
+        let delay = match (&job.parsed, guard) {
+            (Ok(Parsed::Forward(ev)), Some(guard)) => {
+                let now = Instant::now();
+                guard.must_wait(&ev.execution_id, job.seq, now).then(|| {
+                    guard.park(&ev.execution_id, job.seq, now + behind);
+                    behind
+                })
+            }
+            (Ok(Parsed::Forward(_)), None) => Some(behind),
+            _ => None,
+        };
+        if let Err(e) = msg.ack_with(AckKind::Nak(delay)).await {
+            tracing::warn!(subject = %msg.subject, error = %e, "bridge: NAK at shutdown failed; the event comes back after ack_wait");
+        }
+    }
+
+    /// Keep order, deliver; parks or releases the event in `guard`.
     async fn handle(&self, d: &Delivery<'_>, guard: &mut OrderGuard) -> Outcome {
-        let ev = match policy::parse_event(d.subject, d.payload, &self.prefix, &self.forward) {
+        let ev = match d.parsed {
             Ok(Parsed::Forward(ev)) => ev,
             Ok(Parsed::Ignored { .. }) => return Outcome::Done,
             Err(e) => {
-                tracing::warn!(subject = %d.subject, bytes = d.payload.len(), error = %e, "bridge: malformed NoETL event skipped");
+                tracing::warn!(subject = %d.subject, bytes = d.payload_len, error = %e, "bridge: malformed NoETL event skipped");
                 return Outcome::Done;
             }
         };
         let outcome = if guard.must_wait(&ev.execution_id, d.seq, Instant::now()) {
             Outcome::Retry(RetryReason::WaitingBehind)
         } else {
-            self.deliver(&ev, d).await
+            self.deliver(ev, d).await
         };
         match outcome {
             Outcome::Retry(reason) => {
@@ -838,6 +1155,7 @@ mod tests {
         assert_eq!(c.prefix(), "noetl.events.");
         assert_eq!(c.forward.len(), 8);
         assert_eq!(c.max_interest_wait, Duration::from_secs(10));
+        assert_eq!(c.concurrency, 32);
     }
 
     #[test]
@@ -873,6 +1191,14 @@ mod tests {
             },
             BridgeConfig {
                 batch: 0,
+                ..Default::default()
+            },
+            BridgeConfig {
+                concurrency: 0,
+                ..Default::default()
+            },
+            BridgeConfig {
+                concurrency: MAX_CONCURRENCY + 1,
                 ..Default::default()
             },
         ];

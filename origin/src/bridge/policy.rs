@@ -21,6 +21,8 @@
 //! - [`retry_verdict`] / [`retry_delay`] — how long each kind of "not yet" is retried.
 //! - [`OrderGuard`] — keeps an execution's frames in order within one replica when an
 //!   earlier event of it is waiting for a redelivery.
+//! - [`worker_for`] — which of the replica's workers handles an execution's events (all of
+//!   them, so they stay in delivery order while executions run in parallel).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -679,6 +681,23 @@ impl OrderGuard {
     }
 }
 
+/// The worker (of `workers`, ≥ 1) that handles every event of `execution_id`.
+///
+/// A fixed hash (FNV-1a, then a 64-bit finaliser so the low bits mix in every byte), the
+/// same in every process and every run: what matters is that one execution always maps to
+/// one worker, whose queue keeps its events in delivery order.
+pub fn worker_for(execution_id: &str, workers: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in execution_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    (h % workers.max(1) as u64) as usize
+}
+
 /// True for event types that end a run or report a failed step: after an execution's
 /// terminal frame these are dropped; everything else is still forwarded.
 pub fn is_terminal_or_failure(event_type: &str) -> bool {
@@ -1199,6 +1218,30 @@ mod tests {
         assert_eq!(g.len(), 100);
         assert!(!g.must_wait("a", 1, t0 + SWEEP_EVERY + Duration::from_secs(1)));
         assert!(g.is_empty());
+    }
+
+    #[test]
+    fn an_execution_always_maps_to_one_worker_and_executions_spread_over_all() {
+        assert_eq!(worker_for(BIG, 32), worker_for(BIG, 32));
+        assert_eq!(worker_for("anything", 1), 0);
+        assert_eq!(worker_for("anything", 0), 0, "no division by zero");
+        // Consecutive snowflake-like ids (what NoETL hands out) spread evenly.
+        for workers in [7usize, 32, 64] {
+            let mut counts = vec![0usize; workers];
+            let n = 20_000 * workers;
+            for i in 0..n as u64 {
+                let w = worker_for(&(612_345_678_901_234_567 + i).to_string(), workers);
+                assert!(w < workers);
+                counts[w] += 1;
+            }
+            let mean = n / workers;
+            for c in &counts {
+                assert!(
+                    c.abs_diff(mean) < mean / 10,
+                    "{workers} workers: {counts:?}"
+                );
+            }
+        }
     }
 
     #[test]
