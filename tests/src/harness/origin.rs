@@ -1,7 +1,9 @@
-//! The origin binary, started against a stand-in (and optionally a nats-server).
+//! The origin binary, started against a stand-in (and optionally a nats-server), and
+//! killed and started again on the same ports (a crash the clients must ride out).
 
 use super::standin::StandIn;
 use super::{free_port, scratch_dir, wait_until_ok, workspace_bin, ChildGuard};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -42,7 +44,20 @@ pub struct Origin {
     /// Internal listener base URL.
     pub internal_url: String,
     guard: ChildGuard,
+    /// The whole environment of the process, so a restart is the same origin.
+    env: Vec<(String, String)>,
+    log: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// The origin command with exactly `env` (nothing inherited).
+fn command(env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(workspace_bin("origin"));
+    cmd.env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 impl Origin {
@@ -50,34 +65,36 @@ impl Origin {
     /// for `/health`.
     pub async fn start(standin: &StandIn, opts: OriginOptions) -> anyhow::Result<Self> {
         let dir = scratch_dir("gw-origin-");
+        let log = dir.path().join("origin.log");
         let mut attempt = 0;
-        let (internal, guard, url) = loop {
+        let (internal, guard, url, env) = loop {
             attempt += 1;
             let (public, internal) = (free_port(), free_port());
-            let mut cmd = Command::new(workspace_bin("origin"));
-            cmd.env_clear()
-                .env("PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-                .env("INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-                .env("NOETL_BASE_URL", &standin.url)
-                .env("AUTH_JWKS_URL", standin.jwks_url())
-                .env("AUTH_ISSUER", standin.issuer())
-                .env("AUTH_AUDIENCE", standin.audience())
-                .env("NOETL_TIMEOUT", "3s")
-                .env("SHUTDOWN_GRACE", "2s")
-                .env("RUST_LOG", "info,origin=debug")
-                .env("GATEWAY_CALLBACK_SECRET", CALLBACK_SECRET)
-                .env("GATEWAY_INTERNAL_TOKEN", INTERNAL_TOKEN)
-                .env(
+            let mut env: Vec<(String, String)> = [
+                ("PUBLIC_ADDR", format!("127.0.0.1:{public}")),
+                ("INTERNAL_ADDR", format!("127.0.0.1:{internal}")),
+                ("NOETL_BASE_URL", standin.url.clone()),
+                ("AUTH_JWKS_URL", standin.jwks_url()),
+                ("AUTH_ISSUER", standin.issuer()),
+                ("AUTH_AUDIENCE", standin.audience().to_owned()),
+                ("NOETL_TIMEOUT", "3s".into()),
+                ("SHUTDOWN_GRACE", "2s".into()),
+                ("RUST_LOG", "info,origin=debug".into()),
+                ("GATEWAY_CALLBACK_SECRET", CALLBACK_SECRET.into()),
+                ("GATEWAY_INTERNAL_TOKEN", INTERNAL_TOKEN.into()),
+                (
                     "PROXY_ALLOW",
-                    "GET /api/executions,GET /api/catalog,GET /api/debug,POST /api/debug",
-                );
+                    "GET /api/executions,GET /api/catalog,GET /api/debug,POST /api/debug".into(),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
             if let Some(url) = &opts.nats_url {
-                cmd.env("NATS_URL", url);
+                env.push(("NATS_URL".into(), url.clone()));
             }
-            for (k, v) in &opts.env {
-                cmd.env(k, v);
-            }
-            let mut guard = ChildGuard::spawn("origin", cmd, dir.path().join("origin.log"))?;
+            env.extend(opts.env.iter().cloned());
+            let mut guard = ChildGuard::spawn("origin", command(&env), log.clone())?;
             let url = format!("http://127.0.0.1:{public}");
             let up = wait_until_ok(&format!("{url}/health"), Duration::from_secs(20)).await;
             // Another test's process may have taken a port first; only listeners we own count.
@@ -86,7 +103,7 @@ impl Origin {
                 && super::listener_owned_by(public, &pid)
                 && super::listener_owned_by(internal, &pid)
             {
-                break (internal, guard, url);
+                break (internal, guard, url, env);
             }
             guard.stop(Duration::from_secs(2));
             if attempt >= 3 {
@@ -100,8 +117,53 @@ impl Origin {
             url,
             internal_url: format!("http://127.0.0.1:{internal}"),
             guard,
+            env,
+            log,
             _dir: dir,
         })
+    }
+
+    /// Kills the process with SIGKILL — a crash: no drain, no goodbye to SSE clients — and
+    /// reaps it, so its ports are free for [`Origin::start_again`].
+    pub fn kill(&mut self) {
+        // Only a live child: `ChildGuard::signal` on a reaped one would signal pid 0, the
+        // test's own process group.
+        if self.guard.is_running() {
+            self.guard.signal("KILL");
+        }
+        self.guard.stop(Duration::from_secs(3));
+    }
+
+    /// Starts the binary again (after [`Origin::kill`] or a stop) on the same ports with the
+    /// same environment, appending to the same log, and waits for `/health`. Whoever points
+    /// at this origin (an edge's `ORIGIN_URL`, the stand-in's callbacks) finds it again.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.guard.is_running() {
+            self.kill();
+        }
+        let mut guard = ChildGuard::spawn("origin", command(&self.env), self.log.clone())?;
+        let up = wait_until_ok(&format!("{}/health", self.url), Duration::from_secs(20)).await;
+        let port = |u: &str| u.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+        let pid = [guard.pid()];
+        let owned = [&self.url, &self.internal_url]
+            .iter()
+            .all(|u| port(u).is_some_and(|p| super::listener_owned_by(p, &pid)));
+        if up.is_err() || !owned {
+            guard.stop(Duration::from_secs(2));
+            anyhow::bail!(
+                "origin did not start again on {} (another process may hold the port): {up:?}\n{}",
+                self.url,
+                guard.log_text()
+            );
+        }
+        self.guard = guard;
+        Ok(())
+    }
+
+    /// [`Origin::kill`], then [`Origin::start_again`].
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.start_again().await
     }
 
     /// The process guard (to stop, kill or read the log).
