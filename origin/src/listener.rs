@@ -124,7 +124,9 @@ async fn connection(
             Head::Gone => return,
         }
     }
-    serve_hyper(stream, prefix, peer, app, shutdown).await;
+    // Boxed: hyper's connection future is large, and the task's size is the largest of
+    // its states for as long as it lives — a lean stream must not pay for it.
+    Box::pin(serve_hyper(stream, prefix, peer, app, shutdown)).await;
 }
 
 /// What the first bytes of a connection turned out to be.
@@ -223,77 +225,111 @@ fn parse_lean(buf: &[u8]) -> Parsed {
 }
 
 /// Runs the request through the router and writes the response as HTTP/1.1.
-async fn serve_lean(mut stream: TcpStream, peer: SocketAddr, app: Router, mut req: Request<Body>) {
+async fn serve_lean(mut stream: TcpStream, peer: SocketAddr, app: Router, req: Request<Body>) {
+    // Boxed: answering and writing the head is a large state the stream must not keep.
+    if let Some(body) = Box::pin(respond(&mut stream, peer, app, req)).await {
+        stream_chunks(stream, body).await;
+    }
+}
+
+/// Gets the response and writes its head; a finite response is written whole and the
+/// connection shut down (`None`), a streaming one is returned for [`stream_chunks`].
+async fn respond(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    mut req: Request<Body>,
+) -> Option<Body> {
     req.extensions_mut().insert(ConnectInfo(peer));
-    // Boxed: the handler's future is large and must not size this task for its lifetime.
-    let resp = match Box::pin(app.oneshot(req)).await {
+    let resp = match app.oneshot(req).await {
         Ok(resp) => resp,
         Err(e) => match e {},
     };
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let exact = http_body::Body::size_hint(&body).exact();
     let head = encode_head(&parts, exact);
-    if write_stalling(&mut stream, &[IoSlice::new(&head)])
-        .await
-        .is_err()
-    {
-        return;
-    }
-    drop(head);
-    if let Some(len) = exact {
-        // A finite response (an error body): written whole, then the connection closes.
-        if len > 0 {
-            if let Ok(bytes) = Box::pin(body.collect()).await.map(|c| c.to_bytes()) {
-                let _ = write_stalling(&mut stream, &[IoSlice::new(&bytes)]).await;
-            }
+    // The response's header map is a few hundred bytes of heap: not kept for the stream.
+    drop(parts);
+    write_stalling(stream, &[IoSlice::new(&head)]).await.ok()?;
+    let Some(len) = exact else {
+        return Some(body);
+    };
+    // A finite response (an error body): written whole, then the connection closes.
+    if len > 0 {
+        if let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) {
+            let _ = write_stalling(stream, &[IoSlice::new(&bytes)]).await;
         }
-        let _ = stream.shutdown().await;
-        return;
     }
-    let mut probe = [0u8; 64];
+    let _ = stream.shutdown().await;
+    None
+}
+
+/// Writes a streaming body as chunks until it ends, the client goes away or stalls.
+async fn stream_chunks(mut stream: TcpStream, mut body: Body) {
     loop {
-        let frame = tokio::select! {
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    return;
-                }
-                match stream.try_read(&mut probe) {
-                    // The client closed (or reset) its side: the stream is over.
-                    Ok(0) => return,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(_) => return,
-                }
-            }
-            frame = body.frame() => frame,
-        };
-        match frame {
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue; // trailers: SSE has none
-                };
-                if data.is_empty() {
-                    continue;
-                }
+        // Hand-polled rather than `select!` over `readable()`: no readiness future (and
+        // its intrusive waiter) lives in the task while the stream idles.
+        let next = std::future::poll_fn(|cx| next_event(&stream, &mut body, cx)).await;
+        match next {
+            Next::Data(data) => {
                 let size = format!("{:x}\r\n", data.len());
                 let parts = [
                     IoSlice::new(size.as_bytes()),
                     IoSlice::new(&data),
                     IoSlice::new(b"\r\n"),
                 ];
-                if write_stalling(&mut stream, &parts).await.is_err() {
+                if Box::pin(write_stalling(&mut stream, &parts)).await.is_err() {
                     return;
                 }
             }
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "response body failed; closing");
-                return;
-            }
-            None => {
-                let _ = write_stalling(&mut stream, &[IoSlice::new(b"0\r\n\r\n")]).await;
+            Next::End => {
+                let _ = Box::pin(write_stalling(&mut stream, &[IoSlice::new(b"0\r\n\r\n")])).await;
                 let _ = stream.shutdown().await;
                 return;
             }
+            Next::Gone => return,
+        }
+    }
+}
+
+/// What happened next on a streaming connection.
+enum Next {
+    Data(Bytes),
+    /// The body ended: write the last chunk.
+    End,
+    /// The client went away, or the body failed: close.
+    Gone,
+}
+
+fn next_event(stream: &TcpStream, body: &mut Body, cx: &mut Context<'_>) -> Poll<Next> {
+    loop {
+        match http_body::Body::poll_frame(Pin::new(&mut *body), cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => return Poll::Ready(Next::Data(data)),
+                _ => continue, // empty data or trailers: SSE has neither
+            },
+            Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "response body failed; closing");
+                return Poll::Ready(Next::Gone);
+            }
+            Poll::Ready(None) => return Poll::Ready(Next::End),
+            Poll::Pending => break,
+        }
+    }
+    // Bytes a client sends after the head are read and dropped; end of file or an error
+    // means it went away.
+    let mut probe = [0u8; 64];
+    loop {
+        match stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => match stream.try_read(&mut probe) {
+                Ok(0) => return Poll::Ready(Next::Gone),
+                Ok(_) => continue,
+                // Readiness is cleared: the next poll registers for the next bytes.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Poll::Ready(Next::Gone),
+            },
+            Poll::Ready(Err(_)) => return Poll::Ready(Next::Gone),
+            Poll::Pending => return Poll::Pending,
         }
     }
 }
@@ -516,5 +552,25 @@ mod tests {
             "{head}"
         );
         assert!(!head.contains("99"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_task_stays_small_while_it_streams() {
+        // The task's allocation is the size of its largest state for as long as it lives;
+        // the big futures (head reading, the router call, hyper) are boxed so an idle SSE
+        // stream does not carry them.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let fut = connection(
+            stream,
+            peer,
+            Router::new(),
+            LeanPath::Events,
+            CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1024, "connection future is {size} bytes");
     }
 }

@@ -864,7 +864,9 @@ impl Feed {
             if self.catching_up {
                 // Before the reads: what they return covers every frame routed until now.
                 self.reg.inbox.absorb_overflow();
-                if let Err(e) = self.read_ahead().await {
+                // Boxed: the reads' futures are large, and an idle subscription (waiting on
+                // its inbox below) should not carry their size.
+                if let Err(e) = Box::pin(self.read_ahead()).await {
                     return self.fail(e);
                 }
                 continue;
@@ -872,7 +874,7 @@ impl Feed {
             match self.reg.inbox.take() {
                 Taken::Frame(f) if f.id <= self.last => {}
                 Taken::Frame(f) if self.verify_each => {
-                    if let Err(e) = self.verify(f.id).await {
+                    if let Err(e) = Box::pin(self.verify(f.id)).await {
                         return self.fail(e);
                     }
                 }
