@@ -164,10 +164,10 @@ mod glue {
         if let Some(ip) = &f.client_ip {
             headers.set("x-forwarded-for", ip)?;
         }
-        let signed = f
-            .caller
-            .assertion(f.rid, &cfg.signing_key, crate::time::now_unix())
-            .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
+        let signed =
+            crate::sign::assertion(f.caller, f.rid, &cfg.signing_key, crate::time::now_unix())
+                .await
+                .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
         headers.set(assertion::HEADER, &signed)?;
 
         let mut init = RequestInit::new();

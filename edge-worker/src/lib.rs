@@ -16,7 +16,8 @@
 //! 6. [`session`] — session routes only: Workers KV `SESSIONS`, else the origin's
 //!    `/api/auth/validate`; invalid → 401 at the edge. The result is a [`caller::Caller`].
 //! 7. [`forward`] — to `ORIGIN_URL`, streaming both ways, identity headers stripped, the
-//!    caller asserted in a signed `x-gateway-assertion`. A logout also clears the KV entry.
+//!    caller asserted in a signed `x-gateway-assertion` ([`sign`]: the runtime's WebCrypto
+//!    Ed25519). A logout also clears the KV entry.
 //! 8. [`reply::finish`] — CORS headers, `Vary: Origin` and `x-request-id` on every response.
 //!
 //! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body.
@@ -30,6 +31,7 @@ pub mod ids;
 pub mod ratelimit;
 pub mod reply;
 pub mod session;
+pub mod sign;
 pub mod time;
 
 #[cfg(target_arch = "wasm32")]

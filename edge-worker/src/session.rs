@@ -245,9 +245,14 @@ mod glue {
         headers.set("x-request-id", rid)?;
         // An anonymous assertion: the origin may refuse traffic that did not come through
         // the edge (REQUIRE_EDGE_ASSERTION), and this call is the edge's own.
-        let anon = Caller::Anonymous
-            .assertion(rid, &cfg.signing_key, crate::time::now_unix())
-            .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
+        let anon = crate::sign::assertion(
+            &Caller::Anonymous,
+            rid,
+            &cfg.signing_key,
+            crate::time::now_unix(),
+        )
+        .await
+        .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
         headers.set(assertion::HEADER, &anon)?;
         let mut init = RequestInit::new();
         init.with_method(Method::Post).with_headers(headers);

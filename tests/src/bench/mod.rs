@@ -10,15 +10,19 @@
 //! - [`peer`] — a trivial axum SSE server, the floor the origin's per-connection memory is
 //!   compared against in the same run.
 //! - [`procfs`] — what the benchmark reads about a process: RSS, anonymous memory, CPU time.
+//! - [`workerd`] and [`http_load`] (`bench-edge`) — plain `workerd serve` processes from a
+//!   capnp template, and a closed-loop keep-alive HTTP/1.1 load generator.
 //!
 //! A frame's send time travels inside the frame (`t`, nanoseconds since [`now_ns`]'s
 //! origin in the process that sent it), so latency is measured by the reader without a
 //! shared map between sender and reader.
 
 pub mod holder;
+pub mod http_load;
 pub mod peer;
 pub mod procfs;
 pub mod sse_conn;
+pub mod workerd;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
