@@ -32,9 +32,19 @@ pub struct Hub {
 impl Hub {
     /// Registers a connection for `client_id`, superseding any older one on this replica.
     pub fn register(&self, client_id: &str) -> Registration {
+        self.register_under(client_id, None)
+    }
+
+    /// Like [`Hub::register`], with the connection's token a child of `parent` (the
+    /// server's shutdown token): one token then stops the stream for either reason.
+    pub fn register_under(
+        &self,
+        client_id: &str,
+        parent: Option<&CancellationToken>,
+    ) -> Registration {
         let reg = Registration {
             generation: self.next.fetch_add(1, Ordering::Relaxed) + 1,
-            superseded: CancellationToken::new(),
+            superseded: parent.map_or_else(CancellationToken::new, CancellationToken::child_token),
         };
         let old = self
             .open

@@ -20,6 +20,7 @@ pub mod hub;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,13 +36,15 @@ use gateway_shared::frames::{event, init_message, is_valid_client_id, notificati
 use gateway_shared::session::{SessionHash, User};
 use serde_json::json;
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::app::AppState;
 use crate::auth::routes::require_request_session;
 use crate::bus::{BusFrame, StartAt};
 use crate::clients;
 use crate::error::{json_response, AppError};
-use crate::store::Bucket;
+use crate::store::{Bucket, KvStore};
+use hub::Hub;
 
 /// The `retry:` sent with the first frame: EventSource waits this long to reconnect.
 const RETRY_MS: u32 = 2000;
@@ -255,14 +258,21 @@ async fn events(State(state): State<AppState>, req: Request) -> Result<Response,
 /// `SSE_QUEUE`; beyond that the subscription ends as lagged and the stream is evicted). An
 /// idle stream is this struct, the subscription and one timer.
 struct SseBody {
-    state: AppState,
+    /// Only what the stream needs of the app state (not a clone of all of it: an idle
+    /// stream's size is the point).
+    kv: Arc<dyn KvStore>,
+    hub: Arc<Hub>,
+    ping_every: Duration,
+    keepalive_every: Duration,
     client_id: String,
     generation: u64,
     frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
     /// Chunks of the frame being written (at most the `data:` and the blank line).
     queued: [Option<Bytes>; 2],
-    /// Superseded by a newer connection of the client, or the server shutting down.
-    stop: Pin<Box<dyn Future<Output = &'static str> + Send>>,
+    /// Cancelled when a newer connection of the client supersedes this one, or (a child
+    /// of the shutdown token) when the server shuts down.
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown: CancellationToken,
     timer: Pin<Box<tokio::time::Sleep>>,
     next_ping: Instant,
     next_keepalive: Instant,
@@ -299,25 +309,24 @@ impl SseBody {
         first: Bytes,
         frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
     ) -> Self {
-        let reg = state.hub.register(&client_id);
-        let shutdown = state.shutdown.clone();
-        let stop = Box::pin(async move {
-            tokio::select! {
-                _ = reg.superseded.cancelled() => "superseded",
-                _ = shutdown.cancelled() => "shutdown",
-            }
-        });
+        let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
         let now = Instant::now();
-        let next_ping = now + state.config.sse_ping_interval;
-        let next_keepalive = now + state.config.sse_keepalive_interval;
+        let ping_every = state.config.sse_ping_interval;
+        let keepalive_every = state.config.sse_keepalive_interval;
+        let next_ping = now + ping_every;
+        let next_keepalive = now + keepalive_every;
         Self {
+            kv: state.kv.clone(),
+            hub: state.hub.clone(),
+            ping_every,
+            keepalive_every,
             generation: reg.generation,
+            stop: Box::pin(reg.superseded.cancelled_owned()),
+            shutdown: state.shutdown.clone(),
             timer: Box::pin(tokio::time::sleep_until(next_ping.min(next_keepalive))),
-            state,
             client_id,
             frames,
             queued: [Some(first), None],
-            stop,
             next_ping,
             next_keepalive,
             done: false,
@@ -348,7 +357,12 @@ impl http_body::Body for SseBody {
         if this.done {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(reason) = this.stop.as_mut().poll(cx) {
+        if this.stop.as_mut().poll(cx).is_ready() {
+            let reason = if this.shutdown.is_cancelled() {
+                "shutdown"
+            } else {
+                "superseded"
+            };
             this.end(reason);
             return Poll::Ready(None);
         }
@@ -372,16 +386,16 @@ impl http_body::Body for SseBody {
         if this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             let chunk = if now >= this.next_ping {
-                this.next_ping = now + this.state.config.sse_ping_interval;
-                this.next_keepalive = now + this.state.config.sse_keepalive_interval;
-                let kv = this.state.kv.clone();
+                this.next_ping = now + this.ping_every;
+                this.next_keepalive = now + this.keepalive_every;
+                let kv = this.kv.clone();
                 let client_id = this.client_id.clone();
                 tokio::spawn(async move {
                     let _ = clients::mark_present(kv.as_ref(), &client_id).await;
                 });
                 ping_frame()
             } else {
-                this.next_keepalive = now + this.state.config.sse_keepalive_interval;
+                this.next_keepalive = now + this.keepalive_every;
                 Bytes::from_static(b":\n\n")
             };
             let next = this.next_ping.min(this.next_keepalive);
@@ -400,9 +414,9 @@ impl Drop for SseBody {
     fn drop(&mut self) {
         let client_id = std::mem::take(&mut self.client_id);
         tracing::info!(client = %client_id, reason = self.reason, "event stream closed");
-        if self.state.hub.unregister(&client_id, self.generation) {
+        if self.hub.unregister(&client_id, self.generation) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let kv = self.state.kv.clone();
+                let kv = self.kv.clone();
                 rt.spawn(async move {
                     let _ = clients::mark_absent(kv.as_ref(), &client_id).await;
                 });
