@@ -99,9 +99,28 @@ async fn async_callback(State(state): State<AppState>, req: Request) -> Result<R
     let (parts, body): (_, CallbackBody) = read_json(&state, req).await?;
     state.metrics.callbacks.inc();
     authorize(&state, &parts, &body.request_id)?;
-    let entry = entry_for(&state, &body.request_id).await?;
     let kv = state.kv.as_ref();
-    if !requests::mark_delivered(kv, &entry.request_id).await? {
+    // The entry read and the `delivered` marker are independent round trips: made
+    // concurrently, so the frame leaves one round trip sooner. An unknown request's marker
+    // is taken back, so it cannot block a later, real callback.
+    let (entry, first) = if is_valid_request_id(&body.request_id) {
+        tokio::join!(
+            entry_for(&state, &body.request_id),
+            requests::mark_delivered(kv, &body.request_id)
+        )
+    } else {
+        (entry_for(&state, &body.request_id).await, Ok(false))
+    };
+    let entry = match entry {
+        Ok(entry) => entry,
+        Err(e) => {
+            if matches!(first, Ok(true)) {
+                let _ = requests::unmark_delivered(kv, &body.request_id).await;
+            }
+            return Err(e);
+        }
+    };
+    if !first? {
         tracing::info!(request = %entry.request_id, "duplicate callback ignored");
         return Ok(json_response(
             StatusCode::OK,
