@@ -59,24 +59,26 @@ impl Caller {
     }
 }
 
+/// A signing key and callers for this crate's unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use gateway_shared::assertion::{signing_key_from_b64, verify, LIFETIME_SECS};
+    use gateway_shared::assertion::signing_key_from_b64;
     use gateway_shared::session::User;
 
-    fn key() -> SecretKey {
+    pub(crate) fn key() -> SecretKey {
         signing_key_from_b64("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc").unwrap()
     }
 
-    fn user() -> Caller {
+    /// A signed-in user with these roles, session token `the-token`.
+    pub(crate) fn user(roles: &[&str]) -> Caller {
         Caller::User {
             record: SessionRecord {
                 user: User {
                     user_id: "612345678901234567".into(),
                     email: "ada@example.com".into(),
                     display_name: "Ada".into(),
-                    roles: vec!["user".into()],
+                    roles: roles.iter().map(|r| (*r).to_owned()).collect(),
                 },
                 expires_at: "2033-05-18T03:33:20Z".into(),
                 expires_at_unix: 2_000_000_000,
@@ -84,6 +86,17 @@ mod tests {
             },
             session: SessionHash::of("the-token"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::key;
+    use super::*;
+    use gateway_shared::assertion::{verify, LIFETIME_SECS};
+
+    fn user() -> Caller {
+        super::fixtures::user(&["user"])
     }
 
     #[test]

@@ -169,29 +169,12 @@ pub use glue::assertion;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::caller::fixtures::key;
     use crate::caller::Caller;
-    use gateway_shared::assertion::{self, signing_key_from_b64, verify};
-    use gateway_shared::session::{SessionHash, SessionRecord, User};
-
-    fn key() -> assertion::SecretKey {
-        signing_key_from_b64("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc").unwrap()
-    }
+    use gateway_shared::assertion::verify;
 
     fn user() -> Caller {
-        Caller::User {
-            record: SessionRecord {
-                user: User {
-                    user_id: "612345678901234567".into(),
-                    email: "ada@example.com".into(),
-                    display_name: "Ada".into(),
-                    roles: vec!["user".into(), "admin".into()],
-                },
-                expires_at: "2033-05-18T03:33:20Z".into(),
-                expires_at_unix: 2_000_000_000,
-                is_active: true,
-            },
-            session: SessionHash::of("the-token"),
-        }
+        crate::caller::fixtures::user(&["user", "admin"])
     }
 
     #[test]
