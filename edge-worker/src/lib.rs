@@ -98,6 +98,18 @@ mod entry {
         ratelimit::check(env, Limiter::Ip, ip_key, period).await?;
 
         let (caller, cache_write) = match route {
+            // `/events?ticket=` without a token: the origin redeems the single-use ticket
+            // (issued to a session) and is the only one that can; the edge forwards it as
+            // an anonymous caller, still rate-limited per IP.
+            RouteKind::Session
+                if url.path() == "/events"
+                    && session::token(&req, &url).is_none()
+                    && url
+                        .query()
+                        .is_some_and(gateway_shared::session::query_has_ticket) =>
+            {
+                (Caller::Anonymous, None)
+            }
             RouteKind::Session => {
                 let token = session::token(&req, &url).ok_or(EdgeError::MissingToken)?;
                 let hash = SessionHash::of(&token);

@@ -89,6 +89,16 @@ pub fn query_token(query: &str) -> Option<String> {
         .filter(|v| is_well_formed_token(v))
 }
 
+/// True if a raw query string carries a non-empty `ticket` parameter: a single-use SSE
+/// ticket (`POST /api/events/ticket`) that the origin redeems for `/events`. The edge lets
+/// such a request through without a session token; it cannot check the ticket itself.
+pub fn query_has_ticket(query: &str) -> bool {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .any(|(name, value)| name == "ticket" && !value.is_empty())
+}
+
 /// The session token of a request, from the first place that has a well-formed one:
 /// `Authorization: Bearer`, the `session_token` cookie, then `?session_token=`.
 pub fn extract_token(
@@ -252,5 +262,15 @@ mod tests {
                 prop_assert!(is_well_formed_token(&t));
             }
         }
+    }
+
+    #[test]
+    fn a_ticket_is_a_non_empty_ticket_parameter() {
+        assert!(query_has_ticket("ticket=abc"));
+        assert!(query_has_ticket("client_id=x&ticket=abc&last_event_id=3"));
+        assert!(!query_has_ticket("ticket="));
+        assert!(!query_has_ticket("ticketx=abc"));
+        assert!(!query_has_ticket("xticket=abc"));
+        assert!(!query_has_ticket(""));
     }
 }

@@ -329,6 +329,42 @@ async fn sse_through_the_edge_streams_the_init_frame_and_a_result_within_a_secon
         elapsed <= Duration::from_secs(1),
         "the result took {elapsed:?} through the edge"
     );
+
+    // A header-less, cookie-less client: a ticket, redeemed once, through the edge.
+    let r = http()
+        .post(format!("{}/api/events/ticket", w.edge.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ticket = r.json::<Value>().await.unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!(
+        "{}/events?client_id={client_id}&ticket={ticket}",
+        w.edge.url
+    );
+    let mut by_ticket = SseClient::connect(&url, None, None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("/events?ticket= through the edge refused: {s} {b}"));
+    let init = by_ticket.next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(init.data["result"]["clientId"], client_id.as_str());
+    match SseClient::connect(&url, None, None).await.unwrap() {
+        Err((status, body)) => {
+            assert_eq!(status, 401, "{body}");
+            assert_eq!(body["error"]["code"], "invalid_ticket", "{body}");
+        }
+        Ok(_) => panic!("a ticket opened a second stream"),
+    }
+    let r = http()
+        .get(format!("{}/events?ticket=", w.edge.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "an empty ticket is no ticket");
 }
 
 #[tokio::test]
