@@ -65,7 +65,7 @@ struct Subject {
 enum Probe {
     Memory(MemoryBus),
     /// The bus's own count of the subscriptions its router feeds.
-    Nats(NatsBus),
+    Nats(Box<NatsBus>),
 }
 
 impl Subject {
@@ -104,7 +104,7 @@ async fn nats_subject(retention: Retention) -> anyhow::Result<Subject> {
     );
     Ok(Subject {
         bus: Arc::new(bus.clone()),
-        probe: Probe::Nats(bus),
+        probe: Probe::Nats(Box::new(bus)),
         quiet: QUIET,
         _server: Some(server),
     })
