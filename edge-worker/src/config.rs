@@ -9,6 +9,7 @@
 //! | `ROUTES` | the route table (`kind:path,…`) | [`DEFAULT_ROUTES`] |
 //! | `EDGE_SESSION_TTL` | longest a validated session stays in KV, seconds | 300 |
 //! | `RATE_LIMIT_PERIOD` | the rate-limit bindings' period, sent as `Retry-After` | 10 |
+//! | `EDGE_L1_TTL` | how long an isolate reuses a session answer before asking KV again, seconds (0 = off, at most 60) | 10 |
 //!
 //! A malformed value is an error naming the variable, never a silent default: a typo in
 //! the CORS list or the route table must not widen what the edge lets through.
@@ -37,6 +38,8 @@ pub struct EdgeConfig {
     pub session_ttl_secs: u64,
     /// Seconds a rate-limited client is told to wait.
     pub rate_limit_period_secs: u64,
+    /// How long an isolate keeps a session answer in memory ([`crate::l1`]); 0 = off.
+    pub l1_ttl_secs: u64,
     /// The key `x-gateway-assertion` is signed with.
     pub signing_key: SecretKey,
 }
@@ -49,6 +52,7 @@ impl std::fmt::Debug for EdgeConfig {
             .field("routes", &self.routes)
             .field("session_ttl_secs", &self.session_ttl_secs)
             .field("rate_limit_period_secs", &self.rate_limit_period_secs)
+            .field("l1_ttl_secs", &self.l1_ttl_secs)
             .field("signing_key", &"<redacted>")
             .finish()
     }
@@ -79,6 +83,7 @@ impl EdgeConfig {
             set("RATE_LIMIT_PERIOD"),
             DEFAULT_RATE_LIMIT_PERIOD_SECS,
         )?;
+        let l1_ttl_secs = crate::l1::parse_ttl(set("EDGE_L1_TTL").as_deref())?;
         let key = set("EDGE_ASSERTION_KEY").ok_or(
             "EDGE_ASSERTION_KEY is not set (a Workers secret; `scripts/edge-keys.sh` makes one)",
         )?;
@@ -97,6 +102,7 @@ impl EdgeConfig {
             routes,
             session_ttl_secs,
             rate_limit_period_secs,
+            l1_ttl_secs,
             signing_key,
         })
     }
@@ -174,6 +180,7 @@ mod tests {
         assert_eq!(c.origin_url, "http://127.0.0.1:8090");
         assert_eq!(c.session_ttl_secs, DEFAULT_SESSION_TTL_SECS);
         assert_eq!(c.rate_limit_period_secs, DEFAULT_RATE_LIMIT_PERIOD_SECS);
+        assert_eq!(c.l1_ttl_secs, crate::l1::DEFAULT_L1_TTL_SECS);
         assert!(!c.cors.is_allowed("https://anything.example"));
         assert_eq!(c.routes.classify("/metrics"), RouteKind::Deny);
         assert!(!format!("{c:?}").contains(SEED));
@@ -188,12 +195,14 @@ mod tests {
             ("ROUTES", "edge:/health,public:/x"),
             ("EDGE_SESSION_TTL", "5"),
             ("RATE_LIMIT_PERIOD", "60"),
+            ("EDGE_L1_TTL", "0"),
         ]))
         .unwrap();
         assert!(c.cors.is_allowed("https://app.example.com"));
         assert_eq!(c.routes.classify("/x"), RouteKind::Public);
         assert_eq!(c.session_ttl_secs, MIN_SESSION_TTL_SECS);
         assert_eq!(c.rate_limit_period_secs, 60);
+        assert_eq!(c.l1_ttl_secs, 0);
     }
 
     #[test]
@@ -211,6 +220,7 @@ mod tests {
         assert!(with("ROUTES", "open:/x").contains("ROUTES"));
         assert!(with("EDGE_SESSION_TTL", "soon").contains("EDGE_SESSION_TTL"));
         assert!(with("RATE_LIMIT_PERIOD", "0").contains("RATE_LIMIT_PERIOD"));
+        assert!(with("EDGE_L1_TTL", "300").contains("EDGE_L1_TTL"));
         assert!(with(
             "EDGE_ASSERTION_KEY",
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"

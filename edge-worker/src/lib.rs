@@ -13,8 +13,9 @@
 //! 4. route — `RouteTable::classify`: `/health` is answered by the edge ([`reply`]);
 //!    denied routes (`/api/internal/*`, `/metrics`) are 404 at the edge.
 //! 5. [`ratelimit`] — per client IP, and per session on session routes; 429 + `Retry-After`.
-//! 6. [`session`] — session routes only: Workers KV `SESSIONS`, else the origin's
-//!    `/api/auth/validate`; invalid → 401 at the edge. The result is a [`caller::Caller`].
+//! 6. [`session`] — session routes only: the isolate's own short-lived cache ([`l1`]),
+//!    then Workers KV `SESSIONS`, else the origin's `/api/auth/validate`; invalid → 401
+//!    at the edge. The result is a [`caller::Caller`].
 //! 7. [`forward`] — to `ORIGIN_URL`, streaming both ways, identity headers stripped, the
 //!    caller asserted in a signed `x-gateway-assertion` ([`sign`]: the runtime's WebCrypto
 //!    Ed25519). A logout also clears the KV entry.
@@ -28,6 +29,7 @@ pub mod cors;
 pub mod error;
 pub mod forward;
 pub mod ids;
+pub mod l1;
 pub mod ratelimit;
 pub mod reply;
 pub mod session;
@@ -95,7 +97,7 @@ mod entry {
         let period = cfg.rate_limit_period_secs;
         let client_ip = req.headers().get("cf-connecting-ip").ok().flatten();
         let ip_key = ratelimit::ip_key(client_ip.as_deref());
-        ratelimit::check(env, Limiter::Ip, ip_key, period).await?;
+        let per_ip = ratelimit::check(env, Limiter::Ip, ip_key, period);
 
         let (caller, cache_write) = match route {
             // `/events?ticket=` without a token: the origin redeems the single-use ticket
@@ -108,17 +110,27 @@ mod entry {
                         .query()
                         .is_some_and(gateway_shared::session::query_has_ticket) =>
             {
+                per_ip.await?;
                 (Caller::Anonymous, None)
             }
             RouteKind::Session => {
-                let token = session::token(&req, &url).ok_or(EdgeError::MissingToken)?;
+                let Some(token) = session::token(&req, &url) else {
+                    per_ip.await?;
+                    return Err(EdgeError::MissingToken);
+                };
                 let hash = SessionHash::of(&token);
                 let key = ratelimit::session_key(&hash);
-                ratelimit::check(env, Limiter::Session, key, period).await?;
+                // Both limiters are counted together: one wait instead of two.
+                let per_session = ratelimit::check(env, Limiter::Session, key, period);
+                let (ip, session) = futures_util::future::join(per_ip, per_session).await;
+                ip.and(session)?;
                 let now = time::now_unix();
                 session::resolve(env, cfg, &token, hash, rid, now).await?
             }
-            _ => (Caller::Anonymous, None),
+            _ => {
+                per_ip.await?;
+                (Caller::Anonymous, None)
+            }
         };
 
         let (logout, body) = if url.path() == session::LOGOUT_PATH {

@@ -1,6 +1,8 @@
 //! The session step: who is calling, from Workers KV when possible, from the origin when not.
 //!
-//! KV namespace `SESSIONS`, key = `hex(sha256(token))` (the raw token is never a key):
+//! First the isolate's own memory ([`crate::l1`], `EDGE_L1_TTL` seconds: what KV or the
+//! origin said about this session a moment ago), then KV namespace `SESSIONS`,
+//! key = `hex(sha256(token))` (the raw token is never a key):
 //! - hit, and the record is still honoured (`SessionRecord::is_honoured`) → the caller;
 //! - `neg:<hash>` present (the origin refused this token within the last minute) → 401
 //!   at the edge, without asking the origin again;
@@ -129,6 +131,7 @@ mod glue {
     use crate::caller::Caller;
     use crate::config::EdgeConfig;
     use crate::error::EdgeError;
+    use crate::l1::Entry;
     use gateway_shared::assertion;
     use worker::{kv::KvStore, Env, Headers, Method, Request, RequestInit};
 
@@ -183,17 +186,28 @@ mod glue {
         rid: &str,
         now_unix: i64,
     ) -> Result<(Caller, Option<CacheWrite>), EdgeError> {
+        let ttl = cfg.l1_ttl_secs;
+        match crate::l1::get(ttl, &session) {
+            Some(Entry::Valid(record)) if record.is_honoured(now_unix) => {
+                return Ok((Caller::User { record, session }, None));
+            }
+            Some(Entry::Refused) => return Err(EdgeError::InvalidSession),
+            _ => {}
+        }
         let kv = kv(env);
         if let Some(kv) = &kv {
             if let Some(record) = cached(kv, &session, now_unix).await {
+                crate::l1::put(ttl, &session, Entry::Valid(record.clone()));
                 return Ok((Caller::User { record, session }, None));
             }
             if matches!(kv.get(&negative_key(&session)).text().await, Ok(Some(_))) {
+                crate::l1::put(ttl, &session, Entry::Refused);
                 return Err(EdgeError::InvalidSession);
             }
         }
         match validate_at_origin(cfg, token, rid).await? {
             Validation::Valid(record) => {
+                crate::l1::put(ttl, &session, Entry::Valid(record.clone()));
                 let write = kv
                     .zip(cache_ttl(&record, now_unix, cfg.session_ttl_secs))
                     .and_then(|(kv, ttl)| {
@@ -207,6 +221,7 @@ mod glue {
                 Ok((Caller::User { record, session }, write))
             }
             Validation::Invalid => {
+                crate::l1::put(ttl, &session, Entry::Refused);
                 if let Some(kv) = kv {
                     CacheWrite {
                         kv,
@@ -288,8 +303,10 @@ mod glue {
         Ok((session, crate::forward::Body::Bytes(body)))
     }
 
-    /// Deletes a session's KV entry (after a logout).
+    /// Forgets a session at the edge (after a logout): this isolate's entry at once, then
+    /// the KV entry.
     pub async fn forget(env: &Env, session: &SessionHash) {
+        crate::l1::forget(session);
         if let Some(kv) = kv(env) {
             if let Err(e) = kv.delete(&cache_key(session)).await {
                 worker::console_warn!("session cache delete failed: {e}");

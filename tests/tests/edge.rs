@@ -198,7 +198,7 @@ async fn preflights_from_the_allowed_origin_get_cors_headers_and_lookalikes_get_
 }
 
 #[tokio::test]
-async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_kv() {
+async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_the_edge_cache() {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "cached@example.com").await;
     let before = validate_count(&w.origin).await;
@@ -220,7 +220,7 @@ async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_kv() {
     assert_eq!(
         validate_count(&w.origin).await,
         before + 1,
-        "the next 10 requests are served from the edge's KV cache"
+        "the next 10 requests are served from the edge's cache (the isolate, then KV)"
     );
 }
 

@@ -6,21 +6,26 @@
 //! one generated capnp file (tests/fixtures/workerd/bench-edge.capnp.tmpl):
 //! - `edge`: our worker as `make edge` built it (edge-worker/build: the JS shim and
 //!   index_bg.wasm), with its vars, the test signing key, the `SESSIONS` KV binding and both
-//!   rate-limit bindings (an in-isolate stand-in, limits set out of reach);
+//!   rate-limit bindings (an in-isolate stand-in, limits set out of reach), and its
+//!   isolate-local session cache at the default `EDGE_L1_TTL`;
+//! - `edgeKv`: the same worker with that cache off (`EDGE_L1_TTL=0`): a KV read on every
+//!   request, what the edge costs on an isolate's first request for a session;
 //! - `kv`: the Workers KV stand-in the `SESSIONS` binding talks to (an in-memory map in its
 //!   own process, so its CPU time is counted apart);
 //! - `passthrough`: the peer the goal names, a JS Worker that fetches the same path from the
 //!   origin and returns the response;
-//! - `equivalent`: a second peer, the edge's KV-hit path written in plain JS with the same
-//!   bindings (edge-equivalent.js), so the figures separate what the work costs on workerd
-//!   from what Rust/wasm adds.
+//! - `equivalent`: a second peer, the edge's session path written in plain JS with the same
+//!   bindings and the same isolate-local cache (edge-equivalent.js), so the figures separate
+//!   what the work costs on workerd from what Rust/wasm adds.
 //!
 //! Every variant sends the same request — `POST /graphql` `{ me { … } }` with
 //! `Authorization: Bearer <session>`, a session route — closed-loop on N keep-alive
 //! connections:
-//! - **edge** and **JS equivalent**: a KV hit (the session record was put by the edge's
-//!   first, unmeasured request), two rate-limit calls, an Ed25519 `x-gateway-assertion`, the
-//!   forward; the origin trusts the assertion instead of validating the session;
+//! - **edge** and **JS equivalent**: an isolate-local cache hit (KV is read once per
+//!   `EDGE_L1_TTL` per session; the record was put by the edge's first, unmeasured
+//!   request), two rate-limit calls, an Ed25519 `x-gateway-assertion`, the forward; the
+//!   origin trusts the assertion instead of validating the session;
+//! - **edge, L1 off**: the same with a KV hit on every request;
 //! - **JS pass-through**: the origin validates the bearer token itself (its session cache:
 //!   also a hit);
 //! - **origin direct**: no worker, the floor.
@@ -79,6 +84,9 @@ const QUERY: &str = r#"{"query":"{ me { userId email displayName roles } }"}"#;
 const EMAIL: &str = "bench-edge@example.com";
 /// The rate-limit stand-in's limit: out of reach, so every request is counted and none refused.
 const RATE_LIMIT: &str = "1000000000";
+/// `EDGE_L1_TTL` of the `edge` and `equivalent` processes, set explicitly: the edge's
+/// default (edge-worker/src/l1.rs `DEFAULT_L1_TTL_SECS`).
+const L1_TTL: u64 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -86,10 +94,17 @@ enum Kind {
     Js,
     Equivalent,
     Edge,
+    EdgeKv,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Origin, Kind::Js, Kind::Equivalent, Kind::Edge];
+    const ALL: [Kind; 5] = [
+        Kind::Origin,
+        Kind::Js,
+        Kind::Equivalent,
+        Kind::Edge,
+        Kind::EdgeKv,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -97,6 +112,7 @@ impl Kind {
             Kind::Js => "JS pass-through, workerd",
             Kind::Equivalent => "edge path in JS, workerd",
             Kind::Edge => "edge (Rust/wasm), workerd",
+            Kind::EdgeKv => "edge, L1 off (KV each req)",
         }
     }
 
@@ -106,6 +122,11 @@ impl Kind {
 
     /// Reads the session from KV (and so is measured with the KV stand-in's CPU).
     fn uses_kv(self) -> bool {
+        matches!(self, Kind::Equivalent | Kind::Edge | Kind::EdgeKv)
+    }
+
+    /// Keeps the session in the isolate for `EDGE_L1_TTL`: KV is read once per TTL.
+    fn uses_l1(self) -> bool {
         matches!(self, Kind::Equivalent | Kind::Edge)
     }
 }
@@ -127,6 +148,7 @@ struct Sample {
 /// The workerd processes and the scratch directory their configuration lives in.
 struct Stack {
     edge: Workerd,
+    edge_kv: Workerd,
     equiv: Workerd,
     js: Workerd,
     kv: Workerd,
@@ -180,7 +202,7 @@ impl Stack {
             })?;
         }
         let (kv_port, edge_port, js_port) = (free_port(), free_port(), free_port());
-        let equiv_port = free_port();
+        let (equiv_port, edge_kv_port) = (free_port(), free_port());
         let template = std::fs::read_to_string(fixtures.join("bench-edge.capnp.tmpl"))?;
         let config = workerd::render(
             &template,
@@ -189,6 +211,8 @@ impl Stack {
                 ("EDGE_PORT", edge_port.to_string()),
                 ("JS_PORT", js_port.to_string()),
                 ("EQUIV_PORT", equiv_port.to_string()),
+                ("EDGE_KV_PORT", edge_kv_port.to_string()),
+                ("EDGE_L1_TTL", L1_TTL.to_string()),
                 ("ORIGIN_URL", origin_url.to_owned()),
                 ("COMPAT_DATE", compat_date()),
                 ("EDGE_ASSERTION_KEY", TEST_ASSERTION_SEED.to_owned()),
@@ -203,6 +227,8 @@ impl Stack {
         let log = |n: &str| dir.path().join(format!("workerd-{n}.log"));
         let kv = Workerd::start(&path, "kv", kv_port, "/_bench/stats", log("kv")).await?;
         let edge = Workerd::start(&path, "edge", edge_port, "/health", log("edge")).await?;
+        let edge_kv =
+            Workerd::start(&path, "edgeKv", edge_kv_port, "/health", log("edge-kv")).await?;
         // The pass-through has no /health of its own: this is the origin's, through it.
         let js = Workerd::start(&path, "passthrough", js_port, "/health", log("js")).await?;
         let equiv = Workerd::start(
@@ -215,6 +241,7 @@ impl Stack {
         .await?;
         Ok(Self {
             edge,
+            edge_kv,
             equiv,
             js,
             kv,
@@ -314,6 +341,7 @@ impl Bench {
             Kind::Js => &stack.js.url,
             Kind::Equivalent => &stack.equiv.url,
             Kind::Edge => &stack.edge.url,
+            Kind::EdgeKv => &stack.edge_kv.url,
         }
     }
 
@@ -330,6 +358,7 @@ impl Bench {
         let me = procfs::self_pid();
         let pids = [
             stack.edge.pid(),
+            stack.edge_kv.pid(),
             stack.equiv.pid(),
             stack.js.pid(),
             stack.kv.pid(),
@@ -348,6 +377,7 @@ impl Bench {
                 Kind::Js => Some(per(stack.js.pid())),
                 Kind::Equivalent => Some(per(stack.equiv.pid())),
                 Kind::Edge => Some(per(stack.edge.pid())),
+                Kind::EdgeKv => Some(per(stack.edge_kv.pid())),
             },
             origin_us: per(self.origin_pid),
             kv_us: kind.uses_kv().then(|| per(stack.kv.pid())),
@@ -358,8 +388,9 @@ impl Bench {
 }
 
 /// The checks before measuring: every variant answers the query for the logged-in user; the
-/// edge's first request is a KV miss that puts the record, its second a hit; identity at the
-/// origin came from the edge's assertion.
+/// edge's first request is a KV miss that puts the record, its second is served from the
+/// isolate without reading KV; with the cache off, every request is a KV hit; identity at
+/// the origin came from the edge's assertion.
 async fn preflight(bench: &Bench, stack: &Stack) -> anyhow::Result<()> {
     let query: Value = serde_json::from_str(QUERY)?;
     let q = query["query"].as_str().unwrap_or_default();
@@ -381,11 +412,22 @@ async fn preflight(bench: &Bench, stack: &Stack) -> anyhow::Result<()> {
     let second = flows::graphql(&stack.edge.url, &bench.token, q, Value::Null).await;
     let s2 = kv_stats(&stack.kv).await?;
     anyhow::ensure!(
-        me(&second)["email"] == EMAIL
-            && stat(&s2, "hits") == stat(&s1, "hits") + 1
-            && stat(&s2, "puts") == stat(&s1, "puts"),
-        "the edge's second request was not a KV hit: {second}, {s1} → {s2}"
+        me(&second)["email"] == EMAIL && stat(&s2, "gets") == stat(&s1, "gets"),
+        "the edge's second request read KV (expected the isolate's cache): {second}, {s1} → {s2}"
     );
+    for i in 0..2 {
+        let before = kv_stats(&stack.kv).await?;
+        let v = flows::graphql(&stack.edge_kv.url, &bench.token, q, Value::Null).await;
+        let after = kv_stats(&stack.kv).await?;
+        anyhow::ensure!(
+            me(&v)["email"] == EMAIL
+                && stat(&after, "hits") == stat(&before, "hits") + 1
+                && stat(&after, "puts") == stat(&before, "puts"),
+            "edge with L1 off, request {i}: not a KV hit: {v}, {before} → {after}\n{}",
+            stack.edge_kv.log_text()
+        );
+    }
+    let s2 = kv_stats(&stack.kv).await?;
     // The origin builds the caller from the assertion's claims, which carry no display
     // name; from its own session cache it has the stand-in's.
     anyhow::ensure!(
@@ -408,9 +450,9 @@ async fn preflight(bench: &Bench, stack: &Stack) -> anyhow::Result<()> {
         stack.equiv.log_text()
     );
     println!(
-        "checks: all four answer `me` = {EMAIL}; edge: 1st request KV miss + put, 2nd a KV hit; \
-         edge and JS equivalent: origin identity from the assertion (displayName {:?} vs {:?} \
-         direct/pass-through)",
+        "checks: all five answer `me` = {EMAIL}; edge: 1st request KV miss + put, 2nd from the \
+         isolate (no KV read); edge with L1 off: a KV hit each time; edge and JS equivalent: \
+         origin identity from the assertion (displayName {:?} vs {:?} direct/pass-through)",
         me(&second)["displayName"].as_str().unwrap_or_default(),
         me(&direct)["displayName"].as_str().unwrap_or_default(),
     );
@@ -504,7 +546,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "KV-hit session request (POST {PATH} `me`, Bearer token), {} rounds × {:.0} s per variant and concurrency, closed-loop keep-alive, loopback, 2 cores shared by all processes",
+        "Session request with a cached session (POST {PATH} `me`, Bearer token), {} rounds × {:.0} s per variant and concurrency, closed-loop keep-alive, loopback, 2 cores shared by all processes",
         args.rounds, args.secs
     );
     println!(
@@ -524,6 +566,7 @@ async fn main() -> anyhow::Result<()> {
     let mut goal_rate = Vec::new();
     let mut goal_cpu = Vec::new();
     let mut same_work = Vec::new();
+    let mut l1_saves = Vec::new();
     for (ci, &conns) in args.concurrency.iter().enumerate() {
         let rate = |ki: usize| median(samples[ci][ki].iter().map(|s| s.rate).collect());
         let cpu = |ki: usize| median(samples[ci][ki].iter().filter_map(|s| s.worker_us).collect());
@@ -567,6 +610,15 @@ async fn main() -> anyhow::Result<()> {
         }
         let edge_rate = rate(Kind::Edge.index());
         let edge_cpu = cpu(Kind::Edge.index());
+        let edge_kv_cpu = cpu(Kind::EdgeKv.index());
+        l1_saves.push(format!(
+            "c={conns} {:.0} µs with vs {:.0} µs without ({:+.0} µs), {:.0} vs {:.0} req/s",
+            edge_cpu,
+            edge_kv_cpu,
+            edge_cpu - edge_kv_cpu,
+            edge_rate,
+            rate(Kind::EdgeKv.index()),
+        ));
         let js_cpu = cpu(Kind::Js.index());
         let equiv_cpu = cpu(Kind::Equivalent.index());
         same_work.push(format!(
@@ -606,22 +658,36 @@ async fn main() -> anyhow::Result<()> {
         goal_cpu.join("; ")
     );
     println!(
-        "same work in JS (edge path in JS, same workerd and bindings), workerd CPU per request — {}",
+        "same work in JS (edge path in JS, same workerd, bindings and L1), workerd CPU per request — {}",
         same_work.join("; ")
+    );
+    println!(
+        "the edge's isolate-local session cache (EDGE_L1_TTL={L1_TTL} vs 0), workerd CPU per request — {}",
+        l1_saves.join("; ")
     );
     for kind in Kind::ALL.into_iter().filter(|k| k.uses_kv()) {
         let [requests, gets, hits, puts] = kv_tally[kind.index()];
+        let verdict = match (hits == gets && puts == 0, kind.uses_l1(), gets == requests) {
+            (false, _, _) => " (NOT all hits)".to_owned(),
+            (true, false, true) => " (every request a KV hit)".to_owned(),
+            (true, false, false) => " (NOT one read per request)".to_owned(),
+            (true, true, _) => format!(
+                " (the rest from the isolate; every read a hit, {:.4} reads per request)",
+                gets as f64 / requests.max(1) as f64
+            ),
+        };
         println!(
-            "KV during the measured windows of {}: {requests} requests, {gets} KV gets, {hits} hits, {puts} puts{}",
+            "KV during the measured windows of {}: {requests} requests, {gets} KV gets, {hits} hits, {puts} puts{verdict}",
             kind.name(),
-            if gets == requests && hits == gets && puts == 0 {
-                " (every request a KV hit)"
-            } else {
-                " (NOT all hits)"
-            }
         );
     }
-    for w in [&stack.edge, &stack.equiv, &stack.js, &stack.kv] {
+    for w in [
+        &stack.edge,
+        &stack.edge_kv,
+        &stack.equiv,
+        &stack.js,
+        &stack.kv,
+    ] {
         let log = w.log_text();
         // workerd's own one-off start-up notice is not the worker's.
         let lines: Vec<&str> = log
