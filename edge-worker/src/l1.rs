@@ -72,7 +72,12 @@ impl<V: Clone> LocalCache<V> {
     /// The entry for `key` if it was stored less than the TTL before `now_ms`.
     pub fn get(&mut self, key: &str, now_ms: u64) -> Option<Entry<V>> {
         self.expire(now_ms);
-        self.slots.get(key).map(|s| s.entry.clone())
+        // The slot's own age is checked too: should the clock ever step back, the queue
+        // is no longer in time order and `expire` may stop early.
+        self.slots
+            .get(key)
+            .filter(|s| now_ms.saturating_sub(s.stored_ms) < self.ttl_ms)
+            .map(|s| s.entry.clone())
     }
 
     /// Stores `entry` for `key` at `now_ms`, replacing any earlier one.
@@ -255,6 +260,16 @@ mod tests {
         }
         assert!(c.order.len() <= 2 * 16 + 1, "{}", c.order.len());
         assert_eq!(c.get("hot", 10_000), Some(Entry::Valid(9_999)));
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_never_serves_an_entry_past_its_ttl() {
+        let mut c = LocalCache::new(10, 100);
+        c.put("new", Entry::Valid(1), 50_000);
+        c.put("old", Entry::Valid(2), 1_000); // the clock stepped back 49 s
+        assert_eq!(c.get("old", 11_000), None);
+        assert_eq!(c.get("new", 55_000), Some(Entry::Valid(1)));
+        assert_eq!(c.get("new", 60_000), None);
     }
 
     #[test]
