@@ -18,7 +18,7 @@
 //!    at the edge. The result is a [`caller::Caller`].
 //! 7. [`forward`] — to `ORIGIN_URL`, streaming both ways, identity headers stripped, the
 //!    caller asserted in a signed `x-gateway-assertion` ([`sign`]: the runtime's WebCrypto
-//!    Ed25519). A logout also clears the KV entry.
+//!    Ed25519). A logout also clears the session at the edge (this isolate and KV).
 //! 8. [`reply::finish`] — CORS headers, `Vary: Origin` and `x-request-id` on every response.
 //!
 //! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body.
