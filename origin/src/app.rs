@@ -1,14 +1,12 @@
-//! The request path, composed in one place: the two routers (public, internal), the
-//! middleware stack and the shared application state.
+//! The request path, composed in one place: the two routers (public, internal) and the
+//! middleware stack, each handler module's router over its own substate of [`AppState`].
 //!
 //! Order of the public stack, outermost first: request id (accept a sane client id or
 //! mint one, echo it back) → trace span (method, path without query: the query may carry
 //! a session token) → edge assertion (verify `x-gateway-assertion`, or refuse direct
 //! traffic when `REQUIRE_EDGE_ASSERTION`) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
 
-use std::sync::Arc;
-
-use axum::extract::Request;
+use axum::extract::{FromRef, Request};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -16,79 +14,49 @@ use axum::routing::get;
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
-use crate::auth::session::SessionService;
-use crate::bus::Bus;
-use crate::config::Config;
+use crate::auth::edge::{verify_assertion, EdgeTrust};
 use crate::error::AppError;
-use crate::events::hub::Hub;
-use crate::graphql::GatewaySchema;
-use crate::health;
-use crate::noetl::NoetlClient;
-use crate::proxy::Proxy;
-use crate::requests::CallbackTokens;
-use crate::store::KvStore;
+use crate::state::AppState;
+use crate::{auth, callbacks, events, graphql, health, metrics, proxy};
 
-/// Everything a handler may need; cheap to clone (all shared behind `Arc`s).
-#[derive(Clone)]
-pub struct AppState {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// Shared state (NATS K/V or the embedded store).
-    pub kv: Arc<dyn KvStore>,
-    /// The NoETL client.
-    pub noetl: NoetlClient,
-    /// Login, validation, access checks, logout.
-    pub sessions: Arc<SessionService>,
-    /// The `/noetl/*` proxy.
-    pub proxy: Arc<Proxy>,
-    /// The NATS connection, when configured (for readiness).
-    pub nats: Option<async_nats::Client>,
-    /// Client delivery (frames, replay).
-    pub bus: Arc<dyn Bus>,
-    /// This replica's open SSE streams.
-    pub hub: Arc<Hub>,
-    /// Per-request callback tokens.
-    pub callback_tokens: CallbackTokens,
-    /// The GraphQL schema.
-    pub graphql: GatewaySchema,
-    /// Cancelled on SIGTERM: SSE streams end so clients reconnect elsewhere.
-    pub shutdown: tokio_util::sync::CancellationToken,
-    /// The edge's key and whether its assertion is required.
-    pub edge_trust: crate::edge::EdgeTrust,
-    /// Counters for `/metrics`.
-    pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-/// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health.
+/// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health. Layers, outermost
+/// last: request id → trace span → edge assertion → routes.
 pub fn public_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .merge(crate::auth::routes::router())
-        .merge(crate::graphql::router())
-        .merge(crate::events::router())
-        .merge(crate::proxy::router())
+        .route(
+            "/ready",
+            get(health::ready).with_state(state.readiness.clone()),
+        )
+        .merge(auth::routes::router().with_state(FromRef::from_ref(&state)))
+        .merge(graphql::router().with_state(FromRef::from_ref(&state)))
+        .merge(events::router().with_state(FromRef::from_ref(&state)))
+        .merge(proxy::router().with_state(FromRef::from_ref(&state)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::edge::verify_assertion,
+            EdgeTrust::from_ref(&state),
+            verify_assertion,
         ))
-        .with_state(state)
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(middleware::from_fn(request_id))
 }
 
-/// The internal listener's routes (in-cluster only): playbook callbacks, health.
+/// The internal listener's routes (in-cluster only): playbook callbacks, metrics, health.
 pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .route("/metrics", get(crate::metrics::metrics))
-        .merge(crate::callbacks::router())
+        .route(
+            "/ready",
+            get(health::ready).with_state(state.readiness.clone()),
+        )
+        .route(
+            "/metrics",
+            get(metrics::metrics).with_state(state.metrics.clone()),
+        )
+        .merge(callbacks::router().with_state(state.callbacks.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(middleware::from_fn(request_id))
 }

@@ -13,6 +13,8 @@
 //! time. No service token configured and no valid request token → 503 (never a permissive
 //! default).
 
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::Response;
@@ -26,15 +28,37 @@ use gateway_shared::frames::{
 use gateway_shared::session::bearer_token;
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::bus::Bus;
 use crate::clients;
+use crate::config::Secret;
 use crate::error::{json_response, AppError};
-use crate::extract::{is_json_content_type, parse_json, read_body_limited};
-use crate::requests::{self, RequestEntry};
-use crate::store::Bucket;
+use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLimit};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::requests::{self, CallbackTokens, RequestEntry};
+use crate::store::{Bucket, KvStore};
+
+/// What the callback routes need, and nothing else.
+#[derive(Clone)]
+pub struct CallbackState {
+    /// Request entries, `delivered` markers, sync results.
+    pub kv: Arc<dyn KvStore>,
+    /// Where result and progress frames go.
+    pub bus: Arc<dyn Bus>,
+    /// This replica's open streams (a result for an online client is logged as such).
+    pub hub: Arc<Hub>,
+    /// Per-request callback tokens (HMAC over the request id).
+    pub tokens: CallbackTokens,
+    /// `GATEWAY_INTERNAL_TOKEN`, the service token, if configured.
+    pub service_token: Option<Secret>,
+    /// `CALLBACK_BODY_LIMIT`.
+    pub body_limit: BodyLimit,
+    /// Counts callbacks.
+    pub metrics: Arc<Metrics>,
+}
 
 /// The callback routes (internal listener only).
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<CallbackState> {
     Router::new()
         .route("/api/internal/callback", post(sync_callback))
         .route("/api/internal/callback/async", post(async_callback))
@@ -43,30 +67,30 @@ pub fn router() -> Router<AppState> {
 
 /// Reads a JSON body with the callback limit.
 async fn read_json<T: serde::de::DeserializeOwned>(
-    state: &AppState,
+    state: &CallbackState,
     req: Request,
 ) -> Result<(Parts, T), AppError> {
     let (parts, body) = req.into_parts();
     if !is_json_content_type(&parts.headers) {
         return Err(AppError::UnsupportedMediaType);
     }
-    let bytes = read_body_limited(body, state.config.callback_body_limit).await?;
+    let bytes = read_body_limited(body, state.body_limit.0).await?;
     Ok((parts, parse_json(&bytes)?))
 }
 
 /// Checks the bearer token against the service token or the request's own token.
-fn authorize(state: &AppState, parts: &Parts, request_id: &str) -> Result<(), AppError> {
+fn authorize(state: &CallbackState, parts: &Parts, request_id: &str) -> Result<(), AppError> {
     let presented = parts
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token);
     if let Some(token) = presented {
-        if state.callback_tokens.verify(request_id, token) {
+        if state.tokens.verify(request_id, token) {
             return Ok(());
         }
     }
-    let Some(service) = &state.config.internal_token else {
+    let Some(service) = &state.service_token else {
         return Err(AppError::Unavailable {
             code: "callbacks_not_configured",
             message: "GATEWAY_INTERNAL_TOKEN is not set and no valid request token was presented"
@@ -82,7 +106,7 @@ fn authorize(state: &AppState, parts: &Parts, request_id: &str) -> Result<(), Ap
     }
 }
 
-async fn entry_for(state: &AppState, request_id: &str) -> Result<RequestEntry, AppError> {
+async fn entry_for(state: &CallbackState, request_id: &str) -> Result<RequestEntry, AppError> {
     if !is_valid_request_id(request_id) {
         return Err(AppError::bad_request(
             "invalid_field",
@@ -95,7 +119,10 @@ async fn entry_for(state: &AppState, request_id: &str) -> Result<RequestEntry, A
 }
 
 /// `POST /api/internal/callback/async`: a playbook's result for an SSE client.
-async fn async_callback(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn async_callback(
+    State(state): State<CallbackState>,
+    req: Request,
+) -> Result<Response, AppError> {
     let (parts, body): (_, CallbackBody) = read_json(&state, req).await?;
     state.metrics.callbacks.inc();
     authorize(&state, &parts, &body.request_id)?;
@@ -161,7 +188,10 @@ async fn async_callback(State(state): State<AppState>, req: Request) -> Result<R
 
 /// `POST /api/internal/callback`: the answer a gateway request is waiting for (auth
 /// playbooks). Stored under `result.<request_id>`; the waiting replica watches that key.
-async fn sync_callback(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn sync_callback(
+    State(state): State<CallbackState>,
+    req: Request,
+) -> Result<Response, AppError> {
     let (parts, body): (_, serde_json::Value) = read_json(&state, req).await?;
     let request_id = body["request_id"].as_str().unwrap_or_default().to_owned();
     authorize(&state, &parts, &request_id)?;
@@ -179,7 +209,7 @@ async fn sync_callback(State(state): State<AppState>, req: Request) -> Result<Re
 }
 
 /// `POST /api/internal/progress`: a `playbook/progress` frame for the request's client.
-async fn progress(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Response, AppError> {
     let (parts, body): (_, ProgressBody) = read_json(&state, req).await?;
     authorize(&state, &parts, &body.request_id)?;
     let entry = entry_for(&state, &body.request_id).await?;

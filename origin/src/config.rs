@@ -342,9 +342,6 @@ impl Config {
         if let Err(e) = self.bridge().validate() {
             return Err(ConfigError(format!("bridge: {e}")));
         }
-        if let Err(e) = crate::proxy::AllowList::parse(&self.proxy_allow) {
-            return Err(ConfigError(format!("PROXY_ALLOW: {e}")));
-        }
         Ok(())
     }
 

@@ -1,27 +1,35 @@
 //! Request extractors that treat every input as hostile: JSON bodies with a size limit and
-//! a content-type check, and the session token from header, cookie or query.
+//! a content-type check. (Who is calling is decided in [`crate::auth::caller`].)
 //!
 //! axum's own `Json` answers rejections in plain text; these answer in the protocol's JSON
 //! error shape (400 malformed, 413 too large, 415 wrong content type).
 
 use axum::body::Body;
-use axum::extract::{FromRequest, Request};
-use axum::http::{header, request::Parts, HeaderMap};
+use axum::extract::{FromRef, FromRequest, Request};
+use axum::http::{header, HeaderMap};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 
-use crate::app::AppState;
 use crate::error::AppError;
 
-/// A JSON body of type `T`, read with the auth body limit (`AUTH_BODY_LIMIT`).
+/// The body limit of the routes a state serves: what [`JsonBody`] reads at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimit(pub usize);
+
+/// A JSON body of type `T`, read with the state's [`BodyLimit`].
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+    BodyLimit: FromRef<S>,
+{
     type Rejection = AppError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limit = state.config.auth_body_limit;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let BodyLimit(limit) = BodyLimit::from_ref(state);
         if !is_json_content_type(req.headers()) {
             return Err(AppError::UnsupportedMediaType);
         }
@@ -60,17 +68,6 @@ pub async fn read_body_limited(body: Body, limit: usize) -> Result<bytes::Bytes,
 /// value) into a 400.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     serde_json::from_slice(bytes).map_err(|e| AppError::InvalidJson(e.to_string()))
-}
-
-/// The session token of a request: `Authorization: Bearer`, `session_token` cookie, or
-/// `?session_token=` (PROTOCOL.md §3, compat).
-pub fn request_token(parts: &Parts) -> Option<String> {
-    let h = |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    gateway_shared::session::extract_token(
-        h(header::AUTHORIZATION),
-        h(header::COOKIE),
-        parts.uri.query(),
-    )
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
-//! `/health` (liveness: the process serves requests) and `/ready` (readiness: NATS and
-//! NoETL are reachable, so this replica can do useful work).
+//! `/health` (liveness: the process serves requests) and `/ready` (readiness: the shared
+//! store, the bus and NoETL answer, so this replica can do useful work).
 //!
 //! Kubernetes restarts a pod whose liveness fails and stops routing to one whose readiness
 //! fails; so `/health` never checks dependencies (a NoETL outage must not restart every
 //! gateway pod) and `/ready` checks them with short timeouts (a probe must not hang).
+//! Readiness asks the [`KvStore`] and [`Bus`] traits, not a NATS client: what the replica
+//! uses is what is checked.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -12,11 +15,27 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::bus::Bus;
 use crate::error::json_response;
+use crate::noetl::NoetlClient;
+use crate::store::KvStore;
 
 /// How long `/ready` waits for each dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `/ready` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    /// The shared store.
+    pub kv: Arc<dyn KvStore>,
+    /// Client delivery.
+    pub bus: Arc<dyn Bus>,
+    /// NoETL.
+    pub noetl: NoetlClient,
+    /// True when the store and bus are the embedded in-memory ones (no NATS configured):
+    /// reported as `embedded`, always up.
+    pub embedded: bool,
+}
 
 /// Liveness: 200 while the process can answer.
 pub async fn health() -> Response {
@@ -24,24 +43,27 @@ pub async fn health() -> Response {
 }
 
 /// Readiness: 200 when every configured dependency answers, else 503 naming the failures.
-pub async fn ready(State(state): State<AppState>) -> Response {
-    let nats = match &state.nats {
-        None => "embedded".to_owned(),
-        Some(client) => match client.connection_state() {
-            async_nats::connection::State::Connected => {
-                match tokio::time::timeout(CHECK_TIMEOUT, state.kv.is_healthy()).await {
-                    Ok(true) => "ok".to_owned(),
-                    Ok(false) => "jetstream unavailable".to_owned(),
-                    Err(_) => "jetstream timed out".to_owned(),
-                }
-            }
-            other => format!("{other:?}").to_lowercase(),
-        },
+/// The `nats` check covers the store and the bus (both are NATS in production).
+pub async fn ready(State(r): State<Readiness>) -> Response {
+    let shared = async {
+        if r.embedded {
+            return "embedded".to_owned();
+        }
+        let both = async { tokio::join!(r.kv.is_healthy(), r.bus.is_healthy()) };
+        match tokio::time::timeout(CHECK_TIMEOUT, both).await {
+            Ok((true, true)) => "ok".to_owned(),
+            Ok((false, _)) => "store unavailable".to_owned(),
+            Ok((true, false)) => "bus unavailable".to_owned(),
+            Err(_) => "timed out".to_owned(),
+        }
     };
-    let noetl = match state.noetl.health(CHECK_TIMEOUT).await {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => e.to_string(),
+    let noetl = async {
+        match r.noetl.health(CHECK_TIMEOUT).await {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e.to_string(),
+        }
     };
+    let (nats, noetl) = tokio::join!(shared, noetl);
     let ok = (nats == "ok" || nats == "embedded") && noetl == "ok";
     let status = if ok {
         StatusCode::OK

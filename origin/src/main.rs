@@ -20,7 +20,10 @@ fn init_tracing(format: LogFormat) {
 async fn main() -> ExitCode {
     let config = Config::parse();
     init_tracing(config.log_format);
-    if let Err(e) = config.validate() {
+    if let Err(e) = config
+        .validate()
+        .and_then(|()| origin::server::check_policies(&config))
+    {
         tracing::error!("{e}");
         eprintln!("origin: {e}");
         return ExitCode::from(2);
@@ -28,14 +31,14 @@ async fn main() -> ExitCode {
     tracing::info!(config = %config.redacted(), version = env!("CARGO_PKG_VERSION"), "starting origin");
     let shutdown = CancellationToken::new();
     tokio::spawn(origin::server::cancel_on_signal(shutdown.clone()));
-    let state = match origin::server::build_state(config, shutdown).await {
+    let state = match origin::server::build_state(config.clone(), shutdown).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "start-up failed");
             return ExitCode::FAILURE;
         }
     };
-    match origin::server::serve(state).await {
+    match origin::server::serve(&config, state).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "origin failed");

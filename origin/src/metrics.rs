@@ -6,12 +6,13 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
+use crate::hub::Hub;
 
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
@@ -38,8 +39,17 @@ pub struct Metrics {
     pub callbacks: Counter,
 }
 
+/// What `/metrics` reads.
+#[derive(Clone)]
+pub struct MetricsState {
+    /// The counters.
+    pub metrics: Arc<Metrics>,
+    /// This replica's open SSE streams (the connections gauge).
+    pub hub: Arc<Hub>,
+}
+
 /// `GET /metrics`.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<MetricsState>) -> Response {
     let m = &state.metrics;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, value: u64| {

@@ -4,10 +4,18 @@
 //! checks) are retried, and only on failures that say nothing reached NoETL's logic
 //! (connect errors, 502/503/504). Answers are size-capped and parsed into typed replies;
 //! ids that NoETL sends as numbers above 2^53 are kept as exact decimal strings.
+//!
+//! The `/noetl/*` proxy streams through the same client ([`NoetlClient::forward`]): one
+//! connection pool, one connect timeout, one redirect policy — none: a redirect from NoETL
+//! is passed to the caller, never followed by the gateway with the caller's identity.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use gateway_shared::session::{string_or_number, User};
+use http::{HeaderMap, Method};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -142,6 +150,34 @@ pub struct LoginRequest<'a> {
     pub client_ip: &'a str,
 }
 
+/// A request the `/noetl/*` proxy streams to NoETL ([`NoetlClient::forward`]).
+pub struct Forward<S> {
+    /// The caller's method.
+    pub method: Method,
+    /// The upstream path (`/api/...`), already checked by the proxy's policy.
+    pub path: String,
+    /// The upstream query, without the session token.
+    pub query: Option<String>,
+    /// The headers to send (the caller's, filtered, plus the gateway's identity headers).
+    pub headers: HeaderMap,
+    /// The caller's body, as it arrives.
+    pub body: S,
+    /// How long NoETL may take to send the answer's head.
+    pub first_byte_timeout: Duration,
+}
+
+/// NoETL's streamed answer to a [`Forward`].
+pub struct Forwarded {
+    /// NoETL's status code.
+    pub status: u16,
+    /// NoETL's headers (unfiltered: the proxy decides what the caller sees).
+    pub headers: HeaderMap,
+    /// The declared body length, if NoETL declared one.
+    pub content_length: Option<u64>,
+    /// The body, chunk by chunk.
+    pub body: BoxStream<'static, Result<Bytes, std::io::Error>>,
+}
+
 /// The client for one NoETL server.
 #[derive(Debug, Clone)]
 pub struct NoetlClient {
@@ -164,6 +200,7 @@ impl NoetlClient {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("noetl-edge-gateway/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| NoetlError::Unreachable(format!("HTTP client: {e}")))?;
@@ -339,6 +376,46 @@ impl NoetlClient {
         self.call::<Value, ()>(reqwest::Method::POST, &path, None, false, false)
             .await
             .map(|_| ())
+    }
+
+    /// Streams a proxied request to NoETL and returns its answer's head with the body as a
+    /// stream. Never retried (the body is consumed as it is sent); the head must arrive
+    /// within `first_byte_timeout`, after which the body streams for as long as it lasts
+    /// (the caller bounds pauses and size). The request carries no user agent of the
+    /// gateway's: its headers are the caller's, as the proxy filtered them.
+    pub async fn forward<S>(&self, req: Forward<S>) -> Result<Forwarded, NoetlError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        let mut url = self.base.clone();
+        url.set_path(&req.path);
+        url.set_query(req.query.as_deref());
+        let send = self
+            .http
+            .request(req.method, url)
+            .headers(req.headers)
+            .body(reqwest::Body::wrap_stream(req.body))
+            .send();
+        let resp = match tokio::time::timeout(req.first_byte_timeout, send).await {
+            Err(_) => return Err(NoetlError::Timeout),
+            Ok(Err(e)) if e.is_timeout() => return Err(NoetlError::Timeout),
+            Ok(Err(e)) => {
+                return Err(NoetlError::Unreachable(format!(
+                    "proxy: {}",
+                    root_cause(&e)
+                )))
+            }
+            Ok(Ok(r)) => r,
+        };
+        Ok(Forwarded {
+            status: resp.status().as_u16(),
+            content_length: resp.content_length(),
+            headers: resp.headers().clone(),
+            body: resp
+                .bytes_stream()
+                .map(|r| r.map_err(std::io::Error::other))
+                .boxed(),
+        })
     }
 
     /// One call with retries for idempotent requests. `accept_client_errors` lets routes

@@ -11,11 +11,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{FromRef, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use axum::routing::any;
@@ -23,9 +25,10 @@ use axum::Router;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use crate::app::AppState;
-use crate::auth::routes::require_request_session;
+use crate::auth::session::SessionService;
+use crate::auth::Caller;
 use crate::error::AppError;
+use crate::noetl::{Forward, NoetlClient, NoetlError};
 
 /// Identity headers the gateway sets on proxied requests; never taken from the client.
 pub const IDENTITY_HEADERS: [&str; 4] = [
@@ -35,8 +38,17 @@ pub const IDENTITY_HEADERS: [&str; 4] = [
     "x-request-id",
 ];
 
+/// What the proxy routes need, and nothing else.
+#[derive(Clone, FromRef)]
+pub struct ProxyState {
+    /// The proxy's policy and limits, and the NoETL client it streams through.
+    pub proxy: Arc<Proxy>,
+    /// Who is calling.
+    pub sessions: Arc<SessionService>,
+}
+
 /// The proxy routes, mounted on the public listener.
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<ProxyState> {
     Router::new()
         .route("/noetl", any(refuse_root))
         .route("/noetl/", any(refuse_root))
@@ -233,11 +245,10 @@ pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// The proxy's HTTP client and limits.
+/// The proxy's policy and limits; requests go through the one [`NoetlClient`].
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    http: reqwest::Client,
-    base: url::Url,
+    noetl: NoetlClient,
     allow: AllowList,
     max_body: u64,
     timeout: Duration,
@@ -245,39 +256,33 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the proxy. The client has a connect timeout but no total timeout: bodies may
-    /// stream for long; the idle timeout bounds each pause instead.
+    /// The proxy over `noetl`: bodies may stream for long, so there is no total timeout;
+    /// `timeout` bounds the wait for the answer's head and `idle_timeout` each pause
+    /// between chunks.
     pub fn new(
-        base: url::Url,
+        noetl: NoetlClient,
         allow: AllowList,
         max_body: u64,
-        connect_timeout: Duration,
         timeout: Duration,
         idle_timeout: Duration,
-    ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .read_timeout(idle_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        Ok(Self {
-            http,
-            base,
+    ) -> Self {
+        Self {
+            noetl,
             allow,
             max_body,
             timeout,
             idle_timeout,
-        })
+        }
     }
 }
 
-async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response, AppError> {
     let proxy = &state.proxy;
     let (parts, body) = req.into_parts();
     let raw_rest = parts.uri.path().strip_prefix("/noetl/").unwrap_or_default();
     let path =
         normalize_path(raw_rest).map_err(|m| AppError::bad_request("invalid_proxy_path", m))?;
-    let (_, record) = require_request_session(&state, &parts).await?;
+    let caller = Caller::resolve(&state.sessions, &parts, None).await?;
     match proxy.allow.verdict(&parts.method, &path) {
         Verdict::Allowed => {}
         Verdict::MethodNotAllowed(_) => return Err(AppError::MethodNotAllowed),
@@ -299,17 +304,13 @@ async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, 
         });
     }
 
-    let mut url = proxy.base.clone();
-    url.set_path(&path);
-    url.set_query(upstream_query(parts.uri.query()).as_deref());
-
     let mut headers = upstream_request_headers(&parts.headers);
     let request_id = parts
         .headers
         .get("x-request-id")
         .cloned()
         .unwrap_or_else(|| HeaderValue::from_static("unknown"));
-    let user = &record.user;
+    let user = caller.user();
     for (name, value) in [
         ("x-noetl-user-id", user.user_id.as_str()),
         ("x-noetl-user-email", user.email.as_str()),
@@ -322,78 +323,52 @@ async fn proxy(State(state): State<AppState>, req: Request) -> Result<Response, 
     headers.insert(HeaderName::from_static("x-request-id"), request_id);
 
     let limit = proxy.max_body;
-    let upstream_body = LimitedStream::new(
+    let upload = LimitedStream::new(
         body.into_data_stream()
             .map(|r| r.map_err(std::io::Error::other)),
         limit,
     );
-    let send = proxy
-        .http
-        .request(parts.method.clone(), url)
-        .headers(headers)
-        .body(reqwest::Body::wrap_stream(upstream_body))
-        .send();
-    let resp = match tokio::time::timeout(proxy.timeout, send).await {
-        Err(_) => return Err(AppError::Noetl(crate::noetl::NoetlError::Timeout)),
-        Ok(Err(e)) if is_body_limit(&e) => return Err(AppError::PayloadTooLarge { limit }),
-        Ok(Err(e)) if e.is_timeout() => {
-            return Err(AppError::Noetl(crate::noetl::NoetlError::Timeout))
+    let upload_overflowed = upload.overflowed.clone();
+    let forwarded = proxy
+        .noetl
+        .forward(Forward {
+            method: parts.method.clone(),
+            path,
+            query: upstream_query(parts.uri.query()),
+            headers,
+            body: upload,
+            first_byte_timeout: proxy.timeout,
+        })
+        .await;
+    let resp = match forwarded {
+        Err(_) if upload_overflowed.load(Ordering::Relaxed) => {
+            return Err(AppError::PayloadTooLarge { limit })
         }
-        Ok(Err(e)) => {
-            return Err(AppError::Noetl(crate::noetl::NoetlError::Unreachable(
-                format!("proxy: {}", root_cause(&e)),
-            )))
-        }
-        Ok(Ok(r)) => r,
+        Err(e) => return Err(AppError::Noetl(e)),
+        Ok(r) => r,
     };
-    if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(AppError::Noetl(crate::noetl::NoetlError::BadResponse(
-            format!("upstream body larger than {limit} bytes"),
-        )));
+    if resp.content_length.is_some_and(|n| n > limit) {
+        return Err(AppError::Noetl(NoetlError::BadResponse(format!(
+            "upstream body larger than {limit} bytes"
+        ))));
     }
-    let status = resp.status();
-    let headers = client_response_headers(resp.headers());
-    let idle = proxy.idle_timeout;
-    let stream = LimitedStream::new(
-        IdleTimeout::new(
-            resp.bytes_stream()
-                .map(|r| r.map_err(std::io::Error::other)),
-            idle,
-        ),
-        limit,
-    );
+    let headers = client_response_headers(&resp.headers);
+    let stream = LimitedStream::new(IdleTimeout::new(resp.body, proxy.idle_timeout), limit);
     let mut out = Response::new(Body::from_stream(stream));
-    *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    *out.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
     *out.headers_mut() = headers;
     Ok(out)
 }
 
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
-
-fn is_body_limit(e: &reqwest::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.to_string().contains(BODY_LIMIT_MESSAGE) {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 const BODY_LIMIT_MESSAGE: &str = "proxied body exceeds the size limit";
 
-/// A byte stream that fails once more than `limit` bytes have passed.
+/// A byte stream that fails once more than `limit` bytes have passed, and says so in
+/// `overflowed` (how the handler tells a too-large upload from a NoETL failure).
 struct LimitedStream<S> {
     inner: S,
     seen: u64,
     limit: u64,
+    overflowed: Arc<AtomicBool>,
 }
 
 impl<S> LimitedStream<S> {
@@ -402,6 +377,7 @@ impl<S> LimitedStream<S> {
             inner,
             seen: 0,
             limit,
+            overflowed: Arc::default(),
         }
     }
 }
@@ -416,6 +392,7 @@ where
             Poll::Ready(Some(Ok(chunk))) => {
                 self.seen += chunk.len() as u64;
                 if self.seen > self.limit {
+                    self.overflowed.store(true, Ordering::Relaxed);
                     Poll::Ready(Some(Err(std::io::Error::other(BODY_LIMIT_MESSAGE))))
                 } else {
                     Poll::Ready(Some(Ok(chunk)))

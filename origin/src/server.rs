@@ -12,26 +12,43 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{internal_router, public_router, AppState};
+use crate::app::{internal_router, public_router};
 use crate::auth::backend::{AuthBackend, AuthPlaybooks, PlaybookBackend};
+use crate::auth::edge::EdgeTrust;
 use crate::auth::id_token::{IdTokenConfig, IdTokenVerifier};
+use crate::auth::routes::AuthRoutesState;
 use crate::auth::session::{SessionService, SessionSettings};
 use crate::bus::memory::MemoryBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::{Bus, Retention};
-use crate::config::{AuthMode, Config};
-use crate::events::hub::Hub;
-use crate::graphql::{build_schema, schema::Services};
+use crate::callbacks::CallbackState;
+use crate::config::{AuthMode, Config, ConfigError};
+use crate::events::{EventsState, SseTimers};
+use crate::extract::BodyLimit;
+use crate::graphql::{build_schema, schema::Services, GraphqlState, KeepAlive};
+use crate::health::Readiness;
+use crate::hub::Hub;
 use crate::listener::{self, LeanPath};
+use crate::metrics::{Metrics, MetricsState};
 use crate::noetl::NoetlClient;
-use crate::proxy::{AllowList, Proxy};
+use crate::proxy::{AllowList, Proxy, ProxyState};
 use crate::requests::CallbackTokens;
+use crate::state::AppState;
 use crate::store::memory::MemoryKv;
 use crate::store::nats::NatsKv;
 use crate::store::{BucketTtls, KvStore};
 
 /// How many times the first NATS connection is tried before start-up fails.
 const NATS_CONNECT_ATTEMPTS: u32 = 10;
+
+/// Checks the settings whose syntax is a component's policy rather than the
+/// configuration's (today `PROXY_ALLOW`), so a bad value stops start-up with exit code 2
+/// like any other bad setting.
+pub fn check_policies(config: &Config) -> Result<(), ConfigError> {
+    AllowList::parse(&config.proxy_allow)
+        .map(|_| ())
+        .map_err(|e| ConfigError(format!("PROXY_ALLOW: {e}")))
+}
 
 /// Connects NATS (if configured), builds the application state and starts the NATS
 /// bridge. `shutdown` is cancelled on SIGTERM: SSE streams and the bridge stop with it.
@@ -118,13 +135,12 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
     let allow =
         AllowList::parse(&config.proxy_allow).map_err(|e| anyhow::anyhow!("PROXY_ALLOW: {e}"))?;
     let proxy = Proxy::new(
-        config.noetl_base_url.clone(),
+        noetl.clone(),
         allow,
         config.proxy_max_body,
-        config.noetl_connect_timeout,
         config.proxy_timeout,
         config.proxy_idle_timeout,
-    )?;
+    );
     let retention = Retention {
         max_age: config.frame_retention,
         max_frames_per_client: config.frame_retention_per_client,
@@ -166,24 +182,57 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         },
         config.graphql_introspection,
     );
-    let edge_trust = crate::edge::EdgeTrust::new(
+    let edge_trust = EdgeTrust::new(
         config.edge_assertion_public_key.as_deref(),
         config.require_edge_assertion,
     );
+    let hub = Arc::new(Hub::default());
+    let metrics = Arc::new(Metrics::default());
     Ok(AppState {
-        config,
-        kv,
-        noetl,
-        sessions,
-        proxy: Arc::new(proxy),
-        nats,
-        bus,
-        hub: Arc::new(Hub::default()),
-        callback_tokens,
-        graphql,
-        shutdown,
+        auth: AuthRoutesState {
+            sessions: sessions.clone(),
+            body_limit: BodyLimit(config.auth_body_limit),
+            metrics: metrics.clone(),
+        },
+        graphql: GraphqlState {
+            schema: graphql,
+            sessions: sessions.clone(),
+            shutdown: shutdown.clone(),
+            keepalive: KeepAlive(config.sse_keepalive_interval),
+        },
+        events: EventsState {
+            sessions: sessions.clone(),
+            kv: kv.clone(),
+            bus: bus.clone(),
+            hub: hub.clone(),
+            shutdown: shutdown.clone(),
+            timers: SseTimers {
+                ping_every: config.sse_ping_interval,
+                keepalive_every: config.sse_keepalive_interval,
+            },
+        },
+        proxy: ProxyState {
+            proxy: Arc::new(proxy),
+            sessions,
+        },
+        callbacks: CallbackState {
+            kv: kv.clone(),
+            bus: bus.clone(),
+            hub: hub.clone(),
+            tokens: callback_tokens,
+            service_token: config.internal_token.clone(),
+            body_limit: BodyLimit(config.callback_body_limit),
+            metrics: metrics.clone(),
+        },
+        readiness: Readiness {
+            kv,
+            bus,
+            noetl,
+            embedded: nats.is_none(),
+        },
+        metrics: MetricsState { metrics, hub },
         edge_trust,
-        metrics: Arc::new(crate::metrics::Metrics::default()),
+        shutdown,
     })
 }
 
@@ -209,8 +258,7 @@ async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
 
 /// Serves both listeners until the state's shutdown token is cancelled, then drains for
 /// at most the configured grace period.
-pub async fn serve(state: AppState) -> anyhow::Result<()> {
-    let config = state.config.clone();
+pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
     let public = bind(config.public_addr, "public").await?;
     let internal = bind(config.internal_addr, "internal").await?;

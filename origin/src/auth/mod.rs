@@ -1,5 +1,8 @@
 //! Authentication: who is calling, and may they do this?
 //!
+//! - [`caller`] — the [`Caller`] extractor: the one place a request's caller is decided
+//!   (edge assertion or session token).
+//! - [`edge`] — the `x-gateway-assertion` middleware: verifies the edge's signed assertion.
 //! - [`id_token`] — verifies Auth0 ID tokens (RS256 against a cached JWKS) before any
 //!   session is created.
 //! - [`backend`] — NoETL's REST auth routes or its auth playbooks, behind one trait.
@@ -8,6 +11,10 @@
 //! - [`routes`] — the auth REST API of PROTOCOL.md §1.
 
 pub mod backend;
+pub mod caller;
+pub mod edge;
 pub mod id_token;
 pub mod routes;
 pub mod session;
+
+pub use caller::Caller;

@@ -3,29 +3,37 @@
 //! Handlers only translate HTTP to [`SessionService`](super::session::SessionService)
 //! calls and back; the field names are the compat ones existing SPA clients use.
 
-use axum::extract::{ConnectInfo, Request, State};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRef, Request, State};
 use axum::http::{request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use gateway_shared::session::{is_well_formed_token, SessionHash, SessionRecord, User};
+use gateway_shared::session::is_well_formed_token;
 use serde::Deserialize;
 use serde_json::json;
-use std::net::SocketAddr;
 
-use super::session::PERMISSIONS;
-use crate::app::AppState;
-use crate::edge::EdgeIdentity;
+use super::caller::{request_token, Caller};
+use super::session::{is_valid_playbook_path, SessionService, PERMISSIONS};
 use crate::error::{json_response, AppError};
-use crate::extract::{
-    is_json_content_type, parse_json, read_body_limited, request_token, JsonBody,
-};
+use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLimit, JsonBody};
+use crate::metrics::Metrics;
 
-/// Longest playbook path accepted in an access check.
-const MAX_PLAYBOOK_PATH: usize = 512;
+/// What the auth routes need, and nothing else.
+#[derive(Clone, FromRef)]
+pub struct AuthRoutesState {
+    /// Login, validation, access checks, logout.
+    pub sessions: Arc<SessionService>,
+    /// `AUTH_BODY_LIMIT`.
+    pub body_limit: BodyLimit,
+    /// Counts validations (the edge's KV cache should keep them rare).
+    pub metrics: Arc<Metrics>,
+}
 
 /// The auth routes, mounted on the public listener.
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<AuthRoutesState> {
     Router::new()
         .route("/api/auth/login", post(login))
         .route("/api/auth/validate", post(validate))
@@ -45,7 +53,7 @@ struct LoginBody {
 }
 
 async fn login(
-    State(state): State<AppState>,
+    State(state): State<AuthRoutesState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     JsonBody(body): JsonBody<LoginBody>,
 ) -> Result<Response, AppError> {
@@ -72,17 +80,14 @@ struct TokenBody {
     session_token: Option<String>,
 }
 
-/// The session token from a JSON body (optional: it may come in a header instead) or the
-/// request's header, cookie or query.
-async fn body_or_request_token<T>(
-    state: &AppState,
-    req: Request,
-) -> Result<(T, Option<String>), AppError>
+/// A body that may be empty or JSON (the token may come in a header instead), with the
+/// request's parts.
+async fn optional_json_body<T>(limit: BodyLimit, req: Request) -> Result<(Parts, T), AppError>
 where
-    T: for<'de> Deserialize<'de> + Default + HasToken,
+    T: for<'de> Deserialize<'de> + Default,
 {
     let (parts, body) = req.into_parts();
-    let bytes = read_body_limited(body, state.config.auth_body_limit).await?;
+    let bytes = read_body_limited(body, limit.0).await?;
     let parsed: T = if bytes.iter().all(u8::is_ascii_whitespace) {
         T::default()
     } else if is_json_content_type(&parts.headers) {
@@ -90,8 +95,13 @@ where
     } else {
         return Err(AppError::UnsupportedMediaType);
     };
-    let token = parsed.token().or_else(|| request_token(&parts));
-    Ok((parsed, token))
+    Ok((parts, parsed))
+}
+
+/// The session token of a body (when it names one) or of the request's header, cookie or
+/// query.
+fn body_or_request_token(body: &impl HasToken, parts: &Parts) -> Option<String> {
+    body.token().or_else(|| request_token(parts))
 }
 
 trait HasToken {
@@ -104,28 +114,30 @@ impl HasToken for TokenBody {
     }
 }
 
-async fn validate(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn validate(
+    State(state): State<AuthRoutesState>,
+    req: Request,
+) -> Result<Response, AppError> {
     state.metrics.validate_requests.inc();
-    let (_, token) = body_or_request_token::<TokenBody>(&state, req).await?;
-    let record = match token.filter(|t| is_well_formed_token(t)) {
-        Some(t) => state.sessions.validate(&t).await?,
-        None => {
-            return Ok(invalid_session(
-                "missing_token",
-                "no session token in the request",
-            ))
-        }
-    };
-    Ok(match record {
-        Some(r) => json_response(
+    let (parts, body) = optional_json_body::<TokenBody>(state.body_limit, req).await?;
+    let token = body_or_request_token(&body, &parts);
+    if !token.as_deref().is_some_and(is_well_formed_token) {
+        return Ok(invalid_session(
+            "missing_token",
+            "no session token in the request",
+        ));
+    }
+    match Caller::from_token(&state.sessions, token).await {
+        Ok(caller) => Ok(json_response(
             StatusCode::OK,
-            &json!({"valid": true, "user": r.user, "expires_at": r.expires_at, "message": "Session is valid"}),
-        ),
-        None => invalid_session(
+            &json!({"valid": true, "user": caller.record.user, "expires_at": caller.record.expires_at, "message": "Session is valid"}),
+        )),
+        Err(e) if e.status() == StatusCode::UNAUTHORIZED => Ok(invalid_session(
             "invalid_session",
             "session is invalid, expired or logged out",
-        ),
-    })
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// The validate route's 401: the compat fields plus the protocol's error object.
@@ -153,8 +165,12 @@ impl HasToken for AccessBody {
     }
 }
 
-async fn check_access(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
-    let (body, token) = body_or_request_token::<AccessBody>(&state, req).await?;
+async fn check_access(
+    State(state): State<AuthRoutesState>,
+    req: Request,
+) -> Result<Response, AppError> {
+    let (parts, body) = optional_json_body::<AccessBody>(state.body_limit, req).await?;
+    let body_token = body.token();
     let path = body
         .playbook_path
         .filter(|p| is_valid_playbook_path(p))
@@ -171,92 +187,27 @@ async fn check_access(State(state): State<AppState>, req: Request) -> Result<Res
             "permission_type must be one of execute, view, modify",
         ));
     }
-    let (token, record) = require_session(&state, token).await?;
+    let caller = Caller::resolve(&state.sessions, &parts, body_token).await?;
     let reply = state
         .sessions
-        .check_access(&token, &record, &path, &permission)
+        .check_access(&caller.token, &caller.record, &path, &permission)
         .await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
-            "allowed": reply.allowed, "user": record.user, "playbook_path": path,
+            "allowed": reply.allowed, "user": caller.record.user, "playbook_path": path,
             "permission_type": permission, "message": reply.message,
         }),
     ))
 }
 
-async fn logout(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
-    let (_, token) = body_or_request_token::<TokenBody>(&state, req).await?;
-    let token = token.filter(|t| is_well_formed_token(t)).ok_or_else(|| {
-        AppError::unauthorized("missing_token", "no session token in the request")
-    })?;
+async fn logout(State(state): State<AuthRoutesState>, req: Request) -> Result<Response, AppError> {
+    let (parts, body) = optional_json_body::<TokenBody>(state.body_limit, req).await?;
+    let token = body_or_request_token(&body, &parts)
+        .filter(|t| is_well_formed_token(t))
+        .ok_or_else(|| {
+            AppError::unauthorized("missing_token", "no session token in the request")
+        })?;
     state.sessions.logout(&token).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// A playbook path: 1..=512 characters, no control characters.
-pub fn is_valid_playbook_path(p: &str) -> bool {
-    !p.is_empty() && p.len() <= MAX_PLAYBOOK_PATH && !p.chars().any(char::is_control)
-}
-
-/// The valid session of a request, or 401.
-pub async fn require_session(
-    state: &AppState,
-    token: Option<String>,
-) -> Result<(String, SessionRecord), AppError> {
-    let token = token
-        .filter(|t| is_well_formed_token(t))
-        .ok_or_else(|| AppError::unauthorized("missing_token", "a session token is required"))?;
-    match state.sessions.validate(&token).await? {
-        Some(record) => Ok((token, record)),
-        None => Err(AppError::unauthorized(
-            "invalid_session",
-            "session is invalid, expired or logged out",
-        )),
-    }
-}
-
-/// The caller of a request: the edge's verified assertion when there is one (no second
-/// validation), else the session token (header, cookie or query) validated here.
-///
-/// An assertion is bound to its session: when the request also carries a token, its hash
-/// must be the assertion's `sid`, so an assertion cannot lend its identity to another token.
-pub async fn require_request_session(
-    state: &AppState,
-    parts: &Parts,
-) -> Result<(String, SessionRecord), AppError> {
-    let token = request_token(parts);
-    if let Some(EdgeIdentity(claims)) = parts.extensions.get::<EdgeIdentity>() {
-        if !claims.sub.is_empty() {
-            if let Some(t) = &token {
-                if SessionHash::of(t).as_str() != claims.sid {
-                    return Err(AppError::unauthorized(
-                        "assertion_session_mismatch",
-                        "the edge assertion names another session",
-                    ));
-                }
-            }
-            let record = SessionRecord {
-                user: User {
-                    user_id: claims.sub.clone(),
-                    email: claims.email.clone(),
-                    display_name: String::new(),
-                    roles: claims.roles.clone(),
-                },
-                expires_at: chrono::DateTime::from_timestamp(claims.session_exp, 0)
-                    .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                    .unwrap_or_default(),
-                expires_at_unix: claims.session_exp,
-                is_active: true,
-            };
-            if !record.is_honoured(crate::auth::session::now_unix()) {
-                return Err(AppError::unauthorized(
-                    "invalid_session",
-                    "session is expired",
-                ));
-            }
-            return Ok((token.unwrap_or_default(), record));
-        }
-    }
-    require_session(state, token).await
 }

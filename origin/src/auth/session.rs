@@ -31,6 +31,14 @@ const ACCESS_CACHE_MAX: usize = 10_000;
 /// The permissions a playbook access check can ask for (PROTOCOL.md §1).
 pub const PERMISSIONS: [&str; 3] = ["execute", "view", "modify"];
 
+/// Longest playbook path accepted in an access check.
+const MAX_PLAYBOOK_PATH: usize = 512;
+
+/// A playbook path an access check may name: 1..=512 bytes, no control characters.
+pub fn is_valid_playbook_path(p: &str) -> bool {
+    !p.is_empty() && p.len() <= MAX_PLAYBOOK_PATH && !p.chars().any(char::is_control)
+}
+
 /// A successful login.
 #[derive(Debug, Clone)]
 pub struct LoginSuccess {

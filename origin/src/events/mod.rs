@@ -15,8 +15,6 @@
 //! producer, whatever the number of connections; only the `id:`/`event:` prefix is per
 //! connection.
 
-pub mod hub;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{FromRef, Request, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -38,21 +36,47 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::app::AppState;
-use crate::auth::routes::require_request_session;
-use crate::bus::{BusFrame, StartAt};
+use crate::auth::session::SessionService;
+use crate::auth::Caller;
+use crate::bus::{Bus, BusFrame, StartAt};
 use crate::clients;
 use crate::error::{json_response, AppError};
+use crate::hub::Hub;
 use crate::store::{Bucket, KvStore};
-use hub::Hub;
 
 /// The `retry:` sent with the first frame: EventSource waits this long to reconnect.
 const RETRY_MS: u32 = 2000;
 /// Lifetime of an SSE ticket.
 const TICKET_TTL: Duration = Duration::from_secs(30);
 
+/// What `/events` and tickets need, and nothing else.
+#[derive(Clone, FromRef)]
+pub struct EventsState {
+    /// Who is calling.
+    pub sessions: Arc<SessionService>,
+    /// Tickets, client records, presence.
+    pub kv: Arc<dyn KvStore>,
+    /// Frames per client, with replay.
+    pub bus: Arc<dyn Bus>,
+    /// This replica's open streams (a newer connection of a client supersedes the older).
+    pub hub: Arc<Hub>,
+    /// Cancelled on SIGTERM: streams end so clients reconnect elsewhere.
+    pub shutdown: CancellationToken,
+    /// `ping` frame and `:` keep-alive intervals.
+    pub timers: SseTimers,
+}
+
+/// How often a stream sends a `ping` frame and a `:` keep-alive comment.
+#[derive(Debug, Clone, Copy)]
+pub struct SseTimers {
+    /// `SSE_PING_INTERVAL`.
+    pub ping_every: Duration,
+    /// `SSE_KEEPALIVE_INTERVAL`.
+    pub keepalive_every: Duration,
+}
+
 /// The SSE routes (public listener).
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<EventsState> {
     Router::new()
         .route("/events", get(events))
         .route("/api/events/ticket", post(ticket))
@@ -90,9 +114,8 @@ fn ticket_key(ticket: &str) -> String {
 }
 
 /// `POST /api/events/ticket`: a 30-second, single-use ticket for `/events?ticket=`.
-async fn ticket(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
-    let (parts, _) = req.into_parts();
-    let (_, record) = require_request_session(&state, &parts).await?;
+async fn ticket(State(state): State<EventsState>, caller: Caller) -> Result<Response, AppError> {
+    let record = caller.record;
     let ticket = crate::requests::new_request_id() + &crate::requests::new_request_id();
     let value = serde_json::to_vec(&record.user).expect("a user is plain data");
     state
@@ -111,7 +134,7 @@ async fn ticket(State(state): State<AppState>, req: Request) -> Result<Response,
 }
 
 /// Redeems a ticket once: the first redemption wins on every replica.
-async fn redeem_ticket(state: &AppState, ticket: &str) -> Result<User, AppError> {
+async fn redeem_ticket(state: &EventsState, ticket: &str) -> Result<User, AppError> {
     let refused = || {
         AppError::unauthorized(
             "invalid_ticket",
@@ -142,10 +165,17 @@ async fn redeem_ticket(state: &AppState, ticket: &str) -> Result<User, AppError>
     serde_json::from_slice(&user_bytes).map_err(|_| refused())
 }
 
-async fn authenticate(state: &AppState, parts: &Parts, q: &EventsQuery) -> Result<User, AppError> {
+async fn authenticate(
+    state: &EventsState,
+    parts: &Parts,
+    q: &EventsQuery,
+) -> Result<User, AppError> {
     match &q.ticket {
         Some(t) => redeem_ticket(state, t).await,
-        None => Ok(require_request_session(state, parts).await?.1.user),
+        None => Ok(Caller::resolve(&state.sessions, parts, None)
+            .await?
+            .record
+            .user),
     }
 }
 
@@ -161,7 +191,7 @@ fn last_event_id(parts: &Parts, q: &EventsQuery) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn events(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn events(State(state): State<EventsState>, req: Request) -> Result<Response, AppError> {
     let (parts, _) = req.into_parts();
     let q = parse_query(parts.uri.query())?;
     let user = authenticate(&state, &parts, &q).await?;
@@ -304,15 +334,17 @@ fn evicted_frame() -> Bytes {
 
 impl SseBody {
     fn new(
-        state: AppState,
+        state: EventsState,
         client_id: String,
         first: Bytes,
         frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
     ) -> Self {
         let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
         let now = Instant::now();
-        let ping_every = state.config.sse_ping_interval;
-        let keepalive_every = state.config.sse_keepalive_interval;
+        let SseTimers {
+            ping_every,
+            keepalive_every,
+        } = state.timers;
         let next_ping = now + ping_every;
         let next_keepalive = now + keepalive_every;
         Self {

@@ -45,21 +45,21 @@ use axum::extract::FromRequestParts;
 use axum::http::HeaderValue;
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
-use gateway_shared::session::{bearer_token, is_well_formed_token};
 use serde_json::Value;
 use tracing::Instrument;
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRef, Request, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use tokio_util::sync::CancellationToken;
 
-pub use schema::{build_schema, Caller, GatewaySchema};
+pub use schema::{build_schema, GatewaySchema};
 
-use crate::app::AppState;
-use crate::auth::routes::{require_request_session, require_session};
-use crate::auth::session::now_unix;
+use crate::auth::caller::{socket_init_token, socket_upgrade_token};
+use crate::auth::session::{now_unix, SessionService};
+use crate::auth::Caller;
 use crate::error::{json_response, AppError};
 use crate::extract::{is_json_content_type, parse_json, read_body_limited};
 use subscription::SocketScope;
@@ -73,8 +73,25 @@ pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write to a socket may take before the peer is considered gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// What the GraphQL routes need, and nothing else.
+#[derive(Clone, FromRef)]
+pub struct GraphqlState {
+    /// The schema (its resolvers hold their own services).
+    pub schema: GatewaySchema,
+    /// Who is calling (HTTP) and `connection_init` (WebSocket).
+    pub sessions: Arc<SessionService>,
+    /// Cancelled on SIGTERM: sockets close with 1001.
+    pub shutdown: CancellationToken,
+    /// WebSocket ping interval (`SSE_KEEPALIVE_INTERVAL`).
+    pub keepalive: KeepAlive,
+}
+
+/// How often an idle WebSocket is pinged.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepAlive(pub Duration);
+
 /// The GraphQL routes (public listener).
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<GraphqlState> {
     Router::new()
         .route("/graphql", get(graphiql).post(graphql))
         .route("/graphql/ws", get(graphql_ws))
@@ -89,32 +106,25 @@ async fn graphiql() -> Html<String> {
     )
 }
 
-async fn graphql(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn graphql(
+    State(state): State<GraphqlState>,
+    caller: Caller,
+    req: Request,
+) -> Result<Response, AppError> {
     let (parts, body) = req.into_parts();
-    let (token, record) = require_request_session(&state, &parts).await?;
     if !is_json_content_type(&parts.headers) {
         return Err(AppError::UnsupportedMediaType);
     }
     let bytes = read_body_limited(body, MAX_BODY).await?;
     let request: async_graphql::Request = parse_json(&bytes)?;
-    let caller = Caller {
-        token,
-        record,
-        request_id: parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned(),
-    };
-    let response = state.graphql.execute(request.data(caller)).await;
+    let response = state.schema.execute(request.data(caller)).await;
     Ok(json_response(StatusCode::OK, &response).into_response())
 }
 
 /// `GET /graphql/ws`: checks the upgrade and the subprotocol (JSON errors, before any
 /// socket exists), then hands the socket to [`serve_socket`]. Auth waits for
 /// `connection_init`, whose payload may carry the token.
-async fn graphql_ws(State(state): State<AppState>, req: Request) -> Result<Response, AppError> {
+async fn graphql_ws(State(state): State<GraphqlState>, req: Request) -> Result<Response, AppError> {
     let (mut parts, _) = req.into_parts();
     let mut upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
         .await
@@ -139,20 +149,14 @@ async fn graphql_ws(State(state): State<AppState>, req: Request) -> Result<Respo
     // Not the cookie: browsers send cookies on cross-site WebSocket upgrades and CORS
     // does not apply to WebSockets, so a cookie would let any site open a socket as the
     // user (cross-site WebSocket hijacking). Header and query tokens are set by the app.
-    let upgrade_token = upgrade_token(&parts);
-    let request_id = parts
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let upgrade_token = socket_upgrade_token(&parts);
     // The socket outlives the request; its log lines keep the request's span (path, id).
     let span = tracing::Span::current();
     Ok(upgrade
         .max_message_size(MAX_BODY)
         .max_frame_size(MAX_BODY)
         .on_upgrade(move |socket| {
-            serve_socket(state, socket, protocol, upgrade_token, request_id).instrument(span)
+            serve_socket(state, socket, protocol, upgrade_token).instrument(span)
         }))
 }
 
@@ -169,27 +173,6 @@ fn select_protocol<'a>(requested: impl IntoIterator<Item = &'a str>) -> Option<W
     ]
     .into_iter()
     .find(|p| offered.contains(p))
-}
-
-/// The session token for `connection_init`: the one the payload names (`session_token`,
-/// or `authorization: "Bearer …"`, at the top level or under `headers`), else the upgrade
-/// request's. A payload that names a token decides, even when it is malformed (`None`).
-fn init_token(payload: &Value, upgrade_token: Option<String>) -> Option<String> {
-    let scopes = [Some(payload), payload.get("headers")];
-    for fields in scopes.into_iter().flatten().filter_map(Value::as_object) {
-        for (name, value) in fields {
-            if name == "session_token" {
-                return value
-                    .as_str()
-                    .filter(|t| is_well_formed_token(t))
-                    .map(str::to_owned);
-            }
-            if name.eq_ignore_ascii_case("authorization") {
-                return value.as_str().and_then(bearer_token).map(str::to_owned);
-            }
-        }
-    }
-    upgrade_token
 }
 
 /// A close frame to send.
@@ -275,11 +258,10 @@ async fn session_expiry(init: Option<&InitOutcome>) {
 /// `connection_init`, enforces the timers and maps close codes (see the module docs).
 /// Dropping the protocol stream at the end drops every operation with it.
 async fn serve_socket(
-    state: AppState,
+    state: GraphqlState,
     socket: WebSocket,
     protocol: WebSocketProtocols,
     upgrade_token: Option<String>,
-    request_id: String,
 ) {
     let (mut sink, incoming) = socket.split();
     let input = incoming
@@ -294,19 +276,15 @@ async fn serve_socket(
     let on_init = {
         let (state, outcome) = (state.clone(), outcome.clone());
         move |payload: Value| async move {
-            let token = init_token(&payload, upgrade_token);
-            match require_session(&state, token).await {
-                Ok((token, record)) => {
-                    tracing::info!(user = %record.user.user_id, "graphql-ws connection accepted");
+            let token = socket_init_token(&payload, upgrade_token);
+            match Caller::from_token(&state.sessions, token).await {
+                Ok(caller) => {
+                    tracing::info!(user = %caller.user().user_id, "graphql-ws connection accepted");
                     let _ = outcome.set(InitOutcome::Accepted {
-                        expires_at_unix: record.expires_at_unix,
+                        expires_at_unix: caller.record.expires_at_unix,
                     });
                     let mut data = Data::default();
-                    data.insert(Caller {
-                        token,
-                        record,
-                        request_id,
-                    });
+                    data.insert(caller);
                     data.insert(Arc::new(SocketScope::default()));
                     Ok(data)
                 }
@@ -319,15 +297,12 @@ async fn serve_socket(
         }
     };
     let protocol_stream =
-        async_graphql::http::WebSocket::new(state.graphql.clone(), input, protocol)
+        async_graphql::http::WebSocket::new(state.schema.clone(), input, protocol)
             .on_connection_init(on_init);
     let mut protocol_stream = std::pin::pin!(protocol_stream);
     let init_deadline = tokio::time::sleep(INIT_TIMEOUT);
     let mut init_deadline = std::pin::pin!(init_deadline);
-    let every = state
-        .config
-        .sse_keepalive_interval
-        .max(Duration::from_secs(1));
+    let every = state.keepalive.0.max(Duration::from_secs(1));
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
 
     let close = loop {
@@ -371,20 +346,9 @@ async fn serve_socket(
     );
 }
 
-/// The upgrade request's token from `Authorization: Bearer` or `?session_token=`, never
-/// from the cookie (see the module docs).
-fn upgrade_token(parts: &axum::http::request::Parts) -> Option<String> {
-    let auth = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    gateway_shared::session::extract_token(auth, None, parts.uri.query())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn the_modern_subprotocol_is_preferred_and_one_is_required() {
@@ -399,37 +363,6 @@ mod tests {
         );
         assert_eq!(p(&["soap", "wamp"]), None);
         assert_eq!(p(&[]), None);
-    }
-
-    #[test]
-    fn the_init_payload_token_wins_and_a_malformed_one_is_not_replaced() {
-        let cookie = || Some("cookie-token".to_owned());
-        assert_eq!(
-            init_token(&json!({"session_token": "abc"}), cookie()).as_deref(),
-            Some("abc")
-        );
-        assert_eq!(
-            init_token(&json!({"Authorization": "Bearer xyz"}), None).as_deref(),
-            Some("xyz")
-        );
-        assert_eq!(
-            init_token(&json!({"headers": {"authorization": "bearer h"}}), None).as_deref(),
-            Some("h")
-        );
-        assert_eq!(
-            init_token(&json!({"authorization": "Basic x"}), cookie()),
-            None
-        );
-        assert_eq!(init_token(&json!({"session_token": 5}), cookie()), None);
-        assert_eq!(init_token(&json!({"session_token": "a b"}), cookie()), None);
-        assert_eq!(
-            init_token(&Value::Null, cookie()).as_deref(),
-            Some("cookie-token")
-        );
-        assert_eq!(
-            init_token(&json!({"other": 1}), cookie()).as_deref(),
-            Some("cookie-token")
-        );
     }
 
     #[test]

@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use async_graphql::{Context, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID};
 use gateway_shared::frames::{is_valid_client_id, PendingRequest};
-use gateway_shared::session::SessionRecord;
 use serde_json::Value;
 
 use super::subscription::{OperationLimit, Subscription};
-use crate::auth::routes::is_valid_playbook_path;
-use crate::auth::session::{now_unix, SessionService};
+use crate::auth::session::{is_valid_playbook_path, now_unix, SessionService};
+use crate::auth::Caller;
 use crate::bridge::interest;
 use crate::bus::Bus;
 use crate::clients;
@@ -22,17 +21,6 @@ use crate::store::KvStore;
 
 /// The gateway's GraphQL schema.
 pub type GatewaySchema = Schema<Query, Mutation, Subscription>;
-
-/// Who is calling: set per request by the HTTP shell after session validation.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The raw session token (for NoETL's access checks; never logged).
-    pub token: String,
-    /// The validated session.
-    pub record: SessionRecord,
-    /// The request id, for log correlation.
-    pub request_id: String,
-}
 
 /// The services resolvers use (schema-wide data).
 #[derive(Clone)]

@@ -180,13 +180,7 @@ impl Subscription {
             .data_opt::<Arc<SocketScope>>()
             .ok_or_else(|| gql_error("BAD_REQUEST", "subscriptions are served at /graphql/ws"))?;
         // A socket outlives the request that opened it: a logout stops new subscriptions.
-        if svc
-            .sessions
-            .validate(&caller.token)
-            .await
-            .map_err(from_app)?
-            .is_none()
-        {
+        if !caller.still_valid(&svc.sessions).await.map_err(from_app)? {
             return Err(gql_error(
                 "UNAUTHENTICATED",
                 "session is invalid, expired or logged out",

@@ -18,8 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use gateway_shared::assertion::{self, AssertionClaims, PublicKey};
 
-use crate::app::AppState;
-use crate::auth::session::now_unix;
+use super::session::now_unix;
 use crate::error::AppError;
 
 /// Clock skew allowed between the edge and the origin.
@@ -48,7 +47,7 @@ impl EdgeTrust {
 
 /// The middleware (public listener).
 pub async fn verify_assertion(
-    State(state): State<AppState>,
+    State(trust): State<EdgeTrust>,
     mut req: Request,
     next: Next,
 ) -> Response {
@@ -56,7 +55,6 @@ pub async fn verify_assertion(
         .headers_mut()
         .remove(assertion::HEADER)
         .and_then(|v| v.to_str().ok().map(str::to_owned));
-    let trust = &state.edge_trust;
     let exempt = matches!(req.uri().path(), "/health" | "/ready");
     match (&trust.key, header) {
         (Some(key), Some(token)) => match assertion::verify(&token, key, now_unix(), LEEWAY_SECS) {
