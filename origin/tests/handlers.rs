@@ -1,0 +1,744 @@
+//! In-process handler tests: the real routers and middleware stack over the embedded
+//! (memory) store and bus, driven with `tower::ServiceExt::oneshot` — no listener, no
+//! nats-server, no origin process. Each test runs in milliseconds, so the edge cases of
+//! every public route (400/401/403/404/405/413/415, ownership, assertion/session mismatch,
+//! proxy refusals, callback authorization) are covered here, and the process suites in
+//! `tests/` keep what needs real processes: NATS, wrangler, restarts and browsers.
+//!
+//! NoETL is an in-process axum stub on a loopback port (health answers, every session it is
+//! asked about is invalid) or, where a test needs it unreachable, a closed port.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::response::Response;
+use axum::Router;
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use gateway_shared::assertion::{self, AssertionClaims};
+use gateway_shared::frames::event;
+use gateway_shared::session::{SessionHash, SessionRecord, User};
+use http_body_util::BodyExt;
+use origin::bus::StartAt;
+use origin::config::Config;
+use origin::requests::{CallbackTokens, RequestEntry};
+use origin::state::AppState;
+use origin::store::{Bucket, KvStore};
+use origin::{app, clients, requests, server};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// The edge's signing seed in these tests (base64url of 32 bytes, not all zero).
+const EDGE_SEED: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA";
+/// The internal listener's service token.
+const SERVICE_TOKEN: &str = "service-token-for-handler-tests";
+/// A shared callback secret, so request tokens are predictable from the test.
+const CALLBACK_SECRET: &str = "callback-secret-for-handler-tests";
+
+/// One origin, in process.
+struct Origin {
+    state: AppState,
+    public: Router,
+    internal: Router,
+}
+
+impl Origin {
+    /// An origin over the embedded store and bus with `extra` settings on top of the test
+    /// defaults; NoETL is `noetl` (a base URL).
+    async fn with(noetl: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "origin",
+            "--noetl-base-url",
+            noetl,
+            "--noetl-retries",
+            "0",
+            "--noetl-timeout",
+            "2s",
+            "--callback-secret",
+            CALLBACK_SECRET,
+            "--auth-audience",
+            "handler-tests",
+            "--auth-issuer",
+            "https://issuer.invalid/",
+            "--auth-jwks-url",
+            "http://127.0.0.1:9/.well-known/jwks.json",
+        ];
+        args.extend_from_slice(extra);
+        let config = Config::try_parse_from(args).expect("test settings parse");
+        config.validate().expect("test settings are valid");
+        server::check_policies(&config).expect("test policies are valid");
+        let state = server::build_state(config, CancellationToken::new())
+            .await
+            .expect("state over the embedded store and bus");
+        Self {
+            public: app::public_router(state.clone()),
+            internal: app::internal_router(state.clone()),
+            state,
+        }
+    }
+
+    /// An origin whose NoETL is the in-process stub.
+    async fn new(extra: &[&str]) -> Self {
+        let noetl = fake_noetl().await;
+        Self::with(&noetl, extra).await
+    }
+
+    fn kv(&self) -> &dyn KvStore {
+        self.state.readiness.kv.as_ref()
+    }
+
+    /// Stores a live session for `token` as if NoETL had validated it.
+    async fn seed_session(&self, token: &str, user_id: &str) -> SessionRecord {
+        let record = SessionRecord {
+            user: User {
+                user_id: user_id.into(),
+                email: format!("{user_id}@example.test"),
+                display_name: user_id.into(),
+                roles: vec!["user".into()],
+            },
+            expires_at: "2099-01-01T00:00:00Z".into(),
+            expires_at_unix: 4_070_908_800,
+            is_active: true,
+        };
+        self.kv()
+            .put(
+                Bucket::Sessions,
+                SessionHash::of(token).as_str(),
+                Bytes::from(serde_json::to_vec(&record).unwrap()),
+            )
+            .await
+            .unwrap();
+        record
+    }
+
+    async fn public(&self, req: Request<Body>) -> (StatusCode, Value) {
+        read(self.public.clone().oneshot(with_peer(req)).await.unwrap()).await
+    }
+
+    async fn internal(&self, req: Request<Body>) -> (StatusCode, Value) {
+        read(self.internal.clone().oneshot(with_peer(req)).await.unwrap()).await
+    }
+}
+
+/// A NoETL stub: `/api/health` answers, every session it is asked about is invalid (NoETL
+/// answers validate with 200 `{status:"ok", valid:false}`).
+async fn fake_noetl() -> String {
+    use axum::routing::{get, post};
+    let app = Router::new()
+        .route(
+            "/api/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route(
+            "/api/auth/session/validate",
+            post(|| async { axum::Json(json!({"status": "ok", "valid": false})) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// A base URL where nothing listens (connection refused at once).
+async fn closed_port() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// The peer address the real listener would attach.
+fn with_peer(mut req: Request<Body>) -> Request<Body> {
+    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    req.extensions_mut().insert(ConnectInfo(peer));
+    req
+}
+
+/// Status and JSON body (`Null` for an empty or non-JSON body).
+async fn read(resp: Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn post_json(uri: &str, body: Value) -> Request<Body> {
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+fn bearer(req: Request<Body>, token: &str) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    parts.headers.insert(
+        header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    Request::from_parts(parts, body)
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+// ---- routing -------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unknown_routes_are_404_and_wrong_methods_405_both_json() {
+    let o = Origin::new(&[]).await;
+    let (status, body) = o.public(get("/no/such/route")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body), "not_found");
+    let (status, body) = o.public(get("/api/auth/validate")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error_code(&body), "method_not_allowed");
+    let (status, _) = o.internal(get("/api/internal/callback")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    // The public listener does not serve the internal routes.
+    let (status, _) = o
+        .public(post_json("/api/internal/callback/async", json!({})))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn ready_means_noetl_answers_and_names_the_embedded_store() {
+    let o = Origin::new(&[]).await;
+    let (status, body) = o.public(get("/ready")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"]["nats"], "embedded");
+    assert_eq!(body["checks"]["noetl"], "ok");
+
+    let down = Origin::with(&closed_port().await, &[]).await;
+    let (status, body) = down.internal(get("/ready")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "not_ready");
+    assert_ne!(body["checks"]["noetl"], "ok");
+}
+
+// ---- auth REST -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn validate_answers_401_without_a_token_and_for_a_session_noetl_refuses() {
+    let o = Origin::new(&[]).await;
+    let (status, body) = o.public(post_json("/api/auth/validate", json!({}))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body), "missing_token");
+    assert_eq!(body["valid"], false);
+
+    let (status, body) = o
+        .public(post_json(
+            "/api/auth/validate",
+            json!({"session_token": "not-a-session"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body), "invalid_session");
+}
+
+#[tokio::test]
+async fn validate_serves_a_cached_session_from_body_header_or_cookie() {
+    let o = Origin::new(&[]).await;
+    o.seed_session("tok-alice", "alice").await;
+    let (status, body) = o
+        .public(post_json(
+            "/api/auth/validate",
+            json!({"session_token": "tok-alice"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user"]["user_id"], "alice");
+
+    let (status, body) = o
+        .public(bearer(
+            Request::post("/api/auth/validate")
+                .body(Body::empty())
+                .unwrap(),
+            "tok-alice",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let req = Request::post("/api/auth/validate")
+        .header(header::COOKIE, "theme=dark; session_token=tok-alice")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = o.public(req).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user"]["user_id"], "alice");
+}
+
+#[tokio::test]
+async fn auth_bodies_are_checked_for_type_size_and_syntax() {
+    let o = Origin::new(&["--auth-body-limit", "1024"]).await;
+    let req = Request::post("/api/auth/validate")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("session_token=x"))
+        .unwrap();
+    let (status, body) = o.public(req).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(error_code(&body), "unsupported_media_type");
+
+    let big = json!({"session_token": "x".repeat(1100)});
+    let (status, body) = o.public(post_json("/api/auth/validate", big)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(&body), "payload_too_large");
+
+    let req = Request::post("/api/auth/check-access")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{\"playbook_path\": "))
+        .unwrap();
+    let (status, body) = o.public(req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body), "invalid_json");
+
+    let (status, body) = o
+        .public(post_json("/api/auth/login", json!({"auth0_token": ""})))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body), "missing_token");
+}
+
+#[tokio::test]
+async fn check_access_checks_its_fields_before_the_caller() {
+    let o = Origin::new(&[]).await;
+    o.seed_session("tok-alice", "alice").await;
+    for body in [
+        json!({"session_token": "tok-alice"}),
+        json!({"session_token": "tok-alice", "playbook_path": ""}),
+        json!({"session_token": "tok-alice", "playbook_path": "a/b", "permission_type": "delete"}),
+    ] {
+        let (status, reply) = o.public(post_json("/api/auth/check-access", body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+        assert_eq!(error_code(&reply), "invalid_field");
+    }
+    let (status, reply) = o
+        .public(post_json(
+            "/api/auth/check-access",
+            json!({"playbook_path": "a/b"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{reply}");
+}
+
+#[tokio::test]
+async fn logout_without_a_token_is_401_and_with_one_ends_the_session() {
+    let o = Origin::new(&[]).await;
+    let (status, body) = o.public(post_json("/api/auth/logout", json!({}))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body), "missing_token");
+
+    o.seed_session("tok-alice", "alice").await;
+    let (status, _) = o
+        .public(post_json(
+            "/api/auth/logout",
+            json!({"session_token": "tok-alice"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // The cached record is gone and revoked: the stub (which knows no session) is asked
+    // nothing that could bring it back.
+    let (status, body) = o
+        .public(post_json(
+            "/api/auth/validate",
+            json!({"session_token": "tok-alice"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+}
+
+// ---- the edge assertion --------------------------------------------------------------
+
+fn edge_settings() -> Vec<String> {
+    let key = assertion::signing_key_from_b64(EDGE_SEED).unwrap();
+    vec![
+        "--edge-assertion-public-key".into(),
+        assertion::public_key_b64(&key),
+    ]
+}
+
+fn signed_assertion(user_id: &str, session_token: &str) -> String {
+    let key = assertion::signing_key_from_b64(EDGE_SEED).unwrap();
+    let claims = AssertionClaims {
+        sub: user_id.into(),
+        email: format!("{user_id}@example.test"),
+        roles: vec!["user".into()],
+        sid: SessionHash::of(session_token).as_str().into(),
+        rid: "rid-1".into(),
+        session_exp: 4_070_908_800,
+        iss: String::new(),
+        aud: String::new(),
+    };
+    assertion::sign(&claims, &key, chrono::Utc::now().timestamp()).unwrap()
+}
+
+async fn edge_origin(extra: &[&str]) -> Origin {
+    let settings = edge_settings();
+    let mut args: Vec<&str> = settings.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    Origin::new(&args).await
+}
+
+#[tokio::test]
+async fn an_assertion_identifies_the_caller_without_a_token() {
+    let o = edge_origin(&[]).await;
+    let req = Request::post("/api/events/ticket")
+        .header(assertion::HEADER, signed_assertion("bob", "tok-bob"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = o.public(req).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["ticket"].as_str().is_some_and(|t| t.len() >= 32));
+}
+
+#[tokio::test]
+async fn an_assertion_cannot_lend_its_identity_to_another_session_token() {
+    let o = edge_origin(&[]).await;
+    o.seed_session("tok-mallory", "mallory").await;
+    // The assertion is bob's (sid of tok-bob) but the request carries mallory's token.
+    let req = bearer(
+        Request::post("/api/events/ticket")
+            .header(assertion::HEADER, signed_assertion("bob", "tok-bob"))
+            .body(Body::empty())
+            .unwrap(),
+        "tok-mallory",
+    );
+    let (status, body) = o.public(req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(error_code(&body), "assertion_session_mismatch");
+}
+
+#[tokio::test]
+async fn a_forged_or_missing_assertion_is_refused_where_the_edge_is_required() {
+    let o = edge_origin(&["--require-edge-assertion", "true"]).await;
+    o.seed_session("tok-alice", "alice").await;
+    // A valid session token alone is not enough when traffic must come through the edge.
+    let (status, body) = o
+        .public(bearer(
+            Request::post("/api/events/ticket")
+                .body(Body::empty())
+                .unwrap(),
+            "tok-alice",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(error_code(&body), "edge_assertion_required");
+
+    // Signed by another key.
+    let other =
+        assertion::signing_key_from_b64("IB8eHRwbGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE").unwrap();
+    let claims = AssertionClaims {
+        sub: "alice".into(),
+        email: String::new(),
+        roles: vec![],
+        sid: SessionHash::of("tok-alice").as_str().into(),
+        rid: "r".into(),
+        session_exp: 4_070_908_800,
+        iss: String::new(),
+        aud: String::new(),
+    };
+    let forged = assertion::sign(&claims, &other, chrono::Utc::now().timestamp()).unwrap();
+    let req = Request::post("/api/events/ticket")
+        .header(assertion::HEADER, forged)
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = o.public(req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(error_code(&body), "assertion_bad_signature");
+
+    // Health and readiness stay reachable for the kubelet.
+    let (status, _) = o.public(get("/health")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+// ---- /events and tickets -------------------------------------------------------------
+
+#[tokio::test]
+async fn events_refuses_without_a_caller_and_on_a_bad_query() {
+    let o = Origin::new(&[]).await;
+    let (status, body) = o.public(get("/events")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    o.seed_session("tok-alice", "alice").await;
+    let (status, body) = o
+        .public(bearer(get("/events?client_id=%FF%FE"), "tok-alice"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body), "invalid_query");
+
+    let (status, body) = o
+        .public(bearer(get("/events?client_id=a%20b"), "tok-alice"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body), "invalid_client_id");
+
+    let (status, body) = o
+        .public(bearer(get("/events?ticket=not-a-ticket"), "tok-alice"))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body), "invalid_ticket");
+}
+
+#[tokio::test]
+async fn a_client_id_is_resumed_only_by_its_owner() {
+    let o = Origin::new(&[]).await;
+    o.seed_session("tok-alice", "alice").await;
+    o.seed_session("tok-mallory", "mallory").await;
+    let alices = clients::create(o.kv(), "alice").await.unwrap();
+
+    let uri = format!("/events?client_id={alices}");
+    let (status, body) = o.public(bearer(get(&uri), "tok-mallory")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(error_code(&body), "client_not_yours");
+
+    let unknown = clients::create(o.kv(), "alice").await.unwrap();
+    o.kv().delete(Bucket::Clients, &unknown).await.unwrap();
+    let (status, body) = o
+        .public(bearer(
+            get(&format!("/events?client_id={unknown}")),
+            "tok-alice",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(error_code(&body), "unknown_client");
+
+    // The owner resumes it: the stream opens (the body is the SSE stream, not read here).
+    let resp = o
+        .public
+        .clone()
+        .oneshot(with_peer(bearer(get(&uri), "tok-alice")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()[header::CONTENT_TYPE],
+        "text/event-stream",
+        "an SSE stream"
+    );
+}
+
+#[tokio::test]
+async fn a_ticket_is_redeemed_once() {
+    let o = Origin::new(&[]).await;
+    o.seed_session("tok-alice", "alice").await;
+    let (status, body) = o
+        .public(bearer(
+            Request::post("/api/events/ticket")
+                .body(Body::empty())
+                .unwrap(),
+            "tok-alice",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ticket = body["ticket"].as_str().unwrap().to_owned();
+    let uri = format!("/events?ticket={ticket}");
+    let first = o
+        .public
+        .clone()
+        .oneshot(with_peer(get(&uri)))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    drop(first);
+    let (status, body) = o.public(get(&uri)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(error_code(&body), "invalid_ticket");
+}
+
+// ---- /noetl/* ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_proxy_refuses_before_it_forwards() {
+    let o = Origin::new(&[
+        "--proxy-max-body",
+        "64",
+        "--proxy-allow",
+        "GET /api/executions,GET /api/catalog,POST /api/catalog",
+    ])
+    .await;
+    o.seed_session("tok-alice", "alice").await;
+
+    let (status, _) = o.public(bearer(get("/noetl/"), "tok-alice")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, body) = o
+        .public(bearer(get("/noetl/catalog/%2e%2e/admin"), "tok-alice"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(error_code(&body), "invalid_proxy_path");
+
+    let (status, body) = o.public(get("/noetl/catalog/list")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    let (status, body) = o
+        .public(bearer(get("/noetl/admin/secrets"), "tok-alice"))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(error_code(&body), "proxy_route_forbidden");
+
+    let req = Request::post("/noetl/catalog/list")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, "1000")
+        .body(Body::from(vec![b' '; 1000]))
+        .unwrap();
+    let (status, body) = o.public(bearer(req, "tok-alice")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(error_code(&body), "payload_too_large");
+
+    // A listed path with a method the list does not name.
+    let req = Request::delete("/noetl/executions/42")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = o.public(bearer(req, "tok-alice")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+}
+
+#[tokio::test]
+async fn the_proxy_answers_a_json_502_when_noetl_is_unreachable() {
+    let o = Origin::with(&closed_port().await, &[]).await;
+    o.seed_session("tok-alice", "alice").await;
+    let (status, body) = o
+        .public(bearer(get("/noetl/catalog/list"), "tok-alice"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body["error"]["code"].is_string(), "{body}");
+}
+
+// ---- callbacks (internal listener) ---------------------------------------------------
+
+async fn pending_request(o: &Origin, user: &str) -> (RequestEntry, String) {
+    let client_id = clients::create(o.kv(), user).await.unwrap();
+    let entry = RequestEntry {
+        request_id: requests::new_request_id(),
+        client_id: Some(client_id.clone()),
+        user_id: user.into(),
+        execution_id: Some("42".into()),
+        playbook_path: "demo/echo".into(),
+        created_at: 0,
+    };
+    requests::put(o.kv(), &entry).await.unwrap();
+    (entry, client_id)
+}
+
+fn callback(request_id: &str, token: Option<&str>) -> Request<Body> {
+    let req = post_json(
+        "/api/internal/callback/async",
+        json!({"request_id": request_id, "status": "COMPLETED", "data": {"n": 1}}),
+    );
+    match token {
+        Some(t) => bearer(req, t),
+        None => req,
+    }
+}
+
+#[tokio::test]
+async fn a_callback_without_any_configured_token_is_503_not_open() {
+    // No GATEWAY_INTERNAL_TOKEN and no request token presented: refuse, naming why.
+    let o = Origin::new(&[]).await;
+    let (entry, _) = pending_request(&o, "alice").await;
+    let (status, body) = o.internal(callback(&entry.request_id, None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(error_code(&body), "callbacks_not_configured");
+}
+
+#[tokio::test]
+async fn callbacks_check_token_type_size_and_request() {
+    let o = Origin::new(&[
+        "--internal-token",
+        SERVICE_TOKEN,
+        "--callback-body-limit",
+        "512",
+    ])
+    .await;
+    let (entry, _) = pending_request(&o, "alice").await;
+
+    let (status, body) = o
+        .internal(callback(&entry.request_id, Some("wrong-token-wrong-token")))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(error_code(&body), "invalid_callback_token");
+
+    let req = Request::post("/api/internal/callback/async")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, _) = o.internal(bearer(req, SERVICE_TOKEN)).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let big = post_json(
+        "/api/internal/callback/async",
+        json!({"request_id": entry.request_id, "status": "COMPLETED", "data": "x".repeat(600)}),
+    );
+    let (status, _) = o.internal(bearer(big, SERVICE_TOKEN)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let (status, body) = o
+        .internal(callback("not a request id", Some(SERVICE_TOKEN)))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    let (status, body) = o
+        .internal(callback(&requests::new_request_id(), Some(SERVICE_TOKEN)))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[tokio::test]
+async fn a_callback_with_its_request_token_is_published_once() {
+    let o = Origin::new(&[]).await;
+    let (entry, client_id) = pending_request(&o, "alice").await;
+    let token = CallbackTokens::new(Some(CALLBACK_SECRET)).token_for(&entry.request_id);
+
+    // Another request's token does not open this one.
+    let (other, _) = pending_request(&o, "alice").await;
+    let other_token = CallbackTokens::new(Some(CALLBACK_SECRET)).token_for(&other.request_id);
+    let (status, _) = o
+        .internal(callback(&entry.request_id, Some(&other_token)))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no service token configured"
+    );
+
+    let (status, body) = o.internal(callback(&entry.request_id, Some(&token))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "queued", "the client is not connected");
+    let (status, body) = o.internal(callback(&entry.request_id, Some(&token))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "duplicate");
+
+    // Exactly one result frame reached the client's stream.
+    let sub = o
+        .state
+        .events
+        .bus
+        .subscribe(&client_id, StartAt::Retained)
+        .await
+        .unwrap();
+    let frames: Vec<_> = sub
+        .frames
+        .take_until(tokio::time::sleep(std::time::Duration::from_millis(200)))
+        .collect()
+        .await;
+    assert_eq!(frames.len(), 1, "one frame, not a duplicate");
+    let frame = frames.into_iter().next().unwrap().unwrap();
+    assert_eq!(frame.event, event::RESULT);
+    let data: Value = serde_json::from_slice(&frame.data).unwrap();
+    assert_eq!(
+        data["params"]["requestId"],
+        entry.request_id.as_str(),
+        "{data}"
+    );
+}
