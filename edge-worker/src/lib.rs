@@ -22,6 +22,7 @@
 //! 8. [`reply::finish`] — CORS headers, `Vary: Origin` and `x-request-id` on every response.
 //!
 //! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body.
+//! Time comes from the runtime's clock in [`time`], passed into every pure decision.
 
 pub mod caller;
 pub mod config;

@@ -1,21 +1,37 @@
 //! The origin service of the NoETL edge gateway.
 //!
 //! A request enters through one of two listeners composed in [`app`]: the public one
-//! (auth REST, the `/noetl/*` proxy, health) and the internal one (callbacks, metrics —
-//! in-cluster only). Handlers are thin: they call the services below and map failures
-//! through the one error type in [`error`].
+//! (auth REST, GraphQL, SSE, the `/noetl/*` proxy, health) and the internal one (callbacks,
+//! metrics — in-cluster only). Each handler module exports a router over its own substate
+//! of [`state`]; handlers are thin: they call the services below and map failures through
+//! the one error type in [`error`].
 //!
+//! Start-up and composition:
 //! - [`config`] — the one configuration struct (flags + env), validated at start.
-//! - [`server`] — start-up (NATS, stores, clients) and graceful shutdown.
+//! - [`server`] — start-up (NATS, stores, clients, the bridge) and graceful shutdown.
+//! - [`state`] — `AppState`: one substate per handler module, `FromRef`.
 //! - [`app`] — routers and middleware, in request order.
-//! - [`auth`] — ID-token verification, the session service and the auth REST API.
+//! - [`listener`] — the accept loop: hyper, or the lean HTTP/1.1 writer for `GET /events`.
+//!
+//! Handlers (each a router over its own substate):
+//! - [`auth`] — who is calling (`Caller`), ID-token verification, the session service and
+//!   the auth REST API.
+//! - [`graphql`] — the GraphQL schema, `/graphql` and `/graphql/ws`.
+//! - [`events`] — SSE `/events` and its tickets.
+//! - [`callbacks`] — playbook callbacks and progress (internal listener).
 //! - [`proxy`] — `/noetl/*` → NoETL `/api/*`: path policy, allow-list, streaming.
-//! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, error mapping.
-//! - [`store`] — the K/V trait with its in-memory and NATS JetStream implementations.
-//! - [`bus`] — client delivery: frames per client with replay, in-memory and NATS.
-//! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
-//! - [`extract`] — hostile-input extractors (size-limited JSON, session token).
 //! - [`health`] — liveness and readiness.
+//! - [`metrics`] — Prometheus counters (internal listener).
+//!
+//! Services and stores:
+//! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, redirects off, errors.
+//! - [`store`] — the K/V trait with its in-memory and NATS JetStream implementations.
+//! - [`requests`] — the request store (promised deliveries) and callback tokens.
+//! - [`clients`] — client ids: ownership, pending requests, presence.
+//! - [`bus`] — client delivery: frames per client with replay, in-memory and NATS.
+//! - [`hub`] — this replica's SSE connections, one generation per client id.
+//! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
+//! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
 pub mod app;
