@@ -32,25 +32,17 @@ pub mod event {
 }
 
 /// The longest client id accepted anywhere (server-assigned ids are 36-character UUIDs).
-pub const MAX_CLIENT_ID_LEN: usize = 64;
+pub const MAX_CLIENT_ID_LEN: usize = crate::ids::ClientId::MAX_LEN;
 
-/// True if `id` can be a client id: 1..=64 characters of `[A-Za-z0-9_-]`. Checked before
-/// an id is used in a NATS subject or a K/V key.
+/// True if `id` can be a client id ([`crate::ids::ClientId`]'s rule). Checked before an id
+/// is used in a NATS subject or a K/V key.
 pub fn is_valid_client_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_CLIENT_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    crate::ids::ClientId::is_valid(id)
 }
 
-/// True if `id` can be a request id: 1..=128 characters of `[A-Za-z0-9_-]`.
+/// True if `id` can be a request id ([`crate::ids::RequestId`]'s rule).
 pub fn is_valid_request_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    crate::ids::RequestId::is_valid(id)
 }
 
 /// A JSON-RPC 2.0 notification: `{"jsonrpc":"2.0","method":…,"params":…}`.

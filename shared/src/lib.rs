@@ -12,11 +12,13 @@
 //! - [`routes`] — the edge's route table (public / session / deny / service / edge).
 //! - [`assertion`] — the edge's signed Ed25519 assertion of the caller.
 //! - [`ct`] — constant-time comparison for secrets.
+//! - [`ids`] — `ClientId`, `RequestId`, `ExecutionId`: ids checked once, where they enter.
 
 pub mod assertion;
 pub mod cors;
 pub mod ct;
 pub mod error;
 pub mod frames;
+pub mod ids;
 pub mod routes;
 pub mod session;
