@@ -298,7 +298,7 @@ impl<'a> ParsedIdToken<'a> {
         Ok(Self { token, untrusted })
     }
 
-    /// The `kid` the header names (non-empty, attacker-chosen: [`sanitize`] before logging).
+    /// The `kid` the header names (non-empty, attacker-chosen: `sanitize` before logging).
     pub fn kid(&self) -> &str {
         self.untrusted
             .header()
