@@ -7,13 +7,15 @@
 //! - Hop-by-hop headers (and those the `Connection` header names) are dropped, except the
 //!   `Upgrade`/`Connection` pair of a WebSocket handshake, which Workers proxy natively.
 //! - Client-sent identity headers (`x-user-*`, `x-noetl-*`, `x-gateway-*`,
-//!   `x-forwarded-*`, `forwarded`, `x-real-ip`, `cf-*`) are dropped: only the edge says who
-//!   is calling, in its signed `x-gateway-assertion`, and who the client's address is, in
-//!   `x-forwarded-for`.
+//!   `x-forwarded-*`, `forwarded`, `x-real-ip`, `cf-*`: the shared
+//!   [`is_client_identity_header`] rule) are dropped: only the edge says who is calling, in its
+//!   signed `x-gateway-assertion`, and who the client's address is, in `x-forwarded-for`.
 //! - `x-request-id` is the edge's (accepted or minted); `traceparent` passes through.
 //! - `Authorization` and cookies pass through: the origin needs the token for NoETL's
 //!   own access checks, and binds the assertion to it (`sid`).
 //! - Redirects are the client's business (`redirect: manual`).
+
+use gateway_shared::headers::is_client_identity_header;
 
 /// How long the origin may take to send its response headers. Bodies (SSE streams) are
 /// not bounded here: once the headers arrived, the stream lives as long as both ends.
@@ -54,17 +56,6 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
-/// True for headers by which a client could claim an identity or an address that only
-/// the edge may state.
-pub fn is_client_identity(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    ["x-user-", "x-noetl-", "x-gateway-", "x-forwarded-", "cf-"]
-        .iter()
-        .any(|p| n.starts_with(p))
-        || n == "forwarded"
-        || n == "x-real-ip"
-}
-
 /// The header names listed in a `Connection` value (also hop-by-hop), lower-cased.
 pub fn connection_tokens(connection: Option<&str>) -> Vec<String> {
     connection
@@ -88,7 +79,7 @@ pub fn keep_request_header(name: &str, connection: &[String], websocket: bool) -
     }
     !(is_hop_by_hop(&n)
         || connection.contains(&n)
-        || is_client_identity(&n)
+        || is_client_identity_header(&n)
         || n == "host"
         || n == "x-request-id")
 }

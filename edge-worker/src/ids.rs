@@ -1,20 +1,11 @@
 //! Request ids: the one id that follows a request through the edge, the origin and NoETL.
 //!
 //! A client (or a proxy in front of the edge) may bring its own `x-request-id`; it is kept
-//! only if it is short and made of a safe alphabet, because it lands in log lines and in
-//! the signed assertion. Anything else is replaced by 128 random bits, hex.
+//! only if [`accept_client_request_id`] says so (short, a safe alphabet: it lands in log
+//! lines and in the signed assertion; the origin applies the same rule). Anything else is
+//! replaced by 128 random bits, hex.
 
-/// The longest client-sent request id that is kept.
-pub const MAX_REQUEST_ID_LEN: usize = 128;
-
-/// True if a client-sent `x-request-id` may be kept: 1..=128 of `[A-Za-z0-9-_.:]`.
-pub fn is_acceptable(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_REQUEST_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-}
+use gateway_shared::headers::accept_client_request_id;
 
 /// 16 random bytes as 32 lowercase hex characters.
 pub fn hex_id(bytes: &[u8; 16]) -> String {
@@ -30,7 +21,7 @@ pub fn hex_id(bytes: &[u8; 16]) -> String {
 /// The request id to use: the client's if acceptable, else a fresh one from `mint`.
 pub fn choose(client: Option<&str>, mint: impl FnOnce() -> String) -> String {
     match client.map(str::trim) {
-        Some(id) if is_acceptable(id) => id.to_owned(),
+        Some(id) if accept_client_request_id(id) => id.to_owned(),
         _ => mint(),
     }
 }
@@ -71,13 +62,13 @@ mod tests {
             assert_eq!(choose(Some(bad), mint), "minted", "{bad:?}");
         }
         assert_eq!(choose(None, mint), "minted");
-        assert!(is_acceptable(&"x".repeat(128)));
+        assert_eq!(choose(Some(&"x".repeat(128)), mint), "x".repeat(128));
     }
 
     #[test]
     fn minted_ids_are_32_hex_characters() {
         let id = hex_id(&[0xab; 16]);
         assert_eq!(id, "ab".repeat(16));
-        assert!(is_acceptable(&hex_id(&[0; 16])));
+        assert!(accept_client_request_id(&hex_id(&[0; 16])));
     }
 }

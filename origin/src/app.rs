@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use gateway_shared::headers::accept_client_request_id;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::edge::{verify_assertion, EdgeTrust};
@@ -80,22 +81,14 @@ fn make_span(req: &Request) -> tracing::Span {
     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
 }
 
-/// Longest client-supplied request id kept; longer or odd ones are replaced.
-const MAX_REQUEST_ID: usize = 128;
-
-/// Keeps a well-formed client `x-request-id` (for end-to-end correlation) or mints a
-/// UUID, and echoes it on the response.
+/// Keeps a well-formed client `x-request-id` (for end-to-end correlation; the shared rule
+/// the edge applies too) or mints a UUID, and echoes it on the response.
 async fn request_id(mut req: Request, next: Next) -> Response {
     let supplied = req
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_REQUEST_ID
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        })
+        .filter(|v| accept_client_request_id(v))
         .map(str::to_owned);
     let id = supplied.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let value =

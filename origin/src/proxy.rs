@@ -24,6 +24,7 @@ use axum::routing::any;
 use axum::Router;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use gateway_shared::headers::{is_client_identity_header, is_credential_header};
 
 use crate::auth::session::SessionService;
 use crate::auth::Caller;
@@ -210,7 +211,8 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// The headers forwarded upstream: the client's minus credentials, identity claims and
+/// The headers forwarded upstream: the client's minus credentials and identity claims (the
+/// shared rules the edge applies too), its `x-request-id` (the gateway sets its own) and
 /// hop-by-hop headers.
 pub fn upstream_request_headers(client: &HeaderMap) -> HeaderMap {
     let named = connection_named(client);
@@ -218,14 +220,9 @@ pub fn upstream_request_headers(client: &HeaderMap) -> HeaderMap {
     for (name, value) in client {
         let n = name.as_str();
         let dropped = is_hop_header(name, &named)
-            || n == "authorization"
-            || n == "cookie"
-            || n.starts_with("x-user-")
-            || n.starts_with("x-noetl-")
-            || n.starts_with("x-gateway-")
-            || n == "x-request-id"
-            || n == "forwarded"
-            || n.starts_with("x-forwarded-");
+            || is_credential_header(n)
+            || is_client_identity_header(n)
+            || n == "x-request-id";
         if !dropped {
             out.append(name.clone(), value.clone());
         }
@@ -532,6 +529,11 @@ mod tests {
             ("te", "trailers"),
             ("accept", "application/json"),
             ("x-forwarded-for", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("cf-connecting-ip", "1.2.3.4"),
+            ("proxy-authorization", "Basic x"),
+            ("x-request-id", "client-chosen"),
         ] {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }

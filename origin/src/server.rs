@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{internal_router, public_router};
 use crate::auth::backend::{AuthBackend, AuthPlaybooks, PlaybookBackend};
 use crate::auth::edge::EdgeTrust;
-use crate::auth::id_token::{IdTokenConfig, IdTokenVerifier};
+use crate::auth::jwks::{IdTokenConfig, IdTokenVerifier};
 use crate::auth::routes::AuthRoutesState;
 use crate::auth::session::{SessionService, SessionSettings};
 use crate::bus::memory::MemoryBus;
@@ -82,21 +82,14 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         config.noetl_retries,
         config.noetl_health_path.clone(),
     )?;
-    let jwks_http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let verifier = IdTokenVerifier::new(
-        IdTokenConfig {
-            jwks_url: config.jwks_url(),
-            issuer: config.issuer(),
-            audience: config.auth_audience.clone(),
-            leeway: config.auth_leeway,
-            min_refresh_interval: Duration::from_secs(10),
-            cache_ttl: Duration::from_secs(3600),
-        },
-        jwks_http,
-    );
+    let verifier = IdTokenVerifier::with_default_client(IdTokenConfig {
+        jwks_url: config.jwks_url(),
+        issuer: config.issuer(),
+        audience: config.auth_audience.clone(),
+        leeway: config.auth_leeway,
+        min_refresh_interval: Duration::from_secs(10),
+        cache_ttl: Duration::from_secs(3600),
+    })?;
     let auth0_domain = config.auth0_domain.clone().unwrap_or_else(|| {
         url::Url::parse(&config.issuer())
             .ok()

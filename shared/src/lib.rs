@@ -13,12 +13,15 @@
 //! - [`assertion`] — the edge's signed Ed25519 assertion of the caller.
 //! - [`ct`] — constant-time comparison for secrets.
 //! - [`ids`] — `ClientId`, `RequestId`, `ExecutionId`: ids checked once, where they enter.
+//! - [`headers`] — what a client may bring in its headers: accepted request ids, identity
+//!   and credential headers stripped from what is forwarded.
 
 pub mod assertion;
 pub mod cors;
 pub mod ct;
 pub mod error;
 pub mod frames;
+pub mod headers;
 pub mod ids;
 pub mod routes;
 pub mod session;

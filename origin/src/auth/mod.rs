@@ -3,8 +3,10 @@
 //! - [`caller`] — the [`Caller`] extractor: the one place a request's caller is decided
 //!   (edge assertion or session token).
 //! - [`edge`] — the `x-gateway-assertion` middleware: verifies the edge's signed assertion.
-//! - [`id_token`] — verifies Auth0 ID tokens (RS256 against a cached JWKS) before any
-//!   session is created.
+//! - [`id_token`] — the pure check of an Auth0 ID token (RS256 signature over a given key
+//!   set, then the claim rules); no I/O.
+//! - [`jwks`] — fetches and caches the provider's key set; its `IdTokenVerifier` runs the
+//!   pure check over it before any session is created.
 //! - [`backend`] — NoETL's REST auth routes or its auth playbooks, behind one trait.
 //! - [`session`] — the session service: NoETL is the source of truth, K/V `sessions` the
 //!   shared cache, K/V `revoked` the logout markers.
@@ -14,7 +16,10 @@ pub mod backend;
 pub mod caller;
 pub mod edge;
 pub mod id_token;
+pub mod jwks;
 pub mod routes;
 pub mod session;
+#[cfg(test)]
+mod test_tokens;
 
 pub use caller::Caller;

@@ -18,7 +18,8 @@ use bytes::Bytes;
 use gateway_shared::session::{SessionHash, SessionRecord};
 
 use super::backend::AuthBackend;
-use super::id_token::{IdTokenError, IdTokenVerifier};
+use super::id_token::IdTokenError;
+use super::jwks::IdTokenVerifier;
 use crate::error::AppError;
 use crate::noetl::{AccessReply, LoginOutcome, LoginRequest, NoetlSession};
 use crate::store::{Bucket, KvStore, StoreError};
