@@ -943,7 +943,12 @@ async fn wait_seen_by_bridge(w: &World) {
         .expect("consumer");
     let deadline = Instant::now() + FRAME_TIMEOUT;
     loop {
-        let last = stream.info().await.expect("stream info").state.last_sequence;
+        let last = stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .last_sequence;
         let info = consumer.info().await.expect("consumer info");
         if last > 0 && info.delivered.stream_sequence >= last {
             return;

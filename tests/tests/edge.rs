@@ -598,7 +598,10 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
         &[("cf-connecting-ip", "10.1.0.1")],
     )
     .await;
-    assert_eq!(status, 200, "the IP limiter refused an address used once: {v}");
+    assert_eq!(
+        status, 200,
+        "the IP limiter refused an address used once: {v}"
+    );
 
     // 61 without a token from one address: refused 401 at the edge after the per-IP
     // limiter (30 per 10 s) counted them, until it refuses them itself. No session, so
@@ -612,7 +615,10 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
         }
     }
     let refused = answers.iter().filter(|(s, _, _)| *s == 429).count();
-    assert_eq!(refused, 31, "the IP limiter lets 30 of 61 through in one window");
+    assert_eq!(
+        refused, 31,
+        "the IP limiter lets 30 of 61 through in one window"
+    );
     let (_, h, v) = answers
         .iter()
         .find(|(s, _, _)| *s == 429)

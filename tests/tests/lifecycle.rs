@@ -92,9 +92,11 @@ async fn sigterm_drains_and_exits_zero_promptly() {
         Ok::<_, reqwest::Error>((r.status().as_u16(), r.text().await?))
     });
     // SIGTERM once the request has reached NoETL (it is in flight, not still connecting).
-    wait_for("the slow request reaches NoETL", Duration::from_secs(10), || async {
-        standin.call_count("GET /api/debug/slow").await >= 1
-    })
+    wait_for(
+        "the slow request reaches NoETL",
+        Duration::from_secs(10),
+        || async { standin.call_count("GET /api/debug/slow").await >= 1 },
+    )
     .await;
     let started = Instant::now();
     let status = origin

@@ -113,10 +113,14 @@ async fn start_up_waits_for_a_late_nats_and_exits_when_it_never_comes() {
     let (cmd, _) = origin_command(&standin, &nats.url);
     let mut never = ChildGuard::spawn("origin", cmd, dir.path().join("never.log")).unwrap();
     let started = Instant::now();
-    wait_for("the origin gives up on NATS", Duration::from_secs(60), || {
-        let running = never.is_running();
-        async move { !running }
-    })
+    wait_for(
+        "the origin gives up on NATS",
+        Duration::from_secs(60),
+        || {
+            let running = never.is_running();
+            async move { !running }
+        },
+    )
     .await;
     let status = never.stop(Duration::from_secs(1)).expect("it exited");
     assert!(!status.success(), "{status:?}");
@@ -131,7 +135,10 @@ async fn start_up_waits_for_a_late_nats_and_exits_when_it_never_comes() {
 /// `POST /api/internal/callback/async` for `request_id` with the service token.
 async fn result_callback(origin: &Origin, body: &Value) -> (u16, Value) {
     let r = http()
-        .post(format!("{}/api/internal/callback/async", origin.internal_url))
+        .post(format!(
+            "{}/api/internal/callback/async",
+            origin.internal_url
+        ))
         .bearer_auth(INTERNAL_TOKEN)
         .json(body)
         .send()
@@ -191,17 +198,22 @@ async fn a_result_callback_answered_503_in_an_outage_is_delivered_once_when_retr
     let (s, v) = result_callback(&origin, &body).await;
     assert_eq!((s, v["status"].as_str()), (200, Some("duplicate")), "{v}");
 
-    let mut sse = SseClient::connect(&format!("{events}?client_id={client_id}"), Some(&token), None)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("{s} {b}"));
-    let frames = sse
-        .collect_until(Duration::from_secs(3), |_| false)
-        .await;
+    let mut sse = SseClient::connect(
+        &format!("{events}?client_id={client_id}"),
+        Some(&token),
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap_or_else(|(s, b)| panic!("{s} {b}"));
+    let frames = sse.collect_until(Duration::from_secs(3), |_| false).await;
     let results: Vec<_> = frames
         .iter()
         .filter(|f| f.event == "playbook/result")
         .collect();
     assert_eq!(results.len(), 1, "exactly one result: {frames:?}");
-    assert_eq!(results[0].data["params"]["data"], json!({"during": "outage"}));
+    assert_eq!(
+        results[0].data["params"]["data"],
+        json!({"during": "outage"})
+    );
 }

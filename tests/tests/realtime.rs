@@ -237,20 +237,24 @@ async fn a_result_produced_while_the_client_is_away_is_delivered_on_reconnect() 
         .to_owned();
     // The gateway answered the result callback 202 `queued`: stored for an absent client,
     // not delivered live.
-    wait_for("the result callback is answered 202 (queued)", WAIT, || async {
-        let log = w.standin.callbacks().await;
-        let attempts: Vec<&Value> = log
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|a| a["kind"] == "async" && a["body"]["request_id"] == request_id.as_str())
-            .collect();
-        assert!(
-            attempts.iter().all(|a| a["status"] != 200),
-            "the result was delivered live to a client that had left: {attempts:?}"
-        );
-        attempts.iter().any(|a| a["status"] == 202)
-    })
+    wait_for(
+        "the result callback is answered 202 (queued)",
+        WAIT,
+        || async {
+            let log = w.standin.callbacks().await;
+            let attempts: Vec<&Value> = log
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["kind"] == "async" && a["body"]["request_id"] == request_id.as_str())
+                .collect();
+            assert!(
+                attempts.iter().all(|a| a["status"] != 200),
+                "the result was delivered live to a client that had left: {attempts:?}"
+            );
+            attempts.iter().any(|a| a["status"] == 202)
+        },
+    )
     .await;
     // A fresh connection for the same client (no Last-Event-ID): everything retained.
     let (mut sse, again) = open(&w.b, &token, &format!("?client_id={client_id}"), None).await;

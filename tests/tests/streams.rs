@@ -79,9 +79,7 @@ async fn a_resume_point_older_than_retention_gets_stream_reset_then_what_is_reta
     let (mut sse, client_id) = open(origin, &token, "", None).await;
     let request_id = pending_request(origin, &token, &client_id).await;
     progress(origin, &request_id, "p0").await;
-    let first = sse
-        .collect_until(WAIT, |fs| !steps(fs).is_empty())
-        .await;
+    let first = sse.collect_until(WAIT, |fs| !steps(fs).is_empty()).await;
     assert_eq!(steps(&first), ["p0"]);
     let resume_from = sse.last_id.expect("progress frames carry ids");
     sse.close();
@@ -115,10 +113,11 @@ async fn a_resume_point_older_than_retention_gets_stream_reset_then_what_is_reta
         .find(|f| f.data["params"]["step"] == "p4")
         .and_then(|f| f.id);
     let (mut sse, _) = open(origin, &token, &format!("?client_id={client_id}"), at_p4).await;
-    let frames = sse
-        .collect_until(WAIT, |fs| !steps(fs).is_empty())
-        .await;
-    assert!(frames.iter().all(|f| f.event != "stream/reset"), "{frames:?}");
+    let frames = sse.collect_until(WAIT, |fs| !steps(fs).is_empty()).await;
+    assert!(
+        frames.iter().all(|f| f.event != "stream/reset"),
+        "{frames:?}"
+    );
     assert_eq!(steps(&frames), ["p5"]);
 }
 
@@ -144,9 +143,7 @@ async fn a_second_connection_for_a_client_supersedes_the_first() {
 
     // Frames go to the newer one.
     progress(origin, &request_id, "after").await;
-    let frames = newer
-        .collect_until(WAIT, |fs| !steps(fs).is_empty())
-        .await;
+    let frames = newer.collect_until(WAIT, |fs| !steps(fs).is_empty()).await;
     assert_eq!(steps(&frames), ["after"]);
 }
 
