@@ -183,6 +183,15 @@ async fn a_result_callback_answered_503_in_an_outage_is_delivered_once_when_retr
     let (s, v) = result_callback(&origin, &body).await;
     assert_eq!(s, 503, "a callback the gateway could not store is 503: {v}");
     assert!(v["error"]["code"].is_string(), "{v}");
+    // Progress too: nothing is answered 2xx that was not stored.
+    let r = http()
+        .post(format!("{}/api/internal/progress", origin.internal_url))
+        .bearer_auth(INTERNAL_TOKEN)
+        .json(&json!({"request_id": ex["requestId"], "step": "s", "progress": 0.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "progress during the outage");
 
     nats.start_again().await.unwrap();
     wait_for("the origin is ready again", WAIT, || async {
