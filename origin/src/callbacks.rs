@@ -6,7 +6,11 @@
 //! replica handled the callback. A repeated callback for a delivered request is a no-op
 //! (an atomic marker in the request store), so NoETL may retry freely. If the frame cannot
 //! be published, the marker is removed and the callback answered 503, so NoETL's retry
-//! delivers it later.
+//! delivers it later. A marker whose creation failed is removed too: a create that timed
+//! out while NATS was away may still be carried out when the connection comes back (the
+//! client sends what it buffered), and a marker left that way would answer NoETL's retry
+//! "duplicate" for a result never delivered. The removal is sent after the create on the
+//! same connection, so it lands after it.
 //!
 //! Auth: `Authorization: Bearer` with either the service token (`GATEWAY_INTERNAL_TOKEN`) or
 //! the request's own callback token (HMAC over the request id); both compared in constant
@@ -141,13 +145,24 @@ async fn async_callback(
     let entry = match entry {
         Ok(entry) => entry,
         Err(e) => {
-            if matches!(first, Ok(true)) {
-                let _ = requests::unmark_delivered(kv, &body.request_id).await;
+            match first {
+                Ok(true) => {
+                    let _ = requests::unmark_delivered(kv, &body.request_id).await;
+                }
+                Err(_) => forget_unknown_marker(&state, &body.request_id),
+                Ok(false) => {}
             }
             return Err(e);
         }
     };
-    if !first? {
+    let first = match first {
+        Ok(first) => first,
+        Err(e) => {
+            forget_unknown_marker(&state, &entry.request_id);
+            return Err(e.into());
+        }
+    };
+    if !first {
         tracing::info!(request = %entry.request_id, "duplicate callback ignored");
         return Ok(json_response(
             StatusCode::OK,
@@ -184,6 +199,19 @@ async fn async_callback(
     } else {
         json_response(StatusCode::ACCEPTED, &json!({"status": "queued"}))
     })
+}
+
+/// Removes the `delivered` marker of a create whose outcome is unknown (it failed, maybe
+/// only by timing out), without holding the callback's answer: the delete may itself wait
+/// for NATS to come back.
+fn forget_unknown_marker(state: &CallbackState, request_id: &str) {
+    let kv = state.kv.clone();
+    let request_id = request_id.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = requests::unmark_delivered(kv.as_ref(), &request_id).await {
+            tracing::warn!(request = %request_id, error = %e, "delivered marker of a failed create not removed");
+        }
+    });
 }
 
 /// `POST /api/internal/callback`: the answer a gateway request is waiting for (auth

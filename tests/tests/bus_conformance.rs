@@ -500,7 +500,13 @@ async fn publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate(
         ensure!(!sub.reset, "{start:?}");
         readers.push((
             start,
-            tokio::spawn(read_until_done(sub, Arc::clone(&done), s.quiet)),
+            tokio::spawn(read_until_done(
+                Arc::clone(&s.bus),
+                start,
+                sub,
+                Arc::clone(&done),
+                s.quiet,
+            )),
         ));
     }
     for p in publishers {
@@ -525,16 +531,32 @@ async fn publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate(
     Ok(())
 }
 
-/// Collects a subscription's frames until `done` is set and nothing came for `quiet`.
+/// Collects a subscription's frames (of client `race`, subscribed from `start`) until
+/// `done` is set and nothing came for `quiet`.
+///
+/// A reader that falls more than the live backlog behind — a task not scheduled while the
+/// publishers run, on a busy machine — ends with "subscriber lagged": allowed (never a
+/// gap). It then resumes after the last frame it got, as an SSE client does after an
+/// eviction, so the frames it collects must still be exactly the ones owed.
 async fn read_until_done(
+    bus: Arc<dyn Bus>,
+    start: StartAt,
     mut sub: Subscription,
     done: Arc<AtomicBool>,
     quiet: Duration,
 ) -> anyhow::Result<Vec<BusFrame>> {
-    let mut got = Vec::new();
+    let mut got: Vec<BusFrame> = Vec::new();
     loop {
         match tokio::time::timeout(quiet, sub.frames.next()).await {
             Ok(Some(Ok(frame))) => got.push(frame),
+            Ok(Some(Err(BusError::Unavailable(m)))) if m == "subscriber lagged" => {
+                let resume = match (got.last(), start) {
+                    (Some(f), _) => StartAt::After(f.id),
+                    (None, start) => start,
+                };
+                sub = bus.subscribe("race", resume).await?;
+                ensure!(!sub.reset, "resumed {resume:?} after lagging: reset");
+            }
             Ok(Some(Err(e))) => bail!("failed after {} frames: {e}", got.len()),
             Ok(None) => bail!("ended after {} frames", got.len()),
             Err(_) if done.load(Ordering::SeqCst) => return Ok(got),

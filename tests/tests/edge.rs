@@ -518,14 +518,41 @@ async fn spoofed_identity_headers_do_not_reach_the_origin_and_forged_assertions_
     }
 }
 
+/// The limiters' fixed window (test config: 10 s, aligned to the wall clock, as Miniflare
+/// simulates the binding) the current moment falls in.
+fn rate_window() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970")
+        .as_secs()
+        / 10
+}
+
+/// Waits, if needed, for a window with at least `need` left, so a burst and the requests
+/// that tell which limiter refused it are all counted in one window.
+async fn fresh_rate_window(need: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970");
+    let left = Duration::from_secs(10) - Duration::from_millis((now.as_millis() % 10_000) as u64);
+    if left < need {
+        tokio::time::sleep(left + Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     let w = world().await;
-    // Fixed 10 s windows (test config): 2 × limit + 1 requests sent at once always cross a
-    // limit, even if the burst straddles a window boundary.
     let token = login(&w.edge.url, &w.standin, "busy@example.com").await;
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), ME, &[]).await;
-    assert_eq!(status, 200, "the session is cached before the burst: {v}");
+    let other = login(&w.edge.url, &w.standin, "other@example.com").await;
+    for t in [&token, &other] {
+        let (status, _, v) = post_graphql(&w.edge.url, Some(t), ME, &[]).await;
+        assert_eq!(status, 200, "the session is cached before the burst: {v}");
+    }
+    // Fixed 10 s windows (test config). Everything below runs in one window, so the
+    // counts are exact: the first request on `token` was in an earlier one or this one.
+    fresh_rate_window(Duration::from_secs(8)).await;
+    let window = rate_window();
     // 40 more on the session, each from its own client address: only the per-session
     // limiter (20 per 10 s) can refuse them.
     let ips: Vec<String> = (1..=40).map(|i| format!("10.1.0.{i}")).collect();
@@ -542,22 +569,56 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
         "{:?}",
         answers.iter().map(|a| (a.0, &a.2)).collect::<Vec<_>>()
     );
+    let refused = answers.iter().filter(|(s, _, _)| *s == 429).count();
+    assert!(
+        (20..=21).contains(&refused),
+        "the session limiter (20 per window) refuses 20 or 21 of 40: {refused}"
+    );
     let (_, h, v) = answers
         .iter()
         .find(|(s, _, _)| *s == 429)
         .expect("41 requests on one session cross a limit of 20");
     assert_eq!(v["error"]["code"], "rate_limited", "{v}");
     assert_eq!(header(h, "retry-after"), Some("10"));
+    // Which limiter refused: the session from an address never seen is still refused
+    // (the session limiter), while an address of the burst, used once, still gets
+    // through on another session (not the IP limiter).
+    let (status, _, v) = post_graphql(
+        &w.edge.url,
+        Some(&token),
+        ME,
+        &[("cf-connecting-ip", "10.2.0.1")],
+    )
+    .await;
+    assert_error(status, &v, 429, "rate_limited");
+    let (status, _, v) = post_graphql(
+        &w.edge.url,
+        Some(&other),
+        ME,
+        &[("cf-connecting-ip", "10.1.0.1")],
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "the IP limiter refused an address used once: {v}"
+    );
 
     // 61 without a token from one address: refused 401 at the edge after the per-IP
-    // limiter (30 per 10 s) counted them, until it refuses them itself.
-    let burst = (0..61).map(|_| post_graphql(&w.edge.url, None, ME, &[]));
+    // limiter (30 per 10 s) counted them, until it refuses them itself. No session, so
+    // no other limiter could.
+    let one_ip = [("cf-connecting-ip", "10.4.0.1")];
+    let burst = (0..61).map(|_| post_graphql(&w.edge.url, None, ME, &one_ip));
     let answers = futures::future::join_all(burst).await;
     for (status, _, v) in &answers {
         if *status != 429 {
             assert_error(*status, v, 401, "missing_token");
         }
     }
+    let refused = answers.iter().filter(|(s, _, _)| *s == 429).count();
+    assert_eq!(
+        refused, 31,
+        "the IP limiter lets 30 of 61 through in one window"
+    );
     let (_, h, v) = answers
         .iter()
         .find(|(s, _, _)| *s == 429)
@@ -565,6 +626,15 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     assert_eq!(v["error"]["code"], "rate_limited", "{v}");
     assert_eq!(header(h, "retry-after"), Some("10"));
     assert!(header(h, "vary").is_some_and(|v| v.contains("Origin")));
+    // Per address: another one is not refused.
+    let (status, _, v) =
+        post_graphql(&w.edge.url, None, ME, &[("cf-connecting-ip", "10.4.0.2")]).await;
+    assert_error(status, &v, 401, "missing_token");
+    assert_eq!(
+        rate_window(),
+        window,
+        "the test ran past its rate-limit window (too slow a machine): the counts above are not exact"
+    );
 }
 
 #[tokio::test]

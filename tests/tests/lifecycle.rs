@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
-use gateway_tests::harness::workspace_bin;
+use gateway_tests::harness::{wait_for, workspace_bin};
 use serde_json::Value;
 
 const SECRET: &str = "internal-token-that-must-not-be-logged";
@@ -91,7 +91,13 @@ async fn sigterm_drains_and_exits_zero_promptly() {
             .await?;
         Ok::<_, reqwest::Error>((r.status().as_u16(), r.text().await?))
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM once the request has reached NoETL (it is in flight, not still connecting).
+    wait_for(
+        "the slow request reaches NoETL",
+        Duration::from_secs(10),
+        || async { standin.call_count("GET /api/debug/slow").await >= 1 },
+    )
+    .await;
     let started = Instant::now();
     let status = origin
         .guard()

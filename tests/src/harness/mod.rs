@@ -271,6 +271,20 @@ pub async fn wait_until_ok(url: &str, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Polls `check` every 50 ms until it is true; panics naming `what` after `timeout`.
+/// What a test waits on instead of a fixed sleep: the condition, with a deadline.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A scratch directory for one test's logs and data, removed when dropped unless
 /// `GATEWAY_KEEP_TEST_DIRS` is set.
 pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {

@@ -171,6 +171,20 @@ impl Origin {
         &mut self.guard
     }
 
+    /// SSE streams open on this replica (`gateway_sse_connections` on the internal
+    /// `/metrics`); `None` if the origin does not answer.
+    pub async fn sse_connections(&self) -> Option<u64> {
+        let text = reqwest::get(format!("{}/metrics", self.internal_url))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("gateway_sse_connections "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// The origin's log so far (assert that secrets never appear in it).
     pub fn log_text(&self) -> String {
         self.guard.log_text()

@@ -25,6 +25,8 @@ pub struct SseClient {
     task: tokio::task::JoinHandle<()>,
     /// The HTTP status of the response.
     pub status: u16,
+    /// The response headers (which HTTP path wrote the response shows in them).
+    pub headers: reqwest::header::HeaderMap,
     /// The highest frame id seen so far (what a browser sends as `Last-Event-ID`).
     pub last_id: Option<u64>,
 }
@@ -84,6 +86,7 @@ impl SseClient {
         }
         let resp = req.send().await?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         if status != 200 {
             let body = resp.text().await.unwrap_or_default();
             return Ok(Err((
@@ -111,6 +114,7 @@ impl SseClient {
             rx,
             task,
             status,
+            headers,
             last_id: None,
         }))
     }

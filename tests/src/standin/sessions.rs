@@ -23,7 +23,7 @@ pub struct User {
     pub email: String,
     /// The token's `name`, else the email's local part.
     pub display_name: String,
-    /// `["admin"]` for `admin@…`, else `["user"]`.
+    /// `["admin"]` for `admin@…`, `["viewer"]` for `viewer@…`, else `["user"]`.
     pub roles: Vec<String>,
 }
 
@@ -47,8 +47,11 @@ impl User {
 
 /// The role an email gets: the demo's whole user directory.
 pub fn role_for(email: &str) -> &'static str {
-    if email.to_ascii_lowercase().starts_with("admin@") {
+    let email = email.to_ascii_lowercase();
+    if email.starts_with("admin@") {
         "admin"
+    } else if email.starts_with("viewer@") {
+        "viewer"
     } else {
         "user"
     }
@@ -63,12 +66,20 @@ pub struct Decision {
     pub message: String,
 }
 
-/// The access rule: admins may do anything; users may do anything under `demo/`.
+/// The access rule: admins may do anything; users may do anything under `demo/`;
+/// viewers may only `view` under `demo/` — so a gateway that asks the wrong permission
+/// (`execute` for a read, `view` for a run) gets a different answer and is caught.
 pub fn decide_access(user: &User, playbook_path: &str, action: &str) -> Decision {
     if user.is_admin() {
         return Decision {
             allowed: true,
             message: format!("admin may {action} {playbook_path}"),
+        };
+    }
+    if user.roles.iter().any(|r| r == "viewer") && action != "view" {
+        return Decision {
+            allowed: false,
+            message: format!("access denied: viewers may only view, not {action}"),
         };
     }
     if playbook_path.starts_with("demo/") {
@@ -193,6 +204,16 @@ mod tests {
         assert!(!decide_access(&user, "admin/purge", "execute").allowed);
         assert!(!decide_access(&user, "demox/echo", "view").allowed);
         assert!(decide_access(&admin, "admin/purge", "execute").allowed);
+    }
+
+    #[test]
+    fn viewers_may_view_demo_playbooks_but_not_execute_or_modify_them() {
+        let viewer = User::from_identity(&identity("viewer@x.io", None));
+        assert_eq!(viewer.roles, ["viewer"]);
+        assert!(decide_access(&viewer, "demo/echo", "view").allowed);
+        assert!(!decide_access(&viewer, "demo/echo", "execute").allowed);
+        assert!(!decide_access(&viewer, "demo/echo", "modify").allowed);
+        assert!(!decide_access(&viewer, "admin/purge", "view").allowed);
     }
 
     #[test]
