@@ -14,6 +14,8 @@
 //! - [`store`] — the K/V trait with its in-memory and NATS JetStream implementations.
 //! - [`bus`] — client delivery: frames per client with replay, in-memory and NATS.
 //! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
+//! - [`interest`] — which clients want an execution's frames (records in the K/V store).
+//! - [`runs`] — a run's status as NoETL reports it, and which execution ids are usable.
 //! - [`extract`] — hostile-input extractors (size-limited JSON, session token).
 //! - [`health`] — liveness and readiness.
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
@@ -31,11 +33,13 @@ pub mod extract;
 pub mod graphql;
 pub mod health;
 pub mod hub;
+pub mod interest;
 pub mod listener;
 pub mod metrics;
 pub mod noetl;
 pub mod proxy;
 pub mod requests;
+pub mod runs;
 pub mod server;
 pub mod state;
 pub mod store;

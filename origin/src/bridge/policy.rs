@@ -32,6 +32,9 @@ use gateway_shared::frames::PlaybookState;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::noetl::NoetlError;
+use crate::runs::{is_usable_execution_id, RunStatus};
+
 /// The default forward allow-list (PROTOCOL §6), in normalised names.
 pub const DEFAULT_FORWARD: [&str; 8] = [
     "playbook.started",
@@ -43,9 +46,6 @@ pub const DEFAULT_FORWARD: [&str; 8] = [
     "playbook.cancelled",
     "calendar.event.touched",
 ];
-
-/// Longest execution id accepted. Keeps `terminal.<id>` a valid store key (≤ 256).
-pub const MAX_EXECUTION_ID_LEN: usize = 200;
 
 /// Longest event type accepted (real ones are under 30 characters).
 const MAX_EVENT_TYPE_LEN: usize = 128;
@@ -325,16 +325,6 @@ pub fn exact_id(v: &Value) -> Option<String> {
     }
 }
 
-/// True if `id` can name an execution in store keys and subjects: 1..=200 characters of
-/// `[A-Za-z0-9_-]` (a real id is all digits).
-pub fn is_usable_execution_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_EXECUTION_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// RFC 3339 with any offset, or a naive ISO timestamp (Python rows) taken as UTC →
 /// RFC 3339 UTC with microseconds. `None` if unreadable.
 pub fn normalize_time(s: &str) -> Option<String> {
@@ -348,46 +338,6 @@ pub fn normalize_time(s: &str) -> Option<String> {
                 .map(|n| n.and_utc())
         })?;
     Some(parsed.to_rfc3339_opts(SecondsFormat::Micros, true))
-}
-
-/// An execution's state as NoETL's `/api/executions/{id}/status` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunStatus {
-    /// Still going (also any status this module does not know: not final is the safe read).
-    Running,
-    /// Ended well.
-    Completed,
-    /// Ended badly.
-    Failed,
-    /// Cancelled.
-    Cancelled,
-}
-
-impl RunStatus {
-    /// Reads the `status` field of a status reply (case-insensitive; `CANCELED` and
-    /// `SUCCESS`/`ERROR` accepted as synonyms).
-    pub fn from_reply(reply: &Value) -> Self {
-        let s = reply
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        match s.to_ascii_uppercase().as_str() {
-            "COMPLETED" | "SUCCESS" | "SUCCEEDED" => Self::Completed,
-            "FAILED" | "ERROR" => Self::Failed,
-            "CANCELLED" | "CANCELED" => Self::Cancelled,
-            _ => Self::Running,
-        }
-    }
-
-    /// The terminal event type and status for a final state; `None` while running.
-    pub fn terminal(self) -> Option<(&'static str, &'static str)> {
-        match self {
-            Self::Running => None,
-            Self::Completed => Some(("playbook.completed", "COMPLETED")),
-            Self::Failed => Some(("playbook.failed", "FAILED")),
-            Self::Cancelled => Some(("playbook.cancelled", "CANCELLED")),
-        }
-    }
 }
 
 /// Whether an event's frames depend on the run's confirmed status.
@@ -707,6 +657,59 @@ pub fn is_terminal_or_failure(event_type: &str) -> bool {
     )
 }
 
+/// Whether an event is skipped because its execution's terminal frame was already claimed
+/// (`owner` is the claim's stored event key, `None` while unclaimed).
+///
+/// After the terminal frame only events that would make another terminal (or repeat
+/// step.failed: NoETL sends call.error and command.failed for one step) are skipped. A
+/// plain lifecycle event handled late by another replica — a step.exit racing the
+/// playbook.completed — is still forwarded: order across replicas is not guaranteed, and a
+/// lost frame is worse than a late one. The claim's own event (a redelivery) is not skipped.
+pub fn skipped_after_terminal(owner: Option<&[u8]>, event_key: &str, event_type: &str) -> bool {
+    owner.is_some_and(|o| o != event_key.as_bytes()) && is_terminal_or_failure(event_type)
+}
+
+/// True if the claim whose stored owner is `owner` belongs to `event_key` (a redelivery of
+/// the event that created it still owns it).
+pub fn owns_claim(owner: Option<&[u8]>, event_key: &str) -> bool {
+    owner.is_some_and(|o| o == event_key.as_bytes())
+}
+
+/// Why an event whose status [`resolve`] is waiting for is retried.
+pub fn wait_reason(check: StatusCheck) -> RetryReason {
+    if check == StatusCheck::Unavailable {
+        RetryReason::NoetlUnavailable
+    } else {
+        RetryReason::StatusNotFinal
+    }
+}
+
+/// What NoETL's status answer means for [`resolve`]. A 4xx or an unreadable reply cannot
+/// get better by asking again (the event's own claim is used); anything else that failed
+/// (unreachable, timeout, 5xx) is worth retrying.
+pub fn status_check(reply: Result<&Value, &NoetlError>) -> StatusCheck {
+    match reply {
+        Ok(reply) => StatusCheck::Known(RunStatus::from_reply(reply)),
+        Err(NoetlError::Status {
+            status: 400..=499, ..
+        })
+        | Err(NoetlError::BadResponse(_)) => StatusCheck::GaveUp,
+        Err(_) => StatusCheck::Unavailable,
+    }
+}
+
+/// How long a retried event counts as parked in its worker's [`OrderGuard`]: two retry
+/// periods (and a margin), after which its redelivery went elsewhere.
+pub fn overdue_after(reason: RetryReason, base: Duration) -> Duration {
+    retry_delay(reason, base) * 2 + Duration::from_millis(500)
+}
+
+/// The NAK delay at shutdown for an event queued behind one waiting for its redelivery:
+/// longer than any retry's, so it comes back behind that one.
+pub fn give_back_delay(base: Duration) -> Duration {
+    retry_delay(RetryReason::BusUnavailable, base) + base
+}
+
 /// The K/V key (bucket `interest`) whose creation claims an execution's terminal frame.
 pub fn terminal_key(execution_id: &str) -> String {
     format!("terminal.{execution_id}")
@@ -715,6 +718,7 @@ pub fn terminal_key(execution_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runs::MAX_EXECUTION_ID_LEN;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -1133,18 +1137,6 @@ mod tests {
     }
 
     #[test]
-    fn run_statuses_are_read_leniently() {
-        let s = |v: Value| RunStatus::from_reply(&json!({ "status": v }));
-        assert_eq!(s(json!("COMPLETED")), RunStatus::Completed);
-        assert_eq!(s(json!("failed")), RunStatus::Failed);
-        assert_eq!(s(json!("CANCELED")), RunStatus::Cancelled);
-        assert_eq!(s(json!("RUNNING")), RunStatus::Running);
-        assert_eq!(s(json!("QUEUED")), RunStatus::Running);
-        assert_eq!(s(json!(3)), RunStatus::Running);
-        assert_eq!(RunStatus::from_reply(&json!({})), RunStatus::Running);
-    }
-
-    #[test]
     fn retries_stop_at_the_configured_ages() {
         let limits = RetryLimits {
             max_interest_wait: Duration::from_secs(10),
@@ -1241,6 +1233,88 @@ mod tests {
                     "{workers} workers: {counts:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn after_the_terminal_claim_only_other_terminal_and_failure_events_are_skipped() {
+        let other = Some(&b"ev-1"[..]);
+        assert!(skipped_after_terminal(other, "ev-2", "step.failed"));
+        assert!(skipped_after_terminal(other, "ev-2", "playbook.completed"));
+        assert!(
+            !skipped_after_terminal(other, "ev-2", "step.exit"),
+            "late, not lost"
+        );
+        assert!(
+            !skipped_after_terminal(other, "ev-1", "playbook.failed"),
+            "its own redelivery"
+        );
+        assert!(
+            !skipped_after_terminal(None, "ev-2", "playbook.failed"),
+            "unclaimed"
+        );
+    }
+
+    #[test]
+    fn a_claim_is_owned_by_the_event_that_stored_it() {
+        assert!(owns_claim(Some(b"ev-1"), "ev-1"));
+        assert!(!owns_claim(Some(b"ev-1"), "ev-2"));
+        assert!(!owns_claim(None, "ev-1"));
+    }
+
+    #[test]
+    fn noetl_answers_are_classified_for_resolve() {
+        let reply = json!({ "status": "FAILED" });
+        assert_eq!(
+            status_check(Ok(&reply)),
+            StatusCheck::Known(RunStatus::Failed)
+        );
+        let not_found = NoetlError::Status {
+            status: 404,
+            message: String::new(),
+        };
+        assert_eq!(status_check(Err(&not_found)), StatusCheck::GaveUp);
+        let unreadable = NoetlError::BadResponse("not json".into());
+        assert_eq!(status_check(Err(&unreadable)), StatusCheck::GaveUp);
+        let down = NoetlError::Status {
+            status: 503,
+            message: String::new(),
+        };
+        assert_eq!(status_check(Err(&down)), StatusCheck::Unavailable);
+        assert_eq!(
+            wait_reason(StatusCheck::Unavailable),
+            RetryReason::NoetlUnavailable
+        );
+        assert_eq!(
+            wait_reason(StatusCheck::Known(RunStatus::Running)),
+            RetryReason::StatusNotFinal
+        );
+    }
+
+    #[test]
+    fn parked_events_go_overdue_after_two_retries_and_given_back_ones_come_back_last() {
+        let base = Duration::from_millis(500);
+        assert_eq!(
+            overdue_after(RetryReason::NoInterest, base),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            overdue_after(RetryReason::StoreUnavailable, base),
+            Duration::from_millis(4500)
+        );
+        let every = [
+            RetryReason::NoInterest,
+            RetryReason::StatusNotFinal,
+            RetryReason::NoetlUnavailable,
+            RetryReason::StoreUnavailable,
+            RetryReason::BusUnavailable,
+            RetryReason::WaitingBehind,
+        ];
+        for reason in every {
+            assert!(
+                give_back_delay(base) > retry_delay(reason, base),
+                "{reason:?}"
+            );
         }
     }
 

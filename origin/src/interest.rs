@@ -8,14 +8,14 @@
 //! playbook), so nothing has to clean them up.
 //!
 //! The same bucket also holds `terminal.<execution_id>` markers (see
-//! [`super::policy::terminal_key`]); execution ids never contain a `.`, so the two kinds of
+//! [`crate::bridge::policy::terminal_key`]); execution ids never contain a `.`, so the two kinds of
 //! key cannot collide.
 
 use bytes::Bytes;
 use gateway_shared::frames::is_valid_client_id;
 use serde::{Deserialize, Serialize};
 
-use super::policy::is_usable_execution_id;
+use crate::runs::is_usable_execution_id;
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// Most clients kept per execution; beyond it the oldest is dropped, so one popular
