@@ -227,25 +227,35 @@ impl Handler {
             }
         };
 
-        if let Some(progress) = &frames.progress {
-            if !self.publish(&clients, progress).await {
-                return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
-            }
-        }
-        if let Some(terminal) = &frames.terminal {
-            match self.claim_terminal(id, event_key).await {
-                Ok(true) => {
-                    if !self.publish(&clients, terminal).await {
-                        return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
-                    }
-                }
-                Ok(false) => {
-                    tracing::debug!(execution_id = %id, event_type = %terminal.event_type, "bridge: terminal frame already sent for this execution");
-                }
+        // Claims first, publishes after: two replicas handling two terminal candidates of
+        // one run (call.error and command.failed) must not both publish their step.failed.
+        let terminal_claim = match &frames.terminal {
+            Some(_) => match self.claim(&policy::terminal_key(id), event_key).await {
+                Ok(won) => Some(won),
                 Err(e) => {
                     tracing::warn!(execution_id = %id, error = %e, "bridge: terminal marker create failed");
                     return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
                 }
+            },
+            None => None,
+        };
+        let failure_claim = match policy::failure_key(&frames) {
+            Some(key) if terminal_claim != Some(false) => match self.claim(&key, event_key).await {
+                Ok(won) => Some(won),
+                Err(e) => {
+                    tracing::warn!(execution_id = %id, error = %e, "bridge: step failure marker create failed");
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                }
+            },
+            _ => None,
+        };
+        let plan = policy::publish_plan(&frames, terminal_claim, failure_claim);
+        if plan.skipped_any {
+            tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: another event already sent this step's failure or the terminal frame");
+        }
+        for frame in plan.frames {
+            if !self.publish(&clients, frame).await {
+                return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
             }
         }
         Outcome::Done
@@ -287,19 +297,15 @@ impl Handler {
         check
     }
 
-    /// True if this event owns the execution's terminal frame: it created the marker now,
-    /// or created it on an earlier delivery (a redelivery after a failed publish).
-    async fn claim_terminal(
-        &self,
-        id: &str,
-        event_key: &str,
-    ) -> Result<bool, crate::store::StoreError> {
-        let key = policy::terminal_key(id);
+    /// True if this event owns the claim `key` (the execution's terminal frame, or a step's
+    /// failure): it created the marker now, or on an earlier delivery (a redelivery after a
+    /// failed publish). Create-if-absent, so across replicas exactly one event owns it.
+    async fn claim(&self, key: &str, event_key: &str) -> Result<bool, crate::store::StoreError> {
         let mine = Bytes::copy_from_slice(event_key.as_bytes());
-        if self.kv.create(Bucket::Interest, &key, mine).await? {
+        if self.kv.create(Bucket::Interest, key, mine).await? {
             return Ok(true);
         }
-        let owner = self.kv.get(Bucket::Interest, &key).await?;
+        let owner = self.kv.get(Bucket::Interest, key).await?;
         Ok(policy::owns_claim(owner.as_deref(), event_key))
     }
 

@@ -39,7 +39,14 @@
 //!   `terminal.<execution_id>` in the interest bucket with an atomic create-if-absent,
 //!   storing its own event id. A redelivery of that same event (say, after a bus failure)
 //!   still owns the claim and publishes again (at-least-once, like every frame); any other
-//!   event for that execution is dropped, so nothing follows the terminal frame.
+//!   terminal or failure event for that execution is dropped, so nothing follows the
+//!   terminal frame. **The claims are taken before anything is published**
+//!   ([`policy::publish_plan`]): NoETL reports a failed step twice (call.error and
+//!   command.failed), and on two replicas both could pass the check for a claim before
+//!   either took it — had each published its step.failed first, the client would get two.
+//!   The claim's winner publishes step.failed then the terminal; the loser publishes
+//!   nothing. A step's failure is claimed too (`failed.<execution_id>.<step hash>`), so
+//!   one reported while the run still looked RUNNING is not repeated by the other report.
 //! - **NAK with delay, not a blocking wait.** executePlaybook records interest only after
 //!   NoETL's `/api/execute` answers, so an execution's first events can arrive before
 //!   anyone is interested. The event is NAKed with `retry_delay` (500 ms) and comes back
@@ -100,11 +107,11 @@ use crate::noetl::NoetlClient;
 use crate::store::KvStore;
 use handler::Handler;
 
-pub use config::{BridgeConfig, MAX_CONCURRENCY};
 /// The old path of [`crate::interest`], kept only until `tests/src/bin/bench-realtime.rs`
 /// imports `origin::interest` (it is being changed on another branch); remove it then.
 #[doc(hidden)]
 pub use crate::interest;
+pub use config::{BridgeConfig, MAX_CONCURRENCY};
 /// Re-exported so callers of [`spawn`] (the server, the tests) need no tokio-util of their own.
 pub use tokio_util::sync::CancellationToken;
 

@@ -19,6 +19,8 @@
 //!   failed. So those two wait for the run's status from NoETL and the terminal frame says
 //!   what NoETL says, not what the event claims.
 //! - [`retry_verdict`] / [`retry_delay`] — how long each kind of "not yet" is retried.
+//! - [`publish_plan`] — which frames an event publishes once its claims on the terminal
+//!   frame ([`terminal_key`]) and the step's failure ([`failure_key`]) are known.
 //! - [`OrderGuard`] — keeps an execution's frames in order within one replica when an
 //!   earlier event of it is waiting for a redelivery.
 //! - [`worker_for`] — which of the replica's workers handles an execution's events (all of
@@ -637,15 +639,21 @@ impl OrderGuard {
 /// same in every process and every run: what matters is that one execution always maps to
 /// one worker, whose queue keeps its events in delivery order.
 pub fn worker_for(execution_id: &str, workers: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in execution_id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut h = fnv1a(execution_id);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
     (h % workers.max(1) as u64) as usize
+}
+
+/// FNV-1a, 64 bits: a fixed hash, the same in every process and every run.
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// True for event types that end a run or report a failed step: after an execution's
@@ -708,6 +716,57 @@ pub fn overdue_after(reason: RetryReason, base: Duration) -> Duration {
 /// longer than any retry's, so it comes back behind that one.
 pub fn give_back_delay(base: Duration) -> Duration {
     retry_delay(RetryReason::BusUnavailable, base) + base
+}
+
+/// The frames one event publishes, in order, once its claims are known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishPlan<'a> {
+    /// Publish these, in this order.
+    pub frames: Vec<&'a PlaybookState>,
+    /// True when a frame was left out because another event owns its claim (for logs).
+    pub skipped_any: bool,
+}
+
+/// Which of `frames` this event publishes, given its claims: `terminal` on the execution's
+/// terminal frame ([`terminal_key`]; `None` when there is no terminal frame), `failure` on
+/// the failed step ([`failure_key`]; `None` when there is no such frame).
+///
+/// Exactly one event publishes each claimed frame, across replicas: the claims are made
+/// (create-if-absent) before anything is published. An event that lost the terminal
+/// publishes nothing — the winner sends its own step.failed and the terminal, in that
+/// order, and nothing may follow the terminal. An event that lost only the step's failure
+/// still sends the terminal it won (the failure was reported while the run still looked
+/// RUNNING).
+pub fn publish_plan<'a>(
+    frames: &'a Frames,
+    terminal: Option<bool>,
+    failure: Option<bool>,
+) -> PublishPlan<'a> {
+    if terminal == Some(false) {
+        return PublishPlan {
+            frames: Vec::new(),
+            skipped_any: true,
+        };
+    }
+    let progress = frames.progress.as_ref().filter(|_| failure != Some(false));
+    let terminal = frames.terminal.as_ref().filter(|_| terminal == Some(true));
+    PublishPlan {
+        frames: progress.into_iter().chain(terminal).collect(),
+        skipped_any: failure == Some(false),
+    }
+}
+
+/// The K/V key (bucket `interest`) whose creation claims a failed step's `step.failed`
+/// frame, when `frames` has one: NoETL reports one failure twice (call.error and
+/// command.failed), and only one of them may reach the client. The step name is hashed,
+/// so any name makes a valid key. `None` for other frames or a step without a name.
+pub fn failure_key(frames: &Frames) -> Option<String> {
+    let f = frames.progress.as_ref()?;
+    if f.event_type != "step.failed" {
+        return None;
+    }
+    let step = f.step_name.as_deref()?;
+    Some(format!("failed.{}.{:016x}", f.execution_id, fnv1a(step)))
 }
 
 /// The K/V key (bucket `interest`) whose creation claims an execution's terminal frame.
@@ -1319,10 +1378,122 @@ mod tests {
     }
 
     #[test]
+    fn only_the_winner_of_the_terminal_claim_publishes_and_its_step_failed_comes_first() {
+        let f = frames(resolve(
+            &event("step.failed", Some("FAILED")),
+            StatusCheck::Known(RunStatus::Failed),
+            "now",
+        ));
+        let (step, terminal) = (f.progress.as_ref().unwrap(), f.terminal.as_ref().unwrap());
+        let won = publish_plan(&f, Some(true), Some(true));
+        assert_eq!(won.frames, [step, terminal]);
+        assert!(!won.skipped_any);
+        let lost = publish_plan(&f, Some(false), None);
+        assert!(lost.frames.is_empty() && lost.skipped_any);
+        // The failure went out while the run still looked RUNNING: only the terminal.
+        let late = publish_plan(&f, Some(true), Some(false));
+        assert_eq!(late.frames, [terminal]);
+        assert!(late.skipped_any);
+    }
+
+    #[test]
+    fn a_failure_without_a_terminal_is_sent_once_and_plain_frames_always() {
+        let running = frames(resolve(
+            &event("step.failed", Some("FAILED")),
+            StatusCheck::Known(RunStatus::Running),
+            "now",
+        ));
+        let step = running.progress.as_ref().unwrap();
+        assert_eq!(publish_plan(&running, None, Some(true)).frames, [step]);
+        assert!(publish_plan(&running, None, Some(false)).frames.is_empty());
+        let exit = frames(resolve(
+            &event("step.exit", None),
+            StatusCheck::NotNeeded,
+            "now",
+        ));
+        assert_eq!(
+            publish_plan(&exit, None, None).frames,
+            [exit.progress.as_ref().unwrap()]
+        );
+        let completed = frames(resolve(
+            &event("playbook.completed", None),
+            StatusCheck::Known(RunStatus::Completed),
+            "now",
+        ));
+        assert_eq!(
+            publish_plan(&completed, Some(true), None).frames,
+            [completed.terminal.as_ref().unwrap()]
+        );
+    }
+
+    #[test]
+    fn only_a_named_failed_step_has_a_failure_key() {
+        let failed = frames(resolve(
+            &event("step.failed", Some("FAILED")),
+            StatusCheck::Known(RunStatus::Running),
+            "now",
+        ));
+        let key = failure_key(&failed).expect("a named failed step");
+        assert!(key.starts_with(&format!("failed.{BIG}.")), "{key}");
+        let mut unnamed = event("step.failed", Some("FAILED"));
+        unnamed.step_name = None;
+        let unnamed = frames(resolve(
+            &unnamed,
+            StatusCheck::Known(RunStatus::Running),
+            "now",
+        ));
+        assert_eq!(failure_key(&unnamed), None);
+        let exit = frames(resolve(
+            &event("step.exit", None),
+            StatusCheck::NotNeeded,
+            "now",
+        ));
+        assert_eq!(failure_key(&exit), None);
+        let lying = frames(resolve(
+            &event("playbook.completed", None),
+            StatusCheck::Known(RunStatus::Failed),
+            "now",
+        ));
+        assert_eq!(failure_key(&lying), None);
+    }
+
+    #[test]
     fn the_terminal_key_is_a_valid_store_key_for_every_usable_id() {
         let longest = "9".repeat(MAX_EXECUTION_ID_LEN);
         assert!(crate::store::is_valid_key(&terminal_key(&longest)));
         assert!(crate::store::is_valid_key(&terminal_key(BIG)));
+    }
+
+    #[test]
+    fn the_failure_key_is_a_valid_store_key_for_every_usable_id_and_any_step_name() {
+        let mut ev = event("step.failed", Some("FAILED"));
+        for (id, step) in [
+            ("9".repeat(MAX_EXECUTION_ID_LEN), "s1".to_owned()),
+            (
+                BIG.to_owned(),
+                "a step.with spaces/and ünïcode*>".to_owned(),
+            ),
+            (BIG.to_owned(), "x".repeat(10_000)),
+        ] {
+            ev.execution_id = id;
+            ev.step_name = Some(step);
+            let f = frames(resolve(&ev, StatusCheck::Known(RunStatus::Running), "now"));
+            let key = failure_key(&f).expect("a named failed step");
+            assert!(crate::store::is_valid_key(&key), "{key}");
+        }
+        // Two steps of one run are two claims.
+        ev.execution_id = BIG.into();
+        let key_of = |step: &str| {
+            let mut e = ev.clone();
+            e.step_name = Some(step.into());
+            failure_key(&frames(resolve(
+                &e,
+                StatusCheck::Known(RunStatus::Running),
+                "now",
+            )))
+        };
+        assert_ne!(key_of("a"), key_of("b"));
+        assert_eq!(key_of("a"), key_of("a"));
     }
 
     proptest! {
