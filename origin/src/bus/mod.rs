@@ -23,6 +23,7 @@ use std::time::Duration;
 mod inbox;
 pub mod memory;
 pub mod nats;
+mod reset;
 
 /// Why a bus operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,11 @@ pub enum BusError {
     /// and a NATS header, where a CR/LF would forge protocol lines).
     #[error("invalid event name")]
     InvalidEvent,
+    /// The subscriber fell further behind than the bus holds for it (its live backlog):
+    /// its stream ends rather than skip frames, and the client resumes with
+    /// `Last-Event-ID` (nothing is lost: the frames are still retained).
+    #[error("subscriber lagged")]
+    Lagged,
 }
 
 /// One frame as stored and delivered.

@@ -55,7 +55,7 @@
 //!   cannot see holes, so every routed frame is looked up in the stream first (the old,
 //!   slower path).
 //! - **Backlog.** A subscription holds at most [`LIVE_BACKLOG`] routed frames not yet
-//!   taken; beyond that its stream ends with "subscriber lagged" (the SSE layer evicts;
+//!   taken; beyond that its stream ends with [`BusError::Lagged`] (the SSE layer evicts;
 //!   the client resumes with `Last-Event-ID` and loses nothing). While a subscription is
 //!   reading the stream, an overflow costs nothing: the reads cover what was routed.
 //! - **Reconnects.** The ordered consumer resumes after the last sequence it delivered, so
@@ -72,13 +72,16 @@
 //!   client's — frames leave a limits stream oldest first); or the subject is full, its
 //!   first frame after `n` is not `n + 1`, and it holds no frame at or below `n`. The
 //!   second rule fires spuriously for a client idle longer than `max_age`: the stream
-//!   cannot tell whether any frame that aged out was its own. A reset stream starts with
-//!   the oldest retained frame. `Retained` owes every frame retained when it subscribes.
+//!   cannot tell whether any frame that aged out was its own. These facts become a
+//!   "highest id that may have been dropped" watermark, and [`super::reset`]'s rule — the
+//!   one the memory bus uses too — decides. A reset stream starts with the oldest
+//!   retained frame. `Retained` owes every frame retained when it subscribes.
 //! - **A subscription ends** (one `Err`, then the end) when a read fails, the router's
 //!   consumer fails or a long outage, the subscriber fell behind (backlog or retention) —
 //!   never by skipping frames.
 
 use super::inbox::{Inbox, Slot, Taken};
+use super::reset::must_reset;
 use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::push::OrderedErrorKind;
@@ -305,10 +308,11 @@ struct StreamFacts {
     subject_frames: u64,
 }
 
-/// `n` was never issued by this stream, or frames after it left the stream (and some may
-/// have been this client's): frames leave a limits stream oldest first.
-fn outside_the_stream(n: u64, facts: &StreamFacts) -> bool {
-    n > facts.last_seq || n.saturating_add(1) < facts.first_seq
+/// The highest id of the client's that may have left the stream as a whole: everything
+/// below the stream's first sequence went, and some of it may have been this client's
+/// (frames leave a limits stream oldest first).
+fn stream_dropped_up_to(facts: &StreamFacts) -> u64 {
+    facts.first_seq.saturating_sub(1)
 }
 
 /// The per-subject limit may have dropped a frame of the client above `n`, given that the
@@ -419,13 +423,18 @@ async fn start_point<I>(
         // Read first, then the facts: a frame dropped before the read shows in them.
         let first = frame_from(stream, subject, n.saturating_add(1)).await?;
         let facts = facts(stream, subject).await?;
-        let lost = outside_the_stream(n, &facts)
-            || match &first {
-                Some(f) if count_limit_may_have_dropped(n, &facts, f.id) => {
-                    !retains_one_at_or_below(stream, subject, n).await?
-                }
-                _ => false,
-            };
+        let mut dropped_up_to = stream_dropped_up_to(&facts);
+        if let Some(f) = &first {
+            // The extra read only when the stream's own facts do not decide already.
+            if !must_reset(n, facts.last_seq, dropped_up_to)
+                && count_limit_may_have_dropped(n, &facts, f.id)
+                && !retains_one_at_or_below(stream, subject, n).await?
+            {
+                // The subject's oldest frames went, up to the first one still held.
+                dropped_up_to = dropped_up_to.max(f.id.saturating_sub(1));
+            }
+        }
+        let lost = must_reset(n, facts.last_seq, dropped_up_to);
         if !lost {
             return Ok((false, n, first));
         }
@@ -880,9 +889,7 @@ impl Feed {
                 }
                 Taken::Frame(f) => self.ready.push_back(f),
                 Taken::Recheck => self.catching_up = true,
-                Taken::Overflowed => {
-                    return self.fail(BusError::Unavailable("subscriber lagged".to_owned()))
-                }
+                Taken::Overflowed => return self.fail(BusError::Lagged),
                 Taken::Broken(why) => return self.fail(BusError::Unavailable(why)),
                 Taken::Empty => self.reg.inbox.notify.notified().await,
             }
@@ -958,6 +965,11 @@ mod tests {
             max_per_subject: max,
             subject_frames: frames,
         }
+    }
+
+    /// The stream's own facts through the shared rule.
+    fn outside_the_stream(n: u64, f: &StreamFacts) -> bool {
+        must_reset(n, f.last_seq, stream_dropped_up_to(f))
     }
 
     #[test]
