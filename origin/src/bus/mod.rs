@@ -14,6 +14,8 @@
 //! - [`nats::NatsBus`] — NATS: the stream `GATEWAY_FRAMES` over `gateway.clients.>` keeps
 //!   every frame; one ordered consumer per replica routes them to the replica's
 //!   subscriptions, so an idle connection costs the server nothing.
+//!
+//! Both decide when a resume must start with `stream/reset` by one rule, `reset::must_reset`.
 
 use async_trait::async_trait;
 use bytes::Bytes;
