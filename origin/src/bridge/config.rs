@@ -174,6 +174,44 @@ mod tests {
     }
 
     #[test]
+    fn the_origin_flags_fill_it_and_the_ack_wait_outlasts_a_worst_case_confirmation() {
+        use clap::Parser;
+        let required = [
+            "origin",
+            "--auth-audience",
+            "aud",
+            "--auth-jwks-url",
+            "http://127.0.0.1:1/jwks",
+            "--auth-issuer",
+            "http://127.0.0.1:1/",
+        ];
+        let c = Config::try_parse_from(required).expect("flags parse");
+        // NoETL 10 s × (2 retries + 1) + 5 s is above the 30 s default.
+        assert_eq!(
+            BridgeConfig::from_config(&c).ack_wait,
+            Duration::from_secs(35)
+        );
+        let mut args = required.to_vec();
+        args.extend([
+            "--noetl-timeout",
+            "1s",
+            "--bridge-forward",
+            " step.failed , ,playbook.failed",
+            "--bridge-consumer",
+            "gw-b",
+        ]);
+        let b = BridgeConfig::from_config(&Config::try_parse_from(args).expect("flags parse"));
+        assert_eq!(b.forward, ["step.failed", "playbook.failed"]);
+        assert_eq!(b.consumer, "gw-b");
+        assert_eq!(
+            b.ack_wait,
+            Duration::from_secs(30),
+            "the default when above"
+        );
+        b.validate().expect("valid");
+    }
+
+    #[test]
     fn typos_in_the_config_are_refused() {
         let bad = [
             BridgeConfig {
