@@ -4,10 +4,10 @@
 //! Flow of one event: NATS message → [`policy::parse_event`] (shape, ids, normalised name,
 //! allow-list; by the reading task, which then queues it for its execution's worker;
 //! everything not forwarded is acked by a worker without further I/O) → interest lookup
-//! by execution id ([`crate::interest`]) → the run's status from NoETL when the event's meaning depends on it →
-//! [`policy::resolve`] → one encoded frame per resolved state, published to each
-//! interested client on the [`Bus`](crate::bus::Bus) → ack. The shell only does that I/O; every
-//! decision is in [`policy`].
+//! by execution id ([`crate::interest`]) → the run's status from NoETL when the event's
+//! meaning depends on it → [`policy::resolve`] → the claims (terminal frame, failed step)
+//! → one encoded frame per resolved state, published to each interested client on the
+//! [`Bus`] → ack. The shell only does that I/O; every decision is in [`policy`].
 //!
 //! ## Layout
 //! - this file — the entry: [`spawn`] picks the mode and starts the reading task;

@@ -23,8 +23,9 @@
 //!   and no subscriber is removed (memory stays bounded by live clients); its highest
 //!   dropped id is folded into one bus-wide watermark that every later `After(n)` below it
 //!   must treat as "may have lost frames" — conservative (a spurious reset is safe, a
-//!   silent gap is not). The rule itself is [`super::reset`]'s, shared with the NATS bus. An `n` above every id issued
-//!   (an id from another bus or an earlier process) resets too.
+//!   silent gap is not). An `n` above every id issued (an id from another bus or an
+//!   earlier process) resets too. The rule itself is `bus::reset`'s, shared with the NATS
+//!   bus; this bus only supplies its facts.
 //! - **Live delivery is an inbox per subscription** (`super::inbox`), bounded by the
 //!   backlog ([`LIVE_BACKLOG`] unless set; the origin passes `SSE_QUEUE`) and allocated
 //!   only as frames arrive — an idle subscription costs a few dozen bytes, not a

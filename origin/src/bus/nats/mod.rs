@@ -73,7 +73,7 @@
 //!   first frame after `n` is not `n + 1`, and it holds no frame at or below `n`. The
 //!   second rule fires spuriously for a client idle longer than `max_age`: the stream
 //!   cannot tell whether any frame that aged out was its own. These facts become a
-//!   "highest id that may have been dropped" watermark, and [`super::reset`]'s rule — the
+//!   "highest id that may have been dropped" watermark, and `bus::reset`'s rule — the
 //!   one the memory bus uses too — decides. A reset stream starts with the oldest
 //!   retained frame. `Retained` owes every frame retained when it subscribes.
 //! - **A subscription ends** (one `Err`, then the end) when a read fails, the router's
