@@ -193,8 +193,7 @@ impl Handler {
             Ok(owner)
                 if policy::skipped_after_terminal(owner.as_deref(), event_key, &ev.event_type) =>
             {
-                tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: event after the terminal frame skipped");
-                return Outcome::Done;
+                return self.after_terminal(ev, event_key, &clients, d).await;
             }
             Ok(_) => {}
             Err(e) => {
@@ -258,6 +257,42 @@ impl Handler {
                 return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
             }
         }
+        Outcome::Done
+    }
+
+    /// An event skipped because another event owns the execution's terminal frame — unless
+    /// it owns its step's failure claim ([`policy::event_failure_key`]): then nobody else
+    /// sends that step.failed, so it is sent now, after the terminal rather than never.
+    async fn after_terminal(
+        &self,
+        ev: &policy::ExecutionEvent,
+        event_key: &str,
+        clients: &[String],
+        d: &Delivery<'_>,
+    ) -> Outcome {
+        let id = ev.execution_id.as_str();
+        if let Some(key) = policy::event_failure_key(ev) {
+            match self.kv.get(Bucket::Interest, &key).await {
+                Ok(owner) if policy::owns_claim(owner.as_deref(), event_key) => {
+                    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+                    if let Resolution::Frames(f) = policy::resolve(ev, StatusCheck::GaveUp, &now) {
+                        if let Some(step) = &f.progress {
+                            tracing::debug!(execution_id = %id, "bridge: a step failure this event claimed is sent after the terminal frame");
+                            if !self.publish(clients, step).await {
+                                return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
+                            }
+                        }
+                    }
+                    return Outcome::Done;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(execution_id = %id, error = %e, "bridge: step failure marker lookup failed");
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                }
+            }
+        }
+        tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: event after the terminal frame skipped");
         Outcome::Done
     }
 

@@ -46,7 +46,9 @@
 //!   either took it — had each published its step.failed first, the client would get two.
 //!   The claim's winner publishes step.failed then the terminal; the loser publishes
 //!   nothing. A step's failure is claimed too (`failed.<execution_id>.<step hash>`), so
-//!   one reported while the run still looked RUNNING is not repeated by the other report.
+//!   one reported while the run still looked RUNNING is not repeated by the other report
+//!   (if that one's publish failed and the terminal went out meanwhile, its redelivery
+//!   still sends its step.failed: late rather than lost).
 //! - **NAK with delay, not a blocking wait.** executePlaybook records interest only after
 //!   NoETL's `/api/execute` answers, so an execution's first events can arrive before
 //!   anyone is interested. The event is NAKed with `retry_delay` (500 ms) and comes back

@@ -762,11 +762,22 @@ pub fn publish_plan<'a>(
 /// so any name makes a valid key. `None` for other frames or a step without a name.
 pub fn failure_key(frames: &Frames) -> Option<String> {
     let f = frames.progress.as_ref()?;
-    if f.event_type != "step.failed" {
+    step_failure_key(&f.execution_id, &f.event_type, f.step_name.as_deref())
+}
+
+/// The failure claim a `step.failed` event would take ([`failure_key`] of its frames),
+/// for an event skipped after the terminal frame: if it owns that claim, its own
+/// step.failed was never sent (its publish failed and the terminal's winner left the
+/// frame to it), so it still sends it — late, not lost.
+pub fn event_failure_key(ev: &ExecutionEvent) -> Option<String> {
+    step_failure_key(&ev.execution_id, &ev.event_type, ev.step_name.as_deref())
+}
+
+fn step_failure_key(execution_id: &str, event_type: &str, step: Option<&str>) -> Option<String> {
+    if event_type != "step.failed" {
         return None;
     }
-    let step = f.step_name.as_deref()?;
-    Some(format!("failed.{}.{:016x}", f.execution_id, fnv1a(step)))
+    Some(format!("failed.{execution_id}.{:016x}", fnv1a(step?)))
 }
 
 /// The K/V key (bucket `interest`) whose creation claims an execution's terminal frame.
@@ -1455,6 +1466,22 @@ mod tests {
             "now",
         ));
         assert_eq!(failure_key(&lying), None);
+    }
+
+    #[test]
+    fn an_event_names_the_same_failure_claim_its_frames_take() {
+        let failed = event("step.failed", Some("FAILED"));
+        for check in [
+            StatusCheck::Known(RunStatus::Running),
+            StatusCheck::Known(RunStatus::Failed),
+            StatusCheck::GaveUp,
+        ] {
+            let f = frames(resolve(&failed, check, "now"));
+            assert_eq!(event_failure_key(&failed), failure_key(&f), "{check:?}");
+            assert!(event_failure_key(&failed).is_some());
+        }
+        assert_eq!(event_failure_key(&event("playbook.failed", None)), None);
+        assert_eq!(event_failure_key(&event("step.exit", None)), None);
     }
 
     #[test]
