@@ -339,7 +339,7 @@ impl Config {
         if self.require_edge_assertion && self.edge_assertion_public_key.is_none() {
             return err("REQUIRE_EDGE_ASSERTION=true needs EDGE_ASSERTION_PUBLIC_KEY");
         }
-        if let Err(e) = self.bridge().validate() {
+        if let Err(e) = BridgeConfig::from_config(self).validate() {
             return Err(ConfigError(format!("bridge: {e}")));
         }
         Ok(())
@@ -362,28 +362,6 @@ impl Config {
                 self.auth0_domain.as_deref().unwrap_or_default()
             )
         })
-    }
-
-    /// The NATS bridge's settings (the rest keep [`BridgeConfig`]'s defaults). The ack wait
-    /// is raised above one worst-case NoETL confirmation (timeout × attempts) if needed.
-    pub fn bridge(&self) -> BridgeConfig {
-        let defaults = BridgeConfig::default();
-        let worst_confirm = self.noetl_timeout * (self.noetl_retries + 1) + Duration::from_secs(5);
-        BridgeConfig {
-            stream: self.noetl_events_stream.clone(),
-            subject: self.noetl_events_subject.clone(),
-            consumer: self.bridge_consumer.clone(),
-            forward: self
-                .bridge_forward
-                .iter()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect(),
-            max_interest_wait: self.bridge_max_interest_wait,
-            concurrency: self.bridge_concurrency,
-            ack_wait: defaults.ack_wait.max(worst_confirm),
-            ..defaults
-        }
     }
 
     /// The URL NoETL's playbooks call back on (`gateway_url` in workloads).
@@ -484,12 +462,12 @@ mod tests {
     #[test]
     fn the_bridge_concurrency_is_read_and_checked() {
         let c = Config::try_parse_from(base()).unwrap();
-        assert_eq!(c.bridge().concurrency, 32);
+        assert_eq!(BridgeConfig::from_config(&c).concurrency, 32);
         let mut args = base();
         args.extend(["--bridge-concurrency", "8"]);
         let c = Config::try_parse_from(args).unwrap();
         c.validate().unwrap();
-        assert_eq!(c.bridge().concurrency, 8);
+        assert_eq!(BridgeConfig::from_config(&c).concurrency, 8);
         let mut args = base();
         args.extend(["--bridge-concurrency", "0"]);
         assert!(Config::try_parse_from(args).unwrap().validate().is_err());

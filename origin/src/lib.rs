@@ -31,6 +31,8 @@
 //! - [`bus`] — client delivery: frames per client with replay, in-memory and NATS.
 //! - [`hub`] — this replica's SSE connections, one generation per client id.
 //! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
+//! - [`interest`] — which clients want an execution's frames, and the bridge's claims (K/V).
+//! - [`runs`] — a run's status as NoETL reports it, and which execution ids are usable.
 //! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
@@ -47,11 +49,13 @@ pub mod extract;
 pub mod graphql;
 pub mod health;
 pub mod hub;
+pub mod interest;
 pub mod listener;
 pub mod metrics;
 pub mod noetl;
 pub mod proxy;
 pub mod requests;
+pub mod runs;
 pub mod server;
 pub mod state;
 pub mod store;

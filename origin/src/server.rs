@@ -153,7 +153,7 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             kv.clone(),
             bus.clone(),
             noetl.clone(),
-            config.bridge(),
+            crate::bridge::BridgeConfig::from_config(&config),
             shutdown.clone(),
         )
         .await

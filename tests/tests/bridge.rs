@@ -19,8 +19,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
-use origin::bridge::{self, interest, Bridge, BridgeConfig, BridgeMode, CancellationToken};
+use origin::bridge::{self, Bridge, BridgeConfig, BridgeMode, CancellationToken};
 use origin::bus::{Bus, BusError, StartAt, Subscription};
+use origin::interest;
 use origin::noetl::NoetlClient;
 use origin::store::memory::MemoryKv;
 use origin::store::{BucketTtls, KvStore};
@@ -1148,5 +1149,94 @@ async fn a_replica_stopped_under_load_gives_back_what_it_did_not_handle() {
         "events forwarded by a and again by b after a graceful stop"
     );
     assert_consumer_drained(&w).await;
+    b.stop().await;
+}
+
+/// Counts `event_type` among `frames`.
+fn count_of(frames: &[Recorded], event_type: &str) -> usize {
+    types(frames).iter().filter(|t| *t == event_type).count()
+}
+
+/// Two replicas on one NATS, each with a slow bus and batches of one, so one run's events
+/// spread over both and a publish takes long enough for the other replica to act meanwhile.
+async fn two_slow_bridges(w: &World) -> (Replica, Replica) {
+    let config = BridgeConfig {
+        batch: 1,
+        ..Default::default()
+    };
+    let a = w.bridge_with("a", config.clone()).await;
+    let b = w.bridge_with("b", config).await;
+    for r in [&a, &b] {
+        r.bus.delay_us.store(50_000, Ordering::SeqCst);
+    }
+    (a, b)
+}
+
+#[tokio::test]
+async fn two_bridges_send_one_step_failed_and_one_playbook_failed_per_failed_run() {
+    // demo/fail reports its failed step twice (call.error and command.failed, both
+    // step.failed) and ends FAILED with no playbook.failed: two terminal candidates. When
+    // the two land on different replicas, both see no terminal claim yet; only one may
+    // publish, or the client gets step.failed twice.
+    const RUNS: usize = 6;
+    let w = World::start(false).await;
+    let (a, b) = two_slow_bridges(&w).await;
+    let mut ids = Vec::new();
+    for i in 0..RUNS {
+        let id = w.execute("demo/fail").await;
+        w.interest(&id, &format!("client-{i}")).await;
+        ids.push(id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let frames = w.log.until_terminal(id).await;
+        let s = summary(&frames);
+        assert_eq!(count_of(&frames, "playbook.started"), 1, "{id}: {s:#?}");
+        assert_eq!(count_of(&frames, "step.failed"), 1, "{id}: {s:#?}");
+        assert_eq!(count_of(&frames, "playbook.failed"), 1, "{id}: {s:#?}");
+        assert_eq!(frames.len(), 3, "{id}: {s:#?}");
+        let terminal = frames
+            .iter()
+            .find(|r| r.params()["terminal"] == true)
+            .expect("until_terminal saw one");
+        assert_eq!(terminal.params()["event_type"], "playbook.failed");
+        assert_eq!(terminal.params()["status"], "FAILED");
+        assert!(frames.iter().all(|r| r.client_id == format!("client-{i}")));
+    }
+    let by_replica = |name| w.log.all().iter().filter(|r| r.replica == name).count();
+    eprintln!(
+        "frames published by replica a: {}, b: {}",
+        by_replica("a"),
+        by_replica("b")
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn two_bridges_turn_a_lying_playbook_completed_into_one_playbook_failed() {
+    const RUNS: usize = 4;
+    let w = World::start(false).await;
+    let (a, b) = two_slow_bridges(&w).await;
+    let mut ids = Vec::new();
+    for i in 0..RUNS {
+        let id = w.execute("demo/lying").await;
+        w.interest(&id, &format!("client-{i}")).await;
+        ids.push(id);
+    }
+    for id in &ids {
+        let frames = w.log.until_terminal(id).await;
+        let s = summary(&frames);
+        assert_eq!(count_of(&frames, "playbook.failed"), 1, "{id}: {s:#?}");
+        assert_eq!(count_of(&frames, "playbook.completed"), 0, "{id}: {s:#?}");
+        assert_eq!(
+            frames
+                .iter()
+                .filter(|r| r.params()["terminal"] == true)
+                .count(),
+            1,
+            "{id}: {s:#?}"
+        );
+    }
+    a.stop().await;
     b.stop().await;
 }

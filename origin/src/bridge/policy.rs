@@ -19,6 +19,8 @@
 //!   failed. So those two wait for the run's status from NoETL and the terminal frame says
 //!   what NoETL says, not what the event claims.
 //! - [`retry_verdict`] / [`retry_delay`] — how long each kind of "not yet" is retried.
+//! - [`publish_plan`] — which frames an event publishes once its claims on the terminal
+//!   frame ([`terminal_key`]) and the step's failure ([`failure_key`]) are known.
 //! - [`OrderGuard`] — keeps an execution's frames in order within one replica when an
 //!   earlier event of it is waiting for a redelivery.
 //! - [`worker_for`] — which of the replica's workers handles an execution's events (all of
@@ -32,6 +34,9 @@ use gateway_shared::frames::PlaybookState;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::noetl::NoetlError;
+use crate::runs::{is_usable_execution_id, RunStatus};
+
 /// The default forward allow-list (PROTOCOL §6), in normalised names.
 pub const DEFAULT_FORWARD: [&str; 8] = [
     "playbook.started",
@@ -43,9 +48,6 @@ pub const DEFAULT_FORWARD: [&str; 8] = [
     "playbook.cancelled",
     "calendar.event.touched",
 ];
-
-/// Longest execution id accepted. Keeps `terminal.<id>` a valid store key (≤ 256).
-pub const MAX_EXECUTION_ID_LEN: usize = 200;
 
 /// Longest event type accepted (real ones are under 30 characters).
 const MAX_EVENT_TYPE_LEN: usize = 128;
@@ -325,16 +327,6 @@ pub fn exact_id(v: &Value) -> Option<String> {
     }
 }
 
-/// True if `id` can name an execution in store keys and subjects: 1..=200 characters of
-/// `[A-Za-z0-9_-]` (a real id is all digits).
-pub fn is_usable_execution_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_EXECUTION_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// RFC 3339 with any offset, or a naive ISO timestamp (Python rows) taken as UTC →
 /// RFC 3339 UTC with microseconds. `None` if unreadable.
 pub fn normalize_time(s: &str) -> Option<String> {
@@ -348,46 +340,6 @@ pub fn normalize_time(s: &str) -> Option<String> {
                 .map(|n| n.and_utc())
         })?;
     Some(parsed.to_rfc3339_opts(SecondsFormat::Micros, true))
-}
-
-/// An execution's state as NoETL's `/api/executions/{id}/status` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunStatus {
-    /// Still going (also any status this module does not know: not final is the safe read).
-    Running,
-    /// Ended well.
-    Completed,
-    /// Ended badly.
-    Failed,
-    /// Cancelled.
-    Cancelled,
-}
-
-impl RunStatus {
-    /// Reads the `status` field of a status reply (case-insensitive; `CANCELED` and
-    /// `SUCCESS`/`ERROR` accepted as synonyms).
-    pub fn from_reply(reply: &Value) -> Self {
-        let s = reply
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        match s.to_ascii_uppercase().as_str() {
-            "COMPLETED" | "SUCCESS" | "SUCCEEDED" => Self::Completed,
-            "FAILED" | "ERROR" => Self::Failed,
-            "CANCELLED" | "CANCELED" => Self::Cancelled,
-            _ => Self::Running,
-        }
-    }
-
-    /// The terminal event type and status for a final state; `None` while running.
-    pub fn terminal(self) -> Option<(&'static str, &'static str)> {
-        match self {
-            Self::Running => None,
-            Self::Completed => Some(("playbook.completed", "COMPLETED")),
-            Self::Failed => Some(("playbook.failed", "FAILED")),
-            Self::Cancelled => Some(("playbook.cancelled", "CANCELLED")),
-        }
-    }
 }
 
 /// Whether an event's frames depend on the run's confirmed status.
@@ -687,15 +639,21 @@ impl OrderGuard {
 /// same in every process and every run: what matters is that one execution always maps to
 /// one worker, whose queue keeps its events in delivery order.
 pub fn worker_for(execution_id: &str, workers: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in execution_id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut h = fnv1a(execution_id);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
     (h % workers.max(1) as u64) as usize
+}
+
+/// FNV-1a, 64 bits: a fixed hash, the same in every process and every run.
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// True for event types that end a run or report a failed step: after an execution's
@@ -707,6 +665,121 @@ pub fn is_terminal_or_failure(event_type: &str) -> bool {
     )
 }
 
+/// Whether an event is skipped because its execution's terminal frame was already claimed
+/// (`owner` is the claim's stored event key, `None` while unclaimed).
+///
+/// After the terminal frame only events that would make another terminal (or repeat
+/// step.failed: NoETL sends call.error and command.failed for one step) are skipped. A
+/// plain lifecycle event handled late by another replica — a step.exit racing the
+/// playbook.completed — is still forwarded: order across replicas is not guaranteed, and a
+/// lost frame is worse than a late one. The claim's own event (a redelivery) is not skipped.
+pub fn skipped_after_terminal(owner: Option<&[u8]>, event_key: &str, event_type: &str) -> bool {
+    owner.is_some_and(|o| o != event_key.as_bytes()) && is_terminal_or_failure(event_type)
+}
+
+/// True if the claim whose stored owner is `owner` belongs to `event_key` (a redelivery of
+/// the event that created it still owns it).
+pub fn owns_claim(owner: Option<&[u8]>, event_key: &str) -> bool {
+    owner.is_some_and(|o| o == event_key.as_bytes())
+}
+
+/// Why an event whose status [`resolve`] is waiting for is retried.
+pub fn wait_reason(check: StatusCheck) -> RetryReason {
+    if check == StatusCheck::Unavailable {
+        RetryReason::NoetlUnavailable
+    } else {
+        RetryReason::StatusNotFinal
+    }
+}
+
+/// What NoETL's status answer means for [`resolve`]. A 4xx or an unreadable reply cannot
+/// get better by asking again (the event's own claim is used); anything else that failed
+/// (unreachable, timeout, 5xx) is worth retrying.
+pub fn status_check(reply: Result<&Value, &NoetlError>) -> StatusCheck {
+    match reply {
+        Ok(reply) => StatusCheck::Known(RunStatus::from_reply(reply)),
+        Err(NoetlError::Status {
+            status: 400..=499, ..
+        })
+        | Err(NoetlError::BadResponse(_)) => StatusCheck::GaveUp,
+        Err(_) => StatusCheck::Unavailable,
+    }
+}
+
+/// How long a retried event counts as parked in its worker's [`OrderGuard`]: two retry
+/// periods (and a margin), after which its redelivery went elsewhere.
+pub fn overdue_after(reason: RetryReason, base: Duration) -> Duration {
+    retry_delay(reason, base) * 2 + Duration::from_millis(500)
+}
+
+/// The NAK delay at shutdown for an event queued behind one waiting for its redelivery:
+/// longer than any retry's, so it comes back behind that one.
+pub fn give_back_delay(base: Duration) -> Duration {
+    retry_delay(RetryReason::BusUnavailable, base) + base
+}
+
+/// The frames one event publishes, in order, once its claims are known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishPlan<'a> {
+    /// Publish these, in this order.
+    pub frames: Vec<&'a PlaybookState>,
+    /// True when a frame was left out because another event owns its claim (for logs).
+    pub skipped_any: bool,
+}
+
+/// Which of `frames` this event publishes, given its claims: `terminal` on the execution's
+/// terminal frame ([`terminal_key`]; `None` when there is no terminal frame), `failure` on
+/// the failed step ([`failure_key`]; `None` when there is no such frame).
+///
+/// Exactly one event publishes each claimed frame, across replicas: the claims are made
+/// (create-if-absent) before anything is published. An event that lost the terminal
+/// publishes nothing — the winner sends its own step.failed and the terminal, in that
+/// order, and nothing may follow the terminal. An event that lost only the step's failure
+/// still sends the terminal it won (the failure was reported while the run still looked
+/// RUNNING).
+pub fn publish_plan<'a>(
+    frames: &'a Frames,
+    terminal: Option<bool>,
+    failure: Option<bool>,
+) -> PublishPlan<'a> {
+    if terminal == Some(false) {
+        return PublishPlan {
+            frames: Vec::new(),
+            skipped_any: true,
+        };
+    }
+    let progress = frames.progress.as_ref().filter(|_| failure != Some(false));
+    let terminal = frames.terminal.as_ref().filter(|_| terminal == Some(true));
+    PublishPlan {
+        frames: progress.into_iter().chain(terminal).collect(),
+        skipped_any: failure == Some(false),
+    }
+}
+
+/// The K/V key (bucket `interest`) whose creation claims a failed step's `step.failed`
+/// frame, when `frames` has one: NoETL reports one failure twice (call.error and
+/// command.failed), and only one of them may reach the client. The step name is hashed,
+/// so any name makes a valid key. `None` for other frames or a step without a name.
+pub fn failure_key(frames: &Frames) -> Option<String> {
+    let f = frames.progress.as_ref()?;
+    step_failure_key(&f.execution_id, &f.event_type, f.step_name.as_deref())
+}
+
+/// The failure claim a `step.failed` event would take ([`failure_key`] of its frames),
+/// for an event skipped after the terminal frame: if it owns that claim, its own
+/// step.failed was never sent (its publish failed and the terminal's winner left the
+/// frame to it), so it still sends it — late, not lost.
+pub fn event_failure_key(ev: &ExecutionEvent) -> Option<String> {
+    step_failure_key(&ev.execution_id, &ev.event_type, ev.step_name.as_deref())
+}
+
+fn step_failure_key(execution_id: &str, event_type: &str, step: Option<&str>) -> Option<String> {
+    if event_type != "step.failed" {
+        return None;
+    }
+    Some(format!("failed.{execution_id}.{:016x}", fnv1a(step?)))
+}
+
 /// The K/V key (bucket `interest`) whose creation claims an execution's terminal frame.
 pub fn terminal_key(execution_id: &str) -> String {
     format!("terminal.{execution_id}")
@@ -715,6 +788,7 @@ pub fn terminal_key(execution_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runs::MAX_EXECUTION_ID_LEN;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -1133,18 +1207,6 @@ mod tests {
     }
 
     #[test]
-    fn run_statuses_are_read_leniently() {
-        let s = |v: Value| RunStatus::from_reply(&json!({ "status": v }));
-        assert_eq!(s(json!("COMPLETED")), RunStatus::Completed);
-        assert_eq!(s(json!("failed")), RunStatus::Failed);
-        assert_eq!(s(json!("CANCELED")), RunStatus::Cancelled);
-        assert_eq!(s(json!("RUNNING")), RunStatus::Running);
-        assert_eq!(s(json!("QUEUED")), RunStatus::Running);
-        assert_eq!(s(json!(3)), RunStatus::Running);
-        assert_eq!(RunStatus::from_reply(&json!({})), RunStatus::Running);
-    }
-
-    #[test]
     fn retries_stop_at_the_configured_ages() {
         let limits = RetryLimits {
             max_interest_wait: Duration::from_secs(10),
@@ -1245,10 +1307,220 @@ mod tests {
     }
 
     #[test]
+    fn after_the_terminal_claim_only_other_terminal_and_failure_events_are_skipped() {
+        let other = Some(&b"ev-1"[..]);
+        assert!(skipped_after_terminal(other, "ev-2", "step.failed"));
+        assert!(skipped_after_terminal(other, "ev-2", "playbook.completed"));
+        assert!(
+            !skipped_after_terminal(other, "ev-2", "step.exit"),
+            "late, not lost"
+        );
+        assert!(
+            !skipped_after_terminal(other, "ev-1", "playbook.failed"),
+            "its own redelivery"
+        );
+        assert!(
+            !skipped_after_terminal(None, "ev-2", "playbook.failed"),
+            "unclaimed"
+        );
+    }
+
+    #[test]
+    fn a_claim_is_owned_by_the_event_that_stored_it() {
+        assert!(owns_claim(Some(b"ev-1"), "ev-1"));
+        assert!(!owns_claim(Some(b"ev-1"), "ev-2"));
+        assert!(!owns_claim(None, "ev-1"));
+    }
+
+    #[test]
+    fn noetl_answers_are_classified_for_resolve() {
+        let reply = json!({ "status": "FAILED" });
+        assert_eq!(
+            status_check(Ok(&reply)),
+            StatusCheck::Known(RunStatus::Failed)
+        );
+        let not_found = NoetlError::Status {
+            status: 404,
+            message: String::new(),
+        };
+        assert_eq!(status_check(Err(&not_found)), StatusCheck::GaveUp);
+        let unreadable = NoetlError::BadResponse("not json".into());
+        assert_eq!(status_check(Err(&unreadable)), StatusCheck::GaveUp);
+        let down = NoetlError::Status {
+            status: 503,
+            message: String::new(),
+        };
+        assert_eq!(status_check(Err(&down)), StatusCheck::Unavailable);
+        assert_eq!(
+            wait_reason(StatusCheck::Unavailable),
+            RetryReason::NoetlUnavailable
+        );
+        assert_eq!(
+            wait_reason(StatusCheck::Known(RunStatus::Running)),
+            RetryReason::StatusNotFinal
+        );
+    }
+
+    #[test]
+    fn parked_events_go_overdue_after_two_retries_and_given_back_ones_come_back_last() {
+        let base = Duration::from_millis(500);
+        assert_eq!(
+            overdue_after(RetryReason::NoInterest, base),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            overdue_after(RetryReason::StoreUnavailable, base),
+            Duration::from_millis(4500)
+        );
+        let every = [
+            RetryReason::NoInterest,
+            RetryReason::StatusNotFinal,
+            RetryReason::NoetlUnavailable,
+            RetryReason::StoreUnavailable,
+            RetryReason::BusUnavailable,
+            RetryReason::WaitingBehind,
+        ];
+        for reason in every {
+            assert!(
+                give_back_delay(base) > retry_delay(reason, base),
+                "{reason:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_winner_of_the_terminal_claim_publishes_and_its_step_failed_comes_first() {
+        let f = frames(resolve(
+            &event("step.failed", Some("FAILED")),
+            StatusCheck::Known(RunStatus::Failed),
+            "now",
+        ));
+        let (step, terminal) = (f.progress.as_ref().unwrap(), f.terminal.as_ref().unwrap());
+        let won = publish_plan(&f, Some(true), Some(true));
+        assert_eq!(won.frames, [step, terminal]);
+        assert!(!won.skipped_any);
+        let lost = publish_plan(&f, Some(false), None);
+        assert!(lost.frames.is_empty() && lost.skipped_any);
+        // The failure went out while the run still looked RUNNING: only the terminal.
+        let late = publish_plan(&f, Some(true), Some(false));
+        assert_eq!(late.frames, [terminal]);
+        assert!(late.skipped_any);
+    }
+
+    #[test]
+    fn a_failure_without_a_terminal_is_sent_once_and_plain_frames_always() {
+        let running = frames(resolve(
+            &event("step.failed", Some("FAILED")),
+            StatusCheck::Known(RunStatus::Running),
+            "now",
+        ));
+        let step = running.progress.as_ref().unwrap();
+        assert_eq!(publish_plan(&running, None, Some(true)).frames, [step]);
+        assert!(publish_plan(&running, None, Some(false)).frames.is_empty());
+        let exit = frames(resolve(
+            &event("step.exit", None),
+            StatusCheck::NotNeeded,
+            "now",
+        ));
+        assert_eq!(
+            publish_plan(&exit, None, None).frames,
+            [exit.progress.as_ref().unwrap()]
+        );
+        let completed = frames(resolve(
+            &event("playbook.completed", None),
+            StatusCheck::Known(RunStatus::Completed),
+            "now",
+        ));
+        assert_eq!(
+            publish_plan(&completed, Some(true), None).frames,
+            [completed.terminal.as_ref().unwrap()]
+        );
+    }
+
+    #[test]
+    fn only_a_named_failed_step_has_a_failure_key() {
+        let failed = frames(resolve(
+            &event("step.failed", Some("FAILED")),
+            StatusCheck::Known(RunStatus::Running),
+            "now",
+        ));
+        let key = failure_key(&failed).expect("a named failed step");
+        assert!(key.starts_with(&format!("failed.{BIG}.")), "{key}");
+        let mut unnamed = event("step.failed", Some("FAILED"));
+        unnamed.step_name = None;
+        let unnamed = frames(resolve(
+            &unnamed,
+            StatusCheck::Known(RunStatus::Running),
+            "now",
+        ));
+        assert_eq!(failure_key(&unnamed), None);
+        let exit = frames(resolve(
+            &event("step.exit", None),
+            StatusCheck::NotNeeded,
+            "now",
+        ));
+        assert_eq!(failure_key(&exit), None);
+        let lying = frames(resolve(
+            &event("playbook.completed", None),
+            StatusCheck::Known(RunStatus::Failed),
+            "now",
+        ));
+        assert_eq!(failure_key(&lying), None);
+    }
+
+    #[test]
+    fn an_event_names_the_same_failure_claim_its_frames_take() {
+        let failed = event("step.failed", Some("FAILED"));
+        for check in [
+            StatusCheck::Known(RunStatus::Running),
+            StatusCheck::Known(RunStatus::Failed),
+            StatusCheck::GaveUp,
+        ] {
+            let f = frames(resolve(&failed, check, "now"));
+            assert_eq!(event_failure_key(&failed), failure_key(&f), "{check:?}");
+            assert!(event_failure_key(&failed).is_some());
+        }
+        assert_eq!(event_failure_key(&event("playbook.failed", None)), None);
+        assert_eq!(event_failure_key(&event("step.exit", None)), None);
+    }
+
+    #[test]
     fn the_terminal_key_is_a_valid_store_key_for_every_usable_id() {
         let longest = "9".repeat(MAX_EXECUTION_ID_LEN);
         assert!(crate::store::is_valid_key(&terminal_key(&longest)));
         assert!(crate::store::is_valid_key(&terminal_key(BIG)));
+    }
+
+    #[test]
+    fn the_failure_key_is_a_valid_store_key_for_every_usable_id_and_any_step_name() {
+        let mut ev = event("step.failed", Some("FAILED"));
+        for (id, step) in [
+            ("9".repeat(MAX_EXECUTION_ID_LEN), "s1".to_owned()),
+            (
+                BIG.to_owned(),
+                "a step.with spaces/and ünïcode*>".to_owned(),
+            ),
+            (BIG.to_owned(), "x".repeat(10_000)),
+        ] {
+            ev.execution_id = id;
+            ev.step_name = Some(step);
+            let f = frames(resolve(&ev, StatusCheck::Known(RunStatus::Running), "now"));
+            let key = failure_key(&f).expect("a named failed step");
+            assert!(crate::store::is_valid_key(&key), "{key}");
+        }
+        // Two steps of one run are two claims.
+        ev.execution_id = BIG.into();
+        let key_of = |step: &str| {
+            let mut e = ev.clone();
+            e.step_name = Some(step.into());
+            failure_key(&frames(resolve(
+                &e,
+                StatusCheck::Known(RunStatus::Running),
+                "now",
+            )))
+        };
+        assert_ne!(key_of("a"), key_of("b"));
+        assert_eq!(key_of("a"), key_of("a"));
     }
 
     proptest! {

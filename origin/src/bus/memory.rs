@@ -23,18 +23,20 @@
 //!   and no subscriber is removed (memory stays bounded by live clients); its highest
 //!   dropped id is folded into one bus-wide watermark that every later `After(n)` below it
 //!   must treat as "may have lost frames" — conservative (a spurious reset is safe, a
-//!   silent gap is not), and the same shape as the NATS rule. An `n` above every id issued
-//!   (an id from another bus or an earlier process) resets too.
+//!   silent gap is not). An `n` above every id issued (an id from another bus or an
+//!   earlier process) resets too. The rule itself is `bus::reset`'s, shared with the NATS
+//!   bus; this bus only supplies its facts.
 //! - **Live delivery is an inbox per subscription** (`super::inbox`), bounded by the
 //!   backlog ([`LIVE_BACKLOG`] unless set; the origin passes `SSE_QUEUE`) and allocated
 //!   only as frames arrive — an idle subscription costs a few dozen bytes, not a
 //!   preallocated ring. A subscriber that falls that far behind does not slow the
 //!   publisher or the other subscribers: its stream ends with
-//!   `Err(BusError::Unavailable("subscriber lagged"))` instead of silently skipping, so the
+//!   `Err(BusError::Lagged)` instead of silently skipping, so the
 //!   SSE layer evicts the connection and the client resumes with `Last-Event-ID`.
 //! - **Time** is [`tokio::time::Instant`], so tests that pause tokio's clock move expiry.
 
 use super::inbox::{Inbox, Taken};
+use super::reset::must_reset;
 use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -45,7 +47,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How many live frames a subscriber may fall behind by default before its stream ends
-/// with "subscriber lagged": the per-connection queue of PROTOCOL §3.
+/// with [`BusError::Lagged`]: the per-connection queue of PROTOCOL §3.
 pub const LIVE_BACKLOG: usize = 256;
 
 /// The longest the bus goes between sweeps of every client while it is being used.
@@ -125,10 +127,14 @@ fn sweep_interval(max_age: Duration) -> Duration {
     }
 }
 
-/// True if frames of a client after `n` may have been dropped, or `n` was never issued.
-/// `log` is the client's current log; `forgotten_dropped` covers its removed predecessors.
+/// [`must_reset`] with this bus's facts: `log` is the client's current log;
+/// `forgotten_dropped` covers its removed predecessors, whose frames all have ids at or
+/// below the log's `opened_after`.
 fn needs_reset(n: u64, last_id: u64, forgotten_dropped: u64, log: &ClientLog) -> bool {
-    n > last_id || n < log.highest_dropped || n < log.opened_after.min(forgotten_dropped)
+    let dropped_up_to = log
+        .highest_dropped
+        .max(log.opened_after.min(forgotten_dropped));
+    must_reset(n, last_id, dropped_up_to)
 }
 
 impl ClientLog {
@@ -359,8 +365,7 @@ fn live_frames(
                 Taken::Frame(f) => return Some((Ok(f), Some(reg))),
                 Taken::Overflowed => {
                     tracing::warn!(client = %reg.client_id, "memory bus subscriber fell behind; ending its stream");
-                    let err = BusError::Unavailable("subscriber lagged".to_owned());
-                    return Some((Err(err), None));
+                    return Some((Err(BusError::Lagged), None));
                 }
                 Taken::Broken(why) => return Some((Err(BusError::Unavailable(why)), None)),
                 // Only the NATS router asks for re-reads.

@@ -14,6 +14,8 @@
 //! - [`nats::NatsBus`] — NATS: the stream `GATEWAY_FRAMES` over `gateway.clients.>` keeps
 //!   every frame; one ordered consumer per replica routes them to the replica's
 //!   subscriptions, so an idle connection costs the server nothing.
+//!
+//! Both decide when a resume must start with `stream/reset` by one rule, `reset::must_reset`.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,6 +25,7 @@ use std::time::Duration;
 mod inbox;
 pub mod memory;
 pub mod nats;
+mod reset;
 
 /// Why a bus operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,11 @@ pub enum BusError {
     /// and a NATS header, where a CR/LF would forge protocol lines).
     #[error("invalid event name")]
     InvalidEvent,
+    /// The subscriber fell further behind than the bus holds for it (its live backlog):
+    /// its stream ends rather than skip frames, and the client resumes with
+    /// `Last-Event-ID` (nothing is lost: the frames are still retained).
+    #[error("subscriber lagged")]
+    Lagged,
 }
 
 /// One frame as stored and delivered.

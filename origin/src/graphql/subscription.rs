@@ -44,10 +44,10 @@ use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
 
 use super::schema::{ctx_parts, from_app, gql_error, require_execution_access};
-use crate::bridge::interest;
-use crate::bridge::policy::RunStatus;
 use crate::bus::{BusError, BusFrame, StartAt};
 use crate::clients;
+use crate::interest;
+use crate::runs::RunStatus;
 use crate::store::{KvStore, StoreError};
 
 /// Most operations (subscriptions, queries, mutations) one socket runs at once.

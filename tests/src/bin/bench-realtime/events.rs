@@ -11,7 +11,7 @@ use futures::StreamExt;
 use gateway_tests::bench::{now_ns, Deadline};
 use gateway_tests::standin::events::{encode_row, EventKind, EventRow, NewEvent, RowPlace, Shape};
 use gateway_tests::standin::ids::{ExecutionId, IdGen};
-use origin::bridge::interest::add_interest;
+use origin::interest::add_interest;
 use origin::store::nats::NatsKv;
 
 use crate::common::{World, DRAIN};

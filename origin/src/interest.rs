@@ -7,15 +7,16 @@
 //! never by scanning the bucket. Records expire with the bucket's TTL (≥ the longest
 //! playbook), so nothing has to clean them up.
 //!
-//! The same bucket also holds `terminal.<execution_id>` markers (see
-//! [`super::policy::terminal_key`]); execution ids never contain a `.`, so the two kinds of
-//! key cannot collide.
+//! The same bucket also holds the bridge's claims, `terminal.<execution_id>` and
+//! `failed.<execution_id>.<step hash>` (see [`crate::bridge::policy::terminal_key`] and
+//! [`crate::bridge::policy::failure_key`]); execution ids never contain a `.`, so the kinds
+//! of key cannot collide.
 
 use bytes::Bytes;
 use gateway_shared::frames::is_valid_client_id;
 use serde::{Deserialize, Serialize};
 
-use super::policy::is_usable_execution_id;
+use crate::runs::is_usable_execution_id;
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// Most clients kept per execution; beyond it the oldest is dropped, so one popular

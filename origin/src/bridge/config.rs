@@ -1,0 +1,262 @@
+//! The bridge's settings: [`BridgeConfig`], its defaults (PROTOCOL §6), its validation,
+//! and how it is read from the origin's one [`Config`].
+
+use std::time::Duration;
+
+use super::policy;
+use super::BridgeError;
+use crate::config::Config;
+
+/// Upper bound of [`BridgeConfig::concurrency`].
+pub const MAX_CONCURRENCY: usize = 1024;
+
+/// The bridge's settings. `Default` is PROTOCOL §6 and a single-digit-second budget for
+/// late interest; the server fills it from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// The JetStream stream NoETL publishes into (`noetl_events`). Absent → core mode.
+    pub stream: String,
+    /// The subjects to read (`noetl.events.>`); must end in `.>`. Its prefix is what both
+    /// subject shapes are parsed under.
+    pub subject: String,
+    /// The durable consumer's name, also the core queue group (`gateway-bridge`). Every
+    /// replica must use the same one, or each replica gets every event.
+    pub consumer: String,
+    /// Event types forwarded, normalised names (default [`policy::DEFAULT_FORWARD`]).
+    pub forward: Vec<String>,
+    /// An event whose execution still has no interest after this long (since NATS
+    /// stored it) is dropped (default 10 s).
+    pub max_interest_wait: Duration,
+    /// How long a status NoETL cannot confirm is retried before the event's own claim is
+    /// used (default 30 s).
+    pub max_confirm_wait: Duration,
+    /// Delay before an event is retried (NAK delay; ×4 for store, bus and NoETL
+    /// failures). Default 500 ms, about NoETL's burst interval.
+    pub retry_delay: Duration,
+    /// JetStream ack wait: an un-acked message is redelivered after this (a replica that
+    /// died mid-event). Must exceed one event's handling, including NoETL's timeout.
+    /// Default 30 s.
+    pub ack_wait: Duration,
+    /// JetStream max un-acked messages across all replicas (default 10 000; see the
+    /// module docs for sizing). Only applied when the consumer is created.
+    pub max_ack_pending: i64,
+    /// Messages pulled per request (default 32). The client asks for the next batch when
+    /// half of one is left, so the reader keeps up to ~1.5 batches in hand besides the
+    /// workers' queues. Small keeps a slow replica from sitting on messages another
+    /// replica could handle.
+    pub batch: usize,
+    /// Worker tasks handling events concurrently (default 32, at most
+    /// [`MAX_CONCURRENCY`]). Every event of one execution goes to the same worker (a hash
+    /// of its id) and is handled in delivery order; different executions are handled in
+    /// parallel. At most `concurrency × WORKER_QUEUE` (16) events wait in memory.
+    pub concurrency: usize,
+    /// Core mode: most events held in memory for a retry (default 10 000); beyond it an
+    /// event that needs a retry is dropped with a warning.
+    pub core_max_held: usize,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            stream: "noetl_events".into(),
+            subject: "noetl.events.>".into(),
+            consumer: "gateway-bridge".into(),
+            forward: policy::DEFAULT_FORWARD
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            max_interest_wait: Duration::from_secs(10),
+            max_confirm_wait: Duration::from_secs(30),
+            retry_delay: Duration::from_millis(500),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+            batch: 32,
+            concurrency: 32,
+            core_max_held: 10_000,
+        }
+    }
+}
+
+impl BridgeConfig {
+    /// The bridge's settings from the origin's configuration (the rest keep the defaults).
+    /// The ack wait is raised above one worst-case NoETL confirmation (timeout × attempts)
+    /// if needed, so a replica still confirming a status is not mistaken for a dead one.
+    pub fn from_config(config: &Config) -> Self {
+        let defaults = Self::default();
+        let worst_confirm =
+            config.noetl_timeout * (config.noetl_retries + 1) + Duration::from_secs(5);
+        Self {
+            stream: config.noetl_events_stream.clone(),
+            subject: config.noetl_events_subject.clone(),
+            consumer: config.bridge_consumer.clone(),
+            forward: config
+                .bridge_forward
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            max_interest_wait: config.bridge_max_interest_wait,
+            concurrency: config.bridge_concurrency,
+            ack_wait: defaults.ack_wait.max(worst_confirm),
+            ..defaults
+        }
+    }
+
+    /// Checks the settings a typo would break silently.
+    pub fn validate(&self) -> Result<(), BridgeError> {
+        let bad = |m: String| Err(BridgeError::Config(m));
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !name_ok(&self.stream) {
+            return bad(format!("stream name {:?} is not a valid name", self.stream));
+        }
+        if !name_ok(&self.consumer) {
+            return bad(format!(
+                "consumer name {:?} is not a valid name",
+                self.consumer
+            ));
+        }
+        if self.prefix().len() < 2 || self.subject.contains(['*', ' ']) {
+            return bad(format!(
+                "subject {:?} must be a literal prefix followed by `.>`",
+                self.subject
+            ));
+        }
+        if self.forward.is_empty() {
+            return bad("the forward allow-list is empty: nothing would be forwarded".into());
+        }
+        if self.retry_delay.is_zero() || self.retry_delay > Duration::from_secs(60) {
+            return bad("retry_delay must be within (0, 60 s]".into());
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return bad("ack_wait must be at least 1 s".into());
+        }
+        if self.batch == 0 || self.max_ack_pending < self.batch as i64 {
+            return bad("batch must be ≥ 1 and max_ack_pending ≥ batch".into());
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return bad(format!(
+                "concurrency must be within 1..={MAX_CONCURRENCY} (got {})",
+                self.concurrency
+            ));
+        }
+        Ok(())
+    }
+
+    /// `noetl.events.` for `noetl.events.>` (empty if the subject is not of that form).
+    pub(super) fn prefix(&self) -> &str {
+        self.subject
+            .strip_suffix('>')
+            .filter(|p| p.ends_with('.'))
+            .unwrap_or("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_config_is_valid_and_follows_the_protocol() {
+        let c = BridgeConfig::default();
+        c.validate().expect("defaults are valid");
+        assert_eq!(c.stream, "noetl_events");
+        assert_eq!(c.subject, "noetl.events.>");
+        assert_eq!(c.consumer, "gateway-bridge");
+        assert_eq!(c.prefix(), "noetl.events.");
+        assert_eq!(c.forward.len(), 8);
+        assert_eq!(c.max_interest_wait, Duration::from_secs(10));
+        assert_eq!(c.concurrency, 32);
+    }
+
+    #[test]
+    fn the_origin_flags_fill_it_and_the_ack_wait_outlasts_a_worst_case_confirmation() {
+        use clap::Parser;
+        let required = [
+            "origin",
+            "--auth-audience",
+            "aud",
+            "--auth-jwks-url",
+            "http://127.0.0.1:1/jwks",
+            "--auth-issuer",
+            "http://127.0.0.1:1/",
+        ];
+        let c = Config::try_parse_from(required).expect("flags parse");
+        // NoETL 10 s × (2 retries + 1) + 5 s is above the 30 s default.
+        assert_eq!(
+            BridgeConfig::from_config(&c).ack_wait,
+            Duration::from_secs(35)
+        );
+        let mut args = required.to_vec();
+        args.extend([
+            "--noetl-timeout",
+            "1s",
+            "--bridge-forward",
+            " step.failed , ,playbook.failed",
+            "--bridge-consumer",
+            "gw-b",
+        ]);
+        let b = BridgeConfig::from_config(&Config::try_parse_from(args).expect("flags parse"));
+        assert_eq!(b.forward, ["step.failed", "playbook.failed"]);
+        assert_eq!(b.consumer, "gw-b");
+        assert_eq!(
+            b.ack_wait,
+            Duration::from_secs(30),
+            "the default when above"
+        );
+        b.validate().expect("valid");
+    }
+
+    #[test]
+    fn typos_in_the_config_are_refused() {
+        let bad = [
+            BridgeConfig {
+                subject: "noetl.events".into(),
+                ..Default::default()
+            },
+            BridgeConfig {
+                subject: ">".into(),
+                ..Default::default()
+            },
+            BridgeConfig {
+                subject: "noetl.*.>".into(),
+                ..Default::default()
+            },
+            BridgeConfig {
+                consumer: "gateway.bridge".into(),
+                ..Default::default()
+            },
+            BridgeConfig {
+                stream: String::new(),
+                ..Default::default()
+            },
+            BridgeConfig {
+                forward: vec![],
+                ..Default::default()
+            },
+            BridgeConfig {
+                retry_delay: Duration::ZERO,
+                ..Default::default()
+            },
+            BridgeConfig {
+                batch: 0,
+                ..Default::default()
+            },
+            BridgeConfig {
+                concurrency: 0,
+                ..Default::default()
+            },
+            BridgeConfig {
+                concurrency: MAX_CONCURRENCY + 1,
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            assert!(matches!(c.validate(), Err(BridgeError::Config(_))), "{c:?}");
+        }
+    }
+}

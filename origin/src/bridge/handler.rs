@@ -1,0 +1,376 @@
+//! One event through the bridge: order guard → interest → terminal guard → the run's
+//! status → frames → publish → ack, NAK or hold (see the module docs of [`super`]). This
+//! file does the I/O; [`policy`] decides.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::AckKind;
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use gateway_shared::frames::{event, notification, PlaybookState};
+
+use super::policy::{
+    self, ForwardList, OrderGuard, Parsed, Resolution, RetryLimits, RetryReason, RetryVerdict,
+    StatusCheck,
+};
+use super::pool::{CoreRetry, Incoming, Job};
+use super::BridgeConfig;
+use crate::bus::{Bus, BusError};
+use crate::interest;
+use crate::noetl::NoetlClient;
+use crate::store::{Bucket, KvStore};
+
+/// One message as the handler sees it, whichever mode delivered it.
+pub(super) struct Delivery<'a> {
+    pub(super) subject: &'a str,
+    pub(super) payload_len: usize,
+    /// What the reader made of the payload.
+    pub(super) parsed: &'a Result<Parsed, policy::Malformed>,
+    /// Increasing per execution in delivery order (stream sequence, or a local counter).
+    pub(super) seq: u64,
+    /// Since NATS stored it (durable) or this replica received it (core).
+    pub(super) age: Duration,
+    /// The event's identity when the payload has no `event_id`.
+    pub(super) fallback_key: &'a str,
+}
+
+/// What to do with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Ack: forwarded, ignored, malformed or dropped.
+    Done,
+    /// Try again after [`policy::retry_delay`].
+    Retry(RetryReason),
+}
+
+/// Everything one event needs; shared by the reader (parsing) and the workers.
+pub(super) struct Handler {
+    kv: Arc<dyn KvStore>,
+    bus: Arc<dyn Bus>,
+    noetl: NoetlClient,
+    prefix: String,
+    forward: ForwardList,
+    limits: RetryLimits,
+    retry_delay: Duration,
+}
+
+impl Handler {
+    /// The handler for `config`, retrying as a durable consumer does (see
+    /// [`without_durable_retries`](Self::without_durable_retries) for core mode).
+    pub(super) fn new(
+        kv: Arc<dyn KvStore>,
+        bus: Arc<dyn Bus>,
+        noetl: NoetlClient,
+        config: &BridgeConfig,
+    ) -> Self {
+        Self {
+            kv,
+            bus,
+            noetl,
+            prefix: config.prefix().to_owned(),
+            forward: ForwardList::new(&config.forward),
+            limits: RetryLimits {
+                max_interest_wait: config.max_interest_wait,
+                max_confirm_wait: config.max_confirm_wait,
+                durable: true,
+            },
+            retry_delay: config.retry_delay,
+        }
+    }
+
+    /// Core mode: retries are timers in this process, so infrastructure failures are not
+    /// retried without limit.
+    pub(super) fn without_durable_retries(self) -> Self {
+        Self {
+            limits: RetryLimits {
+                durable: false,
+                ..self.limits
+            },
+            ..self
+        }
+    }
+
+    pub(super) fn parse(&self, subject: &str, payload: &[u8]) -> Result<Parsed, policy::Malformed> {
+        policy::parse_event(subject, payload, &self.prefix, &self.forward)
+    }
+
+    /// Handles one job, then acks or NAKs it (durable) or holds it for a retry (core).
+    pub(super) async fn process(
+        &self,
+        job: Job,
+        guard: &mut OrderGuard,
+        retry: Option<&CoreRetry>,
+    ) {
+        let outcome = self.handle(&job.delivery(), guard).await;
+        if let Incoming::Durable(msg) = &job.msg {
+            let acked = match outcome {
+                Outcome::Done => msg.ack().await,
+                Outcome::Retry(reason) => {
+                    let delay = policy::retry_delay(reason, self.retry_delay);
+                    msg.ack_with(AckKind::Nak(Some(delay))).await
+                }
+            };
+            if let Err(e) = acked {
+                tracing::warn!(subject = %msg.subject, error = %e, "bridge: ack failed; the event comes back after ack_wait");
+            }
+            return;
+        }
+        if let (Outcome::Retry(reason), Some(retry)) = (outcome, retry) {
+            retry.hold(job, policy::retry_delay(reason, self.retry_delay));
+        }
+    }
+
+    /// Shutdown: an event this replica will not handle. JetStream: NAKed so another
+    /// replica gets it now — or, when an earlier event of its execution is waiting for a
+    /// redelivery (per `guard`; with no guard, always), after a delay longer than any
+    /// retry's, so it comes back behind that one. Never acked. Core: dropped.
+    pub(super) async fn give_back(&self, job: Job, guard: Option<&mut OrderGuard>) {
+        let Incoming::Durable(msg) = &job.msg else {
+            return;
+        };
+        let behind = policy::give_back_delay(self.retry_delay);
+        let delay = match (&job.parsed, guard) {
+            (Ok(Parsed::Forward(ev)), Some(guard)) => {
+                let now = Instant::now();
+                guard.must_wait(&ev.execution_id, job.seq, now).then(|| {
+                    guard.park(&ev.execution_id, job.seq, now + behind);
+                    behind
+                })
+            }
+            (Ok(Parsed::Forward(_)), None) => Some(behind),
+            _ => None,
+        };
+        if let Err(e) = msg.ack_with(AckKind::Nak(delay)).await {
+            tracing::warn!(subject = %msg.subject, error = %e, "bridge: NAK at shutdown failed; the event comes back after ack_wait");
+        }
+    }
+
+    /// Keep order, deliver; parks or releases the event in `guard`.
+    async fn handle(&self, d: &Delivery<'_>, guard: &mut OrderGuard) -> Outcome {
+        let ev = match d.parsed {
+            Ok(Parsed::Forward(ev)) => ev,
+            Ok(Parsed::Ignored { .. }) => return Outcome::Done,
+            Err(e) => {
+                tracing::warn!(subject = %d.subject, bytes = d.payload_len, error = %e, "bridge: malformed NoETL event skipped");
+                return Outcome::Done;
+            }
+        };
+        let outcome = if guard.must_wait(&ev.execution_id, d.seq, Instant::now()) {
+            Outcome::Retry(RetryReason::WaitingBehind)
+        } else {
+            self.deliver(ev, d).await
+        };
+        match outcome {
+            Outcome::Retry(reason) => {
+                let overdue = policy::overdue_after(reason, self.retry_delay);
+                guard.park(&ev.execution_id, d.seq, Instant::now() + overdue);
+            }
+            Outcome::Done => guard.release(&ev.execution_id, d.seq),
+        }
+        outcome
+    }
+
+    /// Interest → terminal guard → status → frames → publish.
+    async fn deliver(&self, ev: &policy::ExecutionEvent, d: &Delivery<'_>) -> Outcome {
+        let id = ev.execution_id.as_str();
+        let clients = match interest::interested_clients(&*self.kv, id).await {
+            Ok(c) if c.is_empty() => {
+                return self.retry_or_drop(RetryReason::NoInterest, d, ev);
+            }
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(execution_id = %id, error = %e, "bridge: interest lookup failed");
+                return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+            }
+        };
+        let event_key = ev.event_id.as_deref().unwrap_or(d.fallback_key);
+        match self
+            .kv
+            .get(Bucket::Interest, &policy::terminal_key(id))
+            .await
+        {
+            Ok(owner)
+                if policy::skipped_after_terminal(owner.as_deref(), event_key, &ev.event_type) =>
+            {
+                return self.after_terminal(ev, event_key, &clients, d).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(execution_id = %id, error = %e, "bridge: terminal marker lookup failed");
+                return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+            }
+        }
+
+        let check = if policy::needs_status(&ev.event_type) {
+            self.status(id).await
+        } else {
+            StatusCheck::NotNeeded
+        };
+        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        let frames = match policy::resolve(ev, check, &now) {
+            Resolution::Frames(f) => *f,
+            Resolution::WaitForStatus => {
+                let reason = policy::wait_reason(check);
+                match policy::retry_verdict(reason, d.age, &self.limits) {
+                    RetryVerdict::Retry => return Outcome::Retry(reason),
+                    RetryVerdict::Drop => return Outcome::Done,
+                    RetryVerdict::UseEventClaim => {
+                        tracing::warn!(execution_id = %id, event_type = %ev.event_type, ?reason, "bridge: run status not confirmed in time; forwarding what the event claims");
+                        match policy::resolve(ev, StatusCheck::GaveUp, &now) {
+                            Resolution::Frames(f) => *f,
+                            Resolution::WaitForStatus => return Outcome::Done,
+                        }
+                    }
+                }
+            }
+        };
+
+        // Claims first, publishes after: two replicas handling two terminal candidates of
+        // one run (call.error and command.failed) must not both publish their step.failed.
+        let terminal_claim = match &frames.terminal {
+            Some(_) => match self.claim(&policy::terminal_key(id), event_key).await {
+                Ok(won) => Some(won),
+                Err(e) => {
+                    tracing::warn!(execution_id = %id, error = %e, "bridge: terminal marker create failed");
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                }
+            },
+            None => None,
+        };
+        let failure_claim = match policy::failure_key(&frames) {
+            Some(key) if terminal_claim != Some(false) => match self.claim(&key, event_key).await {
+                Ok(won) => Some(won),
+                Err(e) => {
+                    tracing::warn!(execution_id = %id, error = %e, "bridge: step failure marker create failed");
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                }
+            },
+            _ => None,
+        };
+        let plan = policy::publish_plan(&frames, terminal_claim, failure_claim);
+        if plan.skipped_any {
+            tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: another event already sent this step's failure or the terminal frame");
+        }
+        for frame in plan.frames {
+            if !self.publish(&clients, frame).await {
+                return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
+            }
+        }
+        Outcome::Done
+    }
+
+    /// An event skipped because another event owns the execution's terminal frame — unless
+    /// it owns its step's failure claim ([`policy::event_failure_key`]): then nobody else
+    /// sends that step.failed, so it is sent now, after the terminal rather than never.
+    async fn after_terminal(
+        &self,
+        ev: &policy::ExecutionEvent,
+        event_key: &str,
+        clients: &[String],
+        d: &Delivery<'_>,
+    ) -> Outcome {
+        let id = ev.execution_id.as_str();
+        if let Some(key) = policy::event_failure_key(ev) {
+            match self.kv.get(Bucket::Interest, &key).await {
+                Ok(owner) if policy::owns_claim(owner.as_deref(), event_key) => {
+                    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+                    if let Resolution::Frames(f) = policy::resolve(ev, StatusCheck::GaveUp, &now) {
+                        if let Some(step) = &f.progress {
+                            tracing::debug!(execution_id = %id, "bridge: a step failure this event claimed is sent after the terminal frame");
+                            if !self.publish(clients, step).await {
+                                return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
+                            }
+                        }
+                    }
+                    return Outcome::Done;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(execution_id = %id, error = %e, "bridge: step failure marker lookup failed");
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                }
+            }
+        }
+        tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: event after the terminal frame skipped");
+        Outcome::Done
+    }
+
+    /// Retry per [`policy::retry_verdict`], or log why the event is dropped.
+    fn retry_or_drop(
+        &self,
+        reason: RetryReason,
+        d: &Delivery<'_>,
+        ev: &policy::ExecutionEvent,
+    ) -> Outcome {
+        match policy::retry_verdict(reason, d.age, &self.limits) {
+            RetryVerdict::Retry => Outcome::Retry(reason),
+            _ if reason == RetryReason::NoInterest => {
+                tracing::debug!(execution_id = %ev.execution_id, event_type = %ev.event_type, age_ms = d.age.as_millis() as u64, "bridge: no client interested in time; event dropped");
+                Outcome::Done
+            }
+            _ => {
+                tracing::warn!(execution_id = %ev.execution_id, event_type = %ev.event_type, ?reason, "bridge: retries exhausted (core mode); event dropped");
+                Outcome::Done
+            }
+        }
+    }
+
+    /// The run's status from NoETL, classified by [`policy::status_check`].
+    async fn status(&self, id: &str) -> StatusCheck {
+        let reply = self.noetl.execution_status(id).await;
+        let check = policy::status_check(reply.as_ref());
+        match (&reply, check) {
+            (Err(e), StatusCheck::GaveUp) => {
+                tracing::warn!(execution_id = %id, error = %e, "bridge: NoETL cannot give this run's status; using the event's claim");
+            }
+            (Err(e), _) => {
+                tracing::warn!(execution_id = %id, error = %e, "bridge: NoETL status unavailable; will retry");
+            }
+            (Ok(_), _) => {}
+        }
+        check
+    }
+
+    /// True if this event owns the claim `key` (the execution's terminal frame, or a step's
+    /// failure): it created the marker now, or on an earlier delivery (a redelivery after a
+    /// failed publish). Create-if-absent, so across replicas exactly one event owns it.
+    async fn claim(&self, key: &str, event_key: &str) -> Result<bool, crate::store::StoreError> {
+        let mine = Bytes::copy_from_slice(event_key.as_bytes());
+        if self.kv.create(Bucket::Interest, key, mine).await? {
+            return Ok(true);
+        }
+        let owner = self.kv.get(Bucket::Interest, key).await?;
+        Ok(policy::owns_claim(owner.as_deref(), event_key))
+    }
+
+    /// Encodes `frame` once and publishes it to every client; false if any publish failed
+    /// for a reason a retry can fix. A client id the bus refuses is skipped (retrying
+    /// could never deliver to it).
+    async fn publish(&self, clients: &[String], frame: &PlaybookState) -> bool {
+        let data = Bytes::from(notification(event::STATE, frame));
+        let results = futures::future::join_all(
+            clients
+                .iter()
+                .map(|c| self.bus.publish(c, event::STATE, data.clone())),
+        )
+        .await;
+        let mut ok = true;
+        for (client_id, result) in clients.iter().zip(results) {
+            match result {
+                Ok(_) => {}
+                Err(BusError::InvalidClientId) => {
+                    tracing::warn!(%client_id, "bridge: interest names an unusable client id; skipped");
+                }
+                Err(e) => {
+                    tracing::warn!(%client_id, execution_id = %frame.execution_id, error = %e, "bridge: publishing a frame failed; will retry");
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            tracing::debug!(execution_id = %frame.execution_id, event_type = %frame.event_type, clients = clients.len(), "bridge: frame published");
+        }
+        ok
+    }
+}

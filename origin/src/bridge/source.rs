@@ -1,0 +1,282 @@
+//! The two NATS sources the bridge reads NoETL events from, each a loop that hands every
+//! message to the worker [`Pool`]: the shared durable pull consumer (once across replicas,
+//! nothing lost while every origin is down) and the core queue-subscription fallback.
+//! Both re-open after failures with a doubling [`Backoff`] and stop reading first at
+//! shutdown, so what the workers give back goes to another replica.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+
+use super::handler::Handler;
+use super::pool::{CoreRetries, Job, Pool};
+use super::{BridgeConfig, CancellationToken};
+
+/// How often core mode checks whether the stream has appeared (to tell the operator).
+const STREAM_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// Longest pause between attempts to re-open a failed consumer or subscription.
+const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(10);
+/// The first pause after a failure.
+const FIRST_REOPEN_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The durable consumer's settings. Applied when the consumer is created; an existing
+/// consumer is reused as it is (delete it to change them).
+pub(super) fn consumer_config(config: &BridgeConfig) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(config.consumer.clone()),
+        description: Some(
+            "NoETL edge gateway bridge: execution events -> playbook/state frames".into(),
+        ),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        filter_subject: config.subject.clone(),
+        max_ack_pending: config.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// True when the lookup failed because there is no stream (or no JetStream at all), which
+/// means core mode rather than a start-up error.
+pub(super) fn stream_is_absent(e: &jetstream::context::GetStreamError) -> bool {
+    use jetstream::context::{GetStreamErrorKind, RequestError, RequestErrorKind};
+    use jetstream::ErrorCode;
+    match e.kind() {
+        GetStreamErrorKind::JetStream(err) => matches!(
+            err.error_code(),
+            ErrorCode::STREAM_NOT_FOUND
+                | ErrorCode::JETSTREAM_NOT_ENABLED
+                | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+        ),
+        GetStreamErrorKind::Request => std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<RequestError>())
+            .is_some_and(|r| r.kind() == RequestErrorKind::NoResponders),
+        _ => false,
+    }
+}
+
+/// Reads the durable consumer until shutdown, re-opening it after failures, and hands
+/// each message to its worker.
+pub(super) async fn run_durable(
+    handler: Handler,
+    stream: jetstream::stream::Stream,
+    first: consumer::PullConsumer,
+    config: BridgeConfig,
+    shutdown: CancellationToken,
+) {
+    let mut pool = Pool::start(Arc::new(handler), config.concurrency, None);
+    let mut backoff = Backoff::default();
+    let mut consumer = Some(first);
+    // The message in hand when shutdown came while its worker's queue was full.
+    let leftover = 'reopen: loop {
+        let c = match consumer.take() {
+            Some(c) => c,
+            None => match stream
+                .get_or_create_consumer(&config.consumer, consumer_config(&config))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(consumer = %config.consumer, error = %e, "bridge: cannot open the durable consumer; retrying");
+                    if !backoff.sleep(&shutdown).await {
+                        break None;
+                    }
+                    continue;
+                }
+            },
+        };
+        let mut messages = match c
+            .stream()
+            .max_messages_per_batch(config.batch)
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = %config.consumer, error = %e, "bridge: cannot pull from the durable consumer; retrying");
+                if !backoff.sleep(&shutdown).await {
+                    break None;
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'reopen None,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    backoff.reset();
+                    let Some(job) = Job::durable(msg, &pool.handler) else {
+                        continue;
+                    };
+                    if let Err(job) = pool.dispatch(job, &shutdown).await {
+                        break 'reopen Some(job);
+                    }
+                }
+                Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
+                    tracing::warn!(error = %e, "bridge: missed a heartbeat from NATS; still pulling");
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "bridge: pulling failed; re-opening the consumer");
+                    break;
+                }
+                None => {
+                    tracing::warn!("bridge: the pull stream ended; re-opening the consumer");
+                    break;
+                }
+            }
+        }
+        if !backoff.sleep(&shutdown).await {
+            break None;
+        }
+    };
+    // The pull subscription is dropped by now: what the workers give back goes elsewhere.
+    pool.stop(leftover).await;
+}
+
+/// Reads the core queue subscription until shutdown and hands each message to its
+/// worker; retries are timers in this process (see [`CoreRetry`]).
+pub(super) async fn run_core(
+    handler: Handler,
+    nats: async_nats::Client,
+    mut sub: async_nats::Subscriber,
+    config: BridgeConfig,
+    shutdown: CancellationToken,
+) {
+    let retries = CoreRetries {
+        held: Arc::new(AtomicUsize::new(0)),
+        max_held: config.core_max_held,
+    };
+    let mut pool = Pool::start(Arc::new(handler), config.concurrency, Some(retries));
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    let mut backoff = Backoff::default();
+    let mut next_seq: u64 = 0;
+    let mut stream_check = tokio::time::interval_at(
+        tokio::time::Instant::now() + STREAM_CHECK_EVERY,
+        STREAM_CHECK_EVERY,
+    );
+    let mut stream_reported = false;
+    let leftover = loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break None,
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => {
+                    tracing::warn!(subject = %config.subject, "bridge: core subscription ended; re-subscribing");
+                    if !backoff.sleep(&shutdown).await {
+                        break None;
+                    }
+                    match nats.queue_subscribe(config.subject.clone(), config.consumer.clone()).await {
+                        Ok(s) => {
+                            sub = s;
+                            backoff.reset();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "bridge: re-subscribing failed"),
+                    }
+                    continue;
+                }
+            },
+            _ = stream_check.tick(), if !stream_reported => {
+                if jetstream::new(nats.clone()).get_stream(&config.stream).await.is_ok() {
+                    stream_reported = true;
+                    tracing::warn!(
+                        stream = %config.stream,
+                        "bridge: the stream now exists but this origin reads a core subscription; \
+                         restart it to read durably (until then events published while no origin runs are lost)"
+                    );
+                }
+                continue;
+            }
+        };
+        next_seq += 1;
+        let key =
+            msg_id(msg.headers.as_ref()).unwrap_or_else(|| format!("core-{instance}-{next_seq}"));
+        let job = Job::core(msg, next_seq, key, &pool.handler);
+        if let Err(job) = pool.dispatch(job, &shutdown).await {
+            break Some(job);
+        }
+    };
+    // Unsubscribe first, so the queue group sends new events to the other replicas.
+    drop(sub);
+    pool.stop(leftover).await;
+}
+
+/// The `Nats-Msg-Id` header (the Rust server sets it to the event id).
+pub(super) fn msg_id(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    headers
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.as_str().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Doubling pause between re-open attempts, cut short by shutdown.
+#[derive(Default)]
+struct Backoff {
+    next: Option<Duration>,
+}
+
+impl Backoff {
+    /// The pause before the next attempt: 250 ms, doubling up to [`MAX_REOPEN_BACKOFF`].
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next.unwrap_or(FIRST_REOPEN_BACKOFF);
+        self.next = Some((d * 2).min(MAX_REOPEN_BACKOFF));
+        d
+    }
+
+    /// Sleeps; false if shutdown came first.
+    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+        let d = self.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    /// A success: the next failure starts from the shortest pause again.
+    fn reset(&mut self) {
+        self.next = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reopen_pause_doubles_up_to_its_cap_and_starts_over_after_a_success() {
+        let mut b = Backoff::default();
+        let ms: Vec<u128> = (0..8).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        b.reset();
+        assert_eq!(b.next_delay(), FIRST_REOPEN_BACKOFF);
+    }
+
+    #[test]
+    fn the_event_key_is_the_nats_msg_id_header_when_it_has_one() {
+        assert_eq!(msg_id(None), None);
+        let mut h = async_nats::HeaderMap::new();
+        assert_eq!(msg_id(Some(&h)), None);
+        h.insert("Nats-Msg-Id", "");
+        assert_eq!(msg_id(Some(&h)), None, "an empty id is no id");
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "ev-42");
+        assert_eq!(msg_id(Some(&h)).as_deref(), Some("ev-42"));
+    }
+
+    #[test]
+    fn the_durable_consumer_starts_at_new_messages_with_explicit_acks() {
+        let c = consumer_config(&BridgeConfig::default());
+        assert_eq!(c.durable_name.as_deref(), Some("gateway-bridge"));
+        assert_eq!(c.deliver_policy, consumer::DeliverPolicy::New);
+        assert_eq!(c.ack_policy, consumer::AckPolicy::Explicit);
+        assert_eq!(c.filter_subject, "noetl.events.>");
+        assert_eq!(c.max_ack_pending, 10_000);
+    }
+}

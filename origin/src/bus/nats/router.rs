@@ -1,0 +1,362 @@
+//! Live delivery: one ordered push consumer per replica over every client's subject
+//! feeds the [`Router`], which hands each frame to the subscriptions open here for its
+//! client (see the module docs of [`super`]); and the watcher that notices reconnects.
+
+use super::super::inbox::{Inbox, Slot};
+use super::super::BusFrame;
+use super::{EVENT_HEADER, FRAMES_PREFIX, FRAMES_SUBJECTS};
+use async_nats::connection::State;
+use async_nats::jetstream::consumer::push::OrderedErrorKind;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::{self, stream as js};
+use async_nats::Client;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How often the bus looks at the connection's connect counter and state to notice a
+/// reconnect. Local reads: the cost is negligible, the delay bounds how late catch-up starts.
+const RECONNECT_POLL: Duration = Duration::from_millis(250);
+
+/// What the reconnect watcher reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Connects {
+    /// The connection's connect count (initial connect included).
+    count: u64,
+    /// How long the connection was seen down before the latest reconnect (zero when the
+    /// outage fell between two polls).
+    outage: Duration,
+}
+
+/// A receiver of the connection's reconnects, kept current by a task that ends once every
+/// receiver (the bus and its subscriptions) is gone.
+pub(super) fn watch_connects(client: &Client) -> watch::Receiver<Connects> {
+    let client = client.clone();
+    let stats = client.statistics();
+    let initial = Connects {
+        count: stats.connects.load(Ordering::Relaxed),
+        outage: Duration::ZERO,
+    };
+    let (tx, rx) = watch::channel(initial);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RECONNECT_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down_since = None;
+        loop {
+            tokio::select! {
+                () = tx.closed() => break,
+                _ = tick.tick() => {
+                    let count = stats.connects.load(Ordering::Relaxed);
+                    if count != tx.borrow().count {
+                        let outage = down_since
+                            .take()
+                            .map_or(Duration::ZERO, |since: tokio::time::Instant| since.elapsed());
+                        tx.send_replace(Connects { count, outage });
+                    } else if client.connection_state() != State::Connected {
+                        down_since.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// How many routed frames a subscription may hold by default before it counts as fallen
+/// behind (its stream then ends with an error, and the SSE layer evicts the connection):
+/// the per-connection queue of PROTOCOL §3. Allocated as frames arrive, not up front.
+pub const LIVE_BACKLOG: usize = 256;
+
+/// The subscriptions of this process by client id, fed by one ordered consumer.
+pub(super) struct Router {
+    table: Mutex<Table>,
+    /// True while the consumer runs: a subscription may only register then.
+    pub(super) up: watch::Sender<bool>,
+    /// Routed frames a subscription may hold ([`LIVE_BACKLOG`] unless set).
+    pub(super) backlog: AtomicUsize,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self {
+            table: Mutex::default(),
+            up: watch::Sender::new(false),
+            backlog: LIVE_BACKLOG.into(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Table {
+    pub(super) subs: HashMap<String, Vec<Arc<Inbox>>>,
+}
+
+impl Router {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn route(&self, client_id: &str, frame: BusFrame) {
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        let table = self.lock();
+        if let Some(inboxes) = table.subs.get(client_id) {
+            for inbox in inboxes {
+                inbox.push(frame.clone(), backlog);
+            }
+        }
+    }
+
+    fn flag_all(&self, f: impl Fn(&mut Slot)) {
+        let table = self.lock();
+        for inbox in table.subs.values().flatten() {
+            inbox.flag(&f);
+        }
+    }
+
+    /// Ends every current subscription (the consumer stopped or lost continuity); later
+    /// ones register with the next consumer.
+    fn break_all(&self, why: &str) {
+        self.flag_all(|s| s.broken = Some(why.to_owned()));
+        self.lock().subs.clear();
+    }
+}
+
+/// A subscription's place in the [`Router`]; dropping it unregisters.
+pub(super) struct Registration {
+    router: Arc<Router>,
+    client_id: String,
+    pub(super) inbox: Arc<Inbox>,
+}
+
+impl Registration {
+    pub(super) fn new(router: Arc<Router>, client_id: &str) -> Self {
+        let inbox = Arc::new(Inbox::default());
+        router
+            .lock()
+            .subs
+            .entry(client_id.to_owned())
+            .or_default()
+            .push(inbox.clone());
+        Self {
+            router,
+            client_id: client_id.to_owned(),
+            inbox,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut table = self.router.lock();
+        if let Some(list) = table.subs.get_mut(&self.client_id) {
+            list.retain(|i| !Arc::ptr_eq(i, &self.inbox));
+            if list.is_empty() {
+                table.subs.remove(&self.client_id);
+            }
+        }
+    }
+}
+
+/// What the router task needs.
+pub(super) struct RouterTask {
+    pub(super) js: jetstream::Context,
+    pub(super) stream: js::Stream<()>,
+    /// The stream's name, for logs.
+    pub(super) name: String,
+    pub(super) router: Arc<Router>,
+    pub(super) connects: watch::Receiver<Connects>,
+    /// The stream's `max_age`: an outage longer than half of it ends every subscription.
+    pub(super) max_age: Duration,
+    /// The stream holds only `gateway.clients.>`: its sequence has no holes but deletions,
+    /// so a hole in what the consumer delivers means frames left before delivery.
+    pub(super) exact_subjects: bool,
+    pub(super) stop: CancellationToken,
+}
+
+/// How the consumer's run ended.
+enum RunEnd {
+    Stopped,
+    Failed(String),
+}
+
+impl RouterTask {
+    pub(super) async fn run(mut self) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.run_once().await {
+                RunEnd::Stopped => break,
+                RunEnd::Failed(why) => {
+                    self.router.up.send_replace(false);
+                    tracing::warn!(stream = %self.name, error = %why, "NATS bus router consumer failed; open subscriptions end and it restarts");
+                    self.router.break_all(&why);
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        self.router.up.send_replace(false);
+        self.router.break_all("the NATS bus was dropped");
+    }
+
+    /// Creates the consumer at the stream's next sequence, then routes until it fails.
+    async fn run_once(&mut self) -> RunEnd {
+        let start = match self.js.get_stream(&self.name).await {
+            Ok(s) => s.cached_info().state.last_sequence.saturating_add(1),
+            Err(e) => return RunEnd::Failed(format!("stream {} info: {e}", self.name)),
+        };
+        let config = jetstream::consumer::push::OrderedConfig {
+            deliver_subject: self.js.client().new_inbox(),
+            filter_subject: FRAMES_SUBJECTS.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            description: Some("NoETL edge gateway: frames for this replica's SSE streams".into()),
+            ..Default::default()
+        };
+        let messages = match self.stream.create_consumer(config).await {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(e) => return RunEnd::Failed(format!("router consumer messages: {e}")),
+            },
+            Err(e) => return RunEnd::Failed(format!("router consumer create: {e}")),
+        };
+        futures::pin_mut!(messages);
+        // Subscriptions from here on see every frame stored from `start` on.
+        self.connects.borrow_and_update();
+        self.router.up.send_replace(true);
+        let mut position = start - 1;
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return RunEnd::Stopped,
+                changed = self.connects.changed() => {
+                    if changed.is_err() {
+                        return RunEnd::Stopped;
+                    }
+                    let outage = self.connects.borrow_and_update().outage;
+                    if !self.max_age.is_zero() && outage + RECONNECT_POLL >= self.max_age / 2 {
+                        // Frames owed to subscribers may have expired meanwhile; a resume
+                        // decides with the full reset rule.
+                        let why = format!("NATS connection was down for {outage:?}; frames may have expired meanwhile");
+                        tracing::warn!(stream = %self.name, %why, "ending every subscription");
+                        self.router.break_all(&why);
+                    }
+                }
+                msg = messages.next() => match msg {
+                    None => return RunEnd::Failed("router consumer ended".to_owned()),
+                    Some(Err(e)) => {
+                        if matches!(e.kind(), OrderedErrorKind::Recreate) {
+                            return RunEnd::Failed(format!("router consumer: {e}"));
+                        }
+                        // Heartbeats, flow control and the like: the consumer recovers by
+                        // recreating itself after the last sequence it delivered.
+                        tracing::debug!(error = %e, "NATS bus router consumer recovering");
+                    }
+                    Some(Ok(m)) => {
+                        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                            continue;
+                        };
+                        if seq <= position {
+                            continue; // a recreated consumer re-delivering
+                        }
+                        if self.exact_subjects && seq != position + 1 {
+                            // Frames left the stream before they were delivered (a full
+                            // subject, or expiry): every subscription re-reads with the
+                            // drop check before trusting later frames.
+                            self.router.flag_all(|s| s.recheck = true);
+                        }
+                        position = seq;
+                        let Some(client_id) = m.subject.as_str().strip_prefix(FRAMES_PREFIX) else {
+                            continue;
+                        };
+                        let Some(event) = m.headers.as_ref().and_then(|h| h.get(EVENT_HEADER)) else {
+                            tracing::warn!(subject = %m.subject, seq, "message without {EVENT_HEADER} on a frames subject; skipped");
+                            continue;
+                        };
+                        let frame = BusFrame {
+                            id: seq,
+                            event: event.as_str().to_owned(),
+                            data: m.payload.clone(),
+                        };
+                        self.router.route(client_id, frame);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::inbox::Taken;
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(id: u64) -> BusFrame {
+        BusFrame {
+            id,
+            event: "e".into(),
+            data: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_frame_reaches_every_subscription_of_its_client_and_no_other() {
+        let router = Arc::new(Router::default());
+        let a1 = Registration::new(router.clone(), "a");
+        let a2 = Registration::new(router.clone(), "a");
+        let b = Registration::new(router.clone(), "b");
+        router.route("a", frame(7));
+        for reg in [&a1, &a2] {
+            assert!(matches!(reg.inbox.take(), Taken::Frame(f) if f.id == 7));
+        }
+        assert!(matches!(b.inbox.take(), Taken::Empty));
+        router.route("nobody", frame(8));
+        assert!(matches!(a1.inbox.take(), Taken::Empty));
+    }
+
+    #[test]
+    fn a_dropped_registration_leaves_nothing_in_the_table() {
+        let router = Arc::new(Router::default());
+        let a1 = Registration::new(router.clone(), "a");
+        let a2 = Registration::new(router.clone(), "a");
+        drop(a1);
+        assert_eq!(router.lock().subs["a"].len(), 1);
+        drop(a2);
+        assert!(router.lock().subs.is_empty());
+    }
+
+    #[test]
+    fn more_routed_frames_than_the_backlog_end_the_subscription_as_overflowed() {
+        let router = Arc::new(Router::default());
+        router.backlog.store(2, Ordering::Relaxed);
+        let a = Registration::new(router.clone(), "a");
+        for id in 1..=3 {
+            router.route("a", frame(id));
+        }
+        assert!(matches!(a.inbox.take(), Taken::Overflowed));
+    }
+
+    #[test]
+    fn breaking_all_ends_every_subscription_and_empties_the_table() {
+        let router = Arc::new(Router::default());
+        let a = Registration::new(router.clone(), "a");
+        let b = Registration::new(router.clone(), "b");
+        router.break_all("consumer failed");
+        for reg in [&a, &b] {
+            assert!(matches!(reg.inbox.take(), Taken::Broken(why) if why == "consumer failed"));
+        }
+        assert!(router.lock().subs.is_empty());
+        drop(a);
+        assert!(
+            router.lock().subs.is_empty(),
+            "a late drop finds nothing to remove"
+        );
+    }
+}
