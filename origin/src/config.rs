@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use url::Url;
 
-use crate::bridge::BridgeConfig;
-
 /// A secret value (token, key): its `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -339,9 +337,6 @@ impl Config {
         if self.require_edge_assertion && self.edge_assertion_public_key.is_none() {
             return err("REQUIRE_EDGE_ASSERTION=true needs EDGE_ASSERTION_PUBLIC_KEY");
         }
-        if let Err(e) = BridgeConfig::from_config(self).validate() {
-            return Err(ConfigError(format!("bridge: {e}")));
-        }
         Ok(())
     }
 
@@ -457,20 +452,6 @@ mod tests {
             "https://t.eu.auth0.com/.well-known/jwks.json"
         );
         assert_eq!(c.issuer(), "https://t.eu.auth0.com/");
-    }
-
-    #[test]
-    fn the_bridge_concurrency_is_read_and_checked() {
-        let c = Config::try_parse_from(base()).unwrap();
-        assert_eq!(BridgeConfig::from_config(&c).concurrency, 32);
-        let mut args = base();
-        args.extend(["--bridge-concurrency", "8"]);
-        let c = Config::try_parse_from(args).unwrap();
-        c.validate().unwrap();
-        assert_eq!(BridgeConfig::from_config(&c).concurrency, 8);
-        let mut args = base();
-        args.extend(["--bridge-concurrency", "0"]);
-        assert!(Config::try_parse_from(args).unwrap().validate().is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::auth::edge::EdgeTrust;
 use crate::auth::jwks::{IdTokenConfig, IdTokenVerifier};
 use crate::auth::routes::AuthRoutesState;
 use crate::auth::session::{SessionService, SessionSettings};
+use crate::bridge::BridgeConfig;
 use crate::bus::memory::MemoryBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::{Bus, Retention};
@@ -42,12 +43,14 @@ use crate::store::{BucketTtls, KvStore};
 const NATS_CONNECT_ATTEMPTS: u32 = 10;
 
 /// Checks the settings whose syntax is a component's policy rather than the
-/// configuration's (today `PROXY_ALLOW`), so a bad value stops start-up with exit code 2
-/// like any other bad setting.
+/// configuration's (`PROXY_ALLOW`, the bridge's stream, subject, consumer and forward
+/// list), so a bad value stops start-up with exit code 2 like any other bad setting. Kept
+/// here, not in `config.rs`, so the configuration depends on no component.
 pub fn check_policies(config: &Config) -> Result<(), ConfigError> {
-    AllowList::parse(&config.proxy_allow)
-        .map(|_| ())
-        .map_err(|e| ConfigError(format!("PROXY_ALLOW: {e}")))
+    AllowList::parse(&config.proxy_allow).map_err(|e| ConfigError(format!("PROXY_ALLOW: {e}")))?;
+    BridgeConfig::from_config(config)
+        .validate()
+        .map_err(|e| ConfigError(format!("bridge: {e}")))
 }
 
 /// Connects NATS (if configured), builds the application state and starts the NATS
@@ -153,7 +156,7 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             kv.clone(),
             bus.clone(),
             noetl.clone(),
-            crate::bridge::BridgeConfig::from_config(&config),
+            BridgeConfig::from_config(&config),
             shutdown.clone(),
         )
         .await

@@ -212,6 +212,30 @@ mod tests {
     }
 
     #[test]
+    fn the_bridge_concurrency_flag_is_read_and_checked() {
+        use clap::Parser;
+        let base = [
+            "origin",
+            "--auth-audience",
+            "aud",
+            "--auth-jwks-url",
+            "http://127.0.0.1:1/jwks",
+            "--auth-issuer",
+            "http://127.0.0.1:1/",
+        ];
+        let from = |extra: &[&'static str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            BridgeConfig::from_config(&Config::try_parse_from(args).expect("flags parse"))
+        };
+        assert_eq!(from(&[]).concurrency, 32);
+        let eight = from(&["--bridge-concurrency", "8"]);
+        eight.validate().unwrap();
+        assert_eq!(eight.concurrency, 8);
+        assert!(from(&["--bridge-concurrency", "0"]).validate().is_err());
+    }
+
+    #[test]
     fn typos_in_the_config_are_refused() {
         let bad = [
             BridgeConfig {
