@@ -9,6 +9,7 @@ use async_nats::jetstream::AckKind;
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use gateway_shared::frames::{event, notification, PlaybookState};
+use gateway_shared::ids::ClientId;
 
 use super::policy::{
     self, ForwardList, OrderGuard, Parsed, Resolution, RetryLimits, RetryReason, RetryVerdict,
@@ -16,7 +17,7 @@ use super::policy::{
 };
 use super::pool::{CoreRetry, Incoming, Job};
 use super::BridgeConfig;
-use crate::bus::{Bus, BusError};
+use crate::bus::Bus;
 use crate::interest;
 use crate::noetl::NoetlClient;
 use crate::store::{Bucket, KvStore};
@@ -133,10 +134,12 @@ impl Handler {
         let delay = match (&job.parsed, guard) {
             (Ok(Parsed::Forward(ev)), Some(guard)) => {
                 let now = Instant::now();
-                guard.must_wait(&ev.execution_id, job.seq, now).then(|| {
-                    guard.park(&ev.execution_id, job.seq, now + behind);
-                    behind
-                })
+                guard
+                    .must_wait(ev.execution_id.as_str(), job.seq, now)
+                    .then(|| {
+                        guard.park(ev.execution_id.as_str(), job.seq, now + behind);
+                        behind
+                    })
             }
             (Ok(Parsed::Forward(_)), None) => Some(behind),
             _ => None,
@@ -156,7 +159,7 @@ impl Handler {
                 return Outcome::Done;
             }
         };
-        let outcome = if guard.must_wait(&ev.execution_id, d.seq, Instant::now()) {
+        let outcome = if guard.must_wait(ev.execution_id.as_str(), d.seq, Instant::now()) {
             Outcome::Retry(RetryReason::WaitingBehind)
         } else {
             self.deliver(ev, d).await
@@ -164,9 +167,9 @@ impl Handler {
         match outcome {
             Outcome::Retry(reason) => {
                 let overdue = policy::overdue_after(reason, self.retry_delay);
-                guard.park(&ev.execution_id, d.seq, Instant::now() + overdue);
+                guard.park(ev.execution_id.as_str(), d.seq, Instant::now() + overdue);
             }
-            Outcome::Done => guard.release(&ev.execution_id, d.seq),
+            Outcome::Done => guard.release(ev.execution_id.as_str(), d.seq),
         }
         outcome
     }
@@ -174,7 +177,7 @@ impl Handler {
     /// Interest → terminal guard → status → frames → publish.
     async fn deliver(&self, ev: &policy::ExecutionEvent, d: &Delivery<'_>) -> Outcome {
         let id = ev.execution_id.as_str();
-        let clients = match interest::interested_clients(&*self.kv, id).await {
+        let clients = match interest::interested_clients(&*self.kv, &ev.execution_id).await {
             Ok(c) if c.is_empty() => {
                 return self.retry_or_drop(RetryReason::NoInterest, d, ev);
             }
@@ -267,7 +270,7 @@ impl Handler {
         &self,
         ev: &policy::ExecutionEvent,
         event_key: &str,
-        clients: &[String],
+        clients: &[ClientId],
         d: &Delivery<'_>,
     ) -> Outcome {
         let id = ev.execution_id.as_str();
@@ -345,9 +348,8 @@ impl Handler {
     }
 
     /// Encodes `frame` once and publishes it to every client; false if any publish failed
-    /// for a reason a retry can fix. A client id the bus refuses is skipped (retrying
-    /// could never deliver to it).
-    async fn publish(&self, clients: &[String], frame: &PlaybookState) -> bool {
+    /// (a retry can fix it: every client id is a checked [`ClientId`]).
+    async fn publish(&self, clients: &[ClientId], frame: &PlaybookState) -> bool {
         let data = Bytes::from(notification(event::STATE, frame));
         let results = futures::future::join_all(
             clients
@@ -359,9 +361,6 @@ impl Handler {
         for (client_id, result) in clients.iter().zip(results) {
             match result {
                 Ok(_) => {}
-                Err(BusError::InvalidClientId) => {
-                    tracing::warn!(%client_id, "bridge: interest names an unusable client id; skipped");
-                }
                 Err(e) => {
                     tracing::warn!(%client_id, execution_id = %frame.execution_id, error = %e, "bridge: publishing a frame failed; will retry");
                     ok = false;

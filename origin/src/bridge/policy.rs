@@ -35,7 +35,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::noetl::NoetlError;
-use crate::runs::{is_usable_execution_id, RunStatus};
+use crate::runs::RunStatus;
+use gateway_shared::ids::ExecutionId;
 
 /// The default forward allow-list (PROTOCOL §6), in normalised names.
 pub const DEFAULT_FORWARD: [&str; 8] = [
@@ -182,8 +183,8 @@ impl Default for ForwardList {
 /// An allow-listed execution event, normalised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutionEvent {
-    /// Exact decimal text (or the server's own string id).
-    pub execution_id: String,
+    /// Exact decimal text (or the server's own string id), checked once on parse.
+    pub execution_id: ExecutionId,
     /// Normalised event type (`step.exit`, `playbook.completed`, …).
     pub event_type: String,
     /// The step (`node_name`) for step-level events; `None` for playbook-level ones, whose
@@ -274,9 +275,8 @@ pub fn parse_event(
         (_, SubjectShape::Python { execution_id, .. }) => (*execution_id).to_owned(),
         _ => return Err(Malformed::NoExecutionId),
     };
-    if !is_usable_execution_id(&execution_id) {
-        return Err(Malformed::BadExecutionId);
-    }
+    let execution_id =
+        ExecutionId::try_from(execution_id).map_err(|_| Malformed::BadExecutionId)?;
 
     let step_name = if event_type.starts_with("playbook.") {
         None
@@ -396,7 +396,7 @@ pub enum Resolution {
 pub fn resolve(ev: &ExecutionEvent, check: StatusCheck, at: &str) -> Resolution {
     let frame = |event_type: &str, step_name: Option<String>, status: Option<String>, terminal| {
         PlaybookState {
-            execution_id: ev.execution_id.clone(),
+            execution_id: ev.execution_id.to_string(),
             event_type: event_type.to_owned(),
             step_name,
             status,
@@ -770,7 +770,11 @@ pub fn failure_key(frames: &Frames) -> Option<String> {
 /// step.failed was never sent (its publish failed and the terminal's winner left the
 /// frame to it), so it still sends it — late, not lost.
 pub fn event_failure_key(ev: &ExecutionEvent) -> Option<String> {
-    step_failure_key(&ev.execution_id, &ev.event_type, ev.step_name.as_deref())
+    step_failure_key(
+        ev.execution_id.as_str(),
+        &ev.event_type,
+        ev.step_name.as_deref(),
+    )
 }
 
 fn step_failure_key(execution_id: &str, event_type: &str, step: Option<&str>) -> Option<String> {
@@ -824,7 +828,7 @@ mod tests {
 
     fn event(event_type: &str, status: Option<&str>) -> ExecutionEvent {
         ExecutionEvent {
-            execution_id: BIG.into(),
+            execution_id: ExecutionId::parse(BIG).expect("valid"),
             event_type: event_type.into(),
             step_name: event_type.starts_with("step.").then(|| "s1".to_owned()),
             status: status.map(str::to_owned),
@@ -876,7 +880,7 @@ mod tests {
                 &ForwardList::default(),
             );
             assert!(
-                matches!(&p, Ok(Parsed::Forward(ev)) if ev.execution_id == id.to_string()),
+                matches!(&p, Ok(Parsed::Forward(ev)) if ev.execution_id == id.to_string().as_str()),
                 "{p:?}"
             );
         }
@@ -1502,14 +1506,14 @@ mod tests {
             ),
             (BIG.to_owned(), "x".repeat(10_000)),
         ] {
-            ev.execution_id = id;
+            ev.execution_id = ExecutionId::try_from(id).expect("valid");
             ev.step_name = Some(step);
             let f = frames(resolve(&ev, StatusCheck::Known(RunStatus::Running), "now"));
             let key = failure_key(&f).expect("a named failed step");
             assert!(crate::store::is_valid_key(&key), "{key}");
         }
         // Two steps of one run are two claims.
-        ev.execution_id = BIG.into();
+        ev.execution_id = ExecutionId::parse(BIG).expect("valid");
         let key_of = |step: &str| {
             let mut e = ev.clone();
             e.step_name = Some(step.into());
@@ -1537,7 +1541,7 @@ mod tests {
             let p = parse_event("noetl.events.command.completed", raw.as_bytes(), PREFIX, &ForwardList::default());
             match p {
                 Ok(Parsed::Forward(ev)) => {
-                    prop_assert_eq!(ev.execution_id, id.to_string());
+                    prop_assert_eq!(ev.execution_id.as_str(), id.to_string());
                     prop_assert_eq!(ev.step_name, Some(step));
                 }
                 other => prop_assert!(false, "{:?}", other),
@@ -1549,7 +1553,7 @@ mod tests {
             let subject = format!("noetl.events.{tenant}.org.{id}.0");
             let p = parse_event(&subject, br#"{"event_type":"playbook_completed"}"#, PREFIX, &ForwardList::default());
             match p {
-                Ok(Parsed::Forward(ev)) => prop_assert_eq!(ev.execution_id, id.to_string()),
+                Ok(Parsed::Forward(ev)) => prop_assert_eq!(ev.execution_id.as_str(), id.to_string()),
                 other => prop_assert!(false, "{:?}", other),
             }
         }
@@ -1565,8 +1569,8 @@ mod tests {
             let raw = serde_json::to_vec(&json!({"event_type": "step.enter", "execution_id": id}))
                 .expect("json");
             if let Ok(Parsed::Forward(ev)) = parse_event("noetl.events.step.enter", &raw, PREFIX, &ForwardList::default()) {
-                prop_assert!(crate::store::is_valid_key(&ev.execution_id));
-                prop_assert!(crate::store::is_valid_key(&terminal_key(&ev.execution_id)));
+                prop_assert!(crate::store::is_valid_key(ev.execution_id.as_str()));
+                prop_assert!(crate::store::is_valid_key(&terminal_key(ev.execution_id.as_str())));
             }
         }
     }

@@ -41,6 +41,7 @@ use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
+use gateway_shared::ids::ClientId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -330,14 +331,14 @@ impl std::fmt::Debug for MemoryBus {
 /// A subscription's inbox, removed from its client's log when the subscription is dropped.
 struct Registration {
     bus: Weak<Inner>,
-    client_id: String,
+    client_id: ClientId,
     inbox: Arc<Inbox>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(inner) = self.bus.upgrade() {
-            if let Some(log) = inner.lock().clients.get_mut(&self.client_id) {
+            if let Some(log) = inner.lock().clients.get_mut(self.client_id.as_str()) {
                 log.live.retain(|i| !Arc::ptr_eq(i, &self.inbox));
             }
         }
@@ -378,27 +379,34 @@ fn live_frames(
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError> {
-        super::check_client_id(client_id)?;
+    async fn publish(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+    ) -> Result<u64, BusError> {
         super::check_event(event)?;
         let now = Instant::now();
-        let id = self
-            .inner
-            .lock()
-            .publish(&self.inner.retention, client_id, event, data, now);
+        let id =
+            self.inner
+                .lock()
+                .publish(&self.inner.retention, client_id.as_str(), event, data, now);
         Ok(id)
     }
 
-    async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
-        super::check_client_id(client_id)?;
+    async fn subscribe(
+        &self,
+        client_id: &ClientId,
+        start: StartAt,
+    ) -> Result<Subscription, BusError> {
         let now = Instant::now();
         let (reset, replay, inbox) =
             self.inner
                 .lock()
-                .subscribe(&self.inner.retention, client_id, start, now);
+                .subscribe(&self.inner.retention, client_id.as_str(), start, now);
         let reg = Registration {
             bus: Arc::downgrade(&self.inner),
-            client_id: client_id.to_owned(),
+            client_id: client_id.clone(),
             inbox,
         };
         let frames = stream::iter(replay.into_iter().map(Ok))
@@ -548,7 +556,10 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_subscription_leaves_nothing_behind() {
         let bus = MemoryBus::new(retention(60 * SEC, 10));
-        let sub = bus.subscribe("c", StartAt::Retained).await.expect("valid");
+        let sub = bus
+            .subscribe(&ClientId::parse("c").expect("valid"), StartAt::Retained)
+            .await
+            .expect("valid");
         assert_eq!(
             bus.stats(),
             MemoryBusStats {
@@ -571,7 +582,10 @@ mod tests {
     #[tokio::test]
     async fn a_subscription_reports_the_bus_being_dropped() {
         let bus = MemoryBus::new(Retention::default());
-        let mut sub = bus.subscribe("c", StartAt::Retained).await.expect("valid");
+        let mut sub = bus
+            .subscribe(&ClientId::parse("c").expect("valid"), StartAt::Retained)
+            .await
+            .expect("valid");
         drop(bus);
         assert!(matches!(
             sub.frames.next().await,

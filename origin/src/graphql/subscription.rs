@@ -38,12 +38,13 @@ use chrono::{SecondsFormat, Utc};
 use futures::stream::{BoxStream, Stream};
 use futures::StreamExt;
 use gateway_shared::frames::{event, PlaybookState};
+use gateway_shared::ids::ClientId;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
 
-use super::schema::{ctx_parts, from_app, gql_error, require_execution_access};
+use super::schema::{ctx_parts, execution_id_arg, from_app, gql_error, require_execution_access};
 use crate::bus::{BusError, BusFrame, StartAt};
 use crate::clients;
 use crate::interest;
@@ -62,7 +63,7 @@ pub const TERMINAL_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct SocketScope {
     permits: Arc<Semaphore>,
-    client_id: OnceCell<String>,
+    client_id: OnceCell<ClientId>,
 }
 
 impl Default for SocketScope {
@@ -77,7 +78,7 @@ impl Default for SocketScope {
 impl SocketScope {
     /// The socket's client id, created (owned by `user_id`, the socket's one user) on first
     /// use. Concurrent first subscriptions create it once.
-    async fn client_id(&self, kv: &dyn KvStore, user_id: &str) -> Result<String, StoreError> {
+    async fn client_id(&self, kv: &dyn KvStore, user_id: &str) -> Result<ClientId, StoreError> {
         self.client_id
             .get_or_try_init(|| clients::create(kv, user_id))
             .await
@@ -204,7 +205,7 @@ impl Subscription {
                     format!("cannot open the execution's event stream: {e}"),
                 )
             })?;
-        interest::add_interest(kv, &execution_id, &client_id)
+        interest::add_interest(kv, &execution_id_arg(&execution_id)?, &client_id)
             .await
             .map_err(|e| from_app(e.into()))?;
         // Asked only after the interest is recorded: a run that ends later reaches this
