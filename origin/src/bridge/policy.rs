@@ -792,7 +792,7 @@ pub fn terminal_key(execution_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runs::MAX_EXECUTION_ID_LEN;
+    const MAX_EXECUTION_ID_LEN: usize = ExecutionId::MAX_LEN;
     use proptest::prelude::*;
     use serde_json::json;
 
