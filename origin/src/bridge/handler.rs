@@ -134,12 +134,10 @@ impl Handler {
         let delay = match (&job.parsed, guard) {
             (Ok(Parsed::Forward(ev)), Some(guard)) => {
                 let now = Instant::now();
-                guard
-                    .must_wait(ev.execution_id.as_str(), job.seq, now)
-                    .then(|| {
-                        guard.park(ev.execution_id.as_str(), job.seq, now + behind);
-                        behind
-                    })
+                guard.must_wait(&ev.execution_id, job.seq, now).then(|| {
+                    guard.park(&ev.execution_id, job.seq, now + behind);
+                    behind
+                })
             }
             (Ok(Parsed::Forward(_)), None) => Some(behind),
             _ => None,
@@ -159,7 +157,7 @@ impl Handler {
                 return Outcome::Done;
             }
         };
-        let outcome = if guard.must_wait(ev.execution_id.as_str(), d.seq, Instant::now()) {
+        let outcome = if guard.must_wait(&ev.execution_id, d.seq, Instant::now()) {
             Outcome::Retry(RetryReason::WaitingBehind)
         } else {
             self.deliver(ev, d).await
@@ -167,9 +165,9 @@ impl Handler {
         match outcome {
             Outcome::Retry(reason) => {
                 let overdue = policy::overdue_after(reason, self.retry_delay);
-                guard.park(ev.execution_id.as_str(), d.seq, Instant::now() + overdue);
+                guard.park(&ev.execution_id, d.seq, Instant::now() + overdue);
             }
-            Outcome::Done => guard.release(ev.execution_id.as_str(), d.seq),
+            Outcome::Done => guard.release(&ev.execution_id, d.seq),
         }
         outcome
     }
@@ -190,7 +188,7 @@ impl Handler {
         let event_key = ev.event_id.as_deref().unwrap_or(d.fallback_key);
         match self
             .kv
-            .get(Bucket::Interest, &policy::terminal_key(id))
+            .get(Bucket::Interest, &policy::terminal_key(&ev.execution_id))
             .await
         {
             Ok(owner)
@@ -232,7 +230,10 @@ impl Handler {
         // Claims first, publishes after: two replicas handling two terminal candidates of
         // one run (call.error and command.failed) must not both publish their step.failed.
         let terminal_claim = match &frames.terminal {
-            Some(_) => match self.claim(&policy::terminal_key(id), event_key).await {
+            Some(_) => match self
+                .claim(&policy::terminal_key(&ev.execution_id), event_key)
+                .await
+            {
                 Ok(won) => Some(won),
                 Err(e) => {
                     tracing::warn!(execution_id = %id, error = %e, "bridge: terminal marker create failed");

@@ -115,7 +115,7 @@ impl Job {
     /// only acked (malformed or not forwarded), which any worker can take.
     fn route(&self, workers: usize) -> Option<usize> {
         match &self.parsed {
-            Ok(Parsed::Forward(ev)) => Some(policy::worker_for(ev.execution_id.as_str(), workers)),
+            Ok(Parsed::Forward(ev)) => Some(policy::worker_for(&ev.execution_id, workers)),
             _ => None,
         }
     }
