@@ -73,7 +73,7 @@ struct Inner {
 struct State {
     /// The last id issued (0: none yet).
     last_id: u64,
-    clients: HashMap<String, ClientLog>,
+    clients: HashMap<ClientId, ClientLog>,
     /// The highest id dropped from a client log that has since been removed: any client
     /// may have lost a frame at or below it.
     forgotten_dropped: u64,
@@ -181,11 +181,11 @@ impl State {
     }
 
     /// The client's log, created (empty) if it has none.
-    fn log(&mut self, client_id: &str) -> &mut ClientLog {
+    fn log(&mut self, client_id: &ClientId) -> &mut ClientLog {
         let last_id = self.last_id;
         if !self.clients.contains_key(client_id) {
             self.clients
-                .insert(client_id.to_owned(), ClientLog::new(last_id));
+                .insert(client_id.clone(), ClientLog::new(last_id));
         }
         self.clients
             .get_mut(client_id)
@@ -196,7 +196,7 @@ impl State {
     fn publish(
         &mut self,
         retention: &Retention,
-        client_id: &str,
+        client_id: &ClientId,
         event: &str,
         data: Bytes,
         now: Instant,
@@ -224,7 +224,7 @@ impl State {
     fn subscribe(
         &mut self,
         retention: &Retention,
-        client_id: &str,
+        client_id: &ClientId,
         start: StartAt,
         now: Instant,
     ) -> (bool, Vec<BusFrame>, Arc<Inbox>) {
@@ -338,7 +338,7 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(inner) = self.bus.upgrade() {
-            if let Some(log) = inner.lock().clients.get_mut(self.client_id.as_str()) {
+            if let Some(log) = inner.lock().clients.get_mut(&self.client_id) {
                 log.live.retain(|i| !Arc::ptr_eq(i, &self.inbox));
             }
         }
@@ -387,10 +387,10 @@ impl Bus for MemoryBus {
     ) -> Result<u64, BusError> {
         super::check_event(event)?;
         let now = Instant::now();
-        let id =
-            self.inner
-                .lock()
-                .publish(&self.inner.retention, client_id.as_str(), event, data, now);
+        let id = self
+            .inner
+            .lock()
+            .publish(&self.inner.retention, client_id, event, data, now);
         Ok(id)
     }
 
@@ -403,7 +403,7 @@ impl Bus for MemoryBus {
         let (reset, replay, inbox) =
             self.inner
                 .lock()
-                .subscribe(&self.inner.retention, client_id.as_str(), start, now);
+                .subscribe(&self.inner.retention, client_id, start, now);
         let reg = Registration {
             bus: Arc::downgrade(&self.inner),
             client_id: client_id.clone(),
@@ -426,6 +426,10 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
+    fn cid(s: &str) -> ClientId {
+        ClientId::parse(s).expect("a valid client id")
+    }
+
     fn retention(max_age: Duration, max_frames: usize) -> Retention {
         Retention {
             max_age,
@@ -442,11 +446,11 @@ mod tests {
         let r = retention(60 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        assert_eq!(s.publish(&r, "a", "e", Bytes::new(), t0), 1);
-        assert_eq!(s.publish(&r, "b", "e", Bytes::new(), t0), 2);
-        assert_eq!(s.publish(&r, "a", "e", Bytes::new(), t0), 3);
-        assert_eq!(ids(&s.clients["a"]), [1, 3]);
-        assert_eq!(ids(&s.clients["b"]), [2]);
+        assert_eq!(s.publish(&r, &cid("a"), "e", Bytes::new(), t0), 1);
+        assert_eq!(s.publish(&r, &cid("b"), "e", Bytes::new(), t0), 2);
+        assert_eq!(s.publish(&r, &cid("a"), "e", Bytes::new(), t0), 3);
+        assert_eq!(ids(&s.clients[&cid("a")]), [1, 3]);
+        assert_eq!(ids(&s.clients[&cid("b")]), [2]);
     }
 
     #[test]
@@ -455,10 +459,10 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
         for _ in 0..5 {
-            s.publish(&r, "a", "e", Bytes::new(), t0);
+            s.publish(&r, &cid("a"), "e", Bytes::new(), t0);
         }
-        assert_eq!(ids(&s.clients["a"]), [3, 4, 5]);
-        assert_eq!(s.clients["a"].highest_dropped, 2);
+        assert_eq!(ids(&s.clients[&cid("a")]), [3, 4, 5]);
+        assert_eq!(s.clients[&cid("a")].highest_dropped, 2);
     }
 
     #[test]
@@ -516,15 +520,15 @@ mod tests {
         let r = retention(2 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        s.publish(&r, "a", "e", Bytes::new(), t0); // 1
-        s.publish(&r, "a", "e", Bytes::new(), t0); // 2
-        s.publish(&r, "b", "e", Bytes::new(), t0 + 3 * SEC); // 3, sweeps: "a" is forgotten
-        assert!(!s.clients.contains_key("a"));
+        s.publish(&r, &cid("a"), "e", Bytes::new(), t0); // 1
+        s.publish(&r, &cid("a"), "e", Bytes::new(), t0); // 2
+        s.publish(&r, &cid("b"), "e", Bytes::new(), t0 + 3 * SEC); // 3, sweeps: "a" is forgotten
+        assert!(!s.clients.contains_key(&cid("a")));
         assert_eq!(s.forgotten_dropped, 2);
-        let (reset, replay, _rx) = s.subscribe(&r, "a", StartAt::After(1), t0 + 3 * SEC);
+        let (reset, replay, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(1), t0 + 3 * SEC);
         assert!(reset, "frame 2 of a was dropped");
         assert!(replay.is_empty());
-        let (reset, _, _rx) = s.subscribe(&r, "a", StartAt::After(2), t0 + 3 * SEC);
+        let (reset, _, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(2), t0 + 3 * SEC);
         assert!(!reset);
     }
 
@@ -533,14 +537,14 @@ mod tests {
         let r = retention(2 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        s.publish(&r, "idle", "e", Bytes::new(), t0);
-        let (_, _, _inbox) = s.subscribe(&r, "watched", StartAt::Retained, t0);
-        s.publish(&r, "watched", "e", Bytes::new(), t0);
+        s.publish(&r, &cid("idle"), "e", Bytes::new(), t0);
+        let (_, _, _inbox) = s.subscribe(&r, &cid("watched"), StartAt::Retained, t0);
+        s.publish(&r, &cid("watched"), "e", Bytes::new(), t0);
         s.sweep(&r, t0 + 5 * SEC);
-        assert_eq!(s.clients.keys().collect::<Vec<_>>(), ["watched"]);
+        assert_eq!(s.clients.keys().collect::<Vec<_>>(), [&cid("watched")]);
         assert_eq!(s.stats().frames, 0);
         // What dropping the subscription does (its registration leaves the log).
-        s.clients.get_mut("watched").unwrap().live.clear();
+        s.clients.get_mut(&cid("watched")).unwrap().live.clear();
         s.sweep(&r, t0 + 5 * SEC);
         assert!(s.clients.is_empty());
     }
