@@ -26,9 +26,8 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use gateway_shared::ct::secrets_equal;
-use gateway_shared::frames::{
-    event, is_valid_request_id, notification, CallbackBody, PlaybookProgress, ProgressBody,
-};
+use gateway_shared::frames::{event, notification, CallbackBody, PlaybookProgress, ProgressBody};
+use gateway_shared::ids::{ExecutionId, RequestId};
 use gateway_shared::session::bearer_token;
 use serde_json::json;
 
@@ -110,13 +109,16 @@ fn authorize(state: &CallbackState, parts: &Parts, request_id: &str) -> Result<(
     }
 }
 
-async fn entry_for(state: &CallbackState, request_id: &str) -> Result<RequestEntry, AppError> {
-    if !is_valid_request_id(request_id) {
-        return Err(AppError::bad_request(
-            "invalid_field",
-            "request_id is not a valid request id",
-        ));
-    }
+/// The body's `request_id`, checked once here: every later use takes the [`RequestId`].
+fn parse_request_id(request_id: &str) -> Result<RequestId, AppError> {
+    RequestId::parse(request_id)
+        .map_err(|_| AppError::bad_request("invalid_field", "request_id is not a valid request id"))
+}
+
+async fn entry_for(
+    state: &CallbackState,
+    request_id: &RequestId,
+) -> Result<RequestEntry, AppError> {
     requests::get(state.kv.as_ref(), request_id)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no pending request {request_id}")))
@@ -134,22 +136,19 @@ async fn async_callback(
     // The entry read and the `delivered` marker are independent round trips: made
     // concurrently, so the frame leaves one round trip sooner. An unknown request's marker
     // is taken back, so it cannot block a later, real callback.
-    let (entry, first) = if is_valid_request_id(&body.request_id) {
-        tokio::join!(
-            entry_for(&state, &body.request_id),
-            requests::mark_delivered(kv, &body.request_id)
-        )
-    } else {
-        (entry_for(&state, &body.request_id).await, Ok(false))
-    };
+    let request_id = parse_request_id(&body.request_id)?;
+    let (entry, first) = tokio::join!(
+        entry_for(&state, &request_id),
+        requests::mark_delivered(kv, &request_id)
+    );
     let entry = match entry {
         Ok(entry) => entry,
         Err(e) => {
             match first {
                 Ok(true) => {
-                    let _ = requests::unmark_delivered(kv, &body.request_id).await;
+                    let _ = requests::unmark_delivered(kv, &request_id).await;
                 }
-                Err(_) => forget_unknown_marker(&state, &body.request_id),
+                Err(_) => forget_unknown_marker(&state, &request_id),
                 Ok(false) => {}
             }
             return Err(e);
@@ -171,7 +170,7 @@ async fn async_callback(
     }
     let mut result = body.to_result();
     if result.execution_id.is_none() {
-        result.execution_id = entry.execution_id.clone();
+        result.execution_id = entry.execution_id.as_ref().map(ToString::to_string);
     }
     let Some(client_id) = entry.client_id.clone() else {
         tracing::info!(request = %entry.request_id, "result for a request without a client; nothing to deliver");
@@ -204,9 +203,9 @@ async fn async_callback(
 /// Removes the `delivered` marker of a create whose outcome is unknown (it failed, maybe
 /// only by timing out), without holding the callback's answer: the delete may itself wait
 /// for NATS to come back.
-fn forget_unknown_marker(state: &CallbackState, request_id: &str) {
+fn forget_unknown_marker(state: &CallbackState, request_id: &RequestId) {
     let kv = state.kv.clone();
-    let request_id = request_id.to_owned();
+    let request_id = request_id.clone();
     tokio::spawn(async move {
         if let Err(e) = requests::unmark_delivered(kv.as_ref(), &request_id).await {
             tracing::warn!(request = %request_id, error = %e, "delivered marker of a failed create not removed");
@@ -223,7 +222,7 @@ async fn sync_callback(
     let (parts, body): (_, serde_json::Value) = read_json(&state, req).await?;
     let request_id = body["request_id"].as_str().unwrap_or_default().to_owned();
     authorize(&state, &parts, &request_id)?;
-    let entry = entry_for(&state, &request_id).await?;
+    let entry = entry_for(&state, &parse_request_id(&request_id)?).await?;
     let created = state
         .kv
         .create(
@@ -240,7 +239,7 @@ async fn sync_callback(
 async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Response, AppError> {
     let (parts, body): (_, ProgressBody) = read_json(&state, req).await?;
     authorize(&state, &parts, &body.request_id)?;
-    let entry = entry_for(&state, &body.request_id).await?;
+    let entry = entry_for(&state, &parse_request_id(&body.request_id)?).await?;
     let Some(client_id) = entry.client_id else {
         return Ok(json_response(
             StatusCode::OK,
@@ -248,8 +247,10 @@ async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Re
         ));
     };
     let params = PlaybookProgress {
-        request_id: entry.request_id.clone(),
-        execution_id: body.execution_id.or(entry.execution_id),
+        request_id: entry.request_id.to_string(),
+        execution_id: body
+            .execution_id
+            .or(entry.execution_id.map(ExecutionId::into_string)),
         step: body.step,
         message: body.message,
         progress: body

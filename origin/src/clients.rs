@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_shared::frames::{is_valid_client_id, PendingRequest};
+use gateway_shared::frames::PendingRequest;
+use gateway_shared::ids::{ClientId, RequestId};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Bucket, KvStore, StoreError};
@@ -33,8 +34,9 @@ pub struct ClientRecord {
 }
 
 /// Creates a new client id owned by `user_id`.
-pub async fn create(kv: &dyn KvStore, user_id: &str) -> Result<String, StoreError> {
-    let id = uuid::Uuid::new_v4().to_string();
+pub async fn create(kv: &dyn KvStore, user_id: &str) -> Result<ClientId, StoreError> {
+    let id =
+        ClientId::parse(&uuid::Uuid::new_v4().to_string()).expect("a UUID is a valid client id");
     save(
         kv,
         &id,
@@ -47,26 +49,31 @@ pub async fn create(kv: &dyn KvStore, user_id: &str) -> Result<String, StoreErro
     Ok(id)
 }
 
-/// The record of `client_id`, if it exists and the id is well formed.
-pub async fn get(kv: &dyn KvStore, client_id: &str) -> Result<Option<ClientRecord>, StoreError> {
-    if !is_valid_client_id(client_id) {
-        return Ok(None);
-    }
+/// The record of `client_id`, if it exists.
+pub async fn get(
+    kv: &dyn KvStore,
+    client_id: &ClientId,
+) -> Result<Option<ClientRecord>, StoreError> {
     Ok(kv
-        .get(Bucket::Clients, client_id)
+        .get(Bucket::Clients, client_id.as_str())
         .await?
         .and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
-async fn save(kv: &dyn KvStore, client_id: &str, record: &ClientRecord) -> Result<(), StoreError> {
+async fn save(
+    kv: &dyn KvStore,
+    client_id: &ClientId,
+    record: &ClientRecord,
+) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec(record).expect("a client record is plain data");
-    kv.put(Bucket::Clients, client_id, Bytes::from(bytes)).await
+    kv.put(Bucket::Clients, client_id.as_str(), Bytes::from(bytes))
+        .await
 }
 
 /// Adds a pending request to the client's init-frame list.
 pub async fn add_pending(
     kv: &dyn KvStore,
-    client_id: &str,
+    client_id: &ClientId,
     pending: PendingRequest,
 ) -> Result<(), StoreError> {
     let Some(mut record) = get(kv, client_id).await? else {
@@ -86,26 +93,28 @@ pub async fn add_pending(
 /// Removes a delivered request from the client's list.
 pub async fn remove_pending(
     kv: &dyn KvStore,
-    client_id: &str,
-    request_id: &str,
+    client_id: &ClientId,
+    request_id: &RequestId,
 ) -> Result<(), StoreError> {
     let Some(mut record) = get(kv, client_id).await? else {
         return Ok(());
     };
     let before = record.pending.len();
-    record.pending.retain(|p| p.request_id != request_id);
+    record
+        .pending
+        .retain(|p| p.request_id != request_id.as_str());
     if record.pending.len() != before {
         save(kv, client_id, &record).await?;
     }
     Ok(())
 }
 
-fn presence_key(client_id: &str) -> String {
+fn presence_key(client_id: &ClientId) -> String {
     format!("presence.{client_id}")
 }
 
 /// Records that the client has an open stream (refreshed by the stream's pings).
-pub async fn mark_present(kv: &dyn KvStore, client_id: &str) -> Result<(), StoreError> {
+pub async fn mark_present(kv: &dyn KvStore, client_id: &ClientId) -> Result<(), StoreError> {
     kv.put_with_ttl(
         Bucket::Clients,
         &presence_key(client_id),
@@ -116,12 +125,12 @@ pub async fn mark_present(kv: &dyn KvStore, client_id: &str) -> Result<(), Store
 }
 
 /// Records that the client's stream closed.
-pub async fn mark_absent(kv: &dyn KvStore, client_id: &str) -> Result<(), StoreError> {
+pub async fn mark_absent(kv: &dyn KvStore, client_id: &ClientId) -> Result<(), StoreError> {
     kv.delete(Bucket::Clients, &presence_key(client_id)).await
 }
 
 /// True if the client has an open stream on some replica (as of its last ping).
-pub async fn is_present(kv: &dyn KvStore, client_id: &str) -> Result<bool, StoreError> {
+pub async fn is_present(kv: &dyn KvStore, client_id: &ClientId) -> Result<bool, StoreError> {
     Ok(kv
         .get(Bucket::Clients, &presence_key(client_id))
         .await?

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use gateway_shared::ids::ClientId;
 use tokio_util::sync::CancellationToken;
 
 /// A connection's registration: its generation and the token that stops it when a newer
@@ -26,12 +27,12 @@ pub struct Registration {
 #[derive(Debug, Default)]
 pub struct Hub {
     next: AtomicU64,
-    open: Mutex<HashMap<String, Registration>>,
+    open: Mutex<HashMap<ClientId, Registration>>,
 }
 
 impl Hub {
     /// Registers a connection for `client_id`, superseding any older one on this replica.
-    pub fn register(&self, client_id: &str) -> Registration {
+    pub fn register(&self, client_id: &ClientId) -> Registration {
         self.register_under(client_id, None)
     }
 
@@ -39,7 +40,7 @@ impl Hub {
     /// server's shutdown token): one token then stops the stream for either reason.
     pub fn register_under(
         &self,
-        client_id: &str,
+        client_id: &ClientId,
         parent: Option<&CancellationToken>,
     ) -> Registration {
         let reg = Registration {
@@ -50,7 +51,7 @@ impl Hub {
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(client_id.to_owned(), reg.clone());
+            .insert(client_id.clone(), reg.clone());
         if let Some(old) = old {
             old.superseded.cancel();
         }
@@ -58,7 +59,7 @@ impl Hub {
     }
 
     /// Removes the registration if `generation` is still current; true if it was.
-    pub fn unregister(&self, client_id: &str, generation: u64) -> bool {
+    pub fn unregister(&self, client_id: &ClientId, generation: u64) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open
             .get(client_id)
@@ -82,7 +83,7 @@ impl Hub {
     }
 
     /// True if `client_id` has an open stream on this replica.
-    pub fn is_connected(&self, client_id: &str) -> bool {
+    pub fn is_connected(&self, client_id: &ClientId) -> bool {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -97,16 +98,17 @@ mod tests {
     #[test]
     fn a_stale_close_never_unregisters_a_newer_stream() {
         let hub = Hub::default();
-        let old = hub.register("c");
-        let new = hub.register("c");
+        let c = ClientId::parse("c").expect("valid");
+        let old = hub.register(&c);
+        let new = hub.register(&c);
         assert!(old.superseded.is_cancelled());
         assert!(!new.superseded.is_cancelled());
         assert!(
-            !hub.unregister("c", old.generation),
+            !hub.unregister(&c, old.generation),
             "stale close must not remove the new stream"
         );
-        assert!(hub.is_connected("c"));
-        assert!(hub.unregister("c", new.generation));
+        assert!(hub.is_connected(&c));
+        assert!(hub.unregister(&c, new.generation));
         assert!(hub.is_empty());
     }
 }

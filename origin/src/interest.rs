@@ -13,10 +13,9 @@
 //! of key cannot collide.
 
 use bytes::Bytes;
-use gateway_shared::frames::is_valid_client_id;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use serde::{Deserialize, Serialize};
 
-use crate::runs::is_usable_execution_id;
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// Most clients kept per execution; beyond it the oldest is dropped, so one popular
@@ -31,14 +30,14 @@ const CREATE_RACE_ATTEMPTS: usize = 3;
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct InterestRecord {
     #[serde(default)]
-    clients: Vec<String>,
+    clients: Vec<ClientId>,
 }
 
 impl InterestRecord {
     /// Reads a stored value leniently: a record this code did not write (or a corrupted
     /// one) yields the valid client ids it holds, never an error that would make the
     /// bridge retry an event forever.
-    fn decode(execution_id: &str, raw: &[u8]) -> Self {
+    fn decode(execution_id: &ExecutionId, raw: &[u8]) -> Self {
         match serde_json::from_slice::<serde_json::Value>(raw) {
             Ok(v) => Self {
                 clients: v
@@ -47,8 +46,7 @@ impl InterestRecord {
                     .map(|a| {
                         a.iter()
                             .filter_map(|c| c.as_str())
-                            .filter(|c| is_valid_client_id(c))
-                            .map(str::to_owned)
+                            .filter_map(|c| ClientId::parse(c).ok())
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -74,29 +72,20 @@ impl InterestRecord {
 /// recorded once by executePlaybook, so the window is small; a subscriber that must not
 /// miss it can call this again (it is idempotent).
 ///
-/// Errors: [`StoreError::InvalidKey`] if the execution id or client id could never be
-/// used (ids are checked before they become keys or subjects), or the store's own error.
+/// Errors: the store's own. Both ids are checked types, so neither can make a bad key.
 pub async fn add_interest(
     kv: &dyn KvStore,
-    execution_id: &str,
-    client_id: &str,
+    execution_id: &ExecutionId,
+    client_id: &ClientId,
 ) -> Result<(), StoreError> {
-    if !is_usable_execution_id(execution_id) {
-        return Err(StoreError::InvalidKey(execution_id.to_owned()));
-    }
-    if !is_valid_client_id(client_id) {
-        return Err(StoreError::InvalidKey(client_id.to_owned()));
-    }
+    let key = execution_id.as_str();
     for _ in 0..CREATE_RACE_ATTEMPTS {
-        match kv.get(Bucket::Interest, execution_id).await? {
+        match kv.get(Bucket::Interest, key).await? {
             None => {
                 let record = InterestRecord {
-                    clients: vec![client_id.to_owned()],
+                    clients: vec![client_id.clone()],
                 };
-                if kv
-                    .create(Bucket::Interest, execution_id, record.encode())
-                    .await?
-                {
+                if kv.create(Bucket::Interest, key, record.encode()).await? {
                     return Ok(());
                 }
                 // Someone created it between our get and create: read it again.
@@ -106,15 +95,13 @@ pub async fn add_interest(
                 if record.clients.iter().any(|c| c == client_id) {
                     return Ok(());
                 }
-                record.clients.push(client_id.to_owned());
+                record.clients.push(client_id.clone());
                 if record.clients.len() > MAX_CLIENTS_PER_EXECUTION {
                     let excess = record.clients.len() - MAX_CLIENTS_PER_EXECUTION;
                     tracing::warn!(%execution_id, dropped = excess, "interest record full: oldest clients dropped");
                     record.clients.drain(..excess);
                 }
-                return kv
-                    .put(Bucket::Interest, execution_id, record.encode())
-                    .await;
+                return kv.put(Bucket::Interest, key, record.encode()).await;
             }
         }
     }
@@ -125,16 +112,12 @@ pub async fn add_interest(
 
 /// The clients interested in `execution_id`, oldest first; empty if none (yet).
 ///
-/// An id that could never have been recorded yields an empty list rather than an error.
 pub async fn interested_clients(
     kv: &dyn KvStore,
-    execution_id: &str,
-) -> Result<Vec<String>, StoreError> {
-    if !is_usable_execution_id(execution_id) {
-        return Ok(Vec::new());
-    }
+    execution_id: &ExecutionId,
+) -> Result<Vec<ClientId>, StoreError> {
     Ok(kv
-        .get(Bucket::Interest, execution_id)
+        .get(Bucket::Interest, execution_id.as_str())
         .await?
         .map(|raw| InterestRecord::decode(execution_id, &raw).clients)
         .unwrap_or_default())
@@ -148,14 +131,25 @@ mod tests {
 
     const ID: &str = "612345678901234567";
 
+    fn eid() -> ExecutionId {
+        ExecutionId::parse(ID).expect("valid")
+    }
+
+    fn cid(s: &str) -> ClientId {
+        ClientId::parse(s).expect("valid")
+    }
+
     #[tokio::test]
     async fn interest_is_recorded_once_per_client_in_order() {
         let kv = MemoryKv::new(BucketTtls::default());
-        assert!(interested_clients(&kv, ID).await.unwrap().is_empty());
-        add_interest(&kv, ID, "c1").await.unwrap();
-        add_interest(&kv, ID, "c2").await.unwrap();
-        add_interest(&kv, ID, "c1").await.unwrap();
-        assert_eq!(interested_clients(&kv, ID).await.unwrap(), ["c1", "c2"]);
+        assert!(interested_clients(&kv, &eid()).await.unwrap().is_empty());
+        add_interest(&kv, &eid(), &cid("c1")).await.unwrap();
+        add_interest(&kv, &eid(), &cid("c2")).await.unwrap();
+        add_interest(&kv, &eid(), &cid("c1")).await.unwrap();
+        assert_eq!(
+            interested_clients(&kv, &eid()).await.unwrap(),
+            [cid("c1"), cid("c2")]
+        );
         let raw = kv.get(Bucket::Interest, ID).await.unwrap().unwrap();
         let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         assert_eq!(v, serde_json::json!({"clients": ["c1", "c2"]}));
@@ -163,17 +157,13 @@ mod tests {
 
     #[tokio::test]
     async fn unusable_ids_are_refused_before_they_become_keys() {
-        let kv = MemoryKv::new(BucketTtls::default());
-        for (e, c) in [("a b", "c1"), ("", "c1"), (ID, "a.b"), (ID, "")] {
-            assert!(
-                matches!(
-                    add_interest(&kv, e, c).await,
-                    Err(StoreError::InvalidKey(_))
-                ),
-                "{e:?} {c:?}"
-            );
+        // The functions take checked ids: an unusable one is refused where it is parsed.
+        for e in ["a b", "", "a>b"] {
+            assert!(ExecutionId::parse(e).is_err(), "{e:?}");
         }
-        assert!(interested_clients(&kv, "a>b").await.unwrap().is_empty());
+        for c in ["a.b", ""] {
+            assert!(ClientId::parse(c).is_err(), "{c:?}");
+        }
     }
 
     #[tokio::test]
@@ -182,7 +172,7 @@ mod tests {
         kv.put(Bucket::Interest, ID, Bytes::from_static(b"not json"))
             .await
             .unwrap();
-        assert!(interested_clients(&kv, ID).await.unwrap().is_empty());
+        assert!(interested_clients(&kv, &eid()).await.unwrap().is_empty());
         kv.put(
             Bucket::Interest,
             ID,
@@ -190,20 +180,25 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(interested_clients(&kv, ID).await.unwrap(), ["ok-1", "ok-2"]);
+        assert_eq!(
+            interested_clients(&kv, &eid()).await.unwrap(),
+            [cid("ok-1"), cid("ok-2")]
+        );
     }
 
     #[tokio::test]
     async fn a_full_record_drops_its_oldest_clients() {
         let kv = MemoryKv::new(BucketTtls::default());
         for i in 0..=MAX_CLIENTS_PER_EXECUTION {
-            add_interest(&kv, ID, &format!("c{i}")).await.unwrap();
+            add_interest(&kv, &eid(), &cid(&format!("c{i}")))
+                .await
+                .unwrap();
         }
-        let clients = interested_clients(&kv, ID).await.unwrap();
+        let clients = interested_clients(&kv, &eid()).await.unwrap();
         assert_eq!(clients.len(), MAX_CLIENTS_PER_EXECUTION);
         assert_eq!(clients[0], "c1");
         assert_eq!(
-            clients.last().map(String::as_str),
+            clients.last().map(ClientId::as_str),
             Some(format!("c{MAX_CLIENTS_PER_EXECUTION}").as_str())
         );
     }

@@ -12,6 +12,7 @@
 //! for another.
 
 use bytes::Bytes;
+use gateway_shared::ids::{ClientId, ExecutionId, RequestId};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -23,13 +24,13 @@ use crate::store::{Bucket, KvStore, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestEntry {
     /// The gateway's request id.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// The client the result goes to (`None`: nobody is listening; kept for status).
-    pub client_id: Option<String>,
+    pub client_id: Option<ClientId>,
     /// The user who asked.
     pub user_id: String,
     /// NoETL's execution id, once `/api/execute` answered.
-    pub execution_id: Option<String>,
+    pub execution_id: Option<ExecutionId>,
     /// The playbook path.
     pub playbook_path: String,
     /// Unix seconds.
@@ -37,10 +38,10 @@ pub struct RequestEntry {
 }
 
 /// A new random request id: 128 bits, hex.
-pub fn new_request_id() -> String {
+pub fn new_request_id() -> RequestId {
     let mut b = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
+    RequestId::parse(&hex::encode(b)).expect("32 hex characters are a valid request id")
 }
 
 /// Signs and checks per-request callback tokens.
@@ -95,17 +96,21 @@ impl CallbackTokens {
 /// Writes a new entry.
 pub async fn put(kv: &dyn KvStore, entry: &RequestEntry) -> Result<(), StoreError> {
     let value = serde_json::to_vec(entry).expect("a request entry is plain data");
-    kv.put(Bucket::Requests, &entry.request_id, Bytes::from(value))
-        .await
+    kv.put(
+        Bucket::Requests,
+        entry.request_id.as_str(),
+        Bytes::from(value),
+    )
+    .await
 }
 
 /// Reads an entry; an unreadable one is treated as absent (and logged).
-pub async fn get(kv: &dyn KvStore, request_id: &str) -> Result<Option<RequestEntry>, StoreError> {
-    if !gateway_shared::frames::is_valid_request_id(request_id) {
-        return Ok(None);
-    }
+pub async fn get(
+    kv: &dyn KvStore,
+    request_id: &RequestId,
+) -> Result<Option<RequestEntry>, StoreError> {
     Ok(kv
-        .get(Bucket::Requests, request_id)
+        .get(Bucket::Requests, request_id.as_str())
         .await?
         .and_then(|b| match serde_json::from_slice(&b) {
             Ok(e) => Some(e),
@@ -117,7 +122,7 @@ pub async fn get(kv: &dyn KvStore, request_id: &str) -> Result<Option<RequestEnt
 }
 
 /// Marks the request delivered; `Ok(false)` if it already was (a duplicate callback).
-pub async fn mark_delivered(kv: &dyn KvStore, request_id: &str) -> Result<bool, StoreError> {
+pub async fn mark_delivered(kv: &dyn KvStore, request_id: &RequestId) -> Result<bool, StoreError> {
     kv.create(
         Bucket::Requests,
         &delivered_key(request_id),
@@ -127,12 +132,12 @@ pub async fn mark_delivered(kv: &dyn KvStore, request_id: &str) -> Result<bool, 
 }
 
 /// Undoes [`mark_delivered`] when the delivery itself failed, so NoETL's retry succeeds.
-pub async fn unmark_delivered(kv: &dyn KvStore, request_id: &str) -> Result<(), StoreError> {
+pub async fn unmark_delivered(kv: &dyn KvStore, request_id: &RequestId) -> Result<(), StoreError> {
     kv.delete(Bucket::Requests, &delivered_key(request_id))
         .await
 }
 
-fn delivered_key(request_id: &str) -> String {
+fn delivered_key(request_id: &RequestId) -> String {
     format!("delivered.{request_id}")
 }
 
@@ -155,8 +160,8 @@ mod tests {
     #[test]
     fn request_ids_are_128_bit_hex() {
         let a = new_request_id();
-        assert_eq!(a.len(), 32);
+        assert_eq!(a.as_str().len(), 32);
+        assert!(a.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(a, new_request_id());
-        assert!(gateway_shared::frames::is_valid_request_id(&a));
     }
 }

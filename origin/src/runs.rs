@@ -1,21 +1,8 @@
-//! What an execution *is*, independent of who asks: the run status NoETL reports and
-//! which execution ids are usable as store keys and subjects. The bridge, the interest
-//! records and GraphQL all read runs through these, so they agree on both.
+//! What an execution *is*, independent of who asks: the run status NoETL reports. The
+//! bridge and GraphQL both read runs through it, so they agree. (Which execution ids are
+//! usable as store keys and subjects is `gateway_shared::ids::ExecutionId`'s rule.)
 
 use serde_json::Value;
-
-/// Longest execution id accepted. Keeps `terminal.<id>` a valid store key (≤ 256).
-pub const MAX_EXECUTION_ID_LEN: usize = 200;
-
-/// True if `id` can name an execution in store keys and subjects: 1..=200 characters of
-/// `[A-Za-z0-9_-]` (a real id is all digits).
-pub fn is_usable_execution_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_EXECUTION_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
 
 /// An execution's state as NoETL's `/api/executions/{id}/status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,18 +63,15 @@ mod tests {
 
     #[test]
     fn usable_execution_ids_are_short_tokens_of_key_safe_characters() {
-        assert!(is_usable_execution_id("612345678901234567"));
-        assert!(is_usable_execution_id("exec_1-a"));
-        assert!(is_usable_execution_id(&"9".repeat(MAX_EXECUTION_ID_LEN)));
-        for bad in [
-            "",
-            "a.b",
-            "a b",
-            "a*",
-            "é",
-            &"9".repeat(MAX_EXECUTION_ID_LEN + 1),
-        ] {
-            assert!(!is_usable_execution_id(bad), "{bad:?}");
+        use gateway_shared::ids::ExecutionId;
+        const MAX: usize = ExecutionId::MAX_LEN;
+        // `terminal.<id>` must stay a valid store key (≤ 256).
+        assert_eq!(MAX, 200);
+        assert!(ExecutionId::is_valid("612345678901234567"));
+        assert!(ExecutionId::is_valid("exec_1-a"));
+        assert!(ExecutionId::is_valid(&"9".repeat(MAX)));
+        for bad in ["", "a.b", "a b", "a*", "é", &"9".repeat(MAX + 1)] {
+            assert!(!ExecutionId::is_valid(bad), "{bad:?}");
         }
     }
 

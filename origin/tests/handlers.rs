@@ -20,6 +20,7 @@ use clap::Parser;
 use futures::StreamExt;
 use gateway_shared::assertion::{self, AssertionClaims};
 use gateway_shared::frames::event;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use gateway_shared::session::{SessionHash, SessionRecord, User};
 use http_body_util::BodyExt;
 use origin::bus::StartAt;
@@ -503,7 +504,10 @@ async fn a_client_id_is_resumed_only_by_its_owner() {
     assert_eq!(error_code(&body), "client_not_yours");
 
     let unknown = clients::create(o.kv(), "alice").await.unwrap();
-    o.kv().delete(Bucket::Clients, &unknown).await.unwrap();
+    o.kv()
+        .delete(Bucket::Clients, unknown.as_str())
+        .await
+        .unwrap();
     let (status, body) = o
         .public(bearer(
             get(&format!("/events?client_id={unknown}")),
@@ -617,13 +621,13 @@ async fn the_proxy_answers_a_json_502_when_noetl_is_unreachable() {
 
 // ---- callbacks (internal listener) ---------------------------------------------------
 
-async fn pending_request(o: &Origin, user: &str) -> (RequestEntry, String) {
+async fn pending_request(o: &Origin, user: &str) -> (RequestEntry, ClientId) {
     let client_id = clients::create(o.kv(), user).await.unwrap();
     let entry = RequestEntry {
         request_id: requests::new_request_id(),
         client_id: Some(client_id.clone()),
         user_id: user.into(),
-        execution_id: Some("42".into()),
+        execution_id: Some(ExecutionId::parse("42").expect("valid")),
         playbook_path: "demo/echo".into(),
         created_at: 0,
     };
@@ -647,7 +651,7 @@ async fn a_callback_without_any_configured_token_is_503_not_open() {
     // No GATEWAY_INTERNAL_TOKEN and no request token presented: refuse, naming why.
     let o = Origin::new(&[]).await;
     let (entry, _) = pending_request(&o, "alice").await;
-    let (status, body) = o.internal(callback(&entry.request_id, None)).await;
+    let (status, body) = o.internal(callback(entry.request_id.as_str(), None)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(error_code(&body), "callbacks_not_configured");
 }
@@ -664,7 +668,10 @@ async fn callbacks_check_token_type_size_and_request() {
     let (entry, _) = pending_request(&o, "alice").await;
 
     let (status, body) = o
-        .internal(callback(&entry.request_id, Some("wrong-token-wrong-token")))
+        .internal(callback(
+            entry.request_id.as_str(),
+            Some("wrong-token-wrong-token"),
+        ))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(error_code(&body), "invalid_callback_token");
@@ -689,7 +696,10 @@ async fn callbacks_check_token_type_size_and_request() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 
     let (status, body) = o
-        .internal(callback(&requests::new_request_id(), Some(SERVICE_TOKEN)))
+        .internal(callback(
+            requests::new_request_id().as_str(),
+            Some(SERVICE_TOKEN),
+        ))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 }
@@ -698,13 +708,14 @@ async fn callbacks_check_token_type_size_and_request() {
 async fn a_callback_with_its_request_token_is_published_once() {
     let o = Origin::new(&[]).await;
     let (entry, client_id) = pending_request(&o, "alice").await;
-    let token = CallbackTokens::new(Some(CALLBACK_SECRET)).token_for(&entry.request_id);
+    let token = CallbackTokens::new(Some(CALLBACK_SECRET)).token_for(entry.request_id.as_str());
 
     // Another request's token does not open this one.
     let (other, _) = pending_request(&o, "alice").await;
-    let other_token = CallbackTokens::new(Some(CALLBACK_SECRET)).token_for(&other.request_id);
+    let other_token =
+        CallbackTokens::new(Some(CALLBACK_SECRET)).token_for(other.request_id.as_str());
     let (status, _) = o
-        .internal(callback(&entry.request_id, Some(&other_token)))
+        .internal(callback(entry.request_id.as_str(), Some(&other_token)))
         .await;
     assert_eq!(
         status,
@@ -712,10 +723,14 @@ async fn a_callback_with_its_request_token_is_published_once() {
         "no service token configured"
     );
 
-    let (status, body) = o.internal(callback(&entry.request_id, Some(&token))).await;
+    let (status, body) = o
+        .internal(callback(entry.request_id.as_str(), Some(&token)))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["status"], "queued", "the client is not connected");
-    let (status, body) = o.internal(callback(&entry.request_id, Some(&token))).await;
+    let (status, body) = o
+        .internal(callback(entry.request_id.as_str(), Some(&token)))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "duplicate");
 

@@ -34,17 +34,6 @@ pub mod event {
 /// The longest client id accepted anywhere (server-assigned ids are 36-character UUIDs).
 pub const MAX_CLIENT_ID_LEN: usize = crate::ids::ClientId::MAX_LEN;
 
-/// True if `id` can be a client id ([`crate::ids::ClientId`]'s rule). Checked before an id
-/// is used in a NATS subject or a K/V key.
-pub fn is_valid_client_id(id: &str) -> bool {
-    crate::ids::ClientId::is_valid(id)
-}
-
-/// True if `id` can be a request id ([`crate::ids::RequestId`]'s rule).
-pub fn is_valid_request_id(id: &str) -> bool {
-    crate::ids::RequestId::is_valid(id)
-}
-
 /// A JSON-RPC 2.0 notification: `{"jsonrpc":"2.0","method":…,"params":…}`.
 pub fn notification<P: Serialize>(method: &str, params: &P) -> Vec<u8> {
     #[derive(Serialize)]
@@ -321,10 +310,11 @@ mod tests {
 
     #[test]
     fn client_ids_are_short_and_subject_safe() {
-        assert!(is_valid_client_id("0b9f6a1e-3c2d-4f5a-9b8c-7d6e5f4a3b2c"));
-        assert!(!is_valid_client_id(""));
-        assert!(!is_valid_client_id("a.b"));
-        assert!(!is_valid_client_id("a>"));
-        assert!(!is_valid_client_id(&"a".repeat(10_000)));
+        use crate::ids::ClientId;
+        assert!(ClientId::is_valid("0b9f6a1e-3c2d-4f5a-9b8c-7d6e5f4a3b2c"));
+        assert!(!ClientId::is_valid(""));
+        assert!(!ClientId::is_valid("a.b"));
+        assert!(!ClientId::is_valid("a>"));
+        assert!(!ClientId::is_valid(&"a".repeat(10_000)));
     }
 }

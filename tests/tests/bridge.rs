@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use origin::bridge::{self, Bridge, BridgeConfig, BridgeMode, CancellationToken};
@@ -141,7 +142,7 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 impl Bus for RecordingBus {
     fn publish<'life0, 'life1, 'life2, 'async_trait>(
         &'life0 self,
-        client_id: &'life1 str,
+        client_id: &'life1 ClientId,
         event: &'life2 str,
         data: Bytes,
     ) -> BoxFuture<'async_trait, Result<u64, BusError>>
@@ -167,7 +168,7 @@ impl Bus for RecordingBus {
             }
             self.log.frames.lock().expect("log lock").push(Recorded {
                 replica: self.replica,
-                client_id: client_id.to_owned(),
+                client_id: client_id.to_string(),
                 event: event.to_owned(),
                 data,
             });
@@ -178,7 +179,7 @@ impl Bus for RecordingBus {
 
     fn subscribe<'life0, 'life1, 'async_trait>(
         &'life0 self,
-        _client_id: &'life1 str,
+        _client_id: &'life1 ClientId,
         _start: StartAt,
     ) -> BoxFuture<'async_trait, Result<Subscription, BusError>>
     where
@@ -350,7 +351,9 @@ impl World {
     }
 
     async fn interest(&self, execution_id: &str, client_id: &str) {
-        interest::add_interest(&*self.kv, execution_id, client_id)
+        let execution_id = ExecutionId::parse(execution_id).expect("a valid execution id");
+        let client_id = ClientId::parse(client_id).expect("a valid client id");
+        interest::add_interest(&*self.kv, &execution_id, &client_id)
             .await
             .expect("interest recorded");
     }

@@ -136,7 +136,7 @@ impl PlaybookBackend {
         let mut workload = fields;
         workload["request_id"] = json!(request_id);
         workload["gateway_url"] = json!(self.callback_url);
-        workload["callback_token"] = json!(self.tokens.token_for(&request_id));
+        workload["callback_token"] = json!(self.tokens.token_for(request_id.as_str()));
         let execution = self
             .noetl
             .execute(playbook, &workload, Some("playbook"))

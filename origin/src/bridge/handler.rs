@@ -9,6 +9,7 @@ use async_nats::jetstream::AckKind;
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use gateway_shared::frames::{event, notification, PlaybookState};
+use gateway_shared::ids::ClientId;
 
 use super::policy::{
     self, ForwardList, OrderGuard, Parsed, Resolution, RetryLimits, RetryReason, RetryVerdict,
@@ -16,7 +17,7 @@ use super::policy::{
 };
 use super::pool::{CoreRetry, Incoming, Job};
 use super::BridgeConfig;
-use crate::bus::{Bus, BusError};
+use crate::bus::Bus;
 use crate::interest;
 use crate::noetl::NoetlClient;
 use crate::store::{Bucket, KvStore};
@@ -174,7 +175,7 @@ impl Handler {
     /// Interest → terminal guard → status → frames → publish.
     async fn deliver(&self, ev: &policy::ExecutionEvent, d: &Delivery<'_>) -> Outcome {
         let id = ev.execution_id.as_str();
-        let clients = match interest::interested_clients(&*self.kv, id).await {
+        let clients = match interest::interested_clients(&*self.kv, &ev.execution_id).await {
             Ok(c) if c.is_empty() => {
                 return self.retry_or_drop(RetryReason::NoInterest, d, ev);
             }
@@ -187,7 +188,7 @@ impl Handler {
         let event_key = ev.event_id.as_deref().unwrap_or(d.fallback_key);
         match self
             .kv
-            .get(Bucket::Interest, &policy::terminal_key(id))
+            .get(Bucket::Interest, &policy::terminal_key(&ev.execution_id))
             .await
         {
             Ok(owner)
@@ -229,7 +230,10 @@ impl Handler {
         // Claims first, publishes after: two replicas handling two terminal candidates of
         // one run (call.error and command.failed) must not both publish their step.failed.
         let terminal_claim = match &frames.terminal {
-            Some(_) => match self.claim(&policy::terminal_key(id), event_key).await {
+            Some(_) => match self
+                .claim(&policy::terminal_key(&ev.execution_id), event_key)
+                .await
+            {
                 Ok(won) => Some(won),
                 Err(e) => {
                     tracing::warn!(execution_id = %id, error = %e, "bridge: terminal marker create failed");
@@ -267,7 +271,7 @@ impl Handler {
         &self,
         ev: &policy::ExecutionEvent,
         event_key: &str,
-        clients: &[String],
+        clients: &[ClientId],
         d: &Delivery<'_>,
     ) -> Outcome {
         let id = ev.execution_id.as_str();
@@ -345,9 +349,8 @@ impl Handler {
     }
 
     /// Encodes `frame` once and publishes it to every client; false if any publish failed
-    /// for a reason a retry can fix. A client id the bus refuses is skipped (retrying
-    /// could never deliver to it).
-    async fn publish(&self, clients: &[String], frame: &PlaybookState) -> bool {
+    /// (a retry can fix it: every client id is a checked [`ClientId`]).
+    async fn publish(&self, clients: &[ClientId], frame: &PlaybookState) -> bool {
         let data = Bytes::from(notification(event::STATE, frame));
         let results = futures::future::join_all(
             clients
@@ -359,9 +362,6 @@ impl Handler {
         for (client_id, result) in clients.iter().zip(results) {
             match result {
                 Ok(_) => {}
-                Err(BusError::InvalidClientId) => {
-                    tracing::warn!(%client_id, "bridge: interest names an unusable client id; skipped");
-                }
                 Err(e) => {
                     tracing::warn!(%client_id, execution_id = %frame.execution_id, error = %e, "bridge: publishing a frame failed; will retry");
                     ok = false;

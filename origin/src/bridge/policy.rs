@@ -35,7 +35,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::noetl::NoetlError;
-use crate::runs::{is_usable_execution_id, RunStatus};
+use crate::runs::RunStatus;
+use gateway_shared::ids::ExecutionId;
 
 /// The default forward allow-list (PROTOCOL §6), in normalised names.
 pub const DEFAULT_FORWARD: [&str; 8] = [
@@ -182,8 +183,8 @@ impl Default for ForwardList {
 /// An allow-listed execution event, normalised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutionEvent {
-    /// Exact decimal text (or the server's own string id).
-    pub execution_id: String,
+    /// Exact decimal text (or the server's own string id), checked once on parse.
+    pub execution_id: ExecutionId,
     /// Normalised event type (`step.exit`, `playbook.completed`, …).
     pub event_type: String,
     /// The step (`node_name`) for step-level events; `None` for playbook-level ones, whose
@@ -274,9 +275,8 @@ pub fn parse_event(
         (_, SubjectShape::Python { execution_id, .. }) => (*execution_id).to_owned(),
         _ => return Err(Malformed::NoExecutionId),
     };
-    if !is_usable_execution_id(&execution_id) {
-        return Err(Malformed::BadExecutionId);
-    }
+    let execution_id =
+        ExecutionId::try_from(execution_id).map_err(|_| Malformed::BadExecutionId)?;
 
     let step_name = if event_type.starts_with("playbook.") {
         None
@@ -396,7 +396,7 @@ pub enum Resolution {
 pub fn resolve(ev: &ExecutionEvent, check: StatusCheck, at: &str) -> Resolution {
     let frame = |event_type: &str, step_name: Option<String>, status: Option<String>, terminal| {
         PlaybookState {
-            execution_id: ev.execution_id.clone(),
+            execution_id: ev.execution_id.to_string(),
             event_type: event_type.to_owned(),
             step_name,
             status,
@@ -562,7 +562,7 @@ pub fn retry_delay(reason: RetryReason, base: Duration) -> Duration {
 /// execution concurrently; frames carry `at` for clients that need to sort.
 #[derive(Debug, Default)]
 pub struct OrderGuard {
-    parked: HashMap<String, BTreeMap<u64, Instant>>,
+    parked: HashMap<ExecutionId, BTreeMap<u64, Instant>>,
     last_sweep: Option<Instant>,
 }
 
@@ -577,7 +577,7 @@ impl OrderGuard {
 
     /// True if an earlier event (lower `seq`) of `execution_id` is still parked at `now`:
     /// the caller must retry this one too (and [`park`](Self::park) it).
-    pub fn must_wait(&mut self, execution_id: &str, seq: u64, now: Instant) -> bool {
+    pub fn must_wait(&mut self, execution_id: &ExecutionId, seq: u64, now: Instant) -> bool {
         self.sweep(now);
         let Some(seqs) = self.parked.get_mut(execution_id) else {
             return false;
@@ -591,15 +591,15 @@ impl OrderGuard {
     }
 
     /// Records that `seq` will come back; it counts as parked until `overdue_at`.
-    pub fn park(&mut self, execution_id: &str, seq: u64, overdue_at: Instant) {
+    pub fn park(&mut self, execution_id: &ExecutionId, seq: u64, overdue_at: Instant) {
         self.parked
-            .entry(execution_id.to_owned())
+            .entry(execution_id.clone())
             .or_default()
             .insert(seq, overdue_at);
     }
 
     /// `seq` is finished (forwarded or dropped).
-    pub fn release(&mut self, execution_id: &str, seq: u64) {
+    pub fn release(&mut self, execution_id: &ExecutionId, seq: u64) {
         if let Some(seqs) = self.parked.get_mut(execution_id) {
             seqs.remove(&seq);
             if seqs.is_empty() {
@@ -638,8 +638,8 @@ impl OrderGuard {
 /// A fixed hash (FNV-1a, then a 64-bit finaliser so the low bits mix in every byte), the
 /// same in every process and every run: what matters is that one execution always maps to
 /// one worker, whose queue keeps its events in delivery order.
-pub fn worker_for(execution_id: &str, workers: usize) -> usize {
-    let mut h = fnv1a(execution_id);
+pub fn worker_for(execution_id: &ExecutionId, workers: usize) -> usize {
+    let mut h = fnv1a(execution_id.as_str());
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
@@ -770,7 +770,11 @@ pub fn failure_key(frames: &Frames) -> Option<String> {
 /// step.failed was never sent (its publish failed and the terminal's winner left the
 /// frame to it), so it still sends it — late, not lost.
 pub fn event_failure_key(ev: &ExecutionEvent) -> Option<String> {
-    step_failure_key(&ev.execution_id, &ev.event_type, ev.step_name.as_deref())
+    step_failure_key(
+        ev.execution_id.as_str(),
+        &ev.event_type,
+        ev.step_name.as_deref(),
+    )
 }
 
 fn step_failure_key(execution_id: &str, event_type: &str, step: Option<&str>) -> Option<String> {
@@ -781,18 +785,22 @@ fn step_failure_key(execution_id: &str, event_type: &str, step: Option<&str>) ->
 }
 
 /// The K/V key (bucket `interest`) whose creation claims an execution's terminal frame.
-pub fn terminal_key(execution_id: &str) -> String {
+pub fn terminal_key(execution_id: &ExecutionId) -> String {
     format!("terminal.{execution_id}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runs::MAX_EXECUTION_ID_LEN;
+    const MAX_EXECUTION_ID_LEN: usize = ExecutionId::MAX_LEN;
     use proptest::prelude::*;
     use serde_json::json;
 
     const PREFIX: &str = "noetl.events.";
+
+    fn eid(s: &str) -> ExecutionId {
+        ExecutionId::parse(s).expect("a valid execution id")
+    }
     const BIG: &str = "612345678901234567";
 
     fn parse(subject: &str, payload: Value) -> Result<Parsed, Malformed> {
@@ -824,7 +832,7 @@ mod tests {
 
     fn event(event_type: &str, status: Option<&str>) -> ExecutionEvent {
         ExecutionEvent {
-            execution_id: BIG.into(),
+            execution_id: ExecutionId::parse(BIG).expect("valid"),
             event_type: event_type.into(),
             step_name: event_type.starts_with("step.").then(|| "s1".to_owned()),
             status: status.map(str::to_owned),
@@ -876,7 +884,7 @@ mod tests {
                 &ForwardList::default(),
             );
             assert!(
-                matches!(&p, Ok(Parsed::Forward(ev)) if ev.execution_id == id.to_string()),
+                matches!(&p, Ok(Parsed::Forward(ev)) if ev.execution_id == id.to_string().as_str()),
                 "{p:?}"
             );
         }
@@ -1252,20 +1260,23 @@ mod tests {
         let t0 = Instant::now();
         let due = t0 + Duration::from_secs(2);
         let mut g = OrderGuard::new();
-        assert!(!g.must_wait("x", 10, t0));
-        g.park("x", 10, due);
-        assert!(g.must_wait("x", 11, t0), "11 waits behind 10");
-        assert!(!g.must_wait("x", 10, t0), "10 itself does not wait");
-        assert!(!g.must_wait("y", 11, t0), "other executions are unaffected");
-        g.park("x", 11, due);
-        g.release("x", 10);
-        assert!(!g.must_wait("x", 11, t0), "11 goes once 10 is done");
-        g.release("x", 11);
+        assert!(!g.must_wait(&eid("x"), 10, t0));
+        g.park(&eid("x"), 10, due);
+        assert!(g.must_wait(&eid("x"), 11, t0), "11 waits behind 10");
+        assert!(!g.must_wait(&eid("x"), 10, t0), "10 itself does not wait");
+        assert!(
+            !g.must_wait(&eid("y"), 11, t0),
+            "other executions are unaffected"
+        );
+        g.park(&eid("x"), 11, due);
+        g.release(&eid("x"), 10);
+        assert!(!g.must_wait(&eid("x"), 11, t0), "11 goes once 10 is done");
+        g.release(&eid("x"), 11);
         assert!(g.is_empty());
         // An entry whose redelivery never came back here stops blocking once overdue.
-        g.park("x", 20, due);
-        assert!(g.must_wait("x", 21, t0 + Duration::from_secs(1)));
-        assert!(!g.must_wait("x", 21, due + Duration::from_millis(1)));
+        g.park(&eid("x"), 20, due);
+        assert!(g.must_wait(&eid("x"), 21, t0 + Duration::from_secs(1)));
+        assert!(!g.must_wait(&eid("x"), 21, due + Duration::from_millis(1)));
         assert_eq!(g.len(), 0);
     }
 
@@ -1273,26 +1284,26 @@ mod tests {
     fn the_order_guard_forgets_overdue_executions_it_no_longer_sees() {
         let t0 = Instant::now();
         let mut g = OrderGuard::new();
-        assert!(!g.must_wait("a", 1, t0));
+        assert!(!g.must_wait(&eid("a"), 1, t0));
         for i in 0..100u64 {
-            g.park(&format!("e{i}"), i, t0 + Duration::from_secs(1));
+            g.park(&eid(&format!("e{i}")), i, t0 + Duration::from_secs(1));
         }
         assert_eq!(g.len(), 100);
-        assert!(!g.must_wait("a", 1, t0 + SWEEP_EVERY + Duration::from_secs(1)));
+        assert!(!g.must_wait(&eid("a"), 1, t0 + SWEEP_EVERY + Duration::from_secs(1)));
         assert!(g.is_empty());
     }
 
     #[test]
     fn an_execution_always_maps_to_one_worker_and_executions_spread_over_all() {
-        assert_eq!(worker_for(BIG, 32), worker_for(BIG, 32));
-        assert_eq!(worker_for("anything", 1), 0);
-        assert_eq!(worker_for("anything", 0), 0, "no division by zero");
+        assert_eq!(worker_for(&eid(BIG), 32), worker_for(&eid(BIG), 32));
+        assert_eq!(worker_for(&eid("anything"), 1), 0);
+        assert_eq!(worker_for(&eid("anything"), 0), 0, "no division by zero");
         // Consecutive snowflake-like ids (what NoETL hands out) spread evenly.
         for workers in [7usize, 32, 64] {
             let mut counts = vec![0usize; workers];
             let n = 20_000 * workers;
             for i in 0..n as u64 {
-                let w = worker_for(&(612_345_678_901_234_567 + i).to_string(), workers);
+                let w = worker_for(&eid(&(612_345_678_901_234_567 + i).to_string()), workers);
                 assert!(w < workers);
                 counts[w] += 1;
             }
@@ -1487,8 +1498,8 @@ mod tests {
     #[test]
     fn the_terminal_key_is_a_valid_store_key_for_every_usable_id() {
         let longest = "9".repeat(MAX_EXECUTION_ID_LEN);
-        assert!(crate::store::is_valid_key(&terminal_key(&longest)));
-        assert!(crate::store::is_valid_key(&terminal_key(BIG)));
+        assert!(crate::store::is_valid_key(&terminal_key(&eid(&longest))));
+        assert!(crate::store::is_valid_key(&terminal_key(&eid(BIG))));
     }
 
     #[test]
@@ -1502,14 +1513,14 @@ mod tests {
             ),
             (BIG.to_owned(), "x".repeat(10_000)),
         ] {
-            ev.execution_id = id;
+            ev.execution_id = ExecutionId::try_from(id).expect("valid");
             ev.step_name = Some(step);
             let f = frames(resolve(&ev, StatusCheck::Known(RunStatus::Running), "now"));
             let key = failure_key(&f).expect("a named failed step");
             assert!(crate::store::is_valid_key(&key), "{key}");
         }
         // Two steps of one run are two claims.
-        ev.execution_id = BIG.into();
+        ev.execution_id = ExecutionId::parse(BIG).expect("valid");
         let key_of = |step: &str| {
             let mut e = ev.clone();
             e.step_name = Some(step.into());
@@ -1537,7 +1548,7 @@ mod tests {
             let p = parse_event("noetl.events.command.completed", raw.as_bytes(), PREFIX, &ForwardList::default());
             match p {
                 Ok(Parsed::Forward(ev)) => {
-                    prop_assert_eq!(ev.execution_id, id.to_string());
+                    prop_assert_eq!(ev.execution_id.as_str(), id.to_string());
                     prop_assert_eq!(ev.step_name, Some(step));
                 }
                 other => prop_assert!(false, "{:?}", other),
@@ -1549,7 +1560,7 @@ mod tests {
             let subject = format!("noetl.events.{tenant}.org.{id}.0");
             let p = parse_event(&subject, br#"{"event_type":"playbook_completed"}"#, PREFIX, &ForwardList::default());
             match p {
-                Ok(Parsed::Forward(ev)) => prop_assert_eq!(ev.execution_id, id.to_string()),
+                Ok(Parsed::Forward(ev)) => prop_assert_eq!(ev.execution_id.as_str(), id.to_string()),
                 other => prop_assert!(false, "{:?}", other),
             }
         }
@@ -1565,7 +1576,7 @@ mod tests {
             let raw = serde_json::to_vec(&json!({"event_type": "step.enter", "execution_id": id}))
                 .expect("json");
             if let Ok(Parsed::Forward(ev)) = parse_event("noetl.events.step.enter", &raw, PREFIX, &ForwardList::default()) {
-                prop_assert!(crate::store::is_valid_key(&ev.execution_id));
+                prop_assert!(crate::store::is_valid_key(ev.execution_id.as_str()));
                 prop_assert!(crate::store::is_valid_key(&terminal_key(&ev.execution_id)));
             }
         }

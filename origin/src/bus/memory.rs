@@ -41,6 +41,7 @@ use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
+use gateway_shared::ids::ClientId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -72,7 +73,7 @@ struct Inner {
 struct State {
     /// The last id issued (0: none yet).
     last_id: u64,
-    clients: HashMap<String, ClientLog>,
+    clients: HashMap<ClientId, ClientLog>,
     /// The highest id dropped from a client log that has since been removed: any client
     /// may have lost a frame at or below it.
     forgotten_dropped: u64,
@@ -180,11 +181,11 @@ impl State {
     }
 
     /// The client's log, created (empty) if it has none.
-    fn log(&mut self, client_id: &str) -> &mut ClientLog {
+    fn log(&mut self, client_id: &ClientId) -> &mut ClientLog {
         let last_id = self.last_id;
         if !self.clients.contains_key(client_id) {
             self.clients
-                .insert(client_id.to_owned(), ClientLog::new(last_id));
+                .insert(client_id.clone(), ClientLog::new(last_id));
         }
         self.clients
             .get_mut(client_id)
@@ -195,7 +196,7 @@ impl State {
     fn publish(
         &mut self,
         retention: &Retention,
-        client_id: &str,
+        client_id: &ClientId,
         event: &str,
         data: Bytes,
         now: Instant,
@@ -223,7 +224,7 @@ impl State {
     fn subscribe(
         &mut self,
         retention: &Retention,
-        client_id: &str,
+        client_id: &ClientId,
         start: StartAt,
         now: Instant,
     ) -> (bool, Vec<BusFrame>, Arc<Inbox>) {
@@ -330,7 +331,7 @@ impl std::fmt::Debug for MemoryBus {
 /// A subscription's inbox, removed from its client's log when the subscription is dropped.
 struct Registration {
     bus: Weak<Inner>,
-    client_id: String,
+    client_id: ClientId,
     inbox: Arc<Inbox>,
 }
 
@@ -378,8 +379,12 @@ fn live_frames(
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError> {
-        super::check_client_id(client_id)?;
+    async fn publish(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+    ) -> Result<u64, BusError> {
         super::check_event(event)?;
         let now = Instant::now();
         let id = self
@@ -389,8 +394,11 @@ impl Bus for MemoryBus {
         Ok(id)
     }
 
-    async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
-        super::check_client_id(client_id)?;
+    async fn subscribe(
+        &self,
+        client_id: &ClientId,
+        start: StartAt,
+    ) -> Result<Subscription, BusError> {
         let now = Instant::now();
         let (reset, replay, inbox) =
             self.inner
@@ -398,7 +406,7 @@ impl Bus for MemoryBus {
                 .subscribe(&self.inner.retention, client_id, start, now);
         let reg = Registration {
             bus: Arc::downgrade(&self.inner),
-            client_id: client_id.to_owned(),
+            client_id: client_id.clone(),
             inbox,
         };
         let frames = stream::iter(replay.into_iter().map(Ok))
@@ -418,6 +426,10 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
+    fn cid(s: &str) -> ClientId {
+        ClientId::parse(s).expect("a valid client id")
+    }
+
     fn retention(max_age: Duration, max_frames: usize) -> Retention {
         Retention {
             max_age,
@@ -434,11 +446,11 @@ mod tests {
         let r = retention(60 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        assert_eq!(s.publish(&r, "a", "e", Bytes::new(), t0), 1);
-        assert_eq!(s.publish(&r, "b", "e", Bytes::new(), t0), 2);
-        assert_eq!(s.publish(&r, "a", "e", Bytes::new(), t0), 3);
-        assert_eq!(ids(&s.clients["a"]), [1, 3]);
-        assert_eq!(ids(&s.clients["b"]), [2]);
+        assert_eq!(s.publish(&r, &cid("a"), "e", Bytes::new(), t0), 1);
+        assert_eq!(s.publish(&r, &cid("b"), "e", Bytes::new(), t0), 2);
+        assert_eq!(s.publish(&r, &cid("a"), "e", Bytes::new(), t0), 3);
+        assert_eq!(ids(&s.clients[&cid("a")]), [1, 3]);
+        assert_eq!(ids(&s.clients[&cid("b")]), [2]);
     }
 
     #[test]
@@ -447,10 +459,10 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
         for _ in 0..5 {
-            s.publish(&r, "a", "e", Bytes::new(), t0);
+            s.publish(&r, &cid("a"), "e", Bytes::new(), t0);
         }
-        assert_eq!(ids(&s.clients["a"]), [3, 4, 5]);
-        assert_eq!(s.clients["a"].highest_dropped, 2);
+        assert_eq!(ids(&s.clients[&cid("a")]), [3, 4, 5]);
+        assert_eq!(s.clients[&cid("a")].highest_dropped, 2);
     }
 
     #[test]
@@ -508,15 +520,15 @@ mod tests {
         let r = retention(2 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        s.publish(&r, "a", "e", Bytes::new(), t0); // 1
-        s.publish(&r, "a", "e", Bytes::new(), t0); // 2
-        s.publish(&r, "b", "e", Bytes::new(), t0 + 3 * SEC); // 3, sweeps: "a" is forgotten
-        assert!(!s.clients.contains_key("a"));
+        s.publish(&r, &cid("a"), "e", Bytes::new(), t0); // 1
+        s.publish(&r, &cid("a"), "e", Bytes::new(), t0); // 2
+        s.publish(&r, &cid("b"), "e", Bytes::new(), t0 + 3 * SEC); // 3, sweeps: "a" is forgotten
+        assert!(!s.clients.contains_key(&cid("a")));
         assert_eq!(s.forgotten_dropped, 2);
-        let (reset, replay, _rx) = s.subscribe(&r, "a", StartAt::After(1), t0 + 3 * SEC);
+        let (reset, replay, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(1), t0 + 3 * SEC);
         assert!(reset, "frame 2 of a was dropped");
         assert!(replay.is_empty());
-        let (reset, _, _rx) = s.subscribe(&r, "a", StartAt::After(2), t0 + 3 * SEC);
+        let (reset, _, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(2), t0 + 3 * SEC);
         assert!(!reset);
     }
 
@@ -525,14 +537,14 @@ mod tests {
         let r = retention(2 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        s.publish(&r, "idle", "e", Bytes::new(), t0);
-        let (_, _, _inbox) = s.subscribe(&r, "watched", StartAt::Retained, t0);
-        s.publish(&r, "watched", "e", Bytes::new(), t0);
+        s.publish(&r, &cid("idle"), "e", Bytes::new(), t0);
+        let (_, _, _inbox) = s.subscribe(&r, &cid("watched"), StartAt::Retained, t0);
+        s.publish(&r, &cid("watched"), "e", Bytes::new(), t0);
         s.sweep(&r, t0 + 5 * SEC);
-        assert_eq!(s.clients.keys().collect::<Vec<_>>(), ["watched"]);
+        assert_eq!(s.clients.keys().collect::<Vec<_>>(), [&cid("watched")]);
         assert_eq!(s.stats().frames, 0);
         // What dropping the subscription does (its registration leaves the log).
-        s.clients.get_mut("watched").unwrap().live.clear();
+        s.clients.get_mut(&cid("watched")).unwrap().live.clear();
         s.sweep(&r, t0 + 5 * SEC);
         assert!(s.clients.is_empty());
     }
@@ -548,7 +560,10 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_subscription_leaves_nothing_behind() {
         let bus = MemoryBus::new(retention(60 * SEC, 10));
-        let sub = bus.subscribe("c", StartAt::Retained).await.expect("valid");
+        let sub = bus
+            .subscribe(&ClientId::parse("c").expect("valid"), StartAt::Retained)
+            .await
+            .expect("valid");
         assert_eq!(
             bus.stats(),
             MemoryBusStats {
@@ -571,7 +586,10 @@ mod tests {
     #[tokio::test]
     async fn a_subscription_reports_the_bus_being_dropped() {
         let bus = MemoryBus::new(Retention::default());
-        let mut sub = bus.subscribe("c", StartAt::Retained).await.expect("valid");
+        let mut sub = bus
+            .subscribe(&ClientId::parse("c").expect("valid"), StartAt::Retained)
+            .await
+            .expect("valid");
         drop(bus);
         assert!(matches!(
             sub.frames.next().await,

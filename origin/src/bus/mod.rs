@@ -20,6 +20,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use gateway_shared::ids::ClientId;
 use std::time::Duration;
 
 mod inbox;
@@ -33,9 +34,6 @@ pub enum BusError {
     /// NATS (or the stream) could not be reached or refused the operation.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
-    /// The client id cannot be used in a subject (see `gateway_shared::frames::is_valid_client_id`).
-    #[error("invalid client id")]
-    InvalidClientId,
     /// The event name is not one visible-ASCII token (it travels as an SSE `event:` line
     /// and a NATS header, where a CR/LF would forge protocol lines).
     #[error("invalid event name")]
@@ -100,15 +98,6 @@ impl Default for Retention {
     }
 }
 
-/// Refuses client ids that cannot be a subject token; both buses call it.
-pub(crate) fn check_client_id(client_id: &str) -> Result<(), BusError> {
-    if gateway_shared::frames::is_valid_client_id(client_id) {
-        Ok(())
-    } else {
-        Err(BusError::InvalidClientId)
-    }
-}
-
 /// Refuses event names that are not one visible-ASCII token of at most 256 bytes.
 pub(crate) fn check_event(event: &str) -> Result<(), BusError> {
     if !event.is_empty() && event.len() <= 256 && event.bytes().all(|b| b.is_ascii_graphic()) {
@@ -123,10 +112,20 @@ pub(crate) fn check_event(event: &str) -> Result<(), BusError> {
 pub trait Bus: Send + Sync + 'static {
     /// Appends a frame to the client's stream and returns its id once it is retained
     /// (so a crash after `publish` returns cannot lose it).
-    async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError>;
+    /// The client id is a [`ClientId`], so it is a valid subject token by construction.
+    async fn publish(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+    ) -> Result<u64, BusError>;
 
     /// The client's frames from `start`, then live ones.
-    async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError>;
+    async fn subscribe(
+        &self,
+        client_id: &ClientId,
+        start: StartAt,
+    ) -> Result<Subscription, BusError>;
 
     /// True if the bus can deliver now (for `/ready`).
     async fn is_healthy(&self) -> bool;

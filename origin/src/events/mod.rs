@@ -30,7 +30,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use futures::StreamExt;
-use gateway_shared::frames::{event, init_message, is_valid_client_id, notification, sse_frame};
+use gateway_shared::frames::{event, init_message, notification, sse_frame};
+use gateway_shared::ids::ClientId;
 use gateway_shared::session::{SessionHash, User};
 use serde_json::json;
 use tokio::time::Instant;
@@ -116,7 +117,11 @@ fn ticket_key(ticket: &str) -> String {
 /// `POST /api/events/ticket`: a 30-second, single-use ticket for `/events?ticket=`.
 async fn ticket(State(state): State<EventsState>, caller: Caller) -> Result<Response, AppError> {
     let record = caller.record;
-    let ticket = crate::requests::new_request_id() + &crate::requests::new_request_id();
+    let ticket = format!(
+        "{}{}",
+        crate::requests::new_request_id(),
+        crate::requests::new_request_id()
+    );
     let value = serde_json::to_vec(&record.user).expect("a user is plain data");
     state
         .kv
@@ -198,15 +203,15 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
     let kv = state.kv.as_ref();
 
     let (client_id, record) = match &q.client_id {
-        Some(id) => {
-            if !is_valid_client_id(id) {
+        Some(raw) => {
+            let Ok(id) = ClientId::parse(raw) else {
                 return Err(AppError::bad_request(
                     "invalid_client_id",
                     "client_id is not a valid client id",
                 ));
-            }
-            match clients::get(kv, id).await? {
-                Some(r) if r.user_id == user.user_id => (id.clone(), r),
+            };
+            match clients::get(kv, &id).await? {
+                Some(r) if r.user_id == user.user_id => (id, r),
                 Some(_) => {
                     tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
                     return Err(AppError::forbidden(
@@ -250,7 +255,11 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
     let mut first = sse_frame(
         None,
         event::MESSAGE,
-        &init_message(&client_id, env!("CARGO_PKG_VERSION"), &record.pending),
+        &init_message(
+            client_id.as_str(),
+            env!("CARGO_PKG_VERSION"),
+            &record.pending,
+        ),
         Some(RETRY_MS),
     );
     if sub.reset {
@@ -294,7 +303,7 @@ struct SseBody {
     hub: Arc<Hub>,
     ping_every: Duration,
     keepalive_every: Duration,
-    client_id: String,
+    client_id: ClientId,
     generation: u64,
     frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
     /// Chunks of the frame being written (at most the `data:` and the blank line).
@@ -335,7 +344,7 @@ fn evicted_frame() -> Bytes {
 impl SseBody {
     fn new(
         state: EventsState,
-        client_id: String,
+        client_id: ClientId,
         first: Bytes,
         frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
     ) -> Self {
@@ -444,7 +453,7 @@ impl http_body::Body for SseBody {
 
 impl Drop for SseBody {
     fn drop(&mut self) {
-        let client_id = std::mem::take(&mut self.client_id);
+        let client_id = self.client_id.clone();
         tracing::info!(client = %client_id, reason = self.reason, "event stream closed");
         if self.hub.unregister(&client_id, self.generation) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use async_graphql::{Context, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID};
-use gateway_shared::frames::{is_valid_client_id, PendingRequest};
+use gateway_shared::frames::PendingRequest;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use serde_json::Value;
 
 use super::subscription::{OperationLimit, Subscription};
@@ -72,6 +73,13 @@ pub(super) fn from_app(e: AppError) -> async_graphql::Error {
         ext.set("code", code);
         ext.set("reason", e.code());
     })
+}
+
+/// The `executionId` argument, checked once here. An id that could never name an
+/// execution is answered as the interest store used to refuse it (an invalid key).
+pub(super) fn execution_id_arg(id: &str) -> async_graphql::Result<ExecutionId> {
+    ExecutionId::parse(id)
+        .map_err(|_| from_app(crate::store::StoreError::InvalidKey(id.to_owned()).into()))
 }
 
 pub(super) fn ctx_parts<'a>(
@@ -217,16 +225,16 @@ async fn own_client(
     svc: &Services,
     caller: &Caller,
     client_id: Option<String>,
-) -> async_graphql::Result<Option<String>> {
-    let Some(id) = client_id.filter(|c| !c.is_empty()) else {
+) -> async_graphql::Result<Option<ClientId>> {
+    let Some(raw) = client_id.filter(|c| !c.is_empty()) else {
         return Ok(None);
     };
-    if !is_valid_client_id(&id) {
+    let Ok(id) = ClientId::try_from(raw) else {
         return Err(gql_error(
             "BAD_USER_INPUT",
             "clientId is not a valid client id",
         ));
-    }
+    };
     match clients::get(svc.kv.as_ref(), &id)
         .await
         .map_err(|e| from_app(e.into()))?
@@ -305,14 +313,14 @@ impl Mutation {
                 format!("request store unavailable, nothing was started: {e}"),
             )
         })?;
-        fields.insert("request_id".into(), Value::String(request_id.clone()));
+        fields.insert("request_id".into(), Value::String(request_id.to_string()));
         fields.insert(
             "gateway_url".into(),
             Value::String(svc.config.callback_url()),
         );
         fields.insert(
             "callback_token".into(),
-            Value::String(svc.tokens.token_for(&request_id)),
+            Value::String(svc.tokens.token_for(request_id.as_str())),
         );
 
         let kind = resource_kind.map(|k| match k {
@@ -325,20 +333,26 @@ impl Mutation {
             .await
             .map_err(|e| from_app(e.into()))?;
         let execution_id = reply.execution_id.clone();
+        // Checked once: an id NoETL sends that could never be a key is not recorded.
+        let execution = ExecutionId::parse(&execution_id);
         let kv = svc.kv.as_ref();
         let recorded = RequestEntry {
-            execution_id: Some(execution_id.clone()),
+            execution_id: execution.clone().ok(),
             ..entry
         };
         if let Err(e) = requests::put(kv, &recorded).await {
             tracing::warn!(request = %request_id, error = %e, "execution id not recorded");
         }
         if let Some(client) = &client_id {
-            if let Err(e) = interest::add_interest(kv, &execution_id, client).await {
+            let added = match &execution {
+                Ok(execution) => interest::add_interest(kv, execution, client).await,
+                Err(_) => Err(crate::store::StoreError::InvalidKey(execution_id.clone())),
+            };
+            if let Err(e) = added {
                 tracing::warn!(request = %request_id, error = %e, "interest not recorded; state frames may be missed");
             }
             let pending = PendingRequest {
-                request_id: request_id.clone(),
+                request_id: request_id.to_string(),
                 execution_id: execution_id.clone(),
                 playbook_path: path.clone(),
             };
@@ -350,7 +364,7 @@ impl Mutation {
         Ok(ExecuteResult {
             id: execution_id.clone(),
             execution_id,
-            request_id: Some(request_id),
+            request_id: Some(request_id.into_string()),
             name: Some(path),
             status: Some(if reply.status.is_empty() {
                 "started".into()
@@ -383,6 +397,7 @@ impl Mutation {
             .await?
             .ok_or_else(|| gql_error("BAD_USER_INPUT", "clientId is required"))?;
         require_execution_access(svc, caller, &execution_id, "view").await?;
+        let execution_id = execution_id_arg(&execution_id)?;
         interest::add_interest(svc.kv.as_ref(), &execution_id, &client)
             .await
             .map_err(|e| from_app(e.into()))?;

@@ -38,12 +38,13 @@ use chrono::{SecondsFormat, Utc};
 use futures::stream::{BoxStream, Stream};
 use futures::StreamExt;
 use gateway_shared::frames::{event, PlaybookState};
+use gateway_shared::ids::{ClientId, ExecutionId};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
 
-use super::schema::{ctx_parts, from_app, gql_error, require_execution_access};
+use super::schema::{ctx_parts, execution_id_arg, from_app, gql_error, require_execution_access};
 use crate::bus::{BusError, BusFrame, StartAt};
 use crate::clients;
 use crate::interest;
@@ -62,7 +63,7 @@ pub const TERMINAL_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct SocketScope {
     permits: Arc<Semaphore>,
-    client_id: OnceCell<String>,
+    client_id: OnceCell<ClientId>,
 }
 
 impl Default for SocketScope {
@@ -77,7 +78,7 @@ impl Default for SocketScope {
 impl SocketScope {
     /// The socket's client id, created (owned by `user_id`, the socket's one user) on first
     /// use. Concurrent first subscriptions create it once.
-    async fn client_id(&self, kv: &dyn KvStore, user_id: &str) -> Result<String, StoreError> {
+    async fn client_id(&self, kv: &dyn KvStore, user_id: &str) -> Result<ClientId, StoreError> {
         self.client_id
             .get_or_try_init(|| clients::create(kv, user_id))
             .await
@@ -204,13 +205,14 @@ impl Subscription {
                     format!("cannot open the execution's event stream: {e}"),
                 )
             })?;
-        interest::add_interest(kv, &execution_id, &client_id)
+        let execution = execution_id_arg(&execution_id)?;
+        interest::add_interest(kv, &execution, &client_id)
             .await
             .map_err(|e| from_app(e.into()))?;
         // Asked only after the interest is recorded: a run that ends later reaches this
         // client through the bridge.
         let already_final = match svc.noetl.execution_status(&execution_id).await {
-            Ok(reply) => final_state(&execution_id, &reply, now_rfc3339()),
+            Ok(reply) => final_state(&execution, &reply, now_rfc3339()),
             Err(e) => {
                 tracing::warn!(execution = %execution_id.as_str(), error = %e, "execution status unknown; following the bus only");
                 None
@@ -222,7 +224,7 @@ impl Subscription {
         );
         Ok(execution_states(Feed {
             frames: sub.frames,
-            execution_id: execution_id.0,
+            execution_id: execution,
             fallback: already_final.map(|s| (s, Instant::now() + TERMINAL_GRACE)),
             done: false,
         }))
@@ -232,7 +234,7 @@ impl Subscription {
 /// The state a bus frame carries for `execution_id`, if any: other events, other
 /// executions' frames (the socket's client serves all its subscriptions) and frames that do
 /// not parse are skipped.
-fn state_of(frame: &BusFrame, execution_id: &str) -> Option<PlaybookState> {
+fn state_of(frame: &BusFrame, execution_id: &ExecutionId) -> Option<PlaybookState> {
     #[derive(Deserialize)]
     struct StateFrame {
         params: PlaybookState,
@@ -241,14 +243,14 @@ fn state_of(frame: &BusFrame, execution_id: &str) -> Option<PlaybookState> {
         return None;
     }
     let parsed: StateFrame = serde_json::from_slice(&frame.data).ok()?;
-    (parsed.params.execution_id == execution_id).then_some(parsed.params)
+    (parsed.params.execution_id == execution_id.as_str()).then_some(parsed.params)
 }
 
 /// The terminal state for a run NoETL's status `reply` reports final, stamped `at`.
-fn final_state(execution_id: &str, reply: &Value, at: String) -> Option<PlaybookState> {
+fn final_state(execution_id: &ExecutionId, reply: &Value, at: String) -> Option<PlaybookState> {
     let (event_type, status) = RunStatus::from_reply(reply).terminal()?;
     Some(PlaybookState {
-        execution_id: execution_id.to_owned(),
+        execution_id: execution_id.to_string(),
         event_type: event_type.to_owned(),
         step_name: None,
         status: Some(status.to_owned()),
@@ -265,7 +267,7 @@ fn now_rfc3339() -> String {
 /// A subscription's source: the client's frames, filtered to one execution.
 struct Feed {
     frames: BoxStream<'static, Result<BusFrame, BusError>>,
-    execution_id: String,
+    execution_id: ExecutionId,
     /// When NoETL already reported the run final: the state to end with if no terminal
     /// frame comes by the instant (pushed back by every state that does come).
     fallback: Option<(PlaybookState, Instant)>,
@@ -336,6 +338,10 @@ mod tests {
 
     const ID: &str = "612345678901234567";
 
+    fn eid() -> ExecutionId {
+        ExecutionId::parse(ID).expect("a valid execution id")
+    }
+
     fn state(execution_id: &str, event_type: &str, terminal: bool) -> PlaybookState {
         PlaybookState {
             execution_id: execution_id.into(),
@@ -360,7 +366,7 @@ mod tests {
             frames: futures::stream::iter(frames)
                 .chain(futures::stream::pending())
                 .boxed(),
-            execution_id: ID.into(),
+            execution_id: eid(),
             fallback: fallback.map(|s| (s, Instant::now() + TERMINAL_GRACE)),
             done: false,
         }
@@ -395,34 +401,34 @@ mod tests {
     fn only_state_frames_of_the_execution_become_states() {
         let mine = state(ID, "step.exit", false);
         assert_eq!(
-            state_of(&frame(1, event::STATE, &mine), ID),
+            state_of(&frame(1, event::STATE, &mine), &eid()),
             Some(mine.clone())
         );
         let other = state("7", "step.exit", false);
-        assert_eq!(state_of(&frame(2, event::STATE, &other), ID), None);
-        assert_eq!(state_of(&frame(3, event::RESULT, &mine), ID), None);
+        assert_eq!(state_of(&frame(2, event::STATE, &other), &eid()), None);
+        assert_eq!(state_of(&frame(3, event::RESULT, &mine), &eid()), None);
         let junk = BusFrame {
             id: 4,
             event: event::STATE.into(),
             data: Bytes::from_static(b"{not json"),
         };
-        assert_eq!(state_of(&junk, ID), None);
+        assert_eq!(state_of(&junk, &eid()), None);
     }
 
     #[test]
     fn a_final_status_becomes_the_matching_terminal_state() {
-        let s = final_state(ID, &json!({"status": "COMPLETED"}), "t".into()).unwrap();
+        let s = final_state(&eid(), &json!({"status": "COMPLETED"}), "t".into()).unwrap();
         assert_eq!(
             (s.event_type.as_str(), s.status.as_deref(), s.terminal),
             ("playbook.completed", Some("COMPLETED"), true)
         );
-        let s = final_state(ID, &json!({"status": "failed"}), "t".into()).unwrap();
+        let s = final_state(&eid(), &json!({"status": "failed"}), "t".into()).unwrap();
         assert_eq!(s.event_type, "playbook.failed");
         assert_eq!(
-            final_state(ID, &json!({"status": "RUNNING"}), "t".into()),
+            final_state(&eid(), &json!({"status": "RUNNING"}), "t".into()),
             None
         );
-        assert_eq!(final_state(ID, &json!({}), "t".into()), None);
+        assert_eq!(final_state(&eid(), &json!({}), "t".into()), None);
     }
 
     #[tokio::test]
@@ -455,7 +461,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_run_already_over_ends_with_its_status_when_no_terminal_frame_comes() {
         let frames = vec![Ok(frame(1, event::STATE, &state(ID, "step.exit", false)))];
-        let fallback = final_state(ID, &json!({"status": "CANCELLED"}), "t".into());
+        let fallback = final_state(&eid(), &json!({"status": "CANCELLED"}), "t".into());
         let got: Vec<_> = execution_states(feed(frames, fallback)).collect().await;
         let kinds: Vec<String> = got.into_iter().map(|s| s.unwrap().event_type).collect();
         assert_eq!(kinds, ["step.exit", "playbook.cancelled"]);
@@ -468,7 +474,7 @@ mod tests {
             event::STATE,
             &state(ID, "playbook.failed", true),
         ))];
-        let fallback = final_state(ID, &json!({"status": "COMPLETED"}), "t".into());
+        let fallback = final_state(&eid(), &json!({"status": "COMPLETED"}), "t".into());
         let got: Vec<_> = execution_states(feed(frames, fallback)).collect().await;
         let kinds: Vec<String> = got.into_iter().map(|s| s.unwrap().event_type).collect();
         assert_eq!(kinds, ["playbook.failed"]);

@@ -97,6 +97,7 @@ use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use gateway_shared::ids::ClientId;
 use std::fmt::Display;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -157,7 +158,7 @@ pub(super) fn unavailable(what: impl Display, err: impl Display) -> BusError {
     BusError::Unavailable(format!("NATS bus {what}: {err}"))
 }
 
-pub(super) fn frames_subject(client_id: &str) -> String {
+pub(super) fn frames_subject(client_id: &ClientId) -> String {
     format!("{FRAMES_PREFIX}{client_id}")
 }
 
@@ -271,8 +272,12 @@ impl NatsBus {
 
 #[async_trait]
 impl Bus for NatsBus {
-    async fn publish(&self, client_id: &str, event: &str, data: Bytes) -> Result<u64, BusError> {
-        super::check_client_id(client_id)?;
+    async fn publish(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+    ) -> Result<u64, BusError> {
         super::check_event(event)?;
         let subject = frames_subject(client_id);
         let what = || format!("publish to {subject}");
@@ -289,8 +294,11 @@ impl Bus for NatsBus {
         Ok(id)
     }
 
-    async fn subscribe(&self, client_id: &str, start: StartAt) -> Result<Subscription, BusError> {
-        super::check_client_id(client_id)?;
+    async fn subscribe(
+        &self,
+        client_id: &ClientId,
+        start: StartAt,
+    ) -> Result<Subscription, BusError> {
         let subject = frames_subject(client_id);
         let router = self.shared.router.clone();
         let mut up = router.up.subscribe();

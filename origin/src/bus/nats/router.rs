@@ -11,6 +11,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, stream as js};
 use async_nats::Client;
 use futures::StreamExt;
+use gateway_shared::ids::ClientId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,22 +129,22 @@ impl Router {
 /// A subscription's place in the [`Router`]; dropping it unregisters.
 pub(super) struct Registration {
     router: Arc<Router>,
-    client_id: String,
+    client_id: ClientId,
     pub(super) inbox: Arc<Inbox>,
 }
 
 impl Registration {
-    pub(super) fn new(router: Arc<Router>, client_id: &str) -> Self {
+    pub(super) fn new(router: Arc<Router>, client_id: &ClientId) -> Self {
         let inbox = Arc::new(Inbox::default());
         router
             .lock()
             .subs
-            .entry(client_id.to_owned())
+            .entry(client_id.as_str().to_owned())
             .or_default()
             .push(inbox.clone());
         Self {
             router,
-            client_id: client_id.to_owned(),
+            client_id: client_id.clone(),
             inbox,
         }
     }
@@ -152,10 +153,10 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut table = self.router.lock();
-        if let Some(list) = table.subs.get_mut(&self.client_id) {
+        if let Some(list) = table.subs.get_mut(self.client_id.as_str()) {
             list.retain(|i| !Arc::ptr_eq(i, &self.inbox));
             if list.is_empty() {
-                table.subs.remove(&self.client_id);
+                table.subs.remove(self.client_id.as_str());
             }
         }
     }
@@ -298,6 +299,10 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    fn cid(s: &str) -> ClientId {
+        ClientId::parse(s).expect("a valid client id")
+    }
+
     fn frame(id: u64) -> BusFrame {
         BusFrame {
             id,
@@ -309,9 +314,9 @@ mod tests {
     #[test]
     fn a_frame_reaches_every_subscription_of_its_client_and_no_other() {
         let router = Arc::new(Router::default());
-        let a1 = Registration::new(router.clone(), "a");
-        let a2 = Registration::new(router.clone(), "a");
-        let b = Registration::new(router.clone(), "b");
+        let a1 = Registration::new(router.clone(), &cid("a"));
+        let a2 = Registration::new(router.clone(), &cid("a"));
+        let b = Registration::new(router.clone(), &cid("b"));
         router.route("a", frame(7));
         for reg in [&a1, &a2] {
             assert!(matches!(reg.inbox.take(), Taken::Frame(f) if f.id == 7));
@@ -324,8 +329,8 @@ mod tests {
     #[test]
     fn a_dropped_registration_leaves_nothing_in_the_table() {
         let router = Arc::new(Router::default());
-        let a1 = Registration::new(router.clone(), "a");
-        let a2 = Registration::new(router.clone(), "a");
+        let a1 = Registration::new(router.clone(), &cid("a"));
+        let a2 = Registration::new(router.clone(), &cid("a"));
         drop(a1);
         assert_eq!(router.lock().subs["a"].len(), 1);
         drop(a2);
@@ -336,7 +341,7 @@ mod tests {
     fn more_routed_frames_than_the_backlog_end_the_subscription_as_overflowed() {
         let router = Arc::new(Router::default());
         router.backlog.store(2, Ordering::Relaxed);
-        let a = Registration::new(router.clone(), "a");
+        let a = Registration::new(router.clone(), &cid("a"));
         for id in 1..=3 {
             router.route("a", frame(id));
         }
@@ -346,8 +351,8 @@ mod tests {
     #[test]
     fn breaking_all_ends_every_subscription_and_empties_the_table() {
         let router = Arc::new(Router::default());
-        let a = Registration::new(router.clone(), "a");
-        let b = Registration::new(router.clone(), "b");
+        let a = Registration::new(router.clone(), &cid("a"));
+        let b = Registration::new(router.clone(), &cid("b"));
         router.break_all("consumer failed");
         for reg in [&a, &b] {
             assert!(matches!(reg.inbox.take(), Taken::Broken(why) if why == "consumer failed"));

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
+use gateway_shared::ids::{ClientId, RequestId};
 use gateway_tests::bench::{ms, now_ns, percentile, Deadline};
 use gateway_tests::harness::origin::{Origin, INTERNAL_TOKEN};
 use origin::bus::nats::NatsBus;
@@ -66,13 +67,17 @@ pub(crate) async fn figure_callbacks(
         let warm = warmup(rate);
         // The request entries, as executePlaybook would have written them.
         let written = Instant::now();
-        let request_ids: Vec<String> = (0..n + warm).map(|_| requests::new_request_id()).collect();
+        let request_ids: Vec<String> = (0..n + warm)
+            .map(|_| requests::new_request_id().into_string())
+            .collect();
         let created_at = chrono::Utc::now().timestamp();
         let puts: Vec<bool> =
             futures::stream::iter(request_ids.iter().enumerate().map(|(i, id)| {
                 let entry = RequestEntry {
-                    request_id: id.clone(),
-                    client_id: Some(targets[i % targets.len()].clone()),
+                    request_id: RequestId::parse(id).expect("a minted request id"),
+                    client_id: Some(
+                        ClientId::parse(&targets[i % targets.len()]).expect("a live client's id"),
+                    ),
                     user_id: user_id.to_owned(),
                     execution_id: None,
                     playbook_path: "bench/realtime".into(),
@@ -228,6 +233,7 @@ fn bus_to(
 ) -> impl Fn(usize, u64) -> BoxFuture<'static, Sent> {
     move |i, t| {
         let (bus, client) = (bus.clone(), targets[i % targets.len()].clone());
+        let client = ClientId::parse(&client).expect("a live client's id");
         Box::pin(async move {
             let start = now_ns();
             let ok = bus

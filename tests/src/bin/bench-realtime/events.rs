@@ -8,6 +8,7 @@ use std::time::Instant;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::future::BoxFuture;
 use futures::StreamExt;
+use gateway_shared::ids as gw_ids;
 use gateway_tests::bench::{now_ns, Deadline};
 use gateway_tests::standin::events::{encode_row, EventKind, EventRow, NewEvent, RowPlace, Shape};
 use gateway_tests::standin::ids::{ExecutionId, IdGen};
@@ -35,15 +36,15 @@ pub(crate) async fn figure_events(
     let ids = Arc::new(IdGen::new());
     let executions: Vec<ExecutionId> = targets.iter().map(|_| ids.execution()).collect();
     let recorded = Instant::now();
-    let interest: Vec<bool> = futures::stream::iter(
-        executions
-            .iter()
-            .zip(&targets)
-            .map(|(e, c)| async move { add_interest(kv, &e.0.to_string(), c).await.is_ok() }),
-    )
-    .buffer_unordered(128)
-    .collect()
-    .await;
+    let interest: Vec<bool> =
+        futures::stream::iter(executions.iter().zip(&targets).map(|(e, c)| async move {
+            let execution = gw_ids::ExecutionId::parse(&e.0.to_string()).expect("a numeric id");
+            let client = gw_ids::ClientId::parse(c).expect("a live client's id");
+            add_interest(kv, &execution, &client).await.is_ok()
+        }))
+        .buffer_unordered(128)
+        .collect()
+        .await;
     let note = format!(
         "interest recorded for {} executions (one client each) in {:.1} s, {} failed",
         executions.len(),

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use gateway_shared::ids::ClientId;
 use gateway_tests::bench::{ms, now_ns, percentile, Deadline};
 use origin::bus::nats::NatsBus;
 use origin::bus::Bus;
@@ -62,6 +63,10 @@ pub(crate) async fn figure_fanout(
                     .map(|_| uuid::Uuid::new_v4().to_string())
                     .collect(),
             };
+            let ids: Vec<ClientId> = ids
+                .iter()
+                .map(|id| ClientId::parse(id).expect("a UUID is a valid client id"))
+                .collect();
             live.drain();
             let window = Window::open_quiet(origin_pid, world.nats_pid, deadline).await;
             let t0 = now_ns();
