@@ -32,7 +32,7 @@
 //! - [`hub`] — this replica's SSE connections, one generation per client id.
 //! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
 //! - [`interest`] — which clients want an execution's frames, and the bridge's claims (K/V).
-//! - [`runs`] — a run's status as NoETL reports it, and which execution ids are usable.
+//! - [`runs`] — a run's status as NoETL reports it.
 //! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 

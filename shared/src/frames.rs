@@ -31,9 +31,6 @@ pub mod event {
     pub const EVICTED: &str = "stream/evicted";
 }
 
-/// The longest client id accepted anywhere (server-assigned ids are 36-character UUIDs).
-pub const MAX_CLIENT_ID_LEN: usize = crate::ids::ClientId::MAX_LEN;
-
 /// A JSON-RPC 2.0 notification: `{"jsonrpc":"2.0","method":…,"params":…}`.
 pub fn notification<P: Serialize>(method: &str, params: &P) -> Vec<u8> {
     #[derive(Serialize)]
