@@ -133,6 +133,15 @@ pub struct Config {
     #[arg(long, env = "AUTH_LEEWAY", value_parser = parse_duration, default_value = "30s")]
     pub auth_leeway: Duration,
 
+    /// The longest time since an ID token's `iat` it may be exchanged for a session (`0s`:
+    /// no limit beyond its `exp`). A leaked ID token cannot mint sessions for hours.
+    #[arg(long, env = "AUTH_MAX_TOKEN_AGE", value_parser = parse_duration, default_value = "10m")]
+    pub auth_max_token_age: Duration,
+
+    /// Accept ID tokens whose `email_verified` is `false` (refused by default).
+    #[arg(long, env = "AUTH_ALLOW_UNVERIFIED_EMAIL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auth_allow_unverified_email: bool,
+
     /// How long a validated session is served from the cache (K/V `sessions` TTL).
     #[arg(long, env = "SESSION_CACHE_TTL", value_parser = parse_duration, default_value = "300s")]
     pub session_cache_ttl: Duration,

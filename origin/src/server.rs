@@ -90,6 +90,8 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         issuer: config.issuer(),
         audience: config.auth_audience.clone(),
         leeway: config.auth_leeway,
+        max_age: (!config.auth_max_token_age.is_zero()).then_some(config.auth_max_token_age),
+        allow_unverified_email: config.auth_allow_unverified_email,
         min_refresh_interval: Duration::from_secs(10),
         cache_ttl: Duration::from_secs(3600),
     })?;

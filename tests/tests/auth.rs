@@ -294,6 +294,22 @@ async fn hostile_id_tokens_are_refused_with_401_and_never_reach_noetl() {
                 .await,
         ),
         (
+            "email not verified",
+            standin
+                .dev_token_with(&[("email", "m@example.com"), ("email_verified", "false")])
+                .await,
+        ),
+        (
+            "issued an hour ago, unexpired",
+            standin
+                .dev_token_with(&[
+                    ("email", "m@example.com"),
+                    ("iat_ago", "3600"),
+                    ("ttl", "7200"),
+                ])
+                .await,
+        ),
+        (
             "unknown kid",
             standin
                 .dev_token_with(&[("email", "m@example.com"), ("kid", "rotated-away")])
@@ -339,6 +355,16 @@ async fn hostile_id_tokens_are_refused_with_401_and_never_reach_noetl() {
         .await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {body}");
         assert!(body["error"]["code"].as_str().is_some(), "{what}: {body}");
+        // The rules added for leaked and unverified identities refuse for their own reason
+        // (a well-formed, correctly signed token otherwise).
+        let expected = match *what {
+            "email not verified" => Some("id_token_email_not_verified"),
+            "issued an hour ago, unexpired" => Some("id_token_too_old"),
+            _ => None,
+        };
+        if let Some(code) = expected {
+            assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        }
     }
     assert_eq!(
         standin.call_count(NOETL_LOGIN).await,

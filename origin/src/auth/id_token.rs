@@ -52,6 +52,10 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Default allowed clock skew for `exp` / `nbf`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
+/// Default longest time since `iat` an ID token may be exchanged for a session: a leaked ID
+/// token must not mint sessions for the hours until its `exp`.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(600);
+
 /// The only accepted `alg`.
 const PINNED_ALG: &str = "RS256";
 
@@ -66,17 +70,26 @@ pub struct ClaimRules {
     /// The value `aud` must contain (and `azp`, when present, must equal): the Auth0
     /// application's client id.
     pub audience: String,
-    /// Clock skew tolerated when checking `exp` and `nbf`.
+    /// Clock skew tolerated when checking `exp`, `nbf` and `iat`.
     pub leeway: Duration,
+    /// The longest time since `iat` a token is accepted (a token without `iat` is then
+    /// refused); `None`: no limit beyond `exp`.
+    pub max_age: Option<Duration>,
+    /// Accept a token whose `email_verified` is `false` (a missing claim is always accepted:
+    /// not every connection has e-mail).
+    pub allow_unverified_email: bool,
 }
 
 impl ClaimRules {
-    /// Rules with the default leeway ([`DEFAULT_LEEWAY`]).
+    /// Rules with the default leeway ([`DEFAULT_LEEWAY`]) and maximum age
+    /// ([`DEFAULT_MAX_AGE`]), refusing unverified e-mail.
     pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Self {
         Self {
             issuer: issuer.into(),
             audience: audience.into(),
             leeway: DEFAULT_LEEWAY,
+            max_age: Some(DEFAULT_MAX_AGE),
+            allow_unverified_email: false,
         }
     }
 }
@@ -230,6 +243,12 @@ pub enum IdTokenError {
     /// `nbf` is in the future, beyond the leeway.
     #[error("the ID token is not valid yet")]
     NotYetValid,
+    /// `iat` is older than [`ClaimRules::max_age`] (or absent while a maximum age is set).
+    #[error("the ID token was issued too long ago; sign in again")]
+    TooOld,
+    /// `email_verified` is `false` and unverified e-mail is not allowed.
+    #[error("the identity provider has not verified this e-mail address")]
+    EmailNotVerified,
     /// The provider's key set could not be fetched ([`super::jwks`]); the message says what an
     /// operator should look at (URL, status, cause). Never contains a token. The pure
     /// [`verify`] never returns it.
@@ -249,6 +268,8 @@ impl IdTokenError {
             Self::WrongAudience => "id_token_wrong_audience",
             Self::Expired => "id_token_expired",
             Self::NotYetValid => "id_token_not_yet_valid",
+            Self::TooOld => "id_token_too_old",
+            Self::EmailNotVerified => "id_token_email_not_verified",
             Self::JwksUnavailable(_) => "id_token_jwks_unavailable",
         }
     }
@@ -393,6 +414,20 @@ fn check_claims(
         if now < earliest {
             return Err(IdTokenError::NotYetValid);
         }
+    }
+    if let Some(max_age) = rules.max_age {
+        let issued_at = claims.issued_at.ok_or(IdTokenError::TooOld)?;
+        let max_age = TimeDelta::from_std(max_age).unwrap_or(TimeDelta::MAX);
+        let oldest = now
+            .checked_sub_signed(max_age)
+            .and_then(|t| t.checked_sub_signed(leeway))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        if issued_at < oldest {
+            return Err(IdTokenError::TooOld);
+        }
+    }
+    if raw.email_verified == Some(false) && !rules.allow_unverified_email {
+        return Err(IdTokenError::EmailNotVerified);
     }
 
     Ok(IdClaims {
@@ -635,6 +670,59 @@ mod tests {
         claims.as_object_mut().expect("object").remove("exp");
         let token = sign(key_a(), "a", claims);
         assert_eq!(check(&token), Err(IdTokenError::Malformed));
+    }
+
+    #[test]
+    fn a_token_issued_longer_ago_than_the_max_age_is_refused() {
+        // Still unexpired (exp in 10 min), but issued 11 minutes ago: a leaked token.
+        let old = sign(key_a(), "a", claims_with(json!({"iat": now() - 660})));
+        let err = check(&old).expect_err("too old");
+        assert_eq!(err, IdTokenError::TooOld);
+        assert_eq!(err.code(), "id_token_too_old");
+        assert!(err.is_client_error());
+        // Within the age (plus leeway) it is fine.
+        check(&sign(
+            key_a(),
+            "a",
+            claims_with(json!({"iat": now() - 590})),
+        ))
+        .expect("issued within the max age");
+        // With a maximum age set, a token that does not say when it was issued is refused.
+        let mut no_iat = good_claims();
+        no_iat.as_object_mut().expect("object").remove("iat");
+        assert_eq!(
+            check(&sign(key_a(), "a", no_iat.clone())),
+            Err(IdTokenError::TooOld)
+        );
+        // No maximum age: only exp limits it.
+        let rules = ClaimRules {
+            max_age: None,
+            ..rules()
+        };
+        verify(&old, &keys_a(), &rules, Utc::now()).expect("no age limit");
+        verify(&sign(key_a(), "a", no_iat), &keys_a(), &rules, Utc::now())
+            .expect("no iat needed without an age limit");
+    }
+
+    #[test]
+    fn an_unverified_email_is_refused_unless_allowed() {
+        let unverified = sign(key_a(), "a", claims_with(json!({"email_verified": false})));
+        let err = check(&unverified).expect_err("unverified");
+        assert_eq!(err, IdTokenError::EmailNotVerified);
+        assert_eq!(err.code(), "id_token_email_not_verified");
+        let rules = ClaimRules {
+            allow_unverified_email: true,
+            ..rules()
+        };
+        let claims = verify(&unverified, &keys_a(), &rules, Utc::now()).expect("allowed");
+        assert_eq!(claims.email_verified, Some(false));
+        // A token without the claim (a connection without e-mail) is not refused for it.
+        let mut no_claim = good_claims();
+        no_claim
+            .as_object_mut()
+            .expect("object")
+            .remove("email_verified");
+        check(&sign(key_a(), "a", no_claim)).expect("no email_verified claim");
     }
 
     #[test]

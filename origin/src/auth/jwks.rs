@@ -58,8 +58,12 @@ pub struct IdTokenConfig {
     pub issuer: String,
     /// The value `aud` must contain: the Auth0 application's client id.
     pub audience: String,
-    /// Clock skew tolerated when checking `exp` and `nbf`.
+    /// Clock skew tolerated when checking `exp`, `nbf` and `iat`.
     pub leeway: Duration,
+    /// The longest time since `iat` a token is exchanged for a session (`AUTH_MAX_TOKEN_AGE`).
+    pub max_age: Option<Duration>,
+    /// Accept `email_verified: false` (`AUTH_ALLOW_UNVERIFIED_EMAIL`).
+    pub allow_unverified_email: bool,
     /// JWKS fetches (for an unknown `kid` or a stale set) happen at most this often.
     pub min_refresh_interval: Duration,
     /// Age after which the JWKS is fetched again on the next verification.
@@ -75,6 +79,8 @@ impl IdTokenConfig {
             issuer: rules.issuer,
             audience: rules.audience,
             leeway: rules.leeway,
+            max_age: rules.max_age,
+            allow_unverified_email: rules.allow_unverified_email,
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
             cache_ttl: DEFAULT_CACHE_TTL,
         }
@@ -86,6 +92,8 @@ impl IdTokenConfig {
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             leeway: self.leeway,
+            max_age: self.max_age,
+            allow_unverified_email: self.allow_unverified_email,
         }
     }
 }

@@ -122,7 +122,7 @@ impl StandIn {
     }
 
     /// An ID token with any `/dev/token` query (`sub`, `email`, `name`, and the hostile
-    /// overrides `iss`, `aud`, `ttl`, `nbf_in`, `kid`).
+    /// overrides `iss`, `aud`, `ttl`, `nbf_in`, `kid`, `email_verified`, `iat_ago`).
     pub async fn dev_token_with(&self, query: &[(&str, &str)]) -> String {
         let v = self.get_json("/dev/token", query).await;
         v["id_token"]

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
 
-/// `GET /dev/token?sub=&email=&name=[&iss=&aud=&ttl=&nbf_in=&kid=]` → `{"id_token"}`.
+/// `GET /dev/token?sub=&email=&name=[&iss=&aud=&ttl=&nbf_in=&kid=&email_verified=&iat_ago=]` → `{"id_token"}`.
 pub async fn token(
     State(st): State<Shared>,
     QueryParams(req): QueryParams<TokenRequest>,

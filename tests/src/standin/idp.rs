@@ -50,6 +50,10 @@ pub struct TokenRequest {
     pub nbf_in: Option<i64>,
     /// Override of the header `kid` (a key the JWKS does not list).
     pub kid: Option<String>,
+    /// `email_verified` claim; default `true`, as Auth0 sends for a verified address.
+    pub email_verified: Option<bool>,
+    /// `iat` this many seconds in the past (a token issued long ago; `ttl` counts from it).
+    pub iat_ago: Option<i64>,
 }
 
 /// A verified identity out of an ID token.
@@ -128,6 +132,8 @@ struct IdClaims {
     email: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email_verified: Option<bool>,
 }
 
 /// The identity provider: signing key, issuer, audience and the published key forms.
@@ -223,7 +229,9 @@ impl DevIdp {
             sub: Some(req.sub.clone().unwrap_or_else(|| default_sub(&email))),
             email: Some(email),
             name: req.name.clone(),
+            email_verified: Some(req.email_verified.unwrap_or(true)),
         };
+        let now = now - Duration::seconds(clamp_offset(req.iat_ago.unwrap_or(0)));
         let ttl = clamp_offset(req.ttl.unwrap_or(DEFAULT_TTL_SECS));
         let nbf = clamp_offset(req.nbf_in.unwrap_or(0));
         let clock = TimeOptions::new(Duration::zero(), move || now);
