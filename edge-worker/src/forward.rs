@@ -10,12 +10,15 @@
 //!   `x-forwarded-*`, `forwarded`, `x-real-ip`, `cf-*`: the shared
 //!   [`is_client_identity_header`] rule) are dropped: only the edge says who is calling, in its
 //!   signed `x-gateway-assertion`, and who the client's address is, in `x-forwarded-for`.
+//! - Method-override and URL-rewrite headers (`x-http-method-override`, `x-original-url`, …:
+//!   the shared [`is_request_override_header`] rule) are dropped: the route table decided on
+//!   the request's own method and path.
 //! - `x-request-id` is the edge's (accepted or minted); `traceparent` passes through.
 //! - `Authorization` and cookies pass through: the origin needs the token for NoETL's
 //!   own access checks, and binds the assertion to it (`sid`).
 //! - Redirects are the client's business (`redirect: manual`).
 
-use gateway_shared::headers::is_client_identity_header;
+use gateway_shared::headers::{is_client_identity_header, is_request_override_header};
 
 /// How long the origin may take to send its response headers. Bodies (SSE streams) are
 /// not bounded here: once the headers arrived, the stream lives as long as both ends.
@@ -80,6 +83,7 @@ pub fn keep_request_header(name: &str, connection: &[String], websocket: bool) -
     !(is_hop_by_hop(&n)
         || connection.contains(&n)
         || is_client_identity_header(&n)
+        || is_request_override_header(&n)
         || n == "host"
         || n == "x-request-id")
 }
@@ -228,6 +232,9 @@ mod tests {
             "forwarded",
             "x-real-ip",
             "cf-connecting-ip",
+            "true-client-ip",
+            "x-http-method-override",
+            "x-original-url",
             "connection",
             "keep-alive",
             "transfer-encoding",

@@ -24,8 +24,11 @@ use axum::routing::any;
 use axum::Router;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use gateway_shared::headers::{is_client_identity_header, is_credential_header};
+use gateway_shared::headers::{
+    is_client_identity_header, is_credential_header, is_request_override_header,
+};
 
+use crate::auth::edge::EdgeIdentity;
 use crate::auth::session::SessionService;
 use crate::auth::Caller;
 use crate::error::AppError;
@@ -211,9 +214,9 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// The headers forwarded upstream: the client's minus credentials and identity claims (the
-/// shared rules the edge applies too), its `x-request-id` (the gateway sets its own) and
-/// hop-by-hop headers.
+/// The headers forwarded upstream: the client's minus credentials, identity and address
+/// claims, method-override and URL-rewrite headers (the shared rules the edge applies too),
+/// its `x-request-id` (the gateway sets its own) and hop-by-hop headers.
 pub fn upstream_request_headers(client: &HeaderMap) -> HeaderMap {
     let named = connection_named(client);
     let mut out = HeaderMap::new();
@@ -222,6 +225,7 @@ pub fn upstream_request_headers(client: &HeaderMap) -> HeaderMap {
         let dropped = is_hop_header(name, &named)
             || is_credential_header(n)
             || is_client_identity_header(n)
+            || is_request_override_header(n)
             || n == "x-request-id";
         if !dropped {
             out.append(name.clone(), value.clone());
@@ -230,16 +234,79 @@ pub fn upstream_request_headers(client: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// The headers returned to the client: upstream's minus hop-by-hop and cookies.
-pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
+/// The headers returned to the client: upstream's minus hop-by-hop headers, cookies, NoETL's
+/// own CORS answer (the gateway's CORS policy is the edge's), `server` and `x-powered-by`
+/// (what runs behind the gateway is nobody's business), and a `location` that points at NoETL,
+/// which is rewritten to the same resource under `/noetl/` or dropped.
+pub fn client_response_headers(upstream: &HeaderMap, noetl_base: &url::Url) -> HeaderMap {
     let named = connection_named(upstream);
     let mut out = HeaderMap::new();
     for (name, value) in upstream {
-        if !is_hop_header(name, &named) && name != header::SET_COOKIE {
-            out.append(name.clone(), value.clone());
+        let n = name.as_str();
+        let dropped = is_hop_header(name, &named)
+            || name == header::SET_COOKIE
+            || n.starts_with("access-control-")
+            || n == "server"
+            || n == "x-powered-by";
+        if dropped {
+            continue;
         }
+        if name == header::LOCATION {
+            if let Some(v) = value
+                .to_str()
+                .ok()
+                .and_then(|v| client_location(v, noetl_base))
+                .and_then(|v| HeaderValue::from_str(&v).ok())
+            {
+                out.append(name.clone(), v);
+            }
+            continue;
+        }
+        out.append(name.clone(), value.clone());
     }
     out
+}
+
+/// A NoETL `location` as the client may see it: a NoETL URL or absolute path under `/api/`
+/// becomes the same resource under `/noetl/`; any other NoETL URL or path is dropped
+/// (`None`); a URL on another host (a third party) is kept as it is.
+pub fn client_location(location: &str, noetl_base: &url::Url) -> Option<String> {
+    let resolved = noetl_base.join(location).ok()?;
+    let same_origin = resolved.scheme() == noetl_base.scheme()
+        && resolved.host_str() == noetl_base.host_str()
+        && resolved.port_or_known_default() == noetl_base.port_or_known_default();
+    if !same_origin {
+        return Some(location.to_owned());
+    }
+    let rest = resolved.path().strip_prefix("/api/")?;
+    let mut out = format!("/noetl/{rest}");
+    if let Some(q) = resolved.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    Some(out)
+}
+
+/// The client's address as the gateway knows it: the edge's `x-forwarded-for` when the
+/// request carries a verified edge assertion (the edge sets that header itself, after
+/// dropping the client's), else the peer of the connection.
+fn client_address(parts: &axum::http::request::Parts) -> Option<String> {
+    if parts.extensions.get::<EdgeIdentity>().is_some() {
+        let from_edge = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|v| v.parse::<std::net::IpAddr>().is_ok());
+        if let Some(ip) = from_edge {
+            return Some(ip.to_owned());
+        }
+    }
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
 }
 
 /// The proxy's policy and limits; requests go through the one [`NoetlClient`].
@@ -318,6 +385,9 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
         }
     }
     headers.insert(HeaderName::from_static("x-request-id"), request_id);
+    if let Some(v) = client_address(&parts).and_then(|ip| HeaderValue::from_str(&ip).ok()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
 
     let limit = proxy.max_body;
     let upload = LimitedStream::new(
@@ -349,7 +419,7 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
             "upstream body larger than {limit} bytes"
         ))));
     }
-    let headers = client_response_headers(&resp.headers);
+    let headers = client_response_headers(&resp.headers, proxy.noetl.base_url());
     let stream = LimitedStream::new(IdleTimeout::new(resp.body, proxy.idle_timeout), limit);
     let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -534,12 +604,56 @@ mod tests {
             ("cf-connecting-ip", "1.2.3.4"),
             ("proxy-authorization", "Basic x"),
             ("x-request-id", "client-chosen"),
+            ("x-http-method-override", "DELETE"),
+            ("x-original-url", "/api/admin"),
+            ("x-rewrite-url", "/api/admin"),
+            ("true-client-ip", "1.2.3.4"),
+            ("x-client-ip", "1.2.3.4"),
         ] {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         let out = upstream_request_headers(&h);
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(out.contains_key("accept"));
+    }
+
+    #[test]
+    fn noetl_cors_server_and_internal_locations_never_reach_the_client() {
+        let base = url::Url::parse("http://noetl.internal:8082").unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("server", "uvicorn"),
+            ("x-powered-by", "noetl"),
+            ("set-cookie", "a=b"),
+            (
+                "location",
+                "http://noetl.internal:8082/api/executions/42?x=1",
+            ),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = client_response_headers(&h, &base);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out["content-type"], "application/json");
+        assert_eq!(out["location"], "/noetl/executions/42?x=1");
+
+        assert_eq!(
+            client_location("/api/catalog/a", &base).as_deref(),
+            Some("/noetl/catalog/a")
+        );
+        assert_eq!(
+            client_location("http://noetl.internal:8082/docs", &base),
+            None
+        );
+        assert_eq!(client_location("/internal/metrics", &base), None);
+        assert_eq!(
+            client_location("https://auth.example.com/login", &base).as_deref(),
+            Some("https://auth.example.com/login"),
+            "a third party's URL is not NoETL's"
+        );
     }
 
     #[test]

@@ -15,8 +15,28 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// headers (`x-forwarded-*`) and Cloudflare's (`cf-*`, e.g. `cf-connecting-ip`).
 const IDENTITY_PREFIXES: [&str; 5] = ["x-user-", "x-noetl-", "x-gateway-", "x-forwarded-", "cf-"];
 
-/// Whole names of identity headers that no prefix covers.
-const IDENTITY_NAMES: [&str; 2] = ["forwarded", "x-real-ip"];
+/// Whole names of identity headers that no prefix covers: the standard `forwarded` and the
+/// client-address headers proxies and CDNs use.
+const IDENTITY_NAMES: [&str; 7] = [
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "client-ip",
+    "fastly-client-ip",
+];
+
+/// Headers by which a client could make a server behind the gateway act on another method
+/// or path than the one the gateway checked (method override, URL rewrite).
+const OVERRIDE_NAMES: [&str; 6] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-rewrite-url",
+];
 
 /// Headers that carry a credential of the client.
 const CREDENTIAL_NAMES: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
@@ -50,6 +70,13 @@ pub fn is_credential_header(name: &str) -> bool {
     CREDENTIAL_NAMES
         .iter()
         .any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// True for a header that would have a server behind the gateway treat the request as
+/// another method or path than the one the gateway's route table and allow-list checked
+/// (`x-http-method-override`, `x-original-url`, …). Dropped at both hops.
+pub fn is_request_override_header(name: &str) -> bool {
+    OVERRIDE_NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 fn starts_with_ignore_case(name: &str, prefix: &str) -> bool {
@@ -107,6 +134,11 @@ mod tests {
             "X-Real-IP",
             "cf-connecting-ip",
             "CF-Ray",
+            "True-Client-IP",
+            "x-client-ip",
+            "x-cluster-client-ip",
+            "client-ip",
+            "fastly-client-ip",
         ] {
             assert!(is_client_identity_header(h), "{h}");
         }
@@ -152,6 +184,31 @@ mod tests {
             "x-user-id",
         ] {
             assert!(!is_credential_header(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn method_override_and_url_rewrite_headers_are_recognised() {
+        for h in [
+            "x-http-method-override",
+            "X-HTTP-Method-Override",
+            "x-http-method",
+            "x-method-override",
+            "x-original-method",
+            "x-original-url",
+            "X-Rewrite-URL",
+        ] {
+            assert!(is_request_override_header(h), "{h}");
+        }
+        for h in [
+            "x-http",
+            "method",
+            "x-url",
+            "content-type",
+            "x-request-id",
+            "accept",
+        ] {
+            assert!(!is_request_override_header(h), "{h}");
         }
     }
 }

@@ -41,6 +41,10 @@ async fn proxied_requests_carry_the_gateways_identity_and_never_the_clients() {
         .header("x-gateway-assertion", "forged")
         .header("cookie", format!("session_token={token}"))
         .header("x-forwarded-for", "10.0.0.1")
+        .header("true-client-ip", "10.0.0.2")
+        .header("x-http-method-override", "DELETE")
+        .header("x-original-url", "/api/auth/login")
+        .header("x-rewrite-url", "/api/auth/login")
         .header("x-request-id", "trace-me-123")
         .header("accept", "application/json")
         .send()
@@ -60,12 +64,19 @@ async fn proxied_requests_carry_the_gateways_identity_and_never_the_clients() {
     assert!(h["x-noetl-user-id"].as_str().is_some_and(|id| id != "0"));
     assert_eq!(h["x-request-id"], "trace-me-123");
     assert_eq!(h["accept"], "application/json");
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "the origin states the client address itself (here the TCP peer), never the client's claim: {h}"
+    );
     for absent in [
         "authorization",
         "cookie",
         "x-user-id",
         "x-gateway-assertion",
-        "x-forwarded-for",
+        "true-client-ip",
+        "x-http-method-override",
+        "x-original-url",
+        "x-rewrite-url",
     ] {
         assert!(h.get(absent).is_none(), "{absent} reached NoETL: {h}");
     }
