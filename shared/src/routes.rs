@@ -39,9 +39,13 @@ impl RouteKind {
 }
 
 /// The default table: PROTOCOL.md's public auth routes, internal routes denied.
+///
+/// `check-access` is public at the edge: PROTOCOL.md §1 lets its token come in the JSON body,
+/// which the edge does not read, so the origin (whose `Caller` reads the body token) decides.
 pub const DEFAULT_ROUTES: &str = "edge:/health,\
-public:/api/auth/login,public:/api/auth/validate,public:/api/auth/logout,public:/ready,\
-session:/api/auth/check-access,session:/graphql,session:/events,session:/api/events/ticket,\
+public:/api/auth/login,public:/api/auth/validate,public:/api/auth/logout,\
+public:/api/auth/check-access,public:/ready,\
+session:/graphql,session:/events,session:/api/events/ticket,\
 session:/noetl/,deny:/api/internal/,deny:/metrics";
 
 /// An ordered route table.

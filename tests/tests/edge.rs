@@ -733,3 +733,30 @@ fn the_wasm_bundle_gzips_under_the_hard_limit() {
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
+
+#[tokio::test]
+async fn check_access_with_the_token_in_the_body_works_through_the_edge_as_at_the_origin() {
+    let w = world().await;
+    let token = login(&w.edge.url, &w.standin, "body-token@example.com").await;
+    let ask = |body: Value| {
+        let url = format!("{}/api/auth/check-access", w.edge.url);
+        async move {
+            let r = http().post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // PROTOCOL §1: the token may come in the body (the SPA does this).
+    let (status, v) = ask(json!({
+        "session_token": token,
+        "playbook_path": "demo/steps",
+        "permission_type": "execute",
+    }))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(v["user"]["email"], "body-token@example.com", "{v}");
+    // Without any token the origin refuses it, as JSON, exactly as it does directly.
+    let (status, v) = ask(json!({"playbook_path": "demo/steps"})).await;
+    assert_error(status, &v, 401, "missing_token");
+}
