@@ -16,9 +16,9 @@ use origin::requests::{self, RequestEntry};
 use origin::store::nats::NatsKv;
 use serde_json::json;
 
-use crate::common::{World, DRAIN};
-use crate::live::{bench_frame, LiveClients, Window};
-use crate::open_loop::{latency_row, open_loop, print_latency, warmup, Sent, MAX_IN_FLIGHT};
+use crate::common::World;
+use crate::live::{bench_frame, LiveClients};
+use crate::open_loop::{measured_row, open_loop, print_latency, warmup, Sent, MAX_IN_FLIGHT};
 use crate::Args;
 
 /// Callback → frame goal: p99 under 5 ms.
@@ -103,26 +103,20 @@ pub(crate) async fn figure_callbacks(
         open_loop(rate, warm, deadline, cb(0, *phase)).await;
         *phase += 1;
         let p = *phase;
-        live.drain();
-        let window = Window::open_quiet(origin_pid, world.nats_pid, deadline).await;
-        let run = open_loop(rate, n, deadline, cb(warm, p)).await;
-        let ok = run
-            .outcomes
-            .iter()
-            .filter(|s| (200..300).contains(*s))
-            .count();
-        let samples = live
-            .collect(p, ok, Deadline::after(deadline.within(DRAIN)))
-            .await;
-        let cpu = window.close();
-        rows.push(latency_row(
-            format!("callback → frame @{rate}/s"),
-            rate,
-            run,
-            ok,
-            samples,
-            cpu,
-        ));
+        rows.push(
+            measured_row(
+                live,
+                format!("callback → frame @{rate}/s"),
+                rate,
+                n,
+                deadline,
+                (origin_pid, world.nats_pid),
+                p,
+                |s| (200..300).contains(&s),
+                cb(warm, p),
+            )
+            .await,
+        );
 
         // Peer: the bus alone, same rate, same clients.
         if deadline.passed() {
@@ -138,22 +132,20 @@ pub(crate) async fn figure_callbacks(
         .await;
         *phase += 1;
         let p = *phase;
-        live.drain();
-        let window = Window::open_quiet(origin_pid, world.nats_pid, deadline).await;
-        let run = open_loop(rate, n, deadline, bus_to(bus.clone(), targets.clone(), p)).await;
-        let ok = run.outcomes.iter().filter(|s| **s == 200).count();
-        let samples = live
-            .collect(p, ok, Deadline::after(deadline.within(DRAIN)))
-            .await;
-        let cpu = window.close();
-        rows.push(latency_row(
-            format!("bus publish → frame @{rate}/s"),
-            rate,
-            run,
-            ok,
-            samples,
-            cpu,
-        ));
+        rows.push(
+            measured_row(
+                live,
+                format!("bus publish → frame @{rate}/s"),
+                rate,
+                n,
+                deadline,
+                (origin_pid, world.nats_pid),
+                p,
+                |s| s == 200,
+                bus_to(bus.clone(), targets.clone(), p),
+            )
+            .await,
+        );
     }
     print_latency(
         &format!(

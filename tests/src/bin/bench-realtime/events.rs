@@ -15,9 +15,9 @@ use gateway_tests::standin::ids::{ExecutionId, IdGen};
 use origin::interest::add_interest;
 use origin::store::nats::NatsKv;
 
-use crate::common::{World, DRAIN};
-use crate::live::{LiveClients, Window};
-use crate::open_loop::{latency_row, open_loop, print_latency, warmup, Sent};
+use crate::common::World;
+use crate::live::LiveClients;
+use crate::open_loop::{measured_row, open_loop, print_latency, warmup, Sent};
 use crate::Args;
 
 /// Figure 4: interest recorded for one execution per target stream, then NoETL rows
@@ -64,22 +64,20 @@ pub(crate) async fn figure_events(
         open_loop(rate, warmup(rate), deadline, send(*phase)).await;
         *phase += 1;
         let p = *phase;
-        live.drain();
-        let window = Window::open_quiet(origin_pid, world.nats_pid, deadline).await;
-        let run = open_loop(rate, n, deadline, send(p)).await;
-        let ok = run.outcomes.iter().filter(|s| **s == 200).count();
-        let samples = live
-            .collect(p, ok, Deadline::after(deadline.within(DRAIN)))
-            .await;
-        let cpu = window.close();
-        rows.push(latency_row(
-            format!("event → step.exit @{rate}/s"),
-            rate,
-            run,
-            ok,
-            samples,
-            cpu,
-        ));
+        rows.push(
+            measured_row(
+                live,
+                format!("event → step.exit @{rate}/s"),
+                rate,
+                n,
+                deadline,
+                (origin_pid, world.nats_pid),
+                p,
+                |s| s == 200,
+                send(p),
+            )
+            .await,
+        );
     }
     print_latency(
         &format!(

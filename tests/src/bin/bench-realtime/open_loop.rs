@@ -9,7 +9,7 @@ use gateway_tests::bench::{ms, now_ns, percentile, Deadline};
 use tokio::sync::Semaphore;
 
 use crate::common::DRAIN;
-use crate::live::Sample;
+use crate::live::{LiveClients, Sample, Window};
 
 /// In-flight cap of the open-loop senders (the loader's sockets and memory stay bounded).
 pub(crate) const MAX_IN_FLIGHT: usize = 1024;
@@ -145,6 +145,35 @@ pub(crate) fn print_latency(title: &str, extra_name: &str, rows: &[LatencyRow]) 
             r.cpu[2],
         );
     }
+}
+
+/// One measured phase of figures 3 and 4: drops what earlier phases left queued, opens the
+/// CPU window (`pids`: origin, nats-server), drives `send` open-loop at `rate`, waits for the
+/// frames of the sends `answered` accepts, and makes the table row `name`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn measured_row<F>(
+    live: &mut LiveClients,
+    name: String,
+    rate: u64,
+    n: usize,
+    deadline: Deadline,
+    pids: (u32, u32),
+    phase: u32,
+    answered: fn(u16) -> bool,
+    send: F,
+) -> LatencyRow
+where
+    F: Fn(usize, u64) -> BoxFuture<'static, Sent>,
+{
+    live.drain();
+    let window = Window::open_quiet(pids.0, pids.1, deadline).await;
+    let run = open_loop(rate, n, deadline, send).await;
+    let ok = run.outcomes.iter().filter(|s| answered(**s)).count();
+    let samples = live
+        .collect(phase, ok, Deadline::after(deadline.within(DRAIN)))
+        .await;
+    let cpu = window.close();
+    latency_row(name, rate, run, ok, samples, cpu)
 }
 
 /// A table row from an open-loop run and the samples its frames produced.
