@@ -369,8 +369,10 @@ fn edge_settings() -> Vec<String> {
     ]
 }
 
-fn signed_assertion(user_id: &str, session_token: &str) -> String {
-    let key = assertion::signing_key_from_b64(EDGE_SEED).unwrap();
+/// An assertion that `user_id` calls with the session of `session_token`, signed with the
+/// key whose seed is `seed_b64`.
+fn assertion_signed_by(seed_b64: &str, user_id: &str, session_token: &str) -> String {
+    let key = assertion::signing_key_from_b64(seed_b64).unwrap();
     let claims = AssertionClaims {
         sub: user_id.into(),
         email: format!("{user_id}@example.test"),
@@ -382,6 +384,11 @@ fn signed_assertion(user_id: &str, session_token: &str) -> String {
         aud: String::new(),
     };
     assertion::sign(&claims, &key, chrono::Utc::now().timestamp()).unwrap()
+}
+
+/// An assertion as the edge (holding `EDGE_SEED`) would sign it.
+fn signed_assertion(user_id: &str, session_token: &str) -> String {
+    assertion_signed_by(EDGE_SEED, user_id, session_token)
 }
 
 async fn edge_origin(extra: &[&str]) -> Origin {
@@ -437,19 +444,11 @@ async fn a_forged_or_missing_assertion_is_refused_where_the_edge_is_required() {
     assert_eq!(error_code(&body), "edge_assertion_required");
 
     // Signed by another key.
-    let other =
-        assertion::signing_key_from_b64("IB8eHRwbGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE").unwrap();
-    let claims = AssertionClaims {
-        sub: "alice".into(),
-        email: String::new(),
-        roles: vec![],
-        sid: SessionHash::of("tok-alice").as_str().into(),
-        rid: "r".into(),
-        session_exp: 4_070_908_800,
-        iss: String::new(),
-        aud: String::new(),
-    };
-    let forged = assertion::sign(&claims, &other, chrono::Utc::now().timestamp()).unwrap();
+    let forged = assertion_signed_by(
+        "IB8eHRwbGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE",
+        "alice",
+        "tok-alice",
+    );
     let req = Request::post("/api/events/ticket")
         .header(assertion::HEADER, forged)
         .body(Body::empty())

@@ -160,6 +160,17 @@ impl BridgeConfig {
 mod tests {
     use super::*;
 
+    /// The origin flags without which `Config` does not parse.
+    const REQUIRED_FLAGS: [&str; 7] = [
+        "origin",
+        "--auth-audience",
+        "aud",
+        "--auth-jwks-url",
+        "http://127.0.0.1:1/jwks",
+        "--auth-issuer",
+        "http://127.0.0.1:1/",
+    ];
+
     #[test]
     fn the_default_config_is_valid_and_follows_the_protocol() {
         let c = BridgeConfig::default();
@@ -176,22 +187,13 @@ mod tests {
     #[test]
     fn the_origin_flags_fill_it_and_the_ack_wait_outlasts_a_worst_case_confirmation() {
         use clap::Parser;
-        let required = [
-            "origin",
-            "--auth-audience",
-            "aud",
-            "--auth-jwks-url",
-            "http://127.0.0.1:1/jwks",
-            "--auth-issuer",
-            "http://127.0.0.1:1/",
-        ];
-        let c = Config::try_parse_from(required).expect("flags parse");
+        let c = Config::try_parse_from(REQUIRED_FLAGS).expect("flags parse");
         // NoETL 10 s × (2 retries + 1) + 5 s is above the 30 s default.
         assert_eq!(
             BridgeConfig::from_config(&c).ack_wait,
             Duration::from_secs(35)
         );
-        let mut args = required.to_vec();
+        let mut args = REQUIRED_FLAGS.to_vec();
         args.extend([
             "--noetl-timeout",
             "1s",
@@ -214,17 +216,8 @@ mod tests {
     #[test]
     fn the_bridge_concurrency_flag_is_read_and_checked() {
         use clap::Parser;
-        let base = [
-            "origin",
-            "--auth-audience",
-            "aud",
-            "--auth-jwks-url",
-            "http://127.0.0.1:1/jwks",
-            "--auth-issuer",
-            "http://127.0.0.1:1/",
-        ];
         let from = |extra: &[&'static str]| {
-            let mut args = base.to_vec();
+            let mut args = REQUIRED_FLAGS.to_vec();
             args.extend_from_slice(extra);
             BridgeConfig::from_config(&Config::try_parse_from(args).expect("flags parse"))
         };
