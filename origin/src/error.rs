@@ -159,9 +159,26 @@ impl IntoResponse for AppError {
         } else {
             tracing::debug!(code = self.code(), error = %self, "request refused");
         }
-        json_response(status, &self.body())
+        let refused_session =
+            matches!(&self, AppError::Unauthorized { code, .. } if *code == SESSION_REFUSED_CODE);
+        let mut response = json_response(status, &self.body());
+        if refused_session {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(
+                    gateway_shared::session::SESSION_REFUSED_CHALLENGE,
+                ),
+            );
+        }
+        response
     }
 }
+
+/// The 401 code for a session that is unknown, expired, logged out or revoked. Its response
+/// carries `WWW-Authenticate: Bearer error="invalid_token"`
+/// ([`gateway_shared::session::SESSION_REFUSED_CHALLENGE`]), which is what tells the edge to
+/// forget the session; no other 401 does.
+pub const SESSION_REFUSED_CODE: &str = "invalid_session";
 
 /// A JSON response with a status; the one place bodies are serialised for errors.
 pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {

@@ -238,12 +238,33 @@ async fn validate_answers_401_without_a_token_and_for_a_session_noetl_refuses() 
     assert_eq!(error_code(&body), "missing_token");
     assert_eq!(body["valid"], false);
 
-    let (status, body) = o
-        .public(post_json(
+    // Only the refusal of a session itself carries the challenge the edge forgets on.
+    let challenge = |r: &axum::response::Response| {
+        r.headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let missing = o
+        .public
+        .clone()
+        .oneshot(with_peer(post_json("/api/auth/validate", json!({}))))
+        .await
+        .unwrap();
+    assert_eq!(challenge(&missing), None);
+    let refused = o
+        .public
+        .clone()
+        .oneshot(with_peer(post_json(
             "/api/auth/validate",
             json!({"session_token": "not-a-session"}),
-        ))
-        .await;
+        )))
+        .await
+        .unwrap();
+    assert_eq!(
+        challenge(&refused).as_deref(),
+        Some(gateway_shared::session::SESSION_REFUSED_CHALLENGE)
+    );
+    let (status, body) = read(refused).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(error_code(&body), "invalid_session");
 }

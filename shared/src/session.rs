@@ -173,6 +173,24 @@ pub fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
     }
 }
 
+/// The `WWW-Authenticate` value the origin sends with a 401 that is about the session itself
+/// (unknown, expired, logged out or revoked — RFC 6750 `invalid_token`). The edge forgets a
+/// session only on a 401 that carries it; any other 401 (a bad edge assertion, a
+/// misconfiguration) says nothing about the session and is never cached as "refused".
+pub const SESSION_REFUSED_CHALLENGE: &str = "Bearer error=\"invalid_token\"";
+
+/// Whether a 401's `WWW-Authenticate` header says the session itself was refused.
+pub fn is_session_refused(www_authenticate: Option<&str>) -> bool {
+    www_authenticate.is_some_and(|v| {
+        let v = v.trim();
+        v.len() > 7
+            && v[..7].eq_ignore_ascii_case("bearer ")
+            && v[7..]
+                .split(',')
+                .any(|p| p.trim().replace(' ', "") == "error=\"invalid_token\"")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,5 +290,19 @@ mod tests {
         assert!(!query_has_ticket("ticketx=abc"));
         assert!(!query_has_ticket("xticket=abc"));
         assert!(!query_has_ticket(""));
+    }
+
+    #[test]
+    fn only_an_invalid_token_challenge_refuses_the_session() {
+        assert!(is_session_refused(Some(SESSION_REFUSED_CHALLENGE)));
+        assert!(is_session_refused(Some(
+            "bearer realm=\"gw\", error = \"invalid_token\""
+        )));
+        assert!(!is_session_refused(None));
+        assert!(!is_session_refused(Some("Bearer")));
+        assert!(!is_session_refused(Some(
+            "Bearer error=\"invalid_request\""
+        )));
+        assert!(!is_session_refused(Some("Basic error=\"invalid_token\"")));
     }
 }

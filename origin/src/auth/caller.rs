@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use super::edge::EdgeIdentity;
 use super::session::{now_unix, SessionService};
-use crate::error::AppError;
+use crate::error::{AppError, SESSION_REFUSED_CODE};
 
 /// How the caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,7 @@ impl Caller {
                 };
                 if !record.is_honoured(now_unix()) {
                     return Err(AppError::unauthorized(
-                        "invalid_session",
+                        SESSION_REFUSED_CODE,
                         "session is expired",
                     ));
                 }
@@ -124,7 +124,7 @@ impl Caller {
                 source: CallerSource::Token,
             }),
             None => Err(AppError::unauthorized(
-                "invalid_session",
+                SESSION_REFUSED_CODE,
                 "session is invalid, expired or logged out",
             )),
         }

@@ -11,13 +11,13 @@ use axum::http::{request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use gateway_shared::session::is_well_formed_token;
+use gateway_shared::session::{is_well_formed_token, SESSION_REFUSED_CHALLENGE};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::caller::{request_token, Caller};
 use super::session::{is_valid_playbook_path, SessionService, PERMISSIONS};
-use crate::error::{json_response, AppError};
+use crate::error::{json_response, AppError, SESSION_REFUSED_CODE};
 use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLimit, JsonBody};
 use crate::metrics::Metrics;
 
@@ -133,7 +133,7 @@ async fn validate(
             &json!({"valid": true, "user": caller.record.user, "expires_at": caller.record.expires_at, "message": "Session is valid"}),
         )),
         Err(e) if e.status() == StatusCode::UNAUTHORIZED => Ok(invalid_session(
-            "invalid_session",
+            SESSION_REFUSED_CODE,
             "session is invalid, expired or logged out",
         )),
         Err(e) => Err(e),
@@ -141,14 +141,22 @@ async fn validate(
 }
 
 /// The validate route's 401: the compat fields plus the protocol's error object.
+/// A refused session carries the `invalid_token` challenge, a missing token does not.
 fn invalid_session(code: &str, message: &str) -> Response {
-    json_response(
+    let mut response = json_response(
         StatusCode::UNAUTHORIZED,
         &json!({
             "valid": false, "user": null, "expires_at": null, "message": message,
             "error": {"code": code, "message": message},
         }),
-    )
+    );
+    if code == SESSION_REFUSED_CODE {
+        response.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static(SESSION_REFUSED_CHALLENGE),
+        );
+    }
+    response
 }
 
 #[derive(Debug, Default, Deserialize)]
