@@ -332,9 +332,13 @@ mod tests {
         assert_eq!(slots, (1..=12).collect::<Vec<_>>());
 
         // A stale hint is probed past.
-        o.kv.put(Bucket::Owners, &format!("{}/head", user_prefix("1")), "3".into())
-            .await
-            .unwrap();
+        o.kv.put(
+            Bucket::Owners,
+            &format!("{}/head", user_prefix("1")),
+            "3".into(),
+        )
+        .await
+        .unwrap();
         let first = o.page("1", 5, None).await.unwrap();
         let cursors: Vec<u64> = first.items.iter().map(|(n, _)| *n).collect();
         assert_eq!(cursors, [12, 11, 10, 9, 8]);

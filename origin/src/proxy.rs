@@ -653,11 +653,8 @@ mod tests {
 
     #[test]
     fn a_star_rule_covers_one_execution_but_not_the_listing() {
-        let allow = AllowList::parse(&[
-            "GET /api/executions/*".into(),
-            "GET /api/catalog".into(),
-        ])
-        .unwrap();
+        let allow =
+            AllowList::parse(&["GET /api/executions/*".into(), "GET /api/catalog".into()]).unwrap();
         for (path, verdict) in [
             ("/api/executions/1", Verdict::Allowed),
             ("/api/executions/1/status", Verdict::Allowed),

@@ -127,9 +127,8 @@ async fn client_id(base: &str, token: &str) -> (SseClient, String) {
     (sse, id)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A graphql-transport-ws socket at `base` for `token` (on the upgrade and in
 /// `connection_init`), acknowledged.

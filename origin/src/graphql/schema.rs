@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use async_graphql::{Context, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID};
+use futures::StreamExt;
 use gateway_shared::frames::PendingRequest;
 use gateway_shared::ids::{ClientId, ExecutionId};
-use futures::StreamExt;
 use serde_json::Value;
 
 use super::subscription::{OperationLimit, Subscription};
