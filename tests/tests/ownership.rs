@@ -421,3 +421,46 @@ async fn runs_started_at_once_on_two_replicas_are_all_their_owners() {
         assert_eq!(v["data"]["execution"]["executionId"], id.as_str(), "{v}");
     }
 }
+
+#[tokio::test]
+async fn auth_playbook_runs_the_gateway_did_not_start_are_read_all_only() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default().env("AUTH_MODE", "playbook"),
+    )
+    .await
+    .unwrap();
+    let a = login(&origin.url, &standin, "alice@example.com").await;
+    let admin = login(&origin.url, &standin, "admin@example.com").await;
+    // The login playbooks' runs, whose workloads carry ID tokens, as NoETL lists them.
+    let runs: Vec<Value> = http()
+        .get(format!("{}/api/executions", standin.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let auth_runs: Vec<String> = runs
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("api_integration/auth0/"))
+        })
+        .map(|r| match &r["execution_id"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    assert!(auth_runs.len() >= 2, "two logins ran playbooks: {runs:?}");
+    for id in &auth_runs {
+        let (status, body) = get(&origin.url, &a, &format!("/noetl/executions/{id}")).await;
+        assert_eq!(status, 404, "{id}: {body}");
+        let v = graphql(&origin.url, &a, EXECUTION, json!({"id": id})).await;
+        assert_eq!(gql_code(&v), "NOT_FOUND", "{v}");
+        let (status, body) = get(&origin.url, &admin, &format!("/noetl/executions/{id}")).await;
+        assert_eq!(status, 200, "{id}: {body}");
+    }
+}
