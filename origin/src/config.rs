@@ -158,16 +158,32 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TTL", value_parser = parse_duration, default_value = "1h")]
     pub request_ttl: Duration,
 
+    /// How long the gateway remembers who started an execution (K/V `owners` TTL): at least
+    /// the longest run, since a run whose record expired is readable by read-all roles only.
+    #[arg(long, env = "EXECUTION_OWNER_TTL", value_parser = parse_duration, default_value = "7d")]
+    pub execution_owner_ttl: Duration,
+
+    /// Roles that may read and act on every execution (comma-separated); everyone else only
+    /// on the runs they started through the gateway. Empty: nobody reads all.
+    #[arg(
+        long,
+        env = "READ_ALL_ROLES",
+        value_delimiter = ',',
+        default_value = "admin"
+    )]
+    pub read_all_roles: Vec<String>,
+
     /// Largest JSON body accepted by the auth API, in bytes.
     #[arg(long, env = "AUTH_BODY_LIMIT", default_value_t = 64 * 1024)]
     pub auth_body_limit: usize,
 
-    /// `/noetl/*` allow-list: comma-separated `METHOD /api/prefix` pairs.
+    /// `/noetl/*` allow-list: comma-separated `METHOD /api/prefix` pairs; a prefix ending in
+    /// `/*` covers what is under it but not the prefix itself (one execution, not the list).
     #[arg(
         long,
         env = "PROXY_ALLOW",
         value_delimiter = ',',
-        default_value = "GET /api/executions,GET /api/catalog"
+        default_value = "GET /api/executions/*,GET /api/catalog"
     )]
     pub proxy_allow: Vec<String>,
 
@@ -327,6 +343,16 @@ impl Config {
         if self.session_max_life < self.session_cache_ttl {
             return err("SESSION_MAX_LIFE must be at least SESSION_CACHE_TTL");
         }
+        if self.execution_owner_ttl < self.request_ttl {
+            return err("EXECUTION_OWNER_TTL must be at least REQUEST_TTL (the longest run)");
+        }
+        if self
+            .read_all_roles
+            .iter()
+            .any(|r| r.trim() != r || r.contains(char::is_whitespace))
+        {
+            return err("READ_ALL_ROLES must be comma-separated role names without spaces");
+        }
         if self.auth_body_limit < 1024 {
             return err("AUTH_BODY_LIMIT must be at least 1024 bytes");
         }
@@ -366,6 +392,15 @@ impl Config {
                 self.auth0_domain.as_deref().unwrap_or_default()
             )
         })
+    }
+
+    /// The roles that read every execution, empty entries dropped.
+    pub fn read_all_roles(&self) -> Vec<String> {
+        self.read_all_roles
+            .iter()
+            .filter(|r| !r.is_empty())
+            .cloned()
+            .collect()
     }
 
     /// The URL NoETL's playbooks call back on (`gateway_url` in workloads).
@@ -416,6 +451,30 @@ mod tests {
         assert_eq!(c.internal_addr.port(), 8091);
         assert_eq!(c.noetl_base_url.port(), Some(8082));
         assert_eq!(c.session_cache_ttl, Duration::from_secs(300));
+        assert_eq!(c.execution_owner_ttl, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.read_all_roles(), ["admin"]);
+    }
+
+    #[test]
+    fn owner_records_outlive_the_longest_run_and_read_all_roles_are_plain_names() {
+        let with = |extra: &[&'static str]| {
+            let mut args = base();
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).unwrap()
+        };
+        let c = with(&["--execution-owner-ttl", "30m", "--request-ttl", "1h"]);
+        assert!(c.validate().is_err(), "an owner TTL below REQUEST_TTL");
+        with(&["--execution-owner-ttl", "1h", "--request-ttl", "1h"])
+            .validate()
+            .unwrap();
+        let c = with(&["--read-all-roles", "admin, ops"]);
+        assert!(c.validate().is_err(), "a role name with a space");
+        let c = with(&["--read-all-roles", "admin,ops"]);
+        c.validate().unwrap();
+        assert_eq!(c.read_all_roles(), ["admin", "ops"]);
+        let c = with(&["--read-all-roles", ""]);
+        c.validate().unwrap();
+        assert!(c.read_all_roles().is_empty(), "empty: nobody reads all");
     }
 
     #[test]

@@ -33,6 +33,8 @@
 //! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
 //! - [`interest`] — which clients want an execution's frames, and the bridge's claims (K/V).
 //! - [`runs`] — a run's status as NoETL reports it.
+//! - [`owners`] — who started each execution, the one rule for who may touch it, and
+//!   each user's runs newest first (K/V).
 //! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
@@ -53,6 +55,7 @@ pub mod interest;
 pub mod listener;
 pub mod metrics;
 pub mod noetl;
+pub mod owners;
 pub mod proxy;
 pub mod requests;
 pub mod runs;

@@ -8,6 +8,11 @@
 //! `..%2f` traversals get through. Anything that could change which resource is addressed
 //! once decoded (`%2e`, `%2f`, `%5c`, `%25`, `%00`), a dot segment, an empty segment
 //! (`//`), `@` or a backslash is refused outright.
+//!
+//! Executions are their owners' ([`crate::owners`]): after the allow-list, a request for one
+//! execution (`/api/executions/<id>` and anything under it) passes only for its owner or a
+//! read-all role, and the listing (`/api/executions`, if an operator allow-lists it) only
+//! for a read-all role; anyone else gets 404 `not_found`, as for a run that does not exist.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +38,7 @@ use crate::auth::session::SessionService;
 use crate::auth::Caller;
 use crate::error::AppError;
 use crate::noetl::{Forward, NoetlClient, NoetlError};
+use crate::owners::Owners;
 
 /// Identity headers the gateway sets on proxied requests; never taken from the client.
 pub const IDENTITY_HEADERS: [&str; 4] = [
@@ -63,9 +69,21 @@ async fn refuse_root() -> AppError {
     AppError::NotFound("name a NoETL API path after /noetl/".into())
 }
 
-/// The allow-list: `METHOD /api/prefix` pairs from `PROXY_ALLOW`.
+/// The allow-list: `METHOD /api/prefix` pairs from `PROXY_ALLOW`. A prefix covers itself
+/// and whole segments below it (`/api/catalog` covers `/api/catalog/x`, not
+/// `/api/catalogs`); a prefix written with a trailing `/*` covers only what is below it
+/// (`/api/executions/*` covers one execution, not the listing).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowList(Vec<(Method, String)>);
+pub struct AllowList(Vec<AllowRule>);
+
+/// One allow-list entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AllowRule {
+    method: Method,
+    prefix: String,
+    /// Written `prefix/*`: the prefix itself is not covered.
+    below_only: bool,
+}
 
 /// What the allow-list says about a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -88,26 +106,36 @@ impl AllowList {
                 .ok_or_else(|| format!("{entry:?} is not `METHOD /api/prefix`"))?;
             let method = Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
                 .map_err(|_| format!("{m:?} is not an HTTP method"))?;
-            let prefix = p.trim().trim_end_matches('/').to_owned();
+            let p = p.trim();
+            let (p, below_only) = match p.strip_suffix("/*") {
+                Some(parent) => (parent, true),
+                None => (p, false),
+            };
+            let prefix = p.trim_end_matches('/').to_owned();
             if !prefix.starts_with("/api/") || normalize_path(&prefix["/api/".len()..]).is_err() {
                 return Err(format!("{p:?} must be a plain path under /api/"));
             }
-            out.push((method, prefix));
+            out.push(AllowRule {
+                method,
+                prefix,
+                below_only,
+            });
         }
         Ok(AllowList(out))
     }
 
     /// The verdict for `method` on the upstream path `path` (which starts with `/api/`).
     pub fn verdict(&self, method: &Method, path: &str) -> Verdict {
-        let covers = |prefix: &str| {
-            path == prefix
-                || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+        let covers = |rule: &AllowRule| {
+            let p = rule.prefix.as_str();
+            (path == p && !rule.below_only)
+                || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
         };
         let methods: Vec<Method> = self
             .0
             .iter()
-            .filter(|(_, p)| covers(p))
-            .map(|(m, _)| m.clone())
+            .filter(|r| covers(r))
+            .map(|r| r.method.clone())
             .collect();
         if methods.contains(method) {
             Verdict::Allowed
@@ -117,6 +145,33 @@ impl AllowList {
             Verdict::MethodNotAllowed(methods)
         }
     }
+}
+
+/// What an upstream path addresses among NoETL's executions.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExecutionTarget {
+    /// `/api/executions`: every execution (with or without a query).
+    Listing,
+    /// `/api/executions/<id>` or below it; the id percent-decoded, as NoETL will read it.
+    One(String),
+}
+
+/// The execution a [`normalize_path`]-checked upstream path addresses, if any. Segments are
+/// compared percent-decoded and case-insensitively, so `/api/%65xecutions/1` or
+/// `/api/Executions/1` cannot slip past the owner check under a wider allow-list entry.
+pub fn execution_target(path: &str) -> Option<ExecutionTarget> {
+    let mut segments = path.strip_prefix("/api/")?.split('/').map(|s| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    });
+    if !segments.next()?.eq_ignore_ascii_case("executions") {
+        return None;
+    }
+    Some(match segments.next() {
+        None => ExecutionTarget::Listing,
+        Some(id) => ExecutionTarget::One(id),
+    })
 }
 
 /// Checks the raw path after `/noetl/` and returns the upstream path `/api/<rest>`.
@@ -314,6 +369,7 @@ fn client_address(parts: &axum::http::request::Parts) -> Option<String> {
 pub struct Proxy {
     noetl: NoetlClient,
     allow: AllowList,
+    owners: Owners,
     max_body: u64,
     timeout: Duration,
     idle_timeout: Duration,
@@ -326,6 +382,7 @@ impl Proxy {
     pub fn new(
         noetl: NoetlClient,
         allow: AllowList,
+        owners: Owners,
         max_body: u64,
         timeout: Duration,
         idle_timeout: Duration,
@@ -333,6 +390,7 @@ impl Proxy {
         Self {
             noetl,
             allow,
+            owners,
             max_body,
             timeout,
             idle_timeout,
@@ -356,6 +414,14 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
                 format!("{} {path} is not on the proxy allow-list", parts.method),
             ))
         }
+    }
+    let may = match execution_target(&path) {
+        None => true,
+        Some(ExecutionTarget::Listing) => proxy.owners.reads_all(caller.user()),
+        Some(ExecutionTarget::One(id)) => proxy.owners.may_access(caller.user(), &id).await?,
+    };
+    if !may {
+        return Err(AppError::NotFound(format!("no such resource: {path}")));
     }
     let declared = parts
         .headers
@@ -583,6 +649,58 @@ mod tests {
         assert!(AllowList::parse(&["GET /etc/passwd".into()]).is_err());
         assert!(AllowList::parse(&["GET /api/../x".into()]).is_err());
         assert!(AllowList::parse(&["/api/x".into()]).is_err());
+    }
+
+    #[test]
+    fn a_star_rule_covers_one_execution_but_not_the_listing() {
+        let allow =
+            AllowList::parse(&["GET /api/executions/*".into(), "GET /api/catalog".into()]).unwrap();
+        for (path, verdict) in [
+            ("/api/executions/1", Verdict::Allowed),
+            ("/api/executions/1/status", Verdict::Allowed),
+            ("/api/executions", Verdict::Forbidden),
+            ("/api/executionsX/1", Verdict::Forbidden),
+            ("/api/catalog", Verdict::Allowed),
+            ("/api/catalog/x", Verdict::Allowed),
+        ] {
+            assert_eq!(allow.verdict(&Method::GET, path), verdict, "{path}");
+        }
+        assert_eq!(
+            allow.verdict(&Method::DELETE, "/api/executions/1"),
+            Verdict::MethodNotAllowed(vec![Method::GET])
+        );
+        assert_eq!(
+            allow.verdict(&Method::DELETE, "/api/executions"),
+            Verdict::Forbidden
+        );
+        // Both spellings of the listing entry still parse; the bare one covers the listing.
+        let listed = AllowList::parse(&["GET /api/executions/".into()]).unwrap();
+        assert_eq!(
+            listed.verdict(&Method::GET, "/api/executions"),
+            Verdict::Allowed
+        );
+        assert!(AllowList::parse(&["GET /api/../x/*".into()]).is_err());
+        assert!(AllowList::parse(&["GET /api/*".into()]).is_err());
+    }
+
+    #[test]
+    fn execution_paths_are_recognised_however_they_are_spelled() {
+        use ExecutionTarget::*;
+        for (raw, target) in [
+            ("executions", Some(Listing)),
+            ("executions/", Some(Listing)),
+            ("executions/42", Some(One("42".into()))),
+            ("executions/42/status", Some(One("42".into()))),
+            ("%65xecutions/42", Some(One("42".into()))),
+            ("Executions/%34%32/cancel", Some(One("42".into()))),
+            ("EXECUTIONS", Some(Listing)),
+            ("executionsX/42", None),
+            ("catalog/executions/42", None),
+            ("execute", None),
+        ] {
+            let path = normalize_path(raw).unwrap();
+            assert_eq!(execution_target(&path), target, "{raw}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::hub::Hub;
 use crate::listener::{self, LeanPath};
 use crate::metrics::{Metrics, MetricsState};
 use crate::noetl::NoetlClient;
+use crate::owners::Owners;
 use crate::proxy::{AllowList, Proxy, ProxyState};
 use crate::requests::CallbackTokens;
 use crate::state::AppState;
@@ -63,6 +64,7 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         interest: config.request_ttl,
         revoked: config.session_max_life,
         clients: config.session_max_life,
+        owners: config.execution_owner_ttl,
     };
     let (kv, nats): (Arc<dyn KvStore>, _) = match &config.nats_url {
         Some(url) => {
@@ -130,11 +132,13 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             auth0_domain,
         },
     );
+    let owners = Owners::new(kv.clone(), config.read_all_roles());
     let allow =
         AllowList::parse(&config.proxy_allow).map_err(|e| anyhow::anyhow!("PROXY_ALLOW: {e}"))?;
     let proxy = Proxy::new(
         noetl.clone(),
         allow,
+        owners.clone(),
         config.proxy_max_body,
         config.proxy_timeout,
         config.proxy_idle_timeout,
@@ -177,6 +181,7 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             sessions: sessions.clone(),
             tokens: callback_tokens.clone(),
             bus: bus.clone(),
+            owners,
         },
         config.graphql_introspection,
     );

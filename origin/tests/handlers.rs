@@ -25,6 +25,7 @@ use gateway_shared::session::{SessionHash, SessionRecord, User};
 use http_body_util::BodyExt;
 use origin::bus::StartAt;
 use origin::config::Config;
+use origin::owners::{OwnerRecord, Owners};
 use origin::requests::{CallbackTokens, RequestEntry};
 use origin::state::AppState;
 use origin::store::{Bucket, KvStore};
@@ -637,6 +638,141 @@ async fn the_proxy_answers_a_json_502_when_noetl_is_unreachable() {
         .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body["error"]["code"].is_string(), "{body}");
+}
+
+// ---- execution ownership (the proxy side) --------------------------------------------
+
+/// A NoETL stub that answers every execution read with 200 and the id it was asked about,
+/// so a 404 from the origin can only be the owner check's.
+async fn executions_noetl() -> String {
+    use axum::extract::Path;
+    use axum::routing::get;
+    let one = |Path(id): Path<String>| async move { axum::Json(json!({"execution_id": id})) };
+    let app = Router::new()
+        .route(
+            "/api/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route(
+            "/api/executions",
+            get(|| async { axum::Json(json!({"items": []})) }),
+        )
+        .route("/api/executions/{id}", get(one))
+        .route("/api/executions/{id}/status", get(one));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// [`Origin::seed_session`] with the `admin` role.
+async fn seed_admin(o: &Origin, token: &str, user_id: &str) {
+    let mut record = o.seed_session(token, user_id).await;
+    record.user.roles = vec!["admin".into()];
+    o.kv()
+        .put(
+            Bucket::Sessions,
+            SessionHash::of(token).as_str(),
+            Bytes::from(serde_json::to_vec(&record).unwrap()),
+        )
+        .await
+        .unwrap();
+}
+
+/// Records `user_id` as the owner of execution `id`, as executePlaybook does.
+async fn own(o: &Origin, id: &str, user_id: &str) {
+    let owners = Owners::new(o.state.readiness.kv.clone(), vec!["admin".into()]);
+    owners
+        .record(&OwnerRecord {
+            execution_id: id.into(),
+            user_id: user_id.into(),
+            playbook_path: "demo/echo".into(),
+            started_at: 1_700_000_000,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn one_execution_is_proxied_to_its_owner_and_read_all_roles_only() {
+    let o = Origin::with(&executions_noetl().await, &[]).await;
+    o.seed_session("tok-alice", "alice").await;
+    o.seed_session("tok-bob", "bob").await;
+    seed_admin(&o, "tok-admin", "root").await;
+    own(&o, "42", "alice").await;
+
+    for path in ["/noetl/executions/42", "/noetl/executions/42/status"] {
+        let (status, body) = o.public(bearer(get(path), "tok-alice")).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_eq!(body["execution_id"], "42", "{path}: {body}");
+        let (status, body) = o.public(bearer(get(path), "tok-admin")).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    // Another user: 404, the same answer as for a run that does not exist, however the
+    // id or the collection is spelled.
+    for path in [
+        "/noetl/executions/42",
+        "/noetl/executions/42/status",
+        "/noetl/executions/%34%32",
+        "/noetl/executions/43",
+    ] {
+        let (status, body) = o.public(bearer(get(path), "tok-bob")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(error_code(&body), "not_found", "{path}");
+    }
+    // A run the gateway did not start is read-all only.
+    let (status, _) = o
+        .public(bearer(get("/noetl/executions/43"), "tok-alice"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = o
+        .public(bearer(get("/noetl/executions/43"), "tok-admin"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // The default allow-list does not list executions, for anyone.
+    for token in ["tok-bob", "tok-admin"] {
+        let (status, body) = o.public(bearer(get("/noetl/executions"), token)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(error_code(&body), "proxy_route_forbidden");
+    }
+}
+
+#[tokio::test]
+async fn an_allow_listed_execution_listing_is_served_to_read_all_roles_only() {
+    let o = Origin::with(
+        &executions_noetl().await,
+        &["--proxy-allow", "GET /api/executions,GET /api/catalog"],
+    )
+    .await;
+    o.seed_session("tok-bob", "bob").await;
+    seed_admin(&o, "tok-admin", "root").await;
+    for path in [
+        "/noetl/executions",
+        "/noetl/executions/",
+        "/noetl/executions?status=RUNNING",
+    ] {
+        let (status, body) = o.public(bearer(get(path), "tok-bob")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(error_code(&body), "not_found");
+        let (status, body) = o.public(bearer(get(path), "tok-admin")).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    // With no read-all role configured, nobody lists.
+    let o = Origin::with(
+        &executions_noetl().await,
+        &[
+            "--proxy-allow",
+            "GET /api/executions",
+            "--read-all-roles",
+            "",
+        ],
+    )
+    .await;
+    seed_admin(&o, "tok-admin", "root").await;
+    let (status, _) = o
+        .public(bearer(get("/noetl/executions"), "tok-admin"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 // ---- callbacks (internal listener) ---------------------------------------------------

@@ -47,9 +47,14 @@ async fn check_access(origin: &Origin, token: &str, path: &str, permission: &str
 #[tokio::test]
 async fn a_read_asks_view_and_a_run_or_cancel_asks_execute() {
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
-    let origin = Origin::start(&standin, OriginOptions::default())
-        .await
-        .unwrap();
+    // The viewer reads every run (a read-all role), so only the playbook permission decides
+    // here: a run is otherwise its owner's, and a viewer can start none (tests/ownership.rs).
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default().env("READ_ALL_ROLES", "admin,viewer"),
+    )
+    .await
+    .unwrap();
     let viewer = login(&origin.url, &standin, "viewer@example.com").await;
     let id = execution_at_noetl(&standin, "demo/slow").await;
 

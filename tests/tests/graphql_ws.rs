@@ -323,7 +323,7 @@ async fn a_socket_without_connection_init_is_closed_after_the_init_timeout() {
 }
 
 #[tokio::test]
-async fn another_users_execution_is_forbidden() {
+async fn another_users_execution_is_not_found() {
     let w = world().await;
     let admin = login(&w, "admin@example.com").await;
     let execution_id = execute(&w, &admin, "admin/purge", json!({})).await;
@@ -340,12 +340,12 @@ async fn another_users_execution_is_forbidden() {
     let payloads = until_complete(&mut ws, "1").await;
     assert_eq!(payloads.len(), 1, "{payloads:?}");
     assert_eq!(
-        payloads[0]["errors"][0]["extensions"]["code"], "FORBIDDEN",
-        "{payloads:?}"
+        payloads[0]["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "another user's run is answered as one that does not exist: {payloads:?}"
     );
     assert!(payloads[0]["data"].is_null(), "{payloads:?}");
 
-    // The admin, on a socket of their own, may follow it.
+    // The admin, who started it, may follow it on a socket of their own.
     let mut ws = connect(&w, "graphql-transport-ws", None).await;
     init(&mut ws, json!({"session_token": admin})).await;
     send(

@@ -28,6 +28,7 @@ fn suite_ttls() -> BucketTtls {
         interest: Duration::from_secs(30),
         revoked: Duration::from_secs(30),
         clients: Duration::from_secs(30),
+        owners: Duration::from_secs(30),
     }
 }
 

@@ -268,7 +268,7 @@ async fn a_slow_upstream_is_504_and_a_dead_one_502() {
     standin.guard().stop(Duration::from_secs(2));
     let started = Instant::now();
     let r = http()
-        .get(format!("{}/noetl/executions", origin.url))
+        .get(format!("{}/noetl/catalog/playbooks", origin.url))
         .bearer_auth(&token)
         .send()
         .await

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_graphql::{Context, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID};
+use futures::StreamExt;
 use gateway_shared::frames::PendingRequest;
 use gateway_shared::ids::{ClientId, ExecutionId};
 use serde_json::Value;
@@ -17,6 +18,7 @@ use crate::config::Config;
 use crate::error::AppError;
 use crate::interest;
 use crate::noetl::NoetlClient;
+use crate::owners::{self, OwnerRecord, Owners, Recorded};
 use crate::requests::{self, CallbackTokens, RequestEntry};
 use crate::store::KvStore;
 
@@ -38,6 +40,9 @@ pub struct Services {
     pub tokens: CallbackTokens,
     /// Client delivery: `executionEvents` reads an execution's `playbook/state` frames here.
     pub bus: Arc<dyn Bus>,
+    /// Who started each execution: every read or action on one is its owner's (or a
+    /// read-all role's), and `myExecutions` lists the caller's.
+    pub owners: Owners,
 }
 
 /// Builds the schema with the protocol's limits. Depth and complexity limits hold for every
@@ -129,6 +134,35 @@ pub struct ExecuteResult {
     pub status: Option<String>,
 }
 
+/// One of the caller's runs, as `myExecutions` lists it.
+#[derive(SimpleObject)]
+pub struct ExecutionSummary {
+    /// NoETL's execution id (exact decimal text).
+    pub execution_id: String,
+    /// The playbook it runs.
+    pub playbook_path: String,
+    /// When the gateway started it (RFC 3339).
+    pub started_at: String,
+    /// NoETL's status now (RUNNING, COMPLETED, …), or UNKNOWN when NoETL did not say.
+    pub status: String,
+    /// Pass as `after` to list the runs older than this one.
+    pub cursor: String,
+}
+
+/// A page of the caller's runs, newest first.
+#[derive(SimpleObject)]
+pub struct ExecutionPage {
+    /// The runs.
+    pub items: Vec<ExecutionSummary>,
+    /// The last item's cursor, if any.
+    pub end_cursor: Option<String>,
+    /// True when older runs follow.
+    pub has_next_page: bool,
+}
+
+/// How many status reads to NoETL one `myExecutions` page makes at once.
+const STATUS_READS_AT_ONCE: usize = 16;
+
 /// What kind of resource to execute.
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
 #[graphql(rename_items = "lowercase")]
@@ -166,7 +200,80 @@ impl Query {
         })
     }
 
-    /// An execution's status, if the caller may view its playbook.
+    /// The caller's own runs (those it started through the gateway), newest first: `first`
+    /// runs (default 20, at most 100) older than the cursor `after`.
+    async fn my_executions(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> async_graphql::Result<ExecutionPage> {
+        let (svc, caller) = ctx_parts(ctx)?;
+        let first = match first {
+            None => owners::DEFAULT_PAGE,
+            Some(n) if (1..=owners::MAX_PAGE as i32).contains(&n) => n as usize,
+            Some(_) => {
+                return Err(gql_error(
+                    "BAD_USER_INPUT",
+                    format!("first must be between 1 and {}", owners::MAX_PAGE),
+                ))
+            }
+        };
+        let after = match after.as_deref() {
+            None | Some("") => None,
+            Some(c) => Some(c.parse::<u64>().map_err(|_| {
+                gql_error("BAD_USER_INPUT", "after is not a cursor from myExecutions")
+            })?),
+        };
+        let page = svc
+            .owners
+            .page(&caller.record.user.user_id, first, after)
+            .await
+            .map_err(|e| from_app(e.into()))?;
+        let ids: Vec<String> = page
+            .items
+            .iter()
+            .map(|(_, run)| run.execution_id.clone())
+            .collect();
+        let statuses: Vec<String> = futures::stream::iter(ids)
+            .map(|id| {
+                let noetl = svc.noetl.clone();
+                async move {
+                    match noetl.execution_status(&id).await {
+                        Ok(v) => v["status"].as_str().unwrap_or("UNKNOWN").to_owned(),
+                        Err(e) => {
+                            tracing::warn!(execution = %id, error = %e, "status unknown for myExecutions");
+                            "UNKNOWN".to_owned()
+                        }
+                    }
+                }
+            })
+            .buffered(STATUS_READS_AT_ONCE)
+            .collect()
+            .await;
+        let items: Vec<ExecutionSummary> = page
+            .items
+            .into_iter()
+            .zip(statuses)
+            .map(|((slot, run), status)| ExecutionSummary {
+                execution_id: run.execution_id,
+                playbook_path: run.playbook_path,
+                started_at: chrono::DateTime::from_timestamp(run.started_at, 0)
+                    .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_default(),
+                status,
+                cursor: slot.to_string(),
+            })
+            .collect();
+        Ok(ExecutionPage {
+            end_cursor: items.last().map(|i| i.cursor.clone()),
+            has_next_page: page.has_next,
+            items,
+        })
+    }
+
+    /// An execution's status, if the caller started it (or reads all) and may view its
+    /// playbook.
     async fn execution(
         &self,
         ctx: &Context<'_>,
@@ -188,7 +295,9 @@ impl Query {
     }
 }
 
-/// The path of an execution, then an access check on it.
+/// Ownership first (not the caller's and no read-all role → `NOT_FOUND`, the answer for a
+/// run that does not exist, so a guessed id confirms nothing), then the playbook access
+/// check on the execution's path.
 pub(super) async fn require_execution_access(
     svc: &Services,
     caller: &Caller,
@@ -200,6 +309,14 @@ pub(super) async fn require_execution_access(
             "BAD_USER_INPUT",
             "execution ids are decimal numbers",
         ));
+    }
+    if !svc
+        .owners
+        .may_access(caller.user(), id)
+        .await
+        .map_err(|e| from_app(e.into()))?
+    {
+        return Err(gql_error("NOT_FOUND", format!("no execution {id}")));
     }
     let path = svc
         .noetl
@@ -218,6 +335,27 @@ pub(super) async fn require_execution_access(
         ));
     }
     Ok(())
+}
+
+/// Records the caller as the owner of a run it just started. A failure is logged, not
+/// returned: the run has started and a retry would start another; until an operator looks,
+/// the run is readable by read-all roles only.
+async fn record_owner(svc: &Services, caller: &Caller, execution_id: &str, path: &str) {
+    let record = OwnerRecord {
+        execution_id: execution_id.to_owned(),
+        user_id: caller.record.user.user_id.clone(),
+        playbook_path: path.to_owned(),
+        started_at: now_unix(),
+    };
+    match svc.owners.record(&record).await {
+        Ok(Recorded::New(_) | Recorded::Already) => {}
+        Ok(Recorded::OwnedByAnother) => {
+            tracing::warn!(execution = %execution_id, "NoETL answered a start with a run another user owns; ownership unchanged")
+        }
+        Err(e) => {
+            tracing::error!(execution = %execution_id, error = %e, "run owner not recorded: the run is readable by read-all roles only")
+        }
+    }
 }
 
 /// The caller's client id, if given: it must exist and belong to the caller.
@@ -335,6 +473,7 @@ impl Mutation {
         let execution_id = reply.execution_id.clone();
         // Checked once: an id NoETL sends that could never be a key is not recorded.
         let execution = ExecutionId::parse(&execution_id);
+        record_owner(svc, caller, &execution_id, &path).await;
         let kv = svc.kv.as_ref();
         let recorded = RequestEntry {
             execution_id: execution.clone().ok(),
@@ -374,7 +513,7 @@ impl Mutation {
         })
     }
 
-    /// Cancels an execution the caller may execute.
+    /// Cancels an execution the caller started (or reads all) and may execute.
     async fn cancel_execution(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<bool> {
         let (svc, caller) = ctx_parts(ctx)?;
         require_execution_access(svc, caller, &id, "execute").await?;
@@ -385,7 +524,8 @@ impl Mutation {
         Ok(true)
     }
 
-    /// Sends an execution's `playbook/state` frames to one of the caller's clients.
+    /// Sends the `playbook/state` frames of an execution the caller started (or reads all)
+    /// to one of the caller's clients.
     async fn subscribe_to_execution(
         &self,
         ctx: &Context<'_>,

@@ -170,7 +170,8 @@ pub struct Subscription;
 impl Subscription {
     /// The execution's lifecycle states (`step.enter`, `step.exit`, …), from the first one
     /// the gateway still holds, ending after the terminal state (`playbook.completed`,
-    /// `playbook.failed`, `playbook.cancelled`). Requires `view` on the execution's playbook.
+    /// `playbook.failed`, `playbook.cancelled`). Requires the caller to have started the run
+    /// (or hold a read-all role; else `NOT_FOUND`) and `view` on its playbook.
     async fn execution_events(
         &self,
         ctx: &Context<'_>,

@@ -42,16 +42,20 @@ pub enum Bucket {
     Revoked,
     /// client_id → the client's owner, pending requests and presence (realtime path).
     Clients,
+    /// execution_id → who started it through the gateway, and each user's runs in order
+    /// (`crate::owners`).
+    Owners,
 }
 
 impl Bucket {
     /// Every bucket, in creation order.
-    pub const ALL: [Bucket; 5] = [
+    pub const ALL: [Bucket; 6] = [
         Bucket::Sessions,
         Bucket::Requests,
         Bucket::Interest,
         Bucket::Revoked,
         Bucket::Clients,
+        Bucket::Owners,
     ];
 
     /// The bucket's position in [`Bucket::ALL`] (for per-bucket arrays).
@@ -62,6 +66,7 @@ impl Bucket {
             Bucket::Interest => 2,
             Bucket::Revoked => 3,
             Bucket::Clients => 4,
+            Bucket::Owners => 5,
         }
     }
 
@@ -73,6 +78,7 @@ impl Bucket {
             Bucket::Interest => "interest",
             Bucket::Revoked => "revoked",
             Bucket::Clients => "clients",
+            Bucket::Owners => "owners",
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct BucketTtls {
     pub revoked: Duration,
     /// Default 24 h: a client id lives as long as the longest session.
     pub clients: Duration,
+    /// Default 7 days: at least the longest run, so an owner can read a run to its end.
+    pub owners: Duration,
 }
 
 impl BucketTtls {
@@ -101,6 +109,7 @@ impl BucketTtls {
             Bucket::Interest => self.interest,
             Bucket::Revoked => self.revoked,
             Bucket::Clients => self.clients,
+            Bucket::Owners => self.owners,
         }
     }
 }
@@ -113,6 +122,7 @@ impl Default for BucketTtls {
             interest: Duration::from_secs(3600),
             revoked: Duration::from_secs(24 * 3600),
             clients: Duration::from_secs(24 * 3600),
+            owners: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -1,0 +1,466 @@
+//! Every run is its owner's (issue 11, "Must show"): user B gets 404 for user A's execution
+//! at every door — the proxy, GraphQL `execution`, `cancelExecution`, `subscribeToExecution`
+//! and `executionEvents` over graphql-ws — directly at the origin and through the edge
+//! (`wrangler dev`, `make edge`); the execution listing is refused to B; `myExecutions`
+//! shows each user only their own runs, newest first, in pages; an admin reads both.
+//!
+//! Users come from the stand-in's directory: `admin@…` holds the `admin` role (the default
+//! `READ_ALL_ROLES`), any other address the `user` role.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use gateway_tests::harness::edge::{test_public_key, Edge, EdgeOptions};
+use gateway_tests::harness::flows::{self, execute_playbook, graphql, http, login};
+use gateway_tests::harness::listener_owned_by;
+use gateway_tests::harness::origin::{Origin, OriginOptions};
+use gateway_tests::harness::sse::SseClient;
+use gateway_tests::harness::standin::{StandIn, StandInOptions};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// An execution id NoETL never issued.
+const NO_SUCH_RUN: &str = "900000000000000001";
+
+const EXECUTION: &str = "query($id: ID!) { execution(id: $id) { executionId status } }";
+const CANCEL: &str = "mutation($id: ID!) { cancelExecution(id: $id) }";
+const SUBSCRIBE_TO: &str =
+    "mutation($id: ID!, $client: String!) { subscribeToExecution(executionId: $id, clientId: $client) }";
+const EXECUTION_EVENTS: &str = "subscription($id: ID!) {
+  executionEvents(executionId: $id) { executionId eventType status terminal } }";
+const MY_EXECUTIONS: &str = "query($first: Int, $after: String) {
+  myExecutions(first: $first, after: $after) {
+    items { executionId playbookPath startedAt status cursor } endCursor hasNextPage } }";
+
+struct World {
+    standin: StandIn,
+    origin: Origin,
+    edge: Edge,
+}
+
+impl World {
+    /// The two doors a client can knock on: the origin directly, and the edge.
+    fn doors(&self) -> [(&'static str, &str); 2] {
+        [("origin", &self.origin.url), ("edge", &self.edge.url)]
+    }
+}
+
+/// Stand-in, origin trusting the test edge's key, and the edge; rebuilt on fresh ports if
+/// another test's process took one of them (as in `tests/edge.rs`).
+async fn world() -> World {
+    let mut problems = Vec::new();
+    for _ in 0..3 {
+        let mut standin = match StandIn::start(StandInOptions::default()).await {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(format!("stand-in: {e}"));
+                continue;
+            }
+        };
+        let opts = OriginOptions::default().env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
+        let mut origin = match Origin::start(&standin, opts).await {
+            Ok(o) => o,
+            Err(e) => {
+                problems.push(format!("origin: {e}"));
+                continue;
+            }
+        };
+        let origin_port = origin.url.rsplit(':').next().and_then(|p| p.parse().ok());
+        let owned = listener_owned_by(standin.port, &[standin.guard().pid()])
+            && origin_port.is_some_and(|p| listener_owned_by(p, &[origin.guard().pid()]));
+        if !owned {
+            problems.push("a port was taken by another test's process".into());
+            continue;
+        }
+        let edge = Edge::start(&origin.url, EdgeOptions::default())
+            .await
+            .unwrap();
+        return World {
+            standin,
+            origin,
+            edge,
+        };
+    }
+    panic!("no world started in three attempts: {problems:#?}")
+}
+
+/// Runs `path` as `token` through `base`; the execution id.
+async fn run(base: &str, token: &str, path: &str, workload: Value) -> String {
+    let v = execute_playbook(base, token, path, workload, None).await;
+    v["data"]["executePlaybook"]["executionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("executePlaybook failed: {v}"))
+        .to_owned()
+}
+
+/// `GET {base}{path}` as `token`: status and JSON body.
+async fn get(base: &str, token: &str, path: &str) -> (u16, Value) {
+    let r = http()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn gql_code(v: &Value) -> &str {
+    v["errors"][0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or("<no error code>")
+}
+
+/// The client id `/events` assigns to `token` at `base`.
+async fn client_id(base: &str, token: &str) -> (SseClient, String) {
+    let mut sse = SseClient::connect(&format!("{base}/events"), Some(token), None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("/events refused: {s} {b}"));
+    let init = sse.next(WAIT).await.expect("init frame");
+    let id = init.data["result"]["clientId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no clientId: {:?}", init.data))
+        .to_owned();
+    (sse, id)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A graphql-transport-ws socket at `base` for `token` (on the upgrade and in
+/// `connection_init`), acknowledged.
+async fn socket(base: &str, token: &str) -> Ws {
+    let url = format!("{}/graphql/ws", base.replacen("http://", "ws://", 1));
+    let mut req = url.into_client_request().unwrap();
+    let h = req.headers_mut();
+    h.insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .unwrap_or_else(|e| panic!("upgrade at {base} refused: {e}"));
+    send(
+        &mut ws,
+        json!({"type": "connection_init", "payload": {"session_token": token}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("the socket ended: {other:?}"),
+        }
+    }
+}
+
+/// Subscribes to `executionEvents` of `id` as operation `op`; its payloads until `complete`.
+async fn execution_events(ws: &mut Ws, op: &str, id: &str) -> Vec<Value> {
+    send(
+        ws,
+        json!({"id": op, "type": "subscribe",
+               "payload": {"query": EXECUTION_EVENTS, "variables": {"id": id}}}),
+    )
+    .await;
+    let mut payloads = Vec::new();
+    loop {
+        let m = next_json(ws).await;
+        if m["id"] != op {
+            continue;
+        }
+        match m["type"].as_str() {
+            Some("next") => payloads.push(m["payload"].clone()),
+            Some("complete") => return payloads,
+            _ => panic!("unexpected message for {op}: {m}"),
+        }
+    }
+}
+
+/// Every way B can ask about execution `id` at `base`, each answered "not found".
+async fn assert_not_found_everywhere(base: &str, b: &str, b_client: &str, ws: &mut Ws, id: &str) {
+    for path in [
+        format!("/noetl/executions/{id}"),
+        format!("/noetl/executions/{id}/status"),
+    ] {
+        let (status, body) = get(base, b, &path).await;
+        assert_eq!(status, 404, "{base}{path}: {body}");
+        assert_eq!(body["error"]["code"], "not_found", "{base}{path}: {body}");
+    }
+    let v = graphql(base, b, EXECUTION, json!({"id": id})).await;
+    assert_eq!(gql_code(&v), "NOT_FOUND", "execution at {base}: {v}");
+    assert!(v["data"]["execution"].is_null(), "{v}");
+    let v = graphql(base, b, CANCEL, json!({"id": id})).await;
+    assert_eq!(gql_code(&v), "NOT_FOUND", "cancelExecution at {base}: {v}");
+    let v = graphql(base, b, SUBSCRIBE_TO, json!({"id": id, "client": b_client})).await;
+    assert_eq!(
+        gql_code(&v),
+        "NOT_FOUND",
+        "subscribeToExecution at {base}: {v}"
+    );
+    let payloads = execution_events(ws, &format!("b-{id}"), id).await;
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    assert_eq!(
+        gql_code(&payloads[0]),
+        "NOT_FOUND",
+        "executionEvents at {base}: {payloads:?}"
+    );
+}
+
+#[tokio::test]
+async fn another_users_run_is_not_found_at_every_door_directly_and_through_the_edge() {
+    let w = world().await;
+    for (door, base) in w.doors() {
+        let a = login(base, &w.standin, "alice@example.com").await;
+        let b = login(base, &w.standin, "bob@example.com").await;
+        let admin = login(base, &w.standin, "admin@example.com").await;
+        let id = run(base, &a, "demo/slow", json!({"seconds": 60})).await;
+
+        // The owner reads it at every door (so the refusals below are about B).
+        for path in [
+            format!("/noetl/executions/{id}"),
+            format!("/noetl/executions/{id}/status"),
+        ] {
+            let (status, body) = get(base, &a, &path).await;
+            assert_eq!(status, 200, "{door}: {path}: {body}");
+        }
+        let v = graphql(base, &a, EXECUTION, json!({"id": id})).await;
+        assert_eq!(v["data"]["execution"]["executionId"], id.as_str(), "{v}");
+
+        // B: the same 404 for A's run as for one that does not exist, and NoETL is never
+        // asked about either.
+        let (_b_events, b_client) = client_id(base, &b).await;
+        let mut b_ws = socket(base, &b).await;
+        w.standin.reset_calls().await;
+        assert_not_found_everywhere(base, &b, &b_client, &mut b_ws, &id).await;
+        assert_not_found_everywhere(base, &b, &b_client, &mut b_ws, NO_SUCH_RUN).await;
+        let asked: Vec<String> = w
+            .standin
+            .calls()
+            .await
+            .into_keys()
+            .filter(|k| k.contains("/api/executions"))
+            .collect();
+        assert!(asked.is_empty(), "{door}: NoETL was asked {asked:?}");
+
+        // An admin (read-all role) reads it.
+        let (status, body) = get(base, &admin, &format!("/noetl/executions/{id}")).await;
+        assert_eq!(status, 200, "{door}: {body}");
+        let v = graphql(base, &admin, EXECUTION, json!({"id": id})).await;
+        assert_eq!(v["data"]["execution"]["executionId"], id.as_str(), "{v}");
+
+        // The owner cancels it and follows it to its (cancelled) end over graphql-ws.
+        let v = graphql(base, &a, CANCEL, json!({"id": id})).await;
+        assert_eq!(v["data"]["cancelExecution"], true, "{door}: {v}");
+        let mut a_ws = socket(base, &a).await;
+        let payloads = execution_events(&mut a_ws, "a", &id).await;
+        let last = &payloads.last().expect("at least the terminal state")["data"];
+        assert_eq!(last["executionEvents"]["terminal"], true, "{payloads:?}");
+        assert_eq!(last["executionEvents"]["eventType"], "playbook.cancelled");
+    }
+}
+
+#[tokio::test]
+async fn the_listing_is_read_all_only_and_my_executions_lists_each_users_own_runs() {
+    let w = world().await;
+    let [(_, origin), (_, edge)] = w.doors();
+    let a = login(origin, &w.standin, "alice@example.com").await;
+    let b = login(edge, &w.standin, "bob@example.com").await;
+    let admin = login(origin, &w.standin, "admin@example.com").await;
+
+    // Runs started through both doors, interleaved between the two users.
+    let a1 = run(origin, &a, "demo/echo", json!({})).await;
+    let b1 = run(edge, &b, "demo/echo", json!({})).await;
+    let a2 = run(edge, &a, "demo/steps", json!({})).await;
+    let b2 = run(origin, &b, "demo/echo", json!({})).await;
+    let a3 = run(origin, &a, "demo/echo", json!({})).await;
+
+    for (door, base) in w.doors() {
+        // The harness allow-lists `GET /api/executions` as an operator might: the listing
+        // is still the read-all roles' alone.
+        for path in ["/noetl/executions", "/noetl/executions?limit=5"] {
+            let (status, body) = get(base, &b, path).await;
+            assert_eq!(status, 404, "{door}: {path}: {body}");
+            assert_eq!(body["error"]["code"], "not_found");
+            let (status, body) = get(base, &admin, path).await;
+            assert_eq!(status, 200, "{door}: {path}: {body}");
+        }
+
+        // A's runs, newest first, two to a page.
+        let v = graphql(base, &a, MY_EXECUTIONS, json!({"first": 2})).await;
+        let page = &v["data"]["myExecutions"];
+        let ids: Vec<&str> = page["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{door}: {v}"))
+            .iter()
+            .map(|i| i["executionId"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [a3.as_str(), a2.as_str()], "{door}: {v}");
+        assert_eq!(page["hasNextPage"], true, "{v}");
+        assert_eq!(page["items"][1]["playbookPath"], "demo/steps", "{v}");
+        for item in page["items"].as_array().unwrap() {
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(item["startedAt"].as_str().unwrap()).is_ok(),
+                "{item}"
+            );
+            assert_ne!(item["status"], "UNKNOWN", "NoETL answered: {item}");
+        }
+        let v = graphql(
+            base,
+            &a,
+            MY_EXECUTIONS,
+            json!({"first": 2, "after": page["endCursor"]}),
+        )
+        .await;
+        let page = &v["data"]["myExecutions"];
+        assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{v}");
+        assert_eq!(page["items"][0]["executionId"], a1.as_str(), "{v}");
+        assert_eq!(page["hasNextPage"], false, "{v}");
+
+        // B sees B's runs only; the default page holds them all.
+        let v = graphql(base, &b, MY_EXECUTIONS, json!({})).await;
+        let ids: Vec<&str> = v["data"]["myExecutions"]["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{door}: {v}"))
+            .iter()
+            .map(|i| i["executionId"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [b2.as_str(), b1.as_str()], "{door}: {v}");
+
+        // An admin reads both users' runs.
+        for id in [&a1, &a2, &b1, &b2] {
+            let v = graphql(base, &admin, EXECUTION, json!({"id": id})).await;
+            assert_eq!(v["data"]["execution"]["executionId"], id.as_str(), "{v}");
+            let (status, body) = get(base, &admin, &format!("/noetl/executions/{id}")).await;
+            assert_eq!(status, 200, "{door}: {body}");
+        }
+
+        // Page sizes are bounded and cursors checked.
+        for vars in [
+            json!({"first": 0}),
+            json!({"first": 101}),
+            json!({"after": "not-a-cursor"}),
+        ] {
+            let v = graphql(base, &a, MY_EXECUTIONS, vars.clone()).await;
+            assert_eq!(gql_code(&v), "BAD_USER_INPUT", "{vars}: {v}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_status_noetl_cannot_give_is_unknown_and_the_page_still_answers() {
+    let mut standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let origin = Origin::start(&standin, OriginOptions::default())
+        .await
+        .unwrap();
+    let a = login(&origin.url, &standin, "alice@example.com").await;
+    let first = run(&origin.url, &a, "demo/echo", json!({})).await;
+    let second = run(&origin.url, &a, "demo/echo", json!({})).await;
+    standin.guard().stop(Duration::from_secs(2));
+    // The session is served from the cache; every status read fails.
+    let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({})).await;
+    assert!(v["errors"].is_null(), "{v}");
+    let items = v["data"]["myExecutions"]["items"].as_array().unwrap();
+    let got: Vec<(&str, &str)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["executionId"].as_str().unwrap(),
+                i["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [(second.as_str(), "UNKNOWN"), (first.as_str(), "UNKNOWN")],
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn runs_started_at_once_on_two_replicas_are_all_their_owners() {
+    let (_nats, standin, origins) = flows::nats_stack(2).await;
+    let a = login(&origins[0].url, &standin, "alice@example.com").await;
+    let b = login(&origins[1].url, &standin, "bob@example.com").await;
+    let started = futures::future::join_all((0..8).map(|i| {
+        let base = origins[i % 2].url.clone();
+        let a = a.clone();
+        async move { run(&base, &a, "demo/echo", json!({})).await }
+    }))
+    .await;
+
+    for origin in &origins {
+        let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({"first": 100})).await;
+        let mut listed: Vec<String> = v["data"]["myExecutions"]["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|i| i["executionId"].as_str().unwrap().to_owned())
+            .collect();
+        listed.sort();
+        let mut expected = started.clone();
+        expected.sort();
+        assert_eq!(listed, expected, "every run listed once: {v}");
+    }
+    for id in &started {
+        let v = graphql(&origins[1].url, &b, EXECUTION, json!({"id": id})).await;
+        assert_eq!(gql_code(&v), "NOT_FOUND", "{v}");
+        let v = graphql(&origins[0].url, &a, EXECUTION, json!({"id": id})).await;
+        assert_eq!(v["data"]["execution"]["executionId"], id.as_str(), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn auth_playbook_runs_the_gateway_did_not_start_are_read_all_only() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default().env("AUTH_MODE", "playbook"),
+    )
+    .await
+    .unwrap();
+    let a = login(&origin.url, &standin, "alice@example.com").await;
+    let admin = login(&origin.url, &standin, "admin@example.com").await;
+    // The login playbooks' runs, whose workloads carry ID tokens, as NoETL lists them.
+    let runs: Vec<Value> = http()
+        .get(format!("{}/api/executions", standin.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let auth_runs: Vec<String> = runs
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("api_integration/auth0/"))
+        })
+        .map(|r| match &r["execution_id"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    assert!(auth_runs.len() >= 2, "two logins ran playbooks: {runs:?}");
+    for id in &auth_runs {
+        let (status, body) = get(&origin.url, &a, &format!("/noetl/executions/{id}")).await;
+        assert_eq!(status, 404, "{id}: {body}");
+        let v = graphql(&origin.url, &a, EXECUTION, json!({"id": id})).await;
+        assert_eq!(gql_code(&v), "NOT_FOUND", "{v}");
+        let (status, body) = get(&origin.url, &admin, &format!("/noetl/executions/{id}")).await;
+        assert_eq!(status, 200, "{id}: {body}");
+    }
+}
