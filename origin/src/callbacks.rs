@@ -39,6 +39,7 @@ use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLi
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::requests::{self, CallbackTokens, RequestEntry};
+use crate::scrub::Scrubber;
 use crate::store::{Bucket, KvStore};
 
 /// What the callback routes need, and nothing else.
@@ -169,6 +170,10 @@ async fn async_callback(
         ));
     }
     let mut result = body.to_result();
+    // A playbook may echo its workload: the client never gets what the gateway injected.
+    Scrubber::for_gateway(String::new(), state.tokens.clone())
+        .also(state.tokens.token_for(entry.request_id.as_str()))
+        .scrub_result(&mut result);
     if result.execution_id.is_none() {
         result.execution_id = entry.execution_id.as_ref().map(ToString::to_string);
     }

@@ -33,6 +33,8 @@
 //! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
 //! - [`interest`] — which clients want an execution's frames, and the bridge's claims (K/V).
 //! - [`runs`] — a run's status as NoETL reports it.
+//! - [`scrub`] — NoETL's JSON without injected workload values and users' tokens, before a
+//!   client sees it (proxy, GraphQL, callback results).
 //! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
@@ -56,6 +58,7 @@ pub mod noetl;
 pub mod proxy;
 pub mod requests;
 pub mod runs;
+pub mod scrub;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -34,6 +34,7 @@ use crate::metrics::{Metrics, MetricsState};
 use crate::noetl::NoetlClient;
 use crate::proxy::{AllowList, Proxy, ProxyState};
 use crate::requests::CallbackTokens;
+use crate::scrub::Scrubber;
 use crate::state::AppState;
 use crate::store::memory::MemoryKv;
 use crate::store::nats::NatsKv;
@@ -138,7 +139,11 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         config.proxy_max_body,
         config.proxy_timeout,
         config.proxy_idle_timeout,
-    );
+    )
+    .with_scrubber(Scrubber::for_gateway(
+        config.callback_url(),
+        callback_tokens.clone(),
+    ));
     let retention = Retention {
         max_age: config.frame_retention,
         max_frames_per_client: config.frame_retention_per_client,
