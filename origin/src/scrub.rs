@@ -100,14 +100,20 @@ impl Scrubber {
         }
     }
 
-    /// The gateway's scrubber: its callback URL is always redacted, and so is the callback
-    /// token of every request id it removes.
+    /// A scrubber that also redacts the callback token of every request id it removes.
+    pub fn deriving_tokens(tokens: CallbackTokens) -> Self {
+        Self {
+            known: Vec::new(),
+            derive: Some(Arc::new(move |request_id: &str| {
+                tokens.token_for(request_id)
+            })),
+        }
+    }
+
+    /// The gateway's scrubber: [`Self::deriving_tokens`], and its callback URL is always
+    /// redacted.
     pub fn for_gateway(callback_url: String, tokens: CallbackTokens) -> Self {
-        let mut s = Self::new([callback_url]);
-        s.derive = Some(Arc::new(move |request_id: &str| {
-            tokens.token_for(request_id)
-        }));
-        s
+        Self::deriving_tokens(tokens).also(callback_url)
     }
 
     /// The same scrubber, also redacting `value` wherever it occurs.
@@ -128,6 +134,13 @@ impl Scrubber {
         found.dedup();
         let redacted = redact(value, &found);
         removed || redacted
+    }
+
+    /// Redacts the values this scrubber knows from free text (a progress message).
+    pub fn redact_text(&self, text: &mut String) {
+        let mut known = self.known.clone();
+        known.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        redact_str(text, &known);
     }
 
     /// Scrubs a JSON document: `Ok(None)` if it had nothing to remove (the caller keeps
@@ -473,6 +486,18 @@ mod tests {
         );
         assert_eq!(e.data, Some(json!({})));
         assert_eq!(failed.data, None);
+    }
+
+    #[test]
+    fn known_values_are_redacted_from_free_text() {
+        let s = Scrubber::new(["http://gw-internal:8091".to_owned()]).also("tok-0123456789".into());
+        let mut m =
+            "stage 1 done; next POST http://gw-internal:8091/x with tok-0123456789".to_owned();
+        s.redact_text(&mut m);
+        assert_eq!(
+            m,
+            format!("stage 1 done; next POST {REDACTED}/x with {REDACTED}")
+        );
     }
 
     #[test]
