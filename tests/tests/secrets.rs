@@ -1,6 +1,7 @@
 //! Nothing secret leaves (issue 11): what the gateway injects into workloads
 //! (`callback_token`, `gateway_url`, `request_id`) and every session and ID token of a
-//! scenario never appear in a proxied, GraphQL or SSE body — in both auth modes.
+//! scenario never appear in a proxied, GraphQL (HTTP and graphql-ws) or SSE body — in both
+//! auth modes.
 //!
 //! The secrets are harvested from the stand-in itself (it keeps every workload verbatim,
 //! as NoETL does), so the test knows the exact values the gateway injected, including those
@@ -9,12 +10,15 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use futures::{SinkExt, StreamExt};
 use gateway_tests::harness::flows::{execute_playbook, graphql, http, login_reply};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -97,6 +101,61 @@ fn without_own_request_ids(mut v: Value) -> Value {
         p.remove("requestId");
     }
     v
+}
+
+/// Runs demo/steps and reads its `executionEvents` over `/graphql/ws` until `complete`;
+/// the execution id and every message the socket received.
+async fn ws_run(base: &str, token: &str) -> (String, Vec<String>) {
+    let mut req = format!("{}/graphql/ws", base.replacen("http://", "ws://", 1))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("the upgrade is accepted");
+    let mut bodies = Vec::new();
+    let text = |v: Value| Message::text(v.to_string());
+    ws.send(text(
+        json!({"type": "connection_init", "payload": {"session_token": token}}),
+    ))
+    .await
+    .unwrap();
+    let v = execute_playbook(base, token, "demo/steps", json!({"over": "ws"}), None).await;
+    let id = v["data"]["executePlaybook"]["executionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned();
+    bodies.push(without_own_request_ids(v).to_string());
+    ws.send(text(json!({"id": "1", "type": "subscribe", "payload": {
+        "query": "subscription($id: ID!) { executionEvents(executionId: $id) { executionId eventType stepName status at terminal } }",
+        "variables": {"id": id}}})))
+        .await
+        .unwrap();
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the socket answers within the wait");
+        let Some(Ok(Message::Text(t))) = m else {
+            match m {
+                Some(Ok(_)) => continue,
+                other => panic!("the socket ended early: {other:?}"),
+            }
+        };
+        let done = serde_json::from_str::<Value>(&t)
+            .is_ok_and(|v| v["id"] == "1" && v["type"] == "complete");
+        bodies.push(t.to_string());
+        if done {
+            break;
+        }
+    }
+    assert!(
+        bodies.iter().any(|b| b.contains("\"terminal\":true")),
+        "the run's terminal state came over the socket: {bodies:?}"
+    );
+    (id, bodies)
 }
 
 fn is_done(frames: &[SseFrame], runs: usize) -> bool {
@@ -197,6 +256,13 @@ async fn scenario(auth_mode: &str) {
         );
     }
     sse.close();
+
+    // The same kind of run over graphql-ws `executionEvents`, token at connection_init.
+    let (ws_run, ws_bodies) = ws_run(&base, &alice.session).await;
+    own.push(ws_run);
+    for b in ws_bodies {
+        seen.add("graphql-ws", b);
+    }
 
     // Every execution the stand-in ran (the auth playbooks' too), read back every way.
     let (secrets, all) = injected_values(&standin).await;
