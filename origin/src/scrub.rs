@@ -55,17 +55,32 @@ const MIN_SECRET_LEN: usize = 8;
 /// How many levels of JSON-in-a-string are opened.
 const MAX_STRING_NESTING: usize = 4;
 
-fn normalized(key: &str) -> String {
-    key.chars()
-        .filter(|c| *c != '_' && *c != '-')
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
+/// [`SECRET_KEYS`] as they are compared: lower case, without `_` and `-`.
+const NORMALIZED_KEYS: [&str; 10] = [
+    "callbacktoken",
+    "gatewayurl",
+    "requestid",
+    "sessiontoken",
+    "auth0token",
+    "auth0refreshtoken",
+    "idtoken",
+    "accesstoken",
+    "refreshtoken",
+    "authorization",
+];
+
+/// True if `key`, compared without case, `_` or `-`, is `normalized` (no allocation: this
+/// runs for every key of every document).
+fn key_is(key: &str, normalized: &str) -> bool {
+    key.bytes()
+        .filter(|b| *b != b'_' && *b != b'-')
+        .map(|b| b.to_ascii_lowercase())
+        .eq(normalized.bytes())
 }
 
 /// True if `key` names a value that must not leave the gateway.
 pub fn is_secret_key(key: &str) -> bool {
-    let k = normalized(key);
-    SECRET_KEYS.iter().any(|s| normalized(s) == k)
+    NORMALIZED_KEYS.iter().any(|n| key_is(key, n))
 }
 
 /// Derives the callback token of a request id, so a token is redacted even where only its
@@ -182,7 +197,7 @@ impl Scrubber {
                 let mut changed = !secret.is_empty();
                 for key in secret {
                     if let Some(old) = map.remove(&key) {
-                        let request_id = normalized(&key) == "requestid";
+                        let request_id = key_is(&key, "requestid");
                         collect(&old, found, self.derive.as_ref().filter(|_| request_id));
                     }
                 }
@@ -214,8 +229,8 @@ fn holds_json(s: &str) -> bool {
     matches!(s.trim_start().as_bytes().first(), Some(b'{' | b'['))
 }
 
-/// Every string (and number, as text) inside a removed value; with `derive`, also the
-/// callback token of each.
+/// Every string inside a removed value (numbers are not hunted: their text would match
+/// innocent ids); with `derive`, also the callback token of each.
 fn collect(value: &Value, found: &mut Vec<String>, derive: Option<&Derive>) {
     match value {
         Value::String(s) => {
@@ -224,7 +239,6 @@ fn collect(value: &Value, found: &mut Vec<String>, derive: Option<&Derive>) {
             }
             found.push(s.clone());
         }
-        Value::Number(n) => found.push(n.to_string()),
         Value::Array(items) => items.iter().for_each(|i| collect(i, found, derive)),
         Value::Object(map) => map.values().for_each(|v| collect(v, found, derive)),
         _ => {}
@@ -356,6 +370,25 @@ mod tests {
 
     fn plain() -> Scrubber {
         Scrubber::default()
+    }
+
+    #[test]
+    fn the_compared_keys_are_the_documented_ones() {
+        for (key, normalized) in SECRET_KEYS.iter().zip(NORMALIZED_KEYS) {
+            assert!(key_is(key, normalized), "{key} / {normalized}");
+            assert!(is_secret_key(&key.to_ascii_uppercase().replace('_', "-")));
+        }
+        for innocent in [
+            "x-request-id",
+            "requests",
+            "token",
+            "session",
+            "id",
+            "url",
+            "",
+        ] {
+            assert!(!is_secret_key(innocent), "{innocent}");
+        }
     }
 
     #[test]
