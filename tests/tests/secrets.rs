@@ -313,13 +313,22 @@ async fn scenario(auth_mode: &str) {
         leaks.len(),
         leaks.join("\n")
     );
-    // The owner's own reads succeed and still carry the caller's own workload fields.
-    let (status, body) = get(
-        &format!("{base}/noetl/executions/{}", own[0]),
-        &alice.session,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    // The owner's own reads succeed and still carry the caller's own workload fields, in
+    // a body whose Content-Length is its own (not NoETL's, which counted the secrets).
+    let r = http()
+        .get(format!("{base}/noetl/executions/{}", own[0]))
+        .bearer_auth(&alice.session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let length = r.headers().get("content-length").cloned();
+    let body = r.text().await.unwrap();
+    assert_eq!(
+        length.and_then(|v| v.to_str().ok().map(str::to_owned)),
+        Some(body.len().to_string()),
+        "{body}"
+    );
     let record: Value = serde_json::from_str(&body).expect("the record is JSON");
     assert_eq!(record["workload"], json!({"greeting": "hello"}), "{record}");
     assert!(
