@@ -39,6 +39,7 @@ use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLi
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::requests::{self, CallbackTokens, RequestEntry};
+use crate::scrub::Scrubber;
 use crate::store::{Bucket, KvStore};
 
 /// What the callback routes need, and nothing else.
@@ -169,6 +170,8 @@ async fn async_callback(
         ));
     }
     let mut result = body.to_result();
+    // A playbook may echo its workload: the client never gets what the gateway injected.
+    scrubber_for(&state, &entry.request_id).scrub_result(&mut result);
     if result.execution_id.is_none() {
         result.execution_id = entry.execution_id.as_ref().map(ToString::to_string);
     }
@@ -235,6 +238,13 @@ async fn sync_callback(
     Ok(json_response(StatusCode::OK, &json!({"status": status})))
 }
 
+/// What a request's frames are scrubbed with: secret keys, and the request's own callback
+/// token wherever it appears (a playbook may render it into its data or messages).
+fn scrubber_for(state: &CallbackState, request_id: &RequestId) -> Scrubber {
+    Scrubber::deriving_tokens(state.tokens.clone())
+        .also(state.tokens.token_for(request_id.as_str()))
+}
+
 /// `POST /api/internal/progress`: a `playbook/progress` frame for the request's client.
 async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Response, AppError> {
     let (parts, body): (_, ProgressBody) = read_json(&state, req).await?;
@@ -246,13 +256,17 @@ async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Re
             &json!({"status": "delivered", "client": null}),
         ));
     };
+    let mut message = body.message;
+    if let Some(m) = message.as_mut() {
+        scrubber_for(&state, &entry.request_id).redact_text(m);
+    }
     let params = PlaybookProgress {
         request_id: entry.request_id.to_string(),
         execution_id: body
             .execution_id
             .or(entry.execution_id.map(ExecutionId::into_string)),
         step: body.step,
-        message: body.message,
+        message,
         progress: body
             .progress
             .filter(|p| p.is_finite())

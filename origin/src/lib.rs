@@ -35,6 +35,8 @@
 //! - [`runs`] — a run's status as NoETL reports it.
 //! - [`owners`] — who started each execution, the one rule for who may touch it, and
 //!   each user's runs newest first (K/V).
+//! - [`scrub`] — NoETL's JSON without injected workload values and users' tokens, before a
+//!   client sees it (proxy, GraphQL, callback results).
 //! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
@@ -59,6 +61,7 @@ pub mod owners;
 pub mod proxy;
 pub mod requests;
 pub mod runs;
+pub mod scrub;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -4,6 +4,10 @@
 //! headers pass?) and is unit-tested with plain values; the shell streams bodies both ways
 //! with a byte limit, a time-to-headers timeout and an idle timeout between chunks.
 //!
+//! JSON answers are the exception to streaming: they are read whole (within the same
+//! limit) and rewritten by [`crate::scrub`] without what the gateway injected into
+//! workloads and without users' tokens, so nothing secret leaves through the proxy.
+//!
 //! Paths are judged on the raw, still percent-encoded request path: decoding first is how
 //! `..%2f` traversals get through. Anything that could change which resource is addressed
 //! once decoded (`%2e`, `%2f`, `%5c`, `%25`, `%00`), a dot segment, an empty segment
@@ -39,6 +43,7 @@ use crate::auth::Caller;
 use crate::error::AppError;
 use crate::noetl::{Forward, NoetlClient, NoetlError};
 use crate::owners::Owners;
+use crate::scrub::{self, Scrubber};
 
 /// Identity headers the gateway sets on proxied requests; never taken from the client.
 pub const IDENTITY_HEADERS: [&str; 4] = [
@@ -373,6 +378,7 @@ pub struct Proxy {
     max_body: u64,
     timeout: Duration,
     idle_timeout: Duration,
+    scrubber: Scrubber,
 }
 
 impl Proxy {
@@ -394,7 +400,15 @@ impl Proxy {
             max_body,
             timeout,
             idle_timeout,
+            scrubber: Scrubber::default(),
         }
+    }
+
+    /// The same proxy, rewriting JSON answers with `scrubber` (the default one removes
+    /// secret keys only; the gateway's also knows its callback URL and tokens).
+    pub fn with_scrubber(mut self, scrubber: Scrubber) -> Self {
+        self.scrubber = scrubber;
+        self
     }
 }
 
@@ -454,6 +468,7 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
     if let Some(v) = client_address(&parts).and_then(|ip| HeaderValue::from_str(&ip).ok()) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
+    scrub::ask_for_identity(&mut headers);
 
     let limit = proxy.max_body;
     let upload = LimitedStream::new(
@@ -486,8 +501,14 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
         ))));
     }
     let headers = client_response_headers(&resp.headers, proxy.noetl.base_url());
-    let stream = LimitedStream::new(IdleTimeout::new(resp.body, proxy.idle_timeout), limit);
-    let mut out = Response::new(Body::from_stream(stream));
+    let body = if scrub::is_json(&resp.headers) {
+        let (idle, scrubber) = (proxy.idle_timeout, &proxy.scrubber);
+        Body::from(scrub::scrubbed_body(&resp.headers, resp.body, limit, idle, scrubber).await?)
+    } else {
+        let stream = LimitedStream::new(IdleTimeout::new(resp.body, proxy.idle_timeout), limit);
+        Body::from_stream(stream)
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
     *out.headers_mut() = headers;
     Ok(out)

@@ -35,6 +35,7 @@ use crate::noetl::NoetlClient;
 use crate::owners::Owners;
 use crate::proxy::{AllowList, Proxy, ProxyState};
 use crate::requests::CallbackTokens;
+use crate::scrub::Scrubber;
 use crate::state::AppState;
 use crate::store::memory::MemoryKv;
 use crate::store::nats::NatsKv;
@@ -142,7 +143,11 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         config.proxy_max_body,
         config.proxy_timeout,
         config.proxy_idle_timeout,
-    );
+    )
+    .with_scrubber(Scrubber::for_gateway(
+        config.callback_url(),
+        callback_tokens.clone(),
+    ));
     let retention = Retention {
         max_age: config.frame_retention,
         max_frames_per_client: config.frame_retention_per_client,

@@ -79,6 +79,13 @@ async fn proxied_requests_carry_the_gateways_identity_and_never_the_clients() {
         "x-rewrite-url",
     ] {
         assert!(h.get(absent).is_none(), "{absent} reached NoETL: {h}");
+        assert!(
+            !echo["header_names"]
+                .as_array()
+                .expect("the echo lists header names")
+                .contains(&json!(absent)),
+            "{absent} reached NoETL: {echo}"
+        );
     }
     assert!(
         !origin.log_text().contains(&token),

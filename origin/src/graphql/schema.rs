@@ -20,6 +20,7 @@ use crate::interest;
 use crate::noetl::NoetlClient;
 use crate::owners::{self, OwnerRecord, Owners, Recorded};
 use crate::requests::{self, CallbackTokens, RequestEntry};
+use crate::scrub::Scrubber;
 use crate::store::KvStore;
 
 /// The gateway's GraphQL schema.
@@ -281,11 +282,13 @@ impl Query {
     ) -> async_graphql::Result<Option<ExecutionStatus>> {
         let (svc, caller) = ctx_parts(ctx)?;
         require_execution_access(svc, caller, &id, "view").await?;
-        let v = svc
+        let mut v = svc
             .noetl
             .execution_status(&id)
             .await
             .map_err(|e| from_app(e.into()))?;
+        // NoETL's reply goes out as JSON (`progress`): nothing injected or secret in it.
+        Scrubber::for_gateway(svc.config.callback_url(), svc.tokens.clone()).scrub(&mut v);
         Ok(Some(ExecutionStatus {
             execution_id: v["execution_id"].as_str().unwrap_or(&id).to_owned(),
             status: v["status"].as_str().unwrap_or("UNKNOWN").to_owned(),

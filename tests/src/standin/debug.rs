@@ -22,8 +22,10 @@ const MAX_CHUNKS: u32 = 10_000;
 /// Longest pause between chunks.
 const MAX_INTERVAL_MS: u64 = 60_000;
 
-/// `ANY /api/debug/echo[/{*rest}]`: `{method, path, query, headers, body_len,
-/// body_sha256}` with header names lowercased and repeated values joined by ", ".
+/// `ANY /api/debug/echo[/{*rest}]`: `{method, path, query, headers, header_names,
+/// body_len, body_sha256}` with header names lowercased and repeated values joined by ", ".
+/// `header_names` lists the names as values too: the gateway removes credential-named keys
+/// (`authorization`, …) from the JSON it returns, so only a value can show one arrived.
 pub async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let mut hasher = Sha256::new();
     let mut len: u64 = 0;
@@ -44,6 +46,7 @@ pub async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Body) -> R
         "path": uri.path(),
         "query": uri.query(),
         "headers": header_map(&headers),
+        "header_names": headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
         "body_len": len,
         "body_sha256": hex::encode(hasher.finalize()),
     }))

@@ -16,7 +16,11 @@
 //! | `demo/progress` | `stage_1..4`, progress 0.25…1.0 after each | COMPLETED | `{stages:4}` |
 //! | `demo/lying` | `lie` | FAILED but emits `playbook.completed` | error `STEP_FAILED` |
 //! | `admin/purge` | `purge` | COMPLETED | `{purged:0}` |
-//! | `api_integration/auth0/*` | one step | COMPLETED; answer via the sync callback | auth data |
+//! | `api_integration/auth0/*` | one step (its result is the answer) | COMPLETED; answer via the sync callback | auth data |
+//!
+//! As on the real server, the start event's `context` holds the workload verbatim (and
+//! `GET /api/executions/{id}` returns it), and step results land in the event rows: an auth
+//! playbook's step result carries the session token it created.
 
 use super::auth;
 use super::callbacks::CallbackKind;
@@ -278,12 +282,23 @@ pub fn spawn(st: Shared, id: ExecutionId, playbook: Playbook, workload: Workload
 }
 
 async fn run(st: &Shared, id: ExecutionId, pb: Playbook, wl: &Workload) -> Result<(), Stopped> {
-    emit(st, id, NewEvent::new(EventKind::PlaybookStarted, pb.path()))?;
+    // Like the real server, the start event's context holds the workload, verbatim.
+    let started = NewEvent::new(EventKind::PlaybookStarted, pb.path())
+        .with_context(json!({ "workload": wl.raw }));
+    emit(st, id, started)?;
     let plan = pb.plan(wl, st.config.step_delay());
+    // An auth playbook's step answers the question, and its result is the answer, as the
+    // real `login_success` step returns the new session token: NoETL keeps step results
+    // in its event table and publishes them with the row.
+    let answer = pb.is_auth().then(|| auth_outcome(st, pb, wl));
+    let step_result = match &answer {
+        Some(Outcome::Auth { data, .. }) => data.clone(),
+        _ => json!({ "status": "ok" }),
+    };
     let mut last_step = String::new();
     for step in &plan {
         last_step.clone_from(&step.name);
-        if !play_step(st, id, step).await? {
+        if !play_step(st, id, step, &step_result).await? {
             if st.store.finish(id, ExecStatus::Failed, None) {
                 deliver(st, id, wl, &last_step, step_failure(&step.name)).await;
             }
@@ -293,7 +308,10 @@ async fn run(st: &Shared, id: ExecutionId, pb: Playbook, wl: &Workload) -> Resul
             report_progress(st, id, wl, &step.name, p, plan.len()).await;
         }
     }
-    let outcome = outcome(st, pb, wl);
+    let outcome = match answer {
+        Some(a) => a,
+        None => outcome(st, pb, wl),
+    };
     // demo/lying emits playbook.completed yet ends FAILED: the trap the bridge must catch.
     let status = if pb == Playbook::Lying {
         ExecStatus::Failed
@@ -311,8 +329,13 @@ fn emit(st: &Shared, id: ExecutionId, ev: NewEvent) -> Result<(), Stopped> {
     st.store.emit(id, ev).map(|_| ()).ok_or(Stopped)
 }
 
-/// Plays one step; `Ok(false)` when its call failed.
-async fn play_step(st: &Shared, id: ExecutionId, step: &StepPlan) -> Result<bool, Stopped> {
+/// Plays one step whose call returns `result`; `Ok(false)` when its call failed.
+async fn play_step(
+    st: &Shared,
+    id: ExecutionId,
+    step: &StepPlan,
+    result: &Value,
+) -> Result<bool, Stopped> {
     let cmd = st.ids.execution().0;
     let ev = |kind| NewEvent::new(kind, step.name.clone()).with_command(cmd);
     emit(st, id, ev(EventKind::CommandIssued))?;
@@ -331,14 +354,12 @@ async fn play_step(st: &Shared, id: ExecutionId, step: &StepPlan) -> Result<bool
         )?;
         return Ok(false);
     }
-    // Step results stay generic: auth steps must never put session tokens on the bus.
-    let result = json!({ "status": "ok" });
     emit(st, id, ev(EventKind::CallDone).with_result(result.clone()))?;
     emit(
         st,
         id,
         ev(EventKind::CommandCompleted)
-            .with_result(result)
+            .with_result(result.clone())
             .with_duration(step.duration),
     )?;
     emit(
@@ -362,7 +383,7 @@ fn step_failure(step: &str) -> Outcome {
     }
 }
 
-/// What a run that played all its steps reports.
+/// What a run that played all its steps reports (auth playbooks answered in their step).
 fn outcome(st: &Shared, pb: Playbook, wl: &Workload) -> Outcome {
     if pb.is_auth() {
         return auth_outcome(st, pb, wl);

@@ -107,14 +107,16 @@ struct Execution {
 
 impl Execution {
     fn record(&self, with_events: bool) -> Value {
+        // The real server's `ExecutionDetail`, field by field; its workload is the start
+        // event's `context.workload`, verbatim (what the gateway injected included).
         let mut v = json!({
             "execution_id": self.id,
-            "path": self.spec.path,
             "catalog_id": self.spec.catalog_id,
-            "resource_kind": self.spec.resource_kind.as_deref().unwrap_or("playbook"),
+            "path": self.spec.path,
             "status": self.status,
             "started_at": rfc3339(self.started_at),
             "completed_at": self.completed_at.map(rfc3339),
+            "parent_execution_id": null,
             "workload": self.spec.workload,
         });
         if with_events {
@@ -398,6 +400,49 @@ mod tests {
             .filter_map(|e| e["event_type"].as_str())
             .collect();
         assert_eq!(types, ["command.started", "playbook_cancelled"]);
+    }
+
+    #[test]
+    fn a_record_has_the_real_servers_fields_and_keeps_the_workload_verbatim() {
+        let s = store();
+        let workload = json!({"request_id": "r1", "callback_token": "t", "x": 1});
+        let id = started(s.admit(NewExecution {
+            workload: workload.clone(),
+            ..spec(Some("r1"))
+        }));
+        s.emit(
+            id,
+            NewEvent::new(EventKind::CallError, "step_1").with_error(json!({"message": "boom"})),
+        );
+        let rec = s.record(id).expect("known");
+        let mut keys: Vec<&str> = rec
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "catalog_id",
+                "completed_at",
+                "events",
+                "execution_id",
+                "parent_execution_id",
+                "path",
+                "started_at",
+                "status",
+                "workload"
+            ]
+        );
+        assert_eq!(rec["workload"], workload);
+        // The real server's `error` is a text column: an error object arrives as JSON text.
+        let error = rec["events"][0]["error"].as_str().expect("error text");
+        assert_eq!(
+            serde_json::from_str::<Value>(error).expect("JSON in the text"),
+            json!({"message": "boom"})
+        );
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub struct NewEvent {
     pub result: Value,
     /// The `error` column.
     pub error: Value,
+    /// The `context` column (the start event's holds `{workload}`, as the real server's).
+    pub context: Value,
     /// The command this event belongs to (command/call events).
     pub command_id: Option<u64>,
     /// Duration of the call, for completion events.
@@ -141,9 +143,16 @@ impl NewEvent {
             status: None,
             result: Value::Null,
             error: Value::Null,
+            context: Value::Null,
             command_id: None,
             duration: None,
         }
+    }
+
+    /// Sets `context`.
+    pub fn with_context(mut self, context: Value) -> Self {
+        self.context = context;
+        self
     }
 
     /// Sets `result`.

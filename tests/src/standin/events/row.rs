@@ -118,7 +118,11 @@ impl EventRow {
             created_at: at.clone(),
             timestamp: at,
             duration: ev.duration.map(|d| d.as_secs_f64()),
-            context: json!({}),
+            context: if ev.context.is_null() {
+                json!({})
+            } else {
+                ev.context
+            },
             loop_id: None,
             loop_name: None,
             iterator: None,
@@ -144,8 +148,15 @@ impl EventRow {
         }
     }
 
-    /// The short form used in execution records (`GET /api/executions/{id}`).
+    /// The short form used in execution records (`GET /api/executions/{id}`), as the real
+    /// server builds it: `error` is its text column, so an error object arrives as a JSON
+    /// document in a string.
     pub fn summary(&self) -> Value {
+        let error = match &self.error {
+            Value::Null => Value::Null,
+            Value::String(s) => Value::String(s.clone()),
+            other => Value::String(other.to_string()),
+        };
         json!({
             "event_id": self.event_id,
             "event_type": self.event_type,
@@ -153,7 +164,7 @@ impl EventRow {
             "status": self.status,
             "created_at": self.created_at,
             "result": self.result,
-            "error": self.error,
+            "error": error,
         })
     }
 
@@ -274,6 +285,31 @@ mod tests {
         assert_eq!(v["node_name"], "step_1");
         assert!(encode_row(&row(EventKind::CommandIssued, "s"), Shape::Python).is_none());
         assert!(encode_row(&row(EventKind::StepEnter, "s"), Shape::Python).is_none());
+    }
+
+    #[test]
+    fn the_start_row_carries_the_workload_in_its_context_like_the_real_server() {
+        let mut r = row(EventKind::PlaybookStarted, "demo/echo");
+        assert_eq!(r.context, json!({}), "other rows have an empty context");
+        let place = RowPlace {
+            event_id: EventId(600_000_000_000_000_002),
+            parent_event_id: None,
+            execution_id: ExecutionId(600_000_000_000_000_000),
+            catalog_id: 7,
+            playbook_path: "demo/echo",
+            at: Utc::now(),
+        };
+        let wl = json!({"workload": {"callback_token": "t", "greeting": "hi"}});
+        r = EventRow::build(
+            &place,
+            NewEvent::new(EventKind::PlaybookStarted, "demo/echo").with_context(wl.clone()),
+        );
+        let out = encode_row(&r, Shape::Rust).expect("rust shape");
+        let v: Value = serde_json::from_slice(&out.payload).expect("json");
+        assert_eq!(
+            v["context"], wl,
+            "NoETL publishes the whole row, workload included"
+        );
     }
 
     #[test]
