@@ -790,6 +790,36 @@ async fn a_logout_refuses_the_session_as_a_token_and_behind_an_assertion() {
 }
 
 #[tokio::test]
+async fn an_assertion_whose_sid_is_no_session_hash_is_an_assertion_error() {
+    let o = edge_origin(&[]).await;
+    let key = assertion::signing_key_from_b64(EDGE_SEED).unwrap();
+    let claims = AssertionClaims {
+        sub: "erin".into(),
+        email: "erin@example.test".into(),
+        roles: vec!["user".into()],
+        sid: "not-a-hash".into(),
+        rid: "rid-1".into(),
+        session_exp: 4_070_908_800,
+        iss: String::new(),
+        aud: String::new(),
+    };
+    let signed = assertion::sign(&claims, &key, chrono::Utc::now().timestamp()).unwrap();
+    let req = Request::post("/api/events/ticket")
+        .header(assertion::HEADER, signed)
+        .body(Body::empty())
+        .unwrap();
+    let (status, code, _, challenge) = refusal(&o, req).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "assertion_invalid_sid")
+    );
+    assert_eq!(
+        challenge, None,
+        "not a refusal of a session: the edge must not forget one"
+    );
+}
+
+#[tokio::test]
 async fn a_seen_session_that_noetl_ended_is_revoked() {
     let o = edge_origin(&["--session-cache-ttl", "1s"]).await;
     let expires_at_unix = chrono::Utc::now().timestamp() + 3600;

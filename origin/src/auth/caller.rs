@@ -55,8 +55,8 @@ pub struct Caller {
     /// The caller's session.
     pub record: SessionRecord,
     /// The session's hash (`hex(sha256(token))`, the assertion's `sid`): what revocations
-    /// and open connections are keyed by. Never the token.
-    pub session_id: String,
+    /// and open connections are keyed by.
+    pub session: SessionHash,
     /// How the caller was established.
     pub source: CallerSource,
 }
@@ -80,8 +80,14 @@ impl Caller {
             .or_else(|| request_token(parts));
         if let Some(EdgeIdentity(claims)) = parts.extensions.get::<EdgeIdentity>() {
             if !claims.sub.is_empty() {
+                let session = SessionHash::parse(&claims.sid).ok_or_else(|| {
+                    AppError::unauthorized(
+                        "assertion_invalid_sid",
+                        "the edge assertion names no valid session",
+                    )
+                })?;
                 if let Some(t) = &token {
-                    if SessionHash::of(t).as_str() != claims.sid {
+                    if SessionHash::of(t) != session {
                         return Err(AppError::unauthorized(
                             "assertion_session_mismatch",
                             "the edge assertion names another session",
@@ -107,11 +113,11 @@ impl Caller {
                         "session is expired",
                     ));
                 }
-                sessions.check_not_revoked(&claims.sid)?;
+                sessions.check_not_revoked(&session)?;
                 return Ok(Self {
                     token: token.unwrap_or_default(),
                     record,
-                    session_id: claims.sid.clone(),
+                    session,
                     source: CallerSource::EdgeAssertion,
                 });
             }
@@ -131,7 +137,7 @@ impl Caller {
         })?;
         match sessions.validate(&token).await? {
             Some(record) => Ok(Self {
-                session_id: SessionHash::of(&token).as_str().to_owned(),
+                session: SessionHash::of(&token),
                 token,
                 record,
                 source: CallerSource::Token,
@@ -151,7 +157,7 @@ impl Caller {
         }
         match self.source {
             CallerSource::Token => Ok(sessions.validate(&self.token).await?.is_some()),
-            CallerSource::EdgeAssertion => match sessions.check_not_revoked(&self.session_id) {
+            CallerSource::EdgeAssertion => match sessions.check_not_revoked(&self.session) {
                 Ok(()) => Ok(true),
                 Err(e) if e.status().as_u16() == 401 => Ok(false),
                 Err(e) => Err(e),

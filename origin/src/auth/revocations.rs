@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use gateway_shared::session::SessionHash;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -82,10 +83,10 @@ pub enum RevocationStatus {
 /// The in-memory revocation set, shared by everything in one replica.
 pub struct Revocations {
     /// Session hash → the session's expiry (seconds since the epoch).
-    revoked: RwLock<HashMap<String, i64>>,
+    revoked: RwLock<HashMap<SessionHash, i64>>,
     current: AtomicBool,
     /// Session hash → (cancelled on revocation, how many connections hold it).
-    listeners: Mutex<HashMap<String, (CancellationToken, usize)>>,
+    listeners: Mutex<HashMap<SessionHash, (CancellationToken, usize)>>,
     /// How long a marker whose value cannot be read is kept.
     fallback_keep: Duration,
 }
@@ -112,7 +113,7 @@ impl Revocations {
     }
 
     /// What the set says about session `hash` at `now_unix`.
-    pub fn status(&self, hash: &str, now_unix: i64) -> RevocationStatus {
+    pub fn status(&self, hash: &SessionHash, now_unix: i64) -> RevocationStatus {
         let revoked = self
             .revoked
             .read()
@@ -157,10 +158,10 @@ impl Revocations {
 
     /// Records a revocation of `hash` until `expires_at_unix`, and ends the session's open
     /// connections on this replica.
-    pub fn insert(&self, hash: &str, expires_at_unix: i64) {
+    pub fn insert(&self, hash: &SessionHash, expires_at_unix: i64) {
         {
             let mut map = self.revoked.write().unwrap_or_else(|p| p.into_inner());
-            let exp = map.entry(hash.to_owned()).or_insert(expires_at_unix);
+            let exp = map.entry(hash.clone()).or_insert(expires_at_unix);
             *exp = (*exp).max(expires_at_unix);
         }
         let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,7 +171,7 @@ impl Revocations {
     }
 
     /// Forgets a revocation (its marker was deleted from K/V, e.g. by an operator).
-    pub fn remove(&self, hash: &str) {
+    pub fn remove(&self, hash: &SessionHash) {
         self.revoked
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -185,27 +186,32 @@ impl Revocations {
             .retain(|_, exp| *exp > now_unix);
     }
 
-    /// Applies one watch item at `now_unix`.
+    /// Applies one watch item at `now_unix` (a key that is not a session hash is ignored).
     pub fn apply(&self, item: BucketWatchItem, now_unix: i64) {
         match item {
             BucketWatchItem::Change(KvEvent::Put { key, value }) => {
+                let Some(hash) = parse_key(&key) else { return };
                 let exp = RevocationMarker::expiry_of(&value, now_unix, self.fallback_keep);
                 if exp > now_unix {
-                    self.insert(&key, exp);
+                    self.insert(&hash, exp);
                 }
             }
-            BucketWatchItem::Change(KvEvent::Delete { key }) => self.remove(&key),
+            BucketWatchItem::Change(KvEvent::Delete { key }) => {
+                if let Some(hash) = parse_key(&key) {
+                    self.remove(&hash);
+                }
+            }
             BucketWatchItem::Current => self.set_current(true),
         }
     }
 
     /// A handle that is told when session `hash` is revoked (already cancelled if it is).
     /// Held by an open connection for as long as it lives.
-    pub fn session_end(self: &Arc<Self>, hash: &str, now_unix: i64) -> SessionEnd {
+    pub fn session_end(self: &Arc<Self>, hash: &SessionHash, now_unix: i64) -> SessionEnd {
         let token = {
             let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
             let (token, holders) = listeners
-                .entry(hash.to_owned())
+                .entry(hash.clone())
                 .or_insert_with(|| (CancellationToken::new(), 0));
             *holders += 1;
             token.clone()
@@ -215,7 +221,7 @@ impl Revocations {
         }
         SessionEnd {
             token,
-            hash: hash.to_owned(),
+            hash: hash.clone(),
             set: Arc::downgrade(self),
         }
     }
@@ -273,11 +279,19 @@ fn now_unix() -> i64 {
     super::session::now_unix()
 }
 
+fn parse_key(key: &str) -> Option<SessionHash> {
+    let hash = SessionHash::parse(key);
+    if hash.is_none() {
+        tracing::debug!(key, "K/V revoked key is not a session hash; ignored");
+    }
+    hash
+}
+
 /// An open connection's subscription to its session's revocation; see
 /// [`Revocations::session_end`].
 pub struct SessionEnd {
     token: CancellationToken,
-    hash: String,
+    hash: SessionHash,
     set: Weak<Revocations>,
 }
 
@@ -329,31 +343,36 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
+    /// The session hash of token `t`.
+    fn h(t: &str) -> SessionHash {
+        SessionHash::of(t)
+    }
+
     #[test]
     fn the_set_answers_unknown_until_current_and_a_known_revocation_always_holds() {
         let set = Revocations::new(DAY);
-        assert_eq!(set.status("a", 100), RevocationStatus::Unknown);
-        set.insert("a", 200);
-        assert_eq!(set.status("a", 100), RevocationStatus::Revoked);
+        assert_eq!(set.status(&h("a"), 100), RevocationStatus::Unknown);
+        set.insert(&h("a"), 200);
+        assert_eq!(set.status(&h("a"), 100), RevocationStatus::Revoked);
         set.set_current(true);
-        assert_eq!(set.status("b", 100), RevocationStatus::Clear);
-        assert_eq!(set.status("a", 100), RevocationStatus::Revoked);
+        assert_eq!(set.status(&h("b"), 100), RevocationStatus::Clear);
+        assert_eq!(set.status(&h("a"), 100), RevocationStatus::Revoked);
         set.set_current(false);
-        assert_eq!(set.status("a", 100), RevocationStatus::Revoked);
-        assert_eq!(set.status("b", 100), RevocationStatus::Unknown);
+        assert_eq!(set.status(&h("a"), 100), RevocationStatus::Revoked);
+        assert_eq!(set.status(&h("b"), 100), RevocationStatus::Unknown);
     }
 
     #[test]
     fn an_entry_stops_counting_at_the_sessions_expiry_and_is_swept() {
         let set = Revocations::new(DAY);
         set.set_current(true);
-        set.insert("a", 200);
-        set.insert("b", 300);
-        assert_eq!(set.status("a", 199), RevocationStatus::Revoked);
-        assert_eq!(set.status("a", 200), RevocationStatus::Clear);
+        set.insert(&h("a"), 200);
+        set.insert(&h("b"), 300);
+        assert_eq!(set.status(&h("a"), 199), RevocationStatus::Revoked);
+        assert_eq!(set.status(&h("a"), 200), RevocationStatus::Clear);
         set.sweep(250);
         assert_eq!(set.len(), 1);
-        assert_eq!(set.status("b", 250), RevocationStatus::Revoked);
+        assert_eq!(set.status(&h("b"), 250), RevocationStatus::Revoked);
     }
 
     #[test]
@@ -366,7 +385,7 @@ mod tests {
         let set = Revocations::new(DAY);
         set.apply(
             BucketWatchItem::Change(KvEvent::Put {
-                key: "old".into(),
+                key: h("old").as_str().into(),
                 value: m.to_bytes(),
             }),
             2000,
@@ -377,19 +396,27 @@ mod tests {
         );
         set.apply(
             BucketWatchItem::Change(KvEvent::Put {
-                key: "legacy".into(),
+                key: h("legacy").as_str().into(),
                 value: Bytes::from_static(b"1"),
             }),
             2000,
         );
-        assert_eq!(set.status("legacy", 2000), RevocationStatus::Revoked);
+        assert_eq!(set.status(&h("legacy"), 2000), RevocationStatus::Revoked);
         set.apply(
             BucketWatchItem::Change(KvEvent::Delete {
-                key: "legacy".into(),
+                key: h("legacy").as_str().into(),
             }),
             2000,
         );
         assert!(set.is_empty());
+        set.apply(
+            BucketWatchItem::Change(KvEvent::Put {
+                key: "not-a-session-hash".into(),
+                value: Bytes::from_static(b"1"),
+            }),
+            2000,
+        );
+        assert!(set.is_empty(), "a key that is no session hash is ignored");
         set.apply(BucketWatchItem::Current, 2000);
         assert!(set.is_current());
     }
@@ -397,15 +424,15 @@ mod tests {
     #[test]
     fn open_connections_are_told_and_listeners_are_dropped_with_them() {
         let set = Revocations::new(DAY);
-        let a1 = set.session_end("a", 100);
-        let a2 = set.session_end("a", 100);
-        let b = set.session_end("b", 100);
+        let a1 = set.session_end(&h("a"), 100);
+        let a2 = set.session_end(&h("a"), 100);
+        let b = set.session_end(&h("b"), 100);
         assert!(!a1.is_revoked());
-        set.insert("a", 200);
+        set.insert(&h("a"), 200);
         assert!(a1.is_revoked() && a2.is_revoked());
         assert!(!b.is_revoked());
         assert!(
-            set.session_end("a", 100).is_revoked(),
+            set.session_end(&h("a"), 100).is_revoked(),
             "a session revoked before the connection opened ends at once"
         );
         drop((a1, a2, b));
@@ -419,7 +446,7 @@ mod tests {
         let marker = RevocationMarker {
             expires_at_unix: exp,
         };
-        kv.put(Bucket::Revoked, "before", marker.to_bytes())
+        kv.put(Bucket::Revoked, h("before").as_str(), marker.to_bytes())
             .await
             .unwrap();
         let set = Revocations::new(DAY);
@@ -430,9 +457,12 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "never current");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(set.status("before", now_unix()), RevocationStatus::Revoked);
-        let end = set.session_end("after", now_unix());
-        kv.put(Bucket::Revoked, "after", marker.to_bytes())
+        assert_eq!(
+            set.status(&h("before"), now_unix()),
+            RevocationStatus::Revoked
+        );
+        let end = set.session_end(&h("after"), now_unix());
+        kv.put(Bucket::Revoked, h("after").as_str(), marker.to_bytes())
             .await
             .unwrap();
         tokio::time::timeout(Duration::from_secs(5), end.revoked())

@@ -132,7 +132,7 @@ impl SessionService {
     /// Whether session `hash` may be served as far as revocations go, for a caller that
     /// carries no token (an edge assertion): 401 `invalid_session` when revoked, 503
     /// `revocations_unavailable` while the set is not current — never a pass on doubt.
-    pub fn check_not_revoked(&self, hash: &str) -> Result<(), AppError> {
+    pub fn check_not_revoked(&self, hash: &SessionHash) -> Result<(), AppError> {
         match self.revocations.status(hash, now_unix()) {
             RevocationStatus::Clear => Ok(()),
             RevocationStatus::Revoked => Err(AppError::unauthorized(
@@ -188,7 +188,7 @@ impl SessionService {
     pub async fn validate(&self, token: &str) -> Result<Option<SessionRecord>, AppError> {
         let hash = SessionHash::of(token);
         let now = now_unix();
-        let cached = match self.revocations.status(hash.as_str(), now) {
+        let cached = match self.revocations.status(&hash, now) {
             RevocationStatus::Revoked => return Ok(None),
             RevocationStatus::Clear => self.store_get(Bucket::Sessions, &hash).await,
             // The set cannot answer: read the marker itself, and refuse to guess.
@@ -201,7 +201,7 @@ impl SessionService {
                     Ok(Some(marker)) => {
                         let exp =
                             RevocationMarker::expiry_of(&marker, now, self.settings.revoked_keep);
-                        self.revocations.insert(hash.as_str(), exp);
+                        self.revocations.insert(&hash, exp);
                         return Ok(None);
                     }
                     Ok(None) => {}
@@ -321,7 +321,7 @@ impl SessionService {
         self.kv
             .put_with_ttl(Bucket::Revoked, hash.as_str(), marker.to_bytes(), keep)
             .await?;
-        self.revocations.insert(hash.as_str(), exp);
+        self.revocations.insert(hash, exp);
         Ok(())
     }
 

@@ -115,19 +115,19 @@ fn parse_query(raw: Option<&str>) -> Result<EventsQuery, AppError> {
     Ok(q)
 }
 
-/// What a ticket stands for: the user, and the session it was issued to (so the stream
-/// it opens ends with that session).
+/// What a ticket stands for: the user, and the session it was issued to (its hash, so the
+/// stream it opens ends with that session).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct TicketValue {
     user: User,
-    session_id: String,
+    session: String,
     expires_at_unix: i64,
 }
 
 /// Who an `/events` request is: the user and the session the stream is bound to.
 struct StreamOwner {
     user: User,
-    session_id: String,
+    session: SessionHash,
     expires_at_unix: i64,
 }
 
@@ -145,7 +145,7 @@ async fn ticket(State(state): State<EventsState>, caller: Caller) -> Result<Resp
     let value = serde_json::to_vec(&TicketValue {
         expires_at_unix: caller.record.expires_at_unix,
         user: caller.record.user,
-        session_id: caller.session_id,
+        session: caller.session.as_str().to_owned(),
     })
     .expect("a ticket is plain data");
     state
@@ -194,10 +194,11 @@ async fn redeem_ticket(state: &EventsState, ticket: &str) -> Result<StreamOwner,
     }
     let _ = state.kv.delete(Bucket::Clients, &key).await;
     let value: TicketValue = serde_json::from_slice(&user_bytes).map_err(|_| refused())?;
-    state.sessions.check_not_revoked(&value.session_id)?;
+    let session = SessionHash::parse(&value.session).ok_or_else(refused)?;
+    state.sessions.check_not_revoked(&session)?;
     Ok(StreamOwner {
         user: value.user,
-        session_id: value.session_id,
+        session,
         expires_at_unix: value.expires_at_unix,
     })
 }
@@ -214,7 +215,7 @@ async fn authenticate(
             Ok(StreamOwner {
                 expires_at_unix: caller.record.expires_at_unix,
                 user: caller.record.user,
-                session_id: caller.session_id,
+                session: caller.session,
             })
         }
     }
@@ -314,7 +315,7 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         end: state
             .sessions
             .revocations()
-            .session_end(&owner.session_id, now_unix()),
+            .session_end(&owner.session, now_unix()),
         expires_at_unix: owner.expires_at_unix,
     };
     let body = SseBody::new(state, client_id, Bytes::from(first), sub.frames, session);

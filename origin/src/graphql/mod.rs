@@ -294,7 +294,7 @@ async fn serve_socket(
                     let end = state
                         .sessions
                         .revocations()
-                        .session_end(&caller.session_id, now_unix());
+                        .session_end(&caller.session, now_unix());
                     let _ = session_end.set(end);
                     let _ = outcome.set(InitOutcome::Accepted {
                         expires_at_unix: caller.record.expires_at_unix,
