@@ -819,6 +819,54 @@ async fn an_assertion_whose_sid_is_no_session_hash_is_an_assertion_error() {
     );
 }
 
+/// The next chunk of a streaming body as text, `None` at its end; it must come within 1 s.
+async fn next_chunk(body: &mut Body) -> Option<String> {
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(1), body.frame())
+        .await
+        .expect("the stream moves within 1 s");
+    match frame {
+        Some(Ok(f)) => Some(String::from_utf8_lossy(&f.into_data().ok()?).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn an_open_event_stream_ends_with_session_ended_when_its_session_logs_out() {
+    let o = Origin::new(&[]).await;
+    o.seed_session("tok-frank", "frank").await;
+    let resp = o
+        .public
+        .clone()
+        .oneshot(with_peer(bearer(get("/events"), "tok-frank")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = next_chunk(&mut body).await.expect("the init frame");
+    assert!(first.contains("clientId"), "{first}");
+
+    let (status, _) = o
+        .public(post_json(
+            "/api/auth/logout",
+            json!({"session_token": "tok-frank"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let mut seen = String::new();
+    while let Some(chunk) = next_chunk(&mut body).await {
+        seen.push_str(&chunk);
+    }
+    assert!(
+        seen.contains("event: session/ended\n")
+            && seen.contains(r#""method":"session/ended","params":{"reason":"logged_out"}"#),
+        "the last frame says why: {seen:?}"
+    );
+    assert!(
+        seen.trim_end().ends_with('}'),
+        "session/ended is the last frame: {seen:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_seen_session_that_noetl_ended_is_revoked() {
     let o = edge_origin(&["--session-cache-ttl", "1s"]).await;
