@@ -23,6 +23,13 @@ impl SessionHash {
         Self(hex::encode(Sha256::digest(token.as_bytes())))
     }
 
+    /// A hash received in its hex form (an edge assertion's `sid`, a K/V key): exactly 64
+    /// lowercase hex characters, else `None`.
+    pub fn parse(hex: &str) -> Option<Self> {
+        (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Self(hex.to_owned()))
+    }
+
     /// The 64 lowercase hex characters.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -195,6 +202,16 @@ pub fn is_session_refused(www_authenticate: Option<&str>) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_hash_parses_only_from_its_own_hex_form() {
+        let h = SessionHash::of("tok");
+        assert_eq!(SessionHash::parse(h.as_str()), Some(h.clone()));
+        assert_eq!(SessionHash::parse(&h.as_str().to_uppercase()), None);
+        assert_eq!(SessionHash::parse(&h.as_str()[..63]), None);
+        assert_eq!(SessionHash::parse(""), None);
+        assert_eq!(SessionHash::parse(&"g".repeat(64)), None);
+    }
 
     #[test]
     fn session_hash_is_hex_sha256() {

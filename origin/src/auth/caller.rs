@@ -13,6 +13,13 @@
 //!    `Authorization: Bearer`, the `session_token` cookie or `?session_token=` — validated by
 //!    the [`SessionService`] (cache, revocations, NoETL).
 //!
+//! Either way the session must be neither expired nor revoked: the replica's revocation set
+//! ([`super::revocations`]) is consulted for an asserted session too (its `sid` is the
+//! session hash), so a logout binds the edge's callers within the set's propagation time.
+//! A refused session is 401 `invalid_session` (with `WWW-Authenticate: Bearer
+//! error="invalid_token"`, which tells the edge to forget it); a set that is not current
+//! refuses an assertion-only caller with 503 `revocations_unavailable`.
+//!
 //! Anything that should refuse a caller (revocation, expiry, a mismatch) is decided in this
 //! file, so a new rule is a change in one place.
 
@@ -47,6 +54,9 @@ pub struct Caller {
     pub token: String,
     /// The caller's session.
     pub record: SessionRecord,
+    /// The session's hash (`hex(sha256(token))`, the assertion's `sid`): what revocations
+    /// and open connections are keyed by.
+    pub session: SessionHash,
     /// How the caller was established.
     pub source: CallerSource,
 }
@@ -70,8 +80,14 @@ impl Caller {
             .or_else(|| request_token(parts));
         if let Some(EdgeIdentity(claims)) = parts.extensions.get::<EdgeIdentity>() {
             if !claims.sub.is_empty() {
+                let session = SessionHash::parse(&claims.sid).ok_or_else(|| {
+                    AppError::unauthorized(
+                        "assertion_invalid_sid",
+                        "the edge assertion names no valid session",
+                    )
+                })?;
                 if let Some(t) = &token {
-                    if SessionHash::of(t).as_str() != claims.sid {
+                    if SessionHash::of(t) != session {
                         return Err(AppError::unauthorized(
                             "assertion_session_mismatch",
                             "the edge assertion names another session",
@@ -97,9 +113,11 @@ impl Caller {
                         "session is expired",
                     ));
                 }
+                sessions.check_not_revoked(&session)?;
                 return Ok(Self {
                     token: token.unwrap_or_default(),
                     record,
+                    session,
                     source: CallerSource::EdgeAssertion,
                 });
             }
@@ -119,6 +137,7 @@ impl Caller {
         })?;
         match sessions.validate(&token).await? {
             Some(record) => Ok(Self {
+                session: SessionHash::of(&token),
                 token,
                 record,
                 source: CallerSource::Token,
@@ -136,7 +155,14 @@ impl Caller {
         if !self.record.is_honoured(now_unix()) {
             return Ok(false);
         }
-        Ok(sessions.validate(&self.token).await?.is_some())
+        match self.source {
+            CallerSource::Token => Ok(sessions.validate(&self.token).await?.is_some()),
+            CallerSource::EdgeAssertion => match sessions.check_not_revoked(&self.session) {
+                Ok(()) => Ok(true),
+                Err(e) if e.status().as_u16() == 401 => Ok(false),
+                Err(e) => Err(e),
+            },
+        }
     }
 }
 

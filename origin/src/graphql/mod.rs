@@ -23,7 +23,9 @@
 //!   that cannot answer closes it with 1011, which clients retry.
 //! - No `connection_init` within [`INIT_TIMEOUT`] → 4408; a `subscribe` before the ack →
 //!   4401; a message that is not protocol JSON → 4400.
-//! - The socket closes with 4403 when its session expires and with 1001 on shutdown;
+//! - The socket closes with 4403 when its session is revoked (a logout on any replica, told
+//!   by the revocation set within its propagation time, no polling) or expires, and with
+//!   1001 on shutdown;
 //!   WebSocket pings every `SSE_KEEPALIVE_INTERVAL` keep proxies from idling it out, and a
 //!   peer that stops reading is dropped after [`WRITE_TIMEOUT`].
 //! - Messages are at most [`MAX_BODY`], like HTTP bodies; the schema's depth and
@@ -58,7 +60,8 @@ use tokio_util::sync::CancellationToken;
 pub use schema::{build_schema, GatewaySchema};
 
 use crate::auth::caller::{socket_init_token, socket_upgrade_token};
-use crate::auth::session::{now_unix, SessionService};
+use crate::auth::revocations::SessionEnd;
+use crate::auth::session::{now_unix, until_unix, SessionService};
 use crate::auth::Caller;
 use crate::error::{json_response, AppError};
 use crate::extract::{is_json_content_type, parse_json, read_body_limited};
@@ -247,10 +250,17 @@ async fn send(sink: &mut SplitSink<WebSocket, Message>, message: Message) -> boo
 async fn session_expiry(init: Option<&InitOutcome>) {
     match init {
         Some(InitOutcome::Accepted { expires_at_unix }) => {
-            let left = u64::try_from(expires_at_unix - now_unix()).unwrap_or(0);
-            tokio::time::sleep(Duration::from_secs(left)).await
+            tokio::time::sleep(until_unix(*expires_at_unix)).await
         }
         _ => std::future::pending().await,
+    }
+}
+
+/// Completes when the session behind an accepted socket is revoked; never before that.
+async fn session_revoked(end: Option<&SessionEnd>) {
+    match end {
+        Some(end) => end.revoked().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -273,13 +283,19 @@ async fn serve_socket(
             })
         });
     let outcome: Arc<OnceLock<InitOutcome>> = Arc::default();
+    let session_end: Arc<OnceLock<SessionEnd>> = Arc::default();
     let on_init = {
-        let (state, outcome) = (state.clone(), outcome.clone());
+        let (state, outcome, session_end) = (state.clone(), outcome.clone(), session_end.clone());
         move |payload: Value| async move {
             let token = socket_init_token(&payload, upgrade_token);
             match Caller::from_token(&state.sessions, token).await {
                 Ok(caller) => {
                     tracing::info!(user = %caller.user().user_id, "graphql-ws connection accepted");
+                    let end = state
+                        .sessions
+                        .revocations()
+                        .session_end(&caller.session, now_unix());
+                    let _ = session_end.set(end);
                     let _ = outcome.set(InitOutcome::Accepted {
                         expires_at_unix: caller.record.expires_at_unix,
                     });
@@ -313,6 +329,7 @@ async fn serve_socket(
                 break Some(Close::new(4408, "Connection initialisation timeout"));
             }
             () = session_expiry(init) => break Some(Close::new(4403, "Forbidden: session expired")),
+            () = session_revoked(session_end.get()) => break Some(Close::new(4403, "Forbidden: session ended")),
             _ = keepalive.tick() => {
                 if !send(&mut sink, Message::Ping(Default::default())).await {
                     break None;
