@@ -142,13 +142,20 @@ pub struct Config {
     #[arg(long, env = "AUTH_ALLOW_UNVERIFIED_EMAIL", default_value_t = false, action = clap::ArgAction::Set)]
     pub auth_allow_unverified_email: bool,
 
-    /// How long a validated session is served from the cache (K/V `sessions` TTL).
+    /// How long a validated session is served from the cache before NoETL is asked again
+    /// (the entry itself is kept for the session's life, up to `SESSION_MAX_LIFE`).
     #[arg(long, env = "SESSION_CACHE_TTL", value_parser = parse_duration, default_value = "300s")]
     pub session_cache_ttl: Duration,
 
-    /// The longest a NoETL session can live; revocations are kept this long at most.
+    /// The longest a NoETL session is expected to live (K/V `sessions` and `clients` TTL).
     #[arg(long, env = "SESSION_MAX_LIFE", value_parser = parse_duration, default_value = "24h")]
     pub session_max_life: Duration,
+
+    /// The longest a revocation is kept (K/V `revoked` max age): each marker lives for its
+    /// session's remaining life up to this, and this long when that life is unknown.
+    /// At least `SESSION_MAX_LIFE`.
+    #[arg(long, env = "REVOKED_MAX_AGE", value_parser = parse_duration, default_value = "30d")]
+    pub revoked_max_age: Duration,
 
     /// How long a check-access decision is reused per (user, playbook, permission).
     #[arg(long, env = "ACCESS_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
@@ -326,6 +333,9 @@ impl Config {
         }
         if self.session_max_life < self.session_cache_ttl {
             return err("SESSION_MAX_LIFE must be at least SESSION_CACHE_TTL");
+        }
+        if self.revoked_max_age < self.session_max_life {
+            return err("REVOKED_MAX_AGE must be at least SESSION_MAX_LIFE");
         }
         if self.auth_body_limit < 1024 {
             return err("AUTH_BODY_LIMIT must be at least 1024 bytes");

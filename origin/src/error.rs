@@ -161,7 +161,14 @@ impl IntoResponse for AppError {
         }
         let refused_session =
             matches!(&self, AppError::Unauthorized { code, .. } if *code == SESSION_REFUSED_CODE);
+        let retry_later = matches!(&self, AppError::Unavailable { code, .. } if *code == REVOCATIONS_UNAVAILABLE_CODE);
         let mut response = json_response(status, &self.body());
+        if retry_later {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if refused_session {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -179,6 +186,11 @@ impl IntoResponse for AppError {
 /// ([`gateway_shared::session::SESSION_REFUSED_CHALLENGE`]), which is what tells the edge to
 /// forget the session; no other 401 does.
 pub const SESSION_REFUSED_CODE: &str = "invalid_session";
+
+/// The 503 code for "whether this session is revoked cannot be told right now" (the
+/// replica's revocation set is not current and K/V cannot be read): retryable, sent with
+/// `Retry-After: 1`. Never a 200 on doubt.
+pub const REVOCATIONS_UNAVAILABLE_CODE: &str = "revocations_unavailable";
 
 /// A JSON response with a status; the one place bodies are serialised for errors.
 pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {

@@ -14,8 +14,9 @@
 //! - [`listener`] — the accept loop: hyper, or the lean HTTP/1.1 writer for `GET /events`.
 //!
 //! Handlers (each a router over its own substate):
-//! - [`auth`] — who is calling (`Caller`), ID-token verification, the session service and
-//!   the auth REST API.
+//! - [`auth`] — who is calling (`Caller`), ID-token verification, the session service, the
+//!   revocation set (`auth/revocations.rs`, fed by a watch on K/V `revoked`) and the auth
+//!   REST API.
 //! - [`graphql`] — the GraphQL schema, `/graphql` and `/graphql/ws`.
 //! - [`events`] — SSE `/events` and its tickets.
 //! - [`callbacks`] — playbook callbacks and progress (internal listener).

@@ -16,6 +16,7 @@ use crate::app::{internal_router, public_router};
 use crate::auth::backend::{AuthBackend, AuthPlaybooks, PlaybookBackend};
 use crate::auth::edge::EdgeTrust;
 use crate::auth::jwks::{IdTokenConfig, IdTokenVerifier};
+use crate::auth::revocations::Revocations;
 use crate::auth::routes::AuthRoutesState;
 use crate::auth::session::{SessionService, SessionSettings};
 use crate::bridge::BridgeConfig;
@@ -39,6 +40,9 @@ use crate::store::memory::MemoryKv;
 use crate::store::nats::NatsKv;
 use crate::store::{BucketTtls, KvStore};
 
+/// How long start-up waits for the revocation set's initial load.
+const REVOCATIONS_START_WAIT: Duration = Duration::from_secs(5);
+
 /// How many times the first NATS connection is tried before start-up fails.
 const NATS_CONNECT_ATTEMPTS: u32 = 10;
 
@@ -56,12 +60,36 @@ pub fn check_policies(config: &Config) -> Result<(), ConfigError> {
 /// Connects NATS (if configured), builds the application state and starts the NATS
 /// bridge. `shutdown` is cancelled on SIGTERM: SSE streams and the bridge stop with it.
 pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
+    build(config, None, shutdown).await
+}
+
+/// [`build_state`] over a given store instead of the embedded one, for a configuration
+/// without `NATS_URL` (the in-process handler tests wrap the memory store to make it fail).
+pub async fn build_state_with_store(
+    config: Config,
+    kv: Arc<dyn KvStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppState> {
+    anyhow::ensure!(
+        config.nats_url.is_none(),
+        "a given store replaces the embedded one only without NATS_URL"
+    );
+    build(config, Some(kv), shutdown).await
+}
+
+async fn build(
+    config: Config,
+    given_kv: Option<Arc<dyn KvStore>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppState> {
     let config = Arc::new(config);
     let ttls = BucketTtls {
-        sessions: config.session_cache_ttl,
+        // Entries live for their session's life (they tell the gateway it has seen a
+        // token); they are served for SESSION_CACHE_TTL only (auth/session.rs).
+        sessions: config.session_max_life,
         requests: config.request_ttl,
         interest: config.request_ttl,
-        revoked: config.session_max_life,
+        revoked: config.revoked_max_age,
         clients: config.session_max_life,
     };
     let (kv, nats): (Arc<dyn KvStore>, _) = match &config.nats_url {
@@ -75,7 +103,8 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         }
         None => {
             tracing::warn!("NATS_URL is unset: embedded in-memory store, run ONE replica only");
-            (Arc::new(MemoryKv::new(ttls)), None)
+            let kv = given_kv.unwrap_or_else(|| Arc::new(MemoryKv::new(ttls)));
+            (kv, None)
         }
     };
     let noetl = NoetlClient::new(
@@ -119,16 +148,20 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
             ))
         }
     };
+    let revocations = Revocations::new(config.revoked_max_age);
+    revocations.spawn_watch(kv.clone(), shutdown.clone());
+    wait_until_current(&revocations).await;
     let sessions = SessionService::new(
         kv.clone(),
         backend,
         verifier,
         SessionSettings {
             cache_ttl: config.session_cache_ttl,
-            max_life: config.session_max_life,
+            revoked_keep: config.revoked_max_age,
             access_ttl: config.access_cache_ttl,
             auth0_domain,
         },
+        revocations,
     );
     let allow =
         AllowList::parse(&config.proxy_allow).map_err(|e| anyhow::anyhow!("PROXY_ALLOW: {e}"))?;
@@ -232,6 +265,23 @@ pub async fn build_state(config: Config, shutdown: CancellationToken) -> anyhow:
         edge_trust,
         shutdown,
     })
+}
+
+/// Gives the revocation watch a moment to load before the listeners open, so the first
+/// assertion-only callers are not refused with 503 for nothing. Never fails start-up: a
+/// set that is not current refuses fail-closed until it is.
+async fn wait_until_current(revocations: &Revocations) {
+    let deadline = tokio::time::Instant::now() + REVOCATIONS_START_WAIT;
+    while !revocations.is_current() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "revocation set not loaded yet; assertion-only callers get 503 until it is"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(revocations = revocations.len(), "revocation set loaded");
 }
 
 async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {

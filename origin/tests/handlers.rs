@@ -9,6 +9,7 @@
 //! asked about is invalid) or, where a test needs it unreachable, a closed port.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -27,7 +28,8 @@ use origin::bus::StartAt;
 use origin::config::Config;
 use origin::requests::{CallbackTokens, RequestEntry};
 use origin::state::AppState;
-use origin::store::{Bucket, KvStore};
+use origin::store::memory::MemoryKv;
+use origin::store::{Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError};
 use origin::{app, clients, requests, server};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +53,16 @@ impl Origin {
     /// An origin over the embedded store and bus with `extra` settings on top of the test
     /// defaults; NoETL is `noetl` (a base URL).
     async fn with(noetl: &str, extra: &[&str]) -> Self {
+        Self::build(noetl, extra, None).await
+    }
+
+    /// An origin over `kv` (instead of the embedded store) and the NoETL stub.
+    async fn with_store(extra: &[&str], kv: Arc<dyn KvStore>) -> Self {
+        let noetl = fake_noetl().await;
+        Self::build(&noetl, extra, Some(kv)).await
+    }
+
+    async fn build(noetl: &str, extra: &[&str], kv: Option<Arc<dyn KvStore>>) -> Self {
         let mut args = vec![
             "origin",
             "--noetl-base-url",
@@ -72,9 +84,11 @@ impl Origin {
         let config = Config::try_parse_from(args).expect("test settings parse");
         config.validate().expect("test settings are valid");
         server::check_policies(&config).expect("test policies are valid");
-        let state = server::build_state(config, CancellationToken::new())
-            .await
-            .expect("state over the embedded store and bus");
+        let state = match kv {
+            None => server::build_state(config, CancellationToken::new()).await,
+            Some(kv) => server::build_state_with_store(config, kv, CancellationToken::new()).await,
+        }
+        .expect("state over the embedded (or a given) store and bus");
         Self {
             public: app::public_router(state.clone()),
             internal: app::internal_router(state.clone()),
@@ -578,6 +592,253 @@ async fn a_ticket_is_redeemed_once() {
     let (status, body) = o.public(get(&uri)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(error_code(&body), "invalid_ticket");
+}
+
+// ---- revocations ---------------------------------------------------------------------
+
+/// The memory store with switchable failures: reads of chosen buckets, and (fixed at
+/// creation) the bucket-wide watch — so the revocation set never becomes current.
+struct FlakyKv {
+    inner: MemoryKv,
+    failing_reads: Mutex<Vec<Bucket>>,
+    watch_fails: bool,
+}
+
+impl FlakyKv {
+    fn new(watch_fails: bool) -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryKv::new(BucketTtls::default()),
+            failing_reads: Mutex::new(Vec::new()),
+            watch_fails,
+        })
+    }
+
+    fn fail_reads(&self, buckets: &[Bucket]) {
+        *self.failing_reads.lock().unwrap() = buckets.to_vec();
+    }
+
+    fn down(what: &str) -> StoreError {
+        StoreError::Unavailable(format!("flaky store: {what}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl KvStore for FlakyKv {
+    async fn get(&self, bucket: Bucket, key: &str) -> Result<Option<Bytes>, StoreError> {
+        if self.failing_reads.lock().unwrap().contains(&bucket) {
+            return Err(Self::down("get"));
+        }
+        self.inner.get(bucket, key).await
+    }
+    async fn put(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<(), StoreError> {
+        self.inner.put(bucket, key, value).await
+    }
+    async fn put_with_ttl(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.put_with_ttl(bucket, key, value, ttl).await
+    }
+    async fn create(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<bool, StoreError> {
+        self.inner.create(bucket, key, value).await
+    }
+    async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(bucket, key).await
+    }
+    async fn watch(
+        &self,
+        bucket: Bucket,
+        key: &str,
+    ) -> Result<futures::stream::BoxStream<'static, KvEvent>, StoreError> {
+        self.inner.watch(bucket, key).await
+    }
+    async fn watch_bucket(
+        &self,
+        bucket: Bucket,
+    ) -> Result<futures::stream::BoxStream<'static, BucketWatchItem>, StoreError> {
+        if self.watch_fails {
+            return Err(Self::down("watch"));
+        }
+        self.inner.watch_bucket(bucket).await
+    }
+    async fn is_healthy(&self) -> bool {
+        true
+    }
+}
+
+/// A response's `(status, error code, Retry-After, WWW-Authenticate)`.
+async fn refusal(
+    o: &Origin,
+    req: Request<Body>,
+) -> (StatusCode, String, Option<String>, Option<String>) {
+    let resp = o.public.clone().oneshot(with_peer(req)).await.unwrap();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (retry_after, challenge) = (header("retry-after"), header("www-authenticate"));
+    let (status, body) = read(resp).await;
+    (status, error_code(&body).to_owned(), retry_after, challenge)
+}
+
+fn validate_with(token: &str) -> Request<Body> {
+    post_json("/api/auth/validate", json!({ "session_token": token }))
+}
+
+fn ticket_as_asserted(user_id: &str, token: &str) -> Request<Body> {
+    Request::post("/api/events/ticket")
+        .header(assertion::HEADER, signed_assertion(user_id, token))
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_revoked_read_failure_answers_503_never_200() {
+    let kv = FlakyKv::new(true);
+    kv.fail_reads(&[Bucket::Revoked]);
+    let settings = edge_settings();
+    let args: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let o = Origin::with_store(&args, kv.clone()).await;
+    assert!(!o.state.auth.sessions.revocations().is_current());
+    o.seed_session("tok-alice", "alice").await;
+
+    // A token caller: the set cannot answer, the direct read fails → 503, retryable.
+    let (status, code, retry_after, challenge) = refusal(&o, validate_with("tok-alice")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(code, "revocations_unavailable");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(challenge, None, "not a refusal of the session itself");
+    // An assertion-only caller: refused fail-closed while the set is not current.
+    let (status, code, retry_after, _) =
+        refusal(&o, ticket_as_asserted("alice", "tok-alice")).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "revocations_unavailable")
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+
+    // The revoked read works again: a token caller is answered from it, an assertion-only
+    // caller still is not (the set is still not current).
+    kv.fail_reads(&[]);
+    let (status, body) = o.public(validate_with("tok-alice")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, code, _, _) = refusal(&o, ticket_as_asserted("alice", "tok-alice")).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "revocations_unavailable")
+    );
+}
+
+#[tokio::test]
+async fn a_session_cache_failure_still_falls_back_to_noetl_while_revocations_are_current() {
+    let kv = FlakyKv::new(false);
+    let o = Origin::with_store(&[], kv.clone()).await;
+    assert!(o.state.auth.sessions.revocations().is_current());
+    o.seed_session("tok-alice", "alice").await;
+    kv.fail_reads(&[Bucket::Sessions, Bucket::Revoked]);
+    // The cache is unreadable, revocations come from memory: NoETL decides (the stub knows
+    // no session), not a 503.
+    let (status, code, _, challenge) = refusal(&o, validate_with("tok-alice")).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_session")
+    );
+    assert!(challenge.is_some());
+}
+
+#[tokio::test]
+async fn a_logout_refuses_the_session_as_a_token_and_behind_an_assertion() {
+    let o = edge_origin(&["--revoked-max-age", "36500days"]).await;
+    let record = o.seed_session("tok-carol", "carol").await;
+    let (status, body) = o.public(ticket_as_asserted("carol", "tok-carol")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, _) = o
+        .public(post_json(
+            "/api/auth/logout",
+            json!({"session_token": "tok-carol"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for req in [
+        ticket_as_asserted("carol", "tok-carol"),
+        validate_with("tok-carol"),
+    ] {
+        let (status, code, _, challenge) = refusal(&o, req).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::UNAUTHORIZED, "invalid_session")
+        );
+        assert_eq!(
+            challenge.as_deref(),
+            Some(gateway_shared::session::SESSION_REFUSED_CHALLENGE)
+        );
+    }
+    // The marker is kept until the session's own expiry, whatever SESSION_MAX_LIFE says.
+    let marker = o
+        .kv()
+        .get(Bucket::Revoked, SessionHash::of("tok-carol").as_str())
+        .await
+        .unwrap()
+        .expect("a revocation marker");
+    let marker: Value = serde_json::from_slice(&marker).unwrap();
+    assert_eq!(marker["expires_at_unix"], record.expires_at_unix);
+}
+
+#[tokio::test]
+async fn a_seen_session_that_noetl_ended_is_revoked() {
+    let o = edge_origin(&["--session-cache-ttl", "1s"]).await;
+    let expires_at_unix = chrono::Utc::now().timestamp() + 3600;
+    // Cached, and confirmed by NoETL an hour ago: stale, so NoETL is asked again (the stub
+    // says the session is over).
+    let entry = json!({
+        "user": {"user_id": "dave", "email": "dave@example.test", "display_name": "dave", "roles": ["user"]},
+        "expires_at": "2099-01-01T00:00:00Z",
+        "expires_at_unix": expires_at_unix,
+        "is_active": true,
+        "checked_at": chrono::Utc::now().timestamp() - 3600,
+    });
+    let hash = SessionHash::of("tok-dave");
+    o.kv()
+        .put(
+            Bucket::Sessions,
+            hash.as_str(),
+            Bytes::from(entry.to_string()),
+        )
+        .await
+        .unwrap();
+    let (status, code, _, _) = refusal(&o, validate_with("tok-dave")).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_session")
+    );
+    let marker = o
+        .kv()
+        .get(Bucket::Revoked, hash.as_str())
+        .await
+        .unwrap()
+        .expect("NoETL's end of a seen session is a revocation");
+    let marker: Value = serde_json::from_slice(&marker).unwrap();
+    assert_eq!(marker["expires_at_unix"], expires_at_unix);
+    // …which binds the edge's callers of it too.
+    let (status, code, _, _) = refusal(&o, ticket_as_asserted("dave", "tok-dave")).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_session")
+    );
+    // A token the gateway never saw leaves no marker behind.
+    let (status, _) = o.public(validate_with("tok-never-seen")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(o
+        .kv()
+        .get(Bucket::Revoked, SessionHash::of("tok-never-seen").as_str())
+        .await
+        .unwrap()
+        .is_none());
 }
 
 // ---- /noetl/* ------------------------------------------------------------------------

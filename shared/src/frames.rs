@@ -29,6 +29,8 @@ pub mod event {
     pub const RESET: &str = "stream/reset";
     /// This connection fell too far behind and is closed; reconnect with `Last-Event-ID`.
     pub const EVICTED: &str = "stream/evicted";
+    /// The stream's session was revoked (logout) or expired: the last frame, then close.
+    pub const SESSION_ENDED: &str = "session/ended";
 }
 
 /// A JSON-RPC 2.0 notification: `{"jsonrpc":"2.0","method":…,"params":…}`.

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use gateway_tests::harness::nats::NatsServer;
 use origin::store::memory::MemoryKv;
 use origin::store::nats::NatsKv;
-use origin::store::{Bucket, BucketTtls, KvEvent, KvStore, StoreError};
+use origin::store::{Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError};
 use std::time::{Duration, Instant};
 
 /// Short bucket TTLs: `sessions` expires fast for the expiry checks; the others outlive
@@ -110,6 +110,7 @@ conformance!(
     values_with_arbitrary_bytes_round_trip,
     concurrent_creates_of_the_same_key_have_exactly_one_winner,
     the_store_reports_itself_healthy,
+    a_bucket_watch_delivers_the_live_values_then_current_then_changes,
 );
 
 fn b(s: &str) -> Bytes {
@@ -476,6 +477,59 @@ async fn concurrent_creates_of_the_same_key_have_exactly_one_winner(
     Ok(())
 }
 
+async fn next_item(
+    watch: &mut BoxStream<'static, BucketWatchItem>,
+) -> anyhow::Result<BucketWatchItem> {
+    tokio::time::timeout(EVENT_TIMEOUT, watch.next())
+        .await
+        .context("no bucket watch item in time")?
+        .context("the bucket watch ended")
+}
+
+async fn a_bucket_watch_delivers_the_live_values_then_current_then_changes(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = s.kv.as_ref();
+    let mut empty = kv.watch_bucket(Bucket::Clients).await?;
+    ensure!(
+        next_item(&mut empty).await? == BucketWatchItem::Current,
+        "an empty bucket is current at once"
+    );
+    kv.put(Bucket::Revoked, "a", b("1")).await?;
+    kv.put(Bucket::Revoked, "b", b("2")).await?;
+    kv.put(Bucket::Revoked, "b", b("2b")).await?;
+    kv.put(Bucket::Revoked, "gone", b("x")).await?;
+    kv.delete(Bucket::Revoked, "gone").await?;
+    kv.put(Bucket::Sessions, "elsewhere", b("s")).await?;
+    let mut watch = kv.watch_bucket(Bucket::Revoked).await?;
+    let mut initial = Vec::new();
+    loop {
+        match next_item(&mut watch).await? {
+            BucketWatchItem::Current => break,
+            BucketWatchItem::Change(KvEvent::Put { key, value }) => initial.push((key, value)),
+            other => anyhow::bail!("only live values before Current, got {other:?}"),
+        }
+    }
+    initial.sort();
+    ensure!(
+        initial == vec![("a".to_owned(), b("1")), ("b".to_owned(), b("2b"))],
+        "initial values: {initial:?}"
+    );
+    kv.put(Bucket::Sessions, "elsewhere", b("s2")).await?;
+    kv.put(Bucket::Revoked, "c", b("3")).await?;
+    kv.delete(Bucket::Revoked, "a").await?;
+    ensure!(
+        next_item(&mut watch).await? == BucketWatchItem::Change(put_event("c", b("3"))),
+        "a later put is seen, another bucket's is not"
+    );
+    ensure!(
+        next_item(&mut watch).await?
+            == BucketWatchItem::Change(KvEvent::Delete { key: "a".into() }),
+        "a later delete is seen"
+    );
+    Ok(())
+}
+
 async fn the_store_reports_itself_healthy(s: &Subject) -> anyhow::Result<()> {
     assert!(s.kv.is_healthy().await);
     Ok(())
@@ -590,7 +644,15 @@ mod nats_only {
         let mut server = NatsServer::start().await?;
         let kv = NatsKv::open(async_nats::connect(&server.url).await?, suite_ttls(), None).await?;
         kv.put(Bucket::Requests, "k", b("v")).await?;
+        let mut watch = kv.watch_bucket(Bucket::Revoked).await?;
+        ensure!(next_item(&mut watch).await? == BucketWatchItem::Current);
         server.guard().stop(Duration::from_secs(3));
+        // A bucket watch ends promptly, so its owner knows it is no longer current.
+        let ended = tokio::time::timeout(Duration::from_secs(3), watch.next()).await;
+        ensure!(
+            matches!(ended, Ok(None)),
+            "the bucket watch outlived the connection"
+        );
 
         let deadline = Instant::now() + Duration::from_secs(5);
         while kv.is_healthy().await {

@@ -13,6 +13,13 @@
 //!    `Authorization: Bearer`, the `session_token` cookie or `?session_token=` — validated by
 //!    the [`SessionService`] (cache, revocations, NoETL).
 //!
+//! Either way the session must be neither expired nor revoked: the replica's revocation set
+//! ([`super::revocations`]) is consulted for an asserted session too (its `sid` is the
+//! session hash), so a logout binds the edge's callers within the set's propagation time.
+//! A refused session is 401 `invalid_session` (with `WWW-Authenticate: Bearer
+//! error="invalid_token"`, which tells the edge to forget it); a set that is not current
+//! refuses an assertion-only caller with 503 `revocations_unavailable`.
+//!
 //! Anything that should refuse a caller (revocation, expiry, a mismatch) is decided in this
 //! file, so a new rule is a change in one place.
 
@@ -47,6 +54,9 @@ pub struct Caller {
     pub token: String,
     /// The caller's session.
     pub record: SessionRecord,
+    /// The session's hash (`hex(sha256(token))`, the assertion's `sid`): what revocations
+    /// and open connections are keyed by. Never the token.
+    pub session_id: String,
     /// How the caller was established.
     pub source: CallerSource,
 }
@@ -97,9 +107,11 @@ impl Caller {
                         "session is expired",
                     ));
                 }
+                sessions.check_not_revoked(&claims.sid)?;
                 return Ok(Self {
                     token: token.unwrap_or_default(),
                     record,
+                    session_id: claims.sid.clone(),
                     source: CallerSource::EdgeAssertion,
                 });
             }
@@ -119,6 +131,7 @@ impl Caller {
         })?;
         match sessions.validate(&token).await? {
             Some(record) => Ok(Self {
+                session_id: SessionHash::of(&token).as_str().to_owned(),
                 token,
                 record,
                 source: CallerSource::Token,
@@ -136,7 +149,14 @@ impl Caller {
         if !self.record.is_honoured(now_unix()) {
             return Ok(false);
         }
-        Ok(sessions.validate(&self.token).await?.is_some())
+        match self.source {
+            CallerSource::Token => Ok(sessions.validate(&self.token).await?.is_some()),
+            CallerSource::EdgeAssertion => match sessions.check_not_revoked(&self.session_id) {
+                Ok(()) => Ok(true),
+                Err(e) if e.status().as_u16() == 401 => Ok(false),
+                Err(e) => Err(e),
+            },
+        }
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`backend`] — NoETL's REST auth routes or its auth playbooks, behind one trait.
 //! - [`session`] — the session service: NoETL is the source of truth, K/V `sessions` the
 //!   shared cache, K/V `revoked` the logout markers.
+//! - [`revocations`] — the replica's in-memory revocation set, fed by a watch on K/V
+//!   `revoked`; tells open connections when their session is revoked.
 //! - [`routes`] — the auth REST API of PROTOCOL.md §1.
 
 pub mod backend;
@@ -17,6 +19,7 @@ pub mod caller;
 pub mod edge;
 pub mod id_token;
 pub mod jwks;
+pub mod revocations;
 pub mod routes;
 pub mod session;
 #[cfg(test)]

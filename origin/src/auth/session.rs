@@ -1,14 +1,21 @@
 //! The session service: login, validation with a shared cache, access checks, logout.
 //!
 //! NoETL is the source of truth for sessions; the gateway only caches. A validated session
-//! is cached in K/V `sessions` under its [`SessionHash`] for at most `SESSION_CACHE_TTL`
-//! and never past its own expiry, and is served from there only while
-//! [`SessionRecord::is_honoured`]. Logout writes a revocation marker (K/V `revoked`, kept
-//! for the session's remaining life) that every replica checks together with the cache, so
-//! a logged-out token is refused everywhere even if NoETL cannot end sessions itself.
+//! is cached in K/V `sessions` under its [`SessionHash`] for the session's remaining life,
+//! stamped with when NoETL last confirmed it, and is *served* from there only for
+//! `SESSION_CACHE_TTL` after that and only while [`SessionRecord::is_honoured`]; an older
+//! entry is asked about again, and tells the gateway it has seen the token.
 //!
-//! The store is an optimisation here, not a dependency: if it fails or is slow, requests
-//! fall back to NoETL (slower, still correct — ARCHITECTURE.md "Failure behaviour").
+//! Revocations ([`Revocations`], fed by a watch on K/V `revoked`): a logout — or NoETL
+//! reporting a session the gateway had seen invalid — writes a marker kept until the
+//! session's own expiry, so the token is refused on every replica, as a token or behind an
+//! edge assertion, even if NoETL cannot end sessions itself.
+//!
+//! The store is an optimisation for the session *cache*: if a cache read fails or is slow,
+//! validation falls back to NoETL. It is not for the *revocation* check: when the
+//! revocation set is not current and the direct `revoked` read fails, validation answers
+//! 503 `revocations_unavailable` — never a session that might be logged out
+//! (ARCHITECTURE.md "Failure behaviour").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,11 +23,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gateway_shared::session::{SessionHash, SessionRecord};
+use serde::{Deserialize, Serialize};
 
 use super::backend::AuthBackend;
 use super::id_token::IdTokenError;
 use super::jwks::IdTokenVerifier;
-use crate::error::AppError;
+use super::revocations::{RevocationMarker, RevocationStatus, Revocations};
+use crate::error::{AppError, REVOCATIONS_UNAVAILABLE_CODE};
 use crate::noetl::{AccessReply, LoginOutcome, LoginRequest, NoetlSession};
 use crate::store::{Bucket, KvStore, StoreError};
 
@@ -54,8 +63,10 @@ pub struct LoginSuccess {
 pub struct SessionSettings {
     /// Longest a validated session is served from the cache.
     pub cache_ttl: Duration,
-    /// Longest a revocation is kept (the longest session life).
-    pub max_life: Duration,
+    /// Longest a revocation is kept (`REVOKED_MAX_AGE`, the `revoked` bucket's max age):
+    /// a marker lives for its session's remaining life up to this, and this long when that
+    /// life is unknown.
+    pub revoked_keep: Duration,
     /// How long an access decision is reused.
     pub access_ttl: Duration,
     /// The Auth0 domain sent to NoETL with a login (from config, never from the client).
@@ -64,30 +75,71 @@ pub struct SessionSettings {
 
 type AccessKey = (String, String, String);
 
+/// A K/V `sessions` entry: the record, and when NoETL last confirmed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedSession {
+    #[serde(flatten)]
+    record: SessionRecord,
+    /// Seconds since the epoch. Absent in entries written before it existed, whose K/V TTL
+    /// was the cache TTL: their presence alone means fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checked_at: Option<i64>,
+}
+
+impl CachedSession {
+    fn is_fresh(&self, now_unix: i64, cache_ttl: Duration) -> bool {
+        let ttl = i64::try_from(cache_ttl.as_secs()).unwrap_or(i64::MAX);
+        self.checked_at
+            .is_none_or(|at| now_unix < at.saturating_add(ttl))
+    }
+}
+
 /// Login, validation, access checks and logout, shared by every route that needs a user.
 pub struct SessionService {
     kv: Arc<dyn KvStore>,
     backend: Arc<dyn AuthBackend>,
     verifier: IdTokenVerifier,
     settings: SessionSettings,
+    revocations: Arc<Revocations>,
     access: Mutex<HashMap<AccessKey, (AccessReply, Instant)>>,
 }
 
 impl SessionService {
-    /// Builds the service over a store, an auth backend (REST or playbooks) and an
-    /// ID-token verifier.
+    /// Builds the service over a store, an auth backend (REST or playbooks), an
+    /// ID-token verifier and the replica's revocation set (fed by its own watch task).
     pub fn new(
         kv: Arc<dyn KvStore>,
         backend: Arc<dyn AuthBackend>,
         verifier: IdTokenVerifier,
         settings: SessionSettings,
+        revocations: Arc<Revocations>,
     ) -> Self {
         Self {
             kv,
             backend,
             verifier,
             settings,
+            revocations,
             access: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The replica's revocation set.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// Whether session `hash` may be served as far as revocations go, for a caller that
+    /// carries no token (an edge assertion): 401 `invalid_session` when revoked, 503
+    /// `revocations_unavailable` while the set is not current — never a pass on doubt.
+    pub fn check_not_revoked(&self, hash: &str) -> Result<(), AppError> {
+        match self.revocations.status(hash, now_unix()) {
+            RevocationStatus::Clear => Ok(()),
+            RevocationStatus::Revoked => Err(AppError::unauthorized(
+                crate::error::SESSION_REFUSED_CODE,
+                "session is logged out",
+            )),
+            RevocationStatus::Unknown => Err(revocations_unavailable()),
         }
     }
 
@@ -131,27 +183,58 @@ impl SessionService {
         })
     }
 
-    /// The session behind `token`, or `None` if it is unknown, expired or revoked.
+    /// The session behind `token`, or `None` if it is unknown, expired or revoked; 503
+    /// `revocations_unavailable` when whether it is revoked cannot be told.
     pub async fn validate(&self, token: &str) -> Result<Option<SessionRecord>, AppError> {
         let hash = SessionHash::of(token);
-        let (cached, revoked) = tokio::join!(
-            self.store_get(Bucket::Sessions, &hash),
-            self.store_get(Bucket::Revoked, &hash)
-        );
-        if matches!(revoked, Ok(Some(_))) {
-            return Ok(None);
-        }
         let now = now_unix();
+        let cached = match self.revocations.status(hash.as_str(), now) {
+            RevocationStatus::Revoked => return Ok(None),
+            RevocationStatus::Clear => self.store_get(Bucket::Sessions, &hash).await,
+            // The set cannot answer: read the marker itself, and refuse to guess.
+            RevocationStatus::Unknown => {
+                let (cached, revoked) = tokio::join!(
+                    self.store_get(Bucket::Sessions, &hash),
+                    self.store_get(Bucket::Revoked, &hash)
+                );
+                match revoked {
+                    Ok(Some(marker)) => {
+                        let exp =
+                            RevocationMarker::expiry_of(&marker, now, self.settings.revoked_keep);
+                        self.revocations.insert(hash.as_str(), exp);
+                        return Ok(None);
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Err(revocations_unavailable()),
+                }
+                cached
+            }
+        };
+        let mut seen = None;
         if let Ok(Some(bytes)) = cached {
-            match serde_json::from_slice::<SessionRecord>(&bytes) {
-                Ok(record) if record.is_honoured(now) => return Ok(Some(record)),
-                Ok(_) => {}
+            match serde_json::from_slice::<CachedSession>(&bytes) {
+                Ok(c) if c.record.is_honoured(now) && c.is_fresh(now, self.settings.cache_ttl) => {
+                    return Ok(Some(c.record))
+                }
+                Ok(c) => seen = Some(c.record),
                 Err(e) => {
                     tracing::warn!(session = hash.short(), error = %e, "unreadable cached session dropped")
                 }
             }
         }
         let Some(session) = self.backend.validate_session(token).await? else {
+            // A session the gateway has served and NoETL has ended: revoke it like a
+            // logout, so edge assertions and open connections of it end too.
+            if let Some(record) = seen.filter(|r| r.expires_at_unix > now) {
+                match self.revoke(&hash, Some(record.expires_at_unix)).await {
+                    Ok(()) => {
+                        tracing::info!(session = hash.short(), "session ended by NoETL; revoked")
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = hash.short(), error = %e, "session ended by NoETL not revoked")
+                    }
+                }
+            }
             self.forget(&hash).await;
             return Ok(None);
         };
@@ -188,34 +271,57 @@ impl SessionService {
         Ok(reply)
     }
 
-    /// Ends a session: revocation marker first (so no replica re-caches it), then the cache
+    /// Ends a session: revocation marker first (so no replica re-caches or serves it), kept
+    /// until the session's own expiry as the cache or NoETL reports it; then the cache
     /// entry, then NoETL where it supports logout. Idempotent.
     pub async fn logout(&self, token: &str) -> Result<(), AppError> {
         let hash = SessionHash::of(token);
-        let now = now_unix();
-        let remaining = match self.store_get(Bucket::Sessions, &hash).await {
-            Ok(Some(bytes)) => serde_json::from_slice::<SessionRecord>(&bytes)
-                .map(|r| r.remaining_secs(now))
+        let cached = match self.store_get(Bucket::Sessions, &hash).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<CachedSession>(&bytes)
+                .map(|c| c.record.expires_at_unix)
                 .ok(),
             _ => None,
         };
-        let keep = remaining
-            .map(Duration::from_secs)
-            .unwrap_or(self.settings.max_life)
-            .clamp(Duration::from_secs(1), self.settings.max_life);
-        self.kv
-            .put_with_ttl(
-                Bucket::Revoked,
-                hash.as_str(),
-                Bytes::from_static(b"1"),
-                keep,
-            )
-            .await?;
+        let expires = match cached {
+            Some(exp) => Some(exp),
+            None => match self.backend.validate_session(token).await {
+                Ok(Some(session)) => Some(session.expires_at_unix),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(session = hash.short(), error = %e, "session expiry unknown at logout; keeping the revocation for REVOKED_MAX_AGE");
+                    None
+                }
+            },
+        };
+        self.revoke(&hash, expires).await?;
         self.forget(&hash).await;
         if let Err(e) = self.backend.logout(token).await {
             tracing::warn!(session = hash.short(), error = %e, "NoETL logout failed; the gateway's revocation still holds");
         }
         tracing::info!(session = hash.short(), "session logged out");
+        Ok(())
+    }
+
+    /// Writes the revocation marker of `hash`, kept until `expires_at_unix` (at most
+    /// `REVOKED_MAX_AGE` from now; that long when unknown), and records it in this
+    /// replica's set at once (the others learn it from their watch).
+    async fn revoke(
+        &self,
+        hash: &SessionHash,
+        expires_at_unix: Option<i64>,
+    ) -> Result<(), AppError> {
+        let now = now_unix();
+        let cap = i64::try_from(self.settings.revoked_keep.as_secs()).unwrap_or(i64::MAX);
+        let latest = now.saturating_add(cap);
+        let exp = expires_at_unix.unwrap_or(latest).clamp(now + 1, latest);
+        let keep = Duration::from_secs(u64::try_from(exp - now).unwrap_or(1));
+        let marker = RevocationMarker {
+            expires_at_unix: exp,
+        };
+        self.kv
+            .put_with_ttl(Bucket::Revoked, hash.as_str(), marker.to_bytes(), keep)
+            .await?;
+        self.revocations.insert(hash.as_str(), exp);
         Ok(())
     }
 
@@ -240,10 +346,16 @@ impl SessionService {
         }
     }
 
+    /// Caches a session NoETL just confirmed, for its remaining life (served for the cache
+    /// TTL; after that the entry only says the gateway has seen the token).
     async fn remember(&self, hash: &SessionHash, record: &SessionRecord) {
-        let ttl =
-            Duration::from_secs(record.remaining_secs(now_unix())).min(self.settings.cache_ttl);
-        let value = match serde_json::to_vec(record) {
+        let now = now_unix();
+        let ttl = Duration::from_secs(record.remaining_secs(now));
+        let entry = CachedSession {
+            record: record.clone(),
+            checked_at: Some(now),
+        };
+        let value = match serde_json::to_vec(&entry) {
             Ok(v) => Bytes::from(v),
             Err(e) => return tracing::error!(error = %e, "session record did not serialise"),
         };
@@ -295,6 +407,14 @@ fn to_record(s: NoetlSession) -> SessionRecord {
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
+}
+
+/// 503 `revocations_unavailable`: whether a session is revoked cannot be told right now.
+pub fn revocations_unavailable() -> AppError {
+    AppError::Unavailable {
+        code: REVOCATIONS_UNAVAILABLE_CODE,
+        message: "cannot check session revocations right now, retry shortly".into(),
+    }
 }
 
 fn id_token_error(e: IdTokenError) -> AppError {

@@ -11,6 +11,10 @@
 //! reconnects with `Last-Event-ID` — the frames it missed are still on the bus, so nothing
 //! is lost and one slow reader never holds memory for everyone else.
 //!
+//! A stream belongs to its session: when the session is revoked (a logout on any replica,
+//! told by the revocation set — no polling) or reaches its expiry, the stream writes a
+//! last `session/ended` frame (`params:{reason: "logged_out" | "expired"}`) and ends.
+//!
 //! Frame data is the bus's `Bytes`, written as is: a frame is JSON-encoded once, by its
 //! producer, whatever the number of connections; only the `id:`/`event:` prefix is per
 //! connection.
@@ -37,7 +41,8 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::auth::session::SessionService;
+use crate::auth::revocations::SessionEnd;
+use crate::auth::session::{now_unix, SessionService};
 use crate::auth::Caller;
 use crate::bus::{Bus, BusFrame, StartAt};
 use crate::clients;
@@ -110,19 +115,39 @@ fn parse_query(raw: Option<&str>) -> Result<EventsQuery, AppError> {
     Ok(q)
 }
 
+/// What a ticket stands for: the user, and the session it was issued to (so the stream
+/// it opens ends with that session).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct TicketValue {
+    user: User,
+    session_id: String,
+    expires_at_unix: i64,
+}
+
+/// Who an `/events` request is: the user and the session the stream is bound to.
+struct StreamOwner {
+    user: User,
+    session_id: String,
+    expires_at_unix: i64,
+}
+
 fn ticket_key(ticket: &str) -> String {
     format!("ticket.{}", SessionHash::of(ticket).as_str())
 }
 
 /// `POST /api/events/ticket`: a 30-second, single-use ticket for `/events?ticket=`.
 async fn ticket(State(state): State<EventsState>, caller: Caller) -> Result<Response, AppError> {
-    let record = caller.record;
     let ticket = format!(
         "{}{}",
         crate::requests::new_request_id(),
         crate::requests::new_request_id()
     );
-    let value = serde_json::to_vec(&record.user).expect("a user is plain data");
+    let value = serde_json::to_vec(&TicketValue {
+        expires_at_unix: caller.record.expires_at_unix,
+        user: caller.record.user,
+        session_id: caller.session_id,
+    })
+    .expect("a ticket is plain data");
     state
         .kv
         .put_with_ttl(
@@ -138,8 +163,9 @@ async fn ticket(State(state): State<EventsState>, caller: Caller) -> Result<Resp
     ))
 }
 
-/// Redeems a ticket once: the first redemption wins on every replica.
-async fn redeem_ticket(state: &EventsState, ticket: &str) -> Result<User, AppError> {
+/// Redeems a ticket once: the first redemption wins on every replica. The session it was
+/// issued to must not have been revoked meanwhile.
+async fn redeem_ticket(state: &EventsState, ticket: &str) -> Result<StreamOwner, AppError> {
     let refused = || {
         AppError::unauthorized(
             "invalid_ticket",
@@ -167,20 +193,30 @@ async fn redeem_ticket(state: &EventsState, ticket: &str) -> Result<User, AppErr
         return Err(refused());
     }
     let _ = state.kv.delete(Bucket::Clients, &key).await;
-    serde_json::from_slice(&user_bytes).map_err(|_| refused())
+    let value: TicketValue = serde_json::from_slice(&user_bytes).map_err(|_| refused())?;
+    state.sessions.check_not_revoked(&value.session_id)?;
+    Ok(StreamOwner {
+        user: value.user,
+        session_id: value.session_id,
+        expires_at_unix: value.expires_at_unix,
+    })
 }
 
 async fn authenticate(
     state: &EventsState,
     parts: &Parts,
     q: &EventsQuery,
-) -> Result<User, AppError> {
+) -> Result<StreamOwner, AppError> {
     match &q.ticket {
         Some(t) => redeem_ticket(state, t).await,
-        None => Ok(Caller::resolve(&state.sessions, parts, None)
-            .await?
-            .record
-            .user),
+        None => {
+            let caller = Caller::resolve(&state.sessions, parts, None).await?;
+            Ok(StreamOwner {
+                expires_at_unix: caller.record.expires_at_unix,
+                user: caller.record.user,
+                session_id: caller.session_id,
+            })
+        }
     }
 }
 
@@ -199,7 +235,8 @@ fn last_event_id(parts: &Parts, q: &EventsQuery) -> Option<u64> {
 async fn events(State(state): State<EventsState>, req: Request) -> Result<Response, AppError> {
     let (parts, _) = req.into_parts();
     let q = parse_query(parts.uri.query())?;
-    let user = authenticate(&state, &parts, &q).await?;
+    let owner = authenticate(&state, &parts, &q).await?;
+    let user = &owner.user;
     let kv = state.kv.as_ref();
 
     let (client_id, record) = match &q.client_id {
@@ -273,7 +310,14 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
             None,
         ));
     }
-    let body = SseBody::new(state, client_id, Bytes::from(first), sub.frames);
+    let session = SessionLife {
+        end: state
+            .sessions
+            .revocations()
+            .session_end(&owner.session_id, now_unix()),
+        expires_at_unix: owner.expires_at_unix,
+    };
+    let body = SseBody::new(state, client_id, Bytes::from(first), sub.frames, session);
     let mut resp = Response::new(Body::new(body));
     let h = resp.headers_mut();
     h.insert(
@@ -315,6 +359,11 @@ struct SseBody {
     timer: Pin<Box<tokio::time::Sleep>>,
     next_ping: Instant,
     next_keepalive: Instant,
+    /// The session's expiry: the stream ends with `session/ended` then.
+    expires_at: Instant,
+    /// Cancelled when the session is revoked; `_session` keeps the subscription.
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    _session: SessionEnd,
     done: bool,
     reason: &'static str,
 }
@@ -333,6 +382,18 @@ fn ping_frame() -> Bytes {
     .clone()
 }
 
+/// The stream's session and its end: revocation (told) and expiry (a deadline).
+struct SessionLife {
+    end: SessionEnd,
+    expires_at_unix: i64,
+}
+
+/// The last frame of a stream whose session ended: `reason` is `logged_out` or `expired`.
+fn session_ended_frame(reason: &str) -> Bytes {
+    let data = notification(event::SESSION_ENDED, &json!({ "reason": reason }));
+    Bytes::from(sse_frame(None, event::SESSION_ENDED, &data, None))
+}
+
 fn evicted_frame() -> Bytes {
     let data = notification(
         event::EVICTED,
@@ -347,9 +408,12 @@ impl SseBody {
         client_id: ClientId,
         first: Bytes,
         frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
+        session: SessionLife,
     ) -> Self {
         let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
         let now = Instant::now();
+        let left = u64::try_from(session.expires_at_unix - now_unix()).unwrap_or(0);
+        let expires_at = now + Duration::from_secs(left);
         let SseTimers {
             ping_every,
             keepalive_every,
@@ -364,7 +428,12 @@ impl SseBody {
             generation: reg.generation,
             stop: Box::pin(reg.superseded.cancelled_owned()),
             shutdown: state.shutdown.clone(),
-            timer: Box::pin(tokio::time::sleep_until(next_ping.min(next_keepalive))),
+            timer: Box::pin(tokio::time::sleep_until(
+                next_ping.min(next_keepalive).min(expires_at),
+            )),
+            expires_at,
+            revoked: Box::pin(session.end.token().cancelled_owned()),
+            _session: session.end,
             client_id,
             frames,
             queued: [Some(first), None],
@@ -407,6 +476,12 @@ impl http_body::Body for SseBody {
             this.end(reason);
             return Poll::Ready(None);
         }
+        if this.revoked.as_mut().poll(cx).is_ready() {
+            this.end("session revoked");
+            return Poll::Ready(Some(Ok(http_body::Frame::data(session_ended_frame(
+                "logged_out",
+            )))));
+        }
         match this.frames.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 let prefix = format!("id: {}\nevent: {}\ndata: ", f.id, f.event);
@@ -426,6 +501,12 @@ impl http_body::Body for SseBody {
         }
         if this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
+            if now >= this.expires_at {
+                this.end("session expired");
+                return Poll::Ready(Some(Ok(http_body::Frame::data(session_ended_frame(
+                    "expired",
+                )))));
+            }
             let chunk = if now >= this.next_ping {
                 this.next_ping = now + this.ping_every;
                 this.next_keepalive = now + this.keepalive_every;
@@ -439,7 +520,7 @@ impl http_body::Body for SseBody {
                 this.next_keepalive = now + this.keepalive_every;
                 Bytes::from_static(b":\n\n")
             };
-            let next = this.next_ping.min(this.next_keepalive);
+            let next = this.next_ping.min(this.next_keepalive).min(this.expires_at);
             this.timer.as_mut().reset(next);
             return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
         }

@@ -23,7 +23,9 @@
 //!   that cannot answer closes it with 1011, which clients retry.
 //! - No `connection_init` within [`INIT_TIMEOUT`] → 4408; a `subscribe` before the ack →
 //!   4401; a message that is not protocol JSON → 4400.
-//! - The socket closes with 4403 when its session expires and with 1001 on shutdown;
+//! - The socket closes with 4403 when its session is revoked (a logout on any replica, told
+//!   by the revocation set within its propagation time, no polling) or expires, and with
+//!   1001 on shutdown;
 //!   WebSocket pings every `SSE_KEEPALIVE_INTERVAL` keep proxies from idling it out, and a
 //!   peer that stops reading is dropped after [`WRITE_TIMEOUT`].
 //! - Messages are at most [`MAX_BODY`], like HTTP bodies; the schema's depth and
@@ -58,6 +60,7 @@ use tokio_util::sync::CancellationToken;
 pub use schema::{build_schema, GatewaySchema};
 
 use crate::auth::caller::{socket_init_token, socket_upgrade_token};
+use crate::auth::revocations::SessionEnd;
 use crate::auth::session::{now_unix, SessionService};
 use crate::auth::Caller;
 use crate::error::{json_response, AppError};
@@ -254,6 +257,14 @@ async fn session_expiry(init: Option<&InitOutcome>) {
     }
 }
 
+/// Completes when the session behind an accepted socket is revoked; never before that.
+async fn session_revoked(end: Option<&SessionEnd>) {
+    match end {
+        Some(end) => end.revoked().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One socket: async-graphql speaks the protocol; this loop authenticates at
 /// `connection_init`, enforces the timers and maps close codes (see the module docs).
 /// Dropping the protocol stream at the end drops every operation with it.
@@ -273,13 +284,19 @@ async fn serve_socket(
             })
         });
     let outcome: Arc<OnceLock<InitOutcome>> = Arc::default();
+    let session_end: Arc<OnceLock<SessionEnd>> = Arc::default();
     let on_init = {
-        let (state, outcome) = (state.clone(), outcome.clone());
+        let (state, outcome, session_end) = (state.clone(), outcome.clone(), session_end.clone());
         move |payload: Value| async move {
             let token = socket_init_token(&payload, upgrade_token);
             match Caller::from_token(&state.sessions, token).await {
                 Ok(caller) => {
                     tracing::info!(user = %caller.user().user_id, "graphql-ws connection accepted");
+                    let end = state
+                        .sessions
+                        .revocations()
+                        .session_end(&caller.session_id, now_unix());
+                    let _ = session_end.set(end);
                     let _ = outcome.set(InitOutcome::Accepted {
                         expires_at_unix: caller.record.expires_at_unix,
                     });
@@ -313,6 +330,7 @@ async fn serve_socket(
                 break Some(Close::new(4408, "Connection initialisation timeout"));
             }
             () = session_expiry(init) => break Some(Close::new(4403, "Forbidden: session expired")),
+            () = session_revoked(session_end.get()) => break Some(Close::new(4403, "Forbidden: session ended")),
             _ = keepalive.tick() => {
                 if !send(&mut sink, Message::Ping(Default::default())).await {
                     break None;

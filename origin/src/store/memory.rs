@@ -13,9 +13,11 @@
 //!   stop are bounded by the writes that came before, and nothing needs to outlive the store.
 //! - **Watch is one broadcast channel per bucket**, sent to while the bucket's lock is held
 //!   so every watcher sees changes in write order. A watcher that falls behind never slows a
-//!   writer: it loses the backlog and is handed the key's current state instead.
+//!   writer: it loses the backlog and is handed the key's current state instead. A
+//!   bucket-wide watch is the same channel subscribed under the lock that snapshots the
+//!   initial values; one that falls behind ends (its owner watches again).
 
-use super::{is_valid_key, Bucket, BucketTtls, KvEvent, KvStore, StoreError};
+use super::{is_valid_key, Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -110,6 +112,15 @@ impl Entries {
         self.sweep_if_due(now);
         let expires_at = ttl.and_then(|ttl| now.checked_add(ttl));
         self.map.insert(key.to_owned(), Entry { value, expires_at });
+    }
+
+    /// Every live entry (the initial values of a bucket-wide watch).
+    fn snapshot(&self, now: Instant) -> Vec<(String, Bytes)> {
+        self.map
+            .iter()
+            .filter(|(_, e)| e.is_live(now))
+            .map(|(k, e)| (k.clone(), e.value.clone()))
+            .collect()
     }
 
     fn remove(&mut self, key: &str, now: Instant) {
@@ -272,6 +283,38 @@ impl KvStore for MemoryKv {
             Some((event, w))
         })
         .boxed())
+    }
+
+    async fn watch_bucket(
+        &self,
+        bucket: Bucket,
+    ) -> Result<BoxStream<'static, BucketWatchItem>, StoreError> {
+        let b = self.inner.bucket(bucket);
+        // Subscribed under the lock that takes the snapshot: a change is either in the
+        // snapshot or on the channel, never in neither.
+        let (rx, initial) = {
+            let entries = b.lock();
+            (b.events.subscribe(), entries.snapshot(Instant::now()))
+        };
+        let initial = initial
+            .into_iter()
+            .map(|(key, value)| BucketWatchItem::Change(KvEvent::Put { key, value }))
+            .chain(std::iter::once(BucketWatchItem::Current));
+        let changes = stream::unfold(rx, move |mut rx| async move {
+            match rx.recv().await {
+                Ok(event) => Some((BucketWatchItem::Change(event), rx)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        bucket = bucket.name(),
+                        missed,
+                        "memory K/V bucket watcher fell behind; ending it so it starts over"
+                    );
+                    None
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        });
+        Ok(stream::iter(initial).chain(changes).boxed())
     }
 
     async fn is_healthy(&self) -> bool {

@@ -134,6 +134,17 @@ pub enum KvEvent {
     },
 }
 
+/// What [`KvStore::watch_bucket`] yields: the bucket's entries, then a mark, then changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BucketWatchItem {
+    /// A key's value or removal: first one `Put` per live key (the initial values), then
+    /// every change as it happens.
+    Change(KvEvent),
+    /// Every initial value has been delivered: from here on the watcher is current.
+    /// Sent exactly once, before any change made after the watch began.
+    Current,
+}
+
 /// A key/value store with per-bucket TTLs, shared by every origin replica.
 #[async_trait]
 pub trait KvStore: Send + Sync + 'static {
@@ -171,6 +182,16 @@ pub trait KvStore: Send + Sync + 'static {
         bucket: Bucket,
         key: &str,
     ) -> Result<BoxStream<'static, KvEvent>, StoreError>;
+
+    /// Every key of `bucket`: its live values, then [`BucketWatchItem::Current`], then
+    /// changes from then on (expiry is not reported, as in [`KvStore::watch`]). The stream
+    /// ends when it can no longer be kept exact — the store lost its connection, or the
+    /// watcher fell too far behind; the caller then watches again and starts over from the
+    /// initial values (e.g. the revocation set, `auth/revocations.rs`).
+    async fn watch_bucket(
+        &self,
+        bucket: Bucket,
+    ) -> Result<BoxStream<'static, BucketWatchItem>, StoreError>;
 
     /// True if the store can serve requests now (for `/ready`).
     async fn is_healthy(&self) -> bool;

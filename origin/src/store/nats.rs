@@ -23,8 +23,14 @@
 //! - **`watch`** is an ordered push consumer on the key's subject delivering only new
 //!   messages. Deletes and purges become [`KvEvent::Delete`]; the server's expiry markers
 //!   (`Nats-Marker-Reason: MaxAge`) are dropped, because expiry is not reported.
+//! - **`watch_bucket`** is the same consumer over the whole bucket (`$KV.<bucket>.>`) from
+//!   each key's last message (`watch_all`'s deliver policy): the consumer's pending count
+//!   at creation (then each message's) says when the initial values are all in, which is
+//!   when [`BucketWatchItem::Current`] is sent. The stream ends as soon as the client is
+//!   not connected (checked every [`WATCH_CONNECTION_CHECK`]): while disconnected nobody
+//!   can tell what it is missing, so its owner must count it as not current and watch again.
 
-use super::{is_valid_key, Bucket, BucketTtls, KvEvent, KvStore, StoreError};
+use super::{is_valid_key, Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError};
 use async_nats::connection::State;
 use async_nats::header::{NATS_MARKER_REASON, NATS_MESSAGE_TTL};
 use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
@@ -53,6 +59,9 @@ const CREATE_ATTEMPTS: usize = 16;
 /// Consecutive errors after which a watch gives up: the ordered consumer already
 /// recreates itself after transient failures, so this many in a row means it cannot.
 const WATCH_MAX_CONSECUTIVE_ERRORS: u32 = 16;
+
+/// How often a bucket-wide watch checks that the client is still connected.
+const WATCH_CONNECTION_CHECK: Duration = Duration::from_millis(100);
 
 /// The K/V operation header the crate writes on deletes and purges.
 const KV_OPERATION: &str = "KV-Operation";
@@ -413,8 +422,114 @@ impl KvStore for NatsKv {
         .boxed())
     }
 
+    async fn watch_bucket(
+        &self,
+        bucket: Bucket,
+    ) -> Result<BoxStream<'static, BucketWatchItem>, StoreError> {
+        let store = self.store(bucket);
+        let what = || format!("watch {}", store.name);
+        if self.client.connection_state() != State::Connected {
+            return Err(unavailable(what(), "not connected"));
+        }
+        let consumer = store
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                description: Some("noetl gateway bucket watch".to_owned()),
+                filter_subject: format!("{}>", store.prefix),
+                replay_policy: ReplayPolicy::Instant,
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(what(), e))?;
+        let current_at_once = consumer.cached_info().num_pending == 0;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable(what(), e))?;
+        let state = BucketWatchState {
+            messages,
+            client: self.client.clone(),
+            prefix: store.prefix.clone(),
+            bucket: store.name.clone(),
+            check: tokio::time::interval(WATCH_CONNECTION_CHECK),
+            errors: 0,
+        };
+        let head = stream::iter(current_at_once.then_some(BucketWatchItem::Current));
+        let rest = stream::unfold(
+            (state, current_at_once),
+            |(mut state, mut current)| async move {
+                let items = state.next_items(&mut current).await?;
+                Some((stream::iter(items), (state, current)))
+            },
+        )
+        .flatten();
+        Ok(head.chain(rest).boxed())
+    }
+
     async fn is_healthy(&self) -> bool {
         self.client.connection_state() == State::Connected
+    }
+}
+
+/// A bucket-wide watch between two items.
+struct BucketWatchState {
+    messages: push::Ordered,
+    client: Client,
+    /// `$KV.<bucket>.`: stripped from a subject to get the key.
+    prefix: String,
+    bucket: String,
+    check: tokio::time::Interval,
+    errors: u32,
+}
+
+impl BucketWatchState {
+    /// The items the next message stands for (a change, and `Current` once the initial
+    /// values are in); `None` when the watch must end.
+    async fn next_items(&mut self, current: &mut bool) -> Option<Vec<BucketWatchItem>> {
+        loop {
+            let msg = tokio::select! {
+                msg = self.messages.next() => msg?,
+                _ = self.check.tick() => {
+                    if self.client.connection_state() != State::Connected {
+                        tracing::warn!(bucket = %self.bucket, "NATS K/V bucket watch: connection lost");
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) => {
+                    self.errors += 1;
+                    tracing::warn!(bucket = %self.bucket, error = %e, errors = self.errors, "NATS K/V bucket watch error");
+                    if self.errors >= WATCH_MAX_CONSECUTIVE_ERRORS {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            self.errors = 0;
+            let m = &msg.message;
+            let mut items = Vec::with_capacity(2);
+            if let Some(key) = m.subject.as_str().strip_prefix(self.prefix.as_str()) {
+                match event_from_message(key, m.headers.as_ref(), &m.payload) {
+                    // Before `Current`, only live values: a key's last message being a
+                    // delete marker means the key is absent.
+                    Some(KvEvent::Delete { .. }) if !*current => {}
+                    Some(event) => items.push(BucketWatchItem::Change(event)),
+                    None => {}
+                }
+            }
+            if !*current && msg.info().map(|i| i.pending == 0).unwrap_or(false) {
+                *current = true;
+                items.push(BucketWatchItem::Current);
+            }
+            if !items.is_empty() {
+                return Some(items);
+            }
+        }
     }
 }
 
