@@ -28,6 +28,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(OriginOptions::default()).await
+}
+
+/// [`world`] with the origin's options (the edge's public key is added to them).
+async fn world_with(origin_opts: OriginOptions) -> World {
     // `free_port` releases a port before the child binds it, so under parallel tests a
     // child can lose its port (or be handed the same port twice) and a health check can
     // pass against another test's server. A world whose processes do not own their
@@ -41,7 +46,9 @@ async fn world() -> World {
                 continue;
             }
         };
-        let opts = OriginOptions::default().env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
+        let opts = origin_opts
+            .clone()
+            .env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
         let mut origin = match Origin::start(&standin, opts).await {
             Ok(o) => o,
             Err(e) => {
@@ -1137,7 +1144,8 @@ async fn a_logout_at_the_origin_directly_is_refused_through_the_edge_within_a_se
 
 #[tokio::test]
 async fn a_session_the_standin_ends_is_refused_through_the_edge() {
-    let w = world().await;
+    // The origin asks NoETL about a cached session again after SESSION_CACHE_TTL.
+    let w = world_with(OriginOptions::default().env("SESSION_CACHE_TTL", "1s")).await;
     let token = cached_session(&w, "noetl-ended@example.com").await;
     // NoETL itself ends the session (its own logout, an admin, an expiry it decided).
     let r = http()
@@ -1147,8 +1155,20 @@ async fn a_session_the_standin_ends_is_refused_through_the_edge() {
         .await
         .unwrap();
     assert!(r.status().is_success());
+    // The gateway learns it the next time it asks NoETL about the token — here a client
+    // validating it at the origin once the cached answer is older than SESSION_CACHE_TTL
+    // (the edge, which serves the session from its own cache, does not ask): the origin
+    // revokes the session like a logout.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = http()
+        .post(format!("{}/api/auth/validate", w.origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "NoETL ended the session");
     let took = refused_within(&w, &token, Duration::from_secs(1), "ended by NoETL").await;
-    println!("ended by NoETL → refused through the edge after {took:?}");
+    println!("ended by NoETL, seen by the origin → refused through the edge after {took:?}");
 }
 
 #[tokio::test]
