@@ -1289,3 +1289,68 @@ async fn the_graphql_ws_npm_client_subscribes_through_the_edge_with_the_token_on
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn an_sse_stream_and_a_graphql_ws_socket_through_the_edge_end_within_a_second_of_a_logout() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let w = world().await;
+    let token = cached_session(&w, "open-connections@example.com").await;
+    let mut sse = SseClient::connect(&format!("{}/events", w.edge.url), Some(&token), None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("/events through the edge refused: {s} {b}"));
+    let init = sse
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the init frame");
+    assert_eq!(init.event, "message");
+    // The socket the way a browser opens it: no token on the upgrade, the token in
+    // connection_init.
+    let url = format!("{}/graphql/ws", w.edge.url.replacen("http://", "ws://", 1));
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::text(
+        json!({"type": "connection_init", "payload": {"session_token": token}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_ws_json(&mut ws).await,
+        json!({"type": "connection_ack"})
+    );
+
+    let r = http()
+        .post(format!("{}/api/auth/logout", w.edge.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let start = Instant::now();
+    let (frames, code) = futures::future::join(
+        sse.collect_until(Duration::from_secs(2), |fs| {
+            fs.iter().any(|f| f.event == "session/ended")
+        }),
+        ws_close_code(&mut ws),
+    )
+    .await;
+    let took = start.elapsed();
+    let ended = frames
+        .iter()
+        .find(|f| f.event == "session/ended")
+        .unwrap_or_else(|| panic!("no session/ended through the edge: {frames:?}"));
+    assert_eq!(ended.data["params"]["reason"], "logged_out", "{ended:?}");
+    assert!(
+        sse.next(Duration::from_secs(1)).await.is_none(),
+        "the stream closes after session/ended"
+    );
+    assert_eq!(code, Some(4403), "the socket closes with 4403");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+}
