@@ -190,9 +190,12 @@ mod entry {
         // The origin refused the session the edge asserted (revoked at the origin, ended
         // by NoETL): forget it here, so its next request is refused at the edge.
         if let Caller::User { session: sid, .. } = &caller {
-            let challenge = resp.headers().get("www-authenticate").ok().flatten();
-            if session::origin_refused_session(resp.status_code(), challenge.as_deref()) {
-                session::forget(env, cfg, sid, true).await;
+            // Only a 401 can say so: no header read on the common path.
+            if resp.status_code() == 401 {
+                let challenge = resp.headers().get("www-authenticate").ok().flatten();
+                if session::origin_refused_session(401, challenge.as_deref()) {
+                    session::forget(env, cfg, sid, true).await;
+                }
             }
         }
         Ok(resp)
