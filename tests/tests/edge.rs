@@ -1354,3 +1354,53 @@ async fn an_sse_stream_and_a_graphql_ws_socket_through_the_edge_end_within_a_sec
     assert_eq!(code, Some(4403), "the socket closes with 4403");
     assert!(took <= Duration::from_secs(1), "took {took:?}");
 }
+
+#[tokio::test]
+async fn tokenless_graphql_ws_upgrades_are_rate_limited_per_ip() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let w = world().await;
+    let url = format!("{}/graphql/ws", w.edge.url.replacen("http://", "ws://", 1));
+    let upgrade = |ip: &'static str| {
+        let mut req = url.as_str().into_client_request().unwrap();
+        let h = req.headers_mut();
+        h.insert(
+            "sec-websocket-protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        h.insert("cf-connecting-ip", ip.parse().unwrap());
+        async move {
+            match tokio_tungstenite::connect_async(req).await {
+                Ok((ws, _)) => {
+                    drop(ws);
+                    101
+                }
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+                Err(e) => panic!("the upgrade failed: {e}"),
+            }
+        }
+    };
+    // One window (test config: 30 per IP per 10 s): 31 from one address cross it.
+    fresh_rate_window(Duration::from_secs(6)).await;
+    let window = rate_window();
+    let answers = futures::future::join_all((0..31).map(|_| upgrade("10.9.0.1"))).await;
+    assert!(
+        answers.iter().all(|s| *s == 101 || *s == 429),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|s| **s == 429).count(),
+        1,
+        "{answers:?}"
+    );
+    assert_eq!(
+        upgrade("10.9.0.2").await,
+        101,
+        "another address is not limited"
+    );
+    assert_eq!(
+        rate_window(),
+        window,
+        "the test ran past its rate-limit window"
+    );
+}
