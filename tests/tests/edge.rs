@@ -1404,3 +1404,40 @@ async fn tokenless_graphql_ws_upgrades_are_rate_limited_per_ip() {
         "the test ran past its rate-limit window"
     );
 }
+
+#[tokio::test]
+async fn an_origin_that_never_answers_gives_504_json_through_the_edge() {
+    // An origin that accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let edge = Edge::start(&format!("http://127.0.0.1:{port}"), EdgeOptions::default())
+        .await
+        .unwrap();
+    // A new token: the edge's own validate call times out (10 s).
+    let start = Instant::now();
+    let r = http()
+        .post(format!("{}/graphql", edge.url))
+        .bearer_auth("a-token-the-edge-has-not-seen")
+        .json(&json!({"query": ME}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_no_stack_trace(&text);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    assert_error(status, &v, 504, "origin_timeout");
+    assert!(
+        start.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        start.elapsed()
+    );
+    holder.abort();
+}
