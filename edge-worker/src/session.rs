@@ -15,7 +15,7 @@
 //!   a misconfigured key) → 502 `origin_refused_edge`, nothing cached, so a valid session
 //!   is never remembered as refused; origin down → 502/503/504.
 //!
-//! Forgetting a session ([`forget`]): after a logout through the edge answered 204, and
+//! Forgetting a session (`forget`): after a logout through the edge answered 204, and
 //! after the origin answered a forwarded request for session S with a session-refused 401
 //! (it revoked S: a logout at the origin directly, a session NoETL ended). The session the
 //! origin ended is remembered as refused in this isolate and in KV (`neg:<hash>`) and its
