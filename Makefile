@@ -37,10 +37,11 @@ edge:
 	@wasm=edge-worker/build/index_bg.wasm; \
 	  echo "edge wasm bundle: $$(stat -c %s $$wasm) bytes raw, $$(gzip -9c $$wasm | wc -c) bytes gzip"
 
-## make bench — session validation, the realtime path, the edge on workerd (see docs/BENCHMARKS.md)
+## make bench — session validation, revocation, the realtime path, the edge on workerd (see docs/BENCHMARKS.md)
 bench: setup edge
 	cargo build --release --locked -p noetl-gateway-origin -p gateway-tests --bins
 	target/release/bench-sessions
+	target/release/bench-revocation
 	target/release/bench-realtime
 	target/release/bench-edge
 

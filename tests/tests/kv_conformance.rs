@@ -590,6 +590,32 @@ mod nats_only {
     }
 
     #[tokio::test]
+    async fn an_existing_bucket_shorter_than_configured_is_raised() -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let client = async_nats::connect(&server.url).await?;
+        let js = jetstream::new(client.clone());
+        // Made by an older gateway: revocations kept 10 s where 30 s are configured.
+        js.create_key_value(jetstream::kv::Config {
+            bucket: "revoked".into(),
+            max_age: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .await?
+        .put("kept", b("1"))
+        .await?;
+        let kv = NatsKv::open(client, suite_ttls(), None).await?;
+        assert!(
+            kv.config_mismatches().is_empty(),
+            "{:?}",
+            kv.config_mismatches()
+        );
+        let info = js.get_stream("KV_revoked").await?.cached_info().clone();
+        assert_eq!(info.config.max_age, suite_ttls().revoked);
+        assert_eq!(kv.get(Bucket::Revoked, "kept").await?, Some(b("1")));
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn buckets_have_their_plain_names_and_a_prefix_keeps_two_gateways_apart(
     ) -> anyhow::Result<()> {
         let server = NatsServer::start().await?;

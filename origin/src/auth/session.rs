@@ -409,6 +409,15 @@ pub fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// How long until the instant `unix` (seconds since the epoch), to the millisecond; zero
+/// once it has passed. For a connection that must end at its session's expiry, not after.
+pub fn until_unix(unix: i64) -> Duration {
+    let left = unix
+        .saturating_mul(1000)
+        .saturating_sub(chrono::Utc::now().timestamp_millis());
+    Duration::from_millis(u64::try_from(left).unwrap_or(0))
+}
+
 /// 503 `revocations_unavailable`: whether a session is revoked cannot be told right now.
 pub fn revocations_unavailable() -> AppError {
     AppError::Unavailable {

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::auth::revocations::SessionEnd;
-use crate::auth::session::{now_unix, SessionService};
+use crate::auth::session::{now_unix, until_unix, SessionService};
 use crate::auth::Caller;
 use crate::bus::{Bus, BusFrame, StartAt};
 use crate::clients;
@@ -412,8 +412,7 @@ impl SseBody {
     ) -> Self {
         let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
         let now = Instant::now();
-        let left = u64::try_from(session.expires_at_unix - now_unix()).unwrap_or(0);
-        let expires_at = now + Duration::from_secs(left);
+        let expires_at = now + until_unix(session.expires_at_unix);
         let SseTimers {
             ping_every,
             keepalive_every,

@@ -61,7 +61,7 @@ pub use schema::{build_schema, GatewaySchema};
 
 use crate::auth::caller::{socket_init_token, socket_upgrade_token};
 use crate::auth::revocations::SessionEnd;
-use crate::auth::session::{now_unix, SessionService};
+use crate::auth::session::{now_unix, until_unix, SessionService};
 use crate::auth::Caller;
 use crate::error::{json_response, AppError};
 use crate::extract::{is_json_content_type, parse_json, read_body_limited};
@@ -250,8 +250,7 @@ async fn send(sink: &mut SplitSink<WebSocket, Message>, message: Message) -> boo
 async fn session_expiry(init: Option<&InitOutcome>) {
     match init {
         Some(InitOutcome::Accepted { expires_at_unix }) => {
-            let left = u64::try_from(expires_at_unix - now_unix()).unwrap_or(0);
-            tokio::time::sleep(Duration::from_secs(left)).await
+            tokio::time::sleep(until_unix(*expires_at_unix)).await
         }
         _ => std::future::pending().await,
     }

@@ -9,9 +9,11 @@
 //!   `revoked`), history 1, `max_age` = the bucket's TTL, and `limit_markers` on, which turns
 //!   on the stream's per-message TTL (`allow_msg_ttl`; nats-server ≥ 2.11). An existing
 //!   bucket is used as it is: a different `max_age` is reported (`tracing::warn!` and
-//!   [`NatsKv::config_mismatches`]), never changed behind the operator's back. The one thing
-//!   changed on an existing bucket is switching per-message TTL on when it is off, since
-//!   `put_with_ttl` cannot work without it and switching it on loses nothing.
+//!   [`NatsKv::config_mismatches`]), never shortened behind the operator's back. Two things
+//!   are changed on an existing bucket, because each only keeps more: per-message TTL is
+//!   switched on when it is off (`put_with_ttl` cannot work without it), and a `max_age`
+//!   shorter than configured is raised (a `revoked` bucket that forgets before the session
+//!   ends would let a logged-out token back in).
 //! - **`put_with_ttl`** publishes to the key's subject (`$KV.<bucket>.<key>`) with the
 //!   `Nats-TTL` header — the crate only offers a TTL on `create`. The server counts TTLs in
 //!   whole seconds, so a TTL is rounded up to the next second (at least 1 s). A TTL at or
@@ -228,6 +230,23 @@ async fn open_bucket(
     };
 
     let mut mismatches = Vec::new();
+    let mut info = info;
+    let shorter = !info.config.max_age.is_zero() && (ttl.is_zero() || info.config.max_age < ttl);
+    if shorter {
+        // A bucket that forgets sooner than configured would drop revocation markers before
+        // their session ends; raising max_age only keeps more, so do it.
+        let mut config = info.config.clone();
+        config.max_age = ttl;
+        match js.update_stream(&config).await {
+            Ok(updated) => {
+                tracing::warn!(bucket = name, from = ?info.config.max_age, to = ?ttl, "existing NATS K/V bucket had a shorter max_age than configured; raised it");
+                info = updated;
+            }
+            Err(e) => {
+                tracing::warn!(bucket = name, error = %e, "existing NATS K/V bucket has a shorter max_age than configured and it could not be raised")
+            }
+        }
+    }
     if info.config.max_age != ttl {
         tracing::warn!(
             bucket = name,
