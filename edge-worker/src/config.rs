@@ -10,6 +10,8 @@
 //! | `EDGE_SESSION_TTL` | longest a validated session stays in KV, seconds | 300 |
 //! | `RATE_LIMIT_PERIOD` | the rate-limit bindings' period, sent as `Retry-After` | 10 |
 //! | `EDGE_L1_TTL` | how long an isolate reuses a session answer before asking KV again, seconds (0 = off, at most 60) | 10 |
+//! | `EDGE_MAX_BODY` | largest request body forwarded, bytes ([`crate::limits`]) | 10485760 |
+//! | `EDGE_BODY_LIMITS` | lower limits per route, `path=bytes,…` | `/graphql=2097152,/api/auth/=65536` |
 //!
 //! A malformed value is an error naming the variable, never a silent default: a typo in
 //! the CORS list or the route table must not widen what the edge lets through.
@@ -17,6 +19,8 @@
 use gateway_shared::assertion::{signing_key_from_b64, SecretKey};
 use gateway_shared::cors::CorsPolicy;
 use gateway_shared::routes::{RouteTable, DEFAULT_ROUTES};
+
+use crate::limits::BodyLimits;
 
 /// KV's minimum `expirationTtl`, and so the shortest session-cache TTL.
 pub const MIN_SESSION_TTL_SECS: u64 = 60;
@@ -40,6 +44,8 @@ pub struct EdgeConfig {
     pub rate_limit_period_secs: u64,
     /// How long an isolate keeps a session answer in memory ([`crate::l1`]); 0 = off.
     pub l1_ttl_secs: u64,
+    /// The largest request body forwarded to each route.
+    pub body_limits: BodyLimits,
     /// The key `x-gateway-assertion` is signed with.
     pub signing_key: SecretKey,
 }
@@ -53,6 +59,7 @@ impl std::fmt::Debug for EdgeConfig {
             .field("session_ttl_secs", &self.session_ttl_secs)
             .field("rate_limit_period_secs", &self.rate_limit_period_secs)
             .field("l1_ttl_secs", &self.l1_ttl_secs)
+            .field("body_limits", &self.body_limits)
             .field("signing_key", &"<redacted>")
             .finish()
     }
@@ -84,6 +91,10 @@ impl EdgeConfig {
             DEFAULT_RATE_LIMIT_PERIOD_SECS,
         )?;
         let l1_ttl_secs = crate::l1::parse_ttl(set("EDGE_L1_TTL").as_deref())?;
+        let body_limits = BodyLimits::parse(
+            set("EDGE_MAX_BODY").as_deref(),
+            set("EDGE_BODY_LIMITS").as_deref(),
+        )?;
         let key = set("EDGE_ASSERTION_KEY").ok_or(
             "EDGE_ASSERTION_KEY is not set (a Workers secret; `scripts/edge-keys.sh` makes one)",
         )?;
@@ -103,6 +114,7 @@ impl EdgeConfig {
             session_ttl_secs,
             rate_limit_period_secs,
             l1_ttl_secs,
+            body_limits,
             signing_key,
         })
     }
@@ -181,6 +193,7 @@ mod tests {
         assert_eq!(c.session_ttl_secs, DEFAULT_SESSION_TTL_SECS);
         assert_eq!(c.rate_limit_period_secs, DEFAULT_RATE_LIMIT_PERIOD_SECS);
         assert_eq!(c.l1_ttl_secs, crate::l1::DEFAULT_L1_TTL_SECS);
+        assert_eq!(c.body_limits, BodyLimits::default());
         assert!(!c.cors.is_allowed("https://anything.example"));
         assert_eq!(c.routes.classify("/metrics"), RouteKind::Deny);
         assert!(!format!("{c:?}").contains(SEED));
@@ -196,8 +209,12 @@ mod tests {
             ("EDGE_SESSION_TTL", "5"),
             ("RATE_LIMIT_PERIOD", "60"),
             ("EDGE_L1_TTL", "0"),
+            ("EDGE_MAX_BODY", "1000"),
+            ("EDGE_BODY_LIMITS", "/graphql=100"),
         ]))
         .unwrap();
+        assert_eq!(c.body_limits.for_path("/graphql"), 100);
+        assert_eq!(c.body_limits.for_path("/noetl/x"), 1000);
         assert!(c.cors.is_allowed("https://app.example.com"));
         assert_eq!(c.routes.classify("/x"), RouteKind::Public);
         assert_eq!(c.session_ttl_secs, MIN_SESSION_TTL_SECS);
@@ -221,6 +238,8 @@ mod tests {
         assert!(with("EDGE_SESSION_TTL", "soon").contains("EDGE_SESSION_TTL"));
         assert!(with("RATE_LIMIT_PERIOD", "0").contains("RATE_LIMIT_PERIOD"));
         assert!(with("EDGE_L1_TTL", "300").contains("EDGE_L1_TTL"));
+        assert!(with("EDGE_MAX_BODY", "big").contains("EDGE_MAX_BODY"));
+        assert!(with("EDGE_BODY_LIMITS", "graphql").contains("EDGE_BODY_LIMITS"));
         assert!(with(
             "EDGE_ASSERTION_KEY",
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"

@@ -34,6 +34,17 @@ pub fn origin_target(origin: &str, path: &str, query: Option<&str>) -> String {
     }
 }
 
+/// The most of an oversized chunked body the edge reads (and drops) before it answers
+/// 413, so that a client still sending it gets the answer rather than a reset.
+pub const DRAIN_MAX: u64 = 16 * 1024 * 1024;
+
+/// Whether a request of `method` may carry a body to the origin. The Fetch API refuses a
+/// GET or HEAD request with one (a runtime error, which was a 500): such a body is
+/// dropped, as the origin's GET and HEAD routes ignore it anyway.
+pub fn carries_body(method: &str) -> bool {
+    !matches!(method, "GET" | "HEAD")
+}
+
 /// The methods the edge forwards, in their canonical spelling; `None` → 405.
 pub fn forwardable_method(method: &str) -> Option<&'static str> {
     ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -106,7 +117,7 @@ mod glue {
     pub enum Body {
         /// The client's body, streamed through (or none, for GET and friends).
         Stream(Option<worker::wasm_bindgen::JsValue>),
-        /// A body the edge had to read first (a small logout body).
+        /// A body the edge had to read first (a logout body).
         Bytes(Vec<u8>),
     }
 
@@ -143,6 +154,50 @@ mod glue {
         pub client_ip: Option<String>,
     }
 
+    /// Reads a request's whole body, refusing it with 413 once it passes `limit` bytes
+    /// (counted as received: chunked bodies have no length to check up front). Past the
+    /// limit nothing is kept, but the rest is read and dropped — up to [`DRAIN_MAX`] bytes
+    /// in all — before the 413 is sent: a server that answers and closes while the client
+    /// is still sending makes the client's TCP stack reset the connection, and the client
+    /// then sees a lost connection instead of the answer.
+    pub async fn read_bounded(req: &mut Request, limit: u64) -> Result<Vec<u8>, EdgeError> {
+        use futures_util::StreamExt;
+        let mut body = Vec::new();
+        if req.inner().body().is_none() {
+            return Ok(body);
+        }
+        let mut stream = req.stream()?;
+        let mut seen: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            seen += chunk.len() as u64;
+            if seen > limit {
+                if seen > DRAIN_MAX {
+                    break;
+                }
+                continue;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if seen > limit {
+            return Err(EdgeError::PayloadTooLarge { limit });
+        }
+        Ok(body)
+    }
+
+    /// The body to forward. A body without `Content-Length` (chunked) is read first,
+    /// bounded by the route's `limit`: the edge answers 413 itself instead of streaming
+    /// into an origin that cuts the upload off at its limit and closes (which surfaces as
+    /// a lost connection, not as the origin's 413). Declared bodies were checked against
+    /// `limit` already and stream through.
+    pub async fn body_for(req: &mut Request, method: &str, limit: u64) -> Result<Body, EdgeError> {
+        let declared = req.headers().has("content-length").unwrap_or(false);
+        if declared || !carries_body(method) || req.inner().body().is_none() {
+            return Ok(Body::of(req));
+        }
+        Ok(Body::Bytes(read_bounded(req, limit).await?))
+    }
+
     /// Sends the request to the origin and returns its response (body still streaming).
     pub async fn forward(cfg: &EdgeConfig, f: Forward<'_>) -> Result<Response, EdgeError> {
         let incoming = f.req.headers();
@@ -169,7 +224,11 @@ mod glue {
         init.with_method(Method::from(f.method.to_owned()))
             .with_headers(headers)
             .with_redirect(RequestRedirect::Manual)
-            .with_body(f.body.into_js());
+            .with_body(if carries_body(f.method) {
+                f.body.into_js()
+            } else {
+                None
+            });
         let target = origin_target(&cfg.origin_url, f.url.path(), f.url.query());
         send(Request::new_with_init(&target, &init)?, FORWARD_TIMEOUT_MS).await
     }
@@ -195,11 +254,19 @@ mod glue {
 }
 
 #[cfg(target_arch = "wasm32")]
-pub use glue::{forward, send, Body, Forward};
+pub use glue::{body_for, forward, read_bounded, send, Body, Forward};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn get_and_head_never_carry_a_body_to_the_origin() {
+        assert!(!carries_body("GET") && !carries_body("HEAD"));
+        for m in ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+            assert!(carries_body(m), "{m}");
+        }
+    }
 
     #[test]
     fn origin_target_joins_origin_path_and_query() {

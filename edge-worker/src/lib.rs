@@ -12,17 +12,26 @@
 //! 3. [`cors`] — a preflight is answered here (204) and goes no further.
 //! 4. route — `RouteTable::classify`: `/health` is answered by the edge ([`reply`]);
 //!    denied routes (`/api/internal/*`, `/metrics`) are 404 at the edge.
-//! 5. [`ratelimit`] — per client IP, and per session on session routes; 429 + `Retry-After`.
-//! 6. [`session`] — session routes only: the isolate's own short-lived cache ([`l1`]),
+//! 5. [`limits`] — a declared body (`Content-Length`) over the route's limit → 413 JSON
+//!    before anything is forwarded.
+//! 6. [`ratelimit`] — per client IP, and per session on session routes; 429 + `Retry-After`.
+//! 7. [`session`] — session routes only: the isolate's own short-lived cache ([`l1`]),
 //!    then Workers KV `SESSIONS`, else the origin's `/api/auth/validate`; invalid → 401
-//!    at the edge. The result is a [`caller::Caller`].
-//! 7. [`forward`] — to `ORIGIN_URL`, streaming both ways, identity headers stripped, the
+//!    at the edge. The result is a [`caller::Caller`]. Two session-route requests pass
+//!    without a token as anonymous callers (still rate-limited per IP), because only the
+//!    origin can authenticate them: `GET /events?ticket=` and a `/graphql/ws` upgrade
+//!    (the token comes later, in `connection_init`).
+//! 8. [`forward`] — to `ORIGIN_URL`, streaming both ways, identity headers stripped, the
 //!    caller asserted in a signed `x-gateway-assertion` ([`sign`]: the runtime's WebCrypto
-//!    Ed25519). A logout also clears the session at the edge (this isolate and KV).
-//! 8. [`reply::finish`] — CORS headers, `Vary: Origin` and `x-request-id` on every response.
+//!    Ed25519). A logout's body is read whole (bounded) and forwarded as bytes; on its
+//!    204 every token it carried is forgotten at the edge (this isolate and KV). An origin
+//!    401 that refuses the asserted session itself makes the edge forget that session.
+//! 9. [`reply::finish`] — CORS headers, `Vary: Origin` and `x-request-id` on every response.
 //!
-//! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body.
-//! Time comes from the runtime's clock in [`time`], passed into every pure decision.
+//! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body;
+//! the whole request runs inside [`error::CatchPanic`], so even a panic leaves as 500
+//! JSON, never as a runtime error page. Time comes from the runtime's clock in [`time`],
+//! passed into every pure decision.
 
 pub mod caller;
 pub mod config;
@@ -31,6 +40,7 @@ pub mod error;
 pub mod forward;
 pub mod ids;
 pub mod l1;
+pub mod limits;
 pub mod ratelimit;
 pub mod reply;
 pub mod session;
@@ -41,8 +51,8 @@ pub mod time;
 mod entry {
     use crate::caller::Caller;
     use crate::config::{self, EdgeConfig};
-    use crate::error::EdgeError;
-    use crate::forward::{self, Body, Forward};
+    use crate::error::{CatchPanic, EdgeError};
+    use crate::forward::{self, Forward};
     use crate::ratelimit::{self, Limiter};
     use crate::{cors, ids, reply, session, time};
     use gateway_shared::cors::CorsPolicy;
@@ -58,7 +68,7 @@ mod entry {
         let requested_method = header("access-control-request-method");
         let (resp, cors_headers) = match config::load(&env) {
             Err(e) => (
-                e.into_response(),
+                e.into_response(&rid),
                 CorsPolicy::default().response_headers(origin.as_deref()),
             ),
             Ok(cfg) => match cors::preflight(
@@ -69,9 +79,9 @@ mod entry {
             ) {
                 Some(preflight) => (reply::empty(preflight.status), preflight.headers),
                 None => (
-                    handle(req, &env, &cfg, &rid)
+                    CatchPanic::new(handle(req, &env, &cfg, &rid))
                         .await
-                        .unwrap_or_else(EdgeError::into_response),
+                        .unwrap_or_else(|e| e.into_response(&rid)),
                     cfg.cors.response_headers(origin.as_deref()),
                 ),
             },
@@ -95,6 +105,10 @@ mod entry {
         }
         let method = forward::forwardable_method(&req.inner().method())
             .ok_or(EdgeError::MethodNotAllowed)?;
+        let body_limit = cfg.body_limits.for_path(url.path());
+        let declared = req.headers().get("content-length").ok().flatten();
+        crate::limits::check_declared(declared.as_deref(), body_limit)
+            .map_err(|limit| EdgeError::PayloadTooLarge { limit })?;
         let period = cfg.rate_limit_period_secs;
         let client_ip = req.headers().get("cf-connecting-ip").ok().flatten();
         let ip_key = ratelimit::ip_key(client_ip.as_deref());
@@ -110,6 +124,19 @@ mod entry {
                     && url
                         .query()
                         .is_some_and(gateway_shared::session::query_has_ticket) =>
+            {
+                per_ip.await?;
+                (Caller::Anonymous, None)
+            }
+            // A `/graphql/ws` upgrade without a token: a browser cannot put headers on a
+            // WebSocket upgrade, so graphql-ws clients send the token in `connection_init`
+            // (`connectionParams`), which only the origin reads. Forwarded as anonymous
+            // (no identity is asserted), rate-limited per IP; the origin refuses the
+            // socket at `connection_init` without a valid session.
+            RouteKind::Session
+                if url.path() == GRAPHQL_WS_PATH
+                    && forward::is_websocket_upgrade(header(&req, "upgrade").as_deref())
+                    && session::token(&req, &url).is_none() =>
             {
                 per_ip.await?;
                 (Caller::Anonymous, None)
@@ -135,9 +162,10 @@ mod entry {
         };
 
         let (logout, body) = if url.path() == session::LOGOUT_PATH {
-            session::logout_token(&mut req, &url).await?
+            let (tokens, body) = session::logout_tokens_of(&mut req, &url, body_limit).await?;
+            (Some(tokens), body)
         } else {
-            (None, Body::of(&req))
+            (None, forward::body_for(&mut req, method, body_limit).await?)
         };
         let forwarded = forward::forward(
             cfg,
@@ -156,9 +184,27 @@ mod entry {
             Some(write) => futures_util::future::join(forwarded, write.apply()).await.0,
             None => forwarded.await,
         }?;
-        if let Some(ended) = logout.filter(|_| resp.status_code() == 204) {
-            session::forget(env, &ended).await;
+        if let Some(tokens) = logout.filter(|_| resp.status_code() == 204) {
+            session::forget_logout(env, cfg, &tokens).await;
+        }
+        // The origin refused the session the edge asserted (revoked at the origin, ended
+        // by NoETL): forget it here, so its next request is refused at the edge.
+        if let Caller::User { session: sid, .. } = &caller {
+            // Only a 401 can say so: no header read on the common path.
+            if resp.status_code() == 401 {
+                let challenge = resp.headers().get("www-authenticate").ok().flatten();
+                if session::origin_refused_session(401, challenge.as_deref()) {
+                    session::forget(env, cfg, sid, true).await;
+                }
+            }
         }
         Ok(resp)
+    }
+
+    /// The GraphQL WebSocket endpoint.
+    const GRAPHQL_WS_PATH: &str = "/graphql/ws";
+
+    fn header(req: &Request, name: &str) -> Option<String> {
+        req.headers().get(name).ok().flatten()
     }
 }

