@@ -73,9 +73,13 @@ async fn a_valid_assertion_is_trusted_and_forged_or_expired_ones_are_refused() {
     )
     .await
     .unwrap();
-    let sid = SessionHash::of("edge-validated-token");
+    // A real session: the origin re-checks an asserted session that brings its token
+    // (from its cache here, as the login just filled it), at most once per SESSION_CACHE_TTL.
+    let session_token =
+        gateway_tests::harness::flows::login(&origin.url, &standin, "42@example.com").await;
+    let sid = SessionHash::of(&session_token);
     let good = assertion::sign(&claims("42", sid.as_str()), &key, now()).unwrap();
-    let (s, v) = me(&origin, Some(&good), Some("edge-validated-token")).await;
+    let (s, v) = me(&origin, Some(&good), Some(&session_token)).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["me"]["userId"], "42", "{v}");
     assert_eq!(v["data"]["me"]["email"], "42@example.com");
@@ -97,7 +101,7 @@ async fn a_valid_assertion_is_trusted_and_forged_or_expired_ones_are_refused() {
         ("expired", expired.as_str()),
         ("garbage", "x.y.z"),
     ] {
-        let (s, v) = me(&origin, Some(a), Some("edge-validated-token")).await;
+        let (s, v) = me(&origin, Some(a), Some(&session_token)).await;
         assert_eq!(s, 401, "{what}: {v}");
         assert!(
             v["error"]["code"]

@@ -6,9 +6,12 @@
 //! (`/graphql/ws`). A caller is decided from, in this order:
 //!
 //! 1. a verified edge assertion ([`EdgeIdentity`], put in the request's extensions by
-//!    [`super::edge::verify_assertion`]): no second validation, but an assertion is bound to
-//!    its session — a token alongside it must hash to the assertion's `sid`, so an assertion
-//!    cannot lend its identity to another token;
+//!    [`super::edge::verify_assertion`]): an assertion is bound to its session — a token
+//!    alongside it must hash to the assertion's `sid`, so an assertion cannot lend its
+//!    identity to another token — and its session must not be revoked (the replica's
+//!    in-memory set); with the token alongside, NoETL is asked again at most once per
+//!    `SESSION_CACHE_TTL` per replica ([`SessionService::reconfirm_asserted`]), so a session
+//!    NoETL ended by itself does not live on behind the edge's cache;
 //! 2. else the session token — the body's where the protocol allows one, else
 //!    `Authorization: Bearer`, the `session_token` cookie or `?session_token=` — validated by
 //!    the [`SessionService`] (cache, revocations, NoETL).
@@ -114,6 +117,14 @@ impl Caller {
                     ));
                 }
                 sessions.check_not_revoked(&session)?;
+                if let Some(t) = &token {
+                    if !sessions.reconfirm_asserted(&session, t).await? {
+                        return Err(AppError::unauthorized(
+                            SESSION_REFUSED_CODE,
+                            "session is invalid, expired or logged out",
+                        ));
+                    }
+                }
                 return Ok(Self {
                     token: token.unwrap_or_default(),
                     record,

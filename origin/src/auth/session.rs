@@ -35,6 +35,8 @@ use crate::store::{Bucket, KvStore, StoreError};
 
 /// Longest a cache lookup may take before the request goes to NoETL instead.
 const STORE_TIMEOUT: Duration = Duration::from_millis(750);
+/// Asserted sessions whose last check this replica remembers before the map is swept.
+const CONFIRMED_MAX: usize = 100_000;
 /// Access decisions kept per replica before the map is swept.
 const ACCESS_CACHE_MAX: usize = 10_000;
 
@@ -102,6 +104,9 @@ pub struct SessionService {
     settings: SessionSettings,
     revocations: Arc<Revocations>,
     access: Mutex<HashMap<AccessKey, (AccessReply, Instant)>>,
+    /// When this replica last had NoETL's word (directly or through the shared cache) on a
+    /// session that reaches it behind edge assertions.
+    confirmed: Mutex<HashMap<SessionHash, Instant>>,
 }
 
 impl SessionService {
@@ -121,6 +126,7 @@ impl SessionService {
             settings,
             revocations,
             access: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -141,6 +147,53 @@ impl SessionService {
             )),
             RevocationStatus::Unknown => Err(revocations_unavailable()),
         }
+    }
+
+    /// Re-checks, at most once per `SESSION_CACHE_TTL` per session on this replica, a
+    /// session that arrives behind an edge assertion together with its token. The edge caches
+    /// a session for minutes and asserts it without asking NoETL again; this is how a session
+    /// NoETL ended by itself is noticed there within `SESSION_CACHE_TTL` (it is then revoked
+    /// like a logout, and the edge forgets it on the 401). `Ok(false)`: the session is over.
+    /// When NoETL cannot answer, the edge's assertion stands and the check is retried on the
+    /// next request.
+    pub async fn reconfirm_asserted(
+        &self,
+        hash: &SessionHash,
+        token: &str,
+    ) -> Result<bool, AppError> {
+        if self.confirmed_recently(hash) {
+            return Ok(true);
+        }
+        match self.validate(token).await {
+            Ok(Some(_)) => {
+                self.mark_confirmed(hash);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) if e.status().is_server_error() => {
+                tracing::warn!(session = hash.short(), error = %e, "asserted session not re-checked; the edge's assertion stands");
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn confirmed_recently(&self, hash: &SessionHash) -> bool {
+        let map = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(hash)
+            .is_some_and(|at| at.elapsed() < self.settings.cache_ttl)
+    }
+
+    fn mark_confirmed(&self, hash: &SessionHash) {
+        let mut map = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CONFIRMED_MAX {
+            let ttl = self.settings.cache_ttl;
+            map.retain(|_, at| at.elapsed() < ttl);
+            if map.len() >= CONFIRMED_MAX {
+                map.clear();
+            }
+        }
+        map.insert(hash.clone(), Instant::now());
     }
 
     /// Verifies an ID token, asks NoETL for a session, caches it.
