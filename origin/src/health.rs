@@ -1,5 +1,6 @@
 //! `/health` (liveness: the process serves requests) and `/ready` (readiness: the shared
-//! store, the bus and NoETL answer, so this replica can do useful work).
+//! store, the bus and NoETL answer and the replica's revocation set is current, so this
+//! replica can do useful work).
 //!
 //! Kubernetes restarts a pod whose liveness fails and stops routing to one whose readiness
 //! fails; so `/health` never checks dependencies (a NoETL outage must not restart every
@@ -15,6 +16,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::json;
 
+use crate::auth::revocations::Revocations;
 use crate::bus::Bus;
 use crate::error::json_response;
 use crate::noetl::NoetlClient;
@@ -32,6 +34,9 @@ pub struct Readiness {
     pub bus: Arc<dyn Bus>,
     /// NoETL.
     pub noetl: NoetlClient,
+    /// The replica's revocation set: until its watch has loaded the `revoked` bucket, callers
+    /// that come only with an edge assertion are refused (503), so the replica is not ready.
+    pub revocations: Arc<Revocations>,
     /// True when the store and bus are the embedded in-memory ones (no NATS configured):
     /// reported as `embedded`, always up.
     pub embedded: bool,
@@ -64,17 +69,22 @@ pub async fn ready(State(r): State<Readiness>) -> Response {
         }
     };
     let (nats, noetl) = tokio::join!(shared, noetl);
-    let ok = (nats == "ok" || nats == "embedded") && noetl == "ok";
+    let revocations = if r.revocations.is_current() {
+        "current"
+    } else {
+        "catching up"
+    };
+    let ok = (nats == "ok" || nats == "embedded") && noetl == "ok" && revocations == "current";
     let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     if !ok {
-        tracing::warn!(%nats, %noetl, "not ready");
+        tracing::warn!(%nats, %noetl, %revocations, "not ready");
     }
     json_response(
         status,
-        &json!({"status": if ok { "ready" } else { "not_ready" }, "checks": {"nats": nats, "noetl": noetl}}),
+        &json!({"status": if ok { "ready" } else { "not_ready" }, "checks": {"nats": nats, "noetl": noetl, "revocations": revocations}}),
     )
 }

@@ -164,7 +164,7 @@ async fn build(
             access_ttl: config.access_cache_ttl,
             auth0_domain,
         },
-        revocations,
+        revocations.clone(),
     );
     let owners = Owners::new(kv.clone(), config.read_all_roles());
     let allow =
@@ -269,6 +269,7 @@ async fn build(
             kv,
             bus,
             noetl,
+            revocations,
             embedded: nats.is_none(),
         },
         metrics: MetricsState { metrics, hub },

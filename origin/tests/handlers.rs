@@ -235,6 +235,7 @@ async fn ready_means_noetl_answers_and_names_the_embedded_store() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["checks"]["nats"], "embedded");
     assert_eq!(body["checks"]["noetl"], "ok");
+    assert_eq!(body["checks"]["revocations"], "current");
 
     let down = Origin::with(&closed_port().await, &[]).await;
     let (status, body) = down.internal(get("/ready")).await;

@@ -70,6 +70,15 @@ async fn during_a_nats_outage_ready_is_503_and_validation_refuses_retryably() {
     .await;
     let r = validate().await;
     assert_eq!(r.status(), 503);
+    let ready: Value = http()
+        .get(format!("{}/ready", origin.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["revocations"], "catching up", "{ready}");
     assert_eq!(
         r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
         Some("1")
