@@ -12,10 +12,25 @@ use std::fmt;
 /// The longest session token accepted; anything longer is refused before hashing.
 pub const MAX_TOKEN_LEN: usize = 512;
 
-/// `hex(sha256(token))`: the only form in which a session token is stored or logged.
+/// `hex(sha256(token))`: the only form in which a session token is stored or logged. Read
+/// back from JSON only through [`SessionHash::parse`], so every value is 64 hex characters.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "String", try_from = "String")]
 pub struct SessionHash(String);
+
+impl From<SessionHash> for String {
+    fn from(h: SessionHash) -> Self {
+        h.0
+    }
+}
+
+impl TryFrom<String> for SessionHash {
+    type Error = &'static str;
+
+    fn try_from(hex: String) -> Result<Self, Self::Error> {
+        Self::parse(&hex).ok_or("a session hash is 64 lowercase hex characters")
+    }
+}
 
 impl SessionHash {
     /// Hashes a raw token.
@@ -37,7 +52,7 @@ impl SessionHash {
 
     /// A short prefix for log lines: enough to correlate, useless to an attacker.
     pub fn short(&self) -> &str {
-        &self.0[..12]
+        self.0.get(..12).unwrap_or(&self.0)
     }
 }
 
@@ -321,5 +336,15 @@ mod tests {
             "Bearer error=\"invalid_request\""
         )));
         assert!(!is_session_refused(Some("Basic error=\"invalid_token\"")));
+    }
+
+    #[test]
+    fn a_session_hash_is_read_back_only_in_its_own_form() {
+        let h = SessionHash::of("tok");
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(json, format!("\"{}\"", h.as_str()));
+        assert_eq!(serde_json::from_str::<SessionHash>(&json).unwrap(), h);
+        assert!(serde_json::from_str::<SessionHash>("\"short\"").is_err());
+        assert!(serde_json::from_str::<SessionHash>(&json.to_uppercase()).is_err());
     }
 }
