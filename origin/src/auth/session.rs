@@ -154,8 +154,8 @@ impl SessionService {
     /// a session for minutes and asserts it without asking NoETL again; this is how a session
     /// NoETL ended by itself is noticed there within `SESSION_CACHE_TTL` (it is then revoked
     /// like a logout, and the edge forgets it on the 401). `Ok(false)`: the session is over.
-    /// When NoETL cannot answer, the edge's assertion stands and the check is retried on the
-    /// next request.
+    /// When NoETL cannot answer, the edge's assertion stands and the check is retried in the
+    /// next period.
     pub async fn reconfirm_asserted(
         &self,
         hash: &SessionHash,
@@ -171,6 +171,9 @@ impl SessionService {
             }
             Ok(None) => Ok(false),
             Err(e) if e.status().is_server_error() => {
+                // Not retried before the next period: a NoETL outage must not cost every
+                // asserted request a round trip to it.
+                self.mark_confirmed(hash);
                 tracing::warn!(session = hash.short(), error = %e, "asserted session not re-checked; the edge's assertion stands");
                 Ok(true)
             }

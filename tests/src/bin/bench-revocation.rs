@@ -222,6 +222,13 @@ async fn caller_cost(calls: usize) -> anyhow::Result<Vec<Row>> {
     .await?;
     let (mut asserted, _) = Request::builder().body(())?.into_parts();
     asserted.extensions.insert(EdgeIdentity(claims_for(token)));
+    let (mut asserted_with_token, _) = Request::builder()
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(())?
+        .into_parts();
+    asserted_with_token
+        .extensions
+        .insert(EdgeIdentity(claims_for(token)));
     let (with_token, _) = Request::builder()
         .header(header::AUTHORIZATION, format!("Bearer {token}"))
         .body(())?
@@ -230,10 +237,17 @@ async fn caller_cost(calls: usize) -> anyhow::Result<Vec<Row>> {
     // Warm up.
     for _ in 0..1000 {
         Caller::resolve(&sessions, &asserted, None).await?;
+        Caller::resolve(&sessions, &asserted_with_token, None).await?;
         Caller::resolve(&sessions, &with_token, None).await?;
     }
     let resolve_asserted = each(calls, || async {
         Caller::resolve(&sessions, &asserted, None)
+            .await
+            .expect("served");
+    })
+    .await;
+    let resolve_asserted_token = each(calls, || async {
+        Caller::resolve(&sessions, &asserted_with_token, None)
             .await
             .expect("served");
     })
@@ -270,6 +284,10 @@ async fn caller_cost(calls: usize) -> anyhow::Result<Vec<Row>> {
         Row {
             name: "Caller::resolve, edge assertion",
             samples: resolve_asserted,
+        },
+        Row {
+            name: "Caller::resolve, edge assertion + its token",
+            samples: resolve_asserted_token,
         },
         Row {
             name: "Caller::resolve, cached token (memory)",
