@@ -12,8 +12,8 @@ use gateway_tests::harness::edge::{
     bundle_dir, test_public_key, Edge, EdgeOptions, EdgeWorld, ALLOWED_ORIGIN,
 };
 use gateway_tests::harness::flows::{
-    execute_playbook, graphql, http, login, logout, open_events, post_graphql, run_playbook,
-    ws_connect, ws_init, ws_next_json, ws_request, ws_send, Ws,
+    execute_playbook, graphql, http, login, logout, nats_stack_with, open_events, post_graphql,
+    run_playbook, ws_connect, ws_init, ws_next_json, ws_request, ws_send, Ws,
 };
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::SseClient;
@@ -42,6 +42,11 @@ async fn metric(origin: &Origin, name: &str) -> u64 {
 /// Validate requests that reached the origin.
 async fn validate_count(origin: &Origin) -> u64 {
     metric(origin, "gateway_auth_validate_requests_total").await
+}
+
+/// `{ me }` at `base` with `token` and `extra` headers → (status, headers, JSON body).
+async fn me_at(base: &str, token: Option<&str>, extra: &[(&str, &str)]) -> (u16, HeaderMap, Value) {
+    post_graphql(base, token, extra, ME, Value::Null).await
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -133,7 +138,7 @@ async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_the_ed
     let token = login(&w.edge.url, &w.standin, "cached@example.com").await;
     let before = validate_count(&w.origin).await;
 
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["data"]["me"]["email"], "cached@example.com", "{v}");
     assert_eq!(
@@ -143,7 +148,7 @@ async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_the_ed
     );
 
     for i in 0..10 {
-        let (status, _, v) = post_graphql(&w.edge.url, Some(&token), &[], ME, Value::Null).await;
+        let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
         assert_eq!(status, 200, "request {i}: {v}");
         assert_eq!(v["data"]["me"]["email"], "cached@example.com");
     }
@@ -158,27 +163,13 @@ async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_the_ed
 async fn invalid_and_logged_out_tokens_are_refused_at_the_edge_with_401_json() {
     let w = world().await;
     let before = validate_count(&w.origin).await;
-    let (status, h, v) = post_graphql(
-        &w.edge.url,
-        Some("not-a-real-session"),
-        &[],
-        ME,
-        Value::Null,
-    )
-    .await;
+    let (status, h, v) = me_at(&w.edge.url, Some("not-a-real-session"), &[]).await;
     assert_error(status, &v, 401, "invalid_session");
     assert!(header(&h, "content-type").is_some_and(|c| c.contains("application/json")));
     let after_first = validate_count(&w.origin).await;
     assert!(after_first <= before + 1, "{before} → {after_first}");
     for _ in 0..3 {
-        let (status, _, v) = post_graphql(
-            &w.edge.url,
-            Some("not-a-real-session"),
-            &[],
-            ME,
-            Value::Null,
-        )
-        .await;
+        let (status, _, v) = me_at(&w.edge.url, Some("not-a-real-session"), &[]).await;
         assert_error(status, &v, 401, "invalid_session");
     }
     assert_eq!(
@@ -186,15 +177,15 @@ async fn invalid_and_logged_out_tokens_are_refused_at_the_edge_with_401_json() {
         after_first,
         "a refused token is remembered at the edge (negative cache)"
     );
-    let (status, _, v) = post_graphql(&w.edge.url, None, &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&w.edge.url, None, &[]).await;
     assert_error(status, &v, 401, "missing_token");
 
     // Logout through the edge ends the session and clears the edge's KV entry.
     let token = login(&w.edge.url, &w.standin, "leaving@example.com").await;
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "{v}");
     logout(&w.edge.url, &token).await;
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_error(status, &v, 401, "invalid_session");
 }
 
@@ -345,8 +336,7 @@ async fn internal_routes_are_404_at_the_edge_and_health_is_answered_even_with_th
     assert_eq!(v["component"], "edge");
 
     // With the origin gone, a session cannot be validated: 502 JSON, not a hang or a crash.
-    let (status, _, v) =
-        post_graphql(&w.edge.url, Some("some-new-token"), &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&w.edge.url, Some("some-new-token"), &[]).await;
     assert_error(status, &v, 502, "origin_unreachable");
     let r = http()
         .get(format!("{}/ready", w.edge.url))
@@ -425,12 +415,10 @@ async fn spoofed_identity_headers_do_not_reach_the_origin_and_forged_assertions_
     );
 
     // GraphQL sees the real caller too, whatever the client claims.
-    let (status, _, v) = post_graphql(
+    let (status, _, v) = me_at(
         &w.edge.url,
         Some(&token),
         &[("x-gateway-assertion", &forged), ("x-user-id", "1")],
-        ME,
-        Value::Null,
     )
     .await;
     assert_eq!(status, 200, "{v}");
@@ -446,14 +434,8 @@ async fn spoofed_identity_headers_do_not_reach_the_origin_and_forged_assertions_
     )
     .unwrap();
     for (what, a) in [("wrongly signed", &forged), ("expired", &expired)] {
-        let (status, _, v) = post_graphql(
-            &w.origin.url,
-            Some(&token),
-            &[("x-gateway-assertion", a)],
-            ME,
-            Value::Null,
-        )
-        .await;
+        let (status, _, v) =
+            me_at(&w.origin.url, Some(&token), &[("x-gateway-assertion", a)]).await;
         assert_eq!(status, 401, "{what}: {v}");
     }
 }
@@ -486,7 +468,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     let token = login(&w.edge.url, &w.standin, "busy@example.com").await;
     let other = login(&w.edge.url, &w.standin, "other@example.com").await;
     for t in [&token, &other] {
-        let (status, _, v) = post_graphql(&w.edge.url, Some(t), &[], ME, Value::Null).await;
+        let (status, _, v) = me_at(&w.edge.url, Some(t), &[]).await;
         assert_eq!(status, 200, "the session is cached before the burst: {v}");
     }
     // Fixed 10 s windows (test config). Everything below runs in one window, so the
@@ -500,9 +482,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
         .iter()
         .map(|ip| [("cf-connecting-ip", ip.as_str())])
         .collect();
-    let burst = headers
-        .iter()
-        .map(|h| post_graphql(&w.edge.url, Some(&token), h, ME, Value::Null));
+    let burst = headers.iter().map(|h| me_at(&w.edge.url, Some(&token), h));
     let answers = futures::future::join_all(burst).await;
     assert!(
         answers.iter().all(|(s, _, _)| *s == 200 || *s == 429),
@@ -523,21 +503,17 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     // Which limiter refused: the session from an address never seen is still refused
     // (the session limiter), while an address of the burst, used once, still gets
     // through on another session (not the IP limiter).
-    let (status, _, v) = post_graphql(
+    let (status, _, v) = me_at(
         &w.edge.url,
         Some(&token),
         &[("cf-connecting-ip", "10.2.0.1")],
-        ME,
-        Value::Null,
     )
     .await;
     assert_error(status, &v, 429, "rate_limited");
-    let (status, _, v) = post_graphql(
+    let (status, _, v) = me_at(
         &w.edge.url,
         Some(&other),
         &[("cf-connecting-ip", "10.1.0.1")],
-        ME,
-        Value::Null,
     )
     .await;
     assert_eq!(
@@ -549,7 +525,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     // limiter (30 per 10 s) counted them, until it refuses them itself. No session, so
     // no other limiter could.
     let one_ip = [("cf-connecting-ip", "10.4.0.1")];
-    let burst = (0..61).map(|_| post_graphql(&w.edge.url, None, &one_ip, ME, Value::Null));
+    let burst = (0..61).map(|_| me_at(&w.edge.url, None, &one_ip));
     let answers = futures::future::join_all(burst).await;
     for (status, _, v) in &answers {
         if *status != 429 {
@@ -569,14 +545,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     assert_eq!(header(h, "retry-after"), Some("10"));
     assert!(header(h, "vary").is_some_and(|v| v.contains("Origin")));
     // Per address: another one is not refused.
-    let (status, _, v) = post_graphql(
-        &w.edge.url,
-        None,
-        &[("cf-connecting-ip", "10.4.0.2")],
-        ME,
-        Value::Null,
-    )
-    .await;
+    let (status, _, v) = me_at(&w.edge.url, None, &[("cf-connecting-ip", "10.4.0.2")]).await;
     assert_error(status, &v, 401, "missing_token");
     assert_eq!(
         rate_window(),
@@ -806,7 +775,7 @@ async fn early_answer(base: &str, head: String, body: Vec<u8>, chunked: bool) ->
 async fn an_8_mib_graphql_body_through_the_edge_is_413_json_without_a_stack_trace() {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "big-body@example.com").await;
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "{v}");
     let big = format!(
         "{{\"query\":\"{{ me {{ email }} }}\",\"variables\":{{\"pad\":\"{}\"}}}}",
@@ -887,7 +856,7 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge() {
 
 /// `{ me }` through the edge with `token`: (status, body).
 async fn me_status(w: &EdgeWorld, token: &str) -> (u16, Value) {
-    let (status, _, v) = post_graphql(&w.edge.url, Some(token), &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(token), &[]).await;
     (status, v)
 }
 
@@ -1004,7 +973,7 @@ async fn a_logout_whose_header_token_differs_from_its_body_token_forgets_both_at
         before + 1,
         "the header token was validated again: the edge had forgotten it ({v})"
     );
-    let (direct, _, d) = post_graphql(&w.origin.url, Some(&in_header), &[], ME, Value::Null).await;
+    let (direct, _, d) = me_at(&w.origin.url, Some(&in_header), &[]).await;
     assert_eq!(through_edge, direct, "edge {v} / origin {d}");
 }
 
@@ -1066,7 +1035,7 @@ async fn an_origin_401_about_the_edges_assertion_is_never_cached_as_a_refused_se
     .await
     .unwrap();
     for attempt in 0..2 {
-        let (status, _, v) = post_graphql(&wrong.url, Some(&token), &[], ME, Value::Null).await;
+        let (status, _, v) = me_at(&wrong.url, Some(&token), &[]).await;
         // Not 401 `invalid_session`: the session is fine, the edge is not trusted.
         assert_error(status, &v, 502, "origin_refused_edge");
         assert!(!v.to_string().contains(other_key), "attempt {attempt}: {v}");
@@ -1077,7 +1046,7 @@ async fn an_origin_401_about_the_edges_assertion_is_never_cached_as_a_refused_se
     let right = Edge::start(&origin.url, EdgeOptions::default().persist_to(state.path()))
         .await
         .unwrap();
-    let (status, _, v) = post_graphql(&right.url, Some(&token), &[], ME, Value::Null).await;
+    let (status, _, v) = me_at(&right.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "the session was cached as refused: {v}");
     assert_eq!(v["data"]["me"]["email"], "rotating@example.com");
 }
@@ -1086,21 +1055,13 @@ async fn an_origin_401_about_the_edges_assertion_is_never_cached_as_a_refused_se
 async fn the_graphql_ws_npm_client_subscribes_through_the_edge_with_the_token_only_in_connection_params(
 ) {
     // A realtime world: the run's events travel NATS → origin → socket → edge → client.
-    let nats = gateway_tests::harness::nats::NatsServer::start()
-        .await
-        .expect("nats-server starts");
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        ..Default::default()
-    })
-    .await
-    .expect("the stand-in starts");
-    let origin = Origin::start(
-        &standin,
-        OriginOptions::with_nats(&nats.url).env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key()),
+    let (_nats, standin, mut origins) = nats_stack_with(
+        1,
+        StandInOptions::default(),
+        &[("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key())],
     )
-    .await
-    .expect("the origin starts");
+    .await;
+    let origin = origins.pop().expect("one origin");
     let edge = Edge::start(&origin.url, EdgeOptions::default())
         .await
         .unwrap();

@@ -15,10 +15,10 @@ use futures::StreamExt;
 use gateway_shared::assertion::{self, AssertionClaims, SecretKey};
 use gateway_shared::session::SessionHash;
 use gateway_tests::harness::flows::{
-    http, login, logout, open_events, post_graphql, ws_connect, ws_init,
+    http, login, logout, nats_stack_with, open_events, post_graphql, ws_connect, ws_init,
 };
 use gateway_tests::harness::nats::NatsServer;
-use gateway_tests::harness::origin::{Origin, OriginOptions};
+use gateway_tests::harness::origin::Origin;
 use gateway_tests::harness::sse::SseClient;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use gateway_tests::harness::{self, wait_for};
@@ -44,25 +44,15 @@ struct Stack {
 }
 
 async fn stack(standin_opts: StandInOptions, env: &[(&str, &str)]) -> Stack {
-    let nats = NatsServer::start().await.expect("nats-server starts");
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        ..standin_opts
-    })
-    .await
-    .expect("the stand-in starts");
-    let options = || {
-        let mut o = OriginOptions::with_nats(&nats.url).env(
-            "EDGE_ASSERTION_PUBLIC_KEY",
-            &assertion::public_key_b64(&edge_key()),
-        );
-        for (k, v) in env {
-            o = o.env(k, v);
-        }
-        o
-    };
-    let a = Origin::start(&standin, options()).await.expect("origin A");
-    let b = Origin::start(&standin, options()).await.expect("origin B");
+    let key = assertion::public_key_b64(&edge_key());
+    let env: Vec<(&str, &str)> = [("EDGE_ASSERTION_PUBLIC_KEY", key.as_str())]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    let (nats, standin, origins) = nats_stack_with(2, standin_opts, &env).await;
+    let [a, b]: [Origin; 2] = origins
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("two origins"));
     Stack {
         nats,
         standin,

@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_tests::harness::flows::{
-    execute_playbook, get_json, graphql, http, login_reply, open_events_client, ws_connect,
-    ws_init, ws_send,
+    execute_playbook, get_json, graphql, http, login_reply, nats_stack_with, open_events_client,
+    ws_connect, ws_init, ws_send,
 };
-use gateway_tests::harness::nats::NatsServer;
-use gateway_tests::harness::origin::{Origin, OriginOptions};
+use gateway_tests::harness::origin::Origin;
 use gateway_tests::harness::sse::SseFrame;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use serde_json::{json, Value};
@@ -149,23 +148,20 @@ fn is_done(frames: &[SseFrame], runs: usize) -> bool {
 }
 
 async fn scenario(auth_mode: &str) {
-    let nats = NatsServer::start().await.expect("nats-server starts");
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        step_delay_ms: Some(50),
-        tail_interval_ms: Some(100),
-        ..Default::default()
-    })
-    .await
-    .expect("the stand-in starts");
-    let origin = Origin::start(
-        &standin,
-        OriginOptions::with_nats(&nats.url)
-            .env("AUTH_MODE", auth_mode)
-            .env("PROXY_ALLOW", "GET /api/executions,GET /api/catalog"),
+    let (_nats, standin, mut origins) = nats_stack_with(
+        1,
+        StandInOptions {
+            step_delay_ms: Some(50),
+            tail_interval_ms: Some(100),
+            ..Default::default()
+        },
+        &[
+            ("AUTH_MODE", auth_mode),
+            ("PROXY_ALLOW", "GET /api/executions,GET /api/catalog"),
+        ],
     )
-    .await
-    .expect("the origin starts");
+    .await;
+    let origin = origins.pop().expect("one origin");
     let base = origin.url.clone();
 
     let alice = user(&origin, &standin, "alice@example.com").await;

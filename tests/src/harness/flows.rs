@@ -251,6 +251,16 @@ pub async fn ws_next_json(ws: &mut Ws, wait: Duration) -> Value {
 pub async fn nats_stack(
     replicas: usize,
 ) -> (super::nats::NatsServer, StandIn, Vec<super::origin::Origin>) {
+    nats_stack_with(replicas, super::standin::StandInOptions::default(), &[]).await
+}
+
+/// [`nats_stack`] with the stand-in's options (`nats_url` is set here) and `env` on every
+/// origin (after `OriginOptions::with_nats`).
+pub async fn nats_stack_with(
+    replicas: usize,
+    standin_opts: super::standin::StandInOptions,
+    env: &[(&str, &str)],
+) -> (super::nats::NatsServer, StandIn, Vec<super::origin::Origin>) {
     use super::origin::{Origin, OriginOptions};
     use super::standin::StandInOptions;
     let nats = super::nats::NatsServer::start()
@@ -258,14 +268,17 @@ pub async fn nats_stack(
         .expect("nats-server starts");
     let standin = StandIn::start(StandInOptions {
         nats_url: Some(nats.url.clone()),
-        ..Default::default()
+        ..standin_opts
     })
     .await
     .expect("the stand-in starts");
     let mut origins = Vec::with_capacity(replicas);
     for _ in 0..replicas {
+        let opts = env
+            .iter()
+            .fold(OriginOptions::with_nats(&nats.url), |o, (k, v)| o.env(k, v));
         origins.push(
-            Origin::start(&standin, OriginOptions::with_nats(&nats.url))
+            Origin::start(&standin, opts)
                 .await
                 .expect("an origin starts"),
         );
