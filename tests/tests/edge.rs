@@ -12,11 +12,11 @@ use gateway_tests::harness::edge::{
     bundle_dir, test_public_key, Edge, EdgeOptions, EdgeWorld, ALLOWED_ORIGIN,
 };
 use gateway_tests::harness::flows::{
-    execute_playbook, graphql, http, login, logout, nats_stack_with, open_events, post_graphql,
-    run_playbook, ws_connect, ws_init, ws_next_json, ws_request, ws_send, Ws,
+    client_id_of, execute_playbook, graphql, http, login, logout, nats_stack_with, open_events,
+    post_graphql, run_playbook, ws_connect, ws_init, ws_next_json, ws_request, ws_send, Ws,
 };
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
-use gateway_tests::harness::sse::SseClient;
+use gateway_tests::harness::sse::{SseClient, SseFrame};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use gateway_tests::harness::time_until;
 use reqwest::header::HeaderMap;
@@ -47,6 +47,17 @@ async fn validate_count(origin: &Origin) -> u64 {
 /// `{ me }` at `base` with `token` and `extra` headers → (status, headers, JSON body).
 async fn me_at(base: &str, token: Option<&str>, extra: &[(&str, &str)]) -> (u16, HeaderMap, Value) {
     post_graphql(base, token, extra, ME, Value::Null).await
+}
+
+/// `/events` through the edge as `token`: the client and its init frame (within 10 s).
+async fn edge_events(w: &EdgeWorld, token: &str) -> (SseClient, SseFrame) {
+    open_events(
+        &format!("{}/events", w.edge.url),
+        token,
+        None,
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -194,19 +205,10 @@ async fn sse_through_the_edge_streams_the_init_frame_and_a_result_within_a_secon
 {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "stream@example.com").await;
-    let (mut sse, init) = open_events(
-        &format!("{}/events", w.edge.url),
-        &token,
-        None,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (mut sse, init) = edge_events(&w, &token).await;
     assert_eq!(init.event, "message");
     assert_eq!(init.retry, Some(2000));
-    let client_id = init.data["result"]["clientId"]
-        .as_str()
-        .expect("init names the client")
-        .to_owned();
+    let client_id = client_id_of(&init);
 
     // demo/slow leaves time to deliver the result by hand, so the clock starts at a
     // callback this test sends itself.
@@ -1122,13 +1124,7 @@ async fn the_graphql_ws_npm_client_subscribes_through_the_edge_with_the_token_on
 async fn an_sse_stream_and_a_graphql_ws_socket_through_the_edge_end_within_a_second_of_a_logout() {
     let w = world().await;
     let token = cached_session(&w, "open-connections@example.com").await;
-    let (mut sse, init) = open_events(
-        &format!("{}/events", w.edge.url),
-        &token,
-        None,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (mut sse, init) = edge_events(&w, &token).await;
     assert_eq!(init.event, "message");
     // The socket the way a browser opens it: no token on the upgrade, the token in
     // connection_init.

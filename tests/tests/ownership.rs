@@ -55,6 +55,17 @@ async fn get(base: &str, token: &str, path: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// The execution ids of a `myExecutions` reply's page, in order; panics (naming `door`)
+/// if the reply has no page.
+fn listed_ids<'a>(v: &'a Value, door: &str) -> Vec<&'a str> {
+    v["data"]["myExecutions"]["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{door}: {v}"))
+        .iter()
+        .map(|i| i["executionId"].as_str().unwrap())
+        .collect()
+}
+
 fn gql_code(v: &Value) -> &str {
     v["errors"][0]["extensions"]["code"]
         .as_str()
@@ -209,12 +220,7 @@ async fn the_listing_is_read_all_only_and_my_executions_lists_each_users_own_run
         // A's runs, newest first, two to a page.
         let v = graphql(base, &a, MY_EXECUTIONS, json!({"first": 2})).await;
         let page = &v["data"]["myExecutions"];
-        let ids: Vec<&str> = page["items"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{door}: {v}"))
-            .iter()
-            .map(|i| i["executionId"].as_str().unwrap())
-            .collect();
+        let ids = listed_ids(&v, door);
         assert_eq!(ids, [a3.as_str(), a2.as_str()], "{door}: {v}");
         assert_eq!(page["hasNextPage"], true, "{v}");
         assert_eq!(page["items"][1]["playbookPath"], "demo/steps", "{v}");
@@ -239,12 +245,7 @@ async fn the_listing_is_read_all_only_and_my_executions_lists_each_users_own_run
 
         // B sees B's runs only; the default page holds them all.
         let v = graphql(base, &b, MY_EXECUTIONS, json!({})).await;
-        let ids: Vec<&str> = v["data"]["myExecutions"]["items"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{door}: {v}"))
-            .iter()
-            .map(|i| i["executionId"].as_str().unwrap())
-            .collect();
+        let ids = listed_ids(&v, door);
         assert_eq!(ids, [b2.as_str(), b1.as_str()], "{door}: {v}");
 
         // An admin reads both users' runs.
@@ -311,14 +312,9 @@ async fn runs_started_at_once_on_two_replicas_are_all_their_owners() {
 
     for origin in &origins {
         let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({"first": 100})).await;
-        let mut listed: Vec<String> = v["data"]["myExecutions"]["items"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{v}"))
-            .iter()
-            .map(|i| i["executionId"].as_str().unwrap().to_owned())
-            .collect();
+        let mut listed = listed_ids(&v, &origin.url);
         listed.sort();
-        let mut expected = started.clone();
+        let mut expected: Vec<&str> = started.iter().map(String::as_str).collect();
         expected.sort();
         assert_eq!(listed, expected, "every run listed once: {v}");
     }
