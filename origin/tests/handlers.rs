@@ -107,14 +107,24 @@ impl Origin {
         self.state.readiness.kv.as_ref()
     }
 
-    /// Stores a live session for `token` as if NoETL had validated it.
+    /// Stores a live session for `token` as if NoETL had validated it (role `user`).
     async fn seed_session(&self, token: &str, user_id: &str) -> SessionRecord {
+        self.seed_session_with_role(token, user_id, "user").await
+    }
+
+    /// [`Origin::seed_session`] with the one role `role`.
+    async fn seed_session_with_role(
+        &self,
+        token: &str,
+        user_id: &str,
+        role: &str,
+    ) -> SessionRecord {
         let record = SessionRecord {
             user: User {
                 user_id: user_id.into(),
                 email: format!("{user_id}@example.test"),
                 display_name: user_id.into(),
-                roles: vec!["user".into()],
+                roles: vec![role.into()],
             },
             expires_at: "2099-01-01T00:00:00Z".into(),
             expires_at_unix: 4_070_908_800,
@@ -1007,16 +1017,7 @@ async fn executions_noetl() -> String {
 
 /// [`Origin::seed_session`] with the `admin` role.
 async fn seed_admin(o: &Origin, token: &str, user_id: &str) {
-    let mut record = o.seed_session(token, user_id).await;
-    record.user.roles = vec!["admin".into()];
-    o.kv()
-        .put(
-            Bucket::Sessions,
-            SessionHash::of(token).as_str(),
-            Bytes::from(serde_json::to_vec(&record).unwrap()),
-        )
-        .await
-        .unwrap();
+    o.seed_session_with_role(token, user_id, "admin").await;
 }
 
 /// Records `user_id` as the owner of execution `id`, as executePlaybook does.

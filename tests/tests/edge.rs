@@ -9,90 +9,34 @@ use std::time::{Duration, Instant};
 use gateway_shared::assertion::{self, AssertionClaims};
 use gateway_shared::session::SessionHash;
 use gateway_tests::harness::edge::{
-    bundle_dir, test_public_key, Edge, EdgeOptions, ALLOWED_ORIGIN,
+    bundle_dir, test_public_key, Edge, EdgeOptions, EdgeWorld, ALLOWED_ORIGIN,
 };
-use gateway_tests::harness::flows::{execute_playbook, graphql, http, login};
-use gateway_tests::harness::listener_owned_by;
+use gateway_tests::harness::flows::{
+    client_id_of, execute_playbook, graphql, http, login, logout, nats_stack_with, open_events,
+    post_graphql, run_playbook, ws_connect, ws_init, ws_next_json, ws_request, ws_send, Ws,
+};
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
-use gateway_tests::harness::sse::SseClient;
+use gateway_tests::harness::sse::{SseClient, SseFrame};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
+use gateway_tests::harness::time_until;
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 
 const ME: &str = "{ me { userId email roles } }";
 
-struct World {
-    standin: StandIn,
-    origin: Origin,
-    edge: Edge,
-}
+/// How long a graphql-ws socket may take to say its next thing.
+const WS_WAIT: Duration = Duration::from_secs(10);
 
-async fn world() -> World {
-    world_with(OriginOptions::default()).await
-}
-
-/// [`world`] with the origin's options (the edge's public key is added to them).
-async fn world_with(origin_opts: OriginOptions) -> World {
-    // `free_port` releases a port before the child binds it, so under parallel tests a
-    // child can lose its port (or be handed the same port twice) and a health check can
-    // pass against another test's server. A world whose processes do not own their
-    // listeners, or that failed to start, is built again on fresh ports.
-    let mut problems = Vec::new();
-    for _ in 0..3 {
-        let mut standin = match StandIn::start(StandInOptions::default()).await {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(format!("stand-in: {e}"));
-                continue;
-            }
-        };
-        let opts = origin_opts
-            .clone()
-            .env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
-        let mut origin = match Origin::start(&standin, opts).await {
-            Ok(o) => o,
-            Err(e) => {
-                problems.push(format!("origin: {e}"));
-                continue;
-            }
-        };
-        let origin_port = origin.url.rsplit(':').next().and_then(|p| p.parse().ok());
-        let owned = listener_owned_by(standin.port, &[standin.guard().pid()])
-            && origin_port.is_some_and(|p| listener_owned_by(p, &[origin.guard().pid()]));
-        if !owned {
-            problems.push("a port was taken by another test's process".into());
-            continue;
-        }
-        let edge = Edge::start(&origin.url, EdgeOptions::default())
-            .await
-            .unwrap();
-        if !problems.is_empty() {
-            eprintln!("world started after retries: {problems:?}");
-        }
-        return World {
-            standin,
-            origin,
-            edge,
-        };
-    }
-    panic!("no world started in three attempts: {problems:#?}")
+async fn world() -> EdgeWorld {
+    EdgeWorld::start(OriginOptions::default()).await
 }
 
 /// A counter from the origin's internal `/metrics` (Prometheus text).
 async fn metric(origin: &Origin, name: &str) -> u64 {
-    let text = http()
-        .get(format!("{}/metrics", origin.internal_url))
-        .send()
+    origin
+        .metric(name)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter_map(|l| l.strip_prefix(name))
-        .find_map(|rest| rest.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("the origin exports {name}:\n{text}"))
+        .unwrap_or_else(|| panic!("the origin exports {name}"))
 }
 
 /// Validate requests that reached the origin.
@@ -100,25 +44,20 @@ async fn validate_count(origin: &Origin) -> u64 {
     metric(origin, "gateway_auth_validate_requests_total").await
 }
 
-/// `POST {base}/graphql` → (status, headers, JSON body).
-async fn post_graphql(
-    base: &str,
-    token: Option<&str>,
-    query: &str,
-    extra: &[(&str, &str)],
-) -> (u16, HeaderMap, Value) {
-    let mut req = http()
-        .post(format!("{base}/graphql"))
-        .json(&json!({"query": query}));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    for (k, v) in extra {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap();
-    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
-    (status, headers, resp.json().await.unwrap_or(Value::Null))
+/// `{ me }` at `base` with `token` and `extra` headers → (status, headers, JSON body).
+async fn me_at(base: &str, token: Option<&str>, extra: &[(&str, &str)]) -> (u16, HeaderMap, Value) {
+    post_graphql(base, token, extra, ME, Value::Null).await
+}
+
+/// `/events` through the edge as `token`: the client and its init frame (within 10 s).
+async fn edge_events(w: &EdgeWorld, token: &str) -> (SseClient, SseFrame) {
+    open_events(
+        &format!("{}/events", w.edge.url),
+        token,
+        None,
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -210,7 +149,7 @@ async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_the_ed
     let token = login(&w.edge.url, &w.standin, "cached@example.com").await;
     let before = validate_count(&w.origin).await;
 
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), ME, &[]).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["data"]["me"]["email"], "cached@example.com", "{v}");
     assert_eq!(
@@ -220,7 +159,7 @@ async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_the_ed
     );
 
     for i in 0..10 {
-        let (status, _, v) = post_graphql(&w.edge.url, Some(&token), ME, &[]).await;
+        let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
         assert_eq!(status, 200, "request {i}: {v}");
         assert_eq!(v["data"]["me"]["email"], "cached@example.com");
     }
@@ -235,13 +174,13 @@ async fn a_new_token_is_validated_at_the_origin_once_and_then_served_from_the_ed
 async fn invalid_and_logged_out_tokens_are_refused_at_the_edge_with_401_json() {
     let w = world().await;
     let before = validate_count(&w.origin).await;
-    let (status, h, v) = post_graphql(&w.edge.url, Some("not-a-real-session"), ME, &[]).await;
+    let (status, h, v) = me_at(&w.edge.url, Some("not-a-real-session"), &[]).await;
     assert_error(status, &v, 401, "invalid_session");
     assert!(header(&h, "content-type").is_some_and(|c| c.contains("application/json")));
     let after_first = validate_count(&w.origin).await;
     assert!(after_first <= before + 1, "{before} → {after_first}");
     for _ in 0..3 {
-        let (status, _, v) = post_graphql(&w.edge.url, Some("not-a-real-session"), ME, &[]).await;
+        let (status, _, v) = me_at(&w.edge.url, Some("not-a-real-session"), &[]).await;
         assert_error(status, &v, 401, "invalid_session");
     }
     assert_eq!(
@@ -249,21 +188,15 @@ async fn invalid_and_logged_out_tokens_are_refused_at_the_edge_with_401_json() {
         after_first,
         "a refused token is remembered at the edge (negative cache)"
     );
-    let (status, _, v) = post_graphql(&w.edge.url, None, ME, &[]).await;
+    let (status, _, v) = me_at(&w.edge.url, None, &[]).await;
     assert_error(status, &v, 401, "missing_token");
 
     // Logout through the edge ends the session and clears the edge's KV entry.
     let token = login(&w.edge.url, &w.standin, "leaving@example.com").await;
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), ME, &[]).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "{v}");
-    let r = http()
-        .post(format!("{}/api/auth/logout", w.edge.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), ME, &[]).await;
+    logout(&w.edge.url, &token).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_error(status, &v, 401, "invalid_session");
 }
 
@@ -272,20 +205,10 @@ async fn sse_through_the_edge_streams_the_init_frame_and_a_result_within_a_secon
 {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "stream@example.com").await;
-    let mut sse = SseClient::connect(&format!("{}/events", w.edge.url), Some(&token), None)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("/events through the edge refused: {s} {b}"));
-    let init = sse
-        .next(Duration::from_secs(10))
-        .await
-        .expect("the init frame arrives while the stream is open");
+    let (mut sse, init) = edge_events(&w, &token).await;
     assert_eq!(init.event, "message");
     assert_eq!(init.retry, Some(2000));
-    let client_id = init.data["result"]["clientId"]
-        .as_str()
-        .expect("init names the client")
-        .to_owned();
+    let client_id = client_id_of(&init);
 
     // demo/slow leaves time to deliver the result by hand, so the clock starts at a
     // callback this test sends itself.
@@ -415,7 +338,7 @@ async fn internal_routes_are_404_at_the_edge_and_health_is_answered_even_with_th
     assert_eq!(v["component"], "edge");
 
     // With the origin gone, a session cannot be validated: 502 JSON, not a hang or a crash.
-    let (status, _, v) = post_graphql(&w.edge.url, Some("some-new-token"), ME, &[]).await;
+    let (status, _, v) = me_at(&w.edge.url, Some("some-new-token"), &[]).await;
     assert_error(status, &v, 502, "origin_unreachable");
     let r = http()
         .get(format!("{}/ready", w.edge.url))
@@ -494,10 +417,9 @@ async fn spoofed_identity_headers_do_not_reach_the_origin_and_forged_assertions_
     );
 
     // GraphQL sees the real caller too, whatever the client claims.
-    let (status, _, v) = post_graphql(
+    let (status, _, v) = me_at(
         &w.edge.url,
         Some(&token),
-        ME,
         &[("x-gateway-assertion", &forged), ("x-user-id", "1")],
     )
     .await;
@@ -514,13 +436,8 @@ async fn spoofed_identity_headers_do_not_reach_the_origin_and_forged_assertions_
     )
     .unwrap();
     for (what, a) in [("wrongly signed", &forged), ("expired", &expired)] {
-        let (status, _, v) = post_graphql(
-            &w.origin.url,
-            Some(&token),
-            ME,
-            &[("x-gateway-assertion", a)],
-        )
-        .await;
+        let (status, _, v) =
+            me_at(&w.origin.url, Some(&token), &[("x-gateway-assertion", a)]).await;
         assert_eq!(status, 401, "{what}: {v}");
     }
 }
@@ -553,7 +470,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     let token = login(&w.edge.url, &w.standin, "busy@example.com").await;
     let other = login(&w.edge.url, &w.standin, "other@example.com").await;
     for t in [&token, &other] {
-        let (status, _, v) = post_graphql(&w.edge.url, Some(t), ME, &[]).await;
+        let (status, _, v) = me_at(&w.edge.url, Some(t), &[]).await;
         assert_eq!(status, 200, "the session is cached before the burst: {v}");
     }
     // Fixed 10 s windows (test config). Everything below runs in one window, so the
@@ -567,9 +484,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
         .iter()
         .map(|ip| [("cf-connecting-ip", ip.as_str())])
         .collect();
-    let burst = headers
-        .iter()
-        .map(|h| post_graphql(&w.edge.url, Some(&token), ME, h));
+    let burst = headers.iter().map(|h| me_at(&w.edge.url, Some(&token), h));
     let answers = futures::future::join_all(burst).await;
     assert!(
         answers.iter().all(|(s, _, _)| *s == 200 || *s == 429),
@@ -590,18 +505,16 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     // Which limiter refused: the session from an address never seen is still refused
     // (the session limiter), while an address of the burst, used once, still gets
     // through on another session (not the IP limiter).
-    let (status, _, v) = post_graphql(
+    let (status, _, v) = me_at(
         &w.edge.url,
         Some(&token),
-        ME,
         &[("cf-connecting-ip", "10.2.0.1")],
     )
     .await;
     assert_error(status, &v, 429, "rate_limited");
-    let (status, _, v) = post_graphql(
+    let (status, _, v) = me_at(
         &w.edge.url,
         Some(&other),
-        ME,
         &[("cf-connecting-ip", "10.1.0.1")],
     )
     .await;
@@ -614,7 +527,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     // limiter (30 per 10 s) counted them, until it refuses them itself. No session, so
     // no other limiter could.
     let one_ip = [("cf-connecting-ip", "10.4.0.1")];
-    let burst = (0..61).map(|_| post_graphql(&w.edge.url, None, ME, &one_ip));
+    let burst = (0..61).map(|_| me_at(&w.edge.url, None, &one_ip));
     let answers = futures::future::join_all(burst).await;
     for (status, _, v) in &answers {
         if *status != 429 {
@@ -634,8 +547,7 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
     assert_eq!(header(h, "retry-after"), Some("10"));
     assert!(header(h, "vary").is_some_and(|v| v.contains("Origin")));
     // Per address: another one is not refused.
-    let (status, _, v) =
-        post_graphql(&w.edge.url, None, ME, &[("cf-connecting-ip", "10.4.0.2")]).await;
+    let (status, _, v) = me_at(&w.edge.url, None, &[("cf-connecting-ip", "10.4.0.2")]).await;
     assert_error(status, &v, 401, "missing_token");
     assert_eq!(
         rate_window(),
@@ -647,25 +559,9 @@ async fn a_burst_over_the_rate_limits_gets_429_with_retry_after() {
 #[tokio::test]
 async fn a_graphql_websocket_is_proxied_through_the_edge_with_the_token_on_the_upgrade_or_in_connection_init(
 ) {
-    use futures::SinkExt;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
-
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "socket@example.com").await;
-    let url = format!("{}/graphql/ws", w.edge.url.replacen("http://", "ws://", 1));
-    let request = |bearer: Option<&str>| {
-        let mut req = url.as_str().into_client_request().unwrap();
-        let h = req.headers_mut();
-        h.insert(
-            "sec-websocket-protocol",
-            "graphql-transport-ws".parse().unwrap(),
-        );
-        if let Some(t) = bearer {
-            h.insert("authorization", format!("Bearer {t}").parse().unwrap());
-        }
-        req
-    };
+    let request = |bearer: Option<&str>| ws_request(&w.edge.url, bearer);
     // A token on the upgrade that the edge refuses: 401 at the edge, no upgrade.
     match tokio_tungstenite::connect_async(request(Some("not-a-real-session"))).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
@@ -681,22 +577,14 @@ async fn a_graphql_websocket_is_proxied_through_the_edge_with_the_token_on_the_u
     let (mut ws, _) = tokio_tungstenite::connect_async(request(None))
         .await
         .unwrap_or_else(|e| panic!("a tokenless upgrade was refused at the edge: {e}"));
-    ws.send(Message::text(
-        json!({"type": "connection_init", "payload": {}}).to_string(),
-    ))
-    .await
-    .unwrap();
+    ws_send(&mut ws, json!({"type": "connection_init", "payload": {}})).await;
     assert_eq!(ws_close_code(&mut ws).await, Some(4403), "no token at all");
     let (mut ws, _) = tokio_tungstenite::connect_async(request(None))
         .await
         .unwrap();
-    ws.send(Message::text(
-        json!({"type": "connection_init", "payload": {"session_token": token}}).to_string(),
-    ))
-    .await
-    .unwrap();
+    ws_init(&mut ws, &token).await;
     assert_eq!(
-        next_ws_json(&mut ws).await,
+        ws_next_json(&mut ws, WS_WAIT).await,
         json!({"type": "connection_ack"})
     );
     let _ = ws.close(None).await;
@@ -709,50 +597,24 @@ async fn a_graphql_websocket_is_proxied_through_the_edge_with_the_token_on_the_u
         resp.headers()["sec-websocket-protocol"],
         "graphql-transport-ws"
     );
-    ws.send(Message::text(
-        json!({"type": "connection_init", "payload": {}}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let ack = next_ws_json(&mut ws).await;
+    ws_send(&mut ws, json!({"type": "connection_init", "payload": {}})).await;
+    let ack = ws_next_json(&mut ws, WS_WAIT).await;
     assert_eq!(ack, json!({"type": "connection_ack"}));
-    ws.send(Message::text(json!({"type": "ping"}).to_string()))
-        .await
-        .unwrap();
-    assert_eq!(next_ws_json(&mut ws).await["type"], "pong");
+    ws_send(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(ws_next_json(&mut ws, WS_WAIT).await["type"], "pong");
     let _ = ws.close(None).await;
 }
 
 /// The close code the socket ends with (messages before it are skipped).
-async fn ws_close_code(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-) -> Option<u16> {
+async fn ws_close_code(ws: &mut Ws) -> Option<u16> {
     use futures::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        match tokio::time::timeout(WS_WAIT, ws.next()).await {
             Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
             Ok(Some(Ok(_))) => continue,
             Ok(None) | Ok(Some(Err(_))) => return None,
             Err(_) => panic!("the socket was not closed within 10 s"),
-        }
-    }
-}
-
-async fn next_ws_json(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-) -> Value {
-    use futures::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("the socket ended: {other:?}"),
         }
     }
 }
@@ -915,7 +777,7 @@ async fn early_answer(base: &str, head: String, body: Vec<u8>, chunked: bool) ->
 async fn an_8_mib_graphql_body_through_the_edge_is_413_json_without_a_stack_trace() {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "big-body@example.com").await;
-    let (status, _, v) = post_graphql(&w.edge.url, Some(&token), ME, &[]).await;
+    let (status, _, v) = me_at(&w.edge.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "{v}");
     let big = format!(
         "{{\"query\":\"{{ me {{ email }} }}\",\"variables\":{{\"pad\":\"{}\"}}}}",
@@ -995,14 +857,14 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge() {
 }
 
 /// `{ me }` through the edge with `token`: (status, body).
-async fn me_status(w: &World, token: &str) -> (u16, Value) {
-    let (status, _, v) = post_graphql(&w.edge.url, Some(token), ME, &[]).await;
+async fn me_status(w: &EdgeWorld, token: &str) -> (u16, Value) {
+    let (status, _, v) = me_at(&w.edge.url, Some(token), &[]).await;
     (status, v)
 }
 
 /// Logs in through the edge and makes one request, so the session is in the edge's
 /// caches (this isolate and KV) before the test ends it.
-async fn cached_session(w: &World, email: &str) -> String {
+async fn cached_session(w: &EdgeWorld, email: &str) -> String {
     let token = login(&w.edge.url, &w.standin, email).await;
     let (status, v) = me_status(w, &token).await;
     assert_eq!(status, 200, "{v}");
@@ -1010,24 +872,19 @@ async fn cached_session(w: &World, email: &str) -> String {
     token
 }
 
-/// Polls `{ me }` through the edge until it is refused with 401 `invalid_session`, and
-/// returns how long that took; panics after `limit`.
-async fn refused_within(w: &World, token: &str, limit: Duration, what: &str) -> Duration {
-    let start = Instant::now();
-    loop {
+/// Polls `{ me }` through the edge until it is refused with 401 `invalid_session` (every
+/// answer before that a 200), and returns how long that took; panics after `limit`.
+async fn refused_within(w: &EdgeWorld, token: &str, limit: Duration, what: &str) -> Duration {
+    time_until(what, limit, Duration::from_millis(50), || async {
         let (status, v) = me_status(w, token).await;
         if status == 401 {
             assert_error(status, &v, 401, "invalid_session");
-            return start.elapsed();
+            return true;
         }
         assert_eq!(status, 200, "{what}: {v}");
-        assert!(
-            start.elapsed() < limit,
-            "{what}: the token still worked through the edge after {:?}",
-            start.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        false
+    })
+    .await
 }
 
 /// A logout body over the edge's old 16 KiB read limit: padding first, the token last.
@@ -1118,7 +975,7 @@ async fn a_logout_whose_header_token_differs_from_its_body_token_forgets_both_at
         before + 1,
         "the header token was validated again: the edge had forgotten it ({v})"
     );
-    let (direct, _, d) = post_graphql(&w.origin.url, Some(&in_header), ME, &[]).await;
+    let (direct, _, d) = me_at(&w.origin.url, Some(&in_header), &[]).await;
     assert_eq!(through_edge, direct, "edge {v} / origin {d}");
 }
 
@@ -1126,13 +983,7 @@ async fn a_logout_whose_header_token_differs_from_its_body_token_forgets_both_at
 async fn a_logout_at_the_origin_directly_is_refused_through_the_edge_within_a_second() {
     let w = world().await;
     let token = cached_session(&w, "direct-logout@example.com").await;
-    let r = http()
-        .post(format!("{}/api/auth/logout", w.origin.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    logout(&w.origin.url, &token).await;
     let took = refused_within(&w, &token, Duration::from_secs(1), "logout at the origin").await;
     println!("logout at the origin → refused through the edge after {took:?}");
     // The origin's refusal taught the edge: the next requests stop at the edge.
@@ -1145,16 +996,10 @@ async fn a_logout_at_the_origin_directly_is_refused_through_the_edge_within_a_se
 #[tokio::test]
 async fn a_session_the_standin_ends_is_refused_through_the_edge() {
     // The origin asks NoETL about a cached session again after SESSION_CACHE_TTL.
-    let w = world_with(OriginOptions::default().env("SESSION_CACHE_TTL", "1s")).await;
+    let w = EdgeWorld::start(OriginOptions::default().env("SESSION_CACHE_TTL", "1s")).await;
     let token = cached_session(&w, "noetl-ended@example.com").await;
     // NoETL itself ends the session (its own logout, an admin, an expiry it decided).
-    let r = http()
-        .post(format!("{}/api/auth/logout", w.standin.url))
-        .json(&json!({"session_token": token}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    w.standin.end_session(&token).await;
     // The edge serves the session from its own cache and asserts it; the origin, which
     // gets the token alongside, asks NoETL again once its last answer is older than
     // SESSION_CACHE_TTL, revokes the session like a logout, and its 401 teaches the edge.
@@ -1192,7 +1037,7 @@ async fn an_origin_401_about_the_edges_assertion_is_never_cached_as_a_refused_se
     .await
     .unwrap();
     for attempt in 0..2 {
-        let (status, _, v) = post_graphql(&wrong.url, Some(&token), ME, &[]).await;
+        let (status, _, v) = me_at(&wrong.url, Some(&token), &[]).await;
         // Not 401 `invalid_session`: the session is fine, the edge is not trusted.
         assert_error(status, &v, 502, "origin_refused_edge");
         assert!(!v.to_string().contains(other_key), "attempt {attempt}: {v}");
@@ -1203,7 +1048,7 @@ async fn an_origin_401_about_the_edges_assertion_is_never_cached_as_a_refused_se
     let right = Edge::start(&origin.url, EdgeOptions::default().persist_to(state.path()))
         .await
         .unwrap();
-    let (status, _, v) = post_graphql(&right.url, Some(&token), ME, &[]).await;
+    let (status, _, v) = me_at(&right.url, Some(&token), &[]).await;
     assert_eq!(status, 200, "the session was cached as refused: {v}");
     assert_eq!(v["data"]["me"]["email"], "rotating@example.com");
 }
@@ -1212,30 +1057,18 @@ async fn an_origin_401_about_the_edges_assertion_is_never_cached_as_a_refused_se
 async fn the_graphql_ws_npm_client_subscribes_through_the_edge_with_the_token_only_in_connection_params(
 ) {
     // A realtime world: the run's events travel NATS → origin → socket → edge → client.
-    let nats = gateway_tests::harness::nats::NatsServer::start()
-        .await
-        .expect("nats-server starts");
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        ..Default::default()
-    })
-    .await
-    .expect("the stand-in starts");
-    let origin = Origin::start(
-        &standin,
-        OriginOptions::with_nats(&nats.url).env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key()),
+    let (_nats, standin, mut origins) = nats_stack_with(
+        1,
+        StandInOptions::default(),
+        &[("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key())],
     )
-    .await
-    .expect("the origin starts");
+    .await;
+    let origin = origins.pop().expect("one origin");
     let edge = Edge::start(&origin.url, EdgeOptions::default())
         .await
         .unwrap();
     let token = login(&edge.url, &standin, "npm-client@example.com").await;
-    let v = execute_playbook(&edge.url, &token, "demo/steps", json!({}), None).await;
-    let execution_id = v["data"]["executePlaybook"]["executionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("executePlaybook failed: {v}"))
-        .to_owned();
+    let execution_id = run_playbook(&edge.url, &token, "demo/steps", json!({}), None).await;
 
     let ws_url = format!("{}/graphql/ws", edge.url.replacen("http://", "ws://", 1));
     let root = gateway_tests::harness::workspace_root();
@@ -1289,47 +1122,20 @@ async fn the_graphql_ws_npm_client_subscribes_through_the_edge_with_the_token_on
 
 #[tokio::test]
 async fn an_sse_stream_and_a_graphql_ws_socket_through_the_edge_end_within_a_second_of_a_logout() {
-    use futures::SinkExt;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
-
     let w = world().await;
     let token = cached_session(&w, "open-connections@example.com").await;
-    let mut sse = SseClient::connect(&format!("{}/events", w.edge.url), Some(&token), None)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("/events through the edge refused: {s} {b}"));
-    let init = sse
-        .next(Duration::from_secs(10))
-        .await
-        .expect("the init frame");
+    let (mut sse, init) = edge_events(&w, &token).await;
     assert_eq!(init.event, "message");
     // The socket the way a browser opens it: no token on the upgrade, the token in
     // connection_init.
-    let url = format!("{}/graphql/ws", w.edge.url.replacen("http://", "ws://", 1));
-    let mut req = url.as_str().into_client_request().unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    ws.send(Message::text(
-        json!({"type": "connection_init", "payload": {"session_token": token}}).to_string(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = ws_connect(&w.edge.url, None).await;
+    ws_init(&mut ws, &token).await;
     assert_eq!(
-        next_ws_json(&mut ws).await,
+        ws_next_json(&mut ws, WS_WAIT).await,
         json!({"type": "connection_ack"})
     );
 
-    let r = http()
-        .post(format!("{}/api/auth/logout", w.edge.url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    logout(&w.edge.url, &token).await;
     let start = Instant::now();
     let (frames, code) = futures::future::join(
         sse.collect_until(Duration::from_secs(2), |fs| {
@@ -1354,18 +1160,11 @@ async fn an_sse_stream_and_a_graphql_ws_socket_through_the_edge_end_within_a_sec
 
 #[tokio::test]
 async fn tokenless_graphql_ws_upgrades_are_rate_limited_per_ip() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
     let w = world().await;
-    let url = format!("{}/graphql/ws", w.edge.url.replacen("http://", "ws://", 1));
     let upgrade = |ip: &'static str| {
-        let mut req = url.as_str().into_client_request().unwrap();
-        let h = req.headers_mut();
-        h.insert(
-            "sec-websocket-protocol",
-            "graphql-transport-ws".parse().unwrap(),
-        );
-        h.insert("cf-connecting-ip", ip.parse().unwrap());
+        let mut req = ws_request(&w.edge.url, None);
+        req.headers_mut()
+            .insert("cf-connecting-ip", ip.parse().unwrap());
         async move {
             match tokio_tungstenite::connect_async(req).await {
                 Ok((ws, _)) => {

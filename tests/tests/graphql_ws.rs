@@ -55,11 +55,7 @@ async fn execute_for(
     workload: Value,
     client_id: Option<&str>,
 ) -> String {
-    let v = flows::execute_playbook(&w.origin.url, token, path, workload, client_id).await;
-    v["data"]["executePlaybook"]["executionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("executePlaybook failed: {v}"))
-        .to_owned()
+    flows::run_playbook(&w.origin.url, token, path, workload, client_id).await
 }
 
 fn ws_url(w: &World) -> String {

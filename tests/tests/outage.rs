@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gateway_tests::harness::flows::{execute_playbook, http, login};
+use gateway_tests::harness::flows::{execute_playbook, get_json, http, login};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::SseClient;
@@ -70,14 +70,7 @@ async fn during_a_nats_outage_ready_is_503_and_validation_refuses_retryably() {
     .await;
     let r = validate().await;
     assert_eq!(r.status(), 503);
-    let ready: Value = http()
-        .get(format!("{}/ready", origin.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = get_json(&format!("{}/ready", origin.url)).await;
     assert_eq!(ready["checks"]["revocations"], "catching up", "{ready}");
     assert_eq!(
         r.headers().get("retry-after").and_then(|v| v.to_str().ok()),

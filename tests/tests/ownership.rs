@@ -9,16 +9,15 @@
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use gateway_tests::harness::edge::{test_public_key, Edge, EdgeOptions};
-use gateway_tests::harness::flows::{self, execute_playbook, graphql, http, login};
-use gateway_tests::harness::listener_owned_by;
+use gateway_tests::harness::edge::EdgeWorld;
+use gateway_tests::harness::flows::{
+    self, get_json, graphql, http, login, open_events_client, run_playbook, ws_connect, ws_init,
+    ws_next_json, ws_send, Ws,
+};
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::sse::SseClient;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -35,65 +34,14 @@ const MY_EXECUTIONS: &str = "query($first: Int, $after: String) {
   myExecutions(first: $first, after: $after) {
     items { executionId playbookPath startedAt status cursor } endCursor hasNextPage } }";
 
-struct World {
-    standin: StandIn,
-    origin: Origin,
-    edge: Edge,
+/// The two doors a client can knock on: the origin directly, and the edge.
+fn doors(w: &EdgeWorld) -> [(&'static str, &str); 2] {
+    [("origin", &w.origin.url), ("edge", &w.edge.url)]
 }
 
-impl World {
-    /// The two doors a client can knock on: the origin directly, and the edge.
-    fn doors(&self) -> [(&'static str, &str); 2] {
-        [("origin", &self.origin.url), ("edge", &self.edge.url)]
-    }
-}
-
-/// Stand-in, origin trusting the test edge's key, and the edge; rebuilt on fresh ports if
-/// another test's process took one of them (as in `tests/edge.rs`).
-async fn world() -> World {
-    let mut problems = Vec::new();
-    for _ in 0..3 {
-        let mut standin = match StandIn::start(StandInOptions::default()).await {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(format!("stand-in: {e}"));
-                continue;
-            }
-        };
-        let opts = OriginOptions::default().env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
-        let mut origin = match Origin::start(&standin, opts).await {
-            Ok(o) => o,
-            Err(e) => {
-                problems.push(format!("origin: {e}"));
-                continue;
-            }
-        };
-        let origin_port = origin.url.rsplit(':').next().and_then(|p| p.parse().ok());
-        let owned = listener_owned_by(standin.port, &[standin.guard().pid()])
-            && origin_port.is_some_and(|p| listener_owned_by(p, &[origin.guard().pid()]));
-        if !owned {
-            problems.push("a port was taken by another test's process".into());
-            continue;
-        }
-        let edge = Edge::start(&origin.url, EdgeOptions::default())
-            .await
-            .unwrap();
-        return World {
-            standin,
-            origin,
-            edge,
-        };
-    }
-    panic!("no world started in three attempts: {problems:#?}")
-}
-
-/// Runs `path` as `token` through `base`; the execution id.
-async fn run(base: &str, token: &str, path: &str, workload: Value) -> String {
-    let v = execute_playbook(base, token, path, workload, None).await;
-    v["data"]["executePlaybook"]["executionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("executePlaybook failed: {v}"))
-        .to_owned()
+/// Stand-in, origin trusting the test edge's key, and the edge ([`EdgeWorld`]).
+async fn world() -> EdgeWorld {
+    EdgeWorld::start(OriginOptions::default()).await
 }
 
 /// `GET {base}{path}` as `token`: status and JSON body.
@@ -107,6 +55,17 @@ async fn get(base: &str, token: &str, path: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// The execution ids of a `myExecutions` reply's page, in order; panics (naming `door`)
+/// if the reply has no page.
+fn listed_ids<'a>(v: &'a Value, door: &str) -> Vec<&'a str> {
+    v["data"]["myExecutions"]["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{door}: {v}"))
+        .iter()
+        .map(|i| i["executionId"].as_str().unwrap())
+        .collect()
+}
+
 fn gql_code(v: &Value) -> &str {
     v["errors"][0]["extensions"]["code"]
         .as_str()
@@ -115,61 +74,21 @@ fn gql_code(v: &Value) -> &str {
 
 /// The client id `/events` assigns to `token` at `base`.
 async fn client_id(base: &str, token: &str) -> (SseClient, String) {
-    let mut sse = SseClient::connect(&format!("{base}/events"), Some(token), None)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("/events refused: {s} {b}"));
-    let init = sse.next(WAIT).await.expect("init frame");
-    let id = init.data["result"]["clientId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no clientId: {:?}", init.data))
-        .to_owned();
-    (sse, id)
+    open_events_client(&format!("{base}/events"), token, None, WAIT).await
 }
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A graphql-transport-ws socket at `base` for `token` (on the upgrade and in
 /// `connection_init`), acknowledged.
 async fn socket(base: &str, token: &str) -> Ws {
-    let url = format!("{}/graphql/ws", base.replacen("http://", "ws://", 1));
-    let mut req = url.into_client_request().unwrap();
-    let h = req.headers_mut();
-    h.insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .unwrap_or_else(|e| panic!("upgrade at {base} refused: {e}"));
-    send(
-        &mut ws,
-        json!({"type": "connection_init", "payload": {"session_token": token}}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    let mut ws = ws_connect(base, Some(token)).await;
+    ws_init(&mut ws, token).await;
+    assert_eq!(ws_next_json(&mut ws, WAIT).await["type"], "connection_ack");
     ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-async fn next_json(ws: &mut Ws) -> Value {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("the socket ended: {other:?}"),
-        }
-    }
 }
 
 /// Subscribes to `executionEvents` of `id` as operation `op`; its payloads until `complete`.
 async fn execution_events(ws: &mut Ws, op: &str, id: &str) -> Vec<Value> {
-    send(
+    ws_send(
         ws,
         json!({"id": op, "type": "subscribe",
                "payload": {"query": EXECUTION_EVENTS, "variables": {"id": id}}}),
@@ -177,7 +96,7 @@ async fn execution_events(ws: &mut Ws, op: &str, id: &str) -> Vec<Value> {
     .await;
     let mut payloads = Vec::new();
     loop {
-        let m = next_json(ws).await;
+        let m = ws_next_json(ws, WAIT).await;
         if m["id"] != op {
             continue;
         }
@@ -222,11 +141,11 @@ async fn assert_not_found_everywhere(base: &str, b: &str, b_client: &str, ws: &m
 #[tokio::test]
 async fn another_users_run_is_not_found_at_every_door_directly_and_through_the_edge() {
     let w = world().await;
-    for (door, base) in w.doors() {
+    for (door, base) in doors(&w) {
         let a = login(base, &w.standin, "alice@example.com").await;
         let b = login(base, &w.standin, "bob@example.com").await;
         let admin = login(base, &w.standin, "admin@example.com").await;
-        let id = run(base, &a, "demo/slow", json!({"seconds": 60})).await;
+        let id = run_playbook(base, &a, "demo/slow", json!({"seconds": 60}), None).await;
 
         // The owner reads it at every door (so the refusals below are about B).
         for path in [
@@ -275,19 +194,19 @@ async fn another_users_run_is_not_found_at_every_door_directly_and_through_the_e
 #[tokio::test]
 async fn the_listing_is_read_all_only_and_my_executions_lists_each_users_own_runs() {
     let w = world().await;
-    let [(_, origin), (_, edge)] = w.doors();
+    let [(_, origin), (_, edge)] = doors(&w);
     let a = login(origin, &w.standin, "alice@example.com").await;
     let b = login(edge, &w.standin, "bob@example.com").await;
     let admin = login(origin, &w.standin, "admin@example.com").await;
 
     // Runs started through both doors, interleaved between the two users.
-    let a1 = run(origin, &a, "demo/echo", json!({})).await;
-    let b1 = run(edge, &b, "demo/echo", json!({})).await;
-    let a2 = run(edge, &a, "demo/steps", json!({})).await;
-    let b2 = run(origin, &b, "demo/echo", json!({})).await;
-    let a3 = run(origin, &a, "demo/echo", json!({})).await;
+    let a1 = run_playbook(origin, &a, "demo/echo", json!({}), None).await;
+    let b1 = run_playbook(edge, &b, "demo/echo", json!({}), None).await;
+    let a2 = run_playbook(edge, &a, "demo/steps", json!({}), None).await;
+    let b2 = run_playbook(origin, &b, "demo/echo", json!({}), None).await;
+    let a3 = run_playbook(origin, &a, "demo/echo", json!({}), None).await;
 
-    for (door, base) in w.doors() {
+    for (door, base) in doors(&w) {
         // The harness allow-lists `GET /api/executions` as an operator might: the listing
         // is still the read-all roles' alone.
         for path in ["/noetl/executions", "/noetl/executions?limit=5"] {
@@ -301,12 +220,7 @@ async fn the_listing_is_read_all_only_and_my_executions_lists_each_users_own_run
         // A's runs, newest first, two to a page.
         let v = graphql(base, &a, MY_EXECUTIONS, json!({"first": 2})).await;
         let page = &v["data"]["myExecutions"];
-        let ids: Vec<&str> = page["items"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{door}: {v}"))
-            .iter()
-            .map(|i| i["executionId"].as_str().unwrap())
-            .collect();
+        let ids = listed_ids(&v, door);
         assert_eq!(ids, [a3.as_str(), a2.as_str()], "{door}: {v}");
         assert_eq!(page["hasNextPage"], true, "{v}");
         assert_eq!(page["items"][1]["playbookPath"], "demo/steps", "{v}");
@@ -331,12 +245,7 @@ async fn the_listing_is_read_all_only_and_my_executions_lists_each_users_own_run
 
         // B sees B's runs only; the default page holds them all.
         let v = graphql(base, &b, MY_EXECUTIONS, json!({})).await;
-        let ids: Vec<&str> = v["data"]["myExecutions"]["items"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{door}: {v}"))
-            .iter()
-            .map(|i| i["executionId"].as_str().unwrap())
-            .collect();
+        let ids = listed_ids(&v, door);
         assert_eq!(ids, [b2.as_str(), b1.as_str()], "{door}: {v}");
 
         // An admin reads both users' runs.
@@ -366,8 +275,8 @@ async fn a_status_noetl_cannot_give_is_unknown_and_the_page_still_answers() {
         .await
         .unwrap();
     let a = login(&origin.url, &standin, "alice@example.com").await;
-    let first = run(&origin.url, &a, "demo/echo", json!({})).await;
-    let second = run(&origin.url, &a, "demo/echo", json!({})).await;
+    let first = run_playbook(&origin.url, &a, "demo/echo", json!({}), None).await;
+    let second = run_playbook(&origin.url, &a, "demo/echo", json!({}), None).await;
     standin.guard().stop(Duration::from_secs(2));
     // The session is served from the cache; every status read fails.
     let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({})).await;
@@ -397,20 +306,15 @@ async fn runs_started_at_once_on_two_replicas_are_all_their_owners() {
     let started = futures::future::join_all((0..8).map(|i| {
         let base = origins[i % 2].url.clone();
         let a = a.clone();
-        async move { run(&base, &a, "demo/echo", json!({})).await }
+        async move { run_playbook(&base, &a, "demo/echo", json!({}), None).await }
     }))
     .await;
 
     for origin in &origins {
         let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({"first": 100})).await;
-        let mut listed: Vec<String> = v["data"]["myExecutions"]["items"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{v}"))
-            .iter()
-            .map(|i| i["executionId"].as_str().unwrap().to_owned())
-            .collect();
+        let mut listed = listed_ids(&v, &origin.url);
         listed.sort();
-        let mut expected = started.clone();
+        let mut expected: Vec<&str> = started.iter().map(String::as_str).collect();
         expected.sort();
         assert_eq!(listed, expected, "every run listed once: {v}");
     }
@@ -434,15 +338,10 @@ async fn auth_playbook_runs_the_gateway_did_not_start_are_read_all_only() {
     let a = login(&origin.url, &standin, "alice@example.com").await;
     let admin = login(&origin.url, &standin, "admin@example.com").await;
     // The login playbooks' runs, whose workloads carry ID tokens, as NoETL lists them.
-    let runs: Vec<Value> = http()
-        .get(format!("{}/api/executions", standin.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runs = get_json(&format!("{}/api/executions", standin.url)).await;
     let auth_runs: Vec<String> = runs
+        .as_array()
+        .expect("a list of executions")
         .iter()
         .filter(|r| {
             r["path"]

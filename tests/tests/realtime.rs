@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use gateway_tests::harness::flows::{execute_playbook, graphql, http, login};
+use gateway_tests::harness::flows::{
+    client_id_of, execute_playbook, get_json, graphql, http, login, open_events,
+};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
@@ -34,19 +36,12 @@ async fn world() -> World {
 }
 
 async fn open(origin: &Origin, token: &str, query: &str, last: Option<u64>) -> (SseClient, String) {
-    let mut sse = SseClient::connect(&format!("{}/events{query}", origin.url), Some(token), last)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("/events refused: {s} {b}"));
-    let init = sse.next(WAIT).await.expect("init frame");
+    let (sse, init) =
+        open_events(&format!("{}/events{query}", origin.url), token, last, WAIT).await;
     assert_eq!(init.event, "message");
     assert_eq!(init.retry, Some(2000));
     assert_eq!(init.data["jsonrpc"], "2.0");
-    let client_id = init.data["result"]["clientId"]
-        .as_str()
-        .expect("init has clientId")
-        .to_owned();
-    (sse, client_id)
+    (sse, client_id_of(&init))
 }
 
 fn is_terminal(f: &SseFrame) -> bool {
@@ -270,14 +265,7 @@ async fn a_result_produced_while_the_client_is_away_is_delivered_on_reconnect() 
 /// The callback token the gateway injected into an execution's workload (NoETL keeps the
 /// workload verbatim, as the real server does).
 async fn callback_token_of(standin: &StandIn, execution_id: &str) -> String {
-    let record: Value = http()
-        .get(format!("{}/api/executions/{execution_id}", standin.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let record = get_json(&format!("{}/api/executions/{execution_id}", standin.url)).await;
     record["workload"]["callback_token"]
         .as_str()
         .unwrap_or_else(|| panic!("no callback_token in {record}"))

@@ -11,17 +11,19 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use gateway_shared::assertion::{self, AssertionClaims, SecretKey};
 use gateway_shared::session::SessionHash;
-use gateway_tests::harness::flows::{http, login};
+use gateway_tests::harness::flows::{
+    http, login, logout, nats_stack_with, open_events, post_graphql, ws_connect, ws_init,
+};
 use gateway_tests::harness::nats::NatsServer;
-use gateway_tests::harness::origin::{Origin, OriginOptions};
+use gateway_tests::harness::origin::Origin;
 use gateway_tests::harness::sse::SseClient;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
-use gateway_tests::harness::wait_for;
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use gateway_tests::harness::{self, wait_for};
+use reqwest::header::HeaderMap;
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The promise: a revocation reaches every replica's callers and connections within this.
@@ -42,25 +44,15 @@ struct Stack {
 }
 
 async fn stack(standin_opts: StandInOptions, env: &[(&str, &str)]) -> Stack {
-    let nats = NatsServer::start().await.expect("nats-server starts");
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        ..standin_opts
-    })
-    .await
-    .expect("the stand-in starts");
-    let options = || {
-        let mut o = OriginOptions::with_nats(&nats.url).env(
-            "EDGE_ASSERTION_PUBLIC_KEY",
-            &assertion::public_key_b64(&edge_key()),
-        );
-        for (k, v) in env {
-            o = o.env(k, v);
-        }
-        o
-    };
-    let a = Origin::start(&standin, options()).await.expect("origin A");
-    let b = Origin::start(&standin, options()).await.expect("origin B");
+    let key = assertion::public_key_b64(&edge_key());
+    let env: Vec<(&str, &str)> = [("EDGE_ASSERTION_PUBLIC_KEY", key.as_str())]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    let (nats, standin, origins) = nats_stack_with(2, standin_opts, &env).await;
+    let [a, b]: [Origin; 2] = origins
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("two origins"));
     Stack {
         nats,
         standin,
@@ -96,40 +88,33 @@ async fn validate(origin: &Origin, token: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-/// `{ me }` over GraphQL with only the edge's assertion for the token's session.
+/// `{ me }` over GraphQL with only the edge's assertion for the token's session: the
+/// status, the headers and the body.
+async fn me_asserted_reply(origin: &Origin, token: &str) -> (u16, HeaderMap, Value) {
+    let assertion = assertion_for(token);
+    post_graphql(
+        &origin.url,
+        None,
+        &[(assertion::HEADER, &assertion)],
+        "{ me { userId } }",
+        Value::Null,
+    )
+    .await
+}
+
+/// [`me_asserted_reply`]'s status and body.
 async fn me_asserted(origin: &Origin, token: &str) -> (u16, Value) {
-    let r = http()
-        .post(format!("{}/graphql", origin.url))
-        .header(assertion::HEADER, assertion_for(token))
-        .json(&json!({"query": "{ me { userId } }"}))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    let (status, _, body) = me_asserted_reply(origin, token).await;
+    (status, body)
 }
 
-async fn logout(origin: &Origin, token: &str) {
-    let r = http()
-        .post(format!("{}/api/auth/logout", origin.url))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204, "logout");
-}
-
-/// Polls until `refused` holds; how long that took.
-async fn time_until<F, Fut>(what: &str, mut refused: F) -> Duration
+/// Polls until `refused` holds (every 10 ms, so the figure is close); how long that took.
+async fn time_until<F, Fut>(what: &str, refused: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while !refused().await {
-        assert!(start.elapsed() < WAIT, "{what}: never refused");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    start.elapsed()
+    harness::time_until(what, WAIT, Duration::from_millis(10), refused).await
 }
 
 fn is_refused_session(status: u16, body: &Value) -> bool {
@@ -147,7 +132,7 @@ async fn a_logout_on_one_replica_is_refused_on_the_other_within_a_second() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["me"]["userId"], "asserted-user", "{body}");
 
-    logout(&s.a, &token).await;
+    logout(&s.a.url, &token).await;
     let took = time_until("the assertion on B", || async {
         let (status, body) = me_asserted(&s.b, &token).await;
         is_refused_session(status, &body)
@@ -156,15 +141,9 @@ async fn a_logout_on_one_replica_is_refused_on_the_other_within_a_second() {
     assert!(took < WITHIN, "assertion refused on B after {took:?}");
     let (status, body) = validate(&s.b, &token).await;
     assert!(is_refused_session(status, &body), "{status} {body}");
-    let r = http()
-        .post(format!("{}/graphql", s.b.url))
-        .header(assertion::HEADER, assertion_for(&token))
-        .json(&json!({"query": "{ me { userId } }"}))
-        .send()
-        .await
-        .unwrap();
+    let (_, headers, _) = me_asserted_reply(&s.b, &token).await;
     assert_eq!(
-        r.headers()
+        headers
             .get("www-authenticate")
             .and_then(|v| v.to_str().ok()),
         Some(gateway_shared::session::SESSION_REFUSED_CHALLENGE),
@@ -174,7 +153,7 @@ async fn a_logout_on_one_replica_is_refused_on_the_other_within_a_second() {
     // A second session, checked as a token on B first.
     let other = login(&s.b.url, &s.standin, "two-doors-2@example.com").await;
     assert_eq!(validate(&s.b, &other).await.0, 200);
-    logout(&s.a, &other).await;
+    logout(&s.a.url, &other).await;
     let took = time_until("the token on B", || async {
         let (status, body) = validate(&s.b, &other).await;
         is_refused_session(status, &body)
@@ -189,13 +168,7 @@ async fn a_session_the_standin_ends_is_refused_and_revoked() {
     let token = login(&s.a.url, &s.standin, "ended-by-noetl@example.com").await;
     assert_eq!(validate(&s.a, &token).await.0, 200);
     // NoETL ends the session itself (its own logout route, not the gateway's).
-    let r = http()
-        .post(format!("{}/api/auth/logout", s.standin.url))
-        .json(&json!({"session_token": token}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    s.standin.end_session(&token).await;
     // Once the cache entry is stale, the gateway asks NoETL and refuses…
     wait_for("the token is refused once NoETL is asked", WAIT, || async {
         let (status, body) = validate(&s.a, &token).await;
@@ -233,11 +206,7 @@ async fn a_session_the_standin_ends_is_refused_and_revoked() {
 
 /// Opens `/events` on `origin` with the token; skips the init frame.
 async fn open_stream(origin: &Origin, token: &str) -> SseClient {
-    let mut sse = SseClient::connect(&format!("{}/events", origin.url), Some(token), None)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("{s} {b}"));
-    let init = sse.next(WAIT).await.expect("the init frame");
+    let (sse, init) = open_events(&format!("{}/events", origin.url), token, None, WAIT).await;
     assert_eq!(init.event, "message");
     sse
 }
@@ -264,7 +233,7 @@ async fn an_open_sse_stream_ends_within_a_second_of_a_logout_on_the_other_replic
     let token = login(&s.a.url, &s.standin, "streaming@example.com").await;
     let mut sse = open_stream(&s.b, &token).await;
     let start = Instant::now();
-    logout(&s.a, &token).await;
+    logout(&s.a.url, &token).await;
     let params = until_session_ended(&mut sse, WITHIN + Duration::from_millis(500)).await;
     let took = start.elapsed();
     assert_eq!(params["reason"], "logged_out");
@@ -316,26 +285,15 @@ async fn an_sse_stream_ends_at_its_sessions_expiry() {
 async fn a_graphql_ws_socket_closes_4403_within_a_second_of_a_logout_on_the_other_replica() {
     let s = stack(StandInOptions::default(), &[]).await;
     let token = login(&s.a.url, &s.standin, "socket@example.com").await;
-    let mut req = format!("{}/graphql/ws", s.b.url.replacen("http://", "ws://", 1))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    ws.send(Message::text(
-        json!({"type": "connection_init", "payload": {"session_token": token}}).to_string(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = ws_connect(&s.b.url, None).await;
+    ws_init(&mut ws, &token).await;
     let ack = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
     assert!(
         matches!(&ack, Some(Ok(Message::Text(t))) if t.contains("connection_ack")),
         "{ack:?}"
     );
     let start = Instant::now();
-    logout(&s.a, &token).await;
+    logout(&s.a.url, &token).await;
     let code = loop {
         match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
             Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),

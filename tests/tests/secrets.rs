@@ -10,14 +10,15 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use gateway_tests::harness::flows::{execute_playbook, graphql, http, login_reply};
-use gateway_tests::harness::nats::NatsServer;
-use gateway_tests::harness::origin::{Origin, OriginOptions};
-use gateway_tests::harness::sse::{SseClient, SseFrame};
+use futures::StreamExt;
+use gateway_tests::harness::flows::{
+    execute_playbook, get_json, graphql, http, login_reply, nats_stack_with, open_events_client,
+    ws_connect, ws_init, ws_send,
+};
+use gateway_tests::harness::origin::Origin;
+use gateway_tests::harness::sse::SseFrame;
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -64,14 +65,7 @@ async fn user(origin: &Origin, standin: &StandIn, email: &str) -> User {
 /// Every string a workload key the gateway fills (or an auth playbook's token key) holds,
 /// in every execution the stand-in knows.
 async fn injected_values(standin: &StandIn) -> (BTreeSet<String>, Vec<String>) {
-    let list: Value = http()
-        .get(format!("{}/api/executions", standin.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json(&format!("{}/api/executions", standin.url)).await;
     let mut values = BTreeSet::new();
     let mut ids = Vec::new();
     for run in list.as_array().expect("a list of executions") {
@@ -106,34 +100,19 @@ fn without_own_request_ids(mut v: Value) -> Value {
 /// Runs demo/steps and reads its `executionEvents` over `/graphql/ws` until `complete`;
 /// the execution id and every message the socket received.
 async fn ws_run(base: &str, token: &str) -> (String, Vec<String>) {
-    let mut req = format!("{}/graphql/ws", base.replacen("http://", "ws://", 1))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("the upgrade is accepted");
+    let mut ws = ws_connect(base, None).await;
     let mut bodies = Vec::new();
-    let text = |v: Value| Message::text(v.to_string());
-    ws.send(text(
-        json!({"type": "connection_init", "payload": {"session_token": token}}),
-    ))
-    .await
-    .unwrap();
+    ws_init(&mut ws, token).await;
     let v = execute_playbook(base, token, "demo/steps", json!({"over": "ws"}), None).await;
     let id = v["data"]["executePlaybook"]["executionId"]
         .as_str()
         .unwrap_or_else(|| panic!("{v}"))
         .to_owned();
     bodies.push(without_own_request_ids(v).to_string());
-    ws.send(text(json!({"id": "1", "type": "subscribe", "payload": {
+    ws_send(&mut ws, json!({"id": "1", "type": "subscribe", "payload": {
         "query": "subscription($id: ID!) { executionEvents(executionId: $id) { executionId eventType stepName status at terminal } }",
-        "variables": {"id": id}}})))
-        .await
-        .unwrap();
+        "variables": {"id": id}}}))
+        .await;
     loop {
         let m = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -169,23 +148,20 @@ fn is_done(frames: &[SseFrame], runs: usize) -> bool {
 }
 
 async fn scenario(auth_mode: &str) {
-    let nats = NatsServer::start().await.expect("nats-server starts");
-    let standin = StandIn::start(StandInOptions {
-        nats_url: Some(nats.url.clone()),
-        step_delay_ms: Some(50),
-        tail_interval_ms: Some(100),
-        ..Default::default()
-    })
-    .await
-    .expect("the stand-in starts");
-    let origin = Origin::start(
-        &standin,
-        OriginOptions::with_nats(&nats.url)
-            .env("AUTH_MODE", auth_mode)
-            .env("PROXY_ALLOW", "GET /api/executions,GET /api/catalog"),
+    let (_nats, standin, mut origins) = nats_stack_with(
+        1,
+        StandInOptions {
+            step_delay_ms: Some(50),
+            tail_interval_ms: Some(100),
+            ..Default::default()
+        },
+        &[
+            ("AUTH_MODE", auth_mode),
+            ("PROXY_ALLOW", "GET /api/executions,GET /api/catalog"),
+        ],
     )
-    .await
-    .expect("the origin starts");
+    .await;
+    let origin = origins.pop().expect("one origin");
     let base = origin.url.clone();
 
     let alice = user(&origin, &standin, "alice@example.com").await;
@@ -193,15 +169,8 @@ async fn scenario(auth_mode: &str) {
     let mut seen = Seen::default();
 
     // Async runs with a client: state frames and a result callback on the SSE stream.
-    let mut sse = SseClient::connect(&format!("{base}/events"), Some(&alice.session), None)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("/events refused: {s} {b}"));
-    let init = sse.next(WAIT).await.expect("init frame");
-    let client_id = init.data["result"]["clientId"]
-        .as_str()
-        .expect("a client id")
-        .to_owned();
+    let (mut sse, client_id) =
+        open_events_client(&format!("{base}/events"), &alice.session, None, WAIT).await;
     let mut own = Vec::new();
     for (path, workload) in [
         ("demo/echo", json!({"greeting": "hello"})),

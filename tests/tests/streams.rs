@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use gateway_tests::harness::flows::{execute_playbook, http, login, nats_stack};
+use gateway_tests::harness::flows::{
+    execute_playbook, http, login, nats_stack, open_events_client,
+};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
@@ -16,16 +18,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// Opens `/events{query}`; the client and its client id (from the init frame).
 async fn open(origin: &Origin, token: &str, query: &str, last: Option<u64>) -> (SseClient, String) {
-    let mut sse = SseClient::connect(&format!("{}/events{query}", origin.url), Some(token), last)
-        .await
-        .unwrap()
-        .unwrap_or_else(|(s, b)| panic!("/events refused: {s} {b}"));
-    let init = sse.next(WAIT).await.expect("init frame");
-    let client_id = init.data["result"]["clientId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no clientId in {:?}", init.data))
-        .to_owned();
-    (sse, client_id)
+    open_events_client(&format!("{}/events{query}", origin.url), token, last, WAIT).await
 }
 
 /// A long-running playbook for `client_id`; its request id (what progress callbacks name).

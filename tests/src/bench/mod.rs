@@ -12,6 +12,8 @@
 //! - [`procfs`] — what the benchmark reads about a process: RSS, anonymous memory, CPU time.
 //! - [`workerd`] and [`http_load`] (`bench-edge`) — plain `workerd serve` processes from a
 //!   capnp template, and a closed-loop keep-alive HTTP/1.1 load generator.
+//! - [`percentile`], [`us`] and [`arg`] — the figures and flags every `bench-*` binary
+//!   shares.
 //!
 //! A frame's send time travels inside the frame (`t`, nanoseconds since [`now_ns`]'s
 //! origin in the process that sent it), so latency is measured by the reader without a
@@ -35,10 +37,11 @@ pub fn now_ns() -> u64 {
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The value at quantile `p` (0..=1) of an ascending slice; zero for an empty one.
-pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+/// The value at quantile `p` (0..=1) of an ascending slice (nanoseconds, durations); zero
+/// (the default) for an empty one. Every `bench-*` binary's percentiles.
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -47,6 +50,22 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// Nanoseconds as fractional milliseconds.
 pub fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
+}
+
+/// A duration as fractional microseconds.
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The number after `name` on the command line (`--logouts 200`), or `default` when it is
+/// absent or not a number: the `bench-*` binaries' simple flags.
+pub fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A deadline that every wait of the benchmark is bounded by.
@@ -85,6 +104,6 @@ mod tests {
         assert_eq!(percentile(&v, 0.5), 51);
         assert_eq!(percentile(&v, 0.99), 99);
         assert_eq!(percentile(&v, 1.0), 100);
-        assert_eq!(percentile(&[], 0.5), 0);
+        assert_eq!(percentile::<u64>(&[], 0.5), 0);
     }
 }

@@ -18,6 +18,8 @@
 
 use std::time::{Duration, Instant};
 
+use gateway_tests::bench::{arg, percentile, us};
+
 use axum::http::{header, Request};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
@@ -36,20 +38,6 @@ use origin::store::nats::NatsKv;
 use origin::store::{Bucket, BucketTtls, KvStore};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn edge_key() -> SecretKey {
     assertion::signing_key_from_b64(&B64.encode([11u8; 32])).expect("a valid seed")
@@ -306,10 +294,6 @@ async fn caller_cost(calls: usize) -> anyhow::Result<Vec<Row>> {
             samples: nats_read,
         },
     ])
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,8 @@
 
 use std::time::{Duration, Instant};
 
+use gateway_tests::bench::{arg, percentile, us};
+
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
@@ -22,24 +24,6 @@ use serde_json::{json, Value};
 struct Variant {
     name: &'static str,
     samples: Vec<Duration>,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 async fn timed(req: reqwest::RequestBuilder, expect: u16) -> anyhow::Result<Duration> {

@@ -8,7 +8,12 @@
 //!
 //! wrangler starts workerd as a child process, so it is spawned in its own process group
 //! (`setsid`) and the whole group is terminated on drop: no workerd outlives its test.
+//!
+//! [`EdgeWorld`] is the whole chain the edge suites run against: stand-in, origin trusting
+//! the test edge's key, and the edge in front of it.
 
+use super::origin::{Origin, OriginOptions};
+use super::standin::{StandIn, StandInOptions};
 use super::{
     free_port, listener_owned_by, scratch_dir, tools_dir, wait_until_ok, workspace_root, ChildGuard,
 };
@@ -60,6 +65,67 @@ impl EdgeOptions {
 /// The built worker bundle the test configuration runs.
 pub fn bundle_dir() -> PathBuf {
     workspace_root().join("edge-worker/build")
+}
+
+/// A stand-in, an origin trusting [`test_public_key`], and an edge in front of the origin,
+/// each on its own ports.
+pub struct EdgeWorld {
+    /// The NoETL stand-in.
+    pub standin: StandIn,
+    /// The origin (its `EDGE_ASSERTION_PUBLIC_KEY` is the test edge's).
+    pub origin: Origin,
+    /// The edge in front of [`EdgeWorld::origin`].
+    pub edge: Edge,
+}
+
+impl EdgeWorld {
+    /// Starts the chain with `origin_opts` (the edge's public key is added to them).
+    ///
+    /// `free_port` releases a port before the child binds it, so under parallel tests a
+    /// child can lose its port (or be handed the same port twice) and a health check can
+    /// pass against another test's server. A world whose processes do not own their
+    /// listeners, or that failed to start, is built again on fresh ports (three attempts).
+    pub async fn start(origin_opts: OriginOptions) -> Self {
+        let mut problems = Vec::new();
+        for _ in 0..3 {
+            let mut standin = match StandIn::start(StandInOptions::default()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(format!("stand-in: {e}"));
+                    continue;
+                }
+            };
+            let opts = origin_opts
+                .clone()
+                .env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
+            let mut origin = match Origin::start(&standin, opts).await {
+                Ok(o) => o,
+                Err(e) => {
+                    problems.push(format!("origin: {e}"));
+                    continue;
+                }
+            };
+            let origin_port = origin.url.rsplit(':').next().and_then(|p| p.parse().ok());
+            let owned = listener_owned_by(standin.port, &[standin.guard().pid()])
+                && origin_port.is_some_and(|p| listener_owned_by(p, &[origin.guard().pid()]));
+            if !owned {
+                problems.push("a port was taken by another test's process".into());
+                continue;
+            }
+            let edge = Edge::start(&origin.url, EdgeOptions::default())
+                .await
+                .expect("the edge starts");
+            if !problems.is_empty() {
+                eprintln!("world started after retries: {problems:?}");
+            }
+            return Self {
+                standin,
+                origin,
+                edge,
+            };
+        }
+        panic!("no world started in three attempts: {problems:#?}")
+    }
 }
 
 /// A running `wrangler dev`; its whole process group is stopped on drop.

@@ -285,6 +285,28 @@ where
     }
 }
 
+/// Polls `check` every `every` until it is true, and returns how long that took; panics
+/// naming `what` after `timeout`. For a delay a test measures ("refused within 1 s"): the
+/// finer the poll, the closer the figure is to the moment the condition came true (mind
+/// rate limits when polling through the edge).
+pub async fn time_until<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "not within {timeout:?}: {what}");
+        tokio::time::sleep(every).await;
+    }
+    start.elapsed()
+}
+
 /// A scratch directory for one test's logs and data, removed when dropped unless
 /// `GATEWAY_KEEP_TEST_DIRS` is set.
 pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {

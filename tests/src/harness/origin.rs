@@ -174,6 +174,12 @@ impl Origin {
     /// SSE streams open on this replica (`gateway_sse_connections` on the internal
     /// `/metrics`); `None` if the origin does not answer.
     pub async fn sse_connections(&self) -> Option<u64> {
+        self.metric("gateway_sse_connections").await
+    }
+
+    /// The value of the unlabelled metric `name` on the internal `/metrics` (Prometheus
+    /// text); `None` if the origin does not answer or does not export it.
+    pub async fn metric(&self, name: &str) -> Option<u64> {
         let text = reqwest::get(format!("{}/metrics", self.internal_url))
             .await
             .ok()?
@@ -181,7 +187,8 @@ impl Origin {
             .await
             .ok()?;
         text.lines()
-            .find_map(|l| l.strip_prefix("gateway_sse_connections "))
+            .filter_map(|l| l.strip_prefix(name))
+            .find_map(|rest| rest.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     }
 

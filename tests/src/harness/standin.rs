@@ -187,6 +187,23 @@ impl StandIn {
         self.get_json("/_standin/stats", &[]).await
     }
 
+    /// Ends the session of `token` at NoETL itself (its own `POST /api/auth/logout`, not
+    /// the gateway's), as an admin or NoETL's own expiry would; panics unless it succeeds.
+    pub async fn end_session(&self, token: &str) {
+        let r = self
+            .http
+            .post(format!("{}/api/auth/logout", self.url))
+            .json(&json!({"session_token": token}))
+            .send()
+            .await
+            .expect("the stand-in answers a logout");
+        assert!(
+            r.status().is_success(),
+            "the stand-in's logout: {}",
+            r.status()
+        );
+    }
+
     /// The process guard (to stop, signal or read the log).
     pub fn guard(&mut self) -> &mut ChildGuard {
         &mut self.guard
