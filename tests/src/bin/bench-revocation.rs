@@ -336,9 +336,20 @@ async fn main() -> anyhow::Result<()> {
             us(percentile(&r.samples, 0.99)),
         );
     }
-    let added = percentile(&rows[2].samples, 0.5);
+    let p50 = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .map(|r| percentile(&r.samples, 0.5))
+            .expect("a measured row")
+    };
+    // Before issue 11 an asserted request did neither the revocation check nor the periodic
+    // re-check of its token; now it does both: the check alone, plus what the token adds to
+    // an asserted call (the re-check's bookkeeping between two periods).
+    let added = p50("revocation check alone (set lookup)")
+        + p50("Caller::resolve, edge assertion + its token")
+            .saturating_sub(p50("Caller::resolve, edge assertion"));
     println!(
-        "  added cost (the check, p50) {:.2} µs — goal ≤ 20 µs p50: {}",
+        "  added cost on an asserted request (check + re-check bookkeeping, p50) {:.2} µs — goal ≤ 20 µs p50: {}",
         us(added),
         if added <= Duration::from_micros(20) {
             "met"
