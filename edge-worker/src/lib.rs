@@ -26,7 +26,7 @@
 //!    Ed25519). A logout's body is read whole (bounded) and forwarded as bytes; on its
 //!    204 every token it carried is forgotten at the edge (this isolate and KV). An origin
 //!    401 that refuses the asserted session itself makes the edge forget that session.
-//! 9. [`reply::finish`] — CORS headers, `Vary: Origin` and `x-request-id` on every response.
+//! 9. `reply::finish` — CORS headers, `Vary: Origin` and `x-request-id` on every response.
 //!
 //! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body;
 //! the whole request runs inside [`error::CatchPanic`], so even a panic leaves as 500

@@ -1,6 +1,6 @@
 //! Responses the edge makes, and the one exit every response leaves through.
 //!
-//! [`finish`] puts the CORS headers, `Vary: Origin` and `x-request-id` on every response,
+//! `finish` puts the CORS headers, `Vary: Origin` and `x-request-id` on every response,
 //! whether the edge made it or the origin did. A Response returned by `fetch` has
 //! immutable headers (setting one throws), so `finish` never edits them in place: it
 //! copies them into a fresh `Headers`, adds its own, and builds a new Response around the

@@ -1,6 +1,6 @@
 //! The auth REST API (PROTOCOL.md §1): login, validate, check-access, logout.
 //!
-//! Handlers only translate HTTP to [`SessionService`](super::session::SessionService)
+//! Handlers only translate HTTP to [`SessionService`]
 //! calls and back; the field names are the compat ones existing SPA clients use.
 
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //!
 //! A connection: authenticate (session token or a single-use ticket) → bind or resume the
 //! client id (only its owner may resume it) → subscribe to the client's frames on the
-//! [`Bus`](crate::bus::Bus), replaying after `Last-Event-ID` → write `retry:` and the init
+//! [`Bus`], replaying after `Last-Event-ID` → write `retry:` and the init
 //! frame, then frames as they come, a `ping` frame and `:` keep-alive comments.
 //!
 //! Each connection has a bounded queue between the bus and the socket. A reader too slow to

@@ -29,7 +29,7 @@
 //!   each key's last message (`watch_all`'s deliver policy): the consumer's pending count
 //!   at creation (then each message's) says when the initial values are all in, which is
 //!   when [`BucketWatchItem::Current`] is sent. The stream ends as soon as the client is
-//!   not connected (checked every [`WATCH_CONNECTION_CHECK`]): while disconnected nobody
+//!   not connected (checked every `WATCH_CONNECTION_CHECK`): while disconnected nobody
 //!   can tell what it is missing, so its owner must count it as not current and watch again.
 
 use super::{is_valid_key, Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError};

@@ -68,7 +68,7 @@ pub struct IdGen {
 }
 
 impl IdGen {
-    /// A generator starting at a random point above [`ID_FLOOR`].
+    /// A generator starting at a random point above `ID_FLOOR`.
     pub fn new() -> Self {
         let start = ID_FLOOR + rand::rngs::OsRng.gen_range(0..ID_START_SPREAD);
         Self::starting_at(start)
