@@ -2,7 +2,8 @@
 //!
 //! Deliberately small — plain atomics, no registry crate — and only what operators and the
 //! end-to-end tests need today: how often sessions are validated at the origin (the edge's
-//! KV cache should keep this near zero), SSE connections open on this replica, callbacks.
+//! KV cache should keep this near zero), SSE connections open on this replica, callbacks,
+//! and the replica's revocation set (how many it holds, and whether it is current).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::revocations::Revocations;
 use crate::hub::Hub;
 
 /// A monotonically increasing counter.
@@ -46,6 +48,8 @@ pub struct MetricsState {
     pub metrics: Arc<Metrics>,
     /// This replica's open SSE streams (the connections gauge).
     pub hub: Arc<Hub>,
+    /// This replica's revocation set (its size and currency gauges).
+    pub revocations: Arc<Revocations>,
 }
 
 /// `GET /metrics`.
@@ -68,10 +72,26 @@ pub async fn metrics(State(state): State<MetricsState>) -> Response {
         "Playbook callbacks received by this replica.",
         m.callbacks.get(),
     );
-    let _ = writeln!(
-        out,
-        "# HELP gateway_sse_connections SSE streams open on this replica.\n# TYPE gateway_sse_connections gauge\ngateway_sse_connections {}",
-        state.hub.len()
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    };
+    gauge(
+        "gateway_sse_connections",
+        "SSE streams open on this replica.",
+        state.hub.len() as u64,
+    );
+    gauge(
+        "gateway_revocations",
+        "Revoked sessions this replica holds in memory.",
+        state.revocations.len() as u64,
+    );
+    gauge(
+        "gateway_revocations_current",
+        "1 while this replica's revocation set is loaded and its watch is up; 0 while asserted callers are refused with 503.",
+        u64::from(state.revocations.is_current()),
     );
     (
         StatusCode::OK,

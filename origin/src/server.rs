@@ -269,10 +269,14 @@ async fn build(
             kv,
             bus,
             noetl,
-            revocations,
+            revocations: revocations.clone(),
             embedded: nats.is_none(),
         },
-        metrics: MetricsState { metrics, hub },
+        metrics: MetricsState {
+            metrics,
+            hub,
+            revocations,
+        },
         edge_trust,
         shutdown,
     })

@@ -160,6 +160,9 @@ async fn a_logout_on_one_replica_is_refused_on_the_other_within_a_second() {
     })
     .await;
     assert!(took < WITHIN, "token refused on B after {took:?}");
+    // B's metrics show what it holds.
+    assert_eq!(s.b.metric("gateway_revocations").await, Some(2));
+    assert_eq!(s.b.metric("gateway_revocations_current").await, Some(1));
 }
 
 #[tokio::test]
@@ -317,6 +320,7 @@ async fn without_nats_revocations_cannot_be_told_and_callers_get_503_never_200()
         me_asserted(&s.b, &token).await.0 == 503
     })
     .await;
+    assert_eq!(s.b.metric("gateway_revocations_current").await, Some(0));
     for _ in 0..5 {
         let (status, body) = me_asserted(&s.b, &token).await;
         assert_eq!(status, 503, "{body}");
@@ -330,4 +334,5 @@ async fn without_nats_revocations_cannot_be_told_and_callers_get_503_never_200()
         me_asserted(&s.b, &token).await.0 == 200 && validate(&s.b, &token).await.0 == 200
     })
     .await;
+    assert_eq!(s.b.metric("gateway_revocations_current").await, Some(1));
 }

@@ -85,10 +85,25 @@ pub struct Revocations {
     /// Session hash → the session's expiry (seconds since the epoch).
     revoked: RwLock<HashMap<SessionHash, i64>>,
     current: AtomicBool,
-    /// Session hash → (cancelled on revocation, how many connections hold it).
-    listeners: Mutex<HashMap<SessionHash, (CancellationToken, usize)>>,
+    /// Session hash → the open connections of that session.
+    listeners: Mutex<HashMap<SessionHash, Listener>>,
     /// How long a marker whose value cannot be read is kept.
     fallback_keep: Duration,
+}
+
+/// The open connections of one session: told together when it is revoked.
+struct Listener {
+    /// Cancelled on revocation.
+    token: CancellationToken,
+    /// The session's hash, shared by every [`SessionEnd`] of it (one copy per session, not
+    /// per connection: an SSE stream's footprint is counted in bytes).
+    key: Arc<SessionHash>,
+    /// How many connections hold it.
+    holders: usize,
+    /// Connections' own stop tokens, cancelled too on revocation (see
+    /// [`Revocations::session_end_linked`]), by link id.
+    linked: Vec<(u64, CancellationToken)>,
+    next_link: u64,
 }
 
 impl std::fmt::Debug for Revocations {
@@ -165,8 +180,11 @@ impl Revocations {
             *exp = (*exp).max(expires_at_unix);
         }
         let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((token, _)) = listeners.get(hash) {
-            token.cancel();
+        if let Some(l) = listeners.get(hash) {
+            l.token.cancel();
+            for (_, linked) in &l.linked {
+                linked.cancel();
+            }
         }
     }
 
@@ -208,22 +226,54 @@ impl Revocations {
     /// A handle that is told when session `hash` is revoked (already cancelled if it is).
     /// Held by an open connection for as long as it lives.
     pub fn session_end(self: &Arc<Self>, hash: &SessionHash, now_unix: i64) -> SessionEnd {
-        let token = {
+        self.subscribe(hash, now_unix, None)
+    }
+
+    /// Like [`Self::session_end`], and `stop` (the connection's own stop token) is cancelled
+    /// too when the session is revoked, so a connection that already waits on `stop` needs
+    /// no second wait (an SSE stream: one waker registration less per idle stream).
+    pub fn session_end_linked(
+        self: &Arc<Self>,
+        hash: &SessionHash,
+        now_unix: i64,
+        stop: CancellationToken,
+    ) -> SessionEnd {
+        self.subscribe(hash, now_unix, Some(stop))
+    }
+
+    fn subscribe(
+        self: &Arc<Self>,
+        hash: &SessionHash,
+        now_unix: i64,
+        stop: Option<CancellationToken>,
+    ) -> SessionEnd {
+        let (token, key, link) = {
             let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-            let (token, holders) = listeners
-                .entry(hash.clone())
-                .or_insert_with(|| (CancellationToken::new(), 0));
-            *holders += 1;
-            token.clone()
+            let l = listeners.entry(hash.clone()).or_insert_with(|| Listener {
+                token: CancellationToken::new(),
+                key: Arc::new(hash.clone()),
+                holders: 0,
+                linked: Vec::new(),
+                next_link: 0,
+            });
+            l.holders += 1;
+            let link = stop.map(|stop| {
+                l.next_link += 1;
+                l.linked.push((l.next_link, stop));
+                l.next_link
+            });
+            (l.token.clone(), l.key.clone(), link)
+        };
+        let end = SessionEnd {
+            token,
+            key,
+            link,
+            set: Arc::downgrade(self),
         };
         if self.status(hash, now_unix) == RevocationStatus::Revoked {
-            token.cancel();
+            self.insert(hash, now_unix + 1);
         }
-        SessionEnd {
-            token,
-            hash: hash.clone(),
-            set: Arc::downgrade(self),
-        }
+        end
     }
 
     /// Keeps the set fed from K/V `revoked` until `stop` is cancelled: watch, apply, and
@@ -291,7 +341,8 @@ fn parse_key(key: &str) -> Option<SessionHash> {
 /// [`Revocations::session_end`].
 pub struct SessionEnd {
     token: CancellationToken,
-    hash: SessionHash,
+    key: Arc<SessionHash>,
+    link: Option<u64>,
     set: Weak<Revocations>,
 }
 
@@ -313,11 +364,6 @@ impl SessionEnd {
     pub async fn revoked(&self) {
         self.token.cancelled().await
     }
-
-    /// The token cancelled on revocation (for a poll-based body to wait on).
-    pub fn token(&self) -> CancellationToken {
-        self.token.clone()
-    }
 }
 
 impl Drop for SessionEnd {
@@ -326,10 +372,13 @@ impl Drop for SessionEnd {
             return;
         };
         let mut listeners = set.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, holders)) = listeners.get_mut(&self.hash) {
-            *holders -= 1;
-            if *holders == 0 {
-                listeners.remove(&self.hash);
+        if let Some(l) = listeners.get_mut(&*self.key) {
+            l.holders -= 1;
+            if let Some(link) = self.link {
+                l.linked.retain(|(id, _)| *id != link);
+            }
+            if l.holders == 0 {
+                listeners.remove(&*self.key);
             }
         }
     }
@@ -436,6 +485,21 @@ mod tests {
             "a session revoked before the connection opened ends at once"
         );
         drop((a1, a2, b));
+        assert!(set.listeners.lock().unwrap().is_empty());
+
+        // A linked stop token is cancelled with its session, and unlinked when dropped.
+        let stop = CancellationToken::new();
+        let c = set.session_end_linked(&h("c"), 100, stop.clone());
+        let kept = CancellationToken::new();
+        let c2 = set.session_end_linked(&h("c"), 100, kept.clone());
+        drop(c2);
+        set.insert(&h("c"), 200);
+        assert!(c.is_revoked() && stop.is_cancelled());
+        assert!(
+            !kept.is_cancelled(),
+            "a dropped connection is no longer told"
+        );
+        drop(c);
         assert!(set.listeners.lock().unwrap().is_empty());
     }
 

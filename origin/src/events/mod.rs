@@ -312,10 +312,7 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         ));
     }
     let session = SessionLife {
-        end: state
-            .sessions
-            .revocations()
-            .session_end(&owner.session, now_unix()),
+        hash: owner.session.clone(),
         expires_at_unix: owner.expires_at_unix,
     };
     let body = SseBody::new(state, client_id, Bytes::from(first), sub.frames, session);
@@ -353,8 +350,9 @@ struct SseBody {
     frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
     /// Chunks of the frame being written (at most the `data:` and the blank line).
     queued: [Option<Bytes>; 2],
-    /// Cancelled when a newer connection of the client supersedes this one, or (a child
-    /// of the shutdown token) when the server shuts down.
+    /// Cancelled when a newer connection of the client supersedes this one, when the
+    /// session is revoked (linked in `session`), or (a child of the shutdown token) when
+    /// the server shuts down.
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown: CancellationToken,
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -362,9 +360,8 @@ struct SseBody {
     next_keepalive: Instant,
     /// The session's expiry: the stream ends with `session/ended` then.
     expires_at: Instant,
-    /// Cancelled when the session is revoked; `_session` keeps the subscription.
-    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
-    _session: SessionEnd,
+    /// The subscription to the session's revocation, which also cancels `stop`.
+    session: SessionEnd,
     done: bool,
     reason: &'static str,
 }
@@ -383,9 +380,10 @@ fn ping_frame() -> Bytes {
     .clone()
 }
 
-/// The stream's session and its end: revocation (told) and expiry (a deadline).
+/// The stream's session: its revocation is told through the stream's own stop token
+/// ([`crate::auth::revocations::Revocations::session_end_linked`]), its expiry is a deadline.
 struct SessionLife {
-    end: SessionEnd,
+    hash: gateway_shared::session::SessionHash,
     expires_at_unix: i64,
 }
 
@@ -412,6 +410,11 @@ impl SseBody {
         session: SessionLife,
     ) -> Self {
         let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
+        let session_end = state.sessions.revocations().session_end_linked(
+            &session.hash,
+            now_unix(),
+            reg.superseded.clone(),
+        );
         let now = Instant::now();
         let expires_at = now + until_unix(session.expires_at_unix);
         let SseTimers {
@@ -432,8 +435,7 @@ impl SseBody {
                 next_ping.min(next_keepalive).min(expires_at),
             )),
             expires_at,
-            revoked: Box::pin(session.end.token().cancelled_owned()),
-            _session: session.end,
+            session: session_end,
             client_id,
             frames,
             queued: [Some(first), None],
@@ -468,19 +470,18 @@ impl http_body::Body for SseBody {
             return Poll::Ready(None);
         }
         if this.stop.as_mut().poll(cx).is_ready() {
-            let reason = if this.shutdown.is_cancelled() {
-                "shutdown"
-            } else {
-                "superseded"
-            };
-            this.end(reason);
+            if this.shutdown.is_cancelled() {
+                this.end("shutdown");
+                return Poll::Ready(None);
+            }
+            if this.session.is_revoked() {
+                this.end("session revoked");
+                return Poll::Ready(Some(Ok(http_body::Frame::data(session_ended_frame(
+                    "logged_out",
+                )))));
+            }
+            this.end("superseded");
             return Poll::Ready(None);
-        }
-        if this.revoked.as_mut().poll(cx).is_ready() {
-            this.end("session revoked");
-            return Poll::Ready(Some(Ok(http_body::Frame::data(session_ended_frame(
-                "logged_out",
-            )))));
         }
         match this.frames.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(f))) => {
