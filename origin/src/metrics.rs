@@ -13,7 +13,6 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::revocations::Revocations;
 use crate::hub::Hub;
 
 /// A monotonically increasing counter.
@@ -49,50 +48,61 @@ pub struct MetricsState {
     /// This replica's open SSE streams (the connections gauge).
     pub hub: Arc<Hub>,
     /// This replica's revocation set (its size and currency gauges).
-    pub revocations: Arc<Revocations>,
+    pub revocations: Arc<dyn RevocationGauges>,
+}
+
+/// What `/metrics` reads of the replica's revocation set (`auth::revocations` implements
+/// it; a trait so this module depends on nothing in `auth`, which counts into it).
+pub trait RevocationGauges: Send + Sync {
+    /// Revoked sessions held in memory.
+    fn held(&self) -> u64;
+    /// Whether the set is loaded and its watch is up.
+    fn is_current(&self) -> bool;
 }
 
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<MetricsState>) -> Response {
     let m = &state.metrics;
+    // (name, type, help, value), in the order they are exported.
+    let series: [(&str, &str, &str, u64); 5] = [
+        (
+            "gateway_auth_validate_requests_total",
+            "counter",
+            "POST /api/auth/validate requests received by this replica.",
+            m.validate_requests.get(),
+        ),
+        (
+            "gateway_callbacks_total",
+            "counter",
+            "Playbook callbacks received by this replica.",
+            m.callbacks.get(),
+        ),
+        (
+            "gateway_sse_connections",
+            "gauge",
+            "SSE streams open on this replica.",
+            state.hub.len() as u64,
+        ),
+        (
+            "gateway_revocations",
+            "gauge",
+            "Revoked sessions this replica holds in memory.",
+            state.revocations.held(),
+        ),
+        (
+            "gateway_revocations_current",
+            "gauge",
+            "1 while this replica's revocation set is loaded and its watch is up; 0 while asserted callers are refused with 503.",
+            u64::from(state.revocations.is_current()),
+        ),
+    ];
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
+    for (name, kind, help, value) in series {
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
-    };
-    counter(
-        "gateway_auth_validate_requests_total",
-        "POST /api/auth/validate requests received by this replica.",
-        m.validate_requests.get(),
-    );
-    counter(
-        "gateway_callbacks_total",
-        "Playbook callbacks received by this replica.",
-        m.callbacks.get(),
-    );
-    let mut gauge = |name: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    };
-    gauge(
-        "gateway_sse_connections",
-        "SSE streams open on this replica.",
-        state.hub.len() as u64,
-    );
-    gauge(
-        "gateway_revocations",
-        "Revoked sessions this replica holds in memory.",
-        state.revocations.len() as u64,
-    );
-    gauge(
-        "gateway_revocations_current",
-        "1 while this replica's revocation set is loaded and its watch is up; 0 while asserted callers are refused with 503.",
-        u64::from(state.revocations.is_current()),
-    );
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

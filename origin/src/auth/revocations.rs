@@ -337,6 +337,16 @@ fn parse_key(key: &str) -> Option<SessionHash> {
     hash
 }
 
+impl crate::metrics::RevocationGauges for Revocations {
+    fn held(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn is_current(&self) -> bool {
+        Revocations::is_current(self)
+    }
+}
+
 /// An open connection's subscription to its session's revocation; see
 /// [`Revocations::session_end`].
 pub struct SessionEnd {
