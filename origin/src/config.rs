@@ -437,20 +437,24 @@ fn redact_url_credentials(url: &str) -> String {
     }
 }
 
+/// The flags without which [`Config`] does not parse, for the crate's tests.
+#[cfg(test)]
+pub(crate) const TEST_REQUIRED_FLAGS: [&str; 7] = [
+    "origin",
+    "--auth-audience",
+    "aud",
+    "--auth-jwks-url",
+    "http://127.0.0.1:1/jwks",
+    "--auth-issuer",
+    "http://127.0.0.1:1/",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn base() -> Vec<&'static str> {
-        vec![
-            "origin",
-            "--auth-audience",
-            "aud",
-            "--auth-jwks-url",
-            "http://127.0.0.1:1/jwks",
-            "--auth-issuer",
-            "http://127.0.0.1:1/",
-        ]
+        TEST_REQUIRED_FLAGS.to_vec()
     }
 
     #[test]

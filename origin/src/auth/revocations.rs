@@ -179,6 +179,11 @@ impl Revocations {
             let exp = map.entry(hash.clone()).or_insert(expires_at_unix);
             *exp = (*exp).max(expires_at_unix);
         }
+        self.tell(hash);
+    }
+
+    /// Tells the open connections of session `hash` that it is revoked.
+    fn tell(&self, hash: &SessionHash) {
         let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = listeners.get(hash) {
             l.token.cancel();
@@ -271,7 +276,7 @@ impl Revocations {
             set: Arc::downgrade(self),
         };
         if self.status(hash, now_unix) == RevocationStatus::Revoked {
-            self.insert(hash, now_unix + 1);
+            self.tell(hash);
         }
         end
     }

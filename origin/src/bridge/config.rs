@@ -160,16 +160,7 @@ impl BridgeConfig {
 mod tests {
     use super::*;
 
-    /// The origin flags without which `Config` does not parse.
-    const REQUIRED_FLAGS: [&str; 7] = [
-        "origin",
-        "--auth-audience",
-        "aud",
-        "--auth-jwks-url",
-        "http://127.0.0.1:1/jwks",
-        "--auth-issuer",
-        "http://127.0.0.1:1/",
-    ];
+    use crate::config::TEST_REQUIRED_FLAGS as REQUIRED_FLAGS;
 
     #[test]
     fn the_default_config_is_valid_and_follows_the_protocol() {
