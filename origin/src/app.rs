@@ -3,7 +3,7 @@
 //!
 //! Order of the public stack, outermost first: request id (accept a sane client id or
 //! mint one, echo it back) → trace span (method, path without query: the query may carry
-//! a session token) → edge assertion (verify `x-gateway-assertion`, or refuse direct
+//! a session token) → client address (`ratelimit::ClientIp`, through trusted proxies) → edge assertion (verify `x-gateway-assertion`, or refuse direct
 //! traffic when `REQUIRE_EDGE_ASSERTION`) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
 
 use axum::extract::{FromRef, Request};
@@ -17,11 +17,12 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::edge::{verify_assertion, EdgeTrust};
 use crate::error::AppError;
+use crate::ratelimit::resolve_client_ip;
 use crate::state::AppState;
 use crate::{auth, callbacks, events, graphql, health, metrics, proxy};
 
 /// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health. Layers, outermost
-/// last: request id → trace span → edge assertion → routes.
+/// last: request id → trace span → client address → edge assertion → routes.
 pub fn public_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
@@ -38,6 +39,10 @@ pub fn public_router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             EdgeTrust::from_ref(&state),
             verify_assertion,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.trusted_proxies.clone(),
+            resolve_client_ip,
         ))
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(middleware::from_fn(request_id))

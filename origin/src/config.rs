@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use url::Url;
 
+use crate::ratelimit::Cidr;
+
 /// A secret value (token, key): its `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -179,6 +181,13 @@ pub struct Config {
         default_value = "admin"
     )]
     pub read_all_roles: Vec<String>,
+
+    // --- rate limits (ratelimit.rs) ---
+    /// Proxies whose `x-forwarded-for` is believed, as comma-separated CIDRs or addresses
+    /// (the GKE load balancer's ranges `130.211.0.0/22,35.191.0.0/16` and its own address,
+    /// an ingress). Empty: the connection's peer is the client and the header is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<Cidr>,
 
     /// Largest JSON body accepted by the auth API, in bytes.
     #[arg(long, env = "AUTH_BODY_LIMIT", default_value_t = 64 * 1024)]

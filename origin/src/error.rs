@@ -62,6 +62,16 @@ pub enum AppError {
     /// The shared store (NATS K/V) failed where it is required.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Over a rate or count limit; answered 429 with `Retry-After`.
+    #[error("{message}")]
+    TooManyRequests {
+        /// Machine code, e.g. `rate_limited`.
+        code: &'static str,
+        /// Which limit, for the caller.
+        message: String,
+        /// Seconds until a retry may succeed (the `Retry-After` header), at least 1.
+        retry_after: u64,
+    },
     /// A dependency or feature is not available right now.
     #[error("{message}")]
     Unavailable {
@@ -110,6 +120,7 @@ impl AppError {
             AppError::Forbidden { .. } => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Noetl(e) => match e {
                 NoetlError::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 NoetlError::Status { status: 503, .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -127,7 +138,8 @@ impl AppError {
             AppError::BadRequest { code, .. }
             | AppError::Unauthorized { code, .. }
             | AppError::Forbidden { code, .. }
-            | AppError::Unavailable { code, .. } => code,
+            | AppError::Unavailable { code, .. }
+            | AppError::TooManyRequests { code, .. } => code,
             AppError::InvalidJson(_) => "invalid_json",
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::PayloadTooLarge { .. } => "payload_too_large",
@@ -161,12 +173,16 @@ impl IntoResponse for AppError {
         }
         let refused_session =
             matches!(&self, AppError::Unauthorized { code, .. } if *code == SESSION_REFUSED_CODE);
-        let retry_later = matches!(&self, AppError::Unavailable { code, .. } if *code == REVOCATIONS_UNAVAILABLE_CODE);
+        let retry_after = match &self {
+            AppError::Unavailable { code, .. } if *code == REVOCATIONS_UNAVAILABLE_CODE => Some(1),
+            AppError::TooManyRequests { retry_after, .. } => Some((*retry_after).max(1)),
+            _ => None,
+        };
         let mut response = json_response(status, &self.body());
-        if retry_later {
+        if let Some(secs) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(secs),
             );
         }
         if refused_session {

@@ -38,6 +38,8 @@
 //!   each user's runs newest first (K/V).
 //! - [`scrub`] — NoETL's JSON without injected workload values and users' tokens, before a
 //!   client sees it (proxy, GraphQL, callback results).
+//! - [`ratelimit`] — GCRA limiters per client address or user, and who the client is
+//!   behind trusted proxies (`TRUSTED_PROXIES`).
 //! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
@@ -60,6 +62,7 @@ pub mod metrics;
 pub mod noetl;
 pub mod owners;
 pub mod proxy;
+pub mod ratelimit;
 pub mod requests;
 pub mod runs;
 pub mod scrub;

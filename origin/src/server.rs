@@ -35,6 +35,7 @@ use crate::metrics::{Metrics, MetricsState};
 use crate::noetl::NoetlClient;
 use crate::owners::Owners;
 use crate::proxy::{AllowList, Proxy, ProxyState};
+use crate::ratelimit::TrustedProxies;
 use crate::requests::CallbackTokens;
 use crate::scrub::Scrubber;
 use crate::state::AppState;
@@ -278,6 +279,7 @@ async fn build(
             revocations,
         },
         edge_trust,
+        trusted_proxies: TrustedProxies::new(&config.trusted_proxies),
         shutdown,
     })
 }

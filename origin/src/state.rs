@@ -18,6 +18,7 @@ use crate::graphql::GraphqlState;
 use crate::health::Readiness;
 use crate::metrics::MetricsState;
 use crate::proxy::ProxyState;
+use crate::ratelimit::TrustedProxies;
 
 /// Everything the two listeners serve, as per-module substates; cheap to clone (each
 /// substate is a handful of `Arc`s).
@@ -39,6 +40,8 @@ pub struct AppState {
     pub metrics: MetricsState,
     /// The edge's key: the assertion middleware of the public listener.
     pub edge_trust: EdgeTrust,
+    /// Whose `x-forwarded-for` is believed: the client-address middleware.
+    pub trusted_proxies: TrustedProxies,
     /// Cancelled on SIGTERM; the listeners drain with it.
     pub shutdown: CancellationToken,
 }
