@@ -28,6 +28,7 @@ use crate::config::{AuthMode, Config, ConfigError};
 use crate::events::{EventsState, SseTimers};
 use crate::extract::BodyLimit;
 use crate::graphql::{build_schema, schema::Services, GraphqlState, KeepAlive};
+use crate::quotas::{QuotaSettings, RealtimeQuotas};
 use crate::health::Readiness;
 use crate::hub::Hub;
 use crate::listener::{self, LeanPath};
@@ -229,6 +230,7 @@ async fn build(
         config.require_edge_assertion,
     );
     let hub = Arc::new(Hub::default());
+    let quotas = RealtimeQuotas::new(QuotaSettings::from_config(&config));
     let metrics = Arc::new(Metrics::default());
     Ok(AppState {
         auth: AuthRoutesState {
@@ -241,6 +243,7 @@ async fn build(
             sessions: sessions.clone(),
             shutdown: shutdown.clone(),
             keepalive: KeepAlive(config.sse_keepalive_interval),
+            quotas: quotas.clone(),
         },
         events: EventsState {
             sessions: sessions.clone(),
@@ -252,6 +255,7 @@ async fn build(
                 ping_every: config.sse_ping_interval,
                 keepalive_every: config.sse_keepalive_interval,
             },
+            quotas,
         },
         proxy: ProxyState {
             proxy: Arc::new(proxy),

@@ -9,10 +9,11 @@
 //!
 //! Decisions:
 //! - **One client id per socket**, created at the socket's first subscription
-//!   ([`SocketScope`]). An execution keeps at most 256 interested clients (oldest dropped),
-//!   so an id per subscription would let one socket push other clients — the SSE client
-//!   that started the run — out of the record. Subscriptions on one socket read the same
-//!   client's frames and each keeps those of its own execution.
+//!   ([`SocketScope`]) within the user's `USER_MAX_CLIENTS`. An execution keeps at most
+//!   256 interested clients of users other than its owner (their oldest dropped; the
+//!   owner's clients are kept apart, `interest.rs`), so an id per subscription would let
+//!   one socket push other followers out of the record. Subscriptions on one socket read
+//!   the same client's frames and each keeps those of its own execution.
 //! - **Late subscribers.** Frames the bridge forwarded before the interest was recorded went
 //!   to other clients (or were dropped after the bridge's wait for interest), so a
 //!   subscriber to a finished run would wait forever. After recording interest the resolver
@@ -47,9 +48,9 @@ use tokio::time::Instant;
 use super::schema::{ctx_parts, execution_id_arg, from_app, gql_error, require_execution_access};
 use crate::bus::{BusError, BusFrame, StartAt};
 use crate::clients;
-use crate::interest;
+use crate::interest::{self, Interested};
 use crate::runs::RunStatus;
-use crate::store::{KvStore, StoreError};
+use crate::store::KvStore;
 
 /// Most operations (subscriptions, queries, mutations) one socket runs at once.
 pub const MAX_OPERATIONS_PER_SOCKET: usize = 16;
@@ -76,14 +77,37 @@ impl Default for SocketScope {
 }
 
 impl SocketScope {
-    /// The socket's client id, created (owned by `user_id`, the socket's one user) on first
-    /// use. Concurrent first subscriptions create it once.
-    async fn client_id(&self, kv: &dyn KvStore, user_id: &str) -> Result<ClientId, StoreError> {
+    /// The socket's client id, created (owned by `user_id`, the socket's one user, within
+    /// the user's `max_clients`) on first use. Concurrent first subscriptions create it once.
+    async fn client_id(
+        &self,
+        kv: &dyn KvStore,
+        user_id: &str,
+        max_clients: usize,
+    ) -> Result<ClientId, clients::CreateError> {
         self.client_id
-            .get_or_try_init(|| clients::create(kv, user_id))
+            .get_or_try_init(|| clients::create_bounded(kv, user_id, max_clients))
             .await
             .cloned()
     }
+}
+
+/// Whether the caller's clients follow `execution` as its owner's (never pushed out of the
+/// interest record by other users') or as another user's.
+pub(super) async fn interest_role(
+    svc: &super::schema::Services,
+    caller: &crate::auth::Caller,
+    execution: &ExecutionId,
+) -> async_graphql::Result<Interested> {
+    let owner = svc
+        .owners
+        .owner(execution)
+        .await
+        .map_err(|e| from_app(e.into()))?;
+    Ok(match owner {
+        Some(o) if o.user_id == caller.user().user_id => Interested::Owner,
+        _ => Interested::Other,
+    })
 }
 
 /// The per-socket operation cap, as a schema extension.
@@ -193,7 +217,7 @@ impl Subscription {
         let kv = svc.kv.as_ref();
         let user = &caller.record.user.user_id;
         let client_id = scope
-            .client_id(kv, user)
+            .client_id(kv, user, svc.config.user_max_clients)
             .await
             .map_err(|e| from_app(e.into()))?;
         let sub = svc
@@ -207,7 +231,8 @@ impl Subscription {
                 )
             })?;
         let execution = execution_id_arg(&execution_id)?;
-        interest::add_interest(kv, &execution, &client_id)
+        let who = interest_role(svc, caller, &execution).await?;
+        interest::add_interest(kv, &execution, &client_id, who)
             .await
             .map_err(|e| from_app(e.into()))?;
         // Asked only after the interest is recorded: a run that ends later reaches this
