@@ -267,12 +267,12 @@ pub struct Config {
 
     /// Stream and socket opens per user, per replica (`N/period` or `off`); over it 429
     /// with `Retry-After` (sockets: 4429).
-    #[arg(long, env = "STREAM_OPEN_RATE_LIMIT", default_value = "60/1m")]
+    #[arg(long, env = "STREAM_OPEN_RATE_LIMIT", default_value = "120/1m")]
     pub stream_open_rate_limit: RateFlag,
 
     /// Resumes that replay retained frames, per user, per replica (`N/period` or `off`);
     /// over it a stream starts at live frames with `stream/reset` first.
-    #[arg(long, env = "REPLAY_RATE_LIMIT", default_value = "30/1m")]
+    #[arg(long, env = "REPLAY_RATE_LIMIT", default_value = "60/1m")]
     pub replay_rate_limit: RateFlag,
 
     /// Client ids one user may hold (0: no cap); a new one beyond it replaces the user's

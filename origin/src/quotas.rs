@@ -8,10 +8,10 @@
 //!   reconnect of a client that already has a stream here takes over that stream (the
 //!   older one is told to stop, see `hub.rs`) and may go one over the cap for the moment
 //!   both exist — a reconnect storm of one tab is never refused by its own ghost.
-//! - **Opens** (`STREAM_OPEN_RATE_LIMIT`, default `60/1m` with its burst): a GCRA limiter
+//! - **Opens** (`STREAM_OPEN_RATE_LIMIT`, default `120/1m`, a burst of 120): a GCRA limiter
 //!   ([`KeyedLimiter`]) keyed by user id, counting every SSE stream and every accepted
 //!   socket; open/close loops and reconnect storms get 429 with `Retry-After`.
-//! - **Replays** (`REPLAY_RATE_LIMIT`, default `30/1m`): a resume (`Last-Event-ID`, or a
+//! - **Replays** (`REPLAY_RATE_LIMIT`, default `60/1m`): a resume (`Last-Event-ID`, or a
 //!   named `client_id`) may replay up to `FRAME_RETENTION_PER_CLIENT` frames; over the
 //!   limit the stream starts at live frames with `stream/reset` first (the protocol's
 //!   answer to "your replay is not exact": re-read state), rather than a refusal.
@@ -174,18 +174,6 @@ pub struct QuotaSettings {
     pub replay_rate: Option<RateSpec>,
     /// `USER_MAX_CLIENTS` (0: no cap).
     pub max_clients: usize,
-}
-
-impl QuotaSettings {
-    /// The quota flags of the configuration.
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self {
-            max_streams: config.user_max_streams,
-            open_rate: config.stream_open_rate_limit.0,
-            replay_rate: config.replay_rate_limit.0,
-            max_clients: config.user_max_clients,
-        }
-    }
 }
 
 impl RealtimeQuotas {

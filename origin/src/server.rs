@@ -230,7 +230,12 @@ async fn build(
         config.require_edge_assertion,
     );
     let hub = Arc::new(Hub::default());
-    let quotas = RealtimeQuotas::new(QuotaSettings::from_config(&config));
+    let quotas = RealtimeQuotas::new(QuotaSettings {
+        max_streams: config.user_max_streams,
+        open_rate: config.stream_open_rate_limit.0,
+        replay_rate: config.replay_rate_limit.0,
+        max_clients: config.user_max_clients,
+    });
     let metrics = Arc::new(Metrics::default());
     Ok(AppState {
         auth: AuthRoutesState {

@@ -353,8 +353,13 @@ impl World {
     async fn interest(&self, execution_id: &str, client_id: &str) {
         let execution_id = ExecutionId::parse(execution_id).expect("a valid execution id");
         let client_id = ClientId::parse(client_id).expect("a valid client id");
-        interest::add_interest(&*self.kv, &execution_id, &client_id)
-            .await
+        interest::add_interest(
+            &*self.kv,
+            &execution_id,
+            &client_id,
+            interest::Interested::Owner,
+        )
+        .await
             .expect("interest recorded");
     }
 
