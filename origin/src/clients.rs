@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// How long a presence marker lives without a refresh (an SSE connection refreshes it
-/// with every ping).
+/// from its pings, at most every [`PRESENCE_REFRESH`]).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(75);
 
 /// How long a presence marker written by a stream is trusted before the stream's next
@@ -260,7 +260,10 @@ mod tests {
         mark_present(&kv, &a[0]).await.unwrap();
         let fourth = create_bounded(&kv, "alice", 3).await.unwrap();
         assert!(get(&kv, &a[0]).await.unwrap().is_some(), "connected: kept");
-        assert!(get(&kv, &a[1]).await.unwrap().is_none(), "oldest idle: replaced");
+        assert!(
+            get(&kv, &a[1]).await.unwrap().is_none(),
+            "oldest idle: replaced"
+        );
         assert!(get(&kv, &a[2]).await.unwrap().is_some());
         assert!(get(&kv, &fourth).await.unwrap().is_some());
         // Another user's ids are their own.

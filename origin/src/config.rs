@@ -280,7 +280,6 @@ pub struct Config {
     #[arg(long, env = "USER_MAX_CLIENTS", default_value_t = 64)]
     pub user_max_clients: usize,
     // --- end realtime quotas ---
-
     /// NoETL's JetStream stream of execution events (absent → core subscription fallback).
     #[arg(long, env = "NOETL_EVENTS_STREAM", default_value = "noetl_events")]
     pub noetl_events_stream: String,
@@ -499,6 +498,32 @@ mod tests {
         assert_eq!(c.session_cache_ttl, Duration::from_secs(300));
         assert_eq!(c.execution_owner_ttl, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.read_all_roles(), ["admin"]);
+    }
+
+    #[test]
+    fn realtime_quotas_default_on_and_can_be_switched_off() {
+        let c = Config::try_parse_from(base()).unwrap();
+        assert_eq!(c.user_max_streams, 16);
+        assert_eq!(c.user_max_clients, 64);
+        let open = c.stream_open_rate_limit.0.expect("on by default");
+        assert_eq!(
+            (open.count.get(), open.period),
+            (120, Duration::from_secs(60))
+        );
+        assert!(c.replay_rate_limit.0.is_some());
+        let mut args = base();
+        args.extend_from_slice(&[
+            "--stream-open-rate-limit",
+            "off",
+            "--replay-rate-limit",
+            "OFF",
+        ]);
+        let off = Config::try_parse_from(args).unwrap();
+        assert_eq!(off.stream_open_rate_limit.0, None);
+        assert_eq!(off.replay_rate_limit.0, None);
+        let mut args = base();
+        args.extend_from_slice(&["--replay-rate-limit", "lots"]);
+        assert!(Config::try_parse_from(args).is_err());
     }
 
     #[test]

@@ -61,12 +61,17 @@ async fn events_status(url: &str, token: &str) -> (u16, Option<u64>, Value) {
     if status == 200 {
         return (status, retry_after, Value::Null);
     }
-    (status, retry_after, resp.json().await.unwrap_or(Value::Null))
+    (
+        status,
+        retry_after,
+        resp.json().await.unwrap_or(Value::Null),
+    )
 }
 
 /// Opens a stream that must be accepted: the client and its id.
 async fn open(origin: &Origin, token: &str, query: &str, last: Option<u64>) -> (SseClient, String) {
-    let (sse, init) = open_events(&format!("{}/events{query}", origin.url), token, last, WAIT).await;
+    let (sse, init) =
+        open_events(&format!("{}/events{query}", origin.url), token, last, WAIT).await;
     (sse, client_id_of(&init))
 }
 
@@ -96,11 +101,8 @@ async fn socket_init(origin: &Origin, token: &str) -> (Ws, Result<(), Option<u16
 
 #[tokio::test]
 async fn one_user_over_the_stream_cap_gets_429_and_4429_while_another_user_is_unaffected() {
-    let (standin, origin) = world(&[
-        ("USER_MAX_STREAMS", "3"),
-        ("STREAM_OPEN_RATE_LIMIT", "off"),
-    ])
-    .await;
+    let (standin, origin) =
+        world(&[("USER_MAX_STREAMS", "3"), ("STREAM_OPEN_RATE_LIMIT", "off")]).await;
     let a = login(&origin.url, &standin, "greedy@example.com").await;
     let b = login(&origin.url, &standin, "neighbour@example.com").await;
     let events = format!("{}/events", origin.url);
@@ -114,7 +116,10 @@ async fn one_user_over_the_stream_cap_gets_429_and_4429_while_another_user_is_un
     let (status, retry_after, body) = events_status(&events, &a).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
-    assert!(retry_after.is_some_and(|s| s >= 1), "Retry-After: {retry_after:?}");
+    assert!(
+        retry_after.is_some_and(|s| s >= 1),
+        "Retry-After: {retry_after:?}"
+    );
     let (_, refused) = socket_init(&origin, &a).await;
     assert_eq!(refused, Err(Some(4429)), "a fourth connection as a socket");
 
@@ -230,19 +235,18 @@ async fn resumes_over_the_replay_limit_start_live_with_a_reset() {
     let v = execute_playbook(&origin.url, &a, "demo/echo", json!({"n": 1}), Some(&client)).await;
     assert!(v["errors"].is_null(), "{v}");
     let is_result = |f: &SseFrame| f.event == "playbook/result";
-    let got = sse
-        .collect_until(WAIT, |fs| fs.iter().any(is_result))
-        .await;
-    assert!(got.iter().any(is_result), "the result arrives live: {got:?}");
+    let got = sse.collect_until(WAIT, |fs| fs.iter().any(is_result)).await;
+    assert!(
+        got.iter().any(is_result),
+        "the result arrives live: {got:?}"
+    );
     sse.close();
 
     let query = format!("?client_id={client}");
     // Two resumes replay the result (the limit's burst) …
     for i in 0..2 {
         let (mut sse, _) = open(&origin, &a, &query, Some(0)).await;
-        let got = sse
-            .collect_until(WAIT, |fs| fs.iter().any(is_result))
-            .await;
+        let got = sse.collect_until(WAIT, |fs| fs.iter().any(is_result)).await;
         assert!(got.iter().any(is_result), "resume {i} replays: {got:?}");
         assert!(got.iter().all(|f| f.event != "stream/reset"), "{got:?}");
         sse.close();
@@ -260,11 +264,13 @@ async fn resumes_over_the_replay_limit_start_live_with_a_reset() {
     // Live frames still come.
     let v = execute_playbook(&origin.url, &a, "demo/echo", json!({"n": 2}), Some(&client)).await;
     let request = v["data"]["executePlaybook"]["requestId"].clone();
-    let got = sse
-        .collect_until(WAIT, |fs| fs.iter().any(is_result))
-        .await;
+    let got = sse.collect_until(WAIT, |fs| fs.iter().any(is_result)).await;
     let results: Vec<&SseFrame> = got.iter().filter(|f| is_result(f)).collect();
-    assert_eq!(results.len(), 1, "only the live result, nothing replayed: {got:?}");
+    assert_eq!(
+        results.len(),
+        1,
+        "only the live result, nothing replayed: {got:?}"
+    );
     assert_eq!(results[0].data["params"]["requestId"], request);
 }
 
@@ -273,7 +279,12 @@ fn states_of(frames: &[SseFrame], execution: &str) -> Vec<String> {
     frames
         .iter()
         .filter(|f| f.event == "playbook/state" && f.data["params"]["execution_id"] == execution)
-        .map(|f| f.data["params"]["event_type"].as_str().unwrap_or("?").to_owned())
+        .map(|f| {
+            f.data["params"]["event_type"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned()
+        })
         .collect()
 }
 
@@ -337,7 +348,10 @@ async fn the_owner_keeps_every_state_frame_while_a_viewer_subscribes_300_clients
     let first = watched
         .collect_until(WAIT, |fs| !states_of(fs, &execution).is_empty())
         .await;
-    assert!(!states_of(&first, &execution).is_empty(), "the run started: {first:?}");
+    assert!(
+        !states_of(&first, &execution).is_empty(),
+        "the run started: {first:?}"
+    );
 
     // One at a time: every add lands (concurrent read-modify-writes of one record could
     // lose some, and the record must really overflow).
@@ -357,9 +371,7 @@ async fn the_owner_keeps_every_state_frame_while_a_viewer_subscribes_300_clients
         let v = graphql(&origin.url, &owner, CANCEL, json!({"id": id})).await;
         assert_eq!(v["data"]["cancelExecution"], true, "{v}");
     }
-    let rest = watched
-        .collect_until(WAIT, |fs| ends(fs, &execution))
-        .await;
+    let rest = watched.collect_until(WAIT, |fs| ends(fs, &execution)).await;
     let controlled = control
         .collect_until(WAIT * 2, |fs| ends(fs, &control_execution))
         .await;

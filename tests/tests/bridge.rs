@@ -360,7 +360,7 @@ impl World {
             interest::Interested::Owner,
         )
         .await
-            .expect("interest recorded");
+        .expect("interest recorded");
     }
 
     /// Polls NoETL's status until it is final.

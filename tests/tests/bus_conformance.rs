@@ -302,7 +302,10 @@ async fn a_live_start_replays_nothing_and_delivers_what_comes_next(
     let bus = &*s.bus;
     publish_interleaved(bus, &["c", "other"], 3).await?;
     let mut sub = bus.subscribe(&cid("c"), StartAt::Live).await?;
-    assert!(!sub.reset, "the caller says reset itself; the bus owes nothing");
+    assert!(
+        !sub.reset,
+        "the caller says reset itself; the bus owes nothing"
+    );
     s.assert_quiet(&mut sub).await?;
     bus.publish(&cid("other"), "e", b("not for c")).await?;
     let next = bus.publish(&cid("c"), "e", b("next")).await?;

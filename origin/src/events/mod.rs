@@ -271,27 +271,24 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         })?;
 
     let (client_id, record) = match named {
-        Some(id) => {
-            match clients::get(kv, &id).await? {
-                Some(r) if r.user_id == user.user_id => (id, r),
-                Some(_) => {
-                    tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
-                    return Err(AppError::forbidden(
-                        "client_not_yours",
-                        "this client id belongs to another session",
-                    ));
-                }
-                None => {
-                    return Err(AppError::forbidden(
-                        "unknown_client",
-                        "this client id is unknown or expired",
-                    ))
-                }
+        Some(id) => match clients::get(kv, &id).await? {
+            Some(r) if r.user_id == user.user_id => (id, r),
+            Some(_) => {
+                tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
+                return Err(AppError::forbidden(
+                    "client_not_yours",
+                    "this client id belongs to another session",
+                ));
             }
-        }
+            None => {
+                return Err(AppError::forbidden(
+                    "unknown_client",
+                    "this client id is unknown or expired",
+                ))
+            }
+        },
         None => {
-            let id =
-                clients::create_bounded(kv, &user.user_id, state.quotas.max_clients).await?;
+            let id = clients::create_bounded(kv, &user.user_id, state.quotas.max_clients).await?;
             (
                 id,
                 clients::ClientRecord {
@@ -618,9 +615,7 @@ mod tests {
     fn first_pings_are_spread_over_the_second_half_of_the_interval() {
         let every = Duration::from_secs(30);
         let firsts: Vec<Duration> = (0..200).map(|_| first_ping_after(every)).collect();
-        assert!(firsts
-            .iter()
-            .all(|d| *d >= every / 2 && *d <= every));
+        assert!(firsts.iter().all(|d| *d >= every / 2 && *d <= every));
         let distinct: std::collections::HashSet<_> = firsts.iter().collect();
         assert!(distinct.len() > 100, "jittered, not in lockstep");
     }
