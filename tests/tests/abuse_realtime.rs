@@ -1,7 +1,8 @@
 //! One user cannot take the realtime path from others (issue 12, "Must show"): streams and
 //! sockets per user are capped (429 / close 4429) while another user is unaffected; stream
 //! opens are rate-limited per user; a user's client ids are bounded (the oldest idle one
-//! goes); replays over the limit start live with `stream/reset`; and the owner of a run keeps
+//! goes); replays over the limit start live with `stream/reset` (and a socket's later
+//! subscription follows live frames); and the owner of a run keeps
 //! every `playbook/state` frame while another user (a viewer allowed to read every run)
 //! subscribes 300 of their own clients to it.
 //!
@@ -12,8 +13,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_tests::harness::flows::{
-    client_id_of, execute_playbook, graphql, http, login, nats_stack_with, open_events, ws_connect,
-    ws_init, Ws,
+    client_id_of, execute_playbook, graphql, http, login, nats_stack_with, open_events,
+    run_playbook, ws_connect, ws_init, ws_next_json, ws_send, Ws,
 };
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
@@ -272,6 +273,67 @@ async fn resumes_over_the_replay_limit_start_live_with_a_reset() {
         "only the live result, nothing replayed: {got:?}"
     );
     assert_eq!(results[0].data["params"]["requestId"], request);
+}
+
+const EXECUTION_EVENTS: &str = "subscription($id: ID!) {
+  executionEvents(executionId: $id) { executionId eventType terminal } }";
+
+/// Runs `executionEvents` for `execution` as operation `id` on `ws`; the states it sent
+/// before `complete`.
+async fn execution_events(ws: &mut Ws, id: &str, execution: &str) -> Vec<Value> {
+    ws_send(
+        ws,
+        json!({"id": id, "type": "subscribe",
+               "payload": {"query": EXECUTION_EVENTS, "variables": {"id": execution}}}),
+    )
+    .await;
+    let mut states = Vec::new();
+    loop {
+        let m = ws_next_json(ws, WAIT).await;
+        if m["id"] != id {
+            continue;
+        }
+        match m["type"].as_str() {
+            Some("next") => {
+                assert!(m["payload"]["errors"].is_null(), "{m}");
+                states.push(m["payload"]["data"]["executionEvents"].clone());
+            }
+            Some("complete") => return states,
+            _ => panic!("unexpected {m}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_later_subscription_on_a_socket_over_the_replay_limit_follows_live_frames() {
+    let (_nats, standin, mut origins) = nats_stack_with(
+        1,
+        StandInOptions::default(),
+        &[("REPLAY_RATE_LIMIT", "1/1m")],
+    )
+    .await;
+    let origin = origins.pop().expect("one origin");
+    let token = login(&origin.url, &standin, "resubscriber@example.com").await;
+    let execution = run_playbook(
+        &origin.url,
+        &token,
+        "demo/slow",
+        json!({"seconds": 2}),
+        None,
+    )
+    .await;
+    let (mut ws, acked) = socket_init(&origin, &token).await;
+    assert_eq!(acked, Ok(()));
+    // The socket's first subscription reads a new client: nothing to replay, not counted.
+    let first = execution_events(&mut ws, "s1", &execution).await;
+    assert!(first.len() >= 2, "the run's states: {first:?}");
+    // The second re-reads the client's retained frames (the user's one replay) …
+    let second = execution_events(&mut ws, "s2", &execution).await;
+    assert_eq!(second, first, "a replay of the same states");
+    // … the third follows live frames only: the finished run's end, from NoETL's status.
+    let third = execution_events(&mut ws, "s3", &execution).await;
+    assert_eq!(third.len(), 1, "{third:?}");
+    assert_eq!(third[0]["terminal"], true, "{third:?}");
 }
 
 /// The `playbook/state` event types of `execution` in `frames`, in order.

@@ -322,6 +322,7 @@ async fn serve_socket(
                     let mut data = Data::default();
                     data.insert(caller);
                     data.insert(Arc::new(SocketScope::default()));
+                    data.insert(state.quotas.clone());
                     Ok(data)
                 }
                 Err(e) => {

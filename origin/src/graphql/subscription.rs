@@ -22,6 +22,11 @@
 //!   terminal state built from that status. Events the bridge is still retrying for lack of
 //!   interest usually arrive within that time, so a client that subscribes just after a
 //!   quick run still sees its steps.
+//! - **Replays are rate-limited** like SSE resumes (`REPLAY_RATE_LIMIT`, `quotas.rs`): the
+//!   first subscription of a socket reads a new client (nothing to replay); a later one
+//!   re-reads the client's retained frames, and over the user's rate it follows live frames
+//!   only (the run's earlier states are then not sent; its end still is, from the bus or
+//!   from NoETL's status).
 //! - **Operations per socket are capped** ([`OperationLimit`]): once upgraded, a socket's
 //!   messages bypass the edge's per-request rate limit, so one socket runs at most
 //!   [`MAX_OPERATIONS_PER_SOCKET`] operations of any kind at once; beyond that an operation
@@ -49,6 +54,7 @@ use super::schema::{ctx_parts, execution_id_arg, from_app, gql_error, require_ex
 use crate::bus::{BusError, BusFrame, StartAt};
 use crate::clients;
 use crate::interest::{self, Interested};
+use crate::quotas::RealtimeQuotas;
 use crate::runs::RunStatus;
 use crate::store::KvStore;
 
@@ -78,17 +84,21 @@ impl Default for SocketScope {
 
 impl SocketScope {
     /// The socket's client id, created (owned by `user_id`, the socket's one user, within
-    /// the user's `max_clients`) on first use. Concurrent first subscriptions create it once.
+    /// the user's `max_clients`) on first use — and whether it existed before this call
+    /// (its retained frames are then a replay). Concurrent first subscriptions create it once.
     async fn client_id(
         &self,
         kv: &dyn KvStore,
         user_id: &str,
         max_clients: usize,
-    ) -> Result<ClientId, clients::CreateError> {
-        self.client_id
+    ) -> Result<(ClientId, bool), clients::CreateError> {
+        let existed = self.client_id.get().is_some();
+        let id = self
+            .client_id
             .get_or_try_init(|| clients::create_bounded(kv, user_id, max_clients))
             .await
-            .cloned()
+            .cloned()?;
+        Ok((id, existed))
     }
 }
 
@@ -216,20 +226,28 @@ impl Subscription {
 
         let kv = svc.kv.as_ref();
         let user = &caller.record.user.user_id;
-        let client_id = scope
+        let (client_id, existed) = scope
             .client_id(kv, user, svc.config.user_max_clients)
             .await
             .map_err(|e| from_app(e.into()))?;
-        let sub = svc
-            .bus
-            .subscribe(&client_id, StartAt::Retained)
-            .await
-            .map_err(|e| {
-                gql_error(
-                    "UNAVAILABLE",
-                    format!("cannot open the execution's event stream: {e}"),
-                )
-            })?;
+        // A later subscription on the socket replays the client's retained frames (up to
+        // FRAME_RETENTION_PER_CLIENT): over the user's replay rate it follows live frames.
+        let replay_limited = existed
+            && ctx
+                .data_opt::<RealtimeQuotas>()
+                .is_some_and(|q| !q.may_replay(user));
+        let start = if replay_limited {
+            tracing::info!(client = %client_id, user = %user, "replay rate exceeded: following live frames");
+            StartAt::Live
+        } else {
+            StartAt::Retained
+        };
+        let sub = svc.bus.subscribe(&client_id, start).await.map_err(|e| {
+            gql_error(
+                "UNAVAILABLE",
+                format!("cannot open the execution's event stream: {e}"),
+            )
+        })?;
         let execution = execution_id_arg(&execution_id)?;
         let who = interest_role(svc, caller, &execution).await?;
         interest::add_interest(kv, &execution, &client_id, who)
