@@ -13,7 +13,10 @@
 //! record is deleted: a later resume of it gets 403 `unknown_client`, and a page then starts
 //! as a new client). When every one of them is connected somewhere the new one is refused
 //! (429 `too_many_clients`): a page opening tabs keeps working, a loop creating ids cannot
-//! grow the bucket. The index is read-modify-write like the records; a lost update between
+//! grow the bucket. Records keep the bucket's TTL (the longest session) rather than a
+//! shorter one for ids that never reconnect: a page may name its id (a resume, or
+//! executePlaybook's `clientId`) at any time during its session, and the per-user cap, not
+//! age, is what bounds them. The index is read-modify-write like the records; a lost update between
 //! two replicas creating clients for one user at the same instant leaves one record out
 //! of the index, which then lives out the bucket's TTL uncounted — bounded by the user's
 //! stream-open rate.
