@@ -19,8 +19,8 @@
 //! producer, whatever the number of connections; only the `id:`/`event:` prefix is per
 //! connection.
 //!
-//! Per-user quotas (`quotas.rs`, issue 12), checked once the caller is known and before
-//! anything is written: a stream counts against the user's stream-open rate and takes one
+//! Per-user quotas (`quotas.rs`, issue 12), checked once the caller is known (a ticket is
+//! redeemed by then) and before a client record or subscription is made: a stream counts against the user's stream-open rate and takes one
 //! of the user's connection slots for its life (429 `rate_limited` / `too_many_streams`
 //! with `Retry-After` otherwise, as JSON before the stream opens); a new client id counts
 //! against `USER_MAX_CLIENTS` (`clients.rs`); a resume of a named client over the user's
