@@ -57,6 +57,10 @@ pub enum LogFormat {
     Json,
 }
 
+/// A rate-limit flag: `N/period`, or `off` (`None`). An alias, so clap takes the parser's
+/// `Option` as the value instead of making the flag optional.
+pub type RateFlag = Option<crate::ratelimit::RateSpec>;
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 300s, 5m, 1h)"))
 }
@@ -188,6 +192,36 @@ pub struct Config {
     /// an ingress). Empty: the connection's peer is the client and the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<Cidr>,
+
+    // --- auth abuse limits (auth/routes.rs, auth/session.rs, auth/backend.rs, noetl.rs) ---
+    /// Per client address (`ratelimit::ClientIp`), requests to validate, check-access and
+    /// logout not vouched for by the edge (`N/period`, or `off`). A replica's own limit.
+    #[arg(long, env = "AUTH_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "120/1m")]
+    pub auth_rate_limit: RateFlag,
+
+    /// Per client address, logins not vouched for by the edge (`N/period`, or `off`).
+    #[arg(long, env = "LOGIN_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "20/1m")]
+    pub login_rate_limit: RateFlag,
+
+    /// How long a token NoETL called invalid is answered 401 from memory without asking
+    /// again (`0s`: never remembered).
+    #[arg(long, env = "SESSION_NEGATIVE_TTL", value_parser = parse_duration, default_value = "10s")]
+    pub session_negative_ttl: Duration,
+
+    /// `AUTH_MODE=playbook`: auth playbooks running at once on this replica; a run that
+    /// finds none free within 1 s is answered 503 `auth_busy`.
+    #[arg(long, env = "AUTH_PLAYBOOK_CONCURRENCY", default_value_t = 32)]
+    pub auth_playbook_concurrency: usize,
+
+    /// Retries of idempotent NoETL calls may add at most this fraction to the calls made
+    /// over the last 10 s (plus `NOETL_RETRY_MIN_PER_SEC`), so an overloaded NoETL is not
+    /// sent `NOETL_RETRIES`× its load.
+    #[arg(long, env = "NOETL_RETRY_BUDGET", default_value_t = 0.2)]
+    pub noetl_retry_budget: f64,
+
+    /// Retries per second always allowed, whatever the budget (a quiet replica can retry).
+    #[arg(long, env = "NOETL_RETRY_MIN_PER_SEC", default_value_t = 5)]
+    pub noetl_retry_min_per_sec: u32,
 
     /// Largest JSON body accepted by the auth API, in bytes.
     #[arg(long, env = "AUTH_BODY_LIMIT", default_value_t = 64 * 1024)]
@@ -374,6 +408,12 @@ impl Config {
         }
         if self.auth_body_limit < 1024 {
             return err("AUTH_BODY_LIMIT must be at least 1024 bytes");
+        }
+        if self.auth_playbook_concurrency == 0 || self.auth_playbook_concurrency > 4096 {
+            return err("AUTH_PLAYBOOK_CONCURRENCY must be between 1 and 4096");
+        }
+        if !(0.0..=1.0).contains(&self.noetl_retry_budget) {
+            return err("NOETL_RETRY_BUDGET must be between 0 and 1 (a fraction of calls)");
         }
         if self.sse_queue == 0 || self.sse_queue > 65_536 {
             return err("SSE_QUEUE must be between 1 and 65536");
