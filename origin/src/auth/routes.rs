@@ -3,7 +3,7 @@
 //! Handlers only translate HTTP to [`SessionService`]
 //! calls and back; the field names are the compat ones existing SPA clients use.
 //!
-//! Each route's first extractor is its rate limit ([`Limited`]), per client address
+//! Each route's first extractor is its rate limit (`Limited`), per client address
 //! ([`ClientIp::key`]): `LOGIN_RATE_LIMIT` for logins, `AUTH_RATE_LIMIT` for the others. A
 //! refused request costs a map lookup — no body read, no token hashed, no NoETL call.
 //! Requests the edge vouched for (a verified `x-gateway-assertion`, anonymous or not) are
