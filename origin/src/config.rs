@@ -586,6 +586,39 @@ mod tests {
     }
 
     #[test]
+    fn auth_abuse_limits_parse_and_are_checked() {
+        let c = Config::try_parse_from(base()).unwrap();
+        c.validate().unwrap();
+        let auth = c.auth_rate_limit.expect("on by default");
+        assert_eq!(
+            (auth.count.get(), auth.period),
+            (120, Duration::from_secs(60))
+        );
+        assert_eq!(c.login_rate_limit.map(|r| r.count.get()), Some(20));
+        assert_eq!(c.session_negative_ttl, Duration::from_secs(10));
+        assert_eq!(c.auth_playbook_concurrency, 32);
+        let with = |extra: &[&'static str]| {
+            let mut args = base();
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args)
+        };
+        let c = with(&["--auth-rate-limit", "off", "--login-rate-limit", "3/10s"]).unwrap();
+        assert_eq!(c.auth_rate_limit, None);
+        assert_eq!(
+            c.login_rate_limit.map(|r| r.period),
+            Some(Duration::from_secs(10))
+        );
+        assert!(with(&["--login-rate-limit", "often"]).is_err());
+        for bad in [
+            ["--auth-playbook-concurrency", "0"],
+            ["--noetl-retry-budget", "1.5"],
+            ["--noetl-retry-budget=-0.1", "--noetl-retries=2"],
+        ] {
+            assert!(with(&bad).unwrap().validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn short_secrets_and_equal_listeners_are_refused() {
         let mut args = base();
         args.extend(["--internal-token", "short"]);
