@@ -1,7 +1,8 @@
 //! The rate-limit step: the Workers rate-limiting binding, per client IP and per session.
 //!
 //! Two bindings (`[[ratelimits]]` in wrangler.toml): [`Limiter::Ip`] counts every
-//! forwarded request by client IP (`cf-connecting-ip`), [`Limiter::Session`] counts
+//! forwarded request by client IP (`cf-connecting-ip`; an IPv6 client by its /64),
+//! [`Limiter::Session`] counts
 //! session-route requests by session hash, so one stolen token cannot be used from many
 //! addresses faster than one user could. Over either limit → 429 with `Retry-After`.
 //!
@@ -41,21 +42,18 @@ impl Limiter {
 /// sets one; a bare test harness may not): every such request shares one bucket.
 pub const UNKNOWN_IP_KEY: &str = "ip:local";
 
-/// The IP limiter's key for a `cf-connecting-ip` value. Anything that does not look like
-/// an IPv4 or IPv6 literal counts as unknown. (On Cloudflare the header is set by the
-/// platform and cannot be forged; under `wrangler dev` a client may send its own.)
+/// The IP limiter's key for a `cf-connecting-ip` value: the address's rate-limit bucket
+/// (`gateway_shared::client_ip`: an IPv6 client counts by its /64, so one home network
+/// is one bucket, not 2^64). Anything that is not an IPv4 or IPv6 literal counts as
+/// unknown. (On Cloudflare the header is set by the platform and cannot be forged; under
+/// `wrangler dev` a client may send its own.)
 pub fn ip_key(cf_connecting_ip: Option<&str>) -> String {
-    match cf_connecting_ip.map(str::trim) {
-        Some(ip)
-            if !ip.is_empty()
-                && ip.len() <= 45
-                && ip
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':') =>
-        {
-            format!("ip:{}", ip.to_ascii_lowercase())
-        }
-        _ => UNKNOWN_IP_KEY.to_owned(),
+    match cf_connecting_ip
+        .filter(|ip| ip.len() <= 64)
+        .and_then(gateway_shared::client_ip::rate_key_of)
+    {
+        Some(key) => format!("ip:{key}"),
+        None => UNKNOWN_IP_KEY.to_owned(),
     }
 }
 
@@ -112,11 +110,24 @@ mod tests {
     #[test]
     fn ip_keys_accept_ip_literals_only() {
         assert_eq!(ip_key(Some("203.0.113.9")), "ip:203.0.113.9");
-        assert_eq!(ip_key(Some("2001:DB8::1")), "ip:2001:db8::1");
+        assert_eq!(ip_key(Some("2001:DB8::1")), "ip:2001:db8::");
+        assert_eq!(ip_key(Some("::ffff:203.0.113.9")), "ip:203.0.113.9");
         assert_eq!(ip_key(None), UNKNOWN_IP_KEY);
         assert_eq!(ip_key(Some("")), UNKNOWN_IP_KEY);
         assert_eq!(ip_key(Some("evil.example")), UNKNOWN_IP_KEY);
         assert_eq!(ip_key(Some(&"1".repeat(46))), UNKNOWN_IP_KEY);
+        assert_eq!(ip_key(Some("1.2.3")), UNKNOWN_IP_KEY);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_by_its_64() {
+        let home = ip_key(Some("2001:db8:aa:bb:1:2:3:4"));
+        assert_eq!(home, "ip:2001:db8:aa:bb::");
+        for other_host in ["2001:db8:aa:bb::1", "2001:db8:aa:bb:ffff:ffff:ffff:ffff"] {
+            assert_eq!(ip_key(Some(other_host)), home, "{other_host}");
+        }
+        assert_ne!(ip_key(Some("2001:db8:aa:bc::1")), home, "the next /64");
+        assert_ne!(ip_key(Some("10.0.0.1")), ip_key(Some("10.0.0.2")));
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use url::Url;
 
-use crate::quotas::RateFlag;
 use crate::ratelimit::Cidr;
 
 /// A secret value (token, key): its `Debug` and `Display` never show it.
@@ -57,6 +56,10 @@ pub enum LogFormat {
     /// One JSON object per line, for log collectors (GKE / Cloud Logging).
     Json,
 }
+
+/// A rate-limit flag: `N/period`, or `off` (`None`). An alias, so clap takes the parser's
+/// `Option` as the value instead of making the flag optional.
+pub type RateFlag = Option<crate::ratelimit::RateSpec>;
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 300s, 5m, 1h)"))
@@ -190,6 +193,36 @@ pub struct Config {
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<Cidr>,
 
+    // --- auth abuse limits (auth/routes.rs, auth/session.rs, auth/backend.rs, noetl.rs) ---
+    /// Per client address (`ratelimit::ClientIp`), requests to validate, check-access and
+    /// logout not vouched for by the edge (`N/period`, or `off`). A replica's own limit.
+    #[arg(long, env = "AUTH_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "120/1m")]
+    pub auth_rate_limit: RateFlag,
+
+    /// Per client address, logins not vouched for by the edge (`N/period`, or `off`).
+    #[arg(long, env = "LOGIN_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "20/1m")]
+    pub login_rate_limit: RateFlag,
+
+    /// How long a token NoETL called invalid is answered 401 from memory without asking
+    /// again (`0s`: never remembered).
+    #[arg(long, env = "SESSION_NEGATIVE_TTL", value_parser = parse_duration, default_value = "10s")]
+    pub session_negative_ttl: Duration,
+
+    /// `AUTH_MODE=playbook`: auth playbooks running at once on this replica; a run that
+    /// finds none free within 1 s is answered 503 `auth_busy`.
+    #[arg(long, env = "AUTH_PLAYBOOK_CONCURRENCY", default_value_t = 32)]
+    pub auth_playbook_concurrency: usize,
+
+    /// Retries of idempotent NoETL calls may add at most this fraction to the calls made
+    /// over the last 10 s (plus `NOETL_RETRY_MIN_PER_SEC`), so an overloaded NoETL is not
+    /// sent `NOETL_RETRIES`× its load.
+    #[arg(long, env = "NOETL_RETRY_BUDGET", default_value_t = 0.2)]
+    pub noetl_retry_budget: f64,
+
+    /// Retries per second always allowed, whatever the budget (a quiet replica can retry).
+    #[arg(long, env = "NOETL_RETRY_MIN_PER_SEC", default_value_t = 5)]
+    pub noetl_retry_min_per_sec: u32,
+
     /// Largest JSON body accepted by the auth API, in bytes.
     #[arg(long, env = "AUTH_BODY_LIMIT", default_value_t = 64 * 1024)]
     pub auth_body_limit: usize,
@@ -267,12 +300,12 @@ pub struct Config {
 
     /// Stream and socket opens per user, per replica (`N/period` or `off`); over it 429
     /// with `Retry-After` (sockets: 4429).
-    #[arg(long, env = "STREAM_OPEN_RATE_LIMIT", default_value = "120/1m")]
+    #[arg(long, env = "STREAM_OPEN_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "120/1m")]
     pub stream_open_rate_limit: RateFlag,
 
     /// Resumes that replay retained frames, per user, per replica (`N/period` or `off`);
     /// over it a stream starts at live frames with `stream/reset` first.
-    #[arg(long, env = "REPLAY_RATE_LIMIT", default_value = "60/1m")]
+    #[arg(long, env = "REPLAY_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "60/1m")]
     pub replay_rate_limit: RateFlag,
 
     /// Client ids one user may hold (0: no cap); a new one beyond it replaces the user's
@@ -397,6 +430,12 @@ impl Config {
         if self.auth_body_limit < 1024 {
             return err("AUTH_BODY_LIMIT must be at least 1024 bytes");
         }
+        if self.auth_playbook_concurrency == 0 || self.auth_playbook_concurrency > 4096 {
+            return err("AUTH_PLAYBOOK_CONCURRENCY must be between 1 and 4096");
+        }
+        if !(0.0..=1.0).contains(&self.noetl_retry_budget) {
+            return err("NOETL_RETRY_BUDGET must be between 0 and 1 (a fraction of calls)");
+        }
         if self.sse_queue == 0 || self.sse_queue > 65_536 {
             return err("SSE_QUEUE must be between 1 and 65536");
         }
@@ -505,12 +544,12 @@ mod tests {
         let c = Config::try_parse_from(base()).unwrap();
         assert_eq!(c.user_max_streams, 16);
         assert_eq!(c.user_max_clients, 64);
-        let open = c.stream_open_rate_limit.0.expect("on by default");
+        let open = c.stream_open_rate_limit.expect("on by default");
         assert_eq!(
             (open.count.get(), open.period),
             (120, Duration::from_secs(60))
         );
-        assert!(c.replay_rate_limit.0.is_some());
+        assert!(c.replay_rate_limit.is_some());
         let mut args = base();
         args.extend_from_slice(&[
             "--stream-open-rate-limit",
@@ -519,8 +558,8 @@ mod tests {
             "OFF",
         ]);
         let off = Config::try_parse_from(args).unwrap();
-        assert_eq!(off.stream_open_rate_limit.0, None);
-        assert_eq!(off.replay_rate_limit.0, None);
+        assert_eq!(off.stream_open_rate_limit, None);
+        assert_eq!(off.replay_rate_limit, None);
         let mut args = base();
         args.extend_from_slice(&["--replay-rate-limit", "lots"]);
         assert!(Config::try_parse_from(args).is_err());
@@ -591,6 +630,39 @@ mod tests {
             "https://t.eu.auth0.com/.well-known/jwks.json"
         );
         assert_eq!(c.issuer(), "https://t.eu.auth0.com/");
+    }
+
+    #[test]
+    fn auth_abuse_limits_parse_and_are_checked() {
+        let c = Config::try_parse_from(base()).unwrap();
+        c.validate().unwrap();
+        let auth = c.auth_rate_limit.expect("on by default");
+        assert_eq!(
+            (auth.count.get(), auth.period),
+            (120, Duration::from_secs(60))
+        );
+        assert_eq!(c.login_rate_limit.map(|r| r.count.get()), Some(20));
+        assert_eq!(c.session_negative_ttl, Duration::from_secs(10));
+        assert_eq!(c.auth_playbook_concurrency, 32);
+        let with = |extra: &[&'static str]| {
+            let mut args = base();
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args)
+        };
+        let c = with(&["--auth-rate-limit", "off", "--login-rate-limit", "3/10s"]).unwrap();
+        assert_eq!(c.auth_rate_limit, None);
+        assert_eq!(
+            c.login_rate_limit.map(|r| r.period),
+            Some(Duration::from_secs(10))
+        );
+        assert!(with(&["--login-rate-limit", "often"]).is_err());
+        for bad in [
+            ["--auth-playbook-concurrency", "0"],
+            ["--noetl-retry-budget", "1.5"],
+            ["--noetl-retry-budget=-0.1", "--noetl-retries=2"],
+        ] {
+            assert!(with(&bad).unwrap().validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -174,7 +174,11 @@ impl IntoResponse for AppError {
         let refused_session =
             matches!(&self, AppError::Unauthorized { code, .. } if *code == SESSION_REFUSED_CODE);
         let retry_after = match &self {
-            AppError::Unavailable { code, .. } if *code == REVOCATIONS_UNAVAILABLE_CODE => Some(1),
+            AppError::Unavailable { code, .. }
+                if *code == REVOCATIONS_UNAVAILABLE_CODE || *code == AUTH_BUSY_CODE =>
+            {
+                Some(1)
+            }
             AppError::TooManyRequests { retry_after, .. } => Some((*retry_after).max(1)),
             _ => None,
         };
@@ -207,6 +211,10 @@ pub const SESSION_REFUSED_CODE: &str = "invalid_session";
 /// replica's revocation set is not current and K/V cannot be read): retryable, sent with
 /// `Retry-After: 1`. Never a 200 on doubt.
 pub const REVOCATIONS_UNAVAILABLE_CODE: &str = "revocations_unavailable";
+
+/// The 503 code for an auth playbook run refused because `AUTH_PLAYBOOK_CONCURRENCY` runs
+/// are already in flight on the replica; answered with `Retry-After: 1`.
+pub const AUTH_BUSY_CODE: &str = "auth_busy";
 
 /// A JSON response with a status; the one place bodies are serialised for errors.
 pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {

@@ -2,14 +2,20 @@
 //!
 //! Every call has a timeout; only idempotent calls (reads, session validation, access
 //! checks) are retried, and only on failures that say nothing reached NoETL's logic
-//! (connect errors, 502/503/504). Answers are size-capped and parsed into typed replies;
-//! ids that NoETL sends as numbers above 2^53 are kept as exact decimal strings.
+//! (connect errors, 502/503/504). Retries wait an exponential backoff with full jitter
+//! (a random wait up to 100 ms, then up to 200 ms, …, at most 2 s), and draw on a
+//! [`RetryBudget`]: over any 10 s, retries add at most `NOETL_RETRY_BUDGET` (20 %) to the
+//! calls made, plus `NOETL_RETRY_MIN_PER_SEC` — so when NoETL is overloaded and every call
+//! fails, a replica sends it ~1.2× its load, not `NOETL_RETRIES + 1`×. Answers are
+//! size-capped and parsed into typed replies; ids that NoETL sends as numbers above 2^53
+//! are kept as exact decimal strings.
 //!
 //! The `/noetl/*` proxy streams through the same client ([`NoetlClient::forward`]): one
 //! connection pool, one connect timeout, one redirect policy — none: a redirect from NoETL
 //! is passed to the caller, never followed by the gateway with the caller's identity.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -21,11 +27,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
 
+use crate::metrics::Metrics;
+
 /// Largest NoETL answer the client reads (not proxied bodies: those stream).
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why a NoETL call failed. Mapped to 502/503/504 by [`crate::error::AppError`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NoetlError {
     /// No connection could be made (refused, DNS, reset before an answer).
     #[error("NoETL is unreachable: {0}")]
@@ -178,6 +186,121 @@ pub struct Forwarded {
     pub body: BoxStream<'static, Result<Bytes, std::io::Error>>,
 }
 
+/// The first retry waits a random time up to this; each further one up to twice as long.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// The longest wait before one retry.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// Full jitter: a uniformly random wait in `[0, min(cap, base × 2^(retry-1))]`, so the
+/// retries of many callers that failed together do not arrive together.
+pub fn backoff(retry: u32) -> Duration {
+    use rand::Rng;
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1 << retry.saturating_sub(1).min(16))
+        .min(BACKOFF_CAP);
+    ceiling.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+}
+
+/// The window a [`RetryBudget`] counts over.
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Slots the window is counted in (each `BUDGET_WINDOW / BUDGET_SLOTS` long).
+const BUDGET_SLOTS: usize = 10;
+
+/// How many retries the client may make: over the last [`BUDGET_WINDOW`], at most
+/// `ratio` × the calls made plus `min_per_sec` × the window's seconds (the retry-budget
+/// idea of Finagle and tower). Calls and retries are counted in slots of a second; a slot
+/// older than the window is forgotten. Shared by every clone of the client.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    floor: u64,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    /// `(calls, retries)` per slot.
+    slots: [(u64, u64); BUDGET_SLOTS],
+    /// The slot `current` began at.
+    current_start: Instant,
+    current: usize,
+}
+
+impl RetryBudget {
+    /// A budget of `ratio` (0..=1) of the calls, plus `min_per_sec` retries a second.
+    pub fn new(ratio: f64, min_per_sec: u32) -> Self {
+        Self::new_at(ratio, min_per_sec, Instant::now())
+    }
+
+    fn new_at(ratio: f64, min_per_sec: u32, now: Instant) -> Self {
+        Self {
+            ratio: ratio.clamp(0.0, 1.0),
+            floor: u64::from(min_per_sec) * BUDGET_WINDOW.as_secs(),
+            state: Mutex::new(BudgetState {
+                slots: [(0, 0); BUDGET_SLOTS],
+                current_start: now,
+                current: 0,
+            }),
+        }
+    }
+
+    fn lock_at(&self, now: Instant) -> std::sync::MutexGuard<'_, BudgetState> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = BUDGET_WINDOW / BUDGET_SLOTS as u32;
+        let mut passed = 0;
+        while now.duration_since(st.current_start) >= slot && passed < BUDGET_SLOTS {
+            st.current = (st.current + 1) % BUDGET_SLOTS;
+            let i = st.current;
+            st.slots[i] = (0, 0);
+            st.current_start += slot;
+            passed += 1;
+        }
+        if now.duration_since(st.current_start) >= slot {
+            // Idle for longer than the window: everything above was cleared.
+            st.current_start = now;
+        }
+        st
+    }
+
+    /// Counts one call (a first attempt).
+    pub fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    fn deposit_at(&self, now: Instant) {
+        let mut st = self.lock_at(now);
+        let i = st.current;
+        st.slots[i].0 += 1;
+    }
+
+    /// Takes one retry from the budget: `false` when it is spent (do not retry).
+    pub fn withdraw(&self) -> bool {
+        self.withdraw_at(Instant::now())
+    }
+
+    fn withdraw_at(&self, now: Instant) -> bool {
+        let mut st = self.lock_at(now);
+        let (calls, retries) = st
+            .slots
+            .iter()
+            .fold((0u64, 0u64), |(c, r), (sc, sr)| (c + sc, r + sr));
+        let allowed = self.floor + (calls as f64 * self.ratio) as u64;
+        if retries >= allowed {
+            return false;
+        }
+        let i = st.current;
+        st.slots[i].1 += 1;
+        true
+    }
+}
+
+impl Default for RetryBudget {
+    /// 20 % of the calls plus 5 retries a second (the configuration's defaults).
+    fn default() -> Self {
+        Self::new(0.2, 5)
+    }
+}
+
 /// The client for one NoETL server.
 #[derive(Debug, Clone)]
 pub struct NoetlClient {
@@ -186,6 +309,8 @@ pub struct NoetlClient {
     timeout: Duration,
     retries: u32,
     health_path: String,
+    budget: Arc<RetryBudget>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl NoetlClient {
@@ -210,7 +335,21 @@ impl NoetlClient {
             timeout,
             retries,
             health_path,
+            budget: Arc::new(RetryBudget::default()),
+            metrics: None,
         })
+    }
+
+    /// The same client drawing its retries on `budget` (`NOETL_RETRY_BUDGET`).
+    pub fn with_retry_budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Arc::new(budget);
+        self
+    }
+
+    /// The same client counting its retries (and the retries the budget refused).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The NoETL base URL.
@@ -418,8 +557,9 @@ impl NoetlClient {
         })
     }
 
-    /// One call with retries for idempotent requests. `accept_client_errors` lets routes
-    /// whose 4xx answers carry a meaningful body (login) parse them.
+    /// One call with retries for idempotent requests (jittered backoff, within the retry
+    /// budget). `accept_client_errors` lets routes whose 4xx answers carry a meaningful
+    /// body (login) parse them.
     async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         method: reqwest::Method,
@@ -430,24 +570,33 @@ impl NoetlClient {
     ) -> Result<(u16, T), NoetlError> {
         let url = self.url(path)?;
         let attempts = if idempotent { self.retries + 1 } else { 1 };
-        let mut backoff = Duration::from_millis(50);
-        let mut last = NoetlError::Timeout;
-        for attempt in 1..=attempts {
-            match self
+        self.budget.deposit();
+        let mut attempt = 1;
+        loop {
+            let e = match self
                 .attempt(method.clone(), url.clone(), body, accept_client_errors)
                 .await
             {
                 Ok(reply) => return Ok(reply),
-                Err(e) if e.is_transient() && attempt < attempts => {
-                    tracing::debug!(%path, attempt, error = %e, "retrying NoETL call");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                    last = e;
-                }
-                Err(e) => return Err(e),
+                Err(e) => e,
+            };
+            if !e.is_transient() || attempt >= attempts {
+                return Err(e);
             }
+            if !self.budget.withdraw() {
+                if let Some(m) = &self.metrics {
+                    m.noetl_retries_over_budget.inc();
+                }
+                tracing::debug!(%path, attempt, error = %e, "NoETL call not retried: retry budget spent");
+                return Err(e);
+            }
+            if let Some(m) = &self.metrics {
+                m.noetl_retries.inc();
+            }
+            tracing::debug!(%path, attempt, error = %e, "retrying NoETL call");
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt += 1;
         }
-        Err(last)
     }
 
     async fn attempt<T: DeserializeOwned, B: Serialize + ?Sized>(
@@ -596,6 +745,73 @@ fn encode_segment(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_is_jittered_below_a_doubling_ceiling() {
+        for retry in 1..=8u32 {
+            let ceiling = (BACKOFF_BASE * (1 << (retry - 1))).min(BACKOFF_CAP);
+            let waits: Vec<Duration> = (0..200).map(|_| backoff(retry)).collect();
+            assert!(waits.iter().all(|w| *w <= ceiling), "retry {retry}");
+            let distinct: std::collections::HashSet<_> = waits.iter().collect();
+            assert!(distinct.len() > 100, "full jitter, not a fixed wait");
+        }
+        assert!(backoff(60) <= BACKOFF_CAP);
+    }
+
+    #[test]
+    fn under_sustained_failure_retries_stay_within_the_budget() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::new_at(0.2, 5, t0);
+        // 100 calls a second for 60 s, every one failing and wanting 2 retries.
+        let (mut calls, mut retries) = (0u64, 0u64);
+        let mut per_window = std::collections::VecDeque::new();
+        for ms in (0..60_000u64).step_by(10) {
+            let now = t0 + Duration::from_millis(ms);
+            budget.deposit_at(now);
+            calls += 1;
+            let mut made = 0;
+            for _ in 0..2 {
+                if budget.withdraw_at(now) {
+                    made += 1;
+                }
+            }
+            retries += made;
+            per_window.push_back((ms, made));
+            while per_window.front().is_some_and(|(t, _)| ms - t >= 10_000) {
+                per_window.pop_front();
+            }
+            let in_window: u64 = per_window.iter().map(|(_, m)| m).sum();
+            // 1000 calls in 10 s: 200 from the ratio, 50 from the floor — plus what the
+            // oldest second made, which the budget (counting whole slots) may have
+            // already forgotten: at most a slot's share, 25.
+            assert!(
+                in_window <= 200 + 50 + 25,
+                "{in_window} retries in 10 s at {ms} ms"
+            );
+        }
+        assert!(
+            retries as f64 <= calls as f64 * 0.2 + 5.0 * 60.0 + 50.0,
+            "{retries} retries for {calls} calls"
+        );
+        assert!(
+            retries > calls / 10,
+            "the budget does allow retries: {retries}"
+        );
+    }
+
+    #[test]
+    fn a_quiet_client_may_retry_and_an_idle_budget_refills() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::new_at(0.0, 1, t0);
+        // Floor: 1 a second over 10 s.
+        assert_eq!((0..20).filter(|_| budget.withdraw_at(t0)).count(), 10);
+        assert!(!budget.withdraw_at(t0 + Duration::from_secs(5)));
+        assert!(budget.withdraw_at(t0 + Duration::from_secs(11)));
+        assert!(budget.withdraw_at(t0 + Duration::from_secs(300)));
+        let none = RetryBudget::new_at(0.0, 0, t0);
+        none.deposit_at(t0);
+        assert!(!none.withdraw_at(t0), "a zero budget never retries");
+    }
 
     #[test]
     fn timestamps_in_both_noetl_generations_parse() {

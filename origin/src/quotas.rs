@@ -28,17 +28,6 @@ use std::sync::{Arc, Mutex};
 use crate::error::AppError;
 use crate::ratelimit::{KeyedLimiter, RateSpec, RetryAfter, RATE_LIMITED_CODE};
 
-/// A rate flag's value: `N/period` ([`RateSpec`]) or `off` (`None`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateFlag(pub Option<RateSpec>);
-
-impl std::str::FromStr for RateFlag {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        crate::ratelimit::parse_rate(s).map(RateFlag)
-    }
-}
-
 /// The `Retry-After` sent with a refusal for too many open streams: a hint (no one knows
 /// when the user's other streams close), long enough that a page's retry loop is not a
 /// storm.

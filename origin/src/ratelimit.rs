@@ -25,7 +25,7 @@
 //! map holds only keys active within one period.
 
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -169,17 +169,9 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
 /// The key a client address is counted by: IPv4 as is (an IPv4-mapped IPv6 address is its
 /// IPv4 address), IPv6 by its /64.
+/// The rule is the edge's too: `gateway_shared::client_ip`.
 pub fn ip_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
+    gateway_shared::client_ip::rate_key(ip)
 }
 
 /// An address range, `addr/len` (a bare address is a /32 or /128).

@@ -17,7 +17,7 @@ use crate::auth::backend::{AuthBackend, AuthPlaybooks, PlaybookBackend};
 use crate::auth::edge::EdgeTrust;
 use crate::auth::jwks::{IdTokenConfig, IdTokenVerifier};
 use crate::auth::revocations::Revocations;
-use crate::auth::routes::AuthRoutesState;
+use crate::auth::routes::{AuthLimits, AuthRoutesState};
 use crate::auth::session::{SessionService, SessionSettings};
 use crate::bridge::BridgeConfig;
 use crate::bus::memory::MemoryBus;
@@ -32,7 +32,7 @@ use crate::health::Readiness;
 use crate::hub::Hub;
 use crate::listener::{self, LeanPath};
 use crate::metrics::{Metrics, MetricsState};
-use crate::noetl::NoetlClient;
+use crate::noetl::{NoetlClient, RetryBudget};
 use crate::owners::Owners;
 use crate::proxy::{AllowList, Proxy, ProxyState};
 use crate::quotas::{QuotaSettings, RealtimeQuotas};
@@ -112,13 +112,19 @@ async fn build(
             (kv, None)
         }
     };
+    let metrics = Arc::new(Metrics::default());
     let noetl = NoetlClient::new(
         config.noetl_base_url.clone(),
         config.noetl_connect_timeout,
         config.noetl_timeout,
         config.noetl_retries,
         config.noetl_health_path.clone(),
-    )?;
+    )?
+    .with_retry_budget(RetryBudget::new(
+        config.noetl_retry_budget,
+        config.noetl_retry_min_per_sec,
+    ))
+    .with_metrics(metrics.clone());
     let verifier = IdTokenVerifier::with_default_client(IdTokenConfig {
         jwks_url: config.jwks_url(),
         issuer: config.issuer(),
@@ -143,14 +149,17 @@ async fn build(
         AuthMode::Rest => Arc::new(noetl.clone()),
         AuthMode::Playbook => {
             tracing::info!(timeout = ?config.auth_playbook_timeout, "auth through NoETL playbooks and callbacks");
-            Arc::new(PlaybookBackend::new(
-                noetl.clone(),
-                kv.clone(),
-                callback_tokens.clone(),
-                config.callback_url(),
-                AuthPlaybooks::default(),
-                config.auth_playbook_timeout,
-            ))
+            Arc::new(
+                PlaybookBackend::new(
+                    noetl.clone(),
+                    kv.clone(),
+                    callback_tokens.clone(),
+                    config.callback_url(),
+                    AuthPlaybooks::default(),
+                    config.auth_playbook_timeout,
+                )
+                .with_concurrency(config.auth_playbook_concurrency, metrics.clone()),
+            )
         }
     };
     let revocations = Revocations::new(config.revoked_max_age);
@@ -165,9 +174,11 @@ async fn build(
             revoked_keep: config.revoked_max_age,
             access_ttl: config.access_cache_ttl,
             auth0_domain,
+            negative_ttl: config.session_negative_ttl,
         },
         revocations.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
     let owners = Owners::new(kv.clone(), config.read_all_roles());
     let allow =
         AllowList::parse(&config.proxy_allow).map_err(|e| anyhow::anyhow!("PROXY_ALLOW: {e}"))?;
@@ -232,16 +243,16 @@ async fn build(
     let hub = Arc::new(Hub::default());
     let quotas = RealtimeQuotas::new(QuotaSettings {
         max_streams: config.user_max_streams,
-        open_rate: config.stream_open_rate_limit.0,
-        replay_rate: config.replay_rate_limit.0,
+        open_rate: config.stream_open_rate_limit,
+        replay_rate: config.replay_rate_limit,
         max_clients: config.user_max_clients,
     });
-    let metrics = Arc::new(Metrics::default());
     Ok(AppState {
         auth: AuthRoutesState {
             sessions: sessions.clone(),
             body_limit: BodyLimit(config.auth_body_limit),
             metrics: metrics.clone(),
+            limits: AuthLimits::new(config.auth_rate_limit, config.login_rate_limit),
         },
         graphql: GraphqlState {
             schema: graphql,

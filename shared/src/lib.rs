@@ -13,10 +13,12 @@
 //! - [`assertion`] — the edge's signed Ed25519 assertion of the caller.
 //! - [`ct`] — constant-time comparison for secrets.
 //! - [`ids`] — `ClientId`, `RequestId`, `ExecutionId`: ids checked once, where they enter.
+//! - [`client_ip`] — which rate-limit bucket a client address counts in (IPv6 by /64).
 //! - [`headers`] — what a client may bring in its headers: accepted request ids, identity
 //!   and credential headers stripped from what is forwarded.
 
 pub mod assertion;
+pub mod client_ip;
 pub mod cors;
 pub mod ct;
 pub mod error;

@@ -156,12 +156,30 @@ async fn a_cached_session_is_served_without_calling_noetl() {
         standin.calls().await
     );
 
-    // A token the cache has never seen goes to NoETL, and so does every repeat: a refusal
-    // is not cached (no negative cache), so a session NoETL creates later is never refused
-    // from a stale "unknown".
-    for n in 1..=2 {
+    // A token the cache has never seen goes to NoETL once; a repeat within
+    // SESSION_NEGATIVE_TTL is refused from the negative cache (issue 12: invalid tokens
+    // are cheap). A session a login creates is cached at once and read first, so a
+    // negative entry never hides it (tests/tests/abuse_auth.rs).
+    for _ in 1..=2 {
         let (s, _) = post(
             &format!("{}/api/auth/validate", origin.url),
+            json!({"session_token": "never-issued-token"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(standin.call_count(VALIDATE).await, 1);
+    }
+    // With the negative cache off, every repeat goes to NoETL.
+    let uncached = Origin::start(
+        &standin,
+        OriginOptions::with_nats(&nats.url).env("SESSION_NEGATIVE_TTL", "0s"),
+    )
+    .await
+    .unwrap();
+    standin.reset_calls().await;
+    for n in 1..=2 {
+        let (s, _) = post(
+            &format!("{}/api/auth/validate", uncached.url),
             json!({"session_token": "never-issued-token"}),
         )
         .await;

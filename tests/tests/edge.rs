@@ -1237,3 +1237,41 @@ async fn an_origin_that_never_answers_gives_504_json_through_the_edge() {
     );
     holder.abort();
 }
+
+#[tokio::test]
+async fn an_ipv6_client_is_rate_limited_by_its_64_not_by_each_address() {
+    let w = world().await;
+    // One window (test config: 30 per IP per 10 s).
+    fresh_rate_window(Duration::from_secs(6)).await;
+    let window = rate_window();
+    // 31 tokenless requests, each from another address of one /64: one bucket.
+    let ips: Vec<String> = (1..=31).map(|i| format!("2001:db8:5:6::{i:x}")).collect();
+    let burst = ips.iter().map(|ip| {
+        let url = w.edge.url.clone();
+        async move { me_at(&url, None, &[("cf-connecting-ip", ip.as_str())]).await }
+    });
+    let answers = futures::future::join_all(burst).await;
+    for (status, _, v) in &answers {
+        if *status != 429 {
+            assert_error(*status, v, 401, "missing_token");
+        }
+    }
+    let refused = answers.iter().filter(|(s, _, _)| *s == 429).count();
+    assert_eq!(
+        refused, 1,
+        "31 addresses of one /64 share the IP limiter's 30"
+    );
+    // The next /64 is another client.
+    let (status, _, v) = me_at(
+        &w.edge.url,
+        None,
+        &[("cf-connecting-ip", "2001:db8:5:7::1")],
+    )
+    .await;
+    assert_error(status, &v, 401, "missing_token");
+    assert_eq!(
+        rate_window(),
+        window,
+        "the test ran past its rate-limit window (too slow a machine): the counts above are not exact"
+    );
+}

@@ -11,6 +11,12 @@
 //! load balancer picks; that replica stores the body under `result.<request_id>`, and the
 //! watch wakes the waiting replica. A playbook that never answers is cancelled after
 //! `AUTH_PLAYBOOK_TIMEOUT` and the caller gets a 504, not a hang.
+//!
+//! Runs are bounded per replica (`AUTH_PLAYBOOK_CONCURRENCY`, default 32): a run waits at
+//! most [`PERMIT_WAIT`] for a free slot, else the caller gets 503 `auth_busy` with
+//! `Retry-After: 1` — a flood of random tokens cannot have a replica start thousands of
+//! playbooks, each waiting up to 15 s. (Concurrent validations of one token are already
+//! one run: the session service coalesces them.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +24,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
 
 use crate::auth::session::now_unix;
-use crate::error::AppError;
+use crate::error::{AppError, AUTH_BUSY_CODE};
+use crate::metrics::Metrics;
 use crate::noetl::{
     access_outcome, login_outcome, validate_outcome, AccessReply, LoginOutcome, LoginRequest,
     NoetlClient, NoetlError, NoetlSession,
@@ -88,6 +96,9 @@ impl Default for AuthPlaybooks {
     }
 }
 
+/// The longest an auth playbook run waits for a free slot before `auth_busy`.
+pub const PERMIT_WAIT: Duration = Duration::from_secs(1);
+
 /// `AUTH_MODE=playbook`: each question is a playbook run answered by a callback.
 pub struct PlaybookBackend {
     noetl: NoetlClient,
@@ -96,6 +107,8 @@ pub struct PlaybookBackend {
     callback_url: String,
     playbooks: AuthPlaybooks,
     timeout: Duration,
+    runs: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl PlaybookBackend {
@@ -115,11 +128,31 @@ impl PlaybookBackend {
             callback_url,
             playbooks,
             timeout,
+            runs: Arc::new(Semaphore::new(32)),
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// The same backend running at most `concurrency` playbooks at once (at least 1),
+    /// counting its `auth_busy` refusals in `metrics`.
+    pub fn with_concurrency(mut self, concurrency: usize, metrics: Arc<Metrics>) -> Self {
+        self.runs = Arc::new(Semaphore::new(concurrency.max(1)));
+        self.metrics = metrics;
+        self
     }
 
     /// Runs `playbook` with `fields` and returns the callback's `(status_ok, data)`.
     async fn ask(&self, playbook: &str, fields: Value) -> Result<(bool, Value), AppError> {
+        let _slot = match tokio::time::timeout(PERMIT_WAIT, self.runs.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                self.metrics.auth_busy.inc();
+                return Err(AppError::Unavailable {
+                    code: AUTH_BUSY_CODE,
+                    message: "too many auth playbooks running, retry shortly".into(),
+                });
+            }
+        };
         let request_id = requests::new_request_id();
         let entry = RequestEntry {
             request_id: request_id.clone(),

@@ -8,6 +8,8 @@
 //! - [`jwks`] — fetches and caches the provider's key set; its `IdTokenVerifier` runs the
 //!   pure check over it before any session is created.
 //! - [`backend`] — NoETL's REST auth routes or its auth playbooks, behind one trait.
+//! - [`negative`] — invalid tokens are cheap: the negative cache of tokens NoETL called
+//!   invalid, and one NoETL call per token however many ask at once.
 //! - [`session`] — the session service: NoETL is the source of truth, K/V `sessions` the
 //!   shared cache, K/V `revoked` the logout markers.
 //! - [`revocations`] — the replica's in-memory revocation set, fed by a watch on K/V
@@ -19,6 +21,7 @@ pub mod caller;
 pub mod edge;
 pub mod id_token;
 pub mod jwks;
+pub mod negative;
 pub mod revocations;
 pub mod routes;
 pub mod session;

@@ -2,11 +2,18 @@
 //!
 //! Handlers only translate HTTP to [`SessionService`]
 //! calls and back; the field names are the compat ones existing SPA clients use.
+//!
+//! Each route's first extractor is its rate limit (`Limited`), per client address
+//! ([`ClientIp::key`]): `LOGIN_RATE_LIMIT` for logins, `AUTH_RATE_LIMIT` for the others. A
+//! refused request costs a map lookup — no body read, no token hashed, no NoETL call.
+//! Requests the edge vouched for (a verified `x-gateway-assertion`, anonymous or not) are
+//! not counted here: the edge counted them by the real client address, and its own
+//! validations reach the origin from the edge's addresses, which many users share.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, FromRef, Request, State};
+use axum::extract::{FromRef, FromRequestParts, Request, State};
 use axum::http::{request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -16,10 +23,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::caller::{request_token, Caller};
+use super::edge::EdgeIdentity;
 use super::session::{is_valid_playbook_path, SessionService, PERMISSIONS};
 use crate::error::{json_response, AppError, SESSION_REFUSED_CODE};
 use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLimit, JsonBody};
 use crate::metrics::Metrics;
+use crate::ratelimit::{ClientIp, KeyedLimiter};
 
 /// What the auth routes need, and nothing else.
 #[derive(Clone, FromRef)]
@@ -28,8 +37,68 @@ pub struct AuthRoutesState {
     pub sessions: Arc<SessionService>,
     /// `AUTH_BODY_LIMIT`.
     pub body_limit: BodyLimit,
-    /// Counts validations (the edge's KV cache should keep them rare).
+    /// Counts validations (the edge's KV cache should keep them rare) and refusals.
     pub metrics: Arc<Metrics>,
+    /// The per-address limits.
+    pub limits: AuthLimits,
+}
+
+/// The auth routes' limits per client address (cheap to clone: shared state).
+#[derive(Debug, Clone)]
+pub struct AuthLimits {
+    /// `AUTH_RATE_LIMIT`: validate, check-access, logout.
+    pub auth: KeyedLimiter<IpAddr>,
+    /// `LOGIN_RATE_LIMIT`: login.
+    pub login: KeyedLimiter<IpAddr>,
+}
+
+impl AuthLimits {
+    /// Limits for the two specs (`None`: that limit is off).
+    pub fn new(
+        auth: Option<crate::ratelimit::RateSpec>,
+        login: Option<crate::ratelimit::RateSpec>,
+    ) -> Self {
+        Self {
+            auth: KeyedLimiter::new(auth),
+            login: KeyedLimiter::new(login),
+        }
+    }
+}
+
+/// Extractor: the request is within its route's limit (`LOGIN`: the login limit). Placed
+/// first, so a refusal happens before the body is read.
+struct Limited<const LOGIN: bool>;
+
+impl<const LOGIN: bool> FromRequestParts<AuthRoutesState> for Limited<LOGIN> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AuthRoutesState,
+    ) -> Result<Self, Self::Rejection> {
+        if parts.extensions.get::<EdgeIdentity>().is_some() {
+            return Ok(Self);
+        }
+        let ip = ClientIp::from_request_parts(parts, state).await?;
+        let (limiter, counter, what) = if LOGIN {
+            (
+                &state.limits.login,
+                &state.metrics.rate_limited_login,
+                "logins from this address",
+            )
+        } else {
+            (
+                &state.limits.auth,
+                &state.metrics.rate_limited_auth,
+                "auth requests from this address",
+            )
+        };
+        limiter.check(&ip.key()).map_err(|wait| {
+            counter.inc();
+            wait.into_error(what)
+        })?;
+        Ok(Self)
+    }
 }
 
 /// The auth routes, mounted on the public listener.
@@ -53,8 +122,9 @@ struct LoginBody {
 }
 
 async fn login(
+    _: Limited<true>,
     State(state): State<AuthRoutesState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(client): ClientIp,
     JsonBody(body): JsonBody<LoginBody>,
 ) -> Result<Response, AppError> {
     let token = body
@@ -62,7 +132,7 @@ async fn login(
         .or(body.id_token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| AppError::bad_request("missing_token", "auth0_token is required"))?;
-    let ok = state.sessions.login(&token, &peer.ip().to_string()).await?;
+    let ok = state.sessions.login(&token, &client.to_string()).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -115,6 +185,7 @@ impl HasToken for TokenBody {
 }
 
 async fn validate(
+    _: Limited<false>,
     State(state): State<AuthRoutesState>,
     req: Request,
 ) -> Result<Response, AppError> {
@@ -174,6 +245,7 @@ impl HasToken for AccessBody {
 }
 
 async fn check_access(
+    _: Limited<false>,
     State(state): State<AuthRoutesState>,
     req: Request,
 ) -> Result<Response, AppError> {
@@ -209,7 +281,11 @@ async fn check_access(
     ))
 }
 
-async fn logout(State(state): State<AuthRoutesState>, req: Request) -> Result<Response, AppError> {
+async fn logout(
+    _: Limited<false>,
+    State(state): State<AuthRoutesState>,
+    req: Request,
+) -> Result<Response, AppError> {
     let (parts, body) = optional_json_body::<TokenBody>(state.body_limit, req).await?;
     let token = body_or_request_token(&body, &parts)
         .filter(|t| is_well_formed_token(t))

@@ -11,6 +11,13 @@
 //! session's own expiry, so the token is refused on every replica, as a token or behind an
 //! edge assertion, even if NoETL cannot end sessions itself.
 //!
+//! Invalid tokens are cheap ([`super::negative`]): when neither the revocation set nor
+//! the shared cache can answer, a token NoETL called invalid in the last
+//! `SESSION_NEGATIVE_TTL` is refused from memory, and concurrent validations of one token
+//! share one NoETL call (one auth playbook run). The shared cache is read first, so a
+//! session a login just cached is never hidden by a negative entry; a login also clears
+//! its token's entry on the replica that made it.
+//!
 //! The store is an optimisation for the session *cache*: if a cache read fails or is slow,
 //! validation falls back to NoETL. It is not for the *revocation* check: when the
 //! revocation set is not current and the direct `revoked` read fails, validation answers
@@ -28,8 +35,10 @@ use serde::{Deserialize, Serialize};
 use super::backend::AuthBackend;
 use super::id_token::IdTokenError;
 use super::jwks::IdTokenVerifier;
+use super::negative::{Coalescer, NegativeCache, NEGATIVE_MAX};
 use super::revocations::{RevocationMarker, RevocationStatus, Revocations};
 use crate::error::{AppError, REVOCATIONS_UNAVAILABLE_CODE};
+use crate::metrics::Metrics;
 use crate::noetl::{AccessReply, LoginOutcome, LoginRequest, NoetlSession};
 use crate::store::{Bucket, KvStore, StoreError};
 
@@ -73,7 +82,12 @@ pub struct SessionSettings {
     pub access_ttl: Duration,
     /// The Auth0 domain sent to NoETL with a login (from config, never from the client).
     pub auth0_domain: String,
+    /// How long a token NoETL called invalid is refused from memory (`SESSION_NEGATIVE_TTL`).
+    pub negative_ttl: Duration,
 }
+
+/// NoETL's answer about a token, shared by the validations that waited for it.
+type Answer = Result<Option<NoetlSession>, Arc<AppError>>;
 
 type AccessKey = (String, String, String);
 
@@ -107,6 +121,11 @@ pub struct SessionService {
     /// When this replica last had NoETL's word (directly or through the shared cache) on a
     /// session that reaches it behind edge assertions.
     confirmed: Mutex<HashMap<SessionHash, Instant>>,
+    /// Tokens NoETL recently called invalid.
+    negative: NegativeCache,
+    /// NoETL validations in flight, one per token.
+    validations: Coalescer<SessionHash, Answer>,
+    metrics: Arc<Metrics>,
 }
 
 impl SessionService {
@@ -123,11 +142,20 @@ impl SessionService {
             kv,
             backend,
             verifier,
+            negative: NegativeCache::new(settings.negative_ttl, NEGATIVE_MAX),
             settings,
             revocations,
             access: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
+            validations: Coalescer::default(),
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// The same service counting negative-cache hits and coalesced validations in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The replica's revocation set.
@@ -232,6 +260,7 @@ impl SessionService {
             )));
         }
         self.remember(&hash, &record).await;
+        self.negative.remove(&hash);
         tracing::info!(session = hash.short(), user = %record.user.user_id, "session created");
         Ok(LoginSuccess {
             session_token,
@@ -267,6 +296,7 @@ impl SessionService {
             }
         };
         let mut seen = None;
+        let absent = matches!(cached, Ok(None));
         if let Ok(Some(bytes)) = cached {
             match serde_json::from_slice::<CachedSession>(&bytes) {
                 Ok(c) if c.record.is_honoured(now) && c.is_fresh(now, self.settings.cache_ttl) => {
@@ -278,7 +308,11 @@ impl SessionService {
                 }
             }
         }
-        let Some(session) = self.backend.validate_session(token).await? else {
+        if self.negative.contains(&hash) {
+            self.metrics.session_negative_hits.inc();
+            return Ok(None);
+        }
+        let Some(session) = self.ask_noetl(&hash, token).await? else {
             // A session the gateway has served and NoETL has ended: revoke it like a
             // logout, so edge assertions and open connections of it end too.
             if let Some(record) = seen.filter(|r| r.expires_at_unix > now) {
@@ -291,15 +325,41 @@ impl SessionService {
                     }
                 }
             }
-            self.forget(&hash).await;
+            if !absent {
+                self.forget(&hash).await;
+            }
+            self.negative.insert(&hash);
             return Ok(None);
         };
         let record = to_record(session);
         if !record.is_honoured(now) {
+            self.negative.insert(&hash);
             return Ok(None);
         }
         self.remember(&hash, &record).await;
         Ok(Some(record))
+    }
+
+    /// NoETL's word on `token`, asked once however many requests want it at the same time.
+    async fn ask_noetl(
+        &self,
+        hash: &SessionHash,
+        token: &str,
+    ) -> Result<Option<NoetlSession>, AppError> {
+        let backend = self.backend.clone();
+        let token = token.to_owned();
+        let ask = async move { backend.validate_session(&token).await.map_err(Arc::new) };
+        let (answer, joined) = self.validations.run(hash.clone(), ask).await;
+        if joined {
+            self.metrics.session_validations_coalesced.inc();
+        }
+        match answer {
+            Some(Ok(session)) => Ok(session),
+            Some(Err(e)) => Err(Arc::try_unwrap(e).unwrap_or_else(|e| shared_error(&e))),
+            None => Err(AppError::Internal(
+                "the session validation task failed".into(),
+            )),
+        }
     }
 
     /// Whether the session's user may perform `permission` on `playbook_path`, reusing a
@@ -479,6 +539,27 @@ pub fn revocations_unavailable() -> AppError {
     AppError::Unavailable {
         code: REVOCATIONS_UNAVAILABLE_CODE,
         message: "cannot check session revocations right now, retry shortly".into(),
+    }
+}
+
+/// A copy of an error one validation got, for the others that waited for the same answer
+/// (the failures a backend returns keep their status and code).
+fn shared_error(e: &AppError) -> AppError {
+    match e {
+        AppError::Noetl(n) => AppError::Noetl(n.clone()),
+        AppError::Unavailable { code, message } => AppError::Unavailable {
+            code,
+            message: message.clone(),
+        },
+        AppError::Unauthorized { code, message } => AppError::Unauthorized {
+            code,
+            message: message.clone(),
+        },
+        AppError::Store(s) => AppError::Unavailable {
+            code: "store_unavailable",
+            message: format!("{s}"),
+        },
+        other => AppError::Internal(other.to_string()),
     }
 }
 

@@ -4,6 +4,9 @@
 //! K/V), then measures `POST /api/auth/validate`:
 //! - cache hit, memory and NATS K/V (the goal: p99 < 1 ms);
 //! - cache miss, memory and NATS K/V (the origin asks NoETL, then caches);
+//! - negative-cache hit, memory and NATS K/V: a token NoETL already called invalid, answered
+//!   401 from the replica's memory after the shared cache said "not here" (issue 12), and,
+//!   in process, the negative cache's own lookup among 100,000 entries (ns);
 //! - peers in the same run, so the figures read as ratios on a noisy shared machine:
 //!   `GET /health` on the same origin (the HTTP floor) and the stand-in's own
 //!   `/api/auth/session/validate` (what every request would cost without the cache).
@@ -62,7 +65,8 @@ async fn main() -> anyhow::Result<()> {
     let per_round = arg("--per-round", 100);
     let nats = NatsServer::start().await?;
     let standin = StandIn::start(StandInOptions::default()).await?;
-    let quiet = |o: OriginOptions| o.env("RUST_LOG", "warn");
+    // A negative entry outlives the run, so every negative sample is a hit.
+    let quiet = |o: OriginOptions| o.env("RUST_LOG", "warn").env("SESSION_NEGATIVE_TTL", "1h");
     let mem = Origin::start(&standin, quiet(OriginOptions::default())).await?;
     let kv = Origin::start(&standin, quiet(OriginOptions::with_nats(&nats.url))).await?;
     let http = reqwest::Client::builder()
@@ -75,6 +79,16 @@ async fn main() -> anyhow::Result<()> {
             http.post(format!("{}/api/auth/validate", o.url))
                 .bearer_auth(&hit_token),
             200,
+        )
+        .await?;
+    }
+    // One token per origin that NoETL has called invalid: in the negative cache from now on.
+    let unknown = format!("unknown-{}", uuid::Uuid::new_v4());
+    for o in [&mem, &kv] {
+        timed(
+            http.post(format!("{}/api/auth/validate", o.url))
+                .bearer_auth(&unknown),
+            401,
         )
         .await?;
     }
@@ -92,6 +106,8 @@ async fn main() -> anyhow::Result<()> {
         "miss, memory store",
         "miss, NATS K/V",
         "NoETL validate direct (no cache)",
+        "negative hit, memory store",
+        "negative hit, NATS K/V",
     ]
     .into_iter()
     .map(|name| Variant {
@@ -119,11 +135,17 @@ async fn main() -> anyhow::Result<()> {
                         http.post(format!("{}/api/auth/validate", origin.url))
                             .bearer_auth(token)
                     }
-                    _ => http
+                    5 => http
                         .post(format!("{}/api/auth/session/validate", standin.url))
                         .json(&json!({"session_token": hit_token})),
+                    _ => {
+                        let origin = if i == 6 { &mem } else { &kv };
+                        http.post(format!("{}/api/auth/validate", origin.url))
+                            .bearer_auth(&unknown)
+                    }
                 };
-                v.samples.push(timed(req, 200).await?);
+                let expect = if i >= 6 { 401 } else { 200 };
+                v.samples.push(timed(req, expect).await?);
             }
         }
     }
@@ -166,5 +188,70 @@ async fn main() -> anyhow::Result<()> {
         }
     );
     println!("wall time {:.1} s", wall.as_secs_f64());
+    negative_lookup();
     Ok(())
+}
+
+/// In process: what the negative cache itself adds to a validation — one lookup among
+/// 100,000 entries, hit and miss — next to the SHA-256 of the token every validation
+/// already pays. Timed in batches of 100 (a single lookup is below the clock's grain).
+fn negative_lookup() {
+    use gateway_shared::session::SessionHash;
+    use origin::auth::negative::{NegativeCache, NEGATIVE_MAX};
+    const BATCH: u32 = 100;
+    let cache = NegativeCache::new(Duration::from_secs(3600), NEGATIVE_MAX);
+    let hashes: Vec<SessionHash> = (0..NEGATIVE_MAX)
+        .map(|i| SessionHash::of(&format!("bench-negative-{i}")))
+        .collect();
+    for h in &hashes {
+        cache.insert(h);
+    }
+    let absent: Vec<SessionHash> = (0..1000)
+        .map(|i| SessionHash::of(&format!("absent-{i}")))
+        .collect();
+    let token = "a-session-token-of-typical-length-0123456789abcdef";
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        ("negative lookup, hit", Vec::new()),
+        ("negative lookup, miss", Vec::new()),
+        ("SessionHash::of(token) (sha256)", Vec::new()),
+    ];
+    for round in 0..2000usize {
+        let h = &hashes[(round * 7919) % hashes.len()];
+        let a = &absent[round % absent.len()];
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            assert!(cache.contains(std::hint::black_box(h)));
+        }
+        rows[0]
+            .1
+            .push(t.elapsed().as_nanos() as f64 / f64::from(BATCH));
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            assert!(!cache.contains(std::hint::black_box(a)));
+        }
+        rows[1]
+            .1
+            .push(t.elapsed().as_nanos() as f64 / f64::from(BATCH));
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            std::hint::black_box(SessionHash::of(std::hint::black_box(token)));
+        }
+        rows[2]
+            .1
+            .push(t.elapsed().as_nanos() as f64 / f64::from(BATCH));
+    }
+    println!(
+        "negative cache in process ({} entries), 2000 batches of {BATCH}, ns per call",
+        cache.len()
+    );
+    println!("{:<36} {:>9} {:>9}", "operation", "p50 ns", "p99 ns");
+    for (name, mut ns) in rows {
+        ns.sort_by(f64::total_cmp);
+        println!(
+            "{:<36} {:>9.0} {:>9.0}",
+            name,
+            percentile(&ns, 0.5),
+            percentile(&ns, 0.99)
+        );
+    }
 }
