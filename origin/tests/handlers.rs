@@ -802,6 +802,33 @@ async fn a_logout_refuses_the_session_as_a_token_and_behind_an_assertion() {
 }
 
 #[tokio::test]
+async fn a_logout_of_a_token_nobody_knows_keeps_its_marker_for_one_cache_ttl_only() {
+    // Logging out random tokens must not grow every replica's revocation set for
+    // REVOKED_MAX_AGE: unknown to the cache and to NoETL, the marker lives as long as any
+    // cache could still hold a copy (SESSION_CACHE_TTL).
+    let o = Origin::new(&["--session-cache-ttl", "120s"]).await;
+    let (status, _) = o
+        .public(post_json(
+            "/api/auth/logout",
+            json!({"session_token": "tok-nobody-ever-had"}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let marker = o
+        .kv()
+        .get(
+            Bucket::Revoked,
+            SessionHash::of("tok-nobody-ever-had").as_str(),
+        )
+        .await
+        .unwrap()
+        .expect("a short revocation marker");
+    let marker: Value = serde_json::from_slice(&marker).unwrap();
+    let left = marker["expires_at_unix"].as_i64().unwrap() - chrono::Utc::now().timestamp();
+    assert!((110..=125).contains(&left), "kept {left} s, not 120");
+}
+
+#[tokio::test]
 async fn an_assertion_whose_sid_is_no_session_hash_is_an_assertion_error() {
     let o = edge_origin(&[]).await;
     let key = assertion::signing_key_from_b64(EDGE_SEED).unwrap();

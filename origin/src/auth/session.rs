@@ -390,9 +390,16 @@ impl SessionService {
     /// Ends a session: revocation marker first (so no replica re-caches or serves it), kept
     /// until the session's own expiry as the cache or NoETL reports it; then the cache
     /// entry, then NoETL where it supports logout. Idempotent.
+    ///
+    /// A token that is neither in the shared cache (read and found absent) nor known to
+    /// NoETL gets a marker for one `SESSION_CACHE_TTL` only — the longest any cache could
+    /// still hold a copy — not `REVOKED_MAX_AGE`: otherwise logging out random tokens would
+    /// grow every replica's revocation set for 30 days.
     pub async fn logout(&self, token: &str) -> Result<(), AppError> {
         let hash = SessionHash::of(token);
-        let cached = match self.store_get(Bucket::Sessions, &hash).await {
+        let read = self.store_get(Bucket::Sessions, &hash).await;
+        let absent_from_cache = matches!(read, Ok(None));
+        let cached = match read {
             Ok(Some(bytes)) => serde_json::from_slice::<CachedSession>(&bytes)
                 .map(|c| c.record.expires_at_unix)
                 .ok(),
@@ -402,6 +409,10 @@ impl SessionService {
             Some(exp) => Some(exp),
             None => match self.backend.validate_session(token).await {
                 Ok(Some(session)) => Some(session.expires_at_unix),
+                Ok(None) if absent_from_cache => {
+                    let ttl = i64::try_from(self.settings.cache_ttl.as_secs()).unwrap_or(i64::MAX);
+                    Some(now_unix().saturating_add(ttl))
+                }
                 Ok(None) => None,
                 Err(e) => {
                     tracing::warn!(session = hash.short(), error = %e, "session expiry unknown at logout; keeping the revocation for REVOKED_MAX_AGE");
