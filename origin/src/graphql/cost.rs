@@ -416,7 +416,13 @@ mod tests {
         );
         let c = cost(&q);
         assert_eq!(
-            (c.root_fields, c.aliases, c.executes, c.noetl_fields, c.mutation),
+            (
+                c.root_fields,
+                c.aliases,
+                c.executes,
+                c.noetl_fields,
+                c.mutation
+            ),
             (40, 40, 40, 40, true)
         );
         assert!(check_cost(&c, &LIMITS).is_err());
@@ -471,8 +477,14 @@ mod tests {
     fn the_named_operation_is_the_one_counted() {
         let q = "query A { health } mutation B { a: executePlaybook(path: \"p\") { id } b: executePlaybook(path: \"p\") { id } }";
         let doc = parse_query(q).unwrap();
-        assert_eq!(operation_cost(&doc, Some("A")).unwrap().unwrap().executes, 0);
-        assert_eq!(operation_cost(&doc, Some("B")).unwrap().unwrap().executes, 2);
+        assert_eq!(
+            operation_cost(&doc, Some("A")).unwrap().unwrap().executes,
+            0
+        );
+        assert_eq!(
+            operation_cost(&doc, Some("B")).unwrap().unwrap().executes,
+            2
+        );
         assert_eq!(operation_cost(&doc, None).unwrap(), None);
     }
 
@@ -499,8 +511,17 @@ mod tests {
         let started = std::time::Instant::now();
         let r = schema.execute(q.as_str()).await;
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
-        let code = r.errors[0].extensions.as_ref().and_then(|e| e.get("code")).cloned();
-        assert_eq!(code, Some(async_graphql::Value::from(TOO_COSTLY)), "{:?}", r.errors);
+        let code = r.errors[0]
+            .extensions
+            .as_ref()
+            .and_then(|e| e.get("code"))
+            .cloned();
+        assert_eq!(
+            code,
+            Some(async_graphql::Value::from(TOO_COSTLY)),
+            "{:?}",
+            r.errors
+        );
     }
 
     #[tokio::test]

@@ -137,8 +137,10 @@ fn graphql_response(response: &async_graphql::Response) -> Response {
     match cost::retry_after_of(response) {
         Some(wait) => {
             let mut r = json_response(StatusCode::TOO_MANY_REQUESTS, response);
-            r.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(wait.secs()));
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from(wait.secs()),
+            );
             r
         }
         None => json_response(StatusCode::OK, response),
