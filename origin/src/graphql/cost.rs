@@ -352,6 +352,25 @@ impl CostPolicy {
 #[derive(Clone)]
 pub struct CostGuard(pub Arc<CostPolicy>);
 
+impl CostGuard {
+    /// Counts the request's selected operation, then charges `user`'s rates.
+    fn check(&self, request: &mut Request, user: Option<&str>) -> Result<(), ServerError> {
+        let operation_name = request.operation_name.clone();
+        // Parsed once here; the library reuses this document.
+        let doc = request.parsed_query()?;
+        let cost = operation_cost(doc, operation_name.as_deref())
+            .map_err(|Uncountable(m)| refusal(TOO_COSTLY, m))?;
+        let Some(cost) = cost else {
+            return Ok(());
+        };
+        check_cost(&cost, &self.0.limits)?;
+        match user {
+            Some(user) => self.0.charge(user, &cost),
+            None => Ok(()),
+        }
+    }
+}
+
 impl ExtensionFactory for CostGuard {
     fn create(&self) -> Arc<dyn Extension> {
         Arc::new(self.clone())
@@ -366,22 +385,16 @@ impl Extension for CostGuard {
         mut request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
-        let operation_name = request.operation_name.clone();
-        // Parsed once here; the library reuses this document.
-        let doc = request.parsed_query()?;
-        let cost = operation_cost(doc, operation_name.as_deref())
-            .map_err(|Uncountable(m)| refusal(TOO_COSTLY, m))?;
-        if let Some(cost) = cost {
-            check_cost(&cost, &self.0.limits)?;
-            // HTTP: the caller is in the request's data; WebSocket: in the connection's.
-            let caller = request
-                .data
-                .get(&std::any::TypeId::of::<Caller>())
-                .and_then(|c| c.downcast_ref::<Caller>())
-                .or_else(|| ctx.data_opt::<Caller>());
-            if let Some(caller) = caller {
-                self.0.charge(&caller.record.user.user_id, &cost)?;
-            }
+        // HTTP: the caller is in the request's data; WebSocket: in the connection's.
+        let user = request
+            .data
+            .get(&std::any::TypeId::of::<Caller>())
+            .and_then(|c| c.downcast_ref::<Caller>())
+            .or_else(|| ctx.data_opt::<Caller>())
+            .map(|c| c.record.user.user_id.clone());
+        if let Err(e) = self.check(&mut request, user.as_deref()) {
+            tracing::info!(user = user.as_deref().unwrap_or("-"), error = %e.message, "graphql operation refused");
+            return Err(e);
         }
         next.run(ctx, request).await
     }
