@@ -2,8 +2,8 @@
 //! nats-server whose `max_payload` is 64 KiB, a result whose frame would not fit is
 //! answered 413 (never the 503 NoETL retries forever) and nothing reaches the client, while
 //! a retry that fits is delivered; progress after the result is refused 409 and not
-//! delivered; and a bad token or an oversized declared body is refused before the body is
-//! sent.
+//! delivered; a bad token or an oversized declared body is refused before the body is
+//! sent; and the bus's idea of the largest frame is exact (one byte more fails on NATS).
 //!
 //! "Nothing published" is shown by order, not by waiting: after each refusal a frame that
 //! is accepted follows on the same client's stream, and it must be the next one there.
@@ -254,4 +254,30 @@ async fn a_bad_token_or_an_oversized_declared_body_is_refused_before_the_body() 
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
+}
+
+#[tokio::test]
+async fn the_bus_says_exactly_how_much_one_frame_can_carry() {
+    use origin::bus::{nats::NatsBus, Bus, Retention};
+    let nats = NatsServer::start_with_max_payload(MAX_PAYLOAD)
+        .await
+        .expect("nats-server starts");
+    let client = async_nats::connect(&nats.url).await.expect("connects");
+    let bus = NatsBus::open(client, Retention::default(), None)
+        .await
+        .expect("the bus opens");
+    let event = "playbook/result";
+    let max = bus.max_data_len(event).expect("NATS limits a frame");
+    assert!(max < MAX_PAYLOAD && max > MAX_PAYLOAD - 64, "{max}");
+    let client_id = gateway_shared::ids::ClientId::parse("c0ffee00c0ffee00c0ffee00c0ffee00")
+        .expect("a valid client id");
+    bus.publish(&client_id, event, vec![b'x'; max].into())
+        .await
+        .expect("a frame of exactly the limit is published");
+    assert!(
+        bus.publish(&client_id, event, vec![b'x'; max + 1].into())
+            .await
+            .is_err(),
+        "one byte more is not"
+    );
 }

@@ -32,7 +32,8 @@
 //!   WebSocket pings every `SSE_KEEPALIVE_INTERVAL` keep proxies from idling it out, and a
 //!   peer that stops reading is dropped after [`WRITE_TIMEOUT`].
 //! - Messages are at most [`MAX_BODY`], like HTTP bodies; the schema's depth and
-//!   complexity limits apply, and a socket runs at most
+//!   complexity limits and [`cost`]'s per-operation caps and per-user rates apply to each
+//!   `subscribe` message, and a socket runs at most
 //!   [`subscription::MAX_OPERATIONS_PER_SOCKET`] operations at once.
 //! - The upgrade itself answers JSON errors like every route: 400 if the request is not a
 //!   WebSocket upgrade or offers neither subprotocol.
