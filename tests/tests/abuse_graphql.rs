@@ -3,8 +3,9 @@
 //! execution — written plainly, through fragments and inline fragments, and on graphql-ws;
 //! `execution` aliases over the NoETL cap are refused before any NoETL call; a batch (JSON
 //! array) is refused unless enabled, and when enabled is limited as a whole; one
-//! `executePlaybook` still runs; and a user over `EXECUTE_RATE_LIMIT` gets 429 with
-//! `Retry-After` while another user is unaffected.
+//! `executePlaybook` still runs; and a user over `EXECUTE_RATE_LIMIT` or
+//! `GRAPHQL_MUTATION_RATE_LIMIT` gets 429 with `Retry-After` (graphql-ws: `RATE_LIMITED`)
+//! while another user is unaffected.
 
 use std::time::Duration;
 
@@ -293,4 +294,47 @@ async fn a_user_over_the_execute_rate_gets_429_and_others_do_not() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
+}
+
+/// Sends `query` as operation `id` on `ws`; its first message that is not `complete`.
+async fn ws_operation(ws: &mut flows::Ws, id: &str, query: &str) -> Value {
+    ws_send(
+        ws,
+        json!({"id": id, "type": "subscribe", "payload": {"query": query}}),
+    )
+    .await;
+    loop {
+        let m = ws_next_json(ws, WAIT).await;
+        if m["id"] == id && m["type"] != "complete" {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_mutation_rate_counts_every_mutation_over_http_and_graphql_ws() {
+    let w = world(&[("GRAPHQL_MUTATION_RATE_LIMIT", "2/1m")]).await;
+    let a = login(&w, "busy-mutator@example.com").await;
+    let b = login(&w, "quiet-mutator@example.com").await;
+    // Any mutation counts, whether or not its resolver then succeeds.
+    let cancel = "mutation { cancelExecution(id: \"900000000000000001\") }";
+    let (status, _, v) = post_graphql(&w.origin.url, Some(&a), &[], cancel, Value::Null).await;
+    assert_eq!((status, gql_code(&v)), (200, "NOT_FOUND"), "{v}");
+
+    // The second on a socket (the same user, the same limiter) …
+    let mut ws = ws_connect(&w.origin.url, None).await;
+    ws_init(&mut ws, &a).await;
+    assert_eq!(ws_next_json(&mut ws, WAIT).await["type"], "connection_ack");
+    let m = ws_operation(&mut ws, "1", cancel).await;
+    assert_eq!(m["payload"]["errors"][0]["extensions"]["code"], "NOT_FOUND", "{m}");
+    // … and the third is refused there, and over HTTP with 429.
+    let m = ws_operation(&mut ws, "2", cancel).await;
+    assert_eq!(m["payload"]["errors"][0]["extensions"]["code"], "RATE_LIMITED", "{m}");
+    let (status, headers, v) =
+        post_graphql(&w.origin.url, Some(&a), &[], cancel, Value::Null).await;
+    assert_eq!((status, gql_code(&v)), (429, "RATE_LIMITED"), "{v}");
+    assert!(headers.get("retry-after").is_some(), "{headers:?}");
+    // Another user is unaffected.
+    let (status, _, v) = post_graphql(&w.origin.url, Some(&b), &[], cancel, Value::Null).await;
+    assert_eq!((status, gql_code(&v)), (200, "NOT_FOUND"), "{v}");
 }
