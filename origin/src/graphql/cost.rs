@@ -22,8 +22,9 @@
 //! costs linear time to count (and its counts saturate, then are refused); a fragment that
 //! spreads itself (a cycle, which validation refuses afterwards) adds nothing the second
 //! time; nesting deeper than [`MAX_WALK_DEPTH`] is refused outright. More than [`MAX_FIELDS`]
-//! fields in all is refused too: the library's own depth and complexity checks walk
-//! fragments without memory, exponentially in such a document. Fields are counted with
+//! fields in all — over every operation of the document, selected or not — is refused too:
+//! the library's own depth and complexity checks walk every operation's fragments without
+//! memory, exponentially in such a document. Fields are counted with
 //! multiplicity: a document naming one field twice is counted twice, even though GraphQL
 //! would merge them.
 
@@ -34,7 +35,8 @@ use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
 use async_graphql::parser::types::{
-    DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
+    DocumentOperations, ExecutableDocument, OperationDefinition, OperationType, Selection,
+    SelectionSet,
 };
 use async_graphql::{Name, Positioned, Request, ServerError, ServerResult};
 
@@ -87,7 +89,7 @@ pub struct CostLimits {
 /// What an operation asks for, fragments expanded (saturating counts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cost {
-    /// Fields at every depth.
+    /// Fields at every depth, in every operation of the document.
     pub fields: u64,
     /// Root fields.
     pub root_fields: u64,
@@ -233,33 +235,42 @@ impl<'a> Walk<'a> {
 }
 
 /// The cost of the operation a request selects (`operation_name`, or the document's only
-/// one). `Ok(None)` when the document selects no operation: the library reports that.
+/// one). Its `fields` count every operation of the document, which the library's checks
+/// walk whether selected or not; when the document selects no operation (the library then
+/// reports that, after those checks) only `fields` is set.
 pub fn operation_cost(
     doc: &ExecutableDocument,
     operation_name: Option<&str>,
-) -> Result<Option<Cost>, Uncountable> {
-    let operation = match (&doc.operations, operation_name) {
-        (DocumentOperations::Single(op), _) => Some(op),
-        (DocumentOperations::Multiple(ops), Some(name)) => ops.get(name),
-        (DocumentOperations::Multiple(ops), None) if ops.len() == 1 => ops.values().next(),
-        (DocumentOperations::Multiple(_), None) => None,
-    };
-    let Some(operation) = operation else {
-        return Ok(None);
-    };
+) -> Result<Cost, Uncountable> {
     let mut walk = Walk {
         doc,
         memo: HashMap::new(),
     };
-    let counts = walk.selection_set(&operation.node.selection_set, 0)?;
-    Ok(Some(Cost {
-        fields: counts.total,
-        root_fields: counts.fields,
-        aliases: counts.aliases,
-        executes: counts.executes,
-        noetl_fields: counts.noetl,
-        mutation: operation.node.ty == OperationType::Mutation,
-    }))
+    let named: Vec<(Option<&str>, &Positioned<OperationDefinition>)> = match &doc.operations {
+        DocumentOperations::Single(op) => vec![(None, op)],
+        DocumentOperations::Multiple(ops) => {
+            ops.iter().map(|(n, op)| (Some(n.as_str()), op)).collect()
+        }
+    };
+    let only_one = named.len() == 1;
+    let mut cost = Cost::default();
+    for (name, op) in named {
+        let counts = walk.selection_set(&op.node.selection_set, 0)?;
+        cost.fields = cost.fields.saturating_add(counts.total);
+        let selected = match (name, operation_name) {
+            (None, _) => true,
+            (Some(n), Some(wanted)) => n == wanted,
+            (Some(_), None) => only_one,
+        };
+        if selected {
+            cost.root_fields = counts.fields;
+            cost.aliases = counts.aliases;
+            cost.executes = counts.executes;
+            cost.noetl_fields = counts.noetl;
+            cost.mutation = op.node.ty == OperationType::Mutation;
+        }
+    }
+    Ok(cost)
 }
 
 /// A GraphQL error with `extensions.code`.
@@ -360,9 +371,6 @@ impl CostGuard {
         let doc = request.parsed_query()?;
         let cost = operation_cost(doc, operation_name.as_deref())
             .map_err(|Uncountable(m)| refusal(TOO_COSTLY, m))?;
-        let Some(cost) = cost else {
-            return Ok(());
-        };
         check_cost(&cost, &self.0.limits)?;
         match user {
             Some(user) => self.0.charge(user, &cost),
@@ -407,9 +415,7 @@ mod tests {
 
     fn cost(q: &str) -> Cost {
         let doc = parse_query(q).expect("parses");
-        operation_cost(&doc, None)
-            .expect("countable")
-            .expect("one operation")
+        operation_cost(&doc, None).expect("countable")
     }
 
     const LIMITS: CostLimits = CostLimits {
@@ -490,15 +496,14 @@ mod tests {
     fn the_named_operation_is_the_one_counted() {
         let q = "query A { health } mutation B { a: executePlaybook(path: \"p\") { id } b: executePlaybook(path: \"p\") { id } }";
         let doc = parse_query(q).unwrap();
+        assert_eq!(operation_cost(&doc, Some("A")).unwrap().executes, 0);
+        assert_eq!(operation_cost(&doc, Some("B")).unwrap().executes, 2);
+        // None selected: only the document's fields count (health, two runs, their ids).
+        let none = operation_cost(&doc, None).unwrap();
         assert_eq!(
-            operation_cost(&doc, Some("A")).unwrap().unwrap().executes,
-            0
+            (none.fields, none.root_fields, none.mutation),
+            (5, 0, false)
         );
-        assert_eq!(
-            operation_cost(&doc, Some("B")).unwrap().unwrap().executes,
-            2
-        );
-        assert_eq!(operation_cost(&doc, None).unwrap(), None);
     }
 
     #[tokio::test]
@@ -555,5 +560,47 @@ mod tests {
         policy.charge("u2", &cost).unwrap();
         // Queries are not mutations.
         policy.charge("u1", &Cost::default()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unselected_operation_cannot_hide_an_exponential_walk() {
+        let mut q = String::from("query A { health } query B { me { ...F0 } } ");
+        for i in 0..30 {
+            q += &format!("fragment F{i} on User {{ ...F{m} ...F{m} }} ", m = i + 1);
+        }
+        q += "fragment F30 on User { userId }";
+        let policy = Arc::new(CostPolicy::new(LIMITS, None, None));
+        let schema = async_graphql::Schema::build(
+            super::super::schema::Query,
+            super::super::schema::Mutation,
+            super::super::subscription::Subscription,
+        )
+        .extension(CostGuard(policy))
+        .limit_complexity(1000)
+        .finish();
+        // Selecting the cheap one, naming none, or naming one that is not there.
+        for name in [Some("A"), None, Some("Z")] {
+            let mut request = async_graphql::Request::new(q.clone());
+            if let Some(name) = name {
+                request = request.operation_name(name);
+            }
+            let started = std::time::Instant::now();
+            let r = schema.execute(request).await;
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{name:?}"
+            );
+            let code = r.errors[0]
+                .extensions
+                .as_ref()
+                .and_then(|e| e.get("code"))
+                .cloned();
+            assert_eq!(
+                code,
+                Some(async_graphql::Value::from(TOO_COSTLY)),
+                "{name:?}: {:?}",
+                r.errors
+            );
+        }
     }
 }

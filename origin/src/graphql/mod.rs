@@ -181,7 +181,7 @@ async fn graphql_batch(
             let operation = request.operation_name.clone();
             // Unparsable, uncountable or unselected: the request's own run reports it.
             if let Ok(doc) = request.parsed_query() {
-                if let Ok(Some(c)) = cost::operation_cost(doc, operation.as_deref()) {
+                if let Ok(c) = cost::operation_cost(doc, operation.as_deref()) {
                     total.add(&c);
                 }
             }
