@@ -10,8 +10,9 @@
 //!   aliases anywhere (`QUERY_TOO_COSTLY`);
 //! - more than `GRAPHQL_MAX_EXECUTE_PER_REQUEST` `executePlaybook` fields;
 //! - more than `GRAPHQL_MAX_NOETL_FIELDS` root fields that call NoETL ([`NOETL_FIELDS`]):
-//!   the fan-out of one request is bounded by the count, and each such field bounds its own
-//!   concurrency (`myExecutions` reads at most 16 statuses at once);
+//!   the fan-out of one request is bounded by the count, and its concurrency by
+//!   [`NoetlPermits`]: all of an operation's fields share [`NOETL_CALLS_AT_ONCE`] calls in
+//!   flight;
 //! - a mutation over the caller's `GRAPHQL_MUTATION_RATE_LIMIT`, or `executePlaybook`
 //!   fields over `EXECUTE_RATE_LIMIT` (per user, GCRA: [`KeyedLimiter`]) → `RATE_LIMITED`
 //!   with `retryAfter`; the HTTP shell answers it 429 with `Retry-After`.
@@ -72,6 +73,37 @@ pub const MAX_WALK_DEPTH: usize = 64;
 /// whose fragments each spread the next twice costs that walk 2^30 visits (minutes of CPU).
 /// Counting here is linear, so such a document is refused first.
 pub const MAX_FIELDS: u64 = 1000;
+
+/// NoETL calls one operation's fields make at once, all fields together ([`NoetlPermits`]).
+pub const NOETL_CALLS_AT_ONCE: usize = 16;
+
+/// The operation's share of NoETL: every resolver that calls NoETL holds one permit per
+/// call in flight, so five `myExecutions` of 100 runs each still read 16 statuses at once,
+/// not 80. Put in each operation's data by [`CostGuard`].
+#[derive(Debug, Clone)]
+pub struct NoetlPermits(Arc<tokio::sync::Semaphore>);
+
+impl Default for NoetlPermits {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(NOETL_CALLS_AT_ONCE)))
+    }
+}
+
+impl NoetlPermits {
+    /// Waits for a permit; held until dropped.
+    pub async fn acquire(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.0
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// The operation's permits, or a fresh set (outside an operation the guard saw).
+    pub fn of(ctx: &async_graphql::Context<'_>) -> Self {
+        ctx.data_opt::<NoetlPermits>().cloned().unwrap_or_default()
+    }
+}
 
 /// The configured limits (config.rs, `GRAPHQL_*` and `EXECUTE_RATE_LIMIT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,6 +436,7 @@ impl Extension for CostGuard {
             tracing::info!(user = user.as_deref().unwrap_or("-"), error = %e.message, "graphql operation refused");
             return Err(e);
         }
+        request.data.insert(NoetlPermits::default());
         next.run(ctx, request).await
     }
 }
@@ -412,6 +445,7 @@ impl Extension for CostGuard {
 mod tests {
     use super::*;
     use async_graphql::parser::parse_query;
+    use std::time::Duration;
 
     fn cost(q: &str) -> Cost {
         let doc = parse_query(q).expect("parses");
@@ -602,5 +636,22 @@ mod tests {
                 r.errors
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_operations_fields_share_one_set_of_noetl_permits() {
+        let permits = NoetlPermits::default();
+        let mut held = Vec::new();
+        for _ in 0..NOETL_CALLS_AT_ONCE {
+            // Each field holds a clone: they all draw on the same permits.
+            held.push(permits.clone().acquire().await);
+        }
+        let next = permits.clone();
+        let waiting = tokio::time::timeout(Duration::from_millis(50), next.acquire()).await;
+        assert!(waiting.is_err(), "a 17th call waits");
+        held.pop();
+        tokio::time::timeout(Duration::from_secs(1), next.acquire())
+            .await
+            .expect("a released permit is taken");
     }
 }

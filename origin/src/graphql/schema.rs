@@ -9,7 +9,7 @@ use gateway_shared::frames::PendingRequest;
 use gateway_shared::ids::{ClientId, ExecutionId};
 use serde_json::Value;
 
-use super::cost::{CostGuard, CostLimits, CostPolicy};
+use super::cost::{CostGuard, CostLimits, CostPolicy, NoetlPermits};
 use super::subscription::{OperationLimit, Subscription};
 use crate::auth::session::{is_valid_playbook_path, now_unix, SessionService};
 use crate::auth::Caller;
@@ -262,10 +262,13 @@ impl Query {
             .iter()
             .map(|(_, run)| run.execution_id.clone())
             .collect();
+        let permits = NoetlPermits::of(ctx);
         let statuses: Vec<String> = futures::stream::iter(ids)
             .map(|id| {
                 let noetl = svc.noetl.clone();
+                let permits = permits.clone();
                 async move {
+                    let _permit = permits.acquire().await;
                     match noetl.execution_status(&id).await {
                         Ok(v) => v["status"].as_str().unwrap_or("UNKNOWN").to_owned(),
                         Err(e) => {
@@ -307,6 +310,7 @@ impl Query {
         id: ID,
     ) -> async_graphql::Result<Option<ExecutionStatus>> {
         let (svc, caller) = ctx_parts(ctx)?;
+        let _permit = NoetlPermits::of(ctx).acquire().await;
         require_execution_access(svc, caller, &id, "view").await?;
         let mut v = svc
             .noetl
@@ -545,6 +549,7 @@ impl Mutation {
     /// Cancels an execution the caller started (or reads all) and may execute.
     async fn cancel_execution(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<bool> {
         let (svc, caller) = ctx_parts(ctx)?;
+        let _permit = NoetlPermits::of(ctx).acquire().await;
         require_execution_access(svc, caller, &id, "execute").await?;
         svc.noetl
             .cancel(&id)
