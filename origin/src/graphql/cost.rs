@@ -650,7 +650,7 @@ mod tests {
         let waiting = tokio::time::timeout(Duration::from_millis(50), next.acquire()).await;
         assert!(waiting.is_err(), "a 17th call waits");
         held.pop();
-        tokio::time::timeout(Duration::from_secs(1), next.acquire())
+        let _taken = tokio::time::timeout(Duration::from_secs(1), next.acquire())
             .await
             .expect("a released permit is taken");
     }
