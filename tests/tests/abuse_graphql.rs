@@ -326,10 +326,16 @@ async fn the_mutation_rate_counts_every_mutation_over_http_and_graphql_ws() {
     ws_init(&mut ws, &a).await;
     assert_eq!(ws_next_json(&mut ws, WAIT).await["type"], "connection_ack");
     let m = ws_operation(&mut ws, "1", cancel).await;
-    assert_eq!(m["payload"]["errors"][0]["extensions"]["code"], "NOT_FOUND", "{m}");
+    assert_eq!(
+        m["payload"]["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "{m}"
+    );
     // … and the third is refused there, and over HTTP with 429.
     let m = ws_operation(&mut ws, "2", cancel).await;
-    assert_eq!(m["payload"]["errors"][0]["extensions"]["code"], "RATE_LIMITED", "{m}");
+    assert_eq!(
+        m["payload"]["errors"][0]["extensions"]["code"], "RATE_LIMITED",
+        "{m}"
+    );
     let (status, headers, v) =
         post_graphql(&w.origin.url, Some(&a), &[], cancel, Value::Null).await;
     assert_eq!((status, gql_code(&v)), (429, "RATE_LIMITED"), "{v}");
