@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use url::Url;
 
+use crate::quotas::RateFlag;
 use crate::ratelimit::Cidr;
 
 /// A secret value (token, key): its `Debug` and `Display` never show it.
@@ -258,6 +259,27 @@ pub struct Config {
     #[arg(long, env = "SSE_QUEUE", default_value_t = 256)]
     pub sse_queue: usize,
 
+    // --- realtime quotas (quotas.rs) ---
+    /// Open SSE streams plus graphql-ws sockets per user, per replica (0: no cap); beyond
+    /// it `/events` answers 429 and a socket closes with 4429 at `connection_init`.
+    #[arg(long, env = "USER_MAX_STREAMS", default_value_t = 16)]
+    pub user_max_streams: usize,
+
+    /// Stream and socket opens per user, per replica (`N/period` or `off`); over it 429
+    /// with `Retry-After` (sockets: 4429).
+    #[arg(long, env = "STREAM_OPEN_RATE_LIMIT", default_value = "120/1m")]
+    pub stream_open_rate_limit: RateFlag,
+
+    /// Resumes that replay retained frames, per user, per replica (`N/period` or `off`);
+    /// over it a stream starts at live frames with `stream/reset` first.
+    #[arg(long, env = "REPLAY_RATE_LIMIT", default_value = "60/1m")]
+    pub replay_rate_limit: RateFlag,
+
+    /// Client ids one user may hold (0: no cap); a new one beyond it replaces the user's
+    /// oldest client with no open stream, or is refused (429) when every one is connected.
+    #[arg(long, env = "USER_MAX_CLIENTS", default_value_t = 64)]
+    pub user_max_clients: usize,
+    // --- end realtime quotas ---
     /// NoETL's JetStream stream of execution events (absent → core subscription fallback).
     #[arg(long, env = "NOETL_EVENTS_STREAM", default_value = "noetl_events")]
     pub noetl_events_stream: String,
@@ -505,6 +527,32 @@ mod tests {
         assert_eq!(c.session_cache_ttl, Duration::from_secs(300));
         assert_eq!(c.execution_owner_ttl, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.read_all_roles(), ["admin"]);
+    }
+
+    #[test]
+    fn realtime_quotas_default_on_and_can_be_switched_off() {
+        let c = Config::try_parse_from(base()).unwrap();
+        assert_eq!(c.user_max_streams, 16);
+        assert_eq!(c.user_max_clients, 64);
+        let open = c.stream_open_rate_limit.0.expect("on by default");
+        assert_eq!(
+            (open.count.get(), open.period),
+            (120, Duration::from_secs(60))
+        );
+        assert!(c.replay_rate_limit.0.is_some());
+        let mut args = base();
+        args.extend_from_slice(&[
+            "--stream-open-rate-limit",
+            "off",
+            "--replay-rate-limit",
+            "OFF",
+        ]);
+        let off = Config::try_parse_from(args).unwrap();
+        assert_eq!(off.stream_open_rate_limit.0, None);
+        assert_eq!(off.replay_rate_limit.0, None);
+        let mut args = base();
+        args.extend_from_slice(&["--replay-rate-limit", "lots"]);
+        assert!(Config::try_parse_from(args).is_err());
     }
 
     #[test]

@@ -1,11 +1,19 @@
 //! Interest records: which clients want an execution's `playbook/state` frames.
 //!
 //! One key per execution in [`Bucket::Interest`]: key `<execution_id>`, value
-//! `{"clients": ["<client_id>", …]}`. Written by executePlaybook (after NoETL's
-//! `/api/execute` answered, since only then is the id known) and by
-//! subscribeToExecution; read by the bridge with one `get` per event, by execution id —
-//! never by scanning the bucket. Records expire with the bucket's TTL (≥ the longest
-//! playbook), so nothing has to clean them up.
+//! `{"clients": ["<client_id>", …], "owner": ["<client_id>", …]}`. Written by
+//! executePlaybook (after NoETL's `/api/execute` answered, since only then is the id known)
+//! and by subscribeToExecution and `executionEvents`; read by the bridge with one `get` per
+//! event, by execution id — never by scanning the bucket. Records expire with the bucket's
+//! TTL (≥ the longest playbook), so nothing has to clean them up.
+//!
+//! **The run's owner is never pushed out** (issue 12): clients of the user who started the
+//! run ([`Interested::Owner`]) and everyone else's ([`Interested::Other`], users with a
+//! read-all role) are bounded separately, each list dropping its own oldest: a viewer
+//! subscribing hundreds of clients only displaces other non-owners. `clients` holds every
+//! id, the owner's first, so a reader that knows only `clients` (a replica of the previous
+//! version during a rollout) still delivers to all; `owner` says which of them are the
+//! owner's. A record without `owner` (written before) reads as all others.
 //!
 //! The same bucket also holds the bridge's claims, `terminal.<execution_id>` and
 //! `failed.<execution_id>.<step hash>` (see [`crate::bridge::policy::terminal_key`] and
@@ -14,23 +22,57 @@
 
 use bytes::Bytes;
 use gateway_shared::ids::{ClientId, ExecutionId};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::store::{Bucket, KvStore, StoreError};
 
-/// Most clients kept per execution; beyond it the oldest is dropped, so one popular
-/// execution cannot grow a record (and every event's read of it) without bound.
+/// Most clients of users other than the run's owner kept per execution; beyond it their
+/// oldest is dropped, so one popular execution cannot grow a record (and every event's read
+/// of it) without bound.
 pub const MAX_CLIENTS_PER_EXECUTION: usize = 256;
+
+/// Most clients of the run's owner kept per execution (their own oldest dropped beyond
+/// it; only the owner's own subscriptions can displace them).
+pub const MAX_OWNER_CLIENTS_PER_EXECUTION: usize = 256;
 
 /// How often [`add_interest`] retries when another writer created the record between its
 /// read and its create.
 const CREATE_RACE_ATTEMPTS: usize = 3;
 
-/// The stored value.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Whose client is being added: the run owner's, or another user's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interested {
+    /// The user who started the run.
+    Owner,
+    /// Anyone else allowed to follow it (a read-all role).
+    Other,
+}
+
+/// The stored record, as two lists (each oldest first).
+#[derive(Debug, Default, PartialEq, Eq)]
 struct InterestRecord {
-    #[serde(default)]
-    clients: Vec<ClientId>,
+    owner: Vec<ClientId>,
+    others: Vec<ClientId>,
+}
+
+/// The wire form: every id in `clients` (the owner's first), the owner's again in `owner`.
+#[derive(Serialize)]
+struct Wire<'a> {
+    clients: Vec<&'a ClientId>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    owner: Vec<&'a ClientId>,
+}
+
+fn valid_ids(v: &serde_json::Value, field: &str) -> Vec<ClientId> {
+    v.get(field)
+        .and_then(|c| c.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str())
+                .filter_map(|c| ClientId::parse(c).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl InterestRecord {
@@ -39,18 +81,16 @@ impl InterestRecord {
     /// bridge retry an event forever.
     fn decode(execution_id: &ExecutionId, raw: &[u8]) -> Self {
         match serde_json::from_slice::<serde_json::Value>(raw) {
-            Ok(v) => Self {
-                clients: v
-                    .get("clients")
-                    .and_then(|c| c.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|c| c.as_str())
-                            .filter_map(|c| ClientId::parse(c).ok())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            },
+            Ok(v) => {
+                let mut owner = valid_ids(&v, "owner");
+                dedup(&mut owner);
+                let mut others: Vec<ClientId> = valid_ids(&v, "clients")
+                    .into_iter()
+                    .filter(|c| !owner.contains(c))
+                    .collect();
+                dedup(&mut others);
+                Self { owner, others }
+            }
             Err(e) => {
                 tracing::warn!(%execution_id, error = %e, "unreadable interest record ignored");
                 Self::default()
@@ -59,11 +99,55 @@ impl InterestRecord {
     }
 
     fn encode(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(self).expect("a list of strings always serialises"))
+        let wire = Wire {
+            clients: self.owner.iter().chain(&self.others).collect(),
+            owner: self.owner.iter().collect(),
+        };
+        Bytes::from(serde_json::to_vec(&wire).expect("a list of strings always serialises"))
+    }
+
+    /// Every interested client, the owner's first.
+    fn all(self) -> Vec<ClientId> {
+        let mut all = self.owner;
+        all.extend(self.others);
+        all
+    }
+
+    /// Adds `client_id` to its list (moving an id that was another's to the owner's);
+    /// false if it was there already. Drops the oldest of that list beyond its cap.
+    fn add(&mut self, execution_id: &ExecutionId, client_id: &ClientId, who: Interested) -> bool {
+        let (list, cap) = match who {
+            Interested::Owner => {
+                if self.owner.contains(client_id) {
+                    return false;
+                }
+                self.others.retain(|c| c != client_id);
+                (&mut self.owner, MAX_OWNER_CLIENTS_PER_EXECUTION)
+            }
+            Interested::Other => {
+                if self.owner.contains(client_id) || self.others.contains(client_id) {
+                    return false;
+                }
+                (&mut self.others, MAX_CLIENTS_PER_EXECUTION)
+            }
+        };
+        list.push(client_id.clone());
+        if list.len() > cap {
+            let excess = list.len() - cap;
+            tracing::warn!(%execution_id, dropped = excess, owner = (who == Interested::Owner), "interest list full: its oldest clients dropped");
+            list.drain(..excess);
+        }
+        true
     }
 }
 
-/// Records that `client_id` wants the frames of `execution_id` (idempotent).
+fn dedup(ids: &mut Vec<ClientId>) {
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|c| seen.insert(c.clone()));
+}
+
+/// Records that `client_id` (the run owner's or another user's, `who`) wants the frames
+/// of `execution_id` (idempotent).
 ///
 /// Read-modify-write: the store has no compare-and-swap on updates, so two clients added
 /// to an *existing* record at the same instant (on two replicas) can lose one of them —
@@ -77,14 +161,14 @@ pub async fn add_interest(
     kv: &dyn KvStore,
     execution_id: &ExecutionId,
     client_id: &ClientId,
+    who: Interested,
 ) -> Result<(), StoreError> {
     let key = execution_id.as_str();
     for _ in 0..CREATE_RACE_ATTEMPTS {
         match kv.get(Bucket::Interest, key).await? {
             None => {
-                let record = InterestRecord {
-                    clients: vec![client_id.clone()],
-                };
+                let mut record = InterestRecord::default();
+                record.add(execution_id, client_id, who);
                 if kv.create(Bucket::Interest, key, record.encode()).await? {
                     return Ok(());
                 }
@@ -92,14 +176,8 @@ pub async fn add_interest(
             }
             Some(raw) => {
                 let mut record = InterestRecord::decode(execution_id, &raw);
-                if record.clients.iter().any(|c| c == client_id) {
+                if !record.add(execution_id, client_id, who) {
                     return Ok(());
-                }
-                record.clients.push(client_id.clone());
-                if record.clients.len() > MAX_CLIENTS_PER_EXECUTION {
-                    let excess = record.clients.len() - MAX_CLIENTS_PER_EXECUTION;
-                    tracing::warn!(%execution_id, dropped = excess, "interest record full: oldest clients dropped");
-                    record.clients.drain(..excess);
                 }
                 return kv.put(Bucket::Interest, key, record.encode()).await;
             }
@@ -110,8 +188,8 @@ pub async fn add_interest(
     )))
 }
 
-/// The clients interested in `execution_id`, oldest first; empty if none (yet).
-///
+/// The clients interested in `execution_id`: the owner's, then everyone else's, each
+/// oldest first; empty if none (yet).
 pub async fn interested_clients(
     kv: &dyn KvStore,
     execution_id: &ExecutionId,
@@ -119,7 +197,7 @@ pub async fn interested_clients(
     Ok(kv
         .get(Bucket::Interest, execution_id.as_str())
         .await?
-        .map(|raw| InterestRecord::decode(execution_id, &raw).clients)
+        .map(|raw| InterestRecord::decode(execution_id, &raw).all())
         .unwrap_or_default())
 }
 
@@ -143,9 +221,15 @@ mod tests {
     async fn interest_is_recorded_once_per_client_in_order() {
         let kv = MemoryKv::new(BucketTtls::default());
         assert!(interested_clients(&kv, &eid()).await.unwrap().is_empty());
-        add_interest(&kv, &eid(), &cid("c1")).await.unwrap();
-        add_interest(&kv, &eid(), &cid("c2")).await.unwrap();
-        add_interest(&kv, &eid(), &cid("c1")).await.unwrap();
+        add_interest(&kv, &eid(), &cid("c1"), Interested::Other)
+            .await
+            .unwrap();
+        add_interest(&kv, &eid(), &cid("c2"), Interested::Other)
+            .await
+            .unwrap();
+        add_interest(&kv, &eid(), &cid("c1"), Interested::Other)
+            .await
+            .unwrap();
         assert_eq!(
             interested_clients(&kv, &eid()).await.unwrap(),
             [cid("c1"), cid("c2")]
@@ -190,7 +274,7 @@ mod tests {
     async fn a_full_record_drops_its_oldest_clients() {
         let kv = MemoryKv::new(BucketTtls::default());
         for i in 0..=MAX_CLIENTS_PER_EXECUTION {
-            add_interest(&kv, &eid(), &cid(&format!("c{i}")))
+            add_interest(&kv, &eid(), &cid(&format!("c{i}")), Interested::Other)
                 .await
                 .unwrap();
         }
@@ -200,6 +284,73 @@ mod tests {
         assert_eq!(
             clients.last().map(ClientId::as_str),
             Some(format!("c{MAX_CLIENTS_PER_EXECUTION}").as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_owners_clients_are_never_pushed_out_by_others() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        add_interest(&kv, &eid(), &cid("own-1"), Interested::Owner)
+            .await
+            .unwrap();
+        for i in 0..300 {
+            add_interest(&kv, &eid(), &cid(&format!("v{i}")), Interested::Other)
+                .await
+                .unwrap();
+        }
+        add_interest(&kv, &eid(), &cid("own-2"), Interested::Owner)
+            .await
+            .unwrap();
+        let clients = interested_clients(&kv, &eid()).await.unwrap();
+        assert_eq!(clients.len(), 2 + MAX_CLIENTS_PER_EXECUTION);
+        assert_eq!(clients[..2], [cid("own-1"), cid("own-2")]);
+        assert_eq!(clients[2], "v44", "the others' oldest went");
+        // The wire form: every id in `clients`, the owner's named again.
+        let raw = kv.get(Bucket::Interest, ID).await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(v["owner"], serde_json::json!(["own-1", "own-2"]));
+        assert_eq!(v["clients"].as_array().unwrap().len(), clients.len());
+        // An owner's client that was first recorded as another's moves to the owner's list.
+        add_interest(&kv, &eid(), &cid("v299"), Interested::Owner)
+            .await
+            .unwrap();
+        let clients = interested_clients(&kv, &eid()).await.unwrap();
+        assert_eq!(clients[2], "v299");
+        assert_eq!(clients.iter().filter(|c| c.as_str() == "v299").count(), 1);
+        // The owner's own list is bounded by its own cap.
+        for i in 0..=MAX_OWNER_CLIENTS_PER_EXECUTION {
+            add_interest(&kv, &eid(), &cid(&format!("o{i}")), Interested::Owner)
+                .await
+                .unwrap();
+        }
+        let clients = interested_clients(&kv, &eid()).await.unwrap();
+        assert_eq!(
+            clients.len(),
+            MAX_OWNER_CLIENTS_PER_EXECUTION + MAX_CLIENTS_PER_EXECUTION - 1
+        );
+        assert_eq!(clients[0], "o1");
+    }
+
+    #[tokio::test]
+    async fn records_written_before_the_owner_list_still_decode() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        kv.put(
+            Bucket::Interest,
+            ID,
+            Bytes::from_static(br#"{"clients":["a","b","a"]}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            interested_clients(&kv, &eid()).await.unwrap(),
+            [cid("a"), cid("b")]
+        );
+        add_interest(&kv, &eid(), &cid("b"), Interested::Owner)
+            .await
+            .unwrap();
+        assert_eq!(
+            interested_clients(&kv, &eid()).await.unwrap(),
+            [cid("b"), cid("a")]
         );
     }
 }

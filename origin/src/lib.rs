@@ -40,6 +40,7 @@
 //!   client sees it (proxy, GraphQL, callback results).
 //! - [`ratelimit`] — GCRA limiters per client address or user, and who the client is
 //!   behind trusted proxies (`TRUSTED_PROXIES`).
+//! - [`quotas`] — per-user realtime quotas: open streams and sockets, stream opens, replays.
 //! - [`extract`] — hostile-input extractors (size-limited JSON, body limits).
 //! - [`error`] — `AppError` → `{"error":{"code","message"}}`.
 
@@ -62,6 +63,7 @@ pub mod metrics;
 pub mod noetl;
 pub mod owners;
 pub mod proxy;
+pub mod quotas;
 pub mod ratelimit;
 pub mod requests;
 pub mod runs;

@@ -35,6 +35,7 @@ use crate::metrics::{Metrics, MetricsState};
 use crate::noetl::NoetlClient;
 use crate::owners::Owners;
 use crate::proxy::{AllowList, Proxy, ProxyState};
+use crate::quotas::{QuotaSettings, RealtimeQuotas};
 use crate::ratelimit::TrustedProxies;
 use crate::requests::CallbackTokens;
 use crate::scrub::Scrubber;
@@ -229,6 +230,12 @@ async fn build(
         config.require_edge_assertion,
     );
     let hub = Arc::new(Hub::default());
+    let quotas = RealtimeQuotas::new(QuotaSettings {
+        max_streams: config.user_max_streams,
+        open_rate: config.stream_open_rate_limit.0,
+        replay_rate: config.replay_rate_limit.0,
+        max_clients: config.user_max_clients,
+    });
     let metrics = Arc::new(Metrics::default());
     Ok(AppState {
         auth: AuthRoutesState {
@@ -241,6 +248,7 @@ async fn build(
             sessions: sessions.clone(),
             shutdown: shutdown.clone(),
             keepalive: KeepAlive(config.sse_keepalive_interval),
+            quotas: quotas.clone(),
         },
         events: EventsState {
             sessions: sessions.clone(),
@@ -252,6 +260,7 @@ async fn build(
                 ping_every: config.sse_ping_interval,
                 keepalive_every: config.sse_keepalive_interval,
             },
+            quotas,
         },
         proxy: ProxyState {
             proxy: Arc::new(proxy),

@@ -353,9 +353,14 @@ impl World {
     async fn interest(&self, execution_id: &str, client_id: &str) {
         let execution_id = ExecutionId::parse(execution_id).expect("a valid execution id");
         let client_id = ClientId::parse(client_id).expect("a valid client id");
-        interest::add_interest(&*self.kv, &execution_id, &client_id)
-            .await
-            .expect("interest recorded");
+        interest::add_interest(
+            &*self.kv,
+            &execution_id,
+            &client_id,
+            interest::Interested::Owner,
+        )
+        .await
+        .expect("interest recorded");
     }
 
     /// Polls NoETL's status until it is final.

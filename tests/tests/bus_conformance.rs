@@ -145,6 +145,7 @@ conformance!(
     retained_frames_are_replayed_in_id_order_then_live_frames_follow with LONG,
     a_resume_replays_only_frames_after_its_id_without_a_reset with LONG,
     a_resume_from_the_newest_id_is_not_a_reset_and_waits_for_live_frames with LONG,
+    a_live_start_replays_nothing_and_delivers_what_comes_next with LONG,
     an_id_the_bus_never_issued_resets_to_the_oldest_retained_frame with LONG,
     frames_beyond_the_per_client_limit_are_dropped_oldest_first_and_a_resume_before_them_resets with BY_COUNT,
     frames_older_than_max_age_are_not_replayed_and_a_resume_before_them_resets with BY_AGE,
@@ -293,6 +294,28 @@ async fn a_resume_from_the_newest_id_is_not_a_reset_and_waits_for_live_frames(
     let next = bus.publish(&cid("c"), "e", b("next")).await?;
     assert_eq!(next_frame(&mut sub).await?, frame(next, "e", "next"));
     s.assert_quiet(&mut sub).await
+}
+
+async fn a_live_start_replays_nothing_and_delivers_what_comes_next(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    publish_interleaved(bus, &["c", "other"], 3).await?;
+    let mut sub = bus.subscribe(&cid("c"), StartAt::Live).await?;
+    assert!(
+        !sub.reset,
+        "the caller says reset itself; the bus owes nothing"
+    );
+    s.assert_quiet(&mut sub).await?;
+    bus.publish(&cid("other"), "e", b("not for c")).await?;
+    let next = bus.publish(&cid("c"), "e", b("next")).await?;
+    assert_eq!(next_frame(&mut sub).await?, frame(next, "e", "next"));
+    s.assert_quiet(&mut sub).await?;
+    // A client with nothing retained starts live too.
+    let mut fresh = bus.subscribe(&cid("fresh"), StartAt::Live).await?;
+    let first = bus.publish(&cid("fresh"), "e", b("first")).await?;
+    assert_eq!(next_frame(&mut fresh).await?, frame(first, "e", "first"));
+    Ok(())
 }
 
 async fn an_id_the_bus_never_issued_resets_to_the_oldest_retained_frame(
@@ -530,6 +553,7 @@ async fn publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate(
         let from = match start {
             StartAt::Retained => 0,
             StartAt::After(n) => n,
+            StartAt::Live => unreachable!("the readers start from retained frames or an id"),
         };
         let expected: Vec<_> = all.iter().filter(|(id, _)| *id > from).cloned().collect();
         let got: Vec<_> = got.into_iter().map(|f| (f.id, f.data)).collect();

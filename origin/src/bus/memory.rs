@@ -233,11 +233,12 @@ impl State {
         let log = self.log(client_id);
         log.trim(retention, now);
         let reset = match start {
-            StartAt::Retained => false,
+            StartAt::Retained | StartAt::Live => false,
             StartAt::After(n) => needs_reset(n, last_id, forgotten, log),
         };
         let after = match start {
             StartAt::After(n) if !reset => n,
+            StartAt::Live => last_id,
             _ => 0,
         };
         let replay = log

@@ -64,6 +64,9 @@ pub enum StartAt {
     Retained,
     /// Frames with an id greater than this (`Last-Event-ID`), then live ones.
     After(u64),
+    /// Only frames published from now on: nothing is replayed (a resume over the
+    /// user's replay limit, `quotas.rs`; the stream says `stream/reset` first).
+    Live,
 }
 
 /// A client's frames: replayed ones first, then live ones, in id order, none twice.

@@ -18,6 +18,18 @@
 //! Frame data is the bus's `Bytes`, written as is: a frame is JSON-encoded once, by its
 //! producer, whatever the number of connections; only the `id:`/`event:` prefix is per
 //! connection.
+//!
+//! Per-user quotas (`quotas.rs`, issue 12), checked once the caller is known (a ticket is
+//! redeemed by then) and before a client record or subscription is made: a stream counts against the user's stream-open rate and takes one
+//! of the user's connection slots for its life (429 `rate_limited` / `too_many_streams`
+//! with `Retry-After` otherwise, as JSON before the stream opens); a new client id counts
+//! against `USER_MAX_CLIENTS` (`clients.rs`); a resume of a named client over the user's
+//! replay rate starts at live frames with `stream/reset` first instead of replaying.
+//!
+//! Presence is written when a stream opens and refreshed by its pings; the first ping of
+//! a stream comes after a random 50–100 % of the ping interval, so the streams of a
+//! reconnect storm do not ping (and write presence) in lockstep, and a ping writes only
+//! when the last write is [`clients::PRESENCE_REFRESH`] old.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,6 +60,7 @@ use crate::bus::{Bus, BusFrame, StartAt};
 use crate::clients;
 use crate::error::{json_response, AppError};
 use crate::hub::Hub;
+use crate::quotas::{RealtimeQuotas, StreamSlot};
 use crate::store::{Bucket, KvStore};
 
 /// The `retry:` sent with the first frame: EventSource waits this long to reconnect.
@@ -70,6 +83,8 @@ pub struct EventsState {
     pub shutdown: CancellationToken,
     /// `ping` frame and `:` keep-alive intervals.
     pub timers: SseTimers,
+    /// Per-user stream slots, open and replay rates, client-id cap.
+    pub quotas: RealtimeQuotas,
 }
 
 /// How often a stream sends a `ping` frame and a `:` keep-alive comment.
@@ -239,34 +254,41 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
     let owner = authenticate(&state, &parts, &q).await?;
     let user = &owner.user;
     let kv = state.kv.as_ref();
+    let named = match &q.client_id {
+        Some(raw) => Some(ClientId::parse(raw).map_err(|_| {
+            AppError::bad_request("invalid_client_id", "client_id is not a valid client id")
+        })?),
+        None => None,
+    };
+    // A reconnect of a client streaming here replaces that stream: it may go one over.
+    let replacing = named.as_ref().is_some_and(|id| state.hub.is_connected(id));
+    let slot = state
+        .quotas
+        .admit(&user.user_id, replacing)
+        .map_err(|refused| {
+            tracing::info!(user = %user.user_id, ?refused, "event stream refused: user quota");
+            refused.into_error()
+        })?;
 
-    let (client_id, record) = match &q.client_id {
-        Some(raw) => {
-            let Ok(id) = ClientId::parse(raw) else {
-                return Err(AppError::bad_request(
-                    "invalid_client_id",
-                    "client_id is not a valid client id",
+    let (client_id, record) = match named {
+        Some(id) => match clients::get(kv, &id).await? {
+            Some(r) if r.user_id == user.user_id => (id, r),
+            Some(_) => {
+                tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
+                return Err(AppError::forbidden(
+                    "client_not_yours",
+                    "this client id belongs to another session",
                 ));
-            };
-            match clients::get(kv, &id).await? {
-                Some(r) if r.user_id == user.user_id => (id, r),
-                Some(_) => {
-                    tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
-                    return Err(AppError::forbidden(
-                        "client_not_yours",
-                        "this client id belongs to another session",
-                    ));
-                }
-                None => {
-                    return Err(AppError::forbidden(
-                        "unknown_client",
-                        "this client id is unknown or expired",
-                    ))
-                }
             }
-        }
+            None => {
+                return Err(AppError::forbidden(
+                    "unknown_client",
+                    "this client id is unknown or expired",
+                ))
+            }
+        },
         None => {
-            let id = clients::create(kv, &user.user_id).await?;
+            let id = clients::create_bounded(kv, &user.user_id, state.quotas.max_clients).await?;
             (
                 id,
                 clients::ClientRecord {
@@ -277,6 +299,15 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         }
     };
     let start = last_event_id(&parts, &q).map_or(StartAt::Retained, StartAt::After);
+    // A named client may have up to FRAME_RETENTION_PER_CLIENT frames to replay; a new one
+    // has none, so only resumes count.
+    let replay_limited = q.client_id.is_some() && !state.quotas.may_replay(&user.user_id);
+    let start = if replay_limited {
+        tracing::info!(client = %client_id, user = %user.user_id, "replay rate exceeded: starting at live frames");
+        StartAt::Live
+    } else {
+        start
+    };
     let sub = state
         .bus
         .subscribe(&client_id, start)
@@ -300,14 +331,18 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         ),
         Some(RETRY_MS),
     );
-    if sub.reset {
+    let reset_reason = if replay_limited {
+        Some("too many replays for this user; frames before now were not replayed")
+    } else if sub.reset {
+        Some("last_event_id is older than the retained frames")
+    } else {
+        None
+    };
+    if let Some(reason) = reset_reason {
         first.extend(sse_frame(
             None,
             event::RESET,
-            &notification(
-                event::RESET,
-                &json!({"reason": "last_event_id is older than the retained frames"}),
-            ),
+            &notification(event::RESET, &json!({ "reason": reason })),
             None,
         ));
     }
@@ -315,7 +350,14 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         hash: owner.session.clone(),
         expires_at_unix: owner.expires_at_unix,
     };
-    let body = SseBody::new(state, client_id, Bytes::from(first), sub.frames, session);
+    let body = SseBody::new(
+        state,
+        client_id,
+        Bytes::from(first),
+        sub.frames,
+        session,
+        slot,
+    );
     let mut resp = Response::new(Body::new(body));
     let h = resp.headers_mut();
     h.insert(
@@ -362,8 +404,19 @@ struct SseBody {
     expires_at: Instant,
     /// The subscription to the session's revocation, which also cancels `stop`.
     session: SessionEnd,
+    /// When this stream last wrote the client's presence marker.
+    presence_written: Instant,
+    /// The user's connection slot, freed when the stream is dropped.
+    _slot: StreamSlot,
     done: bool,
     reason: &'static str,
+}
+
+/// The first ping of a stream: after a random 50–100 % of the interval, so streams opened
+/// together (a reconnect storm) spread their pings and presence writes.
+fn first_ping_after(every: Duration) -> Duration {
+    use rand::Rng;
+    every.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
 }
 
 /// The `ping` frame, the same bytes for every connection.
@@ -408,6 +461,7 @@ impl SseBody {
         first: Bytes,
         frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
         session: SessionLife,
+        slot: StreamSlot,
     ) -> Self {
         let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
         let session_end = state.sessions.revocations().session_end_linked(
@@ -421,7 +475,7 @@ impl SseBody {
             ping_every,
             keepalive_every,
         } = state.timers;
-        let next_ping = now + ping_every;
+        let next_ping = now + first_ping_after(ping_every);
         let next_keepalive = now + keepalive_every;
         Self {
             kv: state.kv.clone(),
@@ -436,6 +490,8 @@ impl SseBody {
             )),
             expires_at,
             session: session_end,
+            presence_written: now,
+            _slot: slot,
             client_id,
             frames,
             queued: [Some(first), None],
@@ -511,11 +567,14 @@ impl http_body::Body for SseBody {
             let chunk = if now >= this.next_ping {
                 this.next_ping = now + this.ping_every;
                 this.next_keepalive = now + this.keepalive_every;
-                let kv = this.kv.clone();
-                let client_id = this.client_id.clone();
-                tokio::spawn(async move {
-                    let _ = clients::mark_present(kv.as_ref(), &client_id).await;
-                });
+                if now.duration_since(this.presence_written) >= clients::PRESENCE_REFRESH {
+                    this.presence_written = now;
+                    let kv = this.kv.clone();
+                    let client_id = this.client_id.clone();
+                    tokio::spawn(async move {
+                        let _ = clients::mark_present(kv.as_ref(), &client_id).await;
+                    });
+                }
                 ping_frame()
             } else {
                 this.next_keepalive = now + this.keepalive_every;
@@ -551,6 +610,15 @@ impl Drop for SseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_pings_are_spread_over_the_second_half_of_the_interval() {
+        let every = Duration::from_secs(30);
+        let firsts: Vec<Duration> = (0..200).map(|_| first_ping_after(every)).collect();
+        assert!(firsts.iter().all(|d| *d >= every / 2 && *d <= every));
+        let distinct: std::collections::HashSet<_> = firsts.iter().collect();
+        assert!(distinct.len() > 100, "jittered, not in lockstep");
+    }
 
     #[test]
     fn query_parsing_is_strict_about_utf8_and_tolerant_of_the_rest() {

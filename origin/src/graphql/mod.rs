@@ -26,6 +26,10 @@
 //!   that cannot answer closes it with 1011, which clients retry.
 //! - No `connection_init` within [`INIT_TIMEOUT`] → 4408; a `subscribe` before the ack →
 //!   4401; a message that is not protocol JSON → 4400.
+//! - An accepted `connection_init` takes one of the user's realtime slots for the socket's
+//!   life (`quotas.rs`: `USER_MAX_STREAMS`, shared with SSE streams, and
+//!   `STREAM_OPEN_RATE_LIMIT`); over either the socket closes with `4429` (graphql-ws's
+//!   "too many" code, which its client does not retry on its own).
 //! - The socket closes with 4403 when its session is revoked (a logout on any replica, told
 //!   by the revocation set within its propagation time, no polling) or expires, and with
 //!   1001 on shutdown;
@@ -92,6 +96,8 @@ pub struct GraphqlState {
     pub shutdown: CancellationToken,
     /// WebSocket ping interval (`SSE_KEEPALIVE_INTERVAL`).
     pub keepalive: KeepAlive,
+    /// Per-user realtime slots and open rate, shared with `/events`.
+    pub quotas: crate::quotas::RealtimeQuotas,
 }
 
 /// How often an idle WebSocket is pinged.
@@ -359,12 +365,26 @@ async fn serve_socket(
         });
     let outcome: Arc<OnceLock<InitOutcome>> = Arc::default();
     let session_end: Arc<OnceLock<SessionEnd>> = Arc::default();
+    // The user's slot, held until this function returns.
+    let slot: Arc<OnceLock<crate::quotas::StreamSlot>> = Arc::default();
     let on_init = {
         let (state, outcome, session_end) = (state.clone(), outcome.clone(), session_end.clone());
+        let slot = slot.clone();
         move |payload: Value| async move {
             let token = socket_init_token(&payload, upgrade_token);
             match Caller::from_token(&state.sessions, token).await {
                 Ok(caller) => {
+                    match state.quotas.admit(&caller.user().user_id, false) {
+                        Ok(held) => {
+                            let _ = slot.set(held);
+                        }
+                        Err(refused) => {
+                            tracing::info!(user = %caller.user().user_id, ?refused, "graphql-ws connection refused: user quota");
+                            let close = Close::new(4429, &refused.close_reason());
+                            let _ = outcome.set(InitOutcome::Refused(close));
+                            return Err(async_graphql::Error::new(refused.close_reason()));
+                        }
+                    }
                     tracing::info!(user = %caller.user().user_id, "graphql-ws connection accepted");
                     let end = state
                         .sessions
@@ -377,6 +397,7 @@ async fn serve_socket(
                     let mut data = Data::default();
                     data.insert(caller);
                     data.insert(Arc::new(SocketScope::default()));
+                    data.insert(state.quotas.clone());
                     Ok(data)
                 }
                 Err(e) => {

@@ -17,7 +17,7 @@ use crate::bus::Bus;
 use crate::clients;
 use crate::config::Config;
 use crate::error::AppError;
-use crate::interest;
+use crate::interest::{self, Interested};
 use crate::noetl::NoetlClient;
 use crate::owners::{self, OwnerRecord, Owners, Recorded};
 use crate::requests::{self, CallbackTokens, RequestEntry};
@@ -517,7 +517,9 @@ impl Mutation {
         }
         if let Some(client) = &client_id {
             let added = match &execution {
-                Ok(execution) => interest::add_interest(kv, execution, client).await,
+                Ok(execution) => {
+                    interest::add_interest(kv, execution, client, Interested::Owner).await
+                }
                 Err(_) => Err(crate::store::StoreError::InvalidKey(execution_id.clone())),
             };
             if let Err(e) = added {
@@ -572,7 +574,8 @@ impl Mutation {
             .ok_or_else(|| gql_error("BAD_USER_INPUT", "clientId is required"))?;
         require_execution_access(svc, caller, &execution_id, "view").await?;
         let execution_id = execution_id_arg(&execution_id)?;
-        interest::add_interest(svc.kv.as_ref(), &execution_id, &client)
+        let who = super::subscription::interest_role(svc, caller, &execution_id).await?;
+        interest::add_interest(svc.kv.as_ref(), &execution_id, &client, who)
             .await
             .map_err(|e| from_app(e.into()))?;
         Ok(true)

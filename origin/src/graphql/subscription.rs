@@ -9,10 +9,11 @@
 //!
 //! Decisions:
 //! - **One client id per socket**, created at the socket's first subscription
-//!   ([`SocketScope`]). An execution keeps at most 256 interested clients (oldest dropped),
-//!   so an id per subscription would let one socket push other clients — the SSE client
-//!   that started the run — out of the record. Subscriptions on one socket read the same
-//!   client's frames and each keeps those of its own execution.
+//!   ([`SocketScope`]) within the user's `USER_MAX_CLIENTS`. An execution keeps at most
+//!   256 interested clients of users other than its owner (their oldest dropped; the
+//!   owner's clients are kept apart, `interest.rs`), so an id per subscription would let
+//!   one socket push other followers out of the record. Subscriptions on one socket read
+//!   the same client's frames and each keeps those of its own execution.
 //! - **Late subscribers.** Frames the bridge forwarded before the interest was recorded went
 //!   to other clients (or were dropped after the bridge's wait for interest), so a
 //!   subscriber to a finished run would wait forever. After recording interest the resolver
@@ -21,6 +22,11 @@
 //!   terminal state built from that status. Events the bridge is still retrying for lack of
 //!   interest usually arrive within that time, so a client that subscribes just after a
 //!   quick run still sees its steps.
+//! - **Replays are rate-limited** like SSE resumes (`REPLAY_RATE_LIMIT`, `quotas.rs`): the
+//!   first subscription of a socket reads a new client (nothing to replay); a later one
+//!   re-reads the client's retained frames, and over the user's rate it follows live frames
+//!   only (the run's earlier states are then not sent; its end still is, from the bus or
+//!   from NoETL's status).
 //! - **Operations per socket are capped** ([`OperationLimit`]): once upgraded, a socket's
 //!   messages bypass the edge's per-request rate limit, so one socket runs at most
 //!   [`MAX_OPERATIONS_PER_SOCKET`] operations of any kind at once; beyond that an operation
@@ -47,9 +53,10 @@ use tokio::time::Instant;
 use super::schema::{ctx_parts, execution_id_arg, from_app, gql_error, require_execution_access};
 use crate::bus::{BusError, BusFrame, StartAt};
 use crate::clients;
-use crate::interest;
+use crate::interest::{self, Interested};
+use crate::quotas::RealtimeQuotas;
 use crate::runs::RunStatus;
-use crate::store::{KvStore, StoreError};
+use crate::store::KvStore;
 
 /// Most operations (subscriptions, queries, mutations) one socket runs at once.
 pub const MAX_OPERATIONS_PER_SOCKET: usize = 16;
@@ -76,14 +83,41 @@ impl Default for SocketScope {
 }
 
 impl SocketScope {
-    /// The socket's client id, created (owned by `user_id`, the socket's one user) on first
-    /// use. Concurrent first subscriptions create it once.
-    async fn client_id(&self, kv: &dyn KvStore, user_id: &str) -> Result<ClientId, StoreError> {
-        self.client_id
-            .get_or_try_init(|| clients::create(kv, user_id))
+    /// The socket's client id, created (owned by `user_id`, the socket's one user, within
+    /// the user's `max_clients`) on first use — and whether it existed before this call
+    /// (its retained frames are then a replay). Concurrent first subscriptions create it once.
+    async fn client_id(
+        &self,
+        kv: &dyn KvStore,
+        user_id: &str,
+        max_clients: usize,
+    ) -> Result<(ClientId, bool), clients::CreateError> {
+        let existed = self.client_id.get().is_some();
+        let id = self
+            .client_id
+            .get_or_try_init(|| clients::create_bounded(kv, user_id, max_clients))
             .await
-            .cloned()
+            .cloned()?;
+        Ok((id, existed))
     }
+}
+
+/// Whether the caller's clients follow `execution` as its owner's (never pushed out of the
+/// interest record by other users') or as another user's.
+pub(super) async fn interest_role(
+    svc: &super::schema::Services,
+    caller: &crate::auth::Caller,
+    execution: &ExecutionId,
+) -> async_graphql::Result<Interested> {
+    let owner = svc
+        .owners
+        .owner(execution)
+        .await
+        .map_err(|e| from_app(e.into()))?;
+    Ok(match owner {
+        Some(o) if o.user_id == caller.user().user_id => Interested::Owner,
+        _ => Interested::Other,
+    })
 }
 
 /// The per-socket operation cap, as a schema extension.
@@ -192,22 +226,31 @@ impl Subscription {
 
         let kv = svc.kv.as_ref();
         let user = &caller.record.user.user_id;
-        let client_id = scope
-            .client_id(kv, user)
+        let (client_id, existed) = scope
+            .client_id(kv, user, svc.config.user_max_clients)
             .await
             .map_err(|e| from_app(e.into()))?;
-        let sub = svc
-            .bus
-            .subscribe(&client_id, StartAt::Retained)
-            .await
-            .map_err(|e| {
-                gql_error(
-                    "UNAVAILABLE",
-                    format!("cannot open the execution's event stream: {e}"),
-                )
-            })?;
+        // A later subscription on the socket replays the client's retained frames (up to
+        // FRAME_RETENTION_PER_CLIENT): over the user's replay rate it follows live frames.
+        let replay_limited = existed
+            && ctx
+                .data_opt::<RealtimeQuotas>()
+                .is_some_and(|q| !q.may_replay(user));
+        let start = if replay_limited {
+            tracing::info!(client = %client_id, user = %user, "replay rate exceeded: following live frames");
+            StartAt::Live
+        } else {
+            StartAt::Retained
+        };
+        let sub = svc.bus.subscribe(&client_id, start).await.map_err(|e| {
+            gql_error(
+                "UNAVAILABLE",
+                format!("cannot open the execution's event stream: {e}"),
+            )
+        })?;
         let execution = execution_id_arg(&execution_id)?;
-        interest::add_interest(kv, &execution, &client_id)
+        let who = interest_role(svc, caller, &execution).await?;
+        interest::add_interest(kv, &execution, &client_id, who)
             .await
             .map_err(|e| from_app(e.into()))?;
         // Asked only after the interest is recorded: a run that ends later reaches this

@@ -138,6 +138,11 @@ pub(super) async fn start_point<I>(
     subject: &str,
     start: StartAt,
 ) -> Result<(bool, u64, Option<BusFrame>), BusError> {
+    if start == StartAt::Live {
+        // Every frame the stream holds now is behind the start point.
+        let facts = facts(stream, subject).await?;
+        return Ok((false, facts.last_seq, None));
+    }
     if let StartAt::After(n) = start {
         // Read first, then the facts: a frame dropped before the read shows in them.
         let first = frame_from(stream, subject, n.saturating_add(1)).await?;

@@ -37,9 +37,14 @@ pub(crate) fn origin_options(nats_url: Option<&str>, args: &Args) -> OriginOptio
         Some(url) => OriginOptions::with_nats(url),
         None => OriginOptions::default(),
     };
-    args.origin_env
-        .iter()
-        .fold(base.env("RUST_LOG", "warn"), |o, (k, v)| o.env(k, v))
+    // One session holds every stream: the per-user quotas would measure themselves.
+    let base = base
+        .env("RUST_LOG", "warn")
+        .env("USER_MAX_STREAMS", "0")
+        .env("USER_MAX_CLIENTS", "0")
+        .env("STREAM_OPEN_RATE_LIMIT", "off")
+        .env("REPLAY_RATE_LIMIT", "off");
+    args.origin_env.iter().fold(base, |o, (k, v)| o.env(k, v))
 }
 
 /// Logs in once through `origin`; returns the session token and the user id.

@@ -12,7 +12,7 @@ use gateway_shared::ids as gw_ids;
 use gateway_tests::bench::{now_ns, Deadline};
 use gateway_tests::standin::events::{encode_row, EventKind, EventRow, NewEvent, RowPlace, Shape};
 use gateway_tests::standin::ids::{ExecutionId, IdGen};
-use origin::interest::add_interest;
+use origin::interest::{add_interest, Interested};
 use origin::store::nats::NatsKv;
 
 use crate::common::World;
@@ -40,7 +40,9 @@ pub(crate) async fn figure_events(
         futures::stream::iter(executions.iter().zip(&targets).map(|(e, c)| async move {
             let execution = gw_ids::ExecutionId::parse(&e.0.to_string()).expect("a numeric id");
             let client = gw_ids::ClientId::parse(c).expect("a live client's id");
-            add_interest(kv, &execution, &client).await.is_ok()
+            add_interest(kv, &execution, &client, Interested::Owner)
+                .await
+                .is_ok()
         }))
         .buffer_unordered(128)
         .collect()
