@@ -15,7 +15,20 @@
 //! Auth: `Authorization: Bearer` with either the service token (`GATEWAY_INTERNAL_TOKEN`) or
 //! the request's own callback token (HMAC over the request id); both compared in constant
 //! time. No service token configured and no valid request token → 503 (never a permissive
-//! default).
+//! default). The header is checked before any of the body is read: the service token
+//! passes, and a token that cannot be a request token (64 hex digits) is refused at once;
+//! a request token is checked against the body's `request_id` before anything else is done.
+//!
+//! Size: every body admitted can be published. The limit is `CALLBACK_BODY_LIMIT`, lowered
+//! at start to what one NATS message carries ([`effective_body_limit`]: the server's
+//! `max_payload` less the frame's headers and [`FRAME_RESERVE`]); a declared
+//! `Content-Length` over it is refused before the body is read; and a frame that still
+//! comes out too large (the JSON-RPC envelope around it) is refused too. All of these are
+//! 413 — never the 503 that NoETL retries forever.
+//!
+//! Order: the result is a request's last frame. Progress for a request whose result was
+//! delivered (its `delivered` marker exists) is refused 409 `request_finished` and not
+//! published.
 
 use std::sync::Arc;
 
@@ -26,6 +39,7 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use gateway_shared::ct::secrets_equal;
+use gateway_shared::error::ErrorBody;
 use gateway_shared::frames::{event, notification, CallbackBody, PlaybookProgress, ProgressBody};
 use gateway_shared::ids::{ExecutionId, RequestId};
 use gateway_shared::session::bearer_token;
@@ -69,44 +83,123 @@ pub fn router() -> Router<CallbackState> {
         .route("/api/internal/progress", post(progress))
 }
 
-/// Reads a JSON body with the callback limit.
-async fn read_json<T: serde::de::DeserializeOwned>(
-    state: &CallbackState,
-    req: Request,
-) -> Result<(Parts, T), AppError> {
-    let (parts, body) = req.into_parts();
-    if !is_json_content_type(&parts.headers) {
-        return Err(AppError::UnsupportedMediaType);
-    }
-    let bytes = read_body_limited(body, state.body_limit.0).await?;
-    Ok((parts, parse_json(&bytes)?))
+/// What the `Authorization` header showed before the body was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Presented {
+    /// The service token: any request id.
+    Service,
+    /// A token shaped like a request's own (checked against the body's `request_id`).
+    RequestToken(String),
 }
 
-/// Checks the bearer token against the service token or the request's own token.
-fn authorize(state: &CallbackState, parts: &Parts, request_id: &str) -> Result<(), AppError> {
+/// Checks the bearer token as far as the headers allow, before any of the body is read:
+/// the service token passes; a token that cannot be any request's token (a callback token
+/// is 64 hex digits) is refused as [`authorize`] would refuse it.
+fn pre_authorize(state: &CallbackState, parts: &Parts) -> Result<Presented, AppError> {
     let presented = parts
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token);
-    if let Some(token) = presented {
-        if state.tokens.verify(request_id, token) {
-            return Ok(());
+    if let (Some(token), Some(service)) = (presented, &state.service_token) {
+        if secrets_equal(token.as_bytes(), service.expose().as_bytes()) {
+            return Ok(Presented::Service);
         }
     }
-    let Some(service) = &state.service_token else {
-        return Err(AppError::Unavailable {
+    match presented {
+        Some(token) if token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Presented::RequestToken(token.to_owned()))
+        }
+        _ => Err(refusal(state)),
+    }
+}
+
+/// The refusal for a token that is neither the service token nor the request's: 403, or
+/// 503 when no service token is configured (never a permissive default).
+fn refusal(state: &CallbackState) -> AppError {
+    if state.service_token.is_none() {
+        return AppError::Unavailable {
             code: "callbacks_not_configured",
             message: "GATEWAY_INTERNAL_TOKEN is not set and no valid request token was presented"
                 .into(),
+        };
+    }
+    AppError::forbidden("invalid_callback_token", "callback token refused")
+}
+
+/// Checks the token (as far as the headers allow), then reads a JSON body within the
+/// callback limit: a declared `Content-Length` over it is refused before any byte is read.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &CallbackState,
+    req: Request,
+) -> Result<(Presented, T), AppError> {
+    let (parts, body) = req.into_parts();
+    let presented = pre_authorize(state, &parts)?;
+    if !is_json_content_type(&parts.headers) {
+        return Err(AppError::UnsupportedMediaType);
+    }
+    let limit = state.body_limit.0;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(AppError::PayloadTooLarge {
+            limit: limit as u64,
         });
-    };
+    }
+    let bytes = read_body_limited(body, limit).await?;
+    Ok((presented, parse_json(&bytes)?))
+}
+
+/// Checks the presented token against the request: the service token passed already; a
+/// request token must be the HMAC of this request id.
+fn authorize(
+    state: &CallbackState,
+    presented: &Presented,
+    request_id: &str,
+) -> Result<(), AppError> {
     match presented {
-        Some(token) if secrets_equal(token.as_bytes(), service.expose().as_bytes()) => Ok(()),
-        _ => Err(AppError::forbidden(
-            "invalid_callback_token",
-            "callback token refused",
-        )),
+        Presented::Service => Ok(()),
+        Presented::RequestToken(token) if state.tokens.verify(request_id, token) => Ok(()),
+        Presented::RequestToken(_) => Err(refusal(state)),
+    }
+}
+
+/// The callback body limit: `CALLBACK_BODY_LIMIT`, lowered so that every body it admits
+/// fits one bus frame (NATS `max_payload` less the frame's headers and [`FRAME_RESERVE`]).
+/// Logged when lowered. Read at start, from the server the bus is connected to.
+pub fn effective_body_limit(configured: usize, bus: &dyn Bus) -> BodyLimit {
+    let max = [event::RESULT, event::PROGRESS]
+        .into_iter()
+        .filter_map(|e| bus.max_data_len(e))
+        .min();
+    let Some(max) = max else {
+        return BodyLimit(configured);
+    };
+    let fits = max.saturating_sub(FRAME_RESERVE);
+    if fits < configured {
+        tracing::warn!(
+            configured,
+            effective = fits,
+            nats_max_data = max,
+            "CALLBACK_BODY_LIMIT lowered to what one NATS message can carry (max_payload less the frame's envelope); raise max_payload to accept larger callbacks"
+        );
+        return BodyLimit(fits);
+    }
+    BodyLimit(configured)
+}
+
+/// What a frame adds to a callback body at most, besides its size: the JSON-RPC envelope,
+/// the request and execution ids, and the K/V headers of a sync result (well under this).
+pub const FRAME_RESERVE: usize = 1024;
+
+/// 413 unless `data` fits one frame of `event` on the bus.
+fn check_frame_fits(state: &CallbackState, event: &str, data: &[u8]) -> Result<(), AppError> {
+    match state.bus.max_data_len(event) {
+        Some(max) if data.len() > max => Err(AppError::PayloadTooLarge { limit: max as u64 }),
+        _ => Ok(()),
     }
 }
 
@@ -130,9 +223,9 @@ async fn async_callback(
     State(state): State<CallbackState>,
     req: Request,
 ) -> Result<Response, AppError> {
-    let (parts, body): (_, CallbackBody) = read_json(&state, req).await?;
+    let (presented, body): (_, CallbackBody) = read_json(&state, req).await?;
     state.metrics.callbacks.inc();
-    authorize(&state, &parts, &body.request_id)?;
+    authorize(&state, &presented, &body.request_id)?;
     let kv = state.kv.as_ref();
     // The entry read and the `delivered` marker are independent round trips: made
     // concurrently, so the frame leaves one round trip sooner. An unknown request's marker
@@ -183,6 +276,12 @@ async fn async_callback(
         ));
     };
     let data = Bytes::from(notification(event::RESULT, &result));
+    // Too big for one NATS message: 413, which NoETL does not retry (a 503 would loop).
+    if let Err(e) = check_frame_fits(&state, event::RESULT, &data) {
+        let _ = requests::unmark_delivered(kv, &entry.request_id).await;
+        tracing::warn!(request = %entry.request_id, frame = data.len(), "result too large for one frame; refused");
+        return Err(e);
+    }
     if let Err(e) = state.bus.publish(&client_id, event::RESULT, data).await {
         let _ = requests::unmark_delivered(kv, &entry.request_id).await;
         return Err(AppError::Unavailable {
@@ -222,16 +321,23 @@ async fn sync_callback(
     State(state): State<CallbackState>,
     req: Request,
 ) -> Result<Response, AppError> {
-    let (parts, body): (_, serde_json::Value) = read_json(&state, req).await?;
+    let (presented, body): (_, serde_json::Value) = read_json(&state, req).await?;
     let request_id = body["request_id"].as_str().unwrap_or_default().to_owned();
-    authorize(&state, &parts, &request_id)?;
+    authorize(&state, &presented, &request_id)?;
     let entry = entry_for(&state, &parse_request_id(&request_id)?).await?;
+    let value = Bytes::from(body.to_string());
+    // The K/V value is one NATS message too (its headers are within FRAME_RESERVE).
+    if let Some(max) = state.bus.max_data_len(event::RESULT) {
+        if value.len() > max.saturating_sub(FRAME_RESERVE / 2) {
+            return Err(AppError::PayloadTooLarge { limit: max as u64 });
+        }
+    }
     let created = state
         .kv
         .create(
             Bucket::Requests,
             &format!("result.{}", entry.request_id),
-            Bytes::from(body.to_string()),
+            value,
         )
         .await?;
     let status = if created { "delivered" } else { "duplicate" };
@@ -247,9 +353,22 @@ fn scrubber_for(state: &CallbackState, request_id: &RequestId) -> Scrubber {
 
 /// `POST /api/internal/progress`: a `playbook/progress` frame for the request's client.
 async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Response, AppError> {
-    let (parts, body): (_, ProgressBody) = read_json(&state, req).await?;
-    authorize(&state, &parts, &body.request_id)?;
+    let (presented, body): (_, ProgressBody) = read_json(&state, req).await?;
+    authorize(&state, &presented, &body.request_id)?;
     let entry = entry_for(&state, &parse_request_id(&body.request_id)?).await?;
+    // The result is the request's last frame: progress after it would confuse the client.
+    if requests::is_delivered(state.kv.as_ref(), &entry.request_id).await? {
+        return Ok(json_response(
+            StatusCode::CONFLICT,
+            &ErrorBody::new(
+                "request_finished",
+                format!(
+                    "request {} already has its result; progress refused",
+                    entry.request_id
+                ),
+            ),
+        ));
+    }
     let Some(client_id) = entry.client_id else {
         return Ok(json_response(
             StatusCode::OK,
@@ -272,13 +391,11 @@ async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Re
             .filter(|p| p.is_finite())
             .map(|p| p.clamp(0.0, 1.0)),
     };
+    let data = Bytes::from(notification(event::PROGRESS, &params));
+    check_frame_fits(&state, event::PROGRESS, &data)?;
     state
         .bus
-        .publish(
-            &client_id,
-            event::PROGRESS,
-            Bytes::from(notification(event::PROGRESS, &params)),
-        )
+        .publish(&client_id, event::PROGRESS, data)
         .await
         .map_err(|e| AppError::Unavailable {
             code: "bus_unavailable",

@@ -347,6 +347,35 @@ pub struct Config {
     #[arg(long, env = "GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub graphql_introspection: bool,
 
+    // --- GraphQL cost and callbacks (graphql/cost.rs, callbacks.rs) ---
+    /// Most root fields one GraphQL operation may select (fragments expanded).
+    #[arg(long, env = "GRAPHQL_MAX_ROOT_FIELDS", default_value_t = 10)]
+    pub graphql_max_root_fields: u64,
+
+    /// Most aliases one GraphQL operation may use, at any depth (fragments expanded).
+    #[arg(long, env = "GRAPHQL_MAX_ALIASES", default_value_t = 30)]
+    pub graphql_max_aliases: u64,
+
+    /// Most `executePlaybook` fields one GraphQL request may select (a batch: in total).
+    #[arg(long, env = "GRAPHQL_MAX_EXECUTE_PER_REQUEST", default_value_t = 1)]
+    pub graphql_max_execute_per_request: u64,
+
+    /// Most root fields that call NoETL (`execution`, `myExecutions`, …) per operation.
+    #[arg(long, env = "GRAPHQL_MAX_NOETL_FIELDS", default_value_t = 5)]
+    pub graphql_max_noetl_fields: u64,
+
+    /// `executePlaybook` fields per user (`N/period`, e.g. `5/1s`, or `off`).
+    #[arg(long, env = "EXECUTE_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "5/1s")]
+    pub execute_rate_limit: std::option::Option<crate::ratelimit::RateSpec>,
+
+    /// GraphQL mutation operations per user (`N/period` or `off`).
+    #[arg(long, env = "GRAPHQL_MUTATION_RATE_LIMIT", value_parser = crate::ratelimit::parse_rate, default_value = "20/1s")]
+    pub graphql_mutation_rate_limit: std::option::Option<crate::ratelimit::RateSpec>,
+
+    /// Accept batched GraphQL requests (a JSON array); off → 400 `batch_not_enabled`.
+    #[arg(long, env = "GRAPHQL_BATCH", default_value_t = false, action = clap::ArgAction::Set)]
+    pub graphql_batch: bool,
+
     /// The edge's Ed25519 public key (base64url, 32 bytes): `x-gateway-assertion` headers
     /// signed with it are trusted as the caller's identity. Unset: assertions are ignored.
     #[arg(long, env = "EDGE_ASSERTION_PUBLIC_KEY")]

@@ -131,6 +131,15 @@ pub async fn mark_delivered(kv: &dyn KvStore, request_id: &RequestId) -> Result<
     .await
 }
 
+/// Whether the request's result was delivered (its [`mark_delivered`] marker exists):
+/// progress for it is refused.
+pub async fn is_delivered(kv: &dyn KvStore, request_id: &RequestId) -> Result<bool, StoreError> {
+    Ok(kv
+        .get(Bucket::Requests, &delivered_key(request_id))
+        .await?
+        .is_some())
+}
+
 /// Undoes [`mark_delivered`] when the delivery itself failed, so NoETL's retry succeeds.
 pub async fn unmark_delivered(kv: &dyn KvStore, request_id: &RequestId) -> Result<(), StoreError> {
     kv.delete(Bucket::Requests, &delivered_key(request_id))

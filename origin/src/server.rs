@@ -283,7 +283,10 @@ async fn build(
             hub: hub.clone(),
             tokens: callback_tokens,
             service_token: config.internal_token.clone(),
-            body_limit: BodyLimit(config.callback_body_limit),
+            body_limit: crate::callbacks::effective_body_limit(
+                config.callback_body_limit,
+                bus.as_ref(),
+            ),
             metrics: metrics.clone(),
         },
         readiness: Readiness {

@@ -132,6 +132,13 @@ pub trait Bus: Send + Sync + 'static {
 
     /// True if the bus can deliver now (for `/ready`).
     async fn is_healthy(&self) -> bool;
+
+    /// The largest `data` one [`Bus::publish`] of `event` can carry, if the bus limits it
+    /// (NATS: the server's `max_payload` less the frame's headers); `None`: no limit.
+    fn max_data_len(&self, event: &str) -> Option<usize> {
+        let _ = event;
+        None
+    }
 }
 
 #[cfg(test)]

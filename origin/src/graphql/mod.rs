@@ -3,8 +3,11 @@
 //!
 //! The HTTP shell is ours rather than the integration crate's extractor, so the protocol's
 //! rules hold before GraphQL runs: no session → 401 JSON, body over 2 MiB → 413, wrong
-//! content type → 415, malformed JSON → 400. Inside, the schema has depth and complexity
-//! limits and introspection can be switched off (`GRAPHQL_INTROSPECTION=false`).
+//! content type → 415, malformed JSON → 400, a batch (JSON array) → 400 unless
+//! `GRAPHQL_BATCH=true`. Inside, the schema has depth and complexity limits, [`cost`]
+//! bounds root fields, aliases, `executePlaybook` and NoETL fan-out per operation and rates
+//! mutations per user (a rate refusal is answered 429 with `Retry-After`), and
+//! introspection can be switched off (`GRAPHQL_INTROSPECTION=false`).
 //!
 //! The old gateway's `proxyRequest` mutation is deliberately absent: it let any caller make
 //! the gateway fetch arbitrary URLs.
@@ -33,11 +36,13 @@
 //!   WebSocket pings every `SSE_KEEPALIVE_INTERVAL` keep proxies from idling it out, and a
 //!   peer that stops reading is dropped after [`WRITE_TIMEOUT`].
 //! - Messages are at most [`MAX_BODY`], like HTTP bodies; the schema's depth and
-//!   complexity limits apply, and a socket runs at most
+//!   complexity limits and [`cost`]'s per-operation caps and per-user rates apply to each
+//!   `subscribe` message, and a socket runs at most
 //!   [`subscription::MAX_OPERATIONS_PER_SOCKET`] operations at once.
 //! - The upgrade itself answers JSON errors like every route: 400 if the request is not a
 //!   WebSocket upgrade or offers neither subprotocol.
 
+pub mod cost;
 pub mod schema;
 pub mod subscription;
 
@@ -56,12 +61,12 @@ use tracing::Instrument;
 
 use axum::extract::{FromRef, Request, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-pub use schema::{build_schema, GatewaySchema};
+pub use schema::{build_schema, BatchMode, GatewaySchema};
 
 use crate::auth::caller::{socket_init_token, socket_upgrade_token};
 use crate::auth::revocations::SessionEnd;
@@ -125,9 +130,79 @@ async fn graphql(
         return Err(AppError::UnsupportedMediaType);
     }
     let bytes = read_body_limited(body, MAX_BODY).await?;
+    if is_batch(&bytes) {
+        return graphql_batch(&state, caller, &bytes).await;
+    }
     let request: async_graphql::Request = parse_json(&bytes)?;
     let response = state.schema.execute(request.data(caller)).await;
-    Ok(json_response(StatusCode::OK, &response).into_response())
+    Ok(graphql_response(&response))
+}
+
+/// A response as HTTP: 429 with `Retry-After` when a rate limit refused the request
+/// (the body stays a GraphQL response), else 200.
+fn graphql_response(response: &async_graphql::Response) -> Response {
+    match cost::retry_after_of(response) {
+        Some(wait) => {
+            let mut r = json_response(StatusCode::TOO_MANY_REQUESTS, response);
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from(wait.secs()),
+            );
+            r
+        }
+        None => json_response(StatusCode::OK, response),
+    }
+}
+
+/// Whether a body is a batch: a JSON array.
+fn is_batch(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+}
+
+/// A batch (`GRAPHQL_BATCH=true`; else 400 `batch_not_enabled`): the cost limits hold for
+/// the batch as a whole, checked for every request before any runs; then the requests
+/// run, each through the same per-operation checks and rates as a single request.
+async fn graphql_batch(
+    state: &GraphqlState,
+    caller: Caller,
+    bytes: &[u8],
+) -> Result<Response, AppError> {
+    let enabled = state.schema.data::<BatchMode>().is_some_and(|b| b.0);
+    if !enabled {
+        return Err(AppError::bad_request(
+            "batch_not_enabled",
+            "batched GraphQL requests (a JSON array) are not accepted; send one operation per request",
+        ));
+    }
+    let mut requests: Vec<async_graphql::Request> = parse_json(bytes)?;
+    if requests.is_empty() {
+        return Err(AppError::bad_request(
+            "empty_batch",
+            "a batch needs at least one request",
+        ));
+    }
+    if let Some(policy) = state.schema.data::<Arc<cost::CostPolicy>>() {
+        let mut total = cost::Cost::default();
+        for request in &mut requests {
+            let operation = request.operation_name.clone();
+            // Unparsable, uncountable or unselected: the request's own run reports it.
+            if let Ok(doc) = request.parsed_query() {
+                if let Ok(c) = cost::operation_cost(doc, operation.as_deref()) {
+                    total.add(&c);
+                }
+            }
+        }
+        if let Err(e) = cost::check_cost(&total, &policy.limits) {
+            let refused: Vec<async_graphql::Response> = requests
+                .iter()
+                .map(|_| async_graphql::Response::from_errors(vec![e.clone()]))
+                .collect();
+            return Ok(json_response(StatusCode::OK, &refused));
+        }
+    }
+    let batch = async_graphql::BatchRequest::Batch(requests).data(caller);
+    let response = state.schema.execute_batch(batch).await;
+    Ok(json_response(StatusCode::OK, &response))
 }
 
 /// `GET /graphql/ws`: checks the upgrade and the subprotocol (JSON errors, before any

@@ -9,6 +9,7 @@ use gateway_shared::frames::PendingRequest;
 use gateway_shared::ids::{ClientId, ExecutionId};
 use serde_json::Value;
 
+use super::cost::{CostGuard, CostLimits, CostPolicy, NoetlPermits};
 use super::subscription::{OperationLimit, Subscription};
 use crate::auth::session::{is_valid_playbook_path, now_unix, SessionService};
 use crate::auth::Caller;
@@ -47,11 +48,18 @@ pub struct Services {
 }
 
 /// Builds the schema with the protocol's limits. Depth and complexity limits hold for every
-/// operation, over HTTP and WebSocket alike; [`OperationLimit`] adds the per-socket cap.
+/// operation, over HTTP and WebSocket alike; [`OperationLimit`] adds the per-socket cap and
+/// [`CostGuard`] adds the per-operation cost limits and per-user rates (`cost.rs`); its
+/// policy is schema data, so the HTTP shell reads the same limits for batches.
 pub fn build_schema(services: Services, introspection: bool) -> GatewaySchema {
+    let policy = Arc::new(cost_policy(&services.config));
+    let batch = BatchMode(services.config.graphql_batch);
     let mut b = Schema::build(Query, Mutation, Subscription)
         .data(services)
+        .data(policy.clone())
+        .data(batch)
         .extension(OperationLimit)
+        .extension(CostGuard(policy))
         .limit_depth(16)
         .limit_complexity(1000)
         .limit_recursive_depth(32);
@@ -60,6 +68,24 @@ pub fn build_schema(services: Services, introspection: bool) -> GatewaySchema {
     }
     b.finish()
 }
+
+/// The cost policy the configuration describes.
+pub fn cost_policy(config: &Config) -> CostPolicy {
+    CostPolicy::new(
+        CostLimits {
+            max_root_fields: config.graphql_max_root_fields,
+            max_aliases: config.graphql_max_aliases,
+            max_execute: config.graphql_max_execute_per_request,
+            max_noetl_fields: config.graphql_max_noetl_fields,
+        },
+        config.graphql_mutation_rate_limit,
+        config.execute_rate_limit,
+    )
+}
+
+/// Whether batched requests (a JSON array) are served (`GRAPHQL_BATCH`); schema data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchMode(pub bool);
 
 pub(super) fn gql_error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
     async_graphql::Error::new(message.into()).extend_with(|_, e| e.set("code", code))
@@ -236,10 +262,13 @@ impl Query {
             .iter()
             .map(|(_, run)| run.execution_id.clone())
             .collect();
+        let permits = NoetlPermits::of(ctx);
         let statuses: Vec<String> = futures::stream::iter(ids)
             .map(|id| {
                 let noetl = svc.noetl.clone();
+                let permits = permits.clone();
                 async move {
+                    let _permit = permits.acquire().await;
                     match noetl.execution_status(&id).await {
                         Ok(v) => v["status"].as_str().unwrap_or("UNKNOWN").to_owned(),
                         Err(e) => {
@@ -281,6 +310,7 @@ impl Query {
         id: ID,
     ) -> async_graphql::Result<Option<ExecutionStatus>> {
         let (svc, caller) = ctx_parts(ctx)?;
+        let _permit = NoetlPermits::of(ctx).acquire().await;
         require_execution_access(svc, caller, &id, "view").await?;
         let mut v = svc
             .noetl
@@ -521,6 +551,7 @@ impl Mutation {
     /// Cancels an execution the caller started (or reads all) and may execute.
     async fn cancel_execution(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<bool> {
         let (svc, caller) = ctx_parts(ctx)?;
+        let _permit = NoetlPermits::of(ctx).acquire().await;
         require_execution_access(svc, caller, &id, "execute").await?;
         svc.noetl
             .cancel(&id)

@@ -35,6 +35,11 @@ async fn spawn_on(dir: &Path, port: u16) -> anyhow::Result<ChildGuard> {
     let mut cmd = Command::new(&bin);
     cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir.join("js"));
+    // A configuration written by `start_with_max_payload` (flags above take precedence).
+    let conf = dir.join("nats.conf");
+    if conf.exists() {
+        cmd.arg("-c").arg(conf);
+    }
     let mut guard = ChildGuard::spawn("nats-server", cmd, dir.join("nats.log"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -59,7 +64,21 @@ impl NatsServer {
     /// Starts a server and waits until it accepts connections on a port it owns; if
     /// another process took the port first, tries again on a fresh one (3 attempts).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_in(super::scratch_dir("gw-nats-")).await
+    }
+
+    /// [`Self::start`] with the server's `max_payload` (bytes) set, as an operator would in
+    /// its configuration file (kept by [`Self::start_again`]).
+    pub async fn start_with_max_payload(bytes: usize) -> anyhow::Result<Self> {
         let dir = super::scratch_dir("gw-nats-");
+        std::fs::write(
+            dir.path().join("nats.conf"),
+            format!("max_payload: {bytes}\n"),
+        )?;
+        Self::start_in(dir).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir) -> anyhow::Result<Self> {
         let mut attempt = 0;
         loop {
             attempt += 1;

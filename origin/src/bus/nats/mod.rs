@@ -294,6 +294,15 @@ impl Bus for NatsBus {
         Ok(id)
     }
 
+    /// `max_payload` as the server announced it, less the `publish` header block
+    /// (`NATS/1.0\r\n`, `Gw-Event: <event>\r\n`, `\r\n`): the client and the server
+    /// count headers and payload together. `None` before the server's INFO is known.
+    fn max_data_len(&self, event: &str) -> Option<usize> {
+        let headers = "NATS/1.0\r\n".len() + EVENT_HEADER.len() + ": \r\n".len() + event.len() + 2;
+        let max = self.client.server_info().max_payload;
+        (max > 0).then(|| max.saturating_sub(headers))
+    }
+
     async fn subscribe(
         &self,
         client_id: &ClientId,
