@@ -30,7 +30,7 @@ use crate::extract::BodyLimit;
 use crate::graphql::{build_schema, schema::Services, GraphqlState, KeepAlive};
 use crate::health::Readiness;
 use crate::hub::Hub;
-use crate::listener::{self, LeanPath};
+use crate::listener::{self, ConnLimits, LeanPath, RequestLimits};
 use crate::metrics::{Metrics, MetricsState};
 use crate::noetl::NoetlClient;
 use crate::owners::Owners;
@@ -278,6 +278,10 @@ async fn build(
             revocations,
         },
         edge_trust,
+        limits: RequestLimits {
+            request_timeout: config.request_timeout,
+            max_inflight: config.max_inflight_requests,
+        },
         shutdown,
     })
 }
@@ -336,10 +340,26 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     } else {
         LeanPath::Off
     };
+    let limits = |max_connections| ConnLimits {
+        header_timeout: config.header_read_timeout,
+        idle_timeout: config.keepalive_idle_timeout,
+        body_timeout: config.body_read_timeout,
+        max_connections,
+    };
+    let (public_limits, internal_limits) = (
+        limits(config.public_max_connections),
+        limits(config.internal_max_connections),
+    );
     let servers = async {
         tokio::try_join!(
-            listener::serve(public, public_app, lean, shutdown.clone()),
-            listener::serve(internal, internal_app, LeanPath::Off, shutdown.clone()),
+            listener::serve(public, public_app, lean, public_limits, shutdown.clone()),
+            listener::serve(
+                internal,
+                internal_app,
+                LeanPath::Off,
+                internal_limits,
+                shutdown.clone()
+            ),
         )
     };
     let grace = config.shutdown_grace;

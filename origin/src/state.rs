@@ -16,6 +16,7 @@ use crate::callbacks::CallbackState;
 use crate::events::EventsState;
 use crate::graphql::GraphqlState;
 use crate::health::Readiness;
+use crate::listener::RequestLimits;
 use crate::metrics::MetricsState;
 use crate::proxy::ProxyState;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub metrics: MetricsState,
     /// The edge's key: the assertion middleware of the public listener.
     pub edge_trust: EdgeTrust,
+    /// The request timeout and load shedding of both listeners (`app.rs` layers).
+    pub limits: RequestLimits,
     /// Cancelled on SIGTERM; the listeners drain with it.
     pub shutdown: CancellationToken,
 }
