@@ -380,12 +380,7 @@ fn parse_lean(buf: &[u8]) -> Parsed {
 }
 
 /// Runs the request through the router and writes the response as HTTP/1.1.
-async fn serve_lean(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    app: Router,
-    req: Box<Request<Body>>,
-) {
+async fn serve_lean(mut stream: TcpStream, peer: SocketAddr, app: Router, req: Box<Request<Body>>) {
     // Boxed: answering and writing the head is a large state the stream must not keep.
     if let Some(body) = Box::pin(respond(&mut stream, peer, app, *req)).await {
         stream_chunks(stream, body).await;

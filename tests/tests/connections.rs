@@ -1,9 +1,10 @@
 //! Connection limits end to end (issue 12): half-open connections on both listeners and
 //! both paths (the lean `GET /events` writer and hyper) are closed at the header timeout
 //! while `/health` keeps answering; an idle kept-alive connection is closed at the idle
-//! timeout; a body trickled at 1 byte/s gets 408; the connection over the cap is refused
-//! with a JSON 503 and the listener serves again once connections close; a declared body
-//! over a route's limit gets 413 before a byte of it is sent.
+//! timeout; a body trickled at 1 byte/s gets 408 (the JSON routes and the proxy's
+//! upload); the connection over the cap is refused with a JSON 503 and the listener serves
+//! again once connections close; a declared body over a route's limit gets 413 before a
+//! byte of it is sent.
 
 use std::time::{Duration, Instant};
 
@@ -217,6 +218,11 @@ async fn a_body_sent_at_one_byte_a_second_gets_408() {
         (
             authority(&origin.url),
             "POST /api/auth/login HTTP/1.1\r\nHost: x\r\n".to_owned(),
+        ),
+        // The proxy streams the upload to NoETL: the deadline cuts it there too.
+        (
+            authority(&origin.url),
+            format!("POST /noetl/debug/echo/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"),
         ),
         (
             authority(&origin.internal_url),

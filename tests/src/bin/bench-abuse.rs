@@ -17,8 +17,8 @@
 //! - a login flood: `--flooders` keep-alive connections posting `/api/auth/login` with the
 //!   attacker's own valid ID token, each as fast as the answers come.
 //!
-//! Phases: quiet (`--seconds`), then the half-open connections are opened and held, then
-//! the attack window (`--seconds`) with the flood running. Printed: p50/p99/max of the
+//! Phases of `--seconds` each: quiet; the half-open connections alone (opened first, then
+//! held); the half-open connections and the login flood. Printed: p50/p99/max of the
 //! normal request in each phase and their ratio (goal: p99 under attack ≤ 1.2× quiet), the
 //! half-open connections held during the window, the flood's answers by status, and the
 //! origin's open file descriptors.
@@ -293,6 +293,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ramped = ramp.elapsed();
+    // Half-open alone first: what the connections cost, apart from the flood's work.
+    let closed_before = holders.closed_by_origin.load(Ordering::Relaxed);
+    let held_only = measure(to, &me, clients, window).await?;
+    let closed_held_only = holders.closed_by_origin.load(Ordering::Relaxed) - closed_before;
     let stop_flood = Arc::new(AtomicBool::new(false));
     let floods: Vec<_> = (0..flooders)
         .map(|_| tokio::spawn(flood(to, login_flood.clone(), stop_flood.clone())))
@@ -337,6 +341,10 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", row("quiet", &quiet, quiet_p99));
     println!(
         "{}",
+        row(&format!("{half_open} half-open"), &held_only, quiet_p99)
+    );
+    println!(
+        "{}",
         row(
             &format!("{half_open} half-open + login flood"),
             &attacked,
@@ -346,7 +354,7 @@ async fn main() -> anyhow::Result<()> {
     println!();
     let flood_total: u64 = statuses.values().sum();
     println!(
-        "Attack from {ATTACKER}: {half_open} half-open connections opened in {:.1} s; held during the window {held_lo}..{held_hi}; closed by the origin in the window {closed_in_window}; failed connects {}",
+        "Attack from {ATTACKER}: {half_open} half-open connections opened in {:.1} s; held during the flood window {held_lo}..{held_hi}; closed by the origin (header timeout) and re-opened: {closed_held_only} in the half-open window, {closed_in_window} in the flood window; failed connects {}",
         ramped.as_secs_f64(),
         holders.failed.load(Ordering::Relaxed)
     );
