@@ -323,9 +323,10 @@ pub struct Config {
     #[arg(long, env = "MAX_INFLIGHT_REQUESTS", default_value_t = 2048)]
     pub max_inflight_requests: usize,
 
-    /// Open connections on the public listener; one more is answered 503
-    /// `too_many_connections` and closed.
-    #[arg(long, env = "PUBLIC_MAX_CONNECTIONS", default_value_t = 16_384)]
+    /// Open connections on the public listener (SSE streams included: one each); one more
+    /// is answered 503 `too_many_connections` and closed. Keep the process's open-file
+    /// limit above both caps together.
+    #[arg(long, env = "PUBLIC_MAX_CONNECTIONS", default_value_t = 32_768)]
     pub public_max_connections: usize,
 
     /// Open connections on the internal listener (NoETL's callbacks, metrics scrapes).
@@ -547,6 +548,34 @@ mod tests {
         let c = with(&["--read-all-roles", ""]);
         c.validate().unwrap();
         assert!(c.read_all_roles().is_empty(), "empty: nobody reads all");
+    }
+
+    #[test]
+    fn connection_limits_default_above_the_benchmarked_load_and_are_checked() {
+        let with = |extra: &[&'static str]| {
+            let mut args = base();
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).unwrap()
+        };
+        let c = with(&[]);
+        c.validate().unwrap();
+        // bench-abuse holds 10k half-open connections while normal traffic flows, and
+        // bench-realtime 19k SSE streams on one origin.
+        assert!(c.public_max_connections > 20_000);
+        assert!(c.internal_max_connections < c.public_max_connections);
+        // Idle connections outlive a Google Cloud load balancer's 600 s idle timeout.
+        assert!(c.keepalive_idle_timeout > Duration::from_secs(600));
+        assert!(c.header_read_timeout < c.keepalive_idle_timeout);
+        assert!(c.request_timeout >= c.body_read_timeout);
+        for bad in [
+            &["--header-read-timeout", "0s"][..],
+            &["--body-read-timeout", "30s", "--request-timeout", "10s"],
+            &["--max-inflight-requests", "0"],
+            &["--public-max-connections", "0"],
+            &["--internal-max-connections", "0"],
+        ] {
+            assert!(with(bad).validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

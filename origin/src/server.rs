@@ -333,6 +333,7 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
         public = %public.local_addr()?, internal = %internal.local_addr()?,
         noetl = %config.noetl_base_url, "origin listening"
     );
+    warn_if_fds_below_caps(config);
     let public_app = public_router(state.clone());
     let internal_app = internal_router(state);
     let lean = if config.sse_lean_http {
@@ -371,6 +372,31 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     }
     tracing::info!("origin stopped");
     Ok(())
+}
+
+/// Warns when the process may open fewer files than the connection caps allow: past the
+/// open-file limit a connection is not refused cleanly, `accept` fails.
+fn warn_if_fds_below_caps(config: &Config) {
+    let caps = config.public_max_connections + config.internal_max_connections;
+    if let Some(limit) = open_file_limit().filter(|&l| l < caps as u64) {
+        tracing::warn!(
+            open_file_limit = limit,
+            connection_caps = caps,
+            "RLIMIT_NOFILE is below PUBLIC_MAX_CONNECTIONS + INTERNAL_MAX_CONNECTIONS: past it, connections fail at accept instead of a clean 503"
+        );
+    }
+}
+
+/// This process's soft open-file limit (`/proc/self/limits`), if it can be read.
+fn open_file_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 async fn bind(addr: SocketAddr, which: &str) -> anyhow::Result<TcpListener> {

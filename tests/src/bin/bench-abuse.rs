@@ -17,14 +17,16 @@
 //! - a login flood: `--flooders` keep-alive connections posting `/api/auth/login` with the
 //!   attacker's own valid ID token, each as fast as the answers come.
 //!
-//! Phases of `--seconds` each: quiet; the half-open connections alone (opened first, then
-//! held); the half-open connections and the login flood. Printed: p50/p99/max of the
+//! `--rounds` rounds (default 3), each with three phases of `--seconds` (default 5): quiet;
+//! the half-open connections alone (opened first, then held); the half-open connections
+//! and the login flood. The attacker then closes everything before the next round, so
+//! the phases are interleaved against the machine's noise. Printed: p50/p99/max of the
 //! normal request in each phase and their ratio (goal: p99 under attack ≤ 1.2× quiet), the
 //! half-open connections held during the window, the flood's answers by status, and the
 //! origin's open file descriptors.
 //!
-//! Usage: `bench-abuse [--half-open N (10000)] [--seconds S (10)] [--clients C (2)]
-//! [--flooders F (4)]`.
+//! Usage: `bench-abuse [--half-open N (10000)] [--rounds R (3)] [--seconds S (5)]
+//! [--clients C (2)] [--flooders F (4)]`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -230,7 +232,8 @@ fn row(name: &str, sorted: &[u64], quiet_p99: u64) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let half_open = arg("--half-open", 10_000);
-    let window = Duration::from_secs(arg("--seconds", 10) as u64);
+    let window = Duration::from_secs(arg("--seconds", 5) as u64);
+    let rounds = arg("--rounds", 3);
     let clients = arg("--clients", 2);
     let flooders = arg("--flooders", 4);
     let profile = if cfg!(debug_assertions) {
@@ -271,70 +274,80 @@ async fn main() -> anyhow::Result<()> {
     // Warm-up (connections, caches), not counted.
     measure(to, &me, clients, Duration::from_secs(2)).await?;
     let fds_quiet = open_fds(pid);
-    let quiet = measure(to, &me, clients, window).await?;
-
-    // The attack: half-open connections first, held, then the flood with the window.
-    let holders = Arc::new(Holders::default());
-    let mut slots = Vec::with_capacity(half_open);
-    let ramp = Instant::now();
-    for i in 0..half_open {
-        slots.push(tokio::spawn(hold(to, i % 2 == 0, holders.clone())));
-        if i % 500 == 499 {
-            // Let the accept queue drain rather than overflow it.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    while (holders.open.load(Ordering::Relaxed) as usize) < half_open * 98 / 100 {
-        anyhow::ensure!(
-            ramp.elapsed() < Duration::from_secs(60),
-            "only {} of {half_open} half-open connections open after 60 s",
-            holders.open.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let ramped = ramp.elapsed();
-    // Half-open alone first: what the connections cost, apart from the flood's work.
-    let closed_before = holders.closed_by_origin.load(Ordering::Relaxed);
-    let held_only = measure(to, &me, clients, window).await?;
-    let closed_held_only = holders.closed_by_origin.load(Ordering::Relaxed) - closed_before;
-    let stop_flood = Arc::new(AtomicBool::new(false));
-    let floods: Vec<_> = (0..flooders)
-        .map(|_| tokio::spawn(flood(to, login_flood.clone(), stop_flood.clone())))
-        .collect();
-    let sampler = {
-        let holders = holders.clone();
-        tokio::spawn(async move {
-            let (mut lo, mut hi, mut fds) = (u64::MAX, 0, 0);
-            let end = Instant::now() + window;
-            while Instant::now() < end {
-                let open = holders.open.load(Ordering::Relaxed);
-                (lo, hi) = (lo.min(open), hi.max(open));
-                fds = fds.max(open_fds(pid));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            (lo, hi, fds)
-        })
-    };
-    let closed_before = holders.closed_by_origin.load(Ordering::Relaxed);
-    let attacked = measure(to, &me, clients, window).await?;
-    let closed_in_window = holders.closed_by_origin.load(Ordering::Relaxed) - closed_before;
-    stop_flood.store(true, Ordering::Relaxed);
-    holders.stop.store(true, Ordering::Relaxed);
-    let (held_lo, held_hi, fds_attack) = sampler.await?;
+    let (mut quiet, mut held_only, mut attacked) = (Vec::new(), Vec::new(), Vec::new());
     let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
-    for f in floods {
-        for (s, n) in f.await? {
-            *statuses.entry(s).or_default() += n;
+    let (mut ramps, mut held_lo, mut held_hi, mut fds_attack) = (Vec::new(), u64::MAX, 0, 0);
+    let (mut closed_held_only, mut closed_in_flood, mut failed) = (0, 0, 0);
+    for _ in 0..rounds {
+        quiet.extend(measure(to, &me, clients, window).await?);
+
+        // The attack: half-open connections first, held, then the flood with them.
+        let holders = Arc::new(Holders::default());
+        let mut slots = Vec::with_capacity(half_open);
+        let ramp = Instant::now();
+        for i in 0..half_open {
+            slots.push(tokio::spawn(hold(to, i % 2 == 0, holders.clone())));
+            if i % 500 == 499 {
+                // Let the accept queue drain rather than overflow it.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        while (holders.open.load(Ordering::Relaxed) as usize) < half_open * 98 / 100 {
+            anyhow::ensure!(
+                ramp.elapsed() < Duration::from_secs(60),
+                "only {} of {half_open} half-open connections open after 60 s",
+                holders.open.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ramps.push(ramp.elapsed());
+        // Half-open alone first: what the connections cost, apart from the flood's work.
+        let closed_before = holders.closed_by_origin.load(Ordering::Relaxed);
+        held_only.extend(measure(to, &me, clients, window).await?);
+        closed_held_only += holders.closed_by_origin.load(Ordering::Relaxed) - closed_before;
+        let stop_flood = Arc::new(AtomicBool::new(false));
+        let floods: Vec<_> = (0..flooders)
+            .map(|_| tokio::spawn(flood(to, login_flood.clone(), stop_flood.clone())))
+            .collect();
+        let sampler = {
+            let holders = holders.clone();
+            tokio::spawn(async move {
+                let (mut lo, mut hi, mut fds) = (u64::MAX, 0, 0);
+                let end = Instant::now() + window;
+                while Instant::now() < end {
+                    let open = holders.open.load(Ordering::Relaxed);
+                    (lo, hi) = (lo.min(open), hi.max(open));
+                    fds = fds.max(open_fds(pid));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                (lo, hi, fds)
+            })
+        };
+        let closed_before = holders.closed_by_origin.load(Ordering::Relaxed);
+        attacked.extend(measure(to, &me, clients, window).await?);
+        closed_in_flood += holders.closed_by_origin.load(Ordering::Relaxed) - closed_before;
+        stop_flood.store(true, Ordering::Relaxed);
+        holders.stop.store(true, Ordering::Relaxed);
+        let (lo, hi, fds) = sampler.await?;
+        (held_lo, held_hi, fds_attack) = (held_lo.min(lo), held_hi.max(hi), fds_attack.max(fds));
+        for f in floods {
+            for (s, n) in f.await? {
+                *statuses.entry(s).or_default() += n;
+            }
+        }
+        failed += holders.failed.load(Ordering::Relaxed);
+        // The attacker leaves: every slot closes its socket before the next quiet phase.
+        for s in slots {
+            let _ = s.await;
         }
     }
-    for s in slots {
-        s.abort();
-    }
-
+    quiet.sort_unstable();
+    held_only.sort_unstable();
+    attacked.sort_unstable();
     let quiet_p99 = percentile(&quiet, 0.99);
     println!();
     println!(
-        "Normal request: POST /graphql {{ me }} with a cached session, {clients} keep-alive clients from {NORMAL}, {window:?} per phase (µs)"
+        "Normal request: POST /graphql {{ me }} with a cached session, {clients} keep-alive clients from {NORMAL}, {rounds} rounds × {window:?} per phase (µs)"
     );
     println!("| phase | requests | p50 | p99 | max | p99 / quiet p99 |");
     println!("|---|---|---|---|---|---|");
@@ -353,15 +366,14 @@ async fn main() -> anyhow::Result<()> {
     );
     println!();
     let flood_total: u64 = statuses.values().sum();
+    let flood_time = window.as_secs_f64() * rounds as f64;
     println!(
-        "Attack from {ATTACKER}: {half_open} half-open connections opened in {:.1} s; held during the flood window {held_lo}..{held_hi}; closed by the origin (header timeout) and re-opened: {closed_held_only} in the half-open window, {closed_in_window} in the flood window; failed connects {}",
-        ramped.as_secs_f64(),
-        holders.failed.load(Ordering::Relaxed)
+        "Attack from {ATTACKER}: {half_open} half-open connections opened in {:?} s per round; held during the flood windows {held_lo}..{held_hi}; closed by the origin (header timeout) and re-opened: {closed_held_only} in the half-open windows, {closed_in_flood} in the flood windows; failed connects {failed}",
+        ramps.iter().map(|r| format!("{:.1}", r.as_secs_f64())).collect::<Vec<_>>(),
     );
     println!(
-        "Login flood ({flooders} connections): {flood_total} answers in {:.0} s ({:.0}/s) by status {statuses:?} (0 = connect failed)",
-        window.as_secs_f64(),
-        flood_total as f64 / window.as_secs_f64()
+        "Login flood ({flooders} connections): {flood_total} answers in {flood_time:.0} s ({:.0}/s) by status {statuses:?} (0 = connect failed)",
+        flood_total as f64 / flood_time
     );
     println!("Origin open file descriptors: quiet {fds_quiet}, under attack (max) {fds_attack}");
     let ratio = percentile(&attacked, 0.99) as f64 / quiet_p99.max(1) as f64;
