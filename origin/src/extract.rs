@@ -173,7 +173,7 @@ mod tests {
         assert_eq!(ok.len(), 2048);
     }
 
-    /// A body that never yields a byte but declares `0` bytes.
+    /// A body that never yields a byte but declares its `.0` bytes (as a Content-Length would).
     struct Declared(u64);
 
     impl http_body::Body for Declared {
