@@ -17,7 +17,9 @@
 //! - a login flood: `--flooders` keep-alive connections posting `/api/auth/login` with the
 //!   attacker's own valid ID token, each as fast as the answers come.
 //!
-//! `--rounds` rounds (default 3), each with three phases of `--seconds` (default 5): quiet;
+//! `--rounds` rounds (default 2), each with four phases of `--seconds` (default 10, the
+//! origin's header timeout, so each attack phase holds one wave of the origin closing the
+//! half-open connections and the attacker re-opening them): quiet; the login flood alone;
 //! the half-open connections alone (opened first, then held); the half-open connections
 //! and the login flood. The attacker then closes everything before the next round, so
 //! the phases are interleaved against the machine's noise. Printed: p50/p99/max of the
@@ -25,7 +27,7 @@
 //! half-open connections held during the window, the flood's answers by status, and the
 //! origin's open file descriptors.
 //!
-//! Usage: `bench-abuse [--half-open N (10000)] [--rounds R (3)] [--seconds S (5)]
+//! Usage: `bench-abuse [--half-open N (10000)] [--rounds R (2)] [--seconds S (10)]
 //! [--clients C (2)] [--flooders F (4)]`.
 
 use std::collections::BTreeMap;
@@ -235,8 +237,8 @@ fn row(name: &str, sorted: &[u64], quiet_p99: u64) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let half_open = arg("--half-open", 10_000);
-    let window = Duration::from_secs(arg("--seconds", 5) as u64);
-    let rounds = arg("--rounds", 3);
+    let window = Duration::from_secs(arg("--seconds", 10) as u64);
+    let rounds = arg("--rounds", 2);
     let clients = arg("--clients", 2);
     let flooders = arg("--flooders", 4);
     let profile = if cfg!(debug_assertions) {
@@ -281,8 +283,23 @@ async fn main() -> anyhow::Result<()> {
     let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
     let (mut ramps, mut held_lo, mut held_hi, mut fds_attack) = (Vec::new(), u64::MAX, 0, 0);
     let (mut closed_held_only, mut closed_in_flood, mut failed) = (0, 0, 0);
+    let mut flood_only = Vec::new();
+    let mut flood_only_statuses: BTreeMap<u16, u64> = BTreeMap::new();
     for _ in 0..rounds {
         quiet.extend(measure(to, &me, clients, window).await?);
+
+        // The login flood alone: what its own work costs the normal request.
+        let stop_flood = Arc::new(AtomicBool::new(false));
+        let floods: Vec<_> = (0..flooders)
+            .map(|_| tokio::spawn(flood(to, login_flood.clone(), stop_flood.clone())))
+            .collect();
+        flood_only.extend(measure(to, &me, clients, window).await?);
+        stop_flood.store(true, Ordering::Relaxed);
+        for f in floods {
+            for (s, n) in f.await? {
+                *flood_only_statuses.entry(s).or_default() += n;
+            }
+        }
 
         // The attack: half-open connections first, held, then the flood with them.
         let holders = Arc::new(Holders::default());
@@ -345,6 +362,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     quiet.sort_unstable();
+    flood_only.sort_unstable();
     held_only.sort_unstable();
     attacked.sort_unstable();
     let quiet_p99 = percentile(&quiet, 0.99);
@@ -355,6 +373,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| phase | requests | p50 | p99 | max | p99 / quiet p99 |");
     println!("|---|---|---|---|---|---|");
     println!("{}", row("quiet", &quiet, quiet_p99));
+    println!("{}", row("login flood", &flood_only, quiet_p99));
     println!(
         "{}",
         row(&format!("{half_open} half-open"), &held_only, quiet_p99)
@@ -375,7 +394,8 @@ async fn main() -> anyhow::Result<()> {
         ramps.iter().map(|r| format!("{:.1}", r.as_secs_f64())).collect::<Vec<_>>(),
     );
     println!(
-        "Login flood ({flooders} connections): {flood_total} answers in {flood_time:.0} s ({:.0}/s) by status {statuses:?} (0 = connect failed)",
+        "Login flood ({flooders} connections): alone {} answers in {flood_time:.0} s by status {flood_only_statuses:?}; with the half-open connections {flood_total} answers in {flood_time:.0} s ({:.0}/s) by status {statuses:?} (0 = connect failed)",
+        flood_only_statuses.values().sum::<u64>(),
         flood_total as f64 / flood_time
     );
     println!("Origin open file descriptors: quiet {fds_quiet}, under attack (max) {fds_attack}");
