@@ -205,3 +205,82 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     resp.headers_mut().insert("x-request-id", value);
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    /// `/slow` waits until `release` is notified (or 10 s); `/fast` answers at once.
+    fn routes(release: Arc<tokio::sync::Notify>) -> Router {
+        Router::new()
+            .route(
+                "/slow",
+                get(move || {
+                    let release = release.clone();
+                    async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), release.notified()).await;
+                        "slow"
+                    }
+                }),
+            )
+            .route("/fast", get(|| async { "fast" }))
+    }
+
+    async fn call(app: &Router, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
+        let resp = app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let retry = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, retry, json)
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_inflight_limit_is_shed_at_once_with_retry_after() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let app = limited(routes(release.clone()), Arc::new(Semaphore::new(1)), None);
+        let busy = tokio::spawn({
+            let app = app.clone();
+            async move { call(&app, "/slow").await }
+        });
+        // Wait until the slow request holds the one permit.
+        let shed = loop {
+            let got = call(&app, "/fast").await;
+            if got.0 == StatusCode::SERVICE_UNAVAILABLE {
+                break got;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(shed.1.as_deref(), Some("1"));
+        assert_eq!(shed.2["error"]["code"], "overloaded");
+        release.notify_one();
+        assert_eq!(busy.await.unwrap().0, StatusCode::OK);
+        // The permit is back: served again.
+        assert_eq!(call(&app, "/fast").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_not_answered_in_time_is_504_json() {
+        let app = limited(
+            routes(Arc::new(tokio::sync::Notify::new())),
+            Arc::new(Semaphore::new(8)),
+            Some(Duration::from_secs(2)),
+        );
+        let (status, _, body) = call(&app, "/slow").await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(body["error"]["code"], "request_timeout");
+        assert_eq!(call(&app, "/fast").await.0, StatusCode::OK);
+    }
+}

@@ -54,7 +54,7 @@ async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStre
     let socket = TcpSocket::new_v4()?;
     // Closed with a reset, not FIN: the attacker's sockets leave no TIME_WAIT behind to
     // crowd the next round's ports (and a client closing first would).
-    socket.set_linger(Some(Duration::ZERO))?;
+    socket.set_zero_linger()?;
     socket.bind(SocketAddr::new(IpAddr::V4(from), 0))?;
     let stream = socket.connect(to).await?;
     stream.set_nodelay(true)?;
