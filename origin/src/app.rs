@@ -17,7 +17,7 @@
 //!   runs past it. `/noetl/*` has its own (`PROXY_TIMEOUT`, `PROXY_IDLE_TIMEOUT`).
 //! - **A declared body over the route's limit** (`Content-Length`) is answered 413 before
 //!   the caller is looked up or a byte of the body is read: GraphQL `graphql::MAX_BODY`,
-//!   auth `AUTH_BODY_LIMIT`, callbacks `CALLBACK_BODY_LIMIT` (the proxy checks its own).
+//!   auth `AUTH_BODY_LIMIT`, callbacks `CALLBACK_BODY_LIMIT`, `/noetl/*` `PROXY_MAX_BODY`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +63,12 @@ pub fn public_router(state: AppState) -> Router {
         .merge(auth)
         .merge(graphql)
         .merge(events::router().with_state(FromRef::from_ref(&state)));
-    let proxy = proxy::router().with_state(FromRef::from_ref(&state));
+    let proxy = proxy::router()
+        .with_state(FromRef::from_ref(&state))
+        .route_layer(middleware::from_fn_with_state(
+            DeclaredLimit(usize::try_from(state.proxy.proxy.max_body()).unwrap_or(usize::MAX)),
+            refuse_declared_over,
+        ));
     Router::new()
         .route("/health", get(health::health))
         .route(

@@ -405,6 +405,11 @@ impl Proxy {
         }
     }
 
+    /// The largest body streamed each way (a declared larger one is refused at once).
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
     /// The same proxy, rewriting JSON answers with `scrubber` (the default one removes
     /// secret keys only; the gateway's also knows its callback URL and tokens).
     pub fn with_scrubber(mut self, scrubber: Scrubber) -> Self {

@@ -344,14 +344,22 @@ async fn the_connection_over_the_cap_is_refused_and_the_listener_recovers() {
 async fn a_declared_body_over_the_route_limit_gets_413_before_it_is_sent() {
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
     let origin = origin_with(&standin, &[]).await;
-    let eight_mib = 8 * 1024 * 1024;
-    for (url, path) in [
-        (&origin.url, "/graphql"),
-        (&origin.url, "/api/auth/login"),
-        (&origin.internal_url, "/api/internal/callback/async"),
+    const MIB: u64 = 1024 * 1024;
+    for (url, path, declared) in [
+        // 8 MiB against GraphQL's 2 MiB, the auth and callback limits (64 KiB, 1 MiB).
+        (&origin.url, "/graphql", 8 * MIB),
+        (&origin.url, "/api/auth/login", 8 * MIB),
+        (
+            &origin.internal_url,
+            "/api/internal/callback/async",
+            8 * MIB,
+        ),
+        // 16 MiB against PROXY_MAX_BODY's 10 MiB, without a token: the proxy's own check
+        // comes after the caller lookup (401 here); this one before it.
+        (&origin.url, "/noetl/debug/echo/x", 16 * MIB),
     ] {
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {eight_mib}\r\n\r\n"
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
         );
         // The head only: the body is never sent, so an answer proves it was not waited for.
         let mut s = send(&authority(url), head.as_bytes()).await;
