@@ -5,14 +5,36 @@
 //! mint one, echo it back) → trace span (method, path without query: the query may carry
 //! a session token) → client address (`ratelimit::ClientIp`, through trusted proxies) → edge assertion (verify `x-gateway-assertion`, or refuse direct
 //! traffic when `REQUIRE_EDGE_ASSERTION`) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
+//!
+//! Request limits, per route group (`REQUEST_TIMEOUT`, `MAX_INFLIGHT_REQUESTS`):
+//! - **Load shedding**: at most `max_inflight` requests per listener are being answered at
+//!   once (until their response head); one more is answered 503 `overloaded` with
+//!   `Retry-After` at once, never queued. `/health` and `/ready` are outside it, so probes
+//!   answer under any load.
+//! - **Request timeout**: a request whose response head is not ready within
+//!   `request_timeout` is answered 504 `request_timeout` (the handler is dropped). Only
+//!   the head is timed: an SSE stream, an upgraded `/graphql/ws` socket or a proxied body
+//!   runs past it. `/noetl/*` has its own (`PROXY_TIMEOUT`, `PROXY_IDLE_TIMEOUT`).
+//! - **A declared body over the route's limit** (`Content-Length`) is answered 413 before
+//!   the caller is looked up or a byte of the body is read: GraphQL `graphql::MAX_BODY`,
+//!   auth `AUTH_BODY_LIMIT`, callbacks `CALLBACK_BODY_LIMIT`, `/noetl/*` `PROXY_MAX_BODY`.
 
-use axum::extract::{FromRef, Request};
-use axum::http::HeaderValue;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{FromRef, Request, State};
+use axum::http::{header, HeaderValue};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{BoxError, Router};
 use gateway_shared::headers::accept_client_request_id;
+use tokio::sync::Semaphore;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::timeout::TimeoutLayer;
+use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::edge::{verify_assertion, EdgeTrust};
@@ -24,16 +46,38 @@ use crate::{auth, callbacks, events, graphql, health, metrics, proxy};
 /// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health. Layers, outermost
 /// last: request id → trace span → client address → edge assertion → routes.
 pub fn public_router(state: AppState) -> Router {
+    let inflight = Arc::new(Semaphore::new(state.limits.max_inflight));
+    let timeout = Some(state.limits.request_timeout);
+    let auth = auth::routes::router()
+        .with_state(FromRef::from_ref(&state))
+        .route_layer(middleware::from_fn_with_state(
+            DeclaredLimit(state.auth.body_limit.0),
+            refuse_declared_over,
+        ));
+    let graphql = graphql::router()
+        .with_state(FromRef::from_ref(&state))
+        .route_layer(middleware::from_fn_with_state(
+            DeclaredLimit(graphql::MAX_BODY),
+            refuse_declared_over,
+        ));
+    let finite = Router::new()
+        .merge(auth)
+        .merge(graphql)
+        .merge(events::router().with_state(FromRef::from_ref(&state)));
+    let proxy = proxy::router()
+        .with_state(FromRef::from_ref(&state))
+        .route_layer(middleware::from_fn_with_state(
+            DeclaredLimit(usize::try_from(state.proxy.proxy.max_body()).unwrap_or(usize::MAX)),
+            refuse_declared_over,
+        ));
     Router::new()
         .route("/health", get(health::health))
         .route(
             "/ready",
             get(health::ready).with_state(state.readiness.clone()),
         )
-        .merge(auth::routes::router().with_state(FromRef::from_ref(&state)))
-        .merge(graphql::router().with_state(FromRef::from_ref(&state)))
-        .merge(events::router().with_state(FromRef::from_ref(&state)))
-        .merge(proxy::router().with_state(FromRef::from_ref(&state)))
+        .merge(limited(finite, inflight.clone(), timeout))
+        .merge(limited(proxy, inflight, None))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -50,21 +94,89 @@ pub fn public_router(state: AppState) -> Router {
 
 /// The internal listener's routes (in-cluster only): playbook callbacks, metrics, health.
 pub fn internal_router(state: AppState) -> Router {
+    let inflight = Arc::new(Semaphore::new(state.limits.max_inflight));
+    let finite = Router::new()
+        .route(
+            "/metrics",
+            get(metrics::metrics).with_state(state.metrics.clone()),
+        )
+        .merge(
+            callbacks::router()
+                .with_state(state.callbacks.clone())
+                .route_layer(middleware::from_fn_with_state(
+                    DeclaredLimit(state.callbacks.body_limit.0),
+                    refuse_declared_over,
+                )),
+        );
     Router::new()
         .route("/health", get(health::health))
         .route(
             "/ready",
             get(health::ready).with_state(state.readiness.clone()),
         )
-        .route(
-            "/metrics",
-            get(metrics::metrics).with_state(state.metrics.clone()),
-        )
-        .merge(callbacks::router().with_state(state.callbacks.clone()))
+        .merge(limited(
+            finite,
+            inflight,
+            Some(state.limits.request_timeout),
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(middleware::from_fn(request_id))
+}
+
+/// `routes` with load shedding over `inflight` (shared by a listener's route groups) and,
+/// when given, the request timeout; their errors answered as JSON by [`limit_error`].
+fn limited(routes: Router, inflight: Arc<Semaphore>, timeout: Option<Duration>) -> Router {
+    let on_error = move |err: BoxError| async move { limit_error(&err, timeout) };
+    let shed = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(on_error))
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(inflight));
+    match timeout {
+        Some(t) => routes.layer(shed.layer(TimeoutLayer::new(t))),
+        None => routes.layer(shed),
+    }
+}
+
+/// The JSON answer to a request the limit layers refused.
+fn limit_error(err: &BoxError, timeout: Option<Duration>) -> AppError {
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        AppError::Overloaded
+    } else if err.is::<tower::timeout::error::Elapsed>() {
+        AppError::RequestTimeout(timeout.unwrap_or_default())
+    } else {
+        AppError::Internal(format!("request limit layer failed: {err}"))
+    }
+}
+
+/// The largest body a route group declares acceptable (state of [`refuse_declared_over`]).
+#[derive(Debug, Clone, Copy)]
+struct DeclaredLimit(usize);
+
+/// Answers 413 to a request whose declared `Content-Length` is over the group's limit,
+/// before the handler (and so the caller lookup and the body read) runs.
+async fn refuse_declared_over(
+    State(DeclaredLimit(limit)): State<DeclaredLimit>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let mut resp = AppError::PayloadTooLarge {
+            limit: limit as u64,
+        }
+        .into_response();
+        // The body was not read: the connection cannot carry another request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    next.run(req).await
 }
 
 async fn not_found() -> AppError {
@@ -102,4 +214,83 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     resp.headers_mut().insert("x-request-id", value);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    /// `/slow` waits until `release` is notified (or 10 s); `/fast` answers at once.
+    fn routes(release: Arc<tokio::sync::Notify>) -> Router {
+        Router::new()
+            .route(
+                "/slow",
+                get(move || {
+                    let release = release.clone();
+                    async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), release.notified()).await;
+                        "slow"
+                    }
+                }),
+            )
+            .route("/fast", get(|| async { "fast" }))
+    }
+
+    async fn call(app: &Router, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
+        let resp = app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let retry = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, retry, json)
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_inflight_limit_is_shed_at_once_with_retry_after() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let app = limited(routes(release.clone()), Arc::new(Semaphore::new(1)), None);
+        let busy = tokio::spawn({
+            let app = app.clone();
+            async move { call(&app, "/slow").await }
+        });
+        // Wait until the slow request holds the one permit.
+        let shed = loop {
+            let got = call(&app, "/fast").await;
+            if got.0 == StatusCode::SERVICE_UNAVAILABLE {
+                break got;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(shed.1.as_deref(), Some("1"));
+        assert_eq!(shed.2["error"]["code"], "overloaded");
+        release.notify_one();
+        assert_eq!(busy.await.unwrap().0, StatusCode::OK);
+        // The permit is back: served again.
+        assert_eq!(call(&app, "/fast").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_not_answered_in_time_is_504_json() {
+        let app = limited(
+            routes(Arc::new(tokio::sync::Notify::new())),
+            Arc::new(Semaphore::new(8)),
+            Some(Duration::from_secs(2)),
+        );
+        let (status, _, body) = call(&app, "/slow").await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(body["error"]["code"], "request_timeout");
+        assert_eq!(call(&app, "/fast").await.0, StatusCode::OK);
+    }
 }

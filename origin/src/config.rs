@@ -386,6 +386,46 @@ pub struct Config {
     #[arg(long, env = "REQUIRE_EDGE_ASSERTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub require_edge_assertion: bool,
 
+    // --- connection limits ---
+    /// How long a client has to send a whole request head: from accept for a connection's
+    /// first request, from its first byte for a later one on a kept-alive connection. Both
+    /// listeners, hyper and the lean `GET /events` path; the connection is closed.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+
+    /// How long a kept-alive connection with no request in flight and no byte received is
+    /// kept before it is closed gracefully. Longer than the idle timeout of the load
+    /// balancer in front (600 s on a Google Cloud HTTP(S) load balancer), so the balancer,
+    /// not the origin, closes its idle connections.
+    #[arg(long, env = "KEEPALIVE_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "620s")]
+    pub keepalive_idle_timeout: Duration,
+
+    /// How long a request body may take to arrive whole, from the end of its head; a body
+    /// still arriving then is answered 408 (`body_timeout`).
+    #[arg(long, env = "BODY_READ_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub body_read_timeout: Duration,
+
+    /// How long a request may take to get its response head (finite routes and the start of
+    /// streams; an SSE stream, a socket or a proxied body is not cut by it): then 504
+    /// `request_timeout`. `/noetl/*`, `/health` and `/ready` have their own limits.
+    #[arg(long, env = "REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub request_timeout: Duration,
+
+    /// Requests being answered at once per listener before new ones are shed with 503
+    /// `overloaded` and `Retry-After` (`/health` and `/ready` are never shed).
+    #[arg(long, env = "MAX_INFLIGHT_REQUESTS", default_value_t = 2048)]
+    pub max_inflight_requests: usize,
+
+    /// Open connections on the public listener (SSE streams included: one each); one more
+    /// is answered 503 `too_many_connections` and closed. Keep the process's open-file
+    /// limit above both caps together.
+    #[arg(long, env = "PUBLIC_MAX_CONNECTIONS", default_value_t = 32_768)]
+    pub public_max_connections: usize,
+
+    /// Open connections on the internal listener (NoETL's callbacks, metrics scrapes).
+    #[arg(long, env = "INTERNAL_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub internal_max_connections: usize,
+    // --- end of connection limits ---
     /// Log format; the filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -470,6 +510,25 @@ impl Config {
         }
         if self.frame_retention < Duration::from_secs(10) {
             return err("FRAME_RETENTION must be at least 10s");
+        }
+        // --- connection limits ---
+        if self.header_read_timeout < Duration::from_secs(1) {
+            return err("HEADER_READ_TIMEOUT must be at least 1s");
+        }
+        if self.keepalive_idle_timeout < Duration::from_secs(1) {
+            return err("KEEPALIVE_IDLE_TIMEOUT must be at least 1s");
+        }
+        if self.body_read_timeout < Duration::from_secs(1) {
+            return err("BODY_READ_TIMEOUT must be at least 1s");
+        }
+        if self.request_timeout < self.body_read_timeout {
+            return err("REQUEST_TIMEOUT must be at least BODY_READ_TIMEOUT (a body is read within the request)");
+        }
+        if self.max_inflight_requests == 0 {
+            return err("MAX_INFLIGHT_REQUESTS must be at least 1");
+        }
+        if self.public_max_connections == 0 || self.internal_max_connections == 0 {
+            return err("PUBLIC_MAX_CONNECTIONS and INTERNAL_MAX_CONNECTIONS must be at least 1");
         }
         if let Some(k) = &self.edge_assertion_public_key {
             if gateway_shared::assertion::verifying_key_from_b64(k).is_err() {
@@ -614,6 +673,34 @@ mod tests {
         let c = with(&["--read-all-roles", ""]);
         c.validate().unwrap();
         assert!(c.read_all_roles().is_empty(), "empty: nobody reads all");
+    }
+
+    #[test]
+    fn connection_limits_default_above_the_benchmarked_load_and_are_checked() {
+        let with = |extra: &[&'static str]| {
+            let mut args = base();
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).unwrap()
+        };
+        let c = with(&[]);
+        c.validate().unwrap();
+        // bench-abuse holds 10k half-open connections while normal traffic flows, and
+        // bench-realtime 19k SSE streams on one origin.
+        assert!(c.public_max_connections > 20_000);
+        assert!(c.internal_max_connections < c.public_max_connections);
+        // Idle connections outlive a Google Cloud load balancer's 600 s idle timeout.
+        assert!(c.keepalive_idle_timeout > Duration::from_secs(600));
+        assert!(c.header_read_timeout < c.keepalive_idle_timeout);
+        assert!(c.request_timeout >= c.body_read_timeout);
+        for bad in [
+            &["--header-read-timeout", "0s"][..],
+            &["--body-read-timeout", "30s", "--request-timeout", "10s"],
+            &["--max-inflight-requests", "0"],
+            &["--public-max-connections", "0"],
+            &["--internal-max-connections", "0"],
+        ] {
+            assert!(with(bad).validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -34,6 +34,16 @@ pub enum AppError {
         /// The limit that was exceeded.
         limit: u64,
     },
+    /// The request body did not arrive whole within `BODY_READ_TIMEOUT` (408; the
+    /// connection is closed, since the rest of the body may still come).
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    /// The request took longer than `REQUEST_TIMEOUT` to answer (504).
+    #[error("the request was not answered within {0:?}")]
+    RequestTimeout(std::time::Duration),
+    /// Too many requests are being answered at once: shed with 503 and `Retry-After`.
+    #[error("the server is overloaded, try again shortly")]
+    Overloaded,
     /// No valid credentials.
     #[error("{message}")]
     Unauthorized {
@@ -116,6 +126,9 @@ impl AppError {
             AppError::BadRequest { .. } | AppError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            AppError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            AppError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             AppError::Forbidden { .. } => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -143,6 +156,9 @@ impl AppError {
             AppError::InvalidJson(_) => "invalid_json",
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::PayloadTooLarge { .. } => "payload_too_large",
+            AppError::BodyTimeout(_) => "body_timeout",
+            AppError::RequestTimeout(_) => "request_timeout",
+            AppError::Overloaded => "overloaded",
             AppError::NotFound(_) => "not_found",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Noetl(e) => e.code(),
@@ -179,14 +195,23 @@ impl IntoResponse for AppError {
             {
                 Some(1)
             }
+            AppError::Overloaded => Some(1),
             AppError::TooManyRequests { retry_after, .. } => Some((*retry_after).max(1)),
             _ => None,
         };
+        // The rest of an unread body may still come: the connection cannot be reused.
+        let close = matches!(&self, AppError::BodyTimeout(_));
         let mut response = json_response(status, &self.body());
         if let Some(secs) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from(secs),
+            );
+        }
+        if close {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
             );
         }
         if refused_session {

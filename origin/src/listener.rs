@@ -20,19 +20,42 @@
 //!   server stops it (eviction, shutdown, a newer connection); an error response (401,
 //!   403, 400) is followed by `connection: close`. EventSource reconnects on a new
 //!   connection either way.
-//! - **Limits**: the head must arrive within [`HEAD_TIMEOUT`] and fit in [`MAX_HEAD`]
-//!   bytes (otherwise hyper gets the bytes and answers with its own limits); a chunk that
-//!   the client does not take within [`WRITE_STALL`] closes the connection, so a peer that
-//!   stops reading cannot pin a stream forever.
+//! - **Limits** (lean path): the head must arrive within the listener's header timeout
+//!   and fit in [`MAX_HEAD`] bytes (otherwise hyper gets the bytes and answers with its own
+//!   limits); a chunk that the client does not take within [`WRITE_STALL`] closes the
+//!   connection, so a peer that stops reading cannot pin a stream forever.
 //! - **A client that goes away** is noticed by reading: the socket is watched for
 //!   readability between frames; end of file (or an error) drops the body at once, which
 //!   unregisters the stream. Bytes a client sends after the head are read and discarded.
 //! - **Shutdown**: no new connections; hyper connections shut down gracefully; SSE bodies
 //!   end on the same cancellation token (see `events`), and their connections close.
+//!
+//! Connection limits ([`ConnLimits`], `HEADER_READ_TIMEOUT` and friends), on both listeners
+//! and both paths, so no client can pin connections:
+//! - **At most `max_connections` open** per listener. One more is accepted, answered `503`
+//!   `too_many_connections` with `Retry-After` and `connection: close`, and closed; the
+//!   listener serves again as soon as connections close. Refusals are logged at most once
+//!   per [`REFUSAL_LOG_EVERY`], with their count.
+//! - **A request head within `header_timeout`**: from accept for a connection's first
+//!   request (the lean path's head read and hyper's share the one deadline), from the first
+//!   byte of the next one on a kept-alive connection; a connection that misses it is closed.
+//! - **A kept-alive connection idles at most `idle_timeout`** (no request in flight, no
+//!   byte received), then closes gracefully. hyper's own `header_read_timeout` is not used
+//!   for this: in hyper 1.x its timer starts whenever the connection waits for a head,
+//!   idle included, so it would close every idle connection at the header timeout — sooner
+//!   than the idle timeout of a load balancer in front, which then races the close (a
+//!   request sent on a connection the origin is closing fails). Each hyper connection has
+//!   a watchdog instead ([`Activity`], [`next_deadline`]): its socket notes bytes read, its
+//!   service notes requests starting and responses ending.
+//! - **A request body within `body_timeout`** from the end of its head: every request
+//!   body is wrapped in [`DeadlineBody`], so whatever reads it (JSON routes, the proxy's
+//!   upload) fails at the deadline and the JSON routes answer 408 `body_timeout`.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,21 +65,55 @@ use axum::Router;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Version};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::extract::DeadlineBody;
 
 /// The longest request head the lean path reads; longer ones go to hyper.
 pub const MAX_HEAD: usize = 16 * 1024;
 
-/// How long a client may take to send its first request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long one chunk may wait for the client to take it before the connection closes.
 pub const WRITE_STALL: Duration = Duration::from_secs(60);
+
+/// Refusals over the connection cap are logged at most this often (with their count).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a refused connection is kept to take the client's request bytes after the
+/// `503` was written (closing with unread bytes would reset it and could lose the answer).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Refused connections kept lingering at once; past that a refusal is written and the
+/// socket closed at once.
+const MAX_LINGERING_REFUSALS: usize = 256;
+
+/// The limits one listener puts on its connections (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Time to send a whole request head.
+    pub header_timeout: Duration,
+    /// Time a kept-alive connection may idle between requests.
+    pub idle_timeout: Duration,
+    /// Time a request body has to arrive whole, from the end of its head.
+    pub body_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+}
+
+/// The limits a listener's requests are answered within (composed as layers in `app.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Time to the response head (finite routes and the start of streams).
+    pub request_timeout: Duration,
+    /// Requests being answered at once before new ones are shed.
+    pub max_inflight: usize,
+}
 
 /// Which requests take the lean path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +124,21 @@ pub enum LeanPath {
     Off,
 }
 
-/// Accepts connections until `shutdown`, serving each with `app`; then waits for open
-/// connections to finish (the caller bounds that with its grace period).
+/// Accepts connections until `shutdown`, serving each with `app` within `limits`; then
+/// waits for open connections to finish (the caller bounds that with its grace period).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     lean: LeanPath,
+    limits: ConnLimits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let tracker = tokio_util::task::TaskTracker::new();
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
+    let refusal = Bytes::from(refusal_response());
+    let local = listener.local_addr().ok();
+    let mut refusals = RefusalLog::default();
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -89,12 +152,32 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            if let Some(count) = refusals.note(Instant::now()) {
+                tracing::warn!(
+                    listener = ?local, refused = count, max = limits.max_connections,
+                    "connections refused: the listener is at its connection cap"
+                );
+            }
+            match lingering.clone().try_acquire_owned() {
+                Ok(linger) => {
+                    tracker.spawn(refuse(stream, refusal.clone(), linger));
+                }
+                Err(_) => {
+                    // Too many lingering already: answer if the socket takes it at once.
+                    let _ = stream.try_write(&refusal);
+                }
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         tracker.spawn(connection(
             stream,
             peer,
             app.clone(),
             lean,
+            limits,
+            permit,
             shutdown.clone(),
         ));
     }
@@ -104,20 +187,81 @@ pub async fn serve(
     Ok(())
 }
 
+/// The answer to a connection over the cap: `503 too_many_connections`, then close.
+fn refusal_response() -> Vec<u8> {
+    let body = serde_json::to_vec(&gateway_shared::error::ErrorBody::new(
+        "too_many_connections",
+        "the server has too many open connections, try again shortly",
+    ))
+    .unwrap_or_default();
+    let mut out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Writes the refusal, stops writing, and takes what the client sends for a moment before
+/// closing (closing on unread bytes would reset the connection, and the client could lose
+/// the answer before reading it).
+async fn refuse(mut stream: TcpStream, refusal: Bytes, _linger: OwnedSemaphorePermit) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(&refusal).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Counts refusals and says when to log them: the first at once, then at most once per
+/// [`REFUSAL_LOG_EVERY`], each time with how many there were since the last line.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    unlogged: u64,
+    last: Option<Instant>,
+}
+
+impl RefusalLog {
+    /// Notes one refusal at `now`; `Some(count)` when a line is due.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
 /// Serves one connection: the lean path when its first request qualifies, hyper otherwise.
+/// The permit is the connection's place under the cap, given back when it closes.
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     app: Router,
     lean: LeanPath,
+    limits: ConnLimits,
+    permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
+    let accepted = Instant::now();
     let mut prefix = Bytes::new();
     if lean == LeanPath::Events {
         // Boxed: the head buffer lives only until the request is built.
-        match Box::pin(read_head(&mut stream, &shutdown)).await {
+        let deadline = accepted + limits.header_timeout;
+        match Box::pin(read_head(&mut stream, deadline, &shutdown)).await {
             Head::Lean(req) => {
-                serve_lean(stream, peer, app, *req).await;
+                // The request stays boxed until the boxed answer takes it.
+                serve_lean(stream, peer, app, req).await;
+                drop(permit);
                 return;
             }
             Head::Other(bytes) => prefix = bytes,
@@ -126,7 +270,15 @@ async fn connection(
     }
     // Boxed: hyper's connection future is large, and the task's size is the largest of
     // its states for as long as it lives — a lean stream must not pay for it.
-    Box::pin(serve_hyper(stream, prefix, peer, app, shutdown)).await;
+    let conn = HyperConn {
+        stream,
+        prefix,
+        peer,
+        limits,
+        accepted,
+        permit,
+    };
+    Box::pin(serve_hyper(conn, app, shutdown)).await;
 }
 
 /// What the first bytes of a connection turned out to be.
@@ -139,9 +291,12 @@ enum Head {
     Gone,
 }
 
-async fn read_head(stream: &mut TcpStream, shutdown: &CancellationToken) -> Head {
+async fn read_head(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> Head {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     loop {
         if buf.len() == buf.capacity() {
             buf.reserve(buf.len().min(MAX_HEAD - buf.len()).max(1024));
@@ -149,7 +304,7 @@ async fn read_head(stream: &mut TcpStream, shutdown: &CancellationToken) -> Head
         let read = tokio::select! {
             () = shutdown.cancelled() => return Head::Gone,
             () = tokio::time::sleep_until(deadline) => return Head::Gone,
-            r = tokio::io::AsyncReadExt::read_buf(stream, &mut buf) => r,
+            r = stream.read_buf(&mut buf) => r,
         };
         match read {
             Ok(0) | Err(_) => return Head::Gone,
@@ -225,9 +380,9 @@ fn parse_lean(buf: &[u8]) -> Parsed {
 }
 
 /// Runs the request through the router and writes the response as HTTP/1.1.
-async fn serve_lean(mut stream: TcpStream, peer: SocketAddr, app: Router, req: Request<Body>) {
+async fn serve_lean(mut stream: TcpStream, peer: SocketAddr, app: Router, req: Box<Request<Body>>) {
     // Boxed: answering and writing the head is a large state the stream must not keep.
-    if let Some(body) = Box::pin(respond(&mut stream, peer, app, req)).await {
+    if let Some(body) = Box::pin(respond(&mut stream, peer, app, *req)).await {
         stream_chunks(stream, body).await;
     }
 }
@@ -405,41 +560,267 @@ async fn write_stalling(stream: &mut TcpStream, parts: &[IoSlice<'_>]) -> io::Re
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
-/// hyper for everything else, with the bytes already read put back first.
-async fn serve_hyper(
+/// A connection handed to hyper, with what the lean path learnt of it.
+struct HyperConn {
     stream: TcpStream,
+    /// Bytes already read (by the lean path's head probe), put back in front.
     prefix: Bytes,
     peer: SocketAddr,
-    app: Router,
-    shutdown: CancellationToken,
-) {
-    let service = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        req.map(Body::new)
-    });
+    limits: ConnLimits,
+    /// When it was accepted: its first head is due `header_timeout` after.
+    accepted: Instant,
+    permit: OwnedSemaphorePermit,
+}
+
+/// hyper for everything else, with the bytes already read put back first, watched for
+/// the header, idle and body deadlines.
+async fn serve_hyper(conn: HyperConn, app: Router, shutdown: CancellationToken) {
+    let HyperConn {
+        stream,
+        prefix,
+        peer,
+        limits,
+        accepted,
+        permit,
+    } = conn;
+    let activity = Arc::new(Activity::new(accepted));
+    let (started, ended) = (activity.clone(), activity.clone());
+    let body_timeout = limits.body_timeout;
+    let service = app
+        .map_request(move |mut req: Request<hyper::body::Incoming>| {
+            started.request_started();
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req.map(|body| {
+                if http_body::Body::is_end_stream(&body) {
+                    Body::new(body)
+                } else {
+                    Body::new(DeadlineBody::new(body, body_timeout))
+                }
+            })
+        })
+        .map_response(move |resp: axum::response::Response| {
+            let done = RequestDone(ended.clone());
+            resp.map(|body| Body::new(Tracked { body, _done: done }))
+        });
     let io = TokioIo::new(Rewind {
         prefix,
         inner: stream,
+        activity: activity.clone(),
+        _permit: permit,
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // The timer is hyper's clock; its header timer stays off because it would also close
+    // idle connections at the header timeout (module docs): the watchdog below does both.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None);
     let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::trace!(error = %e, "connection ended with an error");
+    let mut closing: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::trace!(error = %e, "connection ended with an error");
+                }
+                return;
             }
-            return;
+            () = shutdown.cancelled(), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(Instant::now());
+            }
+            verdict = watch(&activity, &limits, closing) => match verdict {
+                Verdict::Close => {
+                    tracing::trace!(%peer, "connection closed by its watchdog");
+                    return;
+                }
+                Verdict::Graceful => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now());
+                }
+            },
         }
-        () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
     }
-    let _ = conn.await;
 }
 
-/// A socket with some bytes already read from it put back in front.
+/// What the watchdog of one hyper connection knows: when a head started to be awaited,
+/// when the connection last went idle, how many requests are in flight. Written by the
+/// socket ([`Rewind`]) and the service, read by [`watch`]; times in milliseconds since
+/// `origin`.
+struct Activity {
+    origin: Instant,
+    /// When the awaited head began ([`NO_HEAD`]: none is awaited).
+    head_since: AtomicU64,
+    /// When the last response ended (or the connection was accepted).
+    idle_since: AtomicU64,
+    in_flight: AtomicU32,
+    wake: Notify,
+}
+
+/// `Activity::head_since` when no head is awaited.
+const NO_HEAD: u64 = u64::MAX;
+
+impl Activity {
+    /// A connection accepted at `origin`, awaiting its first head from then.
+    fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            head_since: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            wake: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Bytes arrived: on an idle connection they are the start of the next head.
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self
+                .head_since
+                .compare_exchange(NO_HEAD, self.now_ms(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // The head deadline is sooner than the idle one the watchdog sleeps towards.
+            self.wake.notify_one();
+        }
+    }
+
+    /// hyper parsed a head and called the service.
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(NO_HEAD, Ordering::Release);
+    }
+
+    /// A response body ended (or was dropped).
+    fn request_ended(&self) {
+        self.idle_since.store(self.now_ms(), Ordering::Release);
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake.notify_one();
+        }
+    }
+
+    fn snapshot(&self) -> Watched {
+        let head = self.head_since.load(Ordering::Acquire);
+        Watched {
+            head_since: (head != NO_HEAD).then(|| Duration::from_millis(head)),
+            idle_since: Duration::from_millis(self.idle_since.load(Ordering::Acquire)),
+            in_flight: self.in_flight.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// One reading of a connection's [`Activity`], times since it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Watched {
+    head_since: Option<Duration>,
+    idle_since: Duration,
+    in_flight: u32,
+}
+
+/// What the watchdog does when a deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Drop the connection (a head that did not come in time).
+    Close,
+    /// Ask hyper to close it when idle (keep-alive over).
+    Graceful,
+}
+
+/// The connection's next deadline (time since accept) and what happens then; `None`
+/// while a request is in flight (its body and response have their own limits). `closing`:
+/// a graceful close was asked for that long after accept — an idle connection then gets
+/// one header timeout more to go.
+fn next_deadline(
+    w: Watched,
+    limits: &ConnLimits,
+    closing: Option<Duration>,
+) -> Option<(Duration, Verdict)> {
+    if let Some(head) = w.head_since {
+        return Some((head + limits.header_timeout, Verdict::Close));
+    }
+    if w.in_flight > 0 {
+        return None;
+    }
+    Some(match closing {
+        Some(at) => (at + limits.header_timeout, Verdict::Close),
+        None => (w.idle_since + limits.idle_timeout, Verdict::Graceful),
+    })
+}
+
+/// Waits for the connection's next deadline to pass (see [`next_deadline`]).
+async fn watch(activity: &Activity, limits: &ConnLimits, closing: Option<Instant>) -> Verdict {
+    let closing = closing.map(|at| at.saturating_duration_since(activity.origin));
+    loop {
+        let notified = activity.wake.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        let Some((due, _)) = next_deadline(activity.snapshot(), limits, closing) else {
+            notified.await;
+            continue;
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(activity.origin + due) => {}
+            () = notified => continue,
+        }
+        // Activity may have moved the deadline while we slept: act only on a passed one.
+        if let Some((due, verdict)) = next_deadline(activity.snapshot(), limits, closing) {
+            if activity.origin + due <= Instant::now() {
+                return verdict;
+            }
+        }
+    }
+}
+
+/// Tells the connection's [`Activity`] that a request ended when dropped.
+struct RequestDone(Arc<Activity>);
+
+impl Drop for RequestDone {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// A response body that reports its end (hyper drops it once written, or when the
+/// connection goes) to the connection's watchdog.
+struct Tracked {
+    body: Body,
+    _done: RequestDone,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A socket with some bytes already read from it put back in front, which tells the
+/// connection's watchdog when bytes arrive, and holds the connection's place under the
+/// cap for as long as the socket lives (an upgraded socket included).
 struct Rewind {
     prefix: Bytes,
     inner: TcpStream,
+    activity: Arc<Activity>,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl AsyncRead for Rewind {
@@ -454,7 +835,12 @@ impl AsyncRead for Rewind {
             buf.put_slice(&chunk);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        read
     }
 }
 
@@ -532,6 +918,116 @@ mod tests {
         }
     }
 
+    const LIMITS: ConnLimits = ConnLimits {
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(600),
+        body_timeout: Duration::from_secs(30),
+        max_connections: 100,
+    };
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_head_is_due_within_the_header_timeout_and_an_idle_connection_within_the_idle_one() {
+        // Just accepted: the first head is due 10 s after accept.
+        let accepted = Watched {
+            head_since: Some(secs(0)),
+            idle_since: secs(0),
+            in_flight: 0,
+        };
+        assert_eq!(
+            next_deadline(accepted, &LIMITS, None),
+            Some((secs(10), Verdict::Close))
+        );
+        // A request in flight: no connection deadline (its body has its own).
+        let busy = Watched {
+            head_since: None,
+            idle_since: secs(0),
+            in_flight: 1,
+        };
+        assert_eq!(next_deadline(busy, &LIMITS, None), None);
+        // Idle since its last response at 5 s: closed gracefully at 605 s.
+        let idle = Watched {
+            head_since: None,
+            idle_since: secs(5),
+            in_flight: 0,
+        };
+        assert_eq!(
+            next_deadline(idle, &LIMITS, None),
+            Some((secs(605), Verdict::Graceful))
+        );
+        // The next head's first byte at 100 s: due at 110 s, however long it idled.
+        let next_head = Watched {
+            head_since: Some(secs(100)),
+            ..idle
+        };
+        assert_eq!(
+            next_deadline(next_head, &LIMITS, None),
+            Some((secs(110), Verdict::Close))
+        );
+        // Asked to close at 700 s and still there: dropped one header timeout later.
+        assert_eq!(
+            next_deadline(idle, &LIMITS, Some(secs(700))),
+            Some((secs(710), Verdict::Close))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_follows_activity() {
+        let a = Arc::new(Activity::new(Instant::now()));
+        // No head within 10 s of accept: close.
+        assert_eq!(watch(&a, &LIMITS, None).await, Verdict::Close);
+        assert_eq!(a.origin.elapsed(), secs(10));
+
+        // A request and its end: idle from then on. The first byte of the next head, 300 s
+        // later, wakes the watchdog to the head's sooner deadline.
+        a.request_started();
+        a.request_ended();
+        let idle_from = Instant::now();
+        let b = a.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(secs(300)).await;
+            b.bytes_read();
+        });
+        assert_eq!(watch(&a, &LIMITS, None).await, Verdict::Close);
+        assert_eq!(idle_from.elapsed(), secs(310));
+
+        // That request ends and nothing more comes: a graceful close at the idle timeout.
+        a.request_started();
+        a.request_ended();
+        let idle_from = Instant::now();
+        assert_eq!(watch(&a, &LIMITS, None).await, Verdict::Graceful);
+        assert_eq!(idle_from.elapsed(), LIMITS.idle_timeout);
+    }
+
+    #[test]
+    fn refusals_are_logged_once_per_period_with_their_count() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::default();
+        assert_eq!(log.note(t0), Some(1), "the first at once");
+        for _ in 0..99 {
+            assert_eq!(log.note(t0 + secs(1)), None);
+        }
+        assert_eq!(log.note(t0 + REFUSAL_LOG_EVERY), Some(100));
+        assert_eq!(log.note(t0 + REFUSAL_LOG_EVERY + secs(1)), None);
+    }
+
+    #[test]
+    fn the_refusal_is_a_complete_json_503_that_closes() {
+        let text = String::from_utf8(refusal_response()).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(head.contains("connection: close") && head.contains("retry-after: 1"));
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "too_many_connections");
+    }
+
     #[test]
     fn the_head_frames_streams_as_chunked_and_finite_bodies_with_a_length() {
         let resp = Response::builder()
@@ -563,11 +1059,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
         let fut = connection(
             stream,
             peer,
             Router::new(),
             LeanPath::Events,
+            LIMITS,
+            permit,
             CancellationToken::new(),
         );
         let size = std::mem::size_of_val(&fut);

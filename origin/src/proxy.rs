@@ -41,6 +41,7 @@ use crate::auth::edge::EdgeIdentity;
 use crate::auth::session::SessionService;
 use crate::auth::Caller;
 use crate::error::AppError;
+use crate::extract::find_body_timeout;
 use crate::noetl::{Forward, NoetlClient, NoetlError};
 use crate::owners::Owners;
 use crate::scrub::{self, Scrubber};
@@ -404,6 +405,11 @@ impl Proxy {
         }
     }
 
+    /// The largest body streamed each way (a declared larger one is refused at once).
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
     /// The same proxy, rewriting JSON answers with `scrubber` (the default one removes
     /// secret keys only; the gateway's also knows its callback URL and tokens).
     pub fn with_scrubber(mut self, scrubber: Scrubber) -> Self {
@@ -471,9 +477,18 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
     scrub::ask_for_identity(&mut headers);
 
     let limit = proxy.max_body;
+    // A client too slow to send the body (its `BODY_READ_TIMEOUT`) is told so: 408.
+    let upload_timed_out = Arc::new(std::sync::Mutex::new(None::<Duration>));
+    let timed_out = upload_timed_out.clone();
     let upload = LimitedStream::new(
-        body.into_data_stream()
-            .map(|r| r.map_err(std::io::Error::other)),
+        body.into_data_stream().map(move |r| {
+            r.map_err(|e| {
+                if let Some(t) = find_body_timeout(&e) {
+                    *timed_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.0);
+                }
+                std::io::Error::other(e)
+            })
+        }),
         limit,
     );
     let upload_overflowed = upload.overflowed.clone();
@@ -492,7 +507,10 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
         Err(_) if upload_overflowed.load(Ordering::Relaxed) => {
             return Err(AppError::PayloadTooLarge { limit })
         }
-        Err(e) => return Err(AppError::Noetl(e)),
+        Err(e) => {
+            let slow = *upload_timed_out.lock().unwrap_or_else(|p| p.into_inner());
+            return Err(slow.map_or(AppError::Noetl(e), AppError::BodyTimeout));
+        }
         Ok(r) => r,
     };
     if resp.content_length.is_some_and(|n| n > limit) {

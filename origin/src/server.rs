@@ -30,7 +30,7 @@ use crate::extract::BodyLimit;
 use crate::graphql::{build_schema, schema::Services, GraphqlState, KeepAlive};
 use crate::health::Readiness;
 use crate::hub::Hub;
-use crate::listener::{self, LeanPath};
+use crate::listener::{self, ConnLimits, LeanPath, RequestLimits};
 use crate::metrics::{Metrics, MetricsState};
 use crate::noetl::{NoetlClient, RetryBudget};
 use crate::owners::Owners;
@@ -303,6 +303,10 @@ async fn build(
         },
         edge_trust,
         trusted_proxies: TrustedProxies::new(&config.trusted_proxies),
+        limits: RequestLimits {
+            request_timeout: config.request_timeout,
+            max_inflight: config.max_inflight_requests,
+        },
         shutdown,
     })
 }
@@ -354,6 +358,7 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
         public = %public.local_addr()?, internal = %internal.local_addr()?,
         noetl = %config.noetl_base_url, "origin listening"
     );
+    warn_if_fds_below_caps(config);
     let public_app = public_router(state.clone());
     let internal_app = internal_router(state);
     let lean = if config.sse_lean_http {
@@ -361,10 +366,26 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     } else {
         LeanPath::Off
     };
+    let limits = |max_connections| ConnLimits {
+        header_timeout: config.header_read_timeout,
+        idle_timeout: config.keepalive_idle_timeout,
+        body_timeout: config.body_read_timeout,
+        max_connections,
+    };
+    let (public_limits, internal_limits) = (
+        limits(config.public_max_connections),
+        limits(config.internal_max_connections),
+    );
     let servers = async {
         tokio::try_join!(
-            listener::serve(public, public_app, lean, shutdown.clone()),
-            listener::serve(internal, internal_app, LeanPath::Off, shutdown.clone()),
+            listener::serve(public, public_app, lean, public_limits, shutdown.clone()),
+            listener::serve(
+                internal,
+                internal_app,
+                LeanPath::Off,
+                internal_limits,
+                shutdown.clone()
+            ),
         )
     };
     let grace = config.shutdown_grace;
@@ -376,6 +397,31 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     }
     tracing::info!("origin stopped");
     Ok(())
+}
+
+/// Warns when the process may open fewer files than the connection caps allow: past the
+/// open-file limit a connection is not refused cleanly, `accept` fails.
+fn warn_if_fds_below_caps(config: &Config) {
+    let caps = config.public_max_connections + config.internal_max_connections;
+    if let Some(limit) = open_file_limit().filter(|&l| l < caps as u64) {
+        tracing::warn!(
+            open_file_limit = limit,
+            connection_caps = caps,
+            "RLIMIT_NOFILE is below PUBLIC_MAX_CONNECTIONS + INTERNAL_MAX_CONNECTIONS: past it, connections fail at accept instead of a clean 503"
+        );
+    }
+}
+
+/// This process's soft open-file limit (`/proc/self/limits`), if it can be read.
+fn open_file_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 async fn bind(addr: SocketAddr, which: &str) -> anyhow::Result<TcpListener> {

@@ -16,6 +16,7 @@ use crate::callbacks::CallbackState;
 use crate::events::EventsState;
 use crate::graphql::GraphqlState;
 use crate::health::Readiness;
+use crate::listener::RequestLimits;
 use crate::metrics::MetricsState;
 use crate::proxy::ProxyState;
 use crate::ratelimit::TrustedProxies;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub edge_trust: EdgeTrust,
     /// Whose `x-forwarded-for` is believed: the client-address middleware.
     pub trusted_proxies: TrustedProxies,
+    /// The request timeout and load shedding of both listeners (`app.rs` layers).
+    pub limits: RequestLimits,
     /// Cancelled on SIGTERM; the listeners drain with it.
     pub shutdown: CancellationToken,
 }
