@@ -45,7 +45,7 @@
 //!   idle included, so it would close every idle connection at the header timeout — sooner
 //!   than the idle timeout of a load balancer in front, which then races the close (a
 //!   request sent on a connection the origin is closing fails). Each hyper connection has
-//!   a watchdog instead ([`Activity`], [`next_deadline`]): its socket notes bytes read, its
+//!   a watchdog instead (`Activity`, `next_deadline`): its socket notes bytes read, its
 //!   service notes requests starting and responses ending.
 //! - **A request body within `body_timeout`** from the end of its head: every request
 //!   body is wrapped in [`DeadlineBody`], so whatever reads it (JSON routes, the proxy's

@@ -228,14 +228,25 @@ async fn status_without_sending_the_body(
 async fn a_bad_token_or_an_oversized_declared_body_is_refused_before_the_body() {
     let w = world().await;
     let path = "/api/internal/callback/async";
+    // A wrong token is refused from the head alone: the body it announces never comes.
     let bad = status_without_sending_the_body(
+        &w.origin.internal_url,
+        path,
+        "not-a-callback-token",
+        4 * 1024,
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 403"), "{bad}");
+    // A declared size over the limit is refused before anything else (app.rs's declared
+    // limit runs ahead of the handler), whoever sends it.
+    let huge = status_without_sending_the_body(
         &w.origin.internal_url,
         path,
         "not-a-callback-token",
         512 * 1024 * 1024,
     )
     .await;
-    assert!(bad.starts_with("HTTP/1.1 403"), "{bad}");
+    assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
     let big = status_without_sending_the_body(
         &w.origin.internal_url,
         path,

@@ -247,7 +247,7 @@ async fn main() -> anyhow::Result<()> {
         "release"
     };
     println!(
-        "bench-abuse: {} cores, load average {}, {profile} build, loopback; origin with default connection limits, RUST_LOG=warn",
+        "bench-abuse: {} cores, load average {}, {profile} build, loopback; origin with default connection and auth limits, RUST_LOG=warn",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
@@ -258,8 +258,16 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let standin = StandIn::start(StandInOptions::default()).await?;
-    let mut origin =
-        Origin::start(&standin, OriginOptions::default().env("RUST_LOG", "warn")).await?;
+    // The harness turns the auth limits off for suites that log in many times from one
+    // address; the bench runs the origin's defaults (README), as a deployment would.
+    let mut origin = Origin::start(
+        &standin,
+        OriginOptions::default()
+            .env("RUST_LOG", "warn")
+            .env("LOGIN_RATE_LIMIT", "20/1m")
+            .env("AUTH_RATE_LIMIT", "120/1m"),
+    )
+    .await?;
     let to: SocketAddr = origin.url.trim_start_matches("http://").parse()?;
     let pid = origin.guard().pid();
 
