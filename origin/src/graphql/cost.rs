@@ -540,6 +540,26 @@ mod tests {
         );
     }
 
+    /// The real schema with the guard and the library's own limits (as `build_schema` sets
+    /// them), no services: enough for documents refused before any field runs.
+    fn guarded_schema() -> async_graphql::Schema<
+        super::super::schema::Query,
+        super::super::schema::Mutation,
+        super::super::subscription::Subscription,
+    > {
+        let policy = Arc::new(CostPolicy::new(LIMITS, None, None));
+        async_graphql::Schema::build(
+            super::super::schema::Query,
+            super::super::schema::Mutation,
+            super::super::subscription::Subscription,
+        )
+        .extension(CostGuard(policy))
+        .limit_depth(16)
+        .limit_complexity(1000)
+        .limit_recursive_depth(32)
+        .finish()
+    }
+
     #[tokio::test]
     async fn the_guarded_schema_refuses_an_exponential_document_at_once() {
         // 2^30 `userId` once expanded, under one root field and no alias: the library's
@@ -549,17 +569,7 @@ mod tests {
             q += &format!("fragment F{i} on User {{ ...F{m} ...F{m} }} ", m = i + 1);
         }
         q += "fragment F30 on User { userId }";
-        let policy = Arc::new(CostPolicy::new(LIMITS, None, None));
-        let schema = async_graphql::Schema::build(
-            super::super::schema::Query,
-            super::super::schema::Mutation,
-            super::super::subscription::Subscription,
-        )
-        .extension(CostGuard(policy))
-        .limit_depth(16)
-        .limit_complexity(1000)
-        .limit_recursive_depth(32)
-        .finish();
+        let schema = guarded_schema();
         let started = std::time::Instant::now();
         let r = schema.execute(q.as_str()).await;
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
@@ -603,15 +613,7 @@ mod tests {
             q += &format!("fragment F{i} on User {{ ...F{m} ...F{m} }} ", m = i + 1);
         }
         q += "fragment F30 on User { userId }";
-        let policy = Arc::new(CostPolicy::new(LIMITS, None, None));
-        let schema = async_graphql::Schema::build(
-            super::super::schema::Query,
-            super::super::schema::Mutation,
-            super::super::subscription::Subscription,
-        )
-        .extension(CostGuard(policy))
-        .limit_complexity(1000)
-        .finish();
+        let schema = guarded_schema();
         // Selecting the cheap one, naming none, or naming one that is not there.
         for name in [Some("A"), None, Some("Z")] {
             let mut request = async_graphql::Request::new(q.clone());

@@ -36,8 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use gateway_tests::bench::{arg, percentile, us};
+use gateway_tests::harness::complete_response;
 use gateway_tests::harness::flows::login;
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
@@ -67,24 +67,8 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Res
     buf.clear();
     let mut chunk = [0u8; 8192];
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = std::str::from_utf8(&buf[..end]).context("a UTF-8 head")?;
-            let status: u16 = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .context("a status line")?;
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return Ok(status);
-            }
+        if let Some((status, _)) = complete_response(buf) {
+            return Ok(status);
         }
         let n = stream.read(&mut chunk).await?;
         anyhow::ensure!(n > 0, "the origin closed the connection mid-response");

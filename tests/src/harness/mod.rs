@@ -318,6 +318,26 @@ pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
     b.tempdir().expect("the temp directory is writable")
 }
 
+/// Whether `buf` starts with one whole HTTP/1.1 response framed by `content-length` (none:
+/// an empty body): its status and the body's byte range in `buf`; `None` while more bytes
+/// are needed or the head is not a status line. For clients that read kept-alive
+/// connections by hand (connection tests, bench-abuse).
+pub fn complete_response(buf: &[u8]) -> Option<(u16, std::ops::Range<usize>)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let body = end + 4..end + 4 + len;
+    (buf.len() >= body.end).then_some((status, body))
+}
+
 /// Sends `request` (a complete HTTP/1.1 request, sent byte for byte, so paths are not
 /// normalised the way URL libraries do) to `base_url`'s host and port, and returns the
 /// status and body. Used for traversal tests, where `%2e%2e` must reach the server as is.
