@@ -230,6 +230,33 @@ async fn flood(
     statuses
 }
 
+/// A running login flood: `flooders` connections, each paced at `per_sec` (0: unpaced).
+struct Flood {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<BTreeMap<u16, u64>>>,
+}
+
+impl Flood {
+    fn start(to: SocketAddr, request: &Arc<Vec<u8>>, flooders: usize, per_sec: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..flooders)
+            .map(|_| tokio::spawn(flood(to, request.clone(), per_sec, stop.clone())))
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops every connection and adds their answers, by status, to `statuses`.
+    async fn stop_into(self, statuses: &mut BTreeMap<u16, u64>) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            for (status, n) in task.await? {
+                *statuses.entry(status).or_default() += n;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The open file descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -314,24 +341,9 @@ async fn main() -> anyhow::Result<()> {
         quiet.extend(measure(to, &me, clients, window).await?);
 
         // The login flood alone: what its own work costs the normal request.
-        let stop_flood = Arc::new(AtomicBool::new(false));
-        let floods: Vec<_> = (0..flooders)
-            .map(|_| {
-                tokio::spawn(flood(
-                    to,
-                    login_flood.clone(),
-                    per_flooder,
-                    stop_flood.clone(),
-                ))
-            })
-            .collect();
+        let floods = Flood::start(to, &login_flood, flooders, per_flooder);
         flood_only.extend(measure(to, &me, clients, window).await?);
-        stop_flood.store(true, Ordering::Relaxed);
-        for f in floods {
-            for (s, n) in f.await? {
-                *flood_only_statuses.entry(s).or_default() += n;
-            }
-        }
+        floods.stop_into(&mut flood_only_statuses).await?;
 
         // The attack: half-open connections first, held, then the flood with them.
         let holders = Arc::new(Holders::default());
@@ -357,17 +369,7 @@ async fn main() -> anyhow::Result<()> {
         let closed_before = holders.closed_by_origin.load(Ordering::Relaxed);
         held_only.extend(measure(to, &me, clients, window).await?);
         closed_held_only += holders.closed_by_origin.load(Ordering::Relaxed) - closed_before;
-        let stop_flood = Arc::new(AtomicBool::new(false));
-        let floods: Vec<_> = (0..flooders)
-            .map(|_| {
-                tokio::spawn(flood(
-                    to,
-                    login_flood.clone(),
-                    per_flooder,
-                    stop_flood.clone(),
-                ))
-            })
-            .collect();
+        let floods = Flood::start(to, &login_flood, flooders, per_flooder);
         let sampler = {
             let holders = holders.clone();
             tokio::spawn(async move {
@@ -385,15 +387,10 @@ async fn main() -> anyhow::Result<()> {
         let closed_before = holders.closed_by_origin.load(Ordering::Relaxed);
         attacked.extend(measure(to, &me, clients, window).await?);
         closed_in_flood += holders.closed_by_origin.load(Ordering::Relaxed) - closed_before;
-        stop_flood.store(true, Ordering::Relaxed);
+        floods.stop_into(&mut statuses).await?;
         holders.stop.store(true, Ordering::Relaxed);
         let (lo, hi, fds) = sampler.await?;
         (held_lo, held_hi, fds_attack) = (held_lo.min(lo), held_hi.max(hi), fds_attack.max(fds));
-        for f in floods {
-            for (s, n) in f.await? {
-                *statuses.entry(s).or_default() += n;
-            }
-        }
         failed += holders.failed.load(Ordering::Relaxed);
         // The attacker leaves: every slot closes its socket before the next quiet phase.
         for s in slots {
