@@ -128,7 +128,8 @@ fn refusal(state: &CallbackState) -> AppError {
 }
 
 /// Checks the token (as far as the headers allow), then reads a JSON body within the
-/// callback limit: a declared `Content-Length` over it is refused before any byte is read.
+/// callback limit (`read_body_limited` refuses a declared `Content-Length` over it before
+/// any byte is read, as `app.rs`'s declared-limit layer already has).
 async fn read_json<T: serde::de::DeserializeOwned>(
     state: &CallbackState,
     req: Request,
@@ -138,18 +139,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     if !is_json_content_type(&parts.headers) {
         return Err(AppError::UnsupportedMediaType);
     }
-    let limit = state.body_limit.0;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(AppError::PayloadTooLarge {
-            limit: limit as u64,
-        });
-    }
-    let bytes = read_body_limited(body, limit).await?;
+    let bytes = read_body_limited(body, state.body_limit.0).await?;
     Ok((presented, parse_json(&bytes)?))
 }
 
