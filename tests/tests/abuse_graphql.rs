@@ -33,9 +33,7 @@ async fn world(env: &[(&str, &str)]) -> World {
     let standin = StandIn::start(StandInOptions::default())
         .await
         .expect("the stand-in starts");
-    let opts = env
-        .iter()
-        .fold(OriginOptions::default(), |o, (k, v)| o.env(k, v));
+    let opts = OriginOptions::default().envs(env);
     let origin = Origin::start(&standin, opts)
         .await
         .expect("the origin starts");

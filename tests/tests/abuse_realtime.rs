@@ -34,9 +34,7 @@ async fn world(env: &[(&str, &str)]) -> (StandIn, Origin) {
     let standin = StandIn::start(StandInOptions::default())
         .await
         .expect("the stand-in starts");
-    let opts = env
-        .iter()
-        .fold(OriginOptions::default(), |o, (k, v)| o.env(k, v));
+    let opts = OriginOptions::default().envs(env);
     let origin = Origin::start(&standin, opts)
         .await
         .expect("an origin starts");

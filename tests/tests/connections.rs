@@ -73,10 +73,7 @@ async fn health_latency(authority: &str) -> Duration {
 }
 
 async fn origin_with(standin: &StandIn, env: &[(&str, &str)]) -> Origin {
-    let mut opts = OriginOptions::default();
-    for (k, v) in env {
-        opts = opts.env(k, v);
-    }
+    let opts = OriginOptions::default().envs(env);
     Origin::start(standin, opts).await.unwrap()
 }
 

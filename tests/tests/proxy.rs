@@ -17,10 +17,7 @@ async fn session(origin: &Origin, standin: &StandIn, email: &str) -> String {
 
 async fn world(env: &[(&str, &str)]) -> (StandIn, Origin, String) {
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
-    let mut opts = OriginOptions::default();
-    for (k, v) in env {
-        opts = opts.env(k, v);
-    }
+    let opts = OriginOptions::default().envs(env);
     let origin = Origin::start(&standin, opts).await.unwrap();
     let token = session(&origin, &standin, "proxy@example.com").await;
     (standin, origin, token)

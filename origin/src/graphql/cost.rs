@@ -560,15 +560,21 @@ mod tests {
         .finish()
     }
 
+    /// `operations` followed by fragments F0..F30, each spreading the next twice: ~1.5 KB
+    /// that expands to 2^30 `userId` fields.
+    fn with_exponential_fragments(operations: &str) -> String {
+        let mut q = operations.to_owned();
+        for i in 0..30 {
+            q += &format!("fragment F{i} on User {{ ...F{m} ...F{m} }} ", m = i + 1);
+        }
+        q + "fragment F30 on User { userId }"
+    }
+
     #[tokio::test]
     async fn the_guarded_schema_refuses_an_exponential_document_at_once() {
         // 2^30 `userId` once expanded, under one root field and no alias: the library's
         // complexity walk alone would take minutes.
-        let mut q = String::from("{ me { ...F0 } } ");
-        for i in 0..30 {
-            q += &format!("fragment F{i} on User {{ ...F{m} ...F{m} }} ", m = i + 1);
-        }
-        q += "fragment F30 on User { userId }";
+        let q = with_exponential_fragments("{ me { ...F0 } } ");
         let schema = guarded_schema();
         let started = std::time::Instant::now();
         let r = schema.execute(q.as_str()).await;
@@ -608,11 +614,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unselected_operation_cannot_hide_an_exponential_walk() {
-        let mut q = String::from("query A { health } query B { me { ...F0 } } ");
-        for i in 0..30 {
-            q += &format!("fragment F{i} on User {{ ...F{m} ...F{m} }} ", m = i + 1);
-        }
-        q += "fragment F30 on User { userId }";
+        let q = with_exponential_fragments("query A { health } query B { me { ...F0 } } ");
         let schema = guarded_schema();
         // Selecting the cheap one, naming none, or naming one that is not there.
         for name in [Some("A"), None, Some("Z")] {

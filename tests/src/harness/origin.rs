@@ -35,6 +35,11 @@ impl OriginOptions {
         self.env.push((name.to_owned(), value.to_owned()));
         self
     }
+
+    /// Adds environment variables, in order (a later one wins).
+    pub fn envs(self, vars: &[(&str, &str)]) -> Self {
+        vars.iter().fold(self, |o, (k, v)| o.env(k, v))
+    }
 }
 
 /// A running origin; killed (SIGTERM first) on drop.
