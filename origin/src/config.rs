@@ -313,9 +313,16 @@ pub struct Config {
     #[arg(long, env = "USER_MAX_CLIENTS", default_value_t = 64)]
     pub user_max_clients: usize,
     // --- end realtime quotas ---
-    /// NoETL's JetStream stream of execution events (absent → core subscription fallback).
-    #[arg(long, env = "NOETL_EVENTS_STREAM", default_value = "noetl_events")]
-    pub noetl_events_stream: String,
+    /// NoETL's JetStream streams of execution events, tried in order (comma-separated;
+    /// `noetl_events` = the Rust control plane, `NOETL_EVENTS` = NoETL 4.x). None found, or
+    /// set empty → executions are followed over HTTP (the bridge's fallback).
+    #[arg(
+        long,
+        env = "NOETL_EVENTS_STREAM",
+        value_delimiter = ',',
+        default_value = "noetl_events,NOETL_EVENTS"
+    )]
+    pub noetl_events_stream: Vec<String>,
 
     /// Subjects NoETL publishes execution events on.
     #[arg(long, env = "NOETL_EVENTS_SUBJECT", default_value = "noetl.events.>")]
@@ -342,6 +349,25 @@ pub struct Config {
     /// executions are handled concurrently (1..=1024).
     #[arg(long, env = "BRIDGE_CONCURRENCY", default_value_t = 32)]
     pub bridge_concurrency: usize,
+
+    /// HTTP fallback (no event stream): the shortest interval between two reads of a
+    /// followed execution's record (its request-rate bound per execution).
+    #[arg(long, env = "BRIDGE_POLL_INTERVAL", value_parser = parse_duration, default_value = "250ms")]
+    pub bridge_poll_interval: Duration,
+
+    /// HTTP fallback: the longest interval between reads, reached by backing off while a
+    /// run is quiet (at most a third of `BRIDGE_POLL_LEASE_TTL`).
+    #[arg(long, env = "BRIDGE_POLL_MAX_INTERVAL", value_parser = parse_duration, default_value = "3s")]
+    pub bridge_poll_max_interval: Duration,
+
+    /// HTTP fallback: how long one replica's claim to follow an execution lasts without
+    /// renewal (how soon another replica takes over from one that died).
+    #[arg(long, env = "BRIDGE_POLL_LEASE_TTL", value_parser = parse_duration, default_value = "10s")]
+    pub bridge_poll_lease_ttl: Duration,
+
+    /// HTTP fallback: most executions one replica follows at once.
+    #[arg(long, env = "BRIDGE_POLL_MAX_FOLLOWED", default_value_t = 1000)]
+    pub bridge_poll_max_followed: usize,
 
     /// Whether GraphQL introspection (and so GraphiQL's schema browser) is on.
     #[arg(long, env = "GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]

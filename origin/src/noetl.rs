@@ -496,6 +496,18 @@ impl NoetlClient {
         Ok(reply)
     }
 
+    /// An execution's whole record (`GET /api/executions/{id}`: its `status` and `events`),
+    /// for the bridge's HTTP fallback. Ids in it stay exact (`u64` in the JSON value). The
+    /// record holds the workload, secrets included: callers read only what they need and
+    /// never pass it on.
+    pub async fn execution_record(&self, id: &str) -> Result<Value, NoetlError> {
+        let path = format!("/api/executions/{}", encode_segment(id));
+        let (_, reply): (_, Value) = self
+            .call::<Value, ()>(reqwest::Method::GET, &path, None, true, false)
+            .await?;
+        Ok(reply)
+    }
+
     /// The playbook path of an execution (`GET /api/executions/{id}`), for access checks.
     /// Only `path` is read: the record also holds the workload, secrets included.
     pub async fn execution_path(&self, id: &str) -> Result<String, NoetlError> {

@@ -207,22 +207,16 @@ async fn build(
         ),
         None => Arc::new(MemoryBus::with_backlog(retention, config.sse_queue)),
     };
-    if let Some(client) = &nats {
-        crate::bridge::spawn(
-            client.clone(),
-            kv.clone(),
-            bus.clone(),
-            noetl.clone(),
-            BridgeConfig::from_config(&config),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("NATS bridge: {e}"))?;
-    } else {
-        tracing::warn!(
-            "NATS_URL is unset: no execution events (playbook/state frames) without NATS"
-        );
-    }
+    crate::bridge::spawn(
+        nats.clone(),
+        kv.clone(),
+        bus.clone(),
+        noetl.clone(),
+        BridgeConfig::from_config(&config),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("NoETL event bridge: {e}"))?;
     let sessions = Arc::new(sessions);
     let graphql = build_schema(
         Services {

@@ -660,6 +660,15 @@ impl KvStore for FlakyKv {
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError> {
         self.inner.delete(bucket, key).await
     }
+    async fn lease(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.lease(bucket, key, holder, ttl).await
+    }
     async fn watch(
         &self,
         bucket: Bucket,

@@ -315,7 +315,7 @@ impl World {
         let kv: Arc<dyn KvStore> = self.kv.clone();
         let bus_dyn: Arc<dyn Bus> = bus.clone();
         let bridge = bridge::spawn(
-            conn.clone(),
+            Some(conn.clone()),
             kv,
             bus_dyn,
             self.noetl.clone(),
@@ -479,7 +479,12 @@ fn assert_well_formed(frames: &[Recorded], execution_id: &str, client_id: &str) 
 async fn steps_become_started_step_frames_and_one_completed_terminal_in_order() {
     let w = World::start(false).await;
     let replica = w.bridge("a").await;
-    assert_eq!(replica.bridge.mode, BridgeMode::Durable);
+    assert_eq!(
+        replica.bridge.mode,
+        BridgeMode::Durable {
+            stream: "noetl_events".into()
+        }
+    );
 
     let id = w.execute("demo/steps").await;
     assert!(
@@ -742,7 +747,12 @@ async fn events_nobody_is_interested_in_are_dropped_after_the_wait() {
 async fn python_shaped_events_are_forwarded_too() {
     let w = World::start(true).await;
     let replica = w.bridge("a").await;
-    assert_eq!(replica.bridge.mode, BridgeMode::Durable);
+    assert_eq!(
+        replica.bridge.mode,
+        BridgeMode::Durable {
+            stream: "noetl_events".into()
+        }
+    );
 
     let id = w.execute("demo/steps").await;
     w.interest(&id, "client-1").await;
@@ -837,9 +847,10 @@ async fn a_bus_failure_is_retried_and_no_frame_is_lost() {
 }
 
 #[tokio::test]
-async fn without_the_stream_a_core_queue_subscription_forwards_each_event_once() {
-    // No stream: the stand-in only answers status calls (and does not know this id, so the
-    // bridge falls back to what the events claim).
+async fn without_a_stream_two_replicas_follow_each_run_over_http_and_send_each_frame_once() {
+    // A stand-in without NATS publishes nothing: NoETL's execution record is the only
+    // signal. Two bridges find no stream and follow the runs over HTTP, one replica per
+    // run (the lease), every frame once, in the record's order.
     let nats = NatsServer::start().await.expect("nats-server starts");
     let standin = StandIn::start(StandInOptions::default())
         .await
@@ -847,39 +858,29 @@ async fn without_the_stream_a_core_queue_subscription_forwards_each_event_once()
     let w = World::with(nats, standin);
     let a = w.bridge("a").await;
     let b = w.bridge("b").await;
-    assert_eq!(a.bridge.mode, BridgeMode::Core);
-    assert_eq!(b.bridge.mode, BridgeMode::Core);
+    assert_eq!(a.bridge.mode, BridgeMode::Poll);
+    assert_eq!(b.bridge.mode, BridgeMode::Poll);
 
-    let id = "700000000000000001";
-    w.interest(id, "client-1").await;
-    let publisher = w.connect().await;
-    for (event_type, node, status) in [
-        ("playbook_started", "demo/hand", "STARTED"),
-        ("command.issued", "s1", "PENDING"),
-        ("command.completed", "s1", "COMPLETED"),
-        ("playbook.completed", "demo/hand", "COMPLETED"),
-    ] {
-        let row = format!(
-            r#"{{"event_id":{},"event_type":"{event_type}","execution_id":{id},"node_name":"{node}","status":"{status}","event_time":"2026-11-22T10:00:00Z"}}"#,
-            rand_id()
-        );
-        publisher
-            .publish(format!("noetl.events.{event_type}"), row.into())
-            .await
-            .expect("publish");
-        // Core delivery has no ordering across replicas; space the events out.
-        publisher.flush().await.expect("flush");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids = [
+        w.execute("demo/steps").await,
+        w.execute("demo/steps").await,
+        w.execute("demo/fail").await,
+    ];
+    for (i, id) in ids.iter().enumerate() {
+        w.interest(id, &format!("client-{i}")).await;
     }
-    let frames = w.log.until_terminal(id).await;
-    assert_eq!(
-        types(&frames),
-        ["playbook.started", "step.exit", "playbook.completed"],
-        "{:#?}",
-        summary(&frames)
-    );
-    assert_eq!(summary(&frames)[2].2.as_deref(), Some("COMPLETED"));
-    assert_well_formed(&frames, id, "client-1");
+    for (i, id) in ids.iter().enumerate() {
+        let frames = w.log.until_terminal(id).await;
+        let want: &[&str] = if i < 2 {
+            &STEPS_RUST
+        } else {
+            &["playbook.started", "step.failed", "playbook.failed"]
+        };
+        assert_eq!(types(&frames), want, "{:#?}", summary(&frames));
+        assert_well_formed(&frames, id, &format!("client-{i}"));
+        let replicas: std::collections::HashSet<_> = frames.iter().map(|f| f.replica).collect();
+        assert_eq!(replicas.len(), 1, "one replica follows a run: {replicas:?}");
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -112,6 +112,8 @@ conformance!(
     concurrent_creates_of_the_same_key_have_exactly_one_winner,
     the_store_reports_itself_healthy,
     a_bucket_watch_delivers_the_live_values_then_current_then_changes,
+    a_lease_has_one_holder_is_renewed_by_it_and_passes_on_after_its_ttl,
+    concurrent_takers_of_a_free_lease_have_exactly_one_winner,
 );
 
 fn b(s: &str) -> Bytes {
@@ -475,6 +477,73 @@ async fn concurrent_creates_of_the_same_key_have_exactly_one_winner(
         );
         kv.delete(Bucket::Interest, "once").await?;
     }
+    Ok(())
+}
+
+async fn a_lease_has_one_holder_is_renewed_by_it_and_passes_on_after_its_ttl(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let ttl = Duration::from_secs(1);
+    let start = Instant::now();
+    assert!(
+        kv.lease(Bucket::Interest, "lease.x", "replica-a", ttl)
+            .await?
+    );
+    assert!(
+        !kv.lease(Bucket::Interest, "lease.x", "replica-b", ttl)
+            .await?
+    );
+    assert!(
+        kv.lease(Bucket::Interest, "lease.x", "replica-a", ttl)
+            .await?,
+        "the holder renews"
+    );
+    assert_eq!(
+        kv.get(Bucket::Interest, "lease.x").await?,
+        Some(b("replica-a"))
+    );
+    // Not renewed: after its TTL another holder takes it.
+    wait_until_absent(kv, Bucket::Interest, "lease.x", start, ttl + s.expiry_slack).await?;
+    assert!(
+        kv.lease(Bucket::Interest, "lease.x", "replica-b", ttl)
+            .await?
+    );
+    assert!(
+        !kv.lease(Bucket::Interest, "lease.x", "replica-a", ttl)
+            .await?
+    );
+    // A deleted lease is free again.
+    kv.delete(Bucket::Interest, "lease.x").await?;
+    assert!(
+        kv.lease(Bucket::Interest, "lease.x", "replica-a", ttl)
+            .await?
+    );
+    Ok(())
+}
+
+async fn concurrent_takers_of_a_free_lease_have_exactly_one_winner(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let holders: Vec<String> = (0..8).map(|i| format!("replica-{i}")).collect();
+    let results = futures::future::join_all(
+        holders
+            .iter()
+            .map(|h| kv.lease(Bucket::Interest, "lease.race", h, Duration::from_secs(10))),
+    )
+    .await;
+    let mut winners = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        if r.with_context(|| format!("taker {i}"))? {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners {winners:?}");
+    assert_eq!(
+        kv.get(Bucket::Interest, "lease.race").await?,
+        Some(Bytes::from(holders[winners[0]].clone()))
+    );
     Ok(())
 }
 

@@ -14,8 +14,10 @@ pub const MAX_CONCURRENCY: usize = 1024;
 /// late interest; the server fills it from its configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeConfig {
-    /// The JetStream stream NoETL publishes into (`noetl_events`). Absent → core mode.
-    pub stream: String,
+    /// The JetStream streams NoETL may publish into, tried in order; the first that exists
+    /// is read (default `noetl_events`, the Rust control plane's, then `NOETL_EVENTS`,
+    /// NoETL 4.x's event mirror). None found (or none configured) → the HTTP fallback.
+    pub streams: Vec<String>,
     /// The subjects to read (`noetl.events.>`); must end in `.>`. Its prefix is what both
     /// subject shapes are parsed under.
     pub subject: String,
@@ -50,15 +52,29 @@ pub struct BridgeConfig {
     /// of its id) and is handled in delivery order; different executions are handled in
     /// parallel. At most `concurrency × WORKER_QUEUE` (16) events wait in memory.
     pub concurrency: usize,
-    /// Core mode: most events held in memory for a retry (default 10 000); beyond it an
-    /// event that needs a retry is dropped with a warning.
-    pub core_max_held: usize,
+    /// HTTP fallback: the shortest interval between two reads of one execution's record
+    /// (default 250 ms: at most 4 requests/s per followed execution, besides the status
+    /// confirmations a terminal needs). Used while the run produces events, and at once
+    /// after a NoETL event on NATS names the execution.
+    pub poll_interval: Duration,
+    /// HTTP fallback: the longest interval, reached by backing off (×1.5 per read without
+    /// news; default 3 s, at most a third of `poll_lease_ttl`).
+    pub poll_max_interval: Duration,
+    /// HTTP fallback: how long a replica's claim to follow an execution lasts without
+    /// renewal (default 10 s): the longest a run goes unfollowed after its replica died.
+    pub poll_lease_ttl: Duration,
+    /// HTTP fallback: most executions one replica follows at once (default 1000); more
+    /// wait for a slot (another replica may take them).
+    pub poll_max_followed: usize,
+    /// HTTP fallback: a run not ended after this long is no longer followed (default 1 h,
+    /// the interest records' life).
+    pub poll_max_follow: Duration,
 }
 
 impl Default for BridgeConfig {
     fn default() -> Self {
         Self {
-            stream: "noetl_events".into(),
+            streams: vec!["noetl_events".into(), "NOETL_EVENTS".into()],
             subject: "noetl.events.>".into(),
             consumer: "gateway-bridge".into(),
             forward: policy::DEFAULT_FORWARD
@@ -72,7 +88,11 @@ impl Default for BridgeConfig {
             max_ack_pending: 10_000,
             batch: 32,
             concurrency: 32,
-            core_max_held: 10_000,
+            poll_interval: Duration::from_millis(250),
+            poll_max_interval: Duration::from_secs(3),
+            poll_lease_ttl: Duration::from_secs(10),
+            poll_max_followed: 1000,
+            poll_max_follow: Duration::from_secs(3600),
         }
     }
 }
@@ -86,7 +106,12 @@ impl BridgeConfig {
         let worst_confirm =
             config.noetl_timeout * (config.noetl_retries + 1) + Duration::from_secs(5);
         Self {
-            stream: config.noetl_events_stream.clone(),
+            streams: config
+                .noetl_events_stream
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
             subject: config.noetl_events_subject.clone(),
             consumer: config.bridge_consumer.clone(),
             forward: config
@@ -98,6 +123,10 @@ impl BridgeConfig {
             max_interest_wait: config.bridge_max_interest_wait,
             concurrency: config.bridge_concurrency,
             ack_wait: defaults.ack_wait.max(worst_confirm),
+            poll_interval: config.bridge_poll_interval,
+            poll_max_interval: config.bridge_poll_max_interval,
+            poll_lease_ttl: config.bridge_poll_lease_ttl,
+            poll_max_followed: config.bridge_poll_max_followed,
             ..defaults
         }
     }
@@ -111,8 +140,8 @@ impl BridgeConfig {
                 && n.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
-        if !name_ok(&self.stream) {
-            return bad(format!("stream name {:?} is not a valid name", self.stream));
+        if let Some(bad_name) = self.streams.iter().find(|s| !name_ok(s)) {
+            return bad(format!("stream name {bad_name:?} is not a valid name"));
         }
         if !name_ok(&self.consumer) {
             return bad(format!(
@@ -144,6 +173,19 @@ impl BridgeConfig {
                 self.concurrency
             ));
         }
+        if self.poll_interval < Duration::from_millis(50)
+            || self.poll_max_interval < self.poll_interval
+            || self.poll_lease_ttl < Duration::from_secs(1)
+            || self.poll_max_interval * 3 > self.poll_lease_ttl
+        {
+            return bad(format!(
+                "HTTP fallback: need 50 ms ≤ poll interval ({:?}) ≤ max interval ({:?}) ≤ lease TTL ({:?}) / 3, lease ≥ 1 s",
+                self.poll_interval, self.poll_max_interval, self.poll_lease_ttl
+            ));
+        }
+        if self.poll_max_followed == 0 {
+            return bad("poll_max_followed must be ≥ 1".into());
+        }
         Ok(())
     }
 
@@ -166,7 +208,7 @@ mod tests {
     fn the_default_config_is_valid_and_follows_the_protocol() {
         let c = BridgeConfig::default();
         c.validate().expect("defaults are valid");
-        assert_eq!(c.stream, "noetl_events");
+        assert_eq!(c.streams, ["noetl_events", "NOETL_EVENTS"]);
         assert_eq!(c.subject, "noetl.events.>");
         assert_eq!(c.consumer, "gateway-bridge");
         assert_eq!(c.prefix(), "noetl.events.");
@@ -239,7 +281,19 @@ mod tests {
                 ..Default::default()
             },
             BridgeConfig {
-                stream: String::new(),
+                streams: vec!["noetl.events".into()],
+                ..Default::default()
+            },
+            BridgeConfig {
+                poll_max_interval: Duration::from_secs(5),
+                ..Default::default()
+            },
+            BridgeConfig {
+                poll_interval: Duration::from_millis(10),
+                ..Default::default()
+            },
+            BridgeConfig {
+                poll_max_followed: 0,
                 ..Default::default()
             },
             BridgeConfig {

@@ -15,7 +15,7 @@ use super::policy::{
     self, ForwardList, OrderGuard, Parsed, Resolution, RetryLimits, RetryReason, RetryVerdict,
     StatusCheck,
 };
-use super::pool::{CoreRetry, Incoming, Job};
+use super::pool::Job;
 use super::BridgeConfig;
 use crate::bus::Bus;
 use crate::interest;
@@ -36,9 +36,9 @@ pub(super) struct Delivery<'a> {
     pub(super) fallback_key: &'a str,
 }
 
-/// What to do with the message.
+/// What to do with the message (or, for the HTTP fallback, with the record's event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     /// Ack: forwarded, ignored, malformed or dropped.
     Done,
     /// Try again after [`policy::retry_delay`].
@@ -74,21 +74,8 @@ impl Handler {
             limits: RetryLimits {
                 max_interest_wait: config.max_interest_wait,
                 max_confirm_wait: config.max_confirm_wait,
-                durable: true,
             },
             retry_delay: config.retry_delay,
-        }
-    }
-
-    /// Core mode: retries are timers in this process, so infrastructure failures are not
-    /// retried without limit.
-    pub(super) fn without_durable_retries(self) -> Self {
-        Self {
-            limits: RetryLimits {
-                durable: false,
-                ..self.limits
-            },
-            ..self
         }
     }
 
@@ -96,40 +83,40 @@ impl Handler {
         policy::parse_event(subject, payload, &self.prefix, &self.forward)
     }
 
-    /// Handles one job, then acks or NAKs it (durable) or holds it for a retry (core).
-    pub(super) async fn process(
-        &self,
-        job: Job,
-        guard: &mut OrderGuard,
-        retry: Option<&CoreRetry>,
-    ) {
+    /// Handles one job, then acks or NAKs it.
+    pub(super) async fn process(&self, job: Job, guard: &mut OrderGuard) {
         let outcome = self.handle(&job.delivery(), guard).await;
-        if let Incoming::Durable(msg) = &job.msg {
-            let acked = match outcome {
-                Outcome::Done => msg.ack().await,
-                Outcome::Retry(reason) => {
-                    let delay = policy::retry_delay(reason, self.retry_delay);
-                    msg.ack_with(AckKind::Nak(Some(delay))).await
-                }
-            };
-            if let Err(e) = acked {
-                tracing::warn!(subject = %msg.subject, error = %e, "bridge: ack failed; the event comes back after ack_wait");
+        let msg = &job.msg;
+        let acked = match outcome {
+            Outcome::Done => msg.ack().await,
+            Outcome::Retry(reason) => {
+                let delay = policy::retry_delay(reason, self.retry_delay);
+                msg.ack_with(AckKind::Nak(Some(delay))).await
             }
-            return;
-        }
-        if let (Outcome::Retry(reason), Some(retry)) = (outcome, retry) {
-            retry.hold(job, policy::retry_delay(reason, self.retry_delay));
+        };
+        if let Err(e) = acked {
+            tracing::warn!(subject = %msg.subject, error = %e, "bridge: ack failed; the event comes back after ack_wait");
         }
     }
 
-    /// Shutdown: an event this replica will not handle. JetStream: NAKed so another
-    /// replica gets it now — or, when an earlier event of its execution is waiting for a
-    /// redelivery (per `guard`; with no guard, always), after a delay longer than any
-    /// retry's, so it comes back behind that one. Never acked. Core: dropped.
+    /// One event the HTTP fallback read from NoETL's execution record (`poll`): the same
+    /// path as an event from NATS. `key` identifies it when it has no `event_id`; `age` is
+    /// how long the fallback has been trying to deliver it.
+    pub(super) async fn deliver_polled(
+        &self,
+        ev: &policy::ExecutionEvent,
+        key: &str,
+        age: Duration,
+    ) -> Outcome {
+        self.deliver(ev, key, age).await
+    }
+
+    /// Shutdown: an event this replica will not handle. NAKed so another replica gets it
+    /// now — or, when an earlier event of its execution is waiting for a redelivery (per
+    /// `guard`; with no guard, always), after a delay longer than any retry's, so it comes
+    /// back behind that one. Never acked.
     pub(super) async fn give_back(&self, job: Job, guard: Option<&mut OrderGuard>) {
-        let Incoming::Durable(msg) = &job.msg else {
-            return;
-        };
+        let msg = &job.msg;
         let behind = policy::give_back_delay(self.retry_delay);
         let delay = match (&job.parsed, guard) {
             (Ok(Parsed::Forward(ev)), Some(guard)) => {
@@ -160,7 +147,7 @@ impl Handler {
         let outcome = if guard.must_wait(&ev.execution_id, d.seq, Instant::now()) {
             Outcome::Retry(RetryReason::WaitingBehind)
         } else {
-            self.deliver(ev, d).await
+            self.deliver(ev, d.fallback_key, d.age).await
         };
         match outcome {
             Outcome::Retry(reason) => {
@@ -172,20 +159,27 @@ impl Handler {
         outcome
     }
 
-    /// Interest → terminal guard → status → frames → publish.
-    async fn deliver(&self, ev: &policy::ExecutionEvent, d: &Delivery<'_>) -> Outcome {
+    /// Interest → terminal guard → status → frames → publish. `fallback_key` names the
+    /// event when it has no `event_id`; `age` is since NATS stored it (or since the HTTP
+    /// fallback first tried it).
+    async fn deliver(
+        &self,
+        ev: &policy::ExecutionEvent,
+        fallback_key: &str,
+        age: Duration,
+    ) -> Outcome {
         let id = ev.execution_id.as_str();
         let clients = match interest::interested_clients(&*self.kv, &ev.execution_id).await {
             Ok(c) if c.is_empty() => {
-                return self.retry_or_drop(RetryReason::NoInterest, d, ev);
+                return self.retry_or_drop(RetryReason::NoInterest, age, ev);
             }
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(execution_id = %id, error = %e, "bridge: interest lookup failed");
-                return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
             }
         };
-        let event_key = ev.event_id.as_deref().unwrap_or(d.fallback_key);
+        let event_key = ev.event_id.as_deref().unwrap_or(fallback_key);
         match self
             .kv
             .get(Bucket::Interest, &policy::terminal_key(&ev.execution_id))
@@ -194,12 +188,12 @@ impl Handler {
             Ok(owner)
                 if policy::skipped_after_terminal(owner.as_deref(), event_key, &ev.event_type) =>
             {
-                return self.after_terminal(ev, event_key, &clients, d).await;
+                return self.after_terminal(ev, event_key, &clients, age).await;
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(execution_id = %id, error = %e, "bridge: terminal marker lookup failed");
-                return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
             }
         }
 
@@ -213,7 +207,7 @@ impl Handler {
             Resolution::Frames(f) => *f,
             Resolution::WaitForStatus => {
                 let reason = policy::wait_reason(check);
-                match policy::retry_verdict(reason, d.age, &self.limits) {
+                match policy::retry_verdict(reason, age, &self.limits) {
                     RetryVerdict::Retry => return Outcome::Retry(reason),
                     RetryVerdict::Drop => return Outcome::Done,
                     RetryVerdict::UseEventClaim => {
@@ -237,7 +231,7 @@ impl Handler {
                 Ok(won) => Some(won),
                 Err(e) => {
                     tracing::warn!(execution_id = %id, error = %e, "bridge: terminal marker create failed");
-                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
                 }
             },
             None => None,
@@ -247,18 +241,39 @@ impl Handler {
                 Ok(won) => Some(won),
                 Err(e) => {
                     tracing::warn!(execution_id = %id, error = %e, "bridge: step failure marker create failed");
-                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
                 }
             },
             _ => None,
         };
+        // One playbook.started per execution: NoETL 4.x reports a start twice.
+        let start = frames
+            .progress
+            .as_ref()
+            .filter(|f| policy::is_start(&f.event_type));
+        if start.is_some() {
+            match self
+                .claim(&policy::started_key(&ev.execution_id), event_key)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: this run's start was already sent");
+                    return Outcome::Done;
+                }
+                Err(e) => {
+                    tracing::warn!(execution_id = %id, error = %e, "bridge: start marker create failed");
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
+                }
+            }
+        }
         let plan = policy::publish_plan(&frames, terminal_claim, failure_claim);
         if plan.skipped_any {
             tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: another event already sent this step's failure or the terminal frame");
         }
         for frame in plan.frames {
             if !self.publish(&clients, frame).await {
-                return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
+                return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
             }
         }
         Outcome::Done
@@ -272,7 +287,7 @@ impl Handler {
         ev: &policy::ExecutionEvent,
         event_key: &str,
         clients: &[ClientId],
-        d: &Delivery<'_>,
+        age: Duration,
     ) -> Outcome {
         let id = ev.execution_id.as_str();
         if let Some(key) = policy::event_failure_key(ev) {
@@ -283,7 +298,7 @@ impl Handler {
                         if let Some(step) = &f.progress {
                             tracing::debug!(execution_id = %id, "bridge: a step failure this event claimed is sent after the terminal frame");
                             if !self.publish(clients, step).await {
-                                return self.retry_or_drop(RetryReason::BusUnavailable, d, ev);
+                                return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
                             }
                         }
                     }
@@ -292,7 +307,7 @@ impl Handler {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(execution_id = %id, error = %e, "bridge: step failure marker lookup failed");
-                    return self.retry_or_drop(RetryReason::StoreUnavailable, d, ev);
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
                 }
             }
         }
@@ -304,17 +319,17 @@ impl Handler {
     fn retry_or_drop(
         &self,
         reason: RetryReason,
-        d: &Delivery<'_>,
+        age: Duration,
         ev: &policy::ExecutionEvent,
     ) -> Outcome {
-        match policy::retry_verdict(reason, d.age, &self.limits) {
+        match policy::retry_verdict(reason, age, &self.limits) {
             RetryVerdict::Retry => Outcome::Retry(reason),
             _ if reason == RetryReason::NoInterest => {
-                tracing::debug!(execution_id = %ev.execution_id, event_type = %ev.event_type, age_ms = d.age.as_millis() as u64, "bridge: no client interested in time; event dropped");
+                tracing::debug!(execution_id = %ev.execution_id, event_type = %ev.event_type, age_ms = age.as_millis() as u64, "bridge: no client interested in time; event dropped");
                 Outcome::Done
             }
             _ => {
-                tracing::warn!(execution_id = %ev.execution_id, event_type = %ev.event_type, ?reason, "bridge: retries exhausted (core mode); event dropped");
+                tracing::warn!(execution_id = %ev.execution_id, event_type = %ev.event_type, ?reason, "bridge: retries exhausted; event dropped");
                 Outcome::Done
             }
         }

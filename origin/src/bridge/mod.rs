@@ -10,27 +10,42 @@
 //! [`Bus`] → ack. The shell only does that I/O; every decision is in [`policy`].
 //!
 //! ## Layout
-//! - this file — the entry: [`spawn`] picks the mode and starts the reading task;
+//! - this file — the entry: [`spawn`] picks the source and starts it;
 //! - [`config`] — [`BridgeConfig`], its defaults and checks;
-//! - `source` — the two NATS sources (durable pull consumer, core queue subscription);
-//! - `pool` — the worker pool, the jobs it carries and core mode's retry timers;
-//! - `handler` — one event: interest, terminal claim, status, frames, publish, ack;
+//! - `source` — the NATS source (the shared durable pull consumer);
+//! - `pool` — the worker pool and the jobs it carries;
+//! - `poll` — the HTTP fallback: following executions through NoETL's execution record;
+//! - `handler` — one event: interest, claims, status, frames, publish, ack;
 //! - [`policy`] — every decision, as pure functions.
 //!
+//! ## Which NoETL, which source
+//! The shapes are told apart per message by subject and payload ([`policy::parse_event`]):
+//! the Rust control plane (stream `noetl_events`, `noetl.events.<event_type>`, the event
+//! row), the older Python server (`noetl.events.<tenant>.<org>.<execution_id>.<shard>`, a
+//! small dict) and NoETL 4.x's event mirror (stream `NOETL_EVENTS`, the same per-execution
+//! subjects with sanitised tokens, the canonical envelope). The configured streams are
+//! tried in order (`noetl_events,NOETL_EVENTS` by default) and the first that exists is
+//! read through the durable consumer. docs/COMPATIBILITY.md has the table.
+//!
 //! ## Decisions
-//! - **One durable pull consumer shared by every replica** (`gateway-bridge` on stream
-//!   `noetl_events`, explicit acks). JetStream hands each message to one puller, so an
+//! - **One durable pull consumer shared by every replica** (`gateway-bridge` on the
+//!   stream, explicit acks). JetStream hands each message to one puller, so an
 //!   event is handled once across N replicas, and the consumer's ack floor lives in NATS,
 //!   so events published while every origin is down are delivered when one comes back.
 //!   A push consumer or a per-replica consumer would give neither. The consumer starts at
 //!   *new* messages when it is first created (deliver policy `New`): a first deployment
 //!   must not replay 24 h of history that no client can be interested in; from then on it
 //!   is durable and nothing is skipped. Deleting the consumer resets that point.
-//! - **Core fallback.** Without the stream (NoETL not publishing to JetStream), a core
-//!   subscription with queue group `gateway-bridge` still delivers each event to one
-//!   replica, but events published while no origin runs are lost. The mode is chosen at
-//!   start; if the stream appears later the bridge logs a warning once, and a restart
-//!   switches it to the durable consumer.
+//! - **HTTP fallback, not a lossy subscription.** Without a stream (NoETL built or
+//!   configured without its event stream, or the older Python server publishing on core
+//!   NATS, or no NATS at all) the bridge follows every execution someone is interested in
+//!   by reading NoETL's execution record (`poll`): one replica per execution (a K/V
+//!   lease), from a cursor kept in K/V, at an adaptive rate bounded per execution, until
+//!   the run's terminal status. Events seen on core NATS are only wake-ups for that
+//!   reading, never frames of their own: frames come from one place, in the record's
+//!   order, and nothing is lost when a replica stops (its lease runs out and another
+//!   replica continues from the cursor). The mode is chosen at start; a stream that
+//!   appears later is read after a restart.
 //! - **Confirm before the terminal frame.** A failed step ends a real run FAILED with no
 //!   `playbook.failed` event, and a real server can emit `playbook.completed` for a run that
 //!   failed. So on `step.failed` and `playbook.completed` the bridge asks NoETL
@@ -60,8 +75,6 @@
 //!   event). Cost: events of executions nobody watches are retried for `max_interest_wait`,
 //!   so they occupy `max_ack_pending` slots for that long — size it above
 //!   (forwardable events per second without interest) × `max_interest_wait`.
-//!   Core mode has no redelivery: the retry is a timer in this process, bounded by
-//!   `core_max_held`, and lost if the replica stops.
 //! - **Order per execution, concurrency across executions.** One reading task pulls
 //!   (in batches of `batch`) and hands each message to one of `concurrency` worker tasks
 //!   (default 32) chosen by a hash of its execution id ([`policy::worker_for`]), through a
@@ -85,8 +98,8 @@
 //!   usual) and gives back what is still queued: NAKed, never acked, so another replica
 //!   gets it at once — delayed past any retry when an earlier event of its execution is
 //!   waiting for a redelivery, so it comes back behind that one. Messages the NATS client
-//!   had already pulled but the reader not yet taken return after `ack_wait`. Core mode
-//!   has nothing to give back to: queued events and pending retries are lost (logged).
+//!   had already pulled but the reader not yet taken return after `ack_wait`. The HTTP
+//!   fallback stops following and lets its leases run out (or releases them).
 //! - **Encoded once.** A frame's JSON is built once per event and shared (`Bytes`) by every
 //!   interested client's publish. The message is acked only after every publish succeeded.
 //!
@@ -96,6 +109,7 @@
 pub mod config;
 mod handler;
 pub mod policy;
+mod poll;
 mod pool;
 mod source;
 
@@ -125,12 +139,16 @@ pub enum BridgeError {
 }
 
 /// How the bridge reads events, decided once at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BridgeMode {
-    /// The shared durable pull consumer on the stream: once across replicas, nothing lost.
-    Durable,
-    /// A core queue subscription: once across replicas, lost while no origin runs.
-    Core,
+    /// The shared durable pull consumer on this stream: once across replicas, nothing lost.
+    Durable {
+        /// The stream read (the first configured one that exists).
+        stream: String,
+    },
+    /// No stream: executions are followed through NoETL's execution record (`poll`), with
+    /// NoETL's core NATS events (when there is NATS) as wake-ups.
+    Poll,
 }
 
 /// A running bridge.
@@ -139,18 +157,20 @@ pub struct Bridge {
     /// How it reads.
     pub mode: BridgeMode,
     /// Ends after the shutdown token is cancelled: reading stops, every worker finishes
-    /// the event in hand, queued events are NAKed (redelivered at once, elsewhere).
+    /// the event in hand, queued events are NAKed (redelivered at once, elsewhere); the
+    /// HTTP fallback stops following.
     pub task: JoinHandle<()>,
 }
 
-/// Starts the bridge: picks the mode (durable if `config.stream` exists, else core),
-/// creates or reuses the durable consumer, logs which, and spawns the reading task.
+/// Starts the bridge: picks the source (the first of `config.streams` that exists, read
+/// through the shared durable consumer; else the HTTP fallback), logs which, and spawns it.
+/// Without NATS (`nats` is `None`) it is the HTTP fallback, on this replica's store.
 ///
 /// Errors only for bad settings or a NATS that fails the lookup itself; an absent stream
-/// is the core fallback, not an error. Once running, the task survives NATS outages
+/// is the fallback, not an error. Once running, the task survives NATS outages
 /// (async-nats reconnects; the consumer is re-opened) until `shutdown` is cancelled.
 pub async fn spawn(
-    nats: async_nats::Client,
+    nats: Option<async_nats::Client>,
     kv: Arc<dyn KvStore>,
     bus: Arc<dyn Bus>,
     noetl: NoetlClient,
@@ -158,22 +178,27 @@ pub async fn spawn(
     shutdown: CancellationToken,
 ) -> Result<Bridge, BridgeError> {
     config.validate()?;
-    let handler = Handler::new(kv, bus, noetl, &config);
-    let js = jetstream::new(nats.clone());
-    match js.get_stream(&config.stream).await {
-        Ok(stream) => {
+    let handler = Handler::new(kv.clone(), bus, noetl.clone(), &config);
+    if let Some(nats) = &nats {
+        let js = jetstream::new(nats.clone());
+        for name in config.streams.clone() {
+            let stream = match js.get_stream(&name).await {
+                Ok(stream) => stream,
+                Err(e) if source::stream_is_absent(&e) => continue,
+                Err(e) => return Err(BridgeError::Nats(format!("looking up stream {name}: {e}"))),
+            };
             let consumer = stream
                 .get_or_create_consumer(&config.consumer, source::consumer_config(&config))
                 .await
                 .map_err(|e| {
                     BridgeError::Nats(format!(
-                        "durable consumer {} on stream {}: {e}",
-                        config.consumer, config.stream
+                        "durable consumer {} on stream {name}: {e}",
+                        config.consumer
                     ))
                 })?;
             tracing::info!(
                 mode = "durable",
-                stream = %config.stream,
+                stream = %name,
                 consumer = %config.consumer,
                 subject = %config.subject,
                 "bridge: reading NoETL events through the shared durable consumer \
@@ -183,36 +208,32 @@ pub async fn spawn(
             let task = tokio::spawn(source::run_durable(
                 handler, stream, consumer, config, shutdown,
             ));
-            Ok(Bridge {
-                mode: BridgeMode::Durable,
+            return Ok(Bridge {
+                mode: BridgeMode::Durable { stream: name },
                 task,
-            })
+            });
         }
-        Err(e) if source::stream_is_absent(&e) => {
-            let sub = nats
-                .queue_subscribe(config.subject.clone(), config.consumer.clone())
-                .await
-                .map_err(|e| BridgeError::Nats(format!("subscribe {}: {e}", config.subject)))?;
-            tracing::warn!(
-                mode = "core",
-                stream = %config.stream,
-                subject = %config.subject,
-                queue_group = %config.consumer,
-                "bridge: JetStream stream not found, using a core subscription: events \
-                 published while no origin runs are LOST. Enable NoETL's event stream \
-                 (it creates `{}`) and restart the origin to read durably",
-                config.stream
-            );
-            let handler = handler.without_durable_retries();
-            let task = tokio::spawn(source::run_core(handler, nats, sub, config, shutdown));
-            Ok(Bridge {
-                mode: BridgeMode::Core,
-                task,
-            })
-        }
-        Err(e) => Err(BridgeError::Nats(format!(
-            "looking up stream {}: {e}",
-            config.stream
-        ))),
     }
+    tracing::warn!(
+        mode = "poll",
+        streams = ?config.streams,
+        nats = nats.is_some(),
+        interval = ?config.poll_interval,
+        max_interval = ?config.poll_max_interval,
+        "bridge: no NoETL event stream found; following executions through NoETL's \
+         execution record (HTTP). NoETL events on core NATS, if any, only wake the reading \
+         up. Enable NoETL's event stream and restart the origin to read it durably"
+    );
+    let task = tokio::spawn(poll::run(
+        Arc::new(handler),
+        kv,
+        noetl,
+        nats,
+        config,
+        shutdown,
+    ));
+    Ok(Bridge {
+        mode: BridgeMode::Poll,
+        task,
+    })
 }

@@ -4,13 +4,22 @@
 //! do, performs the I/O, and asks again. Everything that can be wrong about a NoETL event
 //! is decided here and unit-tested with plain values:
 //!
-//! - [`parse_event`] — both subject shapes (`noetl.events.<event_type>` from the Rust server,
-//!   `noetl.events.{tenant}.{org}.{execution_id}.{shard}` from the older Python server). The
-//!   payload is authoritative in both; the subject only fills what the payload lacks.
-//!   Execution ids are kept as exact decimal text: serde_json holds integers as `u64`, so an
-//!   id above 2^53 never passes through `f64`; a number that is not an integer is refused.
-//! - [`normalize_event_type`] — one vocabulary for both servers (`_` → `.`, command/call and
-//!   Python step names mapped to `step.enter` / `step.exit` / `step.failed`).
+//! - [`parse_event`] — every NoETL shape, told apart by subject and payload, never by a
+//!   flag: `noetl.events.<event_type>` (the Rust control plane: the event row),
+//!   `noetl.events.{tenant}.{org}.{execution_id}.{shard}` (the Python servers: the older
+//!   small dict, and 4.x's canonical envelope with sorted keys). The payload is
+//!   authoritative; the subject only fills what the payload lacks. Execution ids are kept as
+//!   exact decimal text: serde_json holds integers as `u64`, so an id above 2^53 never
+//!   passes through `f64`; a number that is not an integer is refused.
+//!   [`parse_record_event`] reads the same fields from an event of NoETL's execution record
+//!   (the HTTP fallback, `poll`).
+//! - [`normalize_event_type`] — one vocabulary for every server (`_` → `.`; command/call and
+//!   Python step names mapped to `step.enter` / `step.exit` / `step.failed`; `workflow.*`,
+//!   `execution.*` and `*.initialized` mapped to `playbook.*`). The one spelling whose meaning
+//!   depends on the server is `command.completed`: the Rust control plane has no native
+//!   `step.exit`, so there it is the step's end; the Python servers emit `step.exit`
+//!   themselves, so there it is not forwarded (it would double every step). The
+//!   [`Dialect`] says which.
 //! - [`ForwardList`] — the configured allow-list; everything else is acked and ignored
 //!   before any store or NoETL call, so chatty internal events cost one JSON parse.
 //! - [`resolve`] — the frames an event becomes. `step.failed` and `playbook.completed` are
@@ -123,11 +132,59 @@ pub fn classify_subject<'a>(subject: &'a str, prefix: &str) -> Result<SubjectSha
     Ok(SubjectShape::Rust { event_type: tail })
 }
 
-/// Maps both servers' event names onto one vocabulary: lower case, `_` → `.`, then
-/// `command.completed` → `step.exit`, `command.failed` / `call.error` → `step.failed`, and
-/// the Python `step_started` / `step_completed` → `step.enter` / `step.exit`.
+/// Which family of NoETL servers an event comes from: decides what `command.completed`
+/// means ([`normalize_event_type`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// The Rust control plane (subject `noetl.events.<event_type>`): no native `step.exit`,
+    /// so `command.completed` is the step's end.
+    #[default]
+    Rust,
+    /// The Python servers (per-execution subjects; the older shape and 4.x): `step.exit`
+    /// (or `step_completed`) is native, so `command.completed` is not a frame of its own.
+    Python,
+}
+
+impl Dialect {
+    /// The dialect of an execution record's events, from their spellings: a Python server
+    /// writes `*.initialized`, `execution.started` or a native `step.exit` /
+    /// `step_completed` / `step_started` (its first event is already one of them); the
+    /// Rust control plane writes none of these.
+    pub fn of_record_types<'a>(types: impl IntoIterator<Item = &'a str>) -> Self {
+        let python = types.into_iter().any(|t| {
+            matches!(
+                t.trim().to_ascii_lowercase().replace('_', ".").as_str(),
+                "playbook.initialized"
+                    | "workflow.initialized"
+                    | "execution.started"
+                    | "step.exit"
+                    | "step.completed"
+                    | "step.started"
+            )
+        });
+        if python {
+            Self::Python
+        } else {
+            Self::Rust
+        }
+    }
+}
+
+/// Maps every server's event names onto one vocabulary: lower case, `_` → `.`, then
+///
+/// | raw (after `_` → `.`) | normalised |
+/// |---|---|
+/// | `command.completed` | `step.exit` ([`Dialect::Rust`]); unchanged, so not forwarded ([`Dialect::Python`]) |
+/// | `step.completed` | `step.exit` |
+/// | `command.failed`, `call.error` | `step.failed` |
+/// | `step.started` | `step.enter` |
+/// | `playbook.initialized`, `workflow.initialized`, `workflow.started`, `execution.started` | `playbook.started` |
+/// | `workflow.completed`, `execution.completed` | `playbook.completed` |
+/// | `workflow.failed`, `execution.failed` | `playbook.failed` |
+/// | `workflow.cancelled`, `execution.cancelled` | `playbook.cancelled` |
+///
 /// Idempotent: a normalised name maps to itself.
-pub fn normalize_event_type(raw: &str) -> String {
+pub fn normalize_event_type(raw: &str, dialect: Dialect) -> String {
     let dotted: String = raw
         .trim()
         .chars()
@@ -139,12 +196,21 @@ pub fn normalize_event_type(raw: &str) -> String {
             }
         })
         .collect();
-    match dotted.as_str() {
-        "command.completed" | "step.completed" => "step.exit".to_owned(),
-        "command.failed" | "call.error" => "step.failed".to_owned(),
-        "step.started" => "step.enter".to_owned(),
-        _ => dotted,
-    }
+    let mapped = match dotted.as_str() {
+        "command.completed" if dialect == Dialect::Rust => "step.exit",
+        "step.completed" => "step.exit",
+        "command.failed" | "call.error" => "step.failed",
+        "step.started" => "step.enter",
+        "playbook.initialized"
+        | "workflow.initialized"
+        | "workflow.started"
+        | "execution.started" => "playbook.started",
+        "workflow.completed" | "execution.completed" => "playbook.completed",
+        "workflow.failed" | "execution.failed" => "playbook.failed",
+        "workflow.cancelled" | "execution.cancelled" => "playbook.cancelled",
+        _ => return dotted,
+    };
+    mapped.to_owned()
 }
 
 /// The event types the bridge forwards (normalised names), from configuration.
@@ -162,7 +228,7 @@ impl ForwardList {
         Self(
             names
                 .into_iter()
-                .map(|n| normalize_event_type(n.as_ref()))
+                .map(|n| normalize_event_type(n.as_ref(), Dialect::Rust))
                 .filter(|n| !n.is_empty())
                 .collect(),
         )
@@ -227,6 +293,8 @@ struct RawEvent {
     #[serde(default)]
     step_name: Option<Value>,
     #[serde(default)]
+    step: Option<Value>,
+    #[serde(default)]
     status: Option<Value>,
     #[serde(default)]
     event_time: Option<Value>,
@@ -253,11 +321,42 @@ pub fn parse_event(
     }
     let raw: RawEvent =
         serde_json::from_slice(payload).map_err(|e| Malformed::NotJson(short_error(&e)))?;
+    let (subject_type, subject_execution, dialect) = match shape {
+        SubjectShape::Rust { event_type } => (Some(event_type), None, Dialect::Rust),
+        SubjectShape::Python { execution_id, .. } => (None, Some(execution_id), Dialect::Python),
+    };
+    read_event(raw, subject_type, subject_execution, dialect, forward)
+}
 
-    let raw_type = match (text(&raw.event_type), &shape) {
+/// Parses one event of NoETL's execution record (`GET /api/executions/{id}`, its `events`
+/// array) of `execution_id`, read the same way as a NATS payload ([`parse_event`]); the
+/// record's own execution id fills an event that does not name one.
+pub fn parse_record_event(
+    event: &Value,
+    execution_id: &ExecutionId,
+    dialect: Dialect,
+    forward: &ForwardList,
+) -> Result<Parsed, Malformed> {
+    if !event.is_object() {
+        return Err(Malformed::NotJson("not a JSON object".into()));
+    }
+    let raw = RawEvent::deserialize(event).map_err(|e| Malformed::NotJson(short_error(&e)))?;
+    read_event(raw, None, Some(execution_id.as_str()), dialect, forward)
+}
+
+/// The fields of one event, whichever way it arrived: `subject_type` / `subject_execution`
+/// fill what the payload lacks.
+fn read_event(
+    raw: RawEvent,
+    subject_type: Option<&str>,
+    subject_execution: Option<&str>,
+    dialect: Dialect,
+    forward: &ForwardList,
+) -> Result<Parsed, Malformed> {
+    let raw_type = match (text(&raw.event_type), subject_type) {
         (Some(t), _) => t,
-        (None, SubjectShape::Rust { event_type }) => (*event_type).to_owned(),
-        (None, SubjectShape::Python { .. }) => return Err(Malformed::NoEventType),
+        (None, Some(t)) => t.to_owned(),
+        (None, None) => return Err(Malformed::NoEventType),
     };
     if raw_type.is_empty()
         || raw_type.len() > MAX_EVENT_TYPE_LEN
@@ -265,14 +364,14 @@ pub fn parse_event(
     {
         return Err(Malformed::BadEventType);
     }
-    let event_type = normalize_event_type(&raw_type);
+    let event_type = normalize_event_type(&raw_type, dialect);
     if !forward.allows(&event_type) {
         return Ok(Parsed::Ignored { event_type });
     }
 
-    let execution_id = match (&raw.execution_id, &shape) {
+    let execution_id = match (&raw.execution_id, subject_execution) {
         (Some(v), _) if !v.is_null() => exact_id(v).ok_or(Malformed::BadExecutionId)?,
-        (_, SubjectShape::Python { execution_id, .. }) => (*execution_id).to_owned(),
+        (_, Some(id)) => id.to_owned(),
         _ => return Err(Malformed::NoExecutionId),
     };
     let execution_id =
@@ -281,7 +380,9 @@ pub fn parse_event(
     let step_name = if event_type.starts_with("playbook.") {
         None
     } else {
-        text(&raw.node_name).or_else(|| text(&raw.step_name))
+        text(&raw.node_name)
+            .or_else(|| text(&raw.step_name))
+            .or_else(|| text(&raw.step))
     };
     let at = [&raw.event_time, &raw.timestamp, &raw.created_at]
         .into_iter()
@@ -495,8 +596,7 @@ pub enum RetryReason {
 pub enum RetryVerdict {
     /// Retry after [`retry_delay`].
     Retry,
-    /// Stop: drop the event (no interest came in time, or a non-durable retry budget ran
-    /// out).
+    /// Stop: drop the event (no interest came in time).
     Drop,
     /// Stop waiting for the status and use what the event claims.
     UseEventClaim,
@@ -509,14 +609,11 @@ pub struct RetryLimits {
     pub max_interest_wait: Duration,
     /// Status confirmation stops after this; the event's own claim is used.
     pub max_confirm_wait: Duration,
-    /// True when retries are redeliveries of a durable stream: infrastructure failures
-    /// (store, bus) are then retried without limit, since the stream still holds the event.
-    /// Core mode holds retries in memory, so they stop at `max_confirm_wait`.
-    pub durable: bool,
 }
 
-/// Whether an event of `age` (since NATS stored it, or since this replica received it in
-/// core mode) is retried again for `reason`.
+/// Whether an event of `age` (since NATS stored it, or since the HTTP fallback first
+/// tried it) is retried again for `reason`. Infrastructure failures (store, bus) are
+/// retried without limit: the stream (or NoETL's record) still holds the event.
 pub fn retry_verdict(reason: RetryReason, age: Duration, limits: &RetryLimits) -> RetryVerdict {
     match reason {
         RetryReason::NoInterest if age >= limits.max_interest_wait => RetryVerdict::Drop,
@@ -524,11 +621,6 @@ pub fn retry_verdict(reason: RetryReason, age: Duration, limits: &RetryLimits) -
             if age >= limits.max_confirm_wait =>
         {
             RetryVerdict::UseEventClaim
-        }
-        RetryReason::StoreUnavailable | RetryReason::BusUnavailable
-            if !limits.durable && age >= limits.max_confirm_wait =>
-        {
-            RetryVerdict::Drop
         }
         _ => RetryVerdict::Retry,
     }
@@ -789,6 +881,109 @@ pub fn terminal_key(execution_id: &ExecutionId) -> String {
     format!("terminal.{execution_id}")
 }
 
+/// The K/V key (bucket `interest`) of the HTTP fallback's lease on an execution: the
+/// replica holding it follows the run.
+pub fn lease_key(execution_id: &ExecutionId) -> String {
+    format!("lease.{execution_id}")
+}
+
+/// The K/V key (bucket `interest`) of the HTTP fallback's cursor on an execution: the key
+/// of the last event of its record that was handled.
+pub fn cursor_key(execution_id: &ExecutionId) -> String {
+    format!("poll.{execution_id}")
+}
+
+/// What a key of the `interest` bucket is, for the HTTP fallback's watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterestKey {
+    /// An interest record: somebody wants this execution's frames.
+    Execution(ExecutionId),
+    /// A replica's lease on following it ([`lease_key`]).
+    Lease(ExecutionId),
+    /// Its terminal frame was claimed ([`terminal_key`]): nothing left to follow.
+    Terminal(ExecutionId),
+    /// Anything else (other claims, cursors).
+    Other,
+}
+
+/// Classifies a key of the `interest` bucket (execution ids never contain a dot).
+pub fn interest_key_kind(key: &str) -> InterestKey {
+    let id = |s: &str| ExecutionId::parse(s).ok();
+    match key.split_once('.') {
+        None => id(key).map_or(InterestKey::Other, InterestKey::Execution),
+        Some(("lease", rest)) => id(rest).map_or(InterestKey::Other, InterestKey::Lease),
+        Some(("terminal", rest)) => id(rest).map_or(InterestKey::Other, InterestKey::Terminal),
+        Some(_) => InterestKey::Other,
+    }
+}
+
+/// The key of one event of an execution record: its exact `event_id`, or its position
+/// (`pos-<i>`) when it has none (the record only grows at the end).
+pub fn record_event_key(event: &Value, position: usize) -> String {
+    event
+        .get("event_id")
+        .and_then(exact_id)
+        .unwrap_or_else(|| format!("pos-{position}"))
+}
+
+/// Which events of a record (by their [`record_event_key`]s, in the record's order) are new
+/// given `cursor`, the key of the last one handled: everything after the cursor's
+/// position; when the cursor is not in the record (a record that lists only its latest
+/// events), those whose id is above it (NoETL's ids grow with time).
+pub fn unseen_events(keys: &[String], cursor: Option<&str>) -> Vec<usize> {
+    let Some(cursor) = cursor else {
+        return (0..keys.len()).collect();
+    };
+    if let Some(at) = keys.iter().position(|k| k == cursor) {
+        return (at + 1..keys.len()).collect();
+    }
+    // Ids compare with ids and positions with positions; anything else counts as new.
+    let order = |k: &str| -> Option<(bool, u128)> {
+        match k.strip_prefix("pos-") {
+            Some(p) => p.parse().ok().map(|n| (true, n)),
+            None => k.parse().ok().map(|n| (false, n)),
+        }
+    };
+    let Some((positional, c)) = order(cursor) else {
+        return (0..keys.len()).collect();
+    };
+    (0..keys.len())
+        .filter(|&i| match order(&keys[i]) {
+            Some((p, k)) if p == positional => k > c,
+            _ => true,
+        })
+        .collect()
+}
+
+/// The execution a NoETL message on core NATS names (the HTTP fallback's wake-ups): the
+/// subject's execution token (Python servers), else the payload's `execution_id`.
+pub fn execution_of(subject: &str, payload: &[u8], prefix: &str) -> Option<ExecutionId> {
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        execution_id: Option<Value>,
+    }
+    match classify_subject(subject, prefix).ok()? {
+        SubjectShape::Python { execution_id, .. } => ExecutionId::parse(execution_id).ok(),
+        SubjectShape::Rust { .. } => {
+            let named: Named = serde_json::from_slice(payload).ok()?;
+            ExecutionId::try_from(exact_id(named.execution_id.as_ref()?)?).ok()
+        }
+    }
+}
+
+/// The K/V key (bucket `interest`) whose creation claims an execution's one
+/// `playbook.started` frame: NoETL 4.x reports a start twice (`playbook.initialized` or
+/// `workflow.initialized`, then `execution.started`), and the SPA expects one.
+pub fn started_key(execution_id: &ExecutionId) -> String {
+    format!("started.{execution_id}")
+}
+
+/// True for the frames sent once per execution through [`started_key`].
+pub fn is_start(event_type: &str) -> bool {
+    event_type == "playbook.started"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -990,10 +1185,189 @@ mod tests {
             ("call.done", "call.done"),
             ("calendar.event.touched", "calendar.event.touched"),
             ("PLAYBOOK_STARTED", "playbook.started"),
+            // NoETL 4.x's spellings.
+            ("playbook.initialized", "playbook.started"),
+            ("workflow.initialized", "playbook.started"),
+            ("execution.started", "playbook.started"),
+            ("workflow.completed", "playbook.completed"),
+            ("workflow.failed", "playbook.failed"),
+            ("execution.completed", "playbook.completed"),
+            ("execution.failed", "playbook.failed"),
+            ("execution.cancelled", "playbook.cancelled"),
+            ("workflow.cancelled", "playbook.cancelled"),
+            ("step.exit", "step.exit"),
+            ("command.heartbeat", "command.heartbeat"),
         ];
         for (raw, want) in table {
-            assert_eq!(normalize_event_type(raw), want, "{raw}");
+            assert_eq!(normalize_event_type(raw, Dialect::Rust), want, "{raw}");
+            if raw != "command.completed" {
+                assert_eq!(normalize_event_type(raw, Dialect::Python), want, "{raw}");
+            }
         }
+        // A Python server emits step.exit itself: its command.completed is not a second one.
+        assert_eq!(
+            normalize_event_type("command.completed", Dialect::Python),
+            "command.completed"
+        );
+        assert!(!ForwardList::default().allows("command.completed"));
+    }
+
+    #[test]
+    fn the_dialect_of_a_record_is_read_from_its_spellings() {
+        assert_eq!(
+            Dialect::of_record_types(["playbook_started", "command.issued", "step.enter"]),
+            Dialect::Rust
+        );
+        for python in [
+            "playbook.initialized",
+            "workflow.initialized",
+            "step.exit",
+            "step_completed",
+            "EXECUTION_STARTED",
+        ] {
+            assert_eq!(
+                Dialect::of_record_types(["command.issued", python]),
+                Dialect::Python,
+                "{python}"
+            );
+        }
+        assert_eq!(Dialect::of_record_types([]), Dialect::Rust);
+    }
+
+    #[test]
+    fn a_v4_envelope_on_a_sharded_subject_is_read_and_its_command_completed_not_doubled() {
+        // NoETL 4.x: sorted compact keys, tenant and organisation sanitised into the
+        // subject, shard = execution id % shard count, ids as integers above 2^53.
+        let subject = format!("noetl.events.acme-EU-west.org-1.{BIG}.3");
+        let envelope = |event_type: &str, node: &str, status: &str| {
+            json!({"created_at": "2026-05-18 20:00:00.5+00:00", "event_id": 612_345_678_901_234_567_u64,
+                   "event_type": event_type, "execution_id": BIG.parse::<u64>().unwrap(),
+                   "node_name": node, "organization_id": "org/1", "status": status,
+                   "tenant_id": "acme/EU west"})
+        };
+        let ev = forwarded(&subject, envelope("step.exit", "fetch", "COMPLETED"));
+        assert_eq!(ev.execution_id, BIG);
+        assert_eq!(ev.event_type, "step.exit");
+        assert_eq!(ev.step_name.as_deref(), Some("fetch"));
+        assert_eq!(ev.event_id.as_deref(), Some("612345678901234567"));
+        assert_eq!(ev.at.as_deref(), Some("2026-05-18T20:00:00.500000Z"));
+        assert_eq!(
+            parse(
+                &subject,
+                envelope("command.completed", "fetch", "COMPLETED")
+            ),
+            Ok(Parsed::Ignored {
+                event_type: "command.completed".into()
+            }),
+            "the native step.exit is the step's end"
+        );
+        for (raw, want) in [
+            ("workflow.initialized", "playbook.started"),
+            ("playbook.initialized", "playbook.started"),
+            ("workflow.failed", "playbook.failed"),
+            ("execution.cancelled", "playbook.cancelled"),
+        ] {
+            let ev = forwarded(&subject, envelope(raw, "demo/steps", "X"));
+            assert_eq!(ev.event_type, want, "{raw}");
+            assert_eq!(ev.step_name, None, "{raw}: playbook events carry no step");
+        }
+        // The Rust control plane's command.completed is still the step's end.
+        let (subject, row) = rust_row("command.completed", "fetch", "COMPLETED");
+        assert!(
+            matches!(parse(&subject, row), Ok(Parsed::Forward(ev)) if ev.event_type == "step.exit")
+        );
+    }
+
+    #[test]
+    fn the_fallback_reads_its_keys_and_finds_new_events_after_the_cursor() {
+        let id = ExecutionId::parse(BIG).unwrap();
+        assert_eq!(interest_key_kind(BIG), InterestKey::Execution(id.clone()));
+        assert_eq!(
+            interest_key_kind(&lease_key(&id)),
+            InterestKey::Lease(id.clone())
+        );
+        assert_eq!(
+            interest_key_kind(&terminal_key(&id)),
+            InterestKey::Terminal(id.clone())
+        );
+        for other in [
+            cursor_key(&id),
+            started_key(&id),
+            format!("failed.{BIG}.ab"),
+            "lease.a.b".into(),
+        ] {
+            assert_eq!(interest_key_kind(&other), InterestKey::Other, "{other}");
+        }
+
+        let keys: Vec<String> = [
+            json!({"event_id": 10_u64}),
+            json!({"event_id": "11"}),
+            json!({"event_type": "x"}),
+            json!({"event_id": 612_345_678_901_234_567_u64}),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| record_event_key(e, i))
+        .collect();
+        assert_eq!(keys, ["10", "11", "pos-2", "612345678901234567"]);
+        assert_eq!(unseen_events(&keys, None), [0, 1, 2, 3]);
+        assert_eq!(unseen_events(&keys, Some("11")), [2, 3]);
+        assert_eq!(
+            unseen_events(&keys, Some("612345678901234567")),
+            Vec::<usize>::new()
+        );
+        // A cursor no longer in the record: by id.
+        assert_eq!(unseen_events(&keys, Some("10000")), [2, 3]);
+        assert_eq!(unseen_events(&keys, Some("not-a-number")), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_wake_up_names_its_execution_by_subject_or_payload() {
+        let p = PREFIX;
+        assert_eq!(
+            execution_of(&format!("noetl.events.t.o.{BIG}.0"), b"garbage", p)
+                .as_ref()
+                .map(ExecutionId::as_str),
+            Some(BIG)
+        );
+        let payload = format!(r#"{{"event_type":"command.issued","execution_id":{BIG}}}"#);
+        assert_eq!(
+            execution_of("noetl.events.command.issued", payload.as_bytes(), p)
+                .as_ref()
+                .map(ExecutionId::as_str),
+            Some(BIG)
+        );
+        assert_eq!(execution_of("noetl.events.command.issued", b"{}", p), None);
+        assert_eq!(execution_of("other.x", payload.as_bytes(), p), None);
+    }
+
+    #[test]
+    fn a_record_event_is_read_like_a_payload() {
+        let id = ExecutionId::parse(BIG).unwrap();
+        let fwd = ForwardList::default();
+        let ev = json!({"event_id": 612_345_678_901_234_567_u64, "event_type": "command.completed",
+                        "node_name": "s1", "status": "COMPLETED",
+                        "created_at": "2026-11-22T10:00:00Z", "result": {"x": 1}, "error": null});
+        match parse_record_event(&ev, &id, Dialect::Rust, &fwd) {
+            Ok(Parsed::Forward(e)) => {
+                assert_eq!(e.execution_id, BIG);
+                assert_eq!(e.event_type, "step.exit");
+                assert_eq!(e.event_id.as_deref(), Some("612345678901234567"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_record_event(&ev, &id, Dialect::Python, &fwd),
+            Ok(Parsed::Ignored { .. })
+        ));
+        assert_eq!(
+            parse_record_event(&json!([1]), &id, Dialect::Rust, &fwd),
+            Err(Malformed::NotJson("not a JSON object".into()))
+        );
+        assert_eq!(
+            parse_record_event(&json!({"node_name": "x"}), &id, Dialect::Rust, &fwd),
+            Err(Malformed::NoEventType)
+        );
     }
 
     #[test]
@@ -1009,7 +1383,7 @@ mod tests {
             "call.done",
             "step.skipped",
         ] {
-            assert!(!fwd.allows(&normalize_event_type(t)), "{t}");
+            assert!(!fwd.allows(&normalize_event_type(t, Dialect::Rust)), "{t}");
         }
         let (subject, row) = rust_row("command.issued", "step_1", "PENDING");
         assert_eq!(
@@ -1219,7 +1593,6 @@ mod tests {
         let limits = RetryLimits {
             max_interest_wait: Duration::from_secs(10),
             max_confirm_wait: Duration::from_secs(30),
-            durable: true,
         };
         let s = Duration::from_secs;
         let v = |r, age| retry_verdict(r, age, &limits);
@@ -1234,21 +1607,13 @@ mod tests {
             v(RetryReason::NoetlUnavailable, s(31)),
             RetryVerdict::UseEventClaim
         );
-        // Durable: the stream still holds the event, so infrastructure failures never drop it.
+        // The stream (or the record) still holds the event: infrastructure failures never drop it.
         assert_eq!(v(RetryReason::BusUnavailable, s(3600)), RetryVerdict::Retry);
         assert_eq!(
             v(RetryReason::StoreUnavailable, s(3600)),
             RetryVerdict::Retry
         );
         assert_eq!(v(RetryReason::WaitingBehind, s(3600)), RetryVerdict::Retry);
-        let core = RetryLimits {
-            durable: false,
-            ..limits
-        };
-        assert_eq!(
-            retry_verdict(RetryReason::BusUnavailable, s(30), &core),
-            RetryVerdict::Drop
-        );
         let base = Duration::from_millis(500);
         assert_eq!(retry_delay(RetryReason::NoInterest, base), base);
         assert_eq!(retry_delay(RetryReason::WaitingBehind, base), base);
@@ -1537,8 +1902,12 @@ mod tests {
     proptest! {
         #[test]
         fn normalising_is_idempotent_and_leaves_no_underscore(raw in "[A-Za-z_.]{0,40}") {
-            let once = normalize_event_type(&raw);
-            prop_assert_eq!(normalize_event_type(&once), once.clone());
+            for dialect in [Dialect::Rust, Dialect::Python] {
+                let once = normalize_event_type(&raw, dialect);
+                prop_assert_eq!(normalize_event_type(&once, dialect), once.clone());
+                prop_assert!(!once.contains('_'));
+            }
+            let once = normalize_event_type(&raw, Dialect::Rust);
             prop_assert!(!once.contains('_'));
         }
 

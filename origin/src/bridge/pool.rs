@@ -1,11 +1,9 @@
 //! The worker pool: a fixed set of worker tasks, each with a bounded queue, that the
-//! reader hands [`Job`]s to — every event of one execution to the same worker (so they are
-//! handled in delivery order), different executions in parallel — and core mode's retry
-//! timers ([`CoreRetry`]), which put an event back on its worker's queue after a delay.
+//! durable reader hands [`Job`]s to — every event of one execution to the same worker (so
+//! they are handled in delivery order), different executions in parallel.
 
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use async_nats::jetstream;
 use tokio::sync::mpsc;
@@ -21,32 +19,18 @@ use super::CancellationToken;
 /// JetStream keeps the rest (a slow execution's neighbours wait only once it is full).
 const WORKER_QUEUE: usize = 16;
 
-/// One message on its way through a worker, whichever mode delivered it; parsed once, by
-/// the reader, which needs the execution id to pick the worker.
+/// One message on its way through a worker; parsed once, by the reader, which needs the
+/// execution id to pick the worker.
 pub(super) struct Job {
-    pub(super) msg: Incoming,
+    /// The message as JetStream delivered it: what is acked or NAKed.
+    pub(super) msg: Box<jetstream::Message>,
     pub(super) parsed: Result<Parsed, policy::Malformed>,
-    /// Increasing per execution in delivery order (stream sequence, or a local counter).
+    /// Increasing per execution in delivery order (the stream sequence).
     pub(super) seq: u64,
     /// The event's identity when the payload has no `event_id`.
     key: String,
-    /// What its age is measured from.
-    since: Since,
-}
-
-/// The message as NATS delivered it: what is acked (durable) or held (core).
-pub(super) enum Incoming {
-    /// Boxed: with its JetStream context it is twice a core message.
-    Durable(Box<jetstream::Message>),
-    Core(async_nats::Message),
-}
-
-/// What a job's age is measured from.
-enum Since {
-    /// When NATS stored it (durable).
-    Stored(SystemTime),
-    /// When this replica first received it (core).
-    Received(Instant),
+    /// When NATS stored it: what its age is measured from.
+    stored: SystemTime,
 }
 
 impl Job {
@@ -63,50 +47,23 @@ impl Job {
         let key = msg_id(msg.headers.as_ref()).unwrap_or_else(|| format!("seq-{seq}"));
         let parsed = handler.parse(msg.subject.as_str(), &msg.payload);
         Some(Self {
-            msg: Incoming::Durable(Box::new(msg)),
+            msg: Box::new(msg),
             parsed,
             seq,
             key,
-            since: Since::Stored(published),
+            stored: published,
         })
-    }
-
-    /// A core message as a job.
-    pub(super) fn core(msg: async_nats::Message, seq: u64, key: String, handler: &Handler) -> Self {
-        let parsed = handler.parse(msg.subject.as_str(), &msg.payload);
-        Self {
-            msg: Incoming::Core(msg),
-            parsed,
-            seq,
-            key,
-            since: Since::Received(Instant::now()),
-        }
-    }
-
-    pub(super) fn subject(&self) -> &str {
-        match &self.msg {
-            Incoming::Durable(m) => m.subject.as_str(),
-            Incoming::Core(m) => m.subject.as_str(),
-        }
-    }
-
-    fn payload(&self) -> &[u8] {
-        match &self.msg {
-            Incoming::Durable(m) => &m.payload,
-            Incoming::Core(m) => &m.payload,
-        }
     }
 
     pub(super) fn delivery(&self) -> Delivery<'_> {
         Delivery {
-            subject: self.subject(),
-            payload_len: self.payload().len(),
+            subject: self.msg.subject.as_str(),
+            payload_len: self.msg.payload.len(),
             parsed: &self.parsed,
             seq: self.seq,
-            age: match self.since {
-                Since::Stored(at) => SystemTime::now().duration_since(at).unwrap_or_default(),
-                Since::Received(at) => at.elapsed(),
-            },
+            age: SystemTime::now()
+                .duration_since(self.stored)
+                .unwrap_or_default(),
             fallback_key: &self.key,
         }
     }
@@ -118,40 +75,6 @@ impl Job {
             Ok(Parsed::Forward(ev)) => Some(policy::worker_for(&ev.execution_id, workers)),
             _ => None,
         }
-    }
-}
-
-/// Core mode's retries: timers in this process, bounded across all workers.
-#[derive(Clone)]
-pub(super) struct CoreRetries {
-    /// Events currently waiting on a timer.
-    pub(super) held: Arc<AtomicUsize>,
-    /// Beyond this many, an event that needs a retry is dropped.
-    pub(super) max_held: usize,
-}
-
-/// What a core worker needs to retry: the shared bound and its own queue to come back to.
-pub(super) struct CoreRetry {
-    retries: CoreRetries,
-    requeue: mpsc::Sender<Job>,
-}
-
-impl CoreRetry {
-    /// Puts `job` back on this worker's queue after `delay`, unless too many are held.
-    pub(super) fn hold(&self, job: Job, delay: Duration) {
-        let held = &self.retries.held;
-        if held.fetch_add(1, AtomicOrdering::SeqCst) >= self.retries.max_held {
-            held.fetch_sub(1, AtomicOrdering::SeqCst);
-            tracing::warn!(subject = %job.subject(), held = self.retries.max_held, "bridge: core retry queue full; event dropped");
-            return;
-        }
-        let (queue, held) = (self.requeue.clone(), held.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            // Fails only once the worker stopped (shutdown): the event is dropped with it.
-            let _ = queue.send(job).await;
-            held.fetch_sub(1, AtomicOrdering::SeqCst);
-        });
     }
 }
 
@@ -170,21 +93,15 @@ pub(super) struct Pool {
     next_any: usize,
     /// Cancelled by [`Pool::stop`], after the reader stopped reading.
     stop: CancellationToken,
-    core: Option<CoreRetries>,
 }
 
 impl Pool {
-    pub(super) fn start(
-        handler: Arc<Handler>,
-        concurrency: usize,
-        core: Option<CoreRetries>,
-    ) -> Self {
+    pub(super) fn start(handler: Arc<Handler>, concurrency: usize) -> Self {
         let mut pool = Self {
             handler,
             workers: Vec::with_capacity(concurrency),
             next_any: 0,
             stop: CancellationToken::new(),
-            core,
         };
         for _ in 0..concurrency {
             let w = pool.spawn_worker();
@@ -195,16 +112,7 @@ impl Pool {
 
     fn spawn_worker(&self) -> Worker {
         let (queue, rx) = mpsc::channel(WORKER_QUEUE);
-        let retry = self.core.clone().map(|retries| CoreRetry {
-            retries,
-            requeue: queue.clone(),
-        });
-        let task = tokio::spawn(run_worker(
-            self.handler.clone(),
-            rx,
-            retry,
-            self.stop.clone(),
-        ));
+        let task = tokio::spawn(run_worker(self.handler.clone(), rx, self.stop.clone()));
         Worker { queue, task }
     }
 
@@ -258,13 +166,8 @@ impl Pool {
             self.handler.give_back(job, None).await;
             given_back += 1;
         }
-        let waiting_retries = self.core.map_or(0, |c| c.held.load(AtomicOrdering::SeqCst));
-        // Given back = NAKed for redelivery (durable) or dropped (core).
-        tracing::info!(
-            queued_unhandled = given_back,
-            dropped_retries = waiting_retries,
-            "bridge stopped"
-        );
+        // Given back = NAKed for redelivery.
+        tracing::info!(queued_unhandled = given_back, "bridge stopped");
     }
 }
 
@@ -274,7 +177,6 @@ impl Pool {
 async fn run_worker(
     handler: Arc<Handler>,
     mut rx: mpsc::Receiver<Job>,
-    retry: Option<CoreRetry>,
     stop: CancellationToken,
 ) -> usize {
     let mut guard = OrderGuard::new();
@@ -287,7 +189,7 @@ async fn run_worker(
                 None => break,
             },
         };
-        handler.process(job, &mut guard, retry.as_ref()).await;
+        handler.process(job, &mut guard).await;
     }
     rx.close();
     let mut given_back = 0;

@@ -1,10 +1,10 @@
-//! The two NATS sources the bridge reads NoETL events from, each a loop that hands every
-//! message to the worker [`Pool`]: the shared durable pull consumer (once across replicas,
-//! nothing lost while every origin is down) and the core queue-subscription fallback.
-//! Both re-open after failures with a doubling [`Backoff`] and stop reading first at
-//! shutdown, so what the workers give back goes to another replica.
+//! The NATS source the bridge reads NoETL events from: the shared durable pull consumer
+//! (once across replicas, nothing lost while every origin is down), a loop that hands
+//! every message to the worker [`Pool`]. It re-opens after failures with a doubling
+//! [`Backoff`] and stops reading first at shutdown, so what the workers give back goes to
+//! another replica. (Without a stream the bridge follows executions over HTTP instead:
+//! `poll`.)
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +12,9 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 
 use super::handler::Handler;
-use super::pool::{CoreRetries, Job, Pool};
+use super::pool::{Job, Pool};
 use super::{BridgeConfig, CancellationToken};
 
-/// How often core mode checks whether the stream has appeared (to tell the operator).
-const STREAM_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// Longest pause between attempts to re-open a failed consumer or subscription.
 const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(10);
 /// The first pause after a failure.
@@ -40,7 +38,7 @@ pub(super) fn consumer_config(config: &BridgeConfig) -> consumer::pull::Config {
 }
 
 /// True when the lookup failed because there is no stream (or no JetStream at all), which
-/// means core mode rather than a start-up error.
+/// means the next configured stream, or the HTTP fallback, rather than a start-up error.
 pub(super) fn stream_is_absent(e: &jetstream::context::GetStreamError) -> bool {
     use jetstream::context::{GetStreamErrorKind, RequestError, RequestErrorKind};
     use jetstream::ErrorCode;
@@ -67,7 +65,7 @@ pub(super) async fn run_durable(
     config: BridgeConfig,
     shutdown: CancellationToken,
 ) {
-    let mut pool = Pool::start(Arc::new(handler), config.concurrency, None);
+    let mut pool = Pool::start(Arc::new(handler), config.concurrency);
     let mut backoff = Backoff::default();
     let mut consumer = Some(first);
     // The message in hand when shutdown came while its worker's queue was full.
@@ -140,74 +138,6 @@ pub(super) async fn run_durable(
     pool.stop(leftover).await;
 }
 
-/// Reads the core queue subscription until shutdown and hands each message to its
-/// worker; retries are timers in this process (see [`CoreRetry`]).
-pub(super) async fn run_core(
-    handler: Handler,
-    nats: async_nats::Client,
-    mut sub: async_nats::Subscriber,
-    config: BridgeConfig,
-    shutdown: CancellationToken,
-) {
-    let retries = CoreRetries {
-        held: Arc::new(AtomicUsize::new(0)),
-        max_held: config.core_max_held,
-    };
-    let mut pool = Pool::start(Arc::new(handler), config.concurrency, Some(retries));
-    let instance = uuid::Uuid::new_v4().simple().to_string();
-    let mut backoff = Backoff::default();
-    let mut next_seq: u64 = 0;
-    let mut stream_check = tokio::time::interval_at(
-        tokio::time::Instant::now() + STREAM_CHECK_EVERY,
-        STREAM_CHECK_EVERY,
-    );
-    let mut stream_reported = false;
-    let leftover = loop {
-        let msg = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break None,
-            msg = sub.next() => match msg {
-                Some(msg) => msg,
-                None => {
-                    tracing::warn!(subject = %config.subject, "bridge: core subscription ended; re-subscribing");
-                    if !backoff.sleep(&shutdown).await {
-                        break None;
-                    }
-                    match nats.queue_subscribe(config.subject.clone(), config.consumer.clone()).await {
-                        Ok(s) => {
-                            sub = s;
-                            backoff.reset();
-                        }
-                        Err(e) => tracing::warn!(error = %e, "bridge: re-subscribing failed"),
-                    }
-                    continue;
-                }
-            },
-            _ = stream_check.tick(), if !stream_reported => {
-                if jetstream::new(nats.clone()).get_stream(&config.stream).await.is_ok() {
-                    stream_reported = true;
-                    tracing::warn!(
-                        stream = %config.stream,
-                        "bridge: the stream now exists but this origin reads a core subscription; \
-                         restart it to read durably (until then events published while no origin runs are lost)"
-                    );
-                }
-                continue;
-            }
-        };
-        next_seq += 1;
-        let key =
-            msg_id(msg.headers.as_ref()).unwrap_or_else(|| format!("core-{instance}-{next_seq}"));
-        let job = Job::core(msg, next_seq, key, &pool.handler);
-        if let Err(job) = pool.dispatch(job, &shutdown).await {
-            break Some(job);
-        }
-    };
-    // Unsubscribe first, so the queue group sends new events to the other replicas.
-    drop(sub);
-    pool.stop(leftover).await;
-}
-
 /// The `Nats-Msg-Id` header (the Rust server sets it to the event id).
 pub(super) fn msg_id(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
     headers
@@ -218,20 +148,20 @@ pub(super) fn msg_id(headers: Option<&async_nats::HeaderMap>) -> Option<String> 
 
 /// Doubling pause between re-open attempts, cut short by shutdown.
 #[derive(Default)]
-struct Backoff {
+pub(super) struct Backoff {
     next: Option<Duration>,
 }
 
 impl Backoff {
     /// The pause before the next attempt: 250 ms, doubling up to [`MAX_REOPEN_BACKOFF`].
-    fn next_delay(&mut self) -> Duration {
+    pub(super) fn next_delay(&mut self) -> Duration {
         let d = self.next.unwrap_or(FIRST_REOPEN_BACKOFF);
         self.next = Some((d * 2).min(MAX_REOPEN_BACKOFF));
         d
     }
 
     /// Sleeps; false if shutdown came first.
-    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+    pub(super) async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
         let d = self.next_delay();
         tokio::select! {
             _ = shutdown.cancelled() => false,
@@ -240,7 +170,7 @@ impl Backoff {
     }
 
     /// A success: the next failure starts from the shortest pause again.
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.next = None;
     }
 }

@@ -250,6 +250,33 @@ impl KvStore for MemoryKv {
         Ok(true)
     }
 
+    async fn lease(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let b = self.inner.bucket(bucket);
+        let ttl = b.ttl_for(Some(ttl));
+        let value = Bytes::copy_from_slice(holder.as_bytes());
+        let mut entries = b.lock();
+        let now = Instant::now();
+        if entries
+            .get(key, now)
+            .is_some_and(|current| current.as_ref() != holder.as_bytes())
+        {
+            return Ok(false);
+        }
+        entries.insert(key, value.clone(), ttl, now);
+        let _ = b.events.send(KvEvent::Put {
+            key: key.to_owned(),
+            value,
+        });
+        Ok(true)
+    }
+
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError> {
         check_key(key)?;
         let b = self.inner.bucket(bucket);

@@ -182,6 +182,19 @@ pub trait KvStore: Send + Sync + 'static {
     /// Removes `key`; removing an absent key is not an error.
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError>;
 
+    /// Takes or renews a lease: stores `holder` under `key` for `ttl` (capped at the
+    /// bucket's TTL, rounded as [`put_with_ttl`](Self::put_with_ttl) rounds) if the key is
+    /// free or already holds `holder`, atomically; `Ok(false)` when another holder has it.
+    /// A holder that stops renewing loses it when `ttl` runs out. Used so that one replica
+    /// follows a given execution (the bridge's HTTP fallback).
+    async fn lease(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
     /// Changes to `key` from now on (no initial value). Lets a replica wait for a value
     /// another replica writes, e.g. a sync callback answering a waiting request: call
     /// `watch` first and `get` second, so a value written in between is seen by one of them.

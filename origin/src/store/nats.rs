@@ -379,6 +379,65 @@ impl KvStore for NatsKv {
         ))
     }
 
+    async fn lease(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        check_key(key)?;
+        let store = self.store(bucket);
+        let what = || format!("lease {}/{key}", store.name);
+        let subject = format!(
+            "{}{key}",
+            store.put_prefix.as_deref().unwrap_or(&store.prefix)
+        );
+        let secs = per_key_ttl_secs(self.ttls.of(bucket), ttl);
+        for _ in 0..CREATE_ATTEMPTS {
+            // Renew over exactly the revision read (ours), or take a free key over its
+            // delete/expiry marker or nothing (0): a racing taker makes one of us fail.
+            let expected = match store.entry(key).await.map_err(|e| unavailable(what(), e))? {
+                Some(entry)
+                    if entry.operation == Operation::Put
+                        && entry.value.as_ref() != holder.as_bytes() =>
+                {
+                    return Ok(false)
+                }
+                Some(entry) => entry.revision,
+                None => 0,
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                HeaderValue::from(expected),
+            );
+            if let Some(secs) = secs {
+                headers.insert(NATS_MESSAGE_TTL, HeaderValue::from(secs));
+            }
+            let ack = self
+                .js
+                .publish_with_headers(
+                    subject.clone(),
+                    headers,
+                    Bytes::copy_from_slice(holder.as_bytes()),
+                )
+                .await
+                .map_err(|e| unavailable(what(), e))?
+                .await;
+            match ack {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(e) => return Err(unavailable(what(), e)),
+            }
+        }
+        Err(unavailable(
+            what(),
+            format!("the key changed under {CREATE_ATTEMPTS} attempts in a row"),
+        ))
+    }
+
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError> {
         check_key(key)?;
         let store = self.store(bucket);
