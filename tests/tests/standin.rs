@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::Router;
 use futures::StreamExt;
 use gateway_tests::harness::nats::NatsServer;
-use gateway_tests::harness::standin::{StandIn, StandInOptions};
+use gateway_tests::harness::standin::{EventShape, StandIn, StandInOptions};
 use jwt_compact::alg::Rsa;
 use jwt_compact::jwk::JsonWebKey;
 use jwt_compact::{AlgorithmExt, UntrustedToken};
@@ -103,13 +103,69 @@ impl Event {
 
 /// A core subscription on `noetl.events.>`, registered before anything runs.
 async fn subscribe(nats: &NatsServer) -> async_nats::Subscriber {
+    subscribe_to(nats, "noetl.events.>").await
+}
+
+/// A core subscription on `subject`, registered before anything runs.
+async fn subscribe_to(nats: &NatsServer, subject: &str) -> async_nats::Subscriber {
     let client = async_nats::connect(&nats.url).await.expect("nats connects");
     let sub = client
-        .subscribe("noetl.events.>")
+        .subscribe(subject.to_owned())
         .await
         .expect("subscribes");
     client.flush().await.expect("subscription registered");
     sub
+}
+
+/// The top-level keys of a JSON object's text, in the order they are written.
+fn top_level_keys(raw: &str) -> Vec<String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let (mut keys, mut current, mut expect_key) = (Vec::new(), None::<String>, false);
+    for c in raw.chars() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+                if let Some(k) = current.take() {
+                    keys.push(k);
+                }
+                continue;
+            }
+            if let Some(k) = current.as_mut() {
+                k.push(c);
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                if depth == 1 && expect_key {
+                    current = Some(String::new());
+                }
+                expect_key = false;
+            }
+            '{' | '[' => {
+                depth += 1;
+                expect_key = depth == 1;
+            }
+            '}' | ']' => depth -= 1,
+            ',' => expect_key = depth == 1,
+            _ => {}
+        }
+    }
+    keys
+}
+
+/// A time as Python's `str(datetime)` writes a UTC one: `2026-05-18 20:00:00[.ffffff]+00:00`.
+fn is_python_utc_time(t: &str) -> bool {
+    let b = t.as_bytes();
+    (t.len() == 25 || t.len() == 32)
+        && b.get(10) == Some(&b' ')
+        && t.ends_with("+00:00")
+        && (t.len() == 25 || b.get(19) == Some(&b'.'))
 }
 
 /// Collects events until `done` holds for the last one, or fails after 10 s.
@@ -336,6 +392,316 @@ async fn cancel_stops_a_slow_run_and_emits_playbook_cancelled() {
     wait_status(&si, &id, "CANCELLED").await;
     let (s, v) = post(&format!("{}/api/executions/{id}/cancel", si.url), json!({})).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
+}
+
+fn v4_step(step: &str, ok: bool) -> Vec<(&'static str, String)> {
+    let tail: [&'static str; 3] = if ok {
+        ["call.done", "step.exit", "command.completed"]
+    } else {
+        ["call.error", "step.exit", "command.failed"]
+    };
+    [
+        "command.issued",
+        "command.claimed",
+        "command.started",
+        "step.enter",
+    ]
+    .into_iter()
+    .chain(tail)
+    .map(|t| (t, step.to_owned()))
+    .collect()
+}
+
+fn types_and_nodes(events: &[Event]) -> Vec<(&str, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.event_type(),
+                e.json["node_name"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn v4_shape_publishes_sorted_envelopes_into_noetl_events_on_sanitised_sharded_subjects() {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let si = StandIn::start(StandInOptions {
+        nats_url: Some(nats.url.clone()),
+        event_shape: Some(EventShape::V4),
+        tenant: Some("acme/EU west".into()),
+        organization: Some("org.1 two".into()),
+        shard_count: Some(4),
+        step_delay_ms: Some(50),
+        tail_interval_ms: Some(200),
+        ..Default::default()
+    })
+    .await
+    .expect("stand-in starts");
+    let mut sub = subscribe(&nats).await;
+
+    let id = execute(&si, "demo/steps", json!({ "n": 1, "city": "Zürich" })).await;
+    let shard = id.parse::<u64>().expect("decimal id") % 4;
+    let events = collect(&mut sub, |e| e.event_type() == "playbook.completed").await;
+    let mut expected = vec![
+        ("playbook.initialized", "demo/steps".to_owned()),
+        ("workflow.initialized", "workflow".to_owned()),
+    ];
+    for step in ["step_1", "step_2", "step_3"] {
+        expected.extend(v4_step(step, true));
+    }
+    expected.push(("workflow.completed", "workflow".to_owned()));
+    expected.push(("playbook.completed", "demo/steps".to_owned()));
+    assert_eq!(types_and_nodes(&events), expected);
+
+    for e in &events {
+        assert_eq!(
+            e.subject,
+            format!("noetl.events.acme-EU-west.org-1-two.{id}.{shard}")
+        );
+        assert_eq!(e.msg_id, None, "4.x publishes without Nats-Msg-Id");
+        assert_eq!(
+            raw_number(&e.raw, "execution_id"),
+            Some(id.as_str()),
+            "{}",
+            e.raw
+        );
+        let event_id = raw_number(&e.raw, "event_id").expect("numeric event_id");
+        assert!(event_id.parse::<u64>().expect("decimal") > TWO_POW_53);
+        let keys = top_level_keys(&e.raw);
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "sorted keys: {}", e.raw);
+        assert!(keys.len() >= 17, "an envelope: {keys:?}");
+        assert!(
+            !e.raw.contains(": ") && !e.raw.contains(", "),
+            "compact: {}",
+            e.raw
+        );
+        assert!(e.raw.is_ascii(), "ensure_ascii: {}", e.raw);
+        assert_eq!(
+            (&e.json["tenant_id"], &e.json["organization_id"]),
+            (&json!("acme/EU west"), &json!("org.1 two"))
+        );
+        let created = e.json["created_at"].as_str().unwrap_or_default();
+        assert!(is_python_utc_time(created), "{created}");
+        assert_eq!(e.json["event_time"], e.json["created_at"]);
+    }
+    let start = &events[0].json;
+    assert_eq!(start["status"], "initialized");
+    assert_eq!(
+        start["context"]["result"]["workload"],
+        json!({ "n": 1, "city": "Zürich" })
+    );
+    assert!(
+        events[0].raw.contains(r#""city":"Z\u00fcrich""#),
+        "{}",
+        events[0].raw
+    );
+    let done = events
+        .iter()
+        .find(|e| e.event_type() == "call.done")
+        .expect("a call.done");
+    assert_eq!(
+        done.json["result"],
+        json!({ "status": "COMPLETED", "context": { "status": "ok" } })
+    );
+    assert!(
+        raw_number(&done.raw, "command_id").is_some(),
+        "{}",
+        done.raw
+    );
+    assert_eq!(events[events.len() - 2].json["status"], "completed");
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+    let mut stream = js
+        .get_stream("NOETL_EVENTS")
+        .await
+        .expect("stream ensured at start");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.config.subjects, ["noetl.events.>"]);
+    assert_eq!(info.config.max_age, Duration::from_secs(24 * 3600));
+    assert_eq!(
+        info.config.storage,
+        async_nats::jetstream::stream::StorageType::File
+    );
+    assert_eq!(info.state.messages, events.len() as u64);
+
+    // A failed step: the native step.exit (COMPLETED, as 4.x derives it from the name),
+    // then both spellings of the terminal.
+    let fail = execute(&si, "demo/fail", json!({})).await;
+    let events = collect(&mut sub, |e| e.event_type() == "playbook.failed").await;
+    let mut expected = vec![
+        ("playbook.initialized", "demo/fail".to_owned()),
+        ("workflow.initialized", "workflow".to_owned()),
+    ];
+    expected.extend(v4_step("fail_step", false));
+    expected.push(("workflow.failed", "workflow".to_owned()));
+    expected.push(("playbook.failed", "demo/fail".to_owned()));
+    assert_eq!(types_and_nodes(&events), expected);
+    let by_type = |t: &str| {
+        events
+            .iter()
+            .find(|e| e.event_type() == t)
+            .unwrap_or_else(|| panic!("no {t}"))
+    };
+    assert_eq!(by_type("step.exit").json["status"], "COMPLETED");
+    assert_eq!(
+        by_type("call.error").json["result"]["context"]["error"]["message"],
+        "HTTP 500 from https://example.invalid"
+    );
+    assert_eq!(by_type("playbook.failed").json["status"], "failed");
+    assert_eq!(
+        by_type("workflow.failed").json["context"]["final_step"],
+        "fail_step"
+    );
+    let fail_shard = fail.parse::<u64>().expect("decimal id") % 4;
+    assert!(events
+        .iter()
+        .all(|e| e.subject.ends_with(&format!(".{fail}.{fail_shard}"))));
+    assert_quiet(&mut sub).await;
+    wait_status(&si, &fail, "FAILED").await;
+}
+
+#[tokio::test]
+async fn v4_shape_uses_the_configured_stream_and_prefix_and_cancels_with_execution_cancelled() {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let si = StandIn::start(StandInOptions {
+        nats_url: Some(nats.url.clone()),
+        event_shape: Some(EventShape::V4),
+        v4_stream: Some("ACME_EVENTS".into()),
+        v4_subject_prefix: Some("acme.events.>".into()),
+        tail_interval_ms: Some(100),
+        ..Default::default()
+    })
+    .await
+    .expect("stand-in starts");
+    let mut sub = subscribe_to(&nats, "acme.events.>").await;
+
+    let id = execute(&si, "demo/slow", json!({ "seconds": 30 })).await;
+    collect(&mut sub, |e| e.event_type() == "step.enter").await;
+    let (s, v) = post(&format!("{}/api/executions/{id}/cancel", si.url), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let events = collect(&mut sub, |e| e.event_type() == "execution.cancelled").await;
+    assert_eq!(events.len(), 1, "nothing between the cancel and its event");
+    let cancel = &events[0];
+    assert_eq!(
+        cancel.subject,
+        format!("acme.events.default.default.{id}.0")
+    );
+    assert_eq!(
+        (
+            cancel.json["node_name"].as_str(),
+            cancel.json["status"].as_str()
+        ),
+        (Some("cancel"), Some("CANCELLED"))
+    );
+    assert_eq!(cancel.json["meta"]["cancelled_by"], "api");
+    assert_quiet(&mut sub).await;
+    wait_status(&si, &id, "CANCELLED").await;
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+    let mut stream = js
+        .get_stream("ACME_EVENTS")
+        .await
+        .expect("the configured stream");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.config.subjects, ["acme.events.>"]);
+    assert!(
+        js.get_stream("noetl_events").await.is_err(),
+        "the 4.x shape does not make the Rust server's stream"
+    );
+}
+
+#[tokio::test]
+async fn none_shape_publishes_nothing_and_the_record_is_the_only_signal() {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let si = StandIn::start(StandInOptions {
+        nats_url: Some(nats.url.clone()),
+        event_shape: Some(EventShape::None),
+        step_delay_ms: Some(30),
+        tail_interval_ms: Some(100),
+        ..Default::default()
+    })
+    .await
+    .expect("stand-in starts");
+    // Everything on the server, not only the event subjects.
+    let mut sub = subscribe_to(&nats, ">").await;
+
+    let id = execute(&si, "demo/steps", json!({})).await;
+    let status = wait_status(&si, &id, "COMPLETED").await;
+    assert_eq!(status["progress"]["completed_steps"], 3);
+    let lying = execute(&si, "demo/lying", json!({})).await;
+    wait_status(&si, &lying, "FAILED").await;
+    assert_quiet(&mut sub).await;
+
+    let stats = si.stats().await;
+    assert_eq!(stats["events"]["published"], 0, "{stats}");
+    assert_eq!(stats["events"]["queued"], 0, "{stats}");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+    assert_eq!(
+        js.stream_names().count().await,
+        0,
+        "no stream was made either"
+    );
+
+    let raw = http()
+        .get(format!("{}/api/executions/{id}", si.url))
+        .send()
+        .await
+        .expect("the stand-in answers")
+        .text()
+        .await
+        .expect("a body");
+    let record: Value = serde_json::from_str(&raw).expect("JSON");
+    let types: Vec<&str> = record["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["event_type"].as_str())
+        .collect();
+    let mut expected = vec!["playbook.initialized", "workflow.initialized"];
+    for step in ["step_1", "step_2", "step_3"] {
+        expected.extend(v4_step(step, true).into_iter().map(|(t, _)| t));
+    }
+    expected.extend(["workflow.completed", "playbook.completed"]);
+    assert_eq!(types, expected);
+    assert_eq!(
+        stats["events"]["skipped"].as_u64(),
+        // demo/lying wrote two start events, one step's seven and two terminals.
+        Some(types.len() as u64 + 2 + 7 + 2),
+        "every row of both runs counted as not published: {stats}"
+    );
+    let ids: Vec<u64> = raw
+        .match_indices(r#""event_id":"#)
+        .filter_map(|(i, m)| {
+            let rest = &raw[i + m.len()..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+        .collect();
+    assert_eq!(
+        ids.len(),
+        types.len(),
+        "every event_id is a bare number: {raw}"
+    );
+    assert!(ids.iter().all(|i| *i > TWO_POW_53), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in table order");
+
+    let (_, lie) = get(&format!("{}/api/executions/{lying}", si.url)).await;
+    assert_eq!(lie["status"], "FAILED");
+    let last: Vec<&str> = lie["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .rev()
+        .take(2)
+        .filter_map(|e| e["event_type"].as_str())
+        .collect();
+    assert_eq!(last, ["playbook.completed", "workflow.completed"]);
 }
 
 /// What the fake gateway received.

@@ -7,6 +7,7 @@
 //! failure, because in a test a broken stand-in is a broken test.
 
 use super::{free_port, scratch_dir, wait_until_ok, workspace_bin, ChildGuard};
+pub use crate::standin::events::EventShape;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::process::Command;
@@ -22,8 +23,21 @@ pub struct StandInOptions {
     pub nats_url: Option<String>,
     /// `--session-ttl` in seconds (short values test session expiry).
     pub session_ttl_secs: Option<u64>,
-    /// `--python-events`: the older Python server's event shape.
+    /// `--python-events`: the older Python server's event shape (the same as
+    /// `event_shape: Some(EventShape::Python)`).
     pub python_events: bool,
+    /// `--event-shape`: which NoETL the events look like (default: the Rust server's).
+    pub event_shape: Option<EventShape>,
+    /// `--tenant` (`v4`; default `default`), written verbatim into each envelope.
+    pub tenant: Option<String>,
+    /// `--organization` (`v4`; default `default`).
+    pub organization: Option<String>,
+    /// `--shard-count` (`v4`; default 1).
+    pub shard_count: Option<u32>,
+    /// `--v4-stream` (`v4`; default `NOETL_EVENTS`).
+    pub v4_stream: Option<String>,
+    /// `--v4-subject-prefix` (`v4`; default `noetl.events`).
+    pub v4_subject_prefix: Option<String>,
     /// `--step-delay-ms` (default 200).
     pub step_delay_ms: Option<u64>,
     /// `--tail-interval-ms` (default 500): how often buffered events are flushed.
@@ -49,6 +63,15 @@ impl StandInOptions {
             self.tail_interval_ms.map(|v| v.to_string()),
         );
         flag("audience", self.audience.clone());
+        flag(
+            "event-shape",
+            self.event_shape.map(|s| s.as_str().to_owned()),
+        );
+        flag("tenant", self.tenant.clone());
+        flag("organization", self.organization.clone());
+        flag("shard-count", self.shard_count.map(|v| v.to_string()));
+        flag("v4-stream", self.v4_stream.clone());
+        flag("v4-subject-prefix", self.v4_subject_prefix.clone());
         if self.python_events {
             args.push("--python-events".to_owned());
         }

@@ -1,6 +1,7 @@
 //! The stand-in's configuration: one struct, read once at start (clap, each flag also from
 //! the environment), printed at start-up. Nothing else reads the environment.
 
+use super::events::{v4, EventShape};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser};
 use std::net::SocketAddr;
@@ -41,10 +42,40 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub tail_interval_ms: u64,
 
-    /// Publish the older Python server's event shape instead of the Rust server's.
+    /// Which NoETL the execution events look like: `rust` (the Rust control plane,
+    /// default), `python` (the older Python server), `v4` (NoETL 4.x's event mirror) or
+    /// `none` (no events on NATS at all).
+    #[arg(long, env = "STANDIN_EVENT_SHAPE", value_enum)]
+    pub event_shape: Option<EventShape>,
+
+    /// The older spelling of `--event-shape python` (kept working).
     #[arg(long, env = "STANDIN_PYTHON_EVENTS", action = ArgAction::SetTrue,
           value_parser = BoolishValueParser::new())]
     pub python_events: bool,
+
+    /// `v4`: the JetStream stream (4.x's `NOETL_EVENT_NATS_STREAM`); created with
+    /// `<prefix>.>` if missing.
+    #[arg(long, env = "STANDIN_V4_STREAM", default_value = v4::STREAM_NAME)]
+    pub v4_stream: String,
+
+    /// `v4`: the subject prefix (4.x's `NOETL_EVENT_NATS_SUBJECT_PREFIX`; a trailing `.>`
+    /// is dropped).
+    #[arg(long, env = "STANDIN_V4_SUBJECT_PREFIX", default_value = v4::SUBJECT_PREFIX)]
+    pub v4_subject_prefix: String,
+
+    /// `v4`: the envelope's `tenant_id` (sanitised into the subject: `acme/EU west` →
+    /// `acme-EU-west`).
+    #[arg(long, env = "STANDIN_TENANT", default_value = v4::DEFAULT_TOKEN)]
+    pub tenant: String,
+
+    /// `v4`: the envelope's `organization_id` (sanitised into the subject).
+    #[arg(long, env = "STANDIN_ORGANIZATION", default_value = v4::DEFAULT_TOKEN)]
+    pub organization: String,
+
+    /// `v4`: the subject's last token is `execution_id % shard-count`.
+    #[arg(long, env = "STANDIN_SHARD_COUNT", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub shard_count: u32,
 
     /// The `aud` the dev IdP puts in its ID tokens (and that login requires).
     #[arg(long, env = "STANDIN_AUDIENCE", default_value = "noetl-gateway-dev")]
@@ -52,6 +83,29 @@ pub struct Config {
 }
 
 impl Config {
+    /// The event shape of this run: `--python-events` means `python`, else
+    /// `--event-shape`, default `rust`.
+    pub fn event_shape(&self) -> EventShape {
+        if self.python_events {
+            EventShape::Python
+        } else {
+            self.event_shape.unwrap_or(EventShape::Rust)
+        }
+    }
+
+    /// Refuses settings that contradict each other (`--python-events` with another
+    /// `--event-shape`).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let (true, Some(shape)) = (self.python_events, self.event_shape) {
+            anyhow::ensure!(
+                shape == EventShape::Python,
+                "--python-events contradicts --event-shape {}",
+                shape.as_str()
+            );
+        }
+        Ok(())
+    }
+
     /// The public base URL without a trailing slash; `bound` is the address actually bound
     /// (so `--addr 127.0.0.1:0` still yields a usable URL).
     pub fn public_url_for(&self, bound: SocketAddr) -> String {
@@ -91,11 +145,55 @@ mod tests {
         assert_eq!(c.step_delay_ms, 200);
         assert_eq!(c.tail_interval_ms, 500);
         assert!(!c.python_events);
+        assert_eq!(c.event_shape(), EventShape::Rust);
+        assert_eq!(
+            (c.v4_stream.as_str(), c.v4_subject_prefix.as_str()),
+            ("NOETL_EVENTS", "noetl.events")
+        );
+        assert_eq!(
+            (c.tenant.as_str(), c.organization.as_str()),
+            ("default", "default")
+        );
+        assert_eq!(c.shard_count, 1);
         assert_eq!(c.audience, "noetl-gateway-dev");
         assert_eq!(
             c.public_url_for("127.0.0.1:9000".parse().expect("literal")),
             "http://127.0.0.1:9000"
         );
+    }
+
+    #[test]
+    fn the_event_shape_is_chosen_by_flag_and_the_old_flag_means_python() {
+        let shape = |args: &[&str]| {
+            let c = Config::try_parse_from(["noetl-standin"].iter().chain(args)).expect("parses");
+            c.validate().map(|()| c.event_shape())
+        };
+        assert_eq!(shape(&["--event-shape", "v4"]).ok(), Some(EventShape::V4));
+        assert_eq!(
+            shape(&["--event-shape", "none"]).ok(),
+            Some(EventShape::None)
+        );
+        assert_eq!(
+            shape(&["--event-shape", "rust"]).ok(),
+            Some(EventShape::Rust)
+        );
+        assert_eq!(shape(&["--python-events"]).ok(), Some(EventShape::Python));
+        assert_eq!(
+            shape(&["--python-events", "--event-shape", "python"]).ok(),
+            Some(EventShape::Python)
+        );
+        assert!(shape(&["--python-events", "--event-shape", "v4"]).is_err());
+        assert!(Config::try_parse_from(["noetl-standin", "--event-shape", "v5"]).is_err());
+        assert!(Config::try_parse_from(["noetl-standin", "--shard-count", "0"]).is_err());
+        let c = Config::try_parse_from([
+            "noetl-standin",
+            "--tenant",
+            "acme/EU west",
+            "--shard-count",
+            "4",
+        ])
+        .expect("parses");
+        assert_eq!((c.tenant.as_str(), c.shard_count), ("acme/EU west", 4));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! It stands in for the real NoETL server in end-to-end tests and is the demo upstream of
 //! `make dev`. It follows PROTOCOL.md §6 to the field, including the real server's quirks
 //! (string execution id from `/api/execute`, numbers above 2^53 everywhere else, a failed
-//! run without `playbook.failed`, a `playbook.completed` for a run that failed).
+//! run without `playbook.failed`, a `playbook.completed` for a run that failed), and speaks
+//! every NoETL event shape, one per run (`--event-shape`, below).
 //!
 //! Layout, one concern per module:
 //! - [`config`] — the one `Config` struct (clap, every flag also from the environment).
@@ -12,11 +13,14 @@
 //! - [`sessions`] — the session table and the access policy (pure decisions, unit-tested).
 //! - [`auth`] — login / validate / check-access as data, shared by the REST routes and the
 //!   auth playbooks so both modes answer the same thing.
-//! - [`events`] — the event row, its two wire shapes, and the publisher that flushes
-//!   buffered events to NATS in bursts (like the real server tailing its event table).
+//! - [`events`] — the event vocabularies, the event row, its wire shapes (Rust, Python,
+//!   4.x), and the publisher that flushes buffered events to NATS in bursts (like the real
+//!   server tailing its event table).
 //! - [`store`] — executions: status, progress, event history; the single place where a
 //!   run's state changes, so a cancel and a finishing run can never both win.
 //! - [`playbooks`] — the demo catalog and the runner that plays a run step by step.
+//! - [`script`] — a run as data: the events, waits, progress reports and end a plan plays
+//!   in one vocabulary (pure; the runner interprets it).
 //! - [`callbacks`] — result/progress callbacks to the gateway, with retries and a log.
 //! - [`http`] — the JSON error type and hostile-input-proof extractors.
 //! - [`api`], [`debug`], [`dev`], [`control`] — HTTP handlers: NoETL's `/api`, the proxy-test
@@ -29,16 +33,28 @@
 //! handler → `store`/`sessions`. `POST /api/execute` spawns a `playbooks` run, which writes
 //! events into `store` (which queues them for `events`) and finally calls `callbacks`.
 //!
-//! Event shapes (`--python-events` picks the second):
-//! - Rust server (default): subject `noetl.events.<event_type>`, published through
-//!   JetStream (stream `noetl_events`) with `Nats-Msg-Id: <event_id>`; payload the whole
-//!   event row ([`events::EventRow`], 40 keys). When JetStream is unavailable the stand-in
-//!   falls back to core NATS publishes on the same subjects.
-//! - Python server: subject `noetl.events.default.default.<execution_id>.0`, core NATS
-//!   publish, payload `{event_id, event_type, execution_id, node_name, status, timestamp,
-//!   payload}` with Python names: `playbook_started`, `step_started`, `step_completed`,
-//!   `step_failed`, `playbook_completed`, `playbook_cancelled` (see
-//!   [`events::python_event_type`]).
+//! Event shapes (`--event-shape rust|python|v4|none`, env `STANDIN_EVENT_SHAPE`;
+//! `--python-events` still means `python`):
+//! - `rust` (default, the Rust control plane): subject `noetl.events.<event_type>`,
+//!   published through JetStream (stream `noetl_events`) with `Nats-Msg-Id: <event_id>`;
+//!   payload the whole event row ([`events::EventRow`], 40 keys). When JetStream is
+//!   unavailable the stand-in falls back to core NATS publishes on the same subjects.
+//! - `python` (the older Python server): subject
+//!   `noetl.events.default.default.<execution_id>.0`, core NATS publish, payload
+//!   `{event_id, event_type, execution_id, node_name, status, timestamp, payload}` with
+//!   Python names: `playbook_started`, `step_started`, `step_completed`, `step_failed`,
+//!   `playbook_completed`, `playbook_cancelled` (see [`events::python_event_type`]).
+//! - `v4` (NoETL 4.x's event mirror): JetStream stream `NOETL_EVENTS` (`--v4-stream`,
+//!   created with `<prefix>.>` if missing), subjects
+//!   `<prefix>.<tenant>.<organization>.<execution_id>.<shard>` (`--v4-subject-prefix`,
+//!   default `noetl.events`; `--tenant`, `--organization` sanitised, `acme/EU west` →
+//!   `acme-EU-west`; shard = id % `--shard-count`), no `Nats-Msg-Id`, payload the canonical
+//!   envelope as Python's sorted compact JSON, in 4.x's vocabulary (`playbook.initialized`,
+//!   `workflow.initialized`, …, native `step.exit`, `workflow.*` and `playbook.*` terminals,
+//!   `execution.cancelled`). What was read in NoETL's sources: [`events::v4`].
+//! - `none` (a NoETL without the event mirror, 4.x's default): nothing on NATS; the
+//!   execution record (its `events` array, 4.x's vocabulary) and `/status` are the only
+//!   signal.
 
 pub mod api;
 pub mod app;
@@ -53,6 +69,7 @@ pub mod http;
 pub mod idp;
 pub mod ids;
 pub mod playbooks;
+pub mod script;
 pub mod sessions;
 pub mod state;
 pub mod store;
@@ -66,6 +83,7 @@ use std::time::{Duration, Instant};
 /// Runs the stand-in until SIGINT/SIGTERM: makes the signing key, binds, connects NATS (if
 /// configured), serves, and flushes the last buffered events on the way out.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
     // Key first, bind second: a health probe must never connect to a port that is not
     // being served yet while a 2048-bit key is being made.
     let started = Instant::now();

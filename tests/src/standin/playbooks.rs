@@ -2,19 +2,22 @@
 //!
 //! A playbook is data: a path, a plan of steps (name, duration, whether its call fails,
 //! whether a progress report follows it) and how it ends. The runner plays any plan the
-//! same way — per step `command.issued`, `command.claimed`, `command.started`, the wait,
-//! `call.done` + `command.completed` + `step.enter`, or `call.error` + `command.failed` and
-//! the run ends FAILED with no `playbook.failed` (as the real server does) — then computes
-//! the outcome and calls the gateway back.
+//! same way, interpreting the beats [`super::script`] makes of it in the store's event
+//! vocabulary — on the Rust server per step `command.issued`, `command.claimed`,
+//! `command.started`, the wait, `call.done` + `command.completed` + `step.enter`, or
+//! `call.error` + `command.failed` and the run ends FAILED with no `playbook.failed`; on
+//! 4.x `step.enter` before the wait, `call.done` + `step.exit` + `command.completed`, and
+//! `workflow.*` + `playbook.*` at the end, failures included — then computes the outcome
+//! and calls the gateway back.
 //!
 //! | path | steps | ends | result data |
 //! |---|---|---|---|
 //! | `demo/echo` | `echo` | COMPLETED | the workload minus gateway fields |
 //! | `demo/steps` | `step_1..3` | COMPLETED | `{steps:3, workload}` |
-//! | `demo/fail` | `fail_step` (fails) | FAILED, no terminal event | error `STEP_FAILED` |
+//! | `demo/fail` | `fail_step` (fails) | FAILED, no terminal event (4.x: `workflow.failed`, `playbook.failed`) | error `STEP_FAILED` |
 //! | `demo/slow` | `sleep` (`workload.seconds`, default 5, max 600) | COMPLETED | `{slept_seconds}` |
 //! | `demo/progress` | `stage_1..4`, progress 0.25…1.0 after each | COMPLETED | `{stages:4}` |
-//! | `demo/lying` | `lie` | FAILED but emits `playbook.completed` | error `STEP_FAILED` |
+//! | `demo/lying` | `lie` | FAILED but emits `playbook.completed` (4.x: and `workflow.completed`) | error `STEP_FAILED` |
 //! | `admin/purge` | `purge` | COMPLETED | `{purged:0}` |
 //! | `api_integration/auth0/*` | one step (its result is the answer) | COMPLETED; answer via the sync callback | auth data |
 //!
@@ -24,10 +27,10 @@
 
 use super::auth;
 use super::callbacks::CallbackKind;
-use super::events::{EventKind, NewEvent};
+use super::events::{v4, Carries, Cue, EventKind, NewEvent, Vocabulary};
 use super::ids::ExecutionId;
+use super::script::{script, Beat};
 use super::state::Shared;
-use super::store::ExecStatus;
 use serde_json::{json, Map, Value};
 use std::time::Duration;
 
@@ -282,45 +285,53 @@ pub fn spawn(st: Shared, id: ExecutionId, playbook: Playbook, workload: Workload
 }
 
 async fn run(st: &Shared, id: ExecutionId, pb: Playbook, wl: &Workload) -> Result<(), Stopped> {
-    // Like the real server, the start event's context holds the workload, verbatim.
-    let started = NewEvent::new(EventKind::PlaybookStarted, pb.path())
-        .with_context(json!({ "workload": wl.raw }));
-    emit(st, id, started)?;
+    let vocabulary = st.store.vocabulary();
     let plan = pb.plan(wl, st.config.step_delay());
     // An auth playbook's step answers the question, and its result is the answer, as the
     // real `login_success` step returns the new session token: NoETL keeps step results
     // in its event table and publishes them with the row.
-    let answer = pb.is_auth().then(|| auth_outcome(st, pb, wl));
+    let mut answer = pb.is_auth().then(|| auth_outcome(st, pb, wl));
     let step_result = match &answer {
         Some(Outcome::Auth { data, .. }) => data.clone(),
         _ => json!({ "status": "ok" }),
     };
-    let mut last_step = String::new();
-    for step in &plan {
-        last_step.clone_from(&step.name);
-        if !play_step(st, id, step, &step_result).await? {
-            if st.store.finish(id, ExecStatus::Failed, None) {
-                deliver(st, id, wl, &last_step, step_failure(&step.name)).await;
+    let mut run = Run {
+        st,
+        pb,
+        wl,
+        plan: &plan,
+        vocabulary,
+        step_result,
+        commands: vec![None; plan.len()],
+        last_step: None,
+    };
+    for beat in script(pb, &plan, vocabulary) {
+        match beat {
+            Beat::Emit { cue, step } => {
+                let ev = run.event(cue, step);
+                emit(st, id, ev)?;
             }
-            return Ok(());
+            Beat::Work { duration, .. } => tokio::time::sleep(duration).await,
+            Beat::Progress { step, progress } => {
+                report_progress(st, id, wl, &plan[step].name, progress, plan.len()).await;
+            }
+            Beat::End {
+                status,
+                cues,
+                failed_step,
+            } => {
+                let last: Vec<NewEvent> = cues.iter().map(|&c| run.event(c, None)).collect();
+                let outcome = match failed_step {
+                    Some(i) => step_failure(&plan[i].name),
+                    None => answer.take().unwrap_or_else(|| outcome(st, pb, wl)),
+                };
+                if st.store.finish(id, status, last) {
+                    let step = run.last_step.map_or("", |i| plan[i].name.as_str());
+                    deliver(st, id, wl, step, outcome).await;
+                }
+                return Ok(());
+            }
         }
-        if let Some(p) = step.progress {
-            report_progress(st, id, wl, &step.name, p, plan.len()).await;
-        }
-    }
-    let outcome = match answer {
-        Some(a) => a,
-        None => outcome(st, pb, wl),
-    };
-    // demo/lying emits playbook.completed yet ends FAILED: the trap the bridge must catch.
-    let status = if pb == Playbook::Lying {
-        ExecStatus::Failed
-    } else {
-        ExecStatus::Completed
-    };
-    let completed = NewEvent::new(EventKind::PlaybookCompleted, pb.path());
-    if st.store.finish(id, status, Some(completed)) {
-        deliver(st, id, wl, &last_step, outcome).await;
     }
     Ok(())
 }
@@ -329,45 +340,80 @@ fn emit(st: &Shared, id: ExecutionId, ev: NewEvent) -> Result<(), Stopped> {
     st.store.emit(id, ev).map(|_| ()).ok_or(Stopped)
 }
 
-/// Plays one step whose call returns `result`; `Ok(false)` when its call failed.
-async fn play_step(
-    st: &Shared,
-    id: ExecutionId,
-    step: &StepPlan,
-    result: &Value,
-) -> Result<bool, Stopped> {
-    let cmd = st.ids.execution().0;
-    let ev = |kind| NewEvent::new(kind, step.name.clone()).with_command(cmd);
-    emit(st, id, ev(EventKind::CommandIssued))?;
-    emit(st, id, ev(EventKind::CommandClaimed))?;
-    emit(st, id, ev(EventKind::CommandStarted))?;
-    tokio::time::sleep(step.duration).await;
-    if step.fails {
-        let error = json!({ "message": FAIL_MESSAGE, "status_code": 500 });
-        emit(st, id, ev(EventKind::CallError).with_error(error.clone()))?;
-        emit(
-            st,
-            id,
-            ev(EventKind::CommandFailed)
-                .with_error(error)
-                .with_duration(step.duration),
-        )?;
-        return Ok(false);
+/// What a run interpreting its script needs to turn a cue into an event.
+struct Run<'a> {
+    st: &'a Shared,
+    pb: Playbook,
+    wl: &'a Workload,
+    plan: &'a [StepPlan],
+    vocabulary: Vocabulary,
+    /// What every step's call returns.
+    step_result: Value,
+    /// Each step's command id, made when its first command event is written.
+    commands: Vec<Option<u64>>,
+    /// The last step an event was written on.
+    last_step: Option<usize>,
+}
+
+impl Run<'_> {
+    /// The event for `cue` on step `step` (run-level when `None` or the cue is).
+    fn event(&mut self, cue: Cue, step: Option<usize>) -> NewEvent {
+        let path = self.pb.path();
+        let step = step.filter(|_| cue.on_step);
+        if step.is_some() {
+            self.last_step = step;
+        }
+        let node = match step {
+            Some(i) => self.plan[i].name.clone(),
+            None => self.vocabulary.run_node(cue.kind, path),
+        };
+        let error = match cue.carries {
+            Carries::StepError => json!({ "message": FAIL_MESSAGE, "status_code": 500 }),
+            _ => Value::Null,
+        };
+        let mut ev = NewEvent::new(cue.kind, node);
+        if let Some(i) = step.filter(|_| has_command(cue.kind)) {
+            let ids = &self.st.ids;
+            ev = ev.with_command(*self.commands[i].get_or_insert_with(|| ids.execution().0));
+            if matches!(
+                cue.kind,
+                EventKind::CommandCompleted | EventKind::CommandFailed
+            ) {
+                ev = ev.with_duration(self.plan[i].duration);
+            }
+        }
+        match cue.carries {
+            Carries::StepResult => ev = ev.with_result(self.step_result.clone()),
+            Carries::StepError => ev = ev.with_error(error.clone()),
+            // Like the real server, the start event's context holds the workload, verbatim.
+            Carries::Workload => ev = ev.with_context(json!({ "workload": self.wl.raw })),
+            Carries::Nothing => {}
+        }
+        if self.vocabulary == Vocabulary::V4 {
+            let first = self.plan.first().map(|s| s.name.as_str());
+            let last = self.last_step.map(|i| self.plan[i].name.as_str());
+            if let Some(context) =
+                v4::lifecycle_context(cue.kind, path, &self.wl.raw, first, last, &error)
+            {
+                ev = ev.with_context(context);
+            }
+        }
+        ev
     }
-    emit(st, id, ev(EventKind::CallDone).with_result(result.clone()))?;
-    emit(
-        st,
-        id,
-        ev(EventKind::CommandCompleted)
-            .with_result(result.clone())
-            .with_duration(step.duration),
-    )?;
-    emit(
-        st,
-        id,
-        NewEvent::new(EventKind::StepEnter, step.name.clone()),
-    )?;
-    Ok(true)
+}
+
+/// Events that belong to a step's command (and carry its id).
+fn has_command(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::CommandIssued
+            | EventKind::CommandClaimed
+            | EventKind::CommandStarted
+            | EventKind::CallDone
+            | EventKind::CallError
+            | EventKind::CommandCompleted
+            | EventKind::CommandFailed
+    )
 }
 
 /// The gateway's view of a failed step.

@@ -46,7 +46,11 @@ impl AppState {
         let ids = Arc::new(IdGen::new());
         Ok(Self {
             sessions: SessionStore::new(config.session_ttl()),
-            store: ExecutionStore::new(ids.clone(), events.clone()),
+            store: ExecutionStore::new(
+                ids.clone(),
+                events.clone(),
+                config.event_shape().vocabulary(),
+            ),
             callbacks: CallbackClient::new()?,
             control: Control::default(),
             ids,

@@ -6,7 +6,7 @@
 //! finishing run can never both win, and a cancelled run goes quiet even before its task
 //! is aborted.
 
-use super::events::{EventKind, EventRow, EventSink, NewEvent, RowPlace};
+use super::events::{EventKind, EventRow, EventSink, NewEvent, RowPlace, Vocabulary};
 use super::ids::{EventId, ExecutionId, IdGen};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -106,7 +106,7 @@ struct Execution {
 }
 
 impl Execution {
-    fn record(&self, with_events: bool) -> Value {
+    fn record(&self, with_events: bool, vocabulary: Vocabulary) -> Value {
         // The real server's `ExecutionDetail`, field by field; its workload is the start
         // event's `context.workload`, verbatim (what the gateway injected included).
         let mut v = json!({
@@ -120,7 +120,7 @@ impl Execution {
             "workload": self.spec.workload,
         });
         if with_events {
-            v["events"] = self.events.iter().map(EventRow::summary).collect();
+            v["events"] = self.events.iter().map(|r| r.summary(vocabulary)).collect();
         }
         v
     }
@@ -186,17 +186,25 @@ impl Table {
 pub struct ExecutionStore {
     ids: Arc<IdGen>,
     sink: EventSink,
+    vocabulary: Vocabulary,
     table: Mutex<Table>,
 }
 
 impl ExecutionStore {
-    /// An empty table writing ids from `ids` and queueing events into `sink`.
-    pub fn new(ids: Arc<IdGen>, sink: EventSink) -> Self {
+    /// An empty table written in `vocabulary`, with ids from `ids`, queueing events into
+    /// `sink`.
+    pub fn new(ids: Arc<IdGen>, sink: EventSink, vocabulary: Vocabulary) -> Self {
         Self {
             ids,
             sink,
+            vocabulary,
             table: Mutex::default(),
         }
+    }
+
+    /// The vocabulary the table is written in.
+    pub fn vocabulary(&self) -> Vocabulary {
+        self.vocabulary
     }
 
     /// Records a new run, or finds the earlier run with the same request_id.
@@ -251,9 +259,10 @@ impl ExecutionStore {
         Some(self.write(e, ev))
     }
 
-    /// Ends a RUNNING run with `status`, writing `last` (if any) as its final event.
-    /// False if the run had already ended (e.g. cancelled meanwhile).
-    pub fn finish(&self, id: ExecutionId, status: ExecStatus, last: Option<NewEvent>) -> bool {
+    /// Ends a RUNNING run with `status`, writing `last` (in order) as its final events,
+    /// atomically with the status change. False if the run had already ended (e.g.
+    /// cancelled meanwhile).
+    pub fn finish(&self, id: ExecutionId, status: ExecStatus, last: Vec<NewEvent>) -> bool {
         let mut t = self.lock();
         let Some(e) = t.runs.get_mut(&id) else {
             return false;
@@ -261,7 +270,7 @@ impl ExecutionStore {
         if e.status != ExecStatus::Running {
             return false;
         }
-        if let Some(ev) = last {
+        for ev in last {
             self.write(e, ev);
         }
         e.status = status;
@@ -270,16 +279,16 @@ impl ExecutionStore {
         true
     }
 
-    /// Cancels a RUNNING run: status CANCELLED, a `playbook_cancelled` event, its task
-    /// aborted.
+    /// Cancels a RUNNING run: status CANCELLED, the vocabulary's cancel event
+    /// (`playbook_cancelled` or 4.x's `execution.cancelled`), its task aborted.
     pub fn cancel(&self, id: ExecutionId) -> Result<(), CancelRefusal> {
         let mut t = self.lock();
         let e = t.runs.get_mut(&id).ok_or(CancelRefusal::NotFound)?;
         if e.status != ExecStatus::Running {
             return Err(CancelRefusal::Finished(e.status));
         }
-        let path = e.spec.path.clone();
-        self.write(e, NewEvent::new(EventKind::PlaybookCancelled, path));
+        let (kind, node) = self.vocabulary.cancelled(&e.spec.path);
+        self.write(e, NewEvent::new(kind, node));
         e.status = ExecStatus::Cancelled;
         e.completed_at = Some(Utc::now());
         e.progress.running_steps = 0;
@@ -296,7 +305,11 @@ impl ExecutionStore {
 
     /// `GET /api/executions/{id}`: the record with its events.
     pub fn record(&self, id: ExecutionId) -> Option<Value> {
-        self.lock().runs.get(&id).map(|e| e.record(true))
+        let vocabulary = self.vocabulary;
+        self.lock()
+            .runs
+            .get(&id)
+            .map(|e| e.record(true, vocabulary))
     }
 
     /// `GET /api/executions/{id}/status`.
@@ -310,18 +323,31 @@ impl ExecutionStore {
             .runs
             .values()
             .rev()
-            .map(|e| e.record(false))
+            .map(|e| e.record(false, self.vocabulary))
             .collect()
     }
 
-    fn write(&self, e: &mut Execution, ev: NewEvent) -> EventId {
+    fn write(&self, e: &mut Execution, mut ev: NewEvent) -> EventId {
+        let at = Utc::now();
+        if ev.status.is_none() {
+            ev.status = self.vocabulary.status_of(ev.kind);
+        }
+        // 4.x's engine records a terminal lifecycle event's time since the run began.
+        let terminal_lifecycle = matches!(
+            ev.kind,
+            EventKind::WorkflowCompleted | EventKind::WorkflowFailed | EventKind::PlaybookFailed
+        ) || (self.vocabulary == Vocabulary::V4
+            && ev.kind == EventKind::PlaybookCompleted);
+        if terminal_lifecycle && ev.duration.is_none() {
+            ev.duration = (at - e.started_at).to_std().ok();
+        }
         let place = RowPlace {
             event_id: self.ids.event(),
             parent_event_id: e.events.last().map(|r| r.event_id),
             execution_id: e.id,
             catalog_id: e.spec.catalog_id,
             playbook_path: &e.spec.path,
-            at: Utc::now(),
+            at,
         };
         let row = EventRow::build(&place, ev);
         e.apply(row.kind, &row.node_name);
@@ -346,7 +372,11 @@ mod tests {
     use super::*;
 
     fn store() -> ExecutionStore {
-        ExecutionStore::new(Arc::new(IdGen::new()), EventSink::disabled())
+        ExecutionStore::new(
+            Arc::new(IdGen::new()),
+            EventSink::disabled(),
+            Vocabulary::Rust,
+        )
     }
 
     fn spec(request_id: Option<&str>) -> NewExecution {
@@ -386,7 +416,7 @@ mod tests {
         assert!(s
             .emit(id, NewEvent::new(EventKind::CallDone, "step_1"))
             .is_none());
-        assert!(!s.finish(id, ExecStatus::Completed, None));
+        assert!(!s.finish(id, ExecStatus::Completed, Vec::new()));
         assert_eq!(s.status_of(id), Some(ExecStatus::Cancelled));
         assert_eq!(
             s.cancel(id),
@@ -442,6 +472,59 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Value>(error).expect("JSON in the text"),
             json!({"message": "boom"})
+        );
+    }
+
+    #[test]
+    fn a_4x_table_cancels_with_execution_cancelled_and_lists_exact_ids_in_its_vocabulary() {
+        let s = ExecutionStore::new(
+            Arc::new(IdGen::starting_at(600_000_000_000_000_000)),
+            EventSink::silent(),
+            Vocabulary::V4,
+        );
+        let id = started(s.admit(spec(None)));
+        s.emit(
+            id,
+            NewEvent::new(EventKind::PlaybookInitialized, "demo/steps"),
+        );
+        s.emit(
+            id,
+            NewEvent::new(EventKind::CallError, "step_1")
+                .with_command(7)
+                .with_error(json!({"message": "boom", "status_code": 500})),
+        );
+        assert_eq!(s.cancel(id), Ok(()));
+        let rec = s.record(id).expect("known");
+        let events = rec["events"].as_array().expect("events");
+        let rows: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e["event_type"].as_str().unwrap_or_default(),
+                    e["node_name"].as_str().unwrap_or_default(),
+                    e["status"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("playbook.initialized", "demo/steps", "initialized"),
+                ("call.error", "step_1", "FAILED"),
+                ("execution.cancelled", "cancel", "CANCELLED"),
+            ]
+        );
+        assert_eq!(events[1]["error"], "boom", "4.x keeps the error's message");
+        let text = rec.to_string();
+        assert!(
+            text.contains(r#""event_id":600000000000000001,"#),
+            "event ids stay exact JSON numbers: {text}"
+        );
+        assert_eq!(s.status_of(id), Some(ExecStatus::Cancelled));
+        assert_eq!(
+            s.sink.stats().snapshot()["skipped"],
+            3,
+            "without the mirror every row is counted, none published"
         );
     }
 

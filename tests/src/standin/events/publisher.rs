@@ -1,11 +1,15 @@
 //! The event queue and the task that flushes it to NATS every tail interval, in bursts.
 //!
-//! Rust shape: JetStream publishes with `Nats-Msg-Id`, acknowledged (core publishes if the
-//! stream cannot be ensured). Python shape: core publishes. NATS unreachable at start is a
-//! warning; its events are dropped and counted (`GET /_standin/stats`), never retried.
+//! Rust shape: JetStream publishes with `Nats-Msg-Id` into `noetl_events`, acknowledged
+//! (core publishes if the stream cannot be ensured). Python shape: core publishes. 4.x
+//! shape: JetStream publishes without `Nats-Msg-Id` into the configured stream (created
+//! with `<prefix>.>` when missing, as 4.x does; core publishes if that fails). `none`: no
+//! connection at all, every row counted as skipped. NATS unreachable at start is a warning;
+//! its events are dropped and counted (`GET /_standin/stats`), never retried.
 
 use super::row::{encode_row, EventRow, Outgoing, Shape};
-use super::{STREAM_MAX_AGE, STREAM_NAME, STREAM_SUBJECTS};
+use super::v4::{self, V4Mirror};
+use super::{EventShape, STREAM_MAX_AGE, STREAM_NAME, STREAM_SUBJECTS};
 use crate::standin::config::Config;
 use async_nats::jetstream::{self, message::PublishMessage};
 use serde_json::{json, Value};
@@ -44,6 +48,8 @@ impl EventStats {
 #[derive(Debug, Clone)]
 pub struct EventSink {
     tx: Option<mpsc::UnboundedSender<EventRow>>,
+    /// Without a queue, count every row as skipped (`--event-shape none`).
+    count_skipped: bool,
     stats: Arc<EventStats>,
 }
 
@@ -52,7 +58,17 @@ impl EventSink {
     pub fn disabled() -> Self {
         Self {
             tx: None,
+            count_skipped: false,
             stats: Arc::default(),
+        }
+    }
+
+    /// A sink that publishes nothing by design and counts each row as skipped
+    /// (`--event-shape none`: a NoETL without the event mirror).
+    pub fn silent() -> Self {
+        Self {
+            count_skipped: true,
+            ..Self::disabled()
         }
     }
 
@@ -65,6 +81,8 @@ impl EventSink {
             } else {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
+        } else if self.count_skipped {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -74,9 +92,29 @@ impl EventSink {
     }
 }
 
+/// How rows become messages.
+enum Encoder {
+    /// The Rust server's whole row ([`Shape::Rust`]).
+    Rust,
+    /// The Python server's dict ([`Shape::Python`]).
+    Python,
+    /// 4.x's canonical envelope.
+    V4(V4Mirror),
+}
+
+impl Encoder {
+    fn encode(&self, row: &EventRow) -> Option<Outgoing> {
+        match self {
+            Self::Rust => encode_row(row, Shape::Rust),
+            Self::Python => encode_row(row, Shape::Python),
+            Self::V4(mirror) => Some(mirror.encode(row)),
+        }
+    }
+}
+
 /// How bursts leave the process.
 enum Transport {
-    /// JetStream publishes with `Nats-Msg-Id`, acknowledged.
+    /// JetStream publishes (with `Nats-Msg-Id` where the shape sends it), acknowledged.
     JetStream(jetstream::Context),
     /// Core publishes (Python shape, or no stream available).
     Core(async_nats::Client),
@@ -95,30 +133,42 @@ impl Publisher {
     /// Connects (if `--nats-url` is set), ensures the stream and starts flushing.
     /// An unreachable NATS is a warning, not an error: HTTP keeps being served.
     pub async fn start(config: &Config) -> Self {
+        let idle = |sink| Self {
+            sink,
+            stop: None,
+            task: None,
+        };
+        let shape = config.event_shape();
+        let encoder = match shape {
+            EventShape::None => {
+                tracing::info!("--event-shape none: execution events are not published (the record and /status are the only signal)");
+                return idle(EventSink::silent());
+            }
+            EventShape::Rust => Encoder::Rust,
+            EventShape::Python => Encoder::Python,
+            EventShape::V4 => Encoder::V4(V4Mirror::new(
+                &config.v4_subject_prefix,
+                &config.tenant,
+                &config.organization,
+                config.shard_count,
+            )),
+        };
         let Some(url) = config.nats_url.as_deref() else {
             tracing::info!("no NATS_URL: execution events are not published");
-            return Self {
-                sink: EventSink::disabled(),
-                stop: None,
-                task: None,
-            };
+            return idle(EventSink::disabled());
         };
-        let shape = if config.python_events {
-            Shape::Python
-        } else {
-            Shape::Rust
-        };
-        let transport = connect(url, shape).await;
+        let transport = connect(url, &encoder, &config.v4_stream).await;
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = EventSink {
             tx: Some(tx),
+            count_skipped: false,
             stats: Arc::default(),
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let flusher = Flusher {
             rx,
             transport,
-            shape,
+            encoder,
             stats: sink.stats.clone(),
         };
         let task = tokio::spawn(flusher.run(config.tail_interval(), stop_rx));
@@ -150,7 +200,7 @@ impl Publisher {
     }
 }
 
-async fn connect(url: &str, shape: Shape) -> Transport {
+async fn connect(url: &str, encoder: &Encoder, v4_stream: &str) -> Transport {
     let client = match async_nats::ConnectOptions::new()
         .name("noetl-standin")
         .connection_timeout(Duration::from_secs(3))
@@ -164,6 +214,9 @@ async fn connect(url: &str, shape: Shape) -> Transport {
         }
     };
     let js = jetstream::new(client.clone());
+    if let Encoder::V4(mirror) = encoder {
+        return ensure_v4_stream(js, client, url, mirror, v4_stream).await;
+    }
     let stream = jetstream::stream::Config {
         name: STREAM_NAME.into(),
         subjects: vec![STREAM_SUBJECTS.into()],
@@ -177,9 +230,41 @@ async fn connect(url: &str, shape: Shape) -> Transport {
             return Transport::Core(client);
         }
     }
-    match shape {
-        Shape::Rust => Transport::JetStream(js),
-        Shape::Python => Transport::Core(client),
+    match encoder {
+        Encoder::Python => Transport::Core(client),
+        _ => Transport::JetStream(js),
+    }
+}
+
+/// 4.x's `connect`: an existing stream is used as it is; a missing one is created with
+/// `<prefix>.>`, 24 h, file storage.
+async fn ensure_v4_stream(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    url: &str,
+    mirror: &V4Mirror,
+    name: &str,
+) -> Transport {
+    if js.get_stream(name).await.is_ok() {
+        tracing::info!(%url, stream = name, "using the existing 4.x event stream");
+        return Transport::JetStream(js);
+    }
+    let stream = jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: vec![mirror.stream_subjects()],
+        max_age: v4::STREAM_MAX_AGE,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    match js.create_stream(stream).await {
+        Ok(_) => {
+            tracing::info!(%url, stream = name, subjects = %mirror.stream_subjects(), "created the 4.x event stream");
+            Transport::JetStream(js)
+        }
+        Err(e) => {
+            tracing::warn!(%url, error = %e, "cannot create stream {name}: publishing with core NATS");
+            Transport::Core(client)
+        }
     }
 }
 
@@ -187,7 +272,7 @@ async fn connect(url: &str, shape: Shape) -> Transport {
 struct Flusher {
     rx: mpsc::UnboundedReceiver<EventRow>,
     transport: Transport,
-    shape: Shape,
+    encoder: Encoder,
     stats: Arc<EventStats>,
 }
 
@@ -232,7 +317,7 @@ impl Flusher {
         batch
             .into_iter()
             .filter_map(|row| {
-                let out = encode_row(&row, self.shape);
+                let out = self.encoder.encode(&row);
                 if out.is_none() {
                     self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -245,9 +330,10 @@ impl Flusher {
 async fn publish_jetstream(js: &jetstream::Context, messages: Vec<Outgoing>, stats: &EventStats) {
     let mut acks = Vec::with_capacity(messages.len());
     for m in messages {
-        let publish = PublishMessage::build()
-            .payload(m.payload)
-            .message_id(&m.msg_id);
+        let mut publish = PublishMessage::build().payload(m.payload);
+        if m.send_msg_id {
+            publish = publish.message_id(&m.msg_id);
+        }
         match js.send_publish(m.subject, publish).await {
             Ok(ack) => acks.push(ack),
             Err(e) => drop_one(stats, &e),

@@ -1,7 +1,8 @@
-//! The event-table row and its two wire encodings (Rust server: the whole row on
+//! The event-table row and its Rust/Python wire encodings (Rust server: the whole row on
 //! `noetl.events.<event_type>`; Python server: a small dict on a per-execution subject).
+//! The 4.x envelope is built from the same row in [`super::v4`].
 
-use super::{python_event_type, EventKind, NewEvent};
+use super::{python_event_type, v4, EventKind, NewEvent, Vocabulary};
 use crate::standin::ids::{EventId, ExecutionId};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -39,6 +40,9 @@ pub struct RowPlace<'a> {
 pub struct EventRow {
     #[serde(skip)]
     pub(crate) kind: EventKind,
+    /// When the row was written (the 4.x envelope writes it Python's way).
+    #[serde(skip)]
+    pub(crate) at: DateTime<Utc>,
     pub(crate) event_id: EventId,
     pub(crate) event_type: &'static str,
     pub(crate) execution_id: ExecutionId,
@@ -99,6 +103,7 @@ impl EventRow {
         );
         Self {
             kind: ev.kind,
+            at: place.at,
             event_id: place.event_id,
             event_type: ev.kind.event_type(),
             execution_id: place.execution_id,
@@ -106,7 +111,7 @@ impl EventRow {
             parent_event_id: place.parent_event_id,
             parent_execution_id: None,
             node_id: format!("{}:{}", place.execution_id, ev.node_name),
-            step_name: (ev.kind.node_type() != "playbook").then(|| ev.node_name.clone()),
+            step_name: (!ev.kind.is_run_level()).then(|| ev.node_name.clone()),
             node_name: ev.node_name,
             node_type: ev.kind.node_type(),
             status: ev.status.unwrap_or(ev.kind.status()),
@@ -150,11 +155,16 @@ impl EventRow {
 
     /// The short form used in execution records (`GET /api/executions/{id}`), as the real
     /// server builds it: `error` is its text column, so an error object arrives as a JSON
-    /// document in a string.
-    pub fn summary(&self) -> Value {
-        let error = match &self.error {
+    /// document in a string (the Rust server) or as its message (4.x); 4.x's `result`
+    /// column holds its reference-only result (`{status, context}`).
+    pub fn summary(&self, vocabulary: Vocabulary) -> Value {
+        let (result, error) = match vocabulary {
+            Vocabulary::Rust => (self.result.clone(), self.error.clone()),
+            Vocabulary::V4 => v4::table_columns(self),
+        };
+        let error = match error {
             Value::Null => Value::Null,
-            Value::String(s) => Value::String(s.clone()),
+            Value::String(s) => Value::String(s),
             other => Value::String(other.to_string()),
         };
         json!({
@@ -163,7 +173,7 @@ impl EventRow {
             "node_name": self.node_name,
             "status": self.status,
             "created_at": self.created_at,
-            "result": self.result,
+            "result": result,
             "error": error,
         })
     }
@@ -215,8 +225,10 @@ pub enum Shape {
 pub struct Outgoing {
     /// NATS subject.
     pub subject: String,
-    /// `Nats-Msg-Id` (the event id).
+    /// The event id, sent as `Nats-Msg-Id` when [`Self::send_msg_id`] says so.
     pub msg_id: String,
+    /// Whether the publish carries `Nats-Msg-Id` (the Rust server's does, 4.x's does not).
+    pub send_msg_id: bool,
     /// JSON payload.
     pub payload: bytes::Bytes,
 }
@@ -233,6 +245,7 @@ pub fn encode_row(row: &EventRow, shape: Shape) -> Option<Outgoing> {
     Some(Outgoing {
         subject,
         msg_id: row.event_id.to_string(),
+        send_msg_id: true,
         payload: payload.into(),
     })
 }
