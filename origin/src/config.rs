@@ -350,20 +350,28 @@ pub struct Config {
     #[arg(long, env = "BRIDGE_CONCURRENCY", default_value_t = 32)]
     pub bridge_concurrency: usize,
 
+    /// How long the shared durable consumer waits for a replica's ack before redelivering
+    /// (how soon another replica handles the events a dead one held). Raised to at least one
+    /// worst-case NoETL status confirmation (`NOETL_TIMEOUT` × (1 + `NOETL_RETRIES`) + 5 s).
+    /// Applied when the consumer is created.
+    #[arg(long, env = "BRIDGE_ACK_WAIT", value_parser = parse_duration, default_value = "30s")]
+    pub bridge_ack_wait: Duration,
+
     /// HTTP fallback (no event stream): the shortest interval between two reads of a
     /// followed execution's record (its request-rate bound per execution).
     #[arg(long, env = "BRIDGE_POLL_INTERVAL", value_parser = parse_duration, default_value = "250ms")]
     pub bridge_poll_interval: Duration,
 
     /// HTTP fallback: the longest interval between reads, reached by backing off while a
-    /// run is quiet (at most a third of `BRIDGE_POLL_LEASE_TTL`).
+    /// run is quiet (at most a third of `BRIDGE_LEASE_TTL`).
     #[arg(long, env = "BRIDGE_POLL_MAX_INTERVAL", value_parser = parse_duration, default_value = "3s")]
     pub bridge_poll_max_interval: Duration,
 
-    /// HTTP fallback: how long one replica's claim to follow an execution lasts without
-    /// renewal (how soon another replica takes over from one that died).
-    #[arg(long, env = "BRIDGE_POLL_LEASE_TTL", value_parser = parse_duration, default_value = "10s")]
-    pub bridge_poll_lease_ttl: Duration,
+    /// How long a bridge lease lasts without renewal: the durable reader's (one replica
+    /// reads NoETL's stream at a time, so each run's events stay in order) and the HTTP
+    /// fallback's per run — how soon another replica takes over from one that died.
+    #[arg(long, env = "BRIDGE_LEASE_TTL", value_parser = parse_duration, default_value = "10s")]
+    pub bridge_lease_ttl: Duration,
 
     /// HTTP fallback: most executions one replica follows at once.
     #[arg(long, env = "BRIDGE_POLL_MAX_FOLLOWED", default_value_t = 1000)]

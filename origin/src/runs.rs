@@ -18,13 +18,23 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
-    /// Reads the `status` field of a status reply (case-insensitive; `CANCELED` and
-    /// `SUCCESS`/`ERROR` accepted as synonyms).
+    /// Reads the `status` field of a status reply or an execution record
+    /// (case-insensitive; `CANCELED` and `SUCCESS`/`ERROR` accepted as synonyms). NoETL 4.x's
+    /// `/status` has no `status` field but booleans: `failed`, `cancelled`, `completed`
+    /// (a failed or cancelled run is also "completed" there, so those are read first).
     pub fn from_reply(reply: &Value) -> Self {
-        let s = reply
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let Some(s) = reply.get("status").and_then(Value::as_str) else {
+            let flag = |k: &str| reply.get(k).and_then(Value::as_bool) == Some(true);
+            return if flag("failed") {
+                Self::Failed
+            } else if flag("cancelled") || flag("canceled") {
+                Self::Cancelled
+            } else if flag("completed") {
+                Self::Completed
+            } else {
+                Self::Running
+            };
+        };
         match s.to_ascii_uppercase().as_str() {
             "COMPLETED" | "SUCCESS" | "SUCCEEDED" => Self::Completed,
             "FAILED" | "ERROR" => Self::Failed,
@@ -58,6 +68,24 @@ mod tests {
         assert_eq!(s(json!("RUNNING")), RunStatus::Running);
         assert_eq!(s(json!("QUEUED")), RunStatus::Running);
         assert_eq!(s(json!(3)), RunStatus::Running);
+        // NoETL 4.x's /status: booleans, no status field.
+        let b = |v: Value| RunStatus::from_reply(&v);
+        assert_eq!(
+            b(json!({"completed": false, "failed": false})),
+            RunStatus::Running
+        );
+        assert_eq!(
+            b(json!({"completed": true, "failed": false})),
+            RunStatus::Completed
+        );
+        assert_eq!(
+            b(json!({"completed": true, "failed": true})),
+            RunStatus::Failed
+        );
+        assert_eq!(
+            b(json!({"completed": true, "cancelled": true})),
+            RunStatus::Cancelled
+        );
         assert_eq!(RunStatus::from_reply(&json!({})), RunStatus::Running);
     }
 

@@ -58,11 +58,12 @@ pub struct BridgeConfig {
     /// after a NoETL event on NATS names the execution.
     pub poll_interval: Duration,
     /// HTTP fallback: the longest interval, reached by backing off (×1.5 per read without
-    /// news; default 3 s, at most a third of `poll_lease_ttl`).
+    /// news; default 3 s, at most a third of `lease_ttl`).
     pub poll_max_interval: Duration,
-    /// HTTP fallback: how long a replica's claim to follow an execution lasts without
-    /// renewal (default 10 s): the longest a run goes unfollowed after its replica died.
-    pub poll_lease_ttl: Duration,
+    /// How long a replica's lease lasts without renewal (default 10 s): the durable
+    /// reader's (one replica reads at a time) and the HTTP fallback's per execution — the
+    /// longest either goes unread after its replica died.
+    pub lease_ttl: Duration,
     /// HTTP fallback: most executions one replica follows at once (default 1000); more
     /// wait for a slot (another replica may take them).
     pub poll_max_followed: usize,
@@ -90,7 +91,7 @@ impl Default for BridgeConfig {
             concurrency: 32,
             poll_interval: Duration::from_millis(250),
             poll_max_interval: Duration::from_secs(3),
-            poll_lease_ttl: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(10),
             poll_max_followed: 1000,
             poll_max_follow: Duration::from_secs(3600),
         }
@@ -122,10 +123,10 @@ impl BridgeConfig {
                 .collect(),
             max_interest_wait: config.bridge_max_interest_wait,
             concurrency: config.bridge_concurrency,
-            ack_wait: defaults.ack_wait.max(worst_confirm),
+            ack_wait: config.bridge_ack_wait.max(worst_confirm),
             poll_interval: config.bridge_poll_interval,
             poll_max_interval: config.bridge_poll_max_interval,
-            poll_lease_ttl: config.bridge_poll_lease_ttl,
+            lease_ttl: config.bridge_lease_ttl,
             poll_max_followed: config.bridge_poll_max_followed,
             ..defaults
         }
@@ -175,12 +176,12 @@ impl BridgeConfig {
         }
         if self.poll_interval < Duration::from_millis(50)
             || self.poll_max_interval < self.poll_interval
-            || self.poll_lease_ttl < Duration::from_secs(1)
-            || self.poll_max_interval * 3 > self.poll_lease_ttl
+            || self.lease_ttl < Duration::from_secs(1)
+            || self.poll_max_interval * 3 > self.lease_ttl
         {
             return bad(format!(
                 "HTTP fallback: need 50 ms ≤ poll interval ({:?}) ≤ max interval ({:?}) ≤ lease TTL ({:?}) / 3, lease ≥ 1 s",
-                self.poll_interval, self.poll_max_interval, self.poll_lease_ttl
+                self.poll_interval, self.poll_max_interval, self.lease_ttl
             ));
         }
         if self.poll_max_followed == 0 {

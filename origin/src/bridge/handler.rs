@@ -197,6 +197,19 @@ impl Handler {
             }
         }
 
+        if let Some(key) = policy::exit_failure_key(ev) {
+            match self.kv.get(Bucket::Interest, &key).await {
+                Ok(Some(_)) => {
+                    tracing::debug!(execution_id = %id, "bridge: a failed step's step.exit skipped");
+                    return Outcome::Done;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(execution_id = %id, error = %e, "bridge: step failure marker lookup failed");
+                    return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
+                }
+            }
+        }
         let check = if policy::needs_status(&ev.event_type) {
             self.status(id).await
         } else {

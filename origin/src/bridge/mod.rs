@@ -206,7 +206,7 @@ pub async fn spawn(
                  is down are delivered on restart)"
             );
             let task = tokio::spawn(source::run_durable(
-                handler, stream, consumer, config, shutdown,
+                handler, kv, stream, consumer, config, shutdown,
             ));
             return Ok(Bridge {
                 mode: BridgeMode::Durable { stream: name },

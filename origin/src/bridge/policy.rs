@@ -869,6 +869,20 @@ pub fn event_failure_key(ev: &ExecutionEvent) -> Option<String> {
     )
 }
 
+/// For a `step.exit`: the failure claim of the same step. NoETL 4.x reports a failed step's
+/// end as `step.exit` with status COMPLETED after its `call.error`; a step whose failure
+/// was claimed does not also exit, so the shell drops a `step.exit` while this key exists.
+pub fn exit_failure_key(ev: &ExecutionEvent) -> Option<String> {
+    if ev.event_type != "step.exit" {
+        return None;
+    }
+    step_failure_key(
+        ev.execution_id.as_str(),
+        "step.failed",
+        ev.step_name.as_deref(),
+    )
+}
+
 fn step_failure_key(execution_id: &str, event_type: &str, step: Option<&str>) -> Option<String> {
     if event_type != "step.failed" {
         return None;
@@ -880,6 +894,10 @@ fn step_failure_key(execution_id: &str, event_type: &str, step: Option<&str>) ->
 pub fn terminal_key(execution_id: &ExecutionId) -> String {
     format!("terminal.{execution_id}")
 }
+
+/// The K/V key (bucket `interest`) of the durable reader's lease: the replica holding it
+/// pulls NoETL's events; the others stand by.
+pub const READER_LEASE_KEY: &str = "bridge.reader";
 
 /// The K/V key (bucket `interest`) of the HTTP fallback's lease on an execution: the
 /// replica holding it follows the run.
@@ -924,6 +942,20 @@ pub fn record_event_key(event: &Value, position: usize) -> String {
         .get("event_id")
         .and_then(exact_id)
         .unwrap_or_else(|| format!("pos-{position}"))
+}
+
+/// A record's events oldest first: sorted by their numeric `event_id` when every event has
+/// one (NoETL's ids grow with time; 4.x lists newest first), else in the record's order.
+pub fn oldest_first(events: &[Value]) -> Vec<&Value> {
+    let ids: Option<Vec<u128>> = events
+        .iter()
+        .map(|e| e.get("event_id").and_then(exact_id)?.parse().ok())
+        .collect();
+    let mut v: Vec<(usize, &Value)> = events.iter().enumerate().collect();
+    if let Some(ids) = ids {
+        v.sort_by_key(|(i, _)| ids[*i]);
+    }
+    v.into_iter().map(|(_, e)| e).collect()
 }
 
 /// Which events of a record (by their [`record_event_key`]s, in the record's order) are new
@@ -1311,6 +1343,26 @@ mod tests {
         .collect();
         assert_eq!(keys, ["10", "11", "pos-2", "612345678901234567"]);
         assert_eq!(unseen_events(&keys, None), [0, 1, 2, 3]);
+        let newest_first = [
+            json!({"event_id": 30}),
+            json!({"event_id": "20"}),
+            json!({"event_id": 10}),
+        ];
+        let ids: Vec<String> = oldest_first(&newest_first)
+            .iter()
+            .map(|e| e["event_id"].to_string())
+            .collect();
+        assert_eq!(ids, ["10", "\"20\"", "30"]);
+        let unnumbered = [
+            json!({"event_id": 3}),
+            json!({"x": 1}),
+            json!({"event_id": 1}),
+        ];
+        assert_eq!(
+            oldest_first(&unnumbered)[0],
+            &unnumbered[0],
+            "kept as listed"
+        );
         assert_eq!(unseen_events(&keys, Some("11")), [2, 3]);
         assert_eq!(
             unseen_events(&keys, Some("612345678901234567")),

@@ -8,7 +8,7 @@
 //!   was claimed (`terminal.<id>`), its record is gone, or it has been followed for
 //!   `poll_max_follow`.
 //! - **One replica per execution.** A candidate is followed by the replica holding its
-//!   lease (`lease.<id>`, [`KvStore::lease`], `poll_lease_ttl`), renewed every third of its
+//!   lease (`lease.<id>`, [`KvStore::lease`], `lease_ttl`), renewed every third of its
 //!   TTL. The others see the renewals on their watch and leave it alone; when they stop
 //!   (the holder died) the lease runs out and the next replica to try takes it.
 //! - **From a cursor.** The last event handled is kept in K/V (`poll.<id>`, the event id),
@@ -123,7 +123,7 @@ pub(super) async fn run(
     let mut watch: Option<BoxStream<'static, BucketWatchItem>> = None;
     let mut current = false;
     let mut backoff = Backoff::default();
-    let mut tick = tokio::time::interval(shared.config.poll_lease_ttl / 4);
+    let mut tick = tokio::time::interval(shared.config.lease_ttl / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let Some(stream) = watch.as_mut() else {
@@ -281,7 +281,7 @@ async fn try_take(
         || done.contains(id)
         || following.len() >= shared.config.poll_max_followed
         || c.leased_elsewhere_at
-            .is_some_and(|t| t.elapsed() < shared.config.poll_lease_ttl)
+            .is_some_and(|t| t.elapsed() < shared.config.lease_ttl)
     {
         return;
     }
@@ -291,7 +291,7 @@ async fn try_take(
             Bucket::Interest,
             &policy::lease_key(id),
             &shared.holder,
-            shared.config.poll_lease_ttl,
+            shared.config.lease_ttl,
         )
         .await
     {
@@ -469,7 +469,7 @@ impl<'a> Follower<'a> {
 
     /// Renews the lease every third of its TTL; `Some` when it belongs to another replica.
     async fn renew(&mut self) -> Option<Ended> {
-        let ttl = self.shared.config.poll_lease_ttl;
+        let ttl = self.shared.config.lease_ttl;
         if self.last_renewed.elapsed() < ttl / 3 {
             return None;
         }
@@ -523,6 +523,8 @@ impl<'a> Follower<'a> {
                     .filter_map(|e| e.get("event_type").and_then(Value::as_str)),
             );
         }
+        // NoETL 4.x lists a record's events newest first: handle them oldest first.
+        let events = policy::oldest_first(events);
         let keys: Vec<String> = events
             .iter()
             .enumerate()
@@ -530,7 +532,7 @@ impl<'a> Follower<'a> {
             .collect();
         let mut news = false;
         for i in policy::unseen_events(&keys, self.cursor.as_deref()) {
-            let (ev, key) = (&events[i], &keys[i]);
+            let (ev, key) = (events[i], &keys[i]);
             match policy::parse_record_event(ev, self.id, self.dialect, &self.shared.forward) {
                 Ok(Parsed::Forward(e)) => {
                     if let Outcome::Retry(reason) = self.deliver(&e, key).await {

@@ -1,8 +1,10 @@
 //! The NATS source the bridge reads NoETL events from: the shared durable pull consumer
 //! (once across replicas, nothing lost while every origin is down), a loop that hands
-//! every message to the worker [`Pool`]. It re-opens after failures with a doubling
-//! [`Backoff`] and stops reading first at shutdown, so what the workers give back goes to
-//! another replica. (Without a stream the bridge follows executions over HTTP instead:
+//! every message to the worker [`Pool`] — on one replica at a time, the holder of the
+//! reader lease, so an execution's events are handled in stream order however many
+//! replicas run; the others stand by and take over when its lease runs out. It re-opens
+//! after failures with a doubling [`Backoff`] and stops reading first at shutdown, so what
+//! the workers give back goes to the next reader. (Without a stream the bridge follows executions over HTTP instead:
 //! `poll`.)
 
 use std::sync::Arc;
@@ -12,8 +14,10 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 
 use super::handler::Handler;
+use super::policy;
 use super::pool::{Job, Pool};
 use super::{BridgeConfig, CancellationToken};
+use crate::store::{Bucket, KvStore};
 
 /// Longest pause between attempts to re-open a failed consumer or subscription.
 const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(10);
@@ -56,30 +60,79 @@ pub(super) fn stream_is_absent(e: &jetstream::context::GetStreamError) -> bool {
     }
 }
 
-/// Reads the durable consumer until shutdown, re-opening it after failures, and hands
-/// each message to its worker.
+/// Why one term as the reader ended.
+enum TermEnd {
+    /// Shutdown: stop for good.
+    Shutdown,
+    /// Another replica holds the reader lease now: give back what is queued, stand by.
+    LostLease,
+}
+
+/// Reads the durable consumer until shutdown, while this replica holds the reader lease
+/// (one reader at a time keeps every execution's events in stream order across
+/// replicas); standing by otherwise, ready to take over when the reader's lease runs out.
 pub(super) async fn run_durable(
     handler: Handler,
+    kv: Arc<dyn KvStore>,
     stream: jetstream::stream::Stream,
     first: consumer::PullConsumer,
     config: BridgeConfig,
     shutdown: CancellationToken,
 ) {
-    let mut pool = Pool::start(Arc::new(handler), config.concurrency);
-    let mut backoff = Backoff::default();
+    let handler = Arc::new(handler);
+    let lease = ReaderLease {
+        kv,
+        holder: uuid::Uuid::new_v4().simple().to_string(),
+        ttl: config.lease_ttl,
+    };
     let mut consumer = Some(first);
-    // The message in hand when shutdown came while its worker's queue was full.
+    loop {
+        if !lease.acquire(&shutdown).await {
+            return;
+        }
+        tracing::info!(stream = %stream.cached_info().config.name, "bridge: this replica reads NoETL's events now (it holds the reader lease)");
+        let pool = Pool::start(handler.clone(), config.concurrency);
+        let end = read_term(pool, &stream, &mut consumer, &config, &lease, &shutdown).await;
+        match end {
+            TermEnd::Shutdown => {
+                lease.release().await;
+                return;
+            }
+            TermEnd::LostLease => {
+                tracing::warn!("bridge: another replica holds the reader lease now; standing by");
+            }
+        }
+    }
+}
+
+/// One term as the reader: pulls and dispatches until shutdown or the lease is lost, then
+/// stops the pool (queued events given back).
+async fn read_term(
+    mut pool: Pool,
+    stream: &jetstream::stream::Stream,
+    consumer: &mut Option<consumer::PullConsumer>,
+    config: &BridgeConfig,
+    lease: &ReaderLease,
+    shutdown: &CancellationToken,
+) -> TermEnd {
+    let term = shutdown.child_token();
+    let mut backoff = Backoff::default();
+    let mut renew = tokio::time::interval(lease.ttl / 3);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    renew.tick().await;
+    let mut lost = false;
+    // The message in hand when the term ended while its worker's queue was full.
     let leftover = 'reopen: loop {
         let c = match consumer.take() {
             Some(c) => c,
             None => match stream
-                .get_or_create_consumer(&config.consumer, consumer_config(&config))
+                .get_or_create_consumer(&config.consumer, consumer_config(config))
                 .await
             {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(consumer = %config.consumer, error = %e, "bridge: cannot open the durable consumer; retrying");
-                    if !backoff.sleep(&shutdown).await {
+                    if !backoff.sleep(&term).await {
                         break None;
                     }
                     continue;
@@ -95,16 +148,24 @@ pub(super) async fn run_durable(
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(consumer = %config.consumer, error = %e, "bridge: cannot pull from the durable consumer; retrying");
-                if !backoff.sleep(&shutdown).await {
+                if !backoff.sleep(&term).await {
                     break None;
                 }
                 continue;
             }
         };
+        *consumer = Some(c);
         loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break 'reopen None,
+                _ = term.cancelled() => break 'reopen None,
+                _ = renew.tick() => {
+                    if !lease.renew().await {
+                        lost = true;
+                        term.cancel();
+                    }
+                    continue;
+                }
                 next = messages.next() => next,
             };
             match next {
@@ -113,7 +174,7 @@ pub(super) async fn run_durable(
                     let Some(job) = Job::durable(msg, &pool.handler) else {
                         continue;
                     };
-                    if let Err(job) = pool.dispatch(job, &shutdown).await {
+                    if let Err(job) = pool.dispatch(job, &term).await {
                         break 'reopen Some(job);
                     }
                 }
@@ -130,12 +191,100 @@ pub(super) async fn run_durable(
                 }
             }
         }
-        if !backoff.sleep(&shutdown).await {
+        *consumer = None;
+        if !backoff.sleep(&term).await {
             break None;
         }
     };
     // The pull subscription is dropped by now: what the workers give back goes elsewhere.
     pool.stop(leftover).await;
+    if lost && !shutdown.is_cancelled() {
+        TermEnd::LostLease
+    } else {
+        TermEnd::Shutdown
+    }
+}
+
+/// The K/V lease (`policy::READER_LEASE_KEY`) that makes one replica at a time the
+/// reader of the durable consumer.
+struct ReaderLease {
+    kv: Arc<dyn KvStore>,
+    holder: String,
+    ttl: Duration,
+}
+
+impl ReaderLease {
+    /// Waits until this replica holds the lease (trying every third of its TTL, jittered
+    /// so standbys do not knock in step); false on shutdown.
+    async fn acquire(&self, shutdown: &CancellationToken) -> bool {
+        let mut announced = false;
+        loop {
+            match self
+                .kv
+                .lease(
+                    Bucket::Interest,
+                    policy::READER_LEASE_KEY,
+                    &self.holder,
+                    self.ttl,
+                )
+                .await
+            {
+                Ok(true) => return true,
+                Ok(false) if !announced => {
+                    announced = true;
+                    tracing::info!(
+                        "bridge: another replica reads NoETL's events; standing by to take over"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "bridge: cannot take the reader lease; retrying");
+                }
+            }
+            let jitter = rand::random::<f64>() * 0.5 + 0.75;
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep((self.ttl / 3).mul_f64(jitter)) => {}
+            }
+        }
+    }
+
+    /// Renews the lease; false when another replica holds it now. A store error keeps the
+    /// term (no other replica can take the lease while the store is down either).
+    async fn renew(&self) -> bool {
+        match self
+            .kv
+            .lease(
+                Bucket::Interest,
+                policy::READER_LEASE_KEY,
+                &self.holder,
+                self.ttl,
+            )
+            .await
+        {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "bridge: reader lease renewal failed; still reading");
+                true
+            }
+        }
+    }
+
+    /// Gives the lease up at shutdown so a standby takes over at once.
+    async fn release(&self) {
+        if let Ok(Some(v)) = self
+            .kv
+            .get(Bucket::Interest, policy::READER_LEASE_KEY)
+            .await
+        {
+            if v.as_ref() == self.holder.as_bytes() {
+                let _ = self
+                    .kv
+                    .delete(Bucket::Interest, policy::READER_LEASE_KEY)
+                    .await;
+            }
+        }
+    }
 }
 
 /// The `Nats-Msg-Id` header (the Rust server sets it to the event id).
