@@ -509,6 +509,17 @@ impl NoetlClient {
             .ok_or_else(|| NoetlError::BadResponse("execution record without a path".into()))
     }
 
+    /// The execution record with its events (`GET /api/executions/{id}`), for the error a
+    /// failed run reports. It holds the workload — what the gateway injected included — and
+    /// step results: scrub whatever of it reaches a client.
+    pub async fn execution_record(&self, id: &str) -> Result<Value, NoetlError> {
+        let path = format!("/api/executions/{}", encode_segment(id));
+        let (_, reply) = self
+            .call::<Value, ()>(reqwest::Method::GET, &path, None, true, false)
+            .await?;
+        Ok(reply)
+    }
+
     /// `POST /api/executions/{id}/cancel`.
     pub async fn cancel(&self, id: &str) -> Result<(), NoetlError> {
         let path = format!("/api/executions/{}/cancel", encode_segment(id));

@@ -106,6 +106,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::Bus;
 use crate::noetl::NoetlClient;
+use crate::scrub::Scrubber;
 use crate::store::KvStore;
 use handler::Handler;
 
@@ -145,6 +146,8 @@ pub struct Bridge {
 
 /// Starts the bridge: picks the mode (durable if `config.stream` exists, else core),
 /// creates or reuses the durable consumer, logs which, and spawns the reading task.
+/// `scrubber` cleans NoETL's error before a result synthesised for a run that ended
+/// without its callback carries it ([`crate::settle`]).
 ///
 /// Errors only for bad settings or a NATS that fails the lookup itself; an absent stream
 /// is the core fallback, not an error. Once running, the task survives NATS outages
@@ -154,11 +157,12 @@ pub async fn spawn(
     kv: Arc<dyn KvStore>,
     bus: Arc<dyn Bus>,
     noetl: NoetlClient,
+    scrubber: Scrubber,
     config: BridgeConfig,
     shutdown: CancellationToken,
 ) -> Result<Bridge, BridgeError> {
     config.validate()?;
-    let handler = Handler::new(kv, bus, noetl, &config);
+    let handler = Handler::new(kv, bus, noetl, scrubber, &config);
     let js = jetstream::new(nats.clone());
     match js.get_stream(&config.stream).await {
         Ok(stream) => {
