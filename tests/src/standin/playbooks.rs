@@ -12,6 +12,7 @@
 //! | `demo/echo` | `echo` | COMPLETED | the workload minus gateway fields |
 //! | `demo/steps` | `step_1..3` | COMPLETED | `{steps:3, workload}` |
 //! | `demo/fail` | `fail_step` (fails) | FAILED, no terminal event | error `STEP_FAILED` |
+//! | `demo/fail_silent` | `fail_step` (fails) | FAILED, no terminal event, **no callback** (its callback step never runs, as on NoETL 3.54) | — |
 //! | `demo/slow` | `sleep` (`workload.seconds`, default 5, max 600) | COMPLETED | `{slept_seconds}` |
 //! | `demo/progress` | `stage_1..4`, progress 0.25…1.0 after each | COMPLETED | `{stages:4}` |
 //! | `demo/lying` | `lie` | FAILED but emits `playbook.completed` | error `STEP_FAILED` |
@@ -49,6 +50,8 @@ pub enum Playbook {
     Steps,
     /// A failing HTTP step.
     Fail,
+    /// A failing HTTP step, and no callback: the playbook's callback step never runs.
+    FailSilent,
     /// Sleeps, cancellable.
     Slow,
     /// Reports progress after each of four stages.
@@ -65,7 +68,7 @@ pub enum Playbook {
     AuthCheckAccess,
 }
 
-const CATALOG: [Playbook; 10] = [
+const CATALOG: [Playbook; 11] = [
     Playbook::Echo,
     Playbook::Steps,
     Playbook::Fail,
@@ -76,6 +79,7 @@ const CATALOG: [Playbook; 10] = [
     Playbook::AuthLogin,
     Playbook::AuthValidate,
     Playbook::AuthCheckAccess,
+    Playbook::FailSilent,
 ];
 
 /// Catalog ids are big numbers too, like every id of the real server.
@@ -117,6 +121,7 @@ impl Playbook {
             Self::Echo => "demo/echo",
             Self::Steps => "demo/steps",
             Self::Fail => "demo/fail",
+            Self::FailSilent => "demo/fail_silent",
             Self::Slow => "demo/slow",
             Self::Progress => "demo/progress",
             Self::Lying => "demo/lying",
@@ -133,6 +138,7 @@ impl Playbook {
             Self::Echo => "echoes its workload",
             Self::Steps => "three steps, 200 ms apart",
             Self::Fail => "an HTTP step fails; the run ends FAILED without playbook.failed",
+            Self::FailSilent => "an HTTP step fails; the run ends FAILED and never calls back",
             Self::Slow => "sleeps workload.seconds (default 5); cancellable",
             Self::Progress => "four stages with a progress callback after each",
             Self::Lying => "emits playbook.completed but ends FAILED",
@@ -161,7 +167,7 @@ impl Playbook {
             Self::Steps => (1..=3)
                 .map(|i| StepPlan::ok(format!("step_{i}"), step))
                 .collect(),
-            Self::Fail => vec![StepPlan {
+            Self::Fail | Self::FailSilent => vec![StepPlan {
                 fails: true,
                 ..StepPlan::ok("fail_step", step)
             }],
@@ -299,7 +305,7 @@ async fn run(st: &Shared, id: ExecutionId, pb: Playbook, wl: &Workload) -> Resul
     for step in &plan {
         last_step.clone_from(&step.name);
         if !play_step(st, id, step, &step_result).await? {
-            if st.store.finish(id, ExecStatus::Failed, None) {
+            if st.store.finish(id, ExecStatus::Failed, None) && pb != Playbook::FailSilent {
                 deliver(st, id, wl, &last_step, step_failure(&step.name)).await;
             }
             return Ok(());
