@@ -36,6 +36,8 @@
 //! - [`runs`] — a run's status as NoETL reports it.
 //! - [`owners`] — who started each execution, the one rule for who may touch it, and
 //!   each user's runs newest first (K/V).
+//! - [`settle`] — the one `playbook/result` for a run that ended FAILED or CANCELLED
+//!   without its callback (after the bridge's terminal frame).
 //! - [`scrub`] — NoETL's JSON without injected workload values and users' tokens, before a
 //!   client sees it (proxy, GraphQL, callback results).
 //! - [`ratelimit`] — GCRA limiters per client address or user, and who the client is
@@ -69,5 +71,6 @@ pub mod requests;
 pub mod runs;
 pub mod scrub;
 pub mod server;
+pub mod settle;
 pub mod state;
 pub mod store;

@@ -497,9 +497,10 @@ impl NoetlClient {
     }
 
     /// An execution's whole record (`GET /api/executions/{id}`: its `status` and `events`),
-    /// for the bridge's HTTP fallback. Ids in it stay exact (`u64` in the JSON value). The
-    /// record holds the workload, secrets included: callers read only what they need and
-    /// never pass it on.
+    /// for the bridge's HTTP fallback and the error a failed run reports. Ids in it stay
+    /// exact (`u64` in the JSON value). It holds the workload — what the gateway injected
+    /// included — and step results: callers read only what they need, and scrub whatever of
+    /// it reaches a client.
     pub async fn execution_record(&self, id: &str) -> Result<Value, NoetlError> {
         let path = format!("/api/executions/{}", encode_segment(id));
         let (_, reply): (_, Value) = self

@@ -10,7 +10,8 @@
 //!
 //! Keys in [`Bucket::Owners`] (all expire with the bucket's TTL, `EXECUTION_OWNER_TTL`):
 //! - `exec/<execution_id>` → [`OwnerRecord`], written with `create`, so a run's first owner
-//!   is never replaced (NoETL answering a duplicate start with an existing id);
+//!   is never replaced (NoETL answering a duplicate start with an existing id); it names
+//!   the request that started the run, so a result can be synthesised for it;
 //! - `user/<hex(sha256(user_id))>/<n>` → the same record, the user's `n`-th run: `n` is
 //!   claimed with `create` from 1 upwards, so two replicas recording runs of one user at
 //!   once take different slots and neither is lost, without compare-and-swap or a scan;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use gateway_shared::ids::ExecutionId;
+use gateway_shared::ids::{ExecutionId, RequestId};
 use gateway_shared::session::User;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -54,6 +55,11 @@ pub struct OwnerRecord {
     pub playbook_path: String,
     /// When `executePlaybook` started it (unix seconds).
     pub started_at: i64,
+    /// The gateway's request that started it: where a result the gateway synthesises for
+    /// a run that ends without a callback goes (`crate::settle`). Absent in records
+    /// written before it was kept, and then nothing is synthesised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
 }
 
 /// The one ownership rule: the run's owner, or a caller with a role in `read_all_roles`,
@@ -268,6 +274,7 @@ mod tests {
             user_id: owner.into(),
             playbook_path: "demo/echo".into(),
             started_at: 1_700_000_000,
+            request_id: None,
         }
     }
 

@@ -4,7 +4,10 @@
 //! NoETL, so a callback that arrives on any replica — even before NoETL's `/api/execute`
 //! has answered — finds who to deliver to. A callback marks the request delivered with an
 //! atomic create-if-absent (`delivered.<request_id>`), which is what makes a repeated
-//! callback a no-op on every replica.
+//! callback a no-op on every replica. The same marker, created the same way, is what a
+//! result the gateway synthesises for a run that ended without a callback claims
+//! (`crate::settle`), so exactly one of the two is delivered; its value says which
+//! ([`Delivered`]).
 //!
 //! Request ids are 128-bit random. A request's callback token is
 //! `hex(HMAC-SHA256(GATEWAY_CALLBACK_SECRET, request_id))`: a playbook can authenticate its
@@ -121,12 +124,81 @@ pub async fn get(
         }))
 }
 
-/// Marks the request delivered; `Ok(false)` if it already was (a duplicate callback).
+/// The `delivered` marker's value when a callback created it.
+const BY_CALLBACK: &[u8] = b"1";
+/// …when the gateway claimed it for a synthesised result not yet published.
+const SETTLING: &[u8] = b"settling";
+/// …when the gateway published that synthesised result.
+const SETTLED: &[u8] = b"settled";
+
+/// Marks the request delivered; `Ok(false)` if it already was (a duplicate callback, or a
+/// result the gateway synthesised first).
 pub async fn mark_delivered(kv: &dyn KvStore, request_id: &RequestId) -> Result<bool, StoreError> {
     kv.create(
         Bucket::Requests,
         &delivered_key(request_id),
-        Bytes::from_static(b"1"),
+        Bytes::from_static(BY_CALLBACK),
+    )
+    .await
+}
+
+/// Who holds a request's `delivered` marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Nobody: the result is still owed.
+    No,
+    /// A callback (any value but the gateway's own two).
+    ByCallback,
+    /// The gateway claimed it for a synthesised result and has not published it yet: a
+    /// redelivery of the bridge event that claimed it carries on.
+    Settling,
+    /// The gateway published a synthesised result.
+    Settled,
+}
+
+impl Delivered {
+    fn of(marker: Option<&[u8]>) -> Self {
+        match marker {
+            None => Self::No,
+            Some(SETTLING) => Self::Settling,
+            Some(SETTLED) => Self::Settled,
+            Some(_) => Self::ByCallback,
+        }
+    }
+}
+
+/// Reads the request's `delivered` marker.
+pub async fn delivered(kv: &dyn KvStore, request_id: &RequestId) -> Result<Delivered, StoreError> {
+    let marker = kv.get(Bucket::Requests, &delivered_key(request_id)).await?;
+    Ok(Delivered::of(marker.as_deref()))
+}
+
+/// Claims the request's delivery for a result the gateway synthesises: true if the marker
+/// was created now, or was already the gateway's unpublished claim (only the bridge event
+/// that owns the execution's terminal frame settles it, so that claim is this event's, from
+/// an attempt whose publish failed or whose replica stopped). False when a callback holds
+/// it, or the synthesised result was published already.
+pub async fn claim_settlement(
+    kv: &dyn KvStore,
+    request_id: &RequestId,
+) -> Result<bool, StoreError> {
+    let key = delivered_key(request_id);
+    if kv
+        .create(Bucket::Requests, &key, Bytes::from_static(SETTLING))
+        .await?
+    {
+        return Ok(true);
+    }
+    Ok(delivered(kv, request_id).await? == Delivered::Settling)
+}
+
+/// Records that the synthesised result was published: a redelivery of the event that
+/// claimed it then publishes nothing.
+pub async fn mark_settled(kv: &dyn KvStore, request_id: &RequestId) -> Result<(), StoreError> {
+    kv.put(
+        Bucket::Requests,
+        &delivered_key(request_id),
+        Bytes::from_static(SETTLED),
     )
     .await
 }
@@ -164,6 +236,36 @@ mod tests {
         assert!(!t.verify("r1", ""));
         let other = CallbackTokens::new(Some("another-secret-entirely-different"));
         assert!(!other.verify("r1", &tok));
+    }
+
+    #[test]
+    fn a_marker_names_who_delivered() {
+        assert_eq!(Delivered::of(None), Delivered::No);
+        assert_eq!(Delivered::of(Some(BY_CALLBACK)), Delivered::ByCallback);
+        assert_eq!(Delivered::of(Some(b"anything else")), Delivered::ByCallback);
+        assert_eq!(Delivered::of(Some(SETTLING)), Delivered::Settling);
+        assert_eq!(Delivered::of(Some(SETTLED)), Delivered::Settled);
+    }
+
+    #[tokio::test]
+    async fn a_callback_and_a_settlement_exclude_each_other() {
+        use crate::store::memory::MemoryKv;
+        use crate::store::BucketTtls;
+        let kv = MemoryKv::new(BucketTtls::default());
+        let (a, b) = (new_request_id(), new_request_id());
+        // Callback first: the gateway's claim fails, and so does a second callback.
+        assert!(mark_delivered(&kv, &a).await.unwrap());
+        assert!(!claim_settlement(&kv, &a).await.unwrap());
+        assert!(!mark_delivered(&kv, &a).await.unwrap());
+        // The gateway first: its own claim holds on a retry, a callback is a duplicate,
+        // and once published nothing claims it again.
+        assert!(claim_settlement(&kv, &b).await.unwrap());
+        assert!(claim_settlement(&kv, &b).await.unwrap());
+        assert!(!mark_delivered(&kv, &b).await.unwrap());
+        mark_settled(&kv, &b).await.unwrap();
+        assert_eq!(delivered(&kv, &b).await.unwrap(), Delivered::Settled);
+        assert!(!claim_settlement(&kv, &b).await.unwrap());
+        assert!(is_delivered(&kv, &b).await.unwrap());
     }
 
     #[test]

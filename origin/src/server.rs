@@ -212,6 +212,7 @@ async fn build(
         kv.clone(),
         bus.clone(),
         noetl.clone(),
+        Scrubber::for_gateway(config.callback_url(), callback_tokens.clone()),
         BridgeConfig::from_config(&config),
         shutdown.clone(),
     )

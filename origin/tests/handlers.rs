@@ -1065,6 +1065,7 @@ async fn own(o: &Origin, id: &str, user_id: &str) {
             user_id: user_id.into(),
             playbook_path: "demo/echo".into(),
             started_at: 1_700_000_000,
+            request_id: None,
         })
         .await
         .unwrap();

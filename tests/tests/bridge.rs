@@ -24,6 +24,7 @@ use origin::bridge::{self, Bridge, BridgeConfig, BridgeMode, CancellationToken};
 use origin::bus::{Bus, BusError, StartAt, Subscription};
 use origin::interest;
 use origin::noetl::NoetlClient;
+use origin::scrub::Scrubber;
 use origin::store::memory::MemoryKv;
 use origin::store::{BucketTtls, KvStore};
 use serde_json::{json, Value};
@@ -319,6 +320,7 @@ impl World {
             kv,
             bus_dyn,
             self.noetl.clone(),
+            Scrubber::default(),
             config,
             stop.clone(),
         )

@@ -1,6 +1,7 @@
 //! One event through the bridge: order guard → interest → terminal guard → the run's
-//! status → frames → publish → ack, NAK or hold (see the module docs of [`super`]). This
-//! file does the I/O; [`policy`] decides.
+//! status → frames → publish → (a failed or cancelled run's result, [`crate::settle`]) →
+//! ack, NAK or hold (see the module docs of [`super`]). This file does the I/O; [`policy`]
+//! decides.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ use super::BridgeConfig;
 use crate::bus::Bus;
 use crate::interest;
 use crate::noetl::NoetlClient;
+use crate::scrub::Scrubber;
+use crate::settle::{SettleError, Settler};
 use crate::store::{Bucket, KvStore};
 
 /// One message as the handler sees it, whichever mode delivered it.
@@ -54,6 +57,7 @@ pub(super) struct Handler {
     forward: ForwardList,
     limits: RetryLimits,
     retry_delay: Duration,
+    settle: Settler,
 }
 
 impl Handler {
@@ -63,9 +67,11 @@ impl Handler {
         kv: Arc<dyn KvStore>,
         bus: Arc<dyn Bus>,
         noetl: NoetlClient,
+        scrubber: Scrubber,
         config: &BridgeConfig,
     ) -> Self {
         Self {
+            settle: Settler::new(kv.clone(), bus.clone(), noetl.clone(), scrubber),
             kv,
             bus,
             noetl,
@@ -287,6 +293,22 @@ impl Handler {
         for frame in plan.frames {
             if !self.publish(&clients, frame).await {
                 return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
+            }
+        }
+        // The run ended FAILED or CANCELLED: its client gets its result even if no callback
+        // ever comes (crate::settle; a redelivery resumes it).
+        if let Some(terminal) = frames
+            .terminal
+            .as_ref()
+            .filter(|_| terminal_claim == Some(true))
+        {
+            if let Err(e) = self.settle.after_terminal(&ev.execution_id, terminal).await {
+                tracing::warn!(execution_id = %id, error = %e, "bridge: the result of a run that ended without one not delivered; will retry");
+                let reason = match e {
+                    SettleError::Store(_) => RetryReason::StoreUnavailable,
+                    SettleError::Bus(_) => RetryReason::BusUnavailable,
+                };
+                return self.retry_or_drop(reason, age, ev);
             }
         }
         Outcome::Done

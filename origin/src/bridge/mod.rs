@@ -120,6 +120,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::Bus;
 use crate::noetl::NoetlClient;
+use crate::scrub::Scrubber;
 use crate::store::KvStore;
 use handler::Handler;
 
@@ -165,6 +166,8 @@ pub struct Bridge {
 /// Starts the bridge: picks the source (the first of `config.streams` that exists, read
 /// through the shared durable consumer; else the HTTP fallback), logs which, and spawns it.
 /// Without NATS (`nats` is `None`) it is the HTTP fallback, on this replica's store.
+/// `scrubber` cleans NoETL's error before a result synthesised for a run that ended
+/// without its callback carries it ([`crate::settle`]).
 ///
 /// Errors only for bad settings or a NATS that fails the lookup itself; an absent stream
 /// is the fallback, not an error. Once running, the task survives NATS outages
@@ -174,11 +177,12 @@ pub async fn spawn(
     kv: Arc<dyn KvStore>,
     bus: Arc<dyn Bus>,
     noetl: NoetlClient,
+    scrubber: Scrubber,
     config: BridgeConfig,
     shutdown: CancellationToken,
 ) -> Result<Bridge, BridgeError> {
     config.validate()?;
-    let handler = Handler::new(kv.clone(), bus, noetl.clone(), &config);
+    let handler = Handler::new(kv.clone(), bus, noetl.clone(), scrubber, &config);
     if let Some(nats) = &nats {
         let js = jetstream::new(nats.clone());
         for name in config.streams.clone() {

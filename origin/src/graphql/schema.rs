@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_graphql::{Context, Enum, ErrorExtensions, Json, Object, Schema, SimpleObject, ID};
 use futures::StreamExt;
 use gateway_shared::frames::PendingRequest;
-use gateway_shared::ids::{ClientId, ExecutionId};
+use gateway_shared::ids::{ClientId, ExecutionId, RequestId};
 use serde_json::Value;
 
 use super::cost::{CostGuard, CostLimits, CostPolicy, NoetlPermits};
@@ -370,15 +370,23 @@ pub(super) async fn require_execution_access(
     Ok(())
 }
 
-/// Records the caller as the owner of a run it just started. A failure is logged, not
-/// returned: the run has started and a retry would start another; until an operator looks,
-/// the run is readable by read-all roles only.
-async fn record_owner(svc: &Services, caller: &Caller, execution_id: &str, path: &str) {
+/// Records the caller as the owner of a run it just started by `request_id`. A failure is
+/// logged, not returned: the run has started and a retry would start another; until an
+/// operator looks, the run is readable by read-all roles only (and no result is synthesised
+/// for it if it ends without a callback).
+async fn record_owner(
+    svc: &Services,
+    caller: &Caller,
+    execution_id: &str,
+    path: &str,
+    request_id: &RequestId,
+) {
     let record = OwnerRecord {
         execution_id: execution_id.to_owned(),
         user_id: caller.record.user.user_id.clone(),
         playbook_path: path.to_owned(),
         started_at: now_unix(),
+        request_id: Some(request_id.clone()),
     };
     match svc.owners.record(&record).await {
         Ok(Recorded::New(_) | Recorded::Already) => {}
@@ -506,7 +514,7 @@ impl Mutation {
         let execution_id = reply.execution_id.clone();
         // Checked once: an id NoETL sends that could never be a key is not recorded.
         let execution = ExecutionId::parse(&execution_id);
-        record_owner(svc, caller, &execution_id, &path).await;
+        record_owner(svc, caller, &execution_id, &path, &request_id).await;
         let kv = svc.kv.as_ref();
         let recorded = RequestEntry {
             execution_id: execution.clone().ok(),

@@ -15,6 +15,7 @@
 //! | `demo/echo` | `echo` | COMPLETED | the workload minus gateway fields |
 //! | `demo/steps` | `step_1..3` | COMPLETED | `{steps:3, workload}` |
 //! | `demo/fail` | `fail_step` (fails) | FAILED, no terminal event (4.x: `workflow.failed`, `playbook.failed`) | error `STEP_FAILED` |
+//! | `demo/fail_silent` | `fail_step` (fails) | FAILED, no terminal event, **no callback** (its callback step never runs, as on NoETL 3.54) | — |
 //! | `demo/slow` | `sleep` (`workload.seconds`, default 5, max 600) | COMPLETED | `{slept_seconds}` |
 //! | `demo/progress` | `stage_1..4`, progress 0.25…1.0 after each | COMPLETED | `{stages:4}` |
 //! | `demo/lying` | `lie` | FAILED but emits `playbook.completed` (4.x: and `workflow.completed`) | error `STEP_FAILED` |
@@ -52,6 +53,8 @@ pub enum Playbook {
     Steps,
     /// A failing HTTP step.
     Fail,
+    /// A failing HTTP step, and no callback: the playbook's callback step never runs.
+    FailSilent,
     /// Sleeps, cancellable.
     Slow,
     /// Reports progress after each of four stages.
@@ -68,7 +71,7 @@ pub enum Playbook {
     AuthCheckAccess,
 }
 
-const CATALOG: [Playbook; 10] = [
+const CATALOG: [Playbook; 11] = [
     Playbook::Echo,
     Playbook::Steps,
     Playbook::Fail,
@@ -79,6 +82,7 @@ const CATALOG: [Playbook; 10] = [
     Playbook::AuthLogin,
     Playbook::AuthValidate,
     Playbook::AuthCheckAccess,
+    Playbook::FailSilent,
 ];
 
 /// Catalog ids are big numbers too, like every id of the real server.
@@ -120,6 +124,7 @@ impl Playbook {
             Self::Echo => "demo/echo",
             Self::Steps => "demo/steps",
             Self::Fail => "demo/fail",
+            Self::FailSilent => "demo/fail_silent",
             Self::Slow => "demo/slow",
             Self::Progress => "demo/progress",
             Self::Lying => "demo/lying",
@@ -136,6 +141,7 @@ impl Playbook {
             Self::Echo => "echoes its workload",
             Self::Steps => "three steps, 200 ms apart",
             Self::Fail => "an HTTP step fails; the run ends FAILED without playbook.failed",
+            Self::FailSilent => "an HTTP step fails; the run ends FAILED and never calls back",
             Self::Slow => "sleeps workload.seconds (default 5); cancellable",
             Self::Progress => "four stages with a progress callback after each",
             Self::Lying => "emits playbook.completed but ends FAILED",
@@ -164,7 +170,7 @@ impl Playbook {
             Self::Steps => (1..=3)
                 .map(|i| StepPlan::ok(format!("step_{i}"), step))
                 .collect(),
-            Self::Fail => vec![StepPlan {
+            Self::Fail | Self::FailSilent => vec![StepPlan {
                 fails: true,
                 ..StepPlan::ok("fail_step", step)
             }],
@@ -325,7 +331,7 @@ async fn run(st: &Shared, id: ExecutionId, pb: Playbook, wl: &Workload) -> Resul
                     Some(i) => step_failure(&plan[i].name),
                     None => answer.take().unwrap_or_else(|| outcome(st, pb, wl)),
                 };
-                if st.store.finish(id, status, last) {
+                if st.store.finish(id, status, last) && pb != Playbook::FailSilent {
                     let step = run.last_step.map_or("", |i| plan[i].name.as_str());
                     deliver(st, id, wl, step, outcome).await;
                 }
