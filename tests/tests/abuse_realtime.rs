@@ -1,9 +1,9 @@
 //! One user cannot take the realtime path from others (issue 12, "Must show"): streams and
 //! sockets per user are capped (429 / close 4429) while another user is unaffected; stream
 //! opens are rate-limited per user; a user's client ids are bounded (the oldest idle one
-//! is retired, never freed for another user); replays over the limit start live with `stream/reset` (and a socket's later
-//! subscription follows live frames); and the owner of a run keeps
-//! every `playbook/state` frame while another user (a viewer allowed to read every run)
+//! is retired, never freed for another user); replays over the limit start live with
+//! `stream/reset` (and a socket's later subscription follows live frames); and the owner
+//! of a run keeps every `playbook/state` frame while another user (a viewer allowed to read every run)
 //! subscribes 300 of their own clients to it.
 //!
 //! Each test starts its own stand-in and origin with the quota it exercises set low and the
