@@ -28,7 +28,7 @@
 //!    401 that refuses the asserted session itself makes the edge forget that session.
 //! 9. `reply::finish` — CORS headers, `Vary: Origin` and `x-request-id` on every response.
 //!    Before it, a `GET /events` whose answer is a passing failure (502, 503, 504 — the
-//!    edge's own, or the origin's) becomes [`reply::unavailable_stream`]: a 200 event
+//!    edge's own, or the origin's) becomes `reply::unavailable_stream`: a 200 event
 //!    stream that says retry and ends, since a browser's EventSource gives up for good on
 //!    an error status but reconnects by itself after a stream ends.
 //!

@@ -2,7 +2,7 @@
 //! `POST /api/events/ticket` for clients that cannot send headers or cookies.
 //!
 //! A connection: authenticate (session token or a single-use ticket) → decide which client
-//! it is for ([`Plan`]) → bind or resume the client id (`clients::claim`: only its owner may
+//! it is for (`Plan`) → bind or resume the client id (`clients::claim`: only its owner may
 //! resume it) → subscribe to the client's frames on the [`Bus`], replaying after
 //! `Last-Event-ID` → write `retry:` and the init frame, then frames as they come, a `ping`
 //! frame and `:` keep-alive comments.
