@@ -27,6 +27,10 @@
 //!    204 every token it carried is forgotten at the edge (this isolate and KV). An origin
 //!    401 that refuses the asserted session itself makes the edge forget that session.
 //! 9. `reply::finish` — CORS headers, `Vary: Origin` and `x-request-id` on every response.
+//!    Before it, a `GET /events` whose answer is a passing failure (502, 503, 504 — the
+//!    edge's own, or the origin's) becomes `reply::unavailable_stream`: a 200 event
+//!    stream that says retry and ends, since a browser's EventSource gives up for good on
+//!    an error status but reconnects by itself after a stream ends.
 //!
 //! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body;
 //! the whole request runs inside [`error::CatchPanic`], so even a panic leaves as 500
@@ -78,15 +82,45 @@ mod entry {
                 requested_method.as_deref(),
             ) {
                 Some(preflight) => (reply::empty(preflight.status), preflight.headers),
-                None => (
-                    CatchPanic::new(handle(req, &env, &cfg, &rid))
-                        .await
-                        .unwrap_or_else(|e| e.into_response(&rid)),
-                    cfg.cors.response_headers(origin.as_deref()),
-                ),
+                None => {
+                    let event_stream =
+                        reply::is_event_stream_request(&req.inner().method(), &req.path());
+                    let outcome = CatchPanic::new(handle(req, &env, &cfg, &rid)).await;
+                    (
+                        answer(outcome, event_stream, &rid),
+                        cfg.cors.response_headers(origin.as_deref()),
+                    )
+                }
             },
         };
         Ok(reply::finish(resp, &cors_headers, &rid))
+    }
+
+    /// The response for a handled request: the outcome, except that on `/events` a
+    /// passing failure says retry as an event stream (`reply` module docs).
+    fn answer(outcome: Result<Response, EdgeError>, event_stream: bool, rid: &str) -> Response {
+        match outcome {
+            Err(e)
+                if event_stream
+                    && gateway_shared::frames::answers_as_unavailable_stream(e.status()) =>
+            {
+                worker::console_warn!("request {rid}: /events answered as a retry: {e}");
+                reply::unavailable_stream(e.code(), &e.message())
+            }
+            Err(e) => e.into_response(rid),
+            Ok(resp) if event_stream => {
+                match reply::origin_status_as_unavailable(resp.status_code()) {
+                    Some((code, message)) => {
+                        worker::console_warn!(
+                            "request {rid}: /events answered as a retry: {message}"
+                        );
+                        reply::unavailable_stream(code, &message)
+                    }
+                    None => resp,
+                }
+            }
+            Ok(resp) => resp,
+        }
     }
 
     /// The steps after CORS: route → rate limit → session → forward.

@@ -6,6 +6,13 @@
 //! copies them into a fresh `Headers`, adds its own, and builds a new Response around the
 //! *same* body stream, status and WebSocket — nothing is read or buffered, so an SSE
 //! stream still reaches the client frame by frame.
+//!
+//! A `GET /events` that fails for a passing reason — the origin unreachable, restarting or
+//! overloaded (502, 503, 504, the edge's own or the origin's) — leaves as
+//! `unavailable_stream`: a 200 event stream that says `stream/unavailable` with `retry:`
+//! and ends. A browser's EventSource gives up for good on an error status, but reconnects
+//! by itself (same URL, `Last-Event-ID`) after a stream that ends, so this is what keeps a
+//! plain `new EventSource(url)` alive through an origin restart (PROTOCOL §3).
 
 /// The body of `/health` at the edge: the edge is up, whatever the origin is doing.
 pub fn health_body() -> String {
@@ -24,6 +31,24 @@ pub fn keep_response_header(name: &str) -> bool {
         || crate::cors::is_cors_header(name)
         || name.eq_ignore_ascii_case("vary")
         || name.eq_ignore_ascii_case("x-request-id"))
+}
+
+/// Whether a request is a browser's event stream (`GET /events`), whose passing failures
+/// are answered with an event stream that says retry instead of an error status.
+pub fn is_event_stream_request(method: &str, path: &str) -> bool {
+    method == "GET" && path == "/events"
+}
+
+/// The code and message of the retry answer that replaces an origin answer of `status` on
+/// `/events`, or `None` when the origin's answer goes out as it is (a stream, or a refusal
+/// that is not passing: 401, 403, 429, …).
+pub fn origin_status_as_unavailable(status: u16) -> Option<(&'static str, String)> {
+    gateway_shared::frames::answers_as_unavailable_stream(status).then(|| {
+        (
+            "origin_unavailable",
+            format!("the origin answered {status}; reconnect"),
+        )
+    })
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -52,6 +77,18 @@ mod glue {
         json(200, health_body())
     }
 
+    /// The answer to an `/events` request that failed for a passing reason: `200
+    /// text/event-stream`, `retry:` and one `stream/unavailable` frame, then the end.
+    pub fn unavailable_stream(code: &str, message: &str) -> Response {
+        let headers = Headers::new();
+        let _ = headers.set("content-type", "text/event-stream");
+        let _ = headers.set("cache-control", "no-store");
+        ResponseBuilder::new()
+            .with_status(200)
+            .with_headers(headers)
+            .fixed(gateway_shared::frames::unavailable_stream(code, message))
+    }
+
     /// The response as it leaves the edge: the origin's end-to-end headers, then the
     /// edge's CORS headers (`Vary` merged with the origin's), then `x-request-id`.
     pub fn finish(resp: Response, cors: &[(&'static str, String)], rid: &str) -> Response {
@@ -74,7 +111,7 @@ mod glue {
 }
 
 #[cfg(target_arch = "wasm32")]
-pub use glue::{empty, finish, health, json};
+pub use glue::{empty, finish, health, json, unavailable_stream};
 
 #[cfg(test)]
 mod tests {
@@ -85,6 +122,27 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&health_body()).unwrap();
         assert_eq!(v["status"], "ok");
         assert_eq!(v["component"], "edge");
+    }
+
+    #[test]
+    fn only_passing_failures_of_get_events_become_a_stream_that_says_retry() {
+        assert!(is_event_stream_request("GET", "/events"));
+        for (m, p) in [
+            ("POST", "/events"),
+            ("GET", "/events/x"),
+            ("GET", "/graphql"),
+            ("HEAD", "/events"),
+        ] {
+            assert!(!is_event_stream_request(m, p), "{m} {p}");
+        }
+        for s in [502, 503, 504] {
+            let (code, message) = origin_status_as_unavailable(s).expect("passing");
+            assert_eq!(code, "origin_unavailable");
+            assert!(message.contains(&s.to_string()));
+        }
+        for s in [200, 401, 403, 404, 429, 500] {
+            assert_eq!(origin_status_as_unavailable(s), None, "{s}");
+        }
     }
 
     #[test]

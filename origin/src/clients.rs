@@ -1,25 +1,34 @@
 //! SSE clients as shared state: who owns a client id, what it still waits for, and whether
 //! it is connected anywhere — all in K/V `clients`, so every replica sees the same answer.
 //!
-//! A client id is assigned by the server (UUID v4) and bound to the user that created it:
-//! resuming or naming someone else's client id is refused (PROTOCOL §3, ARCHITECTURE
-//! "Security model"). Updates to a record are read-modify-write; the only concurrent
-//! writers of one client are its own requests, which a browser issues one at a time, and
-//! a lost update can only drop an entry from the informational `pendingRequests` list.
+//! A client id is bound to the user that first used it: the server assigns one (UUID v4)
+//! when a page names none ([`create_bounded`]), and a page may propose its own — a
+//! well-formed id nobody holds is bound to the caller on first use ([`claim`], an atomic
+//! K/V create, so of two users racing for one id exactly one gets it). Resuming or naming
+//! someone else's client id is refused (PROTOCOL §3, ARCHITECTURE "Invariants"). Updates to
+//! a record are read-modify-write; the only concurrent writers of one client are its own
+//! requests, which a browser issues one at a time, and a lost update can only drop an entry
+//! from the informational `pendingRequests` list.
 //!
-//! **Client ids per user are bounded** (`USER_MAX_CLIENTS`, [`create_bounded`]): each user
-//! has an index, `user.<hex(sha256(user_id))>` → `{"clients":[…]}` oldest first, and a new
-//! client id beyond the cap replaces the user's oldest client that has no open stream (its
-//! record is deleted: a later resume of it gets 403 `unknown_client`, and a page then starts
-//! as a new client). When every one of them is connected somewhere the new one is refused
-//! (429 `too_many_clients`): a page opening tabs keeps working, a loop creating ids cannot
-//! grow the bucket. Records keep the bucket's TTL (the longest session) rather than a
-//! shorter one for ids that never reconnect: a page may name its id (a resume, or
-//! executePlaybook's `clientId`) at any time during its session, and the per-user cap, not
-//! age, is what bounds them. The index is read-modify-write like the records; a lost update between
-//! two replicas creating clients for one user at the same instant leaves one record out
-//! of the index, which then lives out the bucket's TTL uncounted — bounded by the user's
-//! stream-open rate.
+//! **Client ids per user are bounded** (`USER_MAX_CLIENTS`, [`create_bounded`], [`claim`]):
+//! each user has an index, `user.<hex(sha256(user_id))>` → `{"clients":[…]}` oldest first,
+//! and a new client id beyond the cap retires the user's oldest client that has no open
+//! stream. When every one of them is connected somewhere the new one is refused (429
+//! `too_many_clients`): a page opening tabs keeps working, a loop creating ids cannot grow
+//! the bucket beyond what the stream-open rate allows.
+//!
+//! **A retired client stays bound to its user.** Its record is replaced by a small
+//! tombstone (`retired: true`, the pending list dropped) instead of being deleted: frames
+//! of its runs may still be on the bus, and a callback or an execution event may still
+//! target it, so the id must not become free for another user to claim. The owner may
+//! name it again: it is then counted against the cap once more (retiring another idle
+//! one) and resumes like any other. Records keep the bucket's TTL (the longest session)
+//! rather than a shorter one for ids that never reconnect: a page may name its id (a
+//! resume, or executePlaybook's `clientId`) at any time during its session, and the
+//! per-user cap, not age, is what bounds them. The index is read-modify-write like the
+//! records; a lost update between two replicas creating clients for one user at the same
+//! instant leaves one record out of the index, which then lives out the bucket's TTL
+//! uncounted — bounded by the user's stream-open rate.
 
 use std::time::Duration;
 
@@ -52,21 +61,28 @@ pub struct ClientRecord {
     /// Requests whose results have not been delivered yet.
     #[serde(default)]
     pub pending: Vec<PendingRequest>,
+    /// Retired by the per-user cap: still the user's (so no one else can claim the id),
+    /// but not counted until the owner names it again (module docs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
+}
+
+impl ClientRecord {
+    /// A new, active client of `user_id` with nothing pending.
+    pub fn new(user_id: &str) -> Self {
+        Self {
+            user_id: user_id.to_owned(),
+            pending: Vec::new(),
+            retired: false,
+        }
+    }
 }
 
 /// Creates a new client id owned by `user_id`.
 pub async fn create(kv: &dyn KvStore, user_id: &str) -> Result<ClientId, StoreError> {
     let id =
         ClientId::parse(&uuid::Uuid::new_v4().to_string()).expect("a UUID is a valid client id");
-    save(
-        kv,
-        &id,
-        &ClientRecord {
-            user_id: user_id.to_owned(),
-            pending: Vec::new(),
-        },
-    )
-    .await?;
+    save(kv, &id, &ClientRecord::new(user_id)).await?;
     Ok(id)
 }
 
@@ -107,21 +123,13 @@ fn user_index_key(user_id: &str) -> String {
     format!("user.{}", hex::encode(Sha256::digest(user_id.as_bytes())))
 }
 
-/// Creates a new client id owned by `user_id`, keeping the user's client ids at most `max`
-/// (0: no cap): beyond it the oldest one with no open stream is deleted first (one whose
-/// record is already gone just leaves the index); when all are connected →
-/// [`CreateError::Full`]. See the module docs.
-pub async fn create_bounded(
-    kv: &dyn KvStore,
-    user_id: &str,
-    max: usize,
-) -> Result<ClientId, CreateError> {
-    if max == 0 {
-        return Ok(create(kv, user_id).await?);
-    }
-    let key = user_index_key(user_id);
+/// Reads the user's index and retires their oldest clients with no open stream until one
+/// more fits under `max` (entries whose record is gone, retired already, or not the
+/// user's — a lost race — just leave the index); when every one is connected →
+/// [`CreateError::Full`]. The caller adds its client and writes the index back.
+async fn make_room(kv: &dyn KvStore, user_id: &str, max: usize) -> Result<UserIndex, CreateError> {
     let mut index: UserIndex = kv
-        .get(Bucket::Clients, &key)
+        .get(Bucket::Clients, &user_index_key(user_id))
         .await?
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
@@ -130,13 +138,16 @@ pub async fn create_bounded(
         let mut freed = None;
         for (i, raw) in index.clients.iter().enumerate() {
             let id = ClientId::parse(raw).expect("checked above");
-            if get(kv, &id).await?.is_none() {
-                freed = Some(i);
-                break;
-            }
+            let record = match get(kv, &id).await? {
+                Some(r) if r.user_id == user_id && !r.retired => r,
+                _ => {
+                    freed = Some(i);
+                    break;
+                }
+            };
             if !is_present(kv, &id).await? {
-                kv.delete(Bucket::Clients, id.as_str()).await?;
-                tracing::info!(client = %id, user = %user_id, "client id limit: oldest idle client replaced");
+                retire(kv, &id, record).await?;
+                tracing::info!(client = %id, user = %user_id, "client id limit: oldest idle client retired");
                 freed = Some(i);
                 break;
             }
@@ -148,11 +159,160 @@ pub async fn create_bounded(
             None => return Err(CreateError::Full(index.clients.len())),
         }
     }
-    let id = create(kv, user_id).await?;
+    Ok(index)
+}
+
+/// Adds `id` to the user's index (made room for by [`make_room`]) and writes it.
+async fn add_to_index(
+    kv: &dyn KvStore,
+    user_id: &str,
+    mut index: UserIndex,
+    id: &ClientId,
+) -> Result<(), StoreError> {
+    index.clients.retain(|c| c != id.as_str());
     index.clients.push(id.as_str().to_owned());
     let bytes = serde_json::to_vec(&index).expect("an index is plain data");
-    kv.put(Bucket::Clients, &key, Bytes::from(bytes)).await?;
+    kv.put(
+        Bucket::Clients,
+        &user_index_key(user_id),
+        Bytes::from(bytes),
+    )
+    .await
+}
+
+/// Replaces the record with its tombstone: the owner stays, nothing else.
+async fn retire(
+    kv: &dyn KvStore,
+    client_id: &ClientId,
+    record: ClientRecord,
+) -> Result<(), StoreError> {
+    let tombstone = ClientRecord {
+        retired: true,
+        ..ClientRecord::new(&record.user_id)
+    };
+    save(kv, client_id, &tombstone).await
+}
+
+/// Creates a new client id owned by `user_id`, keeping the user's client ids at most `max`
+/// (0: no cap): beyond it the oldest one with no open stream is retired first; when all
+/// are connected → [`CreateError::Full`]. See the module docs.
+pub async fn create_bounded(
+    kv: &dyn KvStore,
+    user_id: &str,
+    max: usize,
+) -> Result<ClientId, CreateError> {
+    if max == 0 {
+        return Ok(create(kv, user_id).await?);
+    }
+    let index = make_room(kv, user_id, max).await?;
+    let id = create(kv, user_id).await?;
+    add_to_index(kv, user_id, index, &id).await?;
     Ok(id)
+}
+
+/// Why [`claim`] gave the caller no client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// The store failed, or the user's client ids are all connected.
+    #[error(transparent)]
+    Create(#[from] CreateError),
+    /// The id is bound to another user.
+    #[error("the client id belongs to another user")]
+    NotYours,
+}
+
+impl From<StoreError> for ClaimError {
+    fn from(e: StoreError) -> Self {
+        ClaimError::Create(CreateError::Store(e))
+    }
+}
+
+impl From<ClaimError> for crate::error::AppError {
+    fn from(e: ClaimError) -> Self {
+        match e {
+            ClaimError::Create(e) => e.into(),
+            ClaimError::NotYours => crate::error::AppError::forbidden(
+                "client_not_yours",
+                "this client id belongs to another session",
+            ),
+        }
+    }
+}
+
+/// A client [`claim`] gave the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// Its record (active).
+    pub record: ClientRecord,
+    /// False when the id was bound by this claim: it has no past of the caller's to
+    /// resume.
+    pub existed: bool,
+}
+
+/// The client `id` for `user_id`: theirs already → its record (a retired one is counted
+/// against `max` again first); bound to nobody → bound to them now, atomically (K/V
+/// create: of two users racing for one id, one wins and the other gets
+/// [`ClaimError::NotYours`]), within `max` like [`create_bounded`]; another user's →
+/// [`ClaimError::NotYours`].
+pub async fn claim(
+    kv: &dyn KvStore,
+    user_id: &str,
+    max: usize,
+    id: &ClientId,
+) -> Result<Claimed, ClaimError> {
+    match get(kv, id).await? {
+        Some(r) if r.user_id != user_id => Err(ClaimError::NotYours),
+        Some(record) if !record.retired => Ok(Claimed {
+            record,
+            existed: true,
+        }),
+        Some(mut record) => {
+            if max > 0 {
+                let index = make_room(kv, user_id, max).await?;
+                add_to_index(kv, user_id, index, id).await?;
+            }
+            record.retired = false;
+            save(kv, id, &record).await?;
+            tracing::info!(client = %id, user = %user_id, "retired client id named by its owner again");
+            Ok(Claimed {
+                record,
+                existed: true,
+            })
+        }
+        None => {
+            let record = ClientRecord::new(user_id);
+            let bytes = serde_json::to_vec(&record).expect("a client record is plain data");
+            if !kv
+                .create(Bucket::Clients, id.as_str(), Bytes::from(bytes))
+                .await?
+            {
+                // Bound meanwhile: by this user's other request, or someone else's.
+                return match get(kv, id).await? {
+                    Some(r) if r.user_id == user_id && !r.retired => Ok(Claimed {
+                        record: r,
+                        existed: true,
+                    }),
+                    _ => Err(ClaimError::NotYours),
+                };
+            }
+            if max > 0 {
+                let room = match make_room(kv, user_id, max).await {
+                    Ok(index) => index,
+                    Err(e) => {
+                        // Not bound after all: the id stays free.
+                        let _ = kv.delete(Bucket::Clients, id.as_str()).await;
+                        return Err(e.into());
+                    }
+                };
+                add_to_index(kv, user_id, room, id).await?;
+            }
+            tracing::info!(client = %id, user = %user_id, "client id proposed by the page bound to its user");
+            Ok(Claimed {
+                record,
+                existed: false,
+            })
+        }
+    }
 }
 
 /// The record of `client_id`, if it exists.
@@ -263,10 +423,12 @@ mod tests {
         mark_present(&kv, &a[0]).await.unwrap();
         let fourth = create_bounded(&kv, "alice", 3).await.unwrap();
         assert!(get(&kv, &a[0]).await.unwrap().is_some(), "connected: kept");
-        assert!(
-            get(&kv, &a[1]).await.unwrap().is_none(),
-            "oldest idle: replaced"
-        );
+        let tombstone = get(&kv, &a[1])
+            .await
+            .unwrap()
+            .expect("retired, not deleted");
+        assert!(tombstone.retired, "oldest idle: retired");
+        assert_eq!(tombstone.user_id, "alice", "and still alice's");
         assert!(get(&kv, &a[2]).await.unwrap().is_some());
         assert!(get(&kv, &fourth).await.unwrap().is_some());
         // Another user's ids are their own.
@@ -289,5 +451,88 @@ mod tests {
         for _ in 0..10 {
             create_bounded(&kv, "carol", 0).await.unwrap();
         }
+    }
+
+    fn id(s: &str) -> ClientId {
+        ClientId::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_proposed_id_is_bound_to_its_first_user_and_refused_to_others() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        let tab = id("page-chosen-4b1c2e3f");
+        let first = claim(&kv, "alice", 3, &tab).await.unwrap();
+        assert!(!first.existed, "bound now");
+        assert_eq!(first.record, ClientRecord::new("alice"));
+        assert_eq!(get(&kv, &tab).await.unwrap().unwrap().user_id, "alice");
+        let again = claim(&kv, "alice", 3, &tab).await.unwrap();
+        assert!(again.existed, "the owner resumes it");
+        assert!(matches!(
+            claim(&kv, "mallory", 3, &tab).await,
+            Err(ClaimError::NotYours)
+        ));
+        // No cap: bound all the same.
+        assert!(!claim(&kv, "bob", 0, &id("bobs-own")).await.unwrap().existed);
+    }
+
+    #[tokio::test]
+    async fn of_two_users_racing_for_one_id_exactly_one_gets_it() {
+        for round in 0..20 {
+            let kv = std::sync::Arc::new(MemoryKv::new(BucketTtls::default()));
+            let tab = id(&format!("contested-{round}"));
+            let (a, b) = tokio::join!(
+                claim(kv.as_ref(), "alice", 3, &tab),
+                claim(kv.as_ref(), "bob", 3, &tab)
+            );
+            let won: Vec<bool> = [&a, &b].iter().map(|r| r.is_ok()).collect();
+            assert_eq!(won.iter().filter(|w| **w).count(), 1, "{a:?} {b:?}");
+            let owner = get(kv.as_ref(), &tab).await.unwrap().unwrap().user_id;
+            assert_eq!(owner, if won[0] { "alice" } else { "bob" });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_proposed_id_counts_against_the_cap_and_a_retired_one_stays_its_owners() {
+        let kv = MemoryKv::new(BucketTtls::default());
+        let (t1, t2, t3) = (id("tab-one"), id("tab-two"), id("tab-three"));
+        claim(&kv, "alice", 2, &t1).await.unwrap();
+        claim(&kv, "alice", 2, &t2).await.unwrap();
+        mark_present(&kv, &t2).await.unwrap();
+        // A third retires the oldest idle one (t1), which stays alice's.
+        claim(&kv, "alice", 2, &t3).await.unwrap();
+        assert!(get(&kv, &t1).await.unwrap().unwrap().retired);
+        assert!(
+            matches!(
+                claim(&kv, "mallory", 2, &t1).await,
+                Err(ClaimError::NotYours)
+            ),
+            "a retired id is not free"
+        );
+        // All connected: neither a new id nor a retired one comes back, and nothing is
+        // bound by the refusal.
+        mark_present(&kv, &t3).await.unwrap();
+        let t4 = id("tab-four");
+        assert!(matches!(
+            claim(&kv, "alice", 2, &t4).await,
+            Err(ClaimError::Create(CreateError::Full(2)))
+        ));
+        assert!(get(&kv, &t4).await.unwrap().is_none(), "t4 stays free");
+        assert!(matches!(
+            claim(&kv, "alice", 2, &t1).await,
+            Err(ClaimError::Create(CreateError::Full(2)))
+        ));
+        // The owner names t1 again once a tab closed: it is active and counted again.
+        mark_absent(&kv, &t2).await.unwrap();
+        let back = claim(&kv, "alice", 2, &t1).await.unwrap();
+        assert!(back.existed && !back.record.retired);
+        assert!(!get(&kv, &t1).await.unwrap().unwrap().retired);
+        assert!(
+            get(&kv, &t2).await.unwrap().unwrap().retired,
+            "t2 made room"
+        );
+        // Server-assigned ids share the cap with proposed ones.
+        mark_absent(&kv, &t3).await.unwrap();
+        create_bounded(&kv, "alice", 2).await.unwrap();
+        assert!(get(&kv, &t3).await.unwrap().unwrap().retired);
     }
 }

@@ -549,19 +549,32 @@ async fn a_client_id_is_resumed_only_by_its_owner() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(error_code(&body), "client_not_yours");
 
-    let unknown = clients::create(o.kv(), "alice").await.unwrap();
-    o.kv()
-        .delete(Bucket::Clients, unknown.as_str())
+    // An id nobody holds is bound to the first user who names it; after that it is
+    // theirs alone.
+    let proposed = "page-chosen-0b9f6a1e3c2d";
+    let resp = o
+        .public
+        .clone()
+        .oneshot(with_peer(bearer(
+            get(&format!("/events?client_id={proposed}")),
+            "tok-alice",
+        )))
         .await
         .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bound = clients::get(o.kv(), &proposed.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("bound on first use");
+    assert_eq!(bound.user_id, "alice");
     let (status, body) = o
         .public(bearer(
-            get(&format!("/events?client_id={unknown}")),
-            "tok-alice",
+            get(&format!("/events?client_id={proposed}")),
+            "tok-mallory",
         ))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert_eq!(error_code(&body), "unknown_client");
+    assert_eq!(error_code(&body), "client_not_yours");
 
     // The owner resumes it: the stream opens (the body is the SSE stream, not read here).
     let resp = o

@@ -188,7 +188,8 @@ async function ridesOutAnOriginRestart(page) {
   await askHarness('kill-origin', 'killed');
   say('origin killed');
   await connectionState(page, 'reconnecting', 15_000);
-  // Keep the origin down until the page has tried again and been refused (502 at the edge).
+  // Keep the origin down until the browser has tried again (the edge answers each retry
+  // with `stream/unavailable`, so EventSource keeps retrying by itself).
   await page.locator('[data-testid="connection-state"][data-state="reconnecting"]:not([data-attempt="1"])')
     .waitFor({ timeout: 15_000 })
     .catch(() => { throw new Failure('the page did not try to reconnect while the origin was down'); });

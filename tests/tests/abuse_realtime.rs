@@ -1,9 +1,9 @@
 //! One user cannot take the realtime path from others (issue 12, "Must show"): streams and
 //! sockets per user are capped (429 / close 4429) while another user is unaffected; stream
 //! opens are rate-limited per user; a user's client ids are bounded (the oldest idle one
-//! goes); replays over the limit start live with `stream/reset` (and a socket's later
-//! subscription follows live frames); and the owner of a run keeps
-//! every `playbook/state` frame while another user (a viewer allowed to read every run)
+//! is retired, never freed for another user); replays over the limit start live with
+//! `stream/reset` (and a socket's later subscription follows live frames); and the owner
+//! of a run keeps every `playbook/state` frame while another user (a viewer allowed to read every run)
 //! subscribes 300 of their own clients to it.
 //!
 //! Each test starts its own stand-in and origin with the quota it exercises set low and the
@@ -171,7 +171,7 @@ async fn stream_opens_are_rate_limited_per_user() {
 }
 
 #[tokio::test]
-async fn a_users_client_ids_are_bounded_and_the_oldest_idle_one_goes() {
+async fn a_users_client_ids_are_bounded_and_the_oldest_idle_one_is_retired() {
     let (standin, origin) = world(&[
         ("USER_MAX_CLIENTS", "3"),
         ("USER_MAX_STREAMS", "0"),
@@ -192,9 +192,14 @@ async fn a_users_client_ids_are_bounded_and_the_oldest_idle_one_goes() {
     // A fourth client replaces the oldest one without a stream (c1), not a connected one.
     let (_s4, c4) = open(&origin, &a, "", None).await;
     let resume = |id: &str| format!("{}/events?client_id={id}", origin.url);
-    let (status, _, body) = events_status(&resume(&c1), &a).await;
+    // c1 is retired, not freed: still a's (another user is refused it), and counted again
+    // only when a's other clients leave room — here all three are connected.
+    let (status, _, body) = events_status(&resume(&c1), &b).await;
     assert_eq!(status, 403, "{body}");
-    assert_eq!(body["error"]["code"], "unknown_client", "{body}");
+    assert_eq!(body["error"]["code"], "client_not_yours", "{body}");
+    let (status, _, body) = events_status(&resume(&c1), &a).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_clients", "{body}");
     for id in [&c2, &c3, &c4] {
         // Each resume replaces the client's stream, then goes away itself.
         let (status, _, body) = events_status(&resume(id), &a).await;

@@ -1,12 +1,16 @@
-//! The demo console in headless Chromium through the edge (issue 5, "Must show").
+//! Pages in headless Chromium through the edge: the demo console (issue 5, "Must show")
+//! and a plain `new EventSource(url)` with no reconnect code of its own (issue 13, "Must
+//! show").
 //!
 //! The whole stack as a user meets it: nats-server, the NoETL stand-in publishing on it,
 //! the origin on NATS (so a restarted origin finds its clients and their frames again),
 //! `wrangler dev` running the release wasm with the page's origin in its CORS allow-list,
 //! and the page's own static server (`tests/fixtures/gateway_ui/serve.mjs`). The browser
-//! part is `tests/browser/console.test.mjs` (playwright-core driving Debian's chromium);
-//! this test starts it and does for it the one thing only the harness can: kill the origin
-//! while `demo/slow` runs and start it again on the same ports.
+//! parts are `tests/browser/console.test.mjs` and `tests/browser/eventsource.test.mjs`
+//! (playwright-core driving Debian's chromium); each test starts one and does for it what
+//! only the harness can, when the script asks on its stdout: kill the origin mid-run and
+//! start it again on the same ports, and post a run's result callback (as NoETL would)
+//! the moment the origin is back.
 //!
 //! Screenshots land in `target/browser/` (`console.png` is the README's image).
 
@@ -15,8 +19,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use gateway_tests::harness::edge::{test_public_key, Edge, EdgeOptions};
+use gateway_tests::harness::flows::http;
 use gateway_tests::harness::nats::NatsServer;
-use gateway_tests::harness::origin::{Origin, OriginOptions};
+use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use gateway_tests::harness::{
     free_port, listener_owned_by, scratch_dir, wait_until_ok, workspace_root, ChildGuard,
@@ -75,8 +80,20 @@ async fn start_ui(
     ui
 }
 
-#[tokio::test]
-async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
+/// The stack a page meets, every part on its own ports; dropped in reverse order.
+struct Stack {
+    origin: Origin,
+    edge: Edge,
+    ui_origin: String,
+    _ui: ChildGuard,
+    _standin: StandIn,
+    _nats: NatsServer,
+    _dir: tempfile::TempDir,
+}
+
+/// nats-server, the stand-in, the origin on NATS, `wrangler dev` allowing the page's
+/// origin, and the page's server.
+async fn stack() -> Stack {
     assert!(
         std::path::Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: run `make setup` (scripts/setup.sh installs Debian's chromium)"
@@ -96,7 +113,7 @@ async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
     })
     .await
     .expect("the stand-in starts");
-    let mut origin = Origin::start(
+    let origin = Origin::start(
         &standin,
         OriginOptions::with_nats(&nats.url).env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key()),
     )
@@ -110,14 +127,49 @@ async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
     )
     .await
     .expect("wrangler dev starts");
-    let _ui = start_ui(ui_port, &edge.url, &standin.url, dir.path()).await;
+    let ui = start_ui(ui_port, &edge.url, &standin.url, dir.path()).await;
     eprintln!("stack up in {:?}; page at {ui_origin}/", t0.elapsed());
+    Stack {
+        origin,
+        edge,
+        ui_origin,
+        _ui: ui,
+        _standin: standin,
+        _nats: nats,
+        _dir: dir,
+    }
+}
 
+/// NoETL's result callback for a run, by hand (the service token), to the origin's
+/// internal listener: the answer's status and `status` field.
+async fn call_back(origin: &Origin, request_id: &str, execution_id: &str) -> String {
+    let r = http()
+        .post(format!(
+            "{}/api/internal/callback/async",
+            origin.internal_url
+        ))
+        .bearer_auth(INTERNAL_TOKEN)
+        .json(&serde_json::json!({
+            "request_id": request_id, "execution_id": execution_id,
+            "status": "success", "data": {"after": "restart"},
+        }))
+        .send()
+        .await
+        .expect("the origin's internal listener answers");
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    format!("{status} {}", body["status"].as_str().unwrap_or("?"))
+}
+
+/// Runs `script` (a file under `tests/browser/`) against the stack's page and answers its
+/// requests (module docs) until it ends; panics with the logs if it fails. The requests it
+/// made, in order.
+async fn run_script(stack: &mut Stack, script: &str) -> Vec<String> {
     let shots = screenshot_dir();
     let mut browser = tokio::process::Command::new(node())
-        .arg(workspace_root().join("tests/browser/console.test.mjs"))
+        .arg(workspace_root().join("tests/browser").join(script))
         .current_dir(workspace_root())
-        .env("UI_URL", format!("{ui_origin}/"))
+        .env("UI_URL", format!("{}/", stack.ui_origin))
         .env("SCREENSHOT_DIR", &shots)
         .env("CHROMIUM", CHROMIUM)
         .stdin(Stdio::piped())
@@ -125,34 +177,61 @@ async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .expect("node runs console.test.mjs");
+        .unwrap_or_else(|e| panic!("node runs {script}: {e}"));
     let mut to_browser = browser.stdin.take().expect("stdin is piped");
     let mut lines = BufReader::new(browser.stdout.take().expect("stdout is piped")).lines();
 
     let deadline = tokio::time::Instant::now() + BROWSER_TIMEOUT;
-    let mut restarted = false;
+    let mut asked = Vec::new();
     loop {
         let line = match tokio::time::timeout_at(deadline, lines.next_line()).await {
-            Err(_) => panic!("the browser script did not finish within {BROWSER_TIMEOUT:?}"),
-            Ok(Err(e)) => panic!("reading the browser script's output: {e}"),
+            Err(_) => panic!("{script} did not finish within {BROWSER_TIMEOUT:?}"),
+            Ok(Err(e)) => panic!("reading {script}'s output: {e}"),
             Ok(Ok(None)) => break,
             Ok(Ok(Some(line))) => line,
         };
-        match line.trim() {
-            "@@ kill-origin" => {
-                origin.kill();
-                to_browser.write_all(b"killed\n").await.unwrap();
+        let Some(request) = line.trim().strip_prefix("@@ ") else {
+            println!("{line}");
+            continue;
+        };
+        let words: Vec<&str> = request.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["kill-origin"] => {
+                stack.origin.kill();
+                "killed".to_owned()
             }
-            "@@ start-origin" => {
-                origin
+            ["start-origin"] => {
+                stack
+                    .origin
                     .start_again()
                     .await
                     .expect("the origin starts again on its ports");
-                restarted = true;
-                to_browser.write_all(b"started\n").await.unwrap();
+                "started".to_owned()
             }
-            _ => println!("{line}"),
-        }
+            ["start-origin-and-call-back", request_id, execution_id] => {
+                stack
+                    .origin
+                    .start_again()
+                    .await
+                    .expect("the origin starts again on its ports");
+                let answered = call_back(&stack.origin, request_id, execution_id).await;
+                format!("started {answered}")
+            }
+            ["restart-origin"] => {
+                stack
+                    .origin
+                    .restart()
+                    .await
+                    .expect("the origin restarts on its ports");
+                "restarted".to_owned()
+            }
+            _ => panic!("{script} asked for something the harness does not do: {line}"),
+        };
+        asked.push(words[0].to_owned());
+        to_browser
+            .write_all(format!("{answer}\n").as_bytes())
+            .await
+            .unwrap();
     }
     let status = tokio::time::timeout_at(deadline, browser.wait())
         .await
@@ -161,25 +240,39 @@ async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
     if !status.success() {
         eprintln!(
             "----- edge (wrangler dev) log -----\n{}",
-            tail(&edge.log_text(), 40)
+            tail(&stack.edge.log_text(), 40)
         );
-        eprintln!("----- origin log -----\n{}", tail(&origin.log_text(), 40));
+        eprintln!(
+            "----- origin log -----\n{}",
+            tail(&stack.origin.log_text(), 40)
+        );
         panic!(
-            "the browser test failed ({status}); see its output above and {}/failure.png",
+            "{script} failed ({status}); see its output above and the screenshots in {}",
             shots.display()
         );
     }
-    assert!(restarted, "the script ran the origin-restart scenario");
+    asked
+}
+
+#[tokio::test]
+async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
+    let t0 = Instant::now();
+    let mut stack = stack().await;
+    let asked = run_script(&mut stack, "console.test.mjs").await;
+    assert!(
+        asked.iter().any(|a| a == "start-origin"),
+        "the script ran the origin-restart scenario: {asked:?}"
+    );
     // The page resumed its client after the restart from the last frame it had seen
     // (`?last_event_id=`), not from the start of the retained stream.
-    let log = origin.log_text();
+    let log = stack.origin.log_text();
     assert!(
         log.lines()
             .any(|l| l.contains("event stream opened") && l.contains("After(")),
         "the page reconnected with last_event_id:\n{}",
         tail(&log, 20)
     );
-    let png = shots.join("console.png");
+    let png = screenshot_dir().join("console.png");
     let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
     assert!(
         size > 10_000,
@@ -189,8 +282,52 @@ async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
     eprintln!(
         "browser test passed in {:?}; screenshots in {}",
         t0.elapsed(),
-        shots.display()
+        screenshot_dir().display()
     );
+}
+
+#[tokio::test]
+async fn a_plain_event_source_gets_the_result_made_across_an_origin_restart_once() {
+    let t0 = Instant::now();
+    let mut stack = stack().await;
+    let asked = run_script(&mut stack, "eventsource.test.mjs").await;
+    assert_eq!(
+        asked
+            .iter()
+            .filter(|a| *a == "start-origin-and-call-back")
+            .count(),
+        2,
+        "both scenarios restarted the origin mid-run: {asked:?}"
+    );
+    // Each reconnect was the browser's own: no client_id in the first scenario's URL, so
+    // the origin resumed the client its Last-Event-ID named, after that frame.
+    let log = without_colours(&stack.origin.log_text());
+    assert!(
+        log.lines().any(|l| l.contains("event stream opened")
+            && l.contains("resumed=true")
+            && l.contains("After(")),
+        "a stream was resumed from Last-Event-ID:\n{}",
+        tail(&log, 20)
+    );
+    eprintln!("native EventSource test passed in {:?}", t0.elapsed());
+}
+
+/// `text` without ANSI colour sequences (`ESC [ … m`), as the origin's log writes fields.
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -260,6 +260,23 @@ async fn sse_through_the_edge_streams_the_init_frame_and_a_result_within_a_secon
         "the result took {elapsed:?} through the edge"
     );
 
+    // A browser's own reconnect through the edge: the same URL (no client_id) and
+    // Last-Event-ID as the stream wrote it — the same client, the result not sent again.
+    let last = sse.last_event_id.clone().expect("frames carry ids");
+    assert!(last.starts_with(&format!("{client_id}.")), "{last}");
+    sse.close();
+    let mut again = SseClient::resume(&format!("{}/events", w.edge.url), Some(&token), Some(&last))
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("the reconnect through the edge was refused: {s} {b}"));
+    let init = again.next(Duration::from_secs(10)).await.expect("init");
+    assert_eq!(
+        client_id_of(&init),
+        client_id,
+        "Last-Event-ID reached the origin"
+    );
+    assert_eq!(init.event_id.as_deref(), Some(last.as_str()));
+
     // A header-less, cookie-less client: a ticket, redeemed once, through the edge.
     let r = http()
         .post(format!("{}/api/events/ticket", w.edge.url))
@@ -822,7 +839,8 @@ async fn an_8_mib_graphql_body_through_the_edge_is_413_json_without_a_stack_trac
 }
 
 #[tokio::test]
-async fn an_origin_that_is_down_gives_502_json_through_the_edge() {
+async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_stream_that_says_retry(
+) {
     // A port nothing listens on: bound, then released.
     let closed = gateway_tests::harness::free_port();
     let edge = Edge::start(
@@ -854,6 +872,46 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge() {
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
         assert_error(status, &v, 502, "origin_unreachable");
     }
+    // `/events` is the exception: EventSource gives up on an error status, so the edge
+    // says "retry" as a stream instead (with CORS, so a cross-origin page reads it).
+    let r = http()
+        .get(format!("{}/events", edge.url))
+        .bearer_auth("a-token-the-edge-has-not-seen")
+        .header("origin", ALLOWED_ORIGIN)
+        .header("last-event-id", "4b1c2e3f-aaaa-bbbb-cccc-0123456789ab.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(r.headers(), "content-type"),
+        Some("text/event-stream")
+    );
+    assert_eq!(
+        header(r.headers(), "access-control-allow-origin"),
+        Some(ALLOWED_ORIGIN)
+    );
+    assert!(header(r.headers(), "x-request-id").is_some());
+    let text = r.text().await.unwrap();
+    let frames: Vec<SseFrame> = text
+        .split("\n\n")
+        .filter_map(gateway_tests::harness::sse::parse_frame)
+        .collect();
+    assert_eq!(frames.len(), 1, "one frame, then the end: {text:?}");
+    assert_eq!(frames[0].event, "stream/unavailable");
+    assert_eq!(frames[0].retry, Some(2000));
+    assert_eq!(
+        frames[0].data["params"]["code"], "origin_unreachable",
+        "{text}"
+    );
+    assert_no_stack_trace(&text);
+    // A refusal that is not passing stays an error status, which makes EventSource stop.
+    let r = http()
+        .get(format!("{}/events", edge.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "no token: EventSource should stop");
 }
 
 /// `{ me }` through the edge with `token`: (status, body).

@@ -1,10 +1,22 @@
 //! `GET /events` — the SSE stream of a client (PROTOCOL.md §3) — and
 //! `POST /api/events/ticket` for clients that cannot send headers or cookies.
 //!
-//! A connection: authenticate (session token or a single-use ticket) → bind or resume the
-//! client id (only its owner may resume it) → subscribe to the client's frames on the
-//! [`Bus`], replaying after `Last-Event-ID` → write `retry:` and the init
-//! frame, then frames as they come, a `ping` frame and `:` keep-alive comments.
+//! A connection: authenticate (session token or a single-use ticket) → decide which client
+//! it is for (`Plan`) → bind or resume the client id (`clients::claim`: only its owner may
+//! resume it) → subscribe to the client's frames on the [`Bus`], replaying after
+//! `Last-Event-ID` → write `retry:` and the init frame, then frames as they come, a `ping`
+//! frame and `:` keep-alive comments.
+//!
+//! **A browser's own EventSource is enough.** It reconnects by itself to the *same URL*
+//! with `Last-Event-ID`, so everything a resume needs is in those two: every frame's `id:`
+//! is `<client_id>.<n>` ([`EventId`]; the init frame's says where the stream starts), and a
+//! request without `client_id` resumes the client its `Last-Event-ID` names — when the
+//! store says the caller owns it; a name that is another user's, unknown, or not a client
+//! id at all gets a new client and `stream/reset`, never someone else's frames. A page may
+//! also name a client id of its own choosing: one nobody holds is bound to the caller on
+//! first use. And a passing failure (503 and friends) is answered as a 200 stream that
+//! says `stream/unavailable` and ends, because EventSource gives up on an error status
+//! but retries after a stream that ends.
 //!
 //! Each connection has a bounded queue between the bus and the socket. A reader too slow to
 //! keep up overflows it; the stream then ends with `stream/evicted` and the client
@@ -46,7 +58,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use futures::StreamExt;
-use gateway_shared::frames::{event, init_message, notification, sse_frame};
+use gateway_shared::frames::{
+    answers_as_unavailable_stream, event, init_message, notification, sse_frame,
+    unavailable_stream, EventId, LastEventId, RETRY_MS,
+};
 use gateway_shared::ids::ClientId;
 use gateway_shared::session::{SessionHash, User};
 use serde_json::json;
@@ -63,8 +78,6 @@ use crate::hub::Hub;
 use crate::quotas::{RealtimeQuotas, StreamSlot};
 use crate::store::{Bucket, KvStore};
 
-/// The `retry:` sent with the first frame: EventSource waits this long to reconnect.
-const RETRY_MS: u32 = 2000;
 /// Lifetime of an SSE ticket.
 const TICKET_TTL: Duration = Duration::from_secs(30);
 
@@ -236,19 +249,114 @@ async fn authenticate(
     }
 }
 
-/// `Last-Event-ID` from the header or `?last_event_id=`; junk is ignored (a fresh start is
-/// safe: `Retained` replays what the bus still has).
-fn last_event_id(parts: &Parts, q: &EventsQuery) -> Option<u64> {
+/// `Last-Event-ID` from the header or `?last_event_id=` ([`EventId::parse`]); junk is no
+/// position at all.
+fn last_event_id(parts: &Parts, q: &EventsQuery) -> Option<LastEventId> {
     parts
         .headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| q.last_event_id.clone())
-        .and_then(|v| v.trim().parse().ok())
+        .and_then(|v| EventId::parse(&v))
 }
 
+/// Which client a stream is for and where it starts (PROTOCOL §3) — decided from the
+/// query and `Last-Event-ID` alone, once the one fact that needs the store is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Plan {
+    /// A named client — `?client_id=`, or the client a `Last-Event-ID` names when it is
+    /// the caller's — resumed (or, for a `client_id` nobody holds, bound to the caller).
+    Named {
+        /// The client.
+        id: ClientId,
+        /// Where its stream starts.
+        start: StartAt,
+    },
+    /// A new client with a server-assigned id. `reset`: the request carried a position
+    /// that cannot be resumed (a `Last-Event-ID` naming no client of the caller's, or a
+    /// bare number without `client_id`), so the stream says `stream/reset` first.
+    Fresh {
+        /// Send `stream/reset` after the init frame.
+        reset: bool,
+    },
+}
+
+/// Where a named client's stream starts, given the position the request carried: a
+/// position of this client (`<id>.<n>`, `0`: none of its frames seen yet), or a bare
+/// number (the old id form, read as this client's); a position of another client is no
+/// position (everything retained, as for no `Last-Event-ID`).
+fn start_for(id: &ClientId, last: Option<&LastEventId>) -> StartAt {
+    match last {
+        Some(LastEventId::Client(e)) if e.client == *id && e.seq > 0 => StartAt::After(e.seq),
+        Some(LastEventId::Bare(n)) => StartAt::After(*n),
+        _ => StartAt::Retained,
+    }
+}
+
+/// The [`Plan`] for a request. `owns_named_by_last` answers whether the client that
+/// `last` names belongs to the caller (asked only when there is no `client_id`).
+fn plan(named: Option<ClientId>, last: Option<LastEventId>, owns_named_by_last: bool) -> Plan {
+    match (named, last) {
+        (Some(id), last) => Plan::Named {
+            start: start_for(&id, last.as_ref()),
+            id,
+        },
+        (None, Some(LastEventId::Client(e))) if owns_named_by_last => Plan::Named {
+            start: start_for(&e.client, Some(&LastEventId::Client(e.clone()))),
+            id: e.client,
+        },
+        (None, Some(_)) => Plan::Fresh { reset: true },
+        (None, None) => Plan::Fresh { reset: false },
+    }
+}
+
+/// The init frame's `id:`: the position the stream starts after when it is one frame id
+/// (an exact resume, and a resume held to live frames by the replay rate: nothing before
+/// it is owed again), else `<id>.0` (everything retained). A reconnect before any other
+/// frame then asks for exactly what this connection would have delivered.
+fn init_event_id(client: &ClientId, requested: StartAt, reset: bool) -> String {
+    let seq = match requested {
+        StartAt::After(n) if !reset => n,
+        _ => 0,
+    };
+    EventId::format(client, seq)
+}
+
+/// `GET /events`. A passing failure (502, 503, 504: the store or the bus away, the
+/// revocation set not current) is answered as a stream that says so and ends
+/// ([`unavailable_stream`]), so a browser's EventSource retries by itself rather than
+/// giving up; every other refusal is the JSON error with its status.
 async fn events(State(state): State<EventsState>, req: Request) -> Result<Response, AppError> {
+    match open_stream(state, req).await {
+        Err(e) if answers_as_unavailable_stream(e.status().as_u16()) => {
+            tracing::warn!(code = e.code(), error = %e, "event stream not opened; the client is told to retry");
+            Ok(event_stream_response(Body::from(unavailable_stream(
+                e.code(),
+                "the event stream cannot be opened right now; reconnect",
+            ))))
+        }
+        other => other,
+    }
+}
+
+/// `200 text/event-stream`, not cached or buffered on the way, around `body`.
+fn event_stream_response(body: Body) -> Response {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+async fn open_stream(state: EventsState, req: Request) -> Result<Response, AppError> {
     let (parts, _) = req.into_parts();
     let q = parse_query(parts.uri.query())?;
     let owner = authenticate(&state, &parts, &q).await?;
@@ -260,8 +368,18 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         })?),
         None => None,
     };
+    let last = last_event_id(&parts, &q);
+    // A browser's own reconnect repeats the URL: without `client_id`, the client is the
+    // one its `Last-Event-ID` names — if the caller owns it. A name alone proves nothing.
+    let owns_named_by_last = match (&named, &last) {
+        (None, Some(LastEventId::Client(e))) => clients::get(kv, &e.client)
+            .await?
+            .is_some_and(|r| r.user_id == user.user_id),
+        _ => false,
+    };
+    let plan = plan(named, last, owns_named_by_last);
     // A reconnect of a client streaming here replaces that stream: it may go one over.
-    let replacing = named.as_ref().is_some_and(|id| state.hub.is_connected(id));
+    let replacing = matches!(&plan, Plan::Named { id, .. } if state.hub.is_connected(id));
     let slot = state
         .quotas
         .admit(&user.user_id, replacing)
@@ -270,43 +388,31 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
             refused.into_error()
         })?;
 
-    let (client_id, record) = match named {
-        Some(id) => match clients::get(kv, &id).await? {
-            Some(r) if r.user_id == user.user_id => (id, r),
-            Some(_) => {
-                tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
-                return Err(AppError::forbidden(
-                    "client_not_yours",
-                    "this client id belongs to another session",
-                ));
-            }
-            None => {
-                return Err(AppError::forbidden(
-                    "unknown_client",
-                    "this client id is unknown or expired",
-                ))
-            }
-        },
-        None => {
+    let (client_id, record, requested, resumed, fresh_reset) = match plan {
+        Plan::Named { id, start } => {
+            let claimed = clients::claim(kv, &user.user_id, state.quotas.max_clients, &id)
+                .await
+                .inspect_err(|e| {
+                    if matches!(e, clients::ClaimError::NotYours) {
+                        tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
+                    }
+                })?;
+            (id, claimed.record, start, claimed.existed, false)
+        }
+        Plan::Fresh { reset } => {
             let id = clients::create_bounded(kv, &user.user_id, state.quotas.max_clients).await?;
-            (
-                id,
-                clients::ClientRecord {
-                    user_id: user.user_id.clone(),
-                    pending: Vec::new(),
-                },
-            )
+            let record = clients::ClientRecord::new(&user.user_id);
+            (id, record, StartAt::Retained, false, reset)
         }
     };
-    let start = last_event_id(&parts, &q).map_or(StartAt::Retained, StartAt::After);
-    // A named client may have up to FRAME_RETENTION_PER_CLIENT frames to replay; a new one
-    // has none, so only resumes count.
-    let replay_limited = q.client_id.is_some() && !state.quotas.may_replay(&user.user_id);
+    // A resumed client may have up to FRAME_RETENTION_PER_CLIENT frames to replay; a new
+    // one has none, so only resumes count.
+    let replay_limited = resumed && !state.quotas.may_replay(&user.user_id);
     let start = if replay_limited {
         tracing::info!(client = %client_id, user = %user.user_id, "replay rate exceeded: starting at live frames");
         StartAt::Live
     } else {
-        start
+        requested
     };
     let sub = state
         .bus
@@ -319,10 +425,11 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
     if let Err(e) = clients::mark_present(kv, &client_id).await {
         tracing::warn!(error = %e, "presence not recorded");
     }
-    tracing::info!(client = %client_id, user = %user.user_id, ?start, reset = sub.reset, "event stream opened");
+    tracing::info!(client = %client_id, user = %user.user_id, ?start, reset = sub.reset, resumed, "event stream opened");
 
+    let init_id = init_event_id(&client_id, requested, sub.reset);
     let mut first = sse_frame(
-        None,
+        Some(&init_id),
         event::MESSAGE,
         &init_message(
             client_id.as_str(),
@@ -335,6 +442,8 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         Some("too many replays for this user; frames before now were not replayed")
     } else if sub.reset {
         Some("last_event_id is older than the retained frames")
+    } else if fresh_reset {
+        Some("last_event_id names no client of this session; this is a new client")
     } else {
         None
     };
@@ -358,18 +467,7 @@ async fn events(State(state): State<EventsState>, req: Request) -> Result<Respon
         session,
         slot,
     );
-    let mut resp = Response::new(Body::new(body));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, no-transform"),
-    );
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(resp)
+    Ok(event_stream_response(Body::new(body)))
 }
 
 /// The response body: frames from the bus written as they come, `ping` frames and `:`
@@ -541,7 +639,11 @@ impl http_body::Body for SseBody {
         }
         match this.frames.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(f))) => {
-                let prefix = format!("id: {}\nevent: {}\ndata: ", f.id, f.event);
+                // The id is `EventId::format(client, id)`, written in place.
+                let prefix = format!(
+                    "id: {}.{}\nevent: {}\ndata: ",
+                    this.client_id, f.id, f.event
+                );
                 this.queued = [Some(f.data), Some(Bytes::from_static(b"\n\n"))];
                 return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(prefix)))));
             }
@@ -629,5 +731,87 @@ mod tests {
         assert!(parse_query(Some("client_id=%FF%FE")).is_err());
         assert_eq!(parse_query(None).unwrap(), EventsQuery::default());
         assert!(parse_query(Some("&&=&a")).is_ok());
+    }
+
+    fn cid(s: &str) -> ClientId {
+        ClientId::parse(s).unwrap()
+    }
+
+    fn at(client: &str, seq: u64) -> Option<LastEventId> {
+        Some(LastEventId::Client(EventId {
+            client: cid(client),
+            seq,
+        }))
+    }
+
+    #[test]
+    fn a_last_event_id_without_client_id_resumes_its_client_only_for_its_owner() {
+        let resumed = Plan::Named {
+            id: cid("c1"),
+            start: StartAt::After(7),
+        };
+        assert_eq!(plan(None, at("c1", 7), true), resumed);
+        assert_eq!(
+            plan(None, at("c1", 7), false),
+            Plan::Fresh { reset: true },
+            "not the caller's (another user's, or unknown): a new client, told so"
+        );
+        assert_eq!(
+            plan(None, at("c1", 0), true),
+            Plan::Named {
+                id: cid("c1"),
+                start: StartAt::Retained
+            },
+            "no frame seen yet: everything retained"
+        );
+        assert_eq!(
+            plan(None, Some(LastEventId::Bare(7)), true),
+            Plan::Fresh { reset: true },
+            "a bare number names no client"
+        );
+        assert_eq!(plan(None, None, false), Plan::Fresh { reset: false });
+    }
+
+    #[test]
+    fn a_named_client_starts_after_its_own_position_only() {
+        let named = |last| plan(Some(cid("c1")), last, false);
+        assert_eq!(
+            named(at("c1", 9)),
+            Plan::Named {
+                id: cid("c1"),
+                start: StartAt::After(9)
+            }
+        );
+        assert_eq!(
+            named(Some(LastEventId::Bare(9))),
+            Plan::Named {
+                id: cid("c1"),
+                start: StartAt::After(9)
+            },
+            "the old bare form, with client_id, as before"
+        );
+        for other in [at("c2", 9), at("c1", 0), None] {
+            assert_eq!(
+                named(other.clone()),
+                Plan::Named {
+                    id: cid("c1"),
+                    start: StartAt::Retained
+                },
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_init_frame_id_is_where_a_reconnect_must_start_again() {
+        let c = cid("c1");
+        assert_eq!(init_event_id(&c, StartAt::After(5), false), "c1.5");
+        assert_eq!(init_event_id(&c, StartAt::After(5), true), "c1.0");
+        assert_eq!(init_event_id(&c, StartAt::Retained, false), "c1.0");
+        // What the init frame says is read back as the same start.
+        for (requested, reset) in [(StartAt::After(5), false), (StartAt::Retained, false)] {
+            let back = EventId::parse(&init_event_id(&c, requested, reset));
+            assert_eq!(start_for(&c, back.as_ref()), requested);
+        }
     }
 }

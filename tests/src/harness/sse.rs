@@ -9,8 +9,11 @@ use tokio::sync::mpsc;
 /// One parsed SSE frame.
 #[derive(Debug, Clone)]
 pub struct SseFrame {
-    /// `id:`, if the frame had one.
+    /// The frame's position: the number of its `id:` (`<client_id>.<n>`, or a bare `<n>`),
+    /// if the frame had one.
     pub id: Option<u64>,
+    /// `id:` as written (what a browser sends back as `Last-Event-ID`).
+    pub event_id: Option<String>,
     /// `event:` (default `message`).
     pub event: String,
     /// `data:` parsed as JSON (`Null` if it was not JSON).
@@ -27,13 +30,16 @@ pub struct SseClient {
     pub status: u16,
     /// The response headers (which HTTP path wrote the response shows in them).
     pub headers: reqwest::header::HeaderMap,
-    /// The highest frame id seen so far (what a browser sends as `Last-Event-ID`).
+    /// The highest frame position seen so far.
     pub last_id: Option<u64>,
+    /// The `id:` of the last frame that had one, as written: what a browser's
+    /// EventSource sends as `Last-Event-ID` when it reconnects.
+    pub last_event_id: Option<String>,
 }
 
 /// Parses one frame block (the text between blank lines); `None` for comments only.
 pub fn parse_frame(block: &str) -> Option<SseFrame> {
-    let (mut id, mut event, mut data, mut retry) =
+    let (mut event_id, mut event, mut data, mut retry) =
         (None, String::from("message"), String::new(), None);
     let mut any = false;
     for line in block.lines() {
@@ -46,7 +52,7 @@ pub fn parse_frame(block: &str) -> Option<SseFrame> {
             .unwrap_or((line, ""));
         any = true;
         match field {
-            "id" => id = value.parse().ok(),
+            "id" => event_id = Some(value.to_owned()),
             "event" => event = value.to_owned(),
             "data" => {
                 if !data.is_empty() {
@@ -58,8 +64,12 @@ pub fn parse_frame(block: &str) -> Option<SseFrame> {
             _ => {}
         }
     }
+    let id = event_id
+        .as_deref()
+        .and_then(|v: &str| v.rsplit_once('.').map_or(v, |(_, seq)| seq).parse().ok());
     any.then(|| SseFrame {
         id,
+        event_id,
         event,
         data: serde_json::from_str(&data).unwrap_or(Value::Null),
         retry,
@@ -67,12 +77,24 @@ pub fn parse_frame(block: &str) -> Option<SseFrame> {
 }
 
 impl SseClient {
-    /// Opens `url` (with the query already in it) with optional bearer token and
-    /// `Last-Event-ID`. A non-200 answer is returned with its body as a JSON value.
+    /// Opens `url` (with the query already in it) with optional bearer token and a bare
+    /// numeric `Last-Event-ID` (resumed only with `?client_id=`). A non-200 answer is
+    /// returned with its body as a JSON value.
     pub async fn connect(
         url: &str,
         token: Option<&str>,
         last_event_id: Option<u64>,
+    ) -> anyhow::Result<Result<SseClient, (u16, Value)>> {
+        Self::resume(url, token, last_event_id.map(|n| n.to_string()).as_deref()).await
+    }
+
+    /// Opens `url` as a browser's EventSource reconnects: the same URL, and
+    /// `Last-Event-ID` exactly as the last frame's `id:` said (see
+    /// [`SseClient::last_event_id`]).
+    pub async fn resume(
+        url: &str,
+        token: Option<&str>,
+        last_event_id: Option<&str>,
     ) -> anyhow::Result<Result<SseClient, (u16, Value)>> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -82,7 +104,7 @@ impl SseClient {
             req = req.bearer_auth(t);
         }
         if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id.to_string());
+            req = req.header("last-event-id", id);
         }
         let resp = req.send().await?;
         let status = resp.status().as_u16();
@@ -116,6 +138,7 @@ impl SseClient {
             status,
             headers,
             last_id: None,
+            last_event_id: None,
         }))
     }
 
@@ -127,6 +150,9 @@ impl SseClient {
             .flatten()?;
         if let Some(id) = f.id {
             self.last_id = Some(self.last_id.map_or(id, |l| l.max(id)));
+        }
+        if let Some(raw) = &f.event_id {
+            self.last_event_id = Some(raw.clone());
         }
         Some(f)
     }
