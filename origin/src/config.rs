@@ -328,7 +328,7 @@ pub struct Config {
     #[arg(long, env = "NOETL_EVENTS_SUBJECT", default_value = "noetl.events.>")]
     pub noetl_events_subject: String,
 
-    /// The bridge's durable consumer (and core queue group): the same on every replica.
+    /// The bridge's durable consumer: the same on every replica.
     #[arg(long, env = "BRIDGE_CONSUMER", default_value = "gateway-bridge")]
     pub bridge_consumer: String,
 
@@ -350,11 +350,10 @@ pub struct Config {
     #[arg(long, env = "BRIDGE_CONCURRENCY", default_value_t = 32)]
     pub bridge_concurrency: usize,
 
-    /// How long the shared durable consumer waits for a replica's ack before redelivering
-    /// (how soon another replica handles the events a dead one held). Raised to at least one
-    /// worst-case NoETL status confirmation (`NOETL_TIMEOUT` × (1 + `NOETL_RETRIES`) + 5 s).
-    /// Applied when the consumer is created.
-    #[arg(long, env = "BRIDGE_ACK_WAIT", value_parser = parse_duration, default_value = "30s")]
+    /// How long the shared durable consumer waits for the reader's ack before redelivering
+    /// (how soon the next reader handles the events a dead one held; the live reader
+    /// recognises its own redelivered messages). Applied when the consumer is created.
+    #[arg(long, env = "BRIDGE_ACK_WAIT", value_parser = parse_duration, default_value = "5s")]
     pub bridge_ack_wait: Duration,
 
     /// HTTP fallback (no event stream): the shortest interval between two reads of a
@@ -364,13 +363,13 @@ pub struct Config {
 
     /// HTTP fallback: the longest interval between reads, reached by backing off while a
     /// run is quiet (at most a third of `BRIDGE_LEASE_TTL`).
-    #[arg(long, env = "BRIDGE_POLL_MAX_INTERVAL", value_parser = parse_duration, default_value = "3s")]
+    #[arg(long, env = "BRIDGE_POLL_MAX_INTERVAL", value_parser = parse_duration, default_value = "2s")]
     pub bridge_poll_max_interval: Duration,
 
     /// How long a bridge lease lasts without renewal: the durable reader's (one replica
     /// reads NoETL's stream at a time, so each run's events stay in order) and the HTTP
     /// fallback's per run — how soon another replica takes over from one that died.
-    #[arg(long, env = "BRIDGE_LEASE_TTL", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "BRIDGE_LEASE_TTL", value_parser = parse_duration, default_value = "6s")]
     pub bridge_lease_ttl: Duration,
 
     /// HTTP fallback: most executions one replica follows at once.

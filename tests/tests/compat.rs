@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use gateway_tests::harness::flows::{
-    client_id_of, graphql, login, nats_stack_with, open_events, run_playbook,
+    client_id_of, get_json, graphql, login, nats_stack_with, open_events, run_playbook,
 };
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::Origin;
@@ -271,4 +271,68 @@ async fn the_noetl_4x_event_mirror_gives_the_same_spa_flow() {
 #[tokio::test]
 async fn a_noetl_without_events_gives_the_same_spa_flow_over_http() {
     check(EventShape::None, [3, 1, 1, 1, 4]).await;
+}
+
+/// Reads of NoETL's execution record (all runs) and status calls, as the stand-in counted.
+async fn record_reads(standin: &StandIn) -> (u64, u64) {
+    let calls = get_json(&format!("{}/_standin/calls", standin.url)).await;
+    let n = |k: &str| calls[k].as_u64().unwrap_or(0);
+    (
+        n("GET /api/executions/{id}"),
+        n("GET /api/executions/{id}/status"),
+    )
+}
+
+#[tokio::test]
+async fn the_fallback_reads_a_run_within_its_rate_bound_and_stops_at_the_terminal_status() {
+    const INTERVAL: Duration = Duration::from_millis(200);
+    let (_nats, standin, origins) = nats_stack_with(
+        1,
+        StandInOptions {
+            event_shape: Some(EventShape::None),
+            ..Default::default()
+        },
+        &[
+            ("BRIDGE_POLL_INTERVAL", "200ms"),
+            ("BRIDGE_POLL_MAX_INTERVAL", "600ms"),
+            ("BRIDGE_LEASE_TTL", "3s"),
+        ],
+    )
+    .await;
+    let a = &origins[0];
+    let token = login(&a.url, &standin, "fallback@example.com").await;
+    let (mut sse, init) = open_events(&format!("{}/events", a.url), &token, None, WAIT).await;
+    let client_id = client_id_of(&init);
+    let before = record_reads(&standin).await;
+    let started = std::time::Instant::now();
+    let id = run_playbook(
+        &a.url,
+        &token,
+        "demo/slow",
+        json!({"seconds": 3}),
+        Some(&client_id),
+    )
+    .await;
+    let frames = sse
+        .collect_until(WAIT, |fs| fs.iter().any(is_terminal))
+        .await;
+    let followed = started.elapsed();
+    assert_well_formed(&frames, &id);
+    let during = record_reads(&standin).await;
+    let reads = during.0 - before.0;
+    let bound = (followed.as_secs_f64() / INTERVAL.as_secs_f64()).ceil() as u64 + 1;
+    eprintln!(
+        "followed {id} for {followed:?}: {reads} record reads ({:.2}/s; bound {bound} = one per {INTERVAL:?}), {} status reads",
+        reads as f64 / followed.as_secs_f64(),
+        during.1 - before.1
+    );
+    assert!(reads >= 3, "the run was read while it ran: {reads}");
+    assert!(
+        reads <= bound,
+        "{reads} reads in {followed:?} exceed one per {INTERVAL:?} ({bound})"
+    );
+    // Ended: nobody reads the record any more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = record_reads(&standin).await;
+    assert_eq!(after.0, during.0, "reading stopped at the terminal status");
 }

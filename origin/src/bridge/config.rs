@@ -21,8 +21,8 @@ pub struct BridgeConfig {
     /// The subjects to read (`noetl.events.>`); must end in `.>`. Its prefix is what both
     /// subject shapes are parsed under.
     pub subject: String,
-    /// The durable consumer's name, also the core queue group (`gateway-bridge`). Every
-    /// replica must use the same one, or each replica gets every event.
+    /// The durable consumer's name (`gateway-bridge`). Every replica must use the same
+    /// one, or each replica gets every event.
     pub consumer: String,
     /// Event types forwarded, normalised names (default [`policy::DEFAULT_FORWARD`]).
     pub forward: Vec<String>,
@@ -35,9 +35,11 @@ pub struct BridgeConfig {
     /// Delay before an event is retried (NAK delay; ×4 for store, bus and NoETL
     /// failures). Default 500 ms, about NoETL's burst interval.
     pub retry_delay: Duration,
-    /// JetStream ack wait: an un-acked message is redelivered after this (a replica that
-    /// died mid-event). Must exceed one event's handling, including NoETL's timeout.
-    /// Default 30 s.
+    /// JetStream ack wait: an un-acked message is redelivered after this — how soon the
+    /// next reader gets the events a reader that died had pulled (default 5 s). A message
+    /// still queued or being handled on the live reader when it comes back is recognised
+    /// by its stream sequence and left to the copy in hand (`pool`), so a short wait costs
+    /// a redelivery, never a second handling.
     pub ack_wait: Duration,
     /// JetStream max un-acked messages across all replicas (default 10 000; see the
     /// module docs for sizing). Only applied when the consumer is created.
@@ -58,9 +60,9 @@ pub struct BridgeConfig {
     /// after a NoETL event on NATS names the execution.
     pub poll_interval: Duration,
     /// HTTP fallback: the longest interval, reached by backing off (×1.5 per read without
-    /// news; default 3 s, at most a third of `lease_ttl`).
+    /// news; default 2 s, at most a third of `lease_ttl`).
     pub poll_max_interval: Duration,
-    /// How long a replica's lease lasts without renewal (default 10 s): the durable
+    /// How long a replica's lease lasts without renewal (default 6 s): the durable
     /// reader's (one replica reads at a time) and the HTTP fallback's per execution — the
     /// longest either goes unread after its replica died.
     pub lease_ttl: Duration,
@@ -85,13 +87,13 @@ impl Default for BridgeConfig {
             max_interest_wait: Duration::from_secs(10),
             max_confirm_wait: Duration::from_secs(30),
             retry_delay: Duration::from_millis(500),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(5),
             max_ack_pending: 10_000,
             batch: 32,
             concurrency: 32,
             poll_interval: Duration::from_millis(250),
-            poll_max_interval: Duration::from_secs(3),
-            lease_ttl: Duration::from_secs(10),
+            poll_max_interval: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(6),
             poll_max_followed: 1000,
             poll_max_follow: Duration::from_secs(3600),
         }
@@ -100,12 +102,8 @@ impl Default for BridgeConfig {
 
 impl BridgeConfig {
     /// The bridge's settings from the origin's configuration (the rest keep the defaults).
-    /// The ack wait is raised above one worst-case NoETL confirmation (timeout × attempts)
-    /// if needed, so a replica still confirming a status is not mistaken for a dead one.
     pub fn from_config(config: &Config) -> Self {
         let defaults = Self::default();
-        let worst_confirm =
-            config.noetl_timeout * (config.noetl_retries + 1) + Duration::from_secs(5);
         Self {
             streams: config
                 .noetl_events_stream
@@ -123,7 +121,7 @@ impl BridgeConfig {
                 .collect(),
             max_interest_wait: config.bridge_max_interest_wait,
             concurrency: config.bridge_concurrency,
-            ack_wait: config.bridge_ack_wait.max(worst_confirm),
+            ack_wait: config.bridge_ack_wait,
             poll_interval: config.bridge_poll_interval,
             poll_max_interval: config.bridge_poll_max_interval,
             lease_ttl: config.bridge_lease_ttl,
@@ -219,18 +217,14 @@ mod tests {
     }
 
     #[test]
-    fn the_origin_flags_fill_it_and_the_ack_wait_outlasts_a_worst_case_confirmation() {
+    fn the_origin_flags_fill_it() {
         use clap::Parser;
         let c = Config::try_parse_from(REQUIRED_FLAGS).expect("flags parse");
-        // NoETL 10 s × (2 retries + 1) + 5 s is above the 30 s default.
-        assert_eq!(
-            BridgeConfig::from_config(&c).ack_wait,
-            Duration::from_secs(35)
-        );
+        assert_eq!(BridgeConfig::from_config(&c), BridgeConfig::default());
         let mut args = REQUIRED_FLAGS.to_vec();
         args.extend([
-            "--noetl-timeout",
-            "1s",
+            "--bridge-ack-wait",
+            "2s",
             "--bridge-forward",
             " step.failed , ,playbook.failed",
             "--bridge-consumer",
@@ -239,11 +233,7 @@ mod tests {
         let b = BridgeConfig::from_config(&Config::try_parse_from(args).expect("flags parse"));
         assert_eq!(b.forward, ["step.failed", "playbook.failed"]);
         assert_eq!(b.consumer, "gw-b");
-        assert_eq!(
-            b.ack_wait,
-            Duration::from_secs(30),
-            "the default when above"
-        );
+        assert_eq!(b.ack_wait, Duration::from_secs(2));
         b.validate().expect("valid");
     }
 

@@ -61,8 +61,7 @@ pub(super) struct Handler {
 }
 
 impl Handler {
-    /// The handler for `config`, retrying as a durable consumer does (see
-    /// [`without_durable_retries`](Self::without_durable_retries) for core mode).
+    /// The handler for `config`.
     pub(super) fn new(
         kv: Arc<dyn KvStore>,
         bus: Arc<dyn Bus>,

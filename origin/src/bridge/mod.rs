@@ -29,10 +29,10 @@
 //!
 //! ## Decisions
 //! - **One durable pull consumer shared by every replica** (`gateway-bridge` on the
-//!   stream, explicit acks). JetStream hands each message to one puller, so an
-//!   event is handled once across N replicas, and the consumer's ack floor lives in NATS,
-//!   so events published while every origin is down are delivered when one comes back.
-//!   A push consumer or a per-replica consumer would give neither. The consumer starts at
+//!   stream, explicit acks), read by one of them at a time (below). The consumer's ack
+//!   floor lives in NATS, so an event is handled once across N replicas and events
+//!   published while every origin is down are delivered when one comes back. A push
+//!   consumer or a per-replica consumer would give neither. The consumer starts at
 //!   *new* messages when it is first created (deliver policy `New`): a first deployment
 //!   must not replay 24 h of history that no client can be interested in; from then on it
 //!   is durable and nothing is skipped. Deleting the consumer resets that point.
@@ -91,10 +91,21 @@
 //!   keeps the rest). Hashing to a fixed pool rather than a free pool with per-execution
 //!   locks keeps one FIFO per execution without a lock table; the cost is head-of-line
 //!   blocking: executions that share a slow worker (a NoETL status call timing out) wait
-//!   for it, and once its queue is full everyone does. Across replicas two events of one
-//!   execution can be forwarded concurrently; frames carry `at`.
-//! - **Shutdown.** The reader stops first (drops its pull subscription, or unsubscribes
-//!   from the queue group), then each worker finishes the event in hand (acked or NAKed as
+//!   for it, and once its queue is full everyone does.
+//! - **One reader at a time, across replicas.** Were every replica pulling, two events of
+//!   one execution could be handled at once on two replicas (a `step.exit` overtaking
+//!   `playbook.started`, a 4.x `step.exit` passing the `call.error` before it), and no
+//!   replica can know that an earlier event of the run is in flight elsewhere: the Rust
+//!   shape's subject does not even name the execution. So the replica holding the K/V
+//!   reader lease (`bridge.reader`, `lease_ttl`, renewed every third of it) is the only one
+//!   pulling; the others stand by and take the lease when it runs out (a reader that died)
+//!   or is released (a reader that stopped), and the new reader gets the old one's un-acked
+//!   events first (redelivered in stream order after `ack_wait`, 5 s). The cost is that one
+//!   replica's workers carry every event (figure 4 in docs/BENCHMARKS.md is that replica);
+//!   a lost renewal (a partitioned reader) ends its term: it stops pulling and NAKs what it
+//!   queued before another replica reads.
+//! - **Shutdown.** The reader stops first (drops its pull subscription and releases the
+//!   reader lease), then each worker finishes the event in hand (acked or NAKed as
 //!   usual) and gives back what is still queued: NAKed, never acked, so another replica
 //!   gets it at once — delayed past any retry when an earlier event of its execution is
 //!   waiting for a redelivery, so it comes back behind that one. Messages the NATS client

@@ -648,10 +648,10 @@ pub fn retry_delay(reason: RetryReason, base: Duration) -> Duration {
 /// later one is parked behind it. Redeliveries come back in stream order (the server
 /// sorts them and serves them before new messages), so the queue drains in order.
 ///
-/// A parked entry is forgotten once it is overdue (its redelivery went to another replica,
-/// or the shell dropped it), so a lost entry delays its successors by at most that long.
-/// Across replicas order is not guaranteed: two replicas may forward two events of one
-/// execution concurrently; frames carry `at` for clients that need to sort.
+/// A parked entry is forgotten once it is overdue (its redelivery went to another replica
+/// after a change of reader, or the shell dropped it), so a lost entry delays its
+/// successors by at most that long. Across replicas the order holds because one replica
+/// reads at a time (the reader lease, `source`).
 #[derive(Debug, Default)]
 pub struct OrderGuard {
     parked: HashMap<ExecutionId, BTreeMap<u64, Instant>>,

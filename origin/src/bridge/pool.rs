@@ -2,7 +2,8 @@
 //! durable reader hands [`Job`]s to — every event of one execution to the same worker (so
 //! they are handled in delivery order), different executions in parallel.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_nats::jetstream;
@@ -31,11 +32,58 @@ pub(super) struct Job {
     key: String,
     /// When NATS stored it: what its age is measured from.
     stored: SystemTime,
+    /// Its place among the messages this reader holds (released when the job is dropped).
+    _held: Held,
+}
+
+/// The stream sequences of the messages the reader holds — queued for a worker or being
+/// handled. The ack wait is short (a dead reader's messages must come back soon), so a
+/// message that waits behind a slow one can be redelivered while still in hand: that copy
+/// is recognised here and dropped unacked, and the one in hand acks (or NAKs) it.
+#[derive(Clone, Default)]
+pub(super) struct InFlight(Arc<Mutex<HashSet<u64>>>);
+
+impl InFlight {
+    /// Holds `seq`; `None` if it is already held.
+    fn hold(&self, seq: u64) -> Option<Held> {
+        let fresh = self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(seq);
+        fresh.then(|| Held {
+            set: self.clone(),
+            seq,
+        })
+    }
+
+    /// How many messages are held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// One held stream sequence; dropping it releases it.
+struct Held {
+    set: InFlight,
+    seq: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.set
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.seq);
+    }
 }
 
 impl Job {
-    /// A JetStream message as a job; `None` (logged) if it has no ack metadata.
-    pub(super) fn durable(msg: jetstream::Message, handler: &Handler) -> Option<Self> {
+    /// A JetStream message as a job; `None` (logged) if it has no ack metadata, or if it is
+    /// a redelivery of a message this reader still holds.
+    pub(super) fn durable(
+        msg: jetstream::Message,
+        handler: &Handler,
+        in_flight: &InFlight,
+    ) -> Option<Self> {
         let (seq, published) = match msg.info() {
             Ok(info) => (info.stream_sequence, SystemTime::from(info.published)),
             Err(e) => {
@@ -43,6 +91,13 @@ impl Job {
                 tracing::warn!(subject = %msg.subject, error = %e, "bridge: JetStream message without ack metadata skipped");
                 return None;
             }
+        };
+        let Some(held) = in_flight.hold(seq) else {
+            tracing::debug!(
+                stream_sequence = seq,
+                "bridge: redelivery of a message still in hand left to that copy"
+            );
+            return None;
         };
         let key = msg_id(msg.headers.as_ref()).unwrap_or_else(|| format!("seq-{seq}"));
         let parsed = handler.parse(msg.subject.as_str(), &msg.payload);
@@ -52,6 +107,7 @@ impl Job {
             seq,
             key,
             stored: published,
+            _held: held,
         })
     }
 
@@ -88,6 +144,8 @@ struct Worker {
 /// The fixed set of workers the reader hands messages to.
 pub(super) struct Pool {
     pub(super) handler: Arc<Handler>,
+    /// The messages this pool holds.
+    pub(super) in_flight: InFlight,
     workers: Vec<Worker>,
     /// Where the next message without an execution goes first.
     next_any: usize,
@@ -99,6 +157,7 @@ impl Pool {
     pub(super) fn start(handler: Arc<Handler>, concurrency: usize) -> Self {
         let mut pool = Self {
             handler,
+            in_flight: InFlight::default(),
             workers: Vec::with_capacity(concurrency),
             next_any: 0,
             stop: CancellationToken::new(),
@@ -212,6 +271,18 @@ fn first_with_room(start: usize, n: usize, has_room: impl Fn(usize) -> bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_sequence_is_held_once_until_its_job_is_dropped() {
+        let f = InFlight::default();
+        let a = f.hold(7).expect("free");
+        assert!(f.hold(7).is_none(), "a redelivery while in hand");
+        let b = f.hold(8).expect("another message");
+        assert_eq!(f.len(), 2);
+        drop(a);
+        assert!(f.hold(7).is_some(), "free again once handled");
+        drop(b);
+    }
 
     #[test]
     fn an_only_acked_message_goes_to_the_next_worker_with_room_or_waits_for_its_turn() {

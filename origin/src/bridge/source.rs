@@ -171,7 +171,7 @@ async fn read_term(
             match next {
                 Some(Ok(msg)) => {
                     backoff.reset();
-                    let Some(job) = Job::durable(msg, &pool.handler) else {
+                    let Some(job) = Job::durable(msg, &pool.handler, &pool.in_flight) else {
                         continue;
                     };
                     if let Err(job) = pool.dispatch(job, &term).await {

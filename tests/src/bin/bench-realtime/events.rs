@@ -1,6 +1,8 @@
-//! Figure 4 — NATS event → frame: NoETL-shaped `command.completed` rows published into
-//! `noetl_events` for executions whose interest was recorded, read by the origin's bridge and
-//! delivered as `step.exit`; the JetStream publish-ack time is the peer.
+//! Figure 4 — NATS event → frame: NoETL-shaped step ends published for executions whose
+//! interest was recorded — the Rust control plane's `command.completed` rows into
+//! `noetl_events`, or (`--event-shape v4`) NoETL 4.x's `step.exit` envelopes into
+//! `NOETL_EVENTS` on sanitised, sharded per-execution subjects — read by the origin's bridge
+//! and delivered as `step.exit`; the JetStream publish-ack time is the peer.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +12,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use gateway_shared::ids as gw_ids;
 use gateway_tests::bench::{now_ns, Deadline};
+use gateway_tests::standin::events::v4::V4Mirror;
 use gateway_tests::standin::events::{encode_row, EventKind, EventRow, NewEvent, RowPlace, Shape};
 use gateway_tests::standin::ids::{ExecutionId, IdGen};
 use origin::interest::{add_interest, Interested};
@@ -18,7 +21,12 @@ use origin::store::nats::NatsKv;
 use crate::common::World;
 use crate::live::LiveClients;
 use crate::open_loop::{measured_row, open_loop, print_latency, warmup, Sent};
-use crate::Args;
+use crate::{Args, BenchShape};
+
+/// The tenant of the 4.x shape (sanitised into the subject as `acme-EU-west`).
+pub(crate) const V4_TENANT: &str = "acme/EU west";
+/// The 4.x shape's shard count.
+pub(crate) const V4_SHARDS: u32 = 4;
 
 /// Figure 4: interest recorded for one execution per target stream, then NoETL rows
 /// published open-loop at each `--event-rates` rate; latency = frame arrival − publish.
@@ -61,7 +69,15 @@ pub(crate) async fn figure_events(
             break;
         }
         let n = ((rate as f64) * args.event_secs).round().max(1.0) as usize;
-        let send = |p| events_to(js.clone(), ids.clone(), executions.clone(), p);
+        let send = |p| {
+            events_to(
+                js.clone(),
+                ids.clone(),
+                executions.clone(),
+                args.event_shape,
+                p,
+            )
+        };
         *phase += 1;
         open_loop(rate, warmup(rate), deadline, send(*phase)).await;
         *phase += 1;
@@ -83,7 +99,11 @@ pub(crate) async fn figure_events(
     }
     print_latency(
         &format!(
-            "figure 4 — NATS event → frame: open-loop JetStream publishes of NoETL rows (command.completed → step.exit) into noetl_events for {} s per rate, {} executions with one interested client each; bridge = the origin's durable consumer",
+            "figure 4 — NATS event → frame: open-loop JetStream publishes of {} for {} s per rate, {} executions with one interested client each; bridge = the origin's durable consumer",
+            match args.event_shape {
+                BenchShape::Rust => "the Rust control plane's rows (command.completed → step.exit) into noetl_events",
+                BenchShape::V4 => "NoETL 4.x envelopes (step.exit, tenant acme/EU west, 4 shards) into NOETL_EVENTS",
+            },
             args.event_secs,
             executions.len()
         ),
@@ -95,15 +115,23 @@ pub(crate) async fn figure_events(
     println!();
 }
 
-/// NoETL `command.completed` rows for `executions[i % len]`, published into
-/// `noetl_events` like the Rust server does (with `Nats-Msg-Id`); the step name carries the
-/// phase and send time. Reports the JetStream ack time.
+/// A step's end for `executions[i % len]`: a `command.completed` row published into
+/// `noetl_events` like the Rust server does (with `Nats-Msg-Id`), or a 4.x `step.exit`
+/// envelope into `NOETL_EVENTS` like 4.x's mirror does; the step name carries the phase and
+/// send time. Reports the JetStream ack time.
 fn events_to(
     js: jetstream::Context,
     ids: Arc<IdGen>,
     executions: Arc<Vec<ExecutionId>>,
+    shape: BenchShape,
     p: u32,
 ) -> impl Fn(usize, u64) -> BoxFuture<'static, Sent> {
+    let mirror = Arc::new(V4Mirror::new(
+        gateway_tests::standin::events::v4::SUBJECT_PREFIX,
+        V4_TENANT,
+        gateway_tests::standin::events::v4::DEFAULT_TOKEN,
+        V4_SHARDS,
+    ));
     move |i, t| {
         let place = RowPlace {
             event_id: ids.event(),
@@ -113,18 +141,25 @@ fn events_to(
             playbook_path: "bench/realtime",
             at: chrono::Utc::now(),
         };
+        let kind = match shape {
+            BenchShape::Rust => EventKind::CommandCompleted,
+            BenchShape::V4 => EventKind::StepExit,
+        };
         let row = EventRow::build(
             &place,
-            NewEvent::new(EventKind::CommandCompleted, format!("p{p}-t{t}"))
-                .with_command(i as u64 + 1),
+            NewEvent::new(kind, format!("p{p}-t{t}")).with_command(i as u64 + 1),
         );
-        let out = encode_row(&row, Shape::Rust);
+        let out = match shape {
+            BenchShape::Rust => encode_row(&row, Shape::Rust),
+            BenchShape::V4 => Some(mirror.encode(&row)),
+        };
         let js = js.clone();
         Box::pin(async move {
             let Some(out) = out else { return (0, None) };
-            let msg = PublishMessage::build()
-                .payload(out.payload)
-                .message_id(&out.msg_id);
+            let mut msg = PublishMessage::build().payload(out.payload);
+            if out.send_msg_id {
+                msg = msg.message_id(&out.msg_id);
+            }
             let start = now_ns();
             match js.send_publish(out.subject, msg).await {
                 Ok(ack) => match ack.await {

@@ -123,6 +123,12 @@ struct Args {
     /// Figure 4: seconds per rate.
     #[arg(long, default_value_t = 3.0)]
     event_secs: f64,
+    /// Figure 4: which NoETL the events look like: `rust` (the Rust control plane's rows on
+    /// `noetl.events.<event_type>` in `noetl_events`) or `v4` (NoETL 4.x's envelopes on
+    /// `noetl.events.<tenant>.<org>.<execution_id>.<shard>` in `NOETL_EVENTS`, tenant
+    /// `acme/EU west`, 4 shards). The stand-in creates that stream, so the origin reads it.
+    #[arg(long, value_enum, default_value = "rust")]
+    event_shape: BenchShape,
     /// Extra environment for every origin, `NAME=value` (repeatable), e.g.
     /// `SSE_PING_INTERVAL=600s` to see what the presence refreshes cost.
     #[arg(long = "origin-env", value_parser = parse_env_pair)]
@@ -232,6 +238,32 @@ fn parse_env_pair(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not NAME=value"))
 }
 
+/// Figure 4's event shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BenchShape {
+    /// The Rust control plane.
+    Rust,
+    /// NoETL 4.x's event mirror.
+    V4,
+}
+
+impl BenchShape {
+    fn standin(self) -> gateway_tests::harness::standin::EventShape {
+        use gateway_tests::harness::standin::EventShape;
+        match self {
+            Self::Rust => EventShape::Rust,
+            Self::V4 => EventShape::V4,
+        }
+    }
+
+    fn stream(self) -> &'static str {
+        match self {
+            Self::Rust => "noetl_events",
+            Self::V4 => "NOETL_EVENTS",
+        }
+    }
+}
+
 /// Starts the world and runs the figures asked for; returns how many failed.
 async fn bench(args: &Args) -> anyhow::Result<usize> {
     let deadline = Deadline::after(Duration::from_secs(args.deadline_secs));
@@ -240,16 +272,20 @@ async fn bench(args: &Args) -> anyhow::Result<usize> {
     let nats_pid = nats.guard().pid();
     let standin = StandIn::start(StandInOptions {
         nats_url: Some(nats.url.clone()),
+        event_shape: Some(args.event_shape.standin()),
+        tenant: Some(events::V4_TENANT.into()),
+        shard_count: Some(events::V4_SHARDS),
         ..Default::default()
     })
     .await?;
     let client = async_nats::connect(&nats.url).await?;
-    // The stand-in creates noetl_events as it starts; origins started before it exists
-    // would run their bridge in core mode.
+    // The stand-in creates its stream as it starts; origins started before it exists would
+    // follow runs over HTTP instead.
     let js = jetstream::new(client.clone());
     let ready = Deadline::after(Duration::from_secs(10));
-    while js.get_stream("noetl_events").await.is_err() {
-        anyhow::ensure!(!ready.passed(), "the stand-in never created noetl_events");
+    let stream = args.event_shape.stream();
+    while js.get_stream(stream).await.is_err() {
+        anyhow::ensure!(!ready.passed(), "the stand-in never created {stream}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let world = World {
