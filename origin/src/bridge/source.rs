@@ -219,16 +219,7 @@ impl ReaderLease {
     async fn acquire(&self, shutdown: &CancellationToken) -> bool {
         let mut announced = false;
         loop {
-            match self
-                .kv
-                .lease(
-                    Bucket::Interest,
-                    policy::READER_LEASE_KEY,
-                    &self.holder,
-                    self.ttl,
-                )
-                .await
-            {
+            match self.try_take().await {
                 Ok(true) => return true,
                 Ok(false) if !announced => {
                     announced = true;
@@ -252,8 +243,18 @@ impl ReaderLease {
     /// Renews the lease; false when another replica holds it now. A store error keeps the
     /// term (no other replica can take the lease while the store is down either).
     async fn renew(&self) -> bool {
-        match self
-            .kv
+        match self.try_take().await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "bridge: reader lease renewal failed; still reading");
+                true
+            }
+        }
+    }
+
+    /// Takes or renews the lease: true while this replica holds it.
+    async fn try_take(&self) -> Result<bool, crate::store::StoreError> {
+        self.kv
             .lease(
                 Bucket::Interest,
                 policy::READER_LEASE_KEY,
@@ -261,13 +262,6 @@ impl ReaderLease {
                 self.ttl,
             )
             .await
-        {
-            Ok(held) => held,
-            Err(e) => {
-                tracing::warn!(error = %e, "bridge: reader lease renewal failed; still reading");
-                true
-            }
-        }
     }
 
     /// Gives the lease up at shutdown so a standby takes over at once.

@@ -290,11 +290,15 @@ pub(crate) async fn figures_live(
         .await;
     }
     let ended = live.ended.load(Ordering::Relaxed);
-    let warnings = origin
-        .log_text()
+    let log = origin.log_text();
+    let warned: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-        .count();
+        .collect();
+    let warnings = warned.len();
+    for line in warned.iter().take(5) {
+        println!("  origin: {line}");
+    }
     println!(
         "streams that ended during figures 2–4: {ended}; origin warnings/errors logged: {warnings}; frames not measured (warm-ups, or after a phase closed): {}",
         live.strays
