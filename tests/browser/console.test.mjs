@@ -11,50 +11,16 @@
 // `started`. Every other stdout line is a log line. Exit 0 when every scenario held; on
 // the first failure it saves failure.png, prints what the page showed and exits 1.
 
-import { chromium } from 'playwright-core';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 
-const UI_URL = required('UI_URL');
-const SHOTS = required('SCREENSHOT_DIR');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+import { askHarness, check, Failure, logger, required, runInChromium } from './common.mjs';
+
+const UI_URL = required('UI_URL', 'console.test.mjs');
+const SHOTS = required('SCREENSHOT_DIR', 'console.test.mjs');
 const WAIT = 20_000;
-// The flags ../shared/toolchain.md asks for: without the background-networking ones
-// Chromium keeps trying to reach the internet.
-const FLAGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-];
-
-function required(name) {
-  const v = process.env[name];
-  if (!v) {
-    console.error(`console.test.mjs: ${name} is not set (run it through tests/tests/browser.rs)`);
-    process.exit(2);
-  }
-  return v;
-}
-
-const started = Date.now();
-const say = (line) => console.log(`[browser +${((Date.now() - started) / 1000).toFixed(1)}s] ${line}`);
-
-// ---- the harness conversation ------------------------------------------------------------
-
-const stdinLines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-async function askHarness(request, answer) {
-  console.log(`@@ ${request}`);
-  const { value, done } = await stdinLines.next();
-  if (done || value.trim() !== answer) throw new Error(`asked the harness to ${request}; it answered ${JSON.stringify(value)}`);
-}
+const say = logger('browser');
 
 // ---- assertions --------------------------------------------------------------------------
-
-class Failure extends Error {}
-function check(cond, message) {
-  if (!cond) throw new Failure(message);
-}
 
 /** Waits until `[data-testid=run]` has `data-status` = `status` (the page's verdict on the run). */
 async function runStatus(page, status, timeout = WAIT) {
@@ -209,45 +175,23 @@ async function ridesOutAnOriginRestart(page) {
 
 // ---- main --------------------------------------------------------------------------------
 
-mkdirSync(SHOTS, { recursive: true });
-const profile = mkdtempSync(join(tmpdir(), 'gw-chromium-'));
-let context;
-let page;
-let code = 0;
-const pageErrors = [];
-try {
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    viewport: { width: 1120, height: 720 },
-    timeout: 30_000,
-  });
-  page = context.pages()[0] || await context.newPage();
-  page.on('pageerror', (e) => pageErrors.push(e.message));
-  page.on('console', (m) => { if (m.type() === 'error') say(`page console: ${m.text()}`); });
-
-  await logIn(page, 'ada@example.com');
-  await threeStepsAndTheResult(page);
-  await progressBar(page);
-  await failureShowsTheError(page);
-  await forbiddenIsSaid(page);
-  await ridesOutAnOriginRestart(page);
-  check(pageErrors.length === 0, `the page threw: ${pageErrors.join(' | ')}`);
-  say('all scenarios passed');
-} catch (e) {
-  code = 1;
-  console.error(`\nBROWSER TEST FAILED: ${e instanceof Failure ? e.message : e.stack || e}`);
-  if (pageErrors.length) console.error(`page errors: ${pageErrors.join(' | ')}`);
-  if (page) {
-    await page.screenshot({ path: join(SHOTS, 'failure.png'), fullPage: true }).catch(() => {});
+await runInChromium({
+  shots: SHOTS,
+  failureShot: 'failure.png',
+  onConsole: (m) => { if (m.type() === 'error') say(`page console: ${m.text()}`); },
+  scenarios: async (page) => {
+    await logIn(page, 'ada@example.com');
+    await threeStepsAndTheResult(page);
+    await progressBar(page);
+    await failureShowsTheError(page);
+    await forbiddenIsSaid(page);
+    await ridesOutAnOriginRestart(page);
+    say('all scenarios passed');
+  },
+  describe: async (page) => {
     const shown = await page.locator('main').innerText().catch(() => '(page unreadable)');
     const log = await page.getByTestId('event-log').evaluate((ol) => [...ol.children].map((li) => li.textContent).join('\n'))
       .catch(() => '');
-    console.error(`--- the page showed ---\n${shown}\n--- event log ---\n${log}\n(screenshot ${join(SHOTS, 'failure.png')})`);
-  }
-} finally {
-  if (context) await context.close().catch(() => {});
-  rmSync(profile, { recursive: true, force: true });
-}
-process.exit(code);
+    return `--- the page showed ---\n${shown}\n--- event log ---\n${log}`;
+  },
+});

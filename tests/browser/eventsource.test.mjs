@@ -24,49 +24,15 @@
 // `@@ restart-origin` → `restarted`. Every other stdout line is a log line. Exit 0 when both
 // scenarios held; on the first failure it saves failure.png, prints the frames and exits 1.
 
-import { chromium } from 'playwright-core';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 
-const UI_URL = required('UI_URL');
-const SHOTS = required('SCREENSHOT_DIR');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+import { askHarness, check, logger, required, runInChromium } from './common.mjs';
+
+const UI_URL = required('UI_URL', 'eventsource.test.mjs');
+const SHOTS = required('SCREENSHOT_DIR', 'eventsource.test.mjs');
 const WAIT = 30_000;
-const FLAGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-];
 const CLOSED = 2;
-
-function required(name) {
-  const v = process.env[name];
-  if (!v) {
-    console.error(`eventsource.test.mjs: ${name} is not set (run it through tests/tests/browser.rs)`);
-    process.exit(2);
-  }
-  return v;
-}
-
-const started = Date.now();
-const say = (line) => console.log(`[native +${((Date.now() - started) / 1000).toFixed(1)}s] ${line}`);
-
-const stdinLines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-/** Asks the harness for `request`; its answer must start with `answer`. */
-async function askHarness(request, answer) {
-  console.log(`@@ ${request}`);
-  const { value, done } = await stdinLines.next();
-  if (done || !value.trim().startsWith(answer)) {
-    throw new Error(`asked the harness to ${request}; it answered ${JSON.stringify(value)}`);
-  }
-  return value.trim();
-}
-
-class Failure extends Error {}
-function check(cond, message) {
-  if (!cond) throw new Failure(message);
-}
+const say = logger('native');
 
 const frames = (page) => page.evaluate(() => window.nativeStream.state.frames);
 const counts = (page) => page.evaluate(() => ({
@@ -154,41 +120,20 @@ async function scenario(page, label, chooseId) {
   await page.evaluate(() => window.nativeStream.close());
 }
 
-mkdirSync(SHOTS, { recursive: true });
-const profile = mkdtempSync(join(tmpdir(), 'gw-chromium-'));
-let context;
-let page;
-let code = 0;
-const pageErrors = [];
-try {
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    viewport: { width: 1120, height: 720 },
-    timeout: 30_000,
-  });
-  page = context.pages()[0] || await context.newPage();
-  page.on('pageerror', (e) => pageErrors.push(e.message));
-  await page.goto(new URL('native.html', UI_URL).toString());
-  await page.locator('body[data-ready="true"]').waitFor({ timeout: WAIT });
-  const user = await page.evaluate((email) => window.nativeStream.login(email), 'grace@example.com');
-  say(`logged in as ${user.email}`);
-  await scenario(page, 'server-assigned client', false);
-  await scenario(page, 'page-chosen client id', true);
-  check(pageErrors.length === 0, `the page threw: ${pageErrors.join(' | ')}`);
-  say('both scenarios passed');
-} catch (e) {
-  code = 1;
-  console.error(`\nBROWSER TEST FAILED: ${e instanceof Failure ? e.message : e.stack || e}`);
-  if (pageErrors.length) console.error(`page errors: ${pageErrors.join(' | ')}`);
-  if (page) {
-    await page.screenshot({ path: join(SHOTS, 'eventsource-failure.png'), fullPage: true }).catch(() => {});
+await runInChromium({
+  shots: SHOTS,
+  failureShot: 'eventsource-failure.png',
+  scenarios: async (page) => {
+    await page.goto(new URL('native.html', UI_URL).toString());
+    await page.locator('body[data-ready="true"]').waitFor({ timeout: WAIT });
+    const user = await page.evaluate((email) => window.nativeStream.login(email), 'grace@example.com');
+    say(`logged in as ${user.email}`);
+    await scenario(page, 'server-assigned client', false);
+    await scenario(page, 'page-chosen client id', true);
+    say('both scenarios passed');
+  },
+  describe: async (page) => {
     const fs = await frames(page).catch(() => []);
-    console.error(`--- frames ---\n${fs.map((f) => `#${f.connection} ${f.name} ${f.id} ${JSON.stringify(f.data).slice(0, 160)}`).join('\n')}`);
-  }
-} finally {
-  if (context) await context.close().catch(() => {});
-  rmSync(profile, { recursive: true, force: true });
-}
-process.exit(code);
+    return `--- frames ---\n${fs.map((f) => `#${f.connection} ${f.name} ${f.id} ${JSON.stringify(f.data).slice(0, 160)}`).join('\n')}`;
+  },
+});

@@ -7,7 +7,8 @@
 //! `wrangler dev` running the release wasm with the page's origin in its CORS allow-list,
 //! and the page's own static server (`tests/fixtures/gateway_ui/serve.mjs`). The browser
 //! parts are `tests/browser/console.test.mjs` and `tests/browser/eventsource.test.mjs`
-//! (playwright-core driving Debian's chromium); each test starts one and does for it what
+//! (playwright-core driving Debian's chromium, their shared plumbing in
+//! `tests/browser/common.mjs`); each test starts one and does for it what
 //! only the harness can, when the script asks on its stdout: kill the origin mid-run and
 //! start it again on the same ports, and post a run's result callback (as NoETL would)
 //! the moment the origin is back.
