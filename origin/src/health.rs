@@ -1,12 +1,16 @@
-//! `/health` (liveness: the process serves requests) and `/ready` (readiness: the shared
-//! store, the bus and NoETL answer and the replica's revocation set is current, so this
-//! replica can do useful work).
+//! `/health` (liveness: the process serves requests) and `/ready` (readiness: "send me
+//! traffic" — the shared store and the bus answer and the replica's revocation set is
+//! current, so this replica can serve what it can serve).
 //!
 //! Kubernetes restarts a pod whose liveness fails and stops routing to one whose readiness
 //! fails; so `/health` never checks dependencies (a NoETL outage must not restart every
 //! gateway pod) and `/ready` checks them with short timeouts (a probe must not hang).
-//! Readiness asks the [`KvStore`] and [`Bus`] traits, not a NATS client: what the replica
-//! uses is what is checked.
+//! **NoETL is reported, not required**: while it is down, cached sessions, open streams,
+//! replays and callbacks still work on every replica, and taking every replica out of the
+//! Service at once would turn a NoETL outage into a gateway outage. Its state is in the
+//! body (a code, never NoETL's own error text: probe bodies can be read by whoever reaches
+//! the port) and in the `gateway_noetl_up` gauge. Readiness asks the [`KvStore`] and [`Bus`]
+//! traits, not a NATS client: what the replica uses is what is checked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +23,7 @@ use serde_json::json;
 use crate::auth::revocations::Revocations;
 use crate::bus::Bus;
 use crate::error::json_response;
+use crate::metrics::Metrics;
 use crate::noetl::NoetlClient;
 use crate::store::KvStore;
 
@@ -40,6 +45,8 @@ pub struct Readiness {
     /// True when the store and bus are the embedded in-memory ones (no NATS configured):
     /// reported as `embedded`, always up.
     pub embedded: bool,
+    /// Where NoETL's state from the last probe goes (`gateway_noetl_up`).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Liveness: 200 while the process can answer.
@@ -47,8 +54,9 @@ pub async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
-/// Readiness: 200 when every configured dependency answers, else 503 naming the failures.
-/// The `nats` check covers the store and the bus (both are NATS in production).
+/// Readiness: 200 when the store, the bus and the revocation set are usable, else 503
+/// naming what is not; NoETL's state is reported either way (module docs). The `nats`
+/// check covers the store and the bus (both are NATS in production).
 pub async fn ready(State(r): State<Readiness>) -> Response {
     let shared = async {
         if r.embedded {
@@ -64,8 +72,11 @@ pub async fn ready(State(r): State<Readiness>) -> Response {
     };
     let noetl = async {
         match r.noetl.health(CHECK_TIMEOUT).await {
-            Ok(()) => "ok".to_owned(),
-            Err(e) => e.to_string(),
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::info!(error = %e, "readiness probe: NoETL is not answering (still ready)");
+                e.code()
+            }
         }
     };
     let (nats, noetl) = tokio::join!(shared, noetl);
@@ -74,7 +85,8 @@ pub async fn ready(State(r): State<Readiness>) -> Response {
     } else {
         "catching up"
     };
-    let ok = (nats == "ok" || nats == "embedded") && noetl == "ok" && revocations == "current";
+    r.metrics.noetl_up.set(u64::from(noetl == "ok"));
+    let ok = (nats == "ok" || nats == "embedded") && revocations == "current";
     let status = if ok {
         StatusCode::OK
     } else {

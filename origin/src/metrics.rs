@@ -5,7 +5,8 @@
 //! KV cache should keep this near zero), SSE connections open on this replica, callbacks,
 //! and the replica's revocation set (how many it holds, and whether it is current); what
 //! the abuse limits refused (origin rate limits, the negative session cache, coalesced
-//! validations, `auth_busy`, NoETL retries and the retry budget).
+//! validations, `auth_busy`, NoETL retries and the retry budget); whether NoETL answered
+//! the last readiness probe.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,22 @@ impl Counter {
     /// Adds one.
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
     }
 
     /// The current value.
@@ -54,6 +71,9 @@ pub struct Metrics {
     pub noetl_retries: Counter,
     /// Retries of NoETL calls not made because the retry budget was spent.
     pub noetl_retries_over_budget: Counter,
+    /// 1 when the last readiness probe reached NoETL, 0 when it did not (or before the
+    /// first probe).
+    pub noetl_up: Gauge,
 }
 
 /// What `/metrics` reads.
@@ -81,7 +101,7 @@ pub async fn metrics(State(state): State<MetricsState>) -> Response {
     let m = &state.metrics;
     // (name, type, help, value), in the order they are exported.
     // A name with `{labels}` shares the HELP and TYPE lines of the series before it.
-    let series: [(&str, &str, &str, u64); 12] = [
+    let series: [(&str, &str, &str, u64); 13] = [
         (
             "gateway_auth_validate_requests_total",
             "counter",
@@ -153,6 +173,12 @@ pub async fn metrics(State(state): State<MetricsState>) -> Response {
             "counter",
             "NoETL retries not made: the retry budget (NOETL_RETRY_BUDGET) was spent.",
             m.noetl_retries_over_budget.get(),
+        ),
+        (
+            "gateway_noetl_up",
+            "gauge",
+            "1 when this replica's last readiness probe reached NoETL, else 0 (NoETL's state does not fail /ready).",
+            m.noetl_up.get(),
         ),
     ];
     let mut out = String::new();

@@ -290,6 +290,7 @@ async fn build(
             noetl,
             revocations: revocations.clone(),
             embedded: nats.is_none(),
+            metrics: metrics.clone(),
         },
         metrics: MetricsState {
             metrics,

@@ -468,7 +468,7 @@ async fn malformed_wrong_type_and_oversize_bodies_get_clean_json_errors() {
 }
 
 #[tokio::test]
-async fn noetl_down_or_slow_gives_502_or_504_without_hanging() {
+async fn noetl_down_or_slow_gives_502_or_504_without_hanging_and_the_replica_stays_ready() {
     let mut standin = StandIn::start(StandInOptions::default()).await.unwrap();
     let origin = Origin::start(
         &standin,
@@ -528,12 +528,27 @@ async fn noetl_down_or_slow_gives_502_or_504_without_hanging() {
     )
     .await;
     assert_eq!(s, StatusCode::OK);
+    // NoETL down is reported, not a reason to leave the Service: this replica still serves
+    // cached sessions (above), streams and callbacks. The body names NoETL's state with a
+    // code, never NoETL's own error text (nor its address).
     let r = http()
         .get(format!("{}/ready", origin.url))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["checks"]["noetl"], "noetl_unavailable", "{body}");
+    let standin_addr = standin.url.trim_start_matches("http://");
+    assert!(
+        !text.contains(standin_addr)
+            && !text.contains("refused")
+            && !text.contains("error sending"),
+        "no upstream error text in a probe body: {text}"
+    );
+    assert_eq!(origin.metric("gateway_noetl_up").await, Some(0));
 }
 
 #[tokio::test]

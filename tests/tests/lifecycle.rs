@@ -53,6 +53,7 @@ async fn ready_reports_nats_and_noetl_and_logs_are_json_without_secrets() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["checks"]["nats"], "ok", "{body}");
     assert_eq!(body["checks"]["noetl"], "ok", "{body}");
+    assert_eq!(origin.metric("gateway_noetl_up").await, Some(1));
     let r = reqwest::get(format!("{}/health", origin.internal_url))
         .await
         .unwrap();
