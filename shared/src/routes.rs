@@ -38,15 +38,17 @@ impl RouteKind {
     }
 }
 
-/// The default table: PROTOCOL.md's public auth routes, internal routes denied.
+/// The default table: PROTOCOL.md's public auth routes, internal routes denied — `/ready`
+/// too: it is the kubelet's question to one replica, not the internet's (the edge answers
+/// its own `/health`).
 ///
 /// `check-access` is public at the edge: PROTOCOL.md §1 lets its token come in the JSON body,
 /// which the edge does not read, so the origin (whose `Caller` reads the body token) decides.
 pub const DEFAULT_ROUTES: &str = "edge:/health,\
 public:/api/auth/login,public:/api/auth/validate,public:/api/auth/logout,\
-public:/api/auth/check-access,public:/ready,\
+public:/api/auth/check-access,\
 session:/graphql,session:/events,session:/api/events/ticket,\
-session:/noetl/,deny:/api/internal/,deny:/metrics";
+session:/noetl/,deny:/api/internal/,deny:/metrics,deny:/ready";
 
 /// An ordered route table.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -125,13 +125,14 @@ async fn preflights_from_the_allowed_origin_get_cors_headers_and_lookalikes_get_
     // A response fetched from the origin (immutable headers in workerd) gets them too.
     for (origin, allowed) in [(ALLOWED_ORIGIN, true), ("https://evil.example", false)] {
         let r = http()
-            .get(format!("{}/ready", w.edge.url))
+            .post(format!("{}/api/auth/validate", w.edge.url))
+            .json(&json!({}))
             .header("origin", origin)
             .header("x-request-id", "cors-check-1")
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(r.status(), 401, "the origin's own answer: no token");
         let h = r.headers();
         assert_eq!(
             header(h, "access-control-allow-origin").is_some(),
@@ -322,6 +323,7 @@ async fn internal_routes_are_404_at_the_edge_and_health_is_answered_even_with_th
         "/api/internal/callback",
         "/api/internal/progress",
         "/metrics",
+        "/ready",
     ] {
         for method in [reqwest::Method::GET, reqwest::Method::POST] {
             let r = http()
@@ -358,7 +360,8 @@ async fn internal_routes_are_404_at_the_edge_and_health_is_answered_even_with_th
     let (status, _, v) = me_at(&w.edge.url, Some("some-new-token"), &[]).await;
     assert_error(status, &v, 502, "origin_unreachable");
     let r = http()
-        .get(format!("{}/ready", w.edge.url))
+        .post(format!("{}/api/auth/validate", w.edge.url))
+        .json(&json!({"session_token": "x"}))
         .send()
         .await
         .unwrap();
@@ -850,7 +853,7 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
     .await
     .unwrap();
     for (method, path, token) in [
-        (reqwest::Method::GET, "/ready", None),
+        (reqwest::Method::POST, "/api/auth/validate", None),
         (reqwest::Method::POST, "/api/auth/login", None),
         (
             reqwest::Method::POST,
