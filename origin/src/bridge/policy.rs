@@ -264,6 +264,8 @@ pub struct ExecutionEvent {
     /// NoETL's `event_id` as exact text, when present (the identity used to decide which
     /// event owns an execution's terminal frame).
     pub event_id: Option<String>,
+    /// Which server family wrote it ([`exit_failure_key`] applies to Python servers only).
+    pub dialect: Dialect,
 }
 
 /// What a message turned out to be.
@@ -394,6 +396,7 @@ fn read_event(
         status: text(&raw.status),
         at,
         event_id: raw.event_id.as_ref().and_then(exact_id),
+        dialect,
     }))
 }
 
@@ -869,11 +872,13 @@ pub fn event_failure_key(ev: &ExecutionEvent) -> Option<String> {
     )
 }
 
-/// For a `step.exit`: the failure claim of the same step. NoETL 4.x reports a failed step's
-/// end as `step.exit` with status COMPLETED after its `call.error`; a step whose failure
-/// was claimed does not also exit, so the shell drops a `step.exit` while this key exists.
+/// For a Python server's native `step.exit`: the failure claim of the same step. NoETL 4.x
+/// reports a failed step's end as `step.exit` with status COMPLETED after its `call.error`;
+/// a step whose failure was claimed does not also exit, so the shell drops a `step.exit`
+/// while this key exists. The Rust control plane's `step.exit` is its `command.completed`,
+/// which a failed step never sends: no lookup (a K/V read per step spared on that path).
 pub fn exit_failure_key(ev: &ExecutionEvent) -> Option<String> {
-    if ev.event_type != "step.exit" {
+    if ev.event_type != "step.exit" || ev.dialect != Dialect::Python {
         return None;
     }
     step_failure_key(
@@ -1065,6 +1070,7 @@ mod tests {
             status: status.map(str::to_owned),
             at: Some("2026-11-22T10:00:00.000000Z".into()),
             event_id: Some("1".into()),
+            dialect: Dialect::Rust,
         }
     }
 
@@ -1391,6 +1397,21 @@ mod tests {
         );
         assert_eq!(execution_of("noetl.events.command.issued", b"{}", p), None);
         assert_eq!(execution_of("other.x", payload.as_bytes(), p), None);
+    }
+
+    #[test]
+    fn only_a_python_servers_step_exit_is_checked_against_its_steps_failure() {
+        let mut ev = event("step.exit", Some("COMPLETED"));
+        assert_eq!(
+            exit_failure_key(&ev),
+            None,
+            "Rust: command.completed never follows a failure"
+        );
+        ev.dialect = Dialect::Python;
+        let failed = event("step.failed", Some("FAILED"));
+        assert_eq!(exit_failure_key(&ev), event_failure_key(&failed));
+        assert!(exit_failure_key(&ev).is_some());
+        assert_eq!(exit_failure_key(&event("step.enter", None)), None);
     }
 
     #[test]

@@ -574,6 +574,7 @@ impl<'a> Follower<'a> {
             status: Some(terminal_status.to_owned()),
             at: None,
             event_id: Some(format!("poll-terminal-{}", self.id)),
+            dialect: self.dialect,
         };
         let key = ev.event_id.clone().unwrap_or_default();
         match self.deliver(&ev, &key).await {
