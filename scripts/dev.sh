@@ -65,7 +65,7 @@ AUTH_JWKS_URL=http://127.0.0.1:$STANDIN_PORT/dev/.well-known/jwks.json \
 AUTH_ISSUER=http://127.0.0.1:$STANDIN_PORT/dev/ AUTH_AUDIENCE=noetl-gateway-dev \
 GATEWAY_INTERNAL_TOKEN=${GATEWAY_INTERNAL_TOKEN:-dev-internal-token-change-me} \
 GATEWAY_CALLBACK_SECRET=${GATEWAY_CALLBACK_SECRET:-dev-callback-secret-change-me} \
-RUST_LOG=${RUST_LOG:-info} \
+RUST_LOG=${RUST_LOG:-info} DRAIN_DELAY=${DRAIN_DELAY:-0s} \
   "$BIN/origin" >"$DEV/logs/origin.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$ORIGIN_PORT/ready" "origin" "$DEV/logs/origin.log"

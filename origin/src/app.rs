@@ -1,7 +1,8 @@
 //! The request path, composed in one place: the two routers (public, internal) and the
 //! middleware stack, each handler module's router over its own substate of [`AppState`].
 //!
-//! Order of the public stack, outermost first: request id (accept a sane client id or
+//! Order of the public stack, outermost first: `connection: close` while draining (see
+//! `server`'s shutdown order) → request id (accept a sane client id or
 //! mint one, echo it back) → trace span (method, path without query: the query may carry
 //! a session token) → client address (`ratelimit::ClientIp`, through trusted proxies) → edge assertion (verify `x-gateway-assertion`, or refuse direct
 //! traffic when `REQUIRE_EDGE_ASSERTION`) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
@@ -90,6 +91,10 @@ pub fn public_router(state: AppState) -> Router {
         ))
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(
+            state.readiness.clone(),
+            close_while_draining,
+        ))
 }
 
 /// The internal listener's routes (in-cluster only): playbook callbacks, metrics, health.
@@ -123,6 +128,27 @@ pub fn internal_router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(
+            state.readiness.clone(),
+            close_while_draining,
+        ))
+}
+
+/// While the replica drains (after SIGTERM, before its listeners close), every response
+/// says `connection: close`: a kept-alive client (the load balancer's pool, a CLI) opens
+/// its next connection to a replica that stays, instead of finding this one gone. An
+/// upgrade's `101` keeps its `connection: upgrade`.
+async fn close_while_draining(
+    State(readiness): State<health::Readiness>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let mut res = next.run(req).await;
+    if readiness.is_draining() && res.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
 }
 
 /// `routes` with load shedding over `inflight` (shared by a listener's route groups) and,

@@ -463,7 +463,15 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Time allowed for in-flight requests after SIGTERM before the process exits.
+    /// After SIGTERM, how long the replica keeps serving with `/ready` failing before its
+    /// listeners close: the time the load balancer and kube-proxy need to stop sending it
+    /// new connections (a request that arrives meanwhile is still answered).
+    #[arg(long, env = "DRAIN_DELAY", value_parser = parse_duration, default_value = "5s")]
+    pub drain_delay: Duration,
+
+    /// After the listeners close: the time allowed for in-flight requests, over which open
+    /// SSE streams are ended spread out (over its first three quarters), before the
+    /// process exits.
     #[arg(long, env = "SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "20s")]
     pub shutdown_grace: Duration,
 }
@@ -562,6 +570,11 @@ impl Config {
         }
         if self.public_max_connections == 0 || self.internal_max_connections == 0 {
             return err("PUBLIC_MAX_CONNECTIONS and INTERNAL_MAX_CONNECTIONS must be at least 1");
+        }
+        if self.drain_delay > Duration::from_secs(300)
+            || self.shutdown_grace > Duration::from_secs(600)
+        {
+            return err("DRAIN_DELAY must be at most 5m and SHUTDOWN_GRACE at most 10m (the pod's terminationGracePeriodSeconds must exceed both together)");
         }
         if let Some(k) = &self.edge_assertion_public_key {
             if gateway_shared::assertion::verifying_key_from_b64(k).is_err() {

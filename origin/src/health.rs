@@ -11,7 +11,12 @@
 //! body (a code, never NoETL's own error text: probe bodies can be read by whoever reaches
 //! the port) and in the `gateway_noetl_up` gauge. Readiness asks the [`KvStore`] and [`Bus`]
 //! traits, not a NATS client: what the replica uses is what is checked.
+//!
+//! **Draining**: from SIGTERM on, `/ready` answers 503 `{"status":"draining"}` without
+//! checking anything (see `server::serve` for the whole shutdown order), so the
+//! endpoint is removed while the replica still answers what reaches it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +52,20 @@ pub struct Readiness {
     pub embedded: bool,
     /// Where NoETL's state from the last probe goes (`gateway_noetl_up`).
     pub metrics: Arc<Metrics>,
+    /// Set on SIGTERM ([`Readiness::start_draining`]); never cleared.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// From now on `/ready` answers 503 `draining` (the process is shutting down).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`Readiness::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
 }
 
 /// Liveness: 200 while the process can answer.
@@ -58,6 +77,12 @@ pub async fn health() -> Response {
 /// naming what is not; NoETL's state is reported either way (module docs). The `nats`
 /// check covers the store and the bus (both are NATS in production).
 pub async fn ready(State(r): State<Readiness>) -> Response {
+    if r.is_draining() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "draining"}),
+        );
+    }
     let shared = async {
         if r.embedded {
             return "embedded".to_owned();

@@ -29,8 +29,11 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     tracing::info!(config = %config.redacted(), version = env!("CARGO_PKG_VERSION"), "starting origin");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(origin::server::cancel_on_signal(shutdown.clone()));
+    let (drain, shutdown) = (CancellationToken::new(), CancellationToken::new());
+    tokio::spawn(origin::server::cancel_on_signal(
+        drain.clone(),
+        shutdown.clone(),
+    ));
     let state = match origin::server::build_state(config.clone(), shutdown).await {
         Ok(s) => s,
         Err(e) => {
@@ -38,7 +41,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match origin::server::serve(&config, state).await {
+    match origin::server::serve(&config, state, drain).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "origin failed");

@@ -1,9 +1,21 @@
 //! Start-up and shutdown: connect what the configuration names, build the state, serve
 //! both listeners, and stop cleanly on SIGTERM / Ctrl-C.
 //!
-//! Shutdown order (GKE sends SIGTERM, then SIGKILL after the pod's grace period): stop
-//! accepting, let in-flight requests finish, and exit within `SHUTDOWN_GRACE` even if
-//! some connection will not close.
+//! Shutdown order (GKE sends SIGTERM, then SIGKILL after the pod's
+//! `terminationGracePeriodSeconds`, which must exceed `DRAIN_DELAY + SHUTDOWN_GRACE`):
+//! 1. **Readiness fails first.** `/ready` answers 503 `draining`; everything else is still
+//!    served — new connections included — for `DRAIN_DELAY`, the time the endpoint's
+//!    removal takes to reach kube-proxy and the load balancer. Responses meanwhile carry
+//!    `connection: close`, so kept-alive clients reconnect to a replica that stays.
+//! 2. **The listeners close** (the shutdown token): no new connection; hyper connections
+//!    finish their in-flight request and close; the bridge and the watches stop.
+//! 3. **Open SSE streams end spread out** over the first three quarters of
+//!    `SHUTDOWN_GRACE`, each at its own random instant and with a jittered `retry:`, so
+//!    the clients of this replica do not all come back to the others in one burst; they
+//!    resume there with `Last-Event-ID` and lose nothing (frames live in the bus).
+//! 4. **Exit** when every connection has closed, or at the end of `SHUTDOWN_GRACE`.
+//!
+//! A second SIGTERM (or Ctrl-C) skips what is left of the drain delay.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -265,6 +277,7 @@ async fn build(
             timers: SseTimers {
                 ping_every: config.sse_ping_interval,
                 keepalive_every: config.sse_keepalive_interval,
+                drain_spread: crate::events::drain_spread(config.shutdown_grace),
             },
             quotas,
         },
@@ -291,6 +304,7 @@ async fn build(
             revocations: revocations.clone(),
             embedded: nats.is_none(),
             metrics: metrics.clone(),
+            draining: Arc::default(),
         },
         metrics: MetricsState {
             metrics,
@@ -344,10 +358,23 @@ async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
     unreachable!("the loop returns on its last attempt")
 }
 
-/// Serves both listeners until the state's shutdown token is cancelled, then drains for
-/// at most the configured grace period.
-pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
+/// Serves both listeners; when `drain` is cancelled (SIGTERM), drains in the order the
+/// module docs give: readiness fails, `DRAIN_DELAY` later the state's shutdown token is
+/// cancelled and the listeners close, and the process returns within `SHUTDOWN_GRACE` of
+/// that. Cancelling the shutdown token directly skips the drain delay.
+pub async fn serve(
+    config: &Config,
+    state: AppState,
+    drain: CancellationToken,
+) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
+    tokio::spawn(drain_then_close(
+        drain,
+        state.readiness.clone(),
+        shutdown.clone(),
+        config.drain_delay,
+        config.shutdown_grace,
+    ));
     let public = bind(config.public_addr, "public").await?;
     let internal = bind(config.internal_addr, "internal").await?;
     tracing::info!(
@@ -395,6 +422,36 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Step 1 of the shutdown order: on `drain`, fail readiness, keep serving for `delay`
+/// (cut short if `shutdown` is cancelled meanwhile), then cancel `shutdown`.
+async fn drain_then_close(
+    drain: CancellationToken,
+    readiness: crate::health::Readiness,
+    shutdown: CancellationToken,
+    delay: Duration,
+    grace: Duration,
+) {
+    tokio::select! {
+        () = drain.cancelled() => {}
+        () = shutdown.cancelled() => return,
+    }
+    readiness.start_draining();
+    tracing::info!(
+        drain_delay = ?delay,
+        "draining: /ready answers 503, requests are still served until the listeners close"
+    );
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = shutdown.cancelled() => {}
+    }
+    tracing::info!(
+        shutdown_grace = ?grace,
+        streams_end_within = ?crate::events::drain_spread(grace),
+        "listeners closing; open event streams end spread out"
+    );
+    shutdown.cancel();
+}
+
 /// Warns when the process may open fewer files than the connection caps allow: past the
 /// open-file limit a connection is not refused cleanly, `accept` fails.
 fn warn_if_fds_below_caps(config: &Config) {
@@ -426,23 +483,33 @@ async fn bind(addr: SocketAddr, which: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({which} listener): {e}"))
 }
 
-/// Cancels `token` on SIGTERM or Ctrl-C.
-pub async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on the next SIGTERM (if `term` listens) or Ctrl-C.
+async fn signal_received(term: &mut Option<tokio::signal::unix::Signal>) {
     let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
+        match term.as_mut() {
+            Some(s) => {
                 s.recv().await;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
-            }
+            None => std::future::pending::<()>().await,
         }
     };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutdown requested");
-    token.cancel();
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = term => {} }
+}
+
+/// Cancels `drain` on SIGTERM or Ctrl-C, and `shutdown` on the second one (skipping what
+/// is left of the drain delay).
+pub async fn cancel_on_signal(drain: CancellationToken, shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            None
+        }
+    };
+    signal_received(&mut term).await;
+    tracing::info!("shutdown requested: draining");
+    drain.cancel();
+    signal_received(&mut term).await;
+    tracing::info!("second shutdown request: closing the listeners now");
+    shutdown.cancel();
 }

@@ -100,13 +100,41 @@ pub struct EventsState {
     pub quotas: RealtimeQuotas,
 }
 
-/// How often a stream sends a `ping` frame and a `:` keep-alive comment.
+/// How often a stream sends a `ping` frame and a `:` keep-alive comment, and over how
+/// long streams end when the listeners close.
 #[derive(Debug, Clone, Copy)]
 pub struct SseTimers {
     /// `SSE_PING_INTERVAL`.
     pub ping_every: Duration,
     /// `SSE_KEEPALIVE_INTERVAL`.
     pub keepalive_every: Duration,
+    /// [`drain_spread`] of `SHUTDOWN_GRACE`: at shutdown each stream ends at a random
+    /// instant within it.
+    pub drain_spread: Duration,
+}
+
+/// Over how long open streams are ended once the listeners close: the first three
+/// quarters of the shutdown grace, so the last frames are written before the process
+/// exits at the end of it.
+pub fn drain_spread(grace: Duration) -> Duration {
+    grace * 3 / 4
+}
+
+/// When one stream ends within the drain: a uniformly random instant of the spread, so
+/// a replica's clients come back to the others as a trickle, not a burst.
+fn drain_after(spread: Duration) -> Duration {
+    use rand::Rng;
+    spread.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+}
+
+/// The last frame of a stream ended by a drain: no event (nothing for a page to handle),
+/// only a `retry:` of a random 0.25–1.5 × [`RETRY_MS`], so clients whose streams end at
+/// the same instant still reconnect apart. EventSource reconnects by itself, to whichever
+/// replica the balancer picks, with its `Last-Event-ID`.
+fn drain_frame() -> Bytes {
+    use rand::Rng;
+    let retry = rand::thread_rng().gen_range(RETRY_MS / 4..=RETRY_MS * 3 / 2);
+    Bytes::from(format!(": the server is restarting\nretry: {retry}\n\n"))
 }
 
 /// The SSE routes (public listener).
@@ -504,6 +532,11 @@ struct SseBody {
     session: SessionEnd,
     /// When this stream last wrote the client's presence marker.
     presence_written: Instant,
+    /// Over how long a drain spreads stream ends ([`SseTimers::drain_spread`]).
+    drain_spread: Duration,
+    /// Set when the listeners closed: the instant this stream ends with [`drain_frame`].
+    /// Frames are still delivered until then.
+    drain_at: Option<Instant>,
     /// The user's connection slot, freed when the stream is dropped.
     _slot: StreamSlot,
     done: bool,
@@ -572,6 +605,7 @@ impl SseBody {
         let SseTimers {
             ping_every,
             keepalive_every,
+            drain_spread,
         } = state.timers;
         let next_ping = now + first_ping_after(ping_every);
         let next_keepalive = now + keepalive_every;
@@ -589,6 +623,8 @@ impl SseBody {
             expires_at,
             session: session_end,
             presence_written: now,
+            drain_spread,
+            drain_at: None,
             _slot: slot,
             client_id,
             frames,
@@ -623,19 +659,30 @@ impl http_body::Body for SseBody {
         if this.done {
             return Poll::Ready(None);
         }
-        if this.stop.as_mut().poll(cx).is_ready() {
-            if this.shutdown.is_cancelled() {
-                this.end("shutdown");
-                return Poll::Ready(None);
-            }
+        if this.drain_at.is_some() {
+            // `stop` completed when the drain began; a revocation since then is seen here.
             if this.session.is_revoked() {
                 this.end("session revoked");
                 return Poll::Ready(Some(Ok(http_body::Frame::data(session_ended_frame(
                     "logged_out",
                 )))));
             }
-            this.end("superseded");
-            return Poll::Ready(None);
+        } else if this.stop.as_mut().poll(cx).is_ready() {
+            if this.shutdown.is_cancelled() && !this.session.is_revoked() {
+                // The listeners closed: keep delivering until this stream's own instant.
+                let at = Instant::now() + drain_after(this.drain_spread);
+                this.drain_at = Some(at);
+                let next = this.next_ping.min(this.next_keepalive).min(this.expires_at);
+                this.timer.as_mut().reset(next.min(at));
+            } else if this.session.is_revoked() {
+                this.end("session revoked");
+                return Poll::Ready(Some(Ok(http_body::Frame::data(session_ended_frame(
+                    "logged_out",
+                )))));
+            } else {
+                this.end("superseded");
+                return Poll::Ready(None);
+            }
         }
         match this.frames.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(f))) => {
@@ -660,6 +707,10 @@ impl http_body::Body for SseBody {
         }
         if this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
+            if this.drain_at.is_some_and(|at| now >= at) {
+                this.end("shutdown");
+                return Poll::Ready(Some(Ok(http_body::Frame::data(drain_frame()))));
+            }
             if now >= this.expires_at {
                 this.end("session expired");
                 return Poll::Ready(Some(Ok(http_body::Frame::data(session_ended_frame(
@@ -683,7 +734,9 @@ impl http_body::Body for SseBody {
                 Bytes::from_static(b":\n\n")
             };
             let next = this.next_ping.min(this.next_keepalive).min(this.expires_at);
-            this.timer.as_mut().reset(next);
+            this.timer
+                .as_mut()
+                .reset(this.drain_at.map_or(next, |at| next.min(at)));
             return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
         }
         Poll::Pending
@@ -712,6 +765,41 @@ impl Drop for SseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drained_streams_end_within_the_spread_with_a_jittered_retry_and_no_event() {
+        let grace = Duration::from_secs(20);
+        assert_eq!(drain_spread(grace), Duration::from_secs(15));
+        let afters: Vec<Duration> = (0..500).map(|_| drain_after(drain_spread(grace))).collect();
+        assert!(afters.iter().all(|d| *d <= Duration::from_secs(15)));
+        let early = afters
+            .iter()
+            .filter(|d| **d < Duration::from_millis(7500))
+            .count();
+        assert!(
+            (150..=350).contains(&early),
+            "not uniform: {early} of 500 in the first half"
+        );
+        let retries: std::collections::BTreeSet<u32> = (0..200)
+            .map(|_| {
+                let frame = drain_frame();
+                let text = std::str::from_utf8(&frame).unwrap();
+                assert!(
+                    text.ends_with("\n\n") && !text.contains("event:") && !text.contains("data:"),
+                    "{text}"
+                );
+                let retry = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("retry: "))
+                    .unwrap();
+                retry.parse().unwrap()
+            })
+            .collect();
+        assert!(retries.len() > 100, "not jittered: {retries:?}");
+        assert!(retries
+            .iter()
+            .all(|r| (RETRY_MS / 4..=RETRY_MS * 3 / 2).contains(r)));
+    }
 
     #[test]
     fn first_pings_are_spread_over_the_second_half_of_the_interval() {

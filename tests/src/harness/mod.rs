@@ -216,6 +216,23 @@ impl ChildGuard {
         child.wait().ok()
     }
 
+    /// Waits up to `timeout` for the process to exit by itself (no signal sent) and reaps
+    /// it; its exit status, or `None` if it is still running.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn signal_pid(&self, pid: u32, sig: &str) {
         assert_ne!(pid, 0, "pid 0 would signal the test's own process group");
         let _ = Command::new("kill")

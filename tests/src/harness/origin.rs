@@ -84,6 +84,9 @@ impl Origin {
                 ("AUTH_AUDIENCE", standin.audience().to_owned()),
                 ("NOETL_TIMEOUT", "3s".into()),
                 ("SHUTDOWN_GRACE", "2s".into()),
+                // A test's teardown is a SIGTERM: no load balancer to wait for. The drain
+                // test sets its own.
+                ("DRAIN_DELAY", "0s".into()),
                 ("RUST_LOG", "info,origin=debug".into()),
                 ("GATEWAY_CALLBACK_SECRET", CALLBACK_SECRET.into()),
                 ("GATEWAY_INTERNAL_TOKEN", INTERNAL_TOKEN.into()),

@@ -99,6 +99,18 @@ impl SseClient {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        Self::resume_with(&client, url, token, last_event_id).await
+    }
+
+    /// [`SseClient::resume`] through `client` (building a client is costly: a test that
+    /// opens hundreds of streams at once shares one; each stream still gets its own
+    /// connection, as the pool has no idle one while streams are open).
+    pub async fn resume_with(
+        client: &reqwest::Client,
+        url: &str,
+        token: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> anyhow::Result<Result<SseClient, (u16, Value)>> {
         let mut req = client.get(url).header("accept", "text/event-stream");
         if let Some(t) = token {
             req = req.bearer_auth(t);
