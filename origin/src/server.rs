@@ -265,6 +265,7 @@ async fn build(
             schema: graphql,
             sessions: sessions.clone(),
             shutdown: shutdown.clone(),
+            drain_spread: crate::events::drain_spread(config.shutdown_grace),
             keepalive: KeepAlive(config.sse_keepalive_interval),
             quotas: quotas.clone(),
         },

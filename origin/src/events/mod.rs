@@ -122,7 +122,7 @@ pub fn drain_spread(grace: Duration) -> Duration {
 
 /// When one stream ends within the drain: a uniformly random instant of the spread, so
 /// a replica's clients come back to the others as a trickle, not a burst.
-fn drain_after(spread: Duration) -> Duration {
+pub(crate) fn drain_after(spread: Duration) -> Duration {
     use rand::Rng;
     spread.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
 }

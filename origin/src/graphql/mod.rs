@@ -32,7 +32,7 @@
 //!   "too many" code, which its client does not retry on its own).
 //! - The socket closes with 4403 when its session is revoked (a logout on any replica, told
 //!   by the revocation set within its propagation time, no polling) or expires, and with
-//!   1001 on shutdown;
+//!   1001 on shutdown, spread over the drain like SSE streams;
 //!   WebSocket pings every `SSE_KEEPALIVE_INTERVAL` keep proxies from idling it out, and a
 //!   peer that stops reading is dropped after [`WRITE_TIMEOUT`].
 //! - Messages are at most [`MAX_BODY`], like HTTP bodies; the schema's depth and
@@ -85,6 +85,13 @@ pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write to a socket may take before the peer is considered gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Completes at this socket's own instant of the drain: a random point within `spread`
+/// after `shutdown`, so a replica's sockets do not all reconnect elsewhere at once.
+async fn drained(shutdown: &CancellationToken, spread: Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(crate::events::drain_after(spread)).await;
+}
+
 /// What the GraphQL routes need, and nothing else.
 #[derive(Clone, FromRef)]
 pub struct GraphqlState {
@@ -92,8 +99,11 @@ pub struct GraphqlState {
     pub schema: GatewaySchema,
     /// Who is calling (HTTP) and `connection_init` (WebSocket).
     pub sessions: Arc<SessionService>,
-    /// Cancelled on SIGTERM: sockets close with 1001.
+    /// Cancelled when the listeners close (after SIGTERM's drain delay): each socket
+    /// closes with 1001 at a random instant within `drain_spread`, like SSE streams.
     pub shutdown: CancellationToken,
+    /// Over how long sockets close at shutdown (`events::drain_spread` of the grace).
+    pub drain_spread: Duration,
     /// WebSocket ping interval (`SSE_KEEPALIVE_INTERVAL`).
     pub keepalive: KeepAlive,
     /// Per-user realtime slots and open rate, shared with `/events`.
@@ -417,10 +427,13 @@ async fn serve_socket(
     let every = state.keepalive.0.max(Duration::from_secs(1));
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
 
+    // Pinned once: its random instant is drawn once per socket.
+    let drain = drained(&state.shutdown, state.drain_spread);
+    let mut drain = std::pin::pin!(drain);
     let close = loop {
         let init = outcome.get();
         tokio::select! {
-            () = state.shutdown.cancelled() => break Some(Close::new(1001, "server shutting down")),
+            () = &mut drain => break Some(Close::new(1001, "server shutting down")),
             () = &mut init_deadline, if init.is_none() => {
                 break Some(Close::new(4408, "Connection initialisation timeout"));
             }
