@@ -37,7 +37,7 @@ edge:
 	@wasm=edge-worker/build/index_bg.wasm; \
 	  echo "edge wasm bundle: $$(stat -c %s $$wasm) bytes raw, $$(gzip -9c $$wasm | wc -c) bytes gzip"
 
-## make bench — session validation, revocation, the realtime path, the edge on workerd, abuse resistance (see docs/BENCHMARKS.md)
+## make bench — session validation, revocation, the realtime path, the edge on workerd, abuse resistance, the cost of observability (see docs/BENCHMARKS.md)
 bench: setup edge
 	cargo build --release --locked -p noetl-gateway-origin -p gateway-tests --bins
 	target/release/bench-sessions
@@ -45,6 +45,7 @@ bench: setup edge
 	target/release/bench-realtime
 	target/release/bench-edge
 	target/release/bench-abuse
+	target/release/bench-observability
 
 fmt:
 	cargo fmt --all
