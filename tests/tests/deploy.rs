@@ -749,6 +749,9 @@ fn the_kinds_are_rendered_when_enabled_and_absent_when_disabled() {
         public["metadata"]["annotations"].is_null(),
         "no NEG, no BackendConfig"
     );
+    // preStop's sleep action is on by default from 1.30: the chart refuses older clusters.
+    let err = try_render(&["--kube-version", "1.29.0"]).expect_err("1.29 is refused");
+    assert!(err.contains("kubeVersion"), "{err}");
     assert!(
         deployment(&renders()[0].1)["spec"]["replicas"].is_null(),
         "with the HPA on, the Deployment leaves the count to it"
@@ -1120,11 +1123,6 @@ fn the_monitoring_objects_point_at_the_internal_port_and_ship_the_files() {
 // Environment names: the chart and the origin's configuration in step
 // ---------------------------------------------------------------------------------------
 
-/// Rendered by the chart but not (yet) a setting of the origin. `DRAIN_DELAY` is being added
-/// to config.rs in parallel (issue 14 item 3); the test below fails once it is there, so
-/// this exception is removed with it.
-const PENDING_SETTINGS: &[&str] = &["DRAIN_DELAY"];
-
 /// Read by the origin outside its `Config` (main.rs's tracing `EnvFilter`).
 const NON_CLAP_ENV: &[&str] = &["RUST_LOG"];
 
@@ -1143,14 +1141,7 @@ fn schema() -> Value {
 #[test]
 fn every_env_name_the_chart_can_render_is_a_setting_of_the_origin() {
     let origin = origin_env_names();
-    for p in PENDING_SETTINGS {
-        assert!(
-            !origin.contains(*p),
-            "{p} is a setting of the origin now: remove it from PENDING_SETTINGS"
-        );
-    }
-    let known =
-        |n: &str| origin.contains(n) || NON_CLAP_ENV.contains(&n) || PENDING_SETTINGS.contains(&n);
+    let known = |n: &str| origin.contains(n) || NON_CLAP_ENV.contains(&n);
     let schema = schema();
     let config_names: BTreeSet<String> = schema["properties"]["config"]["properties"]
         .as_object()
@@ -1261,7 +1252,7 @@ fn the_production_values_render_a_configuration_the_origin_accepts() {
     // The env as flags (a Secret's value stood in for), parsed and validated as at start.
     let mut argv = vec!["origin".to_owned()];
     for (name, entry) in &env {
-        if PENDING_SETTINGS.contains(&name.as_str()) || NON_CLAP_ENV.contains(&name.as_str()) {
+        if NON_CLAP_ENV.contains(&name.as_str()) {
             continue;
         }
         let arg = command
