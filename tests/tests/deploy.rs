@@ -920,11 +920,19 @@ fn the_services_the_backendconfig_the_pdb_and_the_hpa_fit_the_pods() {
             timeout >= 3600 && timeout > ping,
             "{name}: SSE outlives the backend timeout? {timeout}"
         );
+        // The balancer must not cut what the origin is still ending spread out.
+        let draining = bc["spec"]["connectionDraining"]["drainingTimeoutSec"]
+            .as_u64()
+            .unwrap();
+        let c = container(&objects);
+        let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap();
+        let drain = seconds(&env_value(&objects, "DRAIN_DELAY").unwrap());
+        let grace = seconds(&env_value(&objects, "SHUTDOWN_GRACE").unwrap());
         assert!(
-            bc["spec"]["connectionDraining"]["drainingTimeoutSec"]
-                .as_u64()
-                .unwrap()
-                > 0
+            draining >= pre_stop + drain + grace,
+            "{name}: drainingTimeoutSec {draining} >= preStop + DRAIN_DELAY + SHUTDOWN_GRACE"
         );
         let hc = &bc["spec"]["healthCheck"];
         assert_eq!(hc["requestPath"], "/ready", "{name}");
