@@ -110,6 +110,12 @@ pub struct Config {
     #[arg(long, env = "NATS_KV_PREFIX")]
     pub nats_kv_prefix: Option<String>,
 
+    /// JetStream replicas of the gateway's buckets and frames stream (1–5; 3 on a
+    /// three-node cluster). Applied at start to what exists, too; unset leaves them as
+    /// they are (new ones get the server's default, one).
+    #[arg(long, env = "NATS_REPLICAS")]
+    pub nats_replicas: Option<usize>,
+
     /// How sessions are validated against NoETL.
     #[arg(long, env = "AUTH_MODE", value_enum, default_value = "rest")]
     pub auth_mode: AuthMode,
@@ -570,6 +576,9 @@ impl Config {
         }
         if self.public_max_connections == 0 || self.internal_max_connections == 0 {
             return err("PUBLIC_MAX_CONNECTIONS and INTERNAL_MAX_CONNECTIONS must be at least 1");
+        }
+        if self.nats_replicas.is_some_and(|n| !(1..=5).contains(&n)) {
+            return err("NATS_REPLICAS must be between 1 and 5 (JetStream's limit)");
         }
         if self.drain_delay > Duration::from_secs(300)
             || self.shutdown_grace > Duration::from_secs(600)

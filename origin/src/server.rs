@@ -115,6 +115,9 @@ async fn build(
             let kv = NatsKv::open(client.clone(), ttls, config.nats_kv_prefix.as_deref())
                 .await
                 .map_err(|e| anyhow::anyhow!("NATS K/V buckets: {e}"))?;
+            if let Some(n) = config.nats_replicas {
+                crate::store::nats::ensure_replicas(&client, &kv.stream_names(), n).await;
+            }
             tracing::info!("shared state: NATS JetStream K/V");
             (Arc::new(kv), Some(client))
         }
@@ -211,12 +214,17 @@ async fn build(
         max_frames_per_client: config.frame_retention_per_client,
     };
     let bus: Arc<dyn Bus> = match &nats {
-        Some(client) => Arc::new(
-            NatsBus::open(client.clone(), retention, None)
+        Some(client) => {
+            let bus = NatsBus::open(client.clone(), retention, None)
                 .await
                 .map_err(|e| anyhow::anyhow!("NATS frame stream: {e}"))?
-                .with_backlog(config.sse_queue),
-        ),
+                .with_backlog(config.sse_queue);
+            if let Some(n) = config.nats_replicas {
+                let frames = [crate::bus::nats::DEFAULT_STREAM_NAME.to_owned()];
+                crate::store::nats::ensure_replicas(client, &frames, n).await;
+            }
+            Arc::new(bus)
+        }
         None => Arc::new(MemoryBus::with_backlog(retention, config.sse_queue)),
     };
     crate::bridge::spawn(

@@ -120,3 +120,38 @@ async fn sigterm_drains_and_exits_zero_promptly() {
         .expect("the in-flight request was answered, not cut off");
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test]
+async fn nats_replicas_the_server_cannot_hold_are_logged_and_the_replica_still_serves() {
+    // One nats-server cannot keep three copies: the origin says so and serves with one
+    // (on a three-node cluster the same setting scales every stream in place).
+    let nats = NatsServer::start().await.unwrap();
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::with_nats(&nats.url).env("NATS_REPLICAS", "3"),
+    )
+    .await
+    .unwrap();
+    let log = origin.log_text();
+    for stream in ["KV_sessions", "KV_revoked", "GATEWAY_FRAMES"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("NATS_REPLICAS not applied") && l.contains(stream)),
+            "no warning for {stream}:\n{log}"
+        );
+    }
+    let r = reqwest::get(format!("{}/ready", origin.internal_url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // And the value 1, which the server holds, is applied silently.
+    drop(origin);
+    let again = Origin::start(
+        &standin,
+        OriginOptions::with_nats(&nats.url).env("NATS_REPLICAS", "1"),
+    )
+    .await
+    .unwrap();
+    assert!(!again.log_text().contains("NATS_REPLICAS not applied"));
+}

@@ -186,6 +186,12 @@ impl NatsKv {
         })
     }
 
+    /// The JetStream streams behind the buckets (`KV_<bucket>`), for
+    /// [`ensure_replicas`].
+    pub fn stream_names(&self) -> Vec<String> {
+        self.stores.iter().map(|s| s.stream_name.clone()).collect()
+    }
+
     /// How the existing buckets differ from the configuration (empty when they match), for
     /// start-up logs and diagnostics; each was also logged with `tracing::warn!`.
     pub fn config_mismatches(&self) -> &[String] {
@@ -609,6 +615,47 @@ impl BucketWatchState {
             }
         }
     }
+}
+
+/// Sets the JetStream replica count of `streams` (the buckets' and the frames stream) to
+/// `replicas` where it differs (`NATS_REPLICAS`): the origin creates what is missing with
+/// the server's default of one replica, and a three-node cluster should hold three copies,
+/// so a node's loss loses no session, frame or claim. NATS scales a stream's replicas up
+/// or down in place. Best effort: a stream that cannot change (a single server cannot hold
+/// more than one copy, an account without the right) is logged at `warn` and used as it
+/// is; returns those messages.
+pub async fn ensure_replicas(client: &Client, streams: &[String], replicas: usize) -> Vec<String> {
+    let js = jetstream::ContextBuilder::new()
+        .timeout(OPERATION_TIMEOUT)
+        .build(client.clone());
+    let mut problems = Vec::new();
+    for name in streams {
+        let info = match js.get_stream(name).await {
+            Ok(stream) => stream.cached_info().clone(),
+            Err(e) => {
+                problems.push(format!("stream {name}: cannot read its configuration: {e}"));
+                continue;
+            }
+        };
+        if info.config.num_replicas == replicas {
+            continue;
+        }
+        let from = info.config.num_replicas;
+        let mut config = info.config;
+        config.num_replicas = replicas;
+        match js.update_stream(config).await {
+            Ok(_) => {
+                tracing::info!(stream = %name, from, to = replicas, "NATS stream replicas set")
+            }
+            Err(e) => problems.push(format!(
+                "stream {name}: cannot change replicas from {from} to {replicas}: {e}"
+            )),
+        }
+    }
+    for p in &problems {
+        tracing::warn!(problem = %p, "NATS_REPLICAS not applied; the stream is used as it is");
+    }
+    problems
 }
 
 #[cfg(test)]
