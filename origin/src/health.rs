@@ -69,6 +69,10 @@ impl Readiness {
 }
 
 /// Liveness: 200 while the process can answer.
+#[utoipa::path(
+    get, path = "/health", tag = "health",
+    responses((status = 200, description = "The process answers (both listeners)", body = crate::openapi::HealthBody))
+)]
 pub async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
@@ -76,6 +80,13 @@ pub async fn health() -> Response {
 /// Readiness: 200 when the store, the bus and the revocation set are usable, else 503
 /// naming what is not; NoETL's state is reported either way (module docs). The `nats`
 /// check covers the store and the bus (both are NATS in production).
+#[utoipa::path(
+    get, path = "/ready", tag = "health",
+    responses(
+        (status = 200, description = "Ready: send this replica traffic (both listeners; 404 at the edge). NoETL's state is reported in `checks.noetl`, not required", body = crate::openapi::ReadyBody),
+        (status = 503, description = "Not ready (or draining): `checks` names what is not", body = crate::openapi::ReadyBody),
+    )
+)]
 pub async fn ready(State(r): State<Readiness>) -> Response {
     if r.is_draining() {
         return json_response(
