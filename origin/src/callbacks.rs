@@ -208,14 +208,21 @@ async fn entry_for(
         .ok_or_else(|| AppError::NotFound(format!("no pending request {request_id}")))
 }
 
+/// A callback's or progress report's acknowledgement.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct CallbackAck {
+    /// `delivered`, `queued` (202: the client is offline) or `duplicate`.
+    pub status: String,
+}
+
 /// `POST /api/internal/callback/async`: a playbook's result for an SSE client.
 #[utoipa::path(
     post, path = "/api/internal/callback/async", tag = "internal",
     request_body = CallbackBody,
     security(("callback_token" = [])),
     responses(
-        (status = 200, description = "`delivered`, or `duplicate` for a result already delivered", body = crate::openapi::CallbackAck),
-        (status = 202, description = "`queued`: the client is offline; the frame is delivered when it reconnects", body = crate::openapi::CallbackAck),
+        (status = 200, description = "`delivered`, or `duplicate` for a result already delivered", body = CallbackAck),
+        (status = 202, description = "`queued`: the client is offline; the frame is delivered when it reconnects", body = CallbackAck),
         (status = 400, description = "`invalid_json`, `invalid_field` (`request_id`)", body = ErrorBody),
         (status = 403, description = "`invalid_callback_token`: neither the service token nor the request's callback token", body = ErrorBody),
         (status = 404, description = "`not_found`: no pending request with this `request_id`", body = ErrorBody),
@@ -327,7 +334,7 @@ fn forget_unknown_marker(state: &CallbackState, request_id: &RequestId) {
     request_body = CallbackBody,
     security(("callback_token" = [])),
     responses(
-        (status = 200, description = "`delivered`, or `duplicate` for a result already stored", body = crate::openapi::CallbackAck),
+        (status = 200, description = "`delivered`, or `duplicate` for a result already stored", body = CallbackAck),
         (status = 400, description = "`invalid_json`, `invalid_field` (`request_id`)", body = ErrorBody),
         (status = 403, description = "`invalid_callback_token`: neither the service token nor the request's callback token", body = ErrorBody),
         (status = 404, description = "`not_found`: no pending request with this `request_id`", body = ErrorBody),
@@ -376,8 +383,8 @@ fn scrubber_for(state: &CallbackState, request_id: &RequestId) -> Scrubber {
     request_body = ProgressBody,
     security(("callback_token" = [])),
     responses(
-        (status = 200, description = "`delivered`", body = crate::openapi::CallbackAck),
-        (status = 202, description = "`queued`: the client is offline", body = crate::openapi::CallbackAck),
+        (status = 200, description = "`delivered`", body = CallbackAck),
+        (status = 202, description = "`queued`: the client is offline", body = CallbackAck),
         (status = 409, description = "`request_finished`: the request's result was already delivered", body = ErrorBody),
         (status = 400, description = "`invalid_json`, `invalid_field` (`request_id`)", body = ErrorBody),
         (status = 403, description = "`invalid_callback_token`: neither the service token nor the request's callback token", body = ErrorBody),

@@ -68,10 +68,28 @@ impl Readiness {
     }
 }
 
+/// `GET /health` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct HealthBody {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// `GET /ready`: the verdict and what was checked.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ReadyBody {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    /// Each check's state as a code (`ok`, `embedded`, `store unavailable`, NoETL's error
+    /// code, `current`, `catching up`, …) — never an upstream's error text.
+    #[schema(value_type = Object)]
+    pub checks: serde_json::Value,
+}
+
 /// Liveness: 200 while the process can answer.
 #[utoipa::path(
     get, path = "/health", tag = "health",
-    responses((status = 200, description = "The process answers (both listeners)", body = crate::openapi::HealthBody))
+    responses((status = 200, description = "The process answers (both listeners)", body = HealthBody))
 )]
 pub async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
@@ -83,8 +101,8 @@ pub async fn health() -> Response {
 #[utoipa::path(
     get, path = "/ready", tag = "health",
     responses(
-        (status = 200, description = "Ready: send this replica traffic (both listeners; 404 at the edge). NoETL's state is reported in `checks.noetl`, not required", body = crate::openapi::ReadyBody),
-        (status = 503, description = "Not ready (or draining): `checks` names what is not", body = crate::openapi::ReadyBody),
+        (status = 200, description = "Ready: send this replica traffic (both listeners; 404 at the edge). NoETL's state is reported in `checks.noetl`, not required", body = ReadyBody),
+        (status = 503, description = "Not ready (or draining): `checks` names what is not", body = ReadyBody),
     )
 )]
 pub async fn ready(State(r): State<Readiness>) -> Response {

@@ -6,108 +6,15 @@
 //! on the internal listener only (never through the edge), `health` on both. Routes whose
 //! handlers live in modules this file does not annotate (GraphQL, the `/noetl` proxy,
 //! `/metrics`) are described here by doc-only functions. The JSON bodies the handlers build
-//! with `json!` are described by the doc-only types below; `tests/tests/contracts.rs` keeps
+//! with `json!` are described by doc-only schema types beside each handler (GraphQL's
+//! here); `tests/tests/contracts.rs` keeps
 //! the committed file equal to [`document`] and checks that every route `app.rs` serves is
 //! in it. PROTOCOL.md stays the prose contract; this is its machine-readable half.
 
 use gateway_shared::error::ErrorBody;
-use gateway_shared::session::User;
 use serde::Serialize;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
-
-/// `POST /api/auth/login` → 200.
-#[derive(Serialize, ToSchema)]
-pub struct LoginResponse {
-    /// Always `authenticated`.
-    pub status: String,
-    /// The gateway session token: send it as `Authorization: Bearer`, the `session_token`
-    /// cookie, or `?session_token=` (EventSource).
-    pub session_token: String,
-    /// The user.
-    pub user: User,
-    /// When the session ends (RFC 3339).
-    pub expires_at: String,
-    /// A human-readable message.
-    pub message: String,
-}
-
-/// `POST /api/auth/validate` → 200.
-#[derive(Serialize, ToSchema)]
-pub struct ValidateResponse {
-    /// Always `true`.
-    pub valid: bool,
-    /// The session's user.
-    pub user: User,
-    /// When the session ends (RFC 3339).
-    pub expires_at: String,
-    /// A human-readable message.
-    pub message: String,
-}
-
-/// `POST /api/auth/validate` → 401: the compat fields plus the protocol's error object.
-#[derive(Serialize, ToSchema)]
-pub struct ValidateRefused {
-    /// Always `false`.
-    pub valid: bool,
-    /// Always `null`.
-    pub user: Option<User>,
-    /// Always `null`.
-    pub expires_at: Option<String>,
-    /// A human-readable message.
-    pub message: String,
-    /// `missing_token` or `invalid_session`.
-    pub error: gateway_shared::error::ErrorDetail,
-}
-
-/// `POST /api/auth/check-access` → 200.
-#[derive(Serialize, ToSchema)]
-pub struct CheckAccessResponse {
-    /// Whether the user may.
-    pub allowed: bool,
-    /// The session's user.
-    pub user: User,
-    /// The playbook asked about.
-    pub playbook_path: String,
-    /// `execute`, `view` or `modify`.
-    pub permission_type: String,
-    /// NoETL's explanation.
-    pub message: String,
-}
-
-/// `POST /api/events/ticket` → 200.
-#[derive(Serialize, ToSchema)]
-pub struct TicketResponse {
-    /// The single-use ticket for `GET /events?ticket=`.
-    pub ticket: String,
-    /// Seconds it stays redeemable (30).
-    pub expires_in: u64,
-}
-
-/// A callback's or progress report's acknowledgement.
-#[derive(Serialize, ToSchema)]
-pub struct CallbackAck {
-    /// `delivered`, `queued` (202: the client is offline) or `duplicate`.
-    pub status: String,
-}
-
-/// `GET /health` → 200.
-#[derive(Serialize, ToSchema)]
-pub struct HealthBody {
-    /// Always `ok`.
-    pub status: String,
-}
-
-/// `GET /ready`: the verdict and what was checked.
-#[derive(Serialize, ToSchema)]
-pub struct ReadyBody {
-    /// `ready` or `not_ready`.
-    pub status: String,
-    /// Each check's state as a code (`ok`, `embedded`, `store unavailable`, NoETL's error
-    /// code, `current`, `catching up`, …) — never an upstream's error text.
-    #[schema(value_type = Object)]
-    pub checks: serde_json::Value,
-}
 
 /// A GraphQL request (GraphQL over HTTP); the schema is `docs/schema.graphql`.
 #[derive(Serialize, ToSchema)]

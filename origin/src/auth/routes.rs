@@ -111,6 +111,65 @@ pub fn router() -> Router<AuthRoutesState> {
         .route("/api/auth/logout", post(logout))
 }
 
+/// `POST /api/auth/login` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct LoginResponse {
+    /// Always `authenticated`.
+    pub status: String,
+    /// The gateway session token: send it as `Authorization: Bearer`, the `session_token`
+    /// cookie, or `?session_token=` (EventSource).
+    pub session_token: String,
+    /// The user.
+    pub user: gateway_shared::session::User,
+    /// When the session ends (RFC 3339).
+    pub expires_at: String,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// `POST /api/auth/validate` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ValidateResponse {
+    /// Always `true`.
+    pub valid: bool,
+    /// The session's user.
+    pub user: gateway_shared::session::User,
+    /// When the session ends (RFC 3339).
+    pub expires_at: String,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// `POST /api/auth/validate` → 401: the compat fields plus the protocol's error object.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ValidateRefused {
+    /// Always `false`.
+    pub valid: bool,
+    /// Always `null`.
+    pub user: Option<gateway_shared::session::User>,
+    /// Always `null`.
+    pub expires_at: Option<String>,
+    /// A human-readable message.
+    pub message: String,
+    /// `missing_token` or `invalid_session`.
+    pub error: gateway_shared::error::ErrorDetail,
+}
+
+/// `POST /api/auth/check-access` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct CheckAccessResponse {
+    /// Whether the user may.
+    pub allowed: bool,
+    /// The session's user.
+    pub user: gateway_shared::session::User,
+    /// The playbook asked about.
+    pub playbook_path: String,
+    /// `execute`, `view` or `modify`.
+    pub permission_type: String,
+    /// NoETL's explanation.
+    pub message: String,
+}
+
 /// `POST /api/auth/login`'s body (PROTOCOL §1).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[schema(as = LoginRequest)]
@@ -132,7 +191,7 @@ struct LoginBody {
     post, path = "/api/auth/login", tag = "auth",
     request_body = LoginBody,
     responses(
-        (status = 200, description = "Authenticated", body = crate::openapi::LoginResponse),
+        (status = 200, description = "Authenticated", body = LoginResponse),
         (status = 400, description = "`missing_token`, `invalid_json`", body = ErrorBody),
         (status = 401, description = "The ID token is refused (`invalid_token`, …)", body = ErrorBody),
         (status = 413, description = "`payload_too_large` (`AUTH_BODY_LIMIT`)", body = ErrorBody),
@@ -215,8 +274,8 @@ impl HasToken for TokenBody {
     post, path = "/api/auth/validate", tag = "auth",
     request_body(content = Option<TokenBody>, description = "Optional: the token may come in a header, cookie or query instead"),
     responses(
-        (status = 200, description = "The session is valid", body = crate::openapi::ValidateResponse),
-        (status = 401, description = "Missing, invalid, expired or logged-out session (`missing_token`, `invalid_session`; the latter with `WWW-Authenticate: Bearer error=\"invalid_token\"`)", body = crate::openapi::ValidateRefused),
+        (status = 200, description = "The session is valid", body = ValidateResponse),
+        (status = 401, description = "Missing, invalid, expired or logged-out session (`missing_token`, `invalid_session`; the latter with `WWW-Authenticate: Bearer error=\"invalid_token\"`)", body = ValidateRefused),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "A non-empty body that is not JSON", body = ErrorBody),
         (status = 429, description = "`rate_limited` (`AUTH_RATE_LIMIT`), with `Retry-After`", body = ErrorBody),
@@ -295,7 +354,7 @@ impl HasToken for AccessBody {
     post, path = "/api/auth/check-access", tag = "auth",
     request_body = AccessBody,
     responses(
-        (status = 200, description = "The answer (allowed or not)", body = crate::openapi::CheckAccessResponse),
+        (status = 200, description = "The answer (allowed or not)", body = CheckAccessResponse),
         (status = 400, description = "`invalid_field` (`playbook_path`, `permission_type`), `invalid_json`", body = ErrorBody),
         (status = 401, description = "`missing_token`, `invalid_session`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),

@@ -191,12 +191,21 @@ fn ticket_key(ticket: &str) -> String {
     format!("ticket.{}", SessionHash::of(ticket).as_str())
 }
 
+/// `POST /api/events/ticket` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TicketResponse {
+    /// The single-use ticket for `GET /events?ticket=`.
+    pub ticket: String,
+    /// Seconds it stays redeemable (30).
+    pub expires_in: u64,
+}
+
 /// `POST /api/events/ticket`: a 30-second, single-use ticket for `/events?ticket=`.
 #[utoipa::path(
     post, path = "/api/events/ticket", tag = "events",
     security(("bearer" = []), ("session_cookie" = [])),
     responses(
-        (status = 200, description = "A ticket for one `GET /events?ticket=` within `expires_in` seconds", body = crate::openapi::TicketResponse),
+        (status = 200, description = "A ticket for one `GET /events?ticket=` within `expires_in` seconds", body = TicketResponse),
         (status = 401, description = "`missing_token`, `invalid_session`", body = gateway_shared::error::ErrorBody),
         (status = 503, description = "`store_unavailable`, `revocations_unavailable`", body = gateway_shared::error::ErrorBody),
     )
