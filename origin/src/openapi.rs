@@ -42,7 +42,7 @@ pub struct GraphqlResponse {
 
 /// `POST /graphql`.
 #[utoipa::path(
-    post, path = "/graphql", tag = "graphql",
+    post, operation_id = "graphql", path = "/graphql", tag = "graphql",
     request_body(content = GraphqlRequest, description = "One operation, or (with `GRAPHQL_BATCH`) a JSON array of them"),
     security(("bearer" = []), ("session_cookie" = [])),
     responses(
@@ -58,14 +58,14 @@ pub fn graphql_doc() {}
 
 /// `GET /graphql`: the GraphiQL page.
 #[utoipa::path(
-    get, path = "/graphql", tag = "graphql",
+    get, operation_id = "graphiql", path = "/graphql", tag = "graphql",
     responses((status = 200, description = "GraphiQL (HTML)", content_type = "text/html", body = String))
 )]
 pub fn graphiql_doc() {}
 
 /// `GET /graphql/ws`: GraphQL over WebSocket (`graphql-transport-ws`, or the legacy `graphql-ws`).
 #[utoipa::path(
-    get, path = "/graphql/ws", tag = "graphql",
+    get, operation_id = "graphql_ws", path = "/graphql/ws", tag = "graphql",
     params(("Sec-WebSocket-Protocol" = String, Header, description = "`graphql-transport-ws` or `graphql-ws`")),
     responses(
         (status = 101, description = "Switching protocols; the session token comes in `connection_init`'s payload (`connectionParams`) or the request's own credential"),
@@ -78,7 +78,7 @@ pub fn graphql_ws_doc() {}
 /// `/noetl/{path}`: NoETL's API at `{NOETL_BASE_URL}/api/{path}`, for allow-listed
 /// `METHOD /api/prefix` pairs (`PROXY_ALLOW`).
 #[utoipa::path(
-    method(get, post, put, patch, delete), path = "/noetl/{path}", tag = "proxy",
+    method(get, post, put, patch, delete), operation_id = "proxy", path = "/noetl/{path}", tag = "proxy",
     params(("path" = String, Path, description = "NoETL's API path below `/api/` (any depth; normalised, refused if it escapes `/api/`)")),
     request_body(content = Option<Object>, description = "Forwarded as it is (`PROXY_MAX_BODY`, 10 MiB)"),
     security(("bearer" = []), ("session_cookie" = [])),
@@ -97,21 +97,21 @@ pub fn proxy_doc() {}
 
 /// `/noetl` and `/noetl/`: no NoETL path named.
 #[utoipa::path(
-    method(get, post, put, patch, delete), path = "/noetl", tag = "proxy",
+    method(get, post, put, patch, delete), operation_id = "proxy_root", path = "/noetl", tag = "proxy",
     responses((status = 404, description = "`not_found`: name a NoETL API path after `/noetl/`", body = ErrorBody))
 )]
 pub fn proxy_root_doc() {}
 
 /// `/noetl/` (the same as `/noetl`).
 #[utoipa::path(
-    method(get, post, put, patch, delete), path = "/noetl/", tag = "proxy",
+    method(get, post, put, patch, delete), operation_id = "proxy_root_slash", path = "/noetl/", tag = "proxy",
     responses((status = 404, description = "`not_found`: name a NoETL API path after `/noetl/`", body = ErrorBody))
 )]
 pub fn proxy_root_slash_doc() {}
 
 /// `GET /metrics` (internal listener).
 #[utoipa::path(
-    get, path = "/metrics", tag = "internal",
+    get, operation_id = "metrics", path = "/metrics", tag = "internal",
     responses((status = 200, description = "Prometheus / OpenMetrics text (docs/OPERATIONS.md lists the series)", content_type = "text/plain", body = String))
 )]
 pub fn metrics_doc() {}
@@ -196,9 +196,44 @@ pub struct ApiDoc;
 
 /// The document as committed in `docs/openapi.json`: pretty JSON, ending in a newline.
 pub fn document() -> String {
-    let mut json = ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    unique_operation_ids(&mut doc);
+    let mut json = doc
         .to_pretty_json()
         .expect("the OpenAPI document serialises");
     json.push('\n');
     json
+}
+
+/// An operation id must be unique in a document, but one `#[utoipa::path]` with several
+/// methods (the proxy's) gives each the same: those get `_<method>` appended.
+fn unique_operation_ids(doc: &mut utoipa::openapi::OpenApi) {
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            ("get", &mut item.get),
+            ("put", &mut item.put),
+            ("post", &mut item.post),
+            ("delete", &mut item.delete),
+            ("options", &mut item.options),
+            ("head", &mut item.head),
+            ("patch", &mut item.patch),
+            ("trace", &mut item.trace),
+        ];
+        let mut ops: Vec<_> = ops
+            .into_iter()
+            .filter_map(|(m, op)| op.as_mut().map(|op| (m, op)))
+            .collect();
+        let shared = ops.len() > 1
+            && ops
+                .windows(2)
+                .all(|w| w[0].1.operation_id == w[1].1.operation_id);
+        if shared {
+            for (method, op) in &mut ops {
+                if let Some(id) = &mut op.operation_id {
+                    id.push('_');
+                    id.push_str(method);
+                }
+            }
+        }
+    }
 }

@@ -136,6 +136,23 @@ fn every_registered_route_is_documented() {
 }
 
 #[test]
+fn operation_ids_are_unique() {
+    let doc: Value = serde_json::from_str(&origin::openapi::document()).expect("JSON");
+    let mut seen = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("a path item") {
+            let id = op["operationId"]
+                .as_str()
+                .expect("every operation has an id");
+            assert!(
+                seen.insert(id.to_owned()),
+                "{method} {path}: operationId {id} repeats"
+            );
+        }
+    }
+}
+
+#[test]
 fn every_documented_error_is_the_protocol_error_body() {
     let doc: Value = serde_json::from_str(&origin::openapi::document()).expect("JSON");
     let error_ref = "#/components/schemas/ErrorBody";
