@@ -68,15 +68,48 @@ fn dry_run(config: &Path, env: &str, outdir: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[test]
-fn every_wrangler_environment_passes_a_dry_run_deploy() {
-    let root = workspace_root();
+/// The copy without `[build]`, `main` pointing at the built bundle.
+fn deployable_copy(doc: &mut DocumentMut, shim: &Path, dir: &Path) -> std::path::PathBuf {
+    doc.remove("build");
+    doc["main"] = toml_edit::value(shim.to_string_lossy().as_ref());
+    let config = dir.join("wrangler.toml");
+    std::fs::write(&config, doc.to_string()).expect("the copy is written");
+    config
+}
+
+fn shim() -> std::path::PathBuf {
     let shim = bundle_dir().join("worker/shim.mjs");
     assert!(
         shim.exists(),
         "{} is missing: build the edge worker first with `make edge` (`make test` does)",
         shim.display()
     );
+    shim
+}
+
+/// The copy is still checked in full: a malformed route in it fails the dry run, so the
+/// test above is not passing on a config wrangler does not read.
+#[test]
+fn the_dry_run_refuses_a_malformed_route() {
+    let root = workspace_root();
+    let text = std::fs::read_to_string(root.join("wrangler.toml")).expect("wrangler.toml");
+    let mut doc: DocumentMut = text.parse().expect("wrangler.toml is TOML");
+    let mut broken = toml_edit::InlineTable::new();
+    broken.insert("patern", "gateway.example.com/*".into());
+    let mut routes = toml_edit::Array::new();
+    routes.push(broken);
+    doc["env"]["production"]["routes"] = toml_edit::value(routes);
+    let dir = scratch_dir("gw-deploy-");
+    let config = deployable_copy(&mut doc, &shim(), dir.path());
+    let (ok, out) = dry_run(&config, "production", &dir.path().join("out"));
+    assert!(!ok, "a malformed route passed the dry run:\n{out}");
+    assert!(out.contains("routes"), "wrangler names the routes:\n{out}");
+}
+
+#[test]
+fn every_wrangler_environment_passes_a_dry_run_deploy() {
+    let root = workspace_root();
+    let shim = shim();
     let text = std::fs::read_to_string(root.join("wrangler.toml")).expect("wrangler.toml");
     let mut doc: DocumentMut = text.parse().expect("wrangler.toml is TOML");
     let envs = environments(&doc);
@@ -106,11 +139,8 @@ fn every_wrangler_environment_passes_a_dry_run_deploy() {
     }
 
     // The copy: no [build] (the bundle is built), `main` absolute (the copy lives elsewhere).
-    doc.remove("build");
-    doc["main"] = toml_edit::value(shim.to_string_lossy().as_ref());
     let dir = scratch_dir("gw-deploy-");
-    let config = dir.path().join("wrangler.toml");
-    std::fs::write(&config, doc.to_string()).expect("the copy is written");
+    let config = deployable_copy(&mut doc, &shim, dir.path());
 
     for env in &envs {
         let outdir = dir.path().join(format!("out-{env}"));
