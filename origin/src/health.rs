@@ -78,12 +78,13 @@ pub struct HealthBody {
 /// `GET /ready`: the verdict and what was checked.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ReadyBody {
-    /// `ready` or `not_ready`.
+    /// `ready`, `not_ready`, or `draining` (from SIGTERM on).
     pub status: String,
-    /// Each check's state as a code (`ok`, `embedded`, `store unavailable`, NoETL's error
-    /// code, `current`, `catching up`, …) — never an upstream's error text.
-    #[schema(value_type = Object)]
-    pub checks: serde_json::Value,
+    /// Each check's state as a code (`nats`: `ok`, `embedded`, `store unavailable`, …;
+    /// `noetl`: `ok` or NoETL's error code; `revocations`: `current`, `catching up`) —
+    /// never an upstream's error text. Absent while draining.
+    #[schema(value_type = Option<Object>)]
+    pub checks: Option<serde_json::Value>,
 }
 
 /// Liveness: 200 while the process can answer.
@@ -102,7 +103,7 @@ pub async fn health() -> Response {
     get, path = "/ready", tag = "health",
     responses(
         (status = 200, description = "Ready: send this replica traffic (both listeners; 404 at the edge). NoETL's state is reported in `checks.noetl`, not required", body = ReadyBody),
-        (status = 503, description = "Not ready (or draining): `checks` names what is not", body = ReadyBody),
+        (status = 503, description = "`not_ready` (`checks` names what is not), or `draining` from SIGTERM on (no `checks`)", body = ReadyBody),
     )
 )]
 pub async fn ready(State(r): State<Readiness>) -> Response {
