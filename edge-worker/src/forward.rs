@@ -13,7 +13,10 @@
 //! - Method-override and URL-rewrite headers (`x-http-method-override`, `x-original-url`, …:
 //!   the shared [`is_request_override_header`] rule) are dropped: the route table decided on
 //!   the request's own method and path.
-//! - `x-request-id` is the edge's (accepted or minted); `traceparent` passes through.
+//! - `x-request-id` is the edge's (accepted or minted). `traceparent` is the edge's too:
+//!   the client's valid trace continued with the edge's span as parent, else a new trace
+//!   (`crate::ids`, `gateway_shared::trace`); the client's `tracestate` goes with a
+//!   continued trace only.
 //! - `Authorization` and cookies pass through: the origin needs the token for NoETL's
 //!   own access checks, and binds the assertion to it (`sid`).
 //! - Redirects are the client's business (`redirect: manual`).
@@ -96,7 +99,8 @@ pub fn keep_request_header(name: &str, connection: &[String], websocket: bool) -
         || is_client_identity_header(&n)
         || is_request_override_header(&n)
         || n == "host"
-        || n == "x-request-id")
+        || n == "x-request-id"
+        || n == gateway_shared::trace::HEADER)
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -107,6 +111,7 @@ mod glue {
     use crate::error::EdgeError;
     use futures_util::future::{select, Either};
     use gateway_shared::assertion;
+    use gateway_shared::trace::{self, TraceParent};
     use std::time::Duration;
     use worker::{
         AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
@@ -152,6 +157,12 @@ mod glue {
         pub rid: &'a str,
         /// The client's address, for `x-forwarded-for`.
         pub client_ip: Option<String>,
+        /// The trace to send (`traceparent`), with the edge's span as parent.
+        pub trace: &'a TraceParent,
+        /// Whether the client's trace was continued (its `tracestate` goes along).
+        pub trace_continued: bool,
+        /// The request's arrival, seconds since the epoch (the assertion's `iat`).
+        pub now_unix: i64,
     }
 
     /// Reads a request's whole body, refusing it with 413 once it passes `limit` bytes
@@ -206,18 +217,20 @@ mod glue {
         let connection = connection_tokens(header("connection").as_deref());
         let headers = Headers::new();
         for (name, value) in incoming.entries() {
-            if keep_request_header(&name, &connection, websocket) {
+            if keep_request_header(&name, &connection, websocket)
+                && (f.trace_continued || name != trace::STATE_HEADER)
+            {
                 headers.append(&name, &value)?;
             }
         }
         headers.set("x-request-id", f.rid)?;
+        headers.set(trace::HEADER, &f.trace.to_string())?;
         if let Some(ip) = &f.client_ip {
             headers.set("x-forwarded-for", ip)?;
         }
-        let signed =
-            crate::sign::assertion(f.caller, f.rid, &cfg.signing_key, crate::time::now_unix())
-                .await
-                .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
+        let signed = crate::sign::assertion(f.caller, f.rid, &cfg.signing_key, f.now_unix)
+            .await
+            .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
         headers.set(assertion::HEADER, &signed)?;
 
         let mut init = RequestInit::new();
@@ -310,6 +323,7 @@ mod tests {
             "proxy-authorization",
             "host",
             "x-request-id",
+            "traceparent",
         ] {
             assert!(!keep_request_header(h, &none, false), "{h} was kept");
         }
@@ -320,7 +334,6 @@ mod tests {
             "content-length",
             "accept",
             "last-event-id",
-            "traceparent",
             "tracestate",
             "user-agent",
         ] {

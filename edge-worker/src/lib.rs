@@ -7,7 +7,9 @@
 //! touches the Workers runtime is `#[cfg(target_arch = "wasm32")]`.
 //!
 //! A request flows through:
-//! 1. [`ids`] — keep a well-formed client `x-request-id`, else mint one.
+//! 1. [`ids`] — keep a well-formed client `x-request-id`, else mint one; continue the
+//!    client's valid W3C `traceparent` with the edge's span, else start a trace (one
+//!    random read for all of it).
 //! 2. [`config`] — the isolate's configuration (read once, validated).
 //! 3. [`cors`] — a preflight is answered here (204) and goes no further.
 //! 4. route — `RouteTable::classify`: `/health` is answered by the edge ([`reply`]);
@@ -26,7 +28,9 @@
 //!    Ed25519). A logout's body is read whole (bounded) and forwarded as bytes; on its
 //!    204 every token it carried is forgotten at the edge (this isolate and KV). An origin
 //!    401 that refuses the asserted session itself makes the edge forget that session.
-//! 9. `reply::finish` — CORS headers, `Vary: Origin` and `x-request-id` on every response.
+//! 9. `reply::finish` — CORS headers, `Vary: Origin` and `x-request-id` on every response;
+//!    then [`log`] writes the request's one JSON line (route entry, status, duration,
+//!    outcome, trace id).
 //!    Before it, a `GET /events` whose answer is a passing failure (502, 503, 504 — the
 //!    edge's own, or the origin's) becomes `reply::unavailable_stream`: a 200 event
 //!    stream that says retry and ends, since a browser's EventSource gives up for good on
@@ -45,6 +49,7 @@ pub mod forward;
 pub mod ids;
 pub mod l1;
 pub mod limits;
+pub mod log;
 pub mod ratelimit;
 pub mod reply;
 pub mod session;
@@ -57,69 +62,125 @@ mod entry {
     use crate::config::{self, EdgeConfig};
     use crate::error::{CatchPanic, EdgeError};
     use crate::forward::{self, Forward};
+    use crate::log::{self, Outcome as LogOutcome, RequestLog};
     use crate::ratelimit::{self, Limiter};
     use crate::{cors, ids, reply, session, time};
     use gateway_shared::cors::CorsPolicy;
     use gateway_shared::routes::RouteKind;
     use gateway_shared::session::SessionHash;
+    use gateway_shared::trace::Origin;
     use worker::{event, Context, Env, Request, Response};
 
     #[event(fetch)]
     async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+        // The request's arrival: its duration in the log, and the `now` of every decision
+        // on its way (session expiry, the assertion's `iat`) — one clock read.
+        let started = time::now_millis();
         let header = |name: &str| req.headers().get(name).ok().flatten();
-        let rid = ids::request_id(header("x-request-id").as_deref());
+        let ids = ids::request_ids(
+            header("x-request-id").as_deref(),
+            header(gateway_shared::trace::HEADER).as_deref(),
+        );
+        let rid = ids.rid.as_str();
         let origin = header("origin");
         let requested_method = header("access-control-request-method");
-        let (resp, cors_headers) = match config::load(&env) {
-            Err(e) => (
-                e.into_response(&rid),
-                CorsPolicy::default().response_headers(origin.as_deref()),
-            ),
-            Ok(cfg) => match cors::preflight(
-                &cfg.cors,
-                &req.inner().method(),
-                origin.as_deref(),
-                requested_method.as_deref(),
-            ) {
-                Some(preflight) => (reply::empty(preflight.status), preflight.headers),
-                None => {
-                    let event_stream =
-                        reply::is_event_stream_request(&req.inner().method(), &req.path());
-                    let outcome = CatchPanic::new(handle(req, &env, &cfg, &rid)).await;
-                    (
-                        answer(outcome, event_stream, &rid),
-                        cfg.cors.response_headers(origin.as_deref()),
-                    )
+        let method = req.inner().method();
+        let path = req.path();
+        let mut route = (None, None);
+        let (resp, cors_headers, outcome) = match config::load(&env) {
+            Err(e) => {
+                let outcome = LogOutcome::Edge(e.code(), e.status());
+                (
+                    e.into_response(rid),
+                    CorsPolicy::default().response_headers(origin.as_deref()),
+                    outcome,
+                )
+            }
+            Ok(cfg) => {
+                let (kind, entry) = cfg.routes.lookup(&path);
+                route = (Some(kind), entry.map(str::to_owned));
+                match cors::preflight(
+                    &cfg.cors,
+                    &method,
+                    origin.as_deref(),
+                    requested_method.as_deref(),
+                ) {
+                    Some(preflight) => (
+                        reply::empty(preflight.status),
+                        preflight.headers,
+                        LogOutcome::Preflight,
+                    ),
+                    None => {
+                        let event_stream = reply::is_event_stream_request(&method, &path);
+                        let request = Meta {
+                            rid,
+                            ids: &ids,
+                            now_unix: i64::try_from(started / 1000).unwrap_or(i64::MAX),
+                        };
+                        let handled = CatchPanic::new(handle(req, &env, &cfg, request)).await;
+                        let (resp, outcome) = answer(handled, event_stream, rid);
+                        (resp, cfg.cors.response_headers(origin.as_deref()), outcome)
+                    }
                 }
-            },
+            }
         };
-        Ok(reply::finish(resp, &cors_headers, &rid))
+        let resp = reply::finish(resp, &cors_headers, rid);
+        log::emit(&RequestLog {
+            rid,
+            trace_id: &ids.trace.trace_id_hex(),
+            method: &method,
+            route: route.1.as_deref(),
+            kind: route.0,
+            status: resp.status_code(),
+            ms: time::now_millis().saturating_sub(started),
+            outcome: &outcome,
+        });
+        Ok(resp)
     }
 
-    /// The response for a handled request: the outcome, except that on `/events` a
-    /// passing failure says retry as an event stream (`reply` module docs).
-    fn answer(outcome: Result<Response, EdgeError>, event_stream: bool, rid: &str) -> Response {
-        match outcome {
+    /// What `handle` needs to know about the request beyond the request itself.
+    #[derive(Clone, Copy)]
+    struct Meta<'a> {
+        rid: &'a str,
+        ids: &'a ids::RequestIds,
+        now_unix: i64,
+    }
+
+    /// The response for a handled request and how it ended: the outcome, except that on
+    /// `/events` a passing failure says retry as an event stream (`reply` module docs).
+    fn answer(
+        handled: Result<Response, EdgeError>,
+        event_stream: bool,
+        rid: &str,
+    ) -> (Response, LogOutcome) {
+        match handled {
             Err(e)
                 if event_stream
                     && gateway_shared::frames::answers_as_unavailable_stream(e.status()) =>
             {
                 worker::console_warn!("request {rid}: /events answered as a retry: {e}");
-                reply::unavailable_stream(e.code(), &e.message())
+                let outcome = LogOutcome::Edge(e.code(), e.status());
+                (reply::unavailable_stream(e.code(), &e.message()), outcome)
             }
-            Err(e) => e.into_response(rid),
-            Ok(resp) if event_stream => {
+            Err(e) => {
+                let outcome = LogOutcome::Edge(e.code(), e.status());
+                (e.into_response(rid), outcome)
+            }
+            Ok(resp) => {
+                let outcome = LogOutcome::of_origin(resp.status_code());
+                if !event_stream {
+                    return (resp, outcome);
+                }
                 match reply::origin_status_as_unavailable(resp.status_code()) {
                     Some((code, message)) => {
                         worker::console_warn!(
                             "request {rid}: /events answered as a retry: {message}"
                         );
-                        reply::unavailable_stream(code, &message)
+                        (reply::unavailable_stream(code, &message), outcome)
                     }
-                    None => resp,
+                    None => (resp, outcome),
                 }
             }
-            Ok(resp) => resp,
         }
     }
 
@@ -128,8 +189,9 @@ mod entry {
         mut req: Request,
         env: &Env,
         cfg: &EdgeConfig,
-        rid: &str,
+        request: Meta<'_>,
     ) -> Result<Response, EdgeError> {
+        let rid = request.rid;
         let url = req.url()?;
         let route = cfg.routes.classify(url.path());
         match route {
@@ -186,8 +248,7 @@ mod entry {
                 let per_session = ratelimit::check(env, Limiter::Session, key, period);
                 let (ip, session) = futures_util::future::join(per_ip, per_session).await;
                 ip.and(session)?;
-                let now = time::now_unix();
-                session::resolve(env, cfg, &token, hash, rid, now).await?
+                session::resolve(env, cfg, &token, hash, rid, request.now_unix).await?
             }
             _ => {
                 per_ip.await?;
@@ -211,6 +272,9 @@ mod entry {
                 caller: &caller,
                 rid,
                 client_ip,
+                trace: &request.ids.trace,
+                trace_continued: request.ids.trace_origin == Origin::Continued,
+                now_unix: request.now_unix,
             },
         );
         // A fresh session is written to KV while the request travels to the origin.

@@ -208,7 +208,29 @@ async fn entry_for(
         .ok_or_else(|| AppError::NotFound(format!("no pending request {request_id}")))
 }
 
+/// A callback's or progress report's acknowledgement.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct CallbackAck {
+    /// `delivered`, `queued` (202: the client is offline) or `duplicate`.
+    pub status: String,
+}
+
 /// `POST /api/internal/callback/async`: a playbook's result for an SSE client.
+#[utoipa::path(
+    post, path = "/api/internal/callback/async", tag = "internal",
+    request_body = CallbackBody,
+    security(("callback_token" = [])),
+    responses(
+        (status = 200, description = "`delivered`, or `duplicate` for a result already delivered", body = CallbackAck),
+        (status = 202, description = "`queued`: the client is offline; the frame is delivered when it reconnects", body = CallbackAck),
+        (status = 400, description = "`invalid_json`, `invalid_field` (`request_id`)", body = ErrorBody),
+        (status = 403, description = "`invalid_callback_token`: neither the service token nor the request's callback token", body = ErrorBody),
+        (status = 404, description = "`not_found`: no pending request with this `request_id`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: over `CALLBACK_BODY_LIMIT` or what one NATS message carries", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
+        (status = 503, description = "The bus or store is unavailable (retry), or no service token is configured", body = ErrorBody),
+    )
+)]
 async fn async_callback(
     State(state): State<CallbackState>,
     req: Request,
@@ -307,6 +329,20 @@ fn forget_unknown_marker(state: &CallbackState, request_id: &RequestId) {
 
 /// `POST /api/internal/callback`: the answer a gateway request is waiting for (auth
 /// playbooks). Stored under `result.<request_id>`; the waiting replica watches that key.
+#[utoipa::path(
+    post, path = "/api/internal/callback", tag = "internal",
+    request_body = CallbackBody,
+    security(("callback_token" = [])),
+    responses(
+        (status = 200, description = "`delivered`, or `duplicate` for a result already stored", body = CallbackAck),
+        (status = 400, description = "`invalid_json`, `invalid_field` (`request_id`)", body = ErrorBody),
+        (status = 403, description = "`invalid_callback_token`: neither the service token nor the request's callback token", body = ErrorBody),
+        (status = 404, description = "`not_found`: no pending request with this `request_id`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: over `CALLBACK_BODY_LIMIT` or what one NATS message carries", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
+        (status = 503, description = "The bus or store is unavailable (retry), or no service token is configured", body = ErrorBody),
+    )
+)]
 async fn sync_callback(
     State(state): State<CallbackState>,
     req: Request,
@@ -342,6 +378,22 @@ fn scrubber_for(state: &CallbackState, request_id: &RequestId) -> Scrubber {
 }
 
 /// `POST /api/internal/progress`: a `playbook/progress` frame for the request's client.
+#[utoipa::path(
+    post, path = "/api/internal/progress", tag = "internal",
+    request_body = ProgressBody,
+    security(("callback_token" = [])),
+    responses(
+        (status = 200, description = "`delivered`", body = CallbackAck),
+        (status = 202, description = "`queued`: the client is offline", body = CallbackAck),
+        (status = 409, description = "`request_finished`: the request's result was already delivered", body = ErrorBody),
+        (status = 400, description = "`invalid_json`, `invalid_field` (`request_id`)", body = ErrorBody),
+        (status = 403, description = "`invalid_callback_token`: neither the service token nor the request's callback token", body = ErrorBody),
+        (status = 404, description = "`not_found`: no pending request with this `request_id`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: over `CALLBACK_BODY_LIMIT` or what one NATS message carries", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
+        (status = 503, description = "The bus or store is unavailable (retry), or no service token is configured", body = ErrorBody),
+    )
+)]
 async fn progress(State(state): State<CallbackState>, req: Request) -> Result<Response, AppError> {
     let (presented, body): (_, ProgressBody) = read_json(&state, req).await?;
     authorize(&state, &presented, &body.request_id)?;

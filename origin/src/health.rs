@@ -68,7 +68,30 @@ impl Readiness {
     }
 }
 
+/// `GET /health` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct HealthBody {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// `GET /ready`: the verdict and what was checked.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ReadyBody {
+    /// `ready`, `not_ready`, or `draining` (from SIGTERM on).
+    pub status: String,
+    /// Each check's state as a code (`nats`: `ok`, `embedded`, `store unavailable`, …;
+    /// `noetl`: `ok` or NoETL's error code; `revocations`: `current`, `catching up`) —
+    /// never an upstream's error text. Absent while draining.
+    #[schema(value_type = Option<Object>)]
+    pub checks: Option<serde_json::Value>,
+}
+
 /// Liveness: 200 while the process can answer.
+#[utoipa::path(
+    get, path = "/health", tag = "health",
+    responses((status = 200, description = "The process answers (both listeners)", body = HealthBody))
+)]
 pub async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
@@ -76,6 +99,13 @@ pub async fn health() -> Response {
 /// Readiness: 200 when the store, the bus and the revocation set are usable, else 503
 /// naming what is not; NoETL's state is reported either way (module docs). The `nats`
 /// check covers the store and the bus (both are NATS in production).
+#[utoipa::path(
+    get, path = "/ready", tag = "health",
+    responses(
+        (status = 200, description = "Ready: send this replica traffic (both listeners; 404 at the edge). NoETL's state is reported in `checks.noetl`, not required", body = ReadyBody),
+        (status = 503, description = "`not_ready` (`checks` names what is not), or `draining` from SIGTERM on (no `checks`)", body = ReadyBody),
+    )
+)]
 pub async fn ready(State(r): State<Readiness>) -> Response {
     if r.is_draining() {
         return json_response(

@@ -23,6 +23,8 @@
 //! - [`proxy`] — `/noetl/*` → NoETL `/api/*`: path policy, allow-list, streaming.
 //! - [`health`] — liveness and readiness.
 //! - [`metrics`] — Prometheus counters (internal listener).
+//! - [`openapi`] — the OpenAPI 3.1 document of every HTTP route (`docs/openapi.json`),
+//!   from the handlers' `utoipa` annotations.
 //!
 //! Services and stores:
 //! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, redirects off, errors.
@@ -63,6 +65,7 @@ pub mod interest;
 pub mod listener;
 pub mod metrics;
 pub mod noetl;
+pub mod openapi;
 pub mod owners;
 pub mod proxy;
 pub mod quotas;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// The inner object of an error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// A stable, machine-readable code (`snake_case`), e.g. `invalid_token`.
     pub code: String,
@@ -16,6 +17,7 @@ pub struct ErrorDetail {
 
 /// The whole error response body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error itself.
     pub error: ErrorDetail,

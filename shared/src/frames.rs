@@ -165,6 +165,7 @@ pub struct PlaybookState {
 
 /// The error of a failed result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResultError {
     /// A machine code (NoETL's, or `PLAYBOOK_FAILED`).
     #[serde(default)]
@@ -213,6 +214,7 @@ pub struct PlaybookProgress {
 
 /// The body NoETL's playbooks POST to `/api/internal/callback{,/async}` (PROTOCOL §4).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CallbackBody {
     /// The request this answers.
     pub request_id: String,
@@ -273,6 +275,7 @@ impl CallbackBody {
 
 /// The body of `/api/internal/progress`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProgressBody {
     /// The request this reports on.
     pub request_id: String,

@@ -16,6 +16,7 @@
 //! - [`client_ip`] — which rate-limit bucket a client address counts in (IPv6 by /64).
 //! - [`headers`] — what a client may bring in its headers: accepted request ids, identity
 //!   and credential headers stripped from what is forwarded.
+//! - [`trace`] — W3C `traceparent`: parse, format, continue the client's trace or start one.
 
 pub mod assertion;
 pub mod client_ip;
@@ -27,3 +28,4 @@ pub mod headers;
 pub mod ids;
 pub mod routes;
 pub mod session;
+pub mod trace;

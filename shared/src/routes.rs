@@ -79,12 +79,18 @@ impl RouteTable {
 
     /// The kind of the longest entry matching `path`; [`RouteKind::Session`] if none.
     pub fn classify(&self, path: &str) -> RouteKind {
+        self.lookup(path).0
+    }
+
+    /// The kind and the path of the longest entry matching `path` (the table's own
+    /// spelling, e.g. `/noetl/`: what a log names instead of the raw path); the path is
+    /// `None` when no entry matches (a [`RouteKind::Session`] route).
+    pub fn lookup(&self, path: &str) -> (RouteKind, Option<&str>) {
         self.entries
             .iter()
             .filter(|(_, p)| matches(p, path))
             .max_by_key(|(_, p)| p.len())
-            .map(|(k, _)| *k)
-            .unwrap_or(RouteKind::Session)
+            .map_or((RouteKind::Session, None), |(k, p)| (*k, Some(p.as_str())))
     }
 }
 
@@ -131,6 +137,9 @@ mod tests {
         assert_eq!(t.classify("/a/b/c"), RouteKind::Deny);
         assert_eq!(t.classify("/p/x"), RouteKind::Service);
         assert_eq!(t.classify("/p"), RouteKind::Service);
+        assert_eq!(t.lookup("/a/b/c"), (RouteKind::Deny, Some("/a/b")));
+        assert_eq!(t.lookup("/p/x?q"), (RouteKind::Service, Some("/p/")));
+        assert_eq!(t.lookup("/ab"), (RouteKind::Session, None));
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub fn extract_token(
 
 /// A user as the gateway reports it (PROTOCOL.md §1, `user`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct User {
     /// NoETL's user id. NoETL may send a number; it is kept as its exact decimal text.
     #[serde(deserialize_with = "string_or_number")]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use gateway_shared::assertion::{self, AssertionClaims};
 use gateway_shared::session::SessionHash;
+use gateway_shared::trace::TraceParent;
 use gateway_tests::harness::edge::{
     bundle_dir, test_public_key, Edge, EdgeOptions, EdgeWorld, ALLOWED_ORIGIN,
 };
@@ -431,10 +432,43 @@ async fn spoofed_identity_headers_do_not_reach_the_origin_and_forged_assertions_
         assert!(h.get(spoofed).is_none(), "{spoofed} reached NoETL: {echo}");
     }
     assert_eq!(h["x-request-id"], "edge-spoof-test-1");
-    assert_eq!(
-        h["traceparent"],
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    // The client's trace is continued: same trace id and flags, the edge's span as parent.
+    let sent =
+        TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+    let got = h["traceparent"]
+        .as_str()
+        .and_then(TraceParent::parse)
+        .unwrap_or_else(|| panic!("a valid traceparent reached NoETL: {echo}"));
+    assert_eq!(got.trace_id, sent.trace_id, "{echo}");
+    assert_eq!(got.flags, sent.flags, "{echo}");
+    assert_ne!(
+        got.parent_id, sent.parent_id,
+        "the edge's span is the parent: {echo}"
     );
+
+    // No traceparent (or an invalid one): the edge starts a trace, sampled.
+    for incoming in [
+        None,
+        Some("00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01"),
+    ] {
+        let mut req = http()
+            .get(format!("{}/noetl/debug/echo", w.edge.url))
+            .bearer_auth(&token);
+        if let Some(tp) = incoming {
+            req = req.header("traceparent", tp);
+        }
+        let echo: Value = req.send().await.unwrap().json().await.unwrap();
+        let got = echo["headers"]["traceparent"]
+            .as_str()
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(|| panic!("{incoming:?}: a valid traceparent reached NoETL: {echo}"));
+        assert_eq!(got.flags, 1, "{echo}");
+        assert_ne!(
+            got.trace_id_hex(),
+            "0af7651916cd43dd8448eb211c80319c",
+            "an invalid traceparent is not continued"
+        );
+    }
 
     // GraphQL sees the real caller too, whatever the client claims.
     let (status, _, v) = me_at(

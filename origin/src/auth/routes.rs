@@ -18,6 +18,7 @@ use axum::http::{request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use gateway_shared::error::ErrorBody;
 use gateway_shared::session::{is_well_formed_token, SESSION_REFUSED_CHALLENGE};
 use serde::Deserialize;
 use serde_json::json;
@@ -110,17 +111,97 @@ pub fn router() -> Router<AuthRoutesState> {
         .route("/api/auth/logout", post(logout))
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/auth/login` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct LoginResponse {
+    /// Always `authenticated`.
+    pub status: String,
+    /// The gateway session token: send it as `Authorization: Bearer`, the `session_token`
+    /// cookie, or `?session_token=` (EventSource).
+    pub session_token: String,
+    /// The user.
+    pub user: gateway_shared::session::User,
+    /// When the session ends (RFC 3339).
+    pub expires_at: String,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// `POST /api/auth/validate` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ValidateResponse {
+    /// Always `true`.
+    pub valid: bool,
+    /// The session's user.
+    pub user: gateway_shared::session::User,
+    /// When the session ends (RFC 3339).
+    pub expires_at: String,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// `POST /api/auth/validate` → 401: the compat fields plus the protocol's error object.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ValidateRefused {
+    /// Always `false`.
+    pub valid: bool,
+    /// Always `null`.
+    pub user: Option<gateway_shared::session::User>,
+    /// Always `null`.
+    pub expires_at: Option<String>,
+    /// A human-readable message.
+    pub message: String,
+    /// `missing_token` or `invalid_session`.
+    pub error: gateway_shared::error::ErrorDetail,
+}
+
+/// `POST /api/auth/check-access` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct CheckAccessResponse {
+    /// Whether the user may.
+    pub allowed: bool,
+    /// The session's user.
+    pub user: gateway_shared::session::User,
+    /// The playbook asked about.
+    pub playbook_path: String,
+    /// `execute`, `view` or `modify`.
+    pub permission_type: String,
+    /// NoETL's explanation.
+    pub message: String,
+}
+
+/// `POST /api/auth/login`'s body (PROTOCOL §1).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = LoginRequest)]
 struct LoginBody {
+    /// The Auth0 ID token (**compat** name).
     auth0_token: Option<String>,
     /// Newer clients' name for the same token.
     id_token: Option<String>,
-    #[allow(dead_code)] // accepted for compat; the gateway does not refresh Auth0 tokens
+    /// Accepted for compat; the gateway does not refresh Auth0 tokens.
+    #[allow(dead_code)]
     auth0_refresh_token: Option<String>,
+    /// Accepted for compat.
     #[allow(dead_code)]
     client_user_agent: Option<String>,
 }
 
+/// Exchanges an Auth0 ID token for a gateway session.
+#[utoipa::path(
+    post, path = "/api/auth/login", tag = "auth",
+    request_body = LoginBody,
+    responses(
+        (status = 200, description = "Authenticated", body = LoginResponse),
+        (status = 400, description = "`missing_token`, `invalid_json`", body = ErrorBody),
+        (status = 401, description = "The ID token is refused (`invalid_token`, …)", body = ErrorBody),
+        (status = 413, description = "`payload_too_large` (`AUTH_BODY_LIMIT`)", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
+        (status = 429, description = "`rate_limited` (`LOGIN_RATE_LIMIT`), with `Retry-After`", body = ErrorBody),
+        (status = 502, description = "NoETL unreachable or answered badly", body = ErrorBody),
+        (status = 503, description = "NoETL unavailable, `auth_busy`", body = ErrorBody),
+        (status = 504, description = "NoETL too slow", body = ErrorBody),
+    )
+)]
 async fn login(
     _: Limited<true>,
     State(state): State<AuthRoutesState>,
@@ -145,8 +226,12 @@ async fn login(
     ))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A body naming a session token (validate, logout); the token may come in
+/// `Authorization: Bearer`, the `session_token` cookie or `?session_token=` instead.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = TokenRequest)]
 struct TokenBody {
+    /// The session token.
     session_token: Option<String>,
 }
 
@@ -184,6 +269,21 @@ impl HasToken for TokenBody {
     }
 }
 
+/// Validates a session token.
+#[utoipa::path(
+    post, path = "/api/auth/validate", tag = "auth",
+    request_body(content = Option<TokenBody>, description = "Optional: the token may come in a header, cookie or query instead"),
+    responses(
+        (status = 200, description = "The session is valid", body = ValidateResponse),
+        (status = 401, description = "Missing, invalid, expired or logged-out session (`missing_token`, `invalid_session`; the latter with `WWW-Authenticate: Bearer error=\"invalid_token\"`)", body = ValidateRefused),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "A non-empty body that is not JSON", body = ErrorBody),
+        (status = 429, description = "`rate_limited` (`AUTH_RATE_LIMIT`), with `Retry-After`", body = ErrorBody),
+        (status = 502, description = "NoETL unreachable", body = ErrorBody),
+        (status = 503, description = "`revocations_unavailable` (with `Retry-After: 1`), `auth_busy`, NoETL unavailable", body = ErrorBody),
+        (status = 504, description = "NoETL too slow", body = ErrorBody),
+    )
+)]
 async fn validate(
     _: Limited<false>,
     State(state): State<AuthRoutesState>,
@@ -230,10 +330,15 @@ fn invalid_session(code: &str, message: &str) -> Response {
     response
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `POST /api/auth/check-access`'s body.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = CheckAccessRequest)]
 struct AccessBody {
+    /// The session token (or in a header, cookie or query).
     session_token: Option<String>,
+    /// The playbook's catalog path: 1–512 printable characters.
     playbook_path: Option<String>,
+    /// `execute` (default), `view` or `modify`; `action` is accepted as an alias.
     #[serde(alias = "action")]
     permission_type: Option<String>,
 }
@@ -244,6 +349,22 @@ impl HasToken for AccessBody {
     }
 }
 
+/// Asks whether the session's user may act on a playbook.
+#[utoipa::path(
+    post, path = "/api/auth/check-access", tag = "auth",
+    request_body = AccessBody,
+    responses(
+        (status = 200, description = "The answer (allowed or not)", body = CheckAccessResponse),
+        (status = 400, description = "`invalid_field` (`playbook_path`, `permission_type`), `invalid_json`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_session`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "A non-empty body that is not JSON", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 502, description = "NoETL unreachable", body = ErrorBody),
+        (status = 503, description = "NoETL unavailable, `revocations_unavailable`", body = ErrorBody),
+        (status = 504, description = "NoETL too slow", body = ErrorBody),
+    )
+)]
 async fn check_access(
     _: Limited<false>,
     State(state): State<AuthRoutesState>,
@@ -281,6 +402,19 @@ async fn check_access(
     ))
 }
 
+/// Ends the session: revoked on every replica until its expiry, forgotten at the edge.
+#[utoipa::path(
+    post, path = "/api/auth/logout", tag = "auth",
+    request_body(content = Option<TokenBody>, description = "Optional: the token may come in a header, cookie or query instead"),
+    responses(
+        (status = 204, description = "Logged out"),
+        (status = 401, description = "`missing_token`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "A non-empty body that is not JSON", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = ErrorBody),
+        (status = 503, description = "The revocation could not be recorded", body = ErrorBody),
+    )
+)]
 async fn logout(
     _: Limited<false>,
     State(state): State<AuthRoutesState>,

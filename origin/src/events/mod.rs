@@ -191,7 +191,25 @@ fn ticket_key(ticket: &str) -> String {
     format!("ticket.{}", SessionHash::of(ticket).as_str())
 }
 
+/// `POST /api/events/ticket` → 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TicketResponse {
+    /// The single-use ticket for `GET /events?ticket=`.
+    pub ticket: String,
+    /// Seconds it stays redeemable (30).
+    pub expires_in: u64,
+}
+
 /// `POST /api/events/ticket`: a 30-second, single-use ticket for `/events?ticket=`.
+#[utoipa::path(
+    post, path = "/api/events/ticket", tag = "events",
+    security(("bearer" = []), ("session_cookie" = [])),
+    responses(
+        (status = 200, description = "A ticket for one `GET /events?ticket=` within `expires_in` seconds", body = TicketResponse),
+        (status = 401, description = "`missing_token`, `invalid_session`", body = gateway_shared::error::ErrorBody),
+        (status = 503, description = "`store_unavailable`, `revocations_unavailable`", body = gateway_shared::error::ErrorBody),
+    )
+)]
 async fn ticket(State(state): State<EventsState>, caller: Caller) -> Result<Response, AppError> {
     let ticket = format!(
         "{}{}",
@@ -355,6 +373,24 @@ fn init_event_id(client: &ClientId, requested: StartAt, reset: bool) -> String {
 /// revocation set not current) is answered as a stream that says so and ends
 /// ([`unavailable_stream`]), so a browser's EventSource retries by itself rather than
 /// giving up; every other refusal is the JSON error with its status.
+#[utoipa::path(
+    get, path = "/events", tag = "events",
+    params(
+        ("client_id" = Option<String>, Query, description = "Resume (or name) a client: `[A-Za-z0-9_-]`, 1-64 characters; assigned by the server when absent"),
+        ("session_token" = Option<String>, Query, description = "**compat**: the session token, for EventSource (which cannot set headers); redacted from logs"),
+        ("ticket" = Option<String>, Query, description = "A single-use ticket from `POST /api/events/ticket`"),
+        ("last_event_id" = Option<String>, Query, description = "Same as the `Last-Event-ID` header"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The last frame id seen (`<client_id>.<n>`): the stream resumes after it, losslessly"),
+    ),
+    security(("bearer" = []), ("session_cookie" = []), ()),
+    responses(
+        (status = 200, description = "A `text/event-stream` of JSON-RPC frames (PROTOCOL §3); a passing failure (502, 503, 504) is also a 200 stream with one `stream/unavailable` frame and `retry:`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A malformed query (`invalid_query`, `invalid_client_id`)", body = gateway_shared::error::ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_session`, an unknown or used ticket", body = gateway_shared::error::ErrorBody),
+        (status = 403, description = "`client_not_yours`: another user's `client_id`", body = gateway_shared::error::ErrorBody),
+        (status = 429, description = "`rate_limited` / `too_many_streams`, `too_many_clients`: too many streams or clients for this user (with `Retry-After`)", body = gateway_shared::error::ErrorBody),
+    )
+)]
 async fn events(State(state): State<EventsState>, req: Request) -> Result<Response, AppError> {
     match open_stream(state, req).await {
         Err(e) if answers_as_unavailable_stream(e.status().as_u16()) => {

@@ -54,7 +54,7 @@ pub struct Services {
 pub fn build_schema(services: Services, introspection: bool) -> GatewaySchema {
     let policy = Arc::new(cost_policy(&services.config));
     let batch = BatchMode(services.config.graphql_batch);
-    let mut b = Schema::build(Query, Mutation, Subscription)
+    let mut b = builder()
         .data(services)
         .data(policy.clone())
         .data(batch)
@@ -67,6 +67,18 @@ pub fn build_schema(services: Services, introspection: bool) -> GatewaySchema {
         b = b.disable_introspection();
     }
     b.finish()
+}
+
+/// The schema's root types: [`build_schema`] serves them, [`sdl`] prints them.
+fn builder() -> async_graphql::SchemaBuilder<Query, Mutation, Subscription> {
+    Schema::build(Query, Mutation, Subscription)
+}
+
+/// The served schema as SDL: what `docs/schema.graphql` holds (the same root types as
+/// [`build_schema`]; data, extensions and limits do not change the SDL). The contracts
+/// test (`tests/tests/contracts.rs`) keeps the file equal to it.
+pub fn sdl() -> String {
+    builder().finish().sdl()
 }
 
 /// The cost policy the configuration describes.
