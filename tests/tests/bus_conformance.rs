@@ -921,6 +921,26 @@ mod nats_only {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_published_again_with_its_key_is_stored_once_even_from_another_replica(
+    ) -> anyhow::Result<()> {
+        // The bridge's redelivery: the reader died between publish and ack, and the next
+        // reader (another connection) publishes the same frame with the same key.
+        let server = NatsServer::start().await?;
+        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let b_ = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let first = a.publish_once(&cid("c"), "e", b("step"), "k1").await?;
+        let again = b_.publish_once(&cid("c"), "e", b("step"), "k1").await?;
+        assert_eq!(again, first, "the duplicate's ack names the first copy");
+        let other = a.publish_once(&cid("c"), "e", b("next"), "k2").await?;
+        let unkeyed = a.publish(&cid("c"), "e", b("step")).await?;
+        let mut sub = a.subscribe(&cid("c"), StartAt::Retained).await?;
+        assert_eq!(next_frame(&mut sub).await?, frame(first, "e", "step"));
+        assert_eq!(next_frame(&mut sub).await?, frame(other, "e", "next"));
+        assert_eq!(next_frame(&mut sub).await?, frame(unkeyed, "e", "step"));
+        assert_quiet(&mut sub).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_frame_stored_by_another_writer_is_delivered_live() -> anyhow::Result<()> {
         let server = NatsServer::start().await?;
         let bus = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;

@@ -193,8 +193,18 @@ async fn two_replicas_deliver_every_frame_once_and_replay_after_a_replica_dies()
         .filter(|f| f.data["params"]["event_type"] == "step.exit")
         .count();
     assert_eq!(
-        exits, 3,
-        "every step arrives exactly once across the reconnect"
+        exits,
+        3,
+        "every step arrives exactly once across the reconnect: {:?}",
+        first
+            .iter()
+            .chain(rest.iter())
+            .map(|f| (
+                f.event_id.clone(),
+                f.event.clone(),
+                f.data["params"].to_string()
+            ))
+            .collect::<Vec<_>>()
     );
     assert_eq!(
         first

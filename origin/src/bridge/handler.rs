@@ -290,7 +290,7 @@ impl Handler {
             tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: another event already sent this step's failure or the terminal frame");
         }
         for frame in plan.frames {
-            if !self.publish(&clients, frame).await {
+            if !self.publish(&clients, frame, event_key).await {
                 return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
             }
         }
@@ -331,7 +331,7 @@ impl Handler {
                     if let Resolution::Frames(f) = policy::resolve(ev, StatusCheck::GaveUp, &now) {
                         if let Some(step) = &f.progress {
                             tracing::debug!(execution_id = %id, "bridge: a step failure this event claimed is sent after the terminal frame");
-                            if !self.publish(clients, step).await {
+                            if !self.publish(clients, step, event_key).await {
                                 return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
                             }
                         }
@@ -398,14 +398,17 @@ impl Handler {
     }
 
     /// Encodes `frame` once and publishes it to every client; false if any publish failed
-    /// (a retry can fix it: every client id is a checked [`ClientId`]).
-    async fn publish(&self, clients: &[ClientId], frame: &PlaybookState) -> bool {
+    /// (a retry can fix it: every client id is a checked [`ClientId`]). Each publish is
+    /// keyed by the event and the frame's type ([`policy::frame_key`]), so the same event
+    /// handled again — a reader that died between publish and ack, its messages
+    /// redelivered to the next — gives each client the frame once.
+    async fn publish(&self, clients: &[ClientId], frame: &PlaybookState, event_key: &str) -> bool {
         let data = Bytes::from(notification(event::STATE, frame));
-        let results = futures::future::join_all(
-            clients
-                .iter()
-                .map(|c| self.bus.publish(c, event::STATE, data.clone())),
-        )
+        let key = policy::frame_key(event_key, &frame.event_type);
+        let results = futures::future::join_all(clients.iter().map(|c| {
+            let (data, key) = (data.clone(), format!("{key}.{c}"));
+            async move { self.bus.publish_once(c, event::STATE, data, &key).await }
+        }))
         .await;
         let mut ok = true;
         for (client_id, result) in clients.iter().zip(results) {

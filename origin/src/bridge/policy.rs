@@ -904,6 +904,11 @@ pub fn terminal_key(execution_id: &ExecutionId) -> String {
 /// pulls NoETL's events; the others stand by.
 pub const READER_LEASE_KEY: &str = "bridge.reader";
 
+/// The K/V key (bucket `interest`) a reader writes when it gives the lease up cleanly (it
+/// handed back everything it held): the next reader starts at once instead of waiting for
+/// a crashed reader's deliveries to come back first.
+pub const READER_HANDOVER_KEY: &str = "bridge.handover";
+
 /// The K/V key (bucket `interest`) of the HTTP fallback's lease on an execution: the
 /// replica holding it follows the run.
 pub fn lease_key(execution_id: &ExecutionId) -> String {
@@ -1019,6 +1024,13 @@ pub fn started_key(execution_id: &ExecutionId) -> String {
 /// True for the frames sent once per execution through [`started_key`].
 pub fn is_start(event_type: &str) -> bool {
     event_type == "playbook.started"
+}
+
+/// The bus key of the frame of type `event_type` that the event `event_key` produces
+/// (one event can produce two: a step's failure and the terminal state). The same event
+/// handled twice gives the same keys, so the bus stores its frames once.
+pub(super) fn frame_key(event_key: &str, event_type: &str) -> String {
+    format!("bridge.{event_key}.{event_type}")
 }
 
 #[cfg(test)]

@@ -91,8 +91,23 @@ pub(super) async fn run_durable(
             return;
         }
         tracing::info!(stream = %stream.cached_info().config.name, "bridge: this replica reads NoETL's events now (it holds the reader lease)");
+        let clean = lease.took_over_cleanly().await;
+        let Some(catch_up) = await_previous_deliveries(&stream, &config, clean, &shutdown).await
+        else {
+            lease.release().await;
+            return;
+        };
         let pool = Pool::start(handler.clone(), config.concurrency);
-        let end = read_term(pool, &stream, &mut consumer, &config, &lease, &shutdown).await;
+        let end = read_term(
+            pool,
+            &stream,
+            &mut consumer,
+            &config,
+            &lease,
+            &shutdown,
+            catch_up,
+        )
+        .await;
         match end {
             TermEnd::Shutdown => {
                 lease.release().await;
@@ -105,6 +120,50 @@ pub(super) async fn run_durable(
     }
 }
 
+/// Before a term's first pull: if an earlier reader (a replica that died, or this process
+/// before a crash) left deliveries un-acked — it did not hand over `clean`ly — wait the
+/// consumer's ack wait so they are due again. JetStream serves due redeliveries before new messages, so this reader gets a
+/// run's earlier events before its later ones; pulling at once would hand it the later ones
+/// first (a `step.exit` after the terminal frame). Costs one ack wait (`BRIDGE_ACK_WAIT`)
+/// only when something was pending. The redeliveries themselves come in the order they
+/// fell due (a NAK's delay, an ack wait), not in stream order, so the term then takes that
+/// many messages first and dispatches them sorted by stream sequence ([`read_term`]'s
+/// `catch_up`). Returns how many were pending; `None` on shutdown.
+async fn await_previous_deliveries(
+    stream: &jetstream::stream::Stream,
+    config: &BridgeConfig,
+    clean: bool,
+    shutdown: &CancellationToken,
+) -> Option<usize> {
+    if clean {
+        // The previous reader NAKed what it held; at most a message it had pulled ahead
+        // comes back after the ack wait, out of order (late rather than stalled).
+        return Some(0);
+    }
+    let info = match stream.consumer_info(&config.consumer).await {
+        Ok(info) if info.num_ack_pending > 0 => info,
+        _ => return Some(0),
+    };
+    let wait = info.config.ack_wait;
+    tracing::info!(
+        pending = info.num_ack_pending,
+        ?wait,
+        "bridge: the previous reader left events un-acked; waiting for their redelivery so they come first"
+    );
+    tokio::select! {
+        () = shutdown.cancelled() => None,
+        () = tokio::time::sleep(wait) => Some(info.num_ack_pending),
+    }
+}
+
+/// How long a clean handover's marker is believed: a standby takes over within a third of
+/// the lease TTL; a marker older than this belongs to no handover in progress.
+const HANDOVER_MARKER_TTL: Duration = Duration::from_secs(30);
+
+/// How long a term waits for the previous reader's redeliveries to arrive (they are due
+/// already) before it dispatches the ones it has.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
 /// One term as the reader: pulls and dispatches until shutdown or the lease is lost, then
 /// stops the pool (queued events given back).
 async fn read_term(
@@ -114,6 +173,7 @@ async fn read_term(
     config: &BridgeConfig,
     lease: &ReaderLease,
     shutdown: &CancellationToken,
+    mut catch_up: usize,
 ) -> TermEnd {
     let term = shutdown.child_token();
     let mut backoff = Backoff::default();
@@ -155,6 +215,36 @@ async fn read_term(
             }
         };
         *consumer = Some(c);
+        if catch_up > 0 {
+            // The previous reader's redeliveries, in stream order (see
+            // `await_previous_deliveries`).
+            let mut first = Vec::with_capacity(catch_up.min(4096));
+            let deadline = tokio::time::sleep(CATCH_UP_WAIT);
+            tokio::pin!(deadline);
+            while first.len() < catch_up {
+                tokio::select! {
+                    _ = term.cancelled() => break,
+                    () = &mut deadline => break,
+                    next = messages.next() => match next {
+                        Some(Ok(msg)) => first.push(msg),
+                        _ => break,
+                    },
+                }
+            }
+            catch_up = 0;
+            first.sort_by_key(|m| m.info().map_or(u64::MAX, |i| i.stream_sequence));
+            let mut queue = first.into_iter();
+            for msg in queue.by_ref() {
+                let Some(job) = Job::durable(msg, &pool.handler, &pool.in_flight) else {
+                    continue;
+                };
+                if let Err(job) = pool.dispatch(job, &term).await {
+                    // The term ended with these in hand: they are not acked, so they come
+                    // back to whoever reads next.
+                    break 'reopen Some(job);
+                }
+            }
+        }
         loop {
             let next = tokio::select! {
                 biased;
@@ -264,8 +354,31 @@ impl ReaderLease {
             .await
     }
 
-    /// Gives the lease up at shutdown so a standby takes over at once.
+    /// True when the reader before this one gave the lease up cleanly
+    /// ([`ReaderLease::release`]); the marker is consumed.
+    async fn took_over_cleanly(&self) -> bool {
+        let key = policy::READER_HANDOVER_KEY;
+        match self.kv.get(Bucket::Interest, key).await {
+            Ok(Some(_)) => {
+                let _ = self.kv.delete(Bucket::Interest, key).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives the lease up at shutdown so a standby takes over at once, saying so first
+    /// (the handover marker) so it does not wait for deliveries that are not coming.
     async fn release(&self) {
+        let _ = self
+            .kv
+            .put_with_ttl(
+                Bucket::Interest,
+                policy::READER_HANDOVER_KEY,
+                bytes::Bytes::from(self.holder.clone()),
+                HANDOVER_MARKER_TTL,
+            )
+            .await;
         if let Ok(Some(v)) = self
             .kv
             .get(Bucket::Interest, policy::READER_LEASE_KEY)

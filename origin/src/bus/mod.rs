@@ -123,6 +123,23 @@ pub trait Bus: Send + Sync + 'static {
         data: Bytes,
     ) -> Result<u64, BusError>;
 
+    /// [`Bus::publish`] of a frame that may be published again for the same cause (the
+    /// bridge's redelivered event after a reader died between publish and ack): `key`
+    /// names the frame, and a second publish with the same key within the bus's duplicate
+    /// window stores nothing and returns the first one's id, so the client gets it once.
+    /// The NATS bus sends `key` as `Nats-Msg-Id` (JetStream's duplicate window, 2 min by
+    /// default); the default, for buses with no redelivery (the embedded one), publishes.
+    async fn publish_once(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+        key: &str,
+    ) -> Result<u64, BusError> {
+        let _ = key;
+        self.publish(client_id, event, data).await
+    }
+
     /// The client's frames from `start`, then live ones.
     async fn subscribe(
         &self,

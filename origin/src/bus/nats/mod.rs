@@ -163,6 +163,30 @@ pub(super) fn frames_subject(client_id: &ClientId) -> String {
 }
 
 impl NatsBus {
+    /// Publishes one frame with `headers` (plus the event's) and waits for the stream's
+    /// ack; a duplicate's ack carries the first copy's sequence.
+    async fn publish_headers(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+        mut headers: HeaderMap,
+    ) -> Result<u64, BusError> {
+        super::check_event(event)?;
+        let subject = frames_subject(client_id);
+        let what = || format!("publish to {subject}");
+        headers.insert(EVENT_HEADER, event);
+        let id = self
+            .js
+            .publish_with_headers(subject.clone(), headers, data)
+            .await
+            .map_err(|e| unavailable(what(), e))?
+            .await
+            .map_err(|e| unavailable(what(), e))?
+            .sequence;
+        Ok(id)
+    }
+
     /// Opens (creating when absent) the frames stream on the server `client` is connected
     /// to. `stream_name` overrides [`DEFAULT_STREAM_NAME`] (tests; the subjects stay
     /// `gateway.clients.>`, so two streams cannot share one server). Spawns one small task
@@ -278,20 +302,23 @@ impl Bus for NatsBus {
         event: &str,
         data: Bytes,
     ) -> Result<u64, BusError> {
-        super::check_event(event)?;
-        let subject = frames_subject(client_id);
-        let what = || format!("publish to {subject}");
+        self.publish_headers(client_id, event, data, HeaderMap::new())
+            .await
+    }
+
+    async fn publish_once(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+        key: &str,
+    ) -> Result<u64, BusError> {
         let mut headers = HeaderMap::new();
-        headers.insert(EVENT_HEADER, event);
-        let id = self
-            .js
-            .publish_with_headers(subject.clone(), headers, data)
-            .await
-            .map_err(|e| unavailable(what(), e))?
-            .await
-            .map_err(|e| unavailable(what(), e))?
-            .sequence;
-        Ok(id)
+        // A key JetStream could not carry as a header value is no key: publish as usual.
+        if !key.is_empty() && key.len() <= 256 && key.bytes().all(|b| b.is_ascii_graphic()) {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, key);
+        }
+        self.publish_headers(client_id, event, data, headers).await
     }
 
     /// `max_payload` as the server announced it, less the `publish` header block
