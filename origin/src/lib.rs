@@ -22,7 +22,9 @@
 //! - [`callbacks`] — playbook callbacks and progress (internal listener).
 //! - [`proxy`] — `/noetl/*` → NoETL `/api/*`: path policy, allow-list, streaming.
 //! - [`health`] — liveness and readiness.
-//! - [`metrics`] — Prometheus counters (internal listener).
+//! - [`metrics`] — the `prometheus-client` registry and `/metrics` (internal listener).
+//! - [`observe`] — per request: W3C trace context, HTTP metrics, the access log.
+//! - [`logs`] — the JSON log line (Cloud Logging `severity`, trace and span ids).
 //! - [`openapi`] — the OpenAPI 3.1 document of every HTTP route (`docs/openapi.json`),
 //!   from the handlers' `utoipa` annotations.
 //!
@@ -63,8 +65,10 @@ pub mod health;
 pub mod hub;
 pub mod interest;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod noetl;
+pub mod observe;
 pub mod openapi;
 pub mod owners;
 pub mod proxy;

@@ -5,14 +5,31 @@ use std::process::ExitCode;
 use clap::Parser;
 use origin::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::fmt::format::JsonFields;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+/// Logging: `RUST_LOG` (default `info`; the per-request `access` lines are at info), text
+/// or JSON lines (`origin::logs`: Cloud Logging `severity`, trace and span ids;
+/// `GOOGLE_CLOUD_PROJECT`, when set, makes the trace id Cloud Logging's trace name).
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => {
+            let project = std::env::var("GOOGLE_CLOUD_PROJECT")
+                .ok()
+                .filter(|p| !p.is_empty());
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .fmt_fields(JsonFields::new())
+                        .event_format(origin::logs::JsonLines { project }),
+                )
+                .init()
+        }
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
 }
 

@@ -91,8 +91,11 @@ pub(super) async fn run_durable(
             return;
         }
         tracing::info!(stream = %stream.cached_info().config.name, "bridge: this replica reads NoETL's events now (it holds the reader lease)");
+        let reader = &crate::metrics::global().bridge_reader;
+        reader.set(1);
         let pool = Pool::start(handler.clone(), config.concurrency);
         let end = read_term(pool, &stream, &mut consumer, &config, &lease, &shutdown).await;
+        reader.set(0);
         match end {
             TermEnd::Shutdown => {
                 lease.release().await;

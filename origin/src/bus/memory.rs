@@ -410,6 +410,9 @@ impl Bus for MemoryBus {
             client_id: client_id.clone(),
             inbox,
         };
+        crate::metrics::global()
+            .sse_replayed
+            .inc_by(replay.len() as u64);
         let frames = stream::iter(replay.into_iter().map(Ok))
             .chain(live_frames(reg))
             .boxed();

@@ -16,6 +16,7 @@
 //!   subscriptions, so an idle connection costs the server nothing.
 //!
 //! Both decide when a resume must start with `stream/reset` by one rule, `reset::must_reset`.
+//! Either is wrapped in [`instrumented::InstrumentedBus`], which times every operation.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use gateway_shared::ids::ClientId;
 use std::time::Duration;
 
 mod inbox;
+pub mod instrumented;
 pub mod memory;
 pub mod nats;
 mod reset;
