@@ -48,7 +48,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::error::AppError;
 use crate::hub::Hub;
 
 /// A monotonically increasing counter (`prometheus-client`'s; clones share the value).
@@ -534,8 +533,12 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 /// `GET /metrics`: 404 when `METRICS_ENABLED=false`.
 pub async fn metrics(State(state): State<MetricsState>) -> Response {
     if !enabled() {
-        return AppError::NotFound("metrics are disabled (METRICS_ENABLED=false)".into())
-            .into_response();
+        // Not `AppError`: the error module depends on the stores, which record here.
+        let body = gateway_shared::error::ErrorBody::new(
+            "not_found",
+            "metrics are disabled (METRICS_ENABLED=false)",
+        );
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
     }
     let m = &state.metrics;
     m.sse_open

@@ -16,7 +16,8 @@
 //!   `METRICS_ENABLED=false`;
 //! - **logs one access line** at info, target `access` (`RUST_LOG=access=off` silences
 //!   it): method, route, path without its query (the query may carry a session token),
-//!   status, duration, request id, trace id, and the body length when declared.
+//!   status, duration, request id, trace and span ids, the parent span id when the trace
+//!   was continued (absent: the origin started it), and the body length when declared.
 //!
 //! Background work (the bridge, settling runs) has no request: its NoETL calls start a
 //! trace of their own ([`outgoing`]).
@@ -211,12 +212,13 @@ pub async fn observe(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let trace = req
+    let parent = req
         .headers()
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .map_or_else(TraceContext::fresh, |parent| parent.child());
+        .and_then(TraceContext::parse);
+    let trace = parent.map_or_else(TraceContext::fresh, |parent| parent.child());
+    let parent_span_id = parent.map(|p| p.span_id_hex());
     let access = tracing::enabled!(target: "access", tracing::Level::INFO);
     let path = if access {
         req.uri().path().to_owned()
@@ -251,6 +253,7 @@ pub async fn observe(
                         request_id = %c.request_id,
                         trace_id = %c.trace.trace_id_hex(),
                         span_id = %c.trace.span_id_hex(),
+                        parent_span_id,
                         bytes,
                         "request"
                     );
