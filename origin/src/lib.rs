@@ -27,6 +27,7 @@
 //! - [`logs`] — the JSON log line (Cloud Logging `severity`, trace and span ids).
 //! - [`openapi`] — the OpenAPI 3.1 document of every HTTP route (`docs/openapi.json`),
 //!   from the handlers' `utoipa` annotations.
+//! - [`otel`] — optional OTLP trace export (`OTEL_EXPORTER_OTLP_ENDPOINT`).
 //!
 //! Services and stores:
 //! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, redirects off, errors.
@@ -70,6 +71,7 @@ pub mod metrics;
 pub mod noetl;
 pub mod observe;
 pub mod openapi;
+pub mod otel;
 pub mod owners;
 pub mod proxy;
 pub mod quotas;

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use origin::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::fmt::format::JsonFields;
@@ -12,10 +13,17 @@ use tracing_subscriber::EnvFilter;
 
 /// Logging: `RUST_LOG` (default `info`; the per-request `access` lines are at info), text
 /// or JSON lines (`origin::logs`: Cloud Logging `severity`, trace and span ids;
-/// `GOOGLE_CLOUD_PROJECT`, when set, makes the trace id Cloud Logging's trace name).
-fn init_tracing(format: LogFormat) {
+/// `GOOGLE_CLOUD_PROJECT`, when set, makes the trace id Cloud Logging's trace name); and
+/// OTLP trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`origin::otel`), whose
+/// provider is returned to be shut down (flushed) at exit.
+fn init_tracing(format: LogFormat) -> Option<SdkTracerProvider> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let (otel, provider, otel_error) = match origin::otel::layer() {
+        Ok(Some((layer, provider))) => (Some(layer), Some(provider), None),
+        Ok(None) => (None, None, None),
+        Err(e) => (None, None, Some(e)),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     match format {
         LogFormat::Json => {
             let project = std::env::var("GOOGLE_CLOUD_PROJECT")
@@ -31,12 +39,23 @@ fn init_tracing(format: LogFormat) {
         }
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
+    match (&provider, otel_error) {
+        (Some(_), _) => tracing::info!(
+            endpoint = origin::otel::endpoint().unwrap_or_default(),
+            "exporting traces over OTLP (HTTP/protobuf)"
+        ),
+        (None, Some(e)) => {
+            tracing::error!(error = %e, "OTLP trace export is configured but cannot start; not exporting")
+        }
+        (None, None) => {}
+    }
+    provider
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    init_tracing(config.log_format);
+    let traces = init_tracing(config.log_format);
     if let Err(e) = config
         .validate()
         .and_then(|()| origin::server::check_policies(&config))
@@ -58,11 +77,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match origin::server::serve(&config, state, drain).await {
+    let code = match origin::server::serve(&config, state, drain).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "origin failed");
             ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = traces {
+        // Flushes the last batch; blocking, so off the runtime's worker.
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
     }
+    code
 }

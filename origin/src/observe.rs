@@ -20,7 +20,8 @@
 //!   was continued (absent: the origin started it), and the body length when declared.
 //!
 //! Background work (the bridge, settling runs) has no request: its NoETL calls start a
-//! trace of their own ([`outgoing`]).
+//! trace of their own ([`outgoing`]). With OTLP export on (`otel`), each request also
+//! gets an exported span whose ids are the ones above.
 
 use std::borrow::Cow;
 use std::time::Instant;
@@ -30,7 +31,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http::{header, HeaderValue, Method};
 
-use crate::metrics;
+use tracing::Instrument;
+
+use crate::{metrics, otel};
 
 /// The header W3C Trace Context travels in.
 pub const TRACEPARENT: &str = "traceparent";
@@ -217,7 +220,29 @@ pub async fn observe(
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
-    let trace = parent.map_or_else(TraceContext::fresh, |parent| parent.child());
+    // With OTLP export on, the request gets a span of its own whose ids are the exported
+    // ones; otherwise the ids are ours alone.
+    let span = if otel::enabled() {
+        tracing::info_span!(
+            "http.request",
+            otel.name = %format_args!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    let exported = otel::continue_trace(&span, parent.map(|p| (p.trace_id, p.span_id, p.sampled)));
+    let trace = match exported {
+        Some((trace_id, span_id, sampled)) => TraceContext {
+            trace_id,
+            span_id,
+            sampled,
+        },
+        None => parent.map_or_else(TraceContext::fresh, |parent| parent.child()),
+    };
     let parent_span_id = parent.map(|p| p.span_id_hex());
     let access = tracing::enabled!(target: "access", tracing::Level::INFO);
     let path = if access {
@@ -231,9 +256,10 @@ pub async fn observe(
         g.inc();
     }
     let ctx = RequestContext { request_id, trace };
+    let request_span = span.clone();
     let resp = CURRENT
         .scope(ctx, async move {
-            let resp = next.run(req).await;
+            let resp = next.run(req).instrument(request_span).await;
             let took = started.elapsed();
             if access {
                 with_current(|c| {
@@ -274,6 +300,7 @@ pub async fn observe(
     if let Some(g) = &in_flight {
         g.dec();
     }
+    span.record("http.response.status_code", resp.status().as_u16());
     resp
 }
 

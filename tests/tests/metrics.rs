@@ -84,9 +84,9 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
     let frames = sse
         .collect_until(WAIT, |fs| {
             fs.iter().any(|f| f.event == "playbook/result")
-                && fs.iter().any(|f| {
-                    f.event == "playbook/state" && f.data["params"]["terminal"] == true
-                })
+                && fs
+                    .iter()
+                    .any(|f| f.event == "playbook/state" && f.data["params"]["terminal"] == true)
         })
         .await;
     assert!(
@@ -97,7 +97,10 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
     // The stream is open, so its request has been measured (time to its head).
     let text = origin.metrics_text().await.expect("/metrics answers");
     let s = parse(&text);
-    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics ends in # EOF");
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics ends in # EOF"
+    );
 
     // HTTP, by listener, route template, method and status — the lean /events path too.
     let http_hist = "gateway_http_request_duration_seconds";
@@ -129,7 +132,11 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
     );
     assert_histogram_consistent(&s, http_hist);
     assert_eq!(
-        sum(&s, "gateway_http_requests_in_flight", &[("listener", "public")]),
+        sum(
+            &s,
+            "gateway_http_requests_in_flight",
+            &[("listener", "public")]
+        ),
         0.0,
         "nothing is being answered now (the open stream's head was sent)"
     );
@@ -153,7 +160,11 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
     let kv = "gateway_kv_operation_duration_seconds";
     assert!(count(&s, kv, &[("bucket", "sessions"), ("outcome", "ok")]) >= 1.0);
     assert!(
-        count(&s, kv, &[("bucket", "requests"), ("op", "create"), ("outcome", "ok")]) >= 1.0,
+        count(
+            &s,
+            kv,
+            &[("bucket", "requests"), ("op", "create"), ("outcome", "ok")]
+        ) >= 1.0,
         "the callback's delivered marker\n{text}"
     );
     assert!(count(&s, kv, &[("bucket", "interest"), ("outcome", "ok")]) >= 1.0);
@@ -169,7 +180,11 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
     );
     assert_histogram_consistent(&s, "gateway_bridge_lag_seconds");
     assert!(sum(&s, "gateway_bridge_events_total", &[("outcome", "handled")]) >= 1.0);
-    assert_eq!(sum(&s, "gateway_bridge_reader", &[]), 1.0, "the only replica reads");
+    assert_eq!(
+        sum(&s, "gateway_bridge_reader", &[]),
+        1.0,
+        "the only replica reads"
+    );
 
     // SSE, callbacks, build info, readiness.
     assert_eq!(sum(&s, "gateway_sse_streams_open", &[]), 1.0);
@@ -193,7 +208,11 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
         count(
             &again,
             http_hist,
-            &[("listener", "internal"), ("route", "/metrics"), ("status", "200")]
+            &[
+                ("listener", "internal"),
+                ("route", "/metrics"),
+                ("status", "200")
+            ]
         ) >= 1.0
     );
     sse.close();

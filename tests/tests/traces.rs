@@ -5,6 +5,9 @@
 //! `traceparent`, the origin starts a trace: the stand-in sees a valid fresh one, and the
 //! origin's JSON access-log line carries the same trace id.
 //!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, the origin exports its request span over
+//! OTLP/HTTP in the same trace, with the ids NoETL was sent.
+//!
 //! The stand-in records the headers of every `/api/*` call (`/_standin/traces`).
 
 use std::time::Duration;
@@ -247,4 +250,88 @@ async fn pending_edge_branch_the_edge_mints_a_trace_the_origin_continues() {
         .unwrap_or_else(|| panic!("the origin got no traceparent from the edge: {line}"));
     assert_eq!(edge_span.len(), 16);
     assert_ne!(edge_span, parent);
+}
+
+/// A one-route OTLP/HTTP collector on a free loopback port: the bodies POSTed to
+/// `/v1/traces`, with their content types.
+async fn collector() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+) {
+    use axum::routing::post;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let ct = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                sink.lock().unwrap().push((ct, body.to_vec()));
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, got)
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_the_request_span_is_exported_in_the_client_trace() {
+    let (endpoint, got) = collector().await;
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let origin = Origin::start(
+        &standin,
+        OriginOptions::default().envs(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_SERVICE_NAME", "gateway-under-test"),
+        ]),
+    )
+    .await
+    .unwrap();
+    let token = login(&origin.url, &standin, "otlp@example.com").await;
+    standin.reset_calls().await;
+    let r = http()
+        .get(format!("{}/noetl/catalog/playbooks", origin.url))
+        .bearer_auth(&token)
+        .header("traceparent", client_traceparent())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = calls_to(&standin, "GET /api/catalog/playbooks").await;
+    let (trace, origin_span, _) = parts(seen[0].traceparent.as_deref().expect("traceparent"));
+    assert_eq!(trace, TRACE_ID);
+    // The exported protobuf holds the ids as raw bytes: the trace, the origin's span (the
+    // parent NoETL was sent), and the client's span as its parent.
+    let ids = [TRACE_ID, origin_span.as_str(), CLIENT_SPAN].map(|h| hex::decode(h).unwrap());
+    let has = |body: &[u8], id: &[u8]| body.windows(id.len()).any(|w| w == id);
+    wait_for(
+        "the request span at the collector",
+        Duration::from_secs(10),
+        || {
+            let got = got.clone();
+            let ids = ids.clone();
+            async move {
+                got.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|(_, body)| ids.iter().all(|id| has(body, id)))
+            }
+        },
+    )
+    .await;
+    let bodies = got.lock().unwrap().clone();
+    assert!(bodies
+        .iter()
+        .all(|(ct, _)| ct.starts_with("application/x-protobuf")));
+    assert!(bodies.iter().any(|(_, b)| has(b, b"gateway-under-test")));
+    assert!(origin.log_text().contains("exporting traces over OTLP"));
 }

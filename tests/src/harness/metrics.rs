@@ -136,7 +136,10 @@ mod tests {
         assert_eq!(s[0].series(), "a_total");
         assert_eq!(s[1].labels["route"], "/noetl/{*path}");
         assert_eq!(s[1].labels["le"], "0.5");
-        assert_eq!(s[1].series(), "h_bucket{route=\"/noetl/{*path}\",le=\"0.5\"}");
+        assert_eq!(
+            s[1].series(),
+            "h_bucket{route=\"/noetl/{*path}\",le=\"0.5\"}"
+        );
         assert_eq!(s[2].labels["v"], "a\"b,c\\");
         assert_eq!(s[2].value, 1.5);
         assert_eq!(s[2].as_u64(), None);
