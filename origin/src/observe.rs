@@ -14,10 +14,11 @@
 //!   `gateway_http_request_duration_seconds{listener,route,method,status}` (route = the
 //!   matched template, `unmatched` for none) and the in-flight gauge, unless
 //!   `METRICS_ENABLED=false`;
-//! - **logs one access line** at info, target `access` (`RUST_LOG=access=off` silences
-//!   it): method, route, path without its query (the query may carry a session token),
-//!   status, duration, request id, trace and span ids, the parent span id when the trace
-//!   was continued (absent: the origin started it), and the body length when declared.
+//! - **logs one access line** at info (probes of `/health` and `/ready` at debug),
+//!   target `access` (`RUST_LOG=access=off` silences it): method, route, path without its
+//!   query (the query may carry a session token), status, duration, request id, trace and
+//!   span ids, the parent span id when the trace was continued (absent: the origin started
+//!   it), and the body length when declared.
 //!
 //! Background work (the bridge, settling runs) has no request: its NoETL calls start a
 //! trace of their own ([`outgoing`]). With OTLP export on (`otel`), each request also
@@ -244,7 +245,13 @@ pub async fn observe(
         None => parent.map_or_else(TraceContext::fresh, |parent| parent.child()),
     };
     let parent_span_id = parent.map(|p| p.span_id_hex());
-    let access = tracing::enabled!(target: "access", tracing::Level::INFO);
+    // Probes (`/health`, `/ready`: the kubelet's, every few seconds) log at debug.
+    let probe = matches!(&*route, "/health" | "/ready");
+    let access = if probe {
+        tracing::enabled!(target: "access", tracing::Level::DEBUG)
+    } else {
+        tracing::enabled!(target: "access", tracing::Level::INFO)
+    };
     let path = if access {
         req.uri().path().to_owned()
     } else {
@@ -269,20 +276,30 @@ pub async fn observe(
                         .get(header::CONTENT_LENGTH)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u64>().ok());
-                    tracing::info!(
-                        target: "access",
-                        method,
-                        route = %route,
-                        path = %path,
-                        status = resp.status().as_u16(),
-                        duration_ms = (took.as_secs_f64() * 1e6).round() / 1e3,
-                        request_id = %c.request_id,
-                        trace_id = %c.trace.trace_id_hex(),
-                        span_id = %c.trace.span_id_hex(),
-                        parent_span_id,
-                        bytes,
-                        "request"
-                    );
+                    macro_rules! access_line {
+                        ($level:expr) => {
+                            tracing::event!(
+                                target: "access",
+                                $level,
+                                method,
+                                route = %route,
+                                path = %path,
+                                status = resp.status().as_u16(),
+                                duration_ms = (took.as_secs_f64() * 1e6).round() / 1e3,
+                                request_id = %c.request_id,
+                                trace_id = %c.trace.trace_id_hex(),
+                                span_id = %c.trace.span_id_hex(),
+                                parent_span_id,
+                                bytes,
+                                "request"
+                            )
+                        };
+                    }
+                    if probe {
+                        access_line!(tracing::Level::DEBUG);
+                    } else {
+                        access_line!(tracing::Level::INFO);
+                    }
                 });
             }
             if on {
