@@ -65,6 +65,18 @@ type HttpLabels = [(&'static str, Cow<'static, str>); 4];
 /// A histogram family whose members share one bucket layout.
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// The `limit` label's values: `auth` (`AUTH_RATE_LIMIT`), `login` (`LOGIN_RATE_LIMIT`),
+/// `stream_open` (`STREAM_OPEN_RATE_LIMIT`), `streams` (`USER_MAX_STREAMS`), `replay`
+/// (`REPLAY_RATE_LIMIT`), `clients` (`USER_MAX_CLIENTS`).
+pub const RATE_LIMITS: [&str; 6] = [
+    "auth",
+    "login",
+    "stream_open",
+    "streams",
+    "replay",
+    "clients",
+];
+
 /// Latency buckets for requests and backend calls: 0.5 ms … 10 s.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -352,6 +364,25 @@ impl Metrics {
             "gateway_revocations_current",
             "1 while this replica's revocation set is loaded and its watch is up; 0 while asserted callers are refused with 503.",
         );
+        // Every child of a closed label set exists from the start, so each series is
+        // exported (as 0) before its first event and `rate()` sees it start.
+        for outcome in ["handled", "ignored", "duplicate", "failed"] {
+            bridge_events.get_or_create_owned(&[("outcome", outcome)]);
+        }
+        for outcome in ["delivered", "duplicate", "rejected", "kept"] {
+            callbacks.get_or_create_owned(&[("outcome", outcome)]);
+        }
+        for outcome in ["ok", "error"] {
+            jwks_refreshes.get_or_create_owned(&[("outcome", outcome)]);
+        }
+        for limit in RATE_LIMITS {
+            rate_limited.get_or_create_owned(&[("limit", limit)]);
+        }
+        for listener in ["public", "internal"] {
+            for reason in ["too_many_connections", "overloaded"] {
+                refused.get_or_create_owned(&[("listener", listener), ("reason", reason)]);
+            }
+        }
         Self {
             validate_requests,
             rate_limited_auth: rate_limited.get_or_create_owned(&[("limit", "auth")]),
