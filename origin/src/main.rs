@@ -10,6 +10,7 @@ use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 
 /// Logging: `RUST_LOG` (default `info`; the per-request `access` lines are at info), text
 /// or JSON lines (`origin::logs`: Cloud Logging `severity`, trace and span ids;
@@ -23,7 +24,9 @@ fn init_tracing(format: LogFormat) -> Option<SdkTracerProvider> {
         Ok(None) => (None, None, None),
         Err(e) => (None, None, Some(e)),
     };
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // RUST_LOG filters the log only: the export layer has its own filter (`otel`), so
+    // `RUST_LOG=warn` does not turn export off.
+    let registry = tracing_subscriber::registry().with(otel);
     match format {
         LogFormat::Json => {
             let project = std::env::var("GOOGLE_CLOUD_PROJECT")
@@ -33,11 +36,14 @@ fn init_tracing(format: LogFormat) -> Option<SdkTracerProvider> {
                 .with(
                     tracing_subscriber::fmt::layer()
                         .fmt_fields(JsonFields::new())
-                        .event_format(origin::logs::JsonLines { project }),
+                        .event_format(origin::logs::JsonLines { project })
+                        .with_filter(filter),
                 )
                 .init()
         }
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_filter(filter))
+            .init(),
     }
     match (&provider, otel_error) {
         (Some(_), _) => tracing::info!(

@@ -224,6 +224,7 @@ pub async fn observe(
     // With OTLP export on, the request gets a span of its own whose ids are the exported
     // ones; otherwise the ids are ours alone.
     let span = if otel::enabled() {
+        // The name is `otel::SERVER_SPAN` (a macro needs the literal).
         tracing::info_span!(
             "http.request",
             otel.name = %format_args!("{method} {route}"),

@@ -27,8 +27,15 @@ use opentelemetry_http::{HttpClient, HttpError, Request, Response};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing::Subscriber;
-use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer as _;
+
+/// The name of the one span per request that is exported (`observe` makes it).
+pub const SERVER_SPAN: &str = "http.request";
+
+/// The export layer, boxed (its filter's type is long).
+pub type BoxedLayer<S> = Box<dyn tracing_subscriber::Layer<S> + Send + Sync>;
 
 /// The service name when `OTEL_SERVICE_NAME` is unset.
 pub const DEFAULT_SERVICE_NAME: &str = "noetl-gateway-origin";
@@ -57,16 +64,14 @@ pub fn endpoint() -> Option<String> {
 /// The export layer and its provider (shut it down at exit to flush), when an endpoint
 /// is set; `Err` when it is set but the exporter cannot be built. Call inside the tokio
 /// runtime.
-#[allow(clippy::type_complexity)]
-pub fn layer<S>() -> Result<
-    Option<(
-        OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
-        SdkTracerProvider,
-    )>,
-    String,
->
+///
+/// Only the request spans ([`SERVER_SPAN`], made by `observe`) are exported, without the
+/// log events inside them: one span per request, so export costs little per request
+/// (every span and event through `tracing-opentelemetry` would cost several times more,
+/// measured with `bench-observability`). Logs stay in the log, linked by trace id.
+pub fn layer<S>() -> Result<Option<(BoxedLayer<S>, SdkTracerProvider)>, String>
 where
-    S: Subscriber + for<'a> LookupSpan<'a>,
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
 {
     if endpoint().is_none() {
         return Ok(None);
@@ -96,8 +101,13 @@ where
         .build();
     let tracer = provider.tracer("noetl-gateway-origin");
     ENABLED.store(true, Ordering::Relaxed);
+    let only_requests =
+        tracing_subscriber::filter::filter_fn(|meta| meta.is_span() && meta.name() == SERVER_SPAN);
     Ok(Some((
-        tracing_opentelemetry::layer().with_tracer(tracer),
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(only_requests)
+            .boxed(),
         provider,
     )))
 }
