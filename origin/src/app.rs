@@ -3,7 +3,8 @@
 //!
 //! Order of the public stack, outermost first: `connection: close` while draining (see
 //! `server`'s shutdown order) → request id (accept a sane client id or
-//! mint one, echo it back) → trace span (method, path without query: the query may carry
+//! mint one, echo it back) → observation (`observe`: trace context, HTTP metrics, access
+//! log) → trace span (method, path without query: the query may carry
 //! a session token) → client address (`ratelimit::ClientIp`, through trusted proxies) → edge assertion (verify `x-gateway-assertion`, or refuse direct
 //! traffic when `REQUIRE_EDGE_ASSERTION`) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
 //!
@@ -40,13 +41,15 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::edge::{verify_assertion, EdgeTrust};
 use crate::error::AppError;
+use crate::observe::{observe, Listener};
 use crate::ratelimit::resolve_client_ip;
 use crate::state::AppState;
 use crate::{auth, callbacks, events, graphql, health, metrics, proxy};
 
 /// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health. Layers, outermost
-/// last: request id → trace span → client address → edge assertion → routes.
+/// last: request id → observation → trace span → client address → edge assertion → routes.
 pub fn public_router(state: AppState) -> Router {
+    let listener = Listener("public");
     let inflight = Arc::new(Semaphore::new(state.limits.max_inflight));
     let timeout = Some(state.limits.request_timeout);
     let auth = auth::routes::router()
@@ -77,8 +80,8 @@ pub fn public_router(state: AppState) -> Router {
             "/ready",
             get(health::ready).with_state(state.readiness.clone()),
         )
-        .merge(limited(finite, inflight.clone(), timeout))
-        .merge(limited(proxy, inflight, None))
+        .merge(limited(finite, inflight.clone(), timeout, listener))
+        .merge(limited(proxy, inflight, None, listener))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -90,6 +93,7 @@ pub fn public_router(state: AppState) -> Router {
             resolve_client_ip,
         ))
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
+        .layer(middleware::from_fn_with_state(listener, observe))
         .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn_with_state(
             state.readiness.clone(),
@@ -99,6 +103,7 @@ pub fn public_router(state: AppState) -> Router {
 
 /// The internal listener's routes (in-cluster only): playbook callbacks, metrics, health.
 pub fn internal_router(state: AppState) -> Router {
+    let listener = Listener("internal");
     let inflight = Arc::new(Semaphore::new(state.limits.max_inflight));
     let finite = Router::new()
         .route(
@@ -123,10 +128,12 @@ pub fn internal_router(state: AppState) -> Router {
             finite,
             inflight,
             Some(state.limits.request_timeout),
+            listener,
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
+        .layer(middleware::from_fn_with_state(listener, observe))
         .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn_with_state(
             state.readiness.clone(),
@@ -152,9 +159,21 @@ async fn close_while_draining(
 }
 
 /// `routes` with load shedding over `inflight` (shared by a listener's route groups) and,
-/// when given, the request timeout; their errors answered as JSON by [`limit_error`].
-fn limited(routes: Router, inflight: Arc<Semaphore>, timeout: Option<Duration>) -> Router {
-    let on_error = move |err: BoxError| async move { limit_error(&err, timeout) };
+/// when given, the request timeout; their errors answered as JSON by [`limit_error`] (a
+/// shed request counted in `gateway_connections_refused_total{reason="overloaded"}`).
+fn limited(
+    routes: Router,
+    inflight: Arc<Semaphore>,
+    timeout: Option<Duration>,
+    listener: Listener,
+) -> Router {
+    let on_error = move |err: BoxError| async move {
+        let e = limit_error(&err, timeout);
+        if matches!(e, AppError::Overloaded) {
+            crate::metrics::global().refused(listener.0, "overloaded");
+        }
+        e
+    };
     let shed = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(on_error))
         .layer(LoadShedLayer::new())
@@ -286,7 +305,12 @@ mod tests {
     #[tokio::test]
     async fn a_request_over_the_inflight_limit_is_shed_at_once_with_retry_after() {
         let release = Arc::new(tokio::sync::Notify::new());
-        let app = limited(routes(release.clone()), Arc::new(Semaphore::new(1)), None);
+        let app = limited(
+            routes(release.clone()),
+            Arc::new(Semaphore::new(1)),
+            None,
+            Listener("public"),
+        );
         let busy = tokio::spawn({
             let app = app.clone();
             async move { call(&app, "/slow").await }
@@ -313,6 +337,7 @@ mod tests {
             routes(Arc::new(tokio::sync::Notify::new())),
             Arc::new(Semaphore::new(8)),
             Some(Duration::from_secs(2)),
+            Listener("public"),
         );
         let (status, _, body) = call(&app, "/slow").await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);

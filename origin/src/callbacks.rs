@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{header, request::Parts, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
@@ -71,16 +72,38 @@ pub struct CallbackState {
     pub service_token: Option<Secret>,
     /// `CALLBACK_BODY_LIMIT`.
     pub body_limit: BodyLimit,
-    /// Counts callbacks.
+    /// Counts callbacks (`gateway_callbacks_total{outcome}`).
     pub metrics: Arc<Metrics>,
 }
 
-/// The callback routes (internal listener only).
+/// The callback routes (internal listener only), each answer counted by its outcome.
 pub fn router() -> Router<CallbackState> {
     Router::new()
         .route("/api/internal/callback", post(sync_callback))
         .route("/api/internal/callback/async", post(async_callback))
         .route("/api/internal/progress", post(progress))
+        .route_layer(middleware::from_fn(count_outcome))
+}
+
+/// A callback answered as a duplicate (a response extension [`count_outcome`] reads).
+#[derive(Debug, Clone, Copy)]
+struct Duplicate;
+
+/// Counts each callback by outcome: `rejected` (any error answer), `kept` (202: the client
+/// is offline, the frame waits on the bus), `duplicate`, else `delivered`.
+async fn count_outcome(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let outcome = if resp.extensions().get::<Duplicate>().is_some() {
+        "duplicate"
+    } else if resp.status().is_client_error() || resp.status().is_server_error() {
+        "rejected"
+    } else if resp.status() == StatusCode::ACCEPTED {
+        "kept"
+    } else {
+        "delivered"
+    };
+    crate::metrics::global().callback(outcome);
+    resp
 }
 
 /// What the `Authorization` header showed before the body was read.
@@ -236,7 +259,6 @@ async fn async_callback(
     req: Request,
 ) -> Result<Response, AppError> {
     let (presented, body): (_, CallbackBody) = read_json(&state, req).await?;
-    state.metrics.callbacks.inc();
     authorize(&state, &presented, &body.request_id)?;
     let kv = state.kv.as_ref();
     // The entry read and the `delivered` marker are independent round trips: made
@@ -269,10 +291,9 @@ async fn async_callback(
     };
     if !first {
         tracing::info!(request = %entry.request_id, "duplicate callback ignored");
-        return Ok(json_response(
-            StatusCode::OK,
-            &json!({"status": "duplicate"}),
-        ));
+        let mut resp = json_response(StatusCode::OK, &json!({"status": "duplicate"}));
+        resp.extensions_mut().insert(Duplicate);
+        return Ok(resp);
     }
     let mut result = body.to_result();
     // A playbook may echo its workload: the client never gets what the gateway injected.
@@ -367,7 +388,11 @@ async fn sync_callback(
         )
         .await?;
     let status = if created { "delivered" } else { "duplicate" };
-    Ok(json_response(StatusCode::OK, &json!({"status": status})))
+    let mut resp = json_response(StatusCode::OK, &json!({"status": status}));
+    if !created {
+        resp.extensions_mut().insert(Duplicate);
+    }
+    Ok(resp)
 }
 
 /// What a request's frames are scrubbed with: secret keys, and the request's own callback

@@ -101,13 +101,16 @@ impl From<CreateError> for crate::error::AppError {
     fn from(e: CreateError) -> Self {
         match e {
             CreateError::Store(e) => e.into(),
-            CreateError::Full(n) => crate::error::AppError::TooManyRequests {
+            CreateError::Full(n) => {
+                crate::metrics::global().rate_limited("clients");
+                crate::error::AppError::TooManyRequests {
                 code: "too_many_clients",
                 message: format!(
                     "this user holds {n} client ids, all connected; close a tab or reuse a client_id"
                 ),
                 retry_after: crate::quotas::STREAMS_RETRY_AFTER_SECS,
-            },
+                }
+            }
         }
     }
 }

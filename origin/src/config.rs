@@ -469,6 +469,11 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Record metrics and serve `/metrics` on the internal listener; `false` records
+    /// nothing and `/metrics` answers 404 (to measure what metrics cost).
+    #[arg(long, env = "METRICS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics_enabled: bool,
+
     /// After SIGTERM, how long the replica keeps serving with `/ready` failing before its
     /// listeners close: the time the load balancer and kube-proxy need to stop sending it
     /// new connections (a request that arrives meanwhile is still answered).

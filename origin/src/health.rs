@@ -108,6 +108,7 @@ pub async fn health() -> Response {
 )]
 pub async fn ready(State(r): State<Readiness>) -> Response {
     if r.is_draining() {
+        r.metrics.ready.set(0);
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"status": "draining"}),
@@ -140,8 +141,9 @@ pub async fn ready(State(r): State<Readiness>) -> Response {
     } else {
         "catching up"
     };
-    r.metrics.noetl_up.set(u64::from(noetl == "ok"));
+    r.metrics.noetl_up.set(i64::from(noetl == "ok"));
     let ok = (nats == "ok" || nats == "embedded") && revocations == "current";
+    r.metrics.ready.set(i64::from(ok));
     let status = if ok {
         StatusCode::OK
     } else {

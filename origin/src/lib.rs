@@ -22,9 +22,12 @@
 //! - [`callbacks`] — playbook callbacks and progress (internal listener).
 //! - [`proxy`] — `/noetl/*` → NoETL `/api/*`: path policy, allow-list, streaming.
 //! - [`health`] — liveness and readiness.
-//! - [`metrics`] — Prometheus counters (internal listener).
+//! - [`metrics`] — the `prometheus-client` registry and `/metrics` (internal listener).
+//! - [`observe`] — per request: W3C trace context, HTTP metrics, the access log.
+//! - [`logs`] — the JSON log line (Cloud Logging `severity`, trace and span ids).
 //! - [`openapi`] — the OpenAPI 3.1 document of every HTTP route (`docs/openapi.json`),
 //!   from the handlers' `utoipa` annotations.
+//! - [`otel`] — optional OTLP trace export (`OTEL_EXPORTER_OTLP_ENDPOINT`).
 //!
 //! Services and stores:
 //! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, redirects off, errors.
@@ -63,9 +66,12 @@ pub mod health;
 pub mod hub;
 pub mod interest;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod noetl;
+pub mod observe;
 pub mod openapi;
+pub mod otel;
 pub mod owners;
 pub mod proxy;
 pub mod quotas;

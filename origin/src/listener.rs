@@ -96,6 +96,8 @@ const MAX_LINGERING_REFUSALS: usize = 256;
 /// The limits one listener puts on its connections (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
+    /// The listener's name in metrics (`public`, `internal`).
+    pub name: &'static str,
     /// Time to send a whole request head.
     pub header_timeout: Duration,
     /// Time a kept-alive connection may idle between requests.
@@ -153,6 +155,7 @@ pub async fn serve(
             },
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
+            crate::metrics::global().refused(limits.name, "too_many_connections");
             if let Some(count) = refusals.note(Instant::now()) {
                 tracing::warn!(
                     listener = ?local, refused = count, max = limits.max_connections,
@@ -919,6 +922,7 @@ mod tests {
     }
 
     const LIMITS: ConnLimits = ConnLimits {
+        name: "public",
         header_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(600),
         body_timeout: Duration::from_secs(30),

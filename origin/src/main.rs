@@ -3,23 +3,65 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use origin::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::fmt::format::JsonFields;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 
-fn init_tracing(format: LogFormat) {
+/// Logging: `RUST_LOG` (default `info`; the per-request `access` lines are at info), text
+/// or JSON lines (`origin::logs`: Cloud Logging `severity`, trace and span ids;
+/// `GOOGLE_CLOUD_PROJECT`, when set, makes the trace id Cloud Logging's trace name); and
+/// OTLP trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`origin::otel`), whose
+/// provider is returned to be shut down (flushed) at exit.
+fn init_tracing(format: LogFormat) -> Option<SdkTracerProvider> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (otel, provider, otel_error) = match origin::otel::layer() {
+        Ok(Some((layer, provider))) => (Some(layer), Some(provider), None),
+        Ok(None) => (None, None, None),
+        Err(e) => (None, None, Some(e)),
+    };
+    // RUST_LOG filters the log only: the export layer has its own filter (`otel`), so
+    // `RUST_LOG=warn` does not turn export off.
+    let registry = tracing_subscriber::registry().with(otel);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => {
+            let project = std::env::var("GOOGLE_CLOUD_PROJECT")
+                .ok()
+                .filter(|p| !p.is_empty());
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .fmt_fields(JsonFields::new())
+                        .event_format(origin::logs::JsonLines { project })
+                        .with_filter(filter),
+                )
+                .init()
+        }
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_filter(filter))
+            .init(),
     }
+    match (&provider, otel_error) {
+        (Some(_), _) => tracing::info!(
+            endpoint = origin::otel::endpoint().unwrap_or_default(),
+            "exporting traces over OTLP (HTTP/protobuf)"
+        ),
+        (None, Some(e)) => {
+            tracing::error!(error = %e, "OTLP trace export is configured but cannot start; not exporting")
+        }
+        (None, None) => {}
+    }
+    provider
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    init_tracing(config.log_format);
+    let traces = init_tracing(config.log_format);
     if let Err(e) = config
         .validate()
         .and_then(|()| origin::server::check_policies(&config))
@@ -41,11 +83,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match origin::server::serve(&config, state, drain).await {
+    let code = match origin::server::serve(&config, state, drain).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "origin failed");
             ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = traces {
+        // Flushes the last batch; blocking, so off the runtime's worker.
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
     }
+    code
 }

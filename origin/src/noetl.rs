@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
 
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
+use crate::observe;
 
 /// Largest NoETL answer the client reads (not proxied bodies: those stream).
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
@@ -366,21 +367,26 @@ impl NoetlClient {
     /// `GET {health_path}`: is NoETL up?
     pub async fn health(&self, timeout: Duration) -> Result<(), NoetlError> {
         let url = self.url(&self.health_path)?;
-        let resp = self
+        let started = Instant::now();
+        let (traceparent, request_id) = observe::outgoing();
+        let r = match self
             .http
             .get(url)
             .timeout(timeout)
+            .header(observe::TRACEPARENT, traceparent)
+            .header("x-request-id", request_id)
             .send()
             .await
-            .map_err(NoetlError::from_reqwest)?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(NoetlError::Status {
+        {
+            Err(e) => Err(NoetlError::from_reqwest(e)),
+            Ok(resp) if resp.status().is_success() => Ok(()),
+            Ok(resp) => Err(NoetlError::Status {
                 status: resp.status().as_u16(),
                 message: "health check failed".into(),
-            })
-        }
+            }),
+        };
+        metrics::global().observe_noetl("health", outcome(&r), started.elapsed());
+        r
     }
 
     /// `POST /api/auth/login`: asks NoETL to create a session for a verified ID token.
@@ -394,7 +400,7 @@ impl NoetlClient {
         let (_, reply): (_, Reply) = self
             .call(
                 reqwest::Method::POST,
-                "/api/auth/login",
+                ("/api/auth/login", "/api/auth/login"),
                 Some(req),
                 false,
                 true,
@@ -409,7 +415,7 @@ impl NoetlClient {
         let (_, reply): (_, Value) = self
             .call(
                 reqwest::Method::POST,
-                "/api/auth/session/validate",
+                ("/api/auth/session/validate", "/api/auth/session/validate"),
                 Some(&body),
                 true,
                 false,
@@ -431,7 +437,10 @@ impl NoetlClient {
         let (_, reply): (_, Value) = self
             .call(
                 reqwest::Method::POST,
-                "/api/auth/check-playbook-access",
+                (
+                    "/api/auth/check-playbook-access",
+                    "/api/auth/check-playbook-access",
+                ),
                 Some(&body),
                 true,
                 false,
@@ -447,7 +456,7 @@ impl NoetlClient {
         match self
             .call::<Value, _>(
                 reqwest::Method::POST,
-                "/api/auth/logout",
+                ("/api/auth/logout", "/api/auth/logout"),
                 Some(&body),
                 true,
                 false,
@@ -477,7 +486,7 @@ impl NoetlClient {
         let (_, reply) = self
             .call(
                 reqwest::Method::POST,
-                "/api/execute",
+                ("/api/execute", "/api/execute"),
                 Some(&body),
                 false,
                 false,
@@ -488,9 +497,10 @@ impl NoetlClient {
 
     /// `GET /api/executions/{id}/status`, with `execution_id` turned into a string.
     pub async fn execution_status(&self, id: &str) -> Result<Value, NoetlError> {
+        const ROUTE: &str = "/api/executions/{id}/status";
         let path = format!("/api/executions/{}/status", encode_segment(id));
         let (_, mut reply): (_, Value) = self
-            .call::<Value, ()>(reqwest::Method::GET, &path, None, true, false)
+            .call::<Value, ()>(reqwest::Method::GET, (ROUTE, &path), None, true, false)
             .await?;
         stringify_id(&mut reply, "execution_id");
         Ok(reply)
@@ -502,9 +512,10 @@ impl NoetlClient {
     /// included — and step results: callers read only what they need, and scrub whatever of
     /// it reaches a client.
     pub async fn execution_record(&self, id: &str) -> Result<Value, NoetlError> {
+        const ROUTE: &str = "/api/executions/{id}";
         let path = format!("/api/executions/{}", encode_segment(id));
         let (_, reply): (_, Value) = self
-            .call::<Value, ()>(reqwest::Method::GET, &path, None, true, false)
+            .call::<Value, ()>(reqwest::Method::GET, (ROUTE, &path), None, true, false)
             .await?;
         Ok(reply)
     }
@@ -512,9 +523,10 @@ impl NoetlClient {
     /// The playbook path of an execution (`GET /api/executions/{id}`), for access checks.
     /// Only `path` is read: the record also holds the workload, secrets included.
     pub async fn execution_path(&self, id: &str) -> Result<String, NoetlError> {
+        const ROUTE: &str = "/api/executions/{id}";
         let path = format!("/api/executions/{}", encode_segment(id));
         let (_, reply): (_, Value) = self
-            .call::<Value, ()>(reqwest::Method::GET, &path, None, true, false)
+            .call::<Value, ()>(reqwest::Method::GET, (ROUTE, &path), None, true, false)
             .await?;
         reply["path"]
             .as_str()
@@ -524,8 +536,9 @@ impl NoetlClient {
 
     /// `POST /api/executions/{id}/cancel`.
     pub async fn cancel(&self, id: &str) -> Result<(), NoetlError> {
+        const ROUTE: &str = "/api/executions/{id}/cancel";
         let path = format!("/api/executions/{}/cancel", encode_segment(id));
-        self.call::<Value, ()>(reqwest::Method::POST, &path, None, false, false)
+        self.call::<Value, ()>(reqwest::Method::POST, (ROUTE, &path), None, false, false)
             .await
             .map(|_| ())
     }
@@ -542,22 +555,37 @@ impl NoetlClient {
         let mut url = self.base.clone();
         url.set_path(&req.path);
         url.set_query(req.query.as_deref());
+        let mut headers = req.headers;
+        let (traceparent, request_id) = observe::outgoing();
+        headers.insert(observe::TRACEPARENT, traceparent);
+        headers.insert("x-request-id", request_id);
+        let started = Instant::now();
         let send = self
             .http
             .request(req.method, url)
-            .headers(req.headers)
+            .headers(headers)
             .body(reqwest::Body::wrap_stream(req.body))
             .send();
-        let resp = match tokio::time::timeout(req.first_byte_timeout, send).await {
-            Err(_) => return Err(NoetlError::Timeout),
-            Ok(Err(e)) if e.is_timeout() => return Err(NoetlError::Timeout),
-            Ok(Err(e)) => {
-                return Err(NoetlError::Unreachable(format!(
-                    "proxy: {}",
-                    root_cause(&e)
-                )))
+        let sent = match tokio::time::timeout(req.first_byte_timeout, send).await {
+            Err(_) => Err(NoetlError::Timeout),
+            Ok(Err(e)) if e.is_timeout() => Err(NoetlError::Timeout),
+            Ok(Err(e)) => Err(NoetlError::Unreachable(format!(
+                "proxy: {}",
+                root_cause(&e)
+            ))),
+            Ok(Ok(r)) => Ok(r),
+        };
+        let took = started.elapsed();
+        let resp = match sent {
+            Ok(r) => {
+                let outcome = status_outcome(r.status().as_u16());
+                metrics::global().observe_noetl("proxy", outcome, took);
+                r
             }
-            Ok(Ok(r)) => r,
+            Err(e) => {
+                metrics::global().observe_noetl("proxy", outcome::<()>(&Err(e.clone())), took);
+                return Err(e);
+            }
         };
         Ok(Forwarded {
             status: resp.status().as_u16(),
@@ -573,7 +601,26 @@ impl NoetlClient {
     /// One call with retries for idempotent requests (jittered backoff, within the retry
     /// budget). `accept_client_errors` lets routes whose 4xx answers carry a meaningful
     /// body (login) parse them.
+    ///
+    /// `route` is the path's template (ids as `{id}`) for
+    /// `gateway_noetl_request_duration_seconds`, which times the call, retries included.
     async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        method: reqwest::Method,
+        (route, path): (&'static str, &str),
+        body: Option<&B>,
+        idempotent: bool,
+        accept_client_errors: bool,
+    ) -> Result<(u16, T), NoetlError> {
+        let started = Instant::now();
+        let r = self
+            .call_timed(method, path, body, idempotent, accept_client_errors)
+            .await;
+        metrics::global().observe_noetl(route, outcome(&r), started.elapsed());
+        r
+    }
+
+    async fn call_timed<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -619,7 +666,13 @@ impl NoetlClient {
         body: Option<&B>,
         accept_client_errors: bool,
     ) -> Result<(u16, T), NoetlError> {
-        let mut req = self.http.request(method, url).timeout(self.timeout);
+        let (traceparent, request_id) = observe::outgoing();
+        let mut req = self
+            .http
+            .request(method, url)
+            .timeout(self.timeout)
+            .header(observe::TRACEPARENT, traceparent)
+            .header("x-request-id", request_id);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -638,6 +691,26 @@ impl NoetlClient {
             .map_err(|e| {
                 NoetlError::BadResponse(format!("HTTP {status} body is not the expected JSON: {e}"))
             })
+    }
+}
+
+/// The `outcome` label of a NoETL call's result.
+fn outcome<T>(r: &Result<T, NoetlError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(NoetlError::Status { status, .. }) => status_outcome(*status),
+        Err(NoetlError::Timeout) => "timeout",
+        Err(NoetlError::Unreachable(_)) => "unavailable",
+        Err(NoetlError::BadResponse(_)) => "server_error",
+    }
+}
+
+/// The `outcome` label of an HTTP status NoETL answered.
+fn status_outcome(status: u16) -> &'static str {
+    match status {
+        500.. => "server_error",
+        400..=499 => "client_error",
+        _ => "ok",
     }
 }
 

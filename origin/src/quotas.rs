@@ -179,19 +179,27 @@ impl RealtimeQuotas {
     /// Admits one new stream or socket of `user_id`: counts the open against the rate, then
     /// takes a slot. `replacing` as in [`UserSlots::try_take`]. A refused open still counts
     /// against the rate (a client hammering at the cap slows down).
+    /// Refusals count in `gateway_rate_limited_total{limit="stream_open"|"streams"}`.
     pub fn admit(&self, user_id: &str, replacing: bool) -> Result<StreamSlot, Refused> {
-        self.opens
-            .check(&user_id.to_owned())
-            .map_err(Refused::Rate)?;
-        self.slots
-            .try_take(user_id, replacing)
-            .ok_or(Refused::TooMany)
+        self.opens.check(&user_id.to_owned()).map_err(|wait| {
+            crate::metrics::global().rate_limited("stream_open");
+            Refused::Rate(wait)
+        })?;
+        self.slots.try_take(user_id, replacing).ok_or_else(|| {
+            crate::metrics::global().rate_limited("streams");
+            Refused::TooMany
+        })
     }
 
     /// True if `user_id` may replay now (counts one replay); false: start at live frames
     /// with `stream/reset`.
+    /// A refusal counts in `gateway_rate_limited_total{limit="replay"}`.
     pub fn may_replay(&self, user_id: &str) -> bool {
-        self.replays.check(&user_id.to_owned()).is_ok()
+        let ok = self.replays.check(&user_id.to_owned()).is_ok();
+        if !ok {
+            crate::metrics::global().rate_limited("replay");
+        }
+        ok
     }
 
     /// Connections `user_id` holds on this replica.

@@ -32,6 +32,7 @@ use crate::auth::revocations::Revocations;
 use crate::auth::routes::{AuthLimits, AuthRoutesState};
 use crate::auth::session::{SessionService, SessionSettings};
 use crate::bridge::BridgeConfig;
+use crate::bus::instrumented::InstrumentedBus;
 use crate::bus::memory::MemoryBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::{Bus, Retention};
@@ -43,7 +44,7 @@ use crate::graphql::{build_schema, schema::Services, GraphqlState, KeepAlive};
 use crate::health::Readiness;
 use crate::hub::Hub;
 use crate::listener::{self, ConnLimits, LeanPath, RequestLimits};
-use crate::metrics::{Metrics, MetricsState};
+use crate::metrics::MetricsState;
 use crate::noetl::{NoetlClient, RetryBudget};
 use crate::owners::Owners;
 use crate::proxy::{AllowList, Proxy, ProxyState};
@@ -52,6 +53,7 @@ use crate::ratelimit::TrustedProxies;
 use crate::requests::CallbackTokens;
 use crate::scrub::Scrubber;
 use crate::state::AppState;
+use crate::store::instrumented::InstrumentedKv;
 use crate::store::memory::MemoryKv;
 use crate::store::nats::NatsKv;
 use crate::store::{BucketTtls, KvStore};
@@ -127,7 +129,9 @@ async fn build(
             (kv, None)
         }
     };
-    let metrics = Arc::new(Metrics::default());
+    crate::metrics::set_enabled(config.metrics_enabled);
+    let kv: Arc<dyn KvStore> = Arc::new(InstrumentedKv::new(kv));
+    let metrics = crate::metrics::global().clone();
     let noetl = NoetlClient::new(
         config.noetl_base_url.clone(),
         config.noetl_connect_timeout,
@@ -227,6 +231,7 @@ async fn build(
         }
         None => Arc::new(MemoryBus::with_backlog(retention, config.sse_queue)),
     };
+    let bus: Arc<dyn Bus> = Arc::new(InstrumentedBus::new(bus));
     crate::bridge::spawn(
         nats.clone(),
         kv.clone(),
@@ -398,15 +403,16 @@ pub async fn serve(
     } else {
         LeanPath::Off
     };
-    let limits = |max_connections| ConnLimits {
+    let limits = |name, max_connections| ConnLimits {
+        name,
         header_timeout: config.header_read_timeout,
         idle_timeout: config.keepalive_idle_timeout,
         body_timeout: config.body_read_timeout,
         max_connections,
     };
     let (public_limits, internal_limits) = (
-        limits(config.public_max_connections),
-        limits(config.internal_max_connections),
+        limits("public", config.public_max_connections),
+        limits("internal", config.internal_max_connections),
     );
     let servers = async {
         tokio::try_join!(

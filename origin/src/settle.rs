@@ -533,6 +533,16 @@ mod tests {
             self.inner.publish(client_id, event, data).await
         }
 
+        async fn publish_once(
+            &self,
+            client_id: &ClientId,
+            event: &str,
+            data: Bytes,
+            _key: &str,
+        ) -> Result<u64, BusError> {
+            self.publish(client_id, event, data).await
+        }
+
         async fn subscribe(
             &self,
             client_id: &ClientId,

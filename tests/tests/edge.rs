@@ -443,7 +443,7 @@ async fn spoofed_identity_headers_do_not_reach_the_origin_and_forged_assertions_
     assert_eq!(got.flags, sent.flags, "{echo}");
     assert_ne!(
         got.parent_id, sent.parent_id,
-        "the edge's span is the parent: {echo}"
+        "a gateway span (the origin's) is the parent: {echo}"
     );
 
     // No traceparent (or an invalid one): the edge starts a trace, sampled.

@@ -4,8 +4,9 @@
 //!
 //! - `async_nats` is used only in `origin/src/{store,bus,bridge}/` and the start-up wiring
 //!   (`server.rs`): handlers see the `KvStore` and `Bus` traits, never a NATS client.
-//! - `reqwest` is used only by the NoETL client (`noetl.rs`) and the JWKS fetcher
-//!   (`auth/jwks.rs`): one pool and one timeout policy per upstream.
+//! - `reqwest` is used only by the NoETL client (`noetl.rs`), the JWKS fetcher
+//!   (`auth/jwks.rs`) and the OTLP exporter's client (`otel.rs`): one pool and one timeout
+//!   policy per upstream.
 //! - Only the composition root (`app.rs`) and start-up (`server.rs`, `main.rs`) import the
 //!   `app` and `state` modules: a handler module gets its own substate and nothing else.
 //! - No import cycle among the origin's top-level modules (`crate::x` references in code).
@@ -177,11 +178,15 @@ fn async_nats_stays_in_the_store_the_bus_the_bridge_and_start_up() {
 
 #[test]
 fn reqwest_stays_in_the_noetl_client_and_the_jwks_fetcher() {
-    let offenders = used_outside("reqwest", &["noetl.rs", "auth/jwks.rs"]);
+    // otel.rs: the OTLP exporter's HTTP client is the third upstream (the trace collector).
+    // Giving it the origin's reqwest keeps one HTTP client version and TLS stack in the
+    // binary (the exporter's own reqwest client is another major version); it talks to the
+    // collector only, never to NoETL.
+    let offenders = used_outside("reqwest", &["noetl.rs", "auth/jwks.rs", "otel.rs"]);
     assert!(
         offenders.is_empty(),
-        "reqwest used outside noetl.rs and auth/jwks.rs: {offenders:?} — call NoETL through \
-         NoetlClient"
+        "reqwest used outside noetl.rs, auth/jwks.rs and otel.rs: {offenders:?} — call NoETL \
+         through NoetlClient"
     );
 }
 

@@ -319,6 +319,7 @@ impl Inner {
             }
 
             let result = inner.fetch_jwks().await;
+            crate::metrics::global().jwks_refresh(if result.is_ok() { "ok" } else { "error" });
             let mut state = inner.write_state();
             state.attempts += 1;
             state.last_attempt = Some(Instant::now());

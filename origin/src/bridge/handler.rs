@@ -95,6 +95,7 @@ impl Handler {
         let acked = match outcome {
             Outcome::Done => msg.ack().await,
             Outcome::Retry(reason) => {
+                crate::metrics::global().bridge_naks.inc();
                 let delay = policy::retry_delay(reason, self.retry_delay);
                 msg.ack_with(AckKind::Nak(Some(delay))).await
             }
@@ -143,9 +144,13 @@ impl Handler {
     async fn handle(&self, d: &Delivery<'_>, guard: &mut OrderGuard) -> Outcome {
         let ev = match d.parsed {
             Ok(Parsed::Forward(ev)) => ev,
-            Ok(Parsed::Ignored { .. }) => return Outcome::Done,
+            Ok(Parsed::Ignored { .. }) => {
+                crate::metrics::global().bridge_event("ignored");
+                return Outcome::Done;
+            }
             Err(e) => {
                 tracing::warn!(subject = %d.subject, bytes = d.payload_len, error = %e, "bridge: malformed NoETL event skipped");
+                crate::metrics::global().bridge_event("failed");
                 return Outcome::Done;
             }
         };
@@ -193,6 +198,7 @@ impl Handler {
             Ok(owner)
                 if policy::skipped_after_terminal(owner.as_deref(), event_key, &ev.event_type) =>
             {
+                crate::metrics::global().bridge_event("duplicate");
                 return self.after_terminal(ev, event_key, &clients, age).await;
             }
             Ok(_) => {}
@@ -206,6 +212,7 @@ impl Handler {
             match self.kv.get(Bucket::Interest, &key).await {
                 Ok(Some(_)) => {
                     tracing::debug!(execution_id = %id, "bridge: a failed step's step.exit skipped");
+                    crate::metrics::global().bridge_event("duplicate");
                     return Outcome::Done;
                 }
                 Ok(None) => {}
@@ -277,6 +284,7 @@ impl Handler {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: this run's start was already sent");
+                    crate::metrics::global().bridge_event("duplicate");
                     return Outcome::Done;
                 }
                 Err(e) => {
@@ -289,10 +297,20 @@ impl Handler {
         if plan.skipped_any {
             tracing::debug!(execution_id = %id, event_type = %ev.event_type, "bridge: another event already sent this step's failure or the terminal frame");
         }
+        let published = !plan.frames.is_empty();
         for frame in plan.frames {
             if !self.publish(&clients, frame, event_key).await {
                 return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
             }
+        }
+        let m = crate::metrics::global();
+        if published {
+            m.bridge_event("handled");
+            if let Some(at) = &ev.at {
+                m.observe_bridge_lag(at);
+            }
+        } else {
+            m.bridge_event("duplicate");
         }
         // The run ended FAILED or CANCELLED: its client gets its result even if no callback
         // ever comes (crate::settle; a redelivery resumes it).
@@ -360,10 +378,12 @@ impl Handler {
             RetryVerdict::Retry => Outcome::Retry(reason),
             _ if reason == RetryReason::NoInterest => {
                 tracing::debug!(execution_id = %ev.execution_id, event_type = %ev.event_type, age_ms = age.as_millis() as u64, "bridge: no client interested in time; event dropped");
+                crate::metrics::global().bridge_event("ignored");
                 Outcome::Done
             }
             _ => {
                 tracing::warn!(execution_id = %ev.execution_id, event_type = %ev.event_type, ?reason, "bridge: retries exhausted; event dropped");
+                crate::metrics::global().bridge_event("failed");
                 Outcome::Done
             }
         }

@@ -91,9 +91,12 @@ pub(super) async fn run_durable(
             return;
         }
         tracing::info!(stream = %stream.cached_info().config.name, "bridge: this replica reads NoETL's events now (it holds the reader lease)");
+        let reader = &crate::metrics::global().bridge_reader;
+        reader.set(1);
         let clean = lease.took_over_cleanly().await;
         let Some(catch_up) = await_previous_deliveries(&stream, &config, clean, &shutdown).await
         else {
+            reader.set(0);
             lease.release().await;
             return;
         };
@@ -108,6 +111,7 @@ pub(super) async fn run_durable(
             catch_up,
         )
         .await;
+        reader.set(0);
         match end {
             TermEnd::Shutdown => {
                 lease.release().await;
@@ -122,8 +126,8 @@ pub(super) async fn run_durable(
 
 /// Before a term's first pull: if an earlier reader (a replica that died, or this process
 /// before a crash) left deliveries un-acked — it did not hand over `clean`ly — wait the
-/// consumer's ack wait so they are due again. JetStream serves due redeliveries before new messages, so this reader gets a
-/// run's earlier events before its later ones; pulling at once would hand it the later ones
+/// consumer's ack wait so they are due again. JetStream serves due redeliveries before
+/// new messages, so this reader gets a run's earlier events before its later ones; pulling at once would hand it the later ones
 /// first (a `step.exit` after the terminal frame). Costs one ack wait (`BRIDGE_ACK_WAIT`)
 /// only when something was pending. The redeliveries themselves come in the order they
 /// fell due (a NAK's delay, an ack wait), not in stream order, so the term then takes that

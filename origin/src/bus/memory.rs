@@ -380,6 +380,18 @@ fn live_frames(
 
 #[async_trait]
 impl Bus for MemoryBus {
+    /// Nothing redelivers to the embedded bus (no stream, one process), so a frame is never
+    /// published twice for one cause: the key is not needed.
+    async fn publish_once(
+        &self,
+        client_id: &ClientId,
+        event: &str,
+        data: Bytes,
+        _key: &str,
+    ) -> Result<u64, BusError> {
+        self.publish(client_id, event, data).await
+    }
+
     async fn publish(
         &self,
         client_id: &ClientId,
@@ -410,6 +422,9 @@ impl Bus for MemoryBus {
             client_id: client_id.clone(),
             inbox,
         };
+        crate::metrics::global()
+            .sse_replayed
+            .inc_by(replay.len() as u64);
         let frames = stream::iter(replay.into_iter().map(Ok))
             .chain(live_frames(reg))
             .boxed();

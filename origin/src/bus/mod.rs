@@ -16,6 +16,7 @@
 //!   subscriptions, so an idle connection costs the server nothing.
 //!
 //! Both decide when a resume must start with `stream/reset` by one rule, `reset::must_reset`.
+//! Either is wrapped in [`instrumented::InstrumentedBus`], which times every operation.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use gateway_shared::ids::ClientId;
 use std::time::Duration;
 
 mod inbox;
+pub mod instrumented;
 pub mod memory;
 pub mod nats;
 mod reset;
@@ -128,17 +130,15 @@ pub trait Bus: Send + Sync + 'static {
     /// names the frame, and a second publish with the same key within the bus's duplicate
     /// window stores nothing and returns the first one's id, so the client gets it once.
     /// The NATS bus sends `key` as `Nats-Msg-Id` (JetStream's duplicate window, 2 min by
-    /// default); the default, for buses with no redelivery (the embedded one), publishes.
+    /// default); the embedded bus, which nothing redelivers to, publishes. No default:
+    /// a decorator that forgot to pass the key on would silently lose the guarantee.
     async fn publish_once(
         &self,
         client_id: &ClientId,
         event: &str,
         data: Bytes,
         key: &str,
-    ) -> Result<u64, BusError> {
-        let _ = key;
-        self.publish(client_id, event, data).await
-    }
+    ) -> Result<u64, BusError>;
 
     /// The client's frames from `start`, then live ones.
     async fn subscribe(

@@ -512,6 +512,7 @@ async fn open_stream(state: EventsState, req: Request) -> Result<Response, AppEr
         None
     };
     if let Some(reason) = reset_reason {
+        crate::metrics::global().sse_resets.inc();
         first.extend(sse_frame(
             None,
             event::RESET,
@@ -631,6 +632,7 @@ impl SseBody {
         slot: StreamSlot,
     ) -> Self {
         let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
+        crate::metrics::global().sse_opened.inc();
         let session_end = state.sessions.revocations().session_end_linked(
             &session.hash,
             now_unix(),
@@ -717,6 +719,7 @@ impl http_body::Body for SseBody {
                 )))));
             } else {
                 this.end("superseded");
+                crate::metrics::global().sse_evicted.inc();
                 return Poll::Ready(None);
             }
         }
@@ -733,6 +736,7 @@ impl http_body::Body for SseBody {
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(client = %this.client_id, error = %e, "bus subscription ended; evicting so the client resumes");
                 this.end("evicted");
+                crate::metrics::global().sse_evicted.inc();
                 return Poll::Ready(Some(Ok(http_body::Frame::data(evicted_frame()))));
             }
             Poll::Ready(None) => {

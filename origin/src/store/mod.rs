@@ -6,12 +6,15 @@
 //! - [`memory::MemoryKv`] — the embedded default when `NATS_URL` is unset (one replica);
 //! - [`nats::NatsKv`] — NATS JetStream K/V, one bucket per [`Bucket`], created at start
 //!   with its configured TTL.
+//!
+//! Either is wrapped in [`instrumented::InstrumentedKv`], which times every operation.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use std::time::Duration;
 
+pub mod instrumented;
 pub mod memory;
 pub mod nats;
 

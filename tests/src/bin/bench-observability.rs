@@ -10,7 +10,7 @@
 //!   export's cost is in the origin, the collector's is not counted).
 //!
 //! Shapes, each with a session the origin has cached: `POST /api/auth/validate` (the
-//! session check alone) and `GET /noetl/api/catalog` (the proxy to the stand-in). Load: a
+//! session check alone) and `GET /noetl/catalog/playbooks` (the proxy to the stand-in). Load: a
 //! closed loop on `--conns` keep-alive connections (`http_load`, the same generator as
 //! bench-edge), windows of `--secs`, the variants interleaved over `--rounds` so a burst of
 //! load from elsewhere hits both alike. Printed per shape and variant: req/s, p50/p99, the
@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
         (
             "/noetl proxy (cached session)",
             hyper::Method::GET,
-            "/noetl/api/catalog",
+            "/noetl/catalog/playbooks",
         ),
     ];
     println!(

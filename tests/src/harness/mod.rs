@@ -4,7 +4,8 @@
 //! directory), [`standin::StandIn`] (the NoETL stand-in binary), [`origin::Origin`] (the
 //! origin binary) — so tests run in parallel without sharing a port or a bucket. Every
 //! process is killed when its guard drops; if the test is panicking, the last lines of each
-//! process's log are printed so the failure explains itself.
+//! process's log are printed so the failure explains itself. [`metrics`] parses the
+//! origin's `/metrics` exposition for the suites that read it.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod edge;
 pub mod flows;
+pub mod metrics;
 pub mod nats;
 pub mod origin;
 pub mod sse;

@@ -183,25 +183,42 @@ impl Origin {
         &mut self.guard
     }
 
-    /// SSE streams open on this replica (`gateway_sse_connections` on the internal
+    /// SSE streams open on this replica (`gateway_sse_streams_open` on the internal
     /// `/metrics`); `None` if the origin does not answer.
     pub async fn sse_connections(&self) -> Option<u64> {
-        self.metric("gateway_sse_connections").await
+        self.metric("gateway_sse_streams_open").await
     }
 
-    /// The value of the unlabelled metric `name` on the internal `/metrics` (Prometheus
-    /// text); `None` if the origin does not answer or does not export it.
+    /// The value of the metric `name` on the internal `/metrics`: with labels
+    /// (`name{a="b"}`, written as the exposition writes them) that one series; without,
+    /// the sum of every series of that exact name (a labelled counter's total). `None` if
+    /// the origin does not answer, or exports no such series, or its value is not an
+    /// integer.
     pub async fn metric(&self, name: &str) -> Option<u64> {
-        let text = reqwest::get(format!("{}/metrics", self.internal_url))
-            .await
-            .ok()?
-            .text()
+        let text = self.metrics_text().await?;
+        let samples = super::metrics::parse(&text);
+        if name.contains('{') {
+            return samples
+                .iter()
+                .find(|s| s.series() == name)
+                .and_then(|s| s.as_u64());
+        }
+        let of_name: Vec<_> = samples.iter().filter(|s| s.name == name).collect();
+        if of_name.is_empty() {
+            return None;
+        }
+        of_name.iter().map(|s| s.as_u64()).sum()
+    }
+
+    /// The internal `/metrics` text; `None` if the origin does not answer 200.
+    pub async fn metrics_text(&self) -> Option<String> {
+        let resp = reqwest::get(format!("{}/metrics", self.internal_url))
             .await
             .ok()?;
-        text.lines()
-            .filter_map(|l| l.strip_prefix(name))
-            .find_map(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.text().await.ok()
     }
 
     /// The origin's log so far (assert that secrets never appear in it).

@@ -181,7 +181,15 @@ impl StandIn {
         self.calls().await.get(key).copied().unwrap_or(0)
     }
 
-    /// Zeroes the call counters.
+    /// The trace headers of the last `/api/*` calls, oldest first (since start or the last
+    /// reset).
+    pub async fn traces(&self) -> Vec<crate::standin::control::TracedCall> {
+        let v = self.get_json("/_standin/traces", &[]).await;
+        serde_json::from_value(v.clone())
+            .unwrap_or_else(|e| panic!("/_standin/traces is not a list of calls ({e}): {v}"))
+    }
+
+    /// Zeroes the call counters and clears the trace log.
     pub async fn reset_calls(&self) {
         self.post_json("/_standin/reset-calls", &json!({})).await;
     }

@@ -57,6 +57,7 @@ fn dev_idp() -> Router<Shared> {
 fn test_control() -> Router<Shared> {
     Router::new()
         .route("/_standin/calls", get(control::calls))
+        .route("/_standin/traces", get(control::traces))
         .route("/_standin/reset-calls", post(control::reset_calls))
         .route(
             "/_standin/faults",

@@ -1,5 +1,6 @@
 //! Test control, under `/_standin/` (not part of NoETL): call counters per route
-//! template, injected faults, the callback log and event counters.
+//! template, the trace headers of recent calls, injected faults, the callback log and
+//! event counters.
 //!
 //! [`observe_api`] wraps every `/api/*` route (health included: a slow NoETL is slow
 //! everywhere). It counts the call first, then applies the faults, so a test can assert
@@ -48,16 +49,41 @@ impl Faults {
     }
 }
 
-/// Call counters and current faults.
+/// How many calls' trace headers `/_standin/traces` keeps (the oldest go first).
+pub const MAX_TRACES: usize = 1000;
+
+/// The trace headers one `/api/*` call carried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracedCall {
+    /// `"<METHOD> <route template>"`, as counted.
+    pub call: String,
+    /// The request path (no query).
+    pub path: String,
+    /// The `traceparent` header, if any.
+    pub traceparent: Option<String>,
+    /// The `x-request-id` header, if any.
+    pub request_id: Option<String>,
+}
+
+/// Call counters, recent calls' trace headers and current faults.
 #[derive(Debug, Default)]
 pub struct Control {
     calls: Mutex<BTreeMap<String, u64>>,
+    traces: Mutex<std::collections::VecDeque<TracedCall>>,
     faults: Mutex<Faults>,
 }
 
 impl Control {
     fn count(&self, key: String) {
         *lock(&self.calls).entry(key).or_default() += 1;
+    }
+
+    fn trace(&self, call: TracedCall) {
+        let mut traces = lock(&self.traces);
+        if traces.len() >= MAX_TRACES {
+            traces.pop_front();
+        }
+        traces.push_back(call);
     }
 
     fn faults(&self) -> Faults {
@@ -78,7 +104,14 @@ pub async fn observe_api(State(st): State<Shared>, req: Request, next: Next) -> 
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
     tracing::debug!(method = %req.method(), route = %template, "api call");
-    st.control.count(format!("{} {template}", req.method()));
+    let call = format!("{} {template}", req.method());
+    st.control.trace(TracedCall {
+        call: call.clone(),
+        path: req.uri().path().to_owned(),
+        traceparent: header(req.headers(), "traceparent"),
+        request_id: header(req.headers(), "x-request-id"),
+    });
+    st.control.count(call);
     let faults = st.control.faults();
     if let Some(ms) = faults.delay_ms {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -92,14 +125,28 @@ pub async fn observe_api(State(st): State<Shared>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
+fn header(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// `GET /_standin/calls`.
 pub async fn calls(State(st): State<Shared>) -> Json<BTreeMap<String, u64>> {
     Json(lock(&st.control.calls).clone())
 }
 
-/// `POST /_standin/reset-calls`.
+/// `GET /_standin/traces`: the trace headers of the last [`MAX_TRACES`] `/api/*` calls,
+/// oldest first.
+pub async fn traces(State(st): State<Shared>) -> Json<Vec<TracedCall>> {
+    Json(lock(&st.control.traces).iter().cloned().collect())
+}
+
+/// `POST /_standin/reset-calls` (the counters and the trace log).
 pub async fn reset_calls(State(st): State<Shared>) -> Json<Value> {
     lock(&st.control.calls).clear();
+    lock(&st.control.traces).clear();
     Json(json!({ "status": "ok" }))
 }
 

@@ -252,6 +252,9 @@ impl Feed {
                 return Err(fell_behind(self.last));
             }
         }
+        crate::metrics::global()
+            .sse_replayed
+            .inc_by(batch.len() as u64);
         self.ready.extend(batch);
         Ok(())
     }
