@@ -5,7 +5,7 @@
 //! two origins from the same build, differing only in observability:
 //! - **off**: `METRICS_ENABLED=false`, `RUST_LOG=warn` (no access log), no OTLP;
 //! - **on**: metrics recorded, `RUST_LOG=info` with `LOG_FORMAT=json` (one access-log line
-//!   per request, written to a file), and OTLP export of every span
+//!   per request, written to a file), and OTLP export of every request's span
 //!   (`OTEL_EXPORTER_OTLP_ENDPOINT` at a sink in this process that answers 200: the
 //!   export's cost is in the origin, the collector's is not counted).
 //!
@@ -40,7 +40,7 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Off => "off",
-            Variant::On => "on (metrics + access log + OTLP, every span)",
+            Variant::On => "on (metrics + access log + OTLP, a span per request)",
         }
     }
 }
