@@ -30,6 +30,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use gateway_shared::trace::{TraceParent, FLAG_SAMPLED};
 use http::{header, HeaderValue, Method};
 
 use tracing::Instrument;
@@ -68,42 +69,24 @@ impl TraceContext {
         }
     }
 
-    /// Parses a `traceparent` header: `00-<32 hex>-<16 hex>-<2 hex>` (lower-case, ids not
-    /// all zero; a later version may append `-…` fields; version `ff` is invalid). The span
-    /// id is the sender's, i.e. the parent of ours.
+    /// Parses a `traceparent` header (W3C rules, `gateway_shared::trace`, the same parser
+    /// as the edge's). The span id is the sender's, i.e. the parent of ours.
     pub fn parse(value: &str) -> Option<Self> {
-        let b = value.as_bytes();
-        if b.len() < 55 || (b.len() > 55 && (value.starts_with("00") || b[55] != b'-')) {
-            return None;
-        }
-        if b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
-            return None;
-        }
-        let version = hex_bytes::<1>(&value[0..2])?;
-        if version[0] == 0xff {
-            return None;
-        }
-        let trace_id = hex_bytes::<16>(&value[3..35])?;
-        let span_id = hex_bytes::<8>(&value[36..52])?;
-        let flags = hex_bytes::<1>(&value[53..55])?;
-        if trace_id == [0; 16] || span_id == [0; 8] {
-            return None;
-        }
-        Some(Self {
-            trace_id,
-            span_id,
-            sampled: flags[0] & 1 == 1,
+        TraceParent::parse(value).map(|tp| Self {
+            trace_id: tp.trace_id,
+            span_id: tp.parent_id,
+            sampled: tp.flags & FLAG_SAMPLED != 0,
         })
     }
 
     /// The `traceparent` value naming this span as the parent.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            self.span_id_hex(),
-            u8::from(self.sampled)
-        )
+        TraceParent {
+            trace_id: self.trace_id,
+            parent_id: self.span_id,
+            flags: if self.sampled { FLAG_SAMPLED } else { 0 },
+        }
+        .to_string()
     }
 
     /// The trace id as 32 lower-case hex digits.
@@ -124,20 +107,6 @@ fn nonzero_id<const N: usize>() -> [u8; N] {
             return id;
         }
     }
-}
-
-/// Lower-case hex only (W3C: upper case is invalid).
-fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N
-        || !s
-            .bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-    {
-        return None;
-    }
-    let mut out = [0u8; N];
-    hex::decode_to_slice(s, &mut out).ok()?;
-    Some(out)
 }
 
 /// What the request being answered is, for the code that answers it.
