@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use gateway_tests::harness::flows::{self, execute_playbook, http, open_events_client};
+use gateway_tests::harness::flows::{self, http, open_events_client, pending_request};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
@@ -45,22 +45,6 @@ async fn world() -> World {
         standin,
         origin,
     }
-}
-
-/// Starts `demo/slow` (its own callback comes 60 s later) for `client_id`: the request id.
-async fn pending_request(w: &World, token: &str, client_id: &str) -> String {
-    let v = execute_playbook(
-        &w.origin.url,
-        token,
-        "demo/slow",
-        json!({"seconds": 60}),
-        Some(client_id),
-    )
-    .await;
-    v["data"]["executePlaybook"]["requestId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{v}"))
-        .to_owned()
 }
 
 /// POSTs `body` to the internal route `path` with the service token: status and JSON.
@@ -100,7 +84,7 @@ async fn a_result_too_large_for_one_nats_message_is_413_and_never_delivered() {
     let token = flows::login(&w.origin.url, &w.standin, "big@example.com").await;
     let (mut sse, client_id) =
         open_events_client(&format!("{}/events", w.origin.url), &token, None, WAIT).await;
-    let request_id = pending_request(&w, &token, &client_id).await;
+    let request_id = pending_request(&w.origin.url, &token, &client_id, 60).await;
     let result = |data: Value| {
         json!({"request_id": request_id, "status": "COMPLETED", "data": data}).to_string()
     };
@@ -154,8 +138,8 @@ async fn progress_after_the_result_is_refused_and_not_delivered() {
     let token = flows::login(&w.origin.url, &w.standin, "late@example.com").await;
     let (mut sse, client_id) =
         open_events_client(&format!("{}/events", w.origin.url), &token, None, WAIT).await;
-    let first = pending_request(&w, &token, &client_id).await;
-    let second = pending_request(&w, &token, &client_id).await;
+    let first = pending_request(&w.origin.url, &token, &client_id, 60).await;
+    let second = pending_request(&w.origin.url, &token, &client_id, 60).await;
 
     let progress =
         |id: &str, step: &str| json!({"request_id": id, "step": step, "progress": 0.5}).to_string();

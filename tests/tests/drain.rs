@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use gateway_tests::harness::flows::{execute_playbook, http, login, nats_stack_with, open_events};
+use gateway_tests::harness::flows::{http, login, nats_stack_with, open_events, pending_request};
 use gateway_tests::harness::origin::INTERNAL_TOKEN;
 use gateway_tests::harness::sse::SseClient;
 use gateway_tests::harness::standin::StandInOptions;
@@ -80,23 +80,11 @@ async fn sigterm_with_200_streams_drains_spread_out_and_every_client_resumes_on_
             streams.push((token.clone(), client_id, sse));
         }
     }
-    let requests: Vec<String> = join_all(streams.iter().map(|(token, client_id, _)| {
-        let url = b.url.clone();
-        async move {
-            let v = execute_playbook(
-                &url,
-                token,
-                "demo/slow",
-                json!({"seconds": 120}),
-                Some(client_id),
-            )
-            .await;
-            v["data"]["executePlaybook"]["requestId"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{v}"))
-                .to_owned()
-        }
-    }))
+    let requests: Vec<String> = join_all(
+        streams
+            .iter()
+            .map(|(token, client_id, _)| pending_request(&b.url, token, client_id, 120)),
+    )
     .await;
 
     // Frames keep coming, a round (one progress step per client, through B's internal

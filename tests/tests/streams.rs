@@ -5,9 +5,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use gateway_tests::harness::flows::{
-    execute_playbook, http, login, nats_stack, open_events_client,
-};
+use gateway_tests::harness::flows::{http, login, nats_stack, open_events_client, pending_request};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
@@ -19,22 +17,6 @@ const WAIT: Duration = Duration::from_secs(15);
 /// Opens `/events{query}`; the client and its client id (from the init frame).
 async fn open(origin: &Origin, token: &str, query: &str, last: Option<u64>) -> (SseClient, String) {
     open_events_client(&format!("{}/events{query}", origin.url), token, last, WAIT).await
-}
-
-/// A long-running playbook for `client_id`; its request id (what progress callbacks name).
-async fn pending_request(origin: &Origin, token: &str, client_id: &str) -> String {
-    let v = execute_playbook(
-        &origin.url,
-        token,
-        "demo/slow",
-        json!({"seconds": 60}),
-        Some(client_id),
-    )
-    .await;
-    v["data"]["executePlaybook"]["requestId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{v}"))
-        .to_owned()
 }
 
 /// Posts one `playbook/progress` callback for `request_id` with step `step`.
@@ -70,7 +52,7 @@ async fn a_resume_point_older_than_retention_gets_stream_reset_then_what_is_reta
     .unwrap();
     let token = login(&origin.url, &standin, "reset@example.com").await;
     let (mut sse, client_id) = open(origin, &token, "", None).await;
-    let request_id = pending_request(origin, &token, &client_id).await;
+    let request_id = pending_request(&origin.url, &token, &client_id, 60).await;
     progress(origin, &request_id, "p0").await;
     let first = sse.collect_until(WAIT, |fs| !steps(fs).is_empty()).await;
     assert_eq!(steps(&first), ["p0"]);
@@ -120,7 +102,7 @@ async fn a_second_connection_for_a_client_supersedes_the_first() {
     let origin = &origins[0];
     let token = login(&origin.url, &standin, "supersede@example.com").await;
     let (mut older, client_id) = open(origin, &token, "", None).await;
-    let request_id = pending_request(origin, &token, &client_id).await;
+    let request_id = pending_request(&origin.url, &token, &client_id, 60).await;
     let (mut newer, again) = open(origin, &token, &format!("?client_id={client_id}"), None).await;
     assert_eq!(again, client_id);
 
@@ -150,7 +132,7 @@ async fn stream_works(origin: &Origin, standin: &StandIn) -> SseClient {
             .and_then(|v| v.to_str().ok()),
         Some("text/event-stream")
     );
-    let request_id = pending_request(origin, &token, &client_id).await;
+    let request_id = pending_request(&origin.url, &token, &client_id, 60).await;
     progress(origin, &request_id, "s").await;
     let frames = sse.collect_until(WAIT, |fs| !steps(fs).is_empty()).await;
     assert_eq!(steps(&frames), ["s"]);

@@ -137,6 +137,24 @@ pub async fn run_playbook(
         .to_owned()
 }
 
+/// Starts `demo/slow` for `seconds` (its own result callback comes that much later) for
+/// `client_id`: the request id, which progress callbacks name. Panics (showing the reply)
+/// if the run did not start.
+pub async fn pending_request(base: &str, token: &str, client_id: &str, seconds: u64) -> String {
+    let v = execute_playbook(
+        base,
+        token,
+        "demo/slow",
+        json!({"seconds": seconds}),
+        Some(client_id),
+    )
+    .await;
+    v["data"]["executePlaybook"]["requestId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("executePlaybook demo/slow failed: {v}"))
+        .to_owned()
+}
+
 /// Opens the SSE stream at `url` (an `/events` URL, query included) as `token`, resuming
 /// after `last`, and reads its first frame within `wait`: the client and that init frame.
 /// Panics if the stream is refused or says nothing.
