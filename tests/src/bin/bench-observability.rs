@@ -1,9 +1,11 @@
 //! `make bench` — what metrics, traces and logs cost on a cached-session request
-//! (issue 14's figure), observability on against off in one run.
+//! (issue 14's figure): off, the default and everything on, in one run.
 //!
 //! A real nats-server (sessions in JetStream K/V, as in production), the NoETL stand-in and
-//! two origins from the same build, differing only in observability:
+//! three origins from the same build, differing only in observability:
 //! - **off**: `METRICS_ENABLED=false`, `RUST_LOG=warn` (no access log), no OTLP;
+//! - **default**: metrics recorded and `RUST_LOG=info` with `LOG_FORMAT=json` (the access
+//!   log), no OTLP — what an install gets unless it sets an OTLP endpoint;
 //! - **on**: metrics recorded, `RUST_LOG=info` with `LOG_FORMAT=json` (one access-log line
 //!   per request, written to a file), and OTLP export of every request's span
 //!   (`OTEL_EXPORTER_OTLP_ENDPOINT` at a sink in this process that answers 200: the
@@ -14,7 +16,7 @@
 //! closed loop on `--conns` keep-alive connections (`http_load`, the same generator as
 //! bench-edge), windows of `--secs`, the variants interleaved over `--rounds` so a burst of
 //! load from elsewhere hits both alike. Printed per shape and variant: req/s, p50/p99, the
-//! origin's CPU per request; then on/off ratios.
+//! origin's CPU per request; then each variant against off.
 //! Usage: `bench-observability [--rounds N (5)] [--secs S (3)] [--conns C (16)]`.
 
 use std::net::SocketAddr;
@@ -33,14 +35,19 @@ use gateway_tests::harness::standin::{StandIn, StandInOptions};
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Off,
+    /// The default: metrics and the JSON access log, no export.
+    Default,
     On,
 }
 
 impl Variant {
+    const ALL: [Variant; 3] = [Variant::Off, Variant::Default, Variant::On];
+
     fn name(self) -> &'static str {
         match self {
             Variant::Off => "off",
-            Variant::On => "on (metrics + access log + OTLP, a span per request)",
+            Variant::Default => "metrics + access log (the default)",
+            Variant::On => "metrics + access log + OTLP, a span per request",
         }
     }
 }
@@ -112,6 +119,12 @@ async fn main() -> anyhow::Result<()> {
             .envs(&[("METRICS_ENABLED", "false"), ("RUST_LOG", "warn")]),
     )
     .await?;
+    let mut default = Origin::start(
+        &standin,
+        common(OriginOptions::with_nats(&nats.url))
+            .envs(&[("METRICS_ENABLED", "true"), ("RUST_LOG", "info")]),
+    )
+    .await?;
     let sink_url = format!("http://{sink}");
     let mut on = Origin::start(
         &standin,
@@ -124,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let token = flows::login(&off.url, &standin, "observability@example.com").await;
-    let pids = [off.guard().pid(), on.guard().pid()];
+    let pids = [off.guard().pid(), default.guard().pid(), on.guard().pid()];
 
     let shapes: [(&str, hyper::Method, &str); 2] = [
         (
@@ -142,17 +155,18 @@ async fn main() -> anyhow::Result<()> {
         "bench-observability: {} cores, {profile} build, loopback, NATS K/V sessions; {conns} connections, {rounds} rounds × {secs} s per variant and shape, interleaved",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let mut tallies: Vec<[Tally; 2]> = shapes.iter().map(|_| Default::default()).collect();
+    let mut tallies: Vec<[Tally; 3]> = shapes.iter().map(|_| Default::default()).collect();
     for round in 0..rounds {
         for (s, (_, method, path)) in shapes.iter().enumerate() {
             // Alternate which variant goes first, so neither always runs warmer.
-            let order = if round % 2 == 0 {
-                [Variant::Off, Variant::On]
-            } else {
-                [Variant::On, Variant::Off]
-            };
+            let mut order = Variant::ALL;
+            order.rotate_left(round % Variant::ALL.len());
             for v in order {
-                let origin = if v == Variant::Off { &off } else { &on };
+                let origin = match v {
+                    Variant::Off => &off,
+                    Variant::Default => &default,
+                    Variant::On => &on,
+                };
                 let target = Arc::new(
                     Target::new(&origin.url, method.clone(), path)?
                         .header("authorization", &format!("Bearer {token}"))
@@ -184,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| shape | observability | req/s | p50 ms | p99 ms | origin CPU µs/req | errors |");
     println!("|---|---|---|---|---|---|---|");
     for ((name, _, _), pair) in shapes.iter().zip(tallies.iter_mut()) {
-        for v in [Variant::Off, Variant::On] {
+        for v in Variant::ALL {
             let t = &mut pair[v as usize];
             println!(
                 "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {} |",
@@ -199,14 +213,19 @@ async fn main() -> anyhow::Result<()> {
     }
     println!();
     for ((name, _, _), pair) in shapes.iter().zip(tallies.iter_mut()) {
-        let (p99_off, p99_on) = (pair[0].pct(0.99), pair[1].pct(0.99));
-        println!(
-            "{name}: on/off req/s {:.2}×, p99 {:.2}×, CPU per request {:.2}× (+{:.0} µs)",
-            pair[1].rate() / pair[0].rate().max(1e-9),
-            p99_on / p99_off.max(1e-9),
-            pair[1].cpu_us() / pair[0].cpu_us().max(1e-9),
-            pair[1].cpu_us() - pair[0].cpu_us()
-        );
+        let p99_off = pair[0].pct(0.99);
+        for v in [Variant::Default, Variant::On] {
+            let i = v as usize;
+            let p99 = pair[i].pct(0.99);
+            println!(
+                "{name}, {} / off: req/s {:.2}×, p99 {:.2}×, CPU per request {:.2}× (+{:.0} µs)",
+                v.name(),
+                pair[i].rate() / pair[0].rate().max(1e-9),
+                p99 / p99_off.max(1e-9),
+                pair[i].cpu_us() / pair[0].cpu_us().max(1e-9),
+                pair[i].cpu_us() - pair[0].cpu_us()
+            );
+        }
     }
     println!(
         "({} OTLP export posts received; the 'on' origin's log has {access_lines} lines)",
