@@ -1288,9 +1288,9 @@ fn the_production_values_render_a_configuration_the_origin_accepts() {
 // Metric names: the alerts and the dashboard against the catalogue
 // ---------------------------------------------------------------------------------------
 
-/// The origin's metric families (issue 14's catalogue; histograms expose `_bucket`,
-/// `_count` and `_sum`). To become a scrape of a live origin's `/metrics` once the metrics
-/// work is merged.
+/// The origin's metric families as PromQL names them (histograms expose `_bucket`,
+/// `_count` and `_sum`; counters' samples end in `_total`): the harness's catalogue, which
+/// `tests/tests/metrics.rs` holds a live origin to ([`the_charts_metric_names_are_the_origins_catalogue`]).
 const HISTOGRAMS: &[&str] = &[
     "gateway_http_request_duration_seconds",
     "gateway_noetl_request_duration_seconds",
@@ -1324,6 +1324,36 @@ const OTHER_METRICS: &[&str] = &[
     "gateway_revocations",
     "gateway_revocations_current",
 ];
+
+#[test]
+fn the_charts_metric_names_are_the_origins_catalogue() {
+    use gateway_tests::harness::metrics::CATALOGUE;
+    let mut from_origin: Vec<String> = CATALOGUE
+        .iter()
+        .map(|(name, kind)| match *kind {
+            "counter" => format!("{name}_total"),
+            _ => (*name).to_owned(),
+        })
+        .collect();
+    let mut here: Vec<String> = HISTOGRAMS
+        .iter()
+        .chain(OTHER_METRICS)
+        .map(|m| (*m).to_owned())
+        .collect();
+    from_origin.sort();
+    here.sort();
+    assert_eq!(
+        here, from_origin,
+        "HISTOGRAMS + OTHER_METRICS against harness::metrics::CATALOGUE"
+    );
+    for (name, kind) in CATALOGUE {
+        assert_eq!(
+            HISTOGRAMS.contains(name),
+            *kind == "histogram",
+            "{name} is a {kind}"
+        );
+    }
+}
 
 /// The catalogue family a series name belongs to, if any.
 fn family(series: &str) -> Option<&'static str> {

@@ -109,39 +109,11 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))
         .collect();
-    let catalogue: std::collections::BTreeMap<&str, &str> = [
-        ("gateway_build_info", "gauge"),
-        ("gateway_ready", "gauge"),
-        ("gateway_http_request_duration_seconds", "histogram"),
-        ("gateway_http_requests_in_flight", "gauge"),
-        ("gateway_noetl_request_duration_seconds", "histogram"),
-        ("gateway_noetl_up", "gauge"),
-        ("gateway_noetl_retries", "counter"),
-        ("gateway_noetl_retries_over_budget", "counter"),
-        ("gateway_kv_operation_duration_seconds", "histogram"),
-        ("gateway_bus_operation_duration_seconds", "histogram"),
-        ("gateway_bridge_lag_seconds", "histogram"),
-        ("gateway_bridge_events", "counter"),
-        ("gateway_bridge_naks", "counter"),
-        ("gateway_bridge_reader", "gauge"),
-        ("gateway_sse_streams_open", "gauge"),
-        ("gateway_sse_streams", "counter"),
-        ("gateway_sse_streams_evicted", "counter"),
-        ("gateway_sse_replayed_frames", "counter"),
-        ("gateway_sse_resets", "counter"),
-        ("gateway_callbacks", "counter"),
-        ("gateway_jwks_refreshes", "counter"),
-        ("gateway_rate_limited", "counter"),
-        ("gateway_connections_refused", "counter"),
-        ("gateway_auth_validate_requests", "counter"),
-        ("gateway_session_negative_hits", "counter"),
-        ("gateway_session_validations_coalesced", "counter"),
-        ("gateway_auth_busy", "counter"),
-        ("gateway_revocations", "gauge"),
-        ("gateway_revocations_current", "gauge"),
-    ]
-    .into_iter()
-    .collect();
+    let catalogue: std::collections::BTreeMap<&str, &str> =
+        gateway_tests::harness::metrics::CATALOGUE
+            .iter()
+            .copied()
+            .collect();
     // OpenMetrics names a counter family without `_total`; its samples carry it.
     assert_eq!(types, catalogue, "the metric catalogue");
 

@@ -4,6 +4,42 @@
 
 use std::collections::BTreeMap;
 
+/// The origin's metric families (issue 14's catalogue) as `/metrics` declares them
+/// (`# TYPE <family> <type>`; a counter family is named without its samples' `_total`).
+/// `tests/tests/metrics.rs` holds a live origin to exactly this list, and
+/// `tests/tests/deploy.rs` the chart's dashboard and alert rules.
+pub const CATALOGUE: &[(&str, &str)] = &[
+    ("gateway_build_info", "gauge"),
+    ("gateway_ready", "gauge"),
+    ("gateway_http_request_duration_seconds", "histogram"),
+    ("gateway_http_requests_in_flight", "gauge"),
+    ("gateway_noetl_request_duration_seconds", "histogram"),
+    ("gateway_noetl_up", "gauge"),
+    ("gateway_noetl_retries", "counter"),
+    ("gateway_noetl_retries_over_budget", "counter"),
+    ("gateway_kv_operation_duration_seconds", "histogram"),
+    ("gateway_bus_operation_duration_seconds", "histogram"),
+    ("gateway_bridge_lag_seconds", "histogram"),
+    ("gateway_bridge_events", "counter"),
+    ("gateway_bridge_naks", "counter"),
+    ("gateway_bridge_reader", "gauge"),
+    ("gateway_sse_streams_open", "gauge"),
+    ("gateway_sse_streams", "counter"),
+    ("gateway_sse_streams_evicted", "counter"),
+    ("gateway_sse_replayed_frames", "counter"),
+    ("gateway_sse_resets", "counter"),
+    ("gateway_callbacks", "counter"),
+    ("gateway_jwks_refreshes", "counter"),
+    ("gateway_rate_limited", "counter"),
+    ("gateway_connections_refused", "counter"),
+    ("gateway_auth_validate_requests", "counter"),
+    ("gateway_session_negative_hits", "counter"),
+    ("gateway_session_validations_coalesced", "counter"),
+    ("gateway_auth_busy", "counter"),
+    ("gateway_revocations", "gauge"),
+    ("gateway_revocations_current", "gauge"),
+];
+
 /// One series line: `name{labels} value`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
