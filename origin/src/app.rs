@@ -44,7 +44,7 @@ use crate::error::AppError;
 use crate::observe::{observe, Listener};
 use crate::ratelimit::resolve_client_ip;
 use crate::state::AppState;
-use crate::{auth, callbacks, events, graphql, health, metrics, proxy};
+use crate::{auth, callbacks, events, graphql, health, metrics, proxy, questions, service_events};
 
 /// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health. Layers, outermost
 /// last: request id → observation → trace span → client address → edge assertion → routes.
@@ -67,7 +67,15 @@ pub fn public_router(state: AppState) -> Router {
     let finite = Router::new()
         .merge(auth)
         .merge(graphql)
-        .merge(events::router().with_state(FromRef::from_ref(&state)));
+        .merge(events::router().with_state(FromRef::from_ref(&state)))
+        .merge(
+            questions::public_router()
+                .with_state(state.questions.clone())
+                .route_layer(middleware::from_fn_with_state(
+                    DeclaredLimit(questions::ANSWER_BODY_LIMIT),
+                    refuse_declared_over,
+                )),
+        );
     let proxy = proxy::router()
         .with_state(FromRef::from_ref(&state))
         .route_layer(middleware::from_fn_with_state(
@@ -115,6 +123,15 @@ pub fn internal_router(state: AppState) -> Router {
                 .with_state(state.callbacks.clone())
                 .route_layer(middleware::from_fn_with_state(
                     DeclaredLimit(state.callbacks.body_limit.0),
+                    refuse_declared_over,
+                )),
+        )
+        .merge(
+            service_events::router()
+                .with_state(state.service_events.clone())
+                .merge(questions::internal_router().with_state(state.questions.clone()))
+                .route_layer(middleware::from_fn_with_state(
+                    DeclaredLimit(state.service_events.body_limit.0),
                     refuse_declared_over,
                 )),
         );

@@ -196,6 +196,32 @@ async fn retire(
     save(kv, client_id, &tombstone).await
 }
 
+/// The user's client ids that are theirs and not retired, oldest first (from the user's
+/// index: with `USER_MAX_CLIENTS=0` there is none, and the answer is empty).
+pub async fn active_clients_of(
+    kv: &dyn KvStore,
+    user_id: &str,
+) -> Result<Vec<ClientId>, StoreError> {
+    let index: UserIndex = kv
+        .get(Bucket::Clients, &user_index_key(user_id))
+        .await?
+        .and_then(|raw| serde_json::from_slice(&raw).ok())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for raw in index.clients {
+        let Ok(id) = ClientId::parse(&raw) else {
+            continue;
+        };
+        if get(kv, &id)
+            .await?
+            .is_some_and(|r| r.user_id == user_id && !r.retired)
+        {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
 /// Creates a new client id owned by `user_id`, keeping the user's client ids at most `max`
 /// (0: no cap): beyond it the oldest one with no open stream is retired first; when all
 /// are connected → [`CreateError::Full`]. See the module docs.

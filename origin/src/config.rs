@@ -255,6 +255,24 @@ pub struct Config {
     #[arg(long, env = "PROXY_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub proxy_idle_timeout: Duration,
 
+    /// Backend services behind `/api/v1/{name}/…`: `name=url` pairs, or a JSON array of
+    /// `{name, url, allow, timeout, idle_timeout, max_body}` (`SERVICE_<NAME>_URL` and friends
+    /// add more; docs/OPERATIONS.md "Services").
+    #[arg(long, env = "SERVICES")]
+    pub services: Option<String>,
+
+    /// The `SERVICE_<NAME>_*` variables of the environment (read by [`Config::with_service_env`]).
+    #[arg(skip)]
+    pub service_vars: Vec<(String, String)>,
+
+    /// The longest a service may ask a question for (`timeout_seconds` is capped to it).
+    #[arg(long, env = "QUESTION_MAX_TIMEOUT", value_parser = parse_duration, default_value = "1h")]
+    pub question_max_timeout: Duration,
+
+    /// A question's timeout when the service names none.
+    #[arg(long, env = "QUESTION_DEFAULT_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub question_default_timeout: Duration,
+
     /// Service token NoETL presents on callbacks (`Authorization: Bearer`); unset → 503.
     #[arg(long, env = "GATEWAY_INTERNAL_TOKEN")]
     pub internal_token: Option<Secret>,
@@ -637,6 +655,17 @@ impl Config {
             .as_ref()
             .map(|u| u.as_str().trim_end_matches('/').to_owned())
             .unwrap_or_else(|| format!("http://{}", self.internal_addr))
+    }
+
+    /// The same configuration with the environment's `SERVICE_<NAME>_*` variables (their
+    /// names are the services', so clap cannot declare them), sorted by name.
+    pub fn with_service_env(mut self) -> Self {
+        let mut vars: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("SERVICE_"))
+            .collect();
+        vars.sort();
+        self.service_vars = vars;
+        self
     }
 
     /// The configuration as printed at start: secrets and URL credentials redacted.

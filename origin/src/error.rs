@@ -63,6 +63,27 @@ pub enum AppError {
     /// No such route or resource.
     #[error("{0}")]
     NotFound(String),
+    /// No such resource, with a more precise code (`service_not_found`,
+    /// `question_not_found`, `client_not_found`).
+    #[error("{message}")]
+    Missing {
+        /// Machine code.
+        code: &'static str,
+        /// What is missing, for the caller.
+        message: String,
+    },
+    /// The resource is not in a state that allows the request (409), e.g. a question
+    /// already answered.
+    #[error("{message}")]
+    Conflict {
+        /// Machine code, e.g. `question_closed`.
+        code: &'static str,
+        /// Why, for the caller.
+        message: String,
+    },
+    /// A registered backend service failed (unreachable: 502, slow: 504).
+    #[error(transparent)]
+    Service(#[from] crate::upstream::UpstreamError),
     /// The route exists but not for this method.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -112,6 +133,22 @@ impl AppError {
         }
     }
 
+    /// A 404 with a code and message.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        AppError::Missing {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 409 with a code and message.
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        AppError::Conflict {
+            code,
+            message: message.into(),
+        }
+    }
+
     /// A 403 with a code and message.
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
         AppError::Forbidden {
@@ -131,7 +168,12 @@ impl AppError {
             AppError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             AppError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::NotFound(_) | AppError::Missing { .. } => StatusCode::NOT_FOUND,
+            AppError::Conflict { .. } => StatusCode::CONFLICT,
+            AppError::Service(e) => match e {
+                crate::upstream::UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                crate::upstream::UpstreamError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            },
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Noetl(e) => match e {
@@ -152,6 +194,8 @@ impl AppError {
             | AppError::Unauthorized { code, .. }
             | AppError::Forbidden { code, .. }
             | AppError::Unavailable { code, .. }
+            | AppError::Missing { code, .. }
+            | AppError::Conflict { code, .. }
             | AppError::TooManyRequests { code, .. } => code,
             AppError::InvalidJson(_) => "invalid_json",
             AppError::UnsupportedMediaType => "unsupported_media_type",
@@ -162,6 +206,10 @@ impl AppError {
             AppError::NotFound(_) => "not_found",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Noetl(e) => e.code(),
+            AppError::Service(crate::upstream::UpstreamError::Timeout { .. }) => "service_timeout",
+            AppError::Service(crate::upstream::UpstreamError::Unreachable { .. }) => {
+                "service_unavailable"
+            }
             AppError::Store(_) => "store_unavailable",
             AppError::Internal(_) => "internal_error",
         }

@@ -20,7 +20,13 @@
 //! - [`graphql`] — the GraphQL schema, `/graphql` and `/graphql/ws`.
 //! - [`events`] — SSE `/events` and its tickets.
 //! - [`callbacks`] — playbook callbacks and progress (internal listener).
-//! - [`proxy`] — `/noetl/*` → NoETL `/api/*`: path policy, allow-list, streaming.
+//! - [`proxy`] — `/api/v1/{service}/*` and `/noetl/*`: one proxy core for every
+//!   registered service (path policy, allow-list, limits, streaming).
+//! - [`service_events`] — `POST /api/internal/events`: a backend's event for a client, a
+//!   user's clients or everyone watching an execution, as `service/event` frames.
+//! - [`questions`] — human-in-the-loop questions: asked on the internal listener, answered
+//!   by the client's owner (first answer wins across replicas), delivered to the asker at
+//!   least once, expired with a notice.
 //! - [`health`] — liveness and readiness.
 //! - [`metrics`] — the `prometheus-client` registry and `/metrics` (internal listener).
 //! - [`observe`] — per request: W3C trace context, HTTP metrics, the access log.
@@ -31,6 +37,8 @@
 //!
 //! Services and stores:
 //! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, redirects off, errors.
+//! - [`services`] — the service registry (`SERVICES`, `SERVICE_<NAME>_*`), parsed purely.
+//! - [`upstream`] — the HTTP client of each registered service (its own pool).
 //! - [`store`] — the K/V trait with its in-memory and NATS JetStream implementations.
 //! - [`requests`] — the request store (promised deliveries) and callback tokens.
 //! - [`clients`] — client ids: ownership, pending requests, presence.
@@ -74,12 +82,16 @@ pub mod openapi;
 pub mod otel;
 pub mod owners;
 pub mod proxy;
+pub mod questions;
 pub mod quotas;
 pub mod ratelimit;
 pub mod requests;
 pub mod runs;
 pub mod scrub;
 pub mod server;
+pub mod service_events;
+pub mod services;
 pub mod settle;
 pub mod state;
 pub mod store;
+pub mod upstream;

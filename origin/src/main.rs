@@ -60,7 +60,7 @@ fn init_tracing(format: LogFormat) -> Option<SdkTracerProvider> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = Config::parse().with_service_env();
     let traces = init_tracing(config.log_format);
     if let Err(e) = config
         .validate()

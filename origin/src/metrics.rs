@@ -23,6 +23,9 @@
 //! - `gateway_sse_streams_open`, `gateway_sse_streams_total`,
 //!   `gateway_sse_streams_evicted_total`, `gateway_sse_replayed_frames_total`,
 //!   `gateway_sse_resets_total`.
+//! - `gateway_service_request_duration_seconds{service,outcome}` (registered services,
+//!   `crate::services`), `gateway_service_events_total{outcome}`,
+//!   `gateway_questions_total{outcome}` (`crate::questions`).
 //! - `gateway_callbacks_total{outcome}`, `gateway_jwks_refreshes_total{outcome}`,
 //!   `gateway_rate_limited_total{limit}`, `gateway_connections_refused_total{listener,reason}`.
 //! - Auth: `gateway_auth_validate_requests_total`, `gateway_session_negative_hits_total`,
@@ -174,6 +177,9 @@ pub struct Metrics {
     http: Histograms<HttpLabels>,
     in_flight: Family<Labels<1>, Gauge>,
     noetl: Histograms<Labels<2>>,
+    services: Histograms<Labels<2>>,
+    service_events: Family<Labels<1>, Counter>,
+    questions: Family<Labels<1>, Counter>,
     kv: Histograms<Labels<3>>,
     bus: Histograms<Labels<2>>,
     bridge_events: Family<Labels<1>, Counter>,
@@ -237,6 +243,23 @@ impl Metrics {
             &mut r,
             "gateway_noetl_request_duration_seconds",
             "NoETL calls by route template (proxy for /noetl/*) and outcome, retries included.",
+        );
+        let services = histograms(
+            &mut r,
+            "gateway_service_request_duration_seconds",
+            "Calls to registered backend services (proxied requests to the head, answer deliveries) by service and outcome.",
+        );
+        let service_events = Family::<Labels<1>, Counter>::default();
+        r.register(
+            "gateway_service_events",
+            "Service events received on the internal listener, by outcome (published, rejected, failed).",
+            service_events.clone(),
+        );
+        let questions = Family::<Labels<1>, Counter>::default();
+        r.register(
+            "gateway_questions",
+            "Human-in-the-loop questions by outcome (asked, answered, expired, delivered, delivery_failed).",
+            questions.clone(),
         );
         let noetl_up = gauge(
             &mut r,
@@ -383,6 +406,18 @@ impl Metrics {
                 refused.get_or_create_owned(&[("listener", listener), ("reason", reason)]);
             }
         }
+        for outcome in ["published", "rejected", "failed"] {
+            service_events.get_or_create_owned(&[("outcome", outcome)]);
+        }
+        for outcome in [
+            "asked",
+            "answered",
+            "expired",
+            "delivered",
+            "delivery_failed",
+        ] {
+            questions.get_or_create_owned(&[("outcome", outcome)]);
+        }
         Self {
             validate_requests,
             rate_limited_auth: rate_limited.get_or_create_owned(&[("limit", "auth")]),
@@ -407,6 +442,9 @@ impl Metrics {
             http,
             in_flight,
             noetl,
+            services,
+            service_events,
+            questions,
             kv,
             bus,
             bridge_events,
@@ -448,6 +486,32 @@ impl Metrics {
             self.noetl
                 .get_or_create(&[("route", route), ("outcome", outcome)])
                 .observe(took.as_secs_f64());
+        }
+    }
+
+    /// One call to a registered service (to the answer's head) by service and outcome.
+    /// `service` is a configured name (a closed set, leaked once at start).
+    pub fn observe_service(&self, service: &'static str, outcome: &'static str, took: Duration) {
+        if enabled() {
+            self.services
+                .get_or_create(&[("service", service), ("outcome", outcome)])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// One service event received: `published`, `rejected` or `failed`.
+    pub fn service_event(&self, outcome: &'static str) {
+        if enabled() {
+            self.service_events
+                .get_or_create(&[("outcome", outcome)])
+                .inc();
+        }
+    }
+
+    /// One question step: `asked`, `answered`, `expired`, `delivered`, `delivery_failed`.
+    pub fn question(&self, outcome: &'static str) {
+        if enabled() {
+            self.questions.get_or_create(&[("outcome", outcome)]).inc();
         }
     }
 

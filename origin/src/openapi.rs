@@ -109,6 +109,46 @@ pub fn proxy_root_doc() {}
 )]
 pub fn proxy_root_slash_doc() {}
 
+/// `/api/v1/{service}/{path}`: a registered service's `{base URL}/{path}` (`SERVICES`,
+/// `SERVICE_<NAME>_URL`), for its allow-listed `METHOD /prefix` pairs.
+#[utoipa::path(
+    method(get, post, put, patch, delete, head, options), operation_id = "service_proxy", path = "/api/v1/{service}/{path}", tag = "proxy",
+    params(
+        ("service" = String, Path, description = "A registered service's name (`noetl` is NoETL's API, as `/noetl/{path}`)"),
+        ("path" = String, Path, description = "The path below the service's base URL (any depth; normalised, refused if it escapes it)"),
+    ),
+    request_body(content = Option<Object>, description = "Streamed as it is (the service's `max_body`, default `PROXY_MAX_BODY`)"),
+    security(("bearer" = []), ("session_cookie" = [])),
+    responses(
+        (status = 200, description = "The service's answer, streamed as it comes (an SSE answer frame by frame). Any status the service answers passes through; `x-noetl-user-*` identity headers were set by the gateway, the caller's own stripped"),
+        (status = 400, description = "`invalid_proxy_path`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_session`", body = ErrorBody),
+        (status = 403, description = "`proxy_route_forbidden`: not on the service's allow-list", body = ErrorBody),
+        (status = 404, description = "`service_not_found`: no service of that name; `not_found`: no path after the name", body = ErrorBody),
+        (status = 405, description = "`method_not_allowed`: an allow-listed path with another method", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 502, description = "`service_unavailable`: the service is unreachable", body = ErrorBody),
+        (status = 504, description = "`service_timeout`: no answer head within the service's timeout", body = ErrorBody),
+    )
+)]
+pub fn service_proxy_doc() {}
+
+/// `/api/v1/{service}` and `/api/v1/{service}/`: no path named.
+#[utoipa::path(
+    method(get, post, put, patch, delete, head, options), operation_id = "service_proxy_root", path = "/api/v1/{service}", tag = "proxy",
+    params(("service" = String, Path, description = "A service's name")),
+    responses((status = 404, description = "`not_found`: name a path after the service", body = ErrorBody))
+)]
+pub fn service_proxy_root_doc() {}
+
+/// `/api/v1/{service}/` (the same as `/api/v1/{service}`).
+#[utoipa::path(
+    method(get, post, put, patch, delete, head, options), operation_id = "service_proxy_root_slash", path = "/api/v1/{service}/", tag = "proxy",
+    params(("service" = String, Path, description = "A service's name")),
+    responses((status = 404, description = "`not_found`: name a path after the service", body = ErrorBody))
+)]
+pub fn service_proxy_root_slash_doc() {}
+
 /// `GET /metrics` (internal listener).
 #[utoipa::path(
     get, operation_id = "metrics", path = "/metrics", tag = "internal",
@@ -174,6 +214,13 @@ impl Modify for SecuritySchemes {
         proxy_doc,
         proxy_root_doc,
         proxy_root_slash_doc,
+        service_proxy_doc,
+        service_proxy_root_doc,
+        service_proxy_root_slash_doc,
+        crate::events::events_alias,
+        crate::questions::respond,
+        crate::questions::ask,
+        crate::service_events::publish,
         crate::health::health,
         crate::health::ready,
         metrics_doc,
@@ -187,9 +234,9 @@ impl Modify for SecuritySchemes {
         (name = "auth", description = "Sessions (PROTOCOL §1). Public."),
         (name = "events", description = "Server-sent events (PROTOCOL §3). Public, session required."),
         (name = "graphql", description = "GraphQL (PROTOCOL §2; docs/schema.graphql). Public, session required."),
-        (name = "proxy", description = "NoETL's API, allow-listed (PROTOCOL §5). Public, session required."),
+        (name = "proxy", description = "Registered services and NoETL's API, allow-listed (PROTOCOL §5). Public, session required."),
         (name = "health", description = "Liveness and readiness, on both listeners."),
-        (name = "internal", description = "Internal listener only: playbook callbacks (PROTOCOL §4) and metrics."),
+        (name = "internal", description = "Internal listener only: playbook callbacks, service events and questions (PROTOCOL §4), and metrics."),
     )
 )]
 pub struct ApiDoc;

@@ -1,4 +1,14 @@
-//! `/noetl/{*path}` → `{NOETL_BASE_URL}/api/{path}` (PROTOCOL.md §5).
+//! The one proxy core of every registered service (PROTOCOL.md §5):
+//! `/api/v1/{service}/{*path}` → `{service base URL}/{path}` ([`crate::services`]), and
+//! NoETL, the built-in entry, also under its historical `/noetl/{*path}` →
+//! `{NOETL_BASE_URL}/api/{path}` (`/api/v1/noetl/{*path}` is the same).
+//!
+//! Every service gets the same treatment: a session is required, identity headers come from
+//! the session and the client's are stripped, the path policy and the service's allow-list
+//! (403/405), its body limit both ways, its time to the answer's head (504) and its idle
+//! timeout between chunks, streaming both ways (an upstream SSE stream passes frame by
+//! frame), one connection pool per service. An unknown service is 404 `service_not_found`.
+//! What only NoETL gets: the execution-owner check below and the scrubbing of JSON answers.
 //!
 //! The pure part decides (is this path safe? is this method and prefix allowed? which
 //! headers pass?) and is unit-tested with plain values; the shell streams bodies both ways
@@ -18,6 +28,7 @@
 //! read-all role, and the listing (`/api/executions`, if an operator allow-lists it) only
 //! for a read-all role; anyone else gets 404 `not_found`, as for a run that does not exist.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +56,7 @@ use crate::extract::find_body_timeout;
 use crate::noetl::{Forward, NoetlClient, NoetlError};
 use crate::owners::Owners;
 use crate::scrub::{self, Scrubber};
+use crate::upstream::{ServiceClient, UpstreamError};
 
 /// Identity headers the gateway sets on proxied requests; never taken from the client.
 pub const IDENTITY_HEADERS: [&str; 4] = [
@@ -63,12 +75,16 @@ pub struct ProxyState {
     pub sessions: Arc<SessionService>,
 }
 
-/// The proxy routes, mounted on the public listener.
+/// The proxy routes, mounted on the public listener (`/api/v1/events/…` is the events
+/// module's: its routes are more specific and win).
 pub fn router() -> Router<ProxyState> {
     Router::new()
         .route("/noetl", any(refuse_root))
         .route("/noetl/", any(refuse_root))
-        .route("/noetl/{*rest}", any(proxy))
+        .route("/noetl/{*rest}", any(noetl_proxy))
+        .route("/api/v1/{service}", any(service_proxy))
+        .route("/api/v1/{service}/", any(service_proxy))
+        .route("/api/v1/{service}/{*rest}", any(service_proxy))
 }
 
 async fn refuse_root() -> AppError {
@@ -91,6 +107,20 @@ struct AllowRule {
     below_only: bool,
 }
 
+impl std::fmt::Display for AllowList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rules: Vec<String> = self
+            .0
+            .iter()
+            .map(|r| {
+                let star = if r.below_only { "/*" } else { "" };
+                format!("{} {}{star}", r.method, r.prefix)
+            })
+            .collect();
+        f.write_str(&rules.join(","))
+    }
+}
+
 /// What the allow-list says about a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -103,13 +133,20 @@ pub enum Verdict {
 }
 
 impl AllowList {
-    /// Parses entries such as `GET /api/executions`.
+    /// Parses entries such as `GET /api/executions` (NoETL's, `PROXY_ALLOW`: every prefix
+    /// under `/api/`).
     pub fn parse(entries: &[String]) -> Result<Self, String> {
+        Self::parse_under(entries, "/api")
+    }
+
+    /// Parses `METHOD /prefix` entries whose prefixes lie below `root` (`""`: any plain
+    /// path; a service's rules are written relative to its base URL).
+    pub fn parse_under(entries: &[String], root: &str) -> Result<Self, String> {
         let mut out = Vec::new();
         for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
             let (m, p) = entry
                 .split_once(' ')
-                .ok_or_else(|| format!("{entry:?} is not `METHOD /api/prefix`"))?;
+                .ok_or_else(|| format!("{entry:?} is not `METHOD {root}/prefix`"))?;
             let method = Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
                 .map_err(|_| format!("{m:?} is not an HTTP method"))?;
             let p = p.trim();
@@ -118,16 +155,36 @@ impl AllowList {
                 None => (p, false),
             };
             let prefix = p.trim_end_matches('/').to_owned();
-            if !prefix.starts_with("/api/") || normalize_path(&prefix["/api/".len()..]).is_err() {
-                return Err(format!("{p:?} must be a plain path under /api/"));
+            // `METHOD /` of a service: that method on every path.
+            let whole_service = root.is_empty() && prefix.is_empty();
+            let under = prefix
+                .strip_prefix(root)
+                .and_then(|r| r.strip_prefix('/'))
+                .filter(|r| normalize_rest(r).is_ok());
+            if under.is_none() && !whole_service {
+                return Err(format!("{p:?} must be a plain path under {root}/"));
             }
             out.push(AllowRule {
                 method,
                 prefix,
-                below_only,
+                below_only: below_only || whole_service,
             });
         }
         Ok(AllowList(out))
+    }
+
+    /// Every one of `methods` on every path (a service registered without an allow-list).
+    pub fn everything(methods: &[Method]) -> Self {
+        AllowList(
+            methods
+                .iter()
+                .map(|m| AllowRule {
+                    method: m.clone(),
+                    prefix: String::new(),
+                    below_only: true,
+                })
+                .collect(),
+        )
     }
 
     /// The verdict for `method` on the upstream path `path` (which starts with `/api/`).
@@ -182,6 +239,12 @@ pub fn execution_target(path: &str) -> Option<ExecutionTarget> {
 
 /// Checks the raw path after `/noetl/` and returns the upstream path `/api/<rest>`.
 pub fn normalize_path(raw_rest: &str) -> Result<String, &'static str> {
+    normalize_rest(raw_rest).map(|rest| format!("/api/{rest}"))
+}
+
+/// Checks the raw path below a service's mount (after `/api/v1/{service}/`, or
+/// `/noetl/`) and returns it without a trailing slash (segments joined by `/`).
+pub fn normalize_rest(raw_rest: &str) -> Result<String, &'static str> {
     if raw_rest.is_empty() {
         return Err("empty path");
     }
@@ -204,7 +267,7 @@ pub fn normalize_path(raw_rest: &str) -> Result<String, &'static str> {
             return Err("path contains characters that are not allowed");
         }
     }
-    Ok(format!("/api/{}", segments.join("/")))
+    Ok(segments.join("/"))
 }
 
 /// Every `%` must start a valid `%XX` escape, and no escape may decode to something that
@@ -295,11 +358,46 @@ pub fn upstream_request_headers(client: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// The headers returned to the client: upstream's minus hop-by-hop headers, cookies, NoETL's
-/// own CORS answer (the gateway's CORS policy is the edge's), `server` and `x-powered-by`
-/// (what runs behind the gateway is nobody's business), and a `location` that points at NoETL,
-/// which is rewritten to the same resource under `/noetl/` or dropped.
-pub fn client_response_headers(upstream: &HeaderMap, noetl_base: &url::Url) -> HeaderMap {
+/// Where a service's resources are, upstream and as the client addresses them: NoETL's
+/// `/api/…` is the client's `/noetl/…`; a service's `{base path}/…` is the client's
+/// `/api/v1/{name}/…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The upstream base (scheme, host, port; its path is `upstream_root`).
+    pub base: url::Url,
+    /// The upstream path the client's root maps to, without a trailing slash (`/api`, or
+    /// the service base URL's path, `""` for the host's root).
+    pub upstream_root: String,
+    /// The client's path for the same place (`/noetl`, `/api/v1/{name}`).
+    pub client_root: String,
+}
+
+impl Mount {
+    /// NoETL's mount: `{noetl_base}/api/…` is the client's `/noetl/…`.
+    pub fn noetl(noetl_base: &url::Url) -> Self {
+        Mount {
+            base: noetl_base.clone(),
+            upstream_root: "/api".into(),
+            client_root: "/noetl".into(),
+        }
+    }
+
+    /// A registered service's mount: `{base}/…` is the client's `/api/v1/{name}/…`.
+    pub fn service(name: &str, base: &url::Url) -> Self {
+        Mount {
+            base: base.clone(),
+            upstream_root: base.path().trim_end_matches('/').to_owned(),
+            client_root: format!("/api/v1/{name}"),
+        }
+    }
+}
+
+/// The headers returned to the client: upstream's minus hop-by-hop headers, cookies, the
+/// service's own CORS answer (the gateway's CORS policy is the edge's), `server` and
+/// `x-powered-by` (what runs behind the gateway is nobody's business), and a `location` that
+/// points at the service, which is rewritten to the same resource under its client path or
+/// dropped.
+pub fn client_response_headers(upstream: &HeaderMap, mount: &Mount) -> HeaderMap {
     let named = connection_named(upstream);
     let mut out = HeaderMap::new();
     for (name, value) in upstream {
@@ -316,7 +414,7 @@ pub fn client_response_headers(upstream: &HeaderMap, noetl_base: &url::Url) -> H
             if let Some(v) = value
                 .to_str()
                 .ok()
-                .and_then(|v| client_location(v, noetl_base))
+                .and_then(|v| client_location(v, mount))
                 .and_then(|v| HeaderValue::from_str(&v).ok())
             {
                 out.append(name.clone(), v);
@@ -328,19 +426,24 @@ pub fn client_response_headers(upstream: &HeaderMap, noetl_base: &url::Url) -> H
     out
 }
 
-/// A NoETL `location` as the client may see it: a NoETL URL or absolute path under `/api/`
-/// becomes the same resource under `/noetl/`; any other NoETL URL or path is dropped
-/// (`None`); a URL on another host (a third party) is kept as it is.
-pub fn client_location(location: &str, noetl_base: &url::Url) -> Option<String> {
-    let resolved = noetl_base.join(location).ok()?;
-    let same_origin = resolved.scheme() == noetl_base.scheme()
-        && resolved.host_str() == noetl_base.host_str()
-        && resolved.port_or_known_default() == noetl_base.port_or_known_default();
+/// A service's `location` as the client may see it: a URL or absolute path of the service
+/// under its mount becomes the same resource under the client's path (`/noetl/…`,
+/// `/api/v1/{name}/…`); any other URL or path of the service's host is dropped (`None`); a
+/// URL on another host (a third party) is kept as it is.
+pub fn client_location(location: &str, mount: &Mount) -> Option<String> {
+    let base = &mount.base;
+    let resolved = base.join(location).ok()?;
+    let same_origin = resolved.scheme() == base.scheme()
+        && resolved.host_str() == base.host_str()
+        && resolved.port_or_known_default() == base.port_or_known_default();
     if !same_origin {
         return Some(location.to_owned());
     }
-    let rest = resolved.path().strip_prefix("/api/")?;
-    let mut out = format!("/noetl/{rest}");
+    let rest = resolved
+        .path()
+        .strip_prefix(mount.upstream_root.as_str())?
+        .strip_prefix('/')?;
+    let mut out = format!("{}/{rest}", mount.client_root);
     if let Some(q) = resolved.query() {
         out.push('?');
         out.push_str(q);
@@ -370,22 +473,81 @@ fn client_address(parts: &axum::http::request::Parts) -> Option<String> {
         .map(|c| c.0.ip().to_string())
 }
 
-/// The proxy's policy and limits; requests go through the one [`NoetlClient`].
+/// The built-in NoETL entry's name (`/api/v1/noetl/…`, also `/noetl/…`).
+pub const NOETL: &str = "noetl";
+
+/// A proxied service's limits (`PROXY_TIMEOUT`, `PROXY_IDLE_TIMEOUT`, `PROXY_MAX_BODY`
+/// unless its registry entry sets its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time the service has to send the answer's head.
+    pub timeout: Duration,
+    /// Longest pause between two chunks of a body, either way.
+    pub idle_timeout: Duration,
+    /// Largest body each way, in bytes.
+    pub max_body: u64,
+}
+
+/// Where one service's requests go: NoETL's own client, or a registered service's.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// The built-in entry (`/noetl/*`, `/api/v1/noetl/*`).
+    Noetl(NoetlClient),
+    /// A registered service.
+    Service(ServiceClient),
+}
+
+/// One proxied service: where it is, what may pass, its limits.
+#[derive(Debug, Clone)]
+pub struct ProxiedService {
+    upstream: Upstream,
+    mount: Mount,
+    /// Allow-list rules are written against `rule_root` + the client's path: `/api` for
+    /// NoETL (`PROXY_ALLOW`'s `/api/…`), `""` for a service (relative to its base URL).
+    rule_root: &'static str,
+    allow: AllowList,
+    limits: Limits,
+}
+
+impl ProxiedService {
+    /// The built-in NoETL entry.
+    pub fn noetl(noetl: NoetlClient, allow: AllowList, limits: Limits) -> Self {
+        let mount = Mount::noetl(noetl.base_url());
+        ProxiedService {
+            upstream: Upstream::Noetl(noetl),
+            mount,
+            rule_root: "/api",
+            allow,
+            limits,
+        }
+    }
+
+    /// A registered service, over its own client (its name and base URL are the
+    /// client's).
+    pub fn service(client: ServiceClient, allow: AllowList, limits: Limits) -> Self {
+        ProxiedService {
+            mount: Mount::service(client.name(), client.base_url()),
+            upstream: Upstream::Service(client),
+            rule_root: "",
+            allow,
+            limits,
+        }
+    }
+}
+
+/// The proxy: every service by name, the owner rule for NoETL's executions and the scrubber
+/// of NoETL's JSON answers.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    noetl: NoetlClient,
-    allow: AllowList,
+    services: HashMap<String, Arc<ProxiedService>>,
     owners: Owners,
-    max_body: u64,
-    timeout: Duration,
-    idle_timeout: Duration,
     scrubber: Scrubber,
 }
 
 impl Proxy {
-    /// The proxy over `noetl`: bodies may stream for long, so there is no total timeout;
-    /// `timeout` bounds the wait for the answer's head and `idle_timeout` each pause
-    /// between chunks.
+    /// The proxy with NoETL as its one service: bodies may stream for long, so there is no
+    /// total timeout; `timeout` bounds the wait for the answer's head and `idle_timeout`
+    /// each pause between chunks.
     pub fn new(
         noetl: NoetlClient,
         allow: AllowList,
@@ -394,64 +556,136 @@ impl Proxy {
         timeout: Duration,
         idle_timeout: Duration,
     ) -> Self {
-        Self {
-            noetl,
-            allow,
-            owners,
-            max_body,
+        let limits = Limits {
             timeout,
             idle_timeout,
+            max_body,
+        };
+        let mut services = HashMap::new();
+        services.insert(
+            NOETL.to_owned(),
+            Arc::new(ProxiedService::noetl(noetl, allow, limits)),
+        );
+        Self {
+            services,
+            owners,
             scrubber: Scrubber::default(),
         }
     }
 
-    /// The largest body streamed each way (a declared larger one is refused at once).
-    pub fn max_body(&self) -> u64 {
-        self.max_body
+    /// The same proxy with the registered `services` too.
+    pub fn with_services(mut self, services: Vec<ProxiedService>) -> Self {
+        for s in services {
+            let name = s.mount.client_root["/api/v1/".len()..].to_owned();
+            self.services.insert(name, Arc::new(s));
+        }
+        self
     }
 
-    /// The same proxy, rewriting JSON answers with `scrubber` (the default one removes
-    /// secret keys only; the gateway's also knows its callback URL and tokens).
+    /// The largest body any service takes (the declared-size check before routing; each
+    /// service's own limit is checked once it is known).
+    pub fn max_body(&self) -> u64 {
+        self.services
+            .values()
+            .map(|s| s.limits.max_body)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The registered names, NoETL's included, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.services.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The same proxy, rewriting NoETL's JSON answers with `scrubber` (the default one
+    /// removes secret keys only; the gateway's also knows its callback URL and tokens).
     pub fn with_scrubber(mut self, scrubber: Scrubber) -> Self {
         self.scrubber = scrubber;
         self
     }
 }
 
-async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response, AppError> {
+async fn noetl_proxy(State(state): State<ProxyState>, req: Request) -> Result<Response, AppError> {
+    let raw_rest = req
+        .uri()
+        .path()
+        .strip_prefix("/noetl/")
+        .unwrap_or_default()
+        .to_owned();
+    forward(&state, NOETL, &raw_rest, req).await
+}
+
+async fn service_proxy(
+    State(state): State<ProxyState>,
+    req: Request,
+) -> Result<Response, AppError> {
+    let path = req
+        .uri()
+        .path()
+        .strip_prefix("/api/v1/")
+        .unwrap_or_default();
+    let (name, raw_rest) = path.split_once('/').unwrap_or((path, ""));
+    let (name, raw_rest) = (name.to_owned(), raw_rest.to_owned());
+    if raw_rest.is_empty() {
+        return Err(AppError::NotFound(format!(
+            "name a path of the service after /api/v1/{name}/"
+        )));
+    }
+    forward(&state, &name, &raw_rest, req).await
+}
+
+async fn forward(
+    state: &ProxyState,
+    name: &str,
+    raw_rest: &str,
+    req: Request,
+) -> Result<Response, AppError> {
     let proxy = &state.proxy;
+    let Some(service) = proxy.services.get(name).cloned() else {
+        return Err(AppError::not_found(
+            "service_not_found",
+            format!("no service is registered as {name:?}"),
+        ));
+    };
     let (parts, body) = req.into_parts();
-    let raw_rest = parts.uri.path().strip_prefix("/noetl/").unwrap_or_default();
-    let path =
-        normalize_path(raw_rest).map_err(|m| AppError::bad_request("invalid_proxy_path", m))?;
+    let rest =
+        normalize_rest(raw_rest).map_err(|m| AppError::bad_request("invalid_proxy_path", m))?;
+    let rule_path = format!("{}/{rest}", service.rule_root);
     let caller = Caller::resolve(&state.sessions, &parts, None).await?;
-    match proxy.allow.verdict(&parts.method, &path) {
+    match service.allow.verdict(&parts.method, &rule_path) {
         Verdict::Allowed => {}
         Verdict::MethodNotAllowed(_) => return Err(AppError::MethodNotAllowed),
         Verdict::Forbidden => {
             return Err(AppError::forbidden(
                 "proxy_route_forbidden",
-                format!("{} {path} is not on the proxy allow-list", parts.method),
+                format!(
+                    "{} {}/{rest} is not on the allow-list of service {name:?}",
+                    parts.method, service.mount.client_root
+                ),
             ))
         }
     }
-    let may = match execution_target(&path) {
-        None => true,
-        Some(ExecutionTarget::Listing) => proxy.owners.reads_all(caller.user()),
-        Some(ExecutionTarget::One(id)) => proxy.owners.may_access(caller.user(), &id).await?,
-    };
-    if !may {
-        return Err(AppError::NotFound(format!("no such resource: {path}")));
+    if let Upstream::Noetl(_) = service.upstream {
+        let may = match execution_target(&rule_path) {
+            None => true,
+            Some(ExecutionTarget::Listing) => proxy.owners.reads_all(caller.user()),
+            Some(ExecutionTarget::One(id)) => proxy.owners.may_access(caller.user(), &id).await?,
+        };
+        if !may {
+            return Err(AppError::NotFound(format!("no such resource: {rule_path}")));
+        }
     }
+    let limits = service.limits;
+    let limit = limits.max_body;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > proxy.max_body) {
-        return Err(AppError::PayloadTooLarge {
-            limit: proxy.max_body,
-        });
+    if declared.is_some_and(|n| n > limit) {
+        return Err(AppError::PayloadTooLarge { limit });
     }
 
     let mut headers = upstream_request_headers(&parts.headers);
@@ -474,9 +708,11 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
     if let Some(v) = client_address(&parts).and_then(|ip| HeaderValue::from_str(&ip).ok()) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
-    scrub::ask_for_identity(&mut headers);
+    let is_noetl = matches!(service.upstream, Upstream::Noetl(_));
+    if is_noetl {
+        scrub::ask_for_identity(&mut headers);
+    }
 
-    let limit = proxy.max_body;
     // A client too slow to send the body (its `BODY_READ_TIMEOUT`) is told so: 408.
     let upload_timed_out = Arc::new(std::sync::Mutex::new(None::<Duration>));
     let timed_out = upload_timed_out.clone();
@@ -492,38 +728,51 @@ async fn proxy(State(state): State<ProxyState>, req: Request) -> Result<Response
         limit,
     );
     let upload_overflowed = upload.overflowed.clone();
-    let forwarded = proxy
-        .noetl
-        .forward(Forward {
-            method: parts.method.clone(),
-            path,
-            query: upstream_query(parts.uri.query()),
-            headers,
-            body: upload,
-            first_byte_timeout: proxy.timeout,
-        })
-        .await;
+    let request = Forward {
+        method: parts.method.clone(),
+        path: format!("{}/{rest}", service.mount.upstream_root),
+        query: upstream_query(parts.uri.query()),
+        headers,
+        body: upload,
+        first_byte_timeout: limits.timeout,
+    };
+    let forwarded = match &service.upstream {
+        Upstream::Noetl(noetl) => noetl.forward(request).await.map_err(AppError::Noetl),
+        Upstream::Service(client) => client.forward(request).await.map_err(AppError::Service),
+    };
     let resp = match forwarded {
         Err(_) if upload_overflowed.load(Ordering::Relaxed) => {
             return Err(AppError::PayloadTooLarge { limit })
         }
         Err(e) => {
             let slow = *upload_timed_out.lock().unwrap_or_else(|p| p.into_inner());
-            return Err(slow.map_or(AppError::Noetl(e), AppError::BodyTimeout));
+            if let Some(t) = slow {
+                return Err(AppError::BodyTimeout(t));
+            }
+            if let AppError::Service(cause) = &e {
+                tracing::warn!(service = name, error = %cause, "proxied request failed");
+            }
+            return Err(e);
         }
         Ok(r) => r,
     };
     if resp.content_length.is_some_and(|n| n > limit) {
-        return Err(AppError::Noetl(NoetlError::BadResponse(format!(
-            "upstream body larger than {limit} bytes"
-        ))));
+        let message = format!("upstream body larger than {limit} bytes");
+        return Err(if is_noetl {
+            AppError::Noetl(NoetlError::BadResponse(message))
+        } else {
+            AppError::Service(UpstreamError::Unreachable {
+                service: name.to_owned(),
+                message,
+            })
+        });
     }
-    let headers = client_response_headers(&resp.headers, proxy.noetl.base_url());
-    let body = if scrub::is_json(&resp.headers) {
-        let (idle, scrubber) = (proxy.idle_timeout, &proxy.scrubber);
+    let headers = client_response_headers(&resp.headers, &service.mount);
+    let body = if is_noetl && scrub::is_json(&resp.headers) {
+        let (idle, scrubber) = (limits.idle_timeout, &proxy.scrubber);
         Body::from(scrub::scrubbed_body(&resp.headers, resp.body, limit, idle, scrubber).await?)
     } else {
-        let stream = LimitedStream::new(IdleTimeout::new(resp.body, proxy.idle_timeout), limit);
+        let stream = LimitedStream::new(IdleTimeout::new(resp.body, limits.idle_timeout), limit);
         Body::from_stream(stream)
     };
     let mut out = Response::new(body);
@@ -776,7 +1025,7 @@ mod tests {
 
     #[test]
     fn noetl_cors_server_and_internal_locations_never_reach_the_client() {
-        let base = url::Url::parse("http://noetl.internal:8082").unwrap();
+        let base = Mount::noetl(&url::Url::parse("http://noetl.internal:8082").unwrap());
         let mut h = HeaderMap::new();
         for (k, v) in [
             ("content-type", "application/json"),
@@ -811,6 +1060,56 @@ mod tests {
             Some("https://auth.example.com/login"),
             "a third party's URL is not NoETL's"
         );
+    }
+
+    #[test]
+    fn a_service_location_maps_to_its_client_path_under_its_base() {
+        let mount = Mount::service(
+            "demo",
+            &url::Url::parse("http://demo.internal:9000/v2/").unwrap(),
+        );
+        assert_eq!(
+            client_location("/v2/items/7?x=1", &mount).as_deref(),
+            Some("/api/v1/demo/items/7?x=1")
+        );
+        assert_eq!(
+            client_location("http://demo.internal:9000/v2/a", &mount).as_deref(),
+            Some("/api/v1/demo/a")
+        );
+        assert_eq!(
+            client_location("/v2x/a", &mount),
+            None,
+            "a sibling of the base is not under it"
+        );
+        assert_eq!(client_location("/admin", &mount), None);
+        let root = Mount::service("r", &url::Url::parse("http://r:1").unwrap());
+        assert_eq!(client_location("/x", &root).as_deref(), Some("/api/v1/r/x"));
+    }
+
+    #[test]
+    fn a_service_allow_list_is_relative_to_its_base() {
+        let allow = AllowList::parse_under(
+            &["GET /echo".into(), "POST /ask".into(), "DELETE /".into()],
+            "",
+        )
+        .unwrap();
+        assert_eq!(allow.verdict(&Method::GET, "/echo/x"), Verdict::Allowed);
+        assert_eq!(allow.verdict(&Method::POST, "/ask"), Verdict::Allowed);
+        assert_eq!(
+            allow.verdict(&Method::DELETE, "/anything"),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            allow.verdict(&Method::GET, "/ask"),
+            Verdict::MethodNotAllowed(vec![Method::POST, Method::DELETE])
+        );
+        assert_eq!(
+            allow.verdict(&Method::GET, "/echoes"),
+            Verdict::MethodNotAllowed(vec![Method::DELETE])
+        );
+        assert!(AllowList::parse_under(&["GET /a/../b".into()], "").is_err());
+        assert!(AllowList::parse_under(&["GET echo".into()], "").is_err());
+        assert_eq!(allow.to_string(), "GET /echo,POST /ask,DELETE /*");
     }
 
     #[test]

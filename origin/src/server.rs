@@ -47,16 +47,19 @@ use crate::listener::{self, ConnLimits, LeanPath, RequestLimits};
 use crate::metrics::MetricsState;
 use crate::noetl::{NoetlClient, RetryBudget};
 use crate::owners::Owners;
-use crate::proxy::{AllowList, Proxy, ProxyState};
+use crate::proxy::{AllowList, ProxiedService, Proxy, ProxyState};
+use crate::questions::{Questions, QuestionsState};
 use crate::quotas::{QuotaSettings, RealtimeQuotas};
 use crate::ratelimit::TrustedProxies;
 use crate::requests::CallbackTokens;
 use crate::scrub::Scrubber;
+use crate::service_events::ServiceEventsState;
 use crate::state::AppState;
 use crate::store::instrumented::InstrumentedKv;
 use crate::store::memory::MemoryKv;
 use crate::store::nats::NatsKv;
 use crate::store::{BucketTtls, KvStore};
+use crate::upstream::ServiceClient;
 
 /// How long start-up waits for the revocation set's initial load.
 const REVOCATIONS_START_WAIT: Duration = Duration::from_secs(5);
@@ -70,6 +73,7 @@ const NATS_CONNECT_ATTEMPTS: u32 = 10;
 /// here, not in `config.rs`, so the configuration depends on no component.
 pub fn check_policies(config: &Config) -> Result<(), ConfigError> {
     AllowList::parse(&config.proxy_allow).map_err(|e| ConfigError(format!("PROXY_ALLOW: {e}")))?;
+    crate::services::from_config(config).map_err(|e| ConfigError(format!("services: {e}")))?;
     BridgeConfig::from_config(config)
         .validate()
         .map_err(|e| ConfigError(format!("bridge: {e}")))
@@ -110,6 +114,7 @@ async fn build(
         revoked: config.revoked_max_age,
         clients: config.session_max_life,
         owners: config.execution_owner_ttl,
+        questions: config.question_max_timeout + crate::questions::DELIVERY_WINDOW,
     };
     let (kv, nats): (Arc<dyn KvStore>, _) = match &config.nats_url {
         Some(url) => {
@@ -213,6 +218,29 @@ async fn build(
         config.callback_url(),
         callback_tokens.clone(),
     ));
+    let service_specs =
+        crate::services::from_config(&config).map_err(|e| anyhow::anyhow!("services: {e}"))?;
+    let mut service_clients = Vec::new();
+    for spec in &service_specs {
+        let level_warn = spec.allow_all;
+        if level_warn {
+            tracing::warn!(service = %spec.describe(), "service registered without an allow-list: every path below its URL is proxied");
+        } else {
+            tracing::info!(service = %spec.describe(), "service registered");
+        }
+        let client =
+            ServiceClient::new(&spec.name, spec.base.clone(), config.noetl_connect_timeout)
+                .map_err(|e| anyhow::anyhow!(e))?;
+        service_clients.push((spec.clone(), client));
+    }
+    let proxy = proxy.with_services(
+        service_clients
+            .iter()
+            .map(|(spec, client)| {
+                ProxiedService::service(client.clone(), spec.allow.clone(), spec.limits)
+            })
+            .collect(),
+    );
     let retention = Retention {
         max_age: config.frame_retention,
         max_frames_per_client: config.frame_retention_per_client,
@@ -244,6 +272,16 @@ async fn build(
     .await
     .map_err(|e| anyhow::anyhow!("NoETL event bridge: {e}"))?;
     let sessions = Arc::new(sessions);
+    let questions = Arc::new(Questions::new(
+        kv.clone(),
+        bus.clone(),
+        service_clients.iter().map(|(_, c)| c.clone()).collect(),
+        config.question_default_timeout,
+        config.question_max_timeout,
+    ));
+    questions.spawn(shutdown.clone());
+    let internal_body_limit =
+        crate::callbacks::effective_body_limit(config.callback_body_limit, bus.as_ref());
     let graphql = build_schema(
         Services {
             config: config.clone(),
@@ -253,6 +291,7 @@ async fn build(
             tokens: callback_tokens.clone(),
             bus: bus.clone(),
             owners,
+            questions: questions.clone(),
         },
         config.graphql_introspection,
     );
@@ -294,10 +333,23 @@ async fn build(
                 drain_spread: crate::events::drain_spread(config.shutdown_grace),
             },
             quotas,
+            questions: questions.clone(),
         },
         proxy: ProxyState {
             proxy: Arc::new(proxy),
+            sessions: sessions.clone(),
+        },
+        service_events: ServiceEventsState {
+            kv: kv.clone(),
+            bus: bus.clone(),
+            service_token: config.internal_token.clone(),
+            body_limit: internal_body_limit,
+        },
+        questions: QuestionsState {
+            questions: questions.clone(),
             sessions,
+            service_token: config.internal_token.clone(),
+            body_limit: internal_body_limit,
         },
         callbacks: CallbackState {
             kv: kv.clone(),

@@ -19,7 +19,9 @@ use crate::health::Readiness;
 use crate::listener::RequestLimits;
 use crate::metrics::MetricsState;
 use crate::proxy::ProxyState;
+use crate::questions::QuestionsState;
 use crate::ratelimit::TrustedProxies;
+use crate::service_events::ServiceEventsState;
 
 /// Everything the two listeners serve, as per-module substates; cheap to clone (each
 /// substate is a handful of `Arc`s).
@@ -31,8 +33,12 @@ pub struct AppState {
     pub graphql: GraphqlState,
     /// `/events`, `/api/events/ticket`.
     pub events: EventsState,
-    /// `/noetl/*`.
+    /// `/api/v1/{service}/*`, `/noetl/*`.
     pub proxy: ProxyState,
+    /// `POST /api/internal/events` (internal listener).
+    pub service_events: ServiceEventsState,
+    /// `POST /api/internal/questions` (internal), `POST /api/v1/events/{client_id}/response`.
+    pub questions: QuestionsState,
     /// `/api/internal/*` (internal listener).
     pub callbacks: CallbackState,
     /// `/ready`.

@@ -41,6 +41,14 @@ pub mod event {
     /// the only frame of a 200 answer that ends at once, so a browser's EventSource
     /// retries after `retry:` instead of giving up as it does on an error status.
     pub const UNAVAILABLE: &str = "stream/unavailable";
+    /// A service's event for the client (`params: {service, event, data}`).
+    pub const SERVICE_EVENT: &str = "service/event";
+    /// A human-in-the-loop question (`params`: [`super::QuestionParams`]).
+    pub const QUESTION: &str = "question";
+    /// A question was answered, here or in another tab (`params: {question_id, answer}`).
+    pub const QUESTION_ANSWERED: &str = "question/answered";
+    /// A question expired unanswered (`params: {question_id}`).
+    pub const QUESTION_EXPIRED: &str = "question/expired";
 }
 
 /// The SSE `id:` of a frame on `/events`, and what a reconnect brings back as
@@ -130,8 +138,31 @@ pub struct PendingRequest {
     pub playbook_path: String,
 }
 
+/// A human-in-the-loop question as the client sees it: the `question` frame's params and
+/// an entry of the init frame's `pendingQuestions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuestionParams {
+    /// The question's id (`q-` and 32 hex digits).
+    pub question_id: String,
+    /// What the service asks.
+    pub prompt: String,
+    /// The answers it accepts; empty: any text.
+    pub options: Vec<String>,
+    /// When it expires unanswered (RFC 3339, UTC).
+    pub expires_at: String,
+    /// The asking service.
+    pub service: String,
+    /// The client it was asked of; `None` for a question to all of a user's clients.
+    pub client_id: Option<String>,
+}
+
 /// The init frame's data: a JSON-RPC response with id 1 (compat).
-pub fn init_message(client_id: &str, server_version: &str, pending: &[PendingRequest]) -> Vec<u8> {
+pub fn init_message(
+    client_id: &str,
+    server_version: &str,
+    pending: &[PendingRequest],
+    questions: &[QuestionParams],
+) -> Vec<u8> {
     let v = serde_json::json!({
         "jsonrpc": "2.0",
         "id": 1,
@@ -139,8 +170,9 @@ pub fn init_message(client_id: &str, server_version: &str, pending: &[PendingReq
             "clientId": client_id,
             "protocolVersion": "2024-11-05",
             "serverInfo": {"name": "noetl-edge-gateway", "version": server_version},
-            "capabilities": {"playbooks": true, "callbacks": true, "playbookState": true, "replay": true},
+            "capabilities": {"playbooks": true, "callbacks": true, "playbookState": true, "replay": true, "questions": true},
             "pendingRequests": pending,
+            "pendingQuestions": questions,
         }
     });
     serde_json::to_vec(&v).expect("a JSON value always serialises")

@@ -1297,8 +1297,11 @@ const HISTOGRAMS: &[&str] = &[
     "gateway_kv_operation_duration_seconds",
     "gateway_bus_operation_duration_seconds",
     "gateway_bridge_lag_seconds",
+    "gateway_service_request_duration_seconds",
 ];
 const OTHER_METRICS: &[&str] = &[
+    "gateway_service_events_total",
+    "gateway_questions_total",
     "gateway_build_info",
     "gateway_ready",
     "gateway_http_requests_in_flight",

@@ -29,6 +29,7 @@ fn suite_ttls() -> BucketTtls {
         revoked: Duration::from_secs(30),
         clients: Duration::from_secs(30),
         owners: Duration::from_secs(30),
+        questions: Duration::from_secs(30),
     }
 }
 

@@ -178,15 +178,20 @@ fn async_nats_stays_in_the_store_the_bus_the_bridge_and_start_up() {
 
 #[test]
 fn reqwest_stays_in_the_noetl_client_and_the_jwks_fetcher() {
+    // upstream.rs: the registered backend services' clients (one pool per service), the
+    // generic proxy's and the question outcomes' only way out.
     // otel.rs: the OTLP exporter's HTTP client is the third upstream (the trace collector).
     // Giving it the origin's reqwest keeps one HTTP client version and TLS stack in the
     // binary (the exporter's own reqwest client is another major version); it talks to the
     // collector only, never to NoETL.
-    let offenders = used_outside("reqwest", &["noetl.rs", "auth/jwks.rs", "otel.rs"]);
+    let offenders = used_outside(
+        "reqwest",
+        &["noetl.rs", "auth/jwks.rs", "otel.rs", "upstream.rs"],
+    );
     assert!(
         offenders.is_empty(),
-        "reqwest used outside noetl.rs, auth/jwks.rs and otel.rs: {offenders:?} — call NoETL \
-         through NoetlClient"
+        "reqwest used outside noetl.rs, auth/jwks.rs, otel.rs and upstream.rs: {offenders:?} — \
+         call NoETL through NoetlClient and services through upstream::ServiceClient"
     );
 }
 

@@ -78,6 +78,10 @@ use crate::hub::Hub;
 use crate::quotas::{RealtimeQuotas, StreamSlot};
 use crate::store::{Bucket, KvStore};
 
+pub mod alias;
+
+use alias::Dialect;
+
 /// Lifetime of an SSE ticket.
 const TICKET_TTL: Duration = Duration::from_secs(30);
 
@@ -98,6 +102,8 @@ pub struct EventsState {
     pub timers: SseTimers,
     /// Per-user stream slots, open and replay rates, client-id cap.
     pub quotas: RealtimeQuotas,
+    /// Open questions, listed in the init frame.
+    pub questions: Arc<crate::questions::Questions>,
 }
 
 /// How often a stream sends a `ping` frame and a `:` keep-alive comment, and over how
@@ -141,6 +147,7 @@ fn drain_frame() -> Bytes {
 pub fn router() -> Router<EventsState> {
     Router::new()
         .route("/events", get(events))
+        .route("/api/v1/events/{client_id}", get(events_alias))
         .route("/api/events/ticket", post(ticket))
 }
 
@@ -392,7 +399,44 @@ fn init_event_id(client: &ClientId, requested: StartAt, reset: bool) -> String {
     )
 )]
 async fn events(State(state): State<EventsState>, req: Request) -> Result<Response, AppError> {
-    match open_stream(state, req).await {
+    stream_or_unavailable(state, req, None).await
+}
+
+/// `GET /api/v1/events/{client_id}`: `/events?client_id={client_id}` with the source
+/// design's frame names ([`alias`]).
+#[utoipa::path(
+    get, path = "/api/v1/events/{client_id}", tag = "events",
+    params(
+        ("client_id" = String, Path, description = "The client (`[A-Za-z0-9_-]`, 1-64): resumed if the caller's, bound to the caller if nobody's"),
+        ("session_token" = Option<String>, Query, description = "**compat**: the session token, for EventSource"),
+        ("ticket" = Option<String>, Query, description = "A single-use ticket from `POST /api/events/ticket`"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The last frame id seen: the stream resumes after it"),
+    ),
+    security(("bearer" = []), ("session_cookie" = []), ()),
+    responses(
+        (status = 200, description = "The client's `/events` stream under the source design's names: `connection.established`, a service event's own name (`run.start`, `run.progress`, `run.complete`, `run.error`, `node.complete`, `node.error`, …), `question`, `question.answered`, `question.expired`, `heartbeat`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_query`, `invalid_client_id`", body = gateway_shared::error::ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_session`", body = gateway_shared::error::ErrorBody),
+        (status = 403, description = "`client_not_yours`: another user's client", body = gateway_shared::error::ErrorBody),
+        (status = 429, description = "`rate_limited`, `too_many_streams`, `too_many_clients`", body = gateway_shared::error::ErrorBody),
+    )
+)]
+pub(crate) async fn events_alias(
+    State(state): State<EventsState>,
+    axum::extract::Path(client_id): axum::extract::Path<String>,
+    req: Request,
+) -> Result<Response, AppError> {
+    stream_or_unavailable(state, req, Some(client_id)).await
+}
+
+/// Opens the stream (for `path_client`'s alias when given); a passing failure is a 200
+/// stream that says `stream/unavailable`.
+async fn stream_or_unavailable(
+    state: EventsState,
+    req: Request,
+    path_client: Option<String>,
+) -> Result<Response, AppError> {
+    match open_stream(state, req, path_client).await {
         Err(e) if answers_as_unavailable_stream(e.status().as_u16()) => {
             tracing::warn!(code = e.code(), error = %e, "event stream not opened; the client is told to retry");
             Ok(event_stream_response(Body::from(unavailable_stream(
@@ -420,9 +464,21 @@ fn event_stream_response(body: Body) -> Response {
     resp
 }
 
-async fn open_stream(state: EventsState, req: Request) -> Result<Response, AppError> {
+async fn open_stream(
+    state: EventsState,
+    req: Request,
+    path_client: Option<String>,
+) -> Result<Response, AppError> {
     let (parts, _) = req.into_parts();
-    let q = parse_query(parts.uri.query())?;
+    let mut q = parse_query(parts.uri.query())?;
+    let dialect = if path_client.is_some() {
+        Dialect::SourceDesign
+    } else {
+        Dialect::Native
+    };
+    if let Some(id) = path_client {
+        q.client_id = Some(id);
+    }
     let owner = authenticate(&state, &parts, &q).await?;
     let user = &owner.user;
     let kv = state.kv.as_ref();
@@ -492,16 +548,30 @@ async fn open_stream(state: EventsState, req: Request) -> Result<Response, AppEr
     tracing::info!(client = %client_id, user = %user.user_id, ?start, reset = sub.reset, resumed, "event stream opened");
 
     let init_id = init_event_id(&client_id, requested, sub.reset);
-    let mut first = sse_frame(
-        Some(&init_id),
-        event::MESSAGE,
-        &init_message(
-            client_id.as_str(),
-            env!("CARGO_PKG_VERSION"),
-            &record.pending,
+    let questions = state.questions.pending_for(&user.user_id, &client_id);
+    let mut first = match dialect {
+        Dialect::Native => sse_frame(
+            Some(&init_id),
+            event::MESSAGE,
+            &init_message(
+                client_id.as_str(),
+                env!("CARGO_PKG_VERSION"),
+                &record.pending,
+                &questions,
+            ),
+            Some(RETRY_MS),
         ),
-        Some(RETRY_MS),
-    );
+        Dialect::SourceDesign => sse_frame(
+            Some(&init_id),
+            "connection.established",
+            &alias::established(
+                client_id.as_str(),
+                &json!(record.pending),
+                &json!(questions),
+            ),
+            Some(RETRY_MS),
+        ),
+    };
     let reset_reason = if replay_limited {
         Some("too many replays for this user; frames before now were not replayed")
     } else if sub.reset {
@@ -524,7 +594,7 @@ async fn open_stream(state: EventsState, req: Request) -> Result<Response, AppEr
         hash: owner.session.clone(),
         expires_at_unix: owner.expires_at_unix,
     };
-    let body = SseBody::new(
+    let mut body = SseBody::new(
         state,
         client_id,
         Bytes::from(first),
@@ -532,6 +602,7 @@ async fn open_stream(state: EventsState, req: Request) -> Result<Response, AppEr
         session,
         slot,
     );
+    body.dialect = dialect;
     Ok(event_stream_response(Body::new(body)))
 }
 
@@ -578,6 +649,8 @@ struct SseBody {
     _slot: StreamSlot,
     done: bool,
     reason: &'static str,
+    /// The frame names this stream speaks (`/events` or its source-design alias).
+    dialect: Dialect,
 }
 
 /// The first ping of a stream: after a random 50–100 % of the interval, so streams opened
@@ -671,6 +744,7 @@ impl SseBody {
             next_keepalive,
             done: false,
             reason: "client gone",
+            dialect: Dialect::Native,
         }
     }
 
@@ -724,6 +798,12 @@ impl http_body::Body for SseBody {
             }
         }
         match this.frames.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(f))) if this.dialect == Dialect::SourceDesign => {
+                let (name, data) = alias::rename(&f.event, &f.data);
+                let id = format!("{}.{}", this.client_id, f.id);
+                let frame = sse_frame(Some(&id), &name, &data, None);
+                return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(frame)))));
+            }
             Poll::Ready(Some(Ok(f))) => {
                 // The id is `EventId::format(client, id)`, written in place.
                 let prefix = format!(
@@ -768,7 +848,15 @@ impl http_body::Body for SseBody {
                         let _ = clients::mark_present(kv.as_ref(), &client_id).await;
                     });
                 }
-                ping_frame()
+                match this.dialect {
+                    Dialect::Native => ping_frame(),
+                    Dialect::SourceDesign => {
+                        let ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis());
+                        Bytes::from(sse_frame(None, "heartbeat", &alias::heartbeat(ms), None))
+                    }
+                }
             } else {
                 this.next_keepalive = now + this.keepalive_every;
                 Bytes::from_static(b":\n\n")

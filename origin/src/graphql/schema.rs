@@ -45,6 +45,23 @@ pub struct Services {
     /// Who started each execution: every read or action on one is its owner's (or a
     /// read-all role's), and `myExecutions` lists the caller's.
     pub owners: Owners,
+    /// Human-in-the-loop questions: `pendingQuestions`, `answerQuestion`.
+    pub questions: Arc<crate::questions::Questions>,
+}
+
+/// A human-in-the-loop question asked of one of the caller's clients.
+#[derive(SimpleObject)]
+pub struct Question {
+    /// The question's id.
+    pub question_id: String,
+    /// What the service asks.
+    pub prompt: String,
+    /// The answers it accepts; empty: any text.
+    pub options: Vec<String>,
+    /// When it expires unanswered (RFC 3339).
+    pub expires_at: String,
+    /// The asking service.
+    pub service: String,
 }
 
 /// Builds the schema with the protocol's limits. Depth and complexity limits hold for every
@@ -107,6 +124,7 @@ pub(super) fn from_app(e: AppError) -> async_graphql::Error {
     let code = match e.status().as_u16() {
         403 => "FORBIDDEN",
         404 => "NOT_FOUND",
+        409 => "CONFLICT",
         400 | 413 | 415 => "BAD_USER_INPUT",
         401 => "UNAUTHENTICATED",
         502..=504 => "UPSTREAM_UNAVAILABLE",
@@ -312,6 +330,30 @@ impl Query {
             has_next_page: page.has_next,
             items,
         })
+    }
+
+    /// The open questions one of the caller's clients was asked, soonest expiry first.
+    async fn pending_questions(
+        &self,
+        ctx: &Context<'_>,
+        client_id: String,
+    ) -> async_graphql::Result<Vec<Question>> {
+        let (svc, caller) = ctx_parts(ctx)?;
+        let client = own_client(svc, caller, Some(client_id))
+            .await?
+            .ok_or_else(|| gql_error("BAD_USER_INPUT", "clientId is required"))?;
+        Ok(svc
+            .questions
+            .pending_for(&caller.record.user.user_id, &client)
+            .into_iter()
+            .map(|q| Question {
+                question_id: q.question_id,
+                prompt: q.prompt,
+                options: q.options,
+                expires_at: q.expires_at,
+                service: q.service,
+            })
+            .collect())
     }
 
     /// An execution's status, if the caller started it (or reads all) and may view its
@@ -577,6 +619,23 @@ impl Mutation {
             .cancel(&id)
             .await
             .map_err(|e| from_app(e.into()))?;
+        Ok(true)
+    }
+
+    /// Answers a question one of the caller's clients was asked: the first answer wins
+    /// (`CONFLICT` once answered or expired; `NOT_FOUND` for anyone else's question).
+    async fn answer_question(
+        &self,
+        ctx: &Context<'_>,
+        client_id: String,
+        question_id: String,
+        answer: String,
+    ) -> async_graphql::Result<bool> {
+        let (svc, caller) = ctx_parts(ctx)?;
+        svc.questions
+            .answer(&caller.record.user, &client_id, &question_id, &answer)
+            .await
+            .map_err(from_app)?;
         Ok(true)
     }
 

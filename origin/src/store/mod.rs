@@ -48,17 +48,21 @@ pub enum Bucket {
     /// execution_id → who started it through the gateway, and each user's runs in order
     /// (`crate::owners`).
     Owners,
+    /// Human-in-the-loop questions, their one outcome, delivery markers and leases
+    /// (`crate::questions`).
+    Questions,
 }
 
 impl Bucket {
     /// Every bucket, in creation order.
-    pub const ALL: [Bucket; 6] = [
+    pub const ALL: [Bucket; 7] = [
         Bucket::Sessions,
         Bucket::Requests,
         Bucket::Interest,
         Bucket::Revoked,
         Bucket::Clients,
         Bucket::Owners,
+        Bucket::Questions,
     ];
 
     /// The bucket's position in [`Bucket::ALL`] (for per-bucket arrays).
@@ -70,6 +74,7 @@ impl Bucket {
             Bucket::Revoked => 3,
             Bucket::Clients => 4,
             Bucket::Owners => 5,
+            Bucket::Questions => 6,
         }
     }
 
@@ -82,6 +87,7 @@ impl Bucket {
             Bucket::Revoked => "revoked",
             Bucket::Clients => "clients",
             Bucket::Owners => "owners",
+            Bucket::Questions => "questions",
         }
     }
 }
@@ -101,6 +107,8 @@ pub struct BucketTtls {
     pub clients: Duration,
     /// Default 7 days: at least the longest run, so an owner can read a run to its end.
     pub owners: Duration,
+    /// Default 2 h: the longest question timeout and an hour to deliver its outcome.
+    pub questions: Duration,
 }
 
 impl BucketTtls {
@@ -113,6 +121,7 @@ impl BucketTtls {
             Bucket::Revoked => self.revoked,
             Bucket::Clients => self.clients,
             Bucket::Owners => self.owners,
+            Bucket::Questions => self.questions,
         }
     }
 }
@@ -126,6 +135,7 @@ impl Default for BucketTtls {
             revoked: Duration::from_secs(24 * 3600),
             clients: Duration::from_secs(24 * 3600),
             owners: Duration::from_secs(7 * 24 * 3600),
+            questions: Duration::from_secs(2 * 3600),
         }
     }
 }
