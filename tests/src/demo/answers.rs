@@ -5,7 +5,7 @@
 //! outcomes are kept, older ones dropped, so a long `make dev` session cannot grow it
 //! without end.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 
@@ -15,7 +15,7 @@ pub const MAX_DELIVERIES: usize = 10_000;
 pub const MAX_QUESTIONS: usize = 10_000;
 
 /// One `POST /answers` as received.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     /// The body's `question_id`.
     pub question_id: String,
