@@ -490,3 +490,42 @@ async fn hostile_input_gets_json_errors_and_the_service_keeps_serving() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["service"], "demo");
 }
+
+#[tokio::test]
+async fn refused_deliveries_fail_with_the_asked_status_and_are_not_recorded() {
+    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
+    let q = "q-cccccccccccccccccccccccccccccccc";
+    let delivery = json!({"question_id": q, "status": "answered", "answer": "no",
+                          "user": {"user_id": "u-42", "email": "ada@example.com"}});
+    demo.refuse_answers(2, 503).await;
+    let post = || {
+        http()
+            .post(format!("{}/answers", demo.base_url()))
+            .header("idempotency-key", q)
+            .json(&delivery)
+    };
+    for _ in 0..2 {
+        let (status, v) = send(post()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert_eq!(error_code(&v), "delivery_refused");
+    }
+    assert_eq!(
+        demo.answer(q).await,
+        None,
+        "a refused delivery is not an answer"
+    );
+    let (status, _) = send(post()).await;
+    assert_eq!(status, StatusCode::OK, "refusals ran out");
+    assert_eq!(demo.answer(q).await.unwrap()["answer"], "no");
+    assert_eq!(demo.deliveries_of(q).await.len(), 1);
+    assert_eq!(demo.refused_answers().await, 2);
+
+    let (status, v) = send(
+        http()
+            .post(format!("{}/_demo/refuse-answers", demo.base_url()))
+            .json(&json!({"count": 1, "status": 200})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(error_code(&v), "invalid_status");
+}

@@ -1,5 +1,7 @@
 //! What the gateway delivered to `POST /answers`: every delivery as it arrived (duplicates
-//! included, so a test can count them) and each question's outcome, the first delivery's.
+//! included, so a test can count them) and each question's outcome, the first delivery's;
+//! and [`Refusals`], the deliveries a test asked the service to refuse (to see the gateway
+//! retry).
 //!
 //! Pure and bounded: the newest [`MAX_DELIVERIES`] deliveries and [`MAX_QUESTIONS`]
 //! outcomes are kept, older ones dropped, so a long `make dev` session cannot grow it
@@ -117,6 +119,45 @@ impl Answers {
     }
 }
 
+/// Deliveries to refuse: the next `remaining` are answered `status` and not recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Refusals {
+    /// How many of the next deliveries are refused.
+    pub remaining: u32,
+    /// The status they are answered (a 5xx or 429 makes the gateway retry).
+    pub status: u16,
+    /// How many were refused since start.
+    pub refused: u64,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self {
+            remaining: 0,
+            status: 503,
+            refused: 0,
+        }
+    }
+}
+
+impl Refusals {
+    /// Refuses the next `count` deliveries with `status`.
+    pub fn refuse_next(&mut self, count: u32, status: u16) {
+        self.remaining = count;
+        self.status = status;
+    }
+
+    /// Whether this delivery is refused, and with which status (counted).
+    pub fn take(&mut self) -> Option<u16> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        self.refused += 1;
+        Some(self.status)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +220,17 @@ mod tests {
         }
         assert!(a.deliveries().is_empty());
         assert_eq!(a.outcome("q"), None);
+    }
+
+    #[test]
+    fn refusals_are_counted_down_then_deliveries_pass() {
+        let mut r = Refusals::default();
+        assert_eq!(r.take(), None);
+        r.refuse_next(2, 500);
+        assert_eq!(r.take(), Some(500));
+        assert_eq!(r.take(), Some(500));
+        assert_eq!(r.take(), None);
+        assert_eq!(r.refused, 2);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The router and the state every handler shares: every route and the one layer (the
 //! body limit) in one place. Unknown routes and wrong methods get JSON errors.
 
-use super::answers::Answers;
+use super::answers::{Answers, Refusals};
 use super::gateway::Gateway;
 use super::{error, hitl, probe, MAX_BODY_BYTES};
 use axum::extract::DefaultBodyLimit;
@@ -20,6 +20,8 @@ pub struct DemoState {
     pub gateway: Gateway,
     /// The deliveries received on `POST /answers`.
     pub answers: Mutex<Answers>,
+    /// Deliveries a test asked to refuse (`POST /_demo/refuse-answers`).
+    pub refusals: Mutex<Refusals>,
 }
 
 /// The shared state handed to handlers.
@@ -39,6 +41,10 @@ pub fn router(state: Shared) -> Router {
         .route("/emit", post(hitl::emit))
         .route("/_demo/deliveries", get(hitl::deliveries))
         .route("/_demo/gateway", post(hitl::set_gateway))
+        .route(
+            "/_demo/refuse-answers",
+            get(hitl::refusals).post(hitl::refuse_answers),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -7,7 +7,7 @@
 //! the gateway set (`x-noetl-user-id`), never from the body: the gateway then refuses a
 //! question for a client that is not that user's.
 
-use super::answers::Delivery;
+use super::answers::{Delivery, Refusals};
 use super::app::Shared;
 use super::config::check_http_url;
 use super::error::{DemoError, JsonBody};
@@ -95,7 +95,9 @@ pub async fn ask(
 
 /// `POST /answers`: one delivery from the gateway (`idempotency-key` header, body
 /// `{"question_id","status":"answered"|"expired",…}`); recorded, 200. A body without a
-/// `question_id` or a known `status` is 400 `invalid_delivery` and not recorded.
+/// `question_id` or a known `status` is 400 `invalid_delivery` and not recorded; while
+/// refusals are pending (`POST /_demo/refuse-answers`), a delivery is answered
+/// `delivery_refused` with the asked status and not recorded.
 pub async fn receive_answer(
     State(state): State<Shared>,
     headers: HeaderMap,
@@ -106,6 +108,20 @@ pub async fn receive_answer(
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let question_id = body["question_id"].as_str().unwrap_or("").to_owned();
     let status = body["status"].as_str().unwrap_or("").to_owned();
+    let refused = state
+        .refusals
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(code) = refused {
+        tracing::info!(%question_id, code, "delivery refused, as asked");
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(DemoError::new(
+            code,
+            "delivery_refused",
+            "refused on purpose (POST /_demo/refuse-answers)",
+        ));
+    }
     state
         .answers
         .lock()
@@ -218,6 +234,39 @@ pub async fn set_gateway(
     });
     tracing::info!(%url, "gateway set");
     Ok(Json(json!({"url": url})))
+}
+
+/// Body of `POST /_demo/refuse-answers`.
+#[derive(Debug, Deserialize)]
+pub struct RefuseBody {
+    /// How many of the next deliveries to refuse (0 stops refusing).
+    pub count: u32,
+    /// The status to answer them (400–599; default 503).
+    pub status: Option<u16>,
+}
+
+/// `POST /_demo/refuse-answers` `{"count","status"?}`: the next `count` deliveries to
+/// `POST /answers` fail with `status` and are not recorded (test control: the gateway must
+/// retry until one is taken). 200 `{"remaining","status","refused"}`.
+pub async fn refuse_answers(
+    State(state): State<Shared>,
+    JsonBody(body): JsonBody<RefuseBody>,
+) -> Result<Json<Refusals>, DemoError> {
+    let status = body.status.unwrap_or(503);
+    if !(400..=599).contains(&status) {
+        return Err(DemoError::bad_request(
+            "invalid_status",
+            "status is an error status, 400 to 599",
+        ));
+    }
+    let mut refusals = state.refusals.lock().unwrap_or_else(|p| p.into_inner());
+    refusals.refuse_next(body.count, status);
+    Ok(Json(*refusals))
+}
+
+/// `GET /_demo/refuse-answers`: `{"remaining","status","refused"}`.
+pub async fn refusals(State(state): State<Shared>) -> Json<Refusals> {
+    Json(*state.refusals.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// The gateway's answer as this service's answer: same status, same JSON body.

@@ -23,7 +23,9 @@
 //! - `GET /_demo/deliveries` → `[{question_id, idempotency_key, body}]`, every delivery,
 //!   duplicates included; `POST /_demo/gateway` `{"url","token"?}` sets the gateway after
 //!   start (a test knows the origin's internal URL only after the origin, which needs this
-//!   service's URL, has started).
+//!   service's URL, has started); `POST /_demo/refuse-answers` `{"count","status"?}` makes
+//!   the next `count` deliveries fail with `status` (default 503), not recorded, so a test
+//!   sees the gateway retry (`{"remaining","status","refused"}` answered; `GET` reads it).
 //! - `GET /health` → 200.
 //!
 //! Errors are the gateway's `{"error":{"code","message"}}`; request bodies are limited to
@@ -77,6 +79,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         public_url: public_url.clone(),
         gateway: gateway::Gateway::new(target)?,
         answers: Mutex::new(answers::Answers::default()),
+        refusals: Mutex::new(answers::Refusals::default()),
     });
     tracing::info!(?config, %public_url, "demo-service configured");
     println!("listening on http://{local}");

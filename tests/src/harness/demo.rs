@@ -140,6 +140,27 @@ impl DemoService {
             .unwrap_or_else(|e| panic!("/_demo/deliveries is not a list of deliveries ({e}): {v}"))
     }
 
+    /// Makes the next `count` deliveries to `POST /answers` fail with `status` (not
+    /// recorded), so the gateway has to retry; returns how many were refused so far.
+    pub async fn refuse_answers(&self, count: u32, status: u16) -> u64 {
+        let resp = self
+            .http
+            .post(format!("{}/_demo/refuse-answers", self.url))
+            .json(&json!({"count": count, "status": status}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /_demo/refuse-answers failed: {e}"));
+        let v = expect_ok_json("/_demo/refuse-answers", resp).await;
+        v["refused"].as_u64().unwrap_or(0)
+    }
+
+    /// How many deliveries were refused since start (see [`DemoService::refuse_answers`]).
+    pub async fn refused_answers(&self) -> u64 {
+        self.get_json("/_demo/refuse-answers").await["refused"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     /// The deliveries of one question.
     pub async fn deliveries_of(&self, question_id: &str) -> Vec<Delivery> {
         let mut all = self.deliveries().await;
