@@ -54,7 +54,15 @@ fn assert_histogram_consistent(samples: &[Sample], name: &str) {
 
 #[tokio::test]
 async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
-    let (_nats, standin, mut origins) = nats_stack(1).await;
+    let demo = gateway_tests::harness::demo::DemoService::start(Default::default())
+        .await
+        .unwrap();
+    let (_nats, standin, mut origins) = gateway_tests::harness::flows::nats_stack_with(
+        1,
+        Default::default(),
+        &[("SERVICE_DEMO_URL", demo.base_url())],
+    )
+    .await;
     let origin = origins.pop().unwrap();
     let token = login(&origin.url, &standin, "metrics@example.com").await;
     let r = http()
@@ -66,6 +74,13 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
     assert_eq!(r.status(), 200);
     let r = http()
         .get(format!("{}/noetl/catalog/playbooks", origin.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http()
+        .get(format!("{}/api/v1/demo/echo", origin.url))
         .bearer_auth(&token)
         .send()
         .await
@@ -170,6 +185,15 @@ async fn a_scenario_shows_up_in_the_histograms_by_route_and_outcome() {
         );
     }
     assert_histogram_consistent(&s, noetl);
+
+    // A registered service, by its name.
+    let svc = "gateway_service_request_duration_seconds";
+    assert_eq!(
+        count(&s, svc, &[("service", "demo"), ("outcome", "ok")]),
+        1.0,
+        "the one proxied call to the demo service\n{text}"
+    );
+    assert_histogram_consistent(&s, svc);
 
     // K/V (NATS) and bus operations.
     let kv = "gateway_kv_operation_duration_seconds";
