@@ -660,9 +660,15 @@ impl Config {
     /// The same configuration with the environment's `SERVICE_<NAME>_*` variables (their
     /// names are the services', so clap cannot declare them), sorted by name.
     pub fn with_service_env(mut self) -> Self {
-        let mut vars: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("SERVICE_"))
-            .collect();
+        // Only the registry's own suffixes: an unrelated `SERVICE_…` variable (a secret of
+        // something else, perhaps) is neither read nor printed.
+        let ours = |k: &str| {
+            k.starts_with("SERVICE_")
+                && ["_URL", "_ALLOW", "_TIMEOUT", "_MAX_BODY"]
+                    .iter()
+                    .any(|s| k.ends_with(s))
+        };
+        let mut vars: Vec<(String, String)> = std::env::vars().filter(|(k, _)| ours(k)).collect();
         vars.sort();
         self.service_vars = vars;
         self

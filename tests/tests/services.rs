@@ -431,6 +431,31 @@ async fn a_question_asked_on_one_replica_is_answered_once_from_another_and_the_a
         "unanswered: 404 at the service"
     );
 
+    // Nobody asks someone else's client through a service (the demo names the caller as the
+    // user), and a service cannot have answers sent anywhere but under a registered base.
+    let (s, body) = ask(a, &intruder, &client, json!({})).await;
+    assert_eq!(
+        (s.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("client_not_found")),
+        "{body}"
+    );
+    for reply_to in [
+        "http://169.254.169.254/latest/meta-data",
+        "http://127.0.0.1:1/answers",
+    ] {
+        let (s, body) = post_json(
+            &format!("{}/api/internal/questions", a.internal_url),
+            Some(INTERNAL_TOKEN),
+            json!({"service": "demo", "client_id": client, "prompt": "?", "reply_to": {"url": reply_to}}),
+        )
+        .await;
+        assert_eq!(
+            (s.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("reply_to_not_allowed")),
+            "{reply_to}: {body}"
+        );
+    }
+
     // Nobody else answers it: another user (even naming the right client), an answer
     // that is not an option, a question id that is not one.
     let (s, body) = respond(a, &intruder, &client, &qid, "yes").await;
