@@ -373,30 +373,26 @@ async fn a_service_event_reaches_its_client_on_another_replica_and_is_replayed_a
     );
 }
 
-/// Asks `client` a question through `origin`'s public proxy as `token`'s user.
-async fn ask(origin: &Origin, token: &str, client: &str, extra: Value) -> (StatusCode, Value) {
+/// Asks `client` a question through the public proxy at `base` (an origin or the edge) as
+/// `token`'s user.
+async fn ask(base: &str, token: &str, client: &str, extra: Value) -> (StatusCode, Value) {
     let mut body =
         json!({"client_id": client, "prompt": "Deploy to production?", "options": ["yes", "no"]});
     body.as_object_mut()
         .unwrap()
         .extend(extra.as_object().cloned().unwrap_or_default());
-    post_json(
-        &format!("{}/api/v1/demo/ask", origin.url),
-        Some(token),
-        body,
-    )
-    .await
+    post_json(&format!("{base}/api/v1/demo/ask"), Some(token), body).await
 }
 
 async fn respond(
-    origin: &Origin,
+    base: &str,
     token: &str,
     client: &str,
     qid: &str,
     answer: &str,
 ) -> (StatusCode, Value) {
     post_json(
-        &format!("{}/api/v1/events/{client}/response", origin.url),
+        &format!("{base}/api/v1/events/{client}/response"),
         Some(token),
         json!({"question_id": qid, "answer": answer}),
     )
@@ -418,7 +414,7 @@ async fn a_question_asked_on_one_replica_is_answered_once_from_another_and_the_a
     // The client is connected to B; the question is asked on A.
     let (mut sse, init) = open_events(&format!("{}/events", b.url), &owner, None, WAIT).await;
     let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
-    let (status, asked) = ask(a, &owner, &client, json!({})).await;
+    let (status, asked) = ask(&a.url, &owner, &client, json!({})).await;
     assert_eq!(status, StatusCode::CREATED, "{asked}");
     let qid = asked["question_id"].as_str().unwrap().to_owned();
     let q = frame_named(&mut sse, "question").await;
@@ -433,7 +429,7 @@ async fn a_question_asked_on_one_replica_is_answered_once_from_another_and_the_a
 
     // Nobody asks someone else's client through a service (the demo names the caller as the
     // user), and a service cannot have answers sent anywhere but under a registered base.
-    let (s, body) = ask(a, &intruder, &client, json!({})).await;
+    let (s, body) = ask(&a.url, &intruder, &client, json!({})).await;
     assert_eq!(
         (s.as_u16(), body["error"]["code"].as_str()),
         (404, Some("client_not_found")),
@@ -458,20 +454,20 @@ async fn a_question_asked_on_one_replica_is_answered_once_from_another_and_the_a
 
     // Nobody else answers it: another user (even naming the right client), an answer
     // that is not an option, a question id that is not one.
-    let (s, body) = respond(a, &intruder, &client, &qid, "yes").await;
+    let (s, body) = respond(&a.url, &intruder, &client, &qid, "yes").await;
     assert_eq!(
         (s.as_u16(), body["error"]["code"].as_str()),
         (404, Some("question_not_found")),
         "{body}"
     );
-    let (s, body) = respond(a, &owner, &client, &qid, "maybe").await;
+    let (s, body) = respond(&a.url, &owner, &client, &qid, "maybe").await;
     assert_eq!(
         (s.as_u16(), body["error"]["code"].as_str()),
         (400, Some("invalid_answer")),
         "{body}"
     );
     let (s, _) = respond(
-        a,
+        &a.url,
         &owner,
         &client,
         "q-00000000000000000000000000000000",
@@ -481,9 +477,9 @@ async fn a_question_asked_on_one_replica_is_answered_once_from_another_and_the_a
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     // The owner answers on A (the stream is on B); then on B again: 409.
-    let (s, body) = respond(a, &owner, &client, &qid, "yes").await;
+    let (s, body) = respond(&a.url, &owner, &client, &qid, "yes").await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (s, body) = respond(b, &owner, &client, &qid, "no").await;
+    let (s, body) = respond(&b.url, &owner, &client, &qid, "no").await;
     assert_eq!(
         (s.as_u16(), body["error"]["code"].as_str()),
         (409, Some("question_closed")),
@@ -533,7 +529,7 @@ async fn an_unanswered_question_expires_with_a_frame_and_a_notice_to_the_asker()
     let (mut sse, init) = open_events(&format!("{}/events", a.url), &owner, None, WAIT).await;
     let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
 
-    let (status, asked) = ask(b, &owner, &client, json!({"timeout_seconds": 1})).await;
+    let (status, asked) = ask(&b.url, &owner, &client, json!({"timeout_seconds": 1})).await;
     assert_eq!(status, StatusCode::CREATED, "{asked}");
     let qid = asked["question_id"].as_str().unwrap().to_owned();
     frame_named(&mut sse, "question").await;
@@ -544,7 +540,7 @@ async fn an_unanswered_question_expires_with_a_frame_and_a_notice_to_the_asker()
     })
     .await;
     assert_eq!(demo.answer(&qid).await.unwrap()["status"], "expired");
-    let (s, body) = respond(a, &owner, &client, &qid, "yes").await;
+    let (s, body) = respond(&a.url, &owner, &client, &qid, "yes").await;
     assert_eq!(
         (s.as_u16(), body["error"]["code"].as_str()),
         (409, Some("question_closed")),
@@ -572,7 +568,7 @@ async fn a_client_offline_when_asked_gets_the_question_on_reconnect_and_a_refuse
     let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
     sse.close();
 
-    let (status, asked) = ask(a, &owner, &client, json!({"options": []})).await;
+    let (status, asked) = ask(&a.url, &owner, &client, json!({"options": []})).await;
     assert_eq!(status, StatusCode::CREATED, "{asked}");
     let qid = asked["question_id"].as_str().unwrap().to_owned();
 
@@ -592,7 +588,7 @@ async fn a_client_offline_when_asked_gets_the_question_on_reconnect_and_a_refuse
 
     // A free-text answer; the asker refuses the first two deliveries: retried until taken.
     demo.refuse_answers(2, 503).await;
-    let (s, body) = respond(b, &owner, &client, &qid, "ship it on Monday").await;
+    let (s, body) = respond(&b.url, &owner, &client, &qid, "ship it on Monday").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     wait_for(
         "the retried delivery is taken",
@@ -606,4 +602,101 @@ async fn a_client_offline_when_asked_gets_the_question_on_reconnect_and_a_refuse
     );
     assert_eq!(demo.refused_answers().await, 2);
     assert_eq!(demo.deliveries_of(&qid).await.len(), 1);
+}
+
+#[tokio::test]
+async fn through_the_edge_services_are_routed_by_name_and_a_question_is_answered() {
+    use gateway_tests::harness::edge::EdgeWorld;
+    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
+    let other = DemoService::start(DemoOptions {
+        name: "other".into(),
+        ..DemoOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut env = demo_env(&demo);
+    env.push(("SERVICE_OTHER_URL".into(), other.base_url().to_owned()));
+    let world = EdgeWorld::start(OriginOptions::default().envs(&as_refs(&env))).await;
+    demo.set_gateway(&world.origin.internal_url, INTERNAL_TOKEN)
+        .await;
+    let edge = &world.edge.url;
+    let token = login(edge, &world.standin, "edge-svc@example.com").await;
+
+    for (name, path) in [
+        ("demo", "/api/v1/demo/echo/a?b=1"),
+        ("other", "/api/v1/other/echo"),
+    ] {
+        let resp = http()
+            .get(format!("{edge}{path}"))
+            .bearer_auth(&token)
+            .header("x-noetl-user-email", "forged@example.com")
+            .header("x-gateway-assertion", "forged")
+            .send()
+            .await
+            .unwrap();
+        let (status, echo) = json_of(resp).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {echo}");
+        assert_eq!(echo["service"], name);
+        assert_eq!(
+            echo["headers"]["x-noetl-user-email"],
+            "edge-svc@example.com"
+        );
+        assert!(
+            echo["headers"].get("x-gateway-assertion").is_none(),
+            "{echo}"
+        );
+        assert!(echo["headers"].get("authorization").is_none(), "{echo}");
+    }
+    let (status, body) = json_of(
+        http()
+            .get(format!("{edge}/api/v1/nosuch/x"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (404, Some("service_not_found")),
+        "{body}"
+    );
+    let (status, _) = json_of(
+        http()
+            .get(format!("{edge}/api/v1/demo/echo"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the edge wants a session");
+
+    // The alias stream through the edge; a question asked and answered through it.
+    let client = format!("edge-{}", free_port());
+    let mut sse = SseClient::connect(
+        &format!("{edge}/api/v1/events/{client}"),
+        Some(&token),
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap_or_else(|(s, b)| panic!("alias refused: {s} {b}"));
+    let init = sse.next(WAIT).await.unwrap();
+    assert_eq!(init.event, "connection.established", "{init:?}");
+    let (status, asked) = ask(edge, &token, &client, json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    let qid = asked["question_id"].as_str().unwrap().to_owned();
+    let q = frame_named(&mut sse, "question").await;
+    assert_eq!(
+        q.data["question_id"],
+        qid.as_str(),
+        "the alias carries the params as data"
+    );
+    let (s, body) = respond(edge, &token, &client, &qid, "no").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    wait_for("the asker has the answer", WAIT, || async {
+        demo.answer(&qid).await.is_some()
+    })
+    .await;
+    assert_eq!(demo.answer(&qid).await.unwrap()["answer"], "no");
 }
