@@ -199,7 +199,7 @@ fn new_question_id() -> String {
     format!("q-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// True for an id [`new_question_id`] could have made.
+/// True for a question id the gateway could have made (`q-` and 32 lowercase hex digits).
 pub fn is_question_id(id: &str) -> bool {
     id.len() == 34
         && id.starts_with("q-")

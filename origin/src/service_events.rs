@@ -106,7 +106,7 @@ struct EventBody {
 }
 
 /// Who a service addresses: a client (of a user, when both are named), a user's active
-/// clients, or an execution's watchers; resolved to client ids, at most [`MAX_TARGETS`].
+/// clients, or an execution's watchers; resolved to client ids, at most 256.
 pub async fn resolve_targets(
     kv: &dyn KvStore,
     client_id: Option<&str>,

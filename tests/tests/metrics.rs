@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use gateway_tests::harness::flows::{http, login, nats_stack, open_events_client, run_playbook};
+use gateway_tests::harness::flows::{http, login, open_events_client, run_playbook};
 use gateway_tests::harness::metrics::{find, parse, sum, Sample};
 use gateway_tests::harness::origin::{Origin, OriginOptions};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
