@@ -76,12 +76,36 @@ const MAX_ANSWER: usize = 4000;
 /// Open questions one replica indexes; beyond it new questions are refused (503).
 const MAX_OPEN: usize = 100_000;
 
-/// Where an outcome goes.
+/// Where an outcome goes: exactly one of the two.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyTo {
     /// A URL under a registered service's base URL.
-    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A NATS subject captured by the asker's JetStream stream (not the gateway's nor
+    /// NoETL's subjects: [`is_reply_subject`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+/// True for a subject a service may have outcomes published to: dot-separated tokens of
+/// `[A-Za-z0-9_-]`, at most 256 bytes, no wildcard, and not under `$` (NATS's own APIs,
+/// K/V buckets), `gateway.` (the clients' frames) or `noetl.` (NoETL's events, which the
+/// bridge reads): a service must not be able to forge either.
+pub fn is_reply_subject(subject: &str) -> bool {
+    let tokens_ok = subject.split('.').all(|t| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    });
+    let lower = subject.to_ascii_lowercase();
+    !subject.is_empty()
+        && subject.len() <= 256
+        && tokens_ok
+        && !lower.starts_with("gateway.")
+        && !lower.starts_with("noetl.")
+        && !lower.starts_with('$')
 }
 
 /// A stored question.
@@ -337,16 +361,40 @@ impl Questions {
                 format!("at most {MAX_OPTIONS} options of 1–{MAX_OPTION} characters"),
             ));
         }
-        let reply_url = Url::parse(&b.reply_to.url).ok();
-        if reply_url
-            .as_ref()
-            .and_then(|u| self.service_for(u))
-            .is_none()
-        {
-            return Err(AppError::bad_request(
-                "reply_to_not_allowed",
-                "reply_to.url must lie under a registered service's base URL",
-            ));
+        match (&b.reply_to.url, &b.reply_to.subject) {
+            (Some(url), None) => {
+                let reply_url = Url::parse(url).ok();
+                if reply_url
+                    .as_ref()
+                    .and_then(|u| self.service_for(u))
+                    .is_none()
+                {
+                    return Err(AppError::bad_request(
+                        "reply_to_not_allowed",
+                        "reply_to.url must lie under a registered service's base URL",
+                    ));
+                }
+            }
+            (None, Some(subject)) => {
+                if !is_reply_subject(subject) {
+                    return Err(AppError::bad_request(
+                        "reply_to_not_allowed",
+                        "reply_to.subject must be a plain NATS subject outside gateway.*, noetl.* and $*",
+                    ));
+                }
+                if !self.bus.has_external_subjects() {
+                    return Err(AppError::bad_request(
+                        "reply_to_not_supported",
+                        "this gateway runs without NATS: reply_to.subject cannot be used",
+                    ));
+                }
+            }
+            _ => {
+                return Err(AppError::bad_request(
+                    "invalid_reply_to",
+                    "reply_to names exactly one of url or subject",
+                ))
+            }
         }
         if self.index().questions.len() >= MAX_OPEN {
             return Err(AppError::Unavailable {
@@ -601,21 +649,34 @@ impl Questions {
         let (Some(q), Some(outcome)) = (q, outcome) else {
             return Ok(false);
         };
-        let url = Url::parse(&q.reply_to.url).map_err(|e| format!("reply_to.url: {e}"))?;
-        let client = self
-            .service_for(&url)
-            .ok_or_else(|| "reply_to.url is no longer under a registered service".to_owned())?;
-        let status = client
-            .post_json(
-                &url,
-                &outcome.delivery_body(&q),
-                &[("idempotency-key", q.question_id.clone())],
-                DELIVERY_TIMEOUT,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if !(200..300).contains(&status) {
-            return Err(format!("the asker answered HTTP {status}"));
+        let body = outcome.delivery_body(&q);
+        match (&q.reply_to.url, &q.reply_to.subject) {
+            (Some(url), _) => {
+                let url = Url::parse(url).map_err(|e| format!("reply_to.url: {e}"))?;
+                let client = self.service_for(&url).ok_or_else(|| {
+                    "reply_to.url is no longer under a registered service".to_owned()
+                })?;
+                let status = client
+                    .post_json(
+                        &url,
+                        &body,
+                        &[("idempotency-key", q.question_id.clone())],
+                        DELIVERY_TIMEOUT,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !(200..300).contains(&status) {
+                    return Err(format!("the asker answered HTTP {status}"));
+                }
+            }
+            (None, Some(subject)) => {
+                let data = Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"));
+                self.bus
+                    .publish_external(subject, data, &q.question_id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            (None, None) => return Err("the question has no reply_to".into()),
         }
         let _ = kv
             .put(
@@ -808,7 +869,9 @@ struct AskDoc {
     options: Option<Vec<String>>,
     /// Seconds before it expires (default `QUESTION_DEFAULT_TIMEOUT`, at most `QUESTION_MAX_TIMEOUT`).
     timeout_seconds: Option<u64>,
-    /// `{"url": …}` under a registered service's base URL: where the outcome is POSTed.
+    /// `{"url": …}` under a registered service's base URL (the outcome is POSTed there), or
+    /// `{"subject": …}`, a NATS subject the asker's JetStream stream captures (published
+    /// with `Nats-Msg-Id: <question_id>`; not under `gateway.`, `noetl.` or `$`).
     #[schema(value_type = Object)]
     reply_to: Value,
     /// Returned with the outcome.
@@ -920,6 +983,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reply_subjects_cannot_reach_the_gateways_or_noetls_own() {
+        for ok in ["demo.answers", "hitl.answers.q-1", "A_b-c"] {
+            assert!(is_reply_subject(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "gateway.clients.c1",
+            "GATEWAY.clients.c1",
+            "noetl.events.x",
+            "$KV.questions.final",
+            "$JS.API.STREAM.CREATE",
+            "demo.*",
+            "demo.>",
+            "demo..x",
+            "demo answers",
+            "demo.answers\r\nPUB x",
+            &"a".repeat(257),
+        ] {
+            assert!(!is_reply_subject(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn question_ids_are_what_new_makes() {
         let id = new_question_id();
         assert!(is_question_id(&id), "{id}");
@@ -946,7 +1032,8 @@ mod tests {
             context: json!({"run": 7}),
             expires_at_ms: 1_000,
             reply_to: ReplyTo {
-                url: "http://demo/answers".into(),
+                url: Some("http://demo/answers".into()),
+                subject: None,
             },
         };
         let answered = Outcome {

@@ -543,6 +543,19 @@ mod tests {
             self.publish(client_id, event, data).await
         }
 
+        async fn publish_external(
+            &self,
+            subject: &str,
+            data: Bytes,
+            msg_id: &str,
+        ) -> Result<(), BusError> {
+            self.inner.publish_external(subject, data, msg_id).await
+        }
+
+        fn has_external_subjects(&self) -> bool {
+            false
+        }
+
         async fn subscribe(
             &self,
             client_id: &ClientId,

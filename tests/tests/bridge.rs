@@ -141,6 +141,26 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 // `Bus` is an `#[async_trait]` trait; these are the signatures that macro expands to
 // (this crate does not depend on async-trait).
 impl Bus for RecordingBus {
+    fn publish_external<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        subject: &'life1 str,
+        _data: Bytes,
+        _msg_id: &'life2 str,
+    ) -> BoxFuture<'async_trait, Result<(), BusError>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        let subject = subject.to_owned();
+        Box::pin(async move { Err(BusError::Unavailable(format!("no subject {subject} here"))) })
+    }
+
+    fn has_external_subjects(&self) -> bool {
+        false
+    }
+
     // Records every publish, keyed or not: the tests count what the bridge sent.
     fn publish_once<'life0, 'life1, 'life2, 'life3, 'async_trait>(
         &'life0 self,

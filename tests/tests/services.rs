@@ -700,3 +700,84 @@ async fn through_the_edge_services_are_routed_by_name_and_a_question_is_answered
     .await;
     assert_eq!(demo.answer(&qid).await.unwrap()["answer"], "no");
 }
+
+#[tokio::test]
+async fn an_answer_can_go_to_the_askers_nats_subject_once_retained_and_never_to_the_gateways_own() {
+    use async_nats::jetstream::{self, stream};
+    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
+    let env = demo_env(&demo);
+    let (nats, standin, origins) =
+        nats_stack_with(1, StandInOptions::default(), &as_refs(&env)).await;
+    let origin = &origins[0];
+    let owner = login(&origin.url, &standin, "subject@example.com").await;
+    let (mut sse, init) = open_events(&format!("{}/events", origin.url), &owner, None, WAIT).await;
+    let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
+
+    // The asker's own stream captures its answers subject.
+    let js = jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let answers = js
+        .create_stream(stream::Config {
+            name: "DEMO_ANSWERS".into(),
+            subjects: vec!["demo.answers.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let internal = format!("{}/api/internal/questions", origin.internal_url);
+    for subject in [
+        "gateway.clients.victim",
+        "noetl.events.x",
+        "$KV.questions.x",
+        "demo.*",
+    ] {
+        let (s, body) = post_json(
+            &internal,
+            Some(INTERNAL_TOKEN),
+            json!({"service": "demo", "client_id": client, "prompt": "?", "reply_to": {"subject": subject}}),
+        )
+        .await;
+        assert_eq!(
+            (s.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("reply_to_not_allowed")),
+            "{subject}: {body}"
+        );
+    }
+    let (s, asked) = post_json(
+        &internal,
+        Some(INTERNAL_TOKEN),
+        json!({"service": "demo", "client_id": client, "prompt": "Ship?", "options": ["yes", "no"],
+               "reply_to": {"subject": "demo.answers.q"}, "context": {"ticket": 42}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{asked}");
+    let qid = asked["question_id"].as_str().unwrap().to_owned();
+    frame_named(&mut sse, "question").await;
+    let (s, body) = respond(&origin.url, &owner, &client, &qid, "yes").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    let mut info = answers.clone();
+    wait_for("the answer is retained on the asker's stream", WAIT, || {
+        let mut s = info.clone();
+        async move { s.info().await.map(|i| i.state.messages).unwrap_or(0) >= 1 }
+    })
+    .await;
+    let msg = answers
+        .get_last_raw_message_by_subject("demo.answers.q")
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(body["question_id"], qid.as_str());
+    assert_eq!(body["answer"], "yes");
+    assert_eq!(body["context"], json!({"ticket": 42}));
+    assert_eq!(
+        msg.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(qid.as_str()),
+        "the question id is the message's idempotency key"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        info.info().await.unwrap().state.messages,
+        1,
+        "published once"
+    );
+}

@@ -48,6 +48,22 @@ impl Bus for InstrumentedBus {
         r
     }
 
+    async fn publish_external(
+        &self,
+        subject: &str,
+        data: Bytes,
+        msg_id: &str,
+    ) -> Result<(), BusError> {
+        let t = Instant::now();
+        let r = self.inner.publish_external(subject, data, msg_id).await;
+        metrics::global().observe_bus("publish", outcome(&r), t.elapsed());
+        r
+    }
+
+    fn has_external_subjects(&self) -> bool {
+        self.inner.has_external_subjects()
+    }
+
     async fn publish_once(
         &self,
         client_id: &ClientId,

@@ -382,6 +382,21 @@ fn live_frames(
 impl Bus for MemoryBus {
     /// Nothing redelivers to the embedded bus (no stream, one process), so a frame is never
     /// published twice for one cause: the key is not needed.
+    async fn publish_external(
+        &self,
+        subject: &str,
+        _data: Bytes,
+        _msg_id: &str,
+    ) -> Result<(), BusError> {
+        Err(BusError::Unavailable(format!(
+            "the embedded bus has no subject {subject}: NATS subjects need NATS_URL"
+        )))
+    }
+
+    fn has_external_subjects(&self) -> bool {
+        false
+    }
+
     async fn publish_once(
         &self,
         client_id: &ClientId,

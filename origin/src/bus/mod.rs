@@ -140,6 +140,22 @@ pub trait Bus: Send + Sync + 'static {
         key: &str,
     ) -> Result<u64, BusError>;
 
+    /// Publishes `data` on `subject` outside the gateway's own frames — a service's
+    /// `reply_to` subject for a question's outcome — with `msg_id` as its idempotency key,
+    /// and returns once it is retained: on NATS a JetStream publish acknowledged by the
+    /// stream that captures `subject` (none: an error, so the caller retries), with
+    /// `Nats-Msg-Id: msg_id`. The embedded bus has no other subjects: always an error. The
+    /// caller checks `subject` is not the gateway's or NoETL's (`questions.rs`).
+    async fn publish_external(
+        &self,
+        subject: &str,
+        data: Bytes,
+        msg_id: &str,
+    ) -> Result<(), BusError>;
+
+    /// True if [`Bus::publish_external`] can work at all (a NATS bus).
+    fn has_external_subjects(&self) -> bool;
+
     /// The client's frames from `start`, then live ones.
     async fn subscribe(
         &self,

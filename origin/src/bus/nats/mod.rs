@@ -306,6 +306,28 @@ impl Bus for NatsBus {
             .await
     }
 
+    async fn publish_external(
+        &self,
+        subject: &str,
+        data: Bytes,
+        msg_id: &str,
+    ) -> Result<(), BusError> {
+        let what = || format!("publish to {subject}");
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        self.js
+            .publish_with_headers(subject.to_owned(), headers, data)
+            .await
+            .map_err(|e| unavailable(what(), e))?
+            .await
+            .map_err(|e| unavailable(what(), e))?;
+        Ok(())
+    }
+
+    fn has_external_subjects(&self) -> bool {
+        true
+    }
+
     async fn publish_once(
         &self,
         client_id: &ClientId,
