@@ -325,6 +325,8 @@ async fn internal_routes_are_404_at_the_edge_and_health_is_answered_even_with_th
         "/api/internal/progress",
         "/metrics",
         "/ready",
+        "/api/internal/events",
+        "/api/internal/questions",
     ] {
         for method in [reqwest::Method::GET, reqwest::Method::POST] {
             let r = http()
@@ -828,6 +830,32 @@ async fn early_answer(base: &str, head: String, body: Vec<u8>, chunked: bool) ->
 }
 
 #[tokio::test]
+async fn an_answer_to_a_question_over_4_kib_is_413_at_the_edge() {
+    let w = world().await;
+    let token = login(&w.edge.url, &w.standin, "big-answer@example.com").await;
+    let answer =
+        json!({"question_id": format!("q-{}", "0".repeat(32)), "answer": "y".repeat(5000)});
+    let r = http()
+        .post(format!(
+            "{}/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab/response",
+            w.edge.url
+        ))
+        .bearer_auth(&token)
+        .header("x-request-id", "edge-413-answer")
+        .json(&answer)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_error(status, &v, 413, "payload_too_large");
+    assert!(
+        !w.origin.log_text().contains("edge-413-answer"),
+        "the edge refused the declared answer without forwarding it"
+    );
+}
+
+#[tokio::test]
 async fn an_8_mib_graphql_body_through_the_edge_is_413_json_without_a_stack_trace() {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "big-body@example.com").await;
@@ -894,6 +922,18 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
             "/graphql",
             Some("a-token-the-edge-has-not-seen"),
         ),
+        // A registered service's route and a question's answer are ordinary session
+        // routes: a JSON error, not a stream.
+        (
+            reqwest::Method::GET,
+            "/api/v1/demo/stream",
+            Some("a-token-the-edge-has-not-seen"),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab/response",
+            Some("a-token-the-edge-has-not-seen"),
+        ),
     ] {
         let mut req = http()
             .request(method, format!("{}{path}", edge.url))
@@ -909,17 +949,44 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
         assert_error(status, &v, 502, "origin_unreachable");
     }
-    // `/events` is the exception: EventSource gives up on an error status, so the edge
-    // says "retry" as a stream instead (with CORS, so a cross-origin page reads it).
+    // `/events` is the exception, and so is its alias `/api/v1/events/{client_id}`:
+    // EventSource gives up on an error status, so the edge says "retry" as a stream
+    // instead (with CORS, so a cross-origin page reads it).
+    for path in [
+        "/events",
+        "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab",
+    ] {
+        events_say_retry(&edge, path).await;
+    }
+    // A refusal that is not passing stays an error status, which makes EventSource stop.
+    for path in [
+        "/events",
+        "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab",
+    ] {
+        let r = http()
+            .get(format!("{}{path}", edge.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            401,
+            "{path} without a token: EventSource should stop"
+        );
+    }
+}
+
+/// `GET path` (an event stream) with the origin down: a 200 stream that says retry.
+async fn events_say_retry(edge: &Edge, path: &str) {
     let r = http()
-        .get(format!("{}/events", edge.url))
+        .get(format!("{}{path}", edge.url))
         .bearer_auth("a-token-the-edge-has-not-seen")
         .header("origin", ALLOWED_ORIGIN)
         .header("last-event-id", "4b1c2e3f-aaaa-bbbb-cccc-0123456789ab.7")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "{path}");
     assert_eq!(
         header(r.headers(), "content-type"),
         Some("text/event-stream")
@@ -934,7 +1001,7 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
         .split("\n\n")
         .filter_map(gateway_tests::harness::sse::parse_frame)
         .collect();
-    assert_eq!(frames.len(), 1, "one frame, then the end: {text:?}");
+    assert_eq!(frames.len(), 1, "{path}: one frame, then the end: {text:?}");
     assert_eq!(frames[0].event, "stream/unavailable");
     assert_eq!(frames[0].retry, Some(2000));
     assert_eq!(
@@ -942,13 +1009,6 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
         "{text}"
     );
     assert_no_stack_trace(&text);
-    // A refusal that is not passing stays an error status, which makes EventSource stop.
-    let r = http()
-        .get(format!("{}/events", edge.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401, "no token: EventSource should stop");
 }
 
 /// `{ me }` through the edge with `token`: (status, body).
