@@ -93,13 +93,14 @@ export interface Question {
   /** `q-` and 32 hex characters. */
   question_id: string;
   prompt: string;
-  /** The allowed answers; none (free text) when absent, null or empty. */
-  options?: string[] | null;
+  /** The answers it accepts; empty: any text. */
+  options: string[];
   /** RFC 3339: when the question expires unanswered (a `question/expired` frame follows). */
   expires_at: string;
   /** The registered service that asked. */
   service: string;
-  client_id: string;
+  /** The client it was asked of; null for a question to all of the user's clients. */
+  client_id: string | null;
 }
 
 /** The data of a `question` frame. */

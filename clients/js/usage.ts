@@ -33,7 +33,7 @@ export async function example(idToken: string): Promise<void> {
       if (event === 'playbook/result') console.log(id, data);
       if (event === 'question') {
         const q: Question = (data as QuestionFrame).params;
-        console.log(q.prompt, q.options ?? [], q.expires_at);
+        console.log(q.prompt, q.options.join('/'), q.expires_at, q.client_id ?? 'all clients');
       }
     },
   });
@@ -42,7 +42,7 @@ export async function example(idToken: string): Promise<void> {
 
   const open: readonly Question[] = stream.pendingQuestions;
   for (const q of open) {
-    const answer: string = q.options?.[0] ?? 'ok';
+    const answer: string = q.options[0] ?? 'ok';
     try {
       const done: AnswerResponse = await gw.answerQuestion(clientId, q.question_id, answer);
       const status: 'answered' = done.status;
