@@ -831,11 +831,11 @@ async fn early_answer(base: &str, head: String, body: Vec<u8>, chunked: bool) ->
 }
 
 #[tokio::test]
-async fn an_answer_to_a_question_over_4_kib_is_413_at_the_edge() {
+async fn an_answer_to_a_question_over_8_kib_is_413_at_the_edge() {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "big-answer@example.com").await;
     let answer =
-        json!({"question_id": format!("q-{}", "0".repeat(32)), "answer": "y".repeat(5000)});
+        json!({"question_id": format!("q-{}", "0".repeat(32)), "answer": "y".repeat(9000)});
     let r = http()
         .post(format!(
             "{}/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab/response",
