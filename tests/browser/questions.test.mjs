@@ -8,7 +8,9 @@
 // through the edge), the question arrives as a `question` frame and shows as a card, the
 // script answers it in the card, and the card turns answered. Then it prints
 // `@@ answered <question_id> <answer>` and waits for `ok`: the harness checks that the demo
-// service received exactly that answer from this user (`GET /answers/<question_id>`).
+// service received exactly that answer from this user (`GET /answers/<question_id>`). A
+// question left unanswered turns expired on its `question/expired` frame, and the script
+// asks with `@@ expired <question_id>` for the harness to check the service was told.
 
 import { join } from 'node:path';
 
@@ -35,9 +37,10 @@ async function logIn(page) {
 }
 
 /** Asks through the "Ask me" form; the question's card once it arrived (its frame). */
-async function askMe(page, prompt, options) {
+async function askMe(page, prompt, options, timeoutSeconds = 300) {
   await page.getByLabel('Question for this page').fill(prompt);
   await page.getByLabel(/^Options/).fill(options);
+  await page.getByLabel('Expires after (seconds)').fill(String(timeoutSeconds));
   await page.getByRole('button', { name: 'Ask me' }).click();
   const card = page.getByTestId('question').filter({ hasText: prompt });
   await card.waitFor({ timeout: WAIT }).catch(async () => {
@@ -83,6 +86,18 @@ async function answerInFreeText(page) {
   await answered(page, card, id, 'after-lunch');
 }
 
+async function anUnansweredQuestionExpires(page) {
+  const { card, id } = await askMe(page, 'Still there?', 'yes', 2);
+  await page.locator(`[data-testid="question"][data-question-id="${id}"][data-status="expired"]`)
+    .waitFor({ timeout: WAIT })
+    .catch(async () => {
+      throw new Failure(`question ${id} never showed expired (it shows "${await card.getAttribute('data-status')}")`);
+    });
+  check(await card.getByTestId('question-option').count() === 0, 'an expired question offers no buttons');
+  await askHarness(`expired ${id}`, 'ok');
+  say(`question ${id} expired unanswered; the demo service was told`);
+}
+
 await runInChromium({
   shots: SHOTS,
   failureShot: 'questions-failure.png',
@@ -91,6 +106,7 @@ await runInChromium({
     await logIn(page);
     await answerWithAnOption(page);
     await answerInFreeText(page);
+    await anUnansweredQuestionExpires(page);
     say('all scenarios passed');
   },
   describe: async (page) => {

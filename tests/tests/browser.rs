@@ -187,21 +187,26 @@ async fn call_back(origin: &Origin, request_id: &str, execution_id: &str) -> Str
     format!("{status} {}", body["status"].as_str().unwrap_or("?"))
 }
 
-/// The answer the demo service received for `question_id` (the gateway delivers it after
-/// the page's answer, with retries): within 10 s it must be `answer`, from `email`.
-async fn demo_received(demo: &DemoService, question_id: &str, answer: &str, email: &str) {
+/// What the demo service was told about `question_id` (`GET /answers/{id}`: the gateway
+/// delivers an answer or an expiry, with retries), within 10 s.
+async fn demo_outcome(demo: &DemoService, question_id: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let got = loop {
+    loop {
         if let Some(got) = demo.answer(question_id).await {
-            break got;
+            return got;
         }
         assert!(
             Instant::now() < deadline,
-            "the demo service did not receive the answer to {question_id} within 10 s; its log:\n{}",
+            "the demo service was told nothing about {question_id} within 10 s; its log:\n{}",
             tail(&demo.log_text(), 20)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+}
+
+/// The answer the demo service received for `question_id`: `answer`, from `email`.
+async fn demo_received(demo: &DemoService, question_id: &str, answer: &str, email: &str) {
+    let got = demo_outcome(demo, question_id).await;
     assert_eq!(got["status"], "answered", "{got}");
     assert_eq!(got["answer"], answer, "{got}");
     assert_eq!(
@@ -274,6 +279,15 @@ async fn run_script(stack: &mut Stack, script: &str) -> Vec<String> {
                     .expect("the origin starts again on its ports");
                 let answered = call_back(&stack.origin, request_id, execution_id).await;
                 format!("started {answered}")
+            }
+            ["expired", question_id] => {
+                let demo = stack.demo.as_ref().unwrap_or_else(|| {
+                    panic!("{script} checks an expiry, but no demo service runs")
+                });
+                let got = demo_outcome(demo, question_id).await;
+                assert_eq!(got["status"], "expired", "{got}");
+                assert!(got["answer"].is_null(), "{got}");
+                "ok".to_owned()
             }
             ["answered", question_id, answer] => {
                 let demo = stack.demo.as_ref().unwrap_or_else(|| {
@@ -360,6 +374,10 @@ async fn the_demo_console_answers_a_question() {
         asked.iter().filter(|a| *a == "answered").count(),
         2,
         "the script answered two questions (options, free text) and had both checked: {asked:?}"
+    );
+    assert!(
+        asked.iter().any(|a| a == "expired"),
+        "the script saw a question expire and had the service's notice checked: {asked:?}"
     );
     let png = screenshot_dir().join("questions.png");
     assert!(
