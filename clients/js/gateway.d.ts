@@ -16,7 +16,11 @@ export type EventName =
   | 'playbook/result'
   | 'stream/reset'
   | 'stream/evicted'
-  | 'stream/unavailable';
+  | 'stream/unavailable'
+  | 'question'
+  | 'question/answered'
+  | 'question/expired'
+  | 'service/event';
 
 /** An error the gateway answered: `code` is its machine code (or GraphQL `extensions.code`). */
 export class GatewayError extends Error {
@@ -81,6 +85,58 @@ export interface ExecuteResult {
   status: string | null;
 }
 
+/**
+ * A question a service asks one client (human-in-the-loop): the params of a `question`
+ * frame, and an entry of the init frame's `result.pendingQuestions`.
+ */
+export interface Question {
+  /** `q-` and 32 hex characters. */
+  question_id: string;
+  prompt: string;
+  /** The answers it accepts; empty: any text. */
+  options: string[];
+  /** RFC 3339: when the question expires unanswered (a `question/expired` frame follows). */
+  expires_at: string;
+  /** The registered service that asked. */
+  service: string;
+  /** The client it was asked of; null for a question to all of the user's clients. */
+  client_id: string | null;
+}
+
+/** The data of a `question` frame. */
+export interface QuestionFrame {
+  jsonrpc: '2.0';
+  method: 'question';
+  params: Question;
+}
+
+/** The data of a `question/answered` frame: the question is closed with `answer`. */
+export interface QuestionAnsweredFrame {
+  jsonrpc: '2.0';
+  method: 'question/answered';
+  params: { question_id: string; answer: string };
+}
+
+/** The data of a `question/expired` frame: the question closed unanswered. */
+export interface QuestionExpiredFrame {
+  jsonrpc: '2.0';
+  method: 'question/expired';
+  params: { question_id: string };
+}
+
+/** The data of a `service/event` frame: an event a registered service sent this client. */
+export interface ServiceEventFrame {
+  jsonrpc: '2.0';
+  method: 'service/event';
+  params: { service: string; event: string; data: unknown };
+}
+
+/** `POST /api/v1/events/{client_id}/response` → 200. */
+export interface AnswerResponse {
+  question_id: string;
+  status: 'answered';
+}
+
 /** Options of a Gateway. */
 export interface GatewayOptions {
   /** Store the session token as the `session_token` cookie on login (default: in a browser). */
@@ -112,6 +168,12 @@ export class Gateway {
   graphql<T = Record<string, unknown>>(query: string, variables?: Record<string, unknown>): Promise<GraphqlResponse<T>>;
   /** Runs the playbook at `path` for `clientId` (its frames come on that client's stream). */
   executePlaybook(path: string, workload?: unknown, clientId?: string | null): Promise<ExecuteResult>;
+  /**
+   * `POST /api/v1/events/{clientId}/response` `{question_id, answer}`: answers a question
+   * asked of `clientId`; rejects with a GatewayError `question_not_found` (404),
+   * `question_closed` (409) or `invalid_answer` (400).
+   */
+  answerQuestion(clientId: string, questionId: string, answer: string): Promise<AnswerResponse>;
   /** The `/events` URL for a (re)connection. */
   eventsUrl(clientId?: string | null, lastEventId?: string | null, options?: { ticket?: string }): string;
 }
@@ -141,6 +203,11 @@ export class EventStream {
   readonly reconnects: number;
   /** Consecutive failed attempts. */
   readonly failures: number;
+  /**
+   * The questions open for this client: the init frame's `pendingQuestions`, plus each
+   * `question` frame, less each `question/answered` and `question/expired`.
+   */
+  readonly pendingQuestions: readonly Question[];
   /** Opens the stream as a new client. */
   start(): void;
   /** Closes it; reports `state` (default `offline`). */

@@ -10,6 +10,9 @@ import {
   type EventName,
   type ExecuteResult,
   type LoginResponse,
+  type AnswerResponse,
+  type Question,
+  type QuestionFrame,
   type StreamState,
 } from './gateway.js';
 
@@ -28,10 +31,27 @@ export async function example(idToken: string): Promise<void> {
     },
     onFrame: (event: EventName, data, id) => {
       if (event === 'playbook/result') console.log(id, data);
+      if (event === 'question') {
+        const q: Question = (data as QuestionFrame).params;
+        console.log(q.prompt, q.options.join('/'), q.expires_at, q.client_id ?? 'all clients');
+      }
     },
   });
   stream.start();
   const clientId: string = await stream.clientReady(5000);
+
+  const open: readonly Question[] = stream.pendingQuestions;
+  for (const q of open) {
+    const answer: string = q.options[0] ?? 'ok';
+    try {
+      const done: AnswerResponse = await gw.answerQuestion(clientId, q.question_id, answer);
+      const status: 'answered' = done.status;
+      console.log(status);
+    } catch (e) {
+      if (e instanceof GatewayError && e.code === 'question_closed') continue;
+      throw e;
+    }
+  }
 
   const run: ExecuteResult = await gw.executePlaybook('catalog/demo', { n: 1 }, clientId);
   const me = await gw.graphql<{ me: { userId: string } }>('{ me { userId } }');

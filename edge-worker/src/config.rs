@@ -11,7 +11,7 @@
 //! | `RATE_LIMIT_PERIOD` | the rate-limit bindings' period, sent as `Retry-After` | 10 |
 //! | `EDGE_L1_TTL` | how long an isolate reuses a session answer before asking KV again, seconds (0 = off, at most 60) | 10 |
 //! | `EDGE_MAX_BODY` | largest request body forwarded, bytes ([`crate::limits`]) | 10485760 |
-//! | `EDGE_BODY_LIMITS` | lower limits per route, `path=bytes,…` | `/graphql=2097152,/api/auth/=65536` |
+//! | `EDGE_BODY_LIMITS` | lower limits per route, `path=bytes,…` | `/graphql=2097152,/api/auth/=65536,/api/v1/events/=8192` |
 //!
 //! A malformed value is an error naming the variable, never a silent default: a typo in
 //! the CORS list or the route table must not widen what the edge lets through.

@@ -21,8 +21,9 @@
 //!    then Workers KV `SESSIONS`, else the origin's `/api/auth/validate`; invalid → 401
 //!    at the edge. The result is a [`caller::Caller`]. Two session-route requests pass
 //!    without a token as anonymous callers (still rate-limited per IP), because only the
-//!    origin can authenticate them: `GET /events?ticket=` and a `/graphql/ws` upgrade
-//!    (the token comes later, in `connection_init`).
+//!    origin can authenticate them: `GET /events?ticket=` (and its alias
+//!    `GET /api/v1/events/{client_id}?ticket=`) and a `/graphql/ws` upgrade (the token
+//!    comes later, in `connection_init`).
 //! 8. [`forward`] — to `ORIGIN_URL`, streaming both ways, identity headers stripped, the
 //!    caller asserted in a signed `x-gateway-assertion` ([`sign`]: the runtime's WebCrypto
 //!    Ed25519). A logout's body is read whole (bounded) and forwarded as bytes; on its
@@ -31,10 +32,12 @@
 //! 9. `reply::finish` — CORS headers, `Vary: Origin` and `x-request-id` on every response;
 //!    then [`log`] writes the request's one JSON line (route entry, status, duration,
 //!    outcome, trace id).
-//!    Before it, a `GET /events` whose answer is a passing failure (502, 503, 504 — the
-//!    edge's own, or the origin's) becomes `reply::unavailable_stream`: a 200 event
-//!    stream that says retry and ends, since a browser's EventSource gives up for good on
-//!    an error status but reconnects by itself after a stream ends.
+//!    Before it, a `GET /events` (or its alias `GET /api/v1/events/{client_id}`: one
+//!    predicate, `gateway_shared::routes::is_event_stream`) whose answer is a passing
+//!    failure (502, 503, 504 — the edge's own, or the origin's) becomes
+//!    `reply::unavailable_stream`: a 200 event stream that says retry and ends, since a
+//!    browser's EventSource gives up for good on an error status but reconnects by itself
+//!    after a stream ends.
 //!
 //! Every refusal is an [`error::EdgeError`] and leaves as the protocol's JSON error body;
 //! the whole request runs inside [`error::CatchPanic`], so even a panic leaves as 500
@@ -211,11 +214,12 @@ mod entry {
         let per_ip = ratelimit::check(env, Limiter::Ip, ip_key, period);
 
         let (caller, cache_write) = match route {
-            // `/events?ticket=` without a token: the origin redeems the single-use ticket
-            // (issued to a session) and is the only one that can; the edge forwards it as
-            // an anonymous caller, still rate-limited per IP.
+            // `/events?ticket=` (or its alias `/api/v1/events/{client_id}?ticket=`)
+            // without a token: the origin redeems the single-use ticket (issued to a
+            // session) and is the only one that can; the edge forwards it as an anonymous
+            // caller, still rate-limited per IP.
             RouteKind::Session
-                if url.path() == "/events"
+                if gateway_shared::routes::is_event_stream_path(url.path())
                     && session::token(&req, &url).is_none()
                     && url
                         .query()

@@ -5,8 +5,11 @@
 //! byte is forwarded. The limits mirror the origin's: `EDGE_MAX_BODY` (default 10 MiB,
 //! the origin's `PROXY_MAX_BODY`) for every route, and `EDGE_BODY_LIMITS` for the routes
 //! whose origin limit is lower (default `/graphql` 2 MiB — the origin's
-//! `graphql::MAX_BODY` — and `/api/auth/` 64 KiB — its `AUTH_BODY_LIMIT`). The same
-//! table bounds what the edge reads of a logout body ([`crate::session`]).
+//! `graphql::MAX_BODY` —, `/api/auth/` 64 KiB — its `AUTH_BODY_LIMIT` — and
+//! `/api/v1/events/` 8 KiB — its `questions::ANSWER_BODY_LIMIT`: below it only the event
+//! stream's alias, which takes no body, and a client's answer to a question,
+//! `{"question_id","answer"}`). The same table bounds what the edge reads of a logout
+//! body ([`crate::session`]).
 //!
 //! `EDGE_BODY_LIMITS` is `path=bytes,…`; a path ending in `/` covers everything below it,
 //! any other path is exact, and the longest match wins (as in the route table).
@@ -15,8 +18,9 @@
 /// limit.
 pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
 
-/// `EDGE_BODY_LIMITS` when unset: the origin's GraphQL and auth limits.
-pub const DEFAULT_BODY_LIMITS: &str = "/graphql=2097152,/api/auth/=65536";
+/// `EDGE_BODY_LIMITS` when unset: the origin's GraphQL and auth limits, and the answers
+/// to questions (`POST /api/v1/events/{client_id}/response`, 8 KiB).
+pub const DEFAULT_BODY_LIMITS: &str = "/graphql=2097152,/api/auth/=65536,/api/v1/events/=8192";
 
 /// The body limit of every route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +108,9 @@ mod tests {
         assert_eq!(l.for_path("/noetl/executions"), DEFAULT_MAX_BODY);
         assert_eq!(l.for_path("/graphqlx"), DEFAULT_MAX_BODY);
         assert_eq!(l.for_path("/api/authx"), DEFAULT_MAX_BODY);
+        assert_eq!(l.for_path("/api/v1/events/c1/response"), 8192);
+        assert_eq!(l.for_path("/api/v1/events/c1"), 8192);
+        assert_eq!(l.for_path("/api/v1/demo/echo"), DEFAULT_MAX_BODY);
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub enum Outcome {
     /// A CORS preflight answered at the edge.
     Preflight,
     /// The edge refused or failed: its error code and that error's status (the client may
-    /// have got another one: a `GET /events` failure leaves as a 200 retry stream).
+    /// have got another one: a `GET /events` or `GET /api/v1/events/{client_id}` failure
+    /// leaves as a 200 retry stream).
     Edge(&'static str, u16),
     /// The origin answered with this status (≥ 400).
     Origin(u16),

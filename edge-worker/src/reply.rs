@@ -7,8 +7,8 @@
 //! *same* body stream, status and WebSocket — nothing is read or buffered, so an SSE
 //! stream still reaches the client frame by frame.
 //!
-//! A `GET /events` that fails for a passing reason — the origin unreachable, restarting or
-//! overloaded (502, 503, 504, the edge's own or the origin's) — leaves as
+//! A `GET /events` (or its alias `GET /api/v1/events/{client_id}`) that fails for a
+//! passing reason — the origin unreachable, restarting or overloaded (502, 503, 504, the edge's own or the origin's) — leaves as
 //! `unavailable_stream`: a 200 event stream that says `stream/unavailable` with `retry:`
 //! and ends. A browser's EventSource gives up for good on an error status, but reconnects
 //! by itself (same URL, `Last-Event-ID`) after a stream that ends, so this is what keeps a
@@ -33,10 +33,12 @@ pub fn keep_response_header(name: &str) -> bool {
         || name.eq_ignore_ascii_case("x-request-id"))
 }
 
-/// Whether a request is a browser's event stream (`GET /events`), whose passing failures
-/// are answered with an event stream that says retry instead of an error status.
+/// Whether a request is a browser's event stream (`GET /events`, or its alias
+/// `GET /api/v1/events/{client_id}`: `gateway_shared::routes::is_event_stream`), whose
+/// passing failures are answered with an event stream that says retry instead of an error
+/// status.
 pub fn is_event_stream_request(method: &str, path: &str) -> bool {
-    method == "GET" && path == "/events"
+    gateway_shared::routes::is_event_stream(method, path)
 }
 
 /// The code and message of the retry answer that replaces an origin answer of `status` on
@@ -127,11 +129,16 @@ mod tests {
     #[test]
     fn only_passing_failures_of_get_events_become_a_stream_that_says_retry() {
         assert!(is_event_stream_request("GET", "/events"));
+        assert!(is_event_stream_request("GET", "/api/v1/events/c1"));
         for (m, p) in [
             ("POST", "/events"),
             ("GET", "/events/x"),
             ("GET", "/graphql"),
             ("HEAD", "/events"),
+            ("POST", "/api/v1/events/c1"),
+            ("POST", "/api/v1/events/c1/response"),
+            ("GET", "/api/v1/events/c1/response"),
+            ("GET", "/api/v1/demo/stream"),
         ] {
             assert!(!is_event_stream_request(m, p), "{m} {p}");
         }

@@ -6,6 +6,11 @@
 //! (`/graphql` matches `/graphql` and `/graphql/ws`, not `/graphqlx`). The longest match
 //! wins; an unmatched path is a [`RouteKind::Session`] route (the origin answers 404 for
 //! what it does not serve, after the caller proved who they are).
+//!
+//! Beside the table, [`is_event_stream`] names the requests that are a browser's event
+//! stream — `GET /events` and its compatibility alias `GET /api/v1/events/{client_id}` —
+//! which the edge treats alike (a single-use `?ticket=` forwarded without a session, a
+//! passing failure answered as a stream that says retry).
 
 /// What the edge does with a matched request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +45,8 @@ impl RouteKind {
 
 /// The default table: PROTOCOL.md's public auth routes, internal routes denied — `/ready`
 /// too: it is the kubelet's question to one replica, not the internet's (the edge answers
-/// its own `/health`).
+/// its own `/health`). The registered services (`/api/v1/{service}/…`, `/noetl/…`) and
+/// the event stream's alias (`/api/v1/events/…`) are session routes.
 ///
 /// `check-access` is public at the edge: PROTOCOL.md §1 lets its token come in the JSON body,
 /// which the edge does not read, so the origin (whose `Caller` reads the body token) decides.
@@ -48,7 +54,33 @@ pub const DEFAULT_ROUTES: &str = "edge:/health,\
 public:/api/auth/login,public:/api/auth/validate,public:/api/auth/logout,\
 public:/api/auth/check-access,\
 session:/graphql,session:/events,session:/api/events/ticket,\
-session:/noetl/,deny:/api/internal/,deny:/metrics,deny:/ready";
+session:/noetl/,session:/api/v1/,deny:/api/internal/,deny:/metrics,deny:/ready";
+
+/// The browser's event stream (PROTOCOL §3).
+pub const EVENTS_PATH: &str = "/events";
+
+/// What lies below this prefix is the compatibility alias of [`EVENTS_PATH`] for one
+/// client (`GET /api/v1/events/{client_id}`) and that client's answers to questions
+/// (`POST /api/v1/events/{client_id}/response`).
+pub const EVENTS_ALIAS_PREFIX: &str = "/api/v1/events/";
+
+/// Whether `path` is an event stream's path: [`EVENTS_PATH`], or
+/// `/api/v1/events/{client_id}` — one non-empty segment below [`EVENTS_ALIAS_PREFIX`]
+/// (`…/{client_id}/response` is not a stream).
+pub fn is_event_stream_path(path: &str) -> bool {
+    path == EVENTS_PATH
+        || path
+            .strip_prefix(EVENTS_ALIAS_PREFIX)
+            .is_some_and(|client_id| !client_id.is_empty() && !client_id.contains('/'))
+}
+
+/// Whether a request is a browser's event stream: a `GET` of an
+/// [`is_event_stream_path`] path. The edge treats every such request alike: one without a
+/// session token but with a `?ticket=` is forwarded for the origin to redeem, and a
+/// passing failure (502, 503, 504) is answered as a 200 stream that says retry.
+pub fn is_event_stream(method: &str, path: &str) -> bool {
+    method == "GET" && is_event_stream_path(path)
+}
 
 /// An ordered route table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +158,57 @@ mod tests {
         assert_eq!(t.classify("/graphql/ws"), RouteKind::Session);
         assert_eq!(t.classify("/noetl/executions/1"), RouteKind::Session);
         assert_eq!(t.classify("/somewhere/else"), RouteKind::Session);
+    }
+
+    #[test]
+    fn services_and_the_events_alias_are_session_routes() {
+        let t = RouteTable::default();
+        for path in [
+            "/api/v1",
+            "/api/v1/demo/echo",
+            "/api/v1/demo/stream",
+            "/api/v1/noetl/executions/1",
+            "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab",
+            "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab/response",
+        ] {
+            assert_eq!(
+                t.lookup(path),
+                (RouteKind::Session, Some("/api/v1/")),
+                "{path}"
+            );
+        }
+        // The internal listener stays unreachable whatever is registered.
+        assert_eq!(t.classify("/api/internal/events"), RouteKind::Deny);
+        assert_eq!(t.classify("/api/internal/questions"), RouteKind::Deny);
+    }
+
+    #[test]
+    fn the_events_alias_is_an_event_stream_and_its_response_route_is_not() {
+        for path in [
+            "/events",
+            "/api/v1/events/c1",
+            "/api/v1/events/4b1c2e3f-aaaa",
+        ] {
+            assert!(is_event_stream_path(path), "{path}");
+            assert!(is_event_stream("GET", path), "{path}");
+            for method in ["POST", "HEAD", "PUT"] {
+                assert!(!is_event_stream(method, path), "{method} {path}");
+            }
+        }
+        for path in [
+            "/events/x",
+            "/eventsx",
+            "/api/v1/events",
+            "/api/v1/events/",
+            "/api/v1/events/c1/",
+            "/api/v1/events/c1/response",
+            "/api/v1/demo/stream",
+            "/api/events/ticket",
+            "/graphql",
+        ] {
+            assert!(!is_event_stream_path(path), "{path}");
+            assert!(!is_event_stream("GET", path), "{path}");
+        }
     }
 
     #[test]

@@ -1,17 +1,19 @@
-//! Pages in headless Chromium through the edge: the demo console (issue 5, "Must show")
-//! and a plain `new EventSource(url)` with no reconnect code of its own (issue 13, "Must
-//! show").
+//! Pages in headless Chromium through the edge: the demo console (issue 5, "Must show"),
+//! a plain `new EventSource(url)` with no reconnect code of its own (issue 13, "Must
+//! show"), and the console answering a service's question (issue 15, "Must show").
 //!
 //! The whole stack as a user meets it: nats-server, the NoETL stand-in publishing on it,
 //! the origin on NATS (so a restarted origin finds its clients and their frames again),
 //! `wrangler dev` running the release wasm with the page's origin in its CORS allow-list,
 //! and the page's own static server (`tests/fixtures/gateway_ui/serve.mjs`). The browser
-//! parts are `tests/browser/console.test.mjs` and `tests/browser/eventsource.test.mjs`
+//! parts are `tests/browser/console.test.mjs`, `tests/browser/eventsource.test.mjs` and
+//! `tests/browser/questions.test.mjs`
 //! (playwright-core driving Debian's chromium, their shared plumbing in
 //! `tests/browser/common.mjs`); each test starts one and does for it what
 //! only the harness can, when the script asks on its stdout: kill the origin mid-run and
-//! start it again on the same ports, and post a run's result callback (as NoETL would)
-//! the moment the origin is back.
+//! start it again on the same ports, post a run's result callback (as NoETL would)
+//! the moment the origin is back, and check what the demo service (`demo-service`,
+//! registered as `demo` when a test asks for it) received as the answer to a question.
 //!
 //! Screenshots land in `target/browser/` (`console.png` is the README's image).
 
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use gateway_tests::harness::demo::{DemoOptions, DemoService};
 use gateway_tests::harness::edge::{test_public_key, Edge, EdgeOptions};
 use gateway_tests::harness::flows::http;
 use gateway_tests::harness::nats::NatsServer;
@@ -86,6 +89,8 @@ struct Stack {
     origin: Origin,
     edge: Edge,
     ui_origin: String,
+    /// The demo service, registered at the origin as `demo`, when the test asked for it.
+    demo: Option<DemoService>,
     _ui: ChildGuard,
     _standin: StandIn,
     _nats: NatsServer,
@@ -95,6 +100,12 @@ struct Stack {
 /// nats-server, the stand-in, the origin on NATS, `wrangler dev` allowing the page's
 /// origin, and the page's server.
 async fn stack() -> Stack {
+    stack_with(false).await
+}
+
+/// [`stack`], and with `demo` the demo service too: started first (the origin needs its
+/// URL, `SERVICE_DEMO_URL`), then aimed at the origin's internal listener.
+async fn stack_with(demo: bool) -> Stack {
     assert!(
         std::path::Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: run `make setup` (scripts/setup.sh installs Debian's chromium)"
@@ -114,12 +125,25 @@ async fn stack() -> Stack {
     })
     .await
     .expect("the stand-in starts");
-    let origin = Origin::start(
-        &standin,
-        OriginOptions::with_nats(&nats.url).env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key()),
-    )
-    .await
-    .expect("the origin starts");
+    let demo = match demo {
+        false => None,
+        true => Some(
+            DemoService::start(DemoOptions::default())
+                .await
+                .expect("the demo service starts"),
+        ),
+    };
+    let mut options =
+        OriginOptions::with_nats(&nats.url).env("EDGE_ASSERTION_PUBLIC_KEY", &test_public_key());
+    if let Some(demo) = &demo {
+        options = options.env("SERVICE_DEMO_URL", &demo.url);
+    }
+    let origin = Origin::start(&standin, options)
+        .await
+        .expect("the origin starts");
+    if let Some(demo) = &demo {
+        demo.set_gateway(&origin.internal_url, INTERNAL_TOKEN).await;
+    }
     let ui_port = free_port();
     let ui_origin = format!("http://127.0.0.1:{ui_port}");
     let edge = Edge::start(
@@ -134,6 +158,7 @@ async fn stack() -> Stack {
         origin,
         edge,
         ui_origin,
+        demo,
         _ui: ui,
         _standin: standin,
         _nats: nats,
@@ -162,9 +187,46 @@ async fn call_back(origin: &Origin, request_id: &str, execution_id: &str) -> Str
     format!("{status} {}", body["status"].as_str().unwrap_or("?"))
 }
 
+/// What the demo service was told about `question_id` (`GET /answers/{id}`: the gateway
+/// delivers an answer or an expiry, with retries), within 10 s.
+async fn demo_outcome(demo: &DemoService, question_id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(got) = demo.answer(question_id).await {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo service was told nothing about {question_id} within 10 s; its log:\n{}",
+            tail(&demo.log_text(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The answer the demo service received for `question_id`: `answer`, from `email`.
+async fn demo_received(demo: &DemoService, question_id: &str, answer: &str, email: &str) {
+    let got = demo_outcome(demo, question_id).await;
+    assert_eq!(got["status"], "answered", "{got}");
+    assert_eq!(got["answer"], answer, "{got}");
+    assert_eq!(
+        got["user"]["email"], email,
+        "the answer names who gave it: {got}"
+    );
+    assert!(
+        got["user"]["user_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "{got}"
+    );
+}
+
+/// The email `tests/browser/questions.test.mjs` logs in with.
+const QUESTIONS_EMAIL: &str = "hitl@example.com";
+
 /// Runs `script` (a file under `tests/browser/`) against the stack's page and answers its
 /// requests (module docs) until it ends; panics with the logs if it fails. The requests it
-/// made, in order.
+/// made (their first word), in order.
 async fn run_script(stack: &mut Stack, script: &str) -> Vec<String> {
     let shots = screenshot_dir();
     let mut browser = tokio::process::Command::new(node())
@@ -217,6 +279,22 @@ async fn run_script(stack: &mut Stack, script: &str) -> Vec<String> {
                     .expect("the origin starts again on its ports");
                 let answered = call_back(&stack.origin, request_id, execution_id).await;
                 format!("started {answered}")
+            }
+            ["expired", question_id] => {
+                let demo = stack.demo.as_ref().unwrap_or_else(|| {
+                    panic!("{script} checks an expiry, but no demo service runs")
+                });
+                let got = demo_outcome(demo, question_id).await;
+                assert_eq!(got["status"], "expired", "{got}");
+                assert!(got["answer"].is_null(), "{got}");
+                "ok".to_owned()
+            }
+            ["answered", question_id, answer] => {
+                let demo = stack.demo.as_ref().unwrap_or_else(|| {
+                    panic!("{script} checks an answer, but no demo service runs")
+                });
+                demo_received(demo, question_id, answer, QUESTIONS_EMAIL).await;
+                "ok".to_owned()
             }
             ["restart-origin"] => {
                 stack
@@ -285,6 +363,29 @@ async fn the_console_logs_in_runs_playbooks_and_rides_out_an_origin_restart() {
         t0.elapsed(),
         screenshot_dir().display()
     );
+}
+
+#[tokio::test]
+async fn the_demo_console_answers_a_question() {
+    let t0 = Instant::now();
+    let mut stack = stack_with(true).await;
+    let asked = run_script(&mut stack, "questions.test.mjs").await;
+    assert_eq!(
+        asked.iter().filter(|a| *a == "answered").count(),
+        2,
+        "the script answered two questions (options, free text) and had both checked: {asked:?}"
+    );
+    assert!(
+        asked.iter().any(|a| a == "expired"),
+        "the script saw a question expire and had the service's notice checked: {asked:?}"
+    );
+    let png = screenshot_dir().join("questions.png");
+    assert!(
+        std::fs::metadata(&png).is_ok_and(|m| m.len() > 10_000),
+        "{} is a real screenshot",
+        png.display()
+    );
+    eprintln!("questions browser test passed in {:?}", t0.elapsed());
 }
 
 #[tokio::test]

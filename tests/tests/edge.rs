@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use gateway_shared::assertion::{self, AssertionClaims};
 use gateway_shared::session::SessionHash;
 use gateway_shared::trace::TraceParent;
+use gateway_tests::harness::demo::{DemoOptions, DemoService};
 use gateway_tests::harness::edge::{
     bundle_dir, test_public_key, Edge, EdgeOptions, EdgeWorld, ALLOWED_ORIGIN,
 };
@@ -325,6 +326,8 @@ async fn internal_routes_are_404_at_the_edge_and_health_is_answered_even_with_th
         "/api/internal/progress",
         "/metrics",
         "/ready",
+        "/api/internal/events",
+        "/api/internal/questions",
     ] {
         for method in [reqwest::Method::GET, reqwest::Method::POST] {
             let r = http()
@@ -828,6 +831,32 @@ async fn early_answer(base: &str, head: String, body: Vec<u8>, chunked: bool) ->
 }
 
 #[tokio::test]
+async fn an_answer_to_a_question_over_8_kib_is_413_at_the_edge() {
+    let w = world().await;
+    let token = login(&w.edge.url, &w.standin, "big-answer@example.com").await;
+    let answer =
+        json!({"question_id": format!("q-{}", "0".repeat(32)), "answer": "y".repeat(9000)});
+    let r = http()
+        .post(format!(
+            "{}/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab/response",
+            w.edge.url
+        ))
+        .bearer_auth(&token)
+        .header("x-request-id", "edge-413-answer")
+        .json(&answer)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_error(status, &v, 413, "payload_too_large");
+    assert!(
+        !w.origin.log_text().contains("edge-413-answer"),
+        "the edge refused the declared answer without forwarding it"
+    );
+}
+
+#[tokio::test]
 async fn an_8_mib_graphql_body_through_the_edge_is_413_json_without_a_stack_trace() {
     let w = world().await;
     let token = login(&w.edge.url, &w.standin, "big-body@example.com").await;
@@ -894,6 +923,18 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
             "/graphql",
             Some("a-token-the-edge-has-not-seen"),
         ),
+        // A registered service's route and a question's answer are ordinary session
+        // routes: a JSON error, not a stream.
+        (
+            reqwest::Method::GET,
+            "/api/v1/demo/stream",
+            Some("a-token-the-edge-has-not-seen"),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab/response",
+            Some("a-token-the-edge-has-not-seen"),
+        ),
     ] {
         let mut req = http()
             .request(method, format!("{}{path}", edge.url))
@@ -909,17 +950,44 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
         assert_error(status, &v, 502, "origin_unreachable");
     }
-    // `/events` is the exception: EventSource gives up on an error status, so the edge
-    // says "retry" as a stream instead (with CORS, so a cross-origin page reads it).
+    // `/events` is the exception, and so is its alias `/api/v1/events/{client_id}`:
+    // EventSource gives up on an error status, so the edge says "retry" as a stream
+    // instead (with CORS, so a cross-origin page reads it).
+    for path in [
+        "/events",
+        "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab",
+    ] {
+        events_say_retry(&edge, path).await;
+    }
+    // A refusal that is not passing stays an error status, which makes EventSource stop.
+    for path in [
+        "/events",
+        "/api/v1/events/4b1c2e3f-aaaa-bbbb-cccc-0123456789ab",
+    ] {
+        let r = http()
+            .get(format!("{}{path}", edge.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            401,
+            "{path} without a token: EventSource should stop"
+        );
+    }
+}
+
+/// `GET path` (an event stream) with the origin down: a 200 stream that says retry.
+async fn events_say_retry(edge: &Edge, path: &str) {
     let r = http()
-        .get(format!("{}/events", edge.url))
+        .get(format!("{}{path}", edge.url))
         .bearer_auth("a-token-the-edge-has-not-seen")
         .header("origin", ALLOWED_ORIGIN)
         .header("last-event-id", "4b1c2e3f-aaaa-bbbb-cccc-0123456789ab.7")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "{path}");
     assert_eq!(
         header(r.headers(), "content-type"),
         Some("text/event-stream")
@@ -934,7 +1002,7 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
         .split("\n\n")
         .filter_map(gateway_tests::harness::sse::parse_frame)
         .collect();
-    assert_eq!(frames.len(), 1, "one frame, then the end: {text:?}");
+    assert_eq!(frames.len(), 1, "{path}: one frame, then the end: {text:?}");
     assert_eq!(frames[0].event, "stream/unavailable");
     assert_eq!(frames[0].retry, Some(2000));
     assert_eq!(
@@ -942,13 +1010,6 @@ async fn an_origin_that_is_down_gives_502_json_through_the_edge_and_events_a_str
         "{text}"
     );
     assert_no_stack_trace(&text);
-    // A refusal that is not passing stays an error status, which makes EventSource stop.
-    let r = http()
-        .get(format!("{}/events", edge.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401, "no token: EventSource should stop");
 }
 
 /// `{ me }` through the edge with `token`: (status, body).
@@ -1369,4 +1430,137 @@ async fn an_ipv6_client_is_rate_limited_by_its_64_not_by_each_address() {
         window,
         "the test ran past its rate-limit window (too slow a machine): the counts above are not exact"
     );
+}
+
+/// A world whose origin registers a demo service as `demo` (started first: the origin
+/// needs its URL), the service aimed at the origin's internal listener.
+async fn world_with_demo() -> (EdgeWorld, DemoService) {
+    let demo = DemoService::start(DemoOptions::default())
+        .await
+        .expect("the demo service starts");
+    let w = EdgeWorld::start(OriginOptions::default().env("SERVICE_DEMO_URL", &demo.url)).await;
+    demo.set_gateway(&w.origin.internal_url, INTERNAL_TOKEN)
+        .await;
+    (w, demo)
+}
+
+#[tokio::test]
+async fn a_services_sse_stream_reaches_the_client_through_the_edge_before_the_upstream_ends() {
+    let (w, _demo) = world_with_demo().await;
+    let token = login(&w.edge.url, &w.standin, "svc-stream@example.com").await;
+    // Five ticks 500 ms apart: the upstream takes 2 s or more to end.
+    let url = format!("{}/api/v1/demo/stream?count=5&interval_ms=500", w.edge.url);
+    let t0 = Instant::now();
+    let mut sse = SseClient::connect(&url, Some(&token), None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("{url} through the edge: {s} {b}"));
+    let first = sse
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a first tick");
+    let first_at = t0.elapsed();
+    assert_eq!(first.event, "tick", "{first:?}");
+    assert_eq!(first.data["i"], 1, "{first:?}");
+    let mut ticks = vec![first.data["i"].clone()];
+    while let Some(f) = sse.next(Duration::from_secs(5)).await {
+        ticks.push(f.data["i"].clone());
+    }
+    let all_at = t0.elapsed();
+    assert_eq!(ticks, (1..=5).map(|i| json!(i)).collect::<Vec<_>>());
+    assert!(
+        first_at + Duration::from_millis(1500) < all_at,
+        "the first tick ({first_at:?}) came well before the last ({all_at:?}): not buffered"
+    );
+}
+
+#[tokio::test]
+async fn the_events_alias_streams_through_the_edge_with_a_session_or_a_ticket_and_a_question_is_answered(
+) {
+    let (w, demo) = world_with_demo().await;
+    let token = login(&w.edge.url, &w.standin, "alias@example.com").await;
+    // `/events` names the client; the alias opens that same client by its id.
+    let (_events, init) = edge_events(&w, &token).await;
+    let client_id = client_id_of(&init);
+    let alias = format!("{}/api/v1/events/{client_id}", w.edge.url);
+    let mut by_token = SseClient::connect(&alias, Some(&token), None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("the alias through the edge refused: {s} {b}"));
+    let est = by_token
+        .next(Duration::from_secs(10))
+        .await
+        .expect("an init frame");
+    assert_eq!(est.event, "connection.established", "{est:?}");
+    assert_eq!(est.data["client_id"], client_id.as_str(), "{est:?}");
+
+    // A cookie-less, header-less client: a ticket, redeemed by the origin (the edge
+    // forwards it without a session, as on `/events`).
+    let r = http()
+        .post(format!("{}/api/events/ticket", w.edge.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ticket = r.json::<Value>().await.unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut by_ticket = SseClient::connect(&format!("{alias}?ticket={ticket}"), None, None)
+        .await
+        .unwrap()
+        .unwrap_or_else(|(s, b)| panic!("the alias with a ticket through the edge: {s} {b}"));
+    let est = by_ticket
+        .next(Duration::from_secs(10))
+        .await
+        .expect("an init frame");
+    assert_eq!(est.event, "connection.established", "{est:?}");
+
+    // The demo service asks through the edge; the question reaches the client's stream
+    // (the newest connection: a client has one), the answer goes back through the edge.
+    let r = http()
+        .post(format!("{}/api/v1/demo/ask", w.edge.url))
+        .bearer_auth(&token)
+        .json(&json!({"client_id": client_id, "prompt": "Through the edge?", "options": ["yes", "no"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let question_id = r.json::<Value>().await.unwrap()["question_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let q = loop {
+        let f = by_ticket
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the question on the alias stream");
+        if f.event == "question" {
+            break f;
+        }
+    };
+    assert_eq!(q.data["question_id"], question_id.as_str(), "{q:?}");
+    assert_eq!(q.data["prompt"], "Through the edge?", "{q:?}");
+    let r = http()
+        .post(format!("{alias}/response"))
+        .bearer_auth(&token)
+        .json(&json!({"question_id": question_id, "answer": "yes"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "answered", "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        if let Some(got) = demo.answer(&question_id).await {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "the demo service got no answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(got["answer"], "yes", "{got}");
+    assert_eq!(got["user"]["email"], "alias@example.com", "{got}");
 }

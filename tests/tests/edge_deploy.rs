@@ -168,3 +168,27 @@ fn every_wrangler_environment_passes_a_dry_run_deploy() {
         );
     }
 }
+
+/// `wrangler.toml` repeats the route table in every environment's `ROUTES` (so an
+/// operator sees it); each copy must be the code's `DEFAULT_ROUTES`, or a route added in
+/// `shared/` (e.g. `session:/api/v1/`) would silently not ship.
+#[test]
+fn every_environment_ships_the_default_route_table() {
+    let text =
+        std::fs::read_to_string(workspace_root().join("wrangler.toml")).expect("wrangler.toml");
+    let doc: DocumentMut = text.parse().expect("wrangler.toml is TOML");
+    for env in environments(&doc) {
+        let vars = if env.is_empty() {
+            &doc["vars"]
+        } else {
+            &doc["env"][env.as_str()]["vars"]
+        };
+        if let Some(routes) = vars.get("ROUTES").and_then(|r| r.as_str()) {
+            assert_eq!(
+                routes,
+                gateway_shared::routes::DEFAULT_ROUTES,
+                "[env.{env}] ROUTES differs from shared::routes::DEFAULT_ROUTES"
+            );
+        }
+    }
+}
