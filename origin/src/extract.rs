@@ -41,12 +41,18 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let BodyLimit(limit) = BodyLimit::from_ref(state);
-        if !is_json_content_type(req.headers()) {
-            return Err(AppError::UnsupportedMediaType);
-        }
-        let bytes = read_body_limited(req.into_body(), limit).await?;
-        parse_json(&bytes).map(JsonBody)
+        read_json(req, limit).await.map(JsonBody)
     }
+}
+
+/// The request's JSON body as `T`: 415 unless `Content-Type` is JSON, 413 past `limit`
+/// bytes ([`read_body_limited`]), 400 for malformed JSON or the wrong shape.
+pub async fn read_json<T: DeserializeOwned>(req: Request, limit: usize) -> Result<T, AppError> {
+    if !is_json_content_type(req.headers()) {
+        return Err(AppError::UnsupportedMediaType);
+    }
+    let bytes = read_body_limited(req.into_body(), limit).await?;
+    parse_json(&bytes)
 }
 
 /// True if `Content-Type` is `application/json` (parameters such as charset allowed).

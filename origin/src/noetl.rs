@@ -18,10 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use gateway_shared::session::{string_or_number, User};
-use http::{HeaderMap, Method};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -84,20 +82,11 @@ impl NoetlError {
         if e.is_timeout() {
             NoetlError::Timeout
         } else if e.is_connect() || e.is_request() {
-            NoetlError::Unreachable(root_cause(&e))
+            NoetlError::Unreachable(crate::upstream::innermost(&e))
         } else {
-            NoetlError::BadResponse(root_cause(&e))
+            NoetlError::BadResponse(crate::upstream::innermost(&e))
         }
     }
-}
-
-/// The innermost error message (reqwest's outer ones only say "error sending request").
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// A session NoETL created or confirmed.
@@ -159,33 +148,7 @@ pub struct LoginRequest<'a> {
     pub client_ip: &'a str,
 }
 
-/// A request the `/noetl/*` proxy streams to NoETL ([`NoetlClient::forward`]).
-pub struct Forward<S> {
-    /// The caller's method.
-    pub method: Method,
-    /// The upstream path (`/api/...`), already checked by the proxy's policy.
-    pub path: String,
-    /// The upstream query, without the session token.
-    pub query: Option<String>,
-    /// The headers to send (the caller's, filtered, plus the gateway's identity headers).
-    pub headers: HeaderMap,
-    /// The caller's body, as it arrives.
-    pub body: S,
-    /// How long NoETL may take to send the answer's head.
-    pub first_byte_timeout: Duration,
-}
-
-/// NoETL's streamed answer to a [`Forward`].
-pub struct Forwarded {
-    /// NoETL's status code.
-    pub status: u16,
-    /// NoETL's headers (unfiltered: the proxy decides what the caller sees).
-    pub headers: HeaderMap,
-    /// The declared body length, if NoETL declared one.
-    pub content_length: Option<u64>,
-    /// The body, chunk by chunk.
-    pub body: BoxStream<'static, Result<Bytes, std::io::Error>>,
-}
+pub use crate::upstream::{Forward, Forwarded};
 
 /// The first retry waits a random time up to this; each further one up to twice as long.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -552,50 +515,23 @@ impl NoetlClient {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     {
-        let mut url = self.base.clone();
-        url.set_path(&req.path);
-        url.set_query(req.query.as_deref());
-        let mut headers = req.headers;
-        let (traceparent, request_id) = observe::outgoing();
-        headers.insert(observe::TRACEPARENT, traceparent);
-        headers.insert("x-request-id", request_id);
-        let started = Instant::now();
-        let send = self
-            .http
-            .request(req.method, url)
-            .headers(headers)
-            .body(reqwest::Body::wrap_stream(req.body))
-            .send();
-        let sent = match tokio::time::timeout(req.first_byte_timeout, send).await {
-            Err(_) => Err(NoetlError::Timeout),
-            Ok(Err(e)) if e.is_timeout() => Err(NoetlError::Timeout),
-            Ok(Err(e)) => Err(NoetlError::Unreachable(format!(
-                "proxy: {}",
-                root_cause(&e)
-            ))),
-            Ok(Ok(r)) => Ok(r),
-        };
-        let took = started.elapsed();
-        let resp = match sent {
+        let (sent, took) = crate::upstream::send(&self.http, &self.base, req).await;
+        let sent = sent.map_err(|e| match e {
+            crate::upstream::SendError::Timeout => NoetlError::Timeout,
+            crate::upstream::SendError::Failed(cause) => {
+                NoetlError::Unreachable(format!("proxy: {cause}"))
+            }
+        });
+        match sent {
             Ok(r) => {
-                let outcome = status_outcome(r.status().as_u16());
-                metrics::global().observe_noetl("proxy", outcome, took);
-                r
+                metrics::global().observe_noetl("proxy", status_outcome(r.status().as_u16()), took);
+                Ok(crate::upstream::forwarded(r))
             }
             Err(e) => {
                 metrics::global().observe_noetl("proxy", outcome::<()>(&Err(e.clone())), took);
-                return Err(e);
+                Err(e)
             }
-        };
-        Ok(Forwarded {
-            status: resp.status().as_u16(),
-            content_length: resp.content_length(),
-            headers: resp.headers().clone(),
-            body: resp
-                .bytes_stream()
-                .map(|r| r.map_err(std::io::Error::other))
-                .boxed(),
-        })
+        }
     }
 
     /// One call with retries for idempotent requests (jittered backoff, within the retry

@@ -48,7 +48,7 @@ use crate::bus::Bus;
 use crate::clients;
 use crate::config::Secret;
 use crate::error::{json_response, AppError};
-use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLimit};
+use crate::extract::{read_json, BodyLimit};
 use crate::service_events::{check_service_token, resolve_targets};
 use crate::store::{Bucket, BucketWatchItem, KvEvent, KvStore};
 use crate::upstream::ServiceClient;
@@ -927,13 +927,8 @@ pub(crate) async fn ask(
     State(state): State<QuestionsState>,
     req: Request,
 ) -> Result<Response, AppError> {
-    let (parts, body) = req.into_parts();
-    check_service_token(&parts.headers, state.service_token.as_ref())?;
-    if !is_json_content_type(&parts.headers) {
-        return Err(AppError::UnsupportedMediaType);
-    }
-    let bytes = read_body_limited(body, state.body_limit.0).await?;
-    let b: AskBody = parse_json(&bytes)?;
+    check_service_token(req.headers(), state.service_token.as_ref())?;
+    let b: AskBody = read_json(req, state.body_limit.0).await?;
     let (question_id, expires_at) = state.questions.ask(b).await?;
     Ok(json_response(
         StatusCode::CREATED,
@@ -962,12 +957,7 @@ pub(crate) async fn respond(
     caller: Caller,
     req: Request,
 ) -> Result<Response, AppError> {
-    let (parts, body) = req.into_parts();
-    if !is_json_content_type(&parts.headers) {
-        return Err(AppError::UnsupportedMediaType);
-    }
-    let bytes = read_body_limited(body, ANSWER_BODY_LIMIT).await?;
-    let b: AnswerBody = parse_json(&bytes)?;
+    let b: AnswerBody = read_json(req, ANSWER_BODY_LIMIT).await?;
     state
         .questions
         .answer(caller.user(), &client_id, &b.question_id, &b.answer)

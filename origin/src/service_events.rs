@@ -31,7 +31,7 @@ use crate::bus::Bus;
 use crate::clients;
 use crate::config::Secret;
 use crate::error::{json_response, AppError};
-use crate::extract::{is_json_content_type, parse_json, read_body_limited, BodyLimit};
+use crate::extract::{read_json, BodyLimit};
 use crate::store::KvStore;
 
 /// The frame's event name on `/events`.
@@ -186,19 +186,12 @@ pub(crate) async fn publish(
     State(state): State<ServiceEventsState>,
     req: Request,
 ) -> Result<Response, AppError> {
-    let (parts, body) = req.into_parts();
     let refused = |e: AppError| {
         crate::metrics::global().service_event("rejected");
         e
     };
-    check_service_token(&parts.headers, state.service_token.as_ref()).map_err(refused)?;
-    if !is_json_content_type(&parts.headers) {
-        return Err(refused(AppError::UnsupportedMediaType));
-    }
-    let bytes = read_body_limited(body, state.body_limit.0)
-        .await
-        .map_err(refused)?;
-    let b: EventBody = parse_json(&bytes).map_err(refused)?;
+    check_service_token(req.headers(), state.service_token.as_ref()).map_err(refused)?;
+    let b: EventBody = read_json(req, state.body_limit.0).await.map_err(refused)?;
     if !crate::services::is_valid_name(&b.service) {
         return Err(refused(AppError::bad_request(
             "invalid_service",

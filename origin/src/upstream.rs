@@ -15,8 +15,105 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use url::Url;
 
-use crate::noetl::{Forward, Forwarded};
+use futures::stream::BoxStream;
+use http::{HeaderMap, Method};
+
 use crate::observe;
+
+/// A request the proxy streams upstream (to NoETL through
+/// [`crate::noetl::NoetlClient::forward`], to a service through [`ServiceClient::forward`]).
+pub struct Forward<S> {
+    /// The caller's method.
+    pub method: Method,
+    /// The upstream path (`/api/...` on NoETL, `{base path}/...` on a service), already
+    /// checked by the proxy's policy.
+    pub path: String,
+    /// The upstream query, without the session token.
+    pub query: Option<String>,
+    /// The headers to send (the caller's, filtered, plus the gateway's identity headers).
+    pub headers: HeaderMap,
+    /// The caller's body, as it arrives.
+    pub body: S,
+    /// How long the upstream may take to send the answer's head.
+    pub first_byte_timeout: Duration,
+}
+
+/// The upstream's streamed answer to a [`Forward`].
+pub struct Forwarded {
+    /// The upstream's status code.
+    pub status: u16,
+    /// Its headers (unfiltered: the proxy decides what the caller sees).
+    pub headers: HeaderMap,
+    /// The declared body length, if the upstream declared one.
+    pub content_length: Option<u64>,
+    /// The body, chunk by chunk.
+    pub body: BoxStream<'static, Result<Bytes, std::io::Error>>,
+}
+
+/// Why a [`send`] got no answer head.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// Not within the request's `first_byte_timeout`.
+    Timeout,
+    /// The connection failed; the innermost cause.
+    Failed(String),
+}
+
+/// Sends `req` to `base`'s host through `http` with the request's `traceparent` and
+/// `x-request-id`, and waits for the answer's head within `req.first_byte_timeout`: the
+/// answer (or why there is none) and how long it took. The one send of NoETL's proxy and
+/// every service's.
+pub(crate) async fn send<S>(
+    http: &reqwest::Client,
+    base: &Url,
+    req: Forward<S>,
+) -> (Result<reqwest::Response, SendError>, Duration)
+where
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+{
+    let mut url = base.clone();
+    url.set_path(&req.path);
+    url.set_query(req.query.as_deref());
+    let mut headers = req.headers;
+    let (traceparent, request_id) = observe::outgoing();
+    headers.insert(observe::TRACEPARENT, traceparent);
+    headers.insert("x-request-id", request_id);
+    let started = Instant::now();
+    let send = http
+        .request(req.method, url)
+        .headers(headers)
+        .body(reqwest::Body::wrap_stream(req.body))
+        .send();
+    let r = match tokio::time::timeout(req.first_byte_timeout, send).await {
+        Err(_) => Err(SendError::Timeout),
+        Ok(Err(e)) if e.is_timeout() => Err(SendError::Timeout),
+        Ok(Err(e)) => Err(SendError::Failed(innermost(&e))),
+        Ok(Ok(r)) => Ok(r),
+    };
+    (r, started.elapsed())
+}
+
+/// An answer's head and its body as a stream.
+pub(crate) fn forwarded(resp: reqwest::Response) -> Forwarded {
+    Forwarded {
+        status: resp.status().as_u16(),
+        content_length: resp.content_length(),
+        headers: resp.headers().clone(),
+        body: resp
+            .bytes_stream()
+            .map(|r| r.map_err(std::io::Error::other))
+            .boxed(),
+    }
+}
+
+/// The innermost error message (reqwest's outer ones only say "error sending request").
+pub(crate) fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
 
 /// Idle connections kept per backend host.
 pub const POOL_IDLE_PER_HOST: usize = 100;
@@ -84,26 +181,14 @@ impl ServiceClient {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     {
-        let mut url = self.base.clone();
-        url.set_path(&req.path);
-        url.set_query(req.query.as_deref());
-        let mut headers = req.headers;
-        let (traceparent, request_id) = observe::outgoing();
-        headers.insert(observe::TRACEPARENT, traceparent);
-        headers.insert("x-request-id", request_id);
-        let started = Instant::now();
-        let send = self
-            .http
-            .request(req.method, url)
-            .headers(headers)
-            .body(reqwest::Body::wrap_stream(req.body))
-            .send();
-        let resp = match tokio::time::timeout(req.first_byte_timeout, send).await {
-            Err(_) => Err(self.timeout()),
-            Ok(Err(e)) if e.is_timeout() => Err(self.timeout()),
-            Ok(Err(e)) => Err(self.unreachable(&e)),
-            Ok(Ok(r)) => Ok(r),
-        };
+        let (resp, took) = send(&self.http, &self.base, req).await;
+        let resp = resp.map_err(|e| match e {
+            SendError::Timeout => self.timeout(),
+            SendError::Failed(message) => UpstreamError::Unreachable {
+                service: self.name.to_owned(),
+                message,
+            },
+        });
         let outcome = match &resp {
             Ok(r) if r.status().is_server_error() => "server_error",
             Ok(r) if r.status().is_client_error() => "client_error",
@@ -111,17 +196,8 @@ impl ServiceClient {
             Err(UpstreamError::Timeout { .. }) => "timeout",
             Err(UpstreamError::Unreachable { .. }) => "unavailable",
         };
-        crate::metrics::global().observe_service(self.name, outcome, started.elapsed());
-        let resp = resp?;
-        Ok(Forwarded {
-            status: resp.status().as_u16(),
-            content_length: resp.content_length(),
-            headers: resp.headers().clone(),
-            body: resp
-                .bytes_stream()
-                .map(|r| r.map_err(std::io::Error::other))
-                .boxed(),
-        })
+        crate::metrics::global().observe_service(self.name, outcome, took);
+        Ok(forwarded(resp?))
     }
 
     /// `POST url` with a JSON body and extra headers, within `timeout`; the answer's status
@@ -180,13 +256,9 @@ impl ServiceClient {
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> UpstreamError {
-        let mut cur: &dyn std::error::Error = e;
-        while let Some(next) = cur.source() {
-            cur = next;
-        }
         UpstreamError::Unreachable {
             service: self.name.to_owned(),
-            message: cur.to_string(),
+            message: innermost(e),
         }
     }
 }
