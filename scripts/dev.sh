@@ -110,8 +110,8 @@ cat <<TXT
   NoETL edge gateway — local stack (logs in .dev/logs/)
   demo console       http://127.0.0.1:$UI_PORT/     open it: log in as…, run demo/steps, watch it stream
   edge (workerd)     http://127.0.0.1:$EDGE_PORT     the front door: CORS, rate limits, KV sessions, assertion
-  origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /graphql, /events, /noetl/*, /ready
-  origin (internal)  http://127.0.0.1:$ORIGIN_INTERNAL_PORT     callbacks (in-cluster only)
+  origin (public)    http://127.0.0.1:$ORIGIN_PORT     /api/auth/*, /graphql, /events, /api/v1/*, /noetl/*, /ready
+  origin (internal)  http://127.0.0.1:$ORIGIN_INTERNAL_PORT     callbacks, service events, questions (in-cluster only)
   demo service       http://127.0.0.1:$DEMO_PORT     the service demo, at /api/v1/demo/* through the gateway
   NoETL stand-in     http://127.0.0.1:$STANDIN_PORT     dev ID tokens: /dev/token?email=ada@example.com
   NATS (JetStream)   nats://127.0.0.1:$NATS_PORT
