@@ -728,9 +728,11 @@ async fn forward(
         limit,
     );
     let upload_overflowed = upload.overflowed.clone();
+    let upstream_path = format!("{}/{rest}", service.mount.upstream_root);
+    let started = std::time::Instant::now();
     let request = Forward {
         method: parts.method.clone(),
-        path: format!("{}/{rest}", service.mount.upstream_root),
+        path: upstream_path.clone(),
         query: upstream_query(parts.uri.query()),
         headers,
         body: upload,
@@ -767,6 +769,21 @@ async fn forward(
             })
         });
     }
+    // One line per proxied request (the source design's): where it went, no query (it may
+    // carry the caller's data), the upstream's status, the time to its answer's head.
+    let mut target_url = service.mount.base.clone();
+    target_url.set_path(&upstream_path);
+    target_url.set_query(None);
+    tracing::info!(
+        target: "proxy",
+        service = name,
+        method = %parts.method,
+        path = %parts.uri.path(),
+        target_url = %target_url,
+        status = resp.status,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "proxied"
+    );
     let headers = client_response_headers(&resp.headers, &service.mount);
     let body = if is_noetl && scrub::is_json(&resp.headers) {
         let (idle, scrubber) = (limits.idle_timeout, &proxy.scrubber);

@@ -30,6 +30,24 @@ fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
     v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
+/// A log line without its terminal colour codes.
+fn without_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
     (status, resp.json().await.unwrap_or(Value::Null))
@@ -93,6 +111,27 @@ async fn two_services_are_routed_by_name_with_the_gateways_identity_and_their_al
     for gone in ["authorization", "cookie", "x-gateway-assertion"] {
         assert!(h.get(gone).is_none(), "{gone} reached the service: {h}");
     }
+
+    // One log line per proxied request: the service, where it went (no query), the status
+    // and the time.
+    let line = origin
+        .log_text()
+        .lines()
+        .find(|l| l.contains("proxied") && l.contains("/echo/x"))
+        .map(without_ansi)
+        .unwrap_or_else(|| panic!("no proxied line in {}", origin.log_text()));
+    for part in [
+        "service=\"demo\"",
+        &format!(
+            "target_url={}/echo/x",
+            demo.base_url().trim_end_matches('/')
+        ),
+        "status=200",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(part), "{part} not in {line}");
+    }
+    assert!(!line.contains("a=1"), "no query in the log line: {line}");
 
     // The other service, by its own name; no allow-list: every method.
     let (status, echo) = json_of(
