@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use gateway_tests::harness::demo::{DemoOptions, DemoService};
 use gateway_tests::harness::flows::{http, login, nats_stack_with, open_events};
+use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::sse::{SseClient, SseFrame};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
@@ -295,6 +296,31 @@ async fn a_dead_service_is_502_a_slow_one_504_and_a_streamed_answer_arrives_even
     );
 }
 
+/// The demo service registered on origins sharing one nats-server.
+struct World {
+    demo: DemoService,
+    nats: NatsServer,
+    standin: StandIn,
+    origins: Vec<Origin>,
+}
+
+/// The demo service registered on `replicas` origins sharing one nats-server, aimed at
+/// origin `asker`'s internal listener (the one it asks questions and emits events through).
+async fn world(replicas: usize, asker: usize) -> World {
+    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
+    let env = demo_env(&demo);
+    let (nats, standin, origins) =
+        nats_stack_with(replicas, StandInOptions::default(), &as_refs(&env)).await;
+    demo.set_gateway(&origins[asker].internal_url, INTERNAL_TOKEN)
+        .await;
+    World {
+        demo,
+        nats,
+        standin,
+        origins,
+    }
+}
+
 /// Frames of `sse` until one named `event` arrives (pings skipped).
 async fn frame_named(sse: &mut SseClient, event: &str) -> SseFrame {
     let frames = sse
@@ -316,14 +342,11 @@ async fn post_json(url: &str, token: Option<&str>, body: Value) -> (StatusCode, 
 
 #[tokio::test]
 async fn a_service_event_reaches_its_client_on_another_replica_and_is_replayed_after_a_reconnect() {
-    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
-    let env = demo_env(&demo);
-    let (_nats, standin, origins) =
-        nats_stack_with(2, StandInOptions::default(), &as_refs(&env)).await;
-    let (a, b) = (&origins[0], &origins[1]);
-    demo.set_gateway(&a.internal_url, INTERNAL_TOKEN).await;
-    let token = login(&a.url, &standin, "events@example.com").await;
-    let other = login(&a.url, &standin, "someone-else@example.com").await;
+    let w = world(2, 0).await;
+    let (demo, standin) = (&w.demo, &w.standin);
+    let (a, b) = (&w.origins[0], &w.origins[1]);
+    let token = login(&a.url, standin, "events@example.com").await;
+    let other = login(&a.url, standin, "someone-else@example.com").await;
 
     let (mut sse, init) = open_events(&format!("{}/events", b.url), &token, None, WAIT).await;
     let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
@@ -441,14 +464,11 @@ async fn respond(
 #[tokio::test]
 async fn a_question_asked_on_one_replica_is_answered_once_from_another_and_the_asker_gets_one_answer(
 ) {
-    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
-    let env = demo_env(&demo);
-    let (_nats, standin, origins) =
-        nats_stack_with(2, StandInOptions::default(), &as_refs(&env)).await;
-    let (a, b) = (&origins[0], &origins[1]);
-    demo.set_gateway(&a.internal_url, INTERNAL_TOKEN).await;
-    let owner = login(&a.url, &standin, "approver@example.com").await;
-    let intruder = login(&a.url, &standin, "intruder@example.com").await;
+    let w = world(2, 0).await;
+    let (demo, standin) = (&w.demo, &w.standin);
+    let (a, b) = (&w.origins[0], &w.origins[1]);
+    let owner = login(&a.url, standin, "approver@example.com").await;
+    let intruder = login(&a.url, standin, "intruder@example.com").await;
 
     // The client is connected to B; the question is asked on A.
     let (mut sse, init) = open_events(&format!("{}/events", b.url), &owner, None, WAIT).await;
@@ -558,13 +578,10 @@ async fn a_question_asked_on_one_replica_is_answered_once_from_another_and_the_a
 
 #[tokio::test]
 async fn an_unanswered_question_expires_with_a_frame_and_a_notice_to_the_asker() {
-    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
-    let env = demo_env(&demo);
-    let (_nats, standin, origins) =
-        nats_stack_with(2, StandInOptions::default(), &as_refs(&env)).await;
-    let (a, b) = (&origins[0], &origins[1]);
-    demo.set_gateway(&b.internal_url, INTERNAL_TOKEN).await;
-    let owner = login(&a.url, &standin, "late@example.com").await;
+    let w = world(2, 1).await;
+    let (demo, standin) = (&w.demo, &w.standin);
+    let (a, b) = (&w.origins[0], &w.origins[1]);
+    let owner = login(&a.url, standin, "late@example.com").await;
     let (mut sse, init) = open_events(&format!("{}/events", a.url), &owner, None, WAIT).await;
     let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
 
@@ -596,13 +613,10 @@ async fn an_unanswered_question_expires_with_a_frame_and_a_notice_to_the_asker()
 #[tokio::test]
 async fn a_client_offline_when_asked_gets_the_question_on_reconnect_and_a_refused_delivery_is_retried(
 ) {
-    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
-    let env = demo_env(&demo);
-    let (_nats, standin, origins) =
-        nats_stack_with(2, StandInOptions::default(), &as_refs(&env)).await;
-    let (a, b) = (&origins[0], &origins[1]);
-    demo.set_gateway(&a.internal_url, INTERNAL_TOKEN).await;
-    let owner = login(&a.url, &standin, "offline@example.com").await;
+    let w = world(2, 0).await;
+    let (demo, standin) = (&w.demo, &w.standin);
+    let (a, b) = (&w.origins[0], &w.origins[1]);
+    let owner = login(&a.url, standin, "offline@example.com").await;
     let (sse, init) = open_events(&format!("{}/events", a.url), &owner, None, WAIT).await;
     let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
     sse.close();
@@ -743,12 +757,10 @@ async fn through_the_edge_services_are_routed_by_name_and_a_question_is_answered
 #[tokio::test]
 async fn an_answer_can_go_to_the_askers_nats_subject_once_retained_and_never_to_the_gateways_own() {
     use async_nats::jetstream::{self, stream};
-    let demo = DemoService::start(DemoOptions::default()).await.unwrap();
-    let env = demo_env(&demo);
-    let (nats, standin, origins) =
-        nats_stack_with(1, StandInOptions::default(), &as_refs(&env)).await;
-    let origin = &origins[0];
-    let owner = login(&origin.url, &standin, "subject@example.com").await;
+    let w = world(1, 0).await;
+    let (standin, nats) = (&w.standin, &w.nats);
+    let origin = &w.origins[0];
+    let owner = login(&origin.url, standin, "subject@example.com").await;
     let (mut sse, init) = open_events(&format!("{}/events", origin.url), &owner, None, WAIT).await;
     let client = init.data["result"]["clientId"].as_str().unwrap().to_owned();
 
