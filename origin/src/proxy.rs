@@ -771,19 +771,23 @@ async fn forward(
     }
     // One line per proxied request (the source design's): where it went, no query (it may
     // carry the caller's data), the upstream's status, the time to its answer's head.
-    let mut target_url = service.mount.base.clone();
-    target_url.set_path(&upstream_path);
-    target_url.set_query(None);
-    tracing::info!(
-        target: "proxy",
-        service = name,
-        method = %parts.method,
-        path = %parts.uri.path(),
-        target_url = %target_url,
-        status = resp.status,
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "proxied"
-    );
+    // The URL is built only when the line is wanted (`RUST_LOG=…,proxy=off`, or warn): it is
+    // on every proxied request's path.
+    if tracing::enabled!(target: "proxy", tracing::Level::INFO) {
+        let mut target_url = service.mount.base.clone();
+        target_url.set_path(&upstream_path);
+        target_url.set_query(None);
+        tracing::info!(
+            target: "proxy",
+            service = name,
+            method = %parts.method,
+            path = %parts.uri.path(),
+            target_url = %target_url,
+            status = resp.status,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "proxied"
+        );
+    }
     let headers = client_response_headers(&resp.headers, &service.mount);
     let body = if is_noetl && scrub::is_json(&resp.headers) {
         let (idle, scrubber) = (limits.idle_timeout, &proxy.scrubber);

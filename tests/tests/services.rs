@@ -49,6 +49,11 @@ fn without_ansi(line: &str) -> String {
     out
 }
 
+/// `GET url` as `token`'s user: the status and the JSON body.
+async fn get_as(url: &str, token: &str) -> (StatusCode, Value) {
+    json_of(http().get(url).bearer_auth(token).send().await.unwrap()).await
+}
+
 async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
     (status, resp.json().await.unwrap_or(Value::Null))
@@ -199,27 +204,15 @@ async fn two_services_are_routed_by_name_with_the_gateways_identity_and_their_al
 
     // NoETL is one entry of the same mechanism: `/api/v1/noetl/catalog` is NoETL's
     // `/api/catalog` (the stand-in has no catalog: its own 404 comes back) under PROXY_ALLOW.
-    let (status, body) = json_of(
-        http()
-            .get(format!("{}/api/v1/noetl/catalog", origin.url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = get_as(&format!("{}/api/v1/noetl/catalog", origin.url), &token).await;
     assert_eq!(
         (status.as_u16(), body["error"].as_str()),
         (404, Some("no route for /api/catalog")),
         "{body}"
     );
-    let (status, body) = json_of(
-        http()
-            .get(format!("{}/api/v1/noetl/auth/sessions", origin.url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
+    let (status, body) = get_as(
+        &format!("{}/api/v1/noetl/auth/sessions", origin.url),
+        &token,
     )
     .await;
     assert_eq!(
@@ -700,15 +693,7 @@ async fn through_the_edge_services_are_routed_by_name_and_a_question_is_answered
         );
         assert!(echo["headers"].get("authorization").is_none(), "{echo}");
     }
-    let (status, body) = json_of(
-        http()
-            .get(format!("{edge}/api/v1/nosuch/x"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = get_as(&format!("{edge}/api/v1/nosuch/x"), &token).await;
     assert_eq!(
         (status.as_u16(), body["error"]["code"].as_str()),
         (404, Some("service_not_found")),
