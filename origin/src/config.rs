@@ -159,6 +159,12 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_TTL", value_parser = parse_duration, default_value = "300s")]
     pub session_cache_ttl: Duration,
 
+    /// How long a replica serves a session it validated from its own memory, without
+    /// reading K/V `sessions` (`0s`: off). Capped at `SESSION_CACHE_TTL`. A logout still
+    /// ends it everywhere at once: the revocation set is checked before this cache.
+    #[arg(long, env = "SESSION_LOCAL_TTL", value_parser = parse_duration, default_value = "10s")]
+    pub session_local_ttl: Duration,
+
     /// The longest a NoETL session is expected to live (K/V `sessions` and `clients` TTL).
     #[arg(long, env = "SESSION_MAX_LIFE", value_parser = parse_duration, default_value = "24h")]
     pub session_max_life: Duration,

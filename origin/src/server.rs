@@ -199,6 +199,7 @@ async fn build(
             access_ttl: config.access_cache_ttl,
             auth0_domain,
             negative_ttl: config.session_negative_ttl,
+            local_ttl: config.session_local_ttl,
         },
         revocations.clone(),
     )

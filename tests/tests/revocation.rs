@@ -125,9 +125,21 @@ fn is_refused_session(status: u16, body: &Value) -> bool {
 async fn a_logout_on_one_replica_is_refused_on_the_other_within_a_second() {
     let s = stack(StandInOptions::default(), &[]).await;
     let token = login(&s.a.url, &s.standin, "two-doors@example.com").await;
-    // Both doors serve the session first: B as a token (cached now) and as an assertion.
+    // Both doors serve the session first: B as a token (cached now, in K/V and in B's own
+    // memory) and as an assertion.
     let (status, body) = validate(&s.b, &token).await;
     assert_eq!(status, 200, "{body}");
+    // B serves it from memory from now on: no K/V `sessions` read for ten more requests.
+    let reads = r#"gateway_kv_operation_duration_seconds_count{bucket="sessions",op="get",outcome="ok"}"#;
+    let before = s.b.metric(reads).await.unwrap_or(0);
+    for _ in 0..10 {
+        assert_eq!(validate(&s.b, &token).await.0, 200);
+    }
+    assert_eq!(
+        s.b.metric(reads).await.unwrap_or(0),
+        before,
+        "a cached session's request reads no K/V"
+    );
     let (status, body) = me_asserted(&s.b, &token).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["me"]["userId"], "asserted-user", "{body}");

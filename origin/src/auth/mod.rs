@@ -8,6 +8,8 @@
 //! - [`jwks`] — fetches and caches the provider's key set; its `IdTokenVerifier` runs the
 //!   pure check over it before any session is created.
 //! - [`backend`] — NoETL's REST auth routes or its auth playbooks, behind one trait.
+//! - [`local`] — the replica's own session cache in front of K/V `sessions`: a cached
+//!   session's request makes no NATS round trip.
 //! - [`negative`] — invalid tokens are cheap: the negative cache of tokens NoETL called
 //!   invalid, and one NoETL call per token however many ask at once.
 //! - [`session`] — the session service: NoETL is the source of truth, K/V `sessions` the
@@ -21,6 +23,7 @@ pub mod caller;
 pub mod edge;
 pub mod id_token;
 pub mod jwks;
+pub mod local;
 pub mod negative;
 pub mod revocations;
 pub mod routes;

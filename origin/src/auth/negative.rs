@@ -44,7 +44,7 @@ struct NegState {
 }
 
 /// The 32 bytes of a session hash (its hex decoded): a compact key.
-fn key_of(hash: &SessionHash) -> [u8; 32] {
+pub(super) fn key_of(hash: &SessionHash) -> [u8; 32] {
     let hex = hash.as_str().as_bytes();
     let nibble = |c: u8| match c {
         b'0'..=b'9' => c - b'0',

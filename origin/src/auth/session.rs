@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::AuthBackend;
 use super::id_token::IdTokenError;
 use super::jwks::IdTokenVerifier;
+use super::local::{LocalSessions, LOCAL_MAX};
 use super::negative::{Coalescer, NegativeCache, NEGATIVE_MAX};
 use super::revocations::{RevocationMarker, RevocationStatus, Revocations};
 use crate::error::{AppError, REVOCATIONS_UNAVAILABLE_CODE};
@@ -84,6 +85,9 @@ pub struct SessionSettings {
     pub auth0_domain: String,
     /// How long a token NoETL called invalid is refused from memory (`SESSION_NEGATIVE_TTL`).
     pub negative_ttl: Duration,
+    /// Longest a validated session is served from this replica's memory without reading
+    /// the shared cache (`SESSION_LOCAL_TTL`; `0s`: off; never past `cache_ttl`).
+    pub local_ttl: Duration,
 }
 
 /// NoETL's answer about a token, shared by the validations that waited for it.
@@ -108,6 +112,20 @@ impl CachedSession {
         self.checked_at
             .is_none_or(|at| now_unix < at.saturating_add(ttl))
     }
+
+    /// What is left of the entry's freshness at `now_unix` (an entry without `checked_at`
+    /// is fresh for its K/V TTL, unknown here: one local TTL is assumed).
+    fn fresh_for(&self, now_unix: i64, cache_ttl: Duration) -> Duration {
+        match self.checked_at {
+            None => cache_ttl,
+            Some(at) => {
+                let ttl = i64::try_from(cache_ttl.as_secs()).unwrap_or(i64::MAX);
+                Duration::from_secs(
+                    u64::try_from(at.saturating_add(ttl) - now_unix).unwrap_or(0),
+                )
+            }
+        }
+    }
 }
 
 /// Login, validation, access checks and logout, shared by every route that needs a user.
@@ -123,6 +141,8 @@ pub struct SessionService {
     confirmed: Mutex<HashMap<SessionHash, Instant>>,
     /// Tokens NoETL recently called invalid.
     negative: NegativeCache,
+    /// Sessions this replica validated recently, served without a K/V read.
+    local: LocalSessions,
     /// NoETL validations in flight, one per token.
     validations: Coalescer<SessionHash, Answer>,
     metrics: Arc<Metrics>,
@@ -143,6 +163,7 @@ impl SessionService {
             backend,
             verifier,
             negative: NegativeCache::new(settings.negative_ttl, NEGATIVE_MAX),
+            local: LocalSessions::new(settings.local_ttl.min(settings.cache_ttl), LOCAL_MAX),
             settings,
             revocations,
             access: Mutex::new(HashMap::new()),
@@ -275,7 +296,12 @@ impl SessionService {
         let now = now_unix();
         let cached = match self.revocations.status(&hash, now) {
             RevocationStatus::Revoked => return Ok(None),
-            RevocationStatus::Clear => self.store_get(Bucket::Sessions, &hash).await,
+            RevocationStatus::Clear => {
+                if let Some(record) = self.local.get(&hash, now) {
+                    return Ok(Some(record));
+                }
+                self.store_get(Bucket::Sessions, &hash).await
+            }
             // The set cannot answer: read the marker itself, and refuse to guess.
             RevocationStatus::Unknown => {
                 let (cached, revoked) = tokio::join!(
@@ -300,7 +326,9 @@ impl SessionService {
         if let Ok(Some(bytes)) = cached {
             match serde_json::from_slice::<CachedSession>(&bytes) {
                 Ok(c) if c.record.is_honoured(now) && c.is_fresh(now, self.settings.cache_ttl) => {
-                    return Ok(Some(c.record))
+                    self.local
+                        .insert(&hash, &c.record, c.fresh_for(now, self.settings.cache_ttl));
+                    return Ok(Some(c.record));
                 }
                 Ok(c) => seen = Some(c.record),
                 Err(e) => {
@@ -449,6 +477,7 @@ impl SessionService {
             .put_with_ttl(Bucket::Revoked, hash.as_str(), marker.to_bytes(), keep)
             .await?;
         self.revocations.insert(hash, exp);
+        self.local.remove(hash);
         Ok(())
     }
 
@@ -476,6 +505,7 @@ impl SessionService {
     /// Caches a session NoETL just confirmed, for its remaining life (served for the cache
     /// TTL; after that the entry only says the gateway has seen the token).
     async fn remember(&self, hash: &SessionHash, record: &SessionRecord) {
+        self.local.insert(hash, record, self.settings.cache_ttl);
         let now = now_unix();
         let ttl = Duration::from_secs(record.remaining_secs(now));
         let entry = CachedSession {
@@ -497,6 +527,7 @@ impl SessionService {
     }
 
     async fn forget(&self, hash: &SessionHash) {
+        self.local.remove(hash);
         if let Err(e) = self.kv.delete(Bucket::Sessions, hash.as_str()).await {
             tracing::warn!(session = hash.short(), error = %e, "cached session not deleted");
         }
