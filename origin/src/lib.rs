@@ -38,7 +38,10 @@
 //! Services and stores:
 //! - [`noetl`] — the one HTTP client to NoETL: timeouts, retries, redirects off, errors.
 //! - [`services`] — the service registry (`SERVICES`, `SERVICE_<NAME>_*`), parsed purely.
-//! - [`upstream`] — the HTTP client of each registered service (its own pool).
+//! - [`upstream`] — the HTTP client of each registered service (its own pool), and the
+//!   proxy's one send.
+//! - [`h1pool`] — the plain-HTTP/1.1 pool the proxy sends through, its connections driven
+//!   on the request's own task.
 //! - [`store`] — the K/V trait with its in-memory and NATS JetStream implementations.
 //! - [`requests`] — the request store (promised deliveries) and callback tokens.
 //! - [`clients`] — client ids: ownership, pending requests, presence.
@@ -70,6 +73,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod graphql;
+pub mod h1pool;
 pub mod health;
 pub mod hub;
 pub mod interest;

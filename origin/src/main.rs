@@ -12,6 +12,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
 
+/// mimalloc instead of glibc malloc: per-thread free lists, no arena lock on the proxy's
+/// per-request allocations (docs/BENCHMARKS.md, "The proxy path (issue 16)").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Logging: `RUST_LOG` (default `info`; the per-request `access` lines are at info), text
 /// or JSON lines (`origin::logs`: Cloud Logging `severity`, trace and span ids;
 /// `GOOGLE_CLOUD_PROJECT`, when set, makes the trace id Cloud Logging's trace name); and

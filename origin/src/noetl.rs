@@ -269,6 +269,8 @@ impl Default for RetryBudget {
 #[derive(Debug, Clone)]
 pub struct NoetlClient {
     http: reqwest::Client,
+    /// The proxy's way to NoETL (`forward`): the on-task pool for an `http://` base.
+    transport: crate::upstream::Transport,
     base: Url,
     timeout: Duration,
     retries: u32,
@@ -293,8 +295,10 @@ impl NoetlClient {
             .user_agent(concat!("noetl-edge-gateway/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| NoetlError::Unreachable(format!("HTTP client: {e}")))?;
+        let transport = crate::upstream::Transport::for_base(&base, http.clone(), connect_timeout);
         Ok(Self {
             http,
+            transport,
             base,
             timeout,
             retries,
@@ -513,9 +517,9 @@ impl NoetlClient {
     /// gateway's: its headers are the caller's, as the proxy filtered them.
     pub async fn forward<S>(&self, req: Forward<S>) -> Result<Forwarded, NoetlError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + 'static,
     {
-        let (sent, took) = crate::upstream::send(&self.http, &self.base, req).await;
+        let (sent, took) = crate::upstream::send(&self.transport, &self.base, req).await;
         let sent = sent.map_err(|e| match e {
             crate::upstream::SendError::Timeout => NoetlError::Timeout,
             crate::upstream::SendError::Failed(cause) => {
@@ -524,8 +528,8 @@ impl NoetlClient {
         });
         match sent {
             Ok(r) => {
-                metrics::global().observe_noetl("proxy", status_outcome(r.status().as_u16()), took);
-                Ok(crate::upstream::forwarded(r))
+                metrics::global().observe_noetl("proxy", status_outcome(r.status), took);
+                Ok(r)
             }
             Err(e) => {
                 metrics::global().observe_noetl("proxy", outcome::<()>(&Err(e.clone())), took);

@@ -687,6 +687,14 @@ async fn forward(
     if declared.is_some_and(|n| n > limit) {
         return Err(AppError::PayloadTooLarge { limit });
     }
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let body_len = if http_body::Body::is_end_stream(&body) {
+        Some(0)
+    } else if chunked {
+        None
+    } else {
+        declared
+    };
 
     let mut headers = upstream_request_headers(&parts.headers);
     let request_id = parts
@@ -736,6 +744,7 @@ async fn forward(
         query: upstream_query(parts.uri.query()),
         headers,
         body: upload,
+        body_len,
         first_byte_timeout: limits.timeout,
     };
     let forwarded = match &service.upstream {

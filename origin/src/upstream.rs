@@ -16,8 +16,10 @@ use futures::{Stream, StreamExt};
 use url::Url;
 
 use futures::stream::BoxStream;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method};
+use http_body_util::combinators::UnsyncBoxBody;
 
+use crate::h1pool::{H1Pool, PoolError, PooledBody};
 use crate::observe;
 
 /// A request the proxy streams upstream (to NoETL through
@@ -34,6 +36,9 @@ pub struct Forward<S> {
     pub headers: HeaderMap,
     /// The caller's body, as it arrives.
     pub body: S,
+    /// The body's length when known: `Some(0)` for a request without one, the declared
+    /// `content-length` otherwise; `None` when it is chunked.
+    pub body_len: Option<u64>,
     /// How long the upstream may take to send the answer's head.
     pub first_byte_timeout: Duration,
 }
@@ -59,42 +64,161 @@ pub(crate) enum SendError {
     Failed(String),
 }
 
-/// Sends `req` to `base`'s host through `http` with the request's `traceparent` and
+/// How a proxied request reaches its upstream: an `http://` base through the pool that
+/// runs connections on the request's own task ([`H1Pool`]), an `https://` one through
+/// `reqwest` (TLS).
+#[derive(Debug, Clone)]
+pub(crate) enum Transport {
+    /// Plain HTTP/1.1, pooled on the caller's task.
+    H1(H1Pool),
+    /// TLS, through `reqwest`'s pool.
+    Reqwest(reqwest::Client),
+}
+
+impl Transport {
+    /// [`Transport::H1`] for an `http://` `base` (pool settings as `reqwest`'s were), else
+    /// `http`.
+    pub(crate) fn for_base(base: &Url, http: reqwest::Client, connect_timeout: Duration) -> Self {
+        let authority = base
+            .host_str()
+            .zip(base.port_or_known_default())
+            .map(|(host, port)| match base.host() {
+                Some(url::Host::Ipv6(_)) => format!("[{host}]:{port}"),
+                _ => format!("{host}:{port}"),
+            });
+        let host = (&base[url::Position::BeforeHost..url::Position::AfterPort]).to_owned();
+        match (base.scheme(), authority, HeaderValue::from_str(&host)) {
+            ("http", Some(authority), Ok(host)) => Transport::H1(H1Pool::new(
+                authority,
+                host,
+                connect_timeout,
+                POOL_IDLE_PER_HOST,
+                POOL_IDLE_TIMEOUT,
+            )),
+            _ => Transport::Reqwest(http),
+        }
+    }
+}
+
+/// Sends `req` to `base`'s host through `transport` with the request's `traceparent` and
 /// `x-request-id`, and waits for the answer's head within `req.first_byte_timeout`: the
 /// answer (or why there is none) and how long it took. The one send of NoETL's proxy and
 /// every service's.
 pub(crate) async fn send<S>(
-    http: &reqwest::Client,
+    transport: &Transport,
     base: &Url,
     req: Forward<S>,
-) -> (Result<reqwest::Response, SendError>, Duration)
+) -> (Result<Forwarded, SendError>, Duration)
 where
-    S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + 'static,
 {
-    let mut url = base.clone();
-    url.set_path(&req.path);
-    url.set_query(req.query.as_deref());
     let mut headers = req.headers;
     let (traceparent, request_id) = observe::outgoing();
     headers.insert(observe::TRACEPARENT, traceparent);
     headers.insert("x-request-id", request_id);
     let started = Instant::now();
-    let send = http
-        .request(req.method, url)
-        .headers(headers)
-        .body(reqwest::Body::wrap_stream(req.body))
-        .send();
-    let r = match tokio::time::timeout(req.first_byte_timeout, send).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(Err(e)) if e.is_timeout() => Err(SendError::Timeout),
-        Ok(Err(e)) => Err(SendError::Failed(innermost(&e))),
-        Ok(Ok(r)) => Ok(r),
+    let r = match transport {
+        Transport::H1(pool) => {
+            let mut target = req.path;
+            if let Some(q) = req.query.as_deref() {
+                target.push('?');
+                target.push_str(q);
+            }
+            let body = UpstreamBody {
+                stream: req.body,
+                len: req.body_len,
+            };
+            let mut request = http::Request::new(UnsyncBoxBody::new(body));
+            *request.method_mut() = req.method;
+            *request.headers_mut() = headers;
+            match http::Uri::try_from(target) {
+                Err(e) => Err(SendError::Failed(e.to_string())),
+                Ok(uri) => {
+                    *request.uri_mut() = uri;
+                    match tokio::time::timeout(req.first_byte_timeout, pool.send(request)).await {
+                        Err(_) | Ok(Err(PoolError::ConnectTimeout)) => Err(SendError::Timeout),
+                        Ok(Err(PoolError::Failed(cause))) => Err(SendError::Failed(cause)),
+                        Ok(Ok(resp)) => Ok(pooled(resp)),
+                    }
+                }
+            }
+        }
+        Transport::Reqwest(http) => {
+            let mut url = base.clone();
+            url.set_path(&req.path);
+            url.set_query(req.query.as_deref());
+            let send = http
+                .request(req.method, url)
+                .headers(headers)
+                .body(reqwest::Body::wrap_stream(req.body))
+                .send();
+            match tokio::time::timeout(req.first_byte_timeout, send).await {
+                Err(_) => Err(SendError::Timeout),
+                Ok(Err(e)) if e.is_timeout() => Err(SendError::Timeout),
+                Ok(Err(e)) => Err(SendError::Failed(innermost(&e))),
+                Ok(Ok(r)) => Ok(forwarded(r)),
+            }
+        }
     };
     (r, started.elapsed())
 }
 
+/// The request body sent through the pool: the caller's stream, with its length when
+/// known (so a body-less request is sent without one, and a sized one with its
+/// `content-length`, not chunked).
+struct UpstreamBody<S> {
+    stream: S,
+    len: Option<u64>,
+}
+
+impl<S> http_body::Body for UpstreamBody<S>
+where
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
+{
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if self.len == Some(0) {
+            return std::task::Poll::Ready(None);
+        }
+        self.stream
+            .poll_next_unpin(cx)
+            .map(|chunk| chunk.map(|r| r.map(http_body::Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.len == Some(0)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.len {
+            Some(n) => http_body::SizeHint::with_exact(n),
+            None => http_body::SizeHint::default(),
+        }
+    }
+}
+
+/// A pooled answer's head and its body as a stream.
+fn pooled(resp: http::Response<PooledBody>) -> Forwarded {
+    let (parts, body) = resp.into_parts();
+    Forwarded {
+        status: parts.status.as_u16(),
+        content_length: parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+        headers: parts.headers,
+        body: body.boxed(),
+    }
+}
+
 /// An answer's head and its body as a stream.
-pub(crate) fn forwarded(resp: reqwest::Response) -> Forwarded {
+fn forwarded(resp: reqwest::Response) -> Forwarded {
     Forwarded {
         status: resp.status().as_u16(),
         content_length: resp.content_length(),
@@ -144,6 +268,7 @@ pub enum UpstreamError {
 pub struct ServiceClient {
     name: &'static str,
     http: reqwest::Client,
+    transport: Transport,
     base: Url,
 }
 
@@ -161,7 +286,13 @@ impl ServiceClient {
             .map_err(|e| format!("HTTP client for service {name}: {e}"))?;
         // Metric labels are `&'static str`; service names are a closed set made once at start.
         let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
-        Ok(Self { name, http, base })
+        let transport = Transport::for_base(&base, http.clone(), connect_timeout);
+        Ok(Self {
+            name,
+            http,
+            transport,
+            base,
+        })
     }
 
     /// The service's name.
@@ -179,9 +310,9 @@ impl ServiceClient {
     /// within `req.first_byte_timeout`.
     pub async fn forward<S>(&self, req: Forward<S>) -> Result<Forwarded, UpstreamError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + 'static,
     {
-        let (resp, took) = send(&self.http, &self.base, req).await;
+        let (resp, took) = send(&self.transport, &self.base, req).await;
         let resp = resp.map_err(|e| match e {
             SendError::Timeout => self.timeout(),
             SendError::Failed(message) => UpstreamError::Unreachable {
@@ -190,14 +321,14 @@ impl ServiceClient {
             },
         });
         let outcome = match &resp {
-            Ok(r) if r.status().is_server_error() => "server_error",
-            Ok(r) if r.status().is_client_error() => "client_error",
+            Ok(r) if r.status >= 500 => "server_error",
+            Ok(r) if r.status >= 400 => "client_error",
             Ok(_) => "ok",
             Err(UpstreamError::Timeout { .. }) => "timeout",
             Err(UpstreamError::Unreachable { .. }) => "unavailable",
         };
         crate::metrics::global().observe_service(self.name, outcome, took);
-        Ok(forwarded(resp?))
+        resp
     }
 
     /// `POST url` with a JSON body and extra headers, within `timeout`; the answer's status
