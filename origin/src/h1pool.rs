@@ -10,8 +10,8 @@
 //! ([`PooledBody`]) drives it while it is read; when the body has ended, the connection
 //! goes back to the pool for the next request. Nothing runs between requests.
 //!
-//! Rules kept from the `reqwest` pool it replaces: up to [`crate::upstream::POOL_IDLE_PER_HOST`]
-//! idle connections, each kept at most [`crate::upstream::POOL_IDLE_TIMEOUT`], `TCP_NODELAY`,
+//! Rules kept from the `reqwest` pool it replaces: up to `max_idle` idle connections
+//! (the upstream module's 100), each kept at most `idle_timeout` (90 s), `TCP_NODELAY`,
 //! a connect timeout, no redirects (none are ever followed here), no retry of a request
 //! once any of it was sent. A pooled connection the upstream closed while idle is noticed
 //! when it is taken (its state is polled first) or, if the close races the request, by
@@ -80,6 +80,15 @@ impl Conn {
     }
 }
 
+/// The innermost error message (the outer ones only say "error sending request").
+pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// Why no answer head came back.
 #[derive(Debug)]
 pub enum PoolError {
@@ -135,7 +144,7 @@ impl H1Pool {
                 if reused {
                     continue;
                 }
-                return Err(PoolError::Failed(crate::upstream::innermost(&e)));
+                return Err(PoolError::Failed(innermost(&e)));
             }
             let mut answer = std::pin::pin!(conn.sender.try_send_request(req));
             let answer = poll_fn(|cx| {
@@ -157,7 +166,7 @@ impl H1Pool {
                     // Not a byte of it was sent: the pooled connection had closed. Once,
                     // on a new connection.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(PoolError::Failed(crate::upstream::innermost(e.error()))),
+                    _ => return Err(PoolError::Failed(innermost(e.error()))),
                 },
             }
         }
@@ -203,7 +212,7 @@ impl Inner {
         let (sender, driver) = Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| PoolError::Failed(crate::upstream::innermost(&e)))?;
+            .map_err(|e| PoolError::Failed(innermost(&e)))?;
         Ok(Conn {
             sender,
             driver: Box::pin(driver),

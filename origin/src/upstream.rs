@@ -19,6 +19,7 @@ use futures::stream::BoxStream;
 use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::combinators::UnsyncBoxBody;
 
+pub(crate) use crate::h1pool::innermost;
 use crate::h1pool::{H1Pool, PoolError, PooledBody};
 use crate::observe;
 
@@ -228,15 +229,6 @@ fn forwarded(resp: reqwest::Response) -> Forwarded {
             .map(|r| r.map_err(std::io::Error::other))
             .boxed(),
     }
-}
-
-/// The innermost error message (reqwest's outer ones only say "error sending request").
-pub(crate) fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// Idle connections kept per backend host.
