@@ -797,11 +797,16 @@ async fn forward(
             "proxied"
         );
     }
-    let headers = client_response_headers(&resp.headers, &service.mount);
+    let mut headers = client_response_headers(&resp.headers, &service.mount);
     let body = if is_noetl && scrub::is_json(&resp.headers) {
         let (idle, scrubber) = (limits.idle_timeout, &proxy.scrubber);
         Body::from(scrub::scrubbed_body(&resp.headers, resp.body, limit, idle, scrubber).await?)
     } else {
+        // Passed through unchanged, so the upstream's length still holds: the client gets
+        // it instead of chunked framing (a shorter upstream body ends the connection).
+        if let Some(n) = resp.content_length {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
         let stream = LimitedStream::new(IdleTimeout::new(resp.body, limits.idle_timeout), limit);
         Body::from_stream(stream)
     };

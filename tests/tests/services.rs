@@ -96,8 +96,12 @@ async fn two_services_are_routed_by_name_with_the_gateways_identity_and_their_al
         .send()
         .await
         .unwrap();
+    // The answer keeps the service's length (passed through, not re-chunked).
+    assert!(resp.headers().get("transfer-encoding").is_none());
+    let declared = resp.content_length();
     let (status, echo) = json_of(resp).await;
     assert_eq!(status, StatusCode::OK, "{echo}");
+    assert_eq!(declared, Some(echo.to_string().len() as u64), "{echo}");
     assert_eq!(echo["service"], "demo");
     assert_eq!(echo["method"], "GET");
     assert_eq!(echo["path"], "/echo/x");
@@ -117,6 +121,24 @@ async fn two_services_are_routed_by_name_with_the_gateways_identity_and_their_al
     for gone in ["authorization", "cookie", "x-gateway-assertion"] {
         assert!(h.get(gone).is_none(), "{gone} reached the service: {h}");
     }
+    // A GET goes without a body: no chunked framing, no length.
+    assert!(h.get("transfer-encoding").is_none(), "{h}");
+    assert!(h.get("content-length").is_none(), "{h}");
+    // A sized body goes with its length, not chunked.
+    let (status, echo) = json_of(
+        http()
+            .post(format!("{}/api/v1/demo/echo", origin.url))
+            .bearer_auth(&token)
+            .body("0123456789")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{echo}");
+    assert_eq!(echo["body_bytes"], 10);
+    assert_eq!(echo["headers"]["content-length"], "10", "{echo}");
+    assert!(echo["headers"].get("transfer-encoding").is_none(), "{echo}");
 
     // One log line per proxied request: the service, where it went (no query), the status
     // and the time.
