@@ -241,6 +241,12 @@ impl Stream for PooledBody {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
+                        // The last bytes of a sized body: the reader may stop here without
+                        // asking for the end (hyper's server does once it has written
+                        // `content-length` bytes), so the connection goes back now.
+                        if this.inner.is_end_stream() {
+                            this.release(cx);
+                        }
                         return Poll::Ready(Some(Ok(data)));
                     }
                     // Trailers: not forwarded.
@@ -250,11 +256,7 @@ impl Stream for PooledBody {
                     return Poll::Ready(Some(Err(std::io::Error::other(e))));
                 }
                 Poll::Ready(None) => {
-                    if let Some(mut conn) = this.conn.take() {
-                        // Let the connection see the answer's end before it is reused.
-                        conn.drive(cx);
-                        this.pool.checkin(conn);
-                    }
+                    this.release(cx);
                     return Poll::Ready(None);
                 }
                 Poll::Pending => return Poll::Pending,
@@ -268,6 +270,15 @@ impl Stream for PooledBody {
 }
 
 impl PooledBody {
+    /// Returns the connection to the pool once the answer has been read to its end.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some(mut conn) = self.conn.take() {
+            // Let the connection see the answer's end before it is reused.
+            conn.drive(cx);
+            self.pool.checkin(conn);
+        }
+    }
+
     /// Whether the body is known to be empty already (a `204`, a `HEAD` answer, `content-length: 0`).
     pub fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
@@ -354,6 +365,20 @@ mod tests {
             assert_eq!(pool.idle_len(), 1);
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1, "one connection for five requests");
+    }
+
+    #[tokio::test]
+    async fn a_sized_body_read_to_its_length_frees_its_connection_without_reading_the_end() {
+        let (addr, conns) = upstream(usize::MAX).await;
+        let pool = pool(&addr);
+        for _ in 0..3 {
+            let mut body = pool.send(get()).await.unwrap().into_body();
+            assert_eq!(&body.next().await.unwrap().unwrap()[..], b"hello");
+            // Dropped after its five bytes, as a server writing `content-length` bytes does.
+            drop(body);
+            assert_eq!(pool.idle_len(), 1);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
