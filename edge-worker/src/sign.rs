@@ -77,7 +77,8 @@ mod glue {
         ) -> Result<Promise, JsValue>;
 
         #[wasm_bindgen(js_namespace = ["crypto", "subtle"], js_name = sign, catch)]
-        fn subtle_sign(algorithm: &str, key: &JsValue, data: &[u8]) -> Result<Promise, JsValue>;
+        fn subtle_sign(algorithm: &JsValue, key: &JsValue, data: &[u8])
+            -> Result<Promise, JsValue>;
     }
 
     enum KeyState {
@@ -92,6 +93,9 @@ mod glue {
     thread_local! {
         // The key is fixed for the life of an isolate (a secret), so it is imported once.
         static KEY: RefCell<KeyState> = const { RefCell::new(KeyState::Unknown) };
+        // The algorithm's name as a JS string, made once: a `&str` would be copied across
+        // (and decoded by the runtime) on every signature.
+        static ED25519: JsValue = JsValue::from_str("Ed25519");
     }
 
     fn fail(what: &str, e: JsValue) -> Option<JsValue> {
@@ -148,7 +152,7 @@ mod glue {
     ) -> Result<String, AssertionError> {
         if let Some(crypto_key) = webcrypto_key(key).await {
             let input = signing_input(caller.claims(rid), now_unix);
-            let signed = match subtle_sign("Ed25519", &crypto_key, input.as_bytes()) {
+            let signed = match ED25519.with(|alg| subtle_sign(alg, &crypto_key, input.as_bytes())) {
                 Ok(p) => JsFuture::from(p).await,
                 Err(e) => Err(e),
             };
