@@ -11,7 +11,9 @@
 //! - a request's method, URL and every header come in as **one** string ([`Head`]);
 //! - the forwarded request's headers go out as **one** string, and the fetch, with its
 //!   header timeout (an `AbortController` and a timer), runs in JS: one promise to await,
-//!   no Rust timer closure and no `select` ([`fetch_origin`]);
+//!   no Rust timer closure and no `select` ([`fetch_origin`]); the assertion's signing
+//!   input goes with it and WebCrypto signs it there, so the signature needs no promise
+//!   of its own and never crosses into wasm and back (`crate::sign`);
 //! - the two rate-limit calls of a session request are one call and one promise (each
 //!   binding looked up by name in JS);
 //! - the origin's status and headers come in as one string, and the response the client
@@ -124,10 +126,32 @@ export function responseHead(r) {
   for (const [n, v] of r.headers) s += "\n" + n + "\n" + v;
   return s;
 }
-export async function fetchOrigin(url, method, list, body, manual, ms) {
+const encoder = new TextEncoder();
+function b64url(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]);
+  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+export async function fetchOrigin(packed, body, manual, ms, key) {
+  // method, url, then header pairs; with a key, the last pair's value is a signing input.
+  const p = packed.split("\n");
+  const method = p[0], url = p[1];
+  const last = key ? p.length - 2 : p.length;
+  const headers = new Headers();
+  for (let i = 2; i + 1 < p.length && i < last; i += 2) headers.append(p[i], p[i + 1]);
+  if (key) {
+    const input = p[last + 1];
+    let sig;
+    try {
+      sig = await crypto.subtle.sign("Ed25519", key, encoder.encode(input));
+    } catch (e) {
+      return "" + (e?.message ?? e);
+    }
+    headers.set(p[last], input + "." + b64url(new Uint8Array(sig)));
+  }
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), ms);
-  const init = { method, headers: headersOf(list), signal: controller.signal };
+  const init = { method, headers, signal: controller.signal };
   if (body !== undefined && body !== null) init.body = body;
   if (manual) init.redirect = "manual";
   try {
@@ -168,17 +192,22 @@ export function respond(from, list) {
         fn response_head(r: &web_sys::Response) -> String;
         #[wasm_bindgen(js_name = fetchOrigin)]
         fn fetch_origin_js(
-            url: &str,
-            method: &str,
-            list: &str,
+            packed: &str,
             body: &JsValue,
             manual: bool,
             ms: f64,
+            key: &JsValue,
         ) -> Promise;
         #[wasm_bindgen(js_name = rateLimit)]
-        fn rate_limit_js(env: &JsValue, name: &str, key: &str) -> Promise;
+        fn rate_limit_js(env: &JsValue, name: &JsValue, key: &str) -> Promise;
         #[wasm_bindgen(js_name = rateLimits)]
-        fn rate_limits_js(env: &JsValue, a: &str, key_a: &str, b: &str, key_b: &str) -> Promise;
+        fn rate_limits_js(
+            env: &JsValue,
+            a: &JsValue,
+            key_a: &str,
+            b: &JsValue,
+            key_b: &str,
+        ) -> Promise;
         #[wasm_bindgen(js_name = respond, catch)]
         fn respond_js(from: &web_sys::Response, list: &str) -> Result<web_sys::Response, JsValue>;
     }
@@ -203,11 +232,25 @@ export function respond(from, list) {
         TimedOut,
         /// The fetch failed (connection refused, DNS, a bad URL): the runtime's message.
         Failed(String),
+        /// The runtime could not sign the assertion (nothing was sent): its message.
+        SignFailed(String),
+    }
+
+    /// An assertion for [`fetch_origin`] to sign as the request leaves: header `name`
+    /// gets `input`, `.`, and the Ed25519 signature of `input` with `key`, base64url.
+    pub struct SignOnTheWay<'a> {
+        /// The WebCrypto `CryptoKey`.
+        pub key: &'a JsValue,
+        /// The JWT signing input.
+        pub input: &'a str,
+        /// The header it goes in.
+        pub name: &'a str,
     }
 
     /// Fetches `url` with `method`, the headers of `list` ([`super::push`]) and `body`
     /// (`JsValue::NULL` for none), redirects left to the client when `manual`, aborted
-    /// when no response headers arrive within `timeout_ms`. One promise, awaited once.
+    /// when no response headers arrive within `timeout_ms`; with `sign`, the assertion is
+    /// signed and added first. One promise, awaited once.
     pub async fn fetch_origin(
         url: &str,
         method: &str,
@@ -215,11 +258,34 @@ export function respond(from, list) {
         body: &JsValue,
         manual: bool,
         timeout_ms: u64,
+        sign: Option<SignOnTheWay<'_>>,
     ) -> Fetched {
-        let promise = fetch_origin_js(url, method, list, body, manual, timeout_ms as f64);
+        // One string out: method, URL, the headers, and the assertion to sign last.
+        let mut packed = String::with_capacity(method.len() + url.len() + list.len() + 512);
+        packed.push_str(method);
+        packed.push(super::SEP);
+        packed.push_str(url);
+        if !list.is_empty() {
+            packed.push(super::SEP);
+            packed.push_str(list);
+        }
+        let key = match &sign {
+            Some(s) => {
+                packed.push(super::SEP);
+                packed.push_str(s.name);
+                packed.push(super::SEP);
+                packed.push_str(s.input);
+                s.key
+            }
+            None => &JsValue::UNDEFINED,
+        };
+        let promise = fetch_origin_js(&packed, body, manual, timeout_ms as f64, key);
         match JsFuture::from(promise).await {
             Ok(v) if v.is_null() => Fetched::TimedOut,
-            Ok(v) => Fetched::Response(v.unchecked_into()),
+            Ok(v) => match v.as_string() {
+                Some(e) => Fetched::SignFailed(e),
+                None => Fetched::Response(v.unchecked_into()),
+            },
             Err(e) => Fetched::Failed(message(&e)),
         }
     }
@@ -245,10 +311,33 @@ export function respond(from, list) {
         }
     }
 
+    thread_local! {
+        // Binding names as JS strings, made once per isolate instead of copied across on
+        // every request.
+        static NAMES: std::cell::RefCell<Vec<(&'static str, JsValue)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn js_name(name: &'static str) -> JsValue {
+        NAMES.with(|names| {
+            let mut names = names.borrow_mut();
+            if let Some((_, v)) = names.iter().find(|(n, _)| *n == name) {
+                return v.clone();
+            }
+            let v = JsValue::from_str(name);
+            names.push((name, v.clone()));
+            v
+        })
+    }
+
     /// Calls binding `name`'s `limit({key})` (one promise); `Err` is the binding's failure.
-    pub async fn rate_limit(env: &worker::Env, name: &str, key: &str) -> Result<Limit, String> {
+    pub async fn rate_limit(
+        env: &worker::Env,
+        name: &'static str,
+        key: &str,
+    ) -> Result<Limit, String> {
         let env: &JsValue = env.as_ref();
-        match JsFuture::from(rate_limit_js(env, name, key)).await {
+        match JsFuture::from(rate_limit_js(env, &js_name(name), key)).await {
             Ok(v) => limit_of(&v),
             Err(e) => Err(message(&e)),
         }
@@ -257,11 +346,12 @@ export function respond(from, list) {
     /// Two limiters counted together: both calls made at once, one promise awaited.
     pub async fn rate_limits(
         env: &worker::Env,
-        (a, key_a): (&str, &str),
-        (b, key_b): (&str, &str),
+        (a, key_a): (&'static str, &str),
+        (b, key_b): (&'static str, &str),
     ) -> [Result<Limit, String>; 2] {
         let env: &JsValue = env.as_ref();
-        match JsFuture::from(rate_limits_js(env, a, key_a, b, key_b)).await {
+        let promise = rate_limits_js(env, &js_name(a), key_a, &js_name(b), key_b);
+        match JsFuture::from(promise).await {
             Ok(v) => {
                 let pair: &worker::js_sys::Array = v.unchecked_ref();
                 [limit_of(&pair.get(0)), limit_of(&pair.get(1))]
@@ -289,7 +379,9 @@ export function respond(from, list) {
 }
 
 #[cfg(target_arch = "wasm32")]
-pub use glue::{fetch_origin, message, rate_limit, rate_limits, respond, Fetched, Limit};
+pub use glue::{
+    fetch_origin, message, rate_limit, rate_limits, respond, Fetched, Limit, SignOnTheWay,
+};
 
 #[cfg(test)]
 mod tests {

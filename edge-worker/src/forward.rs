@@ -110,6 +110,7 @@ mod glue {
     use crate::caller::Caller;
     use crate::config::EdgeConfig;
     use crate::error::EdgeError;
+    use crate::sign::Signing;
     use gateway_shared::assertion;
     use gateway_shared::trace::{self, TraceParent};
     use worker::wasm_bindgen::JsValue;
@@ -211,10 +212,10 @@ mod glue {
 
     /// The headers the origin gets, as one list for [`boundary::fetch_origin`]: the
     /// client's minus the dropped ones, then the edge's own.
-    fn outgoing_headers(f: &Forward<'_>, signed: &str) -> String {
+    fn outgoing_headers(f: &Forward<'_>, signed: Option<&str>) -> String {
         let websocket = is_websocket_upgrade(f.head.get("upgrade"));
         let connection = connection_tokens(f.head.get("connection"));
-        let mut list = String::with_capacity(512 + signed.len());
+        let mut list = String::with_capacity(1024);
         for (name, value) in &f.head.headers {
             if keep_request_header(name, &connection, websocket)
                 && (f.trace_continued || name != trace::STATE_HEADER)
@@ -229,23 +230,93 @@ mod glue {
         if let Some(ip) = f.client_ip {
             boundary::push(&mut list, "x-forwarded-for", ip);
         }
-        boundary::push(&mut list, assertion::HEADER, signed);
+        if let Some(signed) = signed {
+            boundary::push(&mut list, assertion::HEADER, signed);
+        }
         list
     }
 
     /// Sends the request to the origin and returns its response (body still streaming).
-    pub async fn forward(cfg: &EdgeConfig, f: Forward<'_>) -> Result<web_sys::Response, EdgeError> {
-        let signed = crate::sign::assertion(f.caller, f.rid, &cfg.signing_key, f.now_unix)
+    pub async fn forward(
+        cfg: &EdgeConfig,
+        mut f: Forward<'_>,
+    ) -> Result<web_sys::Response, EdgeError> {
+        let signing_failed = |e| EdgeError::Internal(format!("signing the assertion failed: {e}"));
+        let signing = crate::sign::prepare(f.caller, f.rid, &cfg.signing_key, f.now_unix)
             .await
-            .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
-        let list = outgoing_headers(&f, &signed);
+            .map_err(signing_failed)?;
         let body = if carries_body(f.method) {
-            f.body.into_js()
+            std::mem::replace(&mut f.body, Body::Stream(None)).into_js()
         } else {
             JsValue::NULL
         };
         let target = origin_target(&cfg.origin_url, f.url.path(), f.url.query());
-        send(&target, f.method, &list, &body, true, FORWARD_TIMEOUT_MS).await
+        let fetched = match &signing {
+            Signing::WebCrypto { key, input } => {
+                let sign = boundary::SignOnTheWay {
+                    key,
+                    input,
+                    name: assertion::HEADER,
+                };
+                let list = outgoing_headers(&f, None);
+                let first = boundary::fetch_origin(
+                    &target,
+                    f.method,
+                    &list,
+                    &body,
+                    true,
+                    FORWARD_TIMEOUT_MS,
+                    Some(sign),
+                );
+                match first.await {
+                    // Nothing was sent (the body is untouched): sign in Rust from now on.
+                    Fetched::SignFailed(e) => {
+                        crate::sign::sign_failed(&e);
+                        let signed = f
+                            .caller
+                            .assertion(f.rid, &cfg.signing_key, f.now_unix)
+                            .map_err(signing_failed)?;
+                        let list = outgoing_headers(&f, Some(&signed));
+                        let again = boundary::fetch_origin(
+                            &target,
+                            f.method,
+                            &list,
+                            &body,
+                            true,
+                            FORWARD_TIMEOUT_MS,
+                            None,
+                        );
+                        again.await
+                    }
+                    other => other,
+                }
+            }
+            Signing::Signed(signed) => {
+                let list = outgoing_headers(&f, Some(signed));
+                let only = boundary::fetch_origin(
+                    &target,
+                    f.method,
+                    &list,
+                    &body,
+                    true,
+                    FORWARD_TIMEOUT_MS,
+                    None,
+                );
+                only.await
+            }
+        };
+        outcome(fetched)
+    }
+
+    fn outcome(fetched: Fetched) -> Result<web_sys::Response, EdgeError> {
+        match fetched {
+            Fetched::Response(resp) => Ok(resp),
+            Fetched::TimedOut => Err(EdgeError::OriginTimeout),
+            Fetched::Failed(e) => Err(EdgeError::OriginUnreachable(e)),
+            Fetched::SignFailed(e) => Err(EdgeError::Internal(format!(
+                "signing the assertion failed: {e}"
+            ))),
+        }
     }
 
     /// Fetches `url`, giving up (and aborting it) if no response headers arrive within
@@ -259,11 +330,7 @@ mod glue {
         manual: bool,
         timeout_ms: u64,
     ) -> Result<web_sys::Response, EdgeError> {
-        match boundary::fetch_origin(url, method, headers, body, manual, timeout_ms).await {
-            Fetched::Response(resp) => Ok(resp),
-            Fetched::TimedOut => Err(EdgeError::OriginTimeout),
-            Fetched::Failed(e) => Err(EdgeError::OriginUnreachable(e)),
-        }
+        outcome(boundary::fetch_origin(url, method, headers, body, manual, timeout_ms, None).await)
     }
 }
 
