@@ -11,14 +11,14 @@
 //! - a request's method, URL and every header come in as **one** string ([`Head`]);
 //! - the forwarded request's headers go out as **one** string, and the fetch, with its
 //!   header timeout (an `AbortController` and a timer), runs in JS: one promise to await,
-//!   no Rust timer closure and no `select` ([`fetch_origin`]); the assertion's signing
+//!   no Rust timer closure and no `select` (`fetch_origin`); the assertion's signing
 //!   input goes with it and WebCrypto signs it there, so the signature needs no promise
 //!   of its own and never crosses into wasm and back (`crate::sign`);
 //! - the two rate-limit calls of a session request are one call and one promise (each
 //!   binding looked up by name in JS);
 //! - the origin's status and headers come in as one string, and the response the client
 //!   gets is built in JS around the origin's own body stream and WebSocket from one
-//!   string of headers ([`respond`]).
+//!   string of headers (`respond`).
 //!
 //! The JS here only transports: which headers are kept, dropped or added, and what a
 //! timeout means, are decided in Rust (`forward`, `reply`), and the encoding is pure
@@ -83,7 +83,7 @@ impl Head {
     }
 }
 
-/// Appends one header to a list for [`fetch_origin`] / [`respond`]; a pair the Fetch
+/// Appends one header to a list for `fetch_origin` / `respond`; a pair the Fetch
 /// API would refuse (empty name, CR or LF anywhere) is left out.
 pub fn push(list: &mut String, name: &str, value: &str) {
     let bad = |s: &str| s.contains(['\n', '\r']);
