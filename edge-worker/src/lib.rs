@@ -143,7 +143,16 @@ mod entry {
                 }
             };
         let status = resp.status();
-        let resp = reply::finish(resp, &cors_headers, rid)?;
+        let (resp, status) = match reply::finish(resp, &cors_headers, rid) {
+            Ok(resp) => (resp, status),
+            // The runtime refused the rebuilt response (it never has): still a JSON answer
+            // with the request id, and still a log line.
+            Err(e) => {
+                let e = EdgeError::Internal(format!("building the response: {e}"));
+                let status = e.status();
+                (e.into_response(rid).into(), status)
+            }
+        };
         log::emit(&RequestLog {
             rid,
             trace_id: &ids.trace.trace_id_hex(),
