@@ -106,45 +106,38 @@ pub fn keep_request_header(name: &str, connection: &[String], websocket: bool) -
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use super::*;
+    use crate::boundary::{self, Fetched, Head};
     use crate::caller::Caller;
     use crate::config::EdgeConfig;
     use crate::error::EdgeError;
-    use futures_util::future::{select, Either};
+    use crate::sign::Signing;
     use gateway_shared::assertion;
     use gateway_shared::trace::{self, TraceParent};
-    use std::time::Duration;
-    use worker::{
-        AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
-        Response,
-    };
+    use worker::wasm_bindgen::JsValue;
+    use worker::worker_sys::web_sys;
 
     /// What goes to the origin as the request body.
     pub enum Body {
         /// The client's body, streamed through (or none, for GET and friends).
-        Stream(Option<worker::wasm_bindgen::JsValue>),
+        Stream(Option<JsValue>),
         /// A body the edge had to read first (a logout body).
         Bytes(Vec<u8>),
     }
 
     impl Body {
-        /// The client's body stream, untouched.
-        pub fn of(req: &Request) -> Self {
-            Body::Stream(req.inner().body().map(Into::into))
-        }
-
-        fn into_js(self) -> Option<worker::wasm_bindgen::JsValue> {
+        fn into_js(self) -> JsValue {
             match self {
-                Body::Stream(s) => s,
-                Body::Bytes(b) if b.is_empty() => None,
-                Body::Bytes(b) => Some(worker::js_sys::Uint8Array::from(b.as_slice()).into()),
+                Body::Stream(s) => s.unwrap_or(JsValue::NULL),
+                Body::Bytes(b) if b.is_empty() => JsValue::NULL,
+                Body::Bytes(b) => worker::js_sys::Uint8Array::from(b.as_slice()).into(),
             }
         }
     }
 
     /// One forwarded request.
     pub struct Forward<'a> {
-        /// The client's request (headers are read from it).
-        pub req: &'a Request,
+        /// The client's request head (its headers are filtered from it).
+        pub head: &'a Head,
         /// Its URL (path and query go to the origin unchanged).
         pub url: &'a worker::Url,
         /// The canonical method.
@@ -156,7 +149,7 @@ mod glue {
         /// The request id.
         pub rid: &'a str,
         /// The client's address, for `x-forwarded-for`.
-        pub client_ip: Option<String>,
+        pub client_ip: Option<&'a str>,
         /// The trace to send (`traceparent`), with the edge's span as parent.
         pub trace: &'a TraceParent,
         /// Whether the client's trace was continued (its `tracestate` goes along).
@@ -171,13 +164,15 @@ mod glue {
     /// in all — before the 413 is sent: a server that answers and closes while the client
     /// is still sending makes the client's TCP stack reset the connection, and the client
     /// then sees a lost connection instead of the answer.
-    pub async fn read_bounded(req: &mut Request, limit: u64) -> Result<Vec<u8>, EdgeError> {
+    pub async fn read_bounded(req: &web_sys::Request, limit: u64) -> Result<Vec<u8>, EdgeError> {
         use futures_util::StreamExt;
         let mut body = Vec::new();
-        if req.inner().body().is_none() {
+        if req.body().is_none() {
             return Ok(body);
         }
-        let mut stream = req.stream()?;
+        // Rare paths only (a logout, a chunked body): workers-rs' byte stream.
+        // `Clone::clone`: the JS reference, not `Request.clone()` (which tees the body).
+        let mut stream = worker::Request::from(Clone::clone(req)).stream()?;
         let mut seen: u64 = 0;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
@@ -201,68 +196,141 @@ mod glue {
     /// into an origin that cuts the upload off at its limit and closes (which surfaces as
     /// a lost connection, not as the origin's 413). Declared bodies were checked against
     /// `limit` already and stream through.
-    pub async fn body_for(req: &mut Request, method: &str, limit: u64) -> Result<Body, EdgeError> {
-        let declared = req.headers().has("content-length").unwrap_or(false);
-        if declared || !carries_body(method) || req.inner().body().is_none() {
-            return Ok(Body::of(req));
+    pub async fn body_for(
+        req: &web_sys::Request,
+        head: &Head,
+        method: &str,
+        limit: u64,
+    ) -> Result<Body, EdgeError> {
+        let declared = head.get("content-length").is_some();
+        let stream = req.body();
+        if declared || !carries_body(method) || stream.is_none() {
+            return Ok(Body::Stream(stream.map(Into::into)));
         }
         Ok(Body::Bytes(read_bounded(req, limit).await?))
     }
 
-    /// Sends the request to the origin and returns its response (body still streaming).
-    pub async fn forward(cfg: &EdgeConfig, f: Forward<'_>) -> Result<Response, EdgeError> {
-        let incoming = f.req.headers();
-        let header = |n: &str| incoming.get(n).ok().flatten();
-        let websocket = is_websocket_upgrade(header("upgrade").as_deref());
-        let connection = connection_tokens(header("connection").as_deref());
-        let headers = Headers::new();
-        for (name, value) in incoming.entries() {
-            if keep_request_header(&name, &connection, websocket)
+    /// The headers the origin gets, as one list for [`boundary::fetch_origin`]: the
+    /// client's minus the dropped ones, then the edge's own.
+    fn outgoing_headers(f: &Forward<'_>, signed: Option<&str>) -> String {
+        let websocket = is_websocket_upgrade(f.head.get("upgrade"));
+        let connection = connection_tokens(f.head.get("connection"));
+        let mut list = String::with_capacity(1024);
+        for (name, value) in &f.head.headers {
+            if keep_request_header(name, &connection, websocket)
                 && (f.trace_continued || name != trace::STATE_HEADER)
             {
-                headers.append(&name, &value)?;
+                boundary::push(&mut list, name, value);
             }
         }
-        headers.set("x-request-id", f.rid)?;
-        headers.set(trace::HEADER, &f.trace.to_string())?;
-        if let Some(ip) = &f.client_ip {
-            headers.set("x-forwarded-for", ip)?;
+        // None of these is kept from the client (`keep_request_header`), so appending
+        // them is setting them.
+        boundary::push(&mut list, "x-request-id", f.rid);
+        boundary::push(&mut list, trace::HEADER, &f.trace.to_string());
+        if let Some(ip) = f.client_ip {
+            boundary::push(&mut list, "x-forwarded-for", ip);
         }
-        let signed = crate::sign::assertion(f.caller, f.rid, &cfg.signing_key, f.now_unix)
-            .await
-            .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
-        headers.set(assertion::HEADER, &signed)?;
-
-        let mut init = RequestInit::new();
-        init.with_method(Method::from(f.method.to_owned()))
-            .with_headers(headers)
-            .with_redirect(RequestRedirect::Manual)
-            .with_body(if carries_body(f.method) {
-                f.body.into_js()
-            } else {
-                None
-            });
-        let target = origin_target(&cfg.origin_url, f.url.path(), f.url.query());
-        send(Request::new_with_init(&target, &init)?, FORWARD_TIMEOUT_MS).await
+        if let Some(signed) = signed {
+            boundary::push(&mut list, assertion::HEADER, signed);
+        }
+        list
     }
 
-    /// Fetches `out`, giving up (and aborting it) if no response headers arrive within
-    /// `timeout_ms`. A refused connection is [`EdgeError::OriginUnreachable`].
-    pub async fn send(out: Request, timeout_ms: u64) -> Result<Response, EdgeError> {
-        let controller = AbortController::default();
-        let signal = controller.signal();
-        let fetch = Fetch::Request(out);
-        let response = std::pin::pin!(fetch.send_with_signal(&signal));
-        let deadline = std::pin::pin!(Delay::from(Duration::from_millis(timeout_ms)));
-        let outcome = select(response, deadline).await;
-        match outcome {
-            Either::Left((Ok(resp), _)) => Ok(resp),
-            Either::Left((Err(e), _)) => Err(EdgeError::OriginUnreachable(e.to_string())),
-            Either::Right(((), _)) => {
-                controller.abort();
-                Err(EdgeError::OriginTimeout)
+    /// Sends the request to the origin and returns its response (body still streaming).
+    pub async fn forward(
+        cfg: &EdgeConfig,
+        mut f: Forward<'_>,
+    ) -> Result<web_sys::Response, EdgeError> {
+        let signing_failed = |e| EdgeError::Internal(format!("signing the assertion failed: {e}"));
+        let signing = crate::sign::prepare(f.caller, f.rid, &cfg.signing_key, f.now_unix)
+            .await
+            .map_err(signing_failed)?;
+        let body = if carries_body(f.method) {
+            std::mem::replace(&mut f.body, Body::Stream(None)).into_js()
+        } else {
+            JsValue::NULL
+        };
+        let target = origin_target(&cfg.origin_url, f.url.path(), f.url.query());
+        let fetched = match &signing {
+            Signing::WebCrypto { key, input } => {
+                let sign = boundary::SignOnTheWay {
+                    key,
+                    input,
+                    name: assertion::HEADER,
+                };
+                let list = outgoing_headers(&f, None);
+                let first = boundary::fetch_origin(
+                    &target,
+                    f.method,
+                    &list,
+                    &body,
+                    true,
+                    FORWARD_TIMEOUT_MS,
+                    Some(sign),
+                );
+                match first.await {
+                    // Nothing was sent (the body is untouched): sign in Rust from now on.
+                    Fetched::SignFailed(e) => {
+                        crate::sign::sign_failed(&e);
+                        let signed = f
+                            .caller
+                            .assertion(f.rid, &cfg.signing_key, f.now_unix)
+                            .map_err(signing_failed)?;
+                        let list = outgoing_headers(&f, Some(&signed));
+                        let again = boundary::fetch_origin(
+                            &target,
+                            f.method,
+                            &list,
+                            &body,
+                            true,
+                            FORWARD_TIMEOUT_MS,
+                            None,
+                        );
+                        again.await
+                    }
+                    other => other,
+                }
             }
+            Signing::Signed(signed) => {
+                let list = outgoing_headers(&f, Some(signed));
+                let only = boundary::fetch_origin(
+                    &target,
+                    f.method,
+                    &list,
+                    &body,
+                    true,
+                    FORWARD_TIMEOUT_MS,
+                    None,
+                );
+                only.await
+            }
+        };
+        outcome(fetched)
+    }
+
+    fn outcome(fetched: Fetched) -> Result<web_sys::Response, EdgeError> {
+        match fetched {
+            Fetched::Response(resp) => Ok(resp),
+            Fetched::TimedOut => Err(EdgeError::OriginTimeout),
+            Fetched::Failed(e) => Err(EdgeError::OriginUnreachable(e)),
+            Fetched::SignFailed(e) => Err(EdgeError::Internal(format!(
+                "signing the assertion failed: {e}"
+            ))),
         }
+    }
+
+    /// Fetches `url`, giving up (and aborting it) if no response headers arrive within
+    /// `timeout_ms`: [`EdgeError::OriginTimeout`]. A failed fetch (a refused connection)
+    /// is [`EdgeError::OriginUnreachable`]. `manual`: redirects go back to the client.
+    pub async fn send(
+        url: &str,
+        method: &str,
+        headers: &str,
+        body: &JsValue,
+        manual: bool,
+        timeout_ms: u64,
+    ) -> Result<web_sys::Response, EdgeError> {
+        outcome(boundary::fetch_origin(url, method, headers, body, manual, timeout_ms, None).await)
     }
 }
 

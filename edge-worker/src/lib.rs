@@ -7,6 +7,8 @@
 //! touches the Workers runtime is `#[cfg(target_arch = "wasm32")]`.
 //!
 //! A request flows through:
+//! 0. [`boundary`] — the request's method, URL and headers are read from the runtime in
+//!    one crossing; every step below reads them from that copy.
 //! 1. [`ids`] — keep a well-formed client `x-request-id`, else mint one; continue the
 //!    client's valid W3C `traceparent` with the edge's span, else start a trace (one
 //!    random read for all of it).
@@ -44,6 +46,7 @@
 //! JSON, never as a runtime error page. Time comes from the runtime's clock in [`time`],
 //! passed into every pure decision.
 
+pub mod boundary;
 pub mod caller;
 pub mod config;
 pub mod cors;
@@ -61,6 +64,7 @@ pub mod time;
 
 #[cfg(target_arch = "wasm32")]
 mod entry {
+    use crate::boundary::Head;
     use crate::caller::Caller;
     use crate::config::{self, EdgeConfig};
     use crate::error::{CatchPanic, EdgeError};
@@ -72,69 +76,90 @@ mod entry {
     use gateway_shared::routes::RouteKind;
     use gateway_shared::session::SessionHash;
     use gateway_shared::trace::Origin;
-    use worker::{event, Context, Env, Request, Response};
+    use worker::worker_sys::web_sys::{Request, Response};
+    use worker::{event, Context, Env};
 
+    // The runtime's Request and Response, not workers-rs' wrappers: the request's head is
+    // read in one crossing and the response leaves as the one `reply::finish` builds
+    // (`boundary` module docs).
     #[event(fetch)]
     async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
         // The request's arrival: its duration in the log, and the `now` of every decision
         // on its way (session expiry, the assertion's `iat`) — one clock read.
         let started = time::now_millis();
-        let header = |name: &str| req.headers().get(name).ok().flatten();
+        let head = Head::of_request(&req);
         let ids = ids::request_ids(
-            header("x-request-id").as_deref(),
-            header(gateway_shared::trace::HEADER).as_deref(),
+            head.get("x-request-id"),
+            head.get(gateway_shared::trace::HEADER),
         );
         let rid = ids.rid.as_str();
-        let origin = header("origin");
-        let requested_method = header("access-control-request-method");
-        let method = req.inner().method();
-        let path = req.path();
+        let origin = head.get("origin");
+        let method = head.first.as_str();
+        let url = worker::Url::parse(&head.url);
+        let path = url.as_ref().map(|u| u.path()).unwrap_or("/");
         let mut route = (None, None);
-        let (resp, cors_headers, outcome) = match config::load(&env) {
-            Err(e) => {
-                let outcome = LogOutcome::Edge(e.code(), e.status());
-                (
-                    e.into_response(rid),
-                    CorsPolicy::default().response_headers(origin.as_deref()),
-                    outcome,
-                )
-            }
-            Ok(cfg) => {
-                let (kind, entry) = cfg.routes.lookup(&path);
-                route = (Some(kind), entry.map(str::to_owned));
-                match cors::preflight(
-                    &cfg.cors,
-                    &method,
-                    origin.as_deref(),
-                    requested_method.as_deref(),
-                ) {
-                    Some(preflight) => (
-                        reply::empty(preflight.status),
-                        preflight.headers,
-                        LogOutcome::Preflight,
-                    ),
-                    None => {
-                        let event_stream = reply::is_event_stream_request(&method, &path);
-                        let request = Meta {
-                            rid,
-                            ids: &ids,
-                            now_unix: i64::try_from(started / 1000).unwrap_or(i64::MAX),
-                        };
-                        let handled = CatchPanic::new(handle(req, &env, &cfg, request)).await;
-                        let (resp, outcome) = answer(handled, event_stream, rid);
-                        (resp, cfg.cors.response_headers(origin.as_deref()), outcome)
+        let (resp, cors_headers, outcome): (Response, Vec<(&'static str, String)>, _) =
+            match config::load(&env) {
+                Err(e) => {
+                    let outcome = LogOutcome::Edge(e.code(), e.status());
+                    (
+                        e.into_response(rid).into(),
+                        CorsPolicy::default().response_headers(origin),
+                        outcome,
+                    )
+                }
+                Ok(cfg) => {
+                    let (kind, entry) = cfg.routes.lookup(path);
+                    route = (Some(kind), entry.map(str::to_owned));
+                    match cors::preflight(
+                        &cfg.cors,
+                        method,
+                        origin,
+                        head.get("access-control-request-method"),
+                    ) {
+                        Some(preflight) => (
+                            reply::empty(preflight.status).into(),
+                            preflight.headers,
+                            LogOutcome::Preflight,
+                        ),
+                        None => {
+                            let event_stream = reply::is_event_stream_request(method, path);
+                            let request = Meta {
+                                rid,
+                                ids: &ids,
+                                now_unix: i64::try_from(started / 1000).unwrap_or(i64::MAX),
+                            };
+                            let handled = match &url {
+                                Ok(url) => {
+                                    CatchPanic::new(handle(req, &head, url, &env, &cfg, request))
+                                        .await
+                                }
+                                Err(e) => Err(EdgeError::Internal(format!("request URL: {e}"))),
+                            };
+                            let (resp, outcome) = answer(handled, event_stream, rid);
+                            (resp, cfg.cors.response_headers(origin), outcome)
+                        }
                     }
                 }
+            };
+        let status = resp.status();
+        let (resp, status) = match reply::finish(resp, &cors_headers, rid) {
+            Ok(resp) => (resp, status),
+            // The runtime refused the rebuilt response (it never has): still a JSON answer
+            // with the request id, and still a log line.
+            Err(e) => {
+                let e = EdgeError::Internal(format!("building the response: {e}"));
+                let status = e.status();
+                (e.into_response(rid).into(), status)
             }
         };
-        let resp = reply::finish(resp, &cors_headers, rid);
         log::emit(&RequestLog {
             rid,
             trace_id: &ids.trace.trace_id_hex(),
-            method: &method,
+            method,
             route: route.1.as_deref(),
             kind: route.0,
-            status: resp.status_code(),
+            status,
             ms: time::now_millis().saturating_sub(started),
             outcome: &outcome,
         });
@@ -163,23 +188,27 @@ mod entry {
             {
                 worker::console_warn!("request {rid}: /events answered as a retry: {e}");
                 let outcome = LogOutcome::Edge(e.code(), e.status());
-                (reply::unavailable_stream(e.code(), &e.message()), outcome)
+                (
+                    reply::unavailable_stream(e.code(), &e.message()).into(),
+                    outcome,
+                )
             }
             Err(e) => {
                 let outcome = LogOutcome::Edge(e.code(), e.status());
-                (e.into_response(rid), outcome)
+                (e.into_response(rid).into(), outcome)
             }
             Ok(resp) => {
-                let outcome = LogOutcome::of_origin(resp.status_code());
+                let status = resp.status();
+                let outcome = LogOutcome::of_origin(status);
                 if !event_stream {
                     return (resp, outcome);
                 }
-                match reply::origin_status_as_unavailable(resp.status_code()) {
+                match reply::origin_status_as_unavailable(status) {
                     Some((code, message)) => {
                         worker::console_warn!(
                             "request {rid}: /events answered as a retry: {message}"
                         );
-                        (reply::unavailable_stream(code, &message), outcome)
+                        (reply::unavailable_stream(code, &message).into(), outcome)
                     }
                     None => (resp, outcome),
                 }
@@ -189,29 +218,27 @@ mod entry {
 
     /// The steps after CORS: route → rate limit → session → forward.
     async fn handle(
-        mut req: Request,
+        req: Request,
+        head: &Head,
+        url: &worker::Url,
         env: &Env,
         cfg: &EdgeConfig,
         request: Meta<'_>,
     ) -> Result<Response, EdgeError> {
         let rid = request.rid;
-        let url = req.url()?;
         let route = cfg.routes.classify(url.path());
         match route {
-            RouteKind::Edge => return Ok(reply::health()),
+            RouteKind::Edge => return Ok(reply::health().into()),
             RouteKind::Deny => return Err(EdgeError::NotFound),
             RouteKind::Public | RouteKind::Session | RouteKind::Service => {}
         }
-        let method = forward::forwardable_method(&req.inner().method())
-            .ok_or(EdgeError::MethodNotAllowed)?;
+        let method = forward::forwardable_method(&head.first).ok_or(EdgeError::MethodNotAllowed)?;
         let body_limit = cfg.body_limits.for_path(url.path());
-        let declared = req.headers().get("content-length").ok().flatten();
-        crate::limits::check_declared(declared.as_deref(), body_limit)
+        crate::limits::check_declared(head.get("content-length"), body_limit)
             .map_err(|limit| EdgeError::PayloadTooLarge { limit })?;
         let period = cfg.rate_limit_period_secs;
-        let client_ip = req.headers().get("cf-connecting-ip").ok().flatten();
-        let ip_key = ratelimit::ip_key(client_ip.as_deref());
-        let per_ip = ratelimit::check(env, Limiter::Ip, ip_key, period);
+        let client_ip = head.get("cf-connecting-ip");
+        let per_ip = || ratelimit::check(env, Limiter::Ip, ratelimit::ip_key(client_ip), period);
 
         let (caller, cache_write) = match route {
             // `/events?ticket=` (or its alias `/api/v1/events/{client_id}?ticket=`)
@@ -220,12 +247,12 @@ mod entry {
             // caller, still rate-limited per IP.
             RouteKind::Session
                 if gateway_shared::routes::is_event_stream_path(url.path())
-                    && session::token(&req, &url).is_none()
+                    && session::token(head, url).is_none()
                     && url
                         .query()
                         .is_some_and(gateway_shared::session::query_has_ticket) =>
             {
-                per_ip.await?;
+                per_ip().await?;
                 (Caller::Anonymous, None)
             }
             // A `/graphql/ws` upgrade without a token: a browser cannot put headers on a
@@ -235,42 +262,49 @@ mod entry {
             // socket at `connection_init` without a valid session.
             RouteKind::Session
                 if url.path() == GRAPHQL_WS_PATH
-                    && forward::is_websocket_upgrade(header(&req, "upgrade").as_deref())
-                    && session::token(&req, &url).is_none() =>
+                    && forward::is_websocket_upgrade(head.get("upgrade"))
+                    && session::token(head, url).is_none() =>
             {
-                per_ip.await?;
+                per_ip().await?;
                 (Caller::Anonymous, None)
             }
             RouteKind::Session => {
-                let Some(token) = session::token(&req, &url) else {
-                    per_ip.await?;
+                let Some(token) = session::token(head, url) else {
+                    per_ip().await?;
                     return Err(EdgeError::MissingToken);
                 };
                 let hash = SessionHash::of(&token);
                 let key = ratelimit::session_key(&hash);
                 // Both limiters are counted together: one wait instead of two.
-                let per_session = ratelimit::check(env, Limiter::Session, key, period);
-                let (ip, session) = futures_util::future::join(per_ip, per_session).await;
-                ip.and(session)?;
+                ratelimit::check_both(
+                    env,
+                    (Limiter::Ip, ratelimit::ip_key(client_ip)),
+                    (Limiter::Session, key),
+                    period,
+                )
+                .await?;
                 session::resolve(env, cfg, &token, hash, rid, request.now_unix).await?
             }
             _ => {
-                per_ip.await?;
+                per_ip().await?;
                 (Caller::Anonymous, None)
             }
         };
 
         let (logout, body) = if url.path() == session::LOGOUT_PATH {
-            let (tokens, body) = session::logout_tokens_of(&mut req, &url, body_limit).await?;
+            let (tokens, body) = session::logout_tokens_of(&req, head, url, body_limit).await?;
             (Some(tokens), body)
         } else {
-            (None, forward::body_for(&mut req, method, body_limit).await?)
+            (
+                None,
+                forward::body_for(&req, head, method, body_limit).await?,
+            )
         };
         let forwarded = forward::forward(
             cfg,
             Forward {
-                req: &req,
-                url: &url,
+                head,
+                url,
                 method,
                 body,
                 caller: &caller,
@@ -286,14 +320,15 @@ mod entry {
             Some(write) => futures_util::future::join(forwarded, write.apply()).await.0,
             None => forwarded.await,
         }?;
-        if let Some(tokens) = logout.filter(|_| resp.status_code() == 204) {
+        let status = resp.status();
+        if let Some(tokens) = logout.filter(|_| status == 204) {
             session::forget_logout(env, cfg, &tokens).await;
         }
         // The origin refused the session the edge asserted (revoked at the origin, ended
         // by NoETL): forget it here, so its next request is refused at the edge.
         if let Caller::User { session: sid, .. } = &caller {
             // Only a 401 can say so: no header read on the common path.
-            if resp.status_code() == 401 {
+            if status == 401 {
                 let challenge = resp.headers().get("www-authenticate").ok().flatten();
                 if session::origin_refused_session(401, challenge.as_deref()) {
                     session::forget(env, cfg, sid, true).await;
@@ -305,8 +340,4 @@ mod entry {
 
     /// The GraphQL WebSocket endpoint.
     const GRAPHQL_WS_PATH: &str = "/graphql/ws";
-
-    fn header(req: &Request, name: &str) -> Option<String> {
-        req.headers().get(name).ok().flatten()
-    }
 }

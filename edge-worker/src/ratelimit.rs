@@ -65,6 +65,7 @@ pub fn session_key(session: &SessionHash) -> String {
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use super::Limiter;
+    use crate::boundary::{rate_limit, rate_limits, Limit};
     use crate::error::EdgeError;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -77,21 +78,42 @@ mod glue {
         key: String,
         retry_after_secs: u64,
     ) -> Result<(), EdgeError> {
-        let binding = match env.rate_limiter(limiter.binding()) {
-            Ok(b) => b,
-            Err(e) => {
+        verdict(
+            limiter,
+            rate_limit(env, limiter.binding(), &key).await,
+            retry_after_secs,
+        )
+    }
+
+    /// Counts one request with two limiters at once (one wait); the first refusal wins.
+    pub async fn check_both(
+        env: &worker::Env,
+        (a, key_a): (Limiter, String),
+        (b, key_b): (Limiter, String),
+        retry_after_secs: u64,
+    ) -> Result<(), EdgeError> {
+        let [ra, rb] = rate_limits(env, (a.binding(), &key_a), (b.binding(), &key_b)).await;
+        verdict(a, ra, retry_after_secs).and(verdict(b, rb, retry_after_secs))
+    }
+
+    /// What one limiter's answer means for the request: through, or 429.
+    fn verdict(
+        limiter: Limiter,
+        outcome: Result<Limit, String>,
+        retry_after_secs: u64,
+    ) -> Result<(), EdgeError> {
+        match outcome {
+            Ok(Limit::Allowed) => Ok(()),
+            Ok(Limit::Limited) => Err(EdgeError::RateLimited { retry_after_secs }),
+            Ok(Limit::NoBinding) => {
                 if !WARNED_MISSING.swap(true, Ordering::Relaxed) {
                     worker::console_warn!(
-                        "rate limiting off: binding {} unavailable ({e})",
+                        "rate limiting off: binding {} unavailable",
                         limiter.binding()
                     );
                 }
-                return Ok(());
+                Ok(())
             }
-        };
-        match binding.limit(key).await {
-            Ok(outcome) if outcome.success => Ok(()),
-            Ok(_) => Err(EdgeError::RateLimited { retry_after_secs }),
             Err(e) => {
                 worker::console_warn!("{} failed, request let through: {e}", limiter.binding());
                 Ok(())
@@ -101,7 +123,7 @@ mod glue {
 }
 
 #[cfg(target_arch = "wasm32")]
-pub use glue::check;
+pub use glue::{check, check_both};
 
 #[cfg(test)]
 mod tests {

@@ -3,9 +3,10 @@
 //! `finish` puts the CORS headers, `Vary: Origin` and `x-request-id` on every response,
 //! whether the edge made it or the origin did. A Response returned by `fetch` has
 //! immutable headers (setting one throws), so `finish` never edits them in place: it
-//! copies them into a fresh `Headers`, adds its own, and builds a new Response around the
-//! *same* body stream, status and WebSocket — nothing is read or buffered, so an SSE
-//! stream still reaches the client frame by frame.
+//! reads them (one crossing, `crate::boundary`), decides in Rust which to keep and what to
+//! add, and builds a new Response around the *same* body stream, status and WebSocket from
+//! one string of headers — nothing is read or buffered, so an SSE stream still reaches
+//! the client frame by frame.
 //!
 //! A `GET /events` (or its alias `GET /api/v1/events/{client_id}`) that fails for a
 //! passing reason — the origin unreachable, restarting or overloaded (502, 503, 504, the edge's own or the origin's) — leaves as
@@ -56,6 +57,8 @@ pub fn origin_status_as_unavailable(status: u16) -> Option<(&'static str, String
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use super::*;
+    use crate::boundary::{self, Head};
+    use worker::worker_sys::web_sys;
     use worker::{Headers, Response, ResponseBuilder};
 
     /// A response with a JSON body.
@@ -92,23 +95,30 @@ mod glue {
     }
 
     /// The response as it leaves the edge: the origin's end-to-end headers, then the
-    /// edge's CORS headers (`Vary` merged with the origin's), then `x-request-id`.
-    pub fn finish(resp: Response, cors: &[(&'static str, String)], rid: &str) -> Response {
-        let headers = Headers::new();
-        let upstream = resp.headers();
-        for (name, value) in upstream.entries() {
-            if keep_response_header(&name) {
-                let _ = headers.append(&name, &value);
+    /// edge's CORS headers (`Vary` merged with the origin's), then `x-request-id` — read
+    /// in one crossing and written in one (`crate::boundary`), around the same status,
+    /// body stream and WebSocket.
+    pub fn finish(
+        resp: web_sys::Response,
+        cors: &[(&'static str, String)],
+        rid: &str,
+    ) -> Result<web_sys::Response, String> {
+        let upstream = Head::of_response(&resp);
+        let mut list = String::with_capacity(256);
+        for (name, value) in &upstream.headers {
+            if keep_response_header(name) {
+                boundary::push(&mut list, name, value);
             }
         }
-        let vary = upstream.get("vary").ok().flatten();
+        // The kept headers hold no CORS header, `Vary` or `x-request-id`, so appending
+        // these is setting them.
         for (name, value) in cors.iter().filter(|(n, _)| *n != "vary") {
-            let _ = headers.set(name, value);
+            boundary::push(&mut list, name, value);
         }
-        let _ = headers.set("vary", &crate::cors::merge_vary(vary.as_deref()));
-        let _ = headers.set("x-request-id", rid);
-        let (builder, body) = resp.into_parts();
-        builder.with_headers(headers).body(body)
+        let vary = crate::cors::merge_vary(upstream.get("vary"));
+        boundary::push(&mut list, "vary", &vary);
+        boundary::push(&mut list, "x-request-id", rid);
+        boundary::respond(&resp, &list)
     }
 }
 

@@ -210,12 +210,15 @@ pub fn origin_refused_session(status: u16, www_authenticate: Option<&str>) -> bo
 #[cfg(target_arch = "wasm32")]
 mod glue {
     use super::*;
+    use crate::boundary::{self, Head};
     use crate::caller::Caller;
     use crate::config::EdgeConfig;
     use crate::error::EdgeError;
     use crate::l1::Entry;
     use gateway_shared::assertion;
-    use worker::{kv::KvStore, Env, Headers, Method, Request, RequestInit};
+    use worker::wasm_bindgen::JsValue;
+    use worker::worker_sys::web_sys;
+    use worker::{kv::KvStore, Env, Response};
 
     /// The KV binding.
     pub const BINDING: &str = "SESSIONS";
@@ -243,11 +246,10 @@ mod glue {
 
     /// The session token of a request: `Authorization: Bearer`, `session_token` cookie,
     /// `?session_token=`.
-    pub fn token(req: &Request, url: &worker::Url) -> Option<String> {
-        let h = req.headers();
+    pub fn token(head: &Head, url: &worker::Url) -> Option<String> {
         gateway_shared::session::extract_token(
-            h.get("authorization").ok().flatten().as_deref(),
-            h.get("cookie").ok().flatten().as_deref(),
+            head.get("authorization"),
+            head.get("cookie"),
             url.query(),
         )
     }
@@ -341,9 +343,9 @@ mod glue {
         token: &str,
         rid: &str,
     ) -> Result<Validation, EdgeError> {
-        let headers = Headers::new();
-        headers.set("authorization", &format!("Bearer {token}"))?;
-        headers.set("x-request-id", rid)?;
+        let mut headers = String::new();
+        boundary::push(&mut headers, "authorization", &format!("Bearer {token}"));
+        boundary::push(&mut headers, "x-request-id", rid);
         // An anonymous assertion: the origin may refuse traffic that did not come through
         // the edge (REQUIRE_EDGE_ASSERTION), and this call is the edge's own.
         let anon = crate::sign::assertion(
@@ -354,12 +356,18 @@ mod glue {
         )
         .await
         .map_err(|e| EdgeError::Internal(format!("signing the assertion failed: {e}")))?;
-        headers.set(assertion::HEADER, &anon)?;
-        let mut init = RequestInit::new();
-        init.with_method(Method::Post).with_headers(headers);
+        boundary::push(&mut headers, assertion::HEADER, &anon);
         let url = format!("{}/api/auth/validate", cfg.origin_url);
-        let mut resp =
-            crate::forward::send(Request::new_with_init(&url, &init)?, VALIDATE_TIMEOUT_MS).await?;
+        let sent = crate::forward::send(
+            &url,
+            "POST",
+            &headers,
+            &JsValue::NULL,
+            false,
+            VALIDATE_TIMEOUT_MS,
+        )
+        .await?;
+        let mut resp = Response::from(sent);
         let status = resp.status_code();
         let challenge = resp.headers().get("www-authenticate").ok().flatten();
         let body = resp.text().await.unwrap_or_default();
@@ -375,18 +383,17 @@ mod glue {
     /// origin would answer) and the tokens it carries, and returns the body to forward in
     /// place of the stream the edge read. Chunked bodies are read the same way.
     pub async fn logout_tokens_of(
-        req: &mut Request,
+        req: &web_sys::Request,
+        head: &Head,
         url: &worker::Url,
         limit: u64,
     ) -> Result<(LogoutTokens, crate::forward::Body), EdgeError> {
         let body = crate::forward::read_bounded(req, limit).await?;
-        let h = req.headers();
-        let header = |n: &str| h.get(n).ok().flatten();
         let tokens = super::logout_tokens(
-            header("authorization").as_deref(),
-            header("cookie").as_deref(),
+            head.get("authorization"),
+            head.get("cookie"),
             url.query(),
-            header("content-type").as_deref(),
+            head.get("content-type"),
             &body,
         );
         Ok((tokens, crate::forward::Body::Bytes(body)))

@@ -77,7 +77,8 @@ mod glue {
         ) -> Result<Promise, JsValue>;
 
         #[wasm_bindgen(js_namespace = ["crypto", "subtle"], js_name = sign, catch)]
-        fn subtle_sign(algorithm: &str, key: &JsValue, data: &[u8]) -> Result<Promise, JsValue>;
+        fn subtle_sign(algorithm: &JsValue, key: &JsValue, data: &[u8])
+            -> Result<Promise, JsValue>;
     }
 
     enum KeyState {
@@ -92,6 +93,9 @@ mod glue {
     thread_local! {
         // The key is fixed for the life of an isolate (a secret), so it is imported once.
         static KEY: RefCell<KeyState> = const { RefCell::new(KeyState::Unknown) };
+        // The algorithm's name as a JS string, made once: a `&str` would be copied across
+        // (and decoded by the runtime) on every signature.
+        static ED25519: JsValue = JsValue::from_str("Ed25519");
     }
 
     fn fail(what: &str, e: JsValue) -> Option<JsValue> {
@@ -148,7 +152,7 @@ mod glue {
     ) -> Result<String, AssertionError> {
         if let Some(crypto_key) = webcrypto_key(key).await {
             let input = signing_input(caller.claims(rid), now_unix);
-            let signed = match subtle_sign("Ed25519", &crypto_key, input.as_bytes()) {
+            let signed = match ED25519.with(|alg| subtle_sign(alg, &crypto_key, input.as_bytes())) {
                 Ok(p) => JsFuture::from(p).await,
                 Err(e) => Err(e),
             };
@@ -161,10 +165,49 @@ mod glue {
         }
         caller.assertion(rid, key, now_unix)
     }
+
+    /// An assertion ready to go out with a forwarded request.
+    pub enum Signing {
+        /// To be signed by WebCrypto as the request leaves (`crate::boundary::fetch_origin`
+        /// signs `input` with `key` and appends `.` and the signature, base64url): the
+        /// signature never crosses into wasm and back, and costs no promise of its own.
+        WebCrypto {
+            /// The isolate's `CryptoKey`.
+            key: JsValue,
+            /// The JWT signing input (`header.claims`).
+            input: String,
+        },
+        /// Signed already (the Rust signer: a runtime without Ed25519).
+        Signed(String),
+    }
+
+    /// The assertion of `caller` for request `rid` at `now_unix`, to be signed on the way
+    /// out when the runtime has Ed25519 (its key imported once per isolate), else signed
+    /// here in Rust.
+    pub async fn prepare(
+        caller: &Caller,
+        rid: &str,
+        key: &SecretKey,
+        now_unix: i64,
+    ) -> Result<Signing, AssertionError> {
+        match webcrypto_key(key).await {
+            Some(key) => Ok(Signing::WebCrypto {
+                key,
+                input: signing_input(caller.claims(rid), now_unix),
+            }),
+            None => caller.assertion(rid, key, now_unix).map(Signing::Signed),
+        }
+    }
+
+    /// The runtime refused to sign with the imported key: from now on this isolate signs
+    /// in Rust (logged once).
+    pub fn sign_failed(e: &str) {
+        fail("sign", JsValue::from_str(e));
+    }
 }
 
 #[cfg(target_arch = "wasm32")]
-pub use glue::assertion;
+pub use glue::{assertion, prepare, sign_failed, Signing};
 
 #[cfg(test)]
 mod tests {
