@@ -138,5 +138,13 @@ if [ ! -f "$NCHAN_SO" ]; then
   rm -rf "$NCHAN_TMP"
   [ -f "$NCHAN_SO" ] || { log "libnginx-mod-nchan did not hold $NCHAN_SO"; exit 1; }
 fi
+# nchan 1.3.6 creates its message temp path at start-up from the path Debian's nginx was
+# built with, /var/lib/nginx/body, and refuses `nchan_message_temp_path` as a duplicate:
+# make the directory exist (what the nginx package would have done) so a scratch prefix works.
+if [ ! -d /var/lib/nginx/body ]; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO mkdir -p /var/lib/nginx/body
+fi
 
 log "tools ready in $TOOLS"
