@@ -12,7 +12,8 @@
 //!   record.
 //!
 //! Every variant reads `VmRSS` and `Anonymous` before and at +0 s, +3 s and +10 s (the first
-//! also at `--density-late` seconds), per stream.
+//! also at `--density-late` seconds), per stream, and once more 3 s after every stream was
+//! closed (what the streams leave behind).
 
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,9 @@ pub(crate) struct DensityRow {
     pub(crate) before: Mem,
     /// `(seconds after the last stream opened, memory)`.
     pub(crate) readings: Vec<(f64, Mem)>,
+    /// 3 s after every stream was closed again: what the streams leave behind (retained by
+    /// the allocator, or state kept per client).
+    pub(crate) closed: Mem,
 }
 
 impl DensityRow {
@@ -69,6 +73,13 @@ pub(crate) async fn figure_density(
             name: format!("{burst} at once (an outside tool's burst)"),
             env: vec![],
             concurrency: burst,
+            resume: false,
+            late: false,
+        },
+        Variant {
+            name: "1024 at once (a bigger burst)".into(),
+            env: vec![],
+            concurrency: 1024,
             resume: false,
             late: false,
         },
@@ -159,28 +170,30 @@ async fn variant(
         tokio::time::sleep(Duration::from_secs_f64(s).saturating_sub(opened.elapsed())).await;
         readings.push((s, memory(&pids)));
     }
-    let row = DensityRow {
-        name: v.name.clone(),
-        open: set.open_count(),
-        failed: set.failed,
-        rate: set.connect_rate(),
-        before,
-        readings,
-    };
     if let Some(e) = &set.first_error {
         println!("  {}: first open error: {e}", v.name);
     }
+    let (open, failed, rate) = (set.open_count(), set.failed, set.connect_rate());
     set.close();
-    Ok(row)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(DensityRow {
+        name: v.name.clone(),
+        open,
+        failed,
+        rate,
+        before,
+        readings,
+        closed: memory(&pids),
+    })
 }
 
 /// Prints figure 4.
 pub(crate) fn print_density(rows: &[DensityRow], n: usize, late: f64) {
     println!(
-        "figure 4 — idle density as an outside client measures it: {n} idle /events streams on one token, held by this process, fresh release origin (NATS store) per variant; server VmRSS before and after the last stream opened (KiB per stream; anon = smaps Anonymous)"
+        "figure 4 — idle density as an outside client measures it: {n} idle /events streams on one token, held by this process, fresh release origin (NATS store) per variant; server VmRSS before and after the last stream opened (KiB per stream; anon = smaps Anonymous; closed = still held 3 s after all were closed)"
     );
     println!(
-        "{:<58} {:>6} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "{:<58} {:>6} {:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7}",
         "variant",
         "open",
         "fail",
@@ -190,7 +203,8 @@ pub(crate) fn print_density(rows: &[DensityRow], n: usize, late: f64) {
         "+3 s",
         "+10 s",
         format!("+{late:.0} s"),
-        "anon +3 s"
+        "anon +3 s",
+        "closed"
     );
     for r in rows {
         let kib = |s: f64| {
@@ -198,7 +212,7 @@ pub(crate) fn print_density(rows: &[DensityRow], n: usize, late: f64) {
                 .map_or("-".to_owned(), |v| format!("{v:.2}"))
         };
         println!(
-            "{:<58} {:>6} {:>5} {:>7.0} {:>8.1} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "{:<58} {:>6} {:>5} {:>7.0} {:>8.1} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7.2}",
             r.name,
             r.open,
             r.failed,
@@ -210,6 +224,7 @@ pub(crate) fn print_density(rows: &[DensityRow], n: usize, late: f64) {
             kib(late),
             r.per(3.0, |m| m.anon)
                 .map_or("-".to_owned(), |v| format!("{v:.2}")),
+            (r.closed.rss as f64 - r.before.rss as f64) / r.open.max(1) as f64,
         );
     }
     println!();

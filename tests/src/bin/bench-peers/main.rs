@@ -297,7 +297,11 @@ fn print_result(r: &RoundResult) {
                 format!(", send lag p99 {:.2} ms", d.run.lag_p99 as f64 / 1e6)
             } else {
                 String::new()
-            }
+            },
+        );
+        println!(
+            "  {:<10} CPU: server {:.0} %, load generator {:.0} % of one core",
+            "", d.server_cpu, d.loader_cpu
         );
     };
     if let Some(d) = &r.paced {
@@ -427,7 +431,7 @@ fn print_storm(args: &Args, s: &storm::StormResult, results: &[RoundResult]) {
         s.clients, s.with_last_id, s.read_before, args.storm_concurrency, s.overflows
     );
     println!(
-        "  reconnected {} (failed {}) in {:.2} s = {:.0} conn/s; {} callbacks sent while away: {} read after the reconnect, {} missing, {} read twice; p50 {:.1} ms, p99 {:.1} ms send → read",
+        "  reconnected {} (failed {}) in {:.2} s = {:.0} conn/s; {} callbacks sent while away: {} read after the reconnect, {} missing, {} read twice; read p50 {:.0} ms, p99 {:.0} ms after the storm began",
         s.reconnected,
         s.failed,
         s.secs,
@@ -436,8 +440,8 @@ fn print_storm(args: &Args, s: &storm::StormResult, results: &[RoundResult]) {
         d.unique,
         d.lost(),
         d.dup,
-        d.p50,
-        d.p99
+        s.after_p50,
+        s.after_p99
     );
     if let Some(e) = &s.first_error {
         println!("  first error: {e}");

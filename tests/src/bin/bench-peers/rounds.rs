@@ -82,6 +82,10 @@ pub(crate) struct DeliveryRow {
     pub(crate) max: f64,
     /// Distinct deliveries per second, first send → last read.
     pub(crate) rate: f64,
+    /// CPU over the window, % of one core: the server's processes, and this process (the
+    /// load generator: senders and every stream's reader).
+    pub(crate) server_cpu: f64,
+    pub(crate) loader_cpu: f64,
 }
 
 impl DeliveryRow {
@@ -122,6 +126,40 @@ impl DeliveryRow {
             p50,
             p99,
             max,
+            server_cpu: 0.0,
+            loader_cpu: 0.0,
+        }
+    }
+
+    /// Adds the CPU used since `cpu` (taken `since` ago) by `server` and this process.
+    fn with_cpu(mut self, cpu: &Cpu) -> Self {
+        let secs = cpu.at.elapsed().as_secs_f64().max(1e-3);
+        let used = |pids: &[u32], before: Duration| {
+            let now: Duration = pids.iter().map(|&p| procfs::cpu_time(p)).sum();
+            now.saturating_sub(before).as_secs_f64() / secs * 100.0
+        };
+        self.server_cpu = used(&cpu.server, cpu.server_before);
+        self.loader_cpu = used(&[procfs::self_pid()], cpu.loader_before);
+        self
+    }
+}
+
+/// CPU times at the start of a measured window.
+pub(crate) struct Cpu {
+    at: Instant,
+    server: Vec<u32>,
+    server_before: Duration,
+    loader_before: Duration,
+}
+
+impl Cpu {
+    /// Reads the CPU time of `server` (all its processes) and of this process now.
+    pub(crate) fn start(server: &[u32]) -> Self {
+        Self {
+            at: Instant::now(),
+            server: server.to_vec(),
+            server_before: server.iter().map(|&p| procfs::cpu_time(p)).sum(),
+            loader_before: procfs::cpu_time(procfs::self_pid()),
         }
     }
 }
@@ -201,6 +239,7 @@ fn private_ranges(args: &Args, n: usize) -> [std::ops::Range<usize>; 3] {
 /// Figure 2 for either server: `send` goes to stream `i` for index `i`.
 async fn private(
     args: &Args,
+    pids: &[u32],
     set: &mut StreamSet,
     send: impl Fn(u32) -> load::Sender,
     phase: &mut u32,
@@ -212,29 +251,36 @@ async fn private(
         .await;
     *phase += 1;
     let p = *phase;
+    let cpu = Cpu::start(pids);
     let run = load::paced(args.paced_rate, paced, args.inflight, send(p)).await;
     let expect = run.sent - run.failed;
     let got = set.take(p, expect, Duration::from_secs(15)).await;
-    let paced_row = DeliveryRow::from(run, expect, &got, true);
+    let paced_row = DeliveryRow::from(run, expect, &got, true).with_cpu(&cpu);
     *phase += 1;
     let p = *phase;
+    let cpu = Cpu::start(pids);
     let run = load::unpaced(rest, args.inflight, send(p)).await;
     let expect = run.sent - run.failed;
     let got = set.take(p, expect, Duration::from_secs(15)).await;
-    (paced_row, DeliveryRow::from(run, expect, &got, true))
+    (
+        paced_row,
+        DeliveryRow::from(run, expect, &got, true).with_cpu(&cpu),
+    )
 }
 
 /// Figure 3 for either server: every open stream should read every event once.
 async fn broadcast(
     args: &Args,
+    pids: &[u32],
     set: &mut StreamSet,
     send: load::Sender,
     phase: u32,
 ) -> DeliveryRow {
+    let cpu = Cpu::start(pids);
     let run = load::paced(args.bc_rate, 0..args.bc_events, args.inflight, send).await;
     let expect = (run.sent - run.failed) * set.open_count();
     let got = set.take(phase, expect, Duration::from_secs(15)).await;
-    DeliveryRow::from(run, expect, &got, false)
+    DeliveryRow::from(run, expect, &got, false).with_cpu(&cpu)
 }
 
 /// One round of the gateway: a fresh origin.
@@ -283,6 +329,7 @@ pub(crate) async fn gateway_round(
         let requests = Arc::new(requests);
         let (paced, unpaced) = private(
             args,
+            &[gw.pid, world.nats_pid],
             &mut set,
             |p| gw.callbacks(http, requests.clone(), p),
             phase,
@@ -317,7 +364,10 @@ pub(crate) async fn gateway_round(
                     Ok(e) => {
                         let send =
                             step_events(world.js.clone(), e, *phase, Arc::new(IdGen::new()));
-                        result.broadcast = Some(broadcast(args, &mut set, send, *phase).await);
+                        result.broadcast = Some(
+                            broadcast(args, &[gw.pid, world.nats_pid], &mut set, send, *phase)
+                                .await,
+                        );
                     }
                     Err(_) => notes.push(format!("execution id {execution} is not a number")),
                 }
@@ -374,6 +424,7 @@ pub(crate) async fn nchan_round(
         let channels = Arc::new(set.ids.clone());
         let (paced, unpaced) = private(
             args,
+            &pids,
             &mut set,
             |p| publishes(http, &nchan.url, channels.clone(), p),
             phase,
@@ -404,7 +455,7 @@ pub(crate) async fn nchan_round(
         tokio::time::sleep(Duration::from_millis(500)).await;
         *phase += 1;
         let send = publishes(http, &nchan.url, Arc::new(vec![channel]), *phase);
-        result.broadcast = Some(broadcast(args, &mut set, send, *phase).await);
+        result.broadcast = Some(broadcast(args, &pids, &mut set, send, *phase).await);
     }
     let ended = set.ended.load(std::sync::atomic::Ordering::Relaxed);
     if ended > 0 {

@@ -28,6 +28,9 @@ pub(crate) struct StormResult {
     pub(crate) delivery: DeliveryRow,
     /// Clients that had a frame id to resume from.
     pub(crate) with_last_id: usize,
+    /// The missed results' read time after the storm began, p50 and p99 (ms).
+    pub(crate) after_p50: f64,
+    pub(crate) after_p99: f64,
     /// Results read on replica A before the kill (of the missed clients).
     pub(crate) read_before: usize,
     /// Listen-queue overflows (system-wide) during the storm.
@@ -120,6 +123,7 @@ pub(crate) async fn figure_storm(
             (b.target(&path), String::new())
         })
         .collect();
+    let storm_start = gateway_tests::bench::now_ns();
     let mut back = streams::open(OpenSpec {
         targets,
         init: true,
@@ -131,6 +135,8 @@ pub(crate) async fn figure_storm(
     let secs = back.open_time.as_secs_f64();
     let got = back.take(p, missed_sent, Duration::from_secs(20)).await;
     let delivery = DeliveryRow::from_private(run, missed_sent, &got);
+    let mut after: Vec<u64> = got.iter().map(|d| d.at.saturating_sub(storm_start)).collect();
+    let (after_p50, after_p99, _) = load::latency_ms(&mut after);
     let result = StormResult {
         clients: n,
         reconnected: back.open_count(),
@@ -142,6 +148,8 @@ pub(crate) async fn figure_storm(
         delivery,
         with_last_id,
         read_before,
+        after_p50,
+        after_p99,
         overflows: load::listen_overflows().saturating_sub(overflows),
     };
     back.close();
