@@ -132,7 +132,9 @@ async fn variant(
         // Create the clients first, then close their streams: the measured opens only
         // resume them.
         let first = streams::open(OpenSpec {
-            targets: (0..n).map(|_| (gw.target("/events"), String::new())).collect(),
+            targets: (0..n)
+                .map(|_| (gw.target("/events"), String::new()))
+                .collect(),
             init: true,
             concurrency: v.concurrency,
             first_octet: octets.take(n),

@@ -56,10 +56,7 @@ pub(crate) fn origin_options(world: &World, extra: &[(&str, &str)]) -> OriginOpt
         ("AUTH_RATE_LIMIT", "off"),
     ]);
     let base = base.envs(extra);
-    world
-        .extra_env
-        .iter()
-        .fold(base, |o, (k, v)| o.env(k, v))
+    world.extra_env.iter().fold(base, |o, (k, v)| o.env(k, v))
 }
 
 impl Gateway {
@@ -156,7 +153,10 @@ impl Gateway {
             .iter()
             .find_map(|r| r.as_ref().err().map(|e| format!("{e:#}")));
         (
-            replies.into_iter().map(|r| r.ok().map(|(_, q)| q)).collect(),
+            replies
+                .into_iter()
+                .map(|r| r.ok().map(|(_, q)| q))
+                .collect(),
             first,
         )
     }
@@ -204,11 +204,14 @@ impl Gateway {
             let Some(request) = requests.get(i).cloned().flatten() else {
                 return Box::pin(async { false });
             };
-            let req = http.post(url.as_str()).bearer_auth(INTERNAL_TOKEN).json(&json!({
-                "request_id": request,
-                "status": "success",
-                "data": {"m": crate::streams::marker(phase, i as u32, t)},
-            }));
+            let req = http
+                .post(url.as_str())
+                .bearer_auth(INTERNAL_TOKEN)
+                .json(&json!({
+                    "request_id": request,
+                    "status": "success",
+                    "data": {"m": crate::streams::marker(phase, i as u32, t)},
+                }));
             Box::pin(async move {
                 match req.send().await {
                     Ok(r) => {

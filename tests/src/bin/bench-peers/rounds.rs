@@ -362,8 +362,7 @@ pub(crate) async fn gateway_round(
                 *phase += 1;
                 match execution.parse::<u64>() {
                     Ok(e) => {
-                        let send =
-                            step_events(world.js.clone(), e, *phase, Arc::new(IdGen::new()));
+                        let send = step_events(world.js.clone(), e, *phase, Arc::new(IdGen::new()));
                         result.broadcast = Some(
                             broadcast(args, &[gw.pid, world.nats_pid], &mut set, send, *phase)
                                 .await,
@@ -439,7 +438,9 @@ pub(crate) async fn nchan_round(
         let channel = format!("r{round}bc");
         let started = Instant::now();
         set = streams::open(OpenSpec {
-            targets: (0..args.n).map(|_| (sub(&channel), channel.clone())).collect(),
+            targets: (0..args.n)
+                .map(|_| (sub(&channel), channel.clone()))
+                .collect(),
             init: false,
             concurrency: args.connect_concurrency,
             first_octet: octets.take(args.n),

@@ -62,7 +62,9 @@ pub(crate) async fn figure_storm(
     let b = Gateway::start(world, &[], Some(&a.token)).await?;
     let n = args.n;
     let set = streams::open(OpenSpec {
-        targets: (0..n).map(|_| (a.target("/events"), String::new())).collect(),
+        targets: (0..n)
+            .map(|_| (a.target("/events"), String::new()))
+            .collect(),
         init: true,
         concurrency: args.connect_concurrency,
         first_octet: octets.take(n),
@@ -135,7 +137,10 @@ pub(crate) async fn figure_storm(
     let secs = back.open_time.as_secs_f64();
     let got = back.take(p, missed_sent, Duration::from_secs(20)).await;
     let delivery = DeliveryRow::from_private(run, missed_sent, &got);
-    let mut after: Vec<u64> = got.iter().map(|d| d.at.saturating_sub(storm_start)).collect();
+    let mut after: Vec<u64> = got
+        .iter()
+        .map(|d| d.at.saturating_sub(storm_start))
+        .collect();
     let (after_p50, after_p99, _) = load::latency_ms(&mut after);
     let result = StormResult {
         clients: n,

@@ -146,6 +146,7 @@ pub(crate) async fn open(spec: OpenSpec) -> StreamSet {
             .expect("the semaphore is never closed");
         let source = source_address(spec.first_octet, PER_ADDRESS, i);
         let (init, timeout) = (spec.init, spec.timeout);
+        let (tx, ended) = (tx.clone(), ended.clone());
         opening.push(tokio::spawn(async move {
             let r = async {
                 let mut conn = SseConn::open(&target, Some(source), timeout).await?;
@@ -158,31 +159,33 @@ pub(crate) async fn open(spec: OpenSpec) -> StreamSet {
             }
             .await;
             drop(permit);
-            (r, Instant::now())
+            let at = Instant::now();
+            // The reader starts as soon as its stream is open: a frame waiting for it (a
+            // resumed client's replay) is read when it arrives, not after the last open.
+            (
+                r.map(|(conn, id)| (tokio::spawn(read(conn, i as u32, tx, ended)), id)),
+                at,
+            )
         }));
     }
+    drop(tx);
     let mut set = StreamSet {
         ids: Vec::with_capacity(n),
         readers: Vec::with_capacity(n),
         rx,
         got: Vec::new(),
-        ended: ended.clone(),
+        ended,
         failed: 0,
         first_error: None,
         open_time: Duration::ZERO,
         opened_at: started,
     };
-    for (i, h) in opening.into_iter().enumerate() {
+    for h in opening {
         match h.await {
-            Ok((Ok((conn, id)), at)) => {
+            Ok((Ok((reader, id)), at)) => {
                 set.opened_at = set.opened_at.max(at);
                 set.ids.push(id);
-                set.readers.push(Some(tokio::spawn(read(
-                    conn,
-                    i as u32,
-                    tx.clone(),
-                    ended.clone(),
-                ))));
+                set.readers.push(Some(reader));
             }
             Ok((Err(e), _)) => {
                 set.failed += 1;
