@@ -404,11 +404,17 @@ fn print_summary(args: &Args, results: &[RoundResult]) {
         |g, n| g >= n,
         "/s",
     );
+    // A p99 over the few deliveries made says nothing when most were lost: the goal holds
+    // only with every delivery made (the gateway's p99 is then marked with a minus).
     ratio_line(
-        "broadcast p99",
-        "≤ nchan's",
-        &pairs(results, |r| r.broadcast.as_ref().map(|d| d.p99)),
-        |g, n| g <= n,
+        "broadcast p99 (gateway's negative when it lost deliveries)",
+        "≤ nchan's, 0 lost",
+        &pairs(results, |r| {
+            r.broadcast
+                .as_ref()
+                .map(|d| if d.lost() > 0 { -d.p99 } else { d.p99 })
+        }),
+        |g, n| g >= 0.0 && g <= n,
         "ms",
     );
     let lost: Vec<String> = results
