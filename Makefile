@@ -52,6 +52,7 @@ bench: setup edge
 	target/release/bench-abuse
 	target/release/bench-observability
 	target/release/bench-services
+	target/release/bench-peers
 
 fmt:
 	cargo fmt --all

@@ -120,4 +120,31 @@ if ! "$TOOLS/nginx/usr/sbin/nginx" -v 2>&1 | grep -q "nginx/$NGINX_VERSION\."; t
     || { log "the nginx package is not $NGINX_VERSION.x: $("$TOOLS/nginx/usr/sbin/nginx" -v 2>&1)"; exit 1; }
 fi
 
+# 7. nchan, the realtime peer bench-peers measures private delivery, broadcast, idle
+#    density and connect rate against (docs/BENCHMARKS.md). Debian's dynamic module for
+#    the same nginx, unpacked next to it (bench-peers loads it with `load_module`); it
+#    links only libc.
+NCHAN_SO="$TOOLS/nginx/usr/lib/nginx/modules/ngx_nchan_module.so"
+if [ ! -f "$NCHAN_SO" ]; then
+  log "unpacking Debian's libnginx-mod-nchan into $TOOLS/nginx (apt-get download, once per machine)"
+  NCHAN_TMP=$(mktemp -d)
+  if ! (cd "$NCHAN_TMP" && apt-get download -qq libnginx-mod-nchan >/dev/null 2>&1); then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    (cd "$NCHAN_TMP" && apt-get download -qq libnginx-mod-nchan >/dev/null)
+  fi
+  dpkg-deb -x "$NCHAN_TMP"/libnginx-mod-nchan_*.deb "$TOOLS/nginx"
+  rm -rf "$NCHAN_TMP"
+  [ -f "$NCHAN_SO" ] || { log "libnginx-mod-nchan did not hold $NCHAN_SO"; exit 1; }
+fi
+# nchan 1.3.6 creates its message temp path at start-up from the path Debian's nginx was
+# built with, /var/lib/nginx/body, and refuses `nchan_message_temp_path` as a duplicate:
+# make the directory exist (what the nginx package would have done) so a scratch prefix works.
+if [ ! -d /var/lib/nginx/body ]; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO mkdir -p /var/lib/nginx/body
+fi
+
 log "tools ready in $TOOLS"
