@@ -545,10 +545,24 @@ fn open_file_limit() -> Option<u64> {
         .ok()
 }
 
+/// The accept queue asked of the kernel (which caps it at `net.core.somaxconn`). std's
+/// (and so tokio's `TcpListener::bind`) 128 overflowed hundreds of times in a burst of 10k
+/// SSE connects (a reconnect storm), each overflow a client retrying a second later;
+/// nginx asks 511.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, which: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({which} listener): {e}"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({which} listener): {e}"))
 }
 
 /// Completes on the next SIGTERM (if `term` listens) or Ctrl-C.
