@@ -13,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
 
 /// mimalloc instead of glibc malloc: per-thread free lists, no arena lock on the proxy's
-/// per-request allocations (docs/BENCHMARKS.md, "The proxy path (issue 16)").
+/// per-request allocations (docs/BENCHMARKS.md, "The proxy path and sessions without a
+/// network hop (issue 16)").
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -15,9 +15,9 @@
 //! - **gateway, memory store** and **gateway, NATS K/V** — an origin with
 //!   `SERVICE_DEMO_URL` = the demo and `SERVICE_DEMO_ALLOW="GET /echo,POST /ask"`, sent
 //!   `GET /api/v1/demo/echo` with `Authorization: Bearer <session>`: the session check (a
-//!   cache hit: the login wrote it; in memory, or one JetStream K/V read on a real
-//!   nats-server as in production), the allow-list, the identity headers, the per-service
-//!   pool. Access log off (`RUST_LOG=warn`, like nginx's `access_log off`; what the log costs
+//!   cache hit: the login wrote it; in memory, or on a real nats-server as in production,
+//!   where since issue 16 the replica's own session cache answers too), the allow-list,
+//!   the identity headers, the per-service pool. Access log off (`RUST_LOG=warn`, like nginx's `access_log off`; what the log costs
 //!   is bench-observability's figure), metrics on (the default);
 //! - **origin, session check alone** — `POST /api/auth/validate` on the memory-store origin,
 //!   a reference row, not a proxy: the same listener, middleware and session check with no
