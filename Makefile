@@ -42,7 +42,7 @@ edge:
 	@wasm=edge-worker/build/index_bg.wasm; \
 	  echo "edge wasm bundle: $$(stat -c %s $$wasm) bytes raw, $$(gzip -9c $$wasm | wc -c) bytes gzip"
 
-## make bench — session validation, revocation, the realtime path, the edge on workerd, abuse resistance, the cost of observability, the service proxy against nginx and a question's round trip (see docs/BENCHMARKS.md)
+## make bench — session validation, revocation, the realtime path, the edge on workerd, abuse resistance, the cost of observability, the service proxy against nginx, a question's round trip, and the realtime path against nginx + nchan (see docs/BENCHMARKS.md)
 bench: setup edge
 	cargo build --release --locked -p noetl-gateway-origin -p gateway-tests --bins
 	target/release/bench-sessions
