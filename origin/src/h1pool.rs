@@ -364,7 +364,11 @@ mod tests {
             assert_eq!(read_all(resp).await, "hello");
             assert_eq!(pool.idle_len(), 1);
         }
-        assert_eq!(conns.load(Ordering::SeqCst), 1, "one connection for five requests");
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "one connection for five requests"
+        );
     }
 
     #[tokio::test]

@@ -80,14 +80,12 @@ impl Transport {
     /// [`Transport::H1`] for an `http://` `base` (pool settings as `reqwest`'s were), else
     /// `http`.
     pub(crate) fn for_base(base: &Url, http: reqwest::Client, connect_timeout: Duration) -> Self {
+        // `host_str` already brackets an IPv6 address.
         let authority = base
             .host_str()
             .zip(base.port_or_known_default())
-            .map(|(host, port)| match base.host() {
-                Some(url::Host::Ipv6(_)) => format!("[{host}]:{port}"),
-                _ => format!("{host}:{port}"),
-            });
-        let host = (&base[url::Position::BeforeHost..url::Position::AfterPort]).to_owned();
+            .map(|(host, port)| format!("{host}:{port}"));
+        let host = base[url::Position::BeforeHost..url::Position::AfterPort].to_owned();
         match (base.scheme(), authority, HeaderValue::from_str(&host)) {
             ("http", Some(authority), Ok(host)) => Transport::H1(H1Pool::new(
                 authority,
@@ -383,5 +381,28 @@ impl ServiceClient {
             service: self.name.to_owned(),
             message: innermost(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h1(base: &str) -> Option<String> {
+        let url = Url::parse(base).unwrap();
+        match Transport::for_base(&url, reqwest::Client::new(), Duration::from_secs(1)) {
+            Transport::H1(pool) => Some(format!("{pool:?}")),
+            Transport::Reqwest(_) => None,
+        }
+    }
+
+    #[test]
+    fn plain_http_goes_through_the_on_task_pool_and_tls_through_reqwest() {
+        assert!(h1("http://svc.ns:8080/base")
+            .unwrap()
+            .contains("\"svc.ns:8080\""));
+        assert!(h1("http://svc/").unwrap().contains("\"svc:80\""));
+        assert!(h1("http://[::1]:9000/").unwrap().contains("\"[::1]:9000\""));
+        assert!(h1("https://svc/").is_none());
     }
 }

@@ -130,7 +130,8 @@ async fn a_logout_on_one_replica_is_refused_on_the_other_within_a_second() {
     let (status, body) = validate(&s.b, &token).await;
     assert_eq!(status, 200, "{body}");
     // B serves it from memory from now on: no K/V `sessions` read for ten more requests.
-    let reads = r#"gateway_kv_operation_duration_seconds_count{bucket="sessions",op="get",outcome="ok"}"#;
+    let reads =
+        r#"gateway_kv_operation_duration_seconds_count{bucket="sessions",op="get",outcome="ok"}"#;
     let before = s.b.metric(reads).await.unwrap_or(0);
     for _ in 0..10 {
         assert_eq!(validate(&s.b, &token).await.0, 200);

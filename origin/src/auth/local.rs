@@ -145,7 +145,10 @@ mod tests {
         assert!(cache.get(&b, 0).is_some());
         std::thread::sleep(Duration::from_millis(50));
         assert!(cache.get(&a, 0).is_some());
-        assert!(cache.get(&b, 0).is_none(), "past the shared entry's freshness");
+        assert!(
+            cache.get(&b, 0).is_none(),
+            "past the shared entry's freshness"
+        );
     }
 
     #[test]
@@ -169,7 +172,11 @@ mod tests {
 
         let cache = LocalSessions::new(Duration::from_secs(10), 2);
         for t in ["t1", "t2", "t3", "t4"] {
-            cache.insert(&SessionHash::of(t), &record(i64::MAX), Duration::from_secs(60));
+            cache.insert(
+                &SessionHash::of(t),
+                &record(i64::MAX),
+                Duration::from_secs(60),
+            );
         }
         assert_eq!(cache.len(), 2, "a full cache takes no more live entries");
         assert!(cache.get(&SessionHash::of("t3"), 0).is_none());

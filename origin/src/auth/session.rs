@@ -120,9 +120,7 @@ impl CachedSession {
             None => cache_ttl,
             Some(at) => {
                 let ttl = i64::try_from(cache_ttl.as_secs()).unwrap_or(i64::MAX);
-                Duration::from_secs(
-                    u64::try_from(at.saturating_add(ttl) - now_unix).unwrap_or(0),
-                )
+                Duration::from_secs(u64::try_from(at.saturating_add(ttl) - now_unix).unwrap_or(0))
             }
         }
     }
