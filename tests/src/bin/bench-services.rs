@@ -54,7 +54,7 @@ use anyhow::Context;
 use clap::Parser;
 use gateway_tests::bench::http_load::{self, Target};
 use gateway_tests::bench::percentile;
-use gateway_tests::bench::procfs::{self, CpuSnapshot};
+use gateway_tests::bench::procfs::{self, children_of, CpuSnapshot};
 use gateway_tests::harness::demo::{DemoOptions, DemoService};
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
@@ -227,26 +227,6 @@ http {{
         pids.extend(children_of(self.guard.pid()));
         pids
     }
-}
-
-/// The processes whose parent is `pid` (`/proc/*/stat`, field 4).
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // After the command name's closing parenthesis: state, then ppid.
-                    let rest = &s[s.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
 }
 
 /// Everything one window is measured against.

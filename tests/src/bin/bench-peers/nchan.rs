@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gateway_tests::bench::procfs::children_of;
 use gateway_tests::harness::{
     free_port, listener_owned_by, scratch_dir, tools_dir, wait_until_ok, ChildGuard,
 };
@@ -149,24 +150,4 @@ http {{
     pub(crate) fn stop(mut self) {
         self.guard.stop(Duration::from_secs(3));
     }
-}
-
-/// The processes whose parent is `pid` (`/proc/*/stat`, field 4).
-pub(crate) fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // After the command name's closing parenthesis: state, then ppid.
-                    let rest = &s[s.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
 }
