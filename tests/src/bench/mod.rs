@@ -10,6 +10,8 @@
 //! - [`peer`] — a trivial axum SSE server, the floor the origin's per-connection memory is
 //!   compared against in the same run.
 //! - [`procfs`] — what the benchmark reads about a process: RSS, anonymous memory, CPU time.
+//! - [`nginx`] — Debian's nginx as a peer (`bench-services`' proxy, `bench-peers'` nginx +
+//!   nchan): a scratch prefix, a rendered config, a port it is checked to own.
 //! - [`workerd`] and [`http_load`] (`bench-edge`) — plain `workerd serve` processes from a
 //!   capnp template, and a closed-loop keep-alive HTTP/1.1 load generator.
 //! - [`percentile`], [`us`] and [`arg`] — the figures and flags every `bench-*` binary
@@ -21,6 +23,7 @@
 
 pub mod holder;
 pub mod http_load;
+pub mod nginx;
 pub mod peer;
 pub mod procfs;
 pub mod sse_conn;

@@ -46,20 +46,20 @@
 //! Usage: `bench-services [--rounds 3] [--secs 8] [--warmup-secs 4] [--conns 32,128]
 //! [--nginx-workers N] [--questions 200]`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use gateway_tests::bench::http_load::{self, Target};
+use gateway_tests::bench::nginx::{nginx_bin, Nginx, NginxConfig};
 use gateway_tests::bench::percentile;
-use gateway_tests::bench::procfs::{self, children_of, CpuSnapshot};
+use gateway_tests::bench::procfs::{self, CpuSnapshot};
 use gateway_tests::harness::demo::{DemoOptions, DemoService};
+use gateway_tests::harness::flows;
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
-use gateway_tests::harness::{flows, free_port, scratch_dir, tools_dir, wait_until_ok, ChildGuard};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
@@ -122,59 +122,12 @@ impl Kind {
     }
 }
 
-/// nginx as a non-root child from a scratch prefix: `-p <dir> -c <dir>/nginx.conf`.
-struct Nginx {
-    url: String,
-    guard: ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-/// `$NGINX_BIN`, else the binary `scripts/setup.sh` unpacked.
-fn nginx_bin() -> PathBuf {
-    std::env::var_os("NGINX_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| tools_dir().join("nginx/usr/sbin/nginx"))
-}
-
-impl Nginx {
-    async fn start(upstream: &str, workers: usize) -> anyhow::Result<Self> {
-        let bin = nginx_bin();
-        anyhow::ensure!(
-            bin.exists(),
-            "{} is missing: run scripts/setup.sh (make bench does)",
-            bin.display()
-        );
-        let upstream = upstream.trim_start_matches("http://");
-        let mut last = None;
-        for _ in 0..3 {
-            let dir = scratch_dir("gw-bench-nginx-");
-            let port = free_port();
-            let d = dir.path().display().to_string();
-            // As root the master would drop its workers to `nobody`, who cannot use the
-            // scratch directory; run them as whoever runs the bench.
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let user = if unsafe { libc::geteuid() } == 0 {
-                "user root;\n"
-            } else {
-                ""
-            };
-            let conf = format!(
-                "{user}daemon off;
-master_process on;
-worker_processes {workers};
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    upstream demo {{
+/// nginx in front of the demo: an upstream block with `keepalive 100`, HTTP/1.1 to it.
+async fn start_nginx(upstream: &str, workers: usize) -> anyhow::Result<Nginx> {
+    let upstream = upstream.trim_start_matches("http://");
+    let http = |port: u16| {
+        format!(
+            "    upstream demo {{
         server {upstream};
         keepalive 100;
         keepalive_requests 100000000;
@@ -186,47 +139,18 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection \"\";
         }}
-    }}
-}}
-"
-            );
-            let conf_path = dir.path().join("nginx.conf");
-            std::fs::write(&conf_path, conf)?;
-            let mut cmd = std::process::Command::new(&bin);
-            cmd.arg("-p")
-                .arg(dir.path())
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .arg("-c")
-                .arg(&conf_path);
-            let mut guard = ChildGuard::spawn("nginx", cmd, dir.path().join("nginx.out"))?;
-            let url = format!("http://127.0.0.1:{port}");
-            let up = wait_until_ok(&format!("{url}/echo"), Duration::from_secs(10)).await;
-            let mut pids = vec![guard.pid()];
-            pids.extend(children_of(guard.pid()));
-            if up.is_ok() && gateway_tests::harness::listener_owned_by(port, &pids) {
-                return Ok(Self {
-                    url,
-                    guard,
-                    _dir: dir,
-                });
-            }
-            let err = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-            last = Some(anyhow::anyhow!(
-                "nginx did not start on its own port: {up:?}\n{}{err}",
-                guard.log_text()
-            ));
-            guard.stop(Duration::from_secs(2));
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("nginx did not start")))
-    }
-
-    /// The master and its workers.
-    fn pids(&self) -> Vec<u32> {
-        let mut pids = vec![self.guard.pid()];
-        pids.extend(children_of(self.guard.pid()));
-        pids
-    }
+    }}"
+        )
+    };
+    Nginx::start(NginxConfig {
+        name: "nginx",
+        main: String::new(),
+        workers,
+        connections: 4096,
+        http: &http,
+        probe: "/echo",
+    })
+    .await
 }
 
 /// Everything one window is measured against.
@@ -661,7 +585,7 @@ async fn main() -> anyhow::Result<()> {
         .context("the NATS origin")?;
     let memory_token = flows::login(&memory.url, &standin, EMAIL).await;
     let nats_token = flows::login(&nats_origin.url, &standin, EMAIL).await;
-    let nginx = Nginx::start(&demo.url, workers).await?;
+    let nginx = start_nginx(&demo.url, workers).await?;
     let mut stack = Stack {
         demo,
         nginx,

@@ -7,12 +7,11 @@
 //! shared channel for broadcast. Access log off, `worker_processes` = `--nchan-workers`.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use gateway_tests::bench::procfs::children_of;
-use gateway_tests::harness::{
-    free_port, listener_owned_by, scratch_dir, tools_dir, wait_until_ok, ChildGuard,
-};
+use gateway_tests::bench::nginx::{nginx_bin, Nginx, NginxConfig};
+use gateway_tests::harness::tools_dir;
+
+pub(crate) use gateway_tests::bench::nginx::nginx_version;
 
 /// A running nginx + nchan.
 pub(crate) struct Nchan {
@@ -20,15 +19,7 @@ pub(crate) struct Nchan {
     pub(crate) url: String,
     /// The listener.
     pub(crate) addr: std::net::SocketAddr,
-    guard: ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-/// `$NGINX_BIN`, else the binary `scripts/setup.sh` unpacked.
-fn nginx_bin() -> PathBuf {
-    std::env::var_os("NGINX_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| tools_dir().join("nginx/usr/sbin/nginx"))
+    nginx: Nginx,
 }
 
 /// The nchan module next to that nginx (`usr/sbin/nginx` → `usr/lib/nginx/modules/`).
@@ -40,58 +31,18 @@ pub(crate) fn nchan_module() -> PathBuf {
         .unwrap_or_else(|| tools_dir().join("nginx/usr/lib/nginx/modules/ngx_nchan_module.so"))
 }
 
-/// `nginx -v` (it prints to stderr).
-pub(crate) fn nginx_version() -> String {
-    std::process::Command::new(nginx_bin())
-        .arg("-v")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
-        .unwrap_or_else(|e| format!("nginx -v failed: {e}"))
-}
-
 impl Nchan {
     /// Starts nginx + nchan with `workers` worker processes on a free port.
     pub(crate) async fn start(workers: usize, nofile: u64) -> anyhow::Result<Self> {
-        let (bin, module) = (nginx_bin(), nchan_module());
-        for p in [&bin, &module] {
-            anyhow::ensure!(
-                p.exists(),
-                "{} is missing: run scripts/setup.sh (make bench does)",
-                p.display()
-            );
-        }
-        let mut last = None;
-        for _ in 0..3 {
-            let dir = scratch_dir("gw-bench-nchan-");
-            let port = free_port();
-            let d = dir.path().display().to_string();
-            // As root the master would drop its workers to `nobody`, who cannot use the
-            // scratch directory; run them as whoever runs the bench.
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let user = if unsafe { libc::geteuid() } == 0 {
-                "user root;\n"
-            } else {
-                ""
-            };
-            let conf = format!(
-                "load_module {module};
-{user}daemon off;
-master_process on;
-worker_processes {workers};
-worker_rlimit_nofile {nofile};
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections {nofile}; }}
-http {{
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
+        let module = nchan_module();
+        anyhow::ensure!(
+            module.exists(),
+            "{} is missing: run scripts/setup.sh (make bench does)",
+            module.display()
+        );
+        let http = |port: u16| {
+            format!(
+                "    server {{
         listen 127.0.0.1:{port};
         location = /health {{ return 200 'ok'; }}
         location ~ ^/sub/(\\w+)$ {{
@@ -102,52 +53,35 @@ http {{
             nchan_publisher;
             nchan_channel_id $1;
         }}
-    }}
-}}
-",
-                module = module.display()
-            );
-            let conf_path = dir.path().join("nginx.conf");
-            std::fs::write(&conf_path, conf)?;
-            let mut cmd = std::process::Command::new(&bin);
-            cmd.arg("-p")
-                .arg(dir.path())
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .arg("-c")
-                .arg(&conf_path);
-            let mut guard = ChildGuard::spawn("nginx+nchan", cmd, dir.path().join("nginx.out"))?;
-            let url = format!("http://127.0.0.1:{port}");
-            let up = wait_until_ok(&format!("{url}/health"), Duration::from_secs(10)).await;
-            let mut pids = vec![guard.pid()];
-            pids.extend(children_of(guard.pid()));
-            if up.is_ok() && listener_owned_by(port, &pids) {
-                return Ok(Self {
-                    addr: format!("127.0.0.1:{port}").parse()?,
-                    url,
-                    guard,
-                    _dir: dir,
-                });
-            }
-            let err = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-            last = Some(anyhow::anyhow!(
-                "nginx + nchan did not start on its own port: {up:?}\n{}{err}",
-                guard.log_text()
-            ));
-            guard.stop(Duration::from_secs(2));
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("nginx + nchan did not start")))
+    }}"
+            )
+        };
+        let nginx = Nginx::start(NginxConfig {
+            name: "nginx+nchan",
+            main: format!(
+                "load_module {};\nworker_rlimit_nofile {nofile};\n",
+                module.display()
+            ),
+            workers,
+            connections: nofile,
+            http: &http,
+            probe: "/health",
+        })
+        .await?;
+        Ok(Self {
+            url: nginx.url.clone(),
+            addr: format!("127.0.0.1:{}", nginx.port).parse()?,
+            nginx,
+        })
     }
 
     /// The master and its workers (whose memory is summed).
     pub(crate) fn pids(&self) -> Vec<u32> {
-        let mut pids = vec![self.guard.pid()];
-        pids.extend(children_of(self.guard.pid()));
-        pids
+        self.nginx.pids()
     }
 
     /// Stops it (SIGTERM, then SIGKILL).
-    pub(crate) fn stop(mut self) {
-        self.guard.stop(Duration::from_secs(3));
+    pub(crate) fn stop(self) {
+        self.nginx.stop();
     }
 }
