@@ -15,15 +15,27 @@
 //! version during a rollout) still delivers to all; `owner` says which of them are the
 //! owner's. A record without `owner` (written before) reads as all others.
 //!
+//! **Delivery does not read this record any more** (issue 16, broadcast): the bridge
+//! publishes a run's frames once, to the run (`Bus::publish_run`), and each client's
+//! stream follows the runs in the client's **watch list**, `watch.<client_id>` in this
+//! bucket (`{"executions": [...]}`, oldest first, at most [`MAX_WATCHED_PER_CLIENT`]). The
+//! record above still says *whether* anyone is interested (the bridge waits for it before
+//! publishing) and whose clients they are (service events to an execution's watchers).
+//! [`follow`] is the one way in: it checks nothing itself — its callers have checked that
+//! the client is the caller's and the caller may read the run — and writes, in order, the
+//! watch list, the bus's watch (so a stream open now learns it), then the record (so the
+//! bridge publishes only once every watcher's stream can receive the frames).
+//!
 //! The same bucket also holds the bridge's claims, `terminal.<execution_id>` and
 //! `failed.<execution_id>.<step hash>` (see [`crate::bridge::policy::terminal_key`] and
-//! [`crate::bridge::policy::failure_key`]); execution ids never contain a `.`, so the kinds
-//! of key cannot collide.
+//! [`crate::bridge::policy::failure_key`]); execution ids and client ids never contain a
+//! `.`, so the kinds of key cannot collide.
 
 use bytes::Bytes;
 use gateway_shared::ids::{ClientId, ExecutionId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::bus::{Bus, BusError};
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// Most clients of users other than the run's owner kept per execution; beyond it their
@@ -186,6 +198,101 @@ pub async fn add_interest(
     Err(StoreError::Unavailable(format!(
         "interest record for {execution_id} kept changing during {CREATE_RACE_ATTEMPTS} attempts"
     )))
+}
+
+/// Most runs one client's watch list keeps (its oldest dropped beyond): what a stream
+/// opened later follows, so it bounds one subscription's reads on a resume.
+pub const MAX_WATCHED_PER_CLIENT: usize = crate::bus::MAX_WATCHED_PER_SUBSCRIPTION;
+
+fn watch_key(client_id: &ClientId) -> String {
+    format!("watch.{client_id}")
+}
+
+/// A client's watch list as stored.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WatchList {
+    #[serde(default)]
+    executions: Vec<String>,
+}
+
+/// The runs `client_id` follows, oldest first (invalid entries skipped; none if the list
+/// is absent or unreadable).
+pub async fn watched_by(
+    kv: &dyn KvStore,
+    client_id: &ClientId,
+) -> Result<Vec<ExecutionId>, StoreError> {
+    let Some(raw) = kv.get(Bucket::Interest, &watch_key(client_id)).await? else {
+        return Ok(Vec::new());
+    };
+    let list: WatchList = serde_json::from_slice(&raw).unwrap_or_default();
+    Ok(list
+        .executions
+        .iter()
+        .filter_map(|e| ExecutionId::parse(e).ok())
+        .collect())
+}
+
+/// Adds `execution_id` to the client's watch list (idempotent; its oldest dropped beyond
+/// [`MAX_WATCHED_PER_CLIENT`]). Read-modify-write: the only writers of one client's list
+/// are its own requests, and a lost update drops a watch from what a *later* stream
+/// follows, never from the stream open now (the bus's watch reaches it).
+pub async fn add_watch(
+    kv: &dyn KvStore,
+    client_id: &ClientId,
+    execution_id: &ExecutionId,
+) -> Result<(), StoreError> {
+    let key = watch_key(client_id);
+    let mut list: WatchList = match kv.get(Bucket::Interest, &key).await? {
+        Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+        None => WatchList::default(),
+    };
+    if list.executions.iter().any(|e| e == execution_id.as_str()) {
+        return Ok(());
+    }
+    list.executions.push(execution_id.to_string());
+    let excess = list.executions.len().saturating_sub(MAX_WATCHED_PER_CLIENT);
+    list.executions.drain(..excess);
+    let value = serde_json::to_vec(&list).expect("a list of strings always serialises");
+    kv.put(Bucket::Interest, &key, Bytes::from(value)).await
+}
+
+/// Why [`follow`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The watch list or the interest record could not be written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The bus could not tell the client's open streams.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl From<FollowError> for crate::error::AppError {
+    fn from(e: FollowError) -> Self {
+        match e {
+            FollowError::Store(e) => e.into(),
+            FollowError::Bus(e) => crate::error::AppError::Unavailable {
+                code: "bus_unavailable",
+                message: format!("cannot follow the execution: {e}"),
+            },
+        }
+    }
+}
+
+/// Makes `client_id` follow `execution_id`'s frames: its watch list, then the bus's watch
+/// (a stream open now learns it), then the interest record (the bridge publishes once
+/// it exists). The caller has checked the client is the caller's and the run readable.
+pub async fn follow(
+    kv: &dyn KvStore,
+    bus: &dyn Bus,
+    execution_id: &ExecutionId,
+    client_id: &ClientId,
+    who: Interested,
+) -> Result<(), FollowError> {
+    add_watch(kv, client_id, execution_id).await?;
+    bus.watch(client_id, execution_id).await?;
+    add_interest(kv, execution_id, client_id, who).await?;
+    Ok(())
 }
 
 /// The clients interested in `execution_id`: the owner's, then everyone else's, each

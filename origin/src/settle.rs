@@ -556,12 +556,31 @@ mod tests {
             false
         }
 
-        async fn subscribe(
+        async fn publish_run(
+            &self,
+            execution_id: &ExecutionId,
+            event: &str,
+            data: Bytes,
+            key: &str,
+        ) -> Result<u64, BusError> {
+            self.inner.publish_run(execution_id, event, data, key).await
+        }
+
+        async fn watch(
+            &self,
+            client_id: &ClientId,
+            execution_id: &ExecutionId,
+        ) -> Result<(), BusError> {
+            self.inner.watch(client_id, execution_id).await
+        }
+
+        async fn subscribe_with(
             &self,
             client_id: &ClientId,
             start: StartAt,
+            watching: &[ExecutionId],
         ) -> Result<crate::bus::Subscription, BusError> {
-            self.inner.subscribe(client_id, start).await
+            self.inner.subscribe_with(client_id, start, watching).await
         }
 
         async fn is_healthy(&self) -> bool {

@@ -62,9 +62,28 @@ impl Recorded {
 #[derive(Default)]
 struct Log {
     frames: Mutex<Vec<Recorded>>,
+    /// Execution id → the clients watching it (`Bus::watch`, or the test's `interest`).
+    watchers: Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl Log {
+    fn add_watcher(&self, execution_id: &str, client_id: &str) {
+        let mut w = self.watchers.lock().expect("log lock");
+        let list = w.entry(execution_id.to_owned()).or_default();
+        if !list.iter().any(|c| c == client_id) {
+            list.push(client_id.to_owned());
+        }
+    }
+
+    fn watchers_of(&self, execution_id: &str) -> Vec<String> {
+        self.watchers
+            .lock()
+            .expect("log lock")
+            .get(execution_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn all(&self) -> Vec<Recorded> {
         self.frames.lock().expect("log lock").clone()
     }
@@ -138,6 +157,45 @@ impl RecordingBus {
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+impl RecordingBus {
+    /// One publish (failing if the test injected a failure), recorded once per client.
+    fn record(
+        &self,
+        clients: Vec<String>,
+        event: String,
+        data: Bytes,
+    ) -> BoxFuture<'_, Result<u64, BusError>> {
+        Box::pin(async move {
+            let failing = self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(BusError::Unavailable("injected by the test".into()));
+            }
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            let takes = self.publish_time();
+            if !takes.is_zero() {
+                tokio::time::sleep(takes).await;
+            }
+            {
+                let mut frames = self.log.frames.lock().expect("log lock");
+                for client_id in clients {
+                    frames.push(Recorded {
+                        replica: self.replica,
+                        client_id,
+                        event: event.clone(),
+                        data: data.clone(),
+                    });
+                }
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            Ok(self.ids.fetch_add(1, Ordering::SeqCst) as u64 + 1)
+        })
+    }
+}
+
 // `Bus` is an `#[async_trait]` trait; these are the signatures that macro expands to
 // (this crate does not depend on async-trait).
 impl Bus for RecordingBus {
@@ -191,39 +249,54 @@ impl Bus for RecordingBus {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(async move {
-            let failing = self
-                .fail_next
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            if failing {
-                return Err(BusError::Unavailable("injected by the test".into()));
-            }
-            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            self.max_in_flight.fetch_max(now, Ordering::SeqCst);
-            let takes = self.publish_time();
-            if !takes.is_zero() {
-                tokio::time::sleep(takes).await;
-            }
-            self.log.frames.lock().expect("log lock").push(Recorded {
-                replica: self.replica,
-                client_id: client_id.to_string(),
-                event: event.to_owned(),
-                data,
-            });
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            Ok(self.ids.fetch_add(1, Ordering::SeqCst) as u64 + 1)
-        })
+        self.record(vec![client_id.to_string()], event.to_owned(), data)
     }
 
-    fn subscribe<'life0, 'life1, 'async_trait>(
+    // A run's frame is recorded once per watcher, as the real buses deliver it.
+    fn publish_run<'life0, 'life1, 'life2, 'life3, 'async_trait>(
+        &'life0 self,
+        execution_id: &'life1 ExecutionId,
+        event: &'life2 str,
+        data: Bytes,
+        _key: &'life3 str,
+    ) -> BoxFuture<'async_trait, Result<u64, BusError>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        'life3: 'async_trait,
+        Self: 'async_trait,
+    {
+        let watchers = self.log.watchers_of(execution_id.as_str());
+        self.record(watchers, event.to_owned(), data)
+    }
+
+    fn watch<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        client_id: &'life1 ClientId,
+        execution_id: &'life2 ExecutionId,
+    ) -> BoxFuture<'async_trait, Result<(), BusError>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.log
+            .add_watcher(execution_id.as_str(), client_id.as_str());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn subscribe_with<'life0, 'life1, 'life2, 'async_trait>(
         &'life0 self,
         _client_id: &'life1 ClientId,
         _start: StartAt,
+        _watching: &'life2 [ExecutionId],
     ) -> BoxFuture<'async_trait, Result<Subscription, BusError>>
     where
         'life0: 'async_trait,
         'life1: 'async_trait,
+        'life2: 'async_trait,
         Self: 'async_trait,
     {
         Box::pin(async move {
@@ -393,6 +466,8 @@ impl World {
     async fn interest(&self, execution_id: &str, client_id: &str) {
         let execution_id = ExecutionId::parse(execution_id).expect("a valid execution id");
         let client_id = ClientId::parse(client_id).expect("a valid client id");
+        self.log
+            .add_watcher(execution_id.as_str(), client_id.as_str());
         interest::add_interest(
             &*self.kv,
             &execution_id,

@@ -18,7 +18,7 @@
 use anyhow::{bail, ensure, Context as _};
 use bytes::Bytes;
 use futures::StreamExt;
-use gateway_shared::ids::ClientId;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use gateway_tests::harness::nats::NatsServer;
 use origin::bus::memory::MemoryBus;
 use origin::bus::nats::NatsBus;
@@ -65,6 +65,11 @@ struct Subject {
 /// A client id the checks know to be valid.
 fn cid(s: &str) -> ClientId {
     ClientId::parse(s).expect("a valid client id")
+}
+
+/// An execution id the checks know to be valid.
+fn eid(s: &str) -> ExecutionId {
+    ExecutionId::parse(s).expect("a valid execution id")
 }
 
 /// How a check sees whether a client still has a live subscriber.
@@ -158,6 +163,12 @@ conformance!(
     invalid_client_ids_and_event_names_are_refused with LONG,
     frame_data_with_arbitrary_bytes_round_trips with LONG,
     the_bus_reports_itself_healthy with LONG,
+    a_run_frame_reaches_every_watcher_once_and_no_one_else with LONG,
+    a_watch_added_while_a_stream_is_open_delivers_the_runs_later_frames with LONG,
+    a_resume_merges_the_clients_and_its_runs_frames_in_one_id_order with LONG,
+    a_run_that_dropped_frames_a_resume_is_owed_resets_it with BY_COUNT,
+    publishers_racing_a_watcher_subscribing_cause_no_gap_and_no_duplicate with LONG,
+    a_run_keyed_twice_is_delivered_once_and_control_frames_never_reach_a_subscriber with LONG,
 );
 
 fn b(s: &str) -> Bytes {
@@ -787,6 +798,291 @@ async fn the_bus_reports_itself_healthy(s: &Subject) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// Runs: one publish per event, every watcher (issue 16, broadcast)
+// ---------------------------------------------------------------------------------------
+
+/// Reads `n` frames and returns their data as text.
+async fn next_texts(sub: &mut Subscription, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let f = next_frame(sub)
+            .await
+            .with_context(|| format!("frame {i} of {n}, after {out:?}"))?;
+        out.push(String::from_utf8(f.data.to_vec())?);
+    }
+    Ok(out)
+}
+
+async fn a_run_frame_reaches_every_watcher_once_and_no_one_else(s: &Subject) -> anyhow::Result<()> {
+    // More watchers than the 256 clients an interest record keeps: no cap any more.
+    const WATCHERS: usize = 300;
+    let bus = &*s.bus;
+    let run = eid("612345678901234567");
+    let mut watchers = Vec::new();
+    for w in 0..WATCHERS {
+        watchers.push(
+            bus.subscribe_with(
+                &cid(&format!("w{w}")),
+                StartAt::Retained,
+                std::slice::from_ref(&run),
+            )
+            .await?,
+        );
+    }
+    let mut bystander = bus
+        .subscribe_with(&cid("bystander"), StartAt::Retained, &[eid("7")])
+        .await?;
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        let id = bus
+            .publish_run(
+                &run,
+                "playbook/state",
+                Bytes::from(format!("s{i}")),
+                &format!("k{i}"),
+            )
+            .await?;
+        expected.push(frame(id, "playbook/state", &format!("s{i}")));
+    }
+    for (w, sub) in watchers.iter_mut().enumerate() {
+        for want in &expected {
+            let got = next_frame(sub)
+                .await
+                .with_context(|| format!("watcher {w}"))?;
+            ensure!(&got == want, "watcher {w}: {got:?} != {want:?}");
+        }
+    }
+    s.assert_quiet(&mut watchers[0]).await?;
+    s.assert_quiet(&mut bystander).await?;
+    Ok(())
+}
+
+async fn a_watch_added_while_a_stream_is_open_delivers_the_runs_later_frames(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let run = eid("42");
+    let mut sub = bus.subscribe(&cid("late"), StartAt::Retained).await?;
+    let mut other = bus.subscribe(&cid("other"), StartAt::Retained).await?;
+    bus.publish_run(&run, "playbook/state", b("before"), "k0")
+        .await?;
+    s.assert_quiet(&mut sub).await?;
+    bus.watch(&cid("late"), &run).await?;
+    let own = bus
+        .publish(&cid("late"), "playbook/result", b("own"))
+        .await?;
+    let after = bus
+        .publish_run(&run, "playbook/state", b("after"), "k1")
+        .await?;
+    assert_eq!(
+        next_frame(&mut sub).await?,
+        frame(own, "playbook/result", "own")
+    );
+    assert_eq!(
+        next_frame(&mut sub).await?,
+        frame(after, "playbook/state", "after")
+    );
+    s.assert_quiet(&mut sub).await?;
+    s.assert_quiet(&mut other).await?;
+    Ok(())
+}
+
+async fn a_resume_merges_the_clients_and_its_runs_frames_in_one_id_order(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let (r1, r2) = (eid("101"), eid("202"));
+    let mut ids = Vec::new();
+    let mut texts = Vec::new();
+    for i in 0..4 {
+        let own = format!("own{i}");
+        ids.push(bus.publish(&cid("m"), "e", b(&own)).await?);
+        texts.push(own);
+        bus.publish(&cid("not-m"), "e", b("x")).await?;
+        let one = format!("r1-{i}");
+        ids.push(bus.publish_run(&r1, "e", b(&one), &one).await?);
+        texts.push(one);
+        let two = format!("r2-{i}");
+        ids.push(bus.publish_run(&r2, "e", b(&two), &two).await?);
+        texts.push(two);
+        bus.publish_run(&eid("303"), "e", b("unwatched"), &format!("u{i}"))
+            .await?;
+    }
+    let watching = [r1.clone(), r2.clone()];
+    let mut all = bus
+        .subscribe_with(&cid("m"), StartAt::Retained, &watching)
+        .await?;
+    ensure!(!all.reset);
+    assert_eq!(next_texts(&mut all, texts.len()).await?, texts);
+    s.assert_quiet(&mut all).await?;
+    for cut in [0, 1, 5, 10, texts.len() - 1] {
+        let mut sub = bus
+            .subscribe_with(&cid("m"), StartAt::After(ids[cut]), &watching)
+            .await?;
+        ensure!(!sub.reset, "after {}", ids[cut]);
+        let rest = texts.len() - cut - 1;
+        assert_eq!(
+            next_texts(&mut sub, rest).await?,
+            texts[cut + 1..],
+            "after {cut}"
+        );
+        // Live frames of both kinds follow, still in one order.
+        let live_run = bus
+            .publish_run(&r2, "e", b("live-run"), &format!("lr{cut}"))
+            .await?;
+        let live_own = bus.publish(&cid("m"), "e", b("live-own")).await?;
+        assert_eq!(next_frame(&mut sub).await?.id, live_run);
+        assert_eq!(next_frame(&mut sub).await?.id, live_own);
+        s.assert_quiet(&mut sub).await?;
+        ids.extend([live_run, live_own]);
+        texts.extend(["live-run".to_owned(), "live-own".to_owned()]);
+    }
+    Ok(())
+}
+
+async fn a_run_that_dropped_frames_a_resume_is_owed_resets_it(s: &Subject) -> anyhow::Result<()> {
+    // BY_COUNT: five frames per subject, a run's included.
+    let bus = &*s.bus;
+    let run = eid("55");
+    let own = bus.publish(&cid("d"), "e", b("own")).await?;
+    let mut run_ids = Vec::new();
+    for i in 0..8 {
+        run_ids.push(
+            bus.publish_run(&run, "e", b(&format!("r{i}")), &format!("k{i}"))
+                .await?,
+        );
+    }
+    let watching = [run.clone()];
+    // Nothing of the run after run_ids[2] was dropped (3..8 are the five kept).
+    let mut fine = bus
+        .subscribe_with(&cid("d"), StartAt::After(run_ids[2]), &watching)
+        .await?;
+    ensure!(!fine.reset, "nothing owed was dropped");
+    assert_eq!(next_ids(&mut fine, 5).await?, run_ids[3..]);
+    // After `own`, the run's frames 0..3 were owed and are gone: a reset, then what is kept.
+    let mut lost = bus
+        .subscribe_with(&cid("d"), StartAt::After(own), &watching)
+        .await?;
+    ensure!(lost.reset, "the run dropped frames owed after {own}");
+    // A reset starts at the client's oldest retained frame, the run's kept ones after it.
+    let mut expected = vec![own];
+    expected.extend(&run_ids[3..]);
+    assert_eq!(next_ids(&mut lost, 6).await?, expected);
+    s.assert_quiet(&mut lost).await?;
+    Ok(())
+}
+
+async fn publishers_racing_a_watcher_subscribing_cause_no_gap_and_no_duplicate(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    const PER_PUBLISHER: usize = 120;
+    let run = eid("777");
+    let published: Arc<Mutex<Vec<u64>>> = Arc::default();
+    // One publisher on the run, one on the client's own subject.
+    let publishers: Vec<_> = (0..2)
+        .map(|p| {
+            let bus = Arc::clone(&s.bus);
+            let published = Arc::clone(&published);
+            let run = run.clone();
+            tokio::spawn(async move {
+                for i in 0..PER_PUBLISHER {
+                    let data = Bytes::from(format!("p{p}-{i}"));
+                    let id = if p == 0 {
+                        bus.publish_run(&run, "e", data, &format!("k{i}")).await?
+                    } else {
+                        bus.publish(&cid("racer"), "e", data).await?
+                    };
+                    published.lock().expect("no panics while held").push(id);
+                    tokio::task::yield_now().await;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let mut readers = Vec::new();
+    for target in [0, 40, 120, 200] {
+        let deadline = Instant::now() + FRAME_TIMEOUT;
+        let resume = loop {
+            let mut so_far = published.lock().expect("no panics while held").clone();
+            if so_far.len() >= target {
+                so_far.sort_unstable();
+                break so_far.get(so_far.len() / 2).copied();
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "publishers stalled at {}",
+                so_far.len()
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        let start = resume.map_or(StartAt::Retained, StartAt::After);
+        let mut sub = s
+            .bus
+            .subscribe_with(&cid("racer"), start, std::slice::from_ref(&run))
+            .await?;
+        ensure!(!sub.reset, "{start:?}");
+        let quiet = s.quiet;
+        readers.push((
+            start,
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Ok(Some(item)) = tokio::time::timeout(quiet * 5, sub.frames.next()).await
+                {
+                    got.push(item?.id);
+                }
+                anyhow::Ok(got)
+            }),
+        ));
+    }
+    for p in publishers {
+        p.await??;
+    }
+    let mut all = published.lock().expect("no panics while held").clone();
+    all.sort_unstable();
+    assert_eq!(all.len(), 2 * PER_PUBLISHER);
+    for (start, reader) in readers {
+        let got = reader.await?.with_context(|| format!("{start:?}"))?;
+        let from = match start {
+            StartAt::After(n) => n,
+            _ => 0,
+        };
+        let expected: Vec<u64> = all.iter().copied().filter(|id| *id > from).collect();
+        assert_eq!(got, expected, "{start:?}");
+    }
+    Ok(())
+}
+
+async fn a_run_keyed_twice_is_delivered_once_and_control_frames_never_reach_a_subscriber(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &*s.bus;
+    let run = eid("88");
+    let mut sub = bus.subscribe(&cid("k"), StartAt::Retained).await?;
+    bus.watch(&cid("k"), &run).await?;
+    bus.watch(&cid("k"), &run).await?;
+    let first = bus.publish_run(&run, "e", b("once"), "same-key").await?;
+    let mut got = vec![next_frame(&mut sub).await?];
+    ensure!(got[0] == frame(first, "e", "once"), "{got:?}");
+    // The embedded bus has no redelivery to guard against; the NATS bus stores it once.
+    if matches!(s.probe, Probe::Nats(_)) {
+        let again = bus.publish_run(&run, "e", b("once"), "same-key").await?;
+        ensure!(
+            again == first,
+            "a keyed duplicate is the first copy ({again} != {first})"
+        );
+    }
+    s.assert_quiet(&mut sub).await?;
+    // A replay of everything retained shows no control frame either.
+    let mut replay = bus
+        .subscribe_with(&cid("k"), StartAt::Retained, std::slice::from_ref(&run))
+        .await?;
+    got = vec![next_frame(&mut replay).await?];
+    ensure!(got[0].id == first && got[0].event == "e", "{got:?}");
+    s.assert_quiet(&mut replay).await?;
+    Ok(())
+}
+
 /// What only the NATS bus has: replicas, a stream that may already exist, core NATS
 /// losing live copies, a server to lose.
 mod nats_only {
@@ -827,7 +1123,10 @@ mod nats_only {
             .cached_info()
             .config
             .clone();
-        assert_eq!(config.subjects, ["gateway.clients.>"]);
+        assert_eq!(
+            config.subjects,
+            ["gateway.clients.>", "gateway.executions.>"]
+        );
         assert_eq!(config.max_age, LONG.max_age);
         assert_eq!(config.max_messages_per_subject, 1000);
         assert_eq!(config.storage, stream::StorageType::File);
@@ -852,6 +1151,36 @@ mod nats_only {
             assert_eq!(next_frame(sub).await?, frame(three, "e", "three"));
             assert_quiet(sub).await?;
         }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_reaches_a_stream_on_another_replica_and_a_resume_finds_it_in_the_stream(
+    ) -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let b_ = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let run = eid("31337");
+        let mut on_b = b_.subscribe(&cid("x"), StartAt::Retained).await?;
+        let own = a.publish(&cid("x"), "e", b("own")).await?;
+        assert_eq!(next_frame(&mut on_b).await?.id, own);
+        // Replica A handles the subscribeToExecution; the stream is open on B.
+        a.watch(&cid("x"), &run).await?;
+        let r1 = a.publish_run(&run, "e", b("r1"), "k1").await?;
+        assert_eq!(next_frame(&mut on_b).await?, frame(r1, "e", "r1"));
+        assert_quiet(&mut on_b).await?;
+        // The client resumes on A with a watch list that lost the update (a read-modify-
+        // write race): the control frame in its own subject brings the run back, and the
+        // run's frames stored since are read, then routed.
+        let mut on_a = a
+            .subscribe_with(&cid("x"), StartAt::After(own), &[])
+            .await?;
+        assert!(!on_a.reset);
+        assert_eq!(next_frame(&mut on_a).await?, frame(r1, "e", "r1"));
+        let r2 = b_.publish_run(&run, "e", b("r2"), "k2").await?;
+        assert_eq!(next_frame(&mut on_a).await?, frame(r2, "e", "r2"));
+        assert_eq!(next_frame(&mut on_b).await?, frame(r2, "e", "r2"));
+        assert_quiet(&mut on_a).await?;
         Ok(())
     }
 
@@ -917,6 +1246,23 @@ mod nats_only {
             .clone();
         assert_eq!(config.max_age, Duration::from_secs(30));
         assert_eq!(config.max_messages_per_subject, 3);
+        // Except for the runs' subjects, added in place (a stream of the version before
+        // run broadcast): a run's frame now reaches its watcher.
+        assert_eq!(
+            config.subjects,
+            ["gateway.clients.>", "gateway.executions.>"]
+        );
+        let run = eid("9001");
+        let mut watcher = bus
+            .subscribe_with(&cid("w"), StartAt::Live, std::slice::from_ref(&run))
+            .await?;
+        let id = bus
+            .publish_run(&run, "playbook/state", b("step"), "k1")
+            .await?;
+        assert_eq!(
+            next_frame(&mut watcher).await?,
+            frame(id, "playbook/state", "step")
+        );
         Ok(())
     }
 

@@ -419,11 +419,21 @@ async fn a_subscriber_to_a_finished_run_still_gets_its_final_state() {
         .unwrap()
         .to_owned();
     let execution_id = execute_for(&w, &token, "demo/steps", json!({}), Some(&client_id)).await;
-    sse.collect_until(WAIT, |fs| {
-        fs.iter()
-            .any(|f| f.event == "playbook/state" && f.data["params"]["terminal"] == true)
-    })
-    .await;
+    let seen: Vec<String> = sse
+        .collect_until(WAIT, |fs| {
+            fs.iter()
+                .any(|f| f.event == "playbook/state" && f.data["params"]["terminal"] == true)
+        })
+        .await
+        .iter()
+        .filter(|f| f.event == "playbook/state")
+        .map(|f| {
+            f.data["params"]["event_type"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .collect();
 
     let mut ws = connect(&w, "graphql-transport-ws", None).await;
     init(&mut ws, json!({"session_token": token})).await;
@@ -434,9 +444,16 @@ async fn a_subscriber_to_a_finished_run_still_gets_its_final_state() {
     )
     .await;
     let got = states(&until_complete(&mut ws, "1").await);
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[0]["eventType"], "playbook.completed");
-    assert_eq!(got[0]["status"], "COMPLETED");
-    assert_eq!(got[0]["terminal"], true);
-    assert_eq!(got[0]["executionId"], execution_id.as_str());
+    // The run's frames are still retained on its subject: the late subscription replays
+    // them all (issue 16), the states the SSE client saw, ending with the terminal one.
+    let types: Vec<&str> = got
+        .iter()
+        .map(|s| s["eventType"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(types, seen, "{got:?}");
+    let last = got.last().expect("at least the terminal state");
+    assert_eq!(last["eventType"], "playbook.completed");
+    assert_eq!(last["status"], "COMPLETED");
+    assert_eq!(last["terminal"], true);
+    assert_eq!(last["executionId"], execution_id.as_str());
 }

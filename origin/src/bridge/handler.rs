@@ -10,7 +10,7 @@ use async_nats::jetstream::AckKind;
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use gateway_shared::frames::{event, notification, PlaybookState};
-use gateway_shared::ids::ClientId;
+use gateway_shared::ids::ExecutionId;
 
 use super::policy::{
     self, ForwardList, OrderGuard, Parsed, Resolution, RetryLimits, RetryReason, RetryVerdict,
@@ -179,16 +179,18 @@ impl Handler {
         age: Duration,
     ) -> Outcome {
         let id = ev.execution_id.as_str();
-        let clients = match interest::interested_clients(&*self.kv, &ev.execution_id).await {
+        // Someone must be interested (their watch reached the bus before the record was
+        // written, `interest::follow`); the frame then goes to the run, for every watcher.
+        match interest::interested_clients(&*self.kv, &ev.execution_id).await {
             Ok(c) if c.is_empty() => {
                 return self.retry_or_drop(RetryReason::NoInterest, age, ev);
             }
-            Ok(c) => c,
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(execution_id = %id, error = %e, "bridge: interest lookup failed");
                 return self.retry_or_drop(RetryReason::StoreUnavailable, age, ev);
             }
-        };
+        }
         let event_key = ev.event_id.as_deref().unwrap_or(fallback_key);
         match self
             .kv
@@ -199,7 +201,7 @@ impl Handler {
                 if policy::skipped_after_terminal(owner.as_deref(), event_key, &ev.event_type) =>
             {
                 crate::metrics::global().bridge_event("duplicate");
-                return self.after_terminal(ev, event_key, &clients, age).await;
+                return self.after_terminal(ev, event_key, age).await;
             }
             Ok(_) => {}
             Err(e) => {
@@ -299,7 +301,7 @@ impl Handler {
         }
         let published = !plan.frames.is_empty();
         for frame in plan.frames {
-            if !self.publish(&clients, frame, event_key).await {
+            if !self.publish(&ev.execution_id, frame, event_key).await {
                 return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
             }
         }
@@ -338,7 +340,6 @@ impl Handler {
         &self,
         ev: &policy::ExecutionEvent,
         event_key: &str,
-        clients: &[ClientId],
         age: Duration,
     ) -> Outcome {
         let id = ev.execution_id.as_str();
@@ -349,7 +350,7 @@ impl Handler {
                     if let Resolution::Frames(f) = policy::resolve(ev, StatusCheck::GaveUp, &now) {
                         if let Some(step) = &f.progress {
                             tracing::debug!(execution_id = %id, "bridge: a step failure this event claimed is sent after the terminal frame");
-                            if !self.publish(clients, step, event_key).await {
+                            if !self.publish(&ev.execution_id, step, event_key).await {
                                 return self.retry_or_drop(RetryReason::BusUnavailable, age, ev);
                             }
                         }
@@ -417,32 +418,32 @@ impl Handler {
         Ok(policy::owns_claim(owner.as_deref(), event_key))
     }
 
-    /// Encodes `frame` once and publishes it to every client; false if any publish failed
-    /// (a retry can fix it: every client id is a checked [`ClientId`]). Each publish is
-    /// keyed by the event and the frame's type ([`policy::frame_key`]), so the same event
-    /// handled again — a reader that died between publish and ack, its messages
-    /// redelivered to the next — gives each client the frame once.
-    async fn publish(&self, clients: &[ClientId], frame: &PlaybookState, event_key: &str) -> bool {
+    /// Encodes `frame` once and publishes it to the run, once for every watcher
+    /// (`Bus::publish_run`); false if the publish failed (a retry can fix it). Keyed by
+    /// the event and the frame's type ([`policy::frame_key`]), so the same event handled
+    /// again — a reader that died between publish and ack, its messages redelivered to
+    /// the next — stores the frame once.
+    async fn publish(
+        &self,
+        execution: &ExecutionId,
+        frame: &PlaybookState,
+        event_key: &str,
+    ) -> bool {
         let data = Bytes::from(notification(event::STATE, frame));
         let key = policy::frame_key(event_key, &frame.event_type);
-        let results = futures::future::join_all(clients.iter().map(|c| {
-            let (data, key) = (data.clone(), format!("{key}.{c}"));
-            async move { self.bus.publish_once(c, event::STATE, data, &key).await }
-        }))
-        .await;
-        let mut ok = true;
-        for (client_id, result) in clients.iter().zip(results) {
-            match result {
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(%client_id, execution_id = %frame.execution_id, error = %e, "bridge: publishing a frame failed; will retry");
-                    ok = false;
-                }
+        match self
+            .bus
+            .publish_run(execution, event::STATE, data, &key)
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(execution_id = %frame.execution_id, event_type = %frame.event_type, "bridge: frame published");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(execution_id = %frame.execution_id, error = %e, "bridge: publishing a frame failed; will retry");
+                false
             }
         }
-        if ok {
-            tracing::debug!(execution_id = %frame.execution_id, event_type = %frame.event_type, clients = clients.len(), "bridge: frame published");
-        }
-        ok
     }
 }

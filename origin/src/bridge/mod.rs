@@ -6,8 +6,8 @@
 //! everything not forwarded is acked by a worker without further I/O) → interest lookup
 //! by execution id ([`crate::interest`]) → the run's status from NoETL when the event's
 //! meaning depends on it → [`policy::resolve`] → the claims (terminal frame, failed step)
-//! → one encoded frame per resolved state, published to each interested client on the
-//! [`Bus`] → ack. The shell only does that I/O; every decision is in [`policy`].
+//! → one encoded frame per resolved state, published once to the run on the [`Bus`]
+//! (`Bus::publish_run`: every watcher's stream gets it, however many there are) → ack. The shell only does that I/O; every decision is in [`policy`].
 //!
 //! ## Layout
 //! - this file — the entry: [`spawn`] picks the source and starts it;
@@ -111,8 +111,9 @@
 //!   waiting for a redelivery, so it comes back behind that one. Messages the NATS client
 //!   had already pulled but the reader not yet taken return after `ack_wait`. The HTTP
 //!   fallback stops following and lets its leases run out (or releases them).
-//! - **Encoded once.** A frame's JSON is built once per event and shared (`Bytes`) by every
-//!   interested client's publish. The message is acked only after every publish succeeded.
+//! - **Published once.** A frame is built once per event and published once, to the run;
+//!   the message is acked only after the publish succeeded. (Before issue 16 it was one
+//!   publish per interested client, at most 512 of them.)
 //!
 //! Malformed messages are logged at warn with their subject and size — never the payload,
 //! which may carry step results — and acked: redelivering them cannot help.

@@ -83,12 +83,15 @@ impl Inbox {
 
     /// While catching up, whatever was routed is read from the stream anyway: an overflow
     /// then costs nothing but the queued copies.
-    pub(crate) fn absorb_overflow(&self) {
+    /// True if it had overflowed.
+    pub(crate) fn absorb_overflow(&self) -> bool {
         let mut s = self.lock();
         if s.overflowed {
             s.overflowed = false;
             s.frames = VecDeque::new();
+            return true;
         }
+        false
     }
 
     /// The next thing the subscription must handle: a failure first, then flags, then

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gateway_shared::ids::ClientId;
+use gateway_shared::ids::{ClientId, ExecutionId};
 
 use super::{Bus, BusError, StartAt, Subscription};
 use crate::metrics;
@@ -77,13 +77,38 @@ impl Bus for InstrumentedBus {
         r
     }
 
-    async fn subscribe(
+    async fn publish_run(
+        &self,
+        execution_id: &ExecutionId,
+        event: &str,
+        data: Bytes,
+        key: &str,
+    ) -> Result<u64, BusError> {
+        let t = Instant::now();
+        let r = self.inner.publish_run(execution_id, event, data, key).await;
+        metrics::global().observe_bus("publish", outcome(&r), t.elapsed());
+        r
+    }
+
+    async fn watch(
+        &self,
+        client_id: &ClientId,
+        execution_id: &ExecutionId,
+    ) -> Result<(), BusError> {
+        let t = Instant::now();
+        let r = self.inner.watch(client_id, execution_id).await;
+        metrics::global().observe_bus("watch", outcome(&r), t.elapsed());
+        r
+    }
+
+    async fn subscribe_with(
         &self,
         client_id: &ClientId,
         start: StartAt,
+        watching: &[ExecutionId],
     ) -> Result<Subscription, BusError> {
         let t = Instant::now();
-        let r = self.inner.subscribe(client_id, start).await;
+        let r = self.inner.subscribe_with(client_id, start, watching).await;
         let op = match start {
             StartAt::Live => "subscribe",
             StartAt::Retained | StartAt::After(_) => "replay",

@@ -33,15 +33,23 @@
 //!   publisher or the other subscribers: its stream ends with
 //!   `Err(BusError::Lagged)` instead of silently skipping, so the
 //!   SSE layer evicts the connection and the client resumes with `Last-Event-ID`.
+//! - **Runs are logs too** (broadcast, `super` module docs): a run's frames go to one log
+//!   per execution, retained and trimmed like a client's, whose live inboxes are those of
+//!   the subscriptions watching it. `subscribe_with` joins the client's log and each
+//!   watched run's log and merges their replays by id under the one lock; `watch` adds the
+//!   client's open inboxes to the run's log under it. So the embedded bus needs no control
+//!   frames: the lock orders a watch against every publish.
 //! - **Time** is [`tokio::time::Instant`], so tests that pause tokio's clock move expiry.
 
 use super::inbox::{Inbox, Taken};
 use super::reset::must_reset;
-use super::{Bus, BusError, BusFrame, Retention, StartAt, Subscription};
+use super::{
+    Bus, BusError, BusFrame, Retention, StartAt, Subscription, MAX_WATCHED_PER_SUBSCRIPTION,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
-use gateway_shared::ids::ClientId;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -74,6 +82,11 @@ struct State {
     /// The last id issued (0: none yet).
     last_id: u64,
     clients: HashMap<ClientId, ClientLog>,
+    /// Runs' logs: their frames, and the inboxes of the subscriptions watching them.
+    runs: HashMap<ExecutionId, ClientLog>,
+    /// The runs each open subscription (by its inbox's address) watches, so dropping it
+    /// leaves their logs.
+    watching: HashMap<usize, Vec<ExecutionId>>,
     /// The highest id dropped from a client log that has since been removed: any client
     /// may have lost a frame at or below it.
     forgotten_dropped: u64,
@@ -83,7 +96,7 @@ struct State {
     backlog: usize,
 }
 
-/// One client's retained frames and live subscribers.
+/// One client's (or run's) retained frames and live subscribers.
 #[derive(Debug)]
 struct ClientLog {
     /// Oldest first; ids increase.
@@ -108,8 +121,10 @@ struct Retained {
 pub struct MemoryBusStats {
     /// Clients the bus keeps state for (retained frames or a live subscriber).
     pub clients: usize,
-    /// Frames retained for replay, over all clients.
+    /// Frames retained for replay, over all clients and runs.
     pub frames: usize,
+    /// Runs the bus keeps state for (retained frames or a watcher).
+    pub runs: usize,
     /// Open subscriptions, over all clients.
     pub live_subscribers: usize,
 }
@@ -173,6 +188,8 @@ impl State {
         Self {
             last_id: 0,
             clients: HashMap::new(),
+            runs: HashMap::new(),
+            watching: HashMap::new(),
             forgotten_dropped: 0,
             sweep_every,
             next_sweep: now + sweep_every,
@@ -203,52 +220,133 @@ impl State {
     ) -> u64 {
         self.sweep_if_due(retention, now);
         self.last_id += 1;
-        let id = self.last_id;
-        let backlog = self.backlog;
-        let log = self.log(client_id);
-        let frame = BusFrame {
+        let (id, backlog) = (self.last_id, self.backlog);
+        append(
+            self.log(client_id),
+            retention,
             id,
-            event: event.to_owned(),
+            event,
             data,
-        };
-        for inbox in &log.live {
-            inbox.push(frame.clone(), backlog);
-        }
-        log.frames.push_back(Retained { frame, at: now });
-        log.trim(retention, now);
+            backlog,
+            now,
+        );
         id
     }
 
-    /// Decides `reset`, snapshots the frames to replay and joins the live channel — in one
-    /// step, so no frame falls between the snapshot and the channel.
+    /// Retains a run's frame and hands it to the subscriptions watching the run.
+    fn publish_run(
+        &mut self,
+        retention: &Retention,
+        execution_id: &ExecutionId,
+        event: &str,
+        data: Bytes,
+        now: Instant,
+    ) -> u64 {
+        self.sweep_if_due(retention, now);
+        self.last_id += 1;
+        let (id, backlog) = (self.last_id, self.backlog);
+        let log = self
+            .runs
+            .entry(execution_id.clone())
+            .or_insert_with(|| ClientLog::new(id - 1));
+        append(log, retention, id, event, data, backlog, now);
+        id
+    }
+
+    /// Adds every open subscription of the client to the run's watchers (each at most
+    /// [`MAX_WATCHED_PER_SUBSCRIPTION`] runs, its oldest watch dropped beyond).
+    fn watch(&mut self, client_id: &ClientId, execution_id: &ExecutionId) {
+        let Some(client) = self.clients.get(client_id) else {
+            return;
+        };
+        let inboxes = client.live.clone();
+        for inbox in inboxes {
+            self.add_watch(&inbox, execution_id);
+        }
+    }
+
+    fn add_watch(&mut self, inbox: &Arc<Inbox>, execution_id: &ExecutionId) {
+        let key = Arc::as_ptr(inbox) as usize;
+        let list = self.watching.entry(key).or_default();
+        if list.contains(execution_id) {
+            return;
+        }
+        list.push(execution_id.clone());
+        let dropped = (list.len() > MAX_WATCHED_PER_SUBSCRIPTION).then(|| list.remove(0));
+        let last_id = self.last_id;
+        self.runs
+            .entry(execution_id.clone())
+            .or_insert_with(|| ClientLog::new(last_id))
+            .live
+            .push(inbox.clone());
+        if let Some(old) = dropped {
+            self.leave_run(inbox, &old);
+        }
+    }
+
+    fn leave_run(&mut self, inbox: &Arc<Inbox>, execution_id: &ExecutionId) {
+        if let Some(log) = self.runs.get_mut(execution_id) {
+            log.live.retain(|i| !Arc::ptr_eq(i, inbox));
+        }
+    }
+
+    /// Removes a dropped subscription's inbox from its client's log and its runs' logs.
+    fn unsubscribe(&mut self, client_id: &ClientId, inbox: &Arc<Inbox>) {
+        if let Some(log) = self.clients.get_mut(client_id) {
+            log.live.retain(|i| !Arc::ptr_eq(i, inbox));
+        }
+        for run in self
+            .watching
+            .remove(&(Arc::as_ptr(inbox) as usize))
+            .unwrap_or_default()
+        {
+            self.leave_run(inbox, &run);
+        }
+    }
+
+    /// Decides `reset`, snapshots the frames to replay (the client's and its runs', merged
+    /// by id) and joins the live inboxes — in one step, so no frame falls between the
+    /// snapshot and the inbox.
     fn subscribe(
         &mut self,
         retention: &Retention,
         client_id: &ClientId,
         start: StartAt,
+        watching: &[ExecutionId],
         now: Instant,
     ) -> (bool, Vec<BusFrame>, Arc<Inbox>) {
         self.sweep_if_due(retention, now);
         let (last_id, forgotten) = (self.last_id, self.forgotten_dropped);
+        let inbox = Arc::new(Inbox::default());
         let log = self.log(client_id);
         log.trim(retention, now);
+        log.live.push(inbox.clone());
+        let watching = &watching[watching.len().saturating_sub(MAX_WATCHED_PER_SUBSCRIPTION)..];
+        for run in watching {
+            self.add_watch(&inbox, run);
+            if let Some(log) = self.runs.get_mut(run) {
+                log.trim(retention, now);
+            }
+        }
+        let runs: Vec<&ClientLog> = watching.iter().filter_map(|r| self.runs.get(r)).collect();
+        let client = &self.clients[client_id];
+        let logs = || std::iter::once(client).chain(runs.iter().copied());
         let reset = match start {
             StartAt::Retained | StartAt::Live => false,
-            StartAt::After(n) => needs_reset(n, last_id, forgotten, log),
+            StartAt::After(n) => logs().any(|log| needs_reset(n, last_id, forgotten, log)),
         };
         let after = match start {
             StartAt::After(n) if !reset => n,
             StartAt::Live => last_id,
             _ => 0,
         };
-        let replay = log
-            .frames
-            .iter()
+        let mut replay: Vec<BusFrame> = logs()
+            .flat_map(|log| log.frames.iter())
             .filter(|r| r.frame.id > after)
             .map(|r| r.frame.clone())
             .collect();
-        let inbox = Arc::new(Inbox::default());
-        log.live.push(inbox.clone());
+        replay.sort_unstable_by_key(|f| f.id);
+        replay.dedup_by_key(|f| f.id);
         (reset, replay, inbox)
     }
 
@@ -270,16 +368,52 @@ impl State {
             }
             keep
         });
+        self.runs.retain(|_, log| {
+            log.trim(retention, now);
+            let keep = !log.frames.is_empty() || !log.live.is_empty();
+            if !keep {
+                forgotten = forgotten.max(log.highest_dropped);
+            }
+            keep
+        });
         self.forgotten_dropped = forgotten;
     }
 
     fn stats(&self) -> MemoryBusStats {
         MemoryBusStats {
             clients: self.clients.len(),
-            frames: self.clients.values().map(|l| l.frames.len()).sum(),
+            frames: self
+                .clients
+                .values()
+                .chain(self.runs.values())
+                .map(|l| l.frames.len())
+                .sum(),
+            runs: self.runs.len(),
             live_subscribers: self.clients.values().map(ClientLog::live_subscribers).sum(),
         }
     }
+}
+
+/// Appends a frame to a log and hands it to the log's live inboxes.
+fn append(
+    log: &mut ClientLog,
+    retention: &Retention,
+    id: u64,
+    event: &str,
+    data: Bytes,
+    backlog: usize,
+    now: Instant,
+) {
+    let frame = BusFrame {
+        id,
+        event: event.to_owned(),
+        data,
+    };
+    for inbox in &log.live {
+        inbox.push(frame.clone(), backlog);
+    }
+    log.frames.push_back(Retained { frame, at: now });
+    log.trim(retention, now);
 }
 
 impl MemoryBus {
@@ -339,9 +473,7 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(inner) = self.bus.upgrade() {
-            if let Some(log) = inner.lock().clients.get_mut(&self.client_id) {
-                log.live.retain(|i| !Arc::ptr_eq(i, &self.inbox));
-            }
+            inner.lock().unsubscribe(&self.client_id, &self.inbox);
         }
     }
 }
@@ -350,6 +482,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         for inbox in state.clients.values().flat_map(|l| &l.live) {
+            // A watcher's inbox is also its client's, so flagging clients reaches all.
             inbox.flag(|s| s.broken = Some("the memory bus was dropped".to_owned()));
         }
     }
@@ -422,16 +555,42 @@ impl Bus for MemoryBus {
         Ok(id)
     }
 
-    async fn subscribe(
+    async fn publish_run(
+        &self,
+        execution_id: &ExecutionId,
+        event: &str,
+        data: Bytes,
+        _key: &str,
+    ) -> Result<u64, BusError> {
+        super::check_event(event)?;
+        let now = Instant::now();
+        let id =
+            self.inner
+                .lock()
+                .publish_run(&self.inner.retention, execution_id, event, data, now);
+        Ok(id)
+    }
+
+    async fn watch(
+        &self,
+        client_id: &ClientId,
+        execution_id: &ExecutionId,
+    ) -> Result<(), BusError> {
+        self.inner.lock().watch(client_id, execution_id);
+        Ok(())
+    }
+
+    async fn subscribe_with(
         &self,
         client_id: &ClientId,
         start: StartAt,
+        watching: &[ExecutionId],
     ) -> Result<Subscription, BusError> {
         let now = Instant::now();
         let (reset, replay, inbox) =
             self.inner
                 .lock()
-                .subscribe(&self.inner.retention, client_id, start, now);
+                .subscribe(&self.inner.retention, client_id, start, watching, now);
         let reg = Registration {
             bus: Arc::downgrade(&self.inner),
             client_id: client_id.clone(),
@@ -556,10 +715,10 @@ mod tests {
         s.publish(&r, &cid("b"), "e", Bytes::new(), t0 + 3 * SEC); // 3, sweeps: "a" is forgotten
         assert!(!s.clients.contains_key(&cid("a")));
         assert_eq!(s.forgotten_dropped, 2);
-        let (reset, replay, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(1), t0 + 3 * SEC);
+        let (reset, replay, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(1), &[], t0 + 3 * SEC);
         assert!(reset, "frame 2 of a was dropped");
         assert!(replay.is_empty());
-        let (reset, _, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(2), t0 + 3 * SEC);
+        let (reset, _, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(2), &[], t0 + 3 * SEC);
         assert!(!reset);
     }
 
@@ -569,7 +728,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
         s.publish(&r, &cid("idle"), "e", Bytes::new(), t0);
-        let (_, _, _inbox) = s.subscribe(&r, &cid("watched"), StartAt::Retained, t0);
+        let (_, _, _inbox) = s.subscribe(&r, &cid("watched"), StartAt::Retained, &[], t0);
         s.publish(&r, &cid("watched"), "e", Bytes::new(), t0);
         s.sweep(&r, t0 + 5 * SEC);
         assert_eq!(s.clients.keys().collect::<Vec<_>>(), [&cid("watched")]);
@@ -600,6 +759,7 @@ mod tests {
             MemoryBusStats {
                 clients: 1,
                 frames: 0,
+                runs: 0,
                 live_subscribers: 1
             }
         );
@@ -609,6 +769,7 @@ mod tests {
             MemoryBusStats {
                 clients: 0,
                 frames: 0,
+                runs: 0,
                 live_subscribers: 0
             }
         );

@@ -9,6 +9,20 @@
 //! Frame ids are assigned by the bus at publish time, increase monotonically per client
 //! (not necessarily contiguously), and are what the SSE `id:` line carries.
 //!
+//! **Runs are broadcast, not copied** (issue 16, `docs/design/broadcast.md`): a run's
+//! `playbook/state` frame is published once, to the run ([`Bus::publish_run`]), and reaches
+//! every client watching it. Who watches what belongs to the client: a subscription is
+//! opened with the client's watch list ([`Bus::subscribe_with`]), and a watch added while a
+//! stream is open reaches it through [`Bus::watch`]. A subscription yields its client's own
+//! frames and its runs' frames merged in one id order (ids are one bus-wide sequence), so
+//! one `Last-Event-ID` resumes both. The rules:
+//! - live, a run's frames published after the watch reached the bus are delivered;
+//! - a resume (`After(n)`, `Retained`) replays the client's frames and every watched run's
+//!   retained frames above the start point, so a reconnecting watcher also gets run frames
+//!   from before it began watching, if the run's retention still holds them;
+//! - the reset rule applies per subject: a run that dropped frames the client was owed
+//!   resets the client's stream like its own subject would.
+//!
 //! Two implementations pass one conformance suite (`tests/tests/bus_conformance.rs`):
 //! - [`memory::MemoryBus`] — in-process, for the embedded default (one replica);
 //! - [`nats::NatsBus`] — NATS: the stream `GATEWAY_FRAMES` over `gateway.clients.>` keeps
@@ -21,7 +35,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use gateway_shared::ids::ClientId;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use std::time::Duration;
 
 mod inbox;
@@ -103,6 +117,15 @@ impl Default for Retention {
     }
 }
 
+/// The event of the control frame [`Bus::watch`] publishes on a client's own subject (NATS
+/// bus): the replica holding the client's stream learns the watch in stream order. Never
+/// yielded to a subscriber, never written to a browser.
+pub const WATCH_EVENT: &str = "gw/watch";
+
+/// Most runs one subscription follows; beyond it the oldest watch is dropped (a watch list
+/// is bounded the same way, `interest::MAX_WATCHED_PER_CLIENT`).
+pub const MAX_WATCHED_PER_SUBSCRIPTION: usize = 256;
+
 /// Refuses event names that are not one visible-ASCII token of at most 256 bytes.
 pub(crate) fn check_event(event: &str) -> Result<(), BusError> {
     if !event.is_empty() && event.len() <= 256 && event.bytes().all(|b| b.is_ascii_graphic()) {
@@ -156,12 +179,41 @@ pub trait Bus: Send + Sync + 'static {
     /// True if [`Bus::publish_external`] can work at all (a NATS bus).
     fn has_external_subjects(&self) -> bool;
 
-    /// The client's frames from `start`, then live ones.
+    /// Publishes a run's frame once, for every client watching `execution_id` (see the
+    /// module docs), and returns its id once retained. `key` names the frame as in
+    /// [`Bus::publish_once`]: the same key within the duplicate window stores nothing more.
+    async fn publish_run(
+        &self,
+        execution_id: &ExecutionId,
+        event: &str,
+        data: Bytes,
+        key: &str,
+    ) -> Result<u64, BusError>;
+
+    /// Makes the client's open subscriptions (on any replica) deliver `execution_id`'s
+    /// frames published from now on. The caller has checked that the client may read the
+    /// run, and records the watch in the client's watch list (`interest::follow`) first,
+    /// so a subscription opened later is given it by [`Bus::subscribe_with`].
+    async fn watch(&self, client_id: &ClientId, execution_id: &ExecutionId)
+        -> Result<(), BusError>;
+
+    /// The client's frames and those of the runs in `watching` from `start`, then live
+    /// ones, merged in id order.
+    async fn subscribe_with(
+        &self,
+        client_id: &ClientId,
+        start: StartAt,
+        watching: &[ExecutionId],
+    ) -> Result<Subscription, BusError>;
+
+    /// [`Bus::subscribe_with`] watching no run (yet).
     async fn subscribe(
         &self,
         client_id: &ClientId,
         start: StartAt,
-    ) -> Result<Subscription, BusError>;
+    ) -> Result<Subscription, BusError> {
+        self.subscribe_with(client_id, start, &[]).await
+    }
 
     /// True if the bus can deliver now (for `/ready`).
     async fn is_healthy(&self) -> bool;

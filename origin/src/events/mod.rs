@@ -75,6 +75,7 @@ use crate::bus::{Bus, BusFrame, StartAt};
 use crate::clients;
 use crate::error::{json_response, AppError};
 use crate::hub::Hub;
+use crate::interest;
 use crate::quotas::{RealtimeQuotas, StreamSlot};
 use crate::store::{Bucket, KvStore};
 
@@ -534,9 +535,16 @@ async fn open_stream(
     } else {
         requested
     };
+    // The runs the client follows (issue 16, broadcast): their frames are merged into its
+    // stream. A new client follows none yet.
+    let watching = if resumed {
+        interest::watched_by(kv, &client_id).await?
+    } else {
+        Vec::new()
+    };
     let sub = state
         .bus
-        .subscribe(&client_id, start)
+        .subscribe_with(&client_id, start, &watching)
         .await
         .map_err(|e| AppError::Unavailable {
             code: "bus_unavailable",

@@ -580,9 +580,10 @@ impl Mutation {
         if let Some(client) = &client_id {
             let added = match &execution {
                 Ok(execution) => {
-                    interest::add_interest(kv, execution, client, Interested::Owner).await
+                    interest::follow(kv, svc.bus.as_ref(), execution, client, Interested::Owner)
+                        .await
                 }
-                Err(_) => Err(crate::store::StoreError::InvalidKey(execution_id.clone())),
+                Err(_) => Err(crate::store::StoreError::InvalidKey(execution_id.clone()).into()),
             };
             if let Err(e) = added {
                 tracing::warn!(request = %request_id, error = %e, "interest not recorded; state frames may be missed");
@@ -654,9 +655,15 @@ impl Mutation {
         require_execution_access(svc, caller, &execution_id, "view").await?;
         let execution_id = execution_id_arg(&execution_id)?;
         let who = super::subscription::interest_role(svc, caller, &execution_id).await?;
-        interest::add_interest(svc.kv.as_ref(), &execution_id, &client, who)
-            .await
-            .map_err(|e| from_app(e.into()))?;
+        interest::follow(
+            svc.kv.as_ref(),
+            svc.bus.as_ref(),
+            &execution_id,
+            &client,
+            who,
+        )
+        .await
+        .map_err(|e| from_app(e.into()))?;
         Ok(true)
     }
 }

@@ -2,21 +2,20 @@
 //! WebSocket connection shares between its operations.
 //!
 //! A subscription follows an execution the way an SSE client does: it has a client id on
-//! the [`Bus`](crate::bus::Bus), records interest in the execution so the NATS bridge
-//! publishes the execution's `playbook/state` frames to that client, and reads the client's
-//! frames from the start of what the bus retains. Each frame of the execution becomes one
-//! `PlaybookState`; the stream ends after the terminal one.
+//! the [`Bus`](crate::bus::Bus), subscribes watching the execution (so the run's retained
+//! frames are replayed and its later ones routed to it), follows it (`interest::follow`:
+//! the bridge publishes once someone does), and reads the client's frames from the start
+//! of what the bus retains. Each frame of the execution becomes one `PlaybookState`; the
+//! stream ends after the terminal one.
 //!
 //! Decisions:
 //! - **One client id per socket**, created at the socket's first subscription
-//!   ([`SocketScope`]) within the user's `USER_MAX_CLIENTS`. An execution keeps at most
-//!   256 interested clients of users other than its owner (their oldest dropped; the
-//!   owner's clients are kept apart, `interest.rs`), so an id per subscription would let
-//!   one socket push other followers out of the record. Subscriptions on one socket read
-//!   the same client's frames and each keeps those of its own execution.
-//! - **Late subscribers.** Frames the bridge forwarded before the interest was recorded went
-//!   to other clients (or were dropped after the bridge's wait for interest), so a
-//!   subscriber to a finished run would wait forever. After recording interest the resolver
+//!   ([`SocketScope`]) within the user's `USER_MAX_CLIENTS`: an id per subscription would
+//!   spend the user's client ids on one socket. Subscriptions on one socket read the same
+//!   client's frames and each keeps those of its own execution.
+//! - **Late subscribers.** The run's frames still retained are replayed, but frames the
+//!   bridge dropped after its wait for interest (nobody followed the run in time) never
+//!   existed, so a subscriber to a finished run could wait forever. After recording interest the resolver
 //!   asks NoETL for the run's status; if it is already final and the bridge's own terminal
 //!   frame does not come within [`TERMINAL_GRACE`] of the last state, the stream ends with a
 //!   terminal state built from that status. Events the bridge is still retrying for lack of
@@ -242,15 +241,20 @@ impl Subscription {
         } else {
             StartAt::Retained
         };
-        let sub = svc.bus.subscribe(&client_id, start).await.map_err(|e| {
-            gql_error(
-                "UNAVAILABLE",
-                format!("cannot open the execution's event stream: {e}"),
-            )
-        })?;
         let execution = execution_id_arg(&execution_id)?;
+        // Watching the run from the start: its retained frames are replayed too.
+        let sub = svc
+            .bus
+            .subscribe_with(&client_id, start, std::slice::from_ref(&execution))
+            .await
+            .map_err(|e| {
+                gql_error(
+                    "UNAVAILABLE",
+                    format!("cannot open the execution's event stream: {e}"),
+                )
+            })?;
         let who = interest_role(svc, caller, &execution).await?;
-        interest::add_interest(kv, &execution, &client_id, who)
+        interest::follow(kv, svc.bus.as_ref(), &execution, &client_id, who)
             .await
             .map_err(|e| from_app(e.into()))?;
         // Asked only after the interest is recorded: a run that ends later reaches this

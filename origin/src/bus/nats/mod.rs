@@ -7,43 +7,60 @@
 //! the server nothing (no subscription, no consumer) and its replica an entry in a map.
 //!
 //! Decisions:
-//! - **The stream** `GATEWAY_FRAMES` (name overridable) holds `gateway.clients.<client_id>`,
-//!   file storage, discard old, `max_age` = [`Retention::max_age`] and
-//!   `max_messages_per_subject` = [`Retention::max_frames_per_client`] (0: no limit). An
-//!   existing stream is used as it is: differences are reported (`tracing::warn!` and
-//!   [`NatsBus::config_mismatches`]), never changed behind the operator's back. Replicas
-//!   are the server's default (1); create the stream beforehand for R3.
+//! - **The stream** `GATEWAY_FRAMES` (name overridable) holds `gateway.clients.<client_id>`
+//!   and `gateway.executions.<execution_id>` (a run's frames, published once for every
+//!   watcher), file storage, discard old, `max_age` = [`Retention::max_age`] and
+//!   `max_messages_per_subject` = [`Retention::max_frames_per_client`] (0: no limit; a run's
+//!   subject is held to it too). An existing stream is used as it is: differences are
+//!   reported (`tracing::warn!` and [`NatsBus::config_mismatches`]), never changed behind the
+//!   operator's back — except that a stream without the runs' subjects (made before run
+//!   broadcast) gets them added in place. Replicas are the server's default (1); create the
+//!   stream beforehand for R3.
 //! - **Frame id = stream sequence.** It is what the publish ack returns, strictly increases
 //!   per client (not contiguously: the sequence is shared by all clients), and lets any
 //!   replica find "frames after `Last-Event-ID`" in the stream.
 //! - **publish** = one JetStream publish to `gateway.clients.<id>` with header `Gw-Event`,
 //!   returning once acknowledged (the frame is retained from then on). Nothing else: the
 //!   stream is the only copy, so there is no second, lossy path to reconcile.
-//! - **Live delivery: one ordered push consumer per replica** over `gateway.clients.>`,
+//! - **Live delivery: one ordered push consumer per replica** over both subject trees,
 //!   started at the stream's next sequence, feeding an in-process router (client id →
-//!   the subscriptions open here). An ordered consumer delivers every message of the
+//!   the subscriptions open here; execution id → the subscriptions watching it). An ordered consumer delivers every message of the
 //!   stream in order and recreates itself after the last sequence it delivered when it
 //!   notices a gap (missed heartbeat, reconnect, slow-consumer drop), so nothing stored is
 //!   skipped. Each frame costs one publish ack plus one delivery per replica, and no
 //!   JetStream API request — the earlier design (core `gateway.live.<id>` subscription per
 //!   client, every live frame checked with `STREAM.MSG.GET` + `STREAM.INFO`) cost four
 //!   round trips per frame and topped out at ~6k deliveries/s. Every replica receives
-//!   every frame: fine while frames/s × replicas stays far below what one NATS connection
-//!   carries (hundreds of thousands of small messages per second).
-//! - **subscribe** = (1) register with the router (the router must be running: a replica
-//!   whose consumer is down refuses subscriptions as unavailable); (2) read the stream from
-//!   the start point with "first message on this subject from sequence s" (the stream
-//!   leader's `STREAM.MSG.GET`) until there is none; (3) take routed frames, skipping any
-//!   not above the last id yielded. A frame the router handles after (1) is routed to the
-//!   subscription; one it handled before was stored before (1), so the reads in (2) find
-//!   it — no gap, and the id check removes the overlap.
+//!   every frame: fine while frames/s stays far below what one NATS connection carries
+//!   (hundreds of thousands of small messages per second); past that, shard the stream by
+//!   subject (docs/OPERATIONS.md, "Broadcast ceiling").
+//! - **Runs** ([`Bus::publish_run`]): one publish to `gateway.executions.<id>` per frame,
+//!   keyed like `publish_once`, whatever the number of watchers — no per-watcher publish, no
+//!   cap. A subscription is opened with its client's watch list ([`Bus::subscribe_with`]);
+//!   [`Bus::watch`] publishes a `gw/watch` control frame (payload: the execution id) on the
+//!   client's own subject, and the router of whichever replica holds the client's streams
+//!   adds the run to them when it routes that frame — in stream order, so every run frame
+//!   stored after it reaches them. Control frames are never yielded.
+//! - **subscribe** = (1) register with the router, for the client and each watched run
+//!   (the router must be running: a replica whose consumer is down refuses subscriptions as
+//!   unavailable); (2) read the stream from the start point with "first message on this
+//!   subject from sequence s" (the stream leader's `STREAM.MSG.GET`) until there is none;
+//!   (3) take routed frames, skipping any not above the last id yielded. A frame the router
+//!   handles after (1) is routed to the subscription; one it handled before was stored
+//!   before (1), so the reads in (2) find it — no gap, and the id check removes the overlap.
+//!   With runs, (2) reads every subject (the client's and each run's) and merges them by
+//!   id, each up to one **mark**: the stream's last sequence taken after (1). Everything
+//!   above the mark is routed; without it, a subject read empty early could gain a frame
+//!   below one read later from another subject, and the id check would then skip it.
+//!   A `gw/watch` frame met in the reads adds its run (registering it if the router had
+//!   not: it handled the frame before (1)) and moves the mark to the stream's end.
 //!   Reads instead of a consumer per client: a reconnect storm (a replica restarting) then
 //!   costs cheap leader reads rather than thousands of consumer creations through the
 //!   cluster's meta leader, and the common resume ("nothing missed") is one read plus one
 //!   `STREAM.INFO`. A replay costs about one read per frame (bounded by retention).
 //! - **Nothing owed is skipped.** A frame can leave the stream before the router saw it
 //!   only by retention (a subject at `max_messages_per_subject`, or age). While the stream
-//!   holds exactly `gateway.clients.>` its sequence has no holes other than deleted
+//!   holds exactly the two subject trees its sequence has no holes other than deleted
 //!   frames, so the router notices a hole in what it is delivered and has every
 //!   subscription re-read the stream with the drop check: whenever the next frame read is
 //!   not `last + 1`, the subscription checks that retention cannot have dropped a frame in
@@ -51,9 +68,9 @@
 //!   enough that the subject is not full, or that it still holds a frame at or below
 //!   `last`); otherwise the stream ends with an error ("fell behind retention"), the SSE
 //!   layer evicts, the client resumes and is told `reset`. Catch-up reads check once per
-//!   `READ_AHEAD` (32) frames. On an existing stream with wider subjects the router
-//!   cannot see holes, so every routed frame is looked up in the stream first (the old,
-//!   slower path).
+//!   `READ_AHEAD` (32) frames, per subject. On an existing stream with wider subjects the router
+//!   cannot see holes, so every routed frame is preceded by a read of every subject up to
+//!   it (the old, slower path).
 //! - **Backlog.** A subscription holds at most [`LIVE_BACKLOG`] routed frames not yet
 //!   taken; beyond that its stream ends with [`BusError::Lagged`] (the SSE layer evicts;
 //!   the client resumes with `Last-Event-ID` and loses nothing). While a subscription is
@@ -70,7 +87,8 @@
 //!   last sequence (an id from another or a recreated stream); or `n + 1` is below the
 //!   stream's first sequence (everything between went, and some may have been this
 //!   client's — frames leave a limits stream oldest first); or the subject is full, its
-//!   first frame after `n` is not `n + 1`, and it holds no frame at or below `n`. The
+//!   first frame after `n` is not `n + 1`, and it holds no frame at or below `n` — the last
+//!   rule checked for each watched run's subject too. The
 //!   second rule fires spuriously for a client idle longer than `max_age`: the stream
 //!   cannot tell whether any frame that aged out was its own. These facts become a
 //!   "highest id that may have been dropped" watermark, and `bus::reset`'s rule — the
@@ -90,14 +108,16 @@ mod replay;
 mod router;
 mod stream;
 
-use super::{Bus, BusError, Retention, StartAt, Subscription};
+use super::{
+    Bus, BusError, Retention, StartAt, Subscription, MAX_WATCHED_PER_SUBSCRIPTION, WATCH_EVENT,
+};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, stream as js};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use gateway_shared::ids::ClientId;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use std::fmt::Display;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -107,18 +127,23 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use replay::{start_point, Feed};
 pub use router::LIVE_BACKLOG;
 use router::{watch_connects, Registration, Router, RouterTask};
-use stream::{config_mismatches, stream_config, stream_info};
+use stream::{config_mismatches, covers, exact, stream_config, stream_info};
 
 /// The stream's name unless [`NatsBus::open`] is given another (PROTOCOL.md §7).
 pub const DEFAULT_STREAM_NAME: &str = "GATEWAY_FRAMES";
 
-/// The subjects the stream holds: one per client.
+/// The clients' subjects: one per client.
 pub const FRAMES_SUBJECTS: &str = "gateway.clients.>";
+
+/// The runs' subjects: one per execution, its frames published once for every watcher.
+pub const RUNS_SUBJECTS: &str = "gateway.executions.>";
 
 /// Header carrying the SSE event name, on stored and live messages.
 pub const EVENT_HEADER: &str = "Gw-Event";
 
 pub(super) const FRAMES_PREFIX: &str = "gateway.clients.";
+
+pub(super) const RUNS_PREFIX: &str = "gateway.executions.";
 
 /// How long any one NATS call may take before it fails as unavailable, so a dead server
 /// gives an error rather than a hang. (Overrides the client's request timeout, 10 s by
@@ -140,7 +165,8 @@ pub struct NatsBus {
 /// when the last clone is dropped.
 struct Shared {
     router: Arc<Router>,
-    /// The stream holds exactly `gateway.clients.>` (see [`RouterTask::exact_subjects`]).
+    /// The stream holds exactly the clients' and runs' subjects (see
+    /// [`RouterTask::exact_subjects`]).
     exact_subjects: bool,
     _stop: DropGuard,
 }
@@ -162,18 +188,31 @@ pub(super) fn frames_subject(client_id: &ClientId) -> String {
     format!("{FRAMES_PREFIX}{client_id}")
 }
 
+/// A run's subject; `execution_id` is a valid id (a subject token).
+pub(super) fn runs_subject(execution_id: &str) -> String {
+    format!("{RUNS_PREFIX}{execution_id}")
+}
+
+/// `Nats-Msg-Id: key` when `key` can be a header value (else no key: published as usual).
+fn keyed(key: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if !key.is_empty() && key.len() <= 256 && key.bytes().all(|b| b.is_ascii_graphic()) {
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, key);
+    }
+    headers
+}
+
 impl NatsBus {
     /// Publishes one frame with `headers` (plus the event's) and waits for the stream's
     /// ack; a duplicate's ack carries the first copy's sequence.
     async fn publish_headers(
         &self,
-        client_id: &ClientId,
+        subject: String,
         event: &str,
         data: Bytes,
         mut headers: HeaderMap,
     ) -> Result<u64, BusError> {
         super::check_event(event)?;
-        let subject = frames_subject(client_id);
         let what = || format!("publish to {subject}");
         headers.insert(EVENT_HEADER, event);
         let id = self
@@ -189,7 +228,8 @@ impl NatsBus {
 
     /// Opens (creating when absent) the frames stream on the server `client` is connected
     /// to. `stream_name` overrides [`DEFAULT_STREAM_NAME`] (tests; the subjects stay
-    /// `gateway.clients.>`, so two streams cannot share one server). Spawns one small task
+    /// `gateway.clients.>` and `gateway.executions.>`, so two streams cannot share one
+    /// server). Spawns one small task
     /// that watches the connection for reconnects; it ends with the bus.
     pub async fn open(
         client: Client,
@@ -216,6 +256,25 @@ impl NatsBus {
                 },
             },
         };
+        // A stream of the version before run broadcast holds only the clients' subjects:
+        // the runs' are added in place (nothing else changes; frames stay).
+        let existing = match existing {
+            Some(mut info) if !covers(&info.config.subjects, RUNS_SUBJECTS) => {
+                let mut config = info.config.clone();
+                config.subjects.push(RUNS_SUBJECTS.to_owned());
+                match js.update_stream(&config).await {
+                    Ok(updated) => {
+                        tracing::info!(stream = name, subjects = ?updated.config.subjects, "added the runs' subjects to the NATS frames stream");
+                        info = updated;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = name, error = %e, "could not add {RUNS_SUBJECTS} to the NATS frames stream; run frames will not be published");
+                    }
+                }
+                Some(info)
+            }
+            other => other,
+        };
         let (mismatches, max_age) = match &existing {
             Some(info) => (
                 config_mismatches(&wanted, &info.config),
@@ -236,7 +295,7 @@ impl NatsBus {
             .map_err(|e| unavailable(format!("stream {name} open"), e))?;
         let exact_subjects = existing
             .as_ref()
-            .is_none_or(|info| info.config.subjects == [FRAMES_SUBJECTS]);
+            .is_none_or(|info| exact(&info.config.subjects));
         let router = Arc::new(Router::default());
         let stop = CancellationToken::new();
         let mut up = router.up.subscribe();
@@ -302,7 +361,7 @@ impl Bus for NatsBus {
         event: &str,
         data: Bytes,
     ) -> Result<u64, BusError> {
-        self.publish_headers(client_id, event, data, HeaderMap::new())
+        self.publish_headers(frames_subject(client_id), event, data, HeaderMap::new())
             .await
     }
 
@@ -335,12 +394,37 @@ impl Bus for NatsBus {
         data: Bytes,
         key: &str,
     ) -> Result<u64, BusError> {
-        let mut headers = HeaderMap::new();
-        // A key JetStream could not carry as a header value is no key: publish as usual.
-        if !key.is_empty() && key.len() <= 256 && key.bytes().all(|b| b.is_ascii_graphic()) {
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, key);
-        }
-        self.publish_headers(client_id, event, data, headers).await
+        self.publish_headers(frames_subject(client_id), event, data, keyed(key))
+            .await
+    }
+
+    async fn publish_run(
+        &self,
+        execution_id: &ExecutionId,
+        event: &str,
+        data: Bytes,
+        key: &str,
+    ) -> Result<u64, BusError> {
+        let subject = runs_subject(execution_id.as_str());
+        self.publish_headers(subject, event, data, keyed(key)).await
+    }
+
+    /// A `gw/watch` control frame on the client's subject: the router holding the client's
+    /// subscriptions adds the run to them in stream order (`router`).
+    async fn watch(
+        &self,
+        client_id: &ClientId,
+        execution_id: &ExecutionId,
+    ) -> Result<(), BusError> {
+        let data = Bytes::copy_from_slice(execution_id.as_str().as_bytes());
+        self.publish_headers(
+            frames_subject(client_id),
+            WATCH_EVENT,
+            data,
+            HeaderMap::new(),
+        )
+        .await?;
+        Ok(())
     }
 
     /// `max_payload` as the server announced it, less the `publish` header block
@@ -352,10 +436,11 @@ impl Bus for NatsBus {
         (max > 0).then(|| max.saturating_sub(headers))
     }
 
-    async fn subscribe(
+    async fn subscribe_with(
         &self,
         client_id: &ClientId,
         start: StartAt,
+        watching: &[ExecutionId],
     ) -> Result<Subscription, BusError> {
         let subject = frames_subject(client_id);
         let router = self.shared.router.clone();
@@ -366,14 +451,17 @@ impl Bus for NatsBus {
             .map_err(|e| unavailable(format!("subscribe {client_id}"), e))?;
         // Registered before the stream is read: a frame the router handles from now on is
         // routed here, one it handled before was stored before the reads (module docs).
-        let reg = Registration::new(router, client_id);
-        let (reset, last, first) = start_point(&self.stream, &subject, start).await?;
+        let watching = &watching[watching.len().saturating_sub(MAX_WATCHED_PER_SUBSCRIPTION)..];
+        let reg = Registration::new(router, client_id, watching);
+        let runs: Vec<String> = watching.iter().map(|e| runs_subject(e.as_str())).collect();
+        let (reset, last, sources, mark) =
+            start_point(&self.stream, &subject, &runs, start).await?;
         let feed = Feed::new(
             reg,
             self.stream.clone(),
-            subject,
             last,
-            first,
+            sources,
+            mark,
             !self.shared.exact_subjects,
         );
         let frames = futures::stream::unfold(feed, |mut feed| async move {

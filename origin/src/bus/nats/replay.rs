@@ -4,12 +4,13 @@
 
 use super::super::inbox::Taken;
 use super::super::reset::must_reset;
-use super::super::{BusError, BusFrame, StartAt};
+use super::super::{BusError, BusFrame, StartAt, WATCH_EVENT};
 use super::router::Registration;
 use super::stream::limit;
 use super::{unavailable, EVENT_HEADER};
 use async_nats::jetstream::stream::{self as js, RawMessageErrorKind};
 use futures::StreamExt;
+use gateway_shared::ids::ExecutionId;
 use std::collections::VecDeque;
 
 /// How many frames a catch-up reads before checking, once for all of them, that none was
@@ -131,152 +132,340 @@ async fn nothing_dropped_between<I>(
     retains_one_at_or_below(stream, subject, last).await
 }
 
-/// Where a subscription starts: `(reset, the id every later frame is above, the first
-/// frame to deliver if already read)`.
+/// One subject a subscription reads: the client's own, or a watched run's.
+pub(super) struct Source {
+    subject: String,
+    /// Frames of this subject above this are owed and not read yet.
+    cursor: u64,
+    /// Skip the drop check before the next read: a `Retained` start, a reset or a new
+    /// watch owes what is retained, not what may have been before it.
+    trust_next: bool,
+    /// Frames read and checked, ascending, all above `cursor` when read.
+    queued: VecDeque<BusFrame>,
+    /// Read up to the catch-up's mark: nothing more of it to read this round.
+    done: bool,
+    /// This is a run's subject (a control frame can only be on the client's).
+    run: bool,
+}
+
+impl Source {
+    fn new(subject: String, cursor: u64, trust_next: bool, run: bool) -> Self {
+        Self {
+            subject,
+            cursor,
+            trust_next,
+            queued: VecDeque::new(),
+            done: false,
+            run,
+        }
+    }
+}
+
+/// The stream's last sequence now: what a catch-up over several subjects reads up to
+/// (every frame stored after it is routed, since the registration came first).
+async fn high_water<I>(stream: &js::Stream<I>) -> Result<u64, BusError> {
+    Ok(stream
+        .get_info()
+        .await
+        .map_err(|e| unavailable("stream info", e))?
+        .state
+        .last_sequence)
+}
+
+/// True if the run's subject may have dropped a frame above `n` (the per-subject limit;
+/// the stream-wide rule is decided on the client's subject). Also returns the first frame
+/// above `n`, so the feed need not read it again.
+async fn run_dropped_after<I>(
+    stream: &js::Stream<I>,
+    subject: &str,
+    n: u64,
+) -> Result<(bool, Option<BusFrame>), BusError> {
+    let first = frame_from(stream, subject, n.saturating_add(1)).await?;
+    let Some(f) = &first else {
+        return Ok((false, first));
+    };
+    let dropped = !nothing_dropped_between(stream, subject, n, f.id).await?;
+    Ok((dropped, first))
+}
+
+impl Source {
+    /// A source whose first frame above `cursor` was read already (`None`: there was none
+    /// when read, after the subscription registered — so any later one is routed).
+    fn seeded(subject: String, cursor: u64, first: Option<BusFrame>, run: bool) -> Self {
+        let mut source = Self::new(subject, cursor, false, run);
+        match first {
+            Some(f) => {
+                source.cursor = f.id;
+                source.queued.push_back(f);
+            }
+            None => source.done = true,
+        }
+        source
+    }
+}
+
+/// Where a subscription starts: `(reset, the id every later frame is above, the sources
+/// to read, the catch-up's mark)`. `subject` is the client's, `runs` the watched runs'
+/// subjects. The mark is `u64::MAX` ("to the end") with one source, or the stream's last
+/// sequence when a catch-up merges several; `None` when there is nothing to read.
 pub(super) async fn start_point<I>(
     stream: &js::Stream<I>,
     subject: &str,
+    runs: &[String],
     start: StartAt,
-) -> Result<(bool, u64, Option<BusFrame>), BusError> {
-    if start == StartAt::Live {
-        // Every frame the stream holds now is behind the start point.
-        let facts = facts(stream, subject).await?;
-        return Ok((false, facts.last_seq, None));
-    }
-    if let StartAt::After(n) = start {
-        // Read first, then the facts: a frame dropped before the read shows in them.
-        let first = frame_from(stream, subject, n.saturating_add(1)).await?;
-        let facts = facts(stream, subject).await?;
-        let mut dropped_up_to = stream_dropped_up_to(&facts);
-        if let Some(f) = &first {
-            // The extra read only when the stream's own facts do not decide already.
-            if !must_reset(n, facts.last_seq, dropped_up_to)
-                && count_limit_may_have_dropped(n, &facts, f.id)
-                && !retains_one_at_or_below(stream, subject, n).await?
-            {
-                // The subject's oldest frames went, up to the first one still held.
-                dropped_up_to = dropped_up_to.max(f.id.saturating_sub(1));
+) -> Result<(bool, u64, Vec<Source>, Option<u64>), BusError> {
+    let mut sources = Vec::with_capacity(1 + runs.len());
+    let (reset, last, stream_last) = match start {
+        StartAt::Live => {
+            // Every frame the stream holds now is behind the start point.
+            let last = facts(stream, subject).await?.last_seq;
+            sources.push(Source::new(subject.to_owned(), last, true, false));
+            sources.extend(
+                runs.iter()
+                    .map(|r| Source::new(r.clone(), last, true, true)),
+            );
+            return Ok((false, last, sources, None));
+        }
+        StartAt::After(n) => {
+            // Read first, then the facts: a frame dropped before the read shows in them.
+            let first = frame_from(stream, subject, n.saturating_add(1)).await?;
+            let facts = facts(stream, subject).await?;
+            let mut dropped_up_to = stream_dropped_up_to(&facts);
+            if let Some(f) = &first {
+                // The extra read only when the stream's own facts do not decide already.
+                if !must_reset(n, facts.last_seq, dropped_up_to)
+                    && count_limit_may_have_dropped(n, &facts, f.id)
+                    && !retains_one_at_or_below(stream, subject, n).await?
+                {
+                    // The subject's oldest frames went, up to the first one still held.
+                    dropped_up_to = dropped_up_to.max(f.id.saturating_sub(1));
+                }
             }
+            let mut lost = must_reset(n, facts.last_seq, dropped_up_to);
+            sources.push(Source::seeded(subject.to_owned(), n, first, false));
+            for run in runs {
+                if lost {
+                    break;
+                }
+                let (dropped, first) = run_dropped_after(stream, run, n).await?;
+                lost = dropped;
+                sources.push(Source::seeded(run.clone(), n, first, true));
+            }
+            if lost {
+                sources.clear();
+            }
+            (lost, n, facts.last_seq)
         }
-        let lost = must_reset(n, facts.last_seq, dropped_up_to);
-        if !lost {
-            return Ok((false, n, first));
-        }
+        StartAt::Retained => (false, 0, 0),
+    };
+    let mut last = last;
+    if sources.is_empty() {
+        // Retained, or a reset: everything retained from the client's oldest frame on
+        // (what was dropped before now is not owed), and the runs' retained frames above it.
         let oldest = frame_from(stream, subject, 1).await?;
-        let above = oldest
-            .as_ref()
-            .map_or(facts.last_seq, |o| o.id.saturating_sub(1));
-        return Ok((true, above, oldest));
+        last = match (&oldest, reset) {
+            // Retained owes the runs' retained frames too, older ones included.
+            (_, false) if !runs.is_empty() => 0,
+            (Some(o), _) => o.id.saturating_sub(1),
+            (None, true) => stream_last,
+            (None, false) => 0,
+        };
+        sources.push(Source::seeded(subject.to_owned(), last, oldest, false));
+        sources.extend(
+            runs.iter()
+                .map(|r| Source::new(r.clone(), last, true, true)),
+        );
     }
-    // Everything retained now is owed; what was dropped before now is not.
-    let oldest = frame_from(stream, subject, 1).await?;
-    let above = oldest.as_ref().map_or(0, |o| o.id.saturating_sub(1));
-    Ok((false, above, oldest))
+    let mark = if sources.len() == 1 {
+        // One subject: read to the end; a first read that found nothing means any later
+        // frame is routed (the registration came first).
+        (!sources[0].done).then_some(u64::MAX)
+    } else {
+        // Several: read each up to one mark, taken before their reads — except the
+        // client's first read, which may have come before it: read that one again.
+        sources[0].done = false;
+        Some(match start {
+            StartAt::After(_) => stream_last,
+            _ => high_water(stream).await?,
+        })
+    };
+    Ok((reset, last, sources, mark))
 }
 
-/// One subscription's state: its place in the router, the stream to read, and how far
+/// One subscription's state: its place in the router, the subjects it reads, and how far
 /// the client has got.
 pub(super) struct Feed {
     reg: Registration,
     stream: js::Stream<()>,
-    subject: String,
-    /// Every frame above this is owed to the client: the highest id yielded, or the start
-    /// point before anything was.
+    /// The client's subject first, then its runs'.
+    sources: Vec<Source>,
+    /// Every frame yielded is above this: the highest id yielded, or the start point.
     last: u64,
-    /// Frames read and checked, waiting to be yielded (ascending, all above `last`).
-    ready: VecDeque<BusFrame>,
-    /// Read the stream forward before taking routed frames.
-    catching_up: bool,
-    /// Look every routed frame up in the stream before yielding it (an existing stream
-    /// with wider subjects, where the router cannot see holes).
+    /// While catching up: read every source up to this stream sequence (`u64::MAX`: to
+    /// the end, only with one source) before trusting routed frames.
+    catch_up_to: Option<u64>,
+    /// Catch up to every routed frame before yielding it (an existing stream with wider
+    /// subjects, where the router cannot see holes).
     verify_each: bool,
     done: bool,
 }
 
-fn fell_behind(last: u64) -> BusError {
+fn fell_behind(subject: &str, last: u64) -> BusError {
     BusError::Unavailable(format!(
-        "NATS bus subscriber fell behind retention: frames after {last} may have been dropped"
+        "NATS bus subscriber fell behind retention: frames of {subject} after {last} may have been dropped"
     ))
 }
 
 impl Feed {
-    /// A subscription's feed from its start point: `last` is what every later frame is
-    /// above, `first` the first frame to deliver if [`start_point`] already read it.
+    /// A subscription's feed from its start point ([`start_point`]'s answer).
     /// `verify_each` for a stream with wider subjects, where the router cannot see holes.
     pub(super) fn new(
         reg: Registration,
         stream: js::Stream<()>,
-        subject: String,
         last: u64,
-        first: Option<BusFrame>,
+        sources: Vec<Source>,
+        catch_up_to: Option<u64>,
         verify_each: bool,
     ) -> Self {
         Self {
             reg,
             stream,
-            subject,
+            sources,
             last,
-            // Nothing after the start point when it was read: later frames come routed.
-            catching_up: first.is_some(),
-            ready: first.into_iter().collect(),
+            catch_up_to,
             verify_each,
             done: false,
         }
     }
 
     fn fail(&mut self, err: BusError) -> Option<Result<BusFrame, BusError>> {
-        tracing::warn!(subject = %self.subject, last = self.last, error = %err, "NATS bus subscription ends");
+        let subject = self.sources.first().map_or("", |s| s.subject.as_str());
+        tracing::warn!(subject, last = self.last, error = %err, "NATS bus subscription ends");
         self.done = true;
         Some(Err(err))
     }
 
-    /// Reads up to [`READ_AHEAD`] frames after `last` into `ready`, checking once for the
-    /// whole batch that none was dropped; ends the catch-up when the stream has no more.
-    async fn read_ahead(&mut self) -> Result<(), BusError> {
+    /// Adds a source for every run the router has this subscription watching that it does
+    /// not read yet (watches added by `gw/watch` frames it did not see, e.g. cleared with
+    /// a recheck); their frames above `last` are read, none is owed from before.
+    fn sync_sources(&mut self) {
+        for run in self.reg.watching() {
+            let subject = super::runs_subject(&run);
+            if !self.sources.iter().any(|s| s.subject == subject) {
+                self.sources
+                    .push(Source::new(subject, self.last, true, true));
+            }
+        }
+    }
+
+    /// Starts a catch-up to the stream's current end (a recheck, an overflow while
+    /// catching up, a routed frame in verify mode): every source is read again from its
+    /// cursor.
+    async fn restart_catch_up(&mut self, to: Option<u64>) -> Result<(), BusError> {
+        self.sync_sources();
+        let high = match to {
+            Some(h) => h,
+            None if self.sources.len() == 1 => u64::MAX,
+            None => high_water(&self.stream).await?,
+        };
+        for s in &mut self.sources {
+            s.done = false;
+        }
+        self.catch_up_to = Some(high);
+        Ok(())
+    }
+
+    /// Reads up to [`READ_AHEAD`] frames of source `i` after its cursor (up to `high`)
+    /// into its queue, checking once for the whole batch that none was dropped.
+    async fn read_ahead(&mut self, i: usize, high: u64) -> Result<(), BusError> {
+        let source = &self.sources[i];
         let mut batch = Vec::new();
-        let mut from = self.last.saturating_add(1);
+        let mut from = source.cursor.saturating_add(1);
+        let mut done = false;
         while batch.len() < READ_AHEAD {
-            match frame_from(&self.stream, &self.subject, from).await? {
-                Some(frame) => {
+            match frame_from(&self.stream, &source.subject, from).await? {
+                Some(frame) if frame.id <= high => {
                     from = frame.id.saturating_add(1);
                     batch.push(frame);
                 }
-                None => {
-                    self.catching_up = false;
+                // Above the mark: routed (the registration came first).
+                Some(_) | None => {
+                    done = true;
                     break;
                 }
             }
         }
         if let Some(first) = batch.first() {
-            if !nothing_dropped_between(&self.stream, &self.subject, self.last, first.id).await? {
-                return Err(fell_behind(self.last));
+            if !source.trust_next
+                && !nothing_dropped_between(&self.stream, &source.subject, source.cursor, first.id)
+                    .await?
+            {
+                return Err(fell_behind(&source.subject, source.cursor));
             }
         }
         crate::metrics::global()
             .sse_replayed
             .inc_by(batch.len() as u64);
-        self.ready.extend(batch);
+        let source = &mut self.sources[i];
+        source.trust_next = false;
+        if let Some(last) = batch.last() {
+            source.cursor = last.id;
+        }
+        source.done = done;
+        source.queued.extend(batch);
         Ok(())
     }
 
-    /// Routed frame `id` (above `last`) arrived in verify mode: queue the stream's first
-    /// frame after `last` — `id` itself unless one before it was missed, then catch up.
-    async fn verify(&mut self, id: u64) -> Result<(), BusError> {
-        match frame_from(&self.stream, &self.subject, self.last.saturating_add(1)).await? {
-            Some(found) if found.id <= id => {
-                if !nothing_dropped_between(&self.stream, &self.subject, self.last, found.id)
-                    .await?
-                {
-                    return Err(fell_behind(self.last));
+    /// One step of a catch-up: the next frame in id order over every source, `Ok(None)`
+    /// when every source is read up to the mark (`catch_up_to`).
+    async fn catch_up_step(&mut self) -> Result<Option<BusFrame>, BusError> {
+        loop {
+            let high = self.catch_up_to.unwrap_or(u64::MAX);
+            for i in 0..self.sources.len() {
+                let s = &mut self.sources[i];
+                // Above the mark (read before it was set): routed, not read.
+                while s.queued.back().is_some_and(|f| f.id > high) {
+                    s.queued.pop_back();
+                    s.cursor = s.cursor.min(high);
+                    s.done = true;
                 }
-                if found.id < id {
-                    self.catching_up = true;
+                if s.queued.is_empty() && !s.done {
+                    self.read_ahead(i, high).await?;
                 }
-                self.ready.push_back(found);
-                Ok(())
             }
-            // `id` itself is no longer retained.
-            _ => Err(fell_behind(self.last)),
+            let next = (0..self.sources.len())
+                .filter_map(|i| self.sources[i].queued.front().map(|f| (f.id, i)))
+                .min();
+            let Some((_, i)) = next else {
+                return Ok(None);
+            };
+            let source = &mut self.sources[i];
+            let frame = source.queued.pop_front().expect("the front was just seen");
+            if source.run || frame.event != WATCH_EVENT {
+                return Ok(Some(frame));
+            }
+            // A watch added on this client's subject, met in id order: read the run too.
+            // If the router had not added it to this subscription (it handled the control
+            // frame before this subscription registered), the run's frames stored since
+            // were routed to nobody here: read every source up to the stream's end now.
+            let Some(run) = std::str::from_utf8(&frame.data)
+                .ok()
+                .filter(|r| ExecutionId::is_valid(r))
+            else {
+                continue;
+            };
+            let newly = self.reg.watch(run);
+            let subject = super::runs_subject(run);
+            if !self.sources.iter().any(|s| s.subject == subject) {
+                self.sources
+                    .push(Source::new(subject, self.last, true, true));
+                let mark = if newly || high == u64::MAX {
+                    Some(high_water(&self.stream).await?)
+                } else {
+                    Some(high)
+                };
+                self.restart_catch_up(mark).await?;
+            }
         }
     }
 
@@ -285,29 +474,55 @@ impl Feed {
             return None;
         }
         loop {
-            if let Some(frame) = self.ready.pop_front() {
-                self.last = frame.id;
-                return Some(Ok(frame));
-            }
-            if self.catching_up {
-                // Before the reads: what they return covers every frame routed until now.
-                self.reg.inbox.absorb_overflow();
-                // Boxed: the reads' futures are large, and an idle subscription (waiting on
-                // its inbox below) should not carry their size.
-                if let Err(e) = Box::pin(self.read_ahead()).await {
-                    return self.fail(e);
+            if self.catch_up_to.is_some() {
+                // To the end (one source): the reads cover whatever was routed until now,
+                // so an overflow costs nothing. Up to a mark, what was routed above it is
+                // still owed: an overflow is handled once the round is read.
+                if self.catch_up_to == Some(u64::MAX) {
+                    self.reg.inbox.absorb_overflow();
                 }
-                continue;
+                // Boxed: the reads' futures are large, and an idle subscription (waiting
+                // on its inbox below) should not carry their size.
+                match Box::pin(self.catch_up_step()).await {
+                    Ok(Some(frame)) if frame.id <= self.last => continue,
+                    Ok(Some(frame)) => {
+                        self.last = frame.id;
+                        return Some(Ok(frame));
+                    }
+                    Ok(None) => {
+                        self.catch_up_to = None;
+                        if self.reg.inbox.absorb_overflow() {
+                            // Frames routed above the mark were dropped: read again, to
+                            // the end of the stream now.
+                            if let Err(e) = Box::pin(self.restart_catch_up(None)).await {
+                                return self.fail(e);
+                            }
+                        }
+                        continue;
+                    }
+                    Err(e) => return self.fail(e),
+                }
             }
             match self.reg.inbox.take() {
                 Taken::Frame(f) if f.id <= self.last => {}
+                // The router added the run when it routed this; frames of the run from
+                // before it are not owed live.
+                Taken::Frame(f) if f.event == WATCH_EVENT => {}
                 Taken::Frame(f) if self.verify_each => {
-                    if let Err(e) = Box::pin(self.verify(f.id)).await {
+                    // Read every source up to it: what the router cannot vouch for.
+                    if let Err(e) = Box::pin(self.restart_catch_up(Some(f.id))).await {
                         return self.fail(e);
                     }
                 }
-                Taken::Frame(f) => self.ready.push_back(f),
-                Taken::Recheck => self.catching_up = true,
+                Taken::Frame(f) => {
+                    self.last = f.id;
+                    return Some(Ok(f));
+                }
+                Taken::Recheck => {
+                    if let Err(e) = Box::pin(self.restart_catch_up(None)).await {
+                        return self.fail(e);
+                    }
+                }
                 Taken::Overflowed => return self.fail(BusError::Lagged),
                 Taken::Broken(why) => return self.fail(BusError::Unavailable(why)),
                 Taken::Empty => self.reg.inbox.notify.notified().await,

@@ -1,17 +1,23 @@
-//! Live delivery: one ordered push consumer per replica over every client's subject
-//! feeds the [`Router`], which hands each frame to the subscriptions open here for its
-//! client (see the module docs of [`super`]); and the watcher that notices reconnects.
+//! Live delivery: one ordered push consumer per replica over every client's and every
+//! run's subject feeds the [`Router`], which hands each frame to the subscriptions open
+//! here for its client, or watching its run (see the module docs of [`super`]); and the
+//! watcher that notices reconnects.
+//!
+//! A `gw/watch` control frame on a client's subject makes the router add the run it names
+//! to every subscription of that client open here, in stream order: the run's frames
+//! stored after it are routed to them. Control frames are not handed to subscriptions.
 
 use super::super::inbox::{Inbox, Slot};
 use super::super::BusFrame;
-use super::{EVENT_HEADER, FRAMES_PREFIX, FRAMES_SUBJECTS};
+use super::super::{MAX_WATCHED_PER_SUBSCRIPTION, WATCH_EVENT};
+use super::{EVENT_HEADER, FRAMES_PREFIX, FRAMES_SUBJECTS, RUNS_PREFIX, RUNS_SUBJECTS};
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::push::OrderedErrorKind;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, stream as js};
 use async_nats::Client;
 use futures::StreamExt;
-use gateway_shared::ids::ClientId;
+use gateway_shared::ids::{ClientId, ExecutionId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,7 +99,59 @@ impl Default for Router {
 
 #[derive(Default)]
 pub(super) struct Table {
+    /// Client id → the inboxes of its subscriptions open here.
     pub(super) subs: HashMap<String, Vec<Arc<Inbox>>>,
+    /// Execution id → the inboxes of the subscriptions watching it.
+    pub(super) runs: HashMap<String, Vec<Arc<Inbox>>>,
+    /// Inbox address → the runs it watches (oldest first), so it can leave them.
+    watching: HashMap<usize, Vec<String>>,
+}
+
+fn key(inbox: &Arc<Inbox>) -> usize {
+    Arc::as_ptr(inbox) as usize
+}
+
+impl Table {
+    /// Adds `inbox` to the run's watchers (once), dropping its oldest watch beyond
+    /// [`MAX_WATCHED_PER_SUBSCRIPTION`]; false if it watched the run already.
+    fn watch(&mut self, inbox: &Arc<Inbox>, execution_id: &str) -> bool {
+        let list = self.watching.entry(key(inbox)).or_default();
+        if list.iter().any(|e| e == execution_id) {
+            return false;
+        }
+        list.push(execution_id.to_owned());
+        let dropped = (list.len() > MAX_WATCHED_PER_SUBSCRIPTION).then(|| list.remove(0));
+        self.runs
+            .entry(execution_id.to_owned())
+            .or_default()
+            .push(inbox.clone());
+        if let Some(old) = dropped {
+            self.leave(inbox, &old);
+        }
+        true
+    }
+
+    fn leave(&mut self, inbox: &Arc<Inbox>, execution_id: &str) {
+        if let Some(list) = self.runs.get_mut(execution_id) {
+            list.retain(|i| !Arc::ptr_eq(i, inbox));
+            if list.is_empty() {
+                self.runs.remove(execution_id);
+            }
+        }
+    }
+
+    /// Removes `inbox` from its client and every run it watches.
+    fn remove(&mut self, client_id: &str, inbox: &Arc<Inbox>) {
+        if let Some(list) = self.subs.get_mut(client_id) {
+            list.retain(|i| !Arc::ptr_eq(i, inbox));
+            if list.is_empty() {
+                self.subs.remove(client_id);
+            }
+        }
+        for run in self.watching.remove(&key(inbox)).unwrap_or_default() {
+            self.leave(inbox, &run);
+        }
+    }
 }
 
 impl Router {
@@ -111,6 +169,27 @@ impl Router {
         }
     }
 
+    /// Hands a run's frame to every subscription watching the run.
+    fn route_run(&self, execution_id: &str, frame: BusFrame) {
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        let table = self.lock();
+        if let Some(inboxes) = table.runs.get(execution_id) {
+            for inbox in inboxes {
+                inbox.push(frame.clone(), backlog);
+            }
+        }
+    }
+
+    /// A `gw/watch` control frame: every subscription of the client open here watches the
+    /// run from now on.
+    fn watch_for_client(&self, client_id: &str, execution_id: &str) {
+        let mut table = self.lock();
+        let inboxes = table.subs.get(client_id).cloned().unwrap_or_default();
+        for inbox in &inboxes {
+            table.watch(inbox, execution_id);
+        }
+    }
+
     fn flag_all(&self, f: impl Fn(&mut Slot)) {
         let table = self.lock();
         for inbox in table.subs.values().flatten() {
@@ -122,7 +201,10 @@ impl Router {
     /// ones register with the next consumer.
     fn break_all(&self, why: &str) {
         self.flag_all(|s| s.broken = Some(why.to_owned()));
-        self.lock().subs.clear();
+        let mut table = self.lock();
+        table.subs.clear();
+        table.runs.clear();
+        table.watching.clear();
     }
 }
 
@@ -134,31 +216,50 @@ pub(super) struct Registration {
 }
 
 impl Registration {
-    pub(super) fn new(router: Arc<Router>, client_id: &ClientId) -> Self {
+    /// Registers a subscription of `client_id` watching `watching` (its newest
+    /// [`MAX_WATCHED_PER_SUBSCRIPTION`]).
+    pub(super) fn new(router: Arc<Router>, client_id: &ClientId, watching: &[ExecutionId]) -> Self {
         let inbox = Arc::new(Inbox::default());
-        router
-            .lock()
-            .subs
-            .entry(client_id.as_str().to_owned())
-            .or_default()
-            .push(inbox.clone());
+        {
+            let mut table = router.lock();
+            table
+                .subs
+                .entry(client_id.as_str().to_owned())
+                .or_default()
+                .push(inbox.clone());
+            for run in &watching[watching.len().saturating_sub(MAX_WATCHED_PER_SUBSCRIPTION)..] {
+                table.watch(&inbox, run.as_str());
+            }
+        }
         Self {
             router,
             client_id: client_id.clone(),
             inbox,
         }
     }
+
+    /// Watches one more run (a `gw/watch` frame found while reading the client's subject);
+    /// false if it was watched already.
+    pub(super) fn watch(&self, execution_id: &str) -> bool {
+        self.router.lock().watch(&self.inbox, execution_id)
+    }
+
+    /// The runs this subscription watches now, oldest first.
+    pub(super) fn watching(&self) -> Vec<String> {
+        self.router
+            .lock()
+            .watching
+            .get(&key(&self.inbox))
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut table = self.router.lock();
-        if let Some(list) = table.subs.get_mut(self.client_id.as_str()) {
-            list.retain(|i| !Arc::ptr_eq(i, &self.inbox));
-            if list.is_empty() {
-                table.subs.remove(self.client_id.as_str());
-            }
-        }
+        self.router
+            .lock()
+            .remove(self.client_id.as_str(), &self.inbox);
     }
 }
 
@@ -214,7 +315,7 @@ impl RouterTask {
         };
         let config = jetstream::consumer::push::OrderedConfig {
             deliver_subject: self.js.client().new_inbox(),
-            filter_subject: FRAMES_SUBJECTS.to_owned(),
+            filter_subjects: vec![FRAMES_SUBJECTS.to_owned(), RUNS_SUBJECTS.to_owned()],
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: start,
             },
@@ -273,19 +374,25 @@ impl RouterTask {
                             self.router.flag_all(|s| s.recheck = true);
                         }
                         position = seq;
-                        let Some(client_id) = m.subject.as_str().strip_prefix(FRAMES_PREFIX) else {
-                            continue;
-                        };
                         let Some(event) = m.headers.as_ref().and_then(|h| h.get(EVENT_HEADER)) else {
                             tracing::warn!(subject = %m.subject, seq, "message without {EVENT_HEADER} on a frames subject; skipped");
                             continue;
                         };
-                        let frame = BusFrame {
-                            id: seq,
-                            event: event.as_str().to_owned(),
-                            data: m.payload.clone(),
-                        };
-                        self.router.route(client_id, frame);
+                        let subject = m.subject.as_str();
+                        if let Some(client_id) = subject.strip_prefix(FRAMES_PREFIX) {
+                            if event.as_str() == WATCH_EVENT {
+                                match std::str::from_utf8(&m.payload) {
+                                    Ok(run) if ExecutionId::is_valid(run) => self.router.watch_for_client(client_id, run),
+                                    _ => tracing::warn!(subject, seq, "{WATCH_EVENT} frame without a valid execution id; skipped"),
+                                }
+                                continue;
+                            }
+                            let frame = BusFrame { id: seq, event: event.as_str().to_owned(), data: m.payload.clone() };
+                            self.router.route(client_id, frame);
+                        } else if let Some(run) = subject.strip_prefix(RUNS_PREFIX) {
+                            let frame = BusFrame { id: seq, event: event.as_str().to_owned(), data: m.payload.clone() };
+                            self.router.route_run(run, frame);
+                        }
                     }
                 }
             }
@@ -314,9 +421,9 @@ mod tests {
     #[test]
     fn a_frame_reaches_every_subscription_of_its_client_and_no_other() {
         let router = Arc::new(Router::default());
-        let a1 = Registration::new(router.clone(), &cid("a"));
-        let a2 = Registration::new(router.clone(), &cid("a"));
-        let b = Registration::new(router.clone(), &cid("b"));
+        let a1 = Registration::new(router.clone(), &cid("a"), &[]);
+        let a2 = Registration::new(router.clone(), &cid("a"), &[]);
+        let b = Registration::new(router.clone(), &cid("b"), &[]);
         router.route("a", frame(7));
         for reg in [&a1, &a2] {
             assert!(matches!(reg.inbox.take(), Taken::Frame(f) if f.id == 7));
@@ -329,8 +436,8 @@ mod tests {
     #[test]
     fn a_dropped_registration_leaves_nothing_in_the_table() {
         let router = Arc::new(Router::default());
-        let a1 = Registration::new(router.clone(), &cid("a"));
-        let a2 = Registration::new(router.clone(), &cid("a"));
+        let a1 = Registration::new(router.clone(), &cid("a"), &[]);
+        let a2 = Registration::new(router.clone(), &cid("a"), &[]);
         drop(a1);
         assert_eq!(router.lock().subs["a"].len(), 1);
         drop(a2);
@@ -341,7 +448,7 @@ mod tests {
     fn more_routed_frames_than_the_backlog_end_the_subscription_as_overflowed() {
         let router = Arc::new(Router::default());
         router.backlog.store(2, Ordering::Relaxed);
-        let a = Registration::new(router.clone(), &cid("a"));
+        let a = Registration::new(router.clone(), &cid("a"), &[]);
         for id in 1..=3 {
             router.route("a", frame(id));
         }
@@ -351,8 +458,8 @@ mod tests {
     #[test]
     fn breaking_all_ends_every_subscription_and_empties_the_table() {
         let router = Arc::new(Router::default());
-        let a = Registration::new(router.clone(), &cid("a"));
-        let b = Registration::new(router.clone(), &cid("b"));
+        let a = Registration::new(router.clone(), &cid("a"), &[]);
+        let b = Registration::new(router.clone(), &cid("b"), &[]);
         router.break_all("consumer failed");
         for reg in [&a, &b] {
             assert!(matches!(reg.inbox.take(), Taken::Broken(why) if why == "consumer failed"));

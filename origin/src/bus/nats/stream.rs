@@ -2,7 +2,7 @@
 //! stream, and how an existing one differs from that (reported, never changed).
 
 use super::super::{BusError, Retention};
-use super::{unavailable, FRAMES_SUBJECTS};
+use super::{unavailable, FRAMES_SUBJECTS, RUNS_SUBJECTS};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{self as js, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
@@ -21,7 +21,7 @@ pub(super) fn stream_config(name: &str, retention: &Retention) -> js::Config {
     js::Config {
         name: name.to_owned(),
         description: Some("NoETL edge gateway: recent frames per client, for SSE replay".into()),
-        subjects: vec![FRAMES_SUBJECTS.to_owned()],
+        subjects: vec![FRAMES_SUBJECTS.to_owned(), RUNS_SUBJECTS.to_owned()],
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         discard: DiscardPolicy::Old,
@@ -31,6 +31,21 @@ pub(super) fn stream_config(name: &str, retention: &Retention) -> js::Config {
         ),
         ..Default::default()
     }
+}
+
+/// True if a stream with `subjects` captures every subject under `wanted`.
+pub(super) fn covers(subjects: &[String], wanted: &str) -> bool {
+    subjects
+        .iter()
+        .any(|s| s == wanted || s == "gateway.>" || s == ">")
+}
+
+/// True if the stream holds exactly the clients' and the runs' subjects, so its sequence
+/// has no holes but deletions (the router can then see frames leave before delivery).
+pub(super) fn exact(subjects: &[String]) -> bool {
+    let mut s: Vec<&str> = subjects.iter().map(String::as_str).collect();
+    s.sort_unstable();
+    s == [FRAMES_SUBJECTS, RUNS_SUBJECTS]
 }
 
 /// How an existing stream differs from what this bus would create, in words.
@@ -50,15 +65,13 @@ pub(super) fn config_mismatches(wanted: &js::Config, existing: &js::Config) -> V
             limit(wanted.max_messages_per_subject)
         ));
     }
-    let covers = existing
-        .subjects
-        .iter()
-        .any(|s| s == FRAMES_SUBJECTS || s == "gateway.>" || s == ">");
-    if !covers {
-        out.push(format!(
-            "stream {name}: subjects {:?} do not cover {FRAMES_SUBJECTS}: publishing will fail",
-            existing.subjects
-        ));
+    for wanted in [FRAMES_SUBJECTS, RUNS_SUBJECTS] {
+        if !covers(&existing.subjects, wanted) {
+            out.push(format!(
+                "stream {name}: subjects {:?} do not cover {wanted}: publishing will fail",
+                existing.subjects
+            ));
+        }
     }
     if existing.retention != RetentionPolicy::Limits {
         out.push(format!(
@@ -111,7 +124,10 @@ mod tests {
             max_frames_per_client: 1000,
         };
         let c = stream_config("S", &r);
-        assert_eq!(c.subjects, [FRAMES_SUBJECTS]);
+        assert_eq!(c.subjects, [FRAMES_SUBJECTS, RUNS_SUBJECTS]);
+        assert!(exact(&c.subjects));
+        assert!(!exact(&[FRAMES_SUBJECTS.to_owned()]));
+        assert!(!exact(&[">".to_owned()]));
         assert_eq!(c.max_age, r.max_age);
         assert_eq!(c.max_messages_per_subject, 1000);
         assert_eq!(c.storage, StorageType::File);
@@ -148,7 +164,7 @@ mod tests {
             ..wanted.clone()
         };
         let m = config_mismatches(&wanted, &existing);
-        assert_eq!(m.len(), 6, "{m:?}");
+        assert_eq!(m.len(), 7, "{m:?}");
         assert!(m[0].contains("60s") && m[0].contains("600s"), "{m:?}");
         let wide = js::Config {
             subjects: vec![">".into()],

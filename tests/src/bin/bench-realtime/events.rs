@@ -15,7 +15,9 @@ use gateway_tests::bench::{now_ns, Deadline};
 use gateway_tests::standin::events::v4::V4Mirror;
 use gateway_tests::standin::events::{encode_row, EventKind, EventRow, NewEvent, RowPlace, Shape};
 use gateway_tests::standin::ids::{ExecutionId, IdGen};
-use origin::interest::{add_interest, Interested};
+use origin::bus::nats::NatsBus;
+use origin::bus::Retention;
+use origin::interest::{follow, Interested};
 use origin::store::nats::NatsKv;
 
 use crate::common::World;
@@ -44,11 +46,17 @@ pub(crate) async fn figure_events(
     let ids = Arc::new(IdGen::new());
     let executions: Vec<ExecutionId> = targets.iter().map(|_| ids.execution()).collect();
     let recorded = Instant::now();
+    // The gateway's own follow (watch list, the bus's watch, the interest record), through
+    // a bus on the same stream as the origin's.
+    let bus = NatsBus::open(world.client.clone(), Retention::default(), None)
+        .await
+        .expect("the frames stream opens");
+    let bus = &bus;
     let interest: Vec<bool> =
         futures::stream::iter(executions.iter().zip(&targets).map(|(e, c)| async move {
             let execution = gw_ids::ExecutionId::parse(&e.0.to_string()).expect("a numeric id");
             let client = gw_ids::ClientId::parse(c).expect("a live client's id");
-            add_interest(kv, &execution, &client, Interested::Owner)
+            follow(kv, bus, &execution, &client, Interested::Owner)
                 .await
                 .is_ok()
         }))

@@ -1,0 +1,191 @@
+//! Broadcast without a cap (issue 16): a run's `playbook/state` frames are published once,
+//! to the run (`gateway.executions.<id>`), and reach every client that follows it, on every
+//! replica — far more than the 256 + 256 clients an interest record keeps.
+//!
+//! Real parts: nats-server (JetStream), two origin replicas, the NoETL stand-in publishing
+//! its execution events, SSE over loopback. The watchers' streams are spread over both
+//! replicas and each watch is made on the *other* replica, so every watch travels as a
+//! `gw/watch` control frame; the run's subject is then counted in the stream: one message
+//! per state, however many watch it.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use gateway_tests::harness::flows::{
+    client_id_of, execute_playbook, graphql, login, nats_stack_with, open_events,
+};
+use gateway_tests::harness::origin::Origin;
+use gateway_tests::harness::sse::{SseClient, SseFrame};
+use gateway_tests::harness::standin::StandInOptions;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// More than the 512 clients an interest record ever listed (256 owner's + 256 others').
+const WATCHERS: usize = 600;
+
+const SUBSCRIBE_TO: &str =
+    "mutation($id: ID!, $client: String!) { subscribeToExecution(executionId: $id, clientId: $client) }";
+const CANCEL: &str = "mutation($id: ID!) { cancelExecution(id: $id) }";
+
+async fn open(origin: &Origin, token: &str, query: &str) -> (SseClient, String) {
+    let (sse, init) =
+        open_events(&format!("{}/events{query}", origin.url), token, None, WAIT).await;
+    (sse, client_id_of(&init))
+}
+
+/// The run's state frames in `frames`: `(SSE position, event_type)`.
+fn states(frames: &[SseFrame], execution: &str) -> Vec<(u64, String)> {
+    frames
+        .iter()
+        .filter(|f| f.event == "playbook/state" && f.data["params"]["execution_id"] == execution)
+        .map(|f| {
+            (
+                f.id.expect("a state frame has an id"),
+                f.data["params"]["event_type"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn ends(frames: &[SseFrame], execution: &str) -> bool {
+    frames.iter().any(|f| {
+        f.event == "playbook/state"
+            && f.data["params"]["execution_id"] == execution
+            && f.data["params"]["terminal"] == true
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_publish_per_state() {
+    let (nats, standin, origins) = nats_stack_with(
+        2,
+        StandInOptions::default(),
+        &[
+            ("USER_MAX_CLIENTS", "0"),
+            ("USER_MAX_STREAMS", "0"),
+            ("STREAM_OPEN_RATE_LIMIT", "off"),
+            ("GRAPHQL_MUTATION_RATE_LIMIT", "off"),
+        ],
+    )
+    .await;
+    let owner = login(&origins[0].url, &standin, "owner@example.com").await;
+
+    let (mut owner_sse, owner_client) = open(&origins[0], &owner, "").await;
+    let v = execute_playbook(
+        &origins[0].url,
+        &owner,
+        "demo/slow",
+        json!({"seconds": 120}),
+        Some(&owner_client),
+    )
+    .await;
+    let execution = v["data"]["executePlaybook"]["executionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned();
+
+    // The watchers: streams alternating between the replicas, each subscribed through the
+    // other one.
+    let mut watchers: Vec<(usize, SseClient, String)> = futures::stream::iter(0..WATCHERS)
+        .map(|i| {
+            let (origins, owner) = (&origins, &owner);
+            async move {
+                let (sse, id) = open(&origins[i % 2], owner, "").await;
+                (i % 2, sse, id)
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let subscribed: Vec<bool> = futures::stream::iter(watchers.iter())
+        .map(|(replica, _, client)| {
+            let (origins, owner, execution) = (&origins, &owner, &execution);
+            async move {
+                let v = graphql(
+                    &origins[1 - replica].url,
+                    owner,
+                    SUBSCRIBE_TO,
+                    json!({"id": execution, "client": client}),
+                )
+                .await;
+                v["data"]["subscribeToExecution"] == true
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    assert!(subscribed.iter().all(|ok| *ok), "every watch is accepted");
+
+    let v = graphql(&origins[0].url, &owner, CANCEL, json!({"id": execution})).await;
+    assert_eq!(v["data"]["cancelExecution"], true, "{v}");
+    let owner_frames = owner_sse
+        .collect_until(WAIT, |fs| ends(fs, &execution))
+        .await;
+    let owner_states = states(&owner_frames, &execution);
+    assert!(
+        owner_states
+            .last()
+            .is_some_and(|(_, t)| t == "playbook.cancelled"),
+        "the run ended for its owner: {owner_states:?}"
+    );
+
+    // Every watcher: a suffix of the owner's states (it began watching mid-run), ending with
+    // the terminal one, in the owner's order and with the same stream positions, none twice.
+    for (i, (_, sse, client)) in watchers.iter_mut().enumerate() {
+        let got = states(
+            &sse.collect_until(WAIT, |fs| ends(fs, &execution)).await,
+            &execution,
+        );
+        assert!(
+            !got.is_empty() && owner_states.ends_with(&got),
+            "watcher {i} ({client}) got {got:?}, the owner {owner_states:?}"
+        );
+    }
+
+    // One message per state on the run's subject, whatever the number of watchers.
+    let js = async_nats::jetstream::new(
+        async_nats::connect(&nats.url)
+            .await
+            .expect("connects to NATS"),
+    );
+    let stream = js
+        .get_stream("GATEWAY_FRAMES")
+        .await
+        .expect("the frames stream");
+    let subject = format!("gateway.executions.{execution}");
+    let mut info = stream
+        .info_with_subjects(&subject)
+        .await
+        .expect("stream info");
+    let stored = match info.next().await {
+        Some(Ok((s, n))) if s == subject => n,
+        other => panic!("no count for {subject}: {other:?}"),
+    };
+    assert_eq!(
+        stored,
+        owner_states.len(),
+        "one stored message per state for {WATCHERS} watchers"
+    );
+
+    // A watcher resuming by name on the other replica (no Last-Event-ID: everything
+    // retained) replays the whole run from the run's subject, merged into its stream.
+    for (replica, sse, client) in watchers.drain(..4) {
+        sse.close();
+        let (mut again, id) = open(
+            &origins[1 - replica],
+            &owner,
+            &format!("?client_id={client}"),
+        )
+        .await;
+        assert_eq!(id, client);
+        let replayed = states(
+            &again.collect_until(WAIT, |fs| ends(fs, &execution)).await,
+            &execution,
+        );
+        assert_eq!(replayed, owner_states, "{client} replays the whole run");
+    }
+}
