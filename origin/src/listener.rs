@@ -429,14 +429,24 @@ async fn stream_chunks(mut stream: TcpStream, mut body: Body) {
         // its intrusive waiter) lives in the task while the stream idles.
         let next = std::future::poll_fn(|cx| next_event(&stream, &mut body, cx)).await;
         match next {
-            Next::Data(data) => {
-                let size = format!("{:x}\r\n", data.len());
-                let parts = [
-                    IoSlice::new(size.as_bytes()),
-                    IoSlice::new(&data),
-                    IoSlice::new(b"\r\n"),
-                ];
+            Next::Data(batch, end) => {
+                // Everything the body had ready goes out as one chunk, in one write: an SSE
+                // frame is several body frames (its head, the shared data, the blank line),
+                // and a write per body frame was a syscall (and a timer) each.
+                let len: usize = batch.iter().map(Bytes::len).sum();
+                let size = format!("{len:x}\r\n");
+                let mut parts = Vec::with_capacity(batch.len() + 3);
+                parts.push(IoSlice::new(size.as_bytes()));
+                parts.extend(batch.iter().map(|d| IoSlice::new(d)));
+                parts.push(IoSlice::new(b"\r\n"));
+                if end {
+                    parts.push(IoSlice::new(b"0\r\n\r\n"));
+                }
                 if Box::pin(write_stalling(&mut stream, &parts)).await.is_err() {
+                    return;
+                }
+                if end {
+                    let _ = stream.shutdown().await;
                     return;
                 }
             }
@@ -450,9 +460,13 @@ async fn stream_chunks(mut stream: TcpStream, mut body: Body) {
     }
 }
 
+/// The most body frames gathered into one write.
+const MAX_BATCH: usize = 32;
+
 /// What happened next on a streaming connection.
 enum Next {
-    Data(Bytes),
+    /// Body frames ready now (at most [`MAX_BATCH`]), and whether the body ended after them.
+    Data(Vec<Bytes>, bool),
     /// The body ended: write the last chunk.
     End,
     /// The client went away, or the body failed: close.
@@ -460,17 +474,28 @@ enum Next {
 }
 
 fn next_event(stream: &TcpStream, body: &mut Body, cx: &mut Context<'_>) -> Poll<Next> {
+    let mut batch = Vec::new();
     loop {
         match http_body::Body::poll_frame(Pin::new(&mut *body), cx) {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) if !data.is_empty() => return Poll::Ready(Next::Data(data)),
+                Ok(data) if !data.is_empty() => {
+                    batch.push(data);
+                    if batch.len() >= MAX_BATCH {
+                        return Poll::Ready(Next::Data(batch, false));
+                    }
+                }
                 _ => continue, // empty data or trailers: SSE has neither
             },
             Poll::Ready(Some(Err(e))) => {
                 tracing::debug!(error = %e, "response body failed; closing");
                 return Poll::Ready(Next::Gone);
             }
-            Poll::Ready(None) => return Poll::Ready(Next::End),
+            Poll::Ready(None) if batch.is_empty() => return Poll::Ready(Next::End),
+            // Not polled again after its end: the last frames and the end in one write.
+            Poll::Ready(None) => return Poll::Ready(Next::Data(batch, true)),
+            // The waker is registered: a batch returned now is written, and the body
+            // polled again (with this task's waker) before the task sleeps.
+            Poll::Pending if !batch.is_empty() => return Poll::Ready(Next::Data(batch, false)),
             Poll::Pending => break,
         }
     }
@@ -529,10 +554,19 @@ fn encode_head(parts: &http::response::Parts, exact: Option<u64>) -> Vec<u8> {
 }
 
 /// Writes every byte of `parts`, failing if the client takes longer than [`WRITE_STALL`].
+/// The common case — the socket takes it all at once — is one non-blocking write with no
+/// timer; the timed loop only runs when the socket's buffer is full.
 async fn write_stalling(stream: &mut TcpStream, parts: &[IoSlice<'_>]) -> io::Result<()> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
+    let first = match stream.try_write_vectored(parts) {
+        Ok(n) if n == total => return Ok(()),
+        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
     let write = async {
-        let mut written = 0;
+        let mut written = first;
         while written < total {
             // Rebuild the slices past what was written (rare: only on a partial write).
             let mut skip = written;
