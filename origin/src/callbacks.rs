@@ -322,8 +322,20 @@ async fn async_callback(
             message: format!("result not stored, retry: {e}"),
         });
     }
-    if let Err(e) = clients::remove_pending(kv, &client_id, &entry.request_id).await {
-        tracing::warn!(error = %e, "pending list not updated");
+    // The client's pending list is bookkeeping for its next init frame, not delivery: it
+    // is updated after the answer (a read-modify-write, two round trips), so NoETL's
+    // callback — and the next one a playbook runner sends — does not wait for it.
+    {
+        let (kv, client_id, request_id) = (
+            state.kv.clone(),
+            client_id.clone(),
+            entry.request_id.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = clients::remove_pending(kv.as_ref(), &client_id, &request_id).await {
+                tracing::warn!(error = %e, request = %request_id, "pending list not updated");
+            }
+        });
     }
     let online = state.hub.is_connected(&client_id)
         || clients::is_present(kv, &client_id).await.unwrap_or(false);
