@@ -17,6 +17,11 @@
 //! 5. **Reconnect storm** — N clients of a killed replica come back to the other with
 //!    `client_id` and `Last-Event-ID`: connects/s against nchan's, and whether each client
 //!    got what it missed ([`storm`]).
+//! 6. **Soak** (not in the default list: `--figures 6`, ~`--soak-secs` + setup) — N streams
+//!    for 10 minutes with steady progress reports and broadcasts, 1 % of the clients
+//!    reconnecting per second and a NATS restart at half time: every message accepted
+//!    arrives once at its client (checked by sequence), and the origin's RSS stays flat
+//!    ([`soak`]). The gateway only: the restart is of the gateway's own NATS.
 //!
 //! Frames are recognised by their payload only (a marker carrying phase, index and send
 //! time; [`streams`]), never by their ids, so the bench reads any frame-id form. The ratios
@@ -26,7 +31,7 @@
 //! Usage: `bench-peers [--figures 1,2,3,4,5] [--rounds 2] [--n 10000] [--paced-rate 1000]
 //! [--bc-events 100 --bc-rate 10] [--origin-env NAME=value]`; `--help` lists every flag.
 //!
-//! Modules: [`rounds`] (figures 1–3), [`density`] (4), [`storm`] (5), [`gateway`] (the
+//! Modules: [`rounds`] (figures 1–3), [`density`] (4), [`storm`] (5), [`soak`] (6), [`gateway`] (the
 //! origin side), [`nchan`] (the peer), [`streams`] (the SSE side of the load generator),
 //! [`load`] (its sending side, pacing, process memory).
 
@@ -35,6 +40,7 @@ mod gateway;
 mod load;
 mod nchan;
 mod rounds;
+mod soak;
 mod storm;
 mod streams;
 
@@ -58,7 +64,7 @@ use crate::streams::PER_ADDRESS;
 /// The command line (`--help`).
 pub(crate) struct Args {
     /// Figures: 1 connect/density, 2 private delivery, 3 broadcast (these three run in
-    /// rounds), 4 the density variants, 5 the reconnect storm.
+    /// rounds), 4 the density variants, 5 the reconnect storm, 6 the soak (not by default).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
     figures: Vec<u8>,
     /// Interleaved rounds of figures 1–3 (each server once per round, order alternating).
@@ -103,10 +109,28 @@ pub(crate) struct Args {
     /// Figure 5: reconnects at once.
     #[arg(long, default_value_t = 512)]
     storm_concurrency: usize,
+    /// Figure 6: seconds of the soak.
+    #[arg(long, default_value_t = 600.0)]
+    soak_secs: f64,
+    /// Figure 6: streams (default: `--n`).
+    #[arg(long)]
+    soak_n: Option<usize>,
+    /// Figure 6: progress reports per second.
+    #[arg(long, default_value_t = 100)]
+    soak_callback_rate: u64,
+    /// Figure 6: clients with a request that progress reports go to.
+    #[arg(long, default_value_t = 1_000)]
+    soak_callback_clients: usize,
+    /// Figure 6: seconds between broadcasts (step ends of the run every client follows).
+    #[arg(long, default_value_t = 1.0)]
+    soak_broadcast_every: f64,
+    /// Figure 6: percent of the clients reconnecting per second.
+    #[arg(long, default_value_t = 1.0)]
+    soak_reconnect_pct: f64,
     /// Extra environment for every origin, `NAME=value` (repeatable).
     #[arg(long = "origin-env", value_parser = parse_env_pair)]
     origin_env: Vec<(String, String)>,
-    /// Everything ends by then.
+    /// Everything ends by then (figure 6 adds its `--soak-secs` and 5 minutes of setup).
     #[arg(long, default_value_t = 600)]
     deadline_secs: u64,
 
@@ -164,7 +188,12 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(async {
             let started = Instant::now();
-            let limit = Duration::from_secs(args.deadline_secs);
+            let soak = if args.figures.contains(&6) {
+                args.soak_secs as u64 + 300
+            } else {
+                0
+            };
+            let limit = Duration::from_secs(args.deadline_secs + soak);
             match tokio::time::timeout(limit, bench(&args, nofile, cores)).await {
                 Ok(r) => r?,
                 Err(_) => println!("bench-peers: deadline passed; stopping"),
@@ -190,7 +219,7 @@ async fn bench(args: &Args, nofile: u64, cores: usize) -> anyhow::Result<()> {
         anyhow::ensure!(!ready.passed(), "the stand-in never created noetl_events");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let world = World {
+    let mut world = World {
         nats,
         nats_pid,
         standin,
@@ -255,6 +284,12 @@ async fn bench(args: &Args, nofile: u64, cores: usize) -> anyhow::Result<()> {
         match storm::figure_storm(args, &world, &http, &mut phase, &mut octets).await {
             Ok(s) => print_storm(args, &s, &results),
             Err(e) => println!("figure 5 failed: {e:#}"),
+        }
+    }
+    if args.figures.contains(&6) {
+        match soak::figure_soak(args, &mut world, &http, &mut octets).await {
+            Ok(s) => soak::print_soak(args, &s),
+            Err(e) => println!("figure 6 failed: {e:#}"),
         }
     }
     Ok(())

@@ -38,7 +38,7 @@ fn parse_marker(s: &str) -> Option<(u32, u32, u64)> {
 }
 
 /// The first marker anywhere in a frame's JSON data.
-fn find_marker(v: &Value) -> Option<(u32, u32, u64)> {
+pub(crate) fn find_marker(v: &Value) -> Option<(u32, u32, u64)> {
     match v {
         Value::String(s) => parse_marker(s),
         Value::Array(a) => a.iter().find_map(find_marker),
