@@ -509,21 +509,31 @@ async fn open_stream(
             refused.into_error()
         })?;
 
-    let (client_id, record, requested, resumed, fresh_reset) = match plan {
+    // The runs the client follows (issue 16, broadcast) are merged into its stream: read
+    // beside the claim (one round trip, not two), used only once the claim proved the
+    // client the caller's. A new client follows none yet.
+    let (client_id, record, requested, resumed, fresh_reset, watched) = match plan {
         Plan::Named { id, start } => {
-            let claimed = clients::claim(kv, &user.user_id, state.quotas.max_clients, &id)
-                .await
-                .inspect_err(|e| {
-                    if matches!(e, clients::ClaimError::NotYours) {
-                        tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
-                    }
-                })?;
-            (id, claimed.record, start, claimed.existed, false)
+            let (claimed, watched) = tokio::join!(
+                clients::claim(kv, &user.user_id, state.quotas.max_clients, &id),
+                interest::watched_by(kv, &id)
+            );
+            let claimed = claimed.inspect_err(|e| {
+                if matches!(e, clients::ClaimError::NotYours) {
+                    tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
+                }
+            })?;
+            let watched = if claimed.existed {
+                watched?
+            } else {
+                Vec::new()
+            };
+            (id, claimed.record, start, claimed.existed, false, watched)
         }
         Plan::Fresh { reset } => {
             let id = clients::create_bounded(kv, &user.user_id, state.quotas.max_clients).await?;
             let record = clients::ClientRecord::new(&user.user_id);
-            (id, record, StartAt::Retained, false, reset)
+            (id, record, StartAt::Retained, false, reset, Vec::new())
         }
     };
     // A resumed client may have up to FRAME_RETENTION_PER_CLIENT frames to replay; a new
@@ -535,24 +545,26 @@ async fn open_stream(
     } else {
         requested
     };
-    // The runs the client follows (issue 16, broadcast): their frames are merged into its
-    // stream. A new client follows none yet.
-    let watching = if resumed {
-        interest::watched_by(kv, &client_id).await?
-    } else {
-        Vec::new()
-    };
-    let sub = state
-        .bus
-        .subscribe_with(&client_id, start, &watching)
-        .await
-        .map_err(|e| AppError::Unavailable {
-            code: "bus_unavailable",
-            message: format!("cannot open the event stream: {e}"),
-        })?;
-    if let Err(e) = clients::mark_present(kv, &client_id).await {
+    // The subscription and the presence marker are independent round trips: made
+    // together. A marker written for a subscription that then failed is left to expire
+    // (`PRESENCE_TTL`): it only turns a callback's 202 `queued` into 200 meanwhile, and
+    // another stream of the client may be open elsewhere, so taking it back could be wrong.
+    let (sub, present) = tokio::join!(
+        state.bus.subscribe_with(&client_id, start, &watched),
+        clients::mark_present(kv, &client_id)
+    );
+    if let Err(e) = present {
         tracing::warn!(error = %e, "presence not recorded");
     }
+    let sub = match sub {
+        Ok(sub) => sub,
+        Err(e) => {
+            return Err(AppError::Unavailable {
+                code: "bus_unavailable",
+                message: format!("cannot open the event stream: {e}"),
+            });
+        }
+    };
     tracing::info!(client = %client_id, user = %user.user_id, ?start, reset = sub.reset, resumed, "event stream opened");
 
     let init_id = init_event_id(&client_id, requested, sub.reset);
