@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_tests::harness::flows::{
-    client_id_of, execute_playbook, graphql, http, login, nats_stack_with, open_events,
+    client_id_of, execute_playbook, graphql, http, login, nats_stack_with, open_events, run_ended,
     run_playbook, ws_connect, ws_init, ws_next_json, ws_send, Ws,
 };
 use gateway_tests::harness::origin::{Origin, OriginOptions};
@@ -353,14 +353,6 @@ fn states_of(frames: &[SseFrame], execution: &str) -> Vec<String> {
         .collect()
 }
 
-fn ends(frames: &[SseFrame], execution: &str) -> bool {
-    frames.iter().any(|f| {
-        f.event == "playbook/state"
-            && f.data["params"]["execution_id"] == execution
-            && f.data["params"]["terminal"] == true
-    })
-}
-
 #[tokio::test]
 async fn the_owner_keeps_every_state_frame_while_a_viewer_subscribes_300_clients() {
     const OTHERS: usize = 300;
@@ -438,9 +430,11 @@ async fn the_owner_keeps_every_state_frame_while_a_viewer_subscribes_300_clients
         let v = graphql(&origin.url, &owner, CANCEL, json!({"id": id})).await;
         assert_eq!(v["data"]["cancelExecution"], true, "{v}");
     }
-    let rest = watched.collect_until(WAIT, |fs| ends(fs, &execution)).await;
+    let rest = watched
+        .collect_until(WAIT, |fs| run_ended(fs, &execution))
+        .await;
     let controlled = control
-        .collect_until(WAIT * 2, |fs| ends(fs, &control_execution))
+        .collect_until(WAIT * 2, |fs| run_ended(fs, &control_execution))
         .await;
     let mut got = first;
     got.extend(rest);
@@ -460,7 +454,9 @@ async fn the_owner_keeps_every_state_frame_while_a_viewer_subscribes_300_clients
     // record's capped list — the oldest of the 300 gets them like the newest.
     for client in [others.last().expect("300 clients"), &others[0]] {
         let (mut sse, _) = open(&origin, &viewer, &format!("?client_id={client}"), None).await;
-        let replayed = sse.collect_until(WAIT, |fs| ends(fs, &execution)).await;
+        let replayed = sse
+            .collect_until(WAIT, |fs| run_ended(fs, &execution))
+            .await;
         assert_eq!(
             states_of(&replayed, &execution),
             all_states,

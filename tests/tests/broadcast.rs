@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_tests::harness::flows::{
-    client_id_of, execute_playbook, graphql, login, nats_stack_with, open_events,
+    client_id_of, execute_playbook, graphql, login, nats_stack_with, open_events, run_ended,
 };
 use gateway_tests::harness::origin::Origin;
 use gateway_tests::harness::sse::{SseClient, SseFrame};
@@ -49,14 +49,6 @@ fn states(frames: &[SseFrame], execution: &str) -> Vec<(u64, String)> {
             )
         })
         .collect()
-}
-
-fn ends(frames: &[SseFrame], execution: &str) -> bool {
-    frames.iter().any(|f| {
-        f.event == "playbook/state"
-            && f.data["params"]["execution_id"] == execution
-            && f.data["params"]["terminal"] == true
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +115,7 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
     let v = graphql(&origins[0].url, &owner, CANCEL, json!({"id": execution})).await;
     assert_eq!(v["data"]["cancelExecution"], true, "{v}");
     let owner_frames = owner_sse
-        .collect_until(WAIT, |fs| ends(fs, &execution))
+        .collect_until(WAIT, |fs| run_ended(fs, &execution))
         .await;
     let owner_states = states(&owner_frames, &execution);
     assert!(
@@ -137,7 +129,8 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
     // the terminal one, in the owner's order and with the same stream positions, none twice.
     for (i, (_, sse, client)) in watchers.iter_mut().enumerate() {
         let got = states(
-            &sse.collect_until(WAIT, |fs| ends(fs, &execution)).await,
+            &sse.collect_until(WAIT, |fs| run_ended(fs, &execution))
+                .await,
             &execution,
         );
         assert!(
@@ -183,7 +176,9 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
         .await;
         assert_eq!(id, client);
         let replayed = states(
-            &again.collect_until(WAIT, |fs| ends(fs, &execution)).await,
+            &again
+                .collect_until(WAIT, |fs| run_ended(fs, &execution))
+                .await,
             &execution,
         );
         assert_eq!(replayed, owner_states, "{client} replays the whole run");

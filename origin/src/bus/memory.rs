@@ -116,6 +116,13 @@ struct Retained {
     at: Instant,
 }
 
+/// Whose log a frame goes to.
+#[derive(Debug, Clone, Copy)]
+enum Topic<'a> {
+    Client(&'a ClientId),
+    Run(&'a ExecutionId),
+}
+
 /// A snapshot of what the bus holds, for metrics and leak checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBusStats {
@@ -209,11 +216,12 @@ impl State {
             .expect("the log was inserted just above if it was missing")
     }
 
-    /// Retains a frame and hands it to the client's live subscribers; returns its id.
+    /// Retains a frame for a client (or a run) and hands it to the live subscribers of
+    /// that log; returns its id.
     fn publish(
         &mut self,
         retention: &Retention,
-        client_id: &ClientId,
+        topic: Topic<'_>,
         event: &str,
         data: Bytes,
         now: Instant,
@@ -221,34 +229,13 @@ impl State {
         self.sweep_if_due(retention, now);
         self.last_id += 1;
         let (id, backlog) = (self.last_id, self.backlog);
-        append(
-            self.log(client_id),
-            retention,
-            id,
-            event,
-            data,
-            backlog,
-            now,
-        );
-        id
-    }
-
-    /// Retains a run's frame and hands it to the subscriptions watching the run.
-    fn publish_run(
-        &mut self,
-        retention: &Retention,
-        execution_id: &ExecutionId,
-        event: &str,
-        data: Bytes,
-        now: Instant,
-    ) -> u64 {
-        self.sweep_if_due(retention, now);
-        self.last_id += 1;
-        let (id, backlog) = (self.last_id, self.backlog);
-        let log = self
-            .runs
-            .entry(execution_id.clone())
-            .or_insert_with(|| ClientLog::new(id - 1));
+        let log = match topic {
+            Topic::Client(client_id) => self.log(client_id),
+            Topic::Run(execution_id) => self
+                .runs
+                .entry(execution_id.clone())
+                .or_insert_with(|| ClientLog::new(id - 1)),
+        };
         append(log, retention, id, event, data, backlog, now);
         id
     }
@@ -548,10 +535,13 @@ impl Bus for MemoryBus {
     ) -> Result<u64, BusError> {
         super::check_event(event)?;
         let now = Instant::now();
-        let id = self
-            .inner
-            .lock()
-            .publish(&self.inner.retention, client_id, event, data, now);
+        let id = self.inner.lock().publish(
+            &self.inner.retention,
+            Topic::Client(client_id),
+            event,
+            data,
+            now,
+        );
         Ok(id)
     }
 
@@ -564,10 +554,13 @@ impl Bus for MemoryBus {
     ) -> Result<u64, BusError> {
         super::check_event(event)?;
         let now = Instant::now();
-        let id =
-            self.inner
-                .lock()
-                .publish_run(&self.inner.retention, execution_id, event, data, now);
+        let id = self.inner.lock().publish(
+            &self.inner.retention,
+            Topic::Run(execution_id),
+            event,
+            data,
+            now,
+        );
         Ok(id)
     }
 
@@ -636,9 +629,18 @@ mod tests {
         let r = retention(60 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        assert_eq!(s.publish(&r, &cid("a"), "e", Bytes::new(), t0), 1);
-        assert_eq!(s.publish(&r, &cid("b"), "e", Bytes::new(), t0), 2);
-        assert_eq!(s.publish(&r, &cid("a"), "e", Bytes::new(), t0), 3);
+        assert_eq!(
+            s.publish(&r, Topic::Client(&cid("a")), "e", Bytes::new(), t0),
+            1
+        );
+        assert_eq!(
+            s.publish(&r, Topic::Client(&cid("b")), "e", Bytes::new(), t0),
+            2
+        );
+        assert_eq!(
+            s.publish(&r, Topic::Client(&cid("a")), "e", Bytes::new(), t0),
+            3
+        );
         assert_eq!(ids(&s.clients[&cid("a")]), [1, 3]);
         assert_eq!(ids(&s.clients[&cid("b")]), [2]);
     }
@@ -649,7 +651,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
         for _ in 0..5 {
-            s.publish(&r, &cid("a"), "e", Bytes::new(), t0);
+            s.publish(&r, Topic::Client(&cid("a")), "e", Bytes::new(), t0);
         }
         assert_eq!(ids(&s.clients[&cid("a")]), [3, 4, 5]);
         assert_eq!(s.clients[&cid("a")].highest_dropped, 2);
@@ -710,9 +712,15 @@ mod tests {
         let r = retention(2 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        s.publish(&r, &cid("a"), "e", Bytes::new(), t0); // 1
-        s.publish(&r, &cid("a"), "e", Bytes::new(), t0); // 2
-        s.publish(&r, &cid("b"), "e", Bytes::new(), t0 + 3 * SEC); // 3, sweeps: "a" is forgotten
+        s.publish(&r, Topic::Client(&cid("a")), "e", Bytes::new(), t0); // 1
+        s.publish(&r, Topic::Client(&cid("a")), "e", Bytes::new(), t0); // 2
+        s.publish(
+            &r,
+            Topic::Client(&cid("b")),
+            "e",
+            Bytes::new(),
+            t0 + 3 * SEC,
+        ); // 3, sweeps: "a" is forgotten
         assert!(!s.clients.contains_key(&cid("a")));
         assert_eq!(s.forgotten_dropped, 2);
         let (reset, replay, _rx) = s.subscribe(&r, &cid("a"), StartAt::After(1), &[], t0 + 3 * SEC);
@@ -727,9 +735,9 @@ mod tests {
         let r = retention(2 * SEC, 10);
         let t0 = Instant::now();
         let mut s = State::new(&r, t0);
-        s.publish(&r, &cid("idle"), "e", Bytes::new(), t0);
+        s.publish(&r, Topic::Client(&cid("idle")), "e", Bytes::new(), t0);
         let (_, _, _inbox) = s.subscribe(&r, &cid("watched"), StartAt::Retained, &[], t0);
-        s.publish(&r, &cid("watched"), "e", Bytes::new(), t0);
+        s.publish(&r, Topic::Client(&cid("watched")), "e", Bytes::new(), t0);
         s.sweep(&r, t0 + 5 * SEC);
         assert_eq!(s.clients.keys().collect::<Vec<_>>(), [&cid("watched")]);
         assert_eq!(s.stats().frames, 0);
@@ -773,6 +781,33 @@ mod tests {
                 live_subscribers: 0
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_watcher_leaves_every_run_it_watched() {
+        let bus = MemoryBus::new(retention(60 * SEC, 10));
+        let (one, two) = (
+            ExecutionId::parse("9").expect("valid"),
+            ExecutionId::parse("10").expect("valid"),
+        );
+        let sub = bus
+            .subscribe_with(&cid("c"), StartAt::Retained, std::slice::from_ref(&one))
+            .await
+            .expect("valid");
+        bus.watch(&cid("c"), &two).await.expect("watched");
+        bus.publish_run(&two, "e", Bytes::new(), "k")
+            .await
+            .expect("published");
+        {
+            let s = bus.inner.lock();
+            assert_eq!(s.runs[&one].live.len(), 1);
+            assert_eq!(s.runs[&two].live.len(), 1);
+            assert_eq!(s.watching.values().map(Vec::len).sum::<usize>(), 2);
+        }
+        drop(sub);
+        let s = bus.inner.lock();
+        assert!(s.runs.values().all(|l| l.live.is_empty()));
+        assert!(s.watching.is_empty());
     }
 
     #[tokio::test]

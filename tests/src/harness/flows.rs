@@ -186,6 +186,15 @@ pub async fn open_events_client(
     (sse, client_id_of(&init))
 }
 
+/// True once `frames` hold the terminal `playbook/state` of `execution`.
+pub fn run_ended(frames: &[SseFrame], execution: &str) -> bool {
+    frames.iter().any(|f| {
+        f.event == "playbook/state"
+            && f.data["params"]["execution_id"] == execution
+            && f.data["params"]["terminal"] == true
+    })
+}
+
 /// The client id an `/events` init frame names; panics if it names none.
 pub fn client_id_of(init: &SseFrame) -> String {
     init.data["result"]["clientId"]

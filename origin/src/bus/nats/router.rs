@@ -159,24 +159,25 @@ impl Router {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Hands a client's frame to every subscription of the client open here.
     fn route(&self, client_id: &str, frame: BusFrame) {
-        let backlog = self.backlog.load(Ordering::Relaxed);
-        let table = self.lock();
-        if let Some(inboxes) = table.subs.get(client_id) {
-            for inbox in inboxes {
-                inbox.push(frame.clone(), backlog);
-            }
-        }
+        self.route_to(|t| t.subs.get(client_id), frame);
     }
 
     /// Hands a run's frame to every subscription watching the run.
     fn route_run(&self, execution_id: &str, frame: BusFrame) {
+        self.route_to(|t| t.runs.get(execution_id), frame);
+    }
+
+    fn route_to(
+        &self,
+        inboxes: impl for<'t> Fn(&'t Table) -> Option<&'t Vec<Arc<Inbox>>>,
+        frame: BusFrame,
+    ) {
         let backlog = self.backlog.load(Ordering::Relaxed);
         let table = self.lock();
-        if let Some(inboxes) = table.runs.get(execution_id) {
-            for inbox in inboxes {
-                inbox.push(frame.clone(), backlog);
-            }
+        for inbox in inboxes(&table).into_iter().flatten() {
+            inbox.push(frame.clone(), backlog);
         }
     }
 
@@ -431,6 +432,40 @@ mod tests {
         assert!(matches!(b.inbox.take(), Taken::Empty));
         router.route("nobody", frame(8));
         assert!(matches!(a1.inbox.take(), Taken::Empty));
+    }
+
+    #[test]
+    fn a_run_frame_reaches_its_watchers_and_a_dropped_one_leaves_no_trace() {
+        let router = Arc::new(Router::default());
+        let run = ExecutionId::parse("77").expect("valid");
+        let a = Registration::new(router.clone(), &cid("a"), std::slice::from_ref(&run));
+        let b = Registration::new(router.clone(), &cid("b"), &[]);
+        let c = Registration::new(router.clone(), &cid("c"), &[]);
+        // b's watch arrives as a control frame; c watches nothing.
+        router.watch_for_client("b", "77");
+        router.route_run("77", frame(5));
+        for reg in [&a, &b] {
+            assert!(matches!(reg.inbox.take(), Taken::Frame(f) if f.id == 5));
+        }
+        assert!(matches!(c.inbox.take(), Taken::Empty));
+        assert_eq!(b.watching(), ["77"]);
+        drop((a, b, c));
+        let table = router.lock();
+        assert!(table.runs.is_empty() && table.watching.is_empty() && table.subs.is_empty());
+    }
+
+    #[test]
+    fn a_subscription_watches_at_most_its_newest_runs() {
+        let router = Arc::new(Router::default());
+        let a = Registration::new(router.clone(), &cid("a"), &[]);
+        for e in 0..=MAX_WATCHED_PER_SUBSCRIPTION {
+            assert!(a.watch(&e.to_string()));
+        }
+        assert!(!a.watch("1"), "already watched");
+        let watching = a.watching();
+        assert_eq!(watching.len(), MAX_WATCHED_PER_SUBSCRIPTION);
+        assert_eq!(watching[0], "1", "the oldest, 0, was dropped");
+        assert!(!router.lock().runs.contains_key("0"));
     }
 
     #[test]

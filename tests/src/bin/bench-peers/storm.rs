@@ -38,7 +38,7 @@ pub(crate) struct StormResult {
 }
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
-fn encode(v: &str) -> String {
+pub(crate) fn encode(v: &str) -> String {
     v.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
