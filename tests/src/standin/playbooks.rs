@@ -16,7 +16,7 @@
 //! | `demo/steps` | `step_1..3` | COMPLETED | `{steps:3, workload}` |
 //! | `demo/fail` | `fail_step` (fails) | FAILED, no terminal event (4.x: `workflow.failed`, `playbook.failed`) | error `STEP_FAILED` |
 //! | `demo/fail_silent` | `fail_step` (fails) | FAILED, no terminal event, **no callback** (its callback step never runs, as on NoETL 3.54) | — |
-//! | `demo/slow` | `sleep` (`workload.seconds`, default 5, max 600) | COMPLETED | `{slept_seconds}` |
+//! | `demo/slow` | `sleep` (`workload.seconds`, default 5, max 3600) | COMPLETED | `{slept_seconds}` |
 //! | `demo/progress` | `stage_1..4`, progress 0.25…1.0 after each | COMPLETED | `{stages:4}` |
 //! | `demo/lying` | `lie` | FAILED but emits `playbook.completed` (4.x: and `workflow.completed`) | error `STEP_FAILED` |
 //! | `admin/purge` | `purge` | COMPLETED | `{purged:0}` |
@@ -39,8 +39,8 @@ use std::time::Duration;
 pub const GATEWAY_KEYS: [&str; 3] = ["gateway_url", "callback_token", "request_id"];
 /// `demo/slow` sleeps this long unless `workload.seconds` says otherwise.
 const SLOW_DEFAULT_SECS: f64 = 5.0;
-/// …and never longer than this.
-const SLOW_MAX_SECS: f64 = 600.0;
+/// …and never longer than this (an hour: the soak's runs outlast its 10 minutes).
+const SLOW_MAX_SECS: f64 = 3600.0;
 /// What `demo/fail`'s step reports, verbatim from a real failed HTTP step.
 const FAIL_MESSAGE: &str = "HTTP 500 from https://example.invalid";
 
@@ -197,7 +197,7 @@ impl Playbook {
     }
 }
 
-/// `workload.seconds` as a duration, default 5 s, clamped to [0, 600] s.
+/// `workload.seconds` as a duration, default 5 s, clamped to [0, 3600] s.
 fn slow_duration(workload: &Value) -> Duration {
     let secs = workload
         .get("seconds")
@@ -613,7 +613,7 @@ mod tests {
         );
         assert_eq!(
             slow_duration(&json!({ "seconds": 1e9 })),
-            Duration::from_secs(600)
+            Duration::from_secs(3600)
         );
         assert_eq!(slow_duration(&json!({ "seconds": -3 })), Duration::ZERO);
         assert_eq!(

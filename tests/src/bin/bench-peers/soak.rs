@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Gateway, World};
 use crate::load;
+use crate::storm::encode;
 use crate::streams::{find_marker, marker, PER_ADDRESS};
 use crate::{Args, Octets};
 
@@ -117,19 +118,6 @@ impl SoakResult {
             .collect();
         (!s.is_empty()).then(|| s.iter().sum::<u64>() as f64 / s.len() as f64)
     }
-}
-
-/// Percent-encodes a query value.
-fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// One client's stream for the whole soak: read, record markers, reopen with the last id
@@ -323,7 +311,10 @@ pub(crate) async fn figure_soak(
     octets: &mut Octets,
 ) -> anyhow::Result<SoakResult> {
     let n = args.soak_n.unwrap_or(args.n);
-    let gw = Gateway::start(world, &[], None).await?;
+    let mut gw = Gateway::start(world, &[], None).await?;
+    // The runs outlast the soak: one that ended would deliver its own result, and progress
+    // after a result is refused (409), as it should be.
+    gw.run_secs = args.soak_secs as u64 + 600;
     let mut notes = Vec::new();
 
     // The streams, then the run they all follow and the requests progress goes to.
