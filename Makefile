@@ -19,7 +19,7 @@ export HADOLINT_BIN := $(TOOLS)/venv/bin/hadolint
 # bench-services' reference proxy; scripts/setup.sh unpacks Debian's package there.
 export NGINX_BIN := $(TOOLS)/nginx/usr/sbin/nginx
 
-.PHONY: dev test setup build edge unit e2e bench fmt lint clean-dev
+.PHONY: dev test setup build edge unit e2e bench soak fmt lint clean-dev
 
 ## make dev — install what is missing, start nats-server, the NoETL stand-in, the origin and the edge
 dev: setup build edge
@@ -53,6 +53,11 @@ bench: setup edge
 	target/release/bench-observability
 	target/release/bench-services
 	target/release/bench-peers
+
+# The 10-minute soak (issue 16): 10k streams, steady deliveries, reconnects, a NATS restart.
+soak: setup
+	cargo build --release --locked -p noetl-gateway-origin -p gateway-tests --bins
+	target/release/bench-peers --figures 6
 
 fmt:
 	cargo fmt --all
