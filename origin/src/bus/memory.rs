@@ -308,7 +308,7 @@ impl State {
         let log = self.log(client_id);
         log.trim(retention, now);
         log.live.push(inbox.clone());
-        let watching = &watching[watching.len().saturating_sub(MAX_WATCHED_PER_SUBSCRIPTION)..];
+        let watching = super::newest_watches(watching);
         for run in watching {
             self.add_watch(&inbox, run);
             if let Some(log) = self.runs.get_mut(run) {

@@ -126,6 +126,12 @@ pub const WATCH_EVENT: &str = "gw/watch";
 /// is bounded the same way, `interest::MAX_WATCHED_PER_CLIENT`).
 pub const MAX_WATCHED_PER_SUBSCRIPTION: usize = 256;
 
+/// The newest [`MAX_WATCHED_PER_SUBSCRIPTION`] of a watch list (oldest first): what one
+/// subscription follows.
+pub(crate) fn newest_watches(watching: &[ExecutionId]) -> &[ExecutionId] {
+    &watching[watching.len().saturating_sub(MAX_WATCHED_PER_SUBSCRIPTION)..]
+}
+
 /// Refuses event names that are not one visible-ASCII token of at most 256 bytes.
 pub(crate) fn check_event(event: &str) -> Result<(), BusError> {
     if !event.is_empty() && event.len() <= 256 && event.bytes().all(|b| b.is_ascii_graphic()) {

@@ -108,9 +108,7 @@ mod replay;
 mod router;
 mod stream;
 
-use super::{
-    Bus, BusError, Retention, StartAt, Subscription, MAX_WATCHED_PER_SUBSCRIPTION, WATCH_EVENT,
-};
+use super::{Bus, BusError, Retention, StartAt, Subscription, WATCH_EVENT};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, stream as js};
 use async_nats::{Client, HeaderMap};
@@ -451,7 +449,7 @@ impl Bus for NatsBus {
             .map_err(|e| unavailable(format!("subscribe {client_id}"), e))?;
         // Registered before the stream is read: a frame the router handles from now on is
         // routed here, one it handled before was stored before the reads (module docs).
-        let watching = &watching[watching.len().saturating_sub(MAX_WATCHED_PER_SUBSCRIPTION)..];
+        let watching = super::newest_watches(watching);
         let reg = Registration::new(router, client_id, watching);
         let runs: Vec<String> = watching.iter().map(|e| runs_subject(e.as_str())).collect();
         let (reset, last, sources, mark) =

@@ -144,20 +144,22 @@ pub(super) struct Source {
     queued: VecDeque<BusFrame>,
     /// Read up to the catch-up's mark: nothing more of it to read this round.
     done: bool,
-    /// This is a run's subject (a control frame can only be on the client's).
-    run: bool,
 }
 
 impl Source {
-    fn new(subject: String, cursor: u64, trust_next: bool, run: bool) -> Self {
+    fn new(subject: String, cursor: u64, trust_next: bool) -> Self {
         Self {
             subject,
             cursor,
             trust_next,
             queued: VecDeque::new(),
             done: false,
-            run,
         }
+    }
+
+    /// The client's own subject: the only one a `gw/watch` control frame can be on.
+    fn is_clients(&self) -> bool {
+        self.subject.starts_with(super::FRAMES_PREFIX)
     }
 }
 
@@ -191,8 +193,8 @@ async fn run_dropped_after<I>(
 impl Source {
     /// A source whose first frame above `cursor` was read already (`None`: there was none
     /// when read, after the subscription registered — so any later one is routed).
-    fn seeded(subject: String, cursor: u64, first: Option<BusFrame>, run: bool) -> Self {
-        let mut source = Self::new(subject, cursor, false, run);
+    fn seeded(subject: String, cursor: u64, first: Option<BusFrame>) -> Self {
+        let mut source = Self::new(subject, cursor, false);
         match first {
             Some(f) => {
                 source.cursor = f.id;
@@ -219,11 +221,8 @@ pub(super) async fn start_point<I>(
         StartAt::Live => {
             // Every frame the stream holds now is behind the start point.
             let last = facts(stream, subject).await?.last_seq;
-            sources.push(Source::new(subject.to_owned(), last, true, false));
-            sources.extend(
-                runs.iter()
-                    .map(|r| Source::new(r.clone(), last, true, true)),
-            );
+            sources.push(Source::new(subject.to_owned(), last, true));
+            sources.extend(runs.iter().map(|r| Source::new(r.clone(), last, true)));
             return Ok((false, last, sources, None));
         }
         StartAt::After(n) => {
@@ -242,14 +241,14 @@ pub(super) async fn start_point<I>(
                 }
             }
             let mut lost = must_reset(n, facts.last_seq, dropped_up_to);
-            sources.push(Source::seeded(subject.to_owned(), n, first, false));
+            sources.push(Source::seeded(subject.to_owned(), n, first));
             for run in runs {
                 if lost {
                     break;
                 }
                 let (dropped, first) = run_dropped_after(stream, run, n).await?;
                 lost = dropped;
-                sources.push(Source::seeded(run.clone(), n, first, true));
+                sources.push(Source::seeded(run.clone(), n, first));
             }
             if lost {
                 sources.clear();
@@ -270,11 +269,8 @@ pub(super) async fn start_point<I>(
             (None, true) => stream_last,
             (None, false) => 0,
         };
-        sources.push(Source::seeded(subject.to_owned(), last, oldest, false));
-        sources.extend(
-            runs.iter()
-                .map(|r| Source::new(r.clone(), last, true, true)),
-        );
+        sources.push(Source::seeded(subject.to_owned(), last, oldest));
+        sources.extend(runs.iter().map(|r| Source::new(r.clone(), last, true)));
     }
     let mark = if sources.len() == 1 {
         // One subject: read to the end; a first read that found nothing means any later
@@ -352,8 +348,7 @@ impl Feed {
         for run in self.reg.watching() {
             let subject = super::runs_subject(&run);
             if !self.sources.iter().any(|s| s.subject == subject) {
-                self.sources
-                    .push(Source::new(subject, self.last, true, true));
+                self.sources.push(Source::new(subject, self.last, true));
             }
         }
     }
@@ -441,7 +436,7 @@ impl Feed {
             };
             let source = &mut self.sources[i];
             let frame = source.queued.pop_front().expect("the front was just seen");
-            if source.run || frame.event != WATCH_EVENT {
+            if !source.is_clients() || frame.event != WATCH_EVENT {
                 return Ok(Some(frame));
             }
             // A watch added on this client's subject, met in id order: read the run too.
@@ -457,8 +452,7 @@ impl Feed {
             let newly = self.reg.watch(run);
             let subject = super::runs_subject(run);
             if !self.sources.iter().any(|s| s.subject == subject) {
-                self.sources
-                    .push(Source::new(subject, self.last, true, true));
+                self.sources.push(Source::new(subject, self.last, true));
                 let mark = if newly || high == u64::MAX {
                     Some(high_water(&self.stream).await?)
                 } else {
@@ -505,8 +499,8 @@ impl Feed {
             }
             match self.reg.inbox.take() {
                 Taken::Frame(f) if f.id <= self.last => {}
-                // The router added the run when it routed this; frames of the run from
-                // before it are not owed live.
+                // A guard: the router handles control frames itself and does not route them
+                // (`router`), and none may ever reach a browser.
                 Taken::Frame(f) if f.event == WATCH_EVENT => {}
                 Taken::Frame(f) if self.verify_each => {
                     // Read every source up to it: what the router cannot vouch for.

@@ -217,8 +217,8 @@ pub(super) struct Registration {
 }
 
 impl Registration {
-    /// Registers a subscription of `client_id` watching `watching` (its newest
-    /// [`MAX_WATCHED_PER_SUBSCRIPTION`]).
+    /// Registers a subscription of `client_id` watching `watching` (already cut to the
+    /// newest [`MAX_WATCHED_PER_SUBSCRIPTION`] by the caller, `bus::newest_watches`).
     pub(super) fn new(router: Arc<Router>, client_id: &ClientId, watching: &[ExecutionId]) -> Self {
         let inbox = Arc::new(Inbox::default());
         {
@@ -228,7 +228,7 @@ impl Registration {
                 .entry(client_id.as_str().to_owned())
                 .or_default()
                 .push(inbox.clone());
-            for run in &watching[watching.len().saturating_sub(MAX_WATCHED_PER_SUBSCRIPTION)..] {
+            for run in watching {
                 table.watch(&inbox, run.as_str());
             }
         }
