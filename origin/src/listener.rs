@@ -51,6 +51,7 @@
 //!   body is wrapped in [`DeadlineBody`], so whatever reads it (JSON routes, the proxy's
 //!   upload) fails at the deadline and the JSON routes answer 408 `body_timeout`.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -72,6 +73,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::extract::DeadlineBody;
@@ -135,7 +137,7 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let tracker = tokio_util::task::TaskTracker::new();
+    let tracker = TaskTracker::new();
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
     let refusal = Bytes::from(refusal_response());
@@ -182,6 +184,7 @@ pub async fn serve(
             limits,
             permit,
             shutdown.clone(),
+            tracker.clone(),
         ));
     }
     drop(listener);
@@ -246,6 +249,7 @@ impl RefusalLog {
 
 /// Serves one connection: the lean path when its first request qualifies, hyper otherwise.
 /// The permit is the connection's place under the cap, given back when it closes.
+#[allow(clippy::too_many_arguments)] // the accept loop's hand-off, one call site
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -254,6 +258,7 @@ async fn connection(
     limits: ConnLimits,
     permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
 ) {
     let accepted = Instant::now();
     let mut prefix = Bytes::new();
@@ -262,9 +267,13 @@ async fn connection(
         let deadline = accepted + limits.header_timeout;
         match Box::pin(read_head(&mut stream, deadline, &shutdown)).await {
             Head::Lean(req) => {
-                // The request stays boxed until the boxed answer takes it.
-                serve_lean(stream, peer, app, req).await;
-                drop(permit);
+                // Boxed: answering and writing the head is a large state. The stream then
+                // gets a task of its own, sized for streaming: a task's allocation is its
+                // largest state for as long as it lives, and this one's (head reading,
+                // the router call, hyper) would be most of an idle stream's memory.
+                if let Some(body) = Box::pin(respond(&mut stream, peer, app, req)).await {
+                    tracker.spawn(stream_chunks(stream, body, permit));
+                }
                 return;
             }
             Head::Other(bytes) => prefix = bytes,
@@ -383,21 +392,16 @@ fn parse_lean(buf: &[u8]) -> Parsed {
 }
 
 /// Runs the request through the router and writes the response as HTTP/1.1.
-async fn serve_lean(mut stream: TcpStream, peer: SocketAddr, app: Router, req: Box<Request<Body>>) {
-    // Boxed: answering and writing the head is a large state the stream must not keep.
-    if let Some(body) = Box::pin(respond(&mut stream, peer, app, *req)).await {
-        stream_chunks(stream, body).await;
-    }
-}
-
 /// Gets the response and writes its head; a finite response is written whole and the
 /// connection shut down (`None`), a streaming one is returned for [`stream_chunks`].
 async fn respond(
     stream: &mut TcpStream,
     peer: SocketAddr,
     app: Router,
-    mut req: Request<Body>,
+    req: Box<Request<Body>>,
 ) -> Option<Body> {
+    // Unboxed here, so the box is freed with this future, not kept by the stream.
+    let mut req = *req;
     req.extensions_mut().insert(ConnectInfo(peer));
     let resp = match app.oneshot(req).await {
         Ok(resp) => resp,
@@ -422,42 +426,84 @@ async fn respond(
     None
 }
 
-/// Writes a streaming body as chunks until it ends, the client goes away or stalls.
-async fn stream_chunks(mut stream: TcpStream, mut body: Body) {
-    loop {
-        // Hand-polled rather than `select!` over `readable()`: no readiness future (and
-        // its intrusive waiter) lives in the task while the stream idles.
-        let next = std::future::poll_fn(|cx| next_event(&stream, &mut body, cx)).await;
-        match next {
-            Next::Data(batch, end) => {
-                // Everything the body had ready goes out as one chunk, in one write: an SSE
-                // frame is several body frames (its head, the shared data, the blank line),
-                // and a write per body frame was a syscall (and a timer) each.
-                let len: usize = batch.iter().map(Bytes::len).sum();
-                let size = format!("{len:x}\r\n");
-                let mut parts = Vec::with_capacity(batch.len() + 3);
-                parts.push(IoSlice::new(size.as_bytes()));
-                parts.extend(batch.iter().map(|d| IoSlice::new(d)));
-                parts.push(IoSlice::new(b"\r\n"));
-                if end {
-                    parts.push(IoSlice::new(b"0\r\n\r\n"));
-                }
-                if Box::pin(write_stalling(&mut stream, &parts)).await.is_err() {
-                    return;
-                }
-                if end {
-                    let _ = stream.shutdown().await;
-                    return;
+/// Writes a streaming body as chunks until it ends, the client goes away or stalls; the
+/// connection's slot (`_permit`) is freed when it ends. This is the whole of an SSE
+/// connection's task while it streams, written by hand rather than as an `async fn` so it
+/// is only what it holds: the socket, the body, the slot and, while a write runs, the box
+/// of that write (which owns the socket meanwhile). An `async fn` keeps its arguments
+/// twice and the largest of its states for as long as it lives.
+struct Streaming {
+    /// `None` while a write owns it.
+    stream: Option<TcpStream>,
+    body: Body,
+    writing: Option<Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>>,
+    /// The write in flight is the last one (the body ended).
+    ended: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+fn stream_chunks(stream: TcpStream, body: Body, permit: OwnedSemaphorePermit) -> Streaming {
+    Streaming {
+        stream: Some(stream),
+        body,
+        writing: None,
+        ended: false,
+        _permit: permit,
+    }
+}
+
+impl Future for Streaming {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            if let Some(write) = this.writing.as_mut() {
+                match std::task::ready!(write.as_mut().poll(cx)) {
+                    Ok(stream) if !this.ended => {
+                        this.writing = None;
+                        this.stream = Some(stream);
+                    }
+                    _ => return Poll::Ready(()),
                 }
             }
-            Next::End => {
-                let _ = Box::pin(write_stalling(&mut stream, &[IoSlice::new(b"0\r\n\r\n")])).await;
-                let _ = stream.shutdown().await;
-                return;
-            }
-            Next::Gone => return,
+            let Some(stream) = this.stream.as_ref() else {
+                return Poll::Ready(());
+            };
+            // Hand-polled rather than `select!` over `readable()`: no readiness future (and
+            // its intrusive waiter) lives in the task while the stream idles.
+            let Next::Data(batch, end) = std::task::ready!(next_event(stream, &mut this.body, cx))
+            else {
+                return Poll::Ready(());
+            };
+            let stream = this.stream.take().expect("checked above");
+            this.ended = end;
+            this.writing = Some(Box::pin(write_batch(stream, batch, end)));
         }
     }
+}
+
+/// Everything the body had ready, as one chunk in one write (and the last chunk, then a
+/// shutdown, when the body `end`ed): an SSE frame is several body frames (its head, the
+/// shared data, the blank line), and a write per body frame was a syscall (and a timer)
+/// each.
+async fn write_batch(mut stream: TcpStream, batch: Vec<Bytes>, end: bool) -> io::Result<TcpStream> {
+    let len: usize = batch.iter().map(Bytes::len).sum();
+    let size = format!("{len:x}\r\n");
+    let mut parts = Vec::with_capacity(batch.len() + 3);
+    if len > 0 {
+        parts.push(IoSlice::new(size.as_bytes()));
+        parts.extend(batch.iter().map(|d| IoSlice::new(d)));
+        parts.push(IoSlice::new(b"\r\n"));
+    }
+    if end {
+        parts.push(IoSlice::new(b"0\r\n\r\n"));
+    }
+    write_stalling(&mut stream, &parts).await?;
+    if end {
+        let _ = stream.shutdown().await;
+    }
+    Ok(stream)
 }
 
 /// The most body frames gathered into one write.
@@ -465,10 +511,9 @@ const MAX_BATCH: usize = 32;
 
 /// What happened next on a streaming connection.
 enum Next {
-    /// Body frames ready now (at most [`MAX_BATCH`]), and whether the body ended after them.
+    /// Body frames ready now (at most [`MAX_BATCH`], none when the body just ended), and
+    /// whether the body ended after them.
     Data(Vec<Bytes>, bool),
-    /// The body ended: write the last chunk.
-    End,
     /// The client went away, or the body failed: close.
     Gone,
 }
@@ -490,8 +535,8 @@ fn next_event(stream: &TcpStream, body: &mut Body, cx: &mut Context<'_>) -> Poll
                 tracing::debug!(error = %e, "response body failed; closing");
                 return Poll::Ready(Next::Gone);
             }
-            Poll::Ready(None) if batch.is_empty() => return Poll::Ready(Next::End),
-            // Not polled again after its end: the last frames and the end in one write.
+            // Not polled again after its end: the last frames (if any) and the end in one
+            // write.
             Poll::Ready(None) => return Poll::Ready(Next::Data(batch, true)),
             // The waker is registered: a batch returned now is written, and the body
             // polled again (with this task's waker) before the task sleeps.
@@ -1089,25 +1134,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_task_stays_small_while_it_streams() {
-        // The task's allocation is the size of its largest state for as long as it lives;
-        // the big futures (head reading, the router call, hyper) are boxed so an idle SSE
-        // stream does not carry them.
+    async fn a_streaming_connection_task_stays_small() {
+        // A task's allocation is the size of its largest state for as long as it lives,
+        // rounded up to 128 bytes with tokio's header and trailer (~100 bytes): a stream's
+        // task is `Streaming` alone (the head reading, the router call and hyper stay in
+        // the connection's first task, which ends) and its writes are boxed, so it fits
+        // the 256-byte class (the whole connection future took 1,024).
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
-        let (stream, peer) = listener.accept().await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        let fut = connection(
-            stream,
-            peer,
-            Router::new(),
-            LeanPath::Events,
-            LIMITS,
-            permit,
-            CancellationToken::new(),
-        );
+        let fut = stream_chunks(stream, Body::empty(), permit);
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 1024, "connection future is {size} bytes");
+        assert!(
+            size <= 128,
+            "a streaming connection's future is {size} bytes"
+        );
     }
 }
