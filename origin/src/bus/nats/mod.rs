@@ -153,7 +153,9 @@ pub(super) const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NatsBus {
     client: Client,
     js: jetstream::Context,
-    stream: js::Stream<()>,
+    /// One handle for every subscription's reads ([`replay::Feed`] holds a clone of the
+    /// `Arc`).
+    stream: Arc<js::Stream<()>>,
     name: String,
     mismatches: Vec<String>,
     shared: Arc<Shared>,
@@ -318,7 +320,7 @@ impl NatsBus {
         Ok(Self {
             client,
             js,
-            stream,
+            stream: Arc::new(stream),
             name: name.to_owned(),
             mismatches,
             shared: Arc::new(Shared {

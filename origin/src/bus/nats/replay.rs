@@ -12,6 +12,7 @@ use async_nats::jetstream::stream::{self as js, RawMessageErrorKind};
 use futures::StreamExt;
 use gateway_shared::ids::ExecutionId;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// How many frames a catch-up reads before checking, once for all of them, that none was
 /// dropped in between — so a long replay costs about one read per frame, not two.
@@ -292,7 +293,9 @@ pub(super) async fn start_point<I>(
 /// the client has got.
 pub(super) struct Feed {
     reg: Registration,
-    stream: js::Stream<()>,
+    /// Shared by every subscription: the stream's handle is ~250 bytes (a JetStream
+    /// context), which per idle stream would be a tenth of its memory.
+    stream: Arc<js::Stream<()>>,
     /// The client's subject first, then its runs'.
     sources: Vec<Source>,
     /// Every frame yielded is above this: the highest id yielded, or the start point.
@@ -317,7 +320,7 @@ impl Feed {
     /// `verify_each` for a stream with wider subjects, where the router cannot see holes.
     pub(super) fn new(
         reg: Registration,
-        stream: js::Stream<()>,
+        stream: Arc<js::Stream<()>>,
         last: u64,
         sources: Vec<Source>,
         catch_up_to: Option<u64>,
