@@ -37,7 +37,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::timeout::TimeoutLayer;
 use tower::ServiceBuilder;
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::auth::edge::{verify_assertion, EdgeTrust};
 use crate::error::AppError;
@@ -100,7 +100,7 @@ pub fn public_router(state: AppState) -> Router {
             state.trusted_proxies.clone(),
             resolve_client_ip,
         ))
-        .layer(TraceLayer::new_for_http().make_span_with(make_span))
+        .layer(middleware::from_fn(request_span))
         .layer(middleware::from_fn_with_state(listener, observe))
         .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn_with_state(
@@ -149,7 +149,7 @@ pub fn internal_router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TraceLayer::new_for_http().make_span_with(make_span))
+        .layer(middleware::from_fn(request_span))
         .layer(middleware::from_fn_with_state(listener, observe))
         .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn_with_state(
@@ -251,6 +251,16 @@ async fn method_not_allowed() -> AppError {
 
 /// A span per request with the method and the path only: query strings can carry
 /// `session_token` (EventSource compat) and must never reach a log line.
+/// Runs the handler inside the request's span (method, path, request id), so every log
+/// line of the request carries them. Only the handler, not the response body: wrapping
+/// the body (as tower-http's `TraceLayer` did) boxed ~120 bytes more for every open SSE
+/// stream and did work on every proxied chunk, for debug events nobody enabled; the
+/// access line (`observe`) has the status and the duration.
+async fn request_span(req: Request, next: Next) -> Response {
+    let span = make_span(&req);
+    next.run(req).instrument(span).await
+}
+
 fn make_span(req: &Request) -> tracing::Span {
     let request_id = req
         .headers()
