@@ -62,6 +62,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::response::IntoResponse;
 use axum::Router;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Version};
@@ -83,6 +84,15 @@ pub const MAX_HEAD: usize = 16 * 1024;
 
 /// How long one chunk may wait for the client to take it before the connection closes.
 pub const WRITE_STALL: Duration = Duration::from_secs(60);
+
+/// SSE opens on the lean path answered at once per listener (the router call: session
+/// check, client record, subscription); more wait their turn, in arrival order, for at most
+/// the header timeout, then get `503 overloaded`. An open in flight holds 10–20 KiB for a
+/// moment; freed, that memory stays resident around the streams that opened beside it, so
+/// a burst of 1,024 opens at once left 4.8 KiB per idle stream where 64 at a time leave
+/// 2.9 (docs/BENCHMARKS.md, "Density"). 64 opens at a millisecond or two each is far above
+/// what 2 cores open per second.
+pub const LEAN_OPENS_AT_ONCE: usize = 64;
 
 /// Refusals over the connection cap are logged at most this often (with their count).
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -137,7 +147,15 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let tracker = TaskTracker::new();
+    let listening = Arc::new(Listening {
+        app,
+        lean,
+        limits,
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+        opening: Semaphore::new(LEAN_OPENS_AT_ONCE),
+    });
+    let tracker = listening.tracker.clone();
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
     let refusal = Bytes::from(refusal_response());
@@ -176,18 +194,10 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(connection(
-            stream,
-            peer,
-            app.clone(),
-            lean,
-            limits,
-            permit,
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        tracker.spawn(connection(stream, peer, permit, listening.clone()));
     }
     drop(listener);
+    drop(listening);
     tracker.close();
     tracker.wait().await;
     Ok(())
@@ -249,30 +259,37 @@ impl RefusalLog {
 
 /// Serves one connection: the lean path when its first request qualifies, hyper otherwise.
 /// The permit is the connection's place under the cap, given back when it closes.
-#[allow(clippy::too_many_arguments)] // the accept loop's hand-off, one call site
-async fn connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+/// What every connection of one listener shares.
+struct Listening {
     app: Router,
     lean: LeanPath,
     limits: ConnLimits,
-    permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
+    /// Every connection's task (and every stream's): waited for at shutdown.
     tracker: TaskTracker,
+    /// [`LEAN_OPENS_AT_ONCE`] permits.
+    opening: Semaphore,
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    l: Arc<Listening>,
 ) {
     let accepted = Instant::now();
     let mut prefix = Bytes::new();
-    if lean == LeanPath::Events {
+    if l.lean == LeanPath::Events {
         // Boxed: the head buffer lives only until the request is built.
-        let deadline = accepted + limits.header_timeout;
-        match Box::pin(read_head(&mut stream, deadline, &shutdown)).await {
+        let deadline = accepted + l.limits.header_timeout;
+        match Box::pin(read_head(&mut stream, deadline, &l.shutdown)).await {
             Head::Lean(req) => {
                 // Boxed: answering and writing the head is a large state. The stream then
                 // gets a task of its own, sized for streaming: a task's allocation is its
                 // largest state for as long as it lives, and this one's (head reading,
                 // the router call, hyper) would be most of an idle stream's memory.
-                if let Some(body) = Box::pin(respond(&mut stream, peer, app, req)).await {
-                    tracker.spawn(stream_chunks(stream, body, permit));
+                if let Some(body) = Box::pin(respond(&mut stream, peer, &l, req)).await {
+                    l.tracker.spawn(stream_chunks(stream, body, permit));
                 }
                 return;
             }
@@ -286,11 +303,11 @@ async fn connection(
         stream,
         prefix,
         peer,
-        limits,
+        limits: l.limits,
         accepted,
         permit,
     };
-    Box::pin(serve_hyper(conn, app, shutdown)).await;
+    Box::pin(serve_hyper(conn, l.app.clone(), l.shutdown.clone())).await;
 }
 
 /// What the first bytes of a connection turned out to be.
@@ -397,15 +414,23 @@ fn parse_lean(buf: &[u8]) -> Parsed {
 async fn respond(
     stream: &mut TcpStream,
     peer: SocketAddr,
-    app: Router,
+    l: &Listening,
     req: Box<Request<Body>>,
 ) -> Option<Body> {
     // Unboxed here, so the box is freed with this future, not kept by the stream.
     let mut req = *req;
     req.extensions_mut().insert(ConnectInfo(peer));
-    let resp = match app.oneshot(req).await {
-        Ok(resp) => resp,
-        Err(e) => match e {},
+    // The router call waits for one of the opening permits, held until the response (not
+    // while its head is written: a slow reader must not hold up other opens).
+    let resp = match tokio::time::timeout(l.limits.header_timeout, l.opening.acquire()).await {
+        Ok(Ok(_opening)) => match l.app.clone().oneshot(req).await {
+            Ok(resp) => resp,
+            Err(e) => match e {},
+        },
+        _ => {
+            crate::metrics::global().refused(l.limits.name, "overloaded");
+            crate::error::AppError::Overloaded.into_response()
+        }
     };
     let (parts, body) = resp.into_parts();
     let exact = http_body::Body::size_hint(&body).exact();
@@ -1151,5 +1176,123 @@ mod tests {
             size <= 128,
             "a streaming connection's future is {size} bytes"
         );
+    }
+
+    /// A listener on loopback whose `/events` counts the handlers inside it (and the most at
+    /// once) and answers only when `gate` gives it a permit.
+    struct Gated {
+        addr: SocketAddr,
+        inside: Arc<AtomicU32>,
+        most: Arc<AtomicU32>,
+        gate: Arc<Semaphore>,
+        _shutdown: tokio_util::sync::DropGuard,
+    }
+
+    async fn gated(limits: ConnLimits) -> Gated {
+        let (inside, most) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let gate = Arc::new(Semaphore::new(0));
+        let (i, m, g) = (inside.clone(), most.clone(), gate.clone());
+        let app = Router::new().route(
+            "/events",
+            axum::routing::get(move || async move {
+                let now = i.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                g.acquire().await.expect("never closed").forget();
+                i.fetch_sub(1, Ordering::SeqCst);
+                "ok"
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            app,
+            LeanPath::Events,
+            limits,
+            shutdown.clone(),
+        ));
+        Gated {
+            addr,
+            inside,
+            most,
+            gate,
+            _shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    async fn open_events(addr: SocketAddr) -> TcpStream {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        c
+    }
+
+    async fn answer(mut c: TcpStream) -> String {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(secs(5), c.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn sse_opens_are_answered_a_bounded_number_at_a_time_and_the_rest_wait_their_turn() {
+        let g = gated(LIMITS).await;
+        let n = LEAN_OPENS_AT_ONCE + 6;
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            clients.push(open_events(g.addr).await);
+        }
+        let full = async {
+            while g.inside.load(Ordering::SeqCst) < LEAN_OPENS_AT_ONCE as u32 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(secs(5), full)
+            .await
+            .expect("the first opens run");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(g.inside.load(Ordering::SeqCst), LEAN_OPENS_AT_ONCE as u32);
+        // Let every one through: the waiting ones are answered too, none refused.
+        g.gate.add_permits(n);
+        for c in clients {
+            let a = answer(c).await;
+            assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+        }
+        assert_eq!(g.most.load(Ordering::SeqCst), LEAN_OPENS_AT_ONCE as u32);
+    }
+
+    #[tokio::test]
+    async fn an_sse_open_that_waits_past_the_header_timeout_is_answered_503_overloaded() {
+        let limits = ConnLimits {
+            header_timeout: Duration::from_millis(300),
+            ..LIMITS
+        };
+        let g = gated(limits).await;
+        let mut clients = Vec::new();
+        for _ in 0..LEAN_OPENS_AT_ONCE + 1 {
+            clients.push(open_events(g.addr).await);
+        }
+        // The handlers never finish: one open cannot start, and is refused, as JSON.
+        let reads = clients.into_iter().map(|mut c| async move {
+            let mut buf = vec![0u8; 1024];
+            match tokio::time::timeout(secs(2), c.read(&mut buf)).await {
+                Ok(Ok(len)) => Some(String::from_utf8_lossy(&buf[..len]).into_owned()),
+                _ => None,
+            }
+        });
+        let refused: Vec<String> = futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].starts_with("HTTP/1.1 503"), "{}", refused[0]);
+        assert!(
+            refused[0].contains(r#""code":"overloaded""#),
+            "{}",
+            refused[0]
+        );
+        assert_eq!(g.inside.load(Ordering::SeqCst), LEAN_OPENS_AT_ONCE as u32);
     }
 }
