@@ -101,8 +101,9 @@ struct Listener {
     /// How many connections hold it.
     holders: usize,
     /// Connections' own stop tokens, cancelled too on revocation (see
-    /// [`Revocations::session_end_linked`]), by link id.
-    linked: Vec<(u64, CancellationToken)>,
+    /// [`Revocations::session_end_linked`]), by link id: a map, so a stream's close is
+    /// not a scan of every stream of its session under the set's lock.
+    linked: HashMap<u64, CancellationToken>,
     next_link: u64,
 }
 
@@ -187,7 +188,7 @@ impl Revocations {
         let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = listeners.get(hash) {
             l.token.cancel();
-            for (_, linked) in &l.linked {
+            for linked in l.linked.values() {
                 linked.cancel();
             }
         }
@@ -258,13 +259,13 @@ impl Revocations {
                 token: CancellationToken::new(),
                 key: Arc::new(hash.clone()),
                 holders: 0,
-                linked: Vec::new(),
+                linked: HashMap::new(),
                 next_link: 0,
             });
             l.holders += 1;
             let link = stop.map(|stop| {
                 l.next_link += 1;
-                l.linked.push((l.next_link, stop));
+                l.linked.insert(l.next_link, stop);
                 l.next_link
             });
             (l.token.clone(), l.key.clone(), link)
@@ -390,7 +391,7 @@ impl Drop for SessionEnd {
         if let Some(l) = listeners.get_mut(&*self.key) {
             l.holders -= 1;
             if let Some(link) = self.link {
-                l.linked.retain(|(id, _)| *id != link);
+                l.linked.remove(&link);
             }
             if l.holders == 0 {
                 listeners.remove(&*self.key);
