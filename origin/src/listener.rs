@@ -90,8 +90,8 @@ pub const WRITE_STALL: Duration = Duration::from_secs(60);
 /// the header timeout, then get `503 overloaded`. An open in flight holds 10–20 KiB for a
 /// moment; freed, that memory stays resident around the streams that opened beside it, so
 /// a burst of 1,024 opens at once left 4.8 KiB per idle stream where 64 at a time leave
-/// 2.9 (docs/BENCHMARKS.md, "Density"). 64 opens at a millisecond or two each is far above
-/// what 2 cores open per second.
+/// 2.9 (docs/BENCHMARKS.md, "Density: what an idle stream holds"). 64 opens in flight at a
+/// few milliseconds each is more than 2 cores open per second.
 pub const LEAN_OPENS_AT_ONCE: usize = 64;
 
 /// Refusals over the connection cap are logged at most this often (with their count).
@@ -197,9 +197,11 @@ pub async fn serve(
         tracker.spawn(connection(stream, peer, permit, listening.clone()));
     }
     drop(listener);
-    drop(listening);
     tracker.close();
     tracker.wait().await;
+    // Kept until every stream has ended: the app's state owns the bus, and dropping the
+    // last of it would end the streams' subscriptions before their drain.
+    drop(listening);
     Ok(())
 }
 
