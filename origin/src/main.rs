@@ -70,9 +70,9 @@ fn init_tracing(format: LogFormat) -> Option<SdkTracerProvider> {
 /// `MIMALLOC_PURGE_DELAY` says otherwise). Its default is to purge a second later, and
 /// only when the thread that freed the memory allocates again: after a burst of stream
 /// opens the workers go quiet, so everything the opens used transiently stayed resident —
-/// 4.5–4.9 KiB per idle stream where 2.2 KiB is live; purged at once, 3.4 KiB
-/// (docs/BENCHMARKS.md, "Density"). The proxy's steady state frees little whole pages, so
-/// it does not pay for this (measured in the same section).
+/// 4.5–4.9 KiB per idle stream where 2.2 KiB is live; purged at once, 3.3 KiB
+/// (docs/BENCHMARKS.md, "Density: what an idle stream holds"). The proxy does not pay for
+/// it (measured in the same section).
 #[cfg(not(feature = "system-allocator"))]
 fn tune_allocator() {
     use std::ffi::{c_int, c_long};
