@@ -259,8 +259,6 @@ impl RefusalLog {
     }
 }
 
-/// Serves one connection: the lean path when its first request qualifies, hyper otherwise.
-/// The permit is the connection's place under the cap, given back when it closes.
 /// What every connection of one listener shares.
 struct Listening {
     app: Router,
@@ -273,6 +271,9 @@ struct Listening {
     opening: Semaphore,
 }
 
+/// Serves one connection: the lean path when its first request qualifies, hyper otherwise.
+/// The permit is the connection's place under the cap, given back when it closes (by the
+/// stream's own task, for a lean stream).
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -410,9 +411,10 @@ fn parse_lean(buf: &[u8]) -> Parsed {
     Parsed::Lean(Box::new(req))
 }
 
-/// Runs the request through the router and writes the response as HTTP/1.1.
-/// Gets the response and writes its head; a finite response is written whole and the
-/// connection shut down (`None`), a streaming one is returned for [`stream_chunks`].
+/// Runs the request through the router (waiting for one of the listener's opening
+/// permits) and writes the response's head as HTTP/1.1; a finite response is written whole
+/// and the connection shut down (`None`), a streaming one is returned for
+/// [`stream_chunks`].
 async fn respond(
     stream: &mut TcpStream,
     peer: SocketAddr,
