@@ -249,8 +249,6 @@ async fn method_not_allowed() -> AppError {
     AppError::MethodNotAllowed
 }
 
-/// A span per request with the method and the path only: query strings can carry
-/// `session_token` (EventSource compat) and must never reach a log line.
 /// Runs the handler inside the request's span (method, path, request id), so every log
 /// line of the request carries them. Only the handler, not the response body: wrapping
 /// the body (as tower-http's `TraceLayer` did) boxed ~120 bytes more for every open SSE
@@ -261,6 +259,8 @@ async fn request_span(req: Request, next: Next) -> Response {
     next.run(req).instrument(span).await
 }
 
+/// A span per request with the method and the path only: query strings can carry
+/// `session_token` (EventSource compat) and must never reach a log line.
 fn make_span(req: &Request) -> tracing::Span {
     let request_id = req
         .headers()
