@@ -101,14 +101,23 @@ impl Default for Router {
 pub(super) struct Table {
     /// Client id → the inboxes of its subscriptions open here.
     pub(super) subs: HashMap<String, Vec<Arc<Inbox>>>,
-    /// Execution id → the inboxes of the subscriptions watching it.
-    pub(super) runs: HashMap<String, Vec<Arc<Inbox>>>,
+    /// Execution id → the inboxes of the subscriptions watching it, by inbox address: a
+    /// run may have tens of thousands of watchers, and each one that closes leaves at once
+    /// instead of by a scan of them all under this table's lock.
+    pub(super) runs: HashMap<String, HashMap<usize, Arc<Inbox>>>,
     /// Inbox address → the runs it watches (oldest first), so it can leave them.
     watching: HashMap<usize, Vec<String>>,
 }
 
 fn key(inbox: &Arc<Inbox>) -> usize {
     Arc::as_ptr(inbox) as usize
+}
+
+/// Queues `frame` in every one of `inboxes` (under the table's lock, which the caller holds).
+fn push_all<'t>(inboxes: impl Iterator<Item = &'t Arc<Inbox>>, frame: &BusFrame, backlog: usize) {
+    for inbox in inboxes {
+        inbox.push(frame.clone(), backlog);
+    }
 }
 
 impl Table {
@@ -124,7 +133,7 @@ impl Table {
         self.runs
             .entry(execution_id.to_owned())
             .or_default()
-            .push(inbox.clone());
+            .insert(key(inbox), inbox.clone());
         if let Some(old) = dropped {
             self.leave(inbox, &old);
         }
@@ -132,9 +141,9 @@ impl Table {
     }
 
     fn leave(&mut self, inbox: &Arc<Inbox>, execution_id: &str) {
-        if let Some(list) = self.runs.get_mut(execution_id) {
-            list.retain(|i| !Arc::ptr_eq(i, inbox));
-            if list.is_empty() {
+        if let Some(watchers) = self.runs.get_mut(execution_id) {
+            watchers.remove(&key(inbox));
+            if watchers.is_empty() {
                 self.runs.remove(execution_id);
             }
         }
@@ -161,24 +170,25 @@ impl Router {
 
     /// Hands a client's frame to every subscription of the client open here.
     fn route(&self, client_id: &str, frame: BusFrame) {
-        self.route_to(|t| t.subs.get(client_id), frame);
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        let table = self.lock();
+        push_all(
+            table.subs.get(client_id).into_iter().flatten(),
+            &frame,
+            backlog,
+        );
     }
 
     /// Hands a run's frame to every subscription watching the run.
     fn route_run(&self, execution_id: &str, frame: BusFrame) {
-        self.route_to(|t| t.runs.get(execution_id), frame);
-    }
-
-    fn route_to(
-        &self,
-        inboxes: impl for<'t> Fn(&'t Table) -> Option<&'t Vec<Arc<Inbox>>>,
-        frame: BusFrame,
-    ) {
         let backlog = self.backlog.load(Ordering::Relaxed);
         let table = self.lock();
-        for inbox in inboxes(&table).into_iter().flatten() {
-            inbox.push(frame.clone(), backlog);
-        }
+        let watchers = table
+            .runs
+            .get(execution_id)
+            .into_iter()
+            .flat_map(HashMap::values);
+        push_all(watchers, &frame, backlog);
     }
 
     /// A `gw/watch` control frame: every subscription of the client open here watches the
@@ -452,6 +462,32 @@ mod tests {
         drop((a, b, c));
         let table = router.lock();
         assert!(table.runs.is_empty() && table.watching.is_empty() && table.subs.is_empty());
+    }
+
+    #[test]
+    fn watchers_of_a_run_leave_one_by_one_and_the_rest_still_get_its_frames() {
+        let router = Arc::new(Router::default());
+        let run = ExecutionId::parse("9").expect("valid");
+        let mut regs: Vec<Option<Registration>> = (0..1000)
+            .map(|i| {
+                let c = cid(&format!("c{i}"));
+                Some(Registration::new(
+                    router.clone(),
+                    &c,
+                    std::slice::from_ref(&run),
+                ))
+            })
+            .collect();
+        for reg in regs.iter_mut().step_by(2) {
+            reg.take();
+        }
+        assert_eq!(router.lock().runs["9"].len(), 500);
+        router.route_run("9", frame(3));
+        for reg in regs.iter().flatten() {
+            assert!(matches!(reg.inbox.take(), Taken::Frame(f) if f.id == 3));
+        }
+        drop(regs);
+        assert!(router.lock().runs.is_empty());
     }
 
     #[test]
