@@ -211,7 +211,9 @@ pub trait KvStore: Send + Sync + 'static {
     /// Changes to `key` from now on (no initial value). Lets a replica wait for a value
     /// another replica writes, e.g. a sync callback answering a waiting request: call
     /// `watch` first and `get` second, so a value written in between is seen by one of them.
-    /// A watcher that falls far behind may miss intermediate values, never the latest one;
+    /// A watcher behind the writes may miss intermediate values, never the latest one (NATS
+    /// buckets keep one revision per key: a value overwritten before the watch reached it is
+    /// gone);
     /// the stream ends only when the store can no longer deliver.
     async fn watch(
         &self,
