@@ -62,7 +62,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::response::IntoResponse;
 use axum::Router;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Version};
@@ -84,15 +83,6 @@ pub const MAX_HEAD: usize = 16 * 1024;
 
 /// How long one chunk may wait for the client to take it before the connection closes.
 pub const WRITE_STALL: Duration = Duration::from_secs(60);
-
-/// SSE opens on the lean path answered at once per listener (the router call: session
-/// check, client record, subscription); more wait their turn, in arrival order, for at most
-/// the header timeout, then get `503 overloaded`. An open in flight holds 10–20 KiB for a
-/// moment; freed, that memory stays resident around the streams that opened beside it, so
-/// a burst of 1,024 opens at once left 4.8 KiB per idle stream where 64 at a time leave
-/// 2.9 (docs/BENCHMARKS.md, "Density: what an idle stream holds"). 64 opens in flight at a
-/// few milliseconds each is more than 2 cores open per second.
-pub const LEAN_OPENS_AT_ONCE: usize = 64;
 
 /// Refusals over the connection cap are logged at most this often (with their count).
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -153,7 +143,6 @@ pub async fn serve(
         limits,
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
-        opening: Semaphore::new(LEAN_OPENS_AT_ONCE),
     });
     let tracker = listening.tracker.clone();
     let open = Arc::new(Semaphore::new(limits.max_connections));
@@ -267,8 +256,6 @@ struct Listening {
     shutdown: CancellationToken,
     /// Every connection's task (and every stream's): waited for at shutdown.
     tracker: TaskTracker,
-    /// [`LEAN_OPENS_AT_ONCE`] permits.
-    opening: Semaphore,
 }
 
 /// Serves one connection: the lean path when its first request qualifies, hyper otherwise.
@@ -411,10 +398,9 @@ fn parse_lean(buf: &[u8]) -> Parsed {
     Parsed::Lean(Box::new(req))
 }
 
-/// Runs the request through the router (waiting for one of the listener's opening
-/// permits) and writes the response's head as HTTP/1.1; a finite response is written whole
-/// and the connection shut down (`None`), a streaming one is returned for
-/// [`stream_chunks`].
+/// Runs the request through the router and writes the response's head as HTTP/1.1; a
+/// finite response is written whole and the connection shut down (`None`), a streaming one
+/// is returned for [`stream_chunks`].
 async fn respond(
     stream: &mut TcpStream,
     peer: SocketAddr,
@@ -424,17 +410,9 @@ async fn respond(
     // Unboxed here, so the box is freed with this future, not kept by the stream.
     let mut req = *req;
     req.extensions_mut().insert(ConnectInfo(peer));
-    // The router call waits for one of the opening permits, held until the response (not
-    // while its head is written: a slow reader must not hold up other opens).
-    let resp = match tokio::time::timeout(l.limits.header_timeout, l.opening.acquire()).await {
-        Ok(Ok(_opening)) => match l.app.clone().oneshot(req).await {
-            Ok(resp) => resp,
-            Err(e) => match e {},
-        },
-        _ => {
-            crate::metrics::global().refused(l.limits.name, "overloaded");
-            crate::error::AppError::Overloaded.into_response()
-        }
+    let resp = match l.app.clone().oneshot(req).await {
+        Ok(resp) => resp,
+        Err(e) => match e {},
     };
     let (parts, body) = resp.into_parts();
     let exact = http_body::Body::size_hint(&body).exact();
@@ -1180,123 +1158,5 @@ mod tests {
             size <= 128,
             "a streaming connection's future is {size} bytes"
         );
-    }
-
-    /// A listener on loopback whose `/events` counts the handlers inside it (and the most at
-    /// once) and answers only when `gate` gives it a permit.
-    struct Gated {
-        addr: SocketAddr,
-        inside: Arc<AtomicU32>,
-        most: Arc<AtomicU32>,
-        gate: Arc<Semaphore>,
-        _shutdown: tokio_util::sync::DropGuard,
-    }
-
-    async fn gated(limits: ConnLimits) -> Gated {
-        let (inside, most) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-        let gate = Arc::new(Semaphore::new(0));
-        let (i, m, g) = (inside.clone(), most.clone(), gate.clone());
-        let app = Router::new().route(
-            "/events",
-            axum::routing::get(move || async move {
-                let now = i.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(now, Ordering::SeqCst);
-                g.acquire().await.expect("never closed").forget();
-                i.fetch_sub(1, Ordering::SeqCst);
-                "ok"
-            }),
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            app,
-            LeanPath::Events,
-            limits,
-            shutdown.clone(),
-        ));
-        Gated {
-            addr,
-            inside,
-            most,
-            gate,
-            _shutdown: shutdown.drop_guard(),
-        }
-    }
-
-    async fn open_events(addr: SocketAddr) -> TcpStream {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        c
-    }
-
-    async fn answer(mut c: TcpStream) -> String {
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(secs(5), c.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).into_owned()
-    }
-
-    #[tokio::test]
-    async fn sse_opens_are_answered_a_bounded_number_at_a_time_and_the_rest_wait_their_turn() {
-        let g = gated(LIMITS).await;
-        let n = LEAN_OPENS_AT_ONCE + 6;
-        let mut clients = Vec::new();
-        for _ in 0..n {
-            clients.push(open_events(g.addr).await);
-        }
-        let full = async {
-            while g.inside.load(Ordering::SeqCst) < LEAN_OPENS_AT_ONCE as u32 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(secs(5), full)
-            .await
-            .expect("the first opens run");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(g.inside.load(Ordering::SeqCst), LEAN_OPENS_AT_ONCE as u32);
-        // Let every one through: the waiting ones are answered too, none refused.
-        g.gate.add_permits(n);
-        for c in clients {
-            let a = answer(c).await;
-            assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-        }
-        assert_eq!(g.most.load(Ordering::SeqCst), LEAN_OPENS_AT_ONCE as u32);
-    }
-
-    #[tokio::test]
-    async fn an_sse_open_that_waits_past_the_header_timeout_is_answered_503_overloaded() {
-        let limits = ConnLimits {
-            header_timeout: Duration::from_millis(300),
-            ..LIMITS
-        };
-        let g = gated(limits).await;
-        let mut clients = Vec::new();
-        for _ in 0..LEAN_OPENS_AT_ONCE + 1 {
-            clients.push(open_events(g.addr).await);
-        }
-        // The handlers never finish: one open cannot start, and is refused, as JSON.
-        let reads = clients.into_iter().map(|mut c| async move {
-            let mut buf = vec![0u8; 1024];
-            match tokio::time::timeout(secs(2), c.read(&mut buf)).await {
-                Ok(Ok(len)) => Some(String::from_utf8_lossy(&buf[..len]).into_owned()),
-                _ => None,
-            }
-        });
-        let refused: Vec<String> = futures::future::join_all(reads)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        assert_eq!(refused.len(), 1, "{refused:?}");
-        assert!(refused[0].starts_with("HTTP/1.1 503"), "{}", refused[0]);
-        assert!(
-            refused[0].contains(r#""code":"overloaded""#),
-            "{}",
-            refused[0]
-        );
-        assert_eq!(g.inside.load(Ordering::SeqCst), LEAN_OPENS_AT_ONCE as u32);
     }
 }

@@ -16,7 +16,13 @@
 //!   limit the stream starts at live frames with `stream/reset` first (the protocol's
 //!   answer to "your replay is not exact": re-read state), rather than a refusal.
 //!
-//! All three are per replica, like the origin's other limits (`ratelimit.rs`): behind the
+//! - **Opens in flight** ([`OpenTurns`]): the replica answers [`STREAM_OPENS_AT_ONCE`] SSE
+//!   opens at a time, for everyone; the rest wait their turn in arrival order, at most
+//!   [`STREAM_OPEN_WAIT`]. This is not about fairness but memory: an open in flight holds
+//!   10–20 KiB for a moment, and what a burst of them frees stays resident around the
+//!   streams opened beside it.
+//!
+//! All of these are per replica, like the origin's other limits (`ratelimit.rs`): behind the
 //! load balancer a user's effective cap is the cap × replicas, and the edge's per-session
 //! limiter bounds the rate across them. Keeping the counts in K/V would cost a write per
 //! open and close and leave counts behind when a replica dies; a per-replica cap needs
@@ -24,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::error::AppError;
 use crate::ratelimit::{KeyedLimiter, RateSpec, RetryAfter, RATE_LIMITED_CODE};
@@ -208,6 +215,46 @@ impl RealtimeQuotas {
     }
 }
 
+/// SSE opens one replica answers at once (the session check, the client record, the
+/// subscription: `events`). A burst of 1,024 opens at once left 4.8 KiB per idle stream,
+/// 64 at a time 2.9 (docs/BENCHMARKS.md, "Density: what an idle stream holds"); 64 opens
+/// in flight at a few milliseconds each is more than 2 cores open per second.
+pub const STREAM_OPENS_AT_ONCE: usize = 64;
+
+/// How long an open waits for its turn before it is refused as `overloaded` (503, which
+/// `/events` answers as a `stream/unavailable` stream, so EventSource retries).
+pub const STREAM_OPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Turns for SSE opens ([`STREAM_OPENS_AT_ONCE`] at a time, in arrival order).
+#[derive(Debug)]
+pub struct OpenTurns {
+    turns: tokio::sync::Semaphore,
+    wait: Duration,
+}
+
+impl OpenTurns {
+    /// `at_once` opens at a time, each waiting at most `wait` for its turn.
+    pub fn new(at_once: usize, wait: Duration) -> Self {
+        Self {
+            turns: tokio::sync::Semaphore::new(at_once),
+            wait,
+        }
+    }
+
+    /// Runs `open` in its turn: the turn is held until `open` has its answer (a streaming
+    /// response's head is written after, without it). Past the wait → `overloaded`.
+    pub async fn run<T>(
+        &self,
+        open: impl std::future::Future<Output = Result<T, AppError>>,
+    ) -> Result<T, AppError> {
+        let Ok(Ok(_turn)) = tokio::time::timeout(self.wait, self.turns.acquire()).await else {
+            crate::metrics::global().refused("public", "overloaded");
+            return Err(AppError::Overloaded);
+        };
+        open.await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +303,80 @@ mod tests {
         assert_eq!(e.status().as_u16(), 429);
         assert_eq!(e.code(), "too_many_streams");
         assert!(Refused::TooMany.close_reason().len() <= 123);
+    }
+
+    /// Runs `n` opens through `turns`, each holding its turn until `gate` gives it a
+    /// permit; returns their results and the most that were inside at once.
+    async fn gated_opens(
+        turns: Arc<OpenTurns>,
+        n: usize,
+        gate: Arc<tokio::sync::Semaphore>,
+        inside: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Vec<Result<(), AppError>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let opens = (0..n).map(|_| {
+            let (turns, gate, inside, most) =
+                (turns.clone(), gate.clone(), inside.clone(), most.clone());
+            tokio::spawn(async move {
+                turns
+                    .run(async {
+                        most.fetch_max(inside.fetch_add(1, SeqCst) + 1, SeqCst);
+                        gate.acquire().await.expect("open").forget();
+                        inside.fetch_sub(1, SeqCst);
+                        Ok(())
+                    })
+                    .await
+            })
+        });
+        let handles: Vec<_> = opens.collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.expect("no panic"));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn opens_run_a_bounded_number_at_a_time_and_the_rest_wait_their_turn() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let turns = Arc::new(OpenTurns::new(STREAM_OPENS_AT_ONCE, STREAM_OPEN_WAIT));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let n = STREAM_OPENS_AT_ONCE + 6;
+        let all = tokio::spawn(gated_opens(
+            turns,
+            n,
+            gate.clone(),
+            inside.clone(),
+            most.clone(),
+        ));
+        while inside.load(SeqCst) < STREAM_OPENS_AT_ONCE {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(inside.load(SeqCst), STREAM_OPENS_AT_ONCE);
+        // Let every one through: the waiting ones run too, none refused.
+        gate.add_permits(n);
+        let results = all.await.unwrap();
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(most.load(SeqCst), STREAM_OPENS_AT_ONCE);
+    }
+
+    #[tokio::test]
+    async fn an_open_that_waits_past_its_turn_is_refused_as_overloaded() {
+        use std::sync::atomic::AtomicUsize;
+        let turns = Arc::new(OpenTurns::new(2, Duration::from_millis(200)));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let all = tokio::spawn(gated_opens(turns, 3, gate.clone(), inside, most));
+        // The two inside never finish before the third's wait is over.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        gate.add_permits(2);
+        let results = all.await.unwrap();
+        let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert_eq!(refused.len(), 1, "{results:?}");
+        assert!(matches!(refused[0], AppError::Overloaded));
+        assert_eq!(refused[0].status().as_u16(), 503);
     }
 }

@@ -334,6 +334,10 @@ async fn build(
                 drain_spread: crate::events::drain_spread(config.shutdown_grace),
             },
             quotas,
+            opens: Arc::new(crate::quotas::OpenTurns::new(
+                crate::quotas::STREAM_OPENS_AT_ONCE,
+                crate::quotas::STREAM_OPEN_WAIT,
+            )),
             questions: questions.clone(),
         },
         proxy: ProxyState {

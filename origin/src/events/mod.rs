@@ -76,7 +76,7 @@ use crate::clients;
 use crate::error::{json_response, AppError};
 use crate::hub::Hub;
 use crate::interest;
-use crate::quotas::{RealtimeQuotas, StreamSlot};
+use crate::quotas::{OpenTurns, RealtimeQuotas, StreamSlot};
 use crate::store::{Bucket, KvStore};
 
 pub mod alias;
@@ -103,6 +103,8 @@ pub struct EventsState {
     pub timers: SseTimers,
     /// Per-user stream slots, open and replay rates, client-id cap.
     pub quotas: RealtimeQuotas,
+    /// Opens answered at once by this replica, the rest in turn.
+    pub opens: Arc<OpenTurns>,
     /// Open questions, listed in the init frame.
     pub questions: Arc<crate::questions::Questions>,
 }
@@ -437,7 +439,10 @@ async fn stream_or_unavailable(
     req: Request,
     path_client: Option<String>,
 ) -> Result<Response, AppError> {
-    match open_stream(state, req, path_client).await {
+    // In turn: the open's transient memory is bounded (`quotas::OpenTurns`); the turn
+    // ends with the answer, before the stream's head is written.
+    let opens = state.opens.clone();
+    match opens.run(open_stream(state, req, path_client)).await {
         Err(e) if answers_as_unavailable_stream(e.status().as_u16()) => {
             tracing::warn!(code = e.code(), error = %e, "event stream not opened; the client is told to retry");
             Ok(event_stream_response(Body::from(unavailable_stream(
