@@ -31,45 +31,67 @@ pub const SEP: char = '\n';
 
 /// A request's or response's head as the runtime gave it: the first line(s), then the
 /// headers as the Fetch API iterates them (names lower-case, repeated fields joined with
-/// `, `, `set-cookie` one entry per cookie).
+/// `, `, `set-cookie` one entry per cookie). Held as the one string that crossed, with the
+/// offsets of its fields: no allocation per header.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Head {
-    /// The method (a request) or the status as digits (a response).
-    pub first: String,
-    /// The URL (a request); empty for a response.
-    pub url: String,
-    /// `(name, value)` in the runtime's order.
-    pub headers: Vec<(String, String)>,
+    raw: String,
+    first: (usize, usize),
+    url: (usize, usize),
+    /// `(name, value)` spans in the runtime's order.
+    headers: Vec<[(usize, usize); 2]>,
 }
 
 impl Head {
     /// Parses `method \n url \n name \n value …` (`with_url`), or `status \n name \n
     /// value …`. A trailing name without a value is ignored.
-    pub fn parse(s: &str, with_url: bool) -> Self {
-        let mut parts = s.split(SEP);
-        let first = parts.next().unwrap_or_default().to_owned();
-        let url = if with_url {
-            parts.next().unwrap_or_default().to_owned()
-        } else {
-            String::new()
+    pub fn parse(raw: String, with_url: bool) -> Self {
+        let base = raw.as_ptr() as usize;
+        let span = |part: &str| {
+            let at = part.as_ptr() as usize - base;
+            (at, at + part.len())
         };
-        let mut headers = Vec::new();
+        let mut parts = raw.split(SEP);
+        let first = parts.next().map_or((0, 0), span);
+        let url = if with_url {
+            parts.next().map_or((0, 0), span)
+        } else {
+            (0, 0)
+        };
+        let mut headers = Vec::with_capacity(16);
         while let (Some(n), Some(v)) = (parts.next(), parts.next()) {
-            headers.push((n.to_owned(), v.to_owned()));
+            headers.push([span(n), span(v)]);
         }
         Self {
             first,
             url,
             headers,
+            raw,
         }
+    }
+
+    fn at(&self, (from, to): (usize, usize)) -> &str {
+        &self.raw[from..to]
+    }
+
+    /// The method (a request) or the status as digits (a response).
+    pub fn first(&self) -> &str {
+        self.at(self.first)
+    }
+
+    /// The URL (a request); empty for a response.
+    pub fn url(&self) -> &str {
+        self.at(self.url)
+    }
+
+    /// `(name, value)` in the runtime's order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers.iter().map(|&[n, v]| (self.at(n), self.at(v)))
     }
 
     /// The value of header `name` (lower-case, as the runtime gives names).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
     /// The value of header `name`, owned.
@@ -79,7 +101,46 @@ impl Head {
 
     /// The status of a response head (0 if it is not a number).
     pub fn status(&self) -> u16 {
-        self.first.parse().unwrap_or(0)
+        self.first().parse().unwrap_or(0)
+    }
+}
+
+/// The path and query of a request's URL as the runtime serialised it (the Fetch API's
+/// `request.url`: absolute and normalised by the WHATWG URL parser), split without a
+/// second parse: the parse is the runtime's, done once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestUrl<'a> {
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+impl<'a> RequestUrl<'a> {
+    /// Splits `url`; `Err` when it is not absolute (`scheme://…`), which a runtime's
+    /// request URL always is.
+    pub fn split(url: &'a str) -> Result<Self, &'static str> {
+        let Some((_, rest)) = url.split_once("://") else {
+            return Err("not an absolute URL");
+        };
+        let rest = &rest[rest.find(['/', '?', '#']).unwrap_or(rest.len())..];
+        let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
+        let (path, query) = match rest.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (rest, None),
+        };
+        Ok(Self {
+            path: if path.is_empty() { "/" } else { path },
+            query,
+        })
+    }
+
+    /// The path, percent-encoded as serialised (`/` at least).
+    pub fn path(&self) -> &'a str {
+        self.path
+    }
+
+    /// The query without its `?` (`Some("")` for a bare `?`), as serialised.
+    pub fn query(&self) -> Option<&'a str> {
+        self.query
     }
 }
 
@@ -215,12 +276,12 @@ export function respond(from, list) {
     impl Head {
         /// A request's method, URL and headers, in one crossing.
         pub fn of_request(req: &web_sys::Request) -> Self {
-            Self::parse(&request_head(req), true)
+            Self::parse(request_head(req), true)
         }
 
         /// A response's status and headers, in one crossing.
         pub fn of_response(resp: &web_sys::Response) -> Self {
-            Self::parse(&response_head(resp), false)
+            Self::parse(response_head(resp), false)
         }
     }
 
@@ -390,33 +451,40 @@ mod tests {
     #[test]
     fn a_request_head_parses_into_method_url_and_headers() {
         let h = Head::parse(
-            "POST\nhttp://e/graphql?x=1\nauthorization\nBearer t\ncontent-type\napplication/json",
+            "POST\nhttp://e/graphql?x=1\nauthorization\nBearer t\ncontent-type\napplication/json"
+                .to_owned(),
             true,
         );
-        assert_eq!(h.first, "POST");
-        assert_eq!(h.url, "http://e/graphql?x=1");
+        assert_eq!(h.first(), "POST");
+        assert_eq!(h.url(), "http://e/graphql?x=1");
         assert_eq!(h.get("authorization"), Some("Bearer t"));
         assert_eq!(h.get("content-type"), Some("application/json"));
         assert_eq!(h.get("cookie"), None);
-        assert_eq!(h.headers.len(), 2);
-        let bare = Head::parse("GET\nhttp://e/", true);
-        assert!(bare.headers.is_empty());
-        assert_eq!(bare.url, "http://e/");
+        assert_eq!(h.headers().count(), 2);
+        let bare = Head::parse("GET\nhttp://e/".to_owned(), true);
+        assert_eq!(bare.headers().count(), 0);
+        assert_eq!(bare.url(), "http://e/");
     }
 
     #[test]
     fn a_response_head_parses_into_status_and_headers_with_empty_values_kept() {
-        let h = Head::parse("204\nx-empty\n\nset-cookie\na=1\nset-cookie\nb=2", false);
+        let h = Head::parse(
+            "204\nx-empty\n\nset-cookie\na=1\nset-cookie\nb=2".to_owned(),
+            false,
+        );
         assert_eq!(h.status(), 204);
-        assert_eq!(h.url, "");
+        assert_eq!(h.url(), "");
         assert_eq!(h.get("x-empty"), Some(""));
-        let cookies: Vec<_> = h
-            .headers
-            .iter()
-            .filter(|(n, _)| n == "set-cookie")
-            .collect();
-        assert_eq!(cookies.len(), 2);
-        assert_eq!(Head::parse("", false).status(), 0);
+        let cookies: Vec<_> = h.headers().filter(|(n, _)| *n == "set-cookie").collect();
+        assert_eq!(cookies, [("set-cookie", "a=1"), ("set-cookie", "b=2")]);
+        assert_eq!(Head::parse(String::new(), false).status(), 0);
+        // A trailing name without a value is left out.
+        assert_eq!(
+            Head::parse("200\nx-a\n1\nx-b".to_owned(), false)
+                .headers()
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -428,14 +496,34 @@ mod tests {
         push(&mut list, "vary", "");
         push(&mut list, "vary2", "Origin");
         assert_eq!(list, "x-request-id\nr1\nvary\n\nvary2\nOrigin");
-        let back = Head::parse(&format!("200\n{list}"), false);
+        let back = Head::parse(format!("200\n{list}"), false);
         assert_eq!(
-            back.headers,
-            [
-                ("x-request-id".to_owned(), "r1".to_owned()),
-                ("vary".to_owned(), String::new()),
-                ("vary2".to_owned(), "Origin".to_owned()),
-            ]
+            back.headers().collect::<Vec<_>>(),
+            [("x-request-id", "r1"), ("vary", ""), ("vary2", "Origin")]
         );
+    }
+
+    #[test]
+    fn a_request_url_splits_as_the_url_parser_parses_it() {
+        for raw in [
+            "http://e/graphql?x=1",
+            "https://edge.example.com/",
+            "http://e",
+            "http://e?q",
+            "http://e/?",
+            "http://127.0.0.1:8787/api/v1/events/c-1?ticket=t&x=%20y",
+            "http://e/a/b%2Fc?x=1?y=2#frag",
+            "http://e/a#f?not-a-query",
+            "http://user:pw@e:81/p;x?y",
+            "http://[::1]:8080/p/",
+        ] {
+            // What the runtime hands over is the parser's own serialisation.
+            let parsed = url::Url::parse(raw).unwrap();
+            let serialised = parsed.as_str();
+            let split = RequestUrl::split(serialised).unwrap();
+            assert_eq!(split.path(), parsed.path(), "{serialised}");
+            assert_eq!(split.query(), parsed.query(), "{serialised}");
+        }
+        assert!(RequestUrl::split("/relative?x").is_err());
     }
 }

@@ -90,14 +90,20 @@ pub fn is_websocket_upgrade(upgrade: Option<&str>) -> bool {
 
 /// Whether a client request header is copied to the origin request.
 pub fn keep_request_header(name: &str, connection: &[String], websocket: bool) -> bool {
-    let n = name.to_ascii_lowercase();
+    // The runtime gives names lower-case: a copy only for one that is not.
+    let n: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.to_ascii_lowercase().into()
+    } else {
+        name.into()
+    };
+    let n = n.as_ref();
     if websocket && (n == "upgrade" || n == "connection") {
         return true;
     }
-    !(is_hop_by_hop(&n)
-        || connection.contains(&n)
-        || is_client_identity_header(&n)
-        || is_request_override_header(&n)
+    !(is_hop_by_hop(n)
+        || connection.iter().any(|t| t == n)
+        || is_client_identity_header(n)
+        || is_request_override_header(n)
         || n == "host"
         || n == "x-request-id"
         || n == gateway_shared::trace::HEADER)
@@ -139,7 +145,7 @@ mod glue {
         /// The client's request head (its headers are filtered from it).
         pub head: &'a Head,
         /// Its URL (path and query go to the origin unchanged).
-        pub url: &'a worker::Url,
+        pub url: &'a boundary::RequestUrl<'a>,
         /// The canonical method.
         pub method: &'static str,
         /// The body to send.
@@ -216,7 +222,7 @@ mod glue {
         let websocket = is_websocket_upgrade(f.head.get("upgrade"));
         let connection = connection_tokens(f.head.get("connection"));
         let mut list = String::with_capacity(1024);
-        for (name, value) in &f.head.headers {
+        for (name, value) in f.head.headers() {
             if keep_request_header(name, &connection, websocket)
                 && (f.trace_continued || name != trace::STATE_HEADER)
             {

@@ -64,7 +64,7 @@ pub mod time;
 
 #[cfg(target_arch = "wasm32")]
 mod entry {
-    use crate::boundary::Head;
+    use crate::boundary::{Head, RequestUrl};
     use crate::caller::Caller;
     use crate::config::{self, EdgeConfig};
     use crate::error::{CatchPanic, EdgeError};
@@ -94,8 +94,8 @@ mod entry {
         );
         let rid = ids.rid.as_str();
         let origin = head.get("origin");
-        let method = head.first.as_str();
-        let url = worker::Url::parse(&head.url);
+        let method = head.first();
+        let url = RequestUrl::split(head.url());
         let path = url.as_ref().map(|u| u.path()).unwrap_or("/");
         let mut route = (None, None);
         let (resp, cors_headers, outcome): (Response, Vec<(&'static str, String)>, _) =
@@ -220,7 +220,7 @@ mod entry {
     async fn handle(
         req: Request,
         head: &Head,
-        url: &worker::Url,
+        url: &RequestUrl<'_>,
         env: &Env,
         cfg: &EdgeConfig,
         request: Meta<'_>,
@@ -232,7 +232,8 @@ mod entry {
             RouteKind::Deny => return Err(EdgeError::NotFound),
             RouteKind::Public | RouteKind::Session | RouteKind::Service => {}
         }
-        let method = forward::forwardable_method(&head.first).ok_or(EdgeError::MethodNotAllowed)?;
+        let method =
+            forward::forwardable_method(head.first()).ok_or(EdgeError::MethodNotAllowed)?;
         let body_limit = cfg.body_limits.for_path(url.path());
         crate::limits::check_declared(head.get("content-length"), body_limit)
             .map_err(|limit| EdgeError::PayloadTooLarge { limit })?;

@@ -105,7 +105,7 @@ mod glue {
     ) -> Result<web_sys::Response, String> {
         let upstream = Head::of_response(&resp);
         let mut list = String::with_capacity(256);
-        for (name, value) in &upstream.headers {
+        for (name, value) in upstream.headers() {
             if keep_response_header(name) {
                 boundary::push(&mut list, name, value);
             }

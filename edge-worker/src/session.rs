@@ -246,7 +246,7 @@ mod glue {
 
     /// The session token of a request: `Authorization: Bearer`, `session_token` cookie,
     /// `?session_token=`.
-    pub fn token(head: &Head, url: &worker::Url) -> Option<String> {
+    pub fn token(head: &Head, url: &boundary::RequestUrl<'_>) -> Option<String> {
         gateway_shared::session::extract_token(
             head.get("authorization"),
             head.get("cookie"),
@@ -385,7 +385,7 @@ mod glue {
     pub async fn logout_tokens_of(
         req: &web_sys::Request,
         head: &Head,
-        url: &worker::Url,
+        url: &boundary::RequestUrl<'_>,
         limit: u64,
     ) -> Result<(LogoutTokens, crate::forward::Body), EdgeError> {
         let body = crate::forward::read_bounded(req, limit).await?;
