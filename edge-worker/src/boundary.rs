@@ -8,7 +8,9 @@
 //! edge cost more CPU per request than the same steps written in JS, with no single hot
 //! spot. So the hot path crosses in bulk instead:
 //!
-//! - a request's method, URL and every header come in as **one** string ([`Head`]);
+//! - a request's method, URL and every header come in as **one** string ([`Head`]), kept
+//!   whole and read through offsets; the URL's path and query are split from the
+//!   runtime's serialisation, not parsed again ([`RequestUrl`]);
 //! - the forwarded request's headers go out as **one** string, and the fetch, with its
 //!   header timeout (an `AbortController` and a timer), runs in JS: one promise to await,
 //!   no Rust timer closure and no `select` (`fetch_origin`); the assertion's signing
