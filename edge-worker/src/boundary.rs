@@ -96,11 +96,6 @@ impl Head {
         self.headers().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
-    /// The value of header `name`, owned.
-    pub fn get_owned(&self, name: &str) -> Option<String> {
-        self.get(name).map(str::to_owned)
-    }
-
     /// The status of a response head (0 if it is not a number).
     pub fn status(&self) -> u16 {
         self.first().parse().unwrap_or(0)
