@@ -1,12 +1,15 @@
 //! The request path, composed in one place: the two routers (public, internal) and the
 //! middleware stack, each handler module's router over its own substate of [`AppState`].
 //!
-//! Order of the public stack, outermost first: `connection: close` while draining (see
-//! `server`'s shutdown order) → request id (accept a sane client id or
-//! mint one, echo it back) → observation (`observe`: trace context, HTTP metrics, access
-//! log) → trace span (method, path without query: the query may carry
-//! a session token) → client address (`ratelimit::ClientIp`, through trusted proxies) → edge assertion (verify `x-gateway-assertion`, or refuse direct
-//! traffic when `REQUIRE_EDGE_ASSERTION`) → routes. Unknown routes are 404 and wrong methods 405, both JSON.
+//! Around the routes, one layer (`front`; a layer costs every request a boxed service
+//! clone and a boxed future, so the steps share one), in order: the request id (accept a
+//! sane client id or mint one, echo it back) → observation (`observe`: trace context, HTTP
+//! metrics, access log) → the trace span (method, path without query: the query may carry
+//! a session token) → on the public listener, the client address (`ratelimit::ClientIp`,
+//! through trusted proxies) and the edge assertion (verify `x-gateway-assertion`, or refuse
+//! direct traffic when `REQUIRE_EDGE_ASSERTION`) → routes; on the way out, `connection:
+//! close` while draining (see `server`'s shutdown order). Unknown routes are 404 and wrong
+//! methods 405, both JSON.
 //!
 //! Request limits, per route group (`REQUEST_TIMEOUT`, `MAX_INFLIGHT_REQUESTS`):
 //! - **Load shedding**: at most `max_inflight` requests per listener are being answered at
@@ -21,6 +24,7 @@
 //!   the caller is looked up or a byte of the body is read: GraphQL `graphql::MAX_BODY`,
 //!   auth `AUTH_BODY_LIMIT`, callbacks `CALLBACK_BODY_LIMIT`, `/noetl/*` `PROXY_MAX_BODY`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,15 +43,16 @@ use tower::timeout::TimeoutLayer;
 use tower::ServiceBuilder;
 use tracing::Instrument;
 
-use crate::auth::edge::{verify_assertion, EdgeTrust};
+use crate::auth::edge::EdgeTrust;
 use crate::error::AppError;
 use crate::observe::{observe, Listener};
-use crate::ratelimit::resolve_client_ip;
+use crate::ratelimit::{note_client_ip, TrustedProxies};
 use crate::state::AppState;
 use crate::{auth, callbacks, events, graphql, health, metrics, proxy, questions, service_events};
 
-/// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health. Layers, outermost
-/// last: request id → observation → trace span → client address → edge assertion → routes.
+/// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health, behind
+/// [`front`] (request id → observation → trace span → client address → edge assertion;
+/// draining).
 pub fn public_router(state: AppState) -> Router {
     let listener = Listener("public");
     let inflight = Arc::new(Semaphore::new(state.limits.max_inflight));
@@ -93,19 +98,15 @@ pub fn public_router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
-            EdgeTrust::from_ref(&state),
-            verify_assertion,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.trusted_proxies.clone(),
-            resolve_client_ip,
-        ))
-        .layer(middleware::from_fn(request_span))
-        .layer(middleware::from_fn_with_state(listener, observe))
-        .layer(middleware::from_fn(request_id))
-        .layer(middleware::from_fn_with_state(
-            state.readiness.clone(),
-            close_while_draining,
+            Front {
+                listener,
+                draining: state.readiness.draining.clone(),
+                admission: Some(Admission {
+                    trusted: state.trusted_proxies.clone(),
+                    edge: EdgeTrust::from_ref(&state),
+                }),
+            },
+            front,
         ))
 }
 
@@ -149,30 +150,94 @@ pub fn internal_router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(request_span))
-        .layer(middleware::from_fn_with_state(listener, observe))
-        .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn_with_state(
-            state.readiness.clone(),
-            close_while_draining,
+            Front {
+                listener,
+                draining: state.readiness.draining.clone(),
+                admission: None,
+            },
+            front,
         ))
 }
 
-/// While the replica drains (after SIGTERM, before its listeners close), every response
-/// says `connection: close`: a kept-alive client (the load balancer's pool, a CLI) opens
-/// its next connection to a replica that stays, instead of finding this one gone. An
-/// upgrade's `101` keeps its `connection: upgrade`.
-async fn close_while_draining(
-    State(readiness): State<health::Readiness>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let mut res = next.run(req).await;
-    if readiness.is_draining() && res.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
+/// Everything around the routes, as one layer for both listeners: a layer costs every
+/// request a clone of the boxed inner service, a boxed future and moves of the request,
+/// so the steps share one. In order:
+/// 1. **the request id**: a well-formed client `x-request-id` is kept (for end-to-end
+///    correlation; the shared rule the edge applies too), else a UUID is minted; it is set
+///    on the request for everything inside and echoed on the response;
+/// 2. **observation** (`observe`: trace context, HTTP metrics, access line) around
+/// 3. **the request's span** (method, path without query, request id: [`make_span`])
+///    around, on the public listener, **the client address** (`ratelimit::ClientIp`,
+///    through trusted proxies) and **the edge assertion** (`auth::edge::admit`: verified
+///    into the caller, or refused 401), then the routes;
+/// 4. **while the replica drains** (after SIGTERM, before its listeners close), every
+///    response says `connection: close`: a kept-alive client (the load balancer's pool, a
+///    CLI) opens its next connection to a replica that stays, instead of finding this one
+///    gone. An upgrade's `101` keeps its `connection: upgrade`.
+async fn front(State(front): State<Front>, mut req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    req.headers_mut().insert("x-request-id", id.clone());
+    let Front {
+        listener,
+        draining,
+        admission,
+    } = front;
+    let mut res = observe(listener, req, |mut req| async move {
+        // Made once polled, inside observation's exported span: its parent.
+        let span = make_span(&req);
+        async move {
+            if let Some(admission) = admission {
+                note_client_ip(&admission.trusted, &mut req);
+                if let Err(refused) = auth::edge::admit(&admission.edge, &mut req) {
+                    return refused.into_response();
+                }
+            }
+            next.run(req).await
+        }
+        .instrument(span)
+        .await
+    })
+    .await;
+    res.headers_mut().insert("x-request-id", id);
+    if draining.load(Ordering::Relaxed)
+        && res.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS
+    {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     res
+}
+
+/// What [`front`] needs: the listener (its metrics label), the replica's draining flag
+/// (`health::Readiness::draining`, not the whole `Readiness`: the layer clones this per
+/// request), and on the public listener what admits a request.
+#[derive(Clone)]
+struct Front {
+    listener: Listener,
+    draining: Arc<AtomicBool>,
+    admission: Option<Admission>,
+}
+
+/// The client's well-formed `x-request-id`, else a minted UUID (v4, from the thread's
+/// generator: no system call per request).
+fn request_id(req: &Request) -> HeaderValue {
+    if let Some(v) = req.headers().get("x-request-id") {
+        if v.to_str().is_ok_and(accept_client_request_id) {
+            return v.clone();
+        }
+    }
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+        .expect("a UUID is a valid header value")
+}
+
+/// What admits a request on the public listener: whose address it is, and the edge's key.
+#[derive(Clone)]
+struct Admission {
+    trusted: TrustedProxies,
+    edge: EdgeTrust,
 }
 
 /// `routes` with load shedding over `inflight` (shared by a listener's route groups) and,
@@ -249,18 +314,12 @@ async fn method_not_allowed() -> AppError {
     AppError::MethodNotAllowed
 }
 
-/// Runs the handler inside the request's span (method, path, request id), so every log
-/// line of the request carries them. Only the handler, not the response body: wrapping
-/// the body (as tower-http's `TraceLayer` did) boxed ~120 bytes more for every open SSE
-/// stream and did work on every proxied chunk, for debug events nobody enabled; the
-/// access line (`observe`) has the status and the duration.
-async fn request_span(req: Request, next: Next) -> Response {
-    let span = make_span(&req);
-    next.run(req).instrument(span).await
-}
-
 /// A span per request with the method and the path only: query strings can carry
-/// `session_token` (EventSource compat) and must never reach a log line.
+/// `session_token` (EventSource compat) and must never reach a log line. It covers the
+/// handler, not the response body: wrapping the body (as tower-http's `TraceLayer` did)
+/// boxed ~120 bytes more for every open SSE stream and did work on every proxied chunk,
+/// for debug events nobody enabled; the access line (`observe`) has the status and the
+/// duration.
 fn make_span(req: &Request) -> tracing::Span {
     let request_id = req
         .headers()
@@ -268,24 +327,6 @@ fn make_span(req: &Request) -> tracing::Span {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
-}
-
-/// Keeps a well-formed client `x-request-id` (for end-to-end correlation; the shared rule
-/// the edge applies too) or mints a UUID, and echoes it on the response.
-async fn request_id(mut req: Request, next: Next) -> Response {
-    let supplied = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| accept_client_request_id(v))
-        .map(str::to_owned);
-    let id = supplied.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let value =
-        HeaderValue::from_str(&id).expect("request ids are checked or minted as visible ASCII");
-    req.headers_mut().insert("x-request-id", value.clone());
-    let mut resp = next.run(req).await;
-    resp.headers_mut().insert("x-request-id", value);
-    resp
 }
 
 #[cfg(test)]
@@ -370,5 +411,28 @@ mod tests {
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(body["error"]["code"], "request_timeout");
         assert_eq!(call(&app, "/fast").await.0, StatusCode::OK);
+    }
+
+    #[test]
+    fn a_well_formed_client_request_id_is_kept_and_anything_else_is_replaced_by_a_uuid() {
+        let with = |id: Option<&str>| {
+            let mut req = Request::new(Body::empty());
+            if let Some(id) = id {
+                req.headers_mut()
+                    .insert("x-request-id", HeaderValue::from_str(id).unwrap());
+            }
+            request_id(&req).to_str().unwrap().to_owned()
+        };
+        assert_eq!(with(Some("client-abc.1:2")), "client-abc.1:2");
+        let minted: Vec<String> = [None, Some("has space"), Some(&"x".repeat(300))]
+            .into_iter()
+            .map(with)
+            .collect();
+        for id in &minted {
+            let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 4, "{id}");
+            assert_eq!(id, &uuid.hyphenated().to_string(), "lower-case, hyphenated");
+        }
+        assert_ne!(minted[0], minted[1], "each minted id is new");
     }
 }

@@ -1,7 +1,7 @@
 //! Per-request observation: the W3C trace context, the HTTP metrics and the access log.
 //!
-//! One middleware ([`observe`]) on both routers, inside the request-id one (so the id is
-//! settled) and around everything else. Because it is a router layer, the listener's lean
+//! One step ([`observe`]) of both routers' one layer (`crate::app`'s `front`), after the
+//! request id is settled and around everything else. Because it is a router layer, the listener's lean
 //! `GET /events` path — which runs the request through the same router — is observed
 //! like any other request. For each request it:
 //! - **continues the trace**: a valid incoming `traceparent` (the edge forwards the
@@ -25,10 +25,10 @@
 //! gets an exported span whose ids are the ones above.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
 use gateway_shared::trace::{TraceParent, FLAG_SAMPLED};
 use http::{header, HeaderValue, Method};
@@ -167,12 +167,16 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// The middleware (see the module docs).
-pub async fn observe(
-    State(Listener(listener)): State<Listener>,
+/// Observes one request (see the module docs) while `inner` answers it, inside the
+/// request's trace context ([`current`]) and its exported span.
+pub async fn observe<F>(
+    Listener(listener): Listener,
     req: Request,
-    next: Next,
-) -> Response {
+    inner: impl FnOnce(Request) -> F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     let started = Instant::now();
     let route: Cow<'static, str> = match req.extensions().get::<MatchedPath>() {
         Some(p) => Cow::Owned(p.as_str().to_owned()),
@@ -236,7 +240,7 @@ pub async fn observe(
     let request_span = span.clone();
     let resp = CURRENT
         .scope(ctx, async move {
-            let resp = next.run(req).instrument(request_span).await;
+            let resp = inner(req).instrument(request_span).await;
             let took = started.elapsed();
             if access {
                 with_current(|c| {

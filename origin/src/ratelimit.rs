@@ -11,7 +11,7 @@
 //! spreading clients evenly, the effective limit is N × replicas. They protect capacity —
 //! NoETL, the playbook runtime, the realtime fan-out — they are not an authorisation check.
 //!
-//! **Who the client is** ([`ClientIp`], resolved once per request by [`resolve_client_ip`]):
+//! **Who the client is** ([`ClientIp`], resolved once per request by [`note_client_ip`]):
 //! the connection's peer, unless the peer is a configured trusted proxy
 //! (`TRUSTED_PROXIES`, CIDRs: the GKE load balancer's ranges, the edge's egress, an
 //! ingress). Then `x-forwarded-for` is read from the right, skipping trusted hops; the
@@ -31,11 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
-use axum::middleware::Next;
-use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -276,7 +274,7 @@ impl TrustedProxies {
 }
 
 /// The client's address for this request, as [`TrustedProxies::client_ip`] resolved it
-/// (put in the request's extensions by [`resolve_client_ip`]).
+/// (put in the request's extensions by [`note_client_ip`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
 
@@ -287,17 +285,13 @@ impl ClientIp {
     }
 }
 
-/// Middleware: resolves [`ClientIp`] once, before anything else reads it.
-pub async fn resolve_client_ip(
-    State(trusted): State<TrustedProxies>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// Resolves [`ClientIp`] once, before anything else reads it (`crate::app`'s `admit`
+/// layer, before every route of the public listener).
+pub fn note_client_ip(trusted: &TrustedProxies, req: &mut Request) {
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
         let ip = trusted.client_ip(peer.ip(), req.headers());
         req.extensions_mut().insert(ClientIp(ip));
     }
-    next.run(req).await
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientIp {

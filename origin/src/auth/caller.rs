@@ -6,7 +6,7 @@
 //! (`/graphql/ws`). A caller is decided from, in this order:
 //!
 //! 1. a verified edge assertion ([`EdgeIdentity`], put in the request's extensions by
-//!    [`super::edge::verify_assertion`]): an assertion is bound to its session — a token
+//!    [`super::edge::admit`]): an assertion is bound to its session — a token
 //!    alongside it must hash to the assertion's `sid`, so an assertion cannot lend its
 //!    identity to another token — and its session must not be revoked (the replica's
 //!    in-memory set); with the token alongside, NoETL is asked again at most once per

@@ -1,4 +1,4 @@
-//! Trusting the edge: the `x-gateway-assertion` middleware.
+//! Trusting the edge: the `x-gateway-assertion` check.
 //!
 //! The edge validates a session once and forwards the request with a short-lived EdDSA
 //! assertion of the caller (`gateway_shared::assertion`). Here the origin checks it with
@@ -13,9 +13,7 @@
 //! - `REQUIRE_EDGE_ASSERTION=true` → public-listener traffic without a valid assertion is
 //!   refused (except `/health` and `/ready`, which probes call directly).
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::Request;
 use gateway_shared::assertion::{self, AssertionClaims, PublicKey};
 
 use super::session::now_unix;
@@ -45,12 +43,10 @@ impl EdgeTrust {
     }
 }
 
-/// The middleware (public listener).
-pub async fn verify_assertion(
-    State(trust): State<EdgeTrust>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// The check (public listener; `crate::app`'s `admit` layer runs it before every route):
+/// a verified assertion becomes [`EdgeIdentity`] in the request's extensions, and the
+/// header never reaches a handler; `Err` is the refusal to answer instead (401 JSON).
+pub fn admit(trust: &EdgeTrust, req: &mut Request) -> Result<(), AppError> {
     let header = req
         .headers_mut()
         .remove(assertion::HEADER)
@@ -63,21 +59,22 @@ pub async fn verify_assertion(
             }
             Err(e) => {
                 tracing::warn!(reason = e.code(), "edge assertion refused");
-                return AppError::unauthorized(e.code(), "the edge assertion does not verify")
-                    .into_response();
+                return Err(AppError::unauthorized(
+                    e.code(),
+                    "the edge assertion does not verify",
+                ));
             }
         },
         (None, Some(_)) => {
             tracing::debug!("x-gateway-assertion ignored: no EDGE_ASSERTION_PUBLIC_KEY")
         }
         (_, None) if trust.required && !exempt => {
-            return AppError::unauthorized(
+            return Err(AppError::unauthorized(
                 "edge_assertion_required",
                 "this origin only serves requests that come through the edge",
-            )
-            .into_response();
+            ));
         }
         _ => {}
     }
-    next.run(req).await
+    Ok(())
 }
