@@ -1,9 +1,9 @@
 //! Per-request observation: the W3C trace context, the HTTP metrics and the access log.
 //!
 //! One step ([`observe`]) of both routers' one layer (`crate::app`'s `front`), after the
-//! request id is settled and around everything else. Because it is a router layer, the listener's lean
-//! `GET /events` path — which runs the request through the same router — is observed
-//! like any other request. For each request it:
+//! request id is settled and around everything else. Because it is in a router layer, the
+//! listener's lean `GET /events` path — which runs the request through the same router —
+//! is observed like any other request. For each request it:
 //! - **continues the trace**: a valid incoming `traceparent` (the edge forwards the
 //!   client's, or mints one) gives the trace id and the parent; without one, or with an
 //!   invalid one, the origin starts a trace. The origin's own span gets a fresh span id.
@@ -112,7 +112,7 @@ fn nonzero_id<const N: usize>() -> [u8; N] {
 /// What the request being answered is, for the code that answers it.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
-    /// The request's `x-request-id` (accepted or minted by the request-id middleware).
+    /// The request's `x-request-id` (accepted or minted by `crate::app`'s `front` layer).
     pub request_id: String,
     /// The origin's span of the request's trace.
     pub trace: TraceContext,

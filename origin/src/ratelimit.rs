@@ -285,7 +285,7 @@ impl ClientIp {
     }
 }
 
-/// Resolves [`ClientIp`] once, before anything else reads it (`crate::app`'s `admit`
+/// Resolves [`ClientIp`] once, before anything else reads it (`crate::app`'s `front`
 /// layer, before every route of the public listener).
 pub fn note_client_ip(trusted: &TrustedProxies, req: &mut Request) {
     if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {

@@ -43,7 +43,7 @@ impl EdgeTrust {
     }
 }
 
-/// The check (public listener; `crate::app`'s `admit` layer runs it before every route):
+/// The check (public listener; `crate::app`'s `front` layer runs it before every route):
 /// a verified assertion becomes [`EdgeIdentity`] in the request's extensions, and the
 /// header never reaches a handler; `Err` is the refusal to answer instead (401 JSON).
 pub fn admit(trust: &EdgeTrust, req: &mut Request) -> Result<(), AppError> {
