@@ -51,7 +51,7 @@ use crate::state::AppState;
 use crate::{auth, callbacks, events, graphql, health, metrics, proxy, questions, service_events};
 
 /// The public listener's routes: auth, GraphQL, SSE, `/noetl/*`, health, behind
-/// [`front`] (request id → observation → trace span → client address → edge assertion;
+/// `front` (request id → observation → trace span → client address → edge assertion;
 /// draining).
 pub fn public_router(state: AppState) -> Router {
     let listener = Listener("public");
