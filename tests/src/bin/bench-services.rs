@@ -12,6 +12,11 @@
 //!   requests per keep-alive connection (nginx closes one after 1000 by default), access log
 //!   off, `worker_processes` = `--nginx-workers` (default: one per core, as the origin's
 //!   tokio runtime has one worker thread per core);
+//! - **stack floor** — `floor-proxy` (tests/src/bin/floor-proxy.rs): hyper's server and
+//!   the origin's own upstream pool on the origin's runtime and allocator, forwarding
+//!   everything with none of the gateway's steps. What any proxy on this stack pays
+//!   before doing anything of its own: with nginx's row it says how close to nginx the
+//!   gateway could get by trimming its own steps alone;
 //! - **gateway, memory store** and **gateway, NATS K/V** — an origin with
 //!   `SERVICE_DEMO_URL` = the demo and `SERVICE_DEMO_ALLOW="GET /echo,POST /ask"`, sent
 //!   `GET /api/v1/demo/echo` with `Authorization: Bearer <session>`: the session check (a
@@ -46,6 +51,7 @@
 //! Usage: `bench-services [--rounds 3] [--secs 8] [--warmup-secs 4] [--conns 32,128]
 //! [--nginx-workers N] [--questions 200]`.
 
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +66,9 @@ use gateway_tests::harness::flows;
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
+use gateway_tests::harness::{
+    free_port, listener_owned_by, scratch_dir, wait_until_ok, workspace_bin, ChildGuard,
+};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
@@ -93,15 +102,17 @@ const GOAL_RATE: f64 = 0.9;
 enum Kind {
     Direct,
     Nginx,
+    Floor,
     Memory,
     Nats,
     Validate,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::Direct,
         Kind::Nginx,
+        Kind::Floor,
         Kind::Memory,
         Kind::Nats,
         Kind::Validate,
@@ -111,6 +122,7 @@ impl Kind {
         match self {
             Kind::Direct => "upstream direct (floor)",
             Kind::Nginx => "nginx",
+            Kind::Floor => "stack floor (hyper + pool)",
             Kind::Memory => "gateway, memory store",
             Kind::Nats => "gateway, NATS K/V",
             Kind::Validate => "origin, session check alone",
@@ -153,10 +165,41 @@ async fn start_nginx(upstream: &str, workers: usize) -> anyhow::Result<Nginx> {
     .await
 }
 
+/// `floor-proxy` in front of the demo, on a port of its own (see the module docs).
+struct Floor {
+    guard: ChildGuard,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_floor(upstream: &str) -> anyhow::Result<Floor> {
+    let dir = scratch_dir("gw-floor-");
+    for _ in 0..3 {
+        let port = free_port();
+        let mut cmd = Command::new(workspace_bin("floor-proxy"));
+        cmd.env_clear()
+            .args(["--port", &port.to_string(), "--upstream", upstream]);
+        let mut guard = ChildGuard::spawn("floor-proxy", cmd, dir.path().join("floor.log"))?;
+        let url = format!("http://127.0.0.1:{port}");
+        let up = wait_until_ok(&format!("{url}/echo"), Duration::from_secs(30)).await;
+        // Another process may have taken the port first: only a listener we own counts.
+        if up.is_ok() && listener_owned_by(port, &[guard.pid()]) {
+            return Ok(Floor {
+                guard,
+                url,
+                _dir: dir,
+            });
+        }
+        guard.stop(Duration::from_secs(2));
+    }
+    anyhow::bail!("floor-proxy did not start on a port of its own")
+}
+
 /// Everything one window is measured against.
 struct Stack {
     demo: DemoService,
     nginx: Nginx,
+    floor: Floor,
     memory: Origin,
     nats_origin: Origin,
     nats: NatsServer,
@@ -169,6 +212,7 @@ impl Stack {
         match kind {
             Kind::Direct => (&self.demo.url, "/echo"),
             Kind::Nginx => (&self.nginx.url, "/echo"),
+            Kind::Floor => (&self.floor.url, "/echo"),
             Kind::Memory => (&self.memory.url, "/api/v1/demo/echo"),
             Kind::Nats => (&self.nats_origin.url, "/api/v1/demo/echo"),
             Kind::Validate => (&self.memory.url, "/api/auth/validate"),
@@ -200,6 +244,7 @@ impl Stack {
         match kind {
             Kind::Direct => Vec::new(),
             Kind::Nginx => self.nginx.pids(),
+            Kind::Floor => vec![self.floor.guard.pid()],
             Kind::Memory | Kind::Validate => vec![self.memory.guard().pid()],
             Kind::Nats => vec![self.nats_origin.guard().pid(), self.nats.guard().pid()],
         }
@@ -267,7 +312,13 @@ fn loadavg() -> String {
 async fn preflight(stack: &Stack) -> anyhow::Result<Vec<(usize, String)>> {
     let http = flows::http();
     let mut seen = Vec::new();
-    for kind in [Kind::Direct, Kind::Nginx, Kind::Memory, Kind::Nats] {
+    for kind in [
+        Kind::Direct,
+        Kind::Nginx,
+        Kind::Floor,
+        Kind::Memory,
+        Kind::Nats,
+    ] {
         let (base, path) = stack.base(kind);
         let resp = http
             .get(format!("{base}{path}"))
@@ -320,7 +371,7 @@ async fn proxy_figure(stack: &mut Stack, args: &Args, workers: usize) -> anyhow:
     let seen = preflight(stack).await?;
     let sizes: Vec<String> = seen.iter().map(|(n, _)| n.to_string()).collect();
     println!(
-        "checks: all four answer 200 with the echo ({} bytes); through the gateway the identity headers are set and the bearer is not passed on",
+        "checks: all five answer 200 with the echo ({} bytes); through the gateway the identity headers are set and the bearer is not passed on",
         sizes.join(" / ")
     );
     let framing: Vec<&str> = seen.iter().map(|(_, f)| f.as_str()).collect();
@@ -586,9 +637,11 @@ async fn main() -> anyhow::Result<()> {
     let memory_token = flows::login(&memory.url, &standin, EMAIL).await;
     let nats_token = flows::login(&nats_origin.url, &standin, EMAIL).await;
     let nginx = start_nginx(&demo.url, workers).await?;
+    let floor = start_floor(&demo.url).await?;
     let mut stack = Stack {
         demo,
         nginx,
+        floor,
         memory,
         nats_origin,
         nats,
