@@ -183,9 +183,10 @@ async fn front(State(front): State<Front>, mut req: Request, next: Next) -> Resp
         draining,
         admission,
     } = front;
-    let mut res = observe(listener, req, |mut req| async move {
+    let request_id = id.to_str().unwrap_or_default();
+    let mut res = observe(listener, request_id, req, |mut req| async move {
         // Made once polled, inside observation's exported span: its parent.
-        let span = make_span(&req);
+        let span = make_span(&req, request_id);
         async move {
             if let Some(admission) = admission {
                 note_client_ip(&admission.trusted, &mut req);
@@ -320,12 +321,7 @@ async fn method_not_allowed() -> AppError {
 /// boxed ~120 bytes more for every open SSE stream and did work on every proxied chunk,
 /// for debug events nobody enabled; the access line (`observe`) has the status and the
 /// duration.
-fn make_span(req: &Request) -> tracing::Span {
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+fn make_span(req: &Request, request_id: &str) -> tracing::Span {
     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
 }
 

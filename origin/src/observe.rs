@@ -168,9 +168,11 @@ fn method_label(m: &Method) -> &'static str {
 }
 
 /// Observes one request (see the module docs) while `inner` answers it, inside the
-/// request's trace context ([`current`]) and its exported span.
+/// request's trace context ([`current`]) and its exported span. `request_id` is the id
+/// already settled for it (and set as its `x-request-id`), passed rather than read back.
 pub async fn observe<F>(
     Listener(listener): Listener,
+    request_id: &str,
     req: Request,
     inner: impl FnOnce(Request) -> F,
 ) -> Response
@@ -183,12 +185,7 @@ where
         None => Cow::Borrowed("unmatched"),
     };
     let method = method_label(req.method());
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let request_id = request_id.to_owned();
     let parent = req
         .headers()
         .get(TRACEPARENT)
