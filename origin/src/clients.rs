@@ -78,10 +78,15 @@ impl ClientRecord {
     }
 }
 
+/// A new client id (a random UUID), not stored anywhere yet: nobody else can know it
+/// until [`create_bounded_as`] writes its record.
+pub fn new_id() -> ClientId {
+    ClientId::parse(&uuid::Uuid::new_v4().to_string()).expect("a UUID is a valid client id")
+}
+
 /// Creates a new client id owned by `user_id`.
 pub async fn create(kv: &dyn KvStore, user_id: &str) -> Result<ClientId, StoreError> {
-    let id =
-        ClientId::parse(&uuid::Uuid::new_v4().to_string()).expect("a UUID is a valid client id");
+    let id = new_id();
     save(kv, &id, &ClientRecord::new(user_id)).await?;
     Ok(id)
 }
@@ -230,13 +235,26 @@ pub async fn create_bounded(
     user_id: &str,
     max: usize,
 ) -> Result<ClientId, CreateError> {
+    let id = new_id();
+    create_bounded_as(kv, user_id, max, &id).await?;
+    Ok(id)
+}
+
+/// [`create_bounded`] for an id the caller made with [`new_id`] (the SSE handler
+/// subscribes to it first, so nothing published for it can be missed).
+pub async fn create_bounded_as(
+    kv: &dyn KvStore,
+    user_id: &str,
+    max: usize,
+    id: &ClientId,
+) -> Result<(), CreateError> {
     if max == 0 {
-        return Ok(create(kv, user_id).await?);
+        return Ok(save(kv, id, &ClientRecord::new(user_id)).await?);
     }
     let index = make_room(kv, user_id, max).await?;
-    let id = create(kv, user_id).await?;
-    add_to_index(kv, user_id, index, &id).await?;
-    Ok(id)
+    save(kv, id, &ClientRecord::new(user_id)).await?;
+    add_to_index(kv, user_id, index, id).await?;
+    Ok(())
 }
 
 /// Why [`claim`] gave the caller no client.

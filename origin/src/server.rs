@@ -255,6 +255,10 @@ async fn build(
             if let Some(n) = config.nats_replicas {
                 let frames = [crate::bus::nats::DEFAULT_STREAM_NAME.to_owned()];
                 crate::store::nats::ensure_replicas(client, &frames, n).await;
+                // Reads follow the replicas it has now (direct gets on one replica only).
+                if let Err(e) = bus.recheck_stream().await {
+                    tracing::warn!(error = %e, "NATS frames stream not read again after NATS_REPLICAS; reads follow it from the router's next start");
+                }
             }
             Arc::new(bus)
         }

@@ -151,6 +151,7 @@ conformance!(
     a_resume_replays_only_frames_after_its_id_without_a_reset with LONG,
     a_resume_from_the_newest_id_is_not_a_reset_and_waits_for_live_frames with LONG,
     a_live_start_replays_nothing_and_delivers_what_comes_next with LONG,
+    a_new_client_subscribed_before_anyone_knows_it_gets_every_frame_from_its_first with LONG,
     an_id_the_bus_never_issued_resets_to_the_oldest_retained_frame with LONG,
     frames_beyond_the_per_client_limit_are_dropped_oldest_first_and_a_resume_before_them_resets with BY_COUNT,
     frames_older_than_max_age_are_not_replayed_and_a_resume_before_them_resets with BY_AGE,
@@ -327,6 +328,41 @@ async fn a_live_start_replays_nothing_and_delivers_what_comes_next(
     let first = bus.publish(&cid("fresh"), "e", b("first")).await?;
     assert_eq!(next_frame(&mut fresh).await?, frame(first, "e", "first"));
     Ok(())
+}
+
+/// `Unseen`: the SSE handler subscribes to a client id it has just made before storing it
+/// anywhere, so the bus reads nothing back; what two publishers send the moment the
+/// subscription exists (a callback racing the open) all arrives, in order, once.
+async fn a_new_client_subscribed_before_anyone_knows_it_gets_every_frame_from_its_first(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let bus = &s.bus;
+    publish_interleaved(&**bus, &["other"], 3).await?;
+    let id = origin::clients::new_id();
+    let mut sub = bus.subscribe(&id, StartAt::Unseen).await?;
+    assert!(!sub.reset);
+    let publishers: Vec<_> = (0..2)
+        .map(|p| {
+            let (bus, id) = (Arc::clone(bus), id.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..20 {
+                    ids.push(
+                        bus.publish(&id, "e", Bytes::from(format!("p{p}-{i}")))
+                            .await?,
+                    );
+                }
+                anyhow::Ok(ids)
+            })
+        })
+        .collect();
+    let mut published = Vec::new();
+    for p in publishers {
+        published.extend(p.await??);
+    }
+    published.sort_unstable();
+    assert_eq!(next_ids(&mut sub, published.len()).await?, published);
+    s.assert_quiet(&mut sub).await
 }
 
 async fn an_id_the_bus_never_issued_resets_to_the_oldest_retained_frame(
@@ -564,7 +600,9 @@ async fn publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate(
         let from = match start {
             StartAt::Retained => 0,
             StartAt::After(n) => n,
-            StartAt::Live => unreachable!("the readers start from retained frames or an id"),
+            StartAt::Live | StartAt::Unseen => {
+                unreachable!("the readers start from retained frames or an id")
+            }
         };
         let expected: Vec<_> = all.iter().filter(|(id, _)| *id > from).cloned().collect();
         let got: Vec<_> = got.into_iter().map(|f| (f.id, f.data)).collect();
@@ -1247,11 +1285,13 @@ mod nats_only {
         assert_eq!(config.max_age, Duration::from_secs(30));
         assert_eq!(config.max_messages_per_subject, 3);
         // Except for the runs' subjects, added in place (a stream of the version before
-        // run broadcast): a run's frame now reaches its watcher.
+        // run broadcast): a run's frame now reaches its watcher. And direct gets, which
+        // the reads use (a stream of the version before them).
         assert_eq!(
             config.subjects,
             ["gateway.clients.>", "gateway.executions.>"]
         );
+        assert!(config.allow_direct);
         let run = eid("9001");
         let mut watcher = bus
             .subscribe_with(&cid("w"), StartAt::Live, std::slice::from_ref(&run))

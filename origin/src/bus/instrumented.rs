@@ -110,7 +110,7 @@ impl Bus for InstrumentedBus {
         let t = Instant::now();
         let r = self.inner.subscribe_with(client_id, start, watching).await;
         let op = match start {
-            StartAt::Live => "subscribe",
+            StartAt::Live | StartAt::Unseen => "subscribe",
             StartAt::Retained | StartAt::After(_) => "replay",
         };
         metrics::global().observe_bus(op, outcome(&r), t.elapsed());

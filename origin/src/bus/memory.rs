@@ -319,7 +319,7 @@ impl State {
         let client = &self.clients[client_id];
         let logs = || std::iter::once(client).chain(runs.iter().copied());
         let reset = match start {
-            StartAt::Retained | StartAt::Live => false,
+            StartAt::Retained | StartAt::Live | StartAt::Unseen => false,
             StartAt::After(n) => logs().any(|log| needs_reset(n, last_id, forgotten, log)),
         };
         let after = match start {

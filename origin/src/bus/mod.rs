@@ -83,6 +83,12 @@ pub enum StartAt {
     /// Only frames published from now on: nothing is replayed (a resume over the
     /// user's replay limit, `quotas.rs`; the stream says `stream/reset` first).
     Live,
+    /// A client id the caller has just made ([`crate::clients::new_id`]) and stored
+    /// nowhere yet: nothing can have been published for it, so nothing is read back. The
+    /// caller subscribes before it stores the id, which is what makes that hold; every
+    /// frame from then on is delivered, like [`StartAt::Retained`]. Watching runs is
+    /// [`StartAt::Retained`] (their frames predate the client).
+    Unseen,
 }
 
 /// A client's frames: replayed ones first, then live ones, in id order, none twice.

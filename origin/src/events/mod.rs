@@ -517,7 +517,7 @@ async fn open_stream(
     // The runs the client follows (issue 16, broadcast) are merged into its stream: read
     // beside the claim (one round trip, not two), used only once the claim proved the
     // client the caller's. A new client follows none yet.
-    let (client_id, record, requested, resumed, fresh_reset, watched) = match plan {
+    let (client_id, record, requested, resumed, fresh_reset, watched, subscribed) = match plan {
         Plan::Named { id, start } => {
             let (claimed, watched) = tokio::join!(
                 clients::claim(kv, &user.user_id, state.quotas.max_clients, &id),
@@ -533,12 +533,38 @@ async fn open_stream(
             } else {
                 Vec::new()
             };
-            (id, claimed.record, start, claimed.existed, false, watched)
+            (
+                id,
+                claimed.record,
+                start,
+                claimed.existed,
+                false,
+                watched,
+                None,
+            )
         }
         Plan::Fresh { reset } => {
-            let id = clients::create_bounded(kv, &user.user_id, state.quotas.max_clients).await?;
+            // Subscribed before the id is stored anywhere (record, user index): nothing can
+            // have been published for it, so the bus reads nothing back (`StartAt::Unseen`).
+            // The record and the presence marker are then written together.
+            let id = clients::new_id();
+            let sub = subscribe(&state, &id, StartAt::Unseen, &[]).await?;
+            let (created, present) = tokio::join!(
+                clients::create_bounded_as(kv, &user.user_id, state.quotas.max_clients, &id),
+                clients::mark_present(kv, &id)
+            );
+            created?;
+            note_presence(present);
             let record = clients::ClientRecord::new(&user.user_id);
-            (id, record, StartAt::Retained, false, reset, Vec::new())
+            (
+                id,
+                record,
+                StartAt::Retained,
+                false,
+                reset,
+                Vec::new(),
+                Some(sub),
+            )
         }
     };
     // A resumed client may have up to FRAME_RETENTION_PER_CLIENT frames to replay; a new
@@ -554,20 +580,15 @@ async fn open_stream(
     // together. A marker written for a subscription that then failed is left to expire
     // (`PRESENCE_TTL`): it only turns a callback's 202 `queued` into 200 meanwhile, and
     // another stream of the client may be open elsewhere, so taking it back could be wrong.
-    let (sub, present) = tokio::join!(
-        state.bus.subscribe_with(&client_id, start, &watched),
-        clients::mark_present(kv, &client_id)
-    );
-    if let Err(e) = present {
-        tracing::warn!(error = %e, "presence not recorded");
-    }
-    let sub = match sub {
-        Ok(sub) => sub,
-        Err(e) => {
-            return Err(AppError::Unavailable {
-                code: "bus_unavailable",
-                message: format!("cannot open the event stream: {e}"),
-            });
+    let sub = match subscribed {
+        Some(sub) => sub,
+        None => {
+            let (sub, present) = tokio::join!(
+                subscribe(&state, &client_id, start, &watched),
+                clients::mark_present(kv, &client_id)
+            );
+            note_presence(present);
+            sub?
         }
     };
     tracing::info!(client = %client_id, user = %user.user_id, ?start, reset = sub.reset, resumed, "event stream opened");
@@ -629,6 +650,31 @@ async fn open_stream(
     );
     body.dialect = dialect;
     Ok(event_stream_response(Body::new(body)))
+}
+
+/// The client's frames from `start`, or 503 `bus_unavailable`.
+async fn subscribe(
+    state: &EventsState,
+    client_id: &ClientId,
+    start: StartAt,
+    watched: &[gateway_shared::ids::ExecutionId],
+) -> Result<crate::bus::Subscription, AppError> {
+    state
+        .bus
+        .subscribe_with(client_id, start, watched)
+        .await
+        .map_err(|e| AppError::Unavailable {
+            code: "bus_unavailable",
+            message: format!("cannot open the event stream: {e}"),
+        })
+}
+
+/// A failed presence write is logged, not fatal: it only turns a callback's 200
+/// `delivered` into 202 `queued` until a later ping of the stream writes it.
+fn note_presence(written: Result<(), crate::store::StoreError>) {
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "presence not recorded");
+    }
 }
 
 /// The response body: frames from the bus written as they come, `ping` frames and `:`

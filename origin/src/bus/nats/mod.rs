@@ -14,8 +14,8 @@
 //!   subject is held to it too). An existing stream is used as it is: differences are
 //!   reported (`tracing::warn!` and [`NatsBus::config_mismatches`]), never changed behind the
 //!   operator's back — except that a stream without the runs' subjects (made before run
-//!   broadcast) gets them added in place. Replicas are the server's default (1); create the
-//!   stream beforehand for R3.
+//!   broadcast) or without direct gets (made before `reader`) gets them added in place.
+//!   Replicas are the server's default (1); `NATS_REPLICAS` changes them.
 //! - **Frame id = stream sequence.** It is what the publish ack returns, strictly increases
 //!   per client (not contiguously: the sequence is shared by all clients), and lets any
 //!   replica find "frames after `Last-Event-ID`" in the stream.
@@ -44,7 +44,7 @@
 //! - **subscribe** = (1) register with the router, for the client and each watched run
 //!   (the router must be running: a replica whose consumer is down refuses subscriptions as
 //!   unavailable); (2) read the stream from the start point with "first message on this
-//!   subject from sequence s" (the stream leader's `STREAM.MSG.GET`) until there is none;
+//!   subject from sequence s" (`reader`) until there is none;
 //!   (3) take routed frames, skipping any not above the last id yielded. A frame the router
 //!   handles after (1) is routed to the subscription; one it handled before was stored
 //!   before (1), so the reads in (2) find it — no gap, and the id check removes the overlap.
@@ -55,9 +55,13 @@
 //!   A `gw/watch` frame met in the reads adds its run (registering it if the router had
 //!   not: it handled the frame before (1)) and moves the mark to the stream's end.
 //!   Reads instead of a consumer per client: a reconnect storm (a replica restarting) then
-//!   costs cheap leader reads rather than thousands of consumer creations through the
-//!   cluster's meta leader, and the common resume ("nothing missed") is one read plus one
-//!   `STREAM.INFO`. A replay costs about one read per frame (bounded by retention).
+//!   costs cheap reads rather than thousands of consumer creations through the cluster's
+//!   meta leader, and the common resume ("nothing missed") is one read plus one
+//!   `STREAM.INFO`. A replay costs about one read per frame (bounded by retention). A
+//!   read is a direct get while the stream has one replica, the leader's `STREAM.MSG.GET`
+//!   when it is replicated (`reader`: read-after-write). A new client subscribed before
+//!   its id is stored anywhere ([`StartAt::Unseen`]) reads nothing: no frame can precede
+//!   the registration.
 //! - **Nothing owed is skipped.** A frame can leave the stream before the router saw it
 //!   only by retention (a subject at `max_messages_per_subject`, or age). While the stream
 //!   holds exactly the two subject trees its sequence has no holes other than deleted
@@ -104,13 +108,14 @@
 //! and the reconnect watcher); `replay` a subscription's reads of the stream (its start
 //! point and reset, catch-up, the drop checks).
 
+mod reader;
 mod replay;
 mod router;
 mod stream;
 
 use super::{Bus, BusError, Retention, StartAt, Subscription, WATCH_EVENT};
 use async_nats::connection::State;
-use async_nats::jetstream::{self, stream as js};
+use async_nats::jetstream;
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -122,6 +127,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use reader::Reader;
 use replay::{start_point, Feed};
 pub use router::LIVE_BACKLOG;
 use router::{watch_connects, Registration, Router, RouterTask};
@@ -153,9 +159,8 @@ pub(super) const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NatsBus {
     client: Client,
     js: jetstream::Context,
-    /// One handle for every subscription's reads ([`replay::Feed`] holds a clone of the
-    /// `Arc`).
-    stream: Arc<js::Stream<()>>,
+    /// One reader for every subscription ([`replay::Feed`] holds a clone of the `Arc`).
+    reader: Arc<Reader>,
     name: String,
     mismatches: Vec<String>,
     shared: Arc<Shared>,
@@ -256,19 +261,25 @@ impl NatsBus {
                 },
             },
         };
-        // A stream of the version before run broadcast holds only the clients' subjects:
-        // the runs' are added in place (nothing else changes; frames stay).
+        // A stream made by an earlier version is brought up to date in place (nothing else
+        // changes; frames stay): the runs' subjects (before run broadcast), direct gets
+        // (before the seventh session's reads, `reader`).
         let existing = match existing {
-            Some(mut info) if !covers(&info.config.subjects, RUNS_SUBJECTS) => {
+            Some(mut info)
+                if !covers(&info.config.subjects, RUNS_SUBJECTS) || !info.config.allow_direct =>
+            {
                 let mut config = info.config.clone();
-                config.subjects.push(RUNS_SUBJECTS.to_owned());
+                if !covers(&config.subjects, RUNS_SUBJECTS) {
+                    config.subjects.push(RUNS_SUBJECTS.to_owned());
+                }
+                config.allow_direct = true;
                 match js.update_stream(&config).await {
                     Ok(updated) => {
-                        tracing::info!(stream = name, subjects = ?updated.config.subjects, "added the runs' subjects to the NATS frames stream");
+                        tracing::info!(stream = name, subjects = ?updated.config.subjects, allow_direct = updated.config.allow_direct, "brought the NATS frames stream up to date");
                         info = updated;
                     }
                     Err(e) => {
-                        tracing::warn!(stream = name, error = %e, "could not add {RUNS_SUBJECTS} to the NATS frames stream; run frames will not be published");
+                        tracing::warn!(stream = name, error = %e, "could not update the NATS frames stream: without {RUNS_SUBJECTS} run frames are not published; without direct gets reads go through the stream leader");
                     }
                 }
                 Some(info)
@@ -289,10 +300,18 @@ impl NatsBus {
                 "existing NATS frames stream differs from the configuration; using it as it is"
             );
         }
+        // How subscriptions read depends on the stream's replicas (`reader`).
+        let info = js
+            .get_stream(name)
+            .await
+            .map_err(|e| unavailable(format!("stream {name} info"), e))?
+            .cached_info()
+            .clone();
         let stream = js
             .get_stream_no_info(name)
             .await
             .map_err(|e| unavailable(format!("stream {name} open"), e))?;
+        let reader = Arc::new(Reader::new(client.clone(), stream.clone(), &info));
         let exact_subjects = existing
             .as_ref()
             .is_none_or(|info| exact(&info.config.subjects));
@@ -302,7 +321,8 @@ impl NatsBus {
         tokio::spawn(
             RouterTask {
                 js: js.clone(),
-                stream: stream.clone(),
+                stream,
+                reader: reader.clone(),
                 name: name.to_owned(),
                 router: router.clone(),
                 connects: watch_connects(&client),
@@ -320,7 +340,7 @@ impl NatsBus {
         Ok(Self {
             client,
             js,
-            stream: Arc::new(stream),
+            reader,
             name: name.to_owned(),
             mismatches,
             shared: Arc::new(Shared {
@@ -344,6 +364,20 @@ impl NatsBus {
     /// Subscriptions open on this bus (all clones), for metrics and leak checks.
     pub fn live_subscribers(&self) -> usize {
         self.shared.router.lock().subs.values().map(Vec::len).sum()
+    }
+
+    /// Fetches the stream's info again, so reads follow its replicas as they are now
+    /// (after `NATS_REPLICAS` was applied to it: a replicated stream is read through its
+    /// leader, see `reader`).
+    pub async fn recheck_stream(&self) -> Result<(), BusError> {
+        let info = self
+            .reader
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| unavailable(format!("stream {} info", self.name), e))?;
+        self.reader.note(&info);
+        Ok(())
     }
 
     /// How the existing stream differs from the configuration (empty when it matches), for
@@ -455,10 +489,10 @@ impl Bus for NatsBus {
         let reg = Registration::new(router, client_id, watching);
         let runs: Vec<String> = watching.iter().map(|e| runs_subject(e.as_str())).collect();
         let (reset, last, sources, mark) =
-            start_point(&self.stream, &subject, &runs, start).await?;
+            start_point(&self.reader, &subject, &runs, start).await?;
         let feed = Feed::new(
             reg,
-            self.stream.clone(),
+            self.reader.clone(),
             last,
             sources,
             mark,

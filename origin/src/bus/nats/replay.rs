@@ -5,10 +5,10 @@
 use super::super::inbox::Taken;
 use super::super::reset::must_reset;
 use super::super::{BusError, BusFrame, StartAt, WATCH_EVENT};
+use super::reader::Reader;
 use super::router::Registration;
 use super::stream::limit;
 use super::{unavailable, EVENT_HEADER};
-use async_nats::jetstream::stream::{self as js, RawMessageErrorKind};
 use futures::StreamExt;
 use gateway_shared::ids::ExecutionId;
 use std::collections::VecDeque;
@@ -47,9 +47,10 @@ fn count_limit_may_have_dropped(n: u64, facts: &StreamFacts, first_after: u64) -
 
 /// The stream's facts for `subject`: one `STREAM.INFO` with a subject filter, which also
 /// counts the subject's frames.
-async fn facts<I>(stream: &js::Stream<I>, subject: &str) -> Result<StreamFacts, BusError> {
+async fn facts(reader: &Reader, subject: &str) -> Result<StreamFacts, BusError> {
     let what = || format!("stream info for {subject}");
-    let mut info = stream
+    let mut info = reader
+        .stream
         .info_with_subjects(subject)
         .await
         .map_err(|e| unavailable(what(), e))?;
@@ -60,6 +61,7 @@ async fn facts<I>(stream: &js::Stream<I>, subject: &str) -> Result<StreamFacts, 
         Some(Err(e)) => return Err(unavailable(what(), e)),
         _ => 0,
     };
+    reader.note(&info.info);
     Ok(StreamFacts {
         first_seq: info.info.state.first_sequence,
         last_seq: info.info.state.last_sequence,
@@ -70,55 +72,45 @@ async fn facts<I>(stream: &js::Stream<I>, subject: &str) -> Result<StreamFacts, 
 
 /// The first frame of `subject` with id ≥ `from`, or `None` when there is none.
 /// Messages not written by this bus (no `Gw-Event`) are skipped.
-async fn frame_from<I>(
-    stream: &js::Stream<I>,
+async fn frame_from(
+    reader: &Reader,
     subject: &str,
     mut from: u64,
 ) -> Result<Option<BusFrame>, BusError> {
-    loop {
-        match stream
-            .get_first_raw_message_by_subject(subject, from.max(1))
-            .await
-        {
-            Ok(m) => match m.headers.get(EVENT_HEADER) {
-                Some(event) => {
-                    return Ok(Some(BusFrame {
-                        id: m.sequence,
-                        event: event.as_str().to_owned(),
-                        data: m.payload,
-                    }))
-                }
-                None => {
-                    tracing::warn!(
-                        subject,
-                        seq = m.sequence,
-                        "message without {EVENT_HEADER} on a frames subject; skipped"
-                    );
-                    from = m.sequence.saturating_add(1);
-                }
-            },
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
-            Err(e) => return Err(unavailable(format!("read {subject} from {from}"), e)),
+    while let Some(m) = reader.first_from(subject, from).await? {
+        match m.headers.get(EVENT_HEADER) {
+            Some(event) => {
+                return Ok(Some(BusFrame {
+                    id: m.sequence,
+                    event: event.as_str().to_owned(),
+                    data: m.payload,
+                }))
+            }
+            None => {
+                tracing::warn!(
+                    subject,
+                    seq = m.sequence,
+                    "message without {EVENT_HEADER} on a frames subject; skipped"
+                );
+                from = m.sequence.saturating_add(1);
+            }
         }
     }
+    Ok(None)
 }
 
 /// True if a frame at or below `n` is still retained on `subject`: retention drops a
 /// client's frames oldest first, so then none above `n` has been dropped.
-async fn retains_one_at_or_below<I>(
-    stream: &js::Stream<I>,
-    subject: &str,
-    n: u64,
-) -> Result<bool, BusError> {
-    Ok(matches!(frame_from(stream, subject, 1).await?, Some(oldest) if oldest.id <= n))
+async fn retains_one_at_or_below(reader: &Reader, subject: &str, n: u64) -> Result<bool, BusError> {
+    Ok(matches!(frame_from(reader, subject, 1).await?, Some(oldest) if oldest.id <= n))
 }
 
 /// True if no frame of `subject` in (`last`, `found`) can have been dropped while owed to
 /// a subscriber; called after `found` (the first retained frame above `last`) was read.
 /// Only the per-subject limit is considered: for age to drop a frame a live subscriber is
 /// owed, the subscriber would have to be `max_age` behind (see the module docs).
-async fn nothing_dropped_between<I>(
-    stream: &js::Stream<I>,
+async fn nothing_dropped_between(
+    reader: &Reader,
     subject: &str,
     last: u64,
     found: u64,
@@ -126,11 +118,11 @@ async fn nothing_dropped_between<I>(
     if found <= last.saturating_add(1) {
         return Ok(true);
     }
-    let facts = facts(stream, subject).await?;
+    let facts = facts(reader, subject).await?;
     if !count_limit_may_have_dropped(last, &facts, found) {
         return Ok(true);
     }
-    retains_one_at_or_below(stream, subject, last).await
+    retains_one_at_or_below(reader, subject, last).await
 }
 
 /// One subject a subscription reads: the client's own, or a watched run's.
@@ -166,28 +158,29 @@ impl Source {
 
 /// The stream's last sequence now: what a catch-up over several subjects reads up to
 /// (every frame stored after it is routed, since the registration came first).
-async fn high_water<I>(stream: &js::Stream<I>) -> Result<u64, BusError> {
-    Ok(stream
+async fn high_water(reader: &Reader) -> Result<u64, BusError> {
+    let info = reader
+        .stream
         .get_info()
         .await
-        .map_err(|e| unavailable("stream info", e))?
-        .state
-        .last_sequence)
+        .map_err(|e| unavailable("stream info", e))?;
+    reader.note(&info);
+    Ok(info.state.last_sequence)
 }
 
 /// True if the run's subject may have dropped a frame above `n` (the per-subject limit;
 /// the stream-wide rule is decided on the client's subject). Also returns the first frame
 /// above `n`, so the feed need not read it again.
-async fn run_dropped_after<I>(
-    stream: &js::Stream<I>,
+async fn run_dropped_after(
+    reader: &Reader,
     subject: &str,
     n: u64,
 ) -> Result<(bool, Option<BusFrame>), BusError> {
-    let first = frame_from(stream, subject, n.saturating_add(1)).await?;
+    let first = frame_from(reader, subject, n.saturating_add(1)).await?;
     let Some(f) = &first else {
         return Ok((false, first));
     };
-    let dropped = !nothing_dropped_between(stream, subject, n, f.id).await?;
+    let dropped = !nothing_dropped_between(reader, subject, n, f.id).await?;
     Ok((dropped, first))
 }
 
@@ -211,8 +204,8 @@ impl Source {
 /// to read, the catch-up's mark)`. `subject` is the client's, `runs` the watched runs'
 /// subjects. The mark is `u64::MAX` ("to the end") with one source, or the stream's last
 /// sequence when a catch-up merges several; `None` when there is nothing to read.
-pub(super) async fn start_point<I>(
-    stream: &js::Stream<I>,
+pub(super) async fn start_point(
+    reader: &Reader,
     subject: &str,
     runs: &[String],
     start: StartAt,
@@ -221,21 +214,21 @@ pub(super) async fn start_point<I>(
     let (reset, last, stream_last) = match start {
         StartAt::Live => {
             // Every frame the stream holds now is behind the start point.
-            let last = facts(stream, subject).await?.last_seq;
+            let last = facts(reader, subject).await?.last_seq;
             sources.push(Source::new(subject.to_owned(), last, true));
             sources.extend(runs.iter().map(|r| Source::new(r.clone(), last, true)));
             return Ok((false, last, sources, None));
         }
         StartAt::After(n) => {
             // Read first, then the facts: a frame dropped before the read shows in them.
-            let first = frame_from(stream, subject, n.saturating_add(1)).await?;
-            let facts = facts(stream, subject).await?;
+            let first = frame_from(reader, subject, n.saturating_add(1)).await?;
+            let facts = facts(reader, subject).await?;
             let mut dropped_up_to = stream_dropped_up_to(&facts);
             if let Some(f) = &first {
                 // The extra read only when the stream's own facts do not decide already.
                 if !must_reset(n, facts.last_seq, dropped_up_to)
                     && count_limit_may_have_dropped(n, &facts, f.id)
-                    && !retains_one_at_or_below(stream, subject, n).await?
+                    && !retains_one_at_or_below(reader, subject, n).await?
                 {
                     // The subject's oldest frames went, up to the first one still held.
                     dropped_up_to = dropped_up_to.max(f.id.saturating_sub(1));
@@ -247,7 +240,7 @@ pub(super) async fn start_point<I>(
                 if lost {
                     break;
                 }
-                let (dropped, first) = run_dropped_after(stream, run, n).await?;
+                let (dropped, first) = run_dropped_after(reader, run, n).await?;
                 lost = dropped;
                 sources.push(Source::seeded(run.clone(), n, first));
             }
@@ -256,13 +249,19 @@ pub(super) async fn start_point<I>(
             }
             (lost, n, facts.last_seq)
         }
-        StartAt::Retained => (false, 0, 0),
+        // Nothing can be stored for it yet: every frame is routed (the registration came
+        // first). With runs, their retained frames are owed: read like `Retained`.
+        StartAt::Unseen if runs.is_empty() => {
+            sources.push(Source::seeded(subject.to_owned(), 0, None));
+            return Ok((false, 0, sources, None));
+        }
+        StartAt::Retained | StartAt::Unseen => (false, 0, 0),
     };
     let mut last = last;
     if sources.is_empty() {
         // Retained, or a reset: everything retained from the client's oldest frame on
         // (what was dropped before now is not owed), and the runs' retained frames above it.
-        let oldest = frame_from(stream, subject, 1).await?;
+        let oldest = frame_from(reader, subject, 1).await?;
         last = match (&oldest, reset) {
             // Retained owes the runs' retained frames too, older ones included.
             (_, false) if !runs.is_empty() => 0,
@@ -283,7 +282,7 @@ pub(super) async fn start_point<I>(
         sources[0].done = false;
         Some(match start {
             StartAt::After(_) => stream_last,
-            _ => high_water(stream).await?,
+            _ => high_water(reader).await?,
         })
     };
     Ok((reset, last, sources, mark))
@@ -293,9 +292,8 @@ pub(super) async fn start_point<I>(
 /// the client has got.
 pub(super) struct Feed {
     reg: Registration,
-    /// Shared by every subscription: the stream's handle is ~250 bytes (a JetStream
-    /// context), which per idle stream would be a tenth of its memory.
-    stream: Arc<js::Stream<()>>,
+    /// The stream's reads, shared by every subscription.
+    reader: Arc<Reader>,
     /// The client's subject first, then its runs'.
     sources: Vec<Source>,
     /// Every frame yielded is above this: the highest id yielded, or the start point.
@@ -320,7 +318,7 @@ impl Feed {
     /// `verify_each` for a stream with wider subjects, where the router cannot see holes.
     pub(super) fn new(
         reg: Registration,
-        stream: Arc<js::Stream<()>>,
+        reader: Arc<Reader>,
         last: u64,
         sources: Vec<Source>,
         catch_up_to: Option<u64>,
@@ -328,7 +326,7 @@ impl Feed {
     ) -> Self {
         Self {
             reg,
-            stream,
+            reader,
             sources,
             last,
             catch_up_to,
@@ -364,7 +362,7 @@ impl Feed {
         let high = match to {
             Some(h) => h,
             None if self.sources.len() == 1 => u64::MAX,
-            None => high_water(&self.stream).await?,
+            None => high_water(&self.reader).await?,
         };
         for s in &mut self.sources {
             s.done = false;
@@ -381,7 +379,7 @@ impl Feed {
         let mut from = source.cursor.saturating_add(1);
         let mut done = false;
         while batch.len() < READ_AHEAD {
-            match frame_from(&self.stream, &source.subject, from).await? {
+            match frame_from(&self.reader, &source.subject, from).await? {
                 Some(frame) if frame.id <= high => {
                     from = frame.id.saturating_add(1);
                     batch.push(frame);
@@ -395,7 +393,7 @@ impl Feed {
         }
         if let Some(first) = batch.first() {
             if !source.trust_next
-                && !nothing_dropped_between(&self.stream, &source.subject, source.cursor, first.id)
+                && !nothing_dropped_between(&self.reader, &source.subject, source.cursor, first.id)
                     .await?
             {
                 return Err(fell_behind(&source.subject, source.cursor));
@@ -457,7 +455,7 @@ impl Feed {
             if !self.sources.iter().any(|s| s.subject == subject) {
                 self.sources.push(Source::new(subject, self.last, true));
                 let mark = if newly || high == u64::MAX {
-                    Some(high_water(&self.stream).await?)
+                    Some(high_water(&self.reader).await?)
                 } else {
                     Some(high)
                 };

@@ -10,6 +10,7 @@
 use super::super::inbox::{Inbox, Slot};
 use super::super::BusFrame;
 use super::super::{MAX_WATCHED_PER_SUBSCRIPTION, WATCH_EVENT};
+use super::reader::Reader;
 use super::{EVENT_HEADER, FRAMES_PREFIX, FRAMES_SUBJECTS, RUNS_PREFIX, RUNS_SUBJECTS};
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::push::OrderedErrorKind;
@@ -278,6 +279,9 @@ impl Drop for Registration {
 pub(super) struct RouterTask {
     pub(super) js: jetstream::Context,
     pub(super) stream: js::Stream<()>,
+    /// Told what the stream is whenever the consumer starts (its replicas decide how
+    /// subscriptions read).
+    pub(super) reader: Arc<Reader>,
     /// The stream's name, for logs.
     pub(super) name: String,
     pub(super) router: Arc<Router>,
@@ -321,7 +325,10 @@ impl RouterTask {
     /// Creates the consumer at the stream's next sequence, then routes until it fails.
     async fn run_once(&mut self) -> RunEnd {
         let start = match self.js.get_stream(&self.name).await {
-            Ok(s) => s.cached_info().state.last_sequence.saturating_add(1),
+            Ok(s) => {
+                self.reader.note(s.cached_info());
+                s.cached_info().state.last_sequence.saturating_add(1)
+            }
             Err(e) => return RunEnd::Failed(format!("stream {} info: {e}", self.name)),
         };
         let config = jetstream::consumer::push::OrderedConfig {

@@ -29,6 +29,8 @@ pub(super) fn stream_config(name: &str, retention: &Retention) -> js::Config {
         max_messages_per_subject: limit(
             i64::try_from(retention.max_frames_per_client).unwrap_or(i64::MAX),
         ),
+        // Subscriptions read single frames with direct gets (`reader`).
+        allow_direct: true,
         ..Default::default()
     }
 }
