@@ -66,9 +66,7 @@ use gateway_tests::harness::flows;
 use gateway_tests::harness::nats::NatsServer;
 use gateway_tests::harness::origin::{Origin, OriginOptions, INTERNAL_TOKEN};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
-use gateway_tests::harness::{
-    free_port, listener_owned_by, scratch_dir, wait_until_ok, workspace_bin, ChildGuard,
-};
+use gateway_tests::harness::{scratch_dir, spawn_on_free_port, workspace_bin, ChildGuard};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
@@ -174,25 +172,23 @@ struct Floor {
 
 async fn start_floor(upstream: &str) -> anyhow::Result<Floor> {
     let dir = scratch_dir("gw-floor-");
-    for _ in 0..3 {
-        let port = free_port();
-        let mut cmd = Command::new(workspace_bin("floor-proxy"));
-        cmd.env_clear()
-            .args(["--port", &port.to_string(), "--upstream", upstream]);
-        let mut guard = ChildGuard::spawn("floor-proxy", cmd, dir.path().join("floor.log"))?;
-        let url = format!("http://127.0.0.1:{port}");
-        let up = wait_until_ok(&format!("{url}/echo"), Duration::from_secs(30)).await;
-        // Another process may have taken the port first: only a listener we own counts.
-        if up.is_ok() && listener_owned_by(port, &[guard.pid()]) {
-            return Ok(Floor {
-                guard,
-                url,
-                _dir: dir,
-            });
-        }
-        guard.stop(Duration::from_secs(2));
-    }
-    anyhow::bail!("floor-proxy did not start on a port of its own")
+    let served = spawn_on_free_port(
+        "floor-proxy",
+        dir.path().join("floor.log"),
+        "/echo",
+        |port| {
+            let mut cmd = Command::new(workspace_bin("floor-proxy"));
+            cmd.env_clear()
+                .args(["--port", &port.to_string(), "--upstream", upstream]);
+            cmd
+        },
+    )
+    .await?;
+    Ok(Floor {
+        guard: served.guard,
+        url: served.url,
+        _dir: dir,
+    })
 }
 
 /// Everything one window is measured against.

@@ -7,7 +7,7 @@
 //! with [`DemoService::set_gateway`]. The helpers panic with a clear message on failure: in
 //! a test a broken stand-in is a broken test.
 
-use super::{free_port, scratch_dir, wait_until_ok, workspace_bin, ChildGuard};
+use super::{scratch_dir, workspace_bin, ChildGuard};
 pub use crate::demo::answers::Delivery;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -68,40 +68,29 @@ impl DemoService {
     /// `/health` from a listener it owns; the error carries the log if it never comes up.
     pub async fn start(opts: DemoOptions) -> anyhow::Result<Self> {
         let dir = scratch_dir("gw-demo-");
-        let mut attempt = 0;
-        let (port, guard, url) = loop {
-            attempt += 1;
-            let port = free_port();
-            let mut cmd = Command::new(workspace_bin("demo-service"));
-            cmd.env_clear().args(opts.args(port)).env(
-                "RUST_LOG",
-                std::env::var("DEMO_LOG").unwrap_or_else(|_| "info".into()),
-            );
-            // The token goes by environment, never on a command line `ps` shows.
-            if let Some(token) = &opts.internal_token {
-                cmd.env("GATEWAY_INTERNAL_TOKEN", token);
-            }
-            for keep in ["PATH", "HOME"] {
-                if let Some(v) = std::env::var_os(keep) {
-                    cmd.env(keep, v);
-                }
-            }
-            let mut guard = ChildGuard::spawn("demo-service", cmd, dir.path().join("demo.log"))?;
-            let url = format!("http://127.0.0.1:{port}");
-            let up = wait_until_ok(&format!("{url}/health"), Duration::from_secs(30)).await;
-            // Another test's process may have taken the port first: then the health check
-            // answered for it, not for ours. Only a listener we own counts.
-            if up.is_ok() && super::listener_owned_by(port, &[guard.pid()]) {
-                break (port, guard, url);
-            }
-            guard.stop(Duration::from_secs(2));
-            if attempt >= 3 {
-                anyhow::bail!(
-                    "demo-service did not start on its own port: {up:?}\n{}",
-                    guard.log_text()
+        let super::Served { port, url, guard } = super::spawn_on_free_port(
+            "demo-service",
+            dir.path().join("demo.log"),
+            "/health",
+            |port| {
+                let mut cmd = Command::new(workspace_bin("demo-service"));
+                cmd.env_clear().args(opts.args(port)).env(
+                    "RUST_LOG",
+                    std::env::var("DEMO_LOG").unwrap_or_else(|_| "info".into()),
                 );
-            }
-        };
+                // The token goes by environment, never on a command line `ps` shows.
+                if let Some(token) = &opts.internal_token {
+                    cmd.env("GATEWAY_INTERNAL_TOKEN", token);
+                }
+                for keep in ["PATH", "HOME"] {
+                    if let Some(v) = std::env::var_os(keep) {
+                        cmd.env(keep, v);
+                    }
+                }
+                cmd
+            },
+        )
+        .await?;
         Ok(Self {
             url,
             port,

@@ -292,6 +292,47 @@ pub async fn wait_until_ok(url: &str, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// A child serving HTTP on one port of its own: what [`spawn_on_free_port`] started.
+pub struct Served {
+    /// The port it listens on.
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// The child, stopped when dropped.
+    pub guard: ChildGuard,
+}
+
+/// Starts the binary `name` on a [`free_port`] (`command` makes its command line for a
+/// port; output to `log`) and waits for `health` (a path) to answer 2xx. Another process
+/// may take the port first, and the health check would then pass against it: only a
+/// listener the child owns counts ([`listener_owned_by`]); up to three ports are tried,
+/// then the error carries the child's log.
+pub async fn spawn_on_free_port(
+    name: &str,
+    log: PathBuf,
+    health: &str,
+    mut command: impl FnMut(u16) -> Command,
+) -> anyhow::Result<Served> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = free_port();
+        let mut guard = ChildGuard::spawn(name, command(port), log.clone())?;
+        let url = format!("http://127.0.0.1:{port}");
+        let up = wait_until_ok(&format!("{url}{health}"), Duration::from_secs(30)).await;
+        if up.is_ok() && listener_owned_by(port, &[guard.pid()]) {
+            return Ok(Served { port, url, guard });
+        }
+        guard.stop(Duration::from_secs(2));
+        if attempt >= 3 {
+            anyhow::bail!(
+                "{name} did not start on its own port: {up:?}\n{}",
+                guard.log_text()
+            );
+        }
+    }
+}
+
 /// Polls `check` every 50 ms until it is true; panics naming `what` after `timeout`.
 /// What a test waits on instead of a fixed sleep: the condition, with a deadline.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)

@@ -6,7 +6,7 @@
 //! stand-in's dev IdP and `/_standin/*` control routes; they panic with a clear message on
 //! failure, because in a test a broken stand-in is a broken test.
 
-use super::{free_port, scratch_dir, wait_until_ok, workspace_bin, ChildGuard};
+use super::{scratch_dir, workspace_bin, ChildGuard};
 pub use crate::standin::events::EventShape;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -96,37 +96,25 @@ impl StandIn {
     /// `/api/health`; the error carries the log if it never comes up.
     pub async fn start(opts: StandInOptions) -> anyhow::Result<Self> {
         let dir = scratch_dir("gw-standin-");
-        let mut attempt = 0;
-        let (port, guard, url) = loop {
-            attempt += 1;
-            let port = free_port();
-            let mut cmd = Command::new(workspace_bin("noetl-standin"));
-            cmd.env_clear().args(opts.args(port)).env(
-                "RUST_LOG",
-                std::env::var("STANDIN_LOG").unwrap_or_else(|_| "info".into()),
-            );
-            for keep in ["PATH", "HOME"] {
-                if let Some(v) = std::env::var_os(keep) {
-                    cmd.env(keep, v);
-                }
-            }
-            let mut guard =
-                ChildGuard::spawn("noetl-standin", cmd, dir.path().join("standin.log"))?;
-            let url = format!("http://127.0.0.1:{port}");
-            let up = wait_until_ok(&format!("{url}/api/health"), Duration::from_secs(30)).await;
-            // Another test's process may have taken the port first: then the health check
-            // answered for it, not for ours. Only a listener we own counts.
-            if up.is_ok() && super::listener_owned_by(port, &[guard.pid()]) {
-                break (port, guard, url);
-            }
-            guard.stop(Duration::from_secs(2));
-            if attempt >= 3 {
-                anyhow::bail!(
-                    "noetl-standin did not start on its own port: {up:?}\n{}",
-                    guard.log_text()
+        let super::Served { port, url, guard } = super::spawn_on_free_port(
+            "noetl-standin",
+            dir.path().join("standin.log"),
+            "/api/health",
+            |port| {
+                let mut cmd = Command::new(workspace_bin("noetl-standin"));
+                cmd.env_clear().args(opts.args(port)).env(
+                    "RUST_LOG",
+                    std::env::var("STANDIN_LOG").unwrap_or_else(|_| "info".into()),
                 );
-            }
-        };
+                for keep in ["PATH", "HOME"] {
+                    if let Some(v) = std::env::var_os(keep) {
+                        cmd.env(keep, v);
+                    }
+                }
+                cmd
+            },
+        )
+        .await?;
         Ok(Self {
             url,
             port,
