@@ -14,9 +14,10 @@
 //! has no way to ask for it on a direct get (ADR-53's `min_last_seq` is not in it: the
 //! leader's `STREAM.MSG.GET` refuses the field, direct gets ignore it). So direct gets
 //! are used only while the stream has one replica — its one server then answers every
-//! read — and a replicated stream is read through its leader, as every read was before. What the stream is is learnt from every stream info the bus fetches (at
-//! open, when the router's consumer starts, on a resume's and a catch-up's checks) and
-//! after `NATS_REPLICAS` is applied ([`super::NatsBus::recheck_stream`]).
+//! read — and a replicated stream is read through its leader, as every read was before.
+//! The replica count is learnt from every stream info the bus fetches (at open, when the
+//! router's consumer starts, on a resume's and a catch-up's checks) and after
+//! `NATS_REPLICAS` is applied ([`super::NatsBus::recheck_stream`]).
 
 use super::super::BusError;
 use super::unavailable;
@@ -31,8 +32,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub(super) struct Read {
     /// Its stream sequence.
     pub(super) sequence: u64,
-    /// Its headers as published.
+    /// Its headers as published (a direct get adds NATS's own `Nats-*` ones).
     pub(super) headers: HeaderMap,
+    /// Its data as published.
     pub(super) payload: Bytes,
 }
 
