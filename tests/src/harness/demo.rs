@@ -7,10 +7,9 @@
 //! with [`DemoService::set_gateway`]. The helpers panic with a clear message on failure: in
 //! a test a broken stand-in is a broken test.
 
-use super::{scratch_dir, workspace_bin, ChildGuard};
+use super::{scratch_dir, ChildGuard};
 pub use crate::demo::answers::Delivery;
 use serde_json::{json, Value};
-use std::process::Command;
 use std::time::Duration;
 
 /// How to start a demo service; `Default` is the service `demo` with no gateway yet.
@@ -73,19 +72,11 @@ impl DemoService {
             dir.path().join("demo.log"),
             "/health",
             |port| {
-                let mut cmd = Command::new(workspace_bin("demo-service"));
-                cmd.env_clear().args(opts.args(port)).env(
-                    "RUST_LOG",
-                    std::env::var("DEMO_LOG").unwrap_or_else(|_| "info".into()),
-                );
+                let mut cmd = super::clean_command("demo-service", "DEMO_LOG");
+                cmd.args(opts.args(port));
                 // The token goes by environment, never on a command line `ps` shows.
                 if let Some(token) = &opts.internal_token {
                     cmd.env("GATEWAY_INTERNAL_TOKEN", token);
-                }
-                for keep in ["PATH", "HOME"] {
-                    if let Some(v) = std::env::var_os(keep) {
-                        cmd.env(keep, v);
-                    }
                 }
                 cmd
             },

@@ -292,6 +292,23 @@ pub async fn wait_until_ok(url: &str, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// The workspace binary `bin` with an empty environment but `PATH`, `HOME` and
+/// `RUST_LOG` (from the variable `log_var`, `info` when unset): what a test child starts
+/// from, so nothing of the test's environment leaks into it by accident.
+pub fn clean_command(bin: &str, log_var: &str) -> Command {
+    let mut cmd = Command::new(workspace_bin(bin));
+    cmd.env_clear().env(
+        "RUST_LOG",
+        std::env::var(log_var).unwrap_or_else(|_| "info".into()),
+    );
+    for keep in ["PATH", "HOME"] {
+        if let Some(v) = std::env::var_os(keep) {
+            cmd.env(keep, v);
+        }
+    }
+    cmd
+}
+
 /// A child serving HTTP on one port of its own: what [`spawn_on_free_port`] started.
 pub struct Served {
     /// The port it listens on.

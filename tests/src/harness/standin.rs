@@ -6,11 +6,10 @@
 //! stand-in's dev IdP and `/_standin/*` control routes; they panic with a clear message on
 //! failure, because in a test a broken stand-in is a broken test.
 
-use super::{scratch_dir, workspace_bin, ChildGuard};
+use super::{scratch_dir, ChildGuard};
 pub use crate::standin::events::EventShape;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 /// The audience the stand-in's dev IdP uses unless told otherwise.
@@ -101,16 +100,8 @@ impl StandIn {
             dir.path().join("standin.log"),
             "/api/health",
             |port| {
-                let mut cmd = Command::new(workspace_bin("noetl-standin"));
-                cmd.env_clear().args(opts.args(port)).env(
-                    "RUST_LOG",
-                    std::env::var("STANDIN_LOG").unwrap_or_else(|_| "info".into()),
-                );
-                for keep in ["PATH", "HOME"] {
-                    if let Some(v) = std::env::var_os(keep) {
-                        cmd.env(keep, v);
-                    }
-                }
+                let mut cmd = super::clean_command("noetl-standin", "STANDIN_LOG");
+                cmd.args(opts.args(port));
                 cmd
             },
         )
