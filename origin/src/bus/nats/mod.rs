@@ -300,18 +300,14 @@ impl NatsBus {
                 "existing NATS frames stream differs from the configuration; using it as it is"
             );
         }
-        // How subscriptions read depends on the stream's replicas (`reader`).
-        let info = js
-            .get_stream(name)
-            .await
-            .map_err(|e| unavailable(format!("stream {name} info"), e))?
-            .cached_info()
-            .clone();
         let stream = js
             .get_stream_no_info(name)
             .await
             .map_err(|e| unavailable(format!("stream {name} open"), e))?;
-        let reader = Arc::new(Reader::new(client.clone(), stream.clone(), &info));
+        // How subscriptions read depends on the stream's replicas (`reader`): the config is
+        // the existing stream's as brought up to date above, or the one just created.
+        let config = existing.as_ref().map_or(&wanted, |info| &info.config);
+        let reader = Arc::new(Reader::new(client.clone(), stream.clone(), config));
         let exact_subjects = existing
             .as_ref()
             .is_none_or(|info| exact(&info.config.subjects));

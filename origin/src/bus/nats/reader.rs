@@ -100,13 +100,13 @@ fn answer(status: Option<StatusCode>, description: Option<&str>, headers: &Heade
 }
 
 impl Reader {
-    /// The reads of the stream `info` describes, through `stream`.
-    pub(super) fn new(client: Client, stream: js::Stream<()>, info: &js::Info) -> Self {
+    /// The reads of the stream `config` describes, through `stream`.
+    pub(super) fn new(client: Client, stream: js::Stream<()>, config: &js::Config) -> Self {
         Self {
             stream,
             client,
-            direct_subject: format!("$JS.API.DIRECT.GET.{}", info.config.name),
-            direct: AtomicBool::new(direct_is_current(&info.config)),
+            direct_subject: format!("$JS.API.DIRECT.GET.{}", config.name),
+            direct: AtomicBool::new(direct_is_current(config)),
             told_leader: AtomicBool::new(false),
         }
     }
