@@ -39,9 +39,10 @@
 //! replay rate starts at live frames with `stream/reset` first instead of replaying.
 //!
 //! Presence is written when a stream opens and refreshed by its pings; the first ping of
-//! a stream comes after a random 50–100 % of the ping interval, so the streams of a
-//! reconnect storm do not ping (and write presence) in lockstep, and a ping writes only
-//! when the last write is [`clients::PRESENCE_REFRESH`] old.
+//! a stream comes after a random 50–100 % of the ping interval (and its first `:`
+//! keepalive after 50–100 % of that one), so the streams of a reconnect storm do not
+//! ping, write presence or wake in lockstep, and a ping writes only when the last write
+//! is [`clients::PRESENCE_REFRESH`] old.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -724,8 +725,9 @@ struct SseBody {
     dialect: Dialect,
 }
 
-/// The first ping of a stream: after a random 50–100 % of the interval, so streams opened
-/// together (a reconnect storm) spread their pings and presence writes.
+/// A stream's first ping, or first `:` keepalive: after a random 50–100 % of the
+/// interval, so streams opened together (a reconnect storm) spread their pings, presence
+/// writes and keepalives instead of waking together one interval later.
 fn first_ping_after(every: Duration) -> Duration {
     use rand::Rng;
     every.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
@@ -790,7 +792,7 @@ impl SseBody {
             drain_spread,
         } = state.timers;
         let next_ping = now + first_ping_after(ping_every);
-        let next_keepalive = now + keepalive_every;
+        let next_keepalive = now + first_ping_after(keepalive_every);
         Self {
             kv: state.kv.clone(),
             hub: state.hub.clone(),
