@@ -414,15 +414,27 @@ async fn respond(
         Ok(resp) => resp,
         Err(e) => match e {},
     };
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
     let exact = http_body::Body::size_hint(&body).exact();
     let head = encode_head(&parts, exact);
     // The response's header map is a few hundred bytes of heap: not kept for the stream.
     drop(parts);
-    write_stalling(stream, &[IoSlice::new(&head)]).await.ok()?;
     let Some(len) = exact else {
+        // A stream's first frames (its `init`, and a resume's replay when read already)
+        // go out with the head: one write, one segment, one wake-up of the client.
+        let (batch, end) =
+            std::future::poll_fn(|cx| Poll::Ready(ready_frames(&mut body, cx))).await;
+        let Ok(batch) = batch else {
+            return None;
+        };
+        write_chunks(stream, &head, &batch, end).await.ok()?;
+        if end {
+            let _ = stream.shutdown().await;
+            return None;
+        }
         return Some(body);
     };
+    write_stalling(stream, &[IoSlice::new(&head)]).await.ok()?;
     // A finite response (an error body): written whole, then the connection closes.
     if len > 0 {
         if let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) {
@@ -495,9 +507,27 @@ impl Future for Streaming {
 /// shared data, the blank line), and a write per body frame was a syscall (and a timer)
 /// each.
 async fn write_batch(mut stream: TcpStream, batch: Vec<Bytes>, end: bool) -> io::Result<TcpStream> {
+    write_chunks(&mut stream, &[], &batch, end).await?;
+    if end {
+        let _ = stream.shutdown().await;
+    }
+    Ok(stream)
+}
+
+/// Writes `prefix` (a response head, or nothing) and then `batch` as one chunk (none when
+/// it is empty), and the last chunk when the body `end`ed — all in one write.
+async fn write_chunks(
+    stream: &mut TcpStream,
+    prefix: &[u8],
+    batch: &[Bytes],
+    end: bool,
+) -> io::Result<()> {
     let len: usize = batch.iter().map(Bytes::len).sum();
     let size = format!("{len:x}\r\n");
-    let mut parts = Vec::with_capacity(batch.len() + 3);
+    let mut parts = Vec::with_capacity(batch.len() + 4);
+    if !prefix.is_empty() {
+        parts.push(IoSlice::new(prefix));
+    }
     if len > 0 {
         parts.push(IoSlice::new(size.as_bytes()));
         parts.extend(batch.iter().map(|d| IoSlice::new(d)));
@@ -506,11 +536,7 @@ async fn write_batch(mut stream: TcpStream, batch: Vec<Bytes>, end: bool) -> io:
     if end {
         parts.push(IoSlice::new(b"0\r\n\r\n"));
     }
-    write_stalling(&mut stream, &parts).await?;
-    if end {
-        let _ = stream.shutdown().await;
-    }
-    Ok(stream)
+    write_stalling(stream, &parts).await
 }
 
 /// The most body frames gathered into one write.
@@ -525,7 +551,10 @@ enum Next {
     Gone,
 }
 
-fn next_event(stream: &TcpStream, body: &mut Body, cx: &mut Context<'_>) -> Poll<Next> {
+/// The body frames ready now, at most [`MAX_BATCH`], and whether the body ended after
+/// them (then it must not be polled again); `Err` when the body failed. Polls with `cx`,
+/// so the task is woken when more is ready.
+fn ready_frames(body: &mut Body, cx: &mut Context<'_>) -> (Result<Vec<Bytes>, ()>, bool) {
     let mut batch = Vec::new();
     loop {
         match http_body::Body::poll_frame(Pin::new(&mut *body), cx) {
@@ -533,23 +562,32 @@ fn next_event(stream: &TcpStream, body: &mut Body, cx: &mut Context<'_>) -> Poll
                 Ok(data) if !data.is_empty() => {
                     batch.push(data);
                     if batch.len() >= MAX_BATCH {
-                        return Poll::Ready(Next::Data(batch, false));
+                        return (Ok(batch), false);
                     }
                 }
                 _ => continue, // empty data or trailers: SSE has neither
             },
             Poll::Ready(Some(Err(e))) => {
                 tracing::debug!(error = %e, "response body failed; closing");
-                return Poll::Ready(Next::Gone);
+                return (Err(()), true);
             }
             // Not polled again after its end: the last frames (if any) and the end in one
             // write.
-            Poll::Ready(None) => return Poll::Ready(Next::Data(batch, true)),
+            Poll::Ready(None) => return (Ok(batch), true),
+            Poll::Pending => return (Ok(batch), false),
+        }
+    }
+}
+
+fn next_event(stream: &TcpStream, body: &mut Body, cx: &mut Context<'_>) -> Poll<Next> {
+    match ready_frames(body, cx) {
+        (Err(()), _) => return Poll::Ready(Next::Gone),
+        (Ok(batch), end) if end || !batch.is_empty() => {
             // The waker is registered: a batch returned now is written, and the body
             // polled again (with this task's waker) before the task sleeps.
-            Poll::Pending if !batch.is_empty() => return Poll::Ready(Next::Data(batch, false)),
-            Poll::Pending => break,
+            return Poll::Ready(Next::Data(batch, end));
         }
+        (Ok(_), _) => {}
     }
     // Bytes a client sends after the head are read and dropped; end of file or an error
     // means it went away.
@@ -966,7 +1004,9 @@ impl AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use http::Response;
+    use std::convert::Infallible;
 
     fn lean(buf: &str) -> Option<Request<Body>> {
         match parse_lean(buf.as_bytes()) {
@@ -1138,6 +1178,84 @@ mod tests {
             "{head}"
         );
         assert!(!head.contains("99"));
+    }
+
+    /// Serves `app` on a loopback port (lean path on) and returns the raw bytes a client
+    /// reads for `GET /events` until the server closes.
+    async fn lean_response(app: Router) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            LeanPath::Events,
+            LIMITS,
+            shutdown.clone(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+            .await
+            .expect("the server closes the stream")
+            .unwrap();
+        shutdown.cancel();
+        let _ = server.await;
+        String::from_utf8(out).unwrap()
+    }
+
+    fn sse_app(body: impl Fn() -> Body + Clone + Send + Sync + 'static) -> Router {
+        Router::new().route(
+            "/events",
+            axum::routing::get(move || {
+                let body = body.clone();
+                async move {
+                    http::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(body())
+                        .unwrap()
+                }
+            }),
+        )
+    }
+
+    const SSE_HEAD: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+    #[tokio::test]
+    async fn frames_ready_with_the_head_are_one_chunk_after_it_and_an_ended_body_closes() {
+        let app = sse_app(|| {
+            let frames = [Bytes::from_static(b"a\n"), Bytes::from_static(b"bc\n")];
+            Body::from_stream(futures::stream::iter(frames.map(Ok::<_, Infallible>)))
+        });
+        assert_eq!(
+            lean_response(app).await,
+            format!("{SSE_HEAD}5\r\na\nbc\n\r\n0\r\n\r\n")
+        );
+        // A body that ends before any frame: the head and the last chunk.
+        let app =
+            sse_app(|| Body::from_stream(futures::stream::empty::<Result<Bytes, Infallible>>()));
+        assert_eq!(lean_response(app).await, format!("{SSE_HEAD}0\r\n\r\n"));
+    }
+
+    #[tokio::test]
+    async fn frames_after_the_head_are_written_by_the_stream_as_they_come() {
+        let app = sse_app(|| {
+            let first = futures::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"init\n"))]);
+            let later = futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(Bytes::from_static(b"later\n"))
+            });
+            Body::from_stream(first.chain(later))
+        });
+        assert_eq!(
+            lean_response(app).await,
+            format!("{SSE_HEAD}5\r\ninit\n\r\n6\r\nlater\n\r\n0\r\n\r\n")
+        );
     }
 
     #[tokio::test]
