@@ -7,8 +7,9 @@
 //! server holds ~20 KiB per idle stream), which would be most of an idle stream's cost.
 //! The lean path reads the request head into a short-lived buffer, runs the request
 //! through the very same axum router (every middleware, extractor and error body is the
-//! same), then writes the response itself: the head once, the body as chunks straight
-//! from the body's `Bytes`, and between frames it holds no buffer at all.
+//! same), then writes the response itself: the head once (in the same write as the
+//! frames the body has ready by then, so an SSE open is one segment), the body as chunks
+//! straight from the body's `Bytes`, and between frames it holds no buffer at all.
 //!
 //! Decisions:
 //! - **Only a connection's first request**, only `GET /events` over HTTP/1.1 with no body
