@@ -435,13 +435,14 @@ async fn respond(
         }
         return Some(body);
     };
-    write_stalling(stream, &[IoSlice::new(&head)]).await.ok()?;
-    // A finite response (an error body): written whole, then the connection closes.
-    if len > 0 {
-        if let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) {
-            let _ = write_stalling(stream, &[IoSlice::new(&bytes)]).await;
-        }
-    }
+    // A finite response (an error body): written whole with its head, then the
+    // connection closes.
+    let bytes = if len > 0 {
+        body.collect().await.ok()?.to_bytes()
+    } else {
+        Bytes::new()
+    };
+    let _ = write_stalling(stream, &[IoSlice::new(&head), IoSlice::new(&bytes)]).await;
     let _ = stream.shutdown().await;
     None
 }
@@ -1241,6 +1242,29 @@ mod tests {
         let app =
             sse_app(|| Body::from_stream(futures::stream::empty::<Result<Bytes, Infallible>>()));
         assert_eq!(lean_response(app).await, format!("{SSE_HEAD}0\r\n\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_finite_answer_on_the_lean_path_is_its_head_and_body_then_a_close() {
+        let app = Router::new().route(
+            "/events",
+            axum::routing::get(|| async {
+                (
+                    http::StatusCode::UNAUTHORIZED,
+                    [("content-type", "application/json")],
+                    r#"{"error":{"code":"missing_token","message":"no"}}"#,
+                )
+            }),
+        );
+        let text = lean_response(app).await;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 401 "), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert_eq!(body, r#"{"error":{"code":"missing_token","message":"no"}}"#);
     }
 
     #[tokio::test]
