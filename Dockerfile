@@ -32,9 +32,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=builder /out/origin /usr/local/bin/origin
 # In a pod the listeners must not be on loopback; the chart sets both addresses too.
+# MIMALLOC_ALLOW_THP=0: 4 KiB pages for the origin even on a node whose transparent huge
+# pages are `always` (the build's `no_thp` covers `madvise`; docs/OPERATIONS.md).
 ENV PUBLIC_ADDR=0.0.0.0:8090 \
     INTERNAL_ADDR=0.0.0.0:8091 \
-    LOG_FORMAT=json
+    LOG_FORMAT=json \
+    MIMALLOC_ALLOW_THP=0
 # public: auth, GraphQL, SSE, /noetl/* (behind the load balancer);
 # internal: callbacks, /metrics, /health, /ready (in-cluster only).
 EXPOSE 8090 8091

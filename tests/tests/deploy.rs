@@ -484,6 +484,8 @@ fn the_image_user_and_ports_are_the_charts_and_the_origins() {
     let image_env = env_of(&df, runtime);
     assert_eq!(image_env["PUBLIC_ADDR"], format!("0.0.0.0:{public}"));
     assert_eq!(image_env["INTERNAL_ADDR"], format!("0.0.0.0:{internal}"));
+    // mimalloc's huge pages off for the process, whatever the node's THP setting.
+    assert_eq!(image_env["MIMALLOC_ALLOW_THP"], "0");
 
     for (name, objects) in renders() {
         let pod = &deployment(&objects)["spec"]["template"]["spec"]["securityContext"];
