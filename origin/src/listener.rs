@@ -423,9 +423,9 @@ async fn respond(
     let Some(len) = exact else {
         // A stream's first frames (its `init`, and a resume's replay when read already)
         // go out with the head: one write, one segment, one wake-up of the client.
-        let (batch, end) =
-            std::future::poll_fn(|cx| Poll::Ready(ready_frames(&mut body, cx))).await;
-        let Ok(batch) = batch else {
+        let Next::Data(batch, end) =
+            std::future::poll_fn(|cx| Poll::Ready(ready_frames(&mut body, cx))).await
+        else {
             return None;
         };
         write_chunks(stream, &head, &batch, end).await.ok()?;
@@ -546,17 +546,18 @@ const MAX_BATCH: usize = 32;
 
 /// What happened next on a streaming connection.
 enum Next {
-    /// Body frames ready now (at most [`MAX_BATCH`], none when the body just ended), and
-    /// whether the body ended after them.
+    /// Body frames ready now (at most [`MAX_BATCH`]; none when the body just ended, and
+    /// none from [`ready_frames`] when nothing was ready), and whether the body ended after
+    /// them.
     Data(Vec<Bytes>, bool),
     /// The client went away, or the body failed: close.
     Gone,
 }
 
-/// The body frames ready now, at most [`MAX_BATCH`], and whether the body ended after
-/// them (then it must not be polled again); `Err` when the body failed. Polls with `cx`,
-/// so the task is woken when more is ready.
-fn ready_frames(body: &mut Body, cx: &mut Context<'_>) -> (Result<Vec<Bytes>, ()>, bool) {
+/// The body frames ready now (at most [`MAX_BATCH`], possibly none) and whether the body
+/// ended after them (then it must not be polled again), or `Gone` when it failed. Polls
+/// with `cx`, so the task is woken when more is ready.
+fn ready_frames(body: &mut Body, cx: &mut Context<'_>) -> Next {
     let mut batch = Vec::new();
     loop {
         match http_body::Body::poll_frame(Pin::new(&mut *body), cx) {
@@ -564,32 +565,30 @@ fn ready_frames(body: &mut Body, cx: &mut Context<'_>) -> (Result<Vec<Bytes>, ()
                 Ok(data) if !data.is_empty() => {
                     batch.push(data);
                     if batch.len() >= MAX_BATCH {
-                        return (Ok(batch), false);
+                        return Next::Data(batch, false);
                     }
                 }
                 _ => continue, // empty data or trailers: SSE has neither
             },
             Poll::Ready(Some(Err(e))) => {
                 tracing::debug!(error = %e, "response body failed; closing");
-                return (Err(()), true);
+                return Next::Gone;
             }
             // Not polled again after its end: the last frames (if any) and the end in one
             // write.
-            Poll::Ready(None) => return (Ok(batch), true),
-            Poll::Pending => return (Ok(batch), false),
+            Poll::Ready(None) => return Next::Data(batch, true),
+            Poll::Pending => return Next::Data(batch, false),
         }
     }
 }
 
 fn next_event(stream: &TcpStream, body: &mut Body, cx: &mut Context<'_>) -> Poll<Next> {
     match ready_frames(body, cx) {
-        (Err(()), _) => return Poll::Ready(Next::Gone),
-        (Ok(batch), end) if end || !batch.is_empty() => {
-            // The waker is registered: a batch returned now is written, and the body
-            // polled again (with this task's waker) before the task sleeps.
-            return Poll::Ready(Next::Data(batch, end));
-        }
-        (Ok(_), _) => {}
+        // Nothing ready and not ended: watch the socket.
+        Next::Data(batch, false) if batch.is_empty() => {}
+        // The waker is registered: a batch returned now is written, and the body polled
+        // again (with this task's waker) before the task sleeps.
+        next => return Poll::Ready(next),
     }
     // Bytes a client sends after the head are read and dropped; end of file or an error
     // means it went away.
