@@ -65,6 +65,13 @@ pub struct ClientRecord {
     /// but not counted until the owner names it again (module docs).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retired: bool,
+    /// A frame id none of the client's frames can be at or below: the bus's position when
+    /// the server made the id (`bus::Subscription::position`). A resume that has read
+    /// nothing yet starts after it (`bus::StartAt::Since`), which lets a replica whose
+    /// router has seen nothing for the client skip reading the stream. Absent in records
+    /// of ids a page proposed, and of older records: they resume as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 impl ClientRecord {
@@ -74,6 +81,7 @@ impl ClientRecord {
             user_id: user_id.to_owned(),
             pending: Vec::new(),
             retired: false,
+            since: None,
         }
     }
 }
@@ -236,23 +244,29 @@ pub async fn create_bounded(
     max: usize,
 ) -> Result<ClientId, CreateError> {
     let id = new_id();
-    create_bounded_as(kv, user_id, max, &id).await?;
+    create_bounded_as(kv, user_id, max, &id, None).await?;
     Ok(id)
 }
 
 /// [`create_bounded`] for an id the caller made with [`new_id`] (the SSE handler
-/// subscribes to it first, so nothing published for it can be missed).
+/// subscribes to it first, so nothing published for it can be missed), recording `since`
+/// ([`ClientRecord::since`]) when the bus gave one.
 pub async fn create_bounded_as(
     kv: &dyn KvStore,
     user_id: &str,
     max: usize,
     id: &ClientId,
+    since: Option<u64>,
 ) -> Result<(), CreateError> {
+    let record = ClientRecord {
+        since,
+        ..ClientRecord::new(user_id)
+    };
     if max == 0 {
-        return Ok(save(kv, id, &ClientRecord::new(user_id)).await?);
+        return Ok(save(kv, id, &record).await?);
     }
     let index = make_room(kv, user_id, max).await?;
-    save(kv, id, &ClientRecord::new(user_id)).await?;
+    save(kv, id, &record).await?;
     add_to_index(kv, user_id, index, id).await?;
     Ok(())
 }

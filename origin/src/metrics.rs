@@ -22,7 +22,7 @@
 //!   `gateway_bridge_naks_total`, `gateway_bridge_reader`.
 //! - `gateway_sse_streams_open`, `gateway_sse_streams_total`,
 //!   `gateway_sse_streams_evicted_total`, `gateway_sse_replayed_frames_total`,
-//!   `gateway_sse_resets_total`.
+//!   `gateway_sse_resets_total`, `gateway_bus_resumes_total{reads}`.
 //! - `gateway_service_request_duration_seconds{service,outcome}` (registered services,
 //!   `crate::services`), `gateway_service_events_total{outcome}`,
 //!   `gateway_questions_total{outcome}` (`crate::questions`).
@@ -184,6 +184,7 @@ pub struct Metrics {
     bus: Histograms<Labels<2>>,
     bridge_events: Family<Labels<1>, Counter>,
     callbacks: Family<Labels<1>, Counter>,
+    bus_resumes: Family<Labels<1>, Counter>,
     jwks_refreshes: Family<Labels<1>, Counter>,
     rate_limited: Family<Labels<1>, Counter>,
     refused: Family<Labels<2>, Counter>,
@@ -339,6 +340,12 @@ impl Metrics {
             "Playbook callbacks by outcome (delivered, duplicate, rejected, kept).",
             callbacks.clone(),
         );
+        let bus_resumes = Family::<Labels<1>, Counter>::default();
+        r.register(
+            "gateway_bus_resumes",
+            "Resumes of a client's frames by what they read: none (the router had seen nothing new for the client), stream.",
+            bus_resumes.clone(),
+        );
         let jwks_refreshes = Family::<Labels<1>, Counter>::default();
         r.register(
             "gateway_jwks_refreshes",
@@ -449,6 +456,7 @@ impl Metrics {
             bus,
             bridge_events,
             callbacks,
+            bus_resumes,
             jwks_refreshes,
             rate_limited,
             refused,
@@ -565,6 +573,14 @@ impl Metrics {
     pub fn callback(&self, outcome: &'static str) {
         if enabled() {
             self.callbacks.get_or_create(&[("outcome", outcome)]).inc();
+        }
+    }
+
+    /// One resume of a client's frames on the NATS bus (a frame id or the client's first
+    /// position to start after) by what it read: `none` or `stream`.
+    pub fn bus_resume(&self, reads: &'static str) {
+        if enabled() {
+            self.bus_resumes.get_or_create(&[("reads", reads)]).inc();
         }
     }
 

@@ -303,6 +303,7 @@ impl Bus for RecordingBus {
             Ok(Subscription {
                 reset: false,
                 frames: futures::stream::empty().boxed(),
+                position: None,
             })
         })
     }

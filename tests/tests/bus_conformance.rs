@@ -556,12 +556,23 @@ async fn publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate(
     // subscription is read as it goes (a reader that waits would lag).
     let done = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
-    for target in [0, 30, 120, 240] {
+    // Each moment also has a resume from the newest frame published so far: whether the
+    // bus's router has been delivered the frames after it yet is exactly what races (the
+    // NATS bus reads nothing when it has seen none of the client's).
+    let targets = [0, 30, 120, 240]
+        .into_iter()
+        .flat_map(|t| [(t, false), (t, true)]);
+    for (target, newest) in targets {
         let deadline = Instant::now() + FRAME_TIMEOUT;
         let resume = loop {
             let so_far = published.lock().expect("no panics while held").clone();
             if so_far.len() >= target {
-                break so_far.get(so_far.len() / 2).map(|(id, _)| *id);
+                let at = if newest {
+                    so_far.iter().map(|(id, _)| *id).max()
+                } else {
+                    so_far.get(so_far.len() / 2).map(|(id, _)| *id)
+                };
+                break at;
             }
             ensure!(
                 Instant::now() < deadline,
@@ -600,7 +611,7 @@ async fn publishers_racing_the_subscribe_call_cause_no_gap_and_no_duplicate(
         let from = match start {
             StartAt::Retained => 0,
             StartAt::After(n) => n,
-            StartAt::Live | StartAt::Unseen => {
+            StartAt::Live | StartAt::Unseen | StartAt::Since(_) => {
                 unreachable!("the readers start from retained frames or an id")
             }
         };
@@ -1189,6 +1200,78 @@ mod nats_only {
             assert_eq!(next_frame(sub).await?, frame(three, "e", "three"));
             assert_quiet(sub).await?;
         }
+        Ok(())
+    }
+
+    /// Resumes on this process's NATS bus by what they read (`gateway_bus_resumes_total`).
+    fn resumes(reads: &str) -> u64 {
+        let text = origin::metrics::global().encode();
+        let series = format!("gateway_bus_resumes_total{{reads=\"{reads}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Publishes to a client nobody else uses on `from` until a stream of it open on `on`
+    /// has the frame: `on`'s router has then been delivered every frame stored before.
+    async fn sync(from: &NatsBus, on: &NatsBus, tag: &str) -> anyhow::Result<()> {
+        let mut sub = on.subscribe(&cid(tag), StartAt::Unseen).await?;
+        let id = from.publish(&cid(tag), "e", b(tag)).await?;
+        ensure!(next_frame(&mut sub).await?.id == id);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resume_with_nothing_new_on_another_replica_reads_nothing_and_misses_nothing(
+    ) -> anyhow::Result<()> {
+        let server = NatsServer::start().await?;
+        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let b_ = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        // A new client on A: its subscription gives the position its record keeps.
+        let fresh = a.subscribe(&cid("fresh"), StartAt::Unseen).await?;
+        let since = fresh
+            .position
+            .context("a NATS subscription of a new id has a position")?;
+        drop(fresh);
+        let one = a.publish(&cid("c"), "e", b("one")).await?;
+        a.publish(&cid("other"), "e", b("x")).await?;
+        let two = a.publish(&cid("c"), "e", b("two")).await?;
+        sync(&a, &b_, "sync1").await?;
+        let (none, stream) = (resumes("none"), resumes("stream"));
+
+        // Nothing new for them on B: no read, and what comes next arrives once, in order.
+        let mut c = b_.subscribe(&cid("c"), StartAt::After(two)).await?;
+        let mut f = b_.subscribe(&cid("fresh"), StartAt::Since(since)).await?;
+        assert!(!c.reset && !f.reset);
+        assert_eq!((resumes("none"), resumes("stream")), (none + 2, stream));
+        let three = a.publish(&cid("c"), "e", b("three")).await?;
+        let first = a.publish(&cid("fresh"), "e", b("first")).await?;
+        assert_eq!(next_frame(&mut c).await?, frame(three, "e", "three"));
+        assert_eq!(next_frame(&mut f).await?, frame(first, "e", "first"));
+        assert_quiet(&mut c).await?;
+        assert_quiet(&mut f).await?;
+
+        // Something new: B reads, and the frames come once each.
+        sync(&a, &b_, "sync2").await?;
+        let mut again = b_.subscribe(&cid("c"), StartAt::After(one)).await?;
+        let mut fresh_again = b_.subscribe(&cid("fresh"), StartAt::Since(since)).await?;
+        assert_eq!((resumes("none"), resumes("stream")), (none + 2, stream + 2));
+        assert!(!again.reset && !fresh_again.reset);
+        assert_eq!(next_ids(&mut again, 2).await?, [two, three]);
+        assert_eq!(
+            next_frame(&mut fresh_again).await?,
+            frame(first, "e", "first")
+        );
+        assert_quiet(&mut again).await?;
+        assert_quiet(&mut fresh_again).await?;
+
+        // An id above what B's router has been delivered may be a frame on its way: read.
+        let ahead = b_
+            .subscribe(&cid("c"), StartAt::After(three + 1_000))
+            .await?;
+        assert!(ahead.reset, "an id the stream never issued");
+        assert_eq!(resumes("stream"), stream + 3);
         Ok(())
     }
 

@@ -487,3 +487,73 @@ async fn a_passing_failure_is_a_stream_that_says_retry_not_an_error_status() {
     })
     .await;
 }
+
+/// A resume on `origin` by what it read (`gateway_bus_resumes_total{reads}`), 0 before any.
+async fn resumes(origin: &Origin, reads: &str) -> u64 {
+    origin
+        .metric(&format!("gateway_bus_resumes_total{{reads=\"{reads}\"}}"))
+        .await
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_client_that_read_only_its_init_frame_resumes_elsewhere_without_a_read_unless_something_came(
+) {
+    let (_nats, standin, origins) = nats_stack(2).await;
+    let (a, b) = (&origins[0], &origins[1]);
+    let token = login(&a.url, &standin, "since@example.com").await;
+    // Two clients open on A and read nothing but their init frames.
+    let (quiet, quiet_id) = {
+        let (sse, init) = native(&format!("{}/events", a.url), &token, None).await;
+        (sse, client_id_of(&init))
+    };
+    let (busy, busy_id) = {
+        let (sse, init) = native(&format!("{}/events", a.url), &token, None).await;
+        (sse, client_id_of(&init))
+    };
+    quiet.close();
+    busy.close();
+    away(a).await;
+    // While they are away, a result for one of them.
+    let (request_id, execution_id) = slow_run(a, &token, &busy_id).await;
+    call_back(a, &request_id, &execution_id, json!({"while": "away"})).await;
+    // B's router has been delivered everything up to here once a later frame reached a
+    // stream on B.
+    let (mut third, init) = native(&format!("{}/events", b.url), &token, None).await;
+    let third_id = client_id_of(&init);
+    through_a_marker(b, &token, &mut third, &third_id).await;
+    let (none_before, stream_before) = (resumes(b, "none").await, resumes(b, "stream").await);
+
+    // EventSource's own retry, on B: `Last-Event-ID` is the init frame's `<id>.0`.
+    let url = format!("{}/events", b.url);
+    let (mut sse, init) = native(&url, &token, Some(&format!("{quiet_id}.0"))).await;
+    assert_eq!(client_id_of(&init), quiet_id, "the same client");
+    assert_eq!(
+        resumes(b, "none").await,
+        none_before + 1,
+        "nothing came for it: B resumed it without reading the stream"
+    );
+    assert_eq!(resumes(b, "stream").await, stream_before);
+    let frames = through_a_marker(b, &token, &mut sse, &quiet_id).await;
+    assert!(
+        frames.iter().all(|f| f.event != "stream/reset"),
+        "no reset, and what comes next is delivered: {frames:?}"
+    );
+    sse.close();
+
+    let (mut sse, init) = native(&url, &token, Some(&format!("{busy_id}.0"))).await;
+    assert_eq!(client_id_of(&init), busy_id);
+    assert_eq!(
+        resumes(b, "stream").await,
+        stream_before + 1,
+        "a frame came for it: B read the stream"
+    );
+    let frames = until_result(&mut sse, &request_id).await;
+    let missed = result_for(&frames, &request_id);
+    assert_eq!(missed.len(), 1, "the missed result, once: {frames:?}");
+    assert_eq!(missed[0].data["params"]["data"], json!({"while": "away"}));
+    assert!(
+        frames.iter().all(|f| f.event != "stream/reset"),
+        "{frames:?}"
+    );
+}

@@ -111,7 +111,7 @@ impl Bus for InstrumentedBus {
         let r = self.inner.subscribe_with(client_id, start, watching).await;
         let op = match start {
             StartAt::Live | StartAt::Unseen => "subscribe",
-            StartAt::Retained | StartAt::After(_) => "replay",
+            StartAt::Retained | StartAt::After(_) | StartAt::Since(_) => "replay",
         };
         metrics::global().observe_bus(op, outcome(&r), t.elapsed());
         r

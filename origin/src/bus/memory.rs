@@ -319,7 +319,7 @@ impl State {
         let client = &self.clients[client_id];
         let logs = || std::iter::once(client).chain(runs.iter().copied());
         let reset = match start {
-            StartAt::Retained | StartAt::Live | StartAt::Unseen => false,
+            StartAt::Retained | StartAt::Live | StartAt::Unseen | StartAt::Since(_) => false,
             StartAt::After(n) => logs().any(|log| needs_reset(n, last_id, forgotten, log)),
         };
         let after = match start {
@@ -595,7 +595,11 @@ impl Bus for MemoryBus {
         let frames = stream::iter(replay.into_iter().map(Ok))
             .chain(live_frames(reg))
             .boxed();
-        Ok(Subscription { reset, frames })
+        Ok(Subscription {
+            reset,
+            frames,
+            position: None,
+        })
     }
 
     async fn is_healthy(&self) -> bool {

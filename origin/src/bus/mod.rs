@@ -89,6 +89,12 @@ pub enum StartAt {
     /// frame from then on is delivered, like [`StartAt::Retained`]. Watching runs is
     /// [`StartAt::Retained`] (their frames predate the client).
     Unseen,
+    /// Every frame still retained for a client none of whose frames can be at or below this
+    /// id — the [`Subscription::position`] of its first, [`StartAt::Unseen`] subscription,
+    /// kept in its record — then live ones: the frames of [`StartAt::Retained`], never a
+    /// reset. The NATS bus reads nothing back when its router has been delivered every frame
+    /// above the id and none of the client's; any other bus takes it as `Retained`.
+    Since(u64),
 }
 
 /// A client's frames: replayed ones first, then live ones, in id order, none twice.
@@ -102,6 +108,11 @@ pub struct Subscription {
     /// live buffer, NATS retention). One `Err` item says why, then the stream ends; the SSE
     /// layer then closes the connection and the client resumes with `Last-Event-ID`.
     pub frames: BoxStream<'static, Result<BusFrame, BusError>>,
+    /// For a [`StartAt::Unseen`] subscription, an id no frame of the client can be at or
+    /// below (the NATS bus's position in the stream when it registered), for the client's
+    /// record: a later resume of the client with nothing read starts there
+    /// ([`StartAt::Since`]). `None` when the bus has none to give.
+    pub position: Option<u64>,
 }
 
 /// How long and how much the bus keeps for replay.

@@ -534,6 +534,13 @@ async fn open_stream(
             } else {
                 Vec::new()
             };
+            // Nothing read yet: everything retained, which for a server-made id is everything
+            // after the position its record keeps (a replica that has seen nothing new for
+            // the client then reads nothing).
+            let start = match (start, claimed.record.since) {
+                (StartAt::Retained, Some(since)) => StartAt::Since(since),
+                (start, _) => start,
+            };
             (
                 id,
                 claimed.record,
@@ -551,7 +558,13 @@ async fn open_stream(
             let id = clients::new_id();
             let sub = subscribe(&state, &id, StartAt::Unseen, &[]).await?;
             let (created, present) = tokio::join!(
-                clients::create_bounded_as(kv, &user.user_id, state.quotas.max_clients, &id),
+                clients::create_bounded_as(
+                    kv,
+                    &user.user_id,
+                    state.quotas.max_clients,
+                    &id,
+                    sub.position
+                ),
                 clients::mark_present(kv, &id)
             );
             created?;

@@ -56,12 +56,26 @@
 //!   not: it handled the frame before (1)) and moves the mark to the stream's end.
 //!   Reads instead of a consumer per client: a reconnect storm (a replica restarting) then
 //!   costs cheap reads rather than thousands of consumer creations through the cluster's
-//!   meta leader, and the common resume ("nothing missed") is one read plus one
-//!   `STREAM.INFO`. A replay costs about one read per frame (bounded by retention). A
+//!   meta leader. A replay costs about one read per frame (bounded by retention). A
 //!   read is a direct get while the stream has one replica, the leader's `STREAM.MSG.GET`
 //!   when it is replicated (`reader`: read-after-write). A new client subscribed before
 //!   its id is stored anywhere ([`StartAt::Unseen`]) reads nothing: no frame can precede
-//!   the registration.
+//!   the registration; its subscription reports the router's position
+//!   ([`Subscription::position`](super::Subscription::position)), which its record keeps
+//!   as the point a resume with nothing read starts after ([`StartAt::Since`]).
+//! - **A resume with nothing new reads nothing** (the common case: a replica restarts, its
+//!   clients come back having read everything). The router keeps a fixed-size index of
+//!   what it has been delivered (`router::Seen`): from the consumer's start — raised past
+//!   any hole — up to its position, the highest sequence of a frame on the client subjects
+//!   that hash to each of 65,536 slots. A resume after `n` ([`StartAt::After`] or
+//!   [`StartAt::Since`]), without runs, while connected, asks it once registered: when `n`
+//!   lies between the start and the position and the client's slot holds nothing above
+//!   `n`, every frame of the client above `n` the stream may hold has yet to reach the
+//!   router, so it will be routed — no read, no `STREAM.INFO`, and no reset (nothing above
+//!   `n` was delivered, so nothing above it can have been dropped unseen: a hole raises
+//!   the start past it, and one that shows later flags the subscription to re-read, as
+//!   for any other). A client sharing a slot with a busier one only costs it the reads.
+//!   Otherwise the reads below decide (`gateway_bus_resumes_total{reads}` counts both).
 //! - **Nothing owed is skipped.** A frame can leave the stream before the router saw it
 //!   only by retention (a subject at `max_messages_per_subject`, or age). While the stream
 //!   holds exactly the two subject trees its sequence has no holes other than deleted
@@ -128,7 +142,7 @@ use std::time::Duration;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use reader::Reader;
-use replay::{start_point, Feed};
+use replay::{nothing_to_read, start_point, Feed};
 pub use router::LIVE_BACKLOG;
 use router::{watch_connects, Registration, Router, RouterTask};
 use stream::{config_mismatches, covers, exact, stream_config, stream_info};
@@ -482,10 +496,33 @@ impl Bus for NatsBus {
         // Registered before the stream is read: a frame the router handles from now on is
         // routed here, one it handled before was stored before the reads (module docs).
         let watching = super::newest_watches(watching);
-        let reg = Registration::new(router, client_id, watching);
+        let reg = Registration::new(router.clone(), client_id, watching);
+        let position = router.seen_position();
         let runs: Vec<String> = watching.iter().map(|e| runs_subject(e.as_str())).collect();
-        let (reset, last, sources, mark) =
-            start_point(&self.reader, &subject, &runs, start).await?;
+        // A resume whose client has nothing new since its id or the frame it names — the
+        // router, registered with, was delivered every frame above it and none of the
+        // client's — reads nothing: every later frame is routed (the router's `Seen`).
+        // Only while connected: without a server, a subscription fails as unavailable.
+        let seen_nothing = match start {
+            StartAt::After(n) | StartAt::Since(n)
+                if runs.is_empty() && self.client.connection_state() == State::Connected =>
+            {
+                router.nothing_seen_above(client_id.as_str(), n)
+            }
+            _ => false,
+        };
+        let (reset, last, sources, mark) = match start {
+            StartAt::After(n) | StartAt::Since(n) if seen_nothing => {
+                crate::metrics::global().bus_resume("none");
+                nothing_to_read(&subject, n)
+            }
+            _ => {
+                if matches!(start, StartAt::After(_) | StartAt::Since(_)) {
+                    crate::metrics::global().bus_resume("stream");
+                }
+                start_point(&self.reader, &subject, &runs, start).await?
+            }
+        };
         let feed = Feed::new(
             reg,
             self.reader.clone(),
@@ -499,7 +536,13 @@ impl Bus for NatsBus {
             Some((item, feed))
         })
         .boxed();
-        Ok(Subscription { reset, frames })
+        Ok(Subscription {
+            reset,
+            frames,
+            position: matches!(start, StartAt::Unseen)
+                .then_some(position)
+                .flatten(),
+        })
     }
 
     async fn is_healthy(&self) -> bool {

@@ -200,6 +200,14 @@ impl Source {
     }
 }
 
+/// The start point of a subscription with nothing to read: every frame of the client above
+/// `after` the stream may hold will be routed to it (the router's `Seen` index said so
+/// after the subscription registered). The state a read that found nothing leaves.
+pub(super) fn nothing_to_read(subject: &str, after: u64) -> (bool, u64, Vec<Source>, Option<u64>) {
+    let source = Source::seeded(subject.to_owned(), after, None);
+    (false, after, vec![source], None)
+}
+
 /// Where a subscription starts: `(reset, the id every later frame is above, the sources
 /// to read, the catch-up's mark)`. `subject` is the client's, `runs` the watched runs'
 /// subjects. The mark is `u64::MAX` ("to the end") with one source, or the stream's last
@@ -255,7 +263,7 @@ pub(super) async fn start_point(
             sources.push(Source::seeded(subject.to_owned(), 0, None));
             return Ok((false, 0, sources, None));
         }
-        StartAt::Retained | StartAt::Unseen => (false, 0, 0),
+        StartAt::Retained | StartAt::Unseen | StartAt::Since(_) => (false, 0, 0),
     };
     let mut last = last;
     if sources.is_empty() {

@@ -98,6 +98,78 @@ impl Default for Router {
     }
 }
 
+/// Slots of the [`Seen`] index (a power of two): 512 KiB of `u64`s per replica.
+const SEEN_SLOTS: usize = 1 << 16;
+
+/// What the router has been delivered of the clients' subjects, so that a resume whose
+/// client has nothing new here needs no read of the stream (`subscribe_with`).
+///
+/// Every frame of the stream above `horizon` has been delivered to the router, up to
+/// `position` — except frames that left the stream before they were delivered, which show
+/// as a hole in the sequence and raise the horizon past them. For each slot (a hash of a
+/// client id) it keeps the highest sequence of a frame on a client subject hashing to it,
+/// control frames included. Two clients sharing a slot only cost the one with the lower
+/// last frame a read it could have skipped; the table has a fixed size whatever the number
+/// of clients.
+#[derive(Default)]
+pub(super) struct Seen {
+    /// `None` until the consumer runs, and on a stream with wider subjects (the router cannot
+    /// see holes there): the index then answers nothing.
+    horizon: Option<u64>,
+    /// The highest sequence delivered to the router.
+    position: u64,
+    slots: Vec<u64>,
+}
+
+fn seen_slot(client_id: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    client_id.hash(&mut h);
+    (h.finish() as usize) & (SEEN_SLOTS - 1)
+}
+
+impl Seen {
+    /// The consumer (re)starts at `start`: frames below it were not delivered to this one.
+    fn start(&mut self, start: u64) {
+        if self.slots.is_empty() {
+            self.slots = vec![0; SEEN_SLOTS];
+        }
+        self.horizon = Some(start.saturating_sub(1));
+        self.position = start.saturating_sub(1);
+    }
+
+    /// Frames below `seq` that were never delivered left the stream first: what they held
+    /// is unknown.
+    fn hole_before(&mut self, seq: u64) {
+        if let Some(h) = self.horizon.as_mut() {
+            *h = (*h).max(seq.saturating_sub(1));
+        }
+    }
+
+    /// A frame delivered to the router; `client_id` when it is on a client's subject.
+    fn saw(&mut self, seq: u64, client_id: Option<&str>) {
+        self.position = self.position.max(seq);
+        if let (Some(c), false) = (client_id, self.slots.is_empty()) {
+            let slot = &mut self.slots[seen_slot(c)];
+            *slot = (*slot).max(seq);
+        }
+    }
+
+    /// True when every frame of `client_id` above `after` the stream may hold is one the
+    /// router has not been delivered yet — so a subscription registered before this call
+    /// is routed every one of them, and nothing needs reading: `after` is at or above the
+    /// horizon and at or below the position (an id the stream issued), and no frame of the
+    /// client's slot above `after` was delivered.
+    fn nothing_above(&self, client_id: &str, after: u64) -> bool {
+        match self.horizon {
+            Some(h) if h <= after && after <= self.position => {
+                self.slots[seen_slot(client_id)] <= after
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Table {
     /// Client id → the inboxes of its subscriptions open here.
@@ -108,6 +180,8 @@ pub(super) struct Table {
     pub(super) runs: HashMap<String, HashMap<usize, Arc<Inbox>>>,
     /// Inbox address → the runs it watches (oldest first), so it can leave them.
     watching: HashMap<usize, Vec<String>>,
+    /// What the router has been delivered of the clients' subjects.
+    seen: Seen,
 }
 
 fn key(inbox: &Arc<Inbox>) -> usize {
@@ -172,7 +246,8 @@ impl Router {
     /// Hands a client's frame to every subscription of the client open here.
     fn route(&self, client_id: &str, frame: BusFrame) {
         let backlog = self.backlog.load(Ordering::Relaxed);
-        let table = self.lock();
+        let mut table = self.lock();
+        table.seen.saw(frame.id, Some(client_id));
         push_all(
             table.subs.get(client_id).into_iter().flatten(),
             &frame,
@@ -183,7 +258,8 @@ impl Router {
     /// Hands a run's frame to every subscription watching the run.
     fn route_run(&self, execution_id: &str, frame: BusFrame) {
         let backlog = self.backlog.load(Ordering::Relaxed);
-        let table = self.lock();
+        let mut table = self.lock();
+        table.seen.saw(frame.id, None);
         let watchers = table
             .runs
             .get(execution_id)
@@ -194,8 +270,9 @@ impl Router {
 
     /// A `gw/watch` control frame: every subscription of the client open here watches the
     /// run from now on.
-    fn watch_for_client(&self, client_id: &str, execution_id: &str) {
+    fn watch_for_client(&self, seq: u64, client_id: &str, execution_id: &str) {
         let mut table = self.lock();
+        table.seen.saw(seq, Some(client_id));
         let inboxes = table.subs.get(client_id).cloned().unwrap_or_default();
         for inbox in &inboxes {
             table.watch(inbox, execution_id);
@@ -207,6 +284,19 @@ impl Router {
         for inbox in table.subs.values().flatten() {
             inbox.flag(&f);
         }
+    }
+
+    /// True when a subscription of `client_id` registered before this call is routed every
+    /// frame of the client above `after` the stream may hold, so it needs no read ([`Seen`]).
+    pub(super) fn nothing_seen_above(&self, client_id: &str, after: u64) -> bool {
+        self.lock().seen.nothing_above(client_id, after)
+    }
+
+    /// The highest stream sequence delivered to the router, if it has seen every frame above
+    /// its start ([`Seen`]).
+    pub(super) fn seen_position(&self) -> Option<u64> {
+        let table = self.lock();
+        table.seen.horizon.map(|_| table.seen.position)
     }
 
     /// Ends every current subscription (the consumer stopped or lost continuity); later
@@ -350,6 +440,9 @@ impl RouterTask {
         futures::pin_mut!(messages);
         // Subscriptions from here on see every frame stored from `start` on.
         self.connects.borrow_and_update();
+        if self.exact_subjects {
+            self.router.lock().seen.start(start);
+        }
         self.router.up.send_replace(true);
         let mut position = start - 1;
         loop {
@@ -388,7 +481,9 @@ impl RouterTask {
                         if self.exact_subjects && seq != position + 1 {
                             // Frames left the stream before they were delivered (a full
                             // subject, or expiry): every subscription re-reads with the
-                            // drop check before trusting later frames.
+                            // drop check before trusting later frames. The index forgets
+                            // the hole first, so a later resume reads instead of trusting it.
+                            self.router.lock().seen.hole_before(seq);
                             self.router.flag_all(|s| s.recheck = true);
                         }
                         position = seq;
@@ -400,7 +495,7 @@ impl RouterTask {
                         if let Some(client_id) = subject.strip_prefix(FRAMES_PREFIX) {
                             if event.as_str() == WATCH_EVENT {
                                 match std::str::from_utf8(&m.payload) {
-                                    Ok(run) if ExecutionId::is_valid(run) => self.router.watch_for_client(client_id, run),
+                                    Ok(run) if ExecutionId::is_valid(run) => self.router.watch_for_client(seq, client_id, run),
                                     _ => tracing::warn!(subject, seq, "{WATCH_EVENT} frame without a valid execution id; skipped"),
                                 }
                                 continue;
@@ -459,7 +554,7 @@ mod tests {
         let b = Registration::new(router.clone(), &cid("b"), &[]);
         let c = Registration::new(router.clone(), &cid("c"), &[]);
         // b's watch arrives as a control frame; c watches nothing.
-        router.watch_for_client("b", "77");
+        router.watch_for_client(4, "b", "77");
         router.route_run("77", frame(5));
         for reg in [&a, &b] {
             assert!(matches!(reg.inbox.take(), Taken::Frame(f) if f.id == 5));
@@ -509,6 +604,72 @@ mod tests {
         assert_eq!(watching.len(), MAX_WATCHED_PER_SUBSCRIPTION);
         assert_eq!(watching[0], "1", "the oldest, 0, was dropped");
         assert!(!router.lock().runs.contains_key("0"));
+    }
+
+    /// Two client ids in different slots of the [`Seen`] index.
+    fn two_slots() -> (&'static str, &'static str) {
+        let (a, b) = ("seen-a", "seen-b");
+        assert_ne!(seen_slot(a), seen_slot(b), "pick other ids");
+        (a, b)
+    }
+
+    #[test]
+    fn the_seen_index_answers_only_between_its_horizon_and_its_position() {
+        let (a, _) = two_slots();
+        let mut seen = Seen::default();
+        assert!(!seen.nothing_above(a, 0), "no consumer yet: no answer");
+        seen.start(10);
+        assert!(
+            seen.nothing_above(a, 9),
+            "everything above 9 is still to come"
+        );
+        assert!(
+            !seen.nothing_above(a, 8),
+            "frame 9 went by before the consumer started"
+        );
+        assert!(
+            !seen.nothing_above(a, 10),
+            "an id above the position may be a frame not delivered yet"
+        );
+        seen.saw(10, None);
+        seen.saw(11, Some("someone-else"));
+        assert!(seen.nothing_above(a, 9) && seen.nothing_above(a, 11));
+    }
+
+    #[test]
+    fn the_seen_index_reads_for_a_client_with_a_frame_above_the_id_and_after_a_hole() {
+        let (a, b) = two_slots();
+        let mut seen = Seen::default();
+        seen.start(1);
+        seen.saw(5, Some(a));
+        seen.saw(6, Some(b));
+        assert!(!seen.nothing_above(a, 4), "frame 5 is a's");
+        assert!(seen.nothing_above(a, 5), "a resume from a's last frame");
+        assert!(seen.nothing_above(a, 6));
+        assert!(!seen.nothing_above(b, 5) && seen.nothing_above(b, 6));
+        // Frames 7..=9 left the stream before they were delivered: whose they were is
+        // unknown, so every resume from below them reads.
+        seen.hole_before(10);
+        seen.saw(10, None);
+        assert!(!seen.nothing_above(a, 6) && !seen.nothing_above(b, 6));
+        assert!(seen.nothing_above(a, 9) && seen.nothing_above(b, 10));
+        // A restart of the consumer forgets what went by meanwhile, not what it saw.
+        seen.start(20);
+        assert!(!seen.nothing_above(a, 10));
+        assert!(seen.nothing_above(a, 19));
+    }
+
+    #[test]
+    fn routed_frames_and_watch_frames_feed_the_seen_index() {
+        let (a, b) = two_slots();
+        let router = Arc::new(Router::default());
+        router.lock().seen.start(1);
+        router.route(a, frame(3));
+        router.watch_for_client(4, b, "77");
+        router.route_run("77", frame(5));
+        assert_eq!(router.seen_position(), Some(5));
+        assert!(!router.nothing_seen_above(a, 2) && router.nothing_seen_above(a, 3));
+        assert!(!router.nothing_seen_above(b, 3) && router.nothing_seen_above(b, 4));
     }
 
     #[test]
