@@ -1272,6 +1272,38 @@ mod nats_only {
             .await?;
         assert!(ahead.reset, "an id the stream never issued");
         assert_eq!(resumes("stream"), stream + 3);
+
+        // A client watching a run: the run's frames count too.
+        let run = eid("9");
+        let watching = std::slice::from_ref(&run);
+        let r1 = a.publish_run(&run, "e", b("r1"), "r1").await?;
+        sync(&a, &b_, "sync3").await?;
+        let mut w = b_
+            .subscribe_with(&cid("w"), StartAt::After(r1), watching)
+            .await?;
+        assert_eq!(
+            resumes("none"),
+            none + 3,
+            "nothing above r1 for w or its run"
+        );
+        let r2 = a.publish_run(&run, "e", b("r2"), "r2").await?;
+        assert_eq!(next_frame(&mut w).await?, frame(r2, "e", "r2"));
+        assert_quiet(&mut w).await?;
+        sync(&a, &b_, "sync4").await?;
+        let mut w_again = b_
+            .subscribe_with(&cid("w"), StartAt::After(r1), watching)
+            .await?;
+        assert_eq!(resumes("stream"), stream + 4, "r2 is above r1: read");
+        assert_eq!(next_frame(&mut w_again).await?, frame(r2, "e", "r2"));
+        let since_with_run = b_
+            .subscribe_with(&cid("w"), StartAt::Since(r2), watching)
+            .await?;
+        drop(since_with_run);
+        assert_eq!(
+            resumes("stream"),
+            stream + 5,
+            "`Since` owes a run's older frames: read"
+        );
         Ok(())
     }
 

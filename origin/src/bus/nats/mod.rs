@@ -66,15 +66,17 @@
 //! - **A resume with nothing new reads nothing** (the common case: a replica restarts, its
 //!   clients come back having read everything). The router keeps a fixed-size index of
 //!   what it has been delivered (`router::Seen`): from the consumer's start — raised past
-//!   any hole — up to its position, the highest sequence of a frame on the client subjects
-//!   that hash to each of 65,536 slots. A resume after `n` ([`StartAt::After`] or
-//!   [`StartAt::Since`]), without runs, while connected, asks it once registered: when `n`
-//!   lies between the start and the position and the client's slot holds nothing above
-//!   `n`, every frame of the client above `n` the stream may hold has yet to reach the
-//!   router, so it will be routed — no read, no `STREAM.INFO`, and no reset (nothing above
-//!   `n` was delivered, so nothing above it can have been dropped unseen: a hole raises
-//!   the start past it, and one that shows later flags the subscription to re-read, as
-//!   for any other). A client sharing a slot with a busier one only costs it the reads.
+//!   any hole — up to its position, the highest sequence of a frame on the subjects (a
+//!   client's or a run's) that hash to each of 65,536 slots. A resume after `n`
+//!   ([`StartAt::After`], with the runs the client watches; [`StartAt::Since`], without
+//!   runs: it owes a run's older frames), while connected, asks it once registered: when
+//!   `n` lies between the start and the position and none of its subjects' slots holds a
+//!   frame above `n`, every frame above `n` the stream may hold for it has yet to reach
+//!   the router, so it will be routed — no read, no `STREAM.INFO`, and no reset (nothing
+//!   above `n` was delivered, so nothing above it can have been dropped unseen: a hole
+//!   raises the start past it, and one that shows later flags the subscription to re-read,
+//!   as for any other). A subject sharing a slot with a busier one only costs the resume
+//!   its reads (~14 % of 10k resumes in `bench-peers --figures 5 --storm-read-all`).
 //!   Otherwise the reads below decide (`gateway_bus_resumes_total{reads}` counts both).
 //! - **Nothing owed is skipped.** A frame can leave the stream before the router saw it
 //!   only by retention (a subject at `max_messages_per_subject`, or age). While the stream
@@ -503,18 +505,21 @@ impl Bus for NatsBus {
         // router, registered with, was delivered every frame above it and none of the
         // client's — reads nothing: every later frame is routed (the router's `Seen`).
         // Only while connected: without a server, a subscription fails as unavailable.
+        // `Since` owes a watched run's frames from before the client existed: not with runs.
+        let connected = self.client.connection_state() == State::Connected;
         let seen_nothing = match start {
-            StartAt::After(n) | StartAt::Since(n)
-                if runs.is_empty() && self.client.connection_state() == State::Connected =>
-            {
-                router.nothing_seen_above(client_id.as_str(), n)
+            StartAt::After(n) if connected => {
+                router.nothing_seen_above(client_id.as_str(), watching, n)
+            }
+            StartAt::Since(n) if connected && watching.is_empty() => {
+                router.nothing_seen_above(client_id.as_str(), &[], n)
             }
             _ => false,
         };
         let (reset, last, sources, mark) = match start {
             StartAt::After(n) | StartAt::Since(n) if seen_nothing => {
                 crate::metrics::global().bus_resume("none");
-                nothing_to_read(&subject, n)
+                nothing_to_read(&subject, &runs, n)
             }
             _ => {
                 if matches!(start, StartAt::After(_) | StartAt::Since(_)) {

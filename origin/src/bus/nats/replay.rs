@@ -200,12 +200,20 @@ impl Source {
     }
 }
 
-/// The start point of a subscription with nothing to read: every frame of the client above
-/// `after` the stream may hold will be routed to it (the router's `Seen` index said so
-/// after the subscription registered). The state a read that found nothing leaves.
-pub(super) fn nothing_to_read(subject: &str, after: u64) -> (bool, u64, Vec<Source>, Option<u64>) {
-    let source = Source::seeded(subject.to_owned(), after, None);
-    (false, after, vec![source], None)
+/// The start point of a subscription with nothing to read: every frame of the client and of
+/// its `runs` above `after` the stream may hold will be routed to it (the router's `Seen`
+/// index said so after the subscription registered). The state reads that found nothing
+/// leave, every source done: a recheck reads them all from `after`, with the drop check.
+pub(super) fn nothing_to_read(
+    subject: &str,
+    runs: &[String],
+    after: u64,
+) -> (bool, u64, Vec<Source>, Option<u64>) {
+    let sources = std::iter::once(subject)
+        .chain(runs.iter().map(String::as_str))
+        .map(|s| Source::seeded(s.to_owned(), after, None))
+        .collect();
+    (false, after, sources, None)
 }
 
 /// Where a subscription starts: `(reset, the id every later frame is above, the sources

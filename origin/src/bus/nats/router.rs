@@ -101,16 +101,16 @@ impl Default for Router {
 /// Slots of the [`Seen`] index (a power of two): 512 KiB of `u64`s per replica.
 const SEEN_SLOTS: usize = 1 << 16;
 
-/// What the router has been delivered of the clients' subjects, so that a resume whose
-/// client has nothing new here needs no read of the stream (`subscribe_with`).
+/// What the router has been delivered of the clients' and the runs' subjects, so that a
+/// resume with nothing new here needs no read of the stream (`subscribe_with`).
 ///
 /// Every frame of the stream above `horizon` has been delivered to the router, up to
 /// `position` — except frames that left the stream before they were delivered, which show
 /// as a hole in the sequence and raise the horizon past them. For each slot (a hash of a
-/// client id) it keeps the highest sequence of a frame on a client subject hashing to it,
-/// control frames included. Two clients sharing a slot only cost the one with the lower
-/// last frame a read it could have skipped; the table has a fixed size whatever the number
-/// of clients.
+/// subject: a client's or a run's) it keeps the highest sequence of a frame on a subject
+/// hashing to it, control frames included. Two subjects sharing a slot only cost the one
+/// with the lower last frame a read it could have skipped; the table has a fixed size
+/// whatever the number of clients and runs.
 #[derive(Default)]
 pub(super) struct Seen {
     /// `None` until the consumer runs, and on a stream with wider subjects (the router cannot
@@ -121,10 +121,22 @@ pub(super) struct Seen {
     slots: Vec<u64>,
 }
 
-fn seen_slot(client_id: &str) -> usize {
+/// Whose subject a frame is on, for the [`Seen`] index.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Subject<'a> {
+    /// `gateway.clients.<id>`.
+    Client(&'a str),
+    /// `gateway.executions.<id>`.
+    Run(&'a str),
+}
+
+fn seen_slot(subject: Subject<'_>) -> usize {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    client_id.hash(&mut h);
+    match subject {
+        Subject::Client(id) => (0u8, id).hash(&mut h),
+        Subject::Run(id) => (1u8, id).hash(&mut h),
+    }
     (h.finish() as usize) & (SEEN_SLOTS - 1)
 }
 
@@ -146,24 +158,28 @@ impl Seen {
         }
     }
 
-    /// A frame delivered to the router; `client_id` when it is on a client's subject.
-    fn saw(&mut self, seq: u64, client_id: Option<&str>) {
+    /// A frame delivered to the router, on `subject`.
+    fn saw(&mut self, seq: u64, subject: Subject<'_>) {
         self.position = self.position.max(seq);
-        if let (Some(c), false) = (client_id, self.slots.is_empty()) {
-            let slot = &mut self.slots[seen_slot(c)];
+        if !self.slots.is_empty() {
+            let slot = &mut self.slots[seen_slot(subject)];
             *slot = (*slot).max(seq);
         }
     }
 
-    /// True when every frame of `client_id` above `after` the stream may hold is one the
-    /// router has not been delivered yet — so a subscription registered before this call
-    /// is routed every one of them, and nothing needs reading: `after` is at or above the
-    /// horizon and at or below the position (an id the stream issued), and no frame of the
-    /// client's slot above `after` was delivered.
-    fn nothing_above(&self, client_id: &str, after: u64) -> bool {
+    /// True when every frame on `subjects` above `after` the stream may hold is one the
+    /// router has not been delivered yet — so a subscription to them registered before this
+    /// call is routed every one of them, and nothing needs reading: `after` is at or above
+    /// the horizon and at or below the position (an id the stream issued), and no frame of
+    /// their slots above `after` was delivered.
+    fn nothing_above<'a>(
+        &self,
+        mut subjects: impl Iterator<Item = Subject<'a>>,
+        after: u64,
+    ) -> bool {
         match self.horizon {
             Some(h) if h <= after && after <= self.position => {
-                self.slots[seen_slot(client_id)] <= after
+                subjects.all(|s| self.slots[seen_slot(s)] <= after)
             }
             _ => false,
         }
@@ -247,7 +263,7 @@ impl Router {
     fn route(&self, client_id: &str, frame: BusFrame) {
         let backlog = self.backlog.load(Ordering::Relaxed);
         let mut table = self.lock();
-        table.seen.saw(frame.id, Some(client_id));
+        table.seen.saw(frame.id, Subject::Client(client_id));
         push_all(
             table.subs.get(client_id).into_iter().flatten(),
             &frame,
@@ -259,7 +275,7 @@ impl Router {
     fn route_run(&self, execution_id: &str, frame: BusFrame) {
         let backlog = self.backlog.load(Ordering::Relaxed);
         let mut table = self.lock();
-        table.seen.saw(frame.id, None);
+        table.seen.saw(frame.id, Subject::Run(execution_id));
         let watchers = table
             .runs
             .get(execution_id)
@@ -272,7 +288,7 @@ impl Router {
     /// run from now on.
     fn watch_for_client(&self, seq: u64, client_id: &str, execution_id: &str) {
         let mut table = self.lock();
-        table.seen.saw(seq, Some(client_id));
+        table.seen.saw(seq, Subject::Client(client_id));
         let inboxes = table.subs.get(client_id).cloned().unwrap_or_default();
         for inbox in &inboxes {
             table.watch(inbox, execution_id);
@@ -286,10 +302,18 @@ impl Router {
         }
     }
 
-    /// True when a subscription of `client_id` registered before this call is routed every
-    /// frame of the client above `after` the stream may hold, so it needs no read ([`Seen`]).
-    pub(super) fn nothing_seen_above(&self, client_id: &str, after: u64) -> bool {
-        self.lock().seen.nothing_above(client_id, after)
+    /// True when a subscription of `client_id` watching `runs`, registered before this call,
+    /// is routed every frame of the client and of those runs above `after` the stream may
+    /// hold, so it needs no read ([`Seen`]).
+    pub(super) fn nothing_seen_above(
+        &self,
+        client_id: &str,
+        runs: &[ExecutionId],
+        after: u64,
+    ) -> bool {
+        let subjects = std::iter::once(Subject::Client(client_id))
+            .chain(runs.iter().map(|r| Subject::Run(r.as_str())));
+        self.lock().seen.nothing_above(subjects, after)
     }
 
     /// The highest stream sequence delivered to the router, if it has seen every frame above
@@ -606,70 +630,88 @@ mod tests {
         assert!(!router.lock().runs.contains_key("0"));
     }
 
-    /// Two client ids in different slots of the [`Seen`] index.
-    fn two_slots() -> (&'static str, &'static str) {
-        let (a, b) = ("seen-a", "seen-b");
-        assert_ne!(seen_slot(a), seen_slot(b), "pick other ids");
-        (a, b)
+    /// Two client ids and a run whose subjects are in three different slots of [`Seen`].
+    fn three_slots() -> (&'static str, &'static str, &'static str) {
+        let (a, b, run) = ("seen-a", "seen-b", "77");
+        let slots = [
+            seen_slot(Subject::Client(a)),
+            seen_slot(Subject::Client(b)),
+            seen_slot(Subject::Run(run)),
+        ];
+        assert!(
+            slots[0] != slots[1] && slots[1] != slots[2] && slots[0] != slots[2],
+            "pick other ids"
+        );
+        (a, b, run)
+    }
+
+    fn client(seen: &Seen, id: &str, after: u64) -> bool {
+        seen.nothing_above(std::iter::once(Subject::Client(id)), after)
     }
 
     #[test]
     fn the_seen_index_answers_only_between_its_horizon_and_its_position() {
-        let (a, _) = two_slots();
+        let (a, _, _) = three_slots();
         let mut seen = Seen::default();
-        assert!(!seen.nothing_above(a, 0), "no consumer yet: no answer");
+        assert!(!client(&seen, a, 0), "no consumer yet: no answer");
         seen.start(10);
+        assert!(client(&seen, a, 9), "everything above 9 is still to come");
         assert!(
-            seen.nothing_above(a, 9),
-            "everything above 9 is still to come"
-        );
-        assert!(
-            !seen.nothing_above(a, 8),
+            !client(&seen, a, 8),
             "frame 9 went by before the consumer started"
         );
         assert!(
-            !seen.nothing_above(a, 10),
+            !client(&seen, a, 10),
             "an id above the position may be a frame not delivered yet"
         );
-        seen.saw(10, None);
-        seen.saw(11, Some("someone-else"));
-        assert!(seen.nothing_above(a, 9) && seen.nothing_above(a, 11));
+        seen.saw(10, Subject::Run("1"));
+        seen.saw(11, Subject::Client("someone-else"));
+        assert!(client(&seen, a, 9) && client(&seen, a, 11));
     }
 
     #[test]
-    fn the_seen_index_reads_for_a_client_with_a_frame_above_the_id_and_after_a_hole() {
-        let (a, b) = two_slots();
+    fn the_seen_index_reads_for_a_subject_with_a_frame_above_the_id_and_after_a_hole() {
+        let (a, b, run) = three_slots();
         let mut seen = Seen::default();
         seen.start(1);
-        seen.saw(5, Some(a));
-        seen.saw(6, Some(b));
-        assert!(!seen.nothing_above(a, 4), "frame 5 is a's");
-        assert!(seen.nothing_above(a, 5), "a resume from a's last frame");
-        assert!(seen.nothing_above(a, 6));
-        assert!(!seen.nothing_above(b, 5) && seen.nothing_above(b, 6));
-        // Frames 7..=9 left the stream before they were delivered: whose they were is
+        seen.saw(5, Subject::Client(a));
+        seen.saw(6, Subject::Client(b));
+        seen.saw(7, Subject::Run(run));
+        assert!(!client(&seen, a, 4), "frame 5 is a's");
+        assert!(client(&seen, a, 5), "a resume from a's last frame");
+        assert!(!client(&seen, b, 5) && client(&seen, b, 6));
+        // A client watching the run: its frames count too.
+        let with_run = |c, after| {
+            seen.nothing_above([Subject::Client(c), Subject::Run(run)].into_iter(), after)
+        };
+        assert!(!with_run(a, 6), "frame 7 is the run's");
+        assert!(with_run(a, 7) && with_run(b, 7));
+        // Frames 8..=9 left the stream before they were delivered: whose they were is
         // unknown, so every resume from below them reads.
         seen.hole_before(10);
-        seen.saw(10, None);
-        assert!(!seen.nothing_above(a, 6) && !seen.nothing_above(b, 6));
-        assert!(seen.nothing_above(a, 9) && seen.nothing_above(b, 10));
+        seen.saw(10, Subject::Run("1"));
+        assert!(!client(&seen, a, 7) && !client(&seen, b, 7));
+        assert!(client(&seen, a, 9) && client(&seen, b, 10));
         // A restart of the consumer forgets what went by meanwhile, not what it saw.
         seen.start(20);
-        assert!(!seen.nothing_above(a, 10));
-        assert!(seen.nothing_above(a, 19));
+        assert!(!client(&seen, a, 10));
+        assert!(client(&seen, a, 19));
     }
 
     #[test]
     fn routed_frames_and_watch_frames_feed_the_seen_index() {
-        let (a, b) = two_slots();
+        let (a, b, run) = three_slots();
         let router = Arc::new(Router::default());
         router.lock().seen.start(1);
+        let run_id = ExecutionId::parse(run).expect("valid");
         router.route(a, frame(3));
-        router.watch_for_client(4, b, "77");
-        router.route_run("77", frame(5));
+        router.watch_for_client(4, b, run);
+        router.route_run(run, frame(5));
         assert_eq!(router.seen_position(), Some(5));
-        assert!(!router.nothing_seen_above(a, 2) && router.nothing_seen_above(a, 3));
-        assert!(!router.nothing_seen_above(b, 3) && router.nothing_seen_above(b, 4));
+        assert!(!router.nothing_seen_above(a, &[], 2) && router.nothing_seen_above(a, &[], 3));
+        assert!(!router.nothing_seen_above(b, &[], 3) && router.nothing_seen_above(b, &[], 4));
+        let runs = std::slice::from_ref(&run_id);
+        assert!(!router.nothing_seen_above(b, runs, 4) && router.nothing_seen_above(b, runs, 5));
     }
 
     #[test]

@@ -109,6 +109,11 @@ pub(crate) struct Args {
     /// Figure 5: reconnects at once.
     #[arg(long, default_value_t = 512)]
     storm_concurrency: usize,
+    /// Figure 5: every client (not only the `--storm-missed` ones) reads a result on
+    /// replica A before the kill, so every one comes back with a frame id — a replica's
+    /// clients as they usually are, having read what they were sent.
+    #[arg(long)]
+    storm_read_all: bool,
     /// Figure 6: seconds of the soak.
     #[arg(long, default_value_t = 600.0)]
     soak_secs: f64,
@@ -486,6 +491,11 @@ fn print_storm(args: &Args, s: &storm::StormResult, results: &[RoundResult]) {
     );
     if let Some(e) = &s.first_error {
         println!("  first error: {e}");
+    }
+    if let Some((none, stream)) = s.resumes {
+        println!(
+            "  replica B's resumes: {none} read nothing from the stream, {stream} read it (gateway_bus_resumes_total)"
+        );
     }
     let mut nchan: Vec<f64> = results
         .iter()

@@ -3,7 +3,9 @@
 //! killed (SIGKILL); while the clients are away their callbacks go to replica B; then all N
 //! reconnect to B at once (`--storm-concurrency`) with `?client_id=` and the last frame id
 //! each read (`last_event_id=`, the `Last-Event-ID` header's query twin). Reported: connects/s
-//! of the storm, and per client whether it read what it missed (by payload), once.
+//! of the storm, and per client whether it read what it missed (by payload), once. With
+//! `--storm-read-all` every client reads a result on A first, so every one resumes after
+//! a frame id (most with nothing new: the common case after a replica dies).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,9 @@ pub(crate) struct StormResult {
     pub(crate) read_before: usize,
     /// Listen-queue overflows (system-wide) during the storm.
     pub(crate) overflows: u64,
+    /// Replica B's resumes by what they read (`gateway_bus_resumes_total{reads}`): none,
+    /// and the stream; `None` when B did not say.
+    pub(crate) resumes: Option<(u64, u64)>,
 }
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
@@ -48,6 +53,20 @@ pub(crate) fn encode(v: &str) -> String {
             }
         })
         .collect()
+}
+
+/// `origin`'s resumes by what they read: (none, stream).
+async fn resumes_on(gw: &Gateway) -> Option<(u64, u64)> {
+    let read = |r: &'static str| {
+        let origin = &gw.origin;
+        async move {
+            origin
+                .metric(&format!("gateway_bus_resumes_total{{reads=\"{r}\"}}"))
+                .await
+        }
+    };
+    let (none, stream) = (read("none").await, read("stream").await);
+    (none.is_some() || stream.is_some()).then(|| (none.unwrap_or(0), stream.unwrap_or(0)))
 }
 
 /// Figure 5.
@@ -80,8 +99,12 @@ pub(crate) async fn figure_storm(
     let ids = set.ids.clone();
     let m = args.storm_missed.min(n);
     // Two runs per such client: the first's result read before the kill (so the client has
-    // a frame id to resume from), the second's sent while it is away.
-    let (before, err) = b.execute_all(http, &ids[..m], args.setup_concurrency).await;
+    // a frame id to resume from), the second's sent while it is away. With
+    // `--storm-read-all` every client reads a first result.
+    let first_for = if args.storm_read_all { n } else { m };
+    let (before, err) = b
+        .execute_all(http, &ids[..first_for], args.setup_concurrency)
+        .await;
     let (requests, err2) = b.execute_all(http, &ids[..m], args.setup_concurrency).await;
     if let Some(e) = err.or(err2) {
         println!("  storm: executePlaybook: first error: {e}");
@@ -89,7 +112,7 @@ pub(crate) async fn figure_storm(
     quiesce(&[a.pid, b.pid, world.nats_pid]).await;
     *phase += 1;
     let run = load::unpaced(
-        0..m,
+        0..first_for,
         args.inflight,
         b.callbacks(http, Arc::new(before), *phase),
     )
@@ -156,6 +179,7 @@ pub(crate) async fn figure_storm(
         after_p50,
         after_p99,
         overflows: load::listen_overflows().saturating_sub(overflows),
+        resumes: resumes_on(&b).await,
     };
     back.close();
     Ok(result)
