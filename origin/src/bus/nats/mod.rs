@@ -76,7 +76,8 @@
 //!   above `n` was delivered, so nothing above it can have been dropped unseen: a hole
 //!   raises the start past it, and one that shows later flags the subscription to re-read,
 //!   as for any other). A subject sharing a slot with a busier one only costs the resume
-//!   its reads (~14 % of 10k resumes in `bench-peers --figures 5 --storm-read-all`).
+//!   its reads (~15 % of the resumes with nothing new in `bench-peers --figures 5
+//!   --storm-read-all`: 21k subjects over the slots).
 //!   Otherwise the reads below decide (`gateway_bus_resumes_total{reads}` counts both).
 //! - **Nothing owed is skipped.** A frame can leave the stream before the router saw it
 //!   only by retention (a subject at `max_messages_per_subject`, or age). While the stream
