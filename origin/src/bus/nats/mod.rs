@@ -500,7 +500,11 @@ impl Bus for NatsBus {
         // routed here, one it handled before was stored before the reads (module docs).
         let watching = super::newest_watches(watching);
         let reg = Registration::new(router.clone(), client_id, watching);
-        let position = router.seen_position();
+        // A new id's: no frame of it can be at or below what the router has been delivered.
+        let position = match start {
+            StartAt::Unseen => router.seen_position(),
+            _ => None,
+        };
         let runs: Vec<String> = watching.iter().map(|e| runs_subject(e.as_str())).collect();
         // A resume whose client has nothing new since its id or the frame it names — the
         // router, registered with, was delivered every frame above it and none of the
@@ -545,9 +549,7 @@ impl Bus for NatsBus {
         Ok(Subscription {
             reset,
             frames,
-            position: matches!(start, StartAt::Unseen)
-                .then_some(position)
-                .flatten(),
+            position,
         })
     }
 

@@ -123,7 +123,7 @@ pub(super) struct Seen {
 
 /// Whose subject a frame is on, for the [`Seen`] index.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Subject<'a> {
+enum Subject<'a> {
     /// `gateway.clients.<id>`.
     Client(&'a str),
     /// `gateway.executions.<id>`.
@@ -196,7 +196,7 @@ pub(super) struct Table {
     pub(super) runs: HashMap<String, HashMap<usize, Arc<Inbox>>>,
     /// Inbox address → the runs it watches (oldest first), so it can leave them.
     watching: HashMap<usize, Vec<String>>,
-    /// What the router has been delivered of the clients' subjects.
+    /// What the router has been delivered of the clients' and the runs' subjects.
     seen: Seen,
 }
 
