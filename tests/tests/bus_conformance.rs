@@ -1203,6 +1203,14 @@ mod nats_only {
         Ok(())
     }
 
+    /// A nats-server and two buses on it with the default stream: two replicas.
+    async fn two_replicas() -> anyhow::Result<(NatsServer, NatsBus, NatsBus)> {
+        let server = NatsServer::start().await?;
+        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let b = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        Ok((server, a, b))
+    }
+
     /// Resumes on this process's NATS bus by what they read (`gateway_bus_resumes_total`).
     fn resumes(reads: &str) -> u64 {
         let text = origin::metrics::global().encode();
@@ -1225,9 +1233,7 @@ mod nats_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_resume_with_nothing_new_on_another_replica_reads_nothing_and_misses_nothing(
     ) -> anyhow::Result<()> {
-        let server = NatsServer::start().await?;
-        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
-        let b_ = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let (_server, a, b_) = two_replicas().await?;
         // A new client on A: its subscription gives the position its record keeps.
         let fresh = a.subscribe(&cid("fresh"), StartAt::Unseen).await?;
         let since = fresh
@@ -1310,9 +1316,7 @@ mod nats_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_watch_reaches_a_stream_on_another_replica_and_a_resume_finds_it_in_the_stream(
     ) -> anyhow::Result<()> {
-        let server = NatsServer::start().await?;
-        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
-        let b_ = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let (_server, a, b_) = two_replicas().await?;
         let run = eid("31337");
         let mut on_b = b_.subscribe(&cid("x"), StartAt::Retained).await?;
         let own = a.publish(&cid("x"), "e", b("own")).await?;
@@ -1426,9 +1430,7 @@ mod nats_only {
     ) -> anyhow::Result<()> {
         // The bridge's redelivery: the reader died between publish and ack, and the next
         // reader (another connection) publishes the same frame with the same key.
-        let server = NatsServer::start().await?;
-        let a = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
-        let b_ = NatsBus::open(async_nats::connect(&server.url).await?, LONG, None).await?;
+        let (_server, a, b_) = two_replicas().await?;
         let first = a.publish_once(&cid("c"), "e", b("step"), "k1").await?;
         let again = b_.publish_once(&cid("c"), "e", b("step"), "k1").await?;
         assert_eq!(again, first, "the duplicate's ack names the first copy");
