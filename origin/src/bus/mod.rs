@@ -92,8 +92,9 @@ pub enum StartAt {
     /// Every frame still retained for a client none of whose frames can be at or below this
     /// id — the [`Subscription::position`] of its first, [`StartAt::Unseen`] subscription,
     /// kept in its record — then live ones: the frames of [`StartAt::Retained`], never a
-    /// reset. The NATS bus reads nothing back when its router has been delivered every frame
-    /// above the id and none of the client's; any other bus takes it as `Retained`.
+    /// reset. The NATS bus reads nothing back when the client watches no runs and its router
+    /// has been delivered every frame above the id and none of the client's; any other bus
+    /// takes it as `Retained`.
     Since(u64),
 }
 
