@@ -490,10 +490,7 @@ async fn a_passing_failure_is_a_stream_that_says_retry_not_an_error_status() {
 
 /// A resume on `origin` by what it read (`gateway_bus_resumes_total{reads}`), 0 before any.
 async fn resumes(origin: &Origin, reads: &str) -> u64 {
-    origin
-        .metric(&format!("gateway_bus_resumes_total{{reads=\"{reads}\"}}"))
-        .await
-        .unwrap_or(0)
+    origin.bus_resumes(reads).await.unwrap_or(0)
 }
 
 #[tokio::test]

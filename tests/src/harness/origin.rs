@@ -183,6 +183,14 @@ impl Origin {
         &mut self.guard
     }
 
+    /// Resumes on this replica's NATS bus that read `reads` (`none` or `stream`,
+    /// `gateway_bus_resumes_total{reads}`); `None` if the origin does not answer or has
+    /// counted none of that kind yet.
+    pub async fn bus_resumes(&self, reads: &str) -> Option<u64> {
+        self.metric(&format!("gateway_bus_resumes_total{{reads=\"{reads}\"}}"))
+            .await
+    }
+
     /// SSE streams open on this replica (`gateway_sse_streams_open` on the internal
     /// `/metrics`); `None` if the origin does not answer.
     pub async fn sse_connections(&self) -> Option<u64> {

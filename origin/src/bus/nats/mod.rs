@@ -512,22 +512,20 @@ impl Bus for NatsBus {
         // Only while connected: without a server, a subscription fails as unavailable.
         // `Since` owes a watched run's frames from before the client existed: not with runs.
         let connected = self.client.connection_state() == State::Connected;
-        let seen_nothing = match start {
-            StartAt::After(n) if connected => {
-                router.nothing_seen_above(client_id.as_str(), watching, n)
-            }
-            StartAt::Since(n) if connected && watching.is_empty() => {
-                router.nothing_seen_above(client_id.as_str(), &[], n)
-            }
-            _ => false,
-        };
-        let (reset, last, sources, mark) = match start {
-            StartAt::After(n) | StartAt::Since(n) if seen_nothing => {
+        let unread = match start {
+            StartAt::After(n) if connected => Some(n),
+            StartAt::Since(n) if connected && watching.is_empty() => Some(n),
+            _ => None,
+        }
+        .filter(|&n| router.nothing_seen_above(client_id.as_str(), watching, n));
+        let resume = matches!(start, StartAt::After(_) | StartAt::Since(_));
+        let (reset, last, sources, mark) = match unread {
+            Some(n) => {
                 crate::metrics::global().bus_resume("none");
                 nothing_to_read(&subject, &runs, n)
             }
-            _ => {
-                if matches!(start, StartAt::After(_) | StartAt::Since(_)) {
+            None => {
+                if resume {
                     crate::metrics::global().bus_resume("stream");
                 }
                 start_point(&self.reader, &subject, &runs, start).await?

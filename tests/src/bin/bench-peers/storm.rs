@@ -57,15 +57,8 @@ pub(crate) fn encode(v: &str) -> String {
 
 /// `origin`'s resumes by what they read: (none, stream).
 async fn resumes_on(gw: &Gateway) -> Option<(u64, u64)> {
-    let read = |r: &'static str| {
-        let origin = &gw.origin;
-        async move {
-            origin
-                .metric(&format!("gateway_bus_resumes_total{{reads=\"{r}\"}}"))
-                .await
-        }
-    };
-    let (none, stream) = (read("none").await, read("stream").await);
+    let none = gw.origin.bus_resumes("none").await;
+    let stream = gw.origin.bus_resumes("stream").await;
     (none.is_some() || stream.is_some()).then(|| (none.unwrap_or(0), stream.unwrap_or(0)))
 }
 
