@@ -36,6 +36,16 @@ pub(crate) struct Run {
     pub(crate) end: u64,
     /// How late the sends went against their schedule, p99 (ns; paced only).
     pub(crate) lag_p99: u64,
+    /// Send → answer of each accepted send (ns), unsorted: set beside the send → frame
+    /// latency, it says whether a frame waits on the server's answer path (a gateway
+    /// callback's store round trips) or on the way to the stream after it.
+    pub(crate) answers: Vec<u64>,
+}
+
+/// One send, timed: the answer's latency (ns) if the server accepted it.
+async fn timed(send: &Sender, i: usize) -> Option<u64> {
+    let t = now_ns();
+    send(i, t).await.then(|| now_ns().saturating_sub(t))
 }
 
 /// Open loop: `send(i, t)` for every `i` of `range` at `rate` per second, each on its own
@@ -58,9 +68,9 @@ pub(crate) async fn paced(rate: u64, range: Range<usize>, inflight: usize, send:
         lags.push(u64::try_from(due.elapsed().as_nanos()).unwrap_or(u64::MAX));
         let send = send.clone();
         tasks.push(tokio::spawn(async move {
-            let ok = send(i, now_ns()).await;
+            let answered = timed(&send, i).await;
             drop(permit);
-            ok
+            answered
         }));
     }
     let mut run = Run {
@@ -69,8 +79,9 @@ pub(crate) async fn paced(rate: u64, range: Range<usize>, inflight: usize, send:
         ..Run::default()
     };
     for t in tasks {
-        if !t.await.unwrap_or(false) {
-            run.failed += 1;
+        match t.await.ok().flatten() {
+            Some(ns) => run.answers.push(ns),
+            None => run.failed += 1,
         }
     }
     run.end = now_ns();
@@ -89,18 +100,19 @@ pub(crate) async fn unpaced(range: Range<usize>, inflight: usize, send: Sender) 
         .map(|_| {
             let (next, send) = (next.clone(), send.clone());
             tokio::spawn(async move {
-                let (mut sent, mut failed) = (0usize, 0usize);
+                let (mut sent, mut failed, mut answers) = (0usize, 0usize, Vec::new());
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= end {
                         break;
                     }
                     sent += 1;
-                    if !send(i, now_ns()).await {
-                        failed += 1;
+                    match timed(&send, i).await {
+                        Some(ns) => answers.push(ns),
+                        None => failed += 1,
                     }
                 }
-                (sent, failed)
+                (sent, failed, answers)
             })
         })
         .collect();
@@ -109,9 +121,10 @@ pub(crate) async fn unpaced(range: Range<usize>, inflight: usize, send: Sender) 
         ..Run::default()
     };
     for w in workers {
-        let (s, f) = w.await.unwrap_or((0, 0));
+        let (s, f, a) = w.await.unwrap_or_default();
         run.sent += s;
         run.failed += f;
+        run.answers.extend(a);
     }
     run.end = now_ns();
     run

@@ -131,6 +131,11 @@ impl DeliveryRow {
         }
     }
 
+    /// Send → answer p50, p99 and max (ms) of the accepted sends.
+    pub(crate) fn answered_ms(&self) -> (f64, f64, f64) {
+        latency_ms(&mut self.run.answers.clone())
+    }
+
     /// Adds the CPU used since `cpu` (taken `since` ago) by `server` and this process.
     fn with_cpu(mut self, cpu: &Cpu) -> Self {
         let secs = cpu.at.elapsed().as_secs_f64().max(1e-3);
