@@ -8,7 +8,9 @@
 //!    last connect, per stream (nginx: master and workers summed).
 //! 2. **Private delivery** — one message per stream, paced at `--paced-rate`/s (p50/p99 send →
 //!    read) and unpaced (deliveries/s): gateway: a callback for the request executePlaybook
-//!    recorded for the stream's client; nchan: an HTTP publish to the stream's channel.
+//!    recorded for the stream's client; nchan: an HTTP publish to the stream's channel. Each
+//!    row also prints send → answer (p50/p99): a frame read no later than its send's answer
+//!    spent its time on the server's answer path, not on the way to the stream.
 //! 3. **Broadcast** — `--bc-events` at `--bc-rate`/s to N watchers of one run (gateway:
 //!    executePlaybook + subscribeToExecution, NoETL step ends on NATS) / N subscribers of one
 //!    channel (nchan): deliveries/s, p50/p99, lost (counted per client by payload).
