@@ -341,7 +341,7 @@ fn print_result(r: &RoundResult) {
                 String::new()
             },
         );
-        let (a50, a99, _) = d.answered_ms();
+        let (a50, a99) = d.answered_ms();
         println!(
             "  {:<10} CPU: server {:.0} %, load generator {:.0} % of one core; sends answered p50 {a50:.2} ms, p99 {a99:.2} ms",
             "", d.server_cpu, d.loader_cpu
