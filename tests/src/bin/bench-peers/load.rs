@@ -100,19 +100,18 @@ pub(crate) async fn unpaced(range: Range<usize>, inflight: usize, send: Sender) 
         .map(|_| {
             let (next, send) = (next.clone(), send.clone());
             tokio::spawn(async move {
-                let (mut sent, mut failed, mut answers) = (0usize, 0usize, Vec::new());
+                let (mut failed, mut answers) = (0usize, Vec::new());
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= end {
                         break;
                     }
-                    sent += 1;
                     match timed(&send, i).await {
                         Some(ns) => answers.push(ns),
                         None => failed += 1,
                     }
                 }
-                (sent, failed, answers)
+                (failed, answers)
             })
         })
         .collect();
@@ -121,10 +120,10 @@ pub(crate) async fn unpaced(range: Range<usize>, inflight: usize, send: Sender) 
         ..Run::default()
     };
     for w in workers {
-        let (s, f, a) = w.await.unwrap_or_default();
-        run.sent += s;
-        run.failed += f;
-        run.answers.extend(a);
+        let (failed, answers) = w.await.unwrap_or_default();
+        run.sent += failed + answers.len();
+        run.failed += failed;
+        run.answers.extend(answers);
     }
     run.end = now_ns();
     run
