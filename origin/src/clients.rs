@@ -15,7 +15,9 @@
 //! and a new client id beyond the cap retires the user's oldest client that has no open
 //! stream. When every one of them is connected somewhere the new one is refused (429
 //! `too_many_clients`): a page opening tabs keeps working, a loop creating ids cannot grow
-//! the bucket beyond what the stream-open rate allows.
+//! the bucket beyond what the stream-open rate allows. "Open" is read from the presence
+//! marker: a client resumed in a reconnect storm writes its marker at its stream's first
+//! ping (`events`), so until then one whose old marker had expired counts as idle here.
 //!
 //! **A retired client stays bound to its user.** Its record is replaced by a small
 //! tombstone (`retired: true`, the pending list dropped) instead of being deleted: frames

@@ -22,7 +22,8 @@
 //!   `gateway_bridge_naks_total`, `gateway_bridge_reader`.
 //! - `gateway_sse_streams_open`, `gateway_sse_streams_total`,
 //!   `gateway_sse_streams_evicted_total`, `gateway_sse_replayed_frames_total`,
-//!   `gateway_sse_resets_total`, `gateway_bus_resumes_total{reads}`.
+//!   `gateway_sse_resets_total`, `gateway_sse_presence_deferred_total`,
+//!   `gateway_bus_resumes_total{reads}`.
 //! - `gateway_service_request_duration_seconds{service,outcome}` (registered services,
 //!   `crate::services`), `gateway_service_events_total{outcome}`,
 //!   `gateway_questions_total{outcome}` (`crate::questions`).
@@ -171,6 +172,9 @@ pub struct Metrics {
     pub sse_replayed: Counter,
     /// `stream/reset` frames sent.
     pub sse_resets: Counter,
+    /// Resumes opened in a burst of opens, whose presence marker waited for their
+    /// stream's first ping.
+    pub sse_presence_deferred: Counter,
     sse_open: Gauge,
     revocations: Gauge,
     revocations_current: Gauge,
@@ -334,6 +338,11 @@ impl Metrics {
             "gateway_sse_resets",
             "stream/reset frames sent (a resume that could not replay everything).",
         );
+        let sse_presence_deferred = counter(
+            &mut r,
+            "gateway_sse_presence_deferred",
+            "Resumes opened in a burst of opens whose presence marker waited for the stream's first ping.",
+        );
         let callbacks = Family::<Labels<1>, Counter>::default();
         r.register(
             "gateway_callbacks",
@@ -443,6 +452,7 @@ impl Metrics {
             sse_evicted,
             sse_replayed,
             sse_resets,
+            sse_presence_deferred,
             sse_open,
             revocations,
             revocations_current,

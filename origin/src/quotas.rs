@@ -230,6 +230,24 @@ pub const STREAM_OPEN_WAIT: Duration = Duration::from_secs(10);
 pub struct OpenTurns {
     turns: tokio::sync::Semaphore,
     wait: Duration,
+    /// Opens waiting for a turn now.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts an open among the waiting ones until it has its turn or gives up.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl OpenTurns {
@@ -238,6 +256,7 @@ impl OpenTurns {
         Self {
             turns: tokio::sync::Semaphore::new(at_once),
             wait,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -247,11 +266,20 @@ impl OpenTurns {
         &self,
         open: impl std::future::Future<Output = Result<T, AppError>>,
     ) -> Result<T, AppError> {
+        let waiting = Waiting::new(&self.waiting);
         let Ok(Ok(_turn)) = tokio::time::timeout(self.wait, self.turns.acquire()).await else {
             crate::metrics::global().refused("public", "overloaded");
             return Err(AppError::Overloaded);
         };
+        drop(waiting);
         open.await
+    }
+
+    /// True while other opens wait for a turn: the replica is in a burst of opens (a
+    /// reconnect storm), and an open in its turn should leave what can wait — a resume's
+    /// presence write — for later.
+    pub fn crowded(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 }
 
@@ -344,8 +372,9 @@ mod tests {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let n = STREAM_OPENS_AT_ONCE + 6;
+        assert!(!turns.crowded(), "nobody waits yet");
         let all = tokio::spawn(gated_opens(
-            turns,
+            turns.clone(),
             n,
             gate.clone(),
             inside.clone(),
@@ -356,11 +385,13 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(inside.load(SeqCst), STREAM_OPENS_AT_ONCE);
+        assert!(turns.crowded(), "six opens wait for a turn");
         // Let every one through: the waiting ones run too, none refused.
         gate.add_permits(n);
         let results = all.await.unwrap();
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(most.load(SeqCst), STREAM_OPENS_AT_ONCE);
+        assert!(!turns.crowded(), "every open had its turn");
     }
 
     #[tokio::test]
@@ -369,9 +400,10 @@ mod tests {
         let turns = Arc::new(OpenTurns::new(2, Duration::from_millis(200)));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let all = tokio::spawn(gated_opens(turns, 3, gate.clone(), inside, most));
+        let all = tokio::spawn(gated_opens(turns.clone(), 3, gate.clone(), inside, most));
         // The two inside never finish before the third's wait is over.
         tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!turns.crowded(), "an open that gave up waits no more");
         gate.add_permits(2);
         let results = all.await.unwrap();
         let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();

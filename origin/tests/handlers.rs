@@ -1306,3 +1306,96 @@ async fn a_callback_with_its_request_token_is_published_once() {
         "{data}"
     );
 }
+
+/// A resume writes the client's presence marker as it opens — unless other opens wait
+/// for a turn (a reconnect storm): then the marker waits for the stream's first ping.
+#[tokio::test]
+async fn a_resume_in_a_burst_of_opens_leaves_its_presence_to_the_first_ping() {
+    use origin::quotas::STREAM_OPENS_AT_ONCE;
+    let o = Origin::new(&["--sse-ping-interval", "400ms"]).await;
+    o.seed_session("tok-alice", "alice").await;
+    let id = clients::create(o.kv(), "alice").await.unwrap();
+    let uri = format!("/events?client_id={id}");
+
+    // Nobody waits: the marker is written before the stream's head.
+    let quiet = o
+        .public
+        .clone()
+        .oneshot(with_peer(bearer(get(&uri), "tok-alice")))
+        .await
+        .unwrap();
+    assert_eq!(quiet.status(), StatusCode::OK);
+    assert!(clients::is_present(o.kv(), &id).await.unwrap());
+    drop(quiet);
+    clients::mark_absent(o.kv(), &id).await.unwrap();
+
+    // Every turn taken, then this resume waiting, then one more open behind it.
+    let opens = o.state.events.opens.clone();
+    let (release, released) = tokio::sync::watch::channel(0usize);
+    let hold = |n: usize| {
+        let (opens, mut released) = (opens.clone(), released.clone());
+        tokio::spawn(async move {
+            opens
+                .run(async move {
+                    let _ = released.wait_for(|r| *r >= n).await;
+                    Ok(())
+                })
+                .await
+        })
+    };
+    let holders: Vec<_> = (1..=STREAM_OPENS_AT_ONCE).map(&hold).collect();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!opens.crowded(), "every turn taken, nobody waiting yet");
+    let resume = tokio::spawn(
+        o.public
+            .clone()
+            .oneshot(with_peer(bearer(get(&uri), "tok-alice"))),
+    );
+    let waiting = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while !opens.crowded() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waiting.is_ok(), "the resume waits for a turn");
+    let behind = hold(usize::MAX);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // One turn comes free: the resume has it (turns go in arrival order) while the last
+    // open waits; that one takes the turn the resume gives back with its answer.
+    release.send(1).unwrap();
+    let resp = resume.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        !clients::is_present(o.kv(), &id).await.unwrap(),
+        "no presence write while opens queue"
+    );
+
+    // The stream's first ping (200–400 ms) writes it.
+    let mut body = resp.into_body().into_data_stream();
+    let pinged = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut seen = String::new();
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if seen.contains("event: ping") {
+                return;
+            }
+        }
+        panic!("the stream ended before its first ping: {seen}");
+    })
+    .await;
+    assert!(pinged.is_ok(), "a ping within 5 s");
+    let present = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while !clients::is_present(o.kv(), &id).await.unwrap() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(present.is_ok(), "the first ping wrote the presence marker");
+
+    release.send(usize::MAX).unwrap();
+    for h in holders {
+        h.await.unwrap().unwrap();
+    }
+    behind.await.unwrap().unwrap();
+    assert!(!opens.crowded());
+}

@@ -1318,6 +1318,7 @@ const OTHER_METRICS: &[&str] = &[
     "gateway_sse_streams_evicted_total",
     "gateway_sse_replayed_frames_total",
     "gateway_sse_resets_total",
+    "gateway_sse_presence_deferred_total",
     "gateway_callbacks_total",
     "gateway_jwks_refreshes_total",
     "gateway_rate_limited_total",

@@ -42,7 +42,10 @@
 //! a stream comes after a random 50–100 % of the ping interval (and its first `:`
 //! keepalive after 50–100 % of that one), so the streams of a reconnect storm do not
 //! ping, write presence or wake in lockstep, and a ping writes only when the last write
-//! is [`clients::PRESENCE_REFRESH`] old.
+//! is [`clients::PRESENCE_REFRESH`] old. A resume opened while other opens wait for a
+//! turn (`quotas::OpenTurns::crowded`: a reconnect storm) writes no presence itself and
+//! leaves it to its first ping, so the storm's streams open first and their markers are
+//! written spread out after it (`gateway_sse_presence_deferred_total`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -594,15 +597,23 @@ async fn open_stream(
     // together. A marker written for a subscription that then failed is left to expire
     // (`PRESENCE_TTL`): it only turns a callback's 202 `queued` into 200 meanwhile, and
     // another stream of the client may be open elsewhere, so taking it back could be wrong.
-    let sub = match subscribed {
-        Some(sub) => sub,
+    // In a burst of opens (others wait for a turn: a reconnect storm) a resume leaves the
+    // marker to its stream's first ping, which comes after a random 50–100 % of the ping
+    // interval: the streams open first, and their markers — a hint, still live for a
+    // client back within `PRESENCE_TTL` — are written spread out after the burst.
+    let (sub, presence_due) = match subscribed {
+        Some(sub) => (sub, false),
+        None if state.opens.crowded() => {
+            crate::metrics::global().sse_presence_deferred.inc();
+            (subscribe(&state, &client_id, start, &watched).await?, true)
+        }
         None => {
             let (sub, present) = tokio::join!(
                 subscribe(&state, &client_id, start, &watched),
                 clients::mark_present(kv, &client_id)
             );
             note_presence(present);
-            sub?
+            (sub?, false)
         }
     };
     tracing::info!(client = %client_id, user = %user.user_id, ?start, reset = sub.reset, resumed, "event stream opened");
@@ -661,6 +672,7 @@ async fn open_stream(
         sub.frames,
         session,
         slot,
+        presence_due,
     );
     body.dialect = dialect;
     Ok(event_stream_response(Body::new(body)))
@@ -723,8 +735,10 @@ struct SseBody {
     expires_at: Instant,
     /// The subscription to the session's revocation, which also cancels `stop`.
     session: SessionEnd,
-    /// When this stream last wrote the client's presence marker.
-    presence_written: Instant,
+    /// When this stream's next ping writes the client's presence marker: its first ping
+    /// when the open left the write to it, [`clients::PRESENCE_REFRESH`] after the last
+    /// write otherwise.
+    presence_next: Instant,
     /// Over how long a drain spreads stream ends ([`SseTimers::drain_spread`]).
     drain_spread: Duration,
     /// Set when the listeners closed: the instant this stream ends with [`drain_frame`].
@@ -789,6 +803,7 @@ impl SseBody {
         frames: futures::stream::BoxStream<'static, Result<BusFrame, crate::bus::BusError>>,
         session: SessionLife,
         slot: StreamSlot,
+        presence_due: bool,
     ) -> Self {
         let reg = state.hub.register_under(&client_id, Some(&state.shutdown));
         crate::metrics::global().sse_opened.inc();
@@ -819,7 +834,11 @@ impl SseBody {
             )),
             expires_at,
             session: session_end,
-            presence_written: now,
+            presence_next: if presence_due {
+                now
+            } else {
+                now + clients::PRESENCE_REFRESH
+            },
             drain_spread,
             drain_at: None,
             _slot: slot,
@@ -926,8 +945,8 @@ impl http_body::Body for SseBody {
             let chunk = if now >= this.next_ping {
                 this.next_ping = now + this.ping_every;
                 this.next_keepalive = now + this.keepalive_every;
-                if now.duration_since(this.presence_written) >= clients::PRESENCE_REFRESH {
-                    this.presence_written = now;
+                if now >= this.presence_next {
+                    this.presence_next = now + clients::PRESENCE_REFRESH;
                     let kv = this.kv.clone();
                     let client_id = this.client_id.clone();
                     tokio::spawn(async move {

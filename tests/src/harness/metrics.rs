@@ -31,6 +31,7 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ("gateway_sse_streams_evicted", "counter"),
     ("gateway_sse_replayed_frames", "counter"),
     ("gateway_sse_resets", "counter"),
+    ("gateway_sse_presence_deferred", "counter"),
     ("gateway_callbacks", "counter"),
     ("gateway_jwks_refreshes", "counter"),
     ("gateway_rate_limited", "counter"),

@@ -500,6 +500,11 @@ fn print_storm(args: &Args, s: &storm::StormResult, results: &[RoundResult]) {
             "  replica B's resumes: {none} read nothing from the stream, {stream} read it (gateway_bus_resumes_total)"
         );
     }
+    if let Some(deferred) = s.presence_deferred {
+        println!(
+            "  replica B's resumes whose presence waited for the stream's first ping (opens queueing): {deferred} (gateway_sse_presence_deferred_total)"
+        );
+    }
     let mut nchan: Vec<f64> = results
         .iter()
         .filter(|r| r.kind == Kind::Nchan)

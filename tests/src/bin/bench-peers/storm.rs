@@ -40,6 +40,9 @@ pub(crate) struct StormResult {
     /// Replica B's resumes by what they read (`gateway_bus_resumes_total{reads}`): none,
     /// and the stream; `None` when B did not say.
     pub(crate) resumes: Option<(u64, u64)>,
+    /// Replica B's resumes whose presence marker waited for their stream's first ping
+    /// (`gateway_sse_presence_deferred_total`); `None` when B did not say.
+    pub(crate) presence_deferred: Option<u64>,
 }
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
@@ -173,6 +176,7 @@ pub(crate) async fn figure_storm(
         after_p99,
         overflows: load::listen_overflows().saturating_sub(overflows),
         resumes: resumes_on(&b).await,
+        presence_deferred: b.origin.metric("gateway_sse_presence_deferred_total").await,
     };
     back.close();
     Ok(result)
