@@ -279,9 +279,12 @@ impl From<FollowError> for crate::error::AppError {
     }
 }
 
-/// Makes `client_id` follow `execution_id`'s frames: its watch list, then the bus's watch
-/// (a stream open now learns it), then the interest record (the bridge publishes once
-/// it exists). The caller has checked the client is the caller's and the run readable.
+/// Makes `client_id` follow `execution_id`'s frames: the bus's watch (a stream open now
+/// learns it), then its watch list (a stream opened later reads it), then the interest
+/// record (the bridge publishes once it exists). The watch goes first so that a watch list
+/// naming a run implies its `gw/watch` frame: a resume the bus knows to follow no run
+/// skips the list ([`Bus::unwatched`]). The caller has checked the client is the
+/// caller's and the run readable.
 pub async fn follow(
     kv: &dyn KvStore,
     bus: &dyn Bus,
@@ -289,8 +292,8 @@ pub async fn follow(
     client_id: &ClientId,
     who: Interested,
 ) -> Result<(), FollowError> {
-    add_watch(kv, client_id, execution_id).await?;
     bus.watch(client_id, execution_id).await?;
+    add_watch(kv, client_id, execution_id).await?;
     add_interest(kv, execution_id, client_id, who).await?;
     Ok(())
 }

@@ -556,6 +556,10 @@ mod tests {
             false
         }
 
+        fn unwatched(&self, _client_id: &ClientId) -> Option<std::ops::RangeInclusive<u64>> {
+            None
+        }
+
         async fn publish_run(
             &self,
             execution_id: &ExecutionId,

@@ -219,6 +219,10 @@ impl Bus for RecordingBus {
         false
     }
 
+    fn unwatched(&self, _client_id: &ClientId) -> Option<std::ops::RangeInclusive<u64>> {
+        None
+    }
+
     // Records every publish, keyed or not: the tests count what the bridge sent.
     fn publish_once<'life0, 'life1, 'life2, 'life3, 'async_trait>(
         &'life0 self,

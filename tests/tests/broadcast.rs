@@ -184,3 +184,114 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
         assert_eq!(replayed, owner_states, "{client} replays the whole run");
     }
 }
+
+/// Replica `origin`'s reads of K/V `interest` (the watch lists among them), from its
+/// `/metrics`.
+async fn interest_reads(origin: &Origin) -> u64 {
+    let text = origin.metrics_text().await.expect("/metrics answers");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("gateway_kv_operation_duration_seconds_count{")
+                && l.contains("bucket=\"interest\"")
+                && l.contains("op=\"get\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A client that never followed a run resumes on the other replica without its watch list
+/// read (that replica's router saw every frame since the client was made, no `gw/watch`
+/// among them), then follows a run through the first replica and gets its states live; a
+/// later resume reads the list again and replays them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_follows_no_run_skips_the_watch_list_and_still_gets_a_run_followed_later() {
+    let (_nats, standin, origins) = nats_stack_with(2, StandInOptions::default(), &[]).await;
+    let owner = login(&origins[0].url, &standin, "owner@example.com").await;
+    let (mut owner_sse, owner_client) = open(&origins[0], &owner, "").await;
+    let v = execute_playbook(
+        &origins[0].url,
+        &owner,
+        "demo/slow",
+        json!({"seconds": 120}),
+        Some(&owner_client),
+    )
+    .await;
+    let execution = v["data"]["executePlaybook"]["executionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned();
+
+    // A new client on replica 0, resumed on replica 1 after its init frame.
+    let (sse, init) = open_events(&format!("{}/events", origins[0].url), &owner, None, WAIT).await;
+    let client = client_id_of(&init);
+    let init_id = init.id.expect("the init frame has an id");
+    drop(sse);
+    let reads = interest_reads(&origins[1]).await;
+    let (mut resumed, again) = open_events(
+        &format!("{}/events?client_id={client}", origins[1].url),
+        &owner,
+        Some(init_id),
+        WAIT,
+    )
+    .await;
+    assert_eq!(client_id_of(&again), client, "the same client");
+    assert_eq!(
+        interest_reads(&origins[1]).await,
+        reads,
+        "no watch list read for a client that follows no run"
+    );
+
+    // It follows the run through replica 0: the watch reaches the stream on replica 1.
+    let v = graphql(
+        &origins[0].url,
+        &owner,
+        SUBSCRIBE_TO,
+        json!({"id": execution, "client": client}),
+    )
+    .await;
+    assert_eq!(v["data"]["subscribeToExecution"], true, "{v}");
+    let v = graphql(&origins[0].url, &owner, CANCEL, json!({"id": execution})).await;
+    assert_eq!(v["data"]["cancelExecution"], true, "{v}");
+    let owner_states = states(
+        &owner_sse
+            .collect_until(WAIT, |fs| run_ended(fs, &execution))
+            .await,
+        &execution,
+    );
+    let live = states(
+        &resumed
+            .collect_until(WAIT, |fs| run_ended(fs, &execution))
+            .await,
+        &execution,
+    );
+    assert!(
+        !live.is_empty() && owner_states.ends_with(&live),
+        "the resumed stream follows the run: {live:?}, the owner's {owner_states:?}"
+    );
+    drop(resumed);
+
+    // Resumed again from its init frame: the list is read now, and the run's states since
+    // then are replayed.
+    let reads = interest_reads(&origins[1]).await;
+    let (mut replayed, _) = open_events(
+        &format!("{}/events?client_id={client}", origins[1].url),
+        &owner,
+        Some(init_id),
+        WAIT,
+    )
+    .await;
+    assert!(
+        interest_reads(&origins[1]).await > reads,
+        "a client that follows a run has its watch list read"
+    );
+    let replay = states(
+        &replayed
+            .collect_until(WAIT, |fs| run_ended(fs, &execution))
+            .await,
+        &execution,
+    );
+    assert!(
+        replay.ends_with(&live),
+        "the replay ends with what the live stream got: {replay:?} vs {live:?}"
+    );
+}

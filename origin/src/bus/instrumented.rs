@@ -64,6 +64,10 @@ impl Bus for InstrumentedBus {
         self.inner.has_external_subjects()
     }
 
+    fn unwatched(&self, client_id: &ClientId) -> Option<std::ops::RangeInclusive<u64>> {
+        self.inner.unwatched(client_id)
+    }
+
     async fn publish_once(
         &self,
         client_id: &ClientId,

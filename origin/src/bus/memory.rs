@@ -517,6 +517,11 @@ impl Bus for MemoryBus {
         false
     }
 
+    /// Never: the watch list tells (this bus keeps no index of what it delivered).
+    fn unwatched(&self, _client_id: &ClientId) -> Option<std::ops::RangeInclusive<u64>> {
+        None
+    }
+
     async fn publish_once(
         &self,
         client_id: &ClientId,

@@ -203,6 +203,16 @@ pub trait Bus: Send + Sync + 'static {
     /// True if [`Bus::publish_external`] can work at all (a NATS bus).
     fn has_external_subjects(&self) -> bool;
 
+    /// What the bus knows, without a read, of the runs `client_id` follows:
+    /// `Some(range)` when a client made at a stream position in `range` (the
+    /// [`Subscription::position`] its record keeps, [`StartAt::Since`]) and resuming at
+    /// an id at or below the range's end follows no run, so its watch list need not be
+    /// read. A run followed later is still delivered: its `gw/watch` frame is above the
+    /// range's end, so a subscription opened after this call reads or is routed it.
+    /// `None` when only the watch list can tell (the NATS bus: a `gw/watch` frame of the
+    /// client was seen, or its router cannot tell; any other bus: always).
+    fn unwatched(&self, client_id: &ClientId) -> Option<std::ops::RangeInclusive<u64>>;
+
     /// Publishes a run's frame once, for every client watching `execution_id` (see the
     /// module docs), and returns its id once retained. `key` names the frame as in
     /// [`Bus::publish_once`]: the same key within the duplicate window stores nothing more.
@@ -216,8 +226,10 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Makes the client's open subscriptions (on any replica) deliver `execution_id`'s
     /// frames published from now on. The caller has checked that the client may read the
-    /// run, and records the watch in the client's watch list (`interest::follow`) first,
-    /// so a subscription opened later is given it by [`Bus::subscribe_with`].
+    /// run, and records the watch in the client's watch list (`interest::follow`) next,
+    /// so a subscription opened later is given it by [`Bus::subscribe_with`] — in that
+    /// order, so that a client whose watch list names a run has its `gw/watch` frame on
+    /// the bus ([`Bus::unwatched`]).
     async fn watch(&self, client_id: &ClientId, execution_id: &ExecutionId)
         -> Result<(), BusError>;
 

@@ -520,29 +520,37 @@ async fn open_stream(
 
     // The runs the client follows (issue 16, broadcast) are merged into its stream: read
     // beside the claim (one round trip, not two), used only once the claim proved the
-    // client the caller's. A new client follows none yet.
+    // client the caller's. A new client follows none yet. When the bus knows the client
+    // follows none if its record says it was made after the bus's index starts
+    // (`Bus::unwatched`: no `gw/watch` frame of it seen) the list is not read beside the
+    // claim, and only read after it when the record says otherwise.
     let (client_id, record, requested, resumed, fresh_reset, watched, subscribed) = match plan {
         Plan::Named { id, start } => {
-            let (claimed, watched) = tokio::join!(
-                clients::claim(kv, &user.user_id, state.quotas.max_clients, &id),
-                interest::watched_by(kv, &id)
-            );
+            let unwatched = state.bus.unwatched(&id);
+            let claim = clients::claim(kv, &user.user_id, state.quotas.max_clients, &id);
+            let (claimed, watched) = if unwatched.is_some() {
+                (claim.await, None)
+            } else {
+                let (claimed, watched) = tokio::join!(claim, interest::watched_by(kv, &id));
+                (claimed, Some(watched))
+            };
             let claimed = claimed.inspect_err(|e| {
                 if matches!(e, clients::ClaimError::NotYours) {
                     tracing::warn!(user = %user.user_id, "refused to resume another user's client id");
                 }
             })?;
-            let watched = if claimed.existed {
-                watched?
-            } else {
-                Vec::new()
-            };
             // Nothing read yet: everything retained, which for a server-made id is everything
             // after the position its record keeps (a replica that has seen nothing new for
             // the client then reads nothing).
             let start = match (start, claimed.record.since) {
                 (StartAt::Retained, Some(since)) => StartAt::Since(since),
                 (start, _) => start,
+            };
+            let watched = match watched {
+                _ if !claimed.existed => Vec::new(),
+                Some(watched) => watched?,
+                None if follows_no_run(unwatched, claimed.record.since, start) => Vec::new(),
+                None => interest::watched_by(kv, &id).await?,
             };
             (
                 id,
@@ -693,6 +701,24 @@ async fn subscribe(
             code: "bus_unavailable",
             message: format!("cannot open the event stream: {e}"),
         })
+}
+
+/// True when a client made at stream position `made_at` (its record's) and resuming
+/// from `start` follows no run by what the bus knows (`unwatched`, [`crate::bus::Bus::unwatched`]):
+/// made within the bus's range, resuming at or below its end.
+fn follows_no_run(
+    unwatched: Option<std::ops::RangeInclusive<u64>>,
+    made_at: Option<u64>,
+    start: StartAt,
+) -> bool {
+    let (Some(range), Some(made_at)) = (unwatched, made_at) else {
+        return false;
+    };
+    let from = match start {
+        StartAt::After(n) | StartAt::Since(n) => n,
+        StartAt::Retained | StartAt::Live | StartAt::Unseen => return false,
+    };
+    range.contains(&made_at) && from <= *range.end()
 }
 
 /// A failed presence write is logged, not fatal: it only turns a callback's 200
@@ -1032,6 +1058,28 @@ mod tests {
         assert!(retries
             .iter()
             .all(|r| (RETRY_MS / 4..=RETRY_MS * 3 / 2).contains(r)));
+    }
+
+    #[test]
+    fn a_watch_list_is_skipped_only_for_a_client_made_and_resuming_within_what_the_bus_saw() {
+        let known = || Some(10..=20);
+        // Made at 12, resuming after its own position or a frame the bus has seen.
+        assert!(follows_no_run(known(), Some(12), StartAt::Since(12)));
+        assert!(follows_no_run(known(), Some(12), StartAt::After(20)));
+        assert!(follows_no_run(known(), Some(10), StartAt::After(15)));
+        // Made before the bus's horizon: its watches may predate what the bus saw.
+        assert!(!follows_no_run(known(), Some(9), StartAt::Since(9)));
+        // Resuming after a frame the bus has not seen yet: a watch below it may be in flight.
+        assert!(!follows_no_run(known(), Some(12), StartAt::After(21)));
+        // Made above the position: not within what the bus saw.
+        assert!(!follows_no_run(known(), Some(21), StartAt::Since(21)));
+        // No position in the record (a page-chosen id, an older record), or the bus cannot tell.
+        assert!(!follows_no_run(known(), None, StartAt::After(15)));
+        assert!(!follows_no_run(None, Some(12), StartAt::Since(12)));
+        // Starts that are not resumes.
+        for start in [StartAt::Retained, StartAt::Live, StartAt::Unseen] {
+            assert!(!follows_no_run(known(), Some(12), start));
+        }
     }
 
     #[test]

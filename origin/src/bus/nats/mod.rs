@@ -79,6 +79,13 @@
 //!   its reads (~15 % of the resumes with nothing new in `bench-peers --figures 5
 //!   --storm-read-all`: 21k subjects over the slots).
 //!   Otherwise the reads below decide (`gateway_bus_resumes_total{reads}` counts both).
+//! - **A client known to follow no run has no watch list to read** ([`Bus::unwatched`]).
+//!   The same index keeps a bit per slot for the `gw/watch` frames it was delivered; a
+//!   client whose slot has none, made at a position between the start and the position
+//!   (its record's) and resuming at or below the position, has had every frame of it
+//!   delivered and none was a watch — `interest::follow` publishes the frame before it
+//!   writes the list — so the SSE open does not read the list. A watch above the position
+//!   is still to come, and is routed to or read by the subscription as any other.
 //! - **Nothing owed is skipped.** A frame can leave the stream before the router saw it
 //!   only by retention (a subject at `max_messages_per_subject`, or age). While the stream
 //!   holds exactly the two subject trees its sequence has no holes other than deleted
@@ -432,6 +439,15 @@ impl Bus for NatsBus {
 
     fn has_external_subjects(&self) -> bool {
         true
+    }
+
+    /// From the router's index (`router::Seen`): every frame above its horizon delivered,
+    /// up to its position, and no `gw/watch` frame on the client's subject among them.
+    fn unwatched(&self, client_id: &ClientId) -> Option<std::ops::RangeInclusive<u64>> {
+        self.shared
+            .router
+            .unwatched(client_id.as_str())
+            .map(|(horizon, position)| horizon..=position)
     }
 
     async fn publish_once(

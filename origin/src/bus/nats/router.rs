@@ -119,6 +119,9 @@ pub(super) struct Seen {
     /// The highest sequence delivered to the router.
     position: u64,
     slots: Vec<u64>,
+    /// One bit per slot: a `gw/watch` frame on a client subject hashing to it was
+    /// delivered ([`Seen::unwatched`]).
+    watches: Vec<u64>,
 }
 
 /// Whose subject a frame is on, for the [`Seen`] index.
@@ -145,6 +148,7 @@ impl Seen {
     fn start(&mut self, start: u64) {
         if self.slots.is_empty() {
             self.slots = vec![0; SEEN_SLOTS];
+            self.watches = vec![0; SEEN_SLOTS / 64];
         }
         self.horizon = Some(start.saturating_sub(1));
         self.position = start.saturating_sub(1);
@@ -165,6 +169,26 @@ impl Seen {
             let slot = &mut self.slots[seen_slot(subject)];
             *slot = (*slot).max(seq);
         }
+    }
+
+    /// A `gw/watch` frame delivered to the router, on `client`'s subject.
+    fn saw_watch(&mut self, seq: u64, client: &str) {
+        self.saw(seq, Subject::Client(client));
+        if !self.watches.is_empty() {
+            let slot = seen_slot(Subject::Client(client));
+            self.watches[slot / 64] |= 1 << (slot % 64);
+        }
+    }
+
+    /// `Some((horizon, position))` when no `gw/watch` frame of `client` (or of a client
+    /// sharing its slot) was ever delivered to the router: a client none of whose frames
+    /// can be at or below the horizon — one made at a stream position in
+    /// `horizon..=position` — then has had every frame of it delivered here, and so
+    /// follows no run unless a `gw/watch` frame above the position is still to come.
+    fn unwatched(&self, client: &str) -> Option<(u64, u64)> {
+        let h = self.horizon?;
+        let slot = seen_slot(Subject::Client(client));
+        (self.watches[slot / 64] & (1 << (slot % 64)) == 0).then_some((h, self.position))
     }
 
     /// True when every frame on `subjects` above `after` the stream may hold is one the
@@ -288,7 +312,7 @@ impl Router {
     /// run from now on.
     fn watch_for_client(&self, seq: u64, client_id: &str, execution_id: &str) {
         let mut table = self.lock();
-        table.seen.saw(seq, Subject::Client(client_id));
+        table.seen.saw_watch(seq, client_id);
         let inboxes = table.subs.get(client_id).cloned().unwrap_or_default();
         for inbox in &inboxes {
             table.watch(inbox, execution_id);
@@ -314,6 +338,13 @@ impl Router {
         let subjects = std::iter::once(Subject::Client(client_id))
             .chain(runs.iter().map(|r| Subject::Run(r.as_str())));
         self.lock().seen.nothing_above(subjects, after)
+    }
+
+    /// `Some((horizon, position))` when this router was delivered every frame above the
+    /// horizon, up to the position, and no `gw/watch` frame of `client_id` among them
+    /// ([`Seen`]); `None` when it cannot tell.
+    pub(super) fn unwatched(&self, client_id: &str) -> Option<(u64, u64)> {
+        self.lock().seen.unwatched(client_id)
     }
 
     /// The highest stream sequence delivered to the router, if it has seen every frame above
@@ -712,6 +743,29 @@ mod tests {
         assert!(!router.nothing_seen_above(b, &[], 3) && router.nothing_seen_above(b, &[], 4));
         let runs = std::slice::from_ref(&run_id);
         assert!(!router.nothing_seen_above(b, runs, 4) && router.nothing_seen_above(b, runs, 5));
+    }
+
+    #[test]
+    fn a_client_is_known_to_follow_no_run_only_until_a_watch_frame_of_its_slot() {
+        let (a, b, run) = three_slots();
+        let router = Arc::new(Router::default());
+        assert_eq!(router.unwatched(a), None, "no consumer yet: no answer");
+        router.lock().seen.start(5);
+        assert_eq!(router.unwatched(a), Some((4, 4)));
+        router.route(a, frame(5));
+        router.route_run(run, frame(6));
+        assert_eq!(router.unwatched(a), Some((4, 6)), "frames are not watches");
+        router.watch_for_client(7, b, run);
+        assert_eq!(router.unwatched(b), None, "b watches a run");
+        assert_eq!(router.unwatched(a), Some((4, 7)), "a does not");
+        // A hole raises the horizon: clients made below it are no longer known.
+        router.lock().seen.hole_before(10);
+        router.route(a, frame(10));
+        assert_eq!(router.unwatched(a), Some((9, 10)));
+        // A restart of the consumer keeps what it saw of watches.
+        router.lock().seen.start(20);
+        assert_eq!(router.unwatched(a), Some((19, 19)));
+        assert_eq!(router.unwatched(b), None);
     }
 
     #[test]
