@@ -98,7 +98,8 @@ impl Default for Router {
     }
 }
 
-/// Slots of the [`Seen`] index (a power of two): 512 KiB of `u64`s per replica.
+/// Slots of the [`Seen`] index (a power of two): 512 KiB of `u64`s per replica, and a bit
+/// each for watches (8 KiB).
 const SEEN_SLOTS: usize = 1 << 16;
 
 /// What the router has been delivered of the clients' and the runs' subjects, so that a
@@ -110,7 +111,9 @@ const SEEN_SLOTS: usize = 1 << 16;
 /// subject: a client's or a run's) it keeps the highest sequence of a frame on a subject
 /// hashing to it, control frames included. Two subjects sharing a slot only cost the one
 /// with the lower last frame a read it could have skipped; the table has a fixed size
-/// whatever the number of clients and runs.
+/// whatever the number of clients and runs. A second table keeps one bit per slot: a
+/// `gw/watch` frame of a client hashing to it was delivered ([`Seen::unwatched`]); a
+/// client sharing a slot with one that watches a run only costs it a watch-list read.
 #[derive(Default)]
 pub(super) struct Seen {
     /// `None` until the consumer runs, and on a stream with wider subjects (the router cannot
