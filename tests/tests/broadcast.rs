@@ -16,7 +16,7 @@ use gateway_tests::harness::flows::{
 };
 use gateway_tests::harness::origin::Origin;
 use gateway_tests::harness::sse::{SseClient, SseFrame};
-use gateway_tests::harness::standin::StandInOptions;
+use gateway_tests::harness::standin::{StandIn, StandInOptions};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -32,6 +32,26 @@ async fn open(origin: &Origin, token: &str, query: &str) -> (SseClient, String) 
     let (sse, init) =
         open_events(&format!("{}/events{query}", origin.url), token, None, WAIT).await;
     (sse, client_id_of(&init))
+}
+
+/// The owner logged in on `origin`, their stream there, and a two-minute run of theirs
+/// started through it: `(token, stream, execution id)`.
+async fn slow_run(origin: &Origin, standin: &StandIn) -> (String, SseClient, String) {
+    let owner = login(&origin.url, standin, "owner@example.com").await;
+    let (owner_sse, owner_client) = open(origin, &owner, "").await;
+    let v = execute_playbook(
+        &origin.url,
+        &owner,
+        "demo/slow",
+        json!({"seconds": 120}),
+        Some(&owner_client),
+    )
+    .await;
+    let execution = v["data"]["executePlaybook"]["executionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned();
+    (owner, owner_sse, execution)
 }
 
 /// The run's state frames in `frames`: `(SSE position, event_type)`.
@@ -64,21 +84,7 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
         ],
     )
     .await;
-    let owner = login(&origins[0].url, &standin, "owner@example.com").await;
-
-    let (mut owner_sse, owner_client) = open(&origins[0], &owner, "").await;
-    let v = execute_playbook(
-        &origins[0].url,
-        &owner,
-        "demo/slow",
-        json!({"seconds": 120}),
-        Some(&owner_client),
-    )
-    .await;
-    let execution = v["data"]["executePlaybook"]["executionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{v}"))
-        .to_owned();
+    let (owner, mut owner_sse, execution) = slow_run(&origins[0], &standin).await;
 
     // The watchers: streams alternating between the replicas, each subscribed through the
     // other one.
@@ -206,20 +212,7 @@ async fn interest_reads(origin: &Origin) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_that_follows_no_run_skips_the_watch_list_and_still_gets_a_run_followed_later() {
     let (_nats, standin, origins) = nats_stack_with(2, StandInOptions::default(), &[]).await;
-    let owner = login(&origins[0].url, &standin, "owner@example.com").await;
-    let (mut owner_sse, owner_client) = open(&origins[0], &owner, "").await;
-    let v = execute_playbook(
-        &origins[0].url,
-        &owner,
-        "demo/slow",
-        json!({"seconds": 120}),
-        Some(&owner_client),
-    )
-    .await;
-    let execution = v["data"]["executePlaybook"]["executionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{v}"))
-        .to_owned();
+    let (owner, mut owner_sse, execution) = slow_run(&origins[0], &standin).await;
 
     // A new client on replica 0, resumed on replica 1 after its init frame.
     let (sse, init) = open_events(&format!("{}/events", origins[0].url), &owner, None, WAIT).await;
