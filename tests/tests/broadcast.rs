@@ -14,6 +14,7 @@ use futures::StreamExt;
 use gateway_tests::harness::flows::{
     client_id_of, execute_playbook, graphql, login, nats_stack_with, open_events, run_ended,
 };
+use gateway_tests::harness::metrics;
 use gateway_tests::harness::origin::Origin;
 use gateway_tests::harness::sse::{SseClient, SseFrame};
 use gateway_tests::harness::standin::{StandIn, StandInOptions};
@@ -52,6 +53,14 @@ async fn slow_run(origin: &Origin, standin: &StandIn) -> (String, SseClient, Str
         .unwrap_or_else(|| panic!("{v}"))
         .to_owned();
     (owner, owner_sse, execution)
+}
+
+/// The run's state frames `sse` reads until the run ends: `(SSE position, event_type)`.
+async fn states_until_end(sse: &mut SseClient, execution: &str) -> Vec<(u64, String)> {
+    states(
+        &sse.collect_until(WAIT, |fs| run_ended(fs, execution)).await,
+        execution,
+    )
 }
 
 /// The run's state frames in `frames`: `(SSE position, event_type)`.
@@ -120,10 +129,7 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
 
     let v = graphql(&origins[0].url, &owner, CANCEL, json!({"id": execution})).await;
     assert_eq!(v["data"]["cancelExecution"], true, "{v}");
-    let owner_frames = owner_sse
-        .collect_until(WAIT, |fs| run_ended(fs, &execution))
-        .await;
-    let owner_states = states(&owner_frames, &execution);
+    let owner_states = states_until_end(&mut owner_sse, &execution).await;
     assert!(
         owner_states
             .last()
@@ -134,11 +140,7 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
     // Every watcher: a suffix of the owner's states (it began watching mid-run), ending with
     // the terminal one, in the owner's order and with the same stream positions, none twice.
     for (i, (_, sse, client)) in watchers.iter_mut().enumerate() {
-        let got = states(
-            &sse.collect_until(WAIT, |fs| run_ended(fs, &execution))
-                .await,
-            &execution,
-        );
+        let got = states_until_end(sse, &execution).await;
         assert!(
             !got.is_empty() && owner_states.ends_with(&got),
             "watcher {i} ({client}) got {got:?}, the owner {owner_states:?}"
@@ -181,12 +183,7 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
         )
         .await;
         assert_eq!(id, client);
-        let replayed = states(
-            &again
-                .collect_until(WAIT, |fs| run_ended(fs, &execution))
-                .await,
-            &execution,
-        );
+        let replayed = states_until_end(&mut again, &execution).await;
         assert_eq!(replayed, owner_states, "{client} replays the whole run");
     }
 }
@@ -195,14 +192,11 @@ async fn every_watcher_on_two_replicas_gets_each_state_once_in_order_from_one_pu
 /// `/metrics`.
 async fn interest_reads(origin: &Origin) -> u64 {
     let text = origin.metrics_text().await.expect("/metrics answers");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("gateway_kv_operation_duration_seconds_count{")
-                && l.contains("bucket=\"interest\"")
-                && l.contains("op=\"get\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    metrics::sum(
+        &metrics::parse(&text),
+        "gateway_kv_operation_duration_seconds_count",
+        &[("bucket", "interest"), ("op", "get")],
+    ) as u64
 }
 
 /// A client that never followed a run resumes on the other replica without its watch list
@@ -219,14 +213,10 @@ async fn a_resume_that_follows_no_run_skips_the_watch_list_and_still_gets_a_run_
     let client = client_id_of(&init);
     let init_id = init.id.expect("the init frame has an id");
     drop(sse);
+    let resume_url = format!("{}/events?client_id={client}", origins[1].url);
+    let resume = || open_events(&resume_url, &owner, Some(init_id), WAIT);
     let reads = interest_reads(&origins[1]).await;
-    let (mut resumed, again) = open_events(
-        &format!("{}/events?client_id={client}", origins[1].url),
-        &owner,
-        Some(init_id),
-        WAIT,
-    )
-    .await;
+    let (mut resumed, again) = resume().await;
     assert_eq!(client_id_of(&again), client, "the same client");
     assert_eq!(
         interest_reads(&origins[1]).await,
@@ -245,18 +235,8 @@ async fn a_resume_that_follows_no_run_skips_the_watch_list_and_still_gets_a_run_
     assert_eq!(v["data"]["subscribeToExecution"], true, "{v}");
     let v = graphql(&origins[0].url, &owner, CANCEL, json!({"id": execution})).await;
     assert_eq!(v["data"]["cancelExecution"], true, "{v}");
-    let owner_states = states(
-        &owner_sse
-            .collect_until(WAIT, |fs| run_ended(fs, &execution))
-            .await,
-        &execution,
-    );
-    let live = states(
-        &resumed
-            .collect_until(WAIT, |fs| run_ended(fs, &execution))
-            .await,
-        &execution,
-    );
+    let owner_states = states_until_end(&mut owner_sse, &execution).await;
+    let live = states_until_end(&mut resumed, &execution).await;
     assert!(
         !live.is_empty() && owner_states.ends_with(&live),
         "the resumed stream follows the run: {live:?}, the owner's {owner_states:?}"
@@ -266,23 +246,12 @@ async fn a_resume_that_follows_no_run_skips_the_watch_list_and_still_gets_a_run_
     // Resumed again from its init frame: the list is read now, and the run's states since
     // then are replayed.
     let reads = interest_reads(&origins[1]).await;
-    let (mut replayed, _) = open_events(
-        &format!("{}/events?client_id={client}", origins[1].url),
-        &owner,
-        Some(init_id),
-        WAIT,
-    )
-    .await;
+    let (mut replayed, _) = resume().await;
     assert!(
         interest_reads(&origins[1]).await > reads,
         "a client that follows a run has its watch list read"
     );
-    let replay = states(
-        &replayed
-            .collect_until(WAIT, |fs| run_ended(fs, &execution))
-            .await,
-        &execution,
-    );
+    let replay = states_until_end(&mut replayed, &execution).await;
     assert!(
         replay.ends_with(&live),
         "the replay ends with what the live stream got: {replay:?} vs {live:?}"
