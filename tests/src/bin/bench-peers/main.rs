@@ -305,7 +305,7 @@ async fn bench(args: &Args, nofile: u64, cores: usize) -> anyhow::Result<()> {
 fn print_result(r: &RoundResult) {
     let c = &r.connect;
     println!(
-        "round {} {}: {} of {} streams open ({} failed, {} listen-queue overflows) in {:.2} s = {:.0} conn/s; RSS {:.1} → {:.1} MiB (+3 s): {:.2} KiB/stream (+0 s: {:.2}; PSS {:.2}; anon {:.2})",
+        "round {} {}: {} of {} streams open ({} failed, {} listen-queue overflows) in {:.2} s = {:.0} conn/s; RSS {:.1} → {:.1} MiB (+3 s): {:.2} KiB/stream (+0 s: {:.2}; PSS {:.2}; anon {:.2}); CPU per connect: server {:.0} µs, load generator {:.0} µs",
         r.round,
         r.kind.name(),
         c.open,
@@ -320,6 +320,8 @@ fn print_result(r: &RoundResult) {
         c.per(&c.at0, |m| m.rss),
         c.per(&c.at3, |m| m.pss),
         c.per(&c.at3, |m| m.anon),
+        c.cpu.server_us,
+        c.cpu.loader_us,
     );
     let row = |name: &str, d: &DeliveryRow| {
         println!(
@@ -416,6 +418,16 @@ fn print_summary(args: &Args, results: &[RoundResult]) {
         |g, n| g >= 0.5 * n,
         "conn/s",
     );
+    let cpu = pairs(results, |r| Some(r.connect.cpu.server_us));
+    if !cpu.is_empty() {
+        println!(
+            "     server CPU per connect (the gateway: origin + nats-server; not a goal, steadier than the rate) — {}",
+            cpu.iter()
+                .map(|(round, g, n)| format!("round {round}: {g:.0} vs {n:.0} µs = {:.2}×", g / n.max(1e-9)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
     ratio_line(
         "idle KiB/stream at +3 s (VmRSS)",
         "gateway ≤ 4 KiB",
@@ -505,6 +517,23 @@ fn print_storm(args: &Args, s: &storm::StormResult, results: &[RoundResult]) {
             "  replica B's resumes whose presence waited for the stream's first ping (opens queueing): {deferred} (gateway_sse_presence_deferred_total)"
         );
     }
+    let nchan_cpu: Vec<String> = results
+        .iter()
+        .filter(|r| r.kind == Kind::Nchan)
+        .map(|r| {
+            format!(
+                "{:.0} + {:.0}",
+                r.connect.cpu.server_us, r.connect.cpu.loader_us
+            )
+        })
+        .collect();
+    println!(
+        "  CPU per reconnect: replica B + nats-server {:.0} µs (replica B {:.0}), load generator {:.0} µs; nchan's connects (figure 1, server + load generator): {} µs",
+        s.cpu.server_us,
+        s.origin_us,
+        s.cpu.loader_us,
+        if nchan_cpu.is_empty() { "—".to_owned() } else { nchan_cpu.join(", ") }
+    );
     let mut nchan: Vec<f64> = results
         .iter()
         .filter(|r| r.kind == Kind::Nchan)

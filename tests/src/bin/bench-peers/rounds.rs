@@ -55,6 +55,9 @@ pub(crate) struct ConnectRow {
     /// Listen-queue overflows (system-wide) while they opened.
     pub(crate) overflows: u64,
     pub(crate) error: Option<String>,
+    /// CPU per stream opened (µs) while they opened: the server's processes (the gateway's
+    /// with its nats-server), and this process (the load generator).
+    pub(crate) cpu: PerItem,
 }
 
 impl ConnectRow {
@@ -158,7 +161,28 @@ pub(crate) struct Cpu {
     loader_before: Duration,
 }
 
+/// CPU time per item of a measured window, in µs: a figure that, unlike a rate, does not
+/// move with what else the two cores were given meanwhile (the host's steal included).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PerItem {
+    pub(crate) server_us: f64,
+    pub(crate) loader_us: f64,
+}
+
 impl Cpu {
+    /// The CPU used since the start by the server and this process, per one of `items`.
+    pub(crate) fn per(&self, items: usize) -> PerItem {
+        let n = items.max(1) as f64;
+        let since = |pids: &[u32], before: Duration| {
+            let now: Duration = pids.iter().map(|&p| procfs::cpu_time(p)).sum();
+            now.saturating_sub(before).as_secs_f64() * 1e6 / n
+        };
+        PerItem {
+            server_us: since(&self.server, self.server_before),
+            loader_us: since(&[procfs::self_pid()], self.loader_before),
+        }
+    }
+
     /// Reads the CPU time of `server` (all its processes) and of this process now.
     pub(crate) fn start(server: &[u32]) -> Self {
         Self {
@@ -197,10 +221,12 @@ pub(crate) async fn quiesce(pids: &[u32]) {
     }
 }
 
-/// Opens `targets` and reads memory around it (figure 1).
+/// Opens `targets` and reads memory around it (figure 1), and the CPU of `cpu_pids` (the
+/// server's processes) while they open.
 async fn connect(
     args: &Args,
     pids: &[u32],
+    cpu_pids: &[u32],
     targets: Vec<(gateway_tests::bench::sse_conn::SseTarget, String)>,
     init: bool,
     octets: &mut Octets,
@@ -209,6 +235,7 @@ async fn connect(
     let before = memory(pids);
     let asked = targets.len();
     let overflows = load::listen_overflows();
+    let cpu = Cpu::start(cpu_pids);
     let set = streams::open(OpenSpec {
         targets,
         init,
@@ -217,6 +244,7 @@ async fn connect(
         timeout: Duration::from_secs(60),
     })
     .await;
+    let cpu = cpu.per(set.open_count());
     let at0 = memory(pids);
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(set.opened_at.elapsed())).await;
     let at3 = memory(pids);
@@ -231,6 +259,7 @@ async fn connect(
         at3,
         overflows: load::listen_overflows().saturating_sub(overflows),
         error: set.first_error.clone(),
+        cpu,
     };
     (set, row)
 }
@@ -305,7 +334,15 @@ pub(crate) async fn gateway_round(
     let targets = (0..args.n)
         .map(|_| (gw.target("/events"), String::new()))
         .collect();
-    let (mut set, connect) = connect(args, &pids, targets, true, octets).await;
+    let (mut set, connect) = connect(
+        args,
+        &pids,
+        &[gw.pid, world.nats_pid],
+        targets,
+        true,
+        octets,
+    )
+    .await;
     let mut notes = Vec::new();
     let mut result = RoundResult {
         kind: Kind::Gateway,
@@ -409,7 +446,7 @@ pub(crate) async fn nchan_round(
     };
     let channels: Vec<String> = (0..args.n).map(|i| format!("r{round}c{i}")).collect();
     let targets = channels.iter().map(|c| (sub(c), c.clone())).collect();
-    let (mut set, connect) = connect(args, &pids, targets, false, octets).await;
+    let (mut set, connect) = connect(args, &pids, &pids, targets, false, octets).await;
     let mut notes = Vec::new();
     let mut result = RoundResult {
         kind: Kind::Nchan,

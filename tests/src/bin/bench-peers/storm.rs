@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::gateway::{Gateway, World};
 use crate::load;
-use crate::rounds::{quiesce, DeliveryRow};
+use crate::rounds::{quiesce, Cpu, DeliveryRow, PerItem};
 use crate::streams::{self, OpenSpec};
 use crate::{Args, Octets};
 
@@ -43,6 +43,10 @@ pub(crate) struct StormResult {
     /// Replica B's resumes whose presence marker waited for their stream's first ping
     /// (`gateway_sse_presence_deferred_total`); `None` when B did not say.
     pub(crate) presence_deferred: Option<u64>,
+    /// CPU per reconnect while they opened: replica B with the nats-server, and the load
+    /// generator; `origin_us`: replica B alone.
+    pub(crate) cpu: PerItem,
+    pub(crate) origin_us: f64,
 }
 
 /// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
@@ -145,6 +149,8 @@ pub(crate) async fn figure_storm(
         })
         .collect();
     let storm_start = gateway_tests::bench::now_ns();
+    let cpu = Cpu::start(&[b.pid, world.nats_pid]);
+    let origin_cpu = Cpu::start(&[b.pid]);
     let mut back = streams::open(OpenSpec {
         targets,
         init: true,
@@ -153,6 +159,10 @@ pub(crate) async fn figure_storm(
         timeout: Duration::from_secs(60),
     })
     .await;
+    let (cpu, origin_us) = (
+        cpu.per(back.open_count()),
+        origin_cpu.per(back.open_count()).server_us,
+    );
     let secs = back.open_time.as_secs_f64();
     let got = back.take(p, missed_sent, Duration::from_secs(20)).await;
     let delivery = DeliveryRow::from_private(run, missed_sent, &got);
@@ -177,6 +187,8 @@ pub(crate) async fn figure_storm(
         overflows: load::listen_overflows().saturating_sub(overflows),
         resumes: resumes_on(&b).await,
         presence_deferred: b.origin.metric("gateway_sse_presence_deferred_total").await,
+        cpu,
+        origin_us,
     };
     back.close();
     Ok(result)
