@@ -1258,11 +1258,16 @@ mod nats_only {
         assert_quiet(&mut c).await?;
         assert_quiet(&mut f).await?;
 
-        // Something new: B reads, and the frames come once each.
+        // Something new: B reads, and the frames come once each — one frame by its
+        // sequence, two from the stream.
         sync(&a, &b_, "sync2").await?;
+        let indexed = resumes("indexed");
         let mut again = b_.subscribe(&cid("c"), StartAt::After(one)).await?;
         let mut fresh_again = b_.subscribe(&cid("fresh"), StartAt::Since(since)).await?;
-        assert_eq!((resumes("none"), resumes("stream")), (none + 2, stream + 2));
+        assert_eq!(
+            (resumes("none"), resumes("stream"), resumes("indexed")),
+            (none + 2, stream + 1, indexed + 1)
+        );
         assert!(!again.reset && !fresh_again.reset);
         assert_eq!(next_ids(&mut again, 2).await?, [two, three]);
         assert_eq!(
@@ -1277,7 +1282,7 @@ mod nats_only {
             .subscribe(&cid("c"), StartAt::After(three + 1_000))
             .await?;
         assert!(ahead.reset, "an id the stream never issued");
-        assert_eq!(resumes("stream"), stream + 3);
+        assert_eq!(resumes("stream"), stream + 2);
 
         // A client watching a run: the run's frames count too.
         let run = eid("9");
@@ -1299,7 +1304,11 @@ mod nats_only {
         let mut w_again = b_
             .subscribe_with(&cid("w"), StartAt::After(r1), watching)
             .await?;
-        assert_eq!(resumes("stream"), stream + 4, "r2 is above r1: read");
+        assert_eq!(
+            resumes("indexed"),
+            indexed + 2,
+            "r2, the run's one frame above r1: read by its sequence"
+        );
         assert_eq!(next_frame(&mut w_again).await?, frame(r2, "e", "r2"));
         let since_with_run = b_
             .subscribe_with(&cid("w"), StartAt::Since(r2), watching)
@@ -1307,9 +1316,103 @@ mod nats_only {
         drop(since_with_run);
         assert_eq!(
             resumes("stream"),
-            stream + 5,
+            stream + 3,
             "`Since` owes a run's older frames: read"
         );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resume_with_one_new_frame_reads_it_by_its_sequence_and_falls_back_when_it_is_gone(
+    ) -> anyhow::Result<()> {
+        let (server, a, b_) = two_replicas().await?;
+        let one = a.publish(&cid("c"), "e", b("one")).await?;
+        // Other clients' frames between: what NATS would scan for the first frame of `c`.
+        for i in 0..50 {
+            a.publish(&cid(&format!("o{i}")), "e", b("x")).await?;
+        }
+        let two = a.publish(&cid("c"), "e", b("two")).await?;
+        sync(&a, &b_, "sync1").await?;
+        let (indexed, stream) = (resumes("indexed"), resumes("stream"));
+        let mut c = b_.subscribe(&cid("c"), StartAt::After(one)).await?;
+        assert!(!c.reset);
+        assert_eq!(resumes("indexed"), indexed + 1);
+        assert_eq!(next_frame(&mut c).await?, frame(two, "e", "two"));
+        let three = a.publish(&cid("c"), "e", b("three")).await?;
+        assert_eq!(next_frame(&mut c).await?, frame(three, "e", "three"));
+        assert_quiet(&mut c).await?;
+        drop(c);
+
+        // Two new frames, one of them deleted since: the index names no single frame, so
+        // the stream is read and what is left comes.
+        let four = a.publish(&cid("c"), "e", b("four")).await?;
+        sync(&a, &b_, "sync2").await?;
+        let js = async_nats::jetstream::new(async_nats::connect(&server.url).await?);
+        ensure!(
+            js.get_stream("GATEWAY_FRAMES")
+                .await?
+                .delete_message(four)
+                .await?
+        );
+        let five = a.publish(&cid("c"), "e", b("five")).await?;
+        let mut after_three = b_.subscribe(&cid("c"), StartAt::After(three)).await?;
+        assert_eq!(resumes("indexed"), indexed + 1, "two frames above three");
+        assert_eq!(resumes("stream"), stream + 1);
+        assert_eq!(
+            next_frame(&mut after_three).await?,
+            frame(five, "e", "five")
+        );
+        assert_quiet(&mut after_three).await?;
+        sync(&a, &b_, "sync3").await?;
+        let six = a.publish(&cid("c"), "e", b("six")).await?;
+        sync(&a, &b_, "sync4").await?;
+        // The one new frame the index names is gone (deleted; retention would do the same):
+        // nothing is taken on its word, the stream is read instead.
+        ensure!(
+            js.get_stream("GATEWAY_FRAMES")
+                .await?
+                .delete_message(six)
+                .await?
+        );
+        let mut after_five = b_.subscribe(&cid("c"), StartAt::After(five)).await?;
+        assert_eq!(
+            (resumes("indexed"), resumes("stream")),
+            (indexed + 1, stream + 2),
+            "the named frame is gone: read from the stream instead"
+        );
+        assert_quiet(&mut after_five).await?;
+        let seven = a.publish(&cid("c"), "e", b("seven")).await?;
+        assert_eq!(
+            next_frame(&mut after_five).await?,
+            frame(seven, "e", "seven")
+        );
+
+        // Two clients sharing a slot of the index (its hash, `router.rs` `seen_slot`): the
+        // slot's one new frame is the other's, so this one has nothing new — and is told
+        // nothing of the other's.
+        let slot = |id: &str| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (0u8, id).hash(&mut h);
+            h.finish() & 0xFFFF
+        };
+        let x = "share-0".to_owned();
+        let y = (1..)
+            .map(|i| format!("share-{i}"))
+            .find(|y| slot(y) == slot(&x))
+            .context("two ids sharing a slot")?;
+        let mine = a.publish(&cid(&x), "e", b("mine")).await?;
+        let theirs = a.publish(&cid(&y), "e", b("theirs")).await?;
+        sync(&a, &b_, "sync5").await?;
+        let mut x_back = b_.subscribe(&cid(&x), StartAt::After(mine)).await?;
+        assert_eq!(
+            (resumes("indexed"), resumes("stream")),
+            (indexed + 2, stream + 2),
+            "one frame above {mine} in the slot, {theirs}: the other client's"
+        );
+        assert_quiet(&mut x_back).await?;
+        let later = a.publish(&cid(&x), "e", b("later")).await?;
+        assert_eq!(next_frame(&mut x_back).await?, frame(later, "e", "later"));
         Ok(())
     }
 

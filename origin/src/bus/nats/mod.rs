@@ -66,8 +66,8 @@
 //! - **A resume with nothing new reads nothing** (the common case: a replica restarts, its
 //!   clients come back having read everything). The router keeps a fixed-size index of
 //!   what it has been delivered (`router::Seen`): from the consumer's start — raised past
-//!   any hole — up to its position, the highest sequence of a frame on the subjects (a
-//!   client's or a run's) that hash to each of 65,536 slots. A resume after `n`
+//!   any hole — up to its position, the two highest sequences of frames on the subjects (a
+//!   client's or a run's) that hash to each of 65,536 slots (1 MiB). A resume after `n`
 //!   ([`StartAt::After`], with the runs the client watches; [`StartAt::Since`], without
 //!   runs: it owes a run's older frames), while connected, asks it once registered: when
 //!   `n` lies between the start and the position and none of its subjects' slots holds a
@@ -78,7 +78,19 @@
 //!   as for any other). A subject sharing a slot with a busier one only costs the resume
 //!   its reads (~15 % of the resumes with nothing new in `bench-peers --figures 5
 //!   --storm-read-all`: 21k subjects over the slots).
-//!   Otherwise the reads below decide (`gateway_bus_resumes_total{reads}` counts both).
+//! - **A resume with one new frame reads that frame by its sequence.** Each slot keeps its
+//!   two highest sequences; when no subject's slot holds two above `n` (same conditions),
+//!   each one named is read with a direct get of its sequence (`reader`'s `at`), which
+//!   NATS answers from its index. The first frame of a subject from `n + 1` — the read
+//!   below — NATS finds by scanning every message after `n` in its block, so it cost in
+//!   proportion to all clients' traffic while this one was away (~65 µs of nats-server per
+//!   resume in the storm of `bench-peers --figures 5`, with 1,000 results between). A
+//!   named frame on another subject (a shared slot) means none of this one's; a named
+//!   frame that is gone sends the resume to the reads below, whose drop checks decide
+//!   about a reset. Nothing else of the subjects above `n` can have been delivered, so
+//!   every later frame is routed.
+//!   Otherwise the reads below decide (`gateway_bus_resumes_total{reads}`: `none`,
+//!   `indexed`, `stream`).
 //! - **A client known to follow no run has no watch list to read** ([`Bus::unwatched`]).
 //!   The same index keeps a bit per slot for the `gw/watch` frames it was delivered; a
 //!   client whose slot has none, made at a position between the start and the position
@@ -152,7 +164,7 @@ use std::time::Duration;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use reader::Reader;
-use replay::{nothing_to_read, start_point, Feed};
+use replay::{nothing_to_read, sole_frames, start_point, Feed};
 pub use router::LIVE_BACKLOG;
 use router::{watch_connects, Registration, Router, RouterTask};
 use stream::{config_mismatches, covers, exact, stream_config, stream_info};
@@ -535,12 +547,33 @@ impl Bus for NatsBus {
         }
         .filter(|&n| router.nothing_seen_above(client_id.as_str(), watching, n));
         let resume = matches!(start, StartAt::After(_) | StartAt::Since(_));
-        let (reset, last, sources, mark) = match unread {
-            Some(n) => {
+        // Otherwise, when the index names at most one frame above the start per subject,
+        // those frames are read by their sequences.
+        let named = match (unread, start) {
+            (None, StartAt::After(n)) if connected => Some(n),
+            (None, StartAt::Since(n)) if connected && watching.is_empty() => Some(n),
+            _ => None,
+        }
+        .and_then(|n| {
+            Some((
+                n,
+                router.sole_frames_above(client_id.as_str(), watching, n)?,
+            ))
+        });
+        let indexed = match named {
+            Some((n, frames)) => sole_frames(&self.reader, &subject, &runs, &frames, n).await?,
+            None => None,
+        };
+        let (reset, last, sources, mark) = match (unread, indexed) {
+            (Some(n), _) => {
                 crate::metrics::global().bus_resume("none");
                 nothing_to_read(&subject, &runs, n)
             }
-            None => {
+            (None, Some(start)) => {
+                crate::metrics::global().bus_resume("indexed");
+                start
+            }
+            (None, None) => {
                 if resume {
                     crate::metrics::global().bus_resume("stream");
                 }

@@ -1,5 +1,8 @@
 //! The frames stream's single-message reads: "the first message of this subject from
-//! sequence s", the read every subscription's start point and catch-up is made of.
+//! sequence s", the read every subscription's start point and catch-up is made of, and
+//! "the message at sequence s, if it is on this subject", for a resume whose one new frame
+//! the router's index names (`router`'s `Seen`; NATS finds the first of a subject from a
+//! sequence by scanning the messages after it in their block, this one by its index).
 //!
 //! A **direct get** (`$JS.API.DIRECT.GET.<stream>`, the stream allowing it) is what KV
 //! reads use: the stream's own subscription answers it, with the message as headers and
@@ -52,12 +55,28 @@ pub(super) struct Reader {
     told_leader: AtomicBool,
 }
 
+/// What [`Reader::at`] found at a sequence.
+#[derive(Debug)]
+pub(super) enum At {
+    /// The message, on the subject asked about.
+    Found(Read),
+    /// A message on another subject.
+    Other,
+    /// No message: it left the stream (or was never stored).
+    Gone,
+}
+
 /// True if a direct get of the stream `config` describes sees every write acknowledged
 /// before it: direct gets are allowed and the stream has one replica. (A mirror made with
 /// `mirror_direct` would answer them too, and lag: docs/OPERATIONS.md says not to make
 /// one of this stream.)
 fn direct_is_current(config: &js::Config) -> bool {
     config.allow_direct && config.num_replicas <= 1
+}
+
+/// The request body of a direct get of the message at `seq`.
+fn direct_request_at(seq: u64) -> Bytes {
+    Bytes::from(format!("{{\"seq\":{seq}}}"))
 }
 
 /// The request body of a direct get of the first message of `subject` from `from`.
@@ -124,39 +143,90 @@ impl Reader {
         from: u64,
     ) -> Result<Option<Read>, BusError> {
         let from = from.max(1);
-        if self.direct.load(Ordering::Relaxed) {
-            let what = || format!("direct get of {subject} from {from}");
-            let request = async_nats::client::Request::new()
-                .payload(direct_request(subject, from))
-                .timeout(Some(OPERATION_TIMEOUT));
-            let why = match self
-                .client
-                .send_request(self.direct_subject.clone(), request)
-                .await
-            {
-                Ok(m) => {
-                    let headers = m.headers.unwrap_or_default();
-                    match answer(m.status, m.description.as_deref(), &headers) {
-                        Answer::Found(sequence) => {
-                            return Ok(Some(Read {
-                                sequence,
-                                headers,
-                                payload: m.payload,
-                            }));
-                        }
-                        Answer::NotFound => return Ok(None),
-                        Answer::AskLeader(why) => why,
-                    }
-                }
-                // Nobody serves direct gets (the setting was just changed): the leader does.
-                Err(e) if e.kind() == RequestErrorKind::NoResponders => e.to_string(),
-                Err(e) => return Err(unavailable(what(), e)),
-            };
-            if !self.told_leader.swap(true, Ordering::Relaxed) {
-                tracing::warn!(subject, from, %why, "direct get not answered; read through the stream leader (logged once)");
-            }
+        if let Some(answer) = self
+            .direct_get(direct_request(subject, from), subject, from)
+            .await?
+        {
+            return Ok(answer);
         }
         self.leader_first_from(subject, from).await
+    }
+
+    /// The message at `seq`, if it is still in the stream: [`At::Other`] when it is on
+    /// another subject than `subject`.
+    pub(super) async fn at(&self, subject: &str, seq: u64) -> Result<At, BusError> {
+        if let Some(answer) = self
+            .direct_get(direct_request_at(seq), subject, seq)
+            .await?
+        {
+            return Ok(match answer {
+                None => At::Gone,
+                Some(read)
+                    if read
+                        .headers
+                        .get(async_nats::header::NATS_SUBJECT)
+                        .is_some_and(|s| s.as_str() == subject) =>
+                {
+                    At::Found(read)
+                }
+                Some(_) => At::Other,
+            });
+        }
+        match self.stream.get_raw_message(seq).await {
+            Ok(m) if m.subject.as_str() == subject => Ok(At::Found(Read {
+                sequence: m.sequence,
+                headers: m.headers,
+                payload: m.payload,
+            })),
+            Ok(_) => Ok(At::Other),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(At::Gone),
+            Err(e) => Err(unavailable(format!("read {subject} at {seq}"), e)),
+        }
+    }
+
+    /// A direct get of `body` (about `subject` at or from `seq`, for the log): `Some` with
+    /// the answer when one was given, `None` when the leader must be asked instead (direct
+    /// gets are not current for this stream, or nobody answered them).
+    async fn direct_get(
+        &self,
+        body: Bytes,
+        subject: &str,
+        seq: u64,
+    ) -> Result<Option<Option<Read>>, BusError> {
+        if !self.direct.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let what = || format!("direct get of {subject} at or from {seq}");
+        let request = async_nats::client::Request::new()
+            .payload(body)
+            .timeout(Some(OPERATION_TIMEOUT));
+        let why = match self
+            .client
+            .send_request(self.direct_subject.clone(), request)
+            .await
+        {
+            Ok(m) => {
+                let headers = m.headers.unwrap_or_default();
+                match answer(m.status, m.description.as_deref(), &headers) {
+                    Answer::Found(sequence) => {
+                        return Ok(Some(Some(Read {
+                            sequence,
+                            headers,
+                            payload: m.payload,
+                        })));
+                    }
+                    Answer::NotFound => return Ok(Some(None)),
+                    Answer::AskLeader(why) => why,
+                }
+            }
+            // Nobody serves direct gets (the setting was just changed): the leader does.
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => e.to_string(),
+            Err(e) => return Err(unavailable(what(), e)),
+        };
+        if !self.told_leader.swap(true, Ordering::Relaxed) {
+            tracing::warn!(subject, seq, %why, "direct get not answered; read through the stream leader (logged once)");
+        }
+        Ok(None)
     }
 
     /// [`Reader::first_from`] through the leader's `STREAM.MSG.GET`.
@@ -193,6 +263,12 @@ mod tests {
         assert!(direct_is_current(&config(true, 0)));
         assert!(!direct_is_current(&config(true, 3)), "followers may lag");
         assert!(!direct_is_current(&config(false, 1)), "nobody answers");
+    }
+
+    #[test]
+    fn a_read_at_a_sequence_names_only_the_sequence() {
+        let v: serde_json::Value = serde_json::from_slice(&direct_request_at(42)).unwrap();
+        assert_eq!(v, serde_json::json!({"seq": 42}));
     }
 
     #[test]

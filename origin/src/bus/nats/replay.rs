@@ -5,7 +5,7 @@
 use super::super::inbox::Taken;
 use super::super::reset::must_reset;
 use super::super::{BusError, BusFrame, StartAt, WATCH_EVENT};
-use super::reader::Reader;
+use super::reader::{At, Reader};
 use super::router::Registration;
 use super::stream::limit;
 use super::{unavailable, EVENT_HEADER};
@@ -214,6 +214,54 @@ pub(super) fn nothing_to_read(
         .map(|s| Source::seeded(s.to_owned(), after, None))
         .collect();
     (false, after, sources, None)
+}
+
+/// The start point of a resume after `after` for which the router's index names, per
+/// subject (`subject`, then `runs`), the one frame above `after` it may hold (`frames`,
+/// [`super::router::Router::sole_frames_above`]): each named frame is read by its sequence
+/// and every source is then read — every later frame is routed. A named frame on another
+/// subject (a slot shared) means none of this one's. Nothing owed can have been dropped
+/// (each frame above `after` is found), so there is no reset. `None` when a named frame is
+/// gone, or is not one this bus wrote: the caller reads the stream as usual then.
+pub(super) async fn sole_frames(
+    reader: &Reader,
+    subject: &str,
+    runs: &[String],
+    frames: &[Option<u64>],
+    after: u64,
+) -> Result<Option<(bool, u64, Vec<Source>, Option<u64>)>, BusError> {
+    let subjects = std::iter::once(subject).chain(runs.iter().map(String::as_str));
+    let reads = subjects.zip(frames).map(|(s, seq)| async move {
+        let Some(seq) = *seq else {
+            return Ok(Some(None));
+        };
+        Ok::<_, BusError>(match reader.at(s, seq).await? {
+            // The slot's one frame above `after` is another subject's: none of this one's.
+            At::Other => Some(None),
+            At::Gone => None,
+            At::Found(m) => m.headers.get(EVENT_HEADER).map(|event| {
+                Some(BusFrame {
+                    id: m.sequence,
+                    event: event.as_str().to_owned(),
+                    data: m.payload,
+                })
+            }),
+        })
+    });
+    let mut mark = after;
+    let mut sources = Vec::with_capacity(frames.len());
+    let subjects = std::iter::once(subject).chain(runs.iter().map(String::as_str));
+    for (s, read) in subjects.zip(futures::future::try_join_all(reads).await?) {
+        let Some(first) = read else {
+            return Ok(None);
+        };
+        mark = mark.max(first.as_ref().map_or(0, |f| f.id));
+        let mut source = Source::seeded(s.to_owned(), after, first);
+        source.done = true;
+        sources.push(source);
+    }
+    // Up to the highest frame read: what is routed above it is owed, and handled after.
+    Ok(Some((false, after, sources, Some(mark))))
 }
 
 /// Where a subscription starts: `(reset, the id every later frame is above, the sources

@@ -98,8 +98,8 @@ impl Default for Router {
     }
 }
 
-/// Slots of the [`Seen`] index (a power of two): 512 KiB of `u64`s per replica, and a bit
-/// each for watches (8 KiB).
+/// Slots of the [`Seen`] index (a power of two): two `u64`s each per replica (1 MiB), and
+/// a bit each for watches (8 KiB).
 const SEEN_SLOTS: usize = 1 << 16;
 
 /// What the router has been delivered of the clients' and the runs' subjects, so that a
@@ -108,10 +108,14 @@ const SEEN_SLOTS: usize = 1 << 16;
 /// Every frame of the stream above `horizon` has been delivered to the router, up to
 /// `position` — except frames that left the stream before they were delivered, which show
 /// as a hole in the sequence and raise the horizon past them. For each slot (a hash of a
-/// subject: a client's or a run's) it keeps the highest sequence of a frame on a subject
-/// hashing to it, control frames included. Two subjects sharing a slot only cost the one
-/// with the lower last frame a read it could have skipped; the table has a fixed size
-/// whatever the number of clients and runs. A second table keeps one bit per slot: a
+/// subject: a client's or a run's) it keeps the two highest sequences of frames on a
+/// subject hashing to it, control frames included: a resume with no frame above its start
+/// reads nothing, one with a single frame there reads that frame by its sequence
+/// ([`Seen::sole_above`]) instead of asking NATS for the first frame of its subject from
+/// the start — which NATS answers by scanning the messages after the start in their block,
+/// every client's, so its cost grew with the traffic while the client was away. Two
+/// subjects sharing a slot only cost the one with the lower frames a read it could have
+/// skipped; the table has a fixed size whatever the number of clients and runs. A second table keeps one bit per slot: a
 /// `gw/watch` frame of a client hashing to it was delivered ([`Seen::unwatched`]); a
 /// client sharing a slot with one that watches a run only costs it a watch-list read.
 #[derive(Default)]
@@ -121,7 +125,9 @@ pub(super) struct Seen {
     horizon: Option<u64>,
     /// The highest sequence delivered to the router.
     position: u64,
+    /// Per slot, the highest sequence delivered on its subjects, and the one below it.
     slots: Vec<u64>,
+    seconds: Vec<u64>,
     /// One bit per slot: a `gw/watch` frame on a client subject hashing to it was
     /// delivered ([`Seen::unwatched`]).
     watches: Vec<u64>,
@@ -151,6 +157,7 @@ impl Seen {
     fn start(&mut self, start: u64) {
         if self.slots.is_empty() {
             self.slots = vec![0; SEEN_SLOTS];
+            self.seconds = vec![0; SEEN_SLOTS];
             self.watches = vec![0; SEEN_SLOTS / 64];
         }
         self.horizon = Some(start.saturating_sub(1));
@@ -169,8 +176,16 @@ impl Seen {
     fn saw(&mut self, seq: u64, subject: Subject<'_>) {
         self.position = self.position.max(seq);
         if !self.slots.is_empty() {
-            let slot = &mut self.slots[seen_slot(subject)];
-            *slot = (*slot).max(seq);
+            let i = seen_slot(subject);
+            let (first, second) = (&mut self.slots[i], &mut self.seconds[i]);
+            // A frame delivered again (a consumer restarted below its position) is not a
+            // second one.
+            if seq > *first {
+                *second = *first;
+                *first = seq;
+            } else if seq > *second && seq != *first {
+                *second = seq;
+            }
         }
     }
 
@@ -209,6 +224,28 @@ impl Seen {
                 subjects.all(|s| self.slots[seen_slot(s)] <= after)
             }
             _ => false,
+        }
+    }
+
+    /// Per subject, in order, the one frame above `after` on it the router was delivered
+    /// (`None`: no frame), when the index can tell (as for [`Seen::nothing_above`]) and no
+    /// subject's slot holds two frames above `after`; otherwise `None`. Every frame of the
+    /// subjects above `after` the stream may hold is then the one named, or one the router
+    /// has not been delivered yet — routed to a subscription registered before this call.
+    /// A named frame may be another subject's sharing the slot: the reader checks.
+    fn sole_above<'a>(
+        &self,
+        subjects: impl Iterator<Item = Subject<'a>>,
+        after: u64,
+    ) -> Option<Vec<Option<u64>>> {
+        match self.horizon {
+            Some(h) if h <= after && after <= self.position => subjects
+                .map(|s| {
+                    let i = seen_slot(s);
+                    (self.seconds[i] <= after).then(|| Some(self.slots[i]).filter(|&v| v > after))
+                })
+                .collect(),
+            _ => None,
         }
     }
 }
@@ -341,6 +378,18 @@ impl Router {
         let subjects = std::iter::once(Subject::Client(client_id))
             .chain(runs.iter().map(|r| Subject::Run(r.as_str())));
         self.lock().seen.nothing_above(subjects, after)
+    }
+
+    /// [`Seen::sole_above`] for the subjects of `client_id` and of `runs`, the client's first.
+    pub(super) fn sole_frames_above(
+        &self,
+        client_id: &str,
+        runs: &[ExecutionId],
+        after: u64,
+    ) -> Option<Vec<Option<u64>>> {
+        let subjects = std::iter::once(Subject::Client(client_id))
+            .chain(runs.iter().map(|r| Subject::Run(r.as_str())));
+        self.lock().seen.sole_above(subjects, after)
     }
 
     /// `Some((horizon, position))` when this router was delivered every frame above the
@@ -701,6 +750,41 @@ mod tests {
         seen.saw(10, Subject::Run("1"));
         seen.saw(11, Subject::Client("someone-else"));
         assert!(client(&seen, a, 9) && client(&seen, a, 11));
+    }
+
+    #[test]
+    fn the_seen_index_names_a_subjects_one_frame_above_an_id_and_no_more() {
+        let (a, b, run) = three_slots();
+        let subjects = || [Subject::Client(a), Subject::Run(run)].into_iter();
+        let mut seen = Seen::default();
+        assert_eq!(seen.sole_above(subjects(), 0), None, "no consumer yet");
+        seen.start(1);
+        seen.saw(3, Subject::Client(a));
+        seen.saw(4, Subject::Client(b));
+        seen.saw(5, Subject::Client(a));
+        seen.saw(6, Subject::Run(run));
+        assert_eq!(seen.sole_above(subjects(), 6), Some(vec![None, None]));
+        assert_eq!(seen.sole_above(subjects(), 5), Some(vec![None, Some(6)]));
+        assert_eq!(seen.sole_above(subjects(), 3), Some(vec![Some(5), Some(6)]));
+        assert_eq!(
+            seen.sole_above(subjects(), 2),
+            None,
+            "3 and 5 are both above 2"
+        );
+        assert_eq!(seen.sole_above(subjects(), 7), None, "above the position");
+        // Delivered again (a consumer restarted below its position): still one frame.
+        seen.start(5);
+        seen.saw(5, Subject::Client(a));
+        seen.saw(6, Subject::Run(run));
+        assert_eq!(seen.sole_above(subjects(), 4), Some(vec![Some(5), Some(6)]));
+        assert_eq!(
+            seen.sole_above(subjects(), 3),
+            None,
+            "below the new horizon"
+        );
+        seen.saw(7, Subject::Client(a));
+        assert_eq!(seen.sole_above(subjects(), 6), Some(vec![Some(7), None]));
+        assert_eq!(seen.sole_above(subjects(), 4), None, "5 and 7");
     }
 
     #[test]

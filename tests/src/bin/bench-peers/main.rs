@@ -507,9 +507,9 @@ fn print_storm(args: &Args, s: &storm::StormResult, results: &[RoundResult]) {
     if let Some(e) = &s.first_error {
         println!("  first error: {e}");
     }
-    if let Some((none, stream)) = s.resumes {
+    if let Some((none, indexed, stream)) = s.resumes {
         println!(
-            "  replica B's resumes: {none} read nothing from the stream, {stream} read it (gateway_bus_resumes_total)"
+            "  replica B's resumes: {none} read nothing from the stream, {indexed} read only the frames its index named, {stream} read it (gateway_bus_resumes_total)"
         );
     }
     if let Some(deferred) = s.presence_deferred {

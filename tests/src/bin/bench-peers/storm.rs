@@ -38,8 +38,8 @@ pub(crate) struct StormResult {
     /// Listen-queue overflows (system-wide) during the storm.
     pub(crate) overflows: u64,
     /// Replica B's resumes by what they read (`gateway_bus_resumes_total{reads}`): none,
-    /// and the stream; `None` when B did not say.
-    pub(crate) resumes: Option<(u64, u64)>,
+    /// the frames the router's index named, and the stream; `None` when B did not say.
+    pub(crate) resumes: Option<(u64, u64, u64)>,
     /// Replica B's resumes whose presence marker waited for their stream's first ping
     /// (`gateway_sse_presence_deferred_total`); `None` when B did not say.
     pub(crate) presence_deferred: Option<u64>,
@@ -62,11 +62,13 @@ pub(crate) fn encode(v: &str) -> String {
         .collect()
 }
 
-/// `origin`'s resumes by what they read: (none, stream).
-async fn resumes_on(gw: &Gateway) -> Option<(u64, u64)> {
+/// `origin`'s resumes by what they read: (none, indexed, stream).
+async fn resumes_on(gw: &Gateway) -> Option<(u64, u64, u64)> {
     let none = gw.origin.bus_resumes("none").await;
+    let indexed = gw.origin.bus_resumes("indexed").await;
     let stream = gw.origin.bus_resumes("stream").await;
-    (none.is_some() || stream.is_some()).then(|| (none.unwrap_or(0), stream.unwrap_or(0)))
+    (none.is_some() || indexed.is_some() || stream.is_some())
+        .then(|| (none.unwrap_or(0), indexed.unwrap_or(0), stream.unwrap_or(0)))
 }
 
 /// Figure 5.
