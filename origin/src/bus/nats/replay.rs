@@ -219,7 +219,7 @@ pub(super) fn nothing_to_read(
 /// The start point of a resume after `after` for which the router's index names, per
 /// subject (`subject`, then `runs`), the one frame above `after` it may hold (`frames`,
 /// [`super::router::Router::sole_frames_above`]): each named frame is read by its sequence
-/// and every source is then read — every later frame is routed. A named frame on another
+/// and every source is then done — every later frame is routed. A named frame on another
 /// subject (a slot shared) means none of this one's. Nothing owed can have been dropped
 /// (each frame above `after` is found), so there is no reset. `None` when a named frame is
 /// gone, or is not one this bus wrote: the caller reads the stream as usual then.

@@ -115,9 +115,10 @@ const SEEN_SLOTS: usize = 1 << 16;
 /// the start — which NATS answers by scanning the messages after the start in their block,
 /// every client's, so its cost grew with the traffic while the client was away. Two
 /// subjects sharing a slot only cost the one with the lower frames a read it could have
-/// skipped; the table has a fixed size whatever the number of clients and runs. A second table keeps one bit per slot: a
-/// `gw/watch` frame of a client hashing to it was delivered ([`Seen::unwatched`]); a
-/// client sharing a slot with one that watches a run only costs it a watch-list read.
+/// skipped; the table has a fixed size whatever the number of clients and runs. A second
+/// table keeps one bit per slot: a `gw/watch` frame of a client hashing to it was
+/// delivered ([`Seen::unwatched`]); a client sharing a slot with one that watches a run
+/// only costs it a watch-list read.
 #[derive(Default)]
 pub(super) struct Seen {
     /// `None` until the consumer runs, and on a stream with wider subjects (the router cannot
