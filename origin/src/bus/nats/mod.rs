@@ -536,22 +536,14 @@ impl Bus for NatsBus {
         let runs: Vec<String> = watching.iter().map(|e| runs_subject(e.as_str())).collect();
         // A resume whose client has nothing new since its id or the frame it names — the
         // router, registered with, was delivered every frame above it and none of the
-        // client's — reads nothing: every later frame is routed (the router's `Seen`).
+        // client's — reads nothing: every later frame is routed (the router's `Seen`). One
+        // with at most one new frame per subject reads those frames by their sequences.
         // Only while connected: without a server, a subscription fails as unavailable.
         // `Since` owes a watched run's frames from before the client existed: not with runs.
         let connected = self.client.connection_state() == State::Connected;
-        let unread = match start {
+        let seen = match start {
             StartAt::After(n) if connected => Some(n),
             StartAt::Since(n) if connected && watching.is_empty() => Some(n),
-            _ => None,
-        }
-        .filter(|&n| router.nothing_seen_above(client_id.as_str(), watching, n));
-        let resume = matches!(start, StartAt::After(_) | StartAt::Since(_));
-        // Otherwise, when the index names at most one frame above the start per subject,
-        // those frames are read by their sequences.
-        let named = match (unread, start) {
-            (None, StartAt::After(n)) if connected => Some(n),
-            (None, StartAt::Since(n)) if connected && watching.is_empty() => Some(n),
             _ => None,
         }
         .and_then(|n| {
@@ -560,21 +552,23 @@ impl Bus for NatsBus {
                 router.sole_frames_above(client_id.as_str(), watching, n)?,
             ))
         });
-        let indexed = match named {
-            Some((n, frames)) => sole_frames(&self.reader, &subject, &runs, &frames, n).await?,
-            None => None,
-        };
-        let (reset, last, sources, mark) = match (unread, indexed) {
-            (Some(n), _) => {
-                crate::metrics::global().bus_resume("none");
-                nothing_to_read(&subject, &runs, n)
+        let indexed = match &seen {
+            Some((n, frames)) if frames.iter().any(Option::is_some) => {
+                sole_frames(&self.reader, &subject, &runs, frames, *n).await?
             }
-            (None, Some(start)) => {
+            _ => None,
+        };
+        let (reset, last, sources, mark) = match (seen, indexed) {
+            (_, Some(start)) => {
                 crate::metrics::global().bus_resume("indexed");
                 start
             }
-            (None, None) => {
-                if resume {
+            (Some((n, frames)), None) if frames.iter().all(Option::is_none) => {
+                crate::metrics::global().bus_resume("none");
+                nothing_to_read(&subject, &runs, n)
+            }
+            _ => {
+                if matches!(start, StartAt::After(_) | StartAt::Since(_)) {
                     crate::metrics::global().bus_resume("stream");
                 }
                 start_point(&self.reader, &subject, &runs, start).await?

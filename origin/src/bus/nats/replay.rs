@@ -230,9 +230,11 @@ pub(super) async fn sole_frames(
     frames: &[Option<u64>],
     after: u64,
 ) -> Result<Option<(bool, u64, Vec<Source>, Option<u64>)>, BusError> {
-    let subjects = std::iter::once(subject).chain(runs.iter().map(String::as_str));
-    let reads = subjects.zip(frames).map(|(s, seq)| async move {
-        let Some(seq) = *seq else {
+    let subjects: Vec<&str> = std::iter::once(subject)
+        .chain(runs.iter().map(String::as_str))
+        .collect();
+    let reads = subjects.iter().zip(frames).map(|(&s, &seq)| async move {
+        let Some(seq) = seq else {
             return Ok(Some(None));
         };
         Ok::<_, BusError>(match reader.at(s, seq).await? {
@@ -250,8 +252,8 @@ pub(super) async fn sole_frames(
     });
     let mut mark = after;
     let mut sources = Vec::with_capacity(frames.len());
-    let subjects = std::iter::once(subject).chain(runs.iter().map(String::as_str));
-    for (s, read) in subjects.zip(futures::future::try_join_all(reads).await?) {
+    let read = futures::future::try_join_all(reads).await?;
+    for (s, read) in subjects.into_iter().zip(read) {
         let Some(first) = read else {
             return Ok(None);
         };

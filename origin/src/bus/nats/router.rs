@@ -210,30 +210,14 @@ impl Seen {
         (self.watches[slot / 64] & (1 << (slot % 64)) == 0).then_some((h, self.position))
     }
 
-    /// True when every frame on `subjects` above `after` the stream may hold is one the
-    /// router has not been delivered yet — so a subscription to them registered before this
-    /// call is routed every one of them, and nothing needs reading: `after` is at or above
-    /// the horizon and at or below the position (an id the stream issued), and no frame of
-    /// their slots above `after` was delivered.
-    fn nothing_above<'a>(
-        &self,
-        mut subjects: impl Iterator<Item = Subject<'a>>,
-        after: u64,
-    ) -> bool {
-        match self.horizon {
-            Some(h) if h <= after && after <= self.position => {
-                subjects.all(|s| self.slots[seen_slot(s)] <= after)
-            }
-            _ => false,
-        }
-    }
-
     /// Per subject, in order, the one frame above `after` on it the router was delivered
-    /// (`None`: no frame), when the index can tell (as for [`Seen::nothing_above`]) and no
-    /// subject's slot holds two frames above `after`; otherwise `None`. Every frame of the
-    /// subjects above `after` the stream may hold is then the one named, or one the router
-    /// has not been delivered yet — routed to a subscription registered before this call.
-    /// A named frame may be another subject's sharing the slot: the reader checks.
+    /// (`None`: no frame), when the index can tell — `after` is at or above the horizon and
+    /// at or below the position (an id the stream issued) — and no subject's slot holds two
+    /// frames above `after`; otherwise `None`. Every frame of the subjects above `after`
+    /// the stream may hold is then the one named, or one the router has not been delivered
+    /// yet — routed to a subscription registered before this call. All `None`: nothing
+    /// needs reading. A named frame may be another subject's sharing the slot: the reader
+    /// checks.
     fn sole_above<'a>(
         &self,
         subjects: impl Iterator<Item = Subject<'a>>,
@@ -248,6 +232,13 @@ impl Seen {
                 .collect(),
             _ => None,
         }
+    }
+
+    /// [`Seen::sole_above`] names no frame: nothing above `after` to read.
+    #[cfg(test)]
+    fn nothing_above<'a>(&self, subjects: impl Iterator<Item = Subject<'a>>, after: u64) -> bool {
+        self.sole_above(subjects, after)
+            .is_some_and(|frames| frames.iter().all(Option::is_none))
     }
 }
 
@@ -370,18 +361,14 @@ impl Router {
     /// True when a subscription of `client_id` watching `runs`, registered before this call,
     /// is routed every frame of the client and of those runs above `after` the stream may
     /// hold, so it needs no read ([`Seen`]).
-    pub(super) fn nothing_seen_above(
-        &self,
-        client_id: &str,
-        runs: &[ExecutionId],
-        after: u64,
-    ) -> bool {
-        let subjects = std::iter::once(Subject::Client(client_id))
-            .chain(runs.iter().map(|r| Subject::Run(r.as_str())));
-        self.lock().seen.nothing_above(subjects, after)
+    #[cfg(test)]
+    fn nothing_seen_above(&self, client_id: &str, runs: &[ExecutionId], after: u64) -> bool {
+        self.sole_frames_above(client_id, runs, after)
+            .is_some_and(|frames| frames.iter().all(Option::is_none))
     }
 
-    /// [`Seen::sole_above`] for the subjects of `client_id` and of `runs`, the client's first.
+    /// [`Seen::sole_above`] for the subjects of `client_id` and of `runs`, the client's first:
+    /// the one lookup a resume makes of the index.
     pub(super) fn sole_frames_above(
         &self,
         client_id: &str,
