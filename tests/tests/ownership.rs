@@ -326,6 +326,54 @@ async fn runs_started_at_once_on_two_replicas_are_all_their_owners() {
     }
 }
 
+/// Owner records on NATS that found their slot taken (`owners.rs` probes upwards).
+const SLOT_CONFLICTS: &str =
+    "gateway_kv_operation_duration_seconds_count{bucket=\"owners\",op=\"create\",outcome=\"conflict\"}";
+
+#[tokio::test]
+async fn runs_one_user_starts_at_once_on_one_replica_take_their_slots_in_turn() {
+    // A partner system starting many runs with one account: every run must be listed, in
+    // contiguous slots, and the replica's writers must not race each other for the same
+    // slot (each lost race is a failed K/V create; they grew with the concurrency).
+    let (_nats, standin, origins) = flows::nats_stack_with(
+        1,
+        StandInOptions::default(),
+        &[
+            ("EXECUTE_RATE_LIMIT", "off"),
+            ("GRAPHQL_MUTATION_RATE_LIMIT", "off"),
+        ],
+    )
+    .await;
+    let origin = &origins[0];
+    let a = login(&origin.url, &standin, "alice@example.com").await;
+    const RUNS: usize = 48;
+    let started = futures::future::join_all((0..RUNS).map(|_| {
+        let (base, a) = (origin.url.clone(), a.clone());
+        async move { run_playbook(&base, &a, "demo/echo", json!({}), None).await }
+    }))
+    .await;
+
+    let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({"first": 100})).await;
+    let mut listed = listed_ids(&v, &origin.url);
+    listed.sort();
+    let mut expected: Vec<&str> = started.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "every run listed once: {v}");
+    let mut cursors: Vec<u64> = v["data"]["myExecutions"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["cursor"].as_str().unwrap().parse().unwrap())
+        .collect();
+    cursors.sort_unstable();
+    assert_eq!(cursors, (1..=RUNS as u64).collect::<Vec<_>>(), "{v}");
+    assert_eq!(
+        origin.metric(SLOT_CONFLICTS).await.unwrap_or(0),
+        0,
+        "one replica's writers took their slots in turn"
+    );
+}
+
 #[tokio::test]
 async fn auth_playbook_runs_the_gateway_did_not_start_are_read_all_only() {
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
