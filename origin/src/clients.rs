@@ -28,10 +28,14 @@
 //! rather than a shorter one for ids that never reconnect: a page may name its id (a
 //! resume, or executePlaybook's `clientId`) at any time during its session, and the
 //! per-user cap, not age, is what bounds them. The index is read-modify-write like the
-//! records; a lost update between two replicas creating clients for one user at the same
+//! records. On one replica a user's creates take it in turn ([`crate::lanes`], from reading
+//! it to writing it back, at most [`INDEX_TURN_WAIT`] waited for): without that, twelve
+//! streams opened at once with a cap of 3 all read the same index and all got a client id.
+//! Between replicas, a lost update of two creating clients for one user at the same
 //! instant leaves one record out of the index, which then lives out the bucket's TTL
 //! uncounted — bounded by the user's stream-open rate.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,6 +44,7 @@ use gateway_shared::ids::{ClientId, RequestId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::lanes::Lanes;
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// How long a presence marker lives without a refresh (an SSE connection refreshes it
@@ -54,6 +59,13 @@ pub const PRESENCE_REFRESH: Duration = Duration::from_secs(25);
 
 /// Pending requests listed per client, at most (oldest dropped).
 const MAX_PENDING: usize = 100;
+
+/// How long a create waits for the user's index turn on this replica (module docs) before
+/// it goes on without it.
+pub const INDEX_TURN_WAIT: Duration = Duration::from_secs(2);
+
+/// The turns at each user's index on this replica, by index key.
+static INDEX_TURNS: LazyLock<Lanes<()>> = LazyLock::new(|| Lanes::new(INDEX_TURN_WAIT));
 
 /// What the gateway knows about a client id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +279,7 @@ pub async fn create_bounded_as(
     if max == 0 {
         return Ok(save(kv, id, &record).await?);
     }
+    let _turn = INDEX_TURNS.turn(&user_index_key(user_id)).await;
     let index = make_room(kv, user_id, max).await?;
     save(kv, id, &record).await?;
     add_to_index(kv, user_id, index, id).await?;
@@ -331,6 +344,7 @@ pub async fn claim(
         }),
         Some(mut record) => {
             if max > 0 {
+                let _turn = INDEX_TURNS.turn(&user_index_key(user_id)).await;
                 let index = make_room(kv, user_id, max).await?;
                 add_to_index(kv, user_id, index, id).await?;
             }
@@ -359,6 +373,7 @@ pub async fn claim(
                 };
             }
             if max > 0 {
+                let _turn = INDEX_TURNS.turn(&user_index_key(user_id)).await;
                 let room = match make_room(kv, user_id, max).await {
                     Ok(index) => index,
                     Err(e) => {

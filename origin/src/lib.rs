@@ -49,6 +49,7 @@
 //! - [`hub`] — this replica's SSE connections, one generation per client id.
 //! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
 //! - [`interest`] — which clients want an execution's frames, and the bridge's claims (K/V).
+//! - [`lanes`] — one replica's turns at a shared record per key (a user's client index, run slots).
 //! - [`runs`] — a run's status as NoETL reports it.
 //! - [`owners`] — who started each execution, the one rule for who may touch it, and
 //!   each user's runs newest first (K/V).
@@ -77,6 +78,7 @@ pub mod h1pool;
 pub mod health;
 pub mod hub;
 pub mod interest;
+pub mod lanes;
 pub mod listener;
 pub mod logs;
 pub mod metrics;

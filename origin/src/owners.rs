@@ -34,8 +34,7 @@
 //! remembered only once created, so a failed write leaves no hole (the listing ends at the
 //! first one).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,6 +44,7 @@ use gateway_shared::session::User;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::lanes::Lanes;
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// The page size of `myExecutions` when `first` is not given.
@@ -60,10 +60,7 @@ const MAX_PROBE: u64 = 4096;
 /// How long a record waits for the record of the same user ahead of it on this replica
 /// before it probes for a slot without waiting (a store that hangs must not queue a user's
 /// runs behind it for longer than its own timeouts).
-const LANE_WAIT: Duration = Duration::from_secs(2);
-/// Users whose lanes are kept before the idle ones are swept out (live ones stay: the map
-/// holds as many as there are users recording at once on this replica).
-const LANES_SWEPT_ABOVE: usize = 1024;
+pub const LANE_WAIT: Duration = Duration::from_secs(2);
 
 /// Who started an execution through the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,17 +108,14 @@ pub struct Page {
     pub has_next: bool,
 }
 
-/// One user's turn at taking slots on this replica, and the last slot it took here.
-type Lane = tokio::sync::Mutex<Option<u64>>;
-
 /// The ownership records over the shared store, and the read-all roles.
 #[derive(Clone)]
 pub struct Owners {
     kv: Arc<dyn KvStore>,
     read_all_roles: Arc<[String]>,
-    /// One lane per user recording runs on this replica (module docs), by run-list prefix;
-    /// a lane lives while a record holds or waits for it.
-    lanes: Arc<Mutex<HashMap<String, Weak<Lane>>>>,
+    /// One lane per user recording runs on this replica (module docs), by run-list prefix,
+    /// holding the last slot this replica took for the user.
+    lanes: Arc<Lanes<Option<u64>>>,
 }
 
 impl std::fmt::Debug for Owners {
@@ -154,22 +148,8 @@ impl Owners {
         Self {
             kv,
             read_all_roles: read_all_roles.into(),
-            lanes: Arc::default(),
+            lanes: Arc::new(Lanes::new(LANE_WAIT)),
         }
-    }
-
-    /// The lane of the user whose runs are listed under `prefix` (module docs).
-    fn lane(&self, prefix: &str) -> Arc<Lane> {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lane) = lanes.get(prefix).and_then(Weak::upgrade) {
-            return lane;
-        }
-        if lanes.len() >= LANES_SWEPT_ABOVE {
-            lanes.retain(|_, lane| lane.strong_count() > 0);
-        }
-        let lane = Arc::new(Lane::default());
-        lanes.insert(prefix.to_owned(), Arc::downgrade(&lane));
-        lane
     }
 
     /// True when `user` holds a read-all role.
@@ -197,8 +177,7 @@ impl Owners {
         // Held until this record has its slot (module docs). The lane remembers the last slot
         // this replica took for the user; without it (the first record of a burst, or the
         // lane not had in time) the hint is read.
-        let lane = self.lane(&prefix);
-        let mut turn = tokio::time::timeout(LANE_WAIT, lane.lock()).await.ok();
+        let mut turn = self.lanes.turn(&prefix).await;
         let remembered = turn.as_deref().copied().flatten();
         let mut hint_read = remembered.is_none();
         let mut n = match remembered {

@@ -228,6 +228,47 @@ async fn a_users_client_ids_are_bounded_and_the_oldest_idle_one_is_retired() {
 }
 
 #[tokio::test]
+async fn client_ids_made_at_once_stay_within_the_users_cap() {
+    // A loop opening new streams in parallel on one replica (NATS store: every step of a
+    // create is a round trip another open can overtake) must not bind more client ids
+    // than the cap: every one of them is connected, so the ones over it are refused.
+    let (_nats, standin, origins) = gateway_tests::harness::flows::nats_stack_with(
+        1,
+        StandInOptions::default(),
+        &[
+            ("USER_MAX_CLIENTS", "3"),
+            ("USER_MAX_STREAMS", "0"),
+            ("STREAM_OPEN_RATE_LIMIT", "off"),
+        ],
+    )
+    .await;
+    let origin = &origins[0];
+    let a = login(&origin.url, &standin, "parallel-tabs@example.com").await;
+    let url = format!("{}/events", origin.url);
+    let opens = futures::future::join_all((0..12).map(|_| {
+        http()
+            .get(&url)
+            .bearer_auth(&a)
+            .header("accept", "text/event-stream")
+            .send()
+    }))
+    .await;
+    // Held open until the end: every client made is connected.
+    let held: Vec<reqwest::Response> = opens.into_iter().map(|r| r.unwrap()).collect();
+    let statuses: Vec<u16> = held.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        3,
+        "three clients made, the rest refused: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(origin.sse_connections().await, Some(3));
+}
+
+#[tokio::test]
 async fn resumes_over_the_replay_limit_start_live_with_a_reset() {
     let (standin, origin) = world(&[
         ("REPLAY_RATE_LIMIT", "2/1m"),
