@@ -28,12 +28,13 @@
 //! rather than a shorter one for ids that never reconnect: a page may name its id (a
 //! resume, or executePlaybook's `clientId`) at any time during its session, and the
 //! per-user cap, not age, is what bounds them. The index is read-modify-write like the
-//! records. On one replica a user's creates take it in turn ([`crate::lanes`], from reading
-//! it to writing it back, at most [`INDEX_TURN_WAIT`] waited for): without that, twelve
-//! streams opened at once with a cap of 3 all read the same index and all got a client id.
-//! Between replicas, a lost update of two creating clients for one user at the same
-//! instant leaves one record out of the index, which then lives out the bucket's TTL
-//! uncounted — bounded by the user's stream-open rate.
+//! records, and written back with a compare-and-set ([`KvStore::update`]): a create that
+//! finds the index written since it read it (another replica's create) reads it again and
+//! makes room again, so no create is lost from it and the cap holds across replicas. On one
+//! replica a user's creates also take it in turn ([`crate::lanes`], from reading it to
+//! writing it back, at most [`INDEX_TURN_WAIT`] waited for), so they do not spend their
+//! attempts on each other: twelve streams opened at once with a cap of 3 used to all read
+//! the same index and all get a client id.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -157,10 +158,16 @@ fn user_index_key(user_id: &str) -> String {
 /// more fits under `max` (entries whose record is gone, retired already, or not the
 /// user's — a lost race — just leave the index); when every one is connected →
 /// [`CreateError::Full`]. The caller adds its client and writes the index back.
-async fn make_room(kv: &dyn KvStore, user_id: &str, max: usize) -> Result<UserIndex, CreateError> {
-    let mut index: UserIndex = kv
-        .get(Bucket::Clients, &user_index_key(user_id))
-        .await?
+async fn make_room(
+    kv: &dyn KvStore,
+    user_id: &str,
+    max: usize,
+) -> Result<(UserIndex, u64), CreateError> {
+    let read = kv
+        .get_versioned(Bucket::Clients, &user_index_key(user_id))
+        .await?;
+    let mut index: UserIndex = read
+        .value
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     index.clients.retain(|c| ClientId::parse(c).is_ok());
@@ -189,25 +196,71 @@ async fn make_room(kv: &dyn KvStore, user_id: &str, max: usize) -> Result<UserIn
             None => return Err(CreateError::Full(index.clients.len())),
         }
     }
-    Ok(index)
+    Ok((index, read.revision))
 }
 
-/// Adds `id` to the user's index (made room for by [`make_room`]) and writes it.
+/// Adds `id` to the user's index (made room for by [`make_room`], read at `revision`) and
+/// writes it back if nobody wrote it since; `Ok(false)` when someone did.
 async fn add_to_index(
     kv: &dyn KvStore,
     user_id: &str,
     mut index: UserIndex,
+    revision: u64,
     id: &ClientId,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     index.clients.retain(|c| c != id.as_str());
     index.clients.push(id.as_str().to_owned());
     let bytes = serde_json::to_vec(&index).expect("an index is plain data");
-    kv.put(
+    kv.update(
         Bucket::Clients,
         &user_index_key(user_id),
         Bytes::from(bytes),
+        revision,
     )
     .await
+}
+
+/// How many times a create reads the user's index again after another replica wrote it
+/// in between, before it gives up (503: the store is unavailable, in effect).
+const INDEX_ATTEMPTS: usize = 8;
+
+/// Makes room for `id` in `user_id`'s index and enters it there, in this replica's turn at
+/// the index and compare-and-set against other replicas (module docs). `record`, when
+/// given, is written once room was first made and before the index is; if the id is then
+/// not entered after all (a later read found the index full, or the store failed), it is
+/// deleted again, so a refused id leaves no record behind (and a refusal at the first read
+/// writes nothing).
+async fn enter_index(
+    kv: &dyn KvStore,
+    user_id: &str,
+    max: usize,
+    id: &ClientId,
+    mut record: Option<&ClientRecord>,
+) -> Result<(), CreateError> {
+    let _turn = INDEX_TURNS.turn(&user_index_key(user_id)).await;
+    let mut written = false;
+    let entered = async {
+        for _ in 0..INDEX_ATTEMPTS {
+            let (index, revision) = make_room(kv, user_id, max).await?;
+            if let Some(record) = record.take() {
+                written = true;
+                save(kv, id, record).await?;
+            }
+            if add_to_index(kv, user_id, index, revision, id).await? {
+                return Ok(());
+            }
+            tracing::debug!(user = %user_id, "client index written by another replica meanwhile; read again");
+        }
+        Err(StoreError::Unavailable(format!(
+            "the client index of a user changed under {INDEX_ATTEMPTS} attempts in a row"
+        ))
+        .into())
+    }
+    .await;
+    if entered.is_err() && written {
+        let _ = kv.delete(Bucket::Clients, id.as_str()).await;
+    }
+    entered
 }
 
 /// Replaces the record with its tombstone: the owner stays, nothing else.
@@ -279,11 +332,7 @@ pub async fn create_bounded_as(
     if max == 0 {
         return Ok(save(kv, id, &record).await?);
     }
-    let _turn = INDEX_TURNS.turn(&user_index_key(user_id)).await;
-    let index = make_room(kv, user_id, max).await?;
-    save(kv, id, &record).await?;
-    add_to_index(kv, user_id, index, id).await?;
-    Ok(())
+    enter_index(kv, user_id, max, id, Some(&record)).await
 }
 
 /// Why [`claim`] gave the caller no client.
@@ -344,9 +393,7 @@ pub async fn claim(
         }),
         Some(mut record) => {
             if max > 0 {
-                let _turn = INDEX_TURNS.turn(&user_index_key(user_id)).await;
-                let index = make_room(kv, user_id, max).await?;
-                add_to_index(kv, user_id, index, id).await?;
+                enter_index(kv, user_id, max, id, None).await?;
             }
             record.retired = false;
             save(kv, id, &record).await?;
@@ -373,16 +420,11 @@ pub async fn claim(
                 };
             }
             if max > 0 {
-                let _turn = INDEX_TURNS.turn(&user_index_key(user_id)).await;
-                let room = match make_room(kv, user_id, max).await {
-                    Ok(index) => index,
-                    Err(e) => {
-                        // Not bound after all: the id stays free.
-                        let _ = kv.delete(Bucket::Clients, id.as_str()).await;
-                        return Err(e.into());
-                    }
-                };
-                add_to_index(kv, user_id, room, id).await?;
+                if let Err(e) = enter_index(kv, user_id, max, id, None).await {
+                    // Not bound after all: the id stays free.
+                    let _ = kv.delete(Bucket::Clients, id.as_str()).await;
+                    return Err(e.into());
+                }
             }
             tracing::info!(client = %id, user = %user_id, "client id proposed by the page bound to its user");
             Ok(Claimed {

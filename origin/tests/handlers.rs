@@ -657,6 +657,25 @@ impl KvStore for FlakyKv {
         }
         self.inner.get(bucket, key).await
     }
+    async fn get_versioned(
+        &self,
+        bucket: Bucket,
+        key: &str,
+    ) -> Result<origin::store::Versioned, StoreError> {
+        if self.failing_reads.lock().unwrap().contains(&bucket) {
+            return Err(Self::down("get"));
+        }
+        self.inner.get_versioned(bucket, key).await
+    }
+    async fn update(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<bool, StoreError> {
+        self.inner.update(bucket, key, value, revision).await
+    }
     async fn put(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<(), StoreError> {
         self.inner.put(bucket, key, value).await
     }

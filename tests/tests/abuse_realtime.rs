@@ -232,8 +232,21 @@ async fn client_ids_made_at_once_stay_within_the_users_cap() {
     // A loop opening new streams in parallel on one replica (NATS store: every step of a
     // create is a round trip another open can overtake) must not bind more client ids
     // than the cap: every one of them is connected, so the ones over it are refused.
-    let (_nats, standin, origins) = gateway_tests::harness::flows::nats_stack_with(
-        1,
+    parallel_opens_within_the_cap(1).await;
+}
+
+#[tokio::test]
+async fn client_ids_made_at_once_on_two_replicas_stay_within_the_users_cap() {
+    // The same loop behind a balancer: the replicas' creates race for the user's index,
+    // which only a compare-and-set keeps exact.
+    parallel_opens_within_the_cap(2).await;
+}
+
+/// Twelve `/events` opens by one user at once, spread over `replicas`, with
+/// `USER_MAX_CLIENTS=3`: three streams, nine `too_many_clients`.
+async fn parallel_opens_within_the_cap(replicas: usize) {
+    let (_nats, standin, origins) = nats_stack_with(
+        replicas,
         StandInOptions::default(),
         &[
             ("USER_MAX_CLIENTS", "3"),
@@ -242,12 +255,10 @@ async fn client_ids_made_at_once_stay_within_the_users_cap() {
         ],
     )
     .await;
-    let origin = &origins[0];
-    let a = login(&origin.url, &standin, "parallel-tabs@example.com").await;
-    let url = format!("{}/events", origin.url);
-    let opens = futures::future::join_all((0..12).map(|_| {
+    let a = login(&origins[0].url, &standin, "parallel-tabs@example.com").await;
+    let opens = futures::future::join_all((0..12).map(|i| {
         http()
-            .get(&url)
+            .get(format!("{}/events", origins[i % replicas].url))
             .bearer_auth(&a)
             .header("accept", "text/event-stream")
             .send()
@@ -265,7 +276,11 @@ async fn client_ids_made_at_once_stay_within_the_users_cap() {
         statuses.iter().all(|&s| s == 200 || s == 429),
         "{statuses:?}"
     );
-    assert_eq!(origin.sse_connections().await, Some(3));
+    let mut open = 0;
+    for origin in &origins {
+        open += origin.sse_connections().await.unwrap();
+    }
+    assert_eq!(open, 3, "{statuses:?}");
 }
 
 #[tokio::test]

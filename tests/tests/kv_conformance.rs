@@ -115,6 +115,8 @@ conformance!(
     a_bucket_watch_delivers_the_live_values_then_current_then_changes,
     a_lease_has_one_holder_is_renewed_by_it_and_passes_on_after_its_ttl,
     concurrent_takers_of_a_free_lease_have_exactly_one_winner,
+    an_update_replaces_only_the_revision_it_was_read_at,
+    concurrent_read_modify_writes_through_update_lose_nothing,
 );
 
 fn b(s: &str) -> Bytes {
@@ -394,6 +396,16 @@ async fn invalid_keys_are_refused_by_every_operation(s: &Subject) -> anyhow::Res
             key,
         )?;
         refused(kv.delete(bucket, key).await, "delete", key)?;
+        refused(
+            kv.get_versioned(bucket, key).await.map(drop),
+            "get_versioned",
+            key,
+        )?;
+        refused(
+            kv.update(bucket, key, b("v"), 0).await.map(drop),
+            "update",
+            key,
+        )?;
         refused(kv.watch(bucket, key).await.map(drop), "watch", key)?;
     }
     // The widest valid key is fine everywhere.
@@ -461,6 +473,78 @@ async fn values_with_arbitrary_bytes_round_trip(s: &Subject) -> anyhow::Result<(
             "watch {i}"
         );
     }
+    Ok(())
+}
+
+async fn an_update_replaces_only_the_revision_it_was_read_at(s: &Subject) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    let bucket = Bucket::Clients;
+    // Nothing there: read as absent, and an update at that revision creates the key.
+    let empty = kv.get_versioned(bucket, "index").await?;
+    assert_eq!(empty.value, None);
+    assert!(kv.update(bucket, "index", b("one"), empty.revision).await?);
+    // A second writer that read the same empty state loses.
+    assert!(
+        !kv.update(bucket, "index", b("lost"), empty.revision)
+            .await?
+    );
+    let one = kv.get_versioned(bucket, "index").await?;
+    assert_eq!(one.value, Some(b("one")));
+    assert_ne!(one.revision, empty.revision);
+    // A write in between (a plain put) makes the read stale.
+    kv.put(bucket, "index", b("two")).await?;
+    assert!(!kv.update(bucket, "index", b("stale"), one.revision).await?);
+    assert_eq!(kv.get(bucket, "index").await?, Some(b("two")));
+    let two = kv.get_versioned(bucket, "index").await?;
+    assert!(kv.update(bucket, "index", b("three"), two.revision).await?);
+    assert_eq!(kv.get(bucket, "index").await?, Some(b("three")));
+    // After a delete: absent again, and only an update at the revision read then lands.
+    let three = kv.get_versioned(bucket, "index").await?;
+    kv.delete(bucket, "index").await?;
+    assert!(
+        !kv.update(bucket, "index", b("stale"), three.revision)
+            .await?
+    );
+    let gone = kv.get_versioned(bucket, "index").await?;
+    assert_eq!(gone.value, None);
+    assert!(kv.update(bucket, "index", b("four"), gone.revision).await?);
+    assert_eq!(kv.get(bucket, "index").await?, Some(b("four")));
+    Ok(())
+}
+
+async fn concurrent_read_modify_writes_through_update_lose_nothing(
+    s: &Subject,
+) -> anyhow::Result<()> {
+    let kv = &*s.kv;
+    // Sixteen writers each add their name to one list, read-modify-write with retries:
+    // every name lands once (a plain get + put loses all but one of a racing round).
+    let add = |i: usize| async move {
+        loop {
+            let read = kv.get_versioned(Bucket::Clients, "list").await?;
+            let mut names: Vec<String> = match &read.value {
+                Some(v) => serde_json::from_slice(v)?,
+                None => Vec::new(),
+            };
+            names.push(format!("writer-{i}"));
+            let bytes = Bytes::from(serde_json::to_vec(&names)?);
+            if kv
+                .update(Bucket::Clients, "list", bytes, read.revision)
+                .await?
+            {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    for r in futures::future::join_all((0..16).map(add)).await {
+        r?;
+    }
+    let names: Vec<String> =
+        serde_json::from_slice(&kv.get(Bucket::Clients, "list").await?.context("the list")?)?;
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 16, "{names:?}");
+    assert_eq!(names.len(), 16, "{names:?}");
     Ok(())
 }
 

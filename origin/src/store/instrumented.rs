@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use super::{Bucket, BucketWatchItem, KvEvent, KvStore, StoreError};
+use super::{Bucket, BucketWatchItem, KvEvent, KvStore, StoreError, Versioned};
 use crate::metrics;
 
 /// Wraps a store; every call is passed through and timed.
@@ -50,6 +50,36 @@ impl KvStore for InstrumentedKv {
             Err(_) => "error",
         };
         record(bucket, "get", o, t);
+        r
+    }
+
+    async fn get_versioned(&self, bucket: Bucket, key: &str) -> Result<Versioned, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.get_versioned(bucket, key).await;
+        let o = match &r {
+            Ok(v) if v.value.is_some() => "ok",
+            Ok(_) => "not_found",
+            Err(_) => "error",
+        };
+        record(bucket, "get", o, t);
+        r
+    }
+
+    async fn update(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<bool, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.update(bucket, key, value, revision).await;
+        let o = match &r {
+            Ok(true) => "ok",
+            Ok(false) => "conflict",
+            Err(_) => "error",
+        };
+        record(bucket, "update", o, t);
         r
     }
 

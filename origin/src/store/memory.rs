@@ -17,7 +17,9 @@
 //!   bucket-wide watch is the same channel subscribed under the lock that snapshots the
 //!   initial values; one that falls behind ends (its owner watches again).
 
-use super::{is_valid_key, Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError};
+use super::{
+    is_valid_key, Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError, Versioned,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -53,6 +55,8 @@ struct BucketState {
 #[derive(Debug)]
 struct Entries {
     map: HashMap<String, Entry>,
+    /// The revision the next write gets (1 upwards; 0 is "nothing there").
+    next_revision: u64,
     sweep_every: Duration,
     next_sweep: Instant,
 }
@@ -60,6 +64,8 @@ struct Entries {
 #[derive(Debug)]
 struct Entry {
     value: Bytes,
+    /// When it was written, in the bucket's order of writes.
+    revision: u64,
     /// `None`: never expires (a zero bucket TTL, or a deadline past the clock's range).
     expires_at: Option<Instant>,
 }
@@ -95,6 +101,7 @@ impl Entries {
         let sweep_every = sweep_interval(bucket_ttl);
         Self {
             map: HashMap::new(),
+            next_revision: 1,
             sweep_every,
             next_sweep: now + sweep_every,
         }
@@ -107,11 +114,34 @@ impl Entries {
             .map(|e| &e.value)
     }
 
+    /// The live value under `key` and its revision (0 and `None` when there is none).
+    fn versioned(&self, key: &str, now: Instant) -> Versioned {
+        match self.map.get(key).filter(|e| e.is_live(now)) {
+            Some(e) => Versioned {
+                value: Some(e.value.clone()),
+                revision: e.revision,
+            },
+            None => Versioned {
+                value: None,
+                revision: 0,
+            },
+        }
+    }
+
     /// Stores `value` for `ttl` (`None`: forever).
     fn insert(&mut self, key: &str, value: Bytes, ttl: Option<Duration>, now: Instant) {
         self.sweep_if_due(now);
         let expires_at = ttl.and_then(|ttl| now.checked_add(ttl));
-        self.map.insert(key.to_owned(), Entry { value, expires_at });
+        let revision = self.next_revision;
+        self.next_revision += 1;
+        self.map.insert(
+            key.to_owned(),
+            Entry {
+                value,
+                revision,
+                expires_at,
+            },
+        );
     }
 
     /// Every live entry (the initial values of a bucket-wide watch).
@@ -240,6 +270,35 @@ impl KvStore for MemoryKv {
         let mut entries = b.lock();
         let now = Instant::now();
         if entries.get(key, now).is_some() {
+            return Ok(false);
+        }
+        entries.insert(key, value.clone(), ttl, now);
+        let _ = b.events.send(KvEvent::Put {
+            key: key.to_owned(),
+            value,
+        });
+        Ok(true)
+    }
+
+    async fn get_versioned(&self, bucket: Bucket, key: &str) -> Result<Versioned, StoreError> {
+        check_key(key)?;
+        let entries = self.inner.bucket(bucket).lock();
+        Ok(entries.versioned(key, Instant::now()))
+    }
+
+    async fn update(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let b = self.inner.bucket(bucket);
+        let ttl = b.ttl_for(None);
+        let mut entries = b.lock();
+        let now = Instant::now();
+        if entries.versioned(key, now).revision != revision {
             return Ok(false);
         }
         entries.insert(key, value.clone(), ttl, now);

@@ -168,6 +168,16 @@ pub enum BucketWatchItem {
     Current,
 }
 
+/// A value as read for a compare-and-set ([`KvStore::get_versioned`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value, `None` when the key holds nothing.
+    pub value: Option<Bytes>,
+    /// The key's revision when it was read (0: nothing was ever there, or nothing the store
+    /// still remembers): give it back to [`KvStore::update`].
+    pub revision: u64,
+}
+
 /// A key/value store with per-bucket TTLs, shared by every origin replica.
 #[async_trait]
 pub trait KvStore: Send + Sync + 'static {
@@ -191,6 +201,22 @@ pub trait KvStore: Send + Sync + 'static {
     /// Stores `value` only if `key` holds nothing; `Ok(false)` if it already did. The
     /// building block for "exactly once" (e.g. a duplicate callback).
     async fn create(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<bool, StoreError>;
+
+    /// The value under `key` (`None` if absent or expired) with the revision it was read
+    /// at: what [`update`](Self::update) takes to replace exactly this state.
+    async fn get_versioned(&self, bucket: Bucket, key: &str) -> Result<Versioned, StoreError>;
+
+    /// Stores `value` under `key` for the bucket's TTL only if the key is still as
+    /// [`get_versioned`](Self::get_versioned) read it at `revision`; `Ok(false)` when
+    /// another write (or delete) came in between. A compare-and-set: a read-modify-write
+    /// that two replicas may race on loops over these two.
+    async fn update(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<bool, StoreError>;
 
     /// Removes `key`; removing an absent key is not an error.
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError>;

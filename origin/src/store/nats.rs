@@ -32,7 +32,9 @@
 //!   not connected (checked every `WATCH_CONNECTION_CHECK`): while disconnected nobody
 //!   can tell what it is missing, so its owner must count it as not current and watch again.
 
-use super::{is_valid_key, Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError};
+use super::{
+    is_valid_key, Bucket, BucketTtls, BucketWatchItem, KvEvent, KvStore, StoreError, Versioned,
+};
 use async_nats::connection::State;
 use async_nats::header::{NATS_MARKER_REASON, NATS_MESSAGE_TTL};
 use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
@@ -319,6 +321,47 @@ impl KvStore for NatsKv {
             .get(key)
             .await
             .map_err(|e| unavailable(format!("get {}/{key}", store.name), e))
+    }
+
+    async fn get_versioned(&self, bucket: Bucket, key: &str) -> Result<Versioned, StoreError> {
+        check_key(key)?;
+        let store = self.store(bucket);
+        let entry = store
+            .entry(key)
+            .await
+            .map_err(|e| unavailable(format!("get {}/{key}", store.name), e))?;
+        Ok(match entry {
+            Some(e) if e.operation == Operation::Put => Versioned {
+                value: Some(e.value),
+                revision: e.revision,
+            },
+            // A delete, purge or expiry marker: nothing there, but an update must name the
+            // marker, so a racing writer over it cannot also succeed.
+            Some(e) => Versioned {
+                value: None,
+                revision: e.revision,
+            },
+            None => Versioned {
+                value: None,
+                revision: 0,
+            },
+        })
+    }
+
+    async fn update(
+        &self,
+        bucket: Bucket,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let store = self.store(bucket);
+        match store.update(key, value, revision).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(unavailable(format!("update {}/{key}", store.name), e)),
+        }
     }
 
     async fn put(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<(), StoreError> {
