@@ -31,11 +31,15 @@
 //! [`crate::bridge::policy::failure_key`]); execution ids and client ids never contain a
 //! `.`, so the kinds of key cannot collide.
 
+use std::sync::LazyLock;
+use std::time::Duration;
+
 use bytes::Bytes;
 use gateway_shared::ids::{ClientId, ExecutionId};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{Bus, BusError};
+use crate::lanes::Lanes;
 use crate::store::{Bucket, KvStore, StoreError};
 
 /// Most clients of users other than the run's owner kept per execution; beyond it their
@@ -47,9 +51,9 @@ pub const MAX_CLIENTS_PER_EXECUTION: usize = 256;
 /// it; only the owner's own subscriptions can displace them).
 pub const MAX_OWNER_CLIENTS_PER_EXECUTION: usize = 256;
 
-/// How often [`add_interest`] retries when another writer created the record between its
-/// read and its create.
-const CREATE_RACE_ATTEMPTS: usize = 3;
+/// How often [`add_interest`] reads the record again when another replica wrote it between
+/// its read and its write.
+pub const CREATE_RACE_ATTEMPTS: usize = 8;
 
 /// Whose client is being added: the run owner's, or another user's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,14 +165,14 @@ fn dedup(ids: &mut Vec<ClientId>) {
 /// Records that `client_id` (the run owner's or another user's, `who`) wants the frames
 /// of `execution_id` (idempotent).
 ///
-/// Read-modify-write: the store has no compare-and-swap on updates, so two clients added
-/// to an *existing* record at the same instant (on two replicas) can lose one of them —
-/// the later `put` wins. The first write is safe: it goes through `create`, and a lost
-/// create race re-reads and retries. The common case is one client per execution,
-/// recorded once by executePlaybook, so the window is small; a subscriber that must not
-/// miss it can call this again (it is idempotent).
+/// Read-modify-write with a compare-and-set ([`KvStore::update`]; the first write of a
+/// record too, over nothing): clients added at the same instant on two replicas are both
+/// kept, the loser reading the record again. On one replica the adds to one record take
+/// it in turn ([`crate::lanes`]), so a popular run's subscribers do not spend their
+/// attempts on each other.
 ///
-/// Errors: the store's own. Both ids are checked types, so neither can make a bad key.
+/// Errors: the store's own, or unavailable after [`CREATE_RACE_ATTEMPTS`] lost races in a
+/// row. Both ids are checked types, so neither can make a bad key.
 pub async fn add_interest(
     kv: &dyn KvStore,
     execution_id: &ExecutionId,
@@ -176,29 +180,31 @@ pub async fn add_interest(
     who: Interested,
 ) -> Result<(), StoreError> {
     let key = execution_id.as_str();
+    let _turn = RECORD_TURNS.turn(key).await;
     for _ in 0..CREATE_RACE_ATTEMPTS {
-        match kv.get(Bucket::Interest, key).await? {
-            None => {
-                let mut record = InterestRecord::default();
-                record.add(execution_id, client_id, who);
-                if kv.create(Bucket::Interest, key, record.encode()).await? {
-                    return Ok(());
-                }
-                // Someone created it between our get and create: read it again.
-            }
-            Some(raw) => {
-                let mut record = InterestRecord::decode(execution_id, &raw);
-                if !record.add(execution_id, client_id, who) {
-                    return Ok(());
-                }
-                return kv.put(Bucket::Interest, key, record.encode()).await;
-            }
+        let read = kv.get_versioned(Bucket::Interest, key).await?;
+        let mut record = match &read.value {
+            Some(raw) => InterestRecord::decode(execution_id, raw),
+            None => InterestRecord::default(),
+        };
+        if !record.add(execution_id, client_id, who) {
+            return Ok(());
         }
+        if kv
+            .update(Bucket::Interest, key, record.encode(), read.revision)
+            .await?
+        {
+            return Ok(());
+        }
+        // Another replica wrote the record between our read and our write: read it again.
     }
     Err(StoreError::Unavailable(format!(
         "interest record for {execution_id} kept changing during {CREATE_RACE_ATTEMPTS} attempts"
     )))
 }
+
+/// The turns at each execution's interest record on this replica (at most 2 s waited for).
+static RECORD_TURNS: LazyLock<Lanes<()>> = LazyLock::new(|| Lanes::new(Duration::from_secs(2)));
 
 /// Most runs one client's watch list keeps (its oldest dropped beyond): what a stream
 /// opened later follows, so it bounds one subscription's reads on a resume.
@@ -233,28 +239,50 @@ pub async fn watched_by(
 }
 
 /// Adds `execution_id` to the client's watch list (idempotent; its oldest dropped beyond
-/// [`MAX_WATCHED_PER_CLIENT`]). Read-modify-write: the only writers of one client's list
-/// are its own requests, and a lost update drops a watch from what a *later* stream
-/// follows, never from the stream open now (the bus's watch reaches it).
+/// [`MAX_WATCHED_PER_CLIENT`]). Read-modify-write with a compare-and-set
+/// ([`KvStore::update`]): a page subscribing to several runs at once sends its requests
+/// together, maybe to different replicas, and a plain write-back would drop all but one
+/// run from what a *later* stream (a reconnect) follows. On one replica a client's adds
+/// take the list in turn ([`crate::lanes`]); one that lost to another replica reads again,
+/// up to [`WATCH_ATTEMPTS`] times.
 pub async fn add_watch(
     kv: &dyn KvStore,
     client_id: &ClientId,
     execution_id: &ExecutionId,
 ) -> Result<(), StoreError> {
     let key = watch_key(client_id);
-    let mut list: WatchList = match kv.get(Bucket::Interest, &key).await? {
-        Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
-        None => WatchList::default(),
-    };
-    if list.executions.iter().any(|e| e == execution_id.as_str()) {
-        return Ok(());
+    let _turn = WATCH_TURNS.turn(&key).await;
+    for _ in 0..WATCH_ATTEMPTS {
+        let read = kv.get_versioned(Bucket::Interest, &key).await?;
+        let mut list: WatchList = match &read.value {
+            Some(raw) => serde_json::from_slice(raw).unwrap_or_default(),
+            None => WatchList::default(),
+        };
+        if list.executions.iter().any(|e| e == execution_id.as_str()) {
+            return Ok(());
+        }
+        list.executions.push(execution_id.to_string());
+        let excess = list.executions.len().saturating_sub(MAX_WATCHED_PER_CLIENT);
+        list.executions.drain(..excess);
+        let value = serde_json::to_vec(&list).expect("a list of strings always serialises");
+        if kv
+            .update(Bucket::Interest, &key, Bytes::from(value), read.revision)
+            .await?
+        {
+            return Ok(());
+        }
     }
-    list.executions.push(execution_id.to_string());
-    let excess = list.executions.len().saturating_sub(MAX_WATCHED_PER_CLIENT);
-    list.executions.drain(..excess);
-    let value = serde_json::to_vec(&list).expect("a list of strings always serialises");
-    kv.put(Bucket::Interest, &key, Bytes::from(value)).await
+    Err(StoreError::Unavailable(format!(
+        "the watch list of a client kept changing during {WATCH_ATTEMPTS} attempts"
+    )))
 }
+
+/// How often [`add_watch`] reads a watch list again that another request wrote in between
+/// (a client's own requests: a page subscribing to many runs at once).
+pub const WATCH_ATTEMPTS: usize = 8;
+
+/// The turns at each client's watch list on this replica (at most 2 s waited for).
+static WATCH_TURNS: LazyLock<Lanes<()>> = LazyLock::new(|| Lanes::new(Duration::from_secs(2)));
 
 /// Why [`follow`] failed.
 #[derive(Debug, thiserror::Error)]

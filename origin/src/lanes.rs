@@ -1,12 +1,14 @@
 //! Turns per key within this replica: read-modify-writes of one shared record (a user's run
-//! slots in `owners`, a user's client index in `clients`) that must not overtake each other.
+//! slots in `owners`, a user's client index in `clients`, a client's watch list and a run's
+//! interest record in `interest`) that should not overtake each other.
 //!
-//! The store's records are shared by every replica and written without compare-and-set; on
-//! one replica, requests of one user that each read a record, then write it, would all read
-//! the same version and all but one write would be lost (or, for a slot taken with
-//! `create`, all but one would fail and probe on). A [`Lanes`] gives such requests one turn
-//! at a time per key, and each lane carries a small value the holder may update for the
-//! next one (the last slot taken). Only replicas then race each other.
+//! The store's records are shared by every replica. Requests that each read a record and
+//! then write it back race: with a compare-and-set ([`crate::store::KvStore::update`]) the
+//! losers read again, and with `create` (a run slot) they fail and probe on — either way, N
+//! requests of one burst cost O(N) lost attempts each. A [`Lanes`] gives such requests on
+//! one replica one turn at a time per key, and each lane carries a small value the holder
+//! may update for the next one (the last slot taken). Only replicas then race each other,
+//! and the compare-and-set (or `create`) settles that.
 //!
 //! Bounds: a turn is waited for at most the wait given to [`Lanes::new`]; after it the
 //! caller goes on without one (as if there were no lane: a store that hangs must not queue a

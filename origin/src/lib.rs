@@ -49,7 +49,7 @@
 //! - [`hub`] — this replica's SSE connections, one generation per client id.
 //! - [`bridge`] — NoETL execution events on NATS → `playbook/state` frames for interested clients.
 //! - [`interest`] — which clients want an execution's frames, and the bridge's claims (K/V).
-//! - [`lanes`] — one replica's turns at a shared record per key (a user's client index, run slots).
+//! - [`lanes`] — one replica's turns at a shared record per key (client index, run slots, watch lists).
 //! - [`runs`] — a run's status as NoETL reports it.
 //! - [`owners`] — who started each execution, the one rule for who may touch it, and
 //!   each user's runs newest first (K/V).

@@ -257,3 +257,62 @@ async fn a_resume_that_follows_no_run_skips_the_watch_list_and_still_gets_a_run_
         "the replay ends with what the live stream got: {replay:?} vs {live:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_started_at_once_for_one_client_on_two_replicas_all_stay_in_its_watch_list() {
+    // A page starting several runs at once for its client, its requests spread over two
+    // replicas: each adds its run to the client's watch list (what a reconnect follows).
+    // Written back without a compare-and-set, the replicas' adds dropped each other's.
+    let (nats, standin, origins) = nats_stack_with(
+        2,
+        StandInOptions::default(),
+        &[
+            ("EXECUTE_RATE_LIMIT", "off"),
+            ("GRAPHQL_MUTATION_RATE_LIMIT", "off"),
+        ],
+    )
+    .await;
+    let token = login(&origins[0].url, &standin, "many-runs@example.com").await;
+    let (_sse, client) = open(&origins[0], &token, "").await;
+    const RUNS: usize = 16;
+    let started = futures::future::join_all((0..RUNS).map(|i| {
+        let (base, token, client) = (origins[i % 2].url.clone(), token.clone(), client.clone());
+        async move {
+            let v = execute_playbook(
+                &base,
+                &token,
+                "demo/slow",
+                json!({"seconds": 60}),
+                Some(&client),
+            )
+            .await;
+            v["data"]["executePlaybook"]["executionId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{v}"))
+                .to_owned()
+        }
+    }))
+    .await;
+
+    let kv = origin::store::nats::NatsKv::open(
+        async_nats::connect(&nats.url).await.unwrap(),
+        origin::store::BucketTtls::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    let client = gateway_shared::ids::ClientId::parse(&client).unwrap();
+    let mut watched: Vec<String> = origin::interest::watched_by(&kv, &client)
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    watched.sort();
+    let mut expected = started.clone();
+    expected.sort();
+    assert_eq!(
+        watched, expected,
+        "every run the client started is in its watch list"
+    );
+}
