@@ -1,6 +1,6 @@
 //! Turns per key within this replica: read-modify-writes of one shared record (a user's run
-//! slots in `owners`, a user's client index in `clients`, a client's watch list and a run's
-//! interest record in `interest`) that should not overtake each other.
+//! slots in `owners`, a user's client index in `clients`, a client's watch list in
+//! `interest`) that should not overtake each other.
 //!
 //! The store's records are shared by every replica. Requests that each read a record and
 //! then write it back race: with a compare-and-set ([`crate::store::KvStore::update`]) the
