@@ -168,9 +168,10 @@ fn dedup(ids: &mut Vec<ClientId>) {
 /// Read-modify-write, written back without a compare-and-set: two clients added to an
 /// *existing* record at the same instant can lose one of them — the later `put` wins. The
 /// record no longer carries delivery (module docs), and a compare-and-set with turns per
-/// run was measured 4× slower for a popular run (10k subscribers of one run, 32 at once:
-/// 15.6 s against 4.0 s), so it stays a plain write. The first write is safe: it goes through `create`, and a lost
-/// create race re-reads and retries. The common case is one client per execution,
+/// run makes every subscriber of a popular run wait for the one before (9,999 subscribers
+/// of one run, 32 at once: 15.6 s, where this plain write took 5.5–7.4 s; docs/BENCHMARKS.md,
+/// "Shared records under concurrent writers"), so it stays a plain write. The first write
+/// is safe: it goes through `create`, and a lost create race re-reads and retries. The common case is one client per execution,
 /// recorded once by executePlaybook, so the window is small; a subscriber that must not
 /// miss it can call this again (it is idempotent).
 ///
