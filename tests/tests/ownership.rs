@@ -298,6 +298,18 @@ async fn a_status_noetl_cannot_give_is_unknown_and_the_page_still_answers() {
     );
 }
 
+/// `myExecutions` of `token` at `base` (one page of up to 100) lists exactly `started`, each
+/// once; the reply, for more checks.
+async fn lists_each_once(base: &str, token: &str, started: &[String]) -> Value {
+    let v = graphql(base, token, MY_EXECUTIONS, json!({"first": 100})).await;
+    let mut listed = listed_ids(&v, base);
+    listed.sort();
+    let mut expected: Vec<&str> = started.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "every run listed once: {v}");
+    v
+}
+
 #[tokio::test]
 async fn runs_started_at_once_on_two_replicas_are_all_their_owners() {
     let (_nats, standin, origins) = flows::nats_stack(2).await;
@@ -311,12 +323,7 @@ async fn runs_started_at_once_on_two_replicas_are_all_their_owners() {
     .await;
 
     for origin in &origins {
-        let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({"first": 100})).await;
-        let mut listed = listed_ids(&v, &origin.url);
-        listed.sort();
-        let mut expected: Vec<&str> = started.iter().map(String::as_str).collect();
-        expected.sort();
-        assert_eq!(listed, expected, "every run listed once: {v}");
+        lists_each_once(&origin.url, &a, &started).await;
     }
     for id in &started {
         let v = graphql(&origins[1].url, &b, EXECUTION, json!({"id": id})).await;
@@ -353,12 +360,7 @@ async fn runs_one_user_starts_at_once_on_one_replica_take_their_slots_in_turn() 
     }))
     .await;
 
-    let v = graphql(&origin.url, &a, MY_EXECUTIONS, json!({"first": 100})).await;
-    let mut listed = listed_ids(&v, &origin.url);
-    listed.sort();
-    let mut expected: Vec<&str> = started.iter().map(String::as_str).collect();
-    expected.sort();
-    assert_eq!(listed, expected, "every run listed once: {v}");
+    let v = lists_each_once(&origin.url, &a, &started).await;
     let mut cursors: Vec<u64> = v["data"]["myExecutions"]["items"]
         .as_array()
         .unwrap()

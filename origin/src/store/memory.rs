@@ -212,14 +212,32 @@ impl BucketState {
 
     /// Stores and reports a value; `ttl` as in [`Self::ttl_for`].
     fn store(&self, key: &str, value: Bytes, ttl: Option<Duration>) {
+        self.store_if(key, value, ttl, |_, _| true);
+    }
+
+    /// Stores and reports a value (`ttl` as in [`Self::ttl_for`]) if `allowed` says so of
+    /// the bucket's entries as they are, all under the bucket's lock: false when it did
+    /// not (a create, an update or a lease that lost).
+    fn store_if(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        allowed: impl FnOnce(&Entries, Instant) -> bool,
+    ) -> bool {
         let ttl = self.ttl_for(ttl);
         let mut entries = self.lock();
-        entries.insert(key, value.clone(), ttl, Instant::now());
+        let now = Instant::now();
+        if !allowed(&entries, now) {
+            return false;
+        }
+        entries.insert(key, value.clone(), ttl, now);
         // No receiver is not an error: nobody is watching.
         let _ = self.events.send(KvEvent::Put {
             key: key.to_owned(),
             value,
         });
+        true
     }
 }
 
@@ -265,19 +283,12 @@ impl KvStore for MemoryKv {
 
     async fn create(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<bool, StoreError> {
         check_key(key)?;
-        let b = self.inner.bucket(bucket);
-        let ttl = b.ttl_for(None);
-        let mut entries = b.lock();
-        let now = Instant::now();
-        if entries.get(key, now).is_some() {
-            return Ok(false);
-        }
-        entries.insert(key, value.clone(), ttl, now);
-        let _ = b.events.send(KvEvent::Put {
-            key: key.to_owned(),
-            value,
-        });
-        Ok(true)
+        Ok(self
+            .inner
+            .bucket(bucket)
+            .store_if(key, value, None, |entries, now| {
+                entries.get(key, now).is_none()
+            }))
     }
 
     async fn get_versioned(&self, bucket: Bucket, key: &str) -> Result<Versioned, StoreError> {
@@ -294,19 +305,12 @@ impl KvStore for MemoryKv {
         revision: u64,
     ) -> Result<bool, StoreError> {
         check_key(key)?;
-        let b = self.inner.bucket(bucket);
-        let ttl = b.ttl_for(None);
-        let mut entries = b.lock();
-        let now = Instant::now();
-        if entries.versioned(key, now).revision != revision {
-            return Ok(false);
-        }
-        entries.insert(key, value.clone(), ttl, now);
-        let _ = b.events.send(KvEvent::Put {
-            key: key.to_owned(),
-            value,
-        });
-        Ok(true)
+        Ok(self
+            .inner
+            .bucket(bucket)
+            .store_if(key, value, None, |entries, now| {
+                entries.versioned(key, now).revision == revision
+            }))
     }
 
     async fn lease(
@@ -317,23 +321,15 @@ impl KvStore for MemoryKv {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         check_key(key)?;
-        let b = self.inner.bucket(bucket);
-        let ttl = b.ttl_for(Some(ttl));
         let value = Bytes::copy_from_slice(holder.as_bytes());
-        let mut entries = b.lock();
-        let now = Instant::now();
-        if entries
-            .get(key, now)
-            .is_some_and(|current| current.as_ref() != holder.as_bytes())
-        {
-            return Ok(false);
-        }
-        entries.insert(key, value.clone(), ttl, now);
-        let _ = b.events.send(KvEvent::Put {
-            key: key.to_owned(),
-            value,
-        });
-        Ok(true)
+        Ok(self
+            .inner
+            .bucket(bucket)
+            .store_if(key, value, Some(ttl), |entries, now| {
+                entries
+                    .get(key, now)
+                    .is_none_or(|current| current.as_ref() == holder.as_bytes())
+            }))
     }
 
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), StoreError> {
