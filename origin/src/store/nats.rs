@@ -403,27 +403,22 @@ impl KvStore for NatsKv {
     }
 
     async fn create(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<bool, StoreError> {
-        check_key(key)?;
-        let store = self.store(bucket);
-        let what = || format!("create {}/{key}", store.name);
-        // 0: "nothing was ever on this subject" (or it all expired away).
+        // A compare-and-set over "nothing there": first over nothing ever written (0, one
+        // round trip for a fresh key), then over the delete, purge or expiry marker the key
+        // holds, so a racing creator cannot also succeed.
         let mut expected = 0;
         for _ in 0..CREATE_ATTEMPTS {
-            match store.update(key, value.clone(), expected).await {
-                Ok(_) => return Ok(true),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
-                Err(e) => return Err(unavailable(what(), e)),
+            if self.update(bucket, key, value.clone(), expected).await? {
+                return Ok(true);
             }
-            match store.entry(key).await.map_err(|e| unavailable(what(), e))? {
-                Some(entry) if entry.operation == Operation::Put => return Ok(false),
-                // A delete, purge or expiry marker: the key is free, claim it over exactly
-                // this marker so a racing creator cannot also succeed.
-                Some(entry) => expected = entry.revision,
-                None => expected = 0,
+            let read = self.get_versioned(bucket, key).await?;
+            if read.value.is_some() {
+                return Ok(false);
             }
+            expected = read.revision;
         }
         Err(unavailable(
-            what(),
+            format!("create {}/{key}", self.store(bucket).name),
             format!("the key changed under {CREATE_ATTEMPTS} attempts in a row"),
         ))
     }
